@@ -1,0 +1,168 @@
+//! `#[patch(path::to::target)]`: the replacement side, in a patch cdylib.
+//!
+//! Emits the user's function unchanged, an entry shim with the same
+//! signature that turns a panic of patch code into a panic of the host,
+//! and a `PatchFn` record in the patch's `PATCH_FNS` slice. The record's
+//! target comes from the target's companion constant through
+//! `Target::<Sig>::entry_fn`, where `Sig` is written from the replacement's
+//! signature: `Target` is invariant in `Sig`, so the two signatures must be
+//! the same type, not merely coercible.
+
+use crate::sig;
+use proc_macro2::TokenStream;
+use quote::{format_ident, quote, quote_spanned};
+use syn::spanned::Spanned;
+use syn::{ExprPath, ItemFn, Type};
+
+pub fn expand(args: TokenStream, input: TokenStream) -> TokenStream {
+    let f = match syn::parse2::<ItemFn>(input.clone()) {
+        Ok(f) => f,
+        Err(_) => {
+            let e = syn::Error::new_spanned(
+                &input,
+                "#[hotpatch::patch] applies to a free function: the replacement",
+            )
+            .to_compile_error();
+            return quote!(#e #input);
+        }
+    };
+    let target = match parse_target(args) {
+        Ok(t) => t,
+        Err(e) => {
+            let e = e.to_compile_error();
+            return quote!(#e #f);
+        }
+    };
+    let mut errors = Vec::new();
+    let what = "a #[patch] function";
+    if let Some(syn::FnArg::Receiver(r)) = f.sig.inputs.first() {
+        errors.push(syn::Error::new_spanned(
+            r,
+            "write the replacement of a method as a free function whose first parameter is the \
+             receiver, e.g. `fn total(cart: &svc::Cart) -> u64`",
+        ));
+    }
+    sig::check_supported(&f.sig, what, &mut errors);
+    sig::check_attrs(&f.attrs, what, &mut errors);
+    let companion = match companion_path(&target) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            errors.push(e);
+            None
+        }
+    };
+    if !errors.is_empty() {
+        let errors: TokenStream = errors.into_iter().map(|e| e.to_compile_error()).collect();
+        return quote!(#errors #f);
+    }
+    let companion = companion.expect("no errors");
+
+    let ident = &f.sig.ident;
+    let shim = format_ident!("__hotpatch_entry_{}", ident);
+    let record = format_ident!("__HOTPATCH_PATCH_{}", ident);
+    let sig_ty: Type = sig::fn_ptr_type(&f.sig);
+    let mut shim_sig = sig::forwarding_signature(&f.sig);
+    shim_sig.ident = shim.clone();
+    let args = sig::forward_names(&f.sig);
+    let call = if f.sig.unsafety.is_some() {
+        // SAFETY (generated): the shim is an `unsafe fn` with the
+        // replacement's contract; its caller upholds it.
+        quote!(unsafe { #ident(#(#args),*) })
+    } else {
+        quote!(#ident(#(#args),*))
+    };
+    let never = matches!(&f.sig.output, syn::ReturnType::Type(_, t) if matches!(**t, Type::Never(_)));
+    let body = if never {
+        quote!(match ::hotpatch::__private::enter(move || -> ::core::convert::Infallible { #call }) {})
+    } else {
+        quote!(::hotpatch::__private::enter(move || #call))
+    };
+    let target_span = target.span();
+    let exists = quote_spanned! {target_span=>
+        const _: () = {
+            let _ = #target;
+        };
+    };
+    let manifest_check = quote_spanned! {f.sig.ident.span()=>
+        const _: &::hotpatch::__private::Manifest = &crate::__HOTPATCH_MANIFEST;
+    };
+    let typed_target = quote_spanned! {target_span=>
+        ::hotpatch::__private::Target::<#sig_ty>::entry_fn(#companion)
+    };
+    quote! {
+        #f
+
+        #exists
+        #manifest_check
+
+        #[doc(hidden)]
+        #[allow(non_snake_case, improper_ctypes_definitions, clippy::all)]
+        #shim_sig {
+            #body
+        }
+
+        #[::hotpatch::__private::linkme::distributed_slice(::hotpatch::__private::PATCH_FNS)]
+        #[linkme(crate = ::hotpatch::__private::linkme)]
+        #[doc(hidden)]
+        #[allow(non_upper_case_globals)]
+        static #record: ::hotpatch::__private::PatchFn = ::hotpatch::__private::PatchFn {
+            target: #typed_target,
+            replacement: ::hotpatch::__private::FnAddr::new(#shim as #sig_ty as *const ()),
+            name: ::core::concat!(::core::module_path!(), "::", ::core::stringify!(#ident)),
+        };
+    }
+}
+
+fn parse_target(args: TokenStream) -> syn::Result<ExprPath> {
+    if args.is_empty() {
+        return Err(syn::Error::new(
+            proc_macro2::Span::call_site(),
+            "#[hotpatch::patch] needs the path of the #[patchable] function it replaces, e.g. \
+             #[hotpatch::patch(my_service::pricing::price)]",
+        ));
+    }
+    syn::parse2::<ExprPath>(args.clone()).map_err(|_| {
+        syn::Error::new_spanned(
+            &args,
+            "expected the path of a #[patchable] function, e.g. `my_service::pricing::price`, \
+             `my_service::Cart::total` or `<my_service::Cart as my_service::Priced>::total`",
+        )
+    })
+}
+
+/// Where the target's companion constant is: `a::b::f` -> `a::b::__hotpatch_f`,
+/// `a::Ty::m` -> `a::Ty::__hotpatch_m`, `<a::Ty as a::Tr>::m` ->
+/// `<a::Ty>::__hotpatch_Tr_m`. The new last segment keeps the span of the
+/// user's, so resolution errors point at the attribute.
+fn companion_path(target: &ExprPath) -> syn::Result<TokenStream> {
+    let last = target
+        .path
+        .segments
+        .last()
+        .ok_or_else(|| syn::Error::new_spanned(target, "empty path"))?;
+    if !last.arguments.is_none() {
+        return Err(syn::Error::new_spanned(
+            &last.arguments,
+            "a patch target has no generic arguments: generic functions cannot be patchable",
+        ));
+    }
+    match &target.qself {
+        Some(q) if q.position > 0 => {
+            let ty = &q.ty;
+            let trait_last = &target.path.segments[q.position - 1].ident;
+            let name = format_ident!("__hotpatch_{}_{}", trait_last, last.ident, span = last.ident.span());
+            Ok(quote!(<#ty>::#name))
+        }
+        Some(q) => {
+            let ty = &q.ty;
+            let name = format_ident!("__hotpatch_{}", last.ident, span = last.ident.span());
+            Ok(quote!(<#ty>::#name))
+        }
+        None => {
+            let mut path = target.path.clone();
+            let seg = path.segments.last_mut().expect("checked non-empty");
+            seg.ident = format_ident!("__hotpatch_{}", seg.ident, span = seg.ident.span());
+            Ok(quote!(#path))
+        }
+    }
+}

@@ -1,0 +1,591 @@
+//! `#[patchable]`: one expander for free functions, one for impl blocks.
+//!
+//! For each function `f` it emits:
+//! - the wrapper, with `f`'s signature and attributes: one atomic load of
+//!   the slot, then a call through the pointer;
+//! - `__hotpatch_original_f`: the user's body, the slot's initial value;
+//! - `__hotpatch_guarded_f`: calls `f` and returns a panic as a value
+//!   (what a patch's call into the host goes through);
+//! - `__hotpatch_cross_f`: in a patch's private copy of the crate, what
+//!   the copy's slot points at, so the patch reaches the host's live `f`;
+//! - the slot, its `Entry` in the `SLOTS` distributed slice, and the
+//!   companion constant `__hotpatch_f` that `#[patch]` type-checks against.
+
+use crate::sig::{self, Context};
+use proc_macro2::TokenStream;
+use quote::{format_ident, quote};
+use syn::visit_mut::VisitMut;
+use syn::{
+    Attribute, Block, Ident, ImplItem, ImplItemFn, Item, ItemFn, ItemImpl, Signature, Type,
+    parse_quote,
+};
+
+pub fn expand(args: TokenStream, input: TokenStream) -> TokenStream {
+    let skip = match parse_args(args) {
+        Ok(skip) => skip,
+        Err(e) => {
+            let e = e.to_compile_error();
+            return quote!(#e #input);
+        }
+    };
+    match syn::parse2::<Item>(input.clone()) {
+        Ok(Item::Fn(f)) if skip => quote!(#f),
+        Ok(Item::Fn(f)) => expand_fn(f),
+        Ok(Item::Impl(i)) => expand_impl(i),
+        Ok(other) => {
+            let e = syn::Error::new_spanned(
+                &other,
+                "#[hotpatch::patchable] applies to functions and to impl blocks (which makes \
+                 every method in them patchable)",
+            )
+            .to_compile_error();
+            quote!(#e #other)
+        }
+        Err(e) => {
+            let e = e.to_compile_error();
+            quote!(#e #input)
+        }
+    }
+}
+
+/// `#[patchable]` or `#[patchable(skip)]`.
+fn parse_args(args: TokenStream) -> syn::Result<bool> {
+    if args.is_empty() {
+        return Ok(false);
+    }
+    let ident: Ident = syn::parse2(args.clone()).map_err(|_| {
+        syn::Error::new_spanned(
+            &args,
+            "#[hotpatch::patchable] takes no arguments, or `skip` on a method of a patchable impl",
+        )
+    })?;
+    if ident == "skip" {
+        Ok(true)
+    } else {
+        Err(syn::Error::new_spanned(
+            ident,
+            "unknown argument: #[hotpatch::patchable] takes no arguments, or `skip` on a method of \
+             a patchable impl",
+        ))
+    }
+}
+
+fn combine(errors: Vec<syn::Error>) -> TokenStream {
+    errors.into_iter().map(|e| e.to_compile_error()).collect()
+}
+
+/// The names of everything generated for one function.
+struct Names {
+    slot: Ident,
+    entry: Ident,
+    entry_getter: Ident,
+    original: Ident,
+    guarded: Ident,
+    cross: Ident,
+    companion: Ident,
+}
+
+impl Names {
+    fn new(helper: &str, module_unique: &str) -> Self {
+        Names {
+            slot: format_ident!("__HOTPATCH_SLOT_{}", module_unique),
+            entry: format_ident!("__HOTPATCH_ENTRY_{}", module_unique),
+            entry_getter: format_ident!("__hotpatch_entry_of_{}", module_unique),
+            original: format_ident!("__hotpatch_original_{}", helper),
+            guarded: format_ident!("__hotpatch_guarded_{}", helper),
+            cross: format_ident!("__hotpatch_cross_{}", helper),
+            companion: format_ident!("__hotpatch_{}", helper),
+        }
+    }
+}
+
+/// One patchable function, wherever it lives.
+struct Gen<'a> {
+    sig: &'a Signature,
+    ctx: &'a Context,
+    names: Names,
+    /// How generated code names the function's own helpers: `` (free) or
+    /// `Self::` (inside the impls) / `<SelfTy>::` (at module level).
+    in_impl: bool,
+    /// The registered path: `module_path!()` goes between the two parts.
+    path: (String, String),
+}
+
+impl Gen<'_> {
+    fn self_ty(&self) -> Option<&Type> {
+        self.ctx.self_ty.as_ref()
+    }
+
+    /// How module-level code names helper `name`.
+    fn module_level(&self, name: &Ident) -> TokenStream {
+        match self.self_ty() {
+            Some(ty) => quote!(<#ty>::#name),
+            None => quote!(#name),
+        }
+    }
+
+    /// How code inside the impls names helper `name`.
+    fn local(&self, name: &Ident) -> TokenStream {
+        if self.in_impl {
+            quote!(Self::#name)
+        } else {
+            quote!(#name)
+        }
+    }
+
+    /// How to call the function itself (the wrapper).
+    fn wrapper_path(&self, at_module_level: bool) -> TokenStream {
+        let ident = &self.sig.ident;
+        match (&self.ctx.self_ty, &self.ctx.trait_) {
+            (None, _) => quote!(#ident),
+            (Some(ty), Some(tr)) => quote!(<#ty as #tr>::#ident),
+            (Some(ty), None) if at_module_level => quote!(<#ty>::#ident),
+            (Some(_), None) => quote!(Self::#ident),
+        }
+    }
+
+    fn unsafe_call(&self, call: TokenStream) -> TokenStream {
+        if self.sig.unsafety.is_some() {
+            // SAFETY (generated): the caller of this `unsafe fn` upholds the
+            // contract of the function it forwards to, which is the same.
+            quote!(unsafe { #call })
+        } else {
+            call
+        }
+    }
+
+    fn returns_never(&self) -> bool {
+        matches!(&self.sig.output, syn::ReturnType::Type(_, ty) if matches!(**ty, Type::Never(_)))
+    }
+
+    /// The body of the wrapper: one load of the slot, one indirect call.
+    fn wrapper_body(&self) -> Block {
+        let slot = &self.names.slot;
+        let original = self.local(&self.names.original);
+        let witness = sig::witness_type(self.sig);
+        let args = sig::forward_names(self.sig);
+        let call = self.unsafe_call(quote!(__hotpatch_impl(#(#args),*)));
+        parse_quote!({
+            // SAFETY: the slot holds the original implementation or a
+            // replacement whose path, signature fingerprint and argument
+            // layouts the runtime checked against this function before
+            // storing it; `#[patch]` checked the exact signature at compile
+            // time. The pointer's type is inferred from the original's.
+            let __hotpatch_impl = unsafe {
+                ::hotpatch::__private::cast_fn(#slot.get(), #original as #witness)
+            };
+            #call
+        })
+    }
+
+    fn original_fn(&self, attrs: &[Attribute], block: &Block) -> TokenStream {
+        let mut sig = self.sig.clone();
+        sig.ident = self.names.original.clone();
+        let mut block = block.clone();
+        if let (Some(tr), true) = (&self.ctx.trait_, self.in_impl) {
+            // The body moves from the trait impl to an inherent impl: keep
+            // the trait's associated items and methods resolvable.
+            let mut q = sig::QualifyAssoc {
+                trait_: tr,
+                assoc: &self.ctx.assoc,
+            };
+            q.visit_signature_mut(&mut sig);
+            q.visit_block_mut(&mut block);
+            let mut use_path = tr.clone();
+            for seg in &mut use_path.segments {
+                seg.arguments = syn::PathArguments::None;
+            }
+            block.stmts.insert(
+                0,
+                parse_quote!(#[allow(unused_imports)] use #use_path as _;),
+            );
+        }
+        let carried = sig::carried_attrs(attrs);
+        let inline: Vec<_> = attrs.iter().filter(|a| sig::is_inline_attr(a)).collect();
+        quote! {
+            #(#carried)*
+            #(#inline)*
+            #[doc(hidden)]
+            #[allow(non_snake_case, clippy::all)]
+            #sig #block
+        }
+    }
+
+    fn guarded_fn(&self, attrs: &[Attribute]) -> TokenStream {
+        let mut sig = sig::forwarding_signature(self.sig);
+        sig.ident = self.names.guarded.clone();
+        sig.abi = None;
+        let ret = sig::return_type(self.sig);
+        let args = sig::forward_names(self.sig);
+        let wrapper = self.wrapper_path(false);
+        let (ret, call) = if self.returns_never() {
+            (
+                quote!(::core::convert::Infallible),
+                self.unsafe_call(quote!(#wrapper(#(#args),*))),
+            )
+        } else {
+            (quote!(#ret), self.unsafe_call(quote!(#wrapper(#(#args),*))))
+        };
+        let closure_ret = if self.returns_never() {
+            quote!(-> ::core::convert::Infallible)
+        } else {
+            quote!()
+        };
+        sig.output = parse_quote!(-> ::core::result::Result<#ret, ::hotpatch::__private::Transport>);
+        let mut item: ImplItemFn = parse_quote! {
+            #[doc(hidden)]
+            #[allow(non_snake_case, clippy::all)]
+            #sig {
+                ::hotpatch::__private::catch(move || #closure_ret { #call })
+            }
+        };
+        self.qualify(&mut item);
+        let carried = sig::carried_attrs(attrs);
+        quote!(#(#carried)* #item)
+    }
+
+    fn cross_fn(&self, attrs: &[Attribute]) -> TokenStream {
+        let mut sig = sig::forwarding_signature(self.sig);
+        sig.ident = self.names.cross.clone();
+        let slot = &self.names.slot;
+        let guarded = self.local(&self.names.guarded);
+        let holes = self.sig.inputs.iter().map(|_| quote!(_));
+        let unsafety = &self.sig.unsafety;
+        let args = sig::forward_names(self.sig);
+        let call = self.unsafe_call(quote!(__hotpatch_guarded(#(#args),*)));
+        let ok = if self.returns_never() {
+            quote!(::core::result::Result::Ok(never) => match never {})
+        } else {
+            quote!(::core::result::Result::Ok(value) => value)
+        };
+        let mut item: ImplItemFn = parse_quote! {
+            #[doc(hidden)]
+            #[allow(non_snake_case, improper_ctypes_definitions, clippy::all)]
+            #sig {
+                // SAFETY: the runtime stores in `remote` only the host's
+                // guarded function for this same path, fingerprint and
+                // layouts, and only before pointing this slot at this
+                // function (see `Slot::redirect`).
+                let __hotpatch_guarded = unsafe {
+                    ::hotpatch::__private::cast_fn(
+                        #slot.remote(),
+                        #guarded as #unsafety fn(#(#holes),*) -> _,
+                    )
+                };
+                match #call {
+                    #ok,
+                    ::core::result::Result::Err(panic) => ::hotpatch::__private::raise(panic),
+                }
+            }
+        };
+        self.qualify(&mut item);
+        let carried = sig::carried_attrs(attrs);
+        quote!(#(#carried)* #item)
+    }
+
+    fn qualify(&self, item: &mut ImplItemFn) {
+        if let (Some(tr), true) = (&self.ctx.trait_, self.in_impl) {
+            sig::QualifyAssoc {
+                trait_: tr,
+                assoc: &self.ctx.assoc,
+            }
+            .visit_impl_item_fn_mut(item);
+        }
+    }
+
+    /// The exact fn-pointer type, with `Self` written out.
+    fn sig_type(&self) -> Type {
+        let mut ty = sig::fn_ptr_type(self.sig);
+        if let Some(self_ty) = self.self_ty() {
+            sig::SubstSelf {
+                self_ty,
+                trait_: self.ctx.trait_.as_ref(),
+            }
+            .visit_type_mut(&mut ty);
+        }
+        ty
+    }
+
+    fn companion(&self) -> TokenStream {
+        let name = &self.names.companion;
+        let ty = self.sig_type();
+        let getter = &self.names.entry_getter;
+        quote! {
+            #[doc(hidden)]
+            #[allow(non_upper_case_globals, private_interfaces)]
+            pub const #name: ::hotpatch::__private::Target<#ty> =
+                ::hotpatch::__private::Target::new(#getter);
+        }
+    }
+
+    /// The slot, its registry entry and the entry getter, at module level.
+    fn statics(&self, attrs: &[Attribute]) -> TokenStream {
+        let Names {
+            slot,
+            entry,
+            entry_getter,
+            original,
+            guarded,
+            cross,
+            ..
+        } = &self.names;
+        let original = self.module_level(original);
+        let guarded = self.module_level(guarded);
+        let cross = self.module_level(cross);
+        let wrapper = self.wrapper_path(true);
+        let cfgs = sig::cfg_attrs(attrs);
+        let sig_ty = self.sig_type();
+        let fp_text = sig::to_text(&quote!(#sig_ty));
+        let fingerprint = sig::fingerprint(&fp_text);
+        let display = {
+            let fwd = sig::forwarding_signature(self.sig);
+            sig::to_text(&quote!(#fwd))
+        };
+        let layouts = sig::layout_types(self.sig, self.ctx);
+        let (before, after) = &self.path;
+        quote! {
+            #(#cfgs)*
+            #[doc(hidden)]
+            #[allow(non_upper_case_globals)]
+            static #slot: ::hotpatch::__private::Slot =
+                ::hotpatch::__private::Slot::new(#original as *const ());
+
+            #(#cfgs)*
+            #[::hotpatch::__private::linkme::distributed_slice(::hotpatch::__private::SLOTS)]
+            #[linkme(crate = ::hotpatch::__private::linkme)]
+            #[doc(hidden)]
+            #[allow(non_upper_case_globals)]
+            static #entry: ::hotpatch::__private::Entry = ::hotpatch::__private::Entry {
+                path: ::core::concat!(#before, ::core::module_path!(), #after),
+                signature: #display,
+                fingerprint: #fingerprint,
+                layouts: &[#(::hotpatch::__private::TypeLayout::of::<#layouts>()),*],
+                slot: &#slot,
+                original: ::hotpatch::__private::FnAddr::new(#original as *const ()),
+                wrapper: ::hotpatch::__private::FnAddr::new(#wrapper as *const ()),
+                guarded: ::hotpatch::__private::FnAddr::new(#guarded as *const ()),
+                cross: ::hotpatch::__private::FnAddr::new(#cross as *const ()),
+            };
+
+            #(#cfgs)*
+            #[doc(hidden)]
+            #[allow(non_snake_case)]
+            fn #entry_getter() -> &'static ::hotpatch::__private::Entry {
+                &#entry
+            }
+        }
+    }
+}
+
+fn expand_fn(f: ItemFn) -> TokenStream {
+    let mut errors = Vec::new();
+    let what = "a #[patchable] function";
+    if let Some(syn::FnArg::Receiver(r)) = f.sig.inputs.first() {
+        errors.push(syn::Error::new_spanned(
+            r,
+            "to make a method patchable, put #[hotpatch::patchable] on its impl block: an \
+             attribute on the method alone cannot see the type it belongs to",
+        ));
+    }
+    sig::check_supported(&f.sig, what, &mut errors);
+    sig::check_attrs(&f.attrs, what, &mut errors);
+    if !errors.is_empty() {
+        let errors = combine(errors);
+        return quote!(#errors #f);
+    }
+    let ctx = Context::free();
+    let name = f.sig.ident.to_string();
+    let gen_ = Gen {
+        sig: &f.sig,
+        ctx: &ctx,
+        names: Names::new(&name, &name),
+        in_impl: false,
+        path: (String::new(), format!("::{name}")),
+    };
+    let ItemFn {
+        attrs, vis, block, ..
+    } = &f;
+    let wrapper_sig = sig::forwarding_signature(&f.sig);
+    let wrapper_body = gen_.wrapper_body();
+    let inline = if attrs.iter().any(sig::is_inline_attr) {
+        quote!()
+    } else {
+        quote!(#[inline])
+    };
+    let wrapper_attrs: Vec<_> = attrs.iter().filter(|a| !sig::is_inline_attr(a)).collect();
+    let original = gen_.original_fn(attrs, block);
+    let guarded = gen_.guarded_fn(attrs);
+    let cross = gen_.cross_fn(attrs);
+    let companion = gen_.companion();
+    let statics = gen_.statics(attrs);
+    let cfgs = sig::cfg_attrs(attrs);
+    quote! {
+        #(#wrapper_attrs)*
+        #inline
+        #vis #wrapper_sig #wrapper_body
+
+        #original
+        #guarded
+        #cross
+        #(#cfgs)*
+        #companion
+        #statics
+    }
+}
+
+fn is_patchable_attr(a: &Attribute) -> bool {
+    a.path()
+        .segments
+        .last()
+        .is_some_and(|s| s.ident == "patchable")
+}
+
+fn expand_impl(mut imp: ItemImpl) -> TokenStream {
+    let mut errors = Vec::new();
+    // Per-method markers: strip them, note `skip`.
+    let mut skips = Vec::new();
+    for item in &mut imp.items {
+        let mut skip = false;
+        if let ImplItem::Fn(m) = item {
+            let mut keep = Vec::new();
+            for a in std::mem::take(&mut m.attrs) {
+                if is_patchable_attr(&a) {
+                    match &a.meta {
+                        syn::Meta::Path(_) => {}
+                        syn::Meta::List(l) => match parse_args(l.tokens.clone()) {
+                            Ok(s) => skip |= s,
+                            Err(e) => errors.push(e),
+                        },
+                        syn::Meta::NameValue(nv) => errors.push(syn::Error::new_spanned(
+                            nv,
+                            "write #[patchable] or #[patchable(skip)]",
+                        )),
+                    }
+                } else {
+                    keep.push(a);
+                }
+            }
+            m.attrs = keep;
+        }
+        skips.push(skip);
+    }
+    if !imp.generics.params.is_empty() || imp.generics.where_clause.is_some() {
+        errors.push(syn::Error::new_spanned(
+            &imp.generics,
+            "methods of a generic impl cannot be patchable: each instantiation is a separate \
+             function with no single slot; patch a non-generic function the methods call, or \
+             implement for concrete types",
+        ));
+    }
+    if let Some((Some(bang), _, _)) = &imp.trait_ {
+        errors.push(syn::Error::new_spanned(
+            bang,
+            "a negative impl has no methods to patch",
+        ));
+    }
+    if imp.defaultness.is_some() {
+        errors.push(syn::Error::new_spanned(
+            imp.defaultness,
+            "a `default impl` cannot be patchable",
+        ));
+    }
+    if !errors.is_empty() {
+        let errors = combine(errors);
+        return quote!(#errors #imp);
+    }
+
+    let self_ty = (*imp.self_ty).clone();
+    let trait_ = imp.trait_.as_ref().map(|(_, p, _)| p.clone());
+    let assoc: Vec<Ident> = imp
+        .items
+        .iter()
+        .filter_map(|i| match i {
+            ImplItem::Type(t) => Some(t.ident.clone()),
+            ImplItem::Const(c) => Some(c.ident.clone()),
+            _ => None,
+        })
+        .collect();
+    let ctx = Context {
+        self_ty: Some(self_ty.clone()),
+        trait_: trait_.clone(),
+        assoc,
+    };
+    let self_text = sig::to_text(&quote!(#self_ty));
+    let trait_last = trait_
+        .as_ref()
+        .and_then(|p| p.segments.last())
+        .map(|s| s.ident.to_string());
+    let unique = {
+        let trait_text = trait_
+            .as_ref()
+            .map(|p| sig::to_text(&quote!(#p)))
+            .unwrap_or_default();
+        format!("{:08x}", sig::fingerprint(&format!("{self_text}|{trait_text}")) as u32)
+    };
+
+    let mut helpers = Vec::new();
+    let mut statics = Vec::new();
+    for (item, skip) in imp.items.iter_mut().zip(skips) {
+        let ImplItem::Fn(m) = item else { continue };
+        if skip {
+            continue;
+        }
+        let what = "a #[patchable] method";
+        let mut method_errors = Vec::new();
+        sig::check_supported(&m.sig, what, &mut method_errors);
+        sig::check_attrs(&m.attrs, what, &mut method_errors);
+        if m.defaultness.is_some() {
+            method_errors.push(syn::Error::new_spanned(
+                m.defaultness,
+                "a `default fn` cannot be patchable",
+            ));
+        }
+        if !method_errors.is_empty() {
+            errors.extend(method_errors);
+            continue;
+        }
+        let method = m.sig.ident.to_string();
+        let helper = match &trait_last {
+            Some(t) => format!("{t}_{method}"),
+            None => method.clone(),
+        };
+        let path = match &trait_ {
+            Some(tr) => {
+                let tr = sig::to_text(&quote!(#tr));
+                ("<".to_owned(), format!("::{self_text} as {tr}>::{method}"))
+            }
+            None => (String::new(), format!("::{self_text}::{method}")),
+        };
+        let gen_ = Gen {
+            sig: &m.sig,
+            ctx: &ctx,
+            names: Names::new(&helper, &format!("{unique}_{helper}")),
+            in_impl: true,
+            path,
+        };
+        let attrs = m.attrs.clone();
+        helpers.push(gen_.original_fn(&attrs, &m.block));
+        helpers.push(gen_.guarded_fn(&attrs));
+        helpers.push(gen_.cross_fn(&attrs));
+        let cfgs = sig::cfg_attrs(&attrs);
+        let companion = gen_.companion();
+        helpers.push(quote!(#(#cfgs)* #companion));
+        statics.push(gen_.statics(&attrs));
+        let body = gen_.wrapper_body();
+        m.sig = sig::forwarding_signature(&m.sig);
+        m.block = body;
+        if !m.attrs.iter().any(sig::is_inline_attr) {
+            m.attrs.push(parse_quote!(#[inline]));
+        }
+    }
+    let errors = combine(errors);
+    quote! {
+        #errors
+        #imp
+        #[doc(hidden)]
+        impl #self_ty {
+            #(#helpers)*
+        }
+        #(#statics)*
+    }
+}

@@ -1,0 +1,140 @@
+//! Why a load or revert failed.
+
+use std::path::PathBuf;
+
+use crate::PatchId;
+
+/// Everything that can go wrong loading, applying or reverting a patch.
+///
+/// Each variant names the patch file and, where one is involved, the
+/// function. Whenever `load` returns an error, every slot is as it was
+/// before the call.
+///
+/// # Examples
+///
+/// ```no_run
+/// match hotpatch::load("fix.so") {
+///     Ok(patch) => println!("applied {} {}", patch.name(), patch.version()),
+///     Err(hotpatch::Error::UnknownTarget { function, .. }) => {
+///         eprintln!("this build has no patchable `{function}`")
+///     }
+///     Err(e) => eprintln!("patch refused: {e}"),
+/// }
+/// ```
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The file could not be read: missing, a directory, no permission.
+    #[error("cannot read patch {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The private copy of the file could not be made.
+    #[error("cannot make a private copy of patch {path}: {source}")]
+    Copy {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The dynamic loader refused the file: not a shared object, another
+    /// architecture, truncated, missing dependencies.
+    #[error("patch {path} is not a loadable shared object: {source}")]
+    NotLoadable {
+        path: PathBuf,
+        #[source]
+        source: libloading::Error,
+    },
+
+    /// The library does not export a hotpatch manifest: not a patch crate,
+    /// or it lacks `hotpatch::manifest!()`.
+    #[error("{path} has no hotpatch manifest (symbol `{symbol}`): is it a patch crate with `hotpatch::manifest!()`?")]
+    NoManifest { path: PathBuf, symbol: &'static str },
+
+    /// The manifest does not start with the hotpatch magic bytes.
+    #[error("{path}: manifest has bad magic {found:02x?}")]
+    BadMagic { path: PathBuf, found: [u8; 8] },
+
+    /// The patch was built with another version of hotpatch's ABI.
+    #[error("{path}: patch uses hotpatch ABI version {patch}, this process uses {host}")]
+    AbiMismatch { path: PathBuf, host: u32, patch: u32 },
+
+    /// The patch was built by another compiler.
+    #[error("{path}: patch was built by `{patch}`, this process by `{host}`")]
+    RustcMismatch {
+        path: PathBuf,
+        host: String,
+        patch: String,
+    },
+
+    /// The patch was built for another target.
+    #[error("{path}: patch was built for target `{patch}`, this process for `{host}`")]
+    TargetMismatch {
+        path: PathBuf,
+        host: String,
+        patch: String,
+    },
+
+    /// The patch uses another panic strategy.
+    #[error("{path}: patch uses panic strategy `{patch}`, this process `{host}`")]
+    PanicStrategyMismatch {
+        path: PathBuf,
+        host: String,
+        patch: String,
+    },
+
+    /// The manifest is malformed: a null or misaligned table, an oversized
+    /// or non-UTF-8 string, zero functions.
+    #[error("{path}: invalid manifest: {reason}")]
+    InvalidManifest { path: PathBuf, reason: String },
+
+    /// The patch replaces a function this process does not have as
+    /// `#[patchable]`.
+    #[error("{path}: `{function}` is not a patchable function of this process")]
+    UnknownTarget { path: PathBuf, function: String },
+
+    /// Two functions of this process are registered under the same path
+    /// (two versions of one crate linked in), so the target is ambiguous.
+    #[error("{path}: `{function}` names more than one patchable function in this process")]
+    AmbiguousTarget { path: PathBuf, function: String },
+
+    /// The patch replaces the same function twice.
+    #[error("{path}: `{function}` is replaced twice in one patch")]
+    DuplicateTarget { path: PathBuf, function: String },
+
+    /// The patch was built against a version of the function with another
+    /// signature.
+    #[error(
+        "{path}: `{function}` has signature `{host}` in this process but the patch was built against `{patch}`"
+    )]
+    SignatureMismatch {
+        path: PathBuf,
+        function: String,
+        host: String,
+        patch: String,
+    },
+
+    /// An argument or return type of the function has another size or
+    /// alignment in the patch than in this process.
+    #[error("{path}: `{function}`: {detail}")]
+    LayoutMismatch {
+        path: PathBuf,
+        function: String,
+        detail: String,
+    },
+
+    /// The same patch (identical bytes) is already applied.
+    #[error("{path}: patch `{name}` is already applied as {id}")]
+    AlreadyApplied {
+        path: PathBuf,
+        name: String,
+        id: PatchId,
+    },
+
+    /// No applied patch has this id (already reverted).
+    #[error("{id} is not applied")]
+    NotApplied { id: PatchId },
+}

@@ -1,0 +1,311 @@
+//! In-process live patching for Rust services.
+//!
+//! Mark the functions that may need fixing in production with
+//! [`#[patchable]`](patchable). When one has a bug, write the fix in a
+//! small `cdylib` crate with [`#[patch]`](patch), build it, and apply it to
+//! the running process with [`load`]: no restart, no dropped request.
+//!
+//! ```
+//! // In the service's library crate.
+//! #[hotpatch::patchable]
+//! pub fn price(qty: u32, unit_cents: u64) -> u64 {
+//!     qty as u64 * unit_cents // overflows
+//! }
+//! # fn main() { assert_eq!(price(2, 3), 6); }
+//! ```
+//!
+//! ```ignore
+//! // In the patch crate (crate-type = ["cdylib"]), which depends on the
+//! // service's library crate and on hotpatch.
+//! hotpatch::manifest!();
+//!
+//! #[hotpatch::patch(my_service::price)]
+//! fn price(qty: u32, unit_cents: u64) -> u64 {
+//!     (qty as u64).saturating_mul(unit_cents)
+//! }
+//! ```
+//!
+//! ```no_run
+//! // In the running service, when the operator says so.
+//! let patch = hotpatch::load("target/release/libprice_fix.so")?;
+//! // ... later, if the fix must go:
+//! patch.revert()?;
+//! # Ok::<(), hotpatch::Error>(())
+//! ```
+//!
+//! # The model
+//!
+//! `#[patchable]` turns a function into a wrapper around a *slot*, a
+//! static atomic function pointer that initially points at the
+//! function's own body. A call is one atomic load of the slot and an
+//! indirect call: no lock, no shared write, no allocation, no lookup, so
+//! its cost does not grow with threads. The slot is registered in a
+//! link-time table (`linkme`), so nothing runs at start-up.
+//!
+//! A patch is a `cdylib` that links its own copy of the service crate and
+//! of hotpatch. It exports a manifest (`hotpatch::manifest!()`) listing its
+//! replacements. [`load`] reads the file once, opens a private copy of
+//! those bytes, checks the manifest against this process, and then stores
+//! every replacement in its slot.
+//!
+//! # Guarantees
+//!
+//! - **Checked before it runs.** The patch must come from the same rustc,
+//!   target, panic strategy and hotpatch ABI; each target must be a
+//!   patchable function of this process, replaced once; its signature
+//!   fingerprint and the size and alignment of each argument and the
+//!   return type must match. At compile time, `#[patch]` checks that the
+//!   target is `#[patchable]` and that the replacement's signature is
+//!   exactly the target's (not merely coercible to it).
+//! - **All or nothing.** All checks of all functions run before any slot
+//!   changes; if one fails, [`load`] returns an [`Error`] naming the file,
+//!   the function and the reason, and nothing has changed.
+//! - **No torn calls.** Every call reads its slot once and runs either the
+//!   old or the new implementation, whatever apply or revert does
+//!   meanwhile. (A request that calls several patched functions may see
+//!   some old and some new while a patch is being applied; per-thread
+//!   consistency at safepoints is a separate feature.)
+//! - **Panics.** A panic in patch code reaches the caller as an ordinary
+//!   panic of the host with the same `&str` or `String` payload, not an
+//!   abort; a panic in host code called from a patch reaches the patch the
+//!   same way.
+//! - **Shared functions.** Patch code calling another `#[patchable]`
+//!   function of the service calls the host's live implementation
+//!   (including patches applied later), not the copy linked into the
+//!   patch.
+//! - **Stacking and revert.** Patches stack per function; [`Patch::revert`]
+//!   takes one out wherever it is in the stack.
+//! - **Code stays mapped.** A library is never unloaded.
+//!
+//! # Limits
+//!
+//! - **Generics**: generic functions and methods of generic impls cannot
+//!   be patchable (each instantiation is its own function); patch the
+//!   non-generic function they call. Lifetime parameters are fine.
+//! - **async**: `async fn` cannot be patchable; make the synchronous work
+//!   a patchable function and call it from the async one.
+//! - **`const fn`, C-variadics, `#[track_caller]`, `impl Trait`** in
+//!   arguments or return type: rejected with a compile error.
+//! - **Methods** are made patchable by putting `#[patchable]` on the
+//!   `impl` block (every method becomes patchable; opt one out with
+//!   `#[patchable(skip)]`): an attribute on a method alone cannot see its
+//!   type. A trait impl needs a type defined in the service crate (the
+//!   companion items live in an inherent impl). The target of a `#[patch]`
+//!   must be nameable from the patch crate (public module path); the
+//!   function itself may be private.
+//! - **Statics and thread-locals** named in patch code are the patch's
+//!   own copies, not the host's: a patch that reads a service `static`
+//!   reads a fresh, separate one. Pass state through patchable functions.
+//! - **Allocators**: memory allocated by patch code and freed by the host
+//!   (a returned `String`, say) is only safe when both use the same
+//!   allocator. A patch uses the system allocator unless it sets the same
+//!   `#[global_allocator]` as the host; a host with its own allocator
+//!   (jemalloc, mimalloc) must have its patches set it too.
+//! - **Panic hooks**: a panic in patch code is reported by the patch's copy
+//!   of std (default hook, thread shown as `<unnamed>`); the host's custom
+//!   hook does not see it.
+//! - **`extern "C"` functions** keep their semantics: a panic out of one
+//!   aborts, patched or not.
+//! - **Platform**: Linux (ELF, glibc or musl). The loader uses `memfd` and
+//!   `/proc/self/fd`, falling back to a private temporary directory.
+//!
+//! # Unloading
+//!
+//! A patch library is never unmapped, even after revert. Code from it may
+//! still be running on another thread, and pointers into it may be held
+//! anywhere: `&'static str` literals, vtables of boxed trait objects,
+//! function pointers. Thread-local destructors registered by its code run
+//! at thread exit and would jump into unmapped memory
+//! (rust-lang/rust#91979, #59629). Loading identical bytes again reuses the
+//! mapping, so apply/revert cycles of one patch do not grow memory.
+//!
+//! # Safety model
+//!
+//! Opening a library runs its initialisers, and a patch's code runs with
+//! the full privileges of the process: load only patch files you trust.
+//! The checks above catch mistakes (a patch built for another build of the
+//! service), not malice.
+//!
+//! # Performance
+//!
+//! With `lto = "fat"` (or within one crate) a call site compiles to one
+//! load of the slot and an indirect call. Across crates without LTO the
+//! slot's address is first loaded from the GOT. See `BENCHMARKS.md`.
+
+#![deny(unsafe_op_in_unsafe_fn)]
+
+mod error;
+mod loader;
+mod manifest;
+mod panic;
+mod patch;
+mod registry;
+mod slot;
+mod sys;
+
+#[doc(hidden)]
+#[path = "private.rs"]
+pub mod __private;
+
+pub use error::Error;
+pub use loader::{Loader, load};
+pub use patch::{FunctionInfo, Implementation, Patch, PatchId, PatchInfo};
+
+/// Makes a function, or every method of an `impl` block, patchable.
+///
+/// The function keeps its signature, attributes and docs; its body becomes
+/// the default implementation behind a slot that [`load`] can repoint.
+///
+/// # Examples
+///
+/// ```
+/// #[hotpatch::patchable]
+/// pub fn discount(total_cents: u64) -> u64 {
+///     total_cents / 10
+/// }
+///
+/// pub struct Cart {
+///     pub items: Vec<u64>,
+/// }
+///
+/// #[hotpatch::patchable]
+/// impl Cart {
+///     pub fn total(&self) -> u64 {
+///         self.items.iter().sum()
+///     }
+///
+///     #[hotpatch::patchable(skip)]
+///     pub fn len(&self) -> usize {
+///         self.items.len()
+///     }
+/// }
+/// # fn main() {
+/// assert_eq!(discount(100), 10);
+/// assert_eq!(Cart { items: vec![1, 2] }.total(), 3);
+/// # }
+/// ```
+///
+/// Unsupported forms are compile errors: generic parameters, `impl Trait`,
+/// `async fn`, `const fn`, C-variadics, `#[track_caller]`, methods of
+/// generic impls (see the crate docs, "Limits").
+pub use hotpatch_macros::patchable;
+
+/// Marks a function of a patch crate as the replacement of a
+/// `#[patchable]` function.
+///
+/// The argument is the target's path as the patch crate sees it:
+/// `svc::pricing::price`, `svc::Cart::total`, or
+/// `<svc::Cart as svc::Priced>::total`. A method's replacement is a free
+/// function whose first parameter is the receiver. The crate must invoke
+/// [`manifest!`] once.
+///
+/// Compile errors: a target that does not exist or is not `#[patchable]`,
+/// or a signature that is not exactly the target's.
+///
+/// # Examples
+///
+/// ```ignore
+/// hotpatch::manifest!();
+///
+/// #[hotpatch::patch(svc::Cart::total)]
+/// fn total(cart: &svc::Cart) -> u64 {
+///     cart.items.iter().fold(0u64, |a, b| a.saturating_add(*b))
+/// }
+/// ```
+pub use hotpatch_macros::patch;
+
+/// Declares the patch crate's manifest: invoke once at the crate root of a
+/// patch crate.
+///
+/// Name, version and description default to the crate's Cargo package
+/// metadata (`name`, `version`, `description`); any of them can be given
+/// instead.
+///
+/// # Examples
+///
+/// ```ignore
+/// hotpatch::manifest!();
+/// // or
+/// hotpatch::manifest!(name = "pricing-fix", version = "1.0.1", description = "INC-1234");
+/// ```
+#[macro_export]
+macro_rules! manifest {
+    () => {
+        $crate::manifest!(
+            name = ::core::env!("CARGO_PKG_NAME"),
+            version = ::core::env!("CARGO_PKG_VERSION"),
+            description = ::core::env!("CARGO_PKG_DESCRIPTION")
+        );
+    };
+    (name = $name:expr, version = $version:expr, description = $description:expr $(,)?) => {
+        #[doc(hidden)]
+        #[unsafe(export_name = "hotpatch_manifest_v1")]
+        pub static __HOTPATCH_MANIFEST: $crate::__private::Manifest =
+            $crate::__private::Manifest::new($name, $version, $description);
+    };
+    (name = $name:expr $(,)?) => {
+        $crate::manifest!(
+            name = $name,
+            version = ::core::env!("CARGO_PKG_VERSION"),
+            description = ::core::env!("CARGO_PKG_DESCRIPTION")
+        );
+    };
+    (name = $name:expr, version = $version:expr $(,)?) => {
+        $crate::manifest!(
+            name = $name,
+            version = $version,
+            description = ::core::env!("CARGO_PKG_DESCRIPTION")
+        );
+    };
+}
+
+/// The patches applied now, oldest first.
+///
+/// # Examples
+///
+/// ```
+/// assert!(hotpatch::applied().iter().all(|p| !p.functions.is_empty()));
+/// ```
+pub fn applied() -> Vec<PatchInfo> {
+    registry::REGISTRY.lock().applied()
+}
+
+/// Every patchable function of this process and what implements it now.
+///
+/// # Examples
+///
+/// ```
+/// #[hotpatch::patchable]
+/// fn greet() -> &'static str { "hello" }
+/// # fn main() {
+/// let f = hotpatch::functions()
+///     .into_iter()
+///     .find(|f| f.path.ends_with("::greet"))
+///     .unwrap();
+/// assert_eq!(f.implementation, hotpatch::Implementation::Original);
+/// # assert_eq!(greet(), "hello");
+/// # }
+/// ```
+pub fn functions() -> Vec<FunctionInfo> {
+    registry::REGISTRY.lock().functions()
+}
+
+/// Reverts the applied patch `id` (what [`Patch::revert`] does, for when
+/// the handle is gone, e.g. from a control command).
+///
+/// # Errors
+///
+/// [`Error::NotApplied`] if no applied patch has this id.
+///
+/// # Examples
+///
+/// ```
+/// # fn main() {
+/// for p in hotpatch::applied() {
+///     hotpatch::revert(p.id).unwrap();
+/// }
+/// # }
+/// ```
+pub fn revert(id: PatchId) -> Result<(), Error> {
+    registry::REGISTRY.lock().revert(id)
+}

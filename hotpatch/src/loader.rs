@@ -1,0 +1,166 @@
+//! Loading a patch file: read, private copy, open, check, apply.
+
+use std::fs;
+use std::hash::{Hash, Hasher};
+use std::path::Path;
+use std::sync::LazyLock;
+
+use libloading::os::unix::{Library, RTLD_LOCAL, RTLD_NOW};
+use parking_lot::Mutex;
+
+use crate::__private::{MANIFEST_SYMBOL, Manifest};
+use crate::registry::REGISTRY;
+use crate::{Error, Patch, manifest, sys};
+
+/// Options for loading patches.
+///
+/// [`load`](crate::load) is `Loader::new().load(path)`; later versions add
+/// options here (deadlines, trust policy) without changing that call.
+///
+/// # Examples
+///
+/// ```no_run
+/// let patch = hotpatch::Loader::new().load("fix.so")?;
+/// # Ok::<(), hotpatch::Error>(())
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct Loader {
+    _options: (),
+}
+
+/// Libraries opened so far. Never closed: code from a library may be
+/// running, or be pointed to by a `&'static str`, a vtable or a
+/// thread-local destructor, for as long as the process lives (see the
+/// crate docs, "Unloading").
+static LIBRARIES: LazyLock<Mutex<Vec<Loaded>>> = LazyLock::new(|| Mutex::new(Vec::new()));
+
+struct Loaded {
+    digest: u64,
+    /// The private copy, kept open: its bytes identify the library, and
+    /// while it is open its `/proc/self/fd` path is not reused.
+    copy: fs::File,
+    _library: Library,
+    manifest: *const Manifest,
+}
+
+// SAFETY: `manifest` points to immutable data of a library that is never
+// unmapped; the other fields are Send.
+unsafe impl Send for Loaded {}
+
+impl Loader {
+    /// Default options.
+    pub fn new() -> Self {
+        Loader::default()
+    }
+
+    /// Loads the patch at `path`, checks it against this process, and
+    /// applies every function it replaces, or none.
+    ///
+    /// The file is read once; the library is opened from a private copy of
+    /// those bytes, so a patch rebuilt at the same path is new code, and a
+    /// file changed after the read cannot change what runs. Loading bytes
+    /// identical to a library already opened reuses it.
+    ///
+    /// # Errors
+    ///
+    /// Every way the file can be unfit has its own [`Error`] variant; on
+    /// error no slot has changed. A library that opened but failed the
+    /// checks stays mapped (its initialisers ran; see the crate docs), and
+    /// is reused if the same bytes are loaded again.
+    pub fn load(&self, path: impl AsRef<Path>) -> Result<Patch, Error> {
+        let path = path.as_ref();
+        let bytes = fs::read(path).map_err(|source| Error::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        // One load at a time: the library cache and the registry change
+        // together. Listing and reverting only take the registry lock.
+        let mut libraries = LIBRARIES.lock();
+        let library = open(&mut libraries, path, &bytes)?;
+        let m = libraries[library].manifest;
+        if m.is_null() {
+            return Err(Error::NoManifest {
+                path: path.to_owned(),
+                symbol: MANIFEST_SYMBOL,
+            });
+        }
+        // SAFETY: `m` is the manifest symbol's address in a library that is
+        // never unmapped.
+        let checked = unsafe { manifest::check(path, m) }?;
+        let mut registry = REGISTRY.lock();
+        let plan = registry.plan(path, library, &checked)?;
+        let info = registry.commit(plan, &checked, path, library);
+        Ok(Patch { info })
+    }
+}
+
+/// Loads and applies the patch at `path` with default options.
+///
+/// See [`Loader::load`].
+///
+/// # Examples
+///
+/// ```no_run
+/// let patch = hotpatch::load("target/release/libpricing_fix.so")?;
+/// println!("{} {} applied as {}", patch.name(), patch.version(), patch.id());
+/// # Ok::<(), hotpatch::Error>(())
+/// ```
+pub fn load(path: impl AsRef<Path>) -> Result<Patch, Error> {
+    Loader::new().load(path)
+}
+
+fn digest(bytes: &[u8]) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut h);
+    h.finish()
+}
+
+/// The index of the library holding exactly `bytes`, opening it if no
+/// library does yet.
+fn open(libraries: &mut Vec<Loaded>, path: &Path, bytes: &[u8]) -> Result<usize, Error> {
+    let digest = digest(bytes);
+    for (i, l) in libraries.iter().enumerate() {
+        if l.digest == digest {
+            let same = sys::same_bytes(&l.copy, bytes).map_err(|source| Error::Copy {
+                path: path.to_owned(),
+                source,
+            })?;
+            if same {
+                return Ok(i);
+            }
+        }
+    }
+    let label = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "patch".into());
+    let copy = sys::private_copy(&label, bytes).map_err(|source| Error::Copy {
+        path: path.to_owned(),
+        source,
+    })?;
+    // SAFETY: opening a library runs its initialisers. The patch is code
+    // the operator chose to load (see the crate docs, "Safety model");
+    // RTLD_LOCAL keeps its symbols from interposing on later loads.
+    let opened = unsafe { Library::open(Some(&copy.path), RTLD_NOW | RTLD_LOCAL) };
+    if copy.unlink_after_open {
+        let _ = fs::remove_file(&copy.path);
+    }
+    let library = opened.map_err(|source| Error::NotLoadable {
+        path: path.to_owned(),
+        source,
+    })?;
+    let symbol = format!("{MANIFEST_SYMBOL}\0");
+    // SAFETY: we read the symbol's address only, as a pointer to data; its
+    // contents are checked by `manifest::check` before use.
+    let manifest = unsafe { library.get::<*const Manifest>(symbol.as_bytes()) }
+        .map(|s| *s)
+        .unwrap_or(std::ptr::null());
+    libraries.push(Loaded {
+        digest,
+        copy: copy.file,
+        _library: library,
+        manifest,
+    });
+    Ok(libraries.len() - 1)
+}
+

@@ -1,0 +1,186 @@
+//! Carrying a panic across the host/patch boundary.
+//!
+//! A patch cdylib has its own copy of std. A panic raised by one copy and
+//! unwound into a `catch_unwind` of the other is a "foreign exception" and
+//! aborts the process. So each side catches its own panics at the
+//! boundary, turns the payload into a [`Transport`] (the message, as bytes
+//! the receiver copies), and the other side raises it again with its own
+//! std:
+//!
+//! - host -> patch: the patch's entry shim runs the replacement inside the
+//!   patch's `catch_unwind` ([`enter`]) and hands a panic to the host's
+//!   [`raise`], whose address the runtime wrote into the patch's
+//!   [`HOST_RAISE`] cell before publishing the patch.
+//! - patch -> host: the patch's copy of a patchable function calls the
+//!   host's guarded function, which catches with the host's std
+//!   ([`catch`]); the patch's cross function raises it with the patch's std.
+//!
+//! `&'static str` and `String` payloads keep their type; any other payload
+//! becomes a `String` saying so (its `TypeId` would differ on the other
+//! side anyway).
+
+use std::any::Any;
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::atomic::{AtomicPtr, Ordering};
+
+/// A caught panic, in a form both std copies can read.
+#[repr(C)]
+#[allow(missing_debug_implementations)]
+pub struct Transport {
+    kind: u8,
+    ptr: *const u8,
+    len: usize,
+    /// Owner of the bytes (a `Box<String>` of the sending side), freed by
+    /// the sending side's `free`.
+    owner: *mut (),
+    free: Option<unsafe fn(*mut ())>,
+}
+
+const KIND_STATIC: u8 = 0;
+const KIND_STRING: u8 = 1;
+const KIND_OTHER: u8 = 2;
+
+/// Message for payloads that are neither `&str` nor `String`.
+pub const OTHER_PAYLOAD: &str = "a hotpatch patch panicked with a payload that is not a string";
+
+impl Transport {
+    fn from_payload(payload: Box<dyn Any + Send>) -> Self {
+        let payload = match payload.downcast::<&'static str>() {
+            Ok(s) => {
+                return Transport {
+                    kind: KIND_STATIC,
+                    ptr: s.as_ptr(),
+                    len: s.len(),
+                    owner: std::ptr::null_mut(),
+                    free: None,
+                };
+            }
+            Err(p) => p,
+        };
+        match payload.downcast::<String>() {
+            Ok(s) => {
+                let (ptr, len) = (s.as_ptr(), s.len());
+                Transport {
+                    kind: KIND_STRING,
+                    ptr,
+                    len,
+                    owner: Box::into_raw(s).cast(),
+                    free: Some(free_string),
+                }
+            }
+            Err(_) => Transport {
+                kind: KIND_OTHER,
+                ptr: OTHER_PAYLOAD.as_ptr(),
+                len: OTHER_PAYLOAD.len(),
+                owner: std::ptr::null_mut(),
+                free: None,
+            },
+        }
+    }
+
+    /// Rebuilds the payload with this side's std and allocator, and frees
+    /// the sender's copy with the sender's allocator.
+    fn into_payload(self) -> Box<dyn Any + Send> {
+        // SAFETY: `ptr`/`len` describe a UTF-8 string the sender keeps alive
+        // until `free` runs (below, in `drop`) or, for `KIND_STATIC`, for the
+        // life of its library, which is never unmapped while it may run.
+        let text: &'static str = unsafe {
+            std::str::from_utf8_unchecked(std::slice::from_raw_parts(self.ptr, self.len))
+        };
+        match self.kind {
+            KIND_STATIC => Box::new(text),
+            _ => Box::new(text.to_owned()),
+        }
+    }
+}
+
+impl Drop for Transport {
+    fn drop(&mut self) {
+        if let Some(free) = self.free.take() {
+            // SAFETY: `owner` came from `Box::into_raw` in `from_payload` of
+            // the side that set `free`, and is freed once (`take`).
+            unsafe { free(self.owner) }
+        }
+    }
+}
+
+/// # Safety
+/// `owner` must come from `Box::<String>::into_raw` of this copy of std.
+unsafe fn free_string(owner: *mut ()) {
+    // SAFETY: guaranteed by the caller.
+    drop(unsafe { Box::from_raw(owner.cast::<String>()) });
+}
+
+/// Runs `f`, returning its panic as a value instead of unwinding.
+#[inline]
+pub fn catch<R>(f: impl FnOnce() -> R) -> Result<R, Transport> {
+    panic::catch_unwind(AssertUnwindSafe(f)).map_err(Transport::from_payload)
+}
+
+/// Raises a transported panic with this copy of std.
+pub fn raise(t: Transport) -> ! {
+    let payload = t.into_payload();
+    panic::resume_unwind(payload)
+}
+
+/// In a patch: where the host's [`raise`] is. Written by the host runtime
+/// before the patch is published.
+pub static HOST_RAISE: AtomicPtr<()> = AtomicPtr::new(std::ptr::null_mut());
+
+/// The patch's entry shim: runs the replacement, and raises its panic in
+/// the host.
+#[inline]
+pub fn enter<R>(f: impl FnOnce() -> R) -> R {
+    match catch(f) {
+        Ok(r) => r,
+        Err(t) => raise_in_host(t),
+    }
+}
+
+fn raise_in_host(t: Transport) -> ! {
+    // Acquire: pairs with the runtime's Release store of the slot that
+    // published this patch, which happened after it wrote this cell.
+    let host = HOST_RAISE.load(Ordering::Acquire);
+    if host.is_null() {
+        // Not loaded by a hotpatch runtime (a test calling the patch
+        // directly): raise locally.
+        raise(t)
+    }
+    // SAFETY: the runtime only stores the host's `raise`, a
+    // `fn(Transport) -> !` of the same rustc (checked), in this cell.
+    let host: fn(Transport) -> ! = unsafe { std::mem::transmute(host) };
+    host(t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payload_kinds_round_trip() {
+        let t = catch(|| panic!("static")).unwrap_err();
+        let p = t.into_payload();
+        assert_eq!(*p.downcast::<&str>().unwrap(), "static");
+
+        let n = 7;
+        let t = catch(|| panic!("owned {n}")).unwrap_err();
+        let p = t.into_payload();
+        assert_eq!(*p.downcast::<String>().unwrap(), "owned 7");
+
+        let t = catch(|| std::panic::panic_any(42u32)).unwrap_err();
+        let p = t.into_payload();
+        assert_eq!(*p.downcast::<String>().unwrap(), OTHER_PAYLOAD);
+    }
+
+    #[test]
+    fn raise_unwinds_with_the_payload() {
+        let t = catch(|| panic!("again")).unwrap_err();
+        let caught = std::panic::catch_unwind(|| raise(t)).unwrap_err();
+        assert_eq!(*caught.downcast::<&str>().unwrap(), "again");
+    }
+
+    #[test]
+    fn catch_passes_values_through() {
+        assert_eq!(catch(|| 5).ok(), Some(5));
+    }
+}

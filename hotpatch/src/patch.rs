@@ -1,0 +1,138 @@
+//! Handles and descriptions of applied patches and patchable functions.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::Error;
+
+/// Identifies one application of a patch, unique for the life of the
+/// process.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
+pub struct PatchId(pub(crate) u64);
+
+impl PatchId {
+    /// The number behind the id (ids count up from 1).
+    pub fn get(self) -> u64 {
+        self.0
+    }
+}
+
+impl fmt::Display for PatchId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "patch #{}", self.0)
+    }
+}
+
+/// What an applied patch is: its identity and the functions it replaced.
+///
+/// # Examples
+///
+/// ```
+/// for p in hotpatch::applied() {
+///     println!("{} {} {} replaces {:?}", p.id, p.name, p.version, p.functions);
+/// }
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PatchInfo {
+    pub id: PatchId,
+    /// The patch crate's name (from `hotpatch::manifest!`).
+    pub name: String,
+    pub version: String,
+    pub description: String,
+    /// The file it was loaded from.
+    pub file: PathBuf,
+    /// Paths of the functions it replaces, in the patch's order.
+    pub functions: Vec<String>,
+}
+
+/// A handle to an applied patch, returned by [`load`](crate::load).
+///
+/// Dropping the handle leaves the patch applied; [`revert`](Patch::revert)
+/// takes it out.
+///
+/// # Examples
+///
+/// ```no_run
+/// let patch = hotpatch::load("target/release/libfix.so")?;
+/// println!("applied {}: {:?}", patch.id(), patch.functions());
+/// patch.revert()?;
+/// # Ok::<(), hotpatch::Error>(())
+/// ```
+#[derive(Debug)]
+#[must_use = "dropping the handle keeps the patch applied; keep it to revert later"]
+pub struct Patch {
+    pub(crate) info: Arc<PatchInfo>,
+}
+
+impl Patch {
+    pub fn id(&self) -> PatchId {
+        self.info.id
+    }
+    pub fn name(&self) -> &str {
+        &self.info.name
+    }
+    pub fn version(&self) -> &str {
+        &self.info.version
+    }
+    pub fn description(&self) -> &str {
+        &self.info.description
+    }
+    /// The file the patch was loaded from.
+    pub fn file(&self) -> &Path {
+        &self.info.file
+    }
+    /// Paths of the functions it replaces.
+    pub fn functions(&self) -> &[String] {
+        &self.info.functions
+    }
+    /// Everything above, as a value.
+    pub fn info(&self) -> &PatchInfo {
+        &self.info
+    }
+
+    /// Takes the patch out: each function it replaced goes back to what
+    /// implements it without this patch (the original, or another patch
+    /// applied before or after this one). The library stays mapped (see
+    /// the crate docs, "Unloading").
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotApplied`] if the patch was already reverted through
+    /// [`revert`](crate::revert).
+    pub fn revert(self) -> Result<(), Error> {
+        crate::revert(self.info.id)
+    }
+}
+
+/// What currently implements a patchable function.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Implementation {
+    /// The function's own body.
+    Original,
+    /// A replacement from an applied patch.
+    Patch { id: PatchId, name: String },
+}
+
+/// A patchable function of this process.
+///
+/// # Examples
+///
+/// ```
+/// for f in hotpatch::functions() {
+///     println!("{}  {}  {:?}", f.path, f.signature, f.implementation);
+/// }
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct FunctionInfo {
+    /// `crate::module::f`, `crate::module::Type::m` or
+    /// `<crate::module::Type as Trait>::m` (the module is the one the
+    /// function or impl block is written in).
+    pub path: &'static str,
+    /// The signature as written.
+    pub signature: &'static str,
+    pub implementation: Implementation,
+}

@@ -1,0 +1,242 @@
+//! What the macros' generated code names. Not a public API: anything here
+//! may change in any release; `ABI_VERSION` changes whenever the layout of
+//! what a patch exports changes.
+
+#![allow(missing_debug_implementations)]
+
+use std::fmt;
+use std::marker::PhantomData;
+use std::sync::atomic::AtomicPtr;
+
+pub use crate::panic::{HOST_RAISE, Transport, catch, enter, raise};
+pub use crate::slot::{FnAddr, Slot};
+pub use linkme;
+
+/// Version of the layout of [`Manifest`], [`PatchFn`] and [`Entry`].
+pub const ABI_VERSION: u32 = 1;
+/// The manifest's first eight bytes.
+pub const MAGIC: [u8; 8] = *b"HOTPATCH";
+/// The symbol a patch exports its [`Manifest`] under.
+pub const MANIFEST_SYMBOL: &str = "hotpatch_manifest_v1";
+/// `rustc -vV` of the compiler that built this copy of hotpatch.
+pub const RUSTC_VERSION: &str = env!("HOTPATCH_RUSTC_VERSION");
+/// Target triple this copy of hotpatch was built for.
+pub const TARGET: &str = env!("HOTPATCH_TARGET");
+/// Panic strategy of the build this copy of hotpatch is part of.
+pub const PANIC_STRATEGY: &str = if cfg!(panic = "unwind") {
+    "unwind"
+} else {
+    "abort"
+};
+/// Version of the hotpatch crate.
+pub const HOTPATCH_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Every patchable function linked into this image (the host binary, or a
+/// patch's private copy of the service crate).
+#[linkme::distributed_slice]
+pub static SLOTS: [Entry];
+
+/// Every `#[patch]` replacement linked into this image.
+#[linkme::distributed_slice]
+pub static PATCH_FNS: [PatchFn];
+
+/// Size and alignment of one argument or return type.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[repr(C)]
+pub struct TypeLayout {
+    pub size: usize,
+    pub align: usize,
+}
+
+impl TypeLayout {
+    pub const fn of<T>() -> Self {
+        TypeLayout {
+            size: std::mem::size_of::<T>(),
+            align: std::mem::align_of::<T>(),
+        }
+    }
+}
+
+impl fmt::Display for TypeLayout {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "size {} align {}", self.size, self.align)
+    }
+}
+
+/// The registry record of one patchable function.
+#[repr(C)]
+pub struct Entry {
+    /// `crate::module::f`, `crate::module::Type::m`,
+    /// `<crate::module::Type as Trait>::m`.
+    pub path: &'static str,
+    /// The signature as written, for people.
+    pub signature: &'static str,
+    /// Hash of the exact fn-pointer type, `Self` written out.
+    pub fingerprint: u64,
+    /// Each parameter's layout, then the return type's (absent for `!`).
+    pub layouts: &'static [TypeLayout],
+    pub slot: &'static Slot,
+    pub original: FnAddr,
+    pub wrapper: FnAddr,
+    pub guarded: FnAddr,
+    pub cross: FnAddr,
+}
+
+impl fmt::Debug for Entry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Entry")
+            .field("path", &self.path)
+            .field("signature", &self.signature)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The companion constant of a patchable function: how `#[patch]` reaches
+/// its [`Entry`] and checks the signature. `S` is the exact fn-pointer
+/// type; `Target` is invariant in it.
+pub struct Target<S> {
+    entry: fn() -> &'static Entry,
+    _signature: PhantomData<fn(S) -> S>,
+}
+
+impl<S> Clone for Target<S> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<S> Copy for Target<S> {}
+
+impl<S> Target<S> {
+    pub const fn new(entry: fn() -> &'static Entry) -> Self {
+        Target {
+            entry,
+            _signature: PhantomData,
+        }
+    }
+
+    /// Compiles only if the replacement's signature `S` is exactly the
+    /// target's.
+    pub const fn entry_fn(self) -> fn() -> &'static Entry {
+        self.entry
+    }
+}
+
+/// One replacement in a patch: the record `#[patch]` emits.
+#[repr(C)]
+pub struct PatchFn {
+    /// The patch's private copy of the target's entry.
+    pub target: fn() -> &'static Entry,
+    /// The entry shim, of the target's exact signature.
+    pub replacement: FnAddr,
+    /// The replacement's own path in the patch crate, for messages.
+    pub name: &'static str,
+}
+
+/// A `&'static str` as two words with a fixed layout.
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub struct RawStr {
+    pub ptr: *const u8,
+    pub len: usize,
+}
+
+impl RawStr {
+    pub const fn new(s: &'static str) -> Self {
+        RawStr {
+            ptr: s.as_ptr(),
+            len: s.len(),
+        }
+    }
+}
+
+/// What a patch exports under [`MANIFEST_SYMBOL`]. `repr(C)`: the runtime
+/// reads the header fields before it knows the patch came from the same
+/// compiler. Everything after `abi_version` is read only once
+/// `abi_version` matches.
+#[repr(C)]
+pub struct Manifest {
+    pub magic: [u8; 8],
+    pub abi_version: u32,
+    /// `size_of::<Manifest>()` in the patch.
+    pub manifest_size: u32,
+    pub rustc: RawStr,
+    pub target: RawStr,
+    pub panic_strategy: RawStr,
+    pub hotpatch_version: RawStr,
+    pub name: RawStr,
+    pub version: RawStr,
+    pub description: RawStr,
+    /// The patch's `PATCH_FNS`: writes the count, returns the first.
+    pub functions: Option<unsafe extern "C" fn(*mut usize) -> *const PatchFn>,
+    /// The patch's `SLOTS` (its private copy of the service's slots).
+    pub slots: Option<unsafe extern "C" fn(*mut usize) -> *const Entry>,
+    /// The patch's `HOST_RAISE` cell.
+    pub host_raise: Option<unsafe extern "C" fn() -> *const AtomicPtr<()>>,
+    pub entry_size: u32,
+    pub patch_fn_size: u32,
+}
+
+// SAFETY: the manifest is immutable data (addresses of statics and
+// functions); sharing it shares no mutable state.
+unsafe impl Sync for Manifest {}
+
+impl Manifest {
+    /// The manifest of the crate being compiled, as `manifest!` builds it.
+    pub const fn new(name: &'static str, version: &'static str, description: &'static str) -> Self {
+        Manifest {
+            magic: MAGIC,
+            abi_version: ABI_VERSION,
+            manifest_size: std::mem::size_of::<Manifest>() as u32,
+            rustc: RawStr::new(RUSTC_VERSION),
+            target: RawStr::new(TARGET),
+            panic_strategy: RawStr::new(PANIC_STRATEGY),
+            hotpatch_version: RawStr::new(HOTPATCH_VERSION),
+            name: RawStr::new(name),
+            version: RawStr::new(version),
+            description: RawStr::new(description),
+            functions: Some(patch_fns_raw),
+            slots: Some(slots_raw),
+            host_raise: Some(host_raise_raw),
+            entry_size: std::mem::size_of::<Entry>() as u32,
+            patch_fn_size: std::mem::size_of::<PatchFn>() as u32,
+        }
+    }
+}
+
+/// # Safety
+/// `len` must be valid for a write.
+unsafe extern "C" fn patch_fns_raw(len: *mut usize) -> *const PatchFn {
+    let s: &[PatchFn] = &PATCH_FNS;
+    // SAFETY: guaranteed by the caller.
+    unsafe { len.write(s.len()) };
+    s.as_ptr()
+}
+
+/// # Safety
+/// `len` must be valid for a write.
+unsafe extern "C" fn slots_raw(len: *mut usize) -> *const Entry {
+    let s: &[Entry] = &SLOTS;
+    // SAFETY: guaranteed by the caller.
+    unsafe { len.write(s.len()) };
+    s.as_ptr()
+}
+
+unsafe extern "C" fn host_raise_raw() -> *const AtomicPtr<()> {
+    &HOST_RAISE
+}
+
+/// Reinterprets a slot's pointer as the function-pointer type of `like`.
+///
+/// # Safety
+/// `ptr` must be a function of exactly `F`'s type (signature and ABI).
+#[inline(always)]
+pub unsafe fn cast_fn<F: Copy>(ptr: *const (), like: F) -> F {
+    const {
+        assert!(std::mem::size_of::<F>() == std::mem::size_of::<*const ()>());
+    }
+    let _ = like;
+    // SAFETY: `F` is a function pointer type (the macros only pass a fn
+    // item cast to a fn pointer), pointer-sized (checked above), and the
+    // caller guarantees `ptr` has that type.
+    unsafe { std::mem::transmute_copy::<*const (), F>(&ptr) }
+}

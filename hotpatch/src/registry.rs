@@ -1,0 +1,295 @@
+//! The host's table of patchable functions, the stack of implementations
+//! of each, and the applied patches.
+//!
+//! Built on first use from the host's `SLOTS` slice (nothing runs at
+//! start-up). One lock guards it; it is taken by the runtime's own
+//! operations (load, revert, listing), never by a patchable call.
+//!
+//! Each function has a stack of layers, one per applied patch that
+//! replaces it, in apply order. Its slot always holds the top layer's
+//! implementation, or the original when the stack is empty. Reverting a
+//! patch removes its layers wherever they are, so patches need not be
+//! reverted in order.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::{Arc, LazyLock};
+
+use parking_lot::Mutex;
+
+use crate::manifest::Checked;
+use crate::__private::{Entry, FnAddr, SLOTS};
+use crate::{Error, FunctionInfo, Implementation, PatchId, PatchInfo};
+
+pub(crate) static REGISTRY: LazyLock<Mutex<Registry>> =
+    LazyLock::new(|| Mutex::new(Registry::new(&SLOTS)));
+
+pub(crate) struct Registry {
+    fns: Vec<FnState>,
+    by_path: HashMap<&'static str, usize>,
+    ambiguous: HashSet<&'static str>,
+    applied: Vec<Applied>,
+    next_id: u64,
+}
+
+struct FnState {
+    entry: &'static Entry,
+    layers: Vec<Layer>,
+}
+
+struct Layer {
+    patch: PatchId,
+    implementation: FnAddr,
+}
+
+struct Applied {
+    info: Arc<PatchInfo>,
+    /// Which loaded library it came from (see `loader`).
+    library: usize,
+    /// Indexes into `fns`.
+    targets: Vec<usize>,
+}
+
+/// A checked patch, ready to commit: nothing can fail after this.
+pub(crate) struct Plan {
+    /// (host function index, replacement)
+    replace: Vec<(usize, FnAddr)>,
+    /// (slot of the patch's private copy, its cross function, host index)
+    redirect: Vec<(&'static Entry, usize)>,
+    functions: Vec<String>,
+}
+
+impl Registry {
+    fn new(slots: &'static [Entry]) -> Self {
+        let mut by_path = HashMap::with_capacity(slots.len());
+        let mut ambiguous = HashSet::new();
+        for (i, e) in slots.iter().enumerate() {
+            if by_path.insert(e.path, i).is_some() {
+                ambiguous.insert(e.path);
+            }
+        }
+        Registry {
+            fns: slots
+                .iter()
+                .map(|entry| FnState {
+                    entry,
+                    layers: Vec::new(),
+                })
+                .collect(),
+            by_path,
+            ambiguous,
+            applied: Vec::new(),
+            next_id: 1,
+        }
+    }
+
+    /// Checks everything about applying `m` (from library `library`, read
+    /// from `path`) and returns what to do. Changes nothing.
+    pub(crate) fn plan(&self, path: &Path, library: usize, m: &Checked) -> Result<Plan, Error> {
+        if let Some(a) = self.applied.iter().find(|a| a.library == library) {
+            return Err(Error::AlreadyApplied {
+                path: path.to_owned(),
+                name: a.info.name.clone(),
+                id: a.info.id,
+            });
+        }
+        let mut replace = Vec::with_capacity(m.functions.len());
+        let mut seen = HashSet::with_capacity(m.functions.len());
+        let mut functions = Vec::with_capacity(m.functions.len());
+        for f in m.functions {
+            // The patch's copy of the target's entry, as compiled into it.
+            let theirs = (f.target)();
+            let idx = self.resolve(path, theirs.path)?;
+            if !seen.insert(idx) {
+                return Err(Error::DuplicateTarget {
+                    path: path.to_owned(),
+                    function: theirs.path.to_owned(),
+                });
+            }
+            compatible(path, self.fns[idx].entry, theirs)?;
+            if f.replacement.is_null() {
+                return Err(Error::InvalidManifest {
+                    path: path.to_owned(),
+                    reason: format!("the replacement of `{}` is null", theirs.path),
+                });
+            }
+            replace.push((idx, f.replacement));
+            functions.push(theirs.path.to_owned());
+        }
+        // The patch's private copies of patchable functions: each one the
+        // host also has must call the host's, so it must be the same
+        // function as the host's.
+        let mut redirect = Vec::new();
+        for theirs in m.slots {
+            let Some(&idx) = self.by_path.get(theirs.path) else {
+                continue; // Only in the patch: stays private.
+            };
+            if self.ambiguous.contains(theirs.path) {
+                continue;
+            }
+            compatible(path, self.fns[idx].entry, theirs)?;
+            redirect.push((theirs, idx));
+        }
+        Ok(Plan {
+            replace,
+            redirect,
+            functions,
+        })
+    }
+
+    fn resolve(&self, path: &Path, function: &str) -> Result<usize, Error> {
+        if self.ambiguous.contains(function) {
+            return Err(Error::AmbiguousTarget {
+                path: path.to_owned(),
+                function: function.to_owned(),
+            });
+        }
+        self.by_path
+            .get(function)
+            .copied()
+            .ok_or_else(|| Error::UnknownTarget {
+                path: path.to_owned(),
+                function: function.to_owned(),
+            })
+    }
+
+    /// Applies a plan: prepares the patch's image, then publishes every
+    /// replacement. Cannot fail.
+    pub(crate) fn commit(
+        &mut self,
+        plan: Plan,
+        m: &Checked,
+        file: &Path,
+        library: usize,
+    ) -> Arc<PatchInfo> {
+        // Prepare the patch before any host slot points into it: its copies
+        // of the service's slots call the host, and its panics are raised
+        // by the host. These are writes to the patch's own statics, which
+        // no thread runs yet (or, for a library applied before, were set to
+        // these same values).
+        for (theirs, idx) in &plan.redirect {
+            theirs.slot.redirect(theirs.cross, self.fns[*idx].entry.guarded);
+        }
+        let raise: fn(crate::__private::Transport) -> ! = crate::__private::raise;
+        // Release: published together with the slots below; a reader that
+        // sees a slot pointing into the patch sees this too.
+        m.host_raise
+            .store(raise as *const () as *mut (), std::sync::atomic::Ordering::Release);
+
+        let id = PatchId(self.next_id);
+        self.next_id += 1;
+        let info = Arc::new(PatchInfo {
+            id,
+            name: m.name.clone(),
+            version: m.version.clone(),
+            description: m.description.clone(),
+            file: file.to_owned(),
+            functions: plan.functions,
+        });
+        let mut targets = Vec::with_capacity(plan.replace.len());
+        for (idx, implementation) in plan.replace {
+            let f = &mut self.fns[idx];
+            f.layers.push(Layer {
+                patch: id,
+                implementation,
+            });
+            f.entry.slot.set(implementation);
+            targets.push(idx);
+        }
+        self.applied.push(Applied {
+            info: info.clone(),
+            library,
+            targets,
+        });
+        info
+    }
+
+    pub(crate) fn revert(&mut self, id: PatchId) -> Result<(), Error> {
+        let pos = self
+            .applied
+            .iter()
+            .position(|a| a.info.id == id)
+            .ok_or(Error::NotApplied { id })?;
+        let applied = self.applied.remove(pos);
+        for idx in applied.targets {
+            let f = &mut self.fns[idx];
+            f.layers.retain(|l| l.patch != id);
+            let now = f
+                .layers
+                .last()
+                .map_or(f.entry.original, |l| l.implementation);
+            f.entry.slot.set(now);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn applied(&self) -> Vec<PatchInfo> {
+        self.applied.iter().map(|a| (*a.info).clone()).collect()
+    }
+
+    /// Sorted by path.
+    pub(crate) fn functions(&self) -> Vec<FunctionInfo> {
+        let mut out: Vec<FunctionInfo> = self
+            .fns
+            .iter()
+            .map(|f| FunctionInfo {
+                path: f.entry.path,
+                signature: f.entry.signature,
+                implementation: match f.layers.last() {
+                    None => Implementation::Original,
+                    Some(l) => Implementation::Patch {
+                        id: l.patch,
+                        name: self
+                            .applied
+                            .iter()
+                            .find(|a| a.info.id == l.patch)
+                            .map(|a| a.info.name.clone())
+                            .unwrap_or_default(),
+                    },
+                },
+            })
+            .collect();
+        out.sort_by(|a, b| a.path.cmp(b.path));
+        out
+    }
+}
+
+/// Whether the patch's view of a function (`theirs`) is the host's
+/// (`ours`): same signature fingerprint, same argument and return layouts.
+fn compatible(path: &Path, ours: &Entry, theirs: &Entry) -> Result<(), Error> {
+    if ours.fingerprint != theirs.fingerprint {
+        return Err(Error::SignatureMismatch {
+            path: path.to_owned(),
+            function: ours.path.to_owned(),
+            host: ours.signature.to_owned(),
+            patch: theirs.signature.to_owned(),
+        });
+    }
+    if ours.layouts.len() != theirs.layouts.len() {
+        return Err(Error::LayoutMismatch {
+            path: path.to_owned(),
+            function: ours.path.to_owned(),
+            detail: format!(
+                "{} parameter and return types in this process, {} in the patch",
+                ours.layouts.len(),
+                theirs.layouts.len()
+            ),
+        });
+    }
+    let last = ours.layouts.len().saturating_sub(1);
+    for (i, (a, b)) in ours.layouts.iter().zip(theirs.layouts).enumerate() {
+        if a != b {
+            let which = if i == last && !ours.signature.ends_with('!') {
+                "the return type".to_owned()
+            } else {
+                format!("parameter {}", i + 1)
+            };
+            return Err(Error::LayoutMismatch {
+                path: path.to_owned(),
+                function: ours.path.to_owned(),
+                detail: format!("{which} has {a} in this process but {b} in the patch"),
+            });
+        }
+    }
+    Ok(())
+}

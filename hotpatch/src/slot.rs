@@ -1,0 +1,118 @@
+//! The per-function slot: the one word every patchable call loads.
+//!
+//! # Protocol
+//!
+//! `current` holds the implementation of the function: initially the
+//! original body, later a patch's entry shim, or (in a patch's private copy
+//! of the service crate) the crate's cross function that calls back into
+//! the host. Writers are the runtime only, under the registry lock; readers
+//! are every call, with no lock.
+//!
+//! - `set` stores with `Release` and `get` loads with `Acquire`: whatever
+//!   the runtime wrote before publishing a pointer (the patch's rewired
+//!   slots, its host-raise cell) is visible to a thread that calls through
+//!   that pointer. On x86-64 an `Acquire` load is a plain `mov`.
+//! - Each call reads `current` exactly once, so a call runs one
+//!   implementation from start to end, never a mix: a pointer store is
+//!   atomic, and nothing else is read to decide what to run.
+//! - `remote` is only meaningful in a patch's copy of a slot: it holds the
+//!   host's guarded function for the same path, written (Relaxed) before
+//!   `current` is pointed (Release) at the cross function that reads it
+//!   (Relaxed, after the Acquire of `current` in the same thread).
+
+use std::fmt;
+use std::sync::atomic::{AtomicPtr, Ordering};
+
+/// The address of a function, type-erased.
+///
+/// The type is recovered only by code generated for that function, whose
+/// signature the runtime checked.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(transparent)]
+pub struct FnAddr(*const ());
+
+// SAFETY: a function address is immutable data; sharing it between threads
+// shares no state.
+unsafe impl Send for FnAddr {}
+// SAFETY: as above.
+unsafe impl Sync for FnAddr {}
+
+impl FnAddr {
+    /// Wraps a function address.
+    pub const fn new(ptr: *const ()) -> Self {
+        FnAddr(ptr)
+    }
+
+    /// The raw address.
+    pub const fn as_ptr(self) -> *const () {
+        self.0
+    }
+
+    pub(crate) fn is_null(self) -> bool {
+        self.0.is_null()
+    }
+}
+
+impl fmt::Debug for FnAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:p}", self.0)
+    }
+}
+
+/// The atomically swapped function pointer behind one `#[patchable]`
+/// function.
+#[repr(C)]
+pub struct Slot {
+    current: AtomicPtr<()>,
+    remote: AtomicPtr<()>,
+}
+
+impl Slot {
+    /// A slot whose implementation is `original`.
+    pub const fn new(original: *const ()) -> Self {
+        Slot {
+            current: AtomicPtr::new(original as *mut ()),
+            remote: AtomicPtr::new(std::ptr::null_mut()),
+        }
+    }
+
+    /// The current implementation: the only load on the call path.
+    #[inline(always)]
+    pub fn get(&self) -> *const () {
+        // Acquire: pairs with the Release store in `set`, so the state a
+        // patch was prepared with is visible to the thread calling it.
+        self.current.load(Ordering::Acquire)
+    }
+
+    /// For a cross function in a patch: the host's guarded function.
+    #[inline(always)]
+    pub fn remote(&self) -> *const () {
+        // Relaxed: this thread already Acquire-loaded `current`, which was
+        // Release-stored after `remote` (see `redirect`).
+        self.remote.load(Ordering::Relaxed)
+    }
+
+    /// Publishes a new implementation.
+    pub(crate) fn set(&self, implementation: FnAddr) {
+        // Release: pairs with the Acquire in `get`.
+        self.current
+            .store(implementation.as_ptr() as *mut (), Ordering::Release);
+    }
+
+    /// In a patch's private copy: call the host through `cross`, which
+    /// forwards to `host_guarded`.
+    pub(crate) fn redirect(&self, cross: FnAddr, host_guarded: FnAddr) {
+        // Relaxed: ordered before readers by the Release store below.
+        self.remote
+            .store(host_guarded.as_ptr() as *mut (), Ordering::Relaxed);
+        self.set(cross);
+    }
+}
+
+impl fmt::Debug for Slot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Slot")
+            .field("current", &self.get())
+            .finish_non_exhaustive()
+    }
+}
