@@ -71,7 +71,8 @@ pub fn expand(args: TokenStream, input: TokenStream) -> TokenStream {
     } else {
         quote!(#ident(#(#args),*))
     };
-    let never = matches!(&f.sig.output, syn::ReturnType::Type(_, t) if matches!(**t, Type::Never(_)));
+    let never =
+        matches!(&f.sig.output, syn::ReturnType::Type(_, t) if matches!(**t, Type::Never(_)));
     let body = if never {
         quote!(match ::hotpatch::__private::enter(move || -> ::core::convert::Infallible { #call }) {})
     } else {
@@ -150,7 +151,12 @@ fn companion_path(target: &ExprPath) -> syn::Result<TokenStream> {
         Some(q) if q.position > 0 => {
             let ty = &q.ty;
             let trait_last = &target.path.segments[q.position - 1].ident;
-            let name = format_ident!("__hotpatch_{}_{}", trait_last, last.ident, span = last.ident.span());
+            let name = format_ident!(
+                "__hotpatch_{}_{}",
+                trait_last,
+                last.ident,
+                span = last.ident.span()
+            );
             Ok(quote!(<#ty>::#name))
         }
         Some(q) => {

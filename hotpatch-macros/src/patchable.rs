@@ -231,7 +231,8 @@ impl Gen<'_> {
         } else {
             quote!()
         };
-        sig.output = parse_quote!(-> ::core::result::Result<#ret, ::hotpatch::__private::Transport>);
+        sig.output =
+            parse_quote!(-> ::core::result::Result<#ret, ::hotpatch::__private::Transport>);
         let mut item: ImplItemFn = parse_quote! {
             #[doc(hidden)]
             #[allow(non_snake_case, clippy::all)]
@@ -520,7 +521,10 @@ fn expand_impl(mut imp: ItemImpl) -> TokenStream {
             .as_ref()
             .map(|p| sig::to_text(&quote!(#p)))
             .unwrap_or_default();
-        format!("{:08x}", sig::fingerprint(&format!("{self_text}|{trait_text}")) as u32)
+        format!(
+            "{:08x}",
+            sig::fingerprint(&format!("{self_text}|{trait_text}")) as u32
+        )
     };
 
     let mut helpers = Vec::new();

@@ -66,7 +66,9 @@ pub fn check_supported(sig: &Signature, what: &str, errors: &mut Vec<syn::Error>
     if let Some(v) = &sig.variadic {
         push(
             v,
-            format!("{what} cannot be C-variadic: a variadic call cannot be forwarded through a slot"),
+            format!(
+                "{what} cannot be C-variadic: a variadic call cannot be forwarded through a slot"
+            ),
         );
     }
     for param in &sig.generics.params {
@@ -144,24 +146,25 @@ pub struct SubstSelf<'a> {
 
 impl VisitMut for SubstSelf<'_> {
     fn visit_type_mut(&mut self, ty: &mut Type) {
-        if let Type::Path(tp) = ty {
-            if tp.qself.is_none() && tp.path.leading_colon.is_none() {
-                let segs = &tp.path.segments;
-                if segs.len() == 1 && segs[0].ident == "Self" && segs[0].arguments.is_none() {
-                    *ty = self.self_ty.clone();
-                    return;
-                }
-                if segs.len() >= 2 && segs[0].ident == "Self" {
-                    let rest: Vec<_> = segs.iter().skip(1).cloned().collect();
-                    let self_ty = self.self_ty;
-                    let new: Type = match self.trait_ {
-                        Some(tr) => parse_quote!(<#self_ty as #tr>::#(#rest)::*),
-                        None => parse_quote!(<#self_ty>::#(#rest)::*),
-                    };
-                    *ty = new;
-                    syn::visit_mut::visit_type_mut(self, ty);
-                    return;
-                }
+        if let Type::Path(tp) = ty
+            && tp.qself.is_none()
+            && tp.path.leading_colon.is_none()
+        {
+            let segs = &tp.path.segments;
+            if segs.len() == 1 && segs[0].ident == "Self" && segs[0].arguments.is_none() {
+                *ty = self.self_ty.clone();
+                return;
+            }
+            if segs.len() >= 2 && segs[0].ident == "Self" {
+                let rest: Vec<_> = segs.iter().skip(1).cloned().collect();
+                let self_ty = self.self_ty;
+                let new: Type = match self.trait_ {
+                    Some(tr) => parse_quote!(<#self_ty as #tr>::#(#rest)::*),
+                    None => parse_quote!(<#self_ty>::#(#rest)::*),
+                };
+                *ty = new;
+                syn::visit_mut::visit_type_mut(self, ty);
+                return;
             }
         }
         syn::visit_mut::visit_type_mut(self, ty);
@@ -252,7 +255,9 @@ pub enum Receiver {
     /// `self`, `mut self`, or `self: Ty`.
     Value,
     /// `&self`, `&'a self`, `&mut self`, `self: &Self`, `self: &mut Self`.
-    Ref { lifetime: Option<Lifetime> },
+    Ref {
+        lifetime: Option<Lifetime>,
+    },
 }
 
 pub fn receiver(sig: &Signature) -> Receiver {
@@ -268,14 +273,14 @@ pub fn receiver(sig: &Signature) -> Receiver {
         };
     }
     // `self: Ty`.
-    if let Type::Reference(tr) = &*r.ty {
-        if let Type::Path(p) = &*tr.elem {
-            if p.qself.is_none() && p.path.is_ident("Self") {
-                return Receiver::Ref {
-                    lifetime: tr.lifetime.clone(),
-                };
-            }
-        }
+    if let Type::Reference(tr) = &*r.ty
+        && let Type::Path(p) = &*tr.elem
+        && p.qself.is_none()
+        && p.path.is_ident("Self")
+    {
+        return Receiver::Ref {
+            lifetime: tr.lifetime.clone(),
+        };
     }
     Receiver::Value
 }
@@ -454,7 +459,7 @@ pub fn forwarding_signature(sig: &Signature) -> Signature {
             }
             FnArg::Typed(pt) => {
                 let ident: Ident = syn::parse2(name).expect("forward name is an identifier");
-                pt.pat = Box::new(parse_quote!(#ident));
+                *pt.pat = parse_quote!(#ident);
             }
         }
     }
@@ -516,7 +521,9 @@ pub fn check_attrs(attrs: &[syn::Attribute], what: &str, errors: &mut Vec<syn::E
                 ),
             ));
         }
-        if p.is_ident("no_mangle") || p.is_ident("export_name") || is_unsafe_attr(a, "no_mangle")
+        if p.is_ident("no_mangle")
+            || p.is_ident("export_name")
+            || is_unsafe_attr(a, "no_mangle")
             || is_unsafe_attr(a, "export_name")
         {
             errors.push(syn::Error::new_spanned(

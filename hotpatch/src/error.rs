@@ -51,7 +51,9 @@ pub enum Error {
 
     /// The library does not export a hotpatch manifest: not a patch crate,
     /// or it lacks `hotpatch::manifest!()`.
-    #[error("{path} has no hotpatch manifest (symbol `{symbol}`): is it a patch crate with `hotpatch::manifest!()`?")]
+    #[error(
+        "{path} has no hotpatch manifest (symbol `{symbol}`): is it a patch crate with `hotpatch::manifest!()`?"
+    )]
     NoManifest { path: PathBuf, symbol: &'static str },
 
     /// The manifest does not start with the hotpatch magic bytes.
@@ -60,7 +62,11 @@ pub enum Error {
 
     /// The patch was built with another version of hotpatch's ABI.
     #[error("{path}: patch uses hotpatch ABI version {patch}, this process uses {host}")]
-    AbiMismatch { path: PathBuf, host: u32, patch: u32 },
+    AbiMismatch {
+        path: PathBuf,
+        host: u32,
+        patch: u32,
+    },
 
     /// The patch was built by another compiler.
     #[error("{path}: patch was built by `{patch}`, this process by `{host}`")]

@@ -163,4 +163,3 @@ fn open(libraries: &mut Vec<Loaded>, path: &Path, bytes: &[u8]) -> Result<usize,
     });
     Ok(libraries.len() - 1)
 }
-

@@ -20,10 +20,10 @@
 use std::path::Path;
 use std::sync::atomic::AtomicPtr;
 
-use crate::Error;
 use crate::__private::{
     ABI_VERSION, Entry, MAGIC, Manifest, PANIC_STRATEGY, PatchFn, RUSTC_VERSION, RawStr, TARGET,
 };
+use crate::Error;
 
 /// Longest string a manifest may carry.
 pub(crate) const MAX_STR: usize = 64 * 1024;
@@ -113,7 +113,7 @@ pub(crate) unsafe fn check(path: &Path, m: *const Manifest) -> Result<Checked, E
     }
     // SAFETY: same ABI version and size: the whole struct has this layout.
     let m: &Manifest = unsafe { &*m };
-    // SAFETY (each read_str): the ABI version matched.
+    // SAFETY: the ABI version matched, so `rustc` is a `RawStr`.
     let rustc = unsafe { read_str(path, "rustc", m.rustc) }?;
     if rustc != RUSTC_VERSION {
         return Err(Error::RustcMismatch {
@@ -143,7 +143,10 @@ pub(crate) unsafe fn check(path: &Path, m: *const Manifest) -> Result<Checked, E
     if m.entry_size as usize != std::mem::size_of::<Entry>()
         || m.patch_fn_size as usize != std::mem::size_of::<PatchFn>()
     {
-        return Err(invalid(path, "table entry sizes differ from this runtime's"));
+        return Err(invalid(
+            path,
+            "table entry sizes differ from this runtime's",
+        ));
     }
     // SAFETY: as above.
     let name = unsafe { read_str(path, "name", m.name) }?;
@@ -196,7 +199,12 @@ pub(crate) unsafe fn check(path: &Path, m: *const Manifest) -> Result<Checked, E
 /// # Safety
 /// If `first` is non-null and aligned, it must point to `n` valid `T`s
 /// that live as long as the process.
-unsafe fn table<T>(path: &Path, what: &str, first: *const T, n: usize) -> Result<&'static [T], Error> {
+unsafe fn table<T>(
+    path: &Path,
+    what: &str,
+    first: *const T,
+    n: usize,
+) -> Result<&'static [T], Error> {
     if n == 0 {
         return Ok(&[]);
     }

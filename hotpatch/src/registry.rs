@@ -17,8 +17,8 @@ use std::sync::{Arc, LazyLock};
 
 use parking_lot::Mutex;
 
-use crate::manifest::Checked;
 use crate::__private::{Entry, FnAddr, SLOTS};
+use crate::manifest::Checked;
 use crate::{Error, FunctionInfo, Implementation, PatchId, PatchInfo};
 
 pub(crate) static REGISTRY: LazyLock<Mutex<Registry>> =
@@ -168,13 +168,17 @@ impl Registry {
         // no thread runs yet (or, for a library applied before, were set to
         // these same values).
         for (theirs, idx) in &plan.redirect {
-            theirs.slot.redirect(theirs.cross, self.fns[*idx].entry.guarded);
+            theirs
+                .slot
+                .redirect(theirs.cross, self.fns[*idx].entry.guarded);
         }
         let raise: fn(crate::__private::Transport) -> ! = crate::__private::raise;
         // Release: published together with the slots below; a reader that
         // sees a slot pointing into the patch sees this too.
-        m.host_raise
-            .store(raise as *const () as *mut (), std::sync::atomic::Ordering::Release);
+        m.host_raise.store(
+            raise as *const () as *mut (),
+            std::sync::atomic::Ordering::Release,
+        );
 
         let id = PatchId(self.next_id);
         self.next_id += 1;

@@ -34,12 +34,16 @@ pub(crate) fn private_copy(label: &str, bytes: &[u8]) -> io::Result<PrivateCopy>
 
 fn memfd_copy(label: &str, bytes: &[u8]) -> io::Result<PrivateCopy> {
     if !Path::new("/proc/self/fd").is_dir() {
-        return Err(io::Error::new(io::ErrorKind::Unsupported, "no /proc/self/fd"));
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "no /proc/self/fd",
+        ));
     }
     let name = CString::new(format!("hotpatch:{label}"))
         .unwrap_or_else(|_| CString::new("hotpatch").expect("no NUL"));
     // SAFETY: `name` is a valid NUL-terminated string; the flags are valid.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    let fd =
+        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -74,7 +78,13 @@ fn tempfile_copy(label: &str, bytes: &[u8]) -> io::Result<PrivateCopy> {
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     let safe_label: String = label
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     let path = dir.join(format!("{n}-{safe_label}"));
     let mut file = fs::OpenOptions::new()
