@@ -110,7 +110,11 @@ fn method_self_by_value() {
             items: vec![1, 2, 3],
             discount: 0,
         };
-        let expected = if patched { vec![3, 2, 1] } else { vec![1, 2, 3] };
+        let expected = if patched {
+            vec![3, 2, 1]
+        } else {
+            vec![1, 2, 3]
+        };
         assert_eq!(cart.into_items(), expected);
     });
 }
@@ -182,7 +186,10 @@ fn fn_with_elided_lifetimes() {
         let word = svc::first_word(&text);
         let (expected, offset) = if patched { ("gamma", 11) } else { ("alpha", 0) };
         assert_eq!(word, expected);
-        assert!(std::ptr::eq(word.as_ptr(), text[offset..].as_ptr()), "borrows from the argument");
+        assert!(
+            std::ptr::eq(word.as_ptr(), text[offset..].as_ptr()),
+            "borrows from the argument"
+        );
     });
 }
 
@@ -244,11 +251,21 @@ fn functions_report_the_patch_then_the_original() {
     let mut sorted = paths.clone();
     sorted.sort();
     assert_eq!(paths, sorted, "sorted by path");
-    for path in REPLACED.iter().chain(&["svc::private_helper", "svc::answer"]) {
+    for path in REPLACED
+        .iter()
+        .chain(&["svc::private_helper", "svc::answer"])
+    {
         assert!(paths.contains(path), "{path} is listed");
     }
-    assert!(!paths.contains(&"svc::Cart::not_patchable"), "skip is honoured");
-    assert!(before.iter().all(|f| f.implementation == Implementation::Original));
+    assert!(
+        !paths.contains(&"svc::Cart::not_patchable"),
+        "skip is honoured"
+    );
+    assert!(
+        before
+            .iter()
+            .all(|f| f.implementation == Implementation::Original)
+    );
     let add = before.iter().find(|f| f.path == "svc::add").unwrap();
     assert!(
         add.signature.contains("fn add") && add.signature.contains("u64"),
@@ -295,7 +312,10 @@ fn patch_accessors() {
     // From the fixture's Cargo.toml.
     assert_eq!(patch.name(), NAME);
     assert_eq!(patch.version(), "2.0.0-rc.1");
-    assert_eq!(patch.description(), "one replacement of each patchable form");
+    assert_eq!(
+        patch.description(),
+        "one replacement of each patchable form"
+    );
     assert_eq!(patch.file(), so.as_path());
     let mut functions = patch.functions().to_vec();
     functions.sort();
@@ -309,8 +329,21 @@ fn patch_accessors() {
     assert_eq!(info.file, so);
     assert_eq!(info.functions, patch.functions());
     assert!(patch.id().get() >= 1);
-    assert_eq!(patch.id().to_string(), format!("patch #{}", patch.id().get()));
+    assert_eq!(
+        patch.id().to_string(),
+        format!("patch #{}", patch.id().get())
+    );
     patch.revert().unwrap();
+}
+
+#[test]
+fn the_loader_builder_loads_the_same_way() {
+    let _serial = support::serial();
+    let patch = hotpatch::Loader::new().load(forms()).unwrap();
+    assert_eq!(patch.name(), NAME);
+    assert_eq!(svc::add(2, 3), 6);
+    patch.revert().unwrap();
+    assert_eq!(svc::add(2, 3), 5);
 }
 
 #[test]
@@ -351,10 +384,16 @@ fn revert_by_id_then_by_handle_is_not_applied() {
     assert_eq!(svc::add(2, 3), 5);
 
     let err = patch.revert().unwrap_err();
-    assert!(matches!(err, Error::NotApplied { id: i } if i == id), "{err:?}");
+    assert!(
+        matches!(err, Error::NotApplied { id: i } if i == id),
+        "{err:?}"
+    );
     assert_eq!(err.to_string(), format!("{id} is not applied"));
     let err = hotpatch::revert(id).unwrap_err();
-    assert!(matches!(err, Error::NotApplied { id: i } if i == id), "{err:?}");
+    assert!(
+        matches!(err, Error::NotApplied { id: i } if i == id),
+        "{err:?}"
+    );
     assert_eq!(hotpatch::applied(), vec![]);
     assert_eq!(svc::add(2, 3), 5);
 }

@@ -92,10 +92,22 @@ fn revert_takes_out_every_function_even_one_patched_over() {
 
     let patch = hotpatch::load(&so).unwrap();
     let top = hotpatch::load(&over).unwrap();
-    assert_eq!(seen(), Seen { answer: 10, ..PATCHED });
+    assert_eq!(
+        seen(),
+        Seen {
+            answer: 10,
+            ..PATCHED
+        }
+    );
 
     patch.revert().unwrap();
-    assert_eq!(seen(), Seen { answer: 10, ..ORIGINAL });
+    assert_eq!(
+        seen(),
+        Seen {
+            answer: 10,
+            ..ORIGINAL
+        }
+    );
     for path in REPLACED {
         let expected = if path == "svc::answer" {
             Implementation::Patch {

@@ -37,16 +37,27 @@ fn revert_the_lower_patch_first() {
     let a = hotpatch::load(&a_so).unwrap();
     assert_eq!(observed(), (1005, 10));
     let b = hotpatch::load(&b_so).unwrap();
-    assert_eq!(observed(), (2005, 10), "B is on top for add; A still has answer");
+    assert_eq!(
+        observed(),
+        (2005, 10),
+        "B is on top for add; A still has answer"
+    );
     assert_eq!(support::implementation("svc::add"), by(&b));
     assert_eq!(support::implementation("svc::answer"), by(&a));
     assert_eq!(ids(), [a.id(), b.id()], "oldest first");
 
     let a_id = a.id();
     a.revert().unwrap();
-    assert_eq!(observed(), (2005, 1), "B stays current; answer is the original");
+    assert_eq!(
+        observed(),
+        (2005, 1),
+        "B stays current; answer is the original"
+    );
     assert_eq!(support::implementation("svc::add"), by(&b));
-    assert_eq!(support::implementation("svc::answer"), Implementation::Original);
+    assert_eq!(
+        support::implementation("svc::answer"),
+        Implementation::Original
+    );
     assert_eq!(ids(), [b.id()]);
     assert!(matches!(
         hotpatch::revert(a_id),

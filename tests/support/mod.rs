@@ -62,6 +62,15 @@ pub fn patch_with(package: &str, features: &[&str]) -> PathBuf {
     if !cfg!(debug_assertions) {
         cmd.arg("--release");
     }
+    // Without debug info a fixture is ~0.6 MB instead of ~6.5 MB, and
+    // every load reads and hashes the whole file (the reload test loads
+    // one a thousand times). Debug info has no bearing on the ABI.
+    let profile_env = if cfg!(debug_assertions) {
+        "DEV"
+    } else {
+        "RELEASE"
+    };
+    cmd.env(format!("CARGO_PROFILE_{profile_env}_DEBUG"), "0");
     if !features.is_empty() {
         cmd.arg("--features").arg(&features);
     }
@@ -69,7 +78,11 @@ pub fn patch_with(package: &str, features: &[&str]) -> PathBuf {
     // patch is built by the same compiler with the same flags as the host.
     let status = cmd.status().expect("run cargo");
     assert!(status.success(), "building fixture {package} failed");
-    let profile = if cfg!(debug_assertions) { "debug" } else { "release" };
+    let profile = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
     let file = format!("lib{}.so", package.replace('-', "_"));
     let path = dir.join(profile).join(file);
     assert!(path.exists(), "{} not built", path.display());
@@ -113,7 +126,11 @@ pub struct Serial {
 pub fn serial() -> Serial {
     static LOCK: Mutex<()> = Mutex::new(());
     let guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    assert_eq!(hotpatch::applied(), vec![], "a previous test left patches applied");
+    assert_eq!(
+        hotpatch::applied(),
+        vec![],
+        "a previous test left patches applied"
+    );
     Serial { _guard: guard }
 }
 
@@ -227,4 +244,32 @@ pub fn mapped_files(prefix: &str) -> BTreeSet<(String, String, String)> {
 /// How many file descriptors this process has open.
 pub fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+/// Runs `body` in a child process: the current test binary, re-run with
+/// only the test `name` (which must be the calling test's name). For
+/// tests whose failure mode is killing the process (a signal), so the
+/// other tests of the binary still run and report.
+///
+/// In the child, runs `body`; in the parent, waits for the child and
+/// fails with its output unless it passed.
+pub fn isolated(name: &str, body: impl FnOnce()) {
+    const VAR: &str = "HOTPATCH_TEST_ISOLATED";
+    if std::env::var(VAR).as_deref() == Ok(name) {
+        body();
+        return;
+    }
+    let exe = std::env::current_exe().unwrap();
+    let out = Command::new(exe)
+        .args([name, "--exact", "--nocapture", "--test-threads=1"])
+        .env(VAR, name)
+        .output()
+        .expect("run the test binary");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("1 passed"),
+        "test {name} in a child process: {}\n--- stdout\n{stdout}\n--- stderr\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
