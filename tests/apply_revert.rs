@@ -15,7 +15,7 @@ const NAME: &str = "fixture-patch-forms";
 
 /// Every function `fixture-patch-forms` replaces, as the registry names
 /// them. A trait method's path names the trait as the `impl` wrote it.
-const REPLACED: [&str; 14] = [
+const REPLACED: [&str; 16] = [
     "<svc::Cart as Priced>::price",
     "<svc::Cart as Priced>::unit",
     "svc::Cart::boxed",
@@ -29,6 +29,8 @@ const REPLACED: [&str; 14] = [
     "svc::c_abi",
     "svc::first_word",
     "svc::longest",
+    "svc::pricing::Coupon::apply",
+    "svc::pricing::discount",
     "svc::read",
 ];
 
@@ -220,6 +222,21 @@ fn extern_c_fn() {
         // Still an `extern "C"` function, callable through a C fn pointer.
         let f: extern "C" fn(u32) -> u32 = svc::c_abi;
         assert_eq!(f(2), if patched { 102 } else { 3 });
+    });
+}
+
+#[test]
+fn fn_in_a_module() {
+    cycle(&["svc::pricing::discount"], |patched| {
+        assert_eq!(svc::pricing::discount(100), if patched { 20 } else { 10 });
+    });
+}
+
+#[test]
+fn method_of_a_type_in_a_module() {
+    cycle(&["svc::pricing::Coupon::apply"], |patched| {
+        let coupon = svc::pricing::Coupon { percent: 10 };
+        assert_eq!(coupon.apply(200), if patched { 190 } else { 180 });
     });
 }
 

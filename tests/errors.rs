@@ -392,6 +392,21 @@ fn layout_mismatch() {
     );
 }
 
+/// Its targets are fine, but its private copy of the service is of
+/// another version: its calls to `scale` or `quantity` could not be sent
+/// to the host's, so it is refused, naming one of them.
+#[test]
+fn built_against_another_version_of_the_service() {
+    let _serial = support::serial();
+    let so = support::patch_with("fixture-patch-v2-compatible", &["v2"]);
+    let err = refused(&so);
+    assert!(
+        matches!(&err, Error::SignatureMismatch { function, .. } if function == "svc::scale")
+            || matches!(&err, Error::LayoutMismatch { function, .. } if function == "svc::quantity"),
+        "{err:?}"
+    );
+}
+
 // ---- The same patch twice
 
 fn assert_already_applied(so: &Path, first: &hotpatch::Patch) {

@@ -151,3 +151,20 @@ fn patch_code_can_catch_a_host_panic() {
     patch.revert().unwrap();
     assert_eq!(svc::describe(3), "3");
 }
+
+#[test]
+fn never_returning_function() {
+    let _serial = support::serial();
+    let so = support::patch(PANICS);
+    let original = catch_unwind(|| svc::abort_request(7)).unwrap_err();
+    assert_eq!(payload(original), ("String", "request 7 aborted".into()));
+    let patch = hotpatch::load(&so).unwrap();
+    let patched = catch_unwind(|| svc::abort_request(7)).unwrap_err();
+    assert_eq!(
+        payload(patched),
+        ("String", "patched: request 7 aborted".into())
+    );
+    patch.revert().unwrap();
+    let reverted = catch_unwind(|| svc::abort_request(8)).unwrap_err();
+    assert_eq!(payload(reverted), ("String", "request 8 aborted".into()));
+}
