@@ -69,12 +69,10 @@ fn fixtures() -> &'static Fixtures {
     &F
 }
 
-// The cases that need no state are named functions, so each loop below is
-// a separate symbol (`call::calls::<call::case_unpatched>`) to find in the
-// disassembly.
+// The cases that need no state, one call each.
 #[inline(always)]
 fn case_loop_only(x: u64) -> u64 {
-    x
+    bench_svc::body(x)
 }
 #[inline(always)]
 fn case_direct(x: u64) -> u64 {
@@ -117,8 +115,23 @@ fn case_hotpatch_03(x: u64) -> u64 {
     (HOTPATCH_03.read().unwrap())((x,))
 }
 
-/// `iters` calls of `f` on this thread.
+/// One call each, outside any loop: what a call site in a service looks
+/// like in the disassembly (see `benches/disasm.sh`).
 #[inline(never)]
+fn site_direct(x: u64) -> u64 {
+    case_direct(x)
+}
+#[inline(never)]
+fn site_unpatched(x: u64) -> u64 {
+    case_unpatched(x)
+}
+#[inline(never)]
+fn site_atomic_ptr(x: u64) -> u64 {
+    case_atomic_ptr(x)
+}
+
+/// `iters` calls of `f` on this thread.
+#[inline(always)]
 fn calls<C: Fn(u64) -> u64>(iters: u64, f: &C) -> Duration {
     let start = Instant::now();
     for i in 0..iters {
@@ -127,10 +140,37 @@ fn calls<C: Fn(u64) -> u64>(iters: u64, f: &C) -> Duration {
     start.elapsed()
 }
 
-/// `iters` calls on each of `threads` threads at once; the mean time.
-fn run<C: Fn(u64) -> u64 + Sync>(threads: usize, iters: u64, f: &C) -> Duration {
+/// A loop of its own, not generic, for each stateless case: a symbol
+/// `call::loop_unpatched` etc. to read in the disassembly (see
+/// `benches/disasm.sh`).
+macro_rules! loops {
+    ($($name:ident => $case:ident,)*) => {
+        $(
+            #[inline(never)]
+            fn $name(iters: u64) -> Duration {
+                calls(iters, &$case)
+            }
+        )*
+    };
+}
+
+loops! {
+    loop_loop_only => case_loop_only,
+    loop_direct => case_direct,
+    loop_unpatched => case_unpatched,
+    loop_patched => case_patched,
+    loop_atomic_ptr => case_atomic_ptr,
+    loop_atomic_ptr_same_crate => case_atomic_ptr_local,
+    loop_parking_lot_rwlock => case_parking_lot_rwlock,
+    loop_hot_lib_reloader => case_hot_lib_reloader,
+    loop_hotpatch_03 => case_hotpatch_03,
+}
+
+/// `iters` calls on each of `threads` threads at once (`run_loop` makes
+/// them on one thread); the mean time.
+fn run<L: Fn(u64) -> Duration + Sync>(threads: usize, iters: u64, run_loop: &L) -> Duration {
     if threads == 1 {
-        return calls(iters, f);
+        return run_loop(iters);
     }
     let barrier = Barrier::new(threads);
     let total: Duration = thread::scope(|s| {
@@ -138,7 +178,7 @@ fn run<C: Fn(u64) -> u64 + Sync>(threads: usize, iters: u64, f: &C) -> Duration 
             .map(|_| {
                 s.spawn(|| {
                     barrier.wait();
-                    calls(iters, f)
+                    run_loop(iters)
                 })
             })
             .collect();
@@ -147,17 +187,35 @@ fn run<C: Fn(u64) -> u64 + Sync>(threads: usize, iters: u64, f: &C) -> Duration 
     total / threads as u32
 }
 
+/// A case whose loop is `run_loop`; `f` is one call, to check the result.
+fn named<C: Fn(u64) -> u64, L: Fn(u64) -> Duration + Sync>(
+    g: &mut BenchmarkGroup<WallTime>,
+    threads: usize,
+    name: &str,
+    f: C,
+    run_loop: L,
+) {
+    // Every path must compute the same thing, patched or not.
+    for x in [0, 1, 0xdead_beef, u64::MAX] {
+        assert_eq!(f(x), bench_svc::body(x), "{name} computes the wrong value");
+    }
+    g.bench_function(name, |b| {
+        b.iter_custom(|iters| run(threads, iters, &run_loop))
+    });
+}
+
+/// A case with state: the loop is generic over the closure.
 fn case<C: Fn(u64) -> u64 + Sync>(
     g: &mut BenchmarkGroup<WallTime>,
     threads: usize,
     name: &str,
     f: C,
 ) {
-    // Every path must compute the same thing, patched or not.
-    for x in [0, 1, 0xdead_beef, u64::MAX] {
-        assert_eq!(f(x), bench_svc::body(x), "{name} computes the wrong value");
+    #[inline(never)]
+    fn generic_loop<C: Fn(u64) -> u64>(iters: u64, f: &C) -> Duration {
+        calls(iters, f)
     }
-    g.bench_function(name, |b| b.iter_custom(|iters| run(threads, iters, &f)));
+    named(g, threads, name, &f, |iters| generic_loop(iters, &f));
 }
 
 fn group(c: &mut Criterion, threads: usize) {
@@ -186,40 +244,42 @@ fn group(c: &mut Criterion, threads: usize) {
     } else {
         format!("call_{threads}_threads")
     };
-    let mut g = c.benchmark_group(name);
-    case(&mut g, threads, "loop_only", |x| {
-        bench_svc::body(case_loop_only(x))
-    });
-    case(&mut g, threads, "direct", case_direct);
-    case(&mut g, threads, "patchable_unpatched", case_unpatched);
-    case(&mut g, threads, "patchable_patched", case_patched);
-    case(&mut g, threads, "atomic_ptr", case_atomic_ptr);
-    case(
-        &mut g,
-        threads,
-        "atomic_ptr_same_crate",
-        case_atomic_ptr_local,
-    );
-    case(&mut g, threads, "box_dyn_fn", &boxed);
-    case(&mut g, threads, "arc_swap", |x| (**swap.load())(x));
-    case(
-        &mut g,
-        threads,
-        "parking_lot_rwlock",
-        case_parking_lot_rwlock,
-    );
-    case(&mut g, threads, "libloading_cached_symbol_rwlock", |x| {
+    for site in [site_direct, site_unpatched, site_atomic_ptr] {
+        assert_eq!(black_box(site)(7), bench_svc::body(7));
+    }
+    let mut group = c.benchmark_group(name);
+    let t = threads;
+    let g = &mut group;
+    named(g, t, "loop_only", case_loop_only, loop_loop_only);
+    named(g, t, "direct", case_direct, loop_direct);
+    named(g, t, "patchable_unpatched", case_unpatched, loop_unpatched);
+    named(g, t, "patchable_patched", case_patched, loop_patched);
+    named(g, t, "atomic_ptr", case_atomic_ptr, loop_atomic_ptr);
+    let (f, l) = (case_atomic_ptr_local, loop_atomic_ptr_same_crate);
+    named(g, t, "atomic_ptr_same_crate", f, l);
+    case(g, t, "box_dyn_fn", &boxed);
+    case(g, t, "arc_swap", |x| (**swap.load())(x));
+    let (f, l) = (case_parking_lot_rwlock, loop_parking_lot_rwlock);
+    named(g, t, "parking_lot_rwlock", f, l);
+    case(g, t, "libloading_cached_symbol_rwlock", |x| {
         (*cached.read().unwrap())(x)
     });
-    case(&mut g, threads, "libloading_dlsym_per_call_rwlock", |x| {
+    case(g, t, "libloading_dlsym_per_call_rwlock", |x| {
         let lib = lib.read().unwrap();
         // SAFETY: as above.
         let f = unsafe { lib.get::<F>(b"bench_dylib_target\0") }.unwrap();
         f(x)
     });
-    case(&mut g, threads, "hot_lib_reloader", case_hot_lib_reloader);
-    case(&mut g, threads, "hotpatch_0_3_recreated", case_hotpatch_03);
-    g.finish();
+    let (f, l) = (case_hot_lib_reloader, loop_hot_lib_reloader);
+    named(g, t, "hot_lib_reloader", f, l);
+    named(
+        g,
+        t,
+        "hotpatch_0_3_recreated",
+        case_hotpatch_03,
+        loop_hotpatch_03,
+    );
+    group.finish();
     patch.revert().expect("revert bench-patch");
 }
 
