@@ -8,6 +8,8 @@
 //!   (what a patch's call into the host goes through);
 //! - `__hotpatch_cross_f`: in a patch's private copy of the crate, what
 //!   the copy's slot points at, so the patch reaches the host's live `f`;
+//! - `__hotpatch_dispatch_f`: what the slot points at during a transition:
+//!   the old or the new implementation, by the calling thread's state;
 //! - the slot, its `Entry` in the `SLOTS` distributed slice, and the
 //!   companion constant `__hotpatch_f` that `#[patch]` type-checks against.
 
@@ -82,6 +84,7 @@ struct Names {
     original: Ident,
     guarded: Ident,
     cross: Ident,
+    dispatch: Ident,
     companion: Ident,
 }
 
@@ -94,6 +97,7 @@ impl Names {
             original: format_ident!("__hotpatch_original_{}", helper),
             guarded: format_ident!("__hotpatch_guarded_{}", helper),
             cross: format_ident!("__hotpatch_cross_{}", helper),
+            dispatch: format_ident!("__hotpatch_dispatch_{}", helper),
             companion: format_ident!("__hotpatch_{}", helper),
         }
     }
@@ -284,6 +288,36 @@ impl Gen<'_> {
         quote!(#(#carried)* #item)
     }
 
+    /// Installed in the slot during a transition: runs the old or the new
+    /// implementation, depending on the calling thread.
+    fn dispatch_fn(&self, attrs: &[Attribute]) -> TokenStream {
+        let mut sig = sig::forwarding_signature(self.sig);
+        sig.ident = self.names.dispatch.clone();
+        let slot = &self.names.slot;
+        let original = self.local(&self.names.original);
+        let witness = sig::witness_type(self.sig);
+        let args = sig::forward_names(self.sig);
+        let call = self.unsafe_call(quote!(__hotpatch_impl(#(#args),*)));
+        let mut item: ImplItemFn = parse_quote! {
+            #[doc(hidden)]
+            #[allow(non_snake_case, improper_ctypes_definitions, clippy::all)]
+            #sig {
+                // SAFETY: the slot's choice holds two implementations of
+                // this function, both checked like the slot's own value.
+                let __hotpatch_impl = unsafe {
+                    ::hotpatch::__private::cast_fn(
+                        ::hotpatch::__private::choose(&#slot),
+                        #original as #witness,
+                    )
+                };
+                #call
+            }
+        };
+        self.qualify(&mut item);
+        let carried = sig::carried_attrs(attrs);
+        quote!(#(#carried)* #item)
+    }
+
     fn qualify(&self, item: &mut ImplItemFn) {
         if let (Some(tr), true) = (&self.ctx.trait_, self.in_impl) {
             sig::QualifyAssoc {
@@ -328,11 +362,13 @@ impl Gen<'_> {
             original,
             guarded,
             cross,
+            dispatch,
             ..
         } = &self.names;
         let original = self.module_level(original);
         let guarded = self.module_level(guarded);
         let cross = self.module_level(cross);
+        let dispatch = self.module_level(dispatch);
         let wrapper = self.wrapper_path(true);
         let cfgs = sig::cfg_attrs(attrs);
         let sig_ty = self.sig_type();
@@ -366,6 +402,7 @@ impl Gen<'_> {
                 wrapper: ::hotpatch::__private::FnAddr::new(#wrapper as *const ()),
                 guarded: ::hotpatch::__private::FnAddr::new(#guarded as *const ()),
                 cross: ::hotpatch::__private::FnAddr::new(#cross as *const ()),
+                dispatcher: ::hotpatch::__private::FnAddr::new(#dispatch as *const ()),
             };
 
             #(#cfgs)*
@@ -417,6 +454,7 @@ fn expand_fn(f: ItemFn) -> TokenStream {
     let original = gen_.original_fn(attrs, block);
     let guarded = gen_.guarded_fn(attrs);
     let cross = gen_.cross_fn(attrs);
+    let dispatch = gen_.dispatch_fn(attrs);
     let companion = gen_.companion();
     let statics = gen_.statics(attrs);
     let cfgs = sig::cfg_attrs(attrs);
@@ -428,6 +466,7 @@ fn expand_fn(f: ItemFn) -> TokenStream {
         #original
         #guarded
         #cross
+        #dispatch
         #(#cfgs)*
         #companion
         #statics
@@ -571,6 +610,7 @@ fn expand_impl(mut imp: ItemImpl) -> TokenStream {
         helpers.push(gen_.original_fn(&attrs, &m.block));
         helpers.push(gen_.guarded_fn(&attrs));
         helpers.push(gen_.cross_fn(&attrs));
+        helpers.push(gen_.dispatch_fn(&attrs));
         let cfgs = sig::cfg_attrs(&attrs);
         let companion = gen_.companion();
         helpers.push(quote!(#(#cfgs)* #companion));

@@ -139,6 +139,7 @@ mod loader;
 mod manifest;
 mod panic;
 mod patch;
+mod quiesce;
 mod registry;
 mod slot;
 mod sys;
@@ -148,8 +149,12 @@ mod sys;
 pub mod __private;
 
 pub use error::Error;
-pub use loader::{Loader, load};
+pub use loader::{DEFAULT_DEADLINE, Loader, load};
 pub use patch::{FunctionInfo, Implementation, Patch, PatchId, PatchInfo};
+pub use quiesce::{
+    OfflineGuard, StalledThread, ThreadGuard, TransitionInfo, offline, quiescent, register_thread,
+    while_offline,
+};
 
 /// Makes a function, or every method of an `impl` block, patchable.
 ///
@@ -287,7 +292,24 @@ pub fn applied() -> Vec<PatchInfo> {
 /// # }
 /// ```
 pub fn functions() -> Vec<FunctionInfo> {
-    registry::REGISTRY.lock().functions()
+    let switching = quiesce::transition()
+        .map(|t| t.functions)
+        .unwrap_or_default();
+    registry::REGISTRY.lock().functions(&switching)
+}
+
+/// The patch being applied or reverted right now, if any, and the
+/// registered threads it is waiting for.
+///
+/// # Examples
+///
+/// ```
+/// if let Some(t) = hotpatch::transition() {
+///     eprintln!("{} for {:?}, waiting for {:?}", t.what, t.elapsed, t.waiting_for);
+/// }
+/// ```
+pub fn transition() -> Option<TransitionInfo> {
+    quiesce::transition()
 }
 
 /// Reverts the applied patch `id` (what [`Patch::revert`] does, for when
@@ -307,5 +329,5 @@ pub fn functions() -> Vec<FunctionInfo> {
 /// # }
 /// ```
 pub fn revert(id: PatchId) -> Result<(), Error> {
-    registry::REGISTRY.lock().revert(id)
+    Loader::new().revert_id(id)
 }

@@ -80,6 +80,8 @@ pub struct Entry {
     pub wrapper: FnAddr,
     pub guarded: FnAddr,
     pub cross: FnAddr,
+    /// Runs the old or new implementation during a transition.
+    pub dispatcher: FnAddr,
 }
 
 impl fmt::Debug for Entry {
@@ -223,6 +225,12 @@ unsafe extern "C" fn slots_raw(len: *mut usize) -> *const Entry {
 
 unsafe extern "C" fn host_raise_raw() -> *const AtomicPtr<()> {
     &HOST_RAISE
+}
+
+/// For a dispatcher: the implementation the calling thread runs now.
+#[inline(always)]
+pub fn choose(slot: &Slot) -> *const () {
+    slot.choose()
 }
 
 /// Reinterprets a slot's pointer as the function-pointer type of `like`.

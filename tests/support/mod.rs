@@ -56,7 +56,11 @@ pub fn patch_with(package: &str, features: &[&str]) -> PathBuf {
     // from the host's; RUSTFLAGS is shared by both.
     let status = cmd.status().expect("run cargo");
     assert!(status.success(), "building fixture {package} failed");
-    let profile = if cfg!(debug_assertions) { "debug" } else { "release" };
+    let profile = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
     let file = format!("lib{}.so", package.replace('-', "_"));
     let path = dir.join(profile).join(file);
     assert!(path.exists(), "{} not built", path.display());
