@@ -1,4 +1,6 @@
-//! Builds the fixture patch crates once per test process.
+//! Shared by the integration tests: builds the fixture patch crates once
+//! per test process, serializes the tests of one binary, and snapshots
+//! what the registry and the patched functions say.
 //!
 //! Patches are built by a nested `cargo build` into their own target
 //! directory (`target/fixtures`), so the outer cargo's lock on `target/`
@@ -7,10 +9,10 @@
 
 #![allow(dead_code)]
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -21,26 +23,37 @@ fn target_dir() -> PathBuf {
 }
 
 /// The shared object of fixture patch crate `package` (e.g.
-/// `fixture-patch-basic`), built with `features` (e.g. `fixture-svc/v2`).
+/// `fixture-patch-basic`), built once per process.
 pub fn patch(package: &str) -> PathBuf {
     patch_with(package, &[])
 }
 
+/// The shared object of `package` built with its `features` (e.g. `v2`,
+/// which builds it against `fixture-svc/v2`).
+///
+/// Every fixture is built into one target directory, so dependencies
+/// (hotpatch, the service crate) are compiled once per feature set that
+/// reaches them: cargo keeps a `fixture-svc` built with `v2` apart from
+/// the plain one (features are part of each unit's hash), and features
+/// are unified only within one `cargo build`, which builds one package.
+/// What it does not keep apart is the final `lib<package>.so`, which has
+/// no hash: so a package must always be built with the same features.
+/// That is checked here for this process; across processes, keep each
+/// feature set to its own fixture crate (the `patch-v2-*` crates are only
+/// ever built with `v2`).
 pub fn patch_with(package: &str, features: &[&str]) -> PathBuf {
-    static BUILT: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
-    let key = format!("{package}|{}", features.join(","));
+    static BUILT: OnceLock<Mutex<HashMap<String, (String, PathBuf)>>> = OnceLock::new();
+    let features = features.join(",");
     let built = BUILT.get_or_init(Default::default);
     let mut built = built.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(p) = built.get(&key) {
-        return p.clone();
+    if let Some((with, path)) = built.get(package) {
+        assert_eq!(
+            *with, features,
+            "fixture {package} is built with one feature set only (see support::patch_with)"
+        );
+        return path.clone();
     }
-    // Each feature set gets its own target dir so a build with features
-    // never overwrites the plain build's artifact.
-    let dir = if features.is_empty() {
-        target_dir()
-    } else {
-        target_dir().join(format!("features-{}", features.join("-").replace('/', "_")))
-    };
+    let dir = target_dir();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(root())
@@ -49,11 +62,20 @@ pub fn patch_with(package: &str, features: &[&str]) -> PathBuf {
     if !cfg!(debug_assertions) {
         cmd.arg("--release");
     }
+    // Without debug info a fixture is ~0.6 MB instead of ~6.5 MB, and
+    // every load reads and hashes the whole file (the reload test loads
+    // one a thousand times). Debug info has no bearing on the ABI.
+    let profile_env = if cfg!(debug_assertions) {
+        "DEV"
+    } else {
+        "RELEASE"
+    };
+    cmd.env(format!("CARGO_PROFILE_{profile_env}_DEBUG"), "0");
     if !features.is_empty() {
-        cmd.arg("--features").arg(features.join(","));
+        cmd.arg("--features").arg(&features);
     }
-    // The outer build's flags must not leak into this one differently
-    // from the host's; RUSTFLAGS is shared by both.
+    // RUSTFLAGS, if any, reach both the outer build and this one, so the
+    // patch is built by the same compiler with the same flags as the host.
     let status = cmd.status().expect("run cargo");
     assert!(status.success(), "building fixture {package} failed");
     let profile = if cfg!(debug_assertions) {
@@ -64,15 +86,190 @@ pub fn patch_with(package: &str, features: &[&str]) -> PathBuf {
     let file = format!("lib{}.so", package.replace('-', "_"));
     let path = dir.join(profile).join(file);
     assert!(path.exists(), "{} not built", path.display());
-    built.insert(key, path.clone());
+    built.insert(package.to_owned(), (features, path.clone()));
     path
 }
 
-/// A private copy of `src` under a fresh temporary name.
-pub fn copy_to_temp(src: &Path, name: &str) -> PathBuf {
+/// A directory of this process's own for files the tests make.
+pub fn temp_dir() -> PathBuf {
     let dir = std::env::temp_dir().join(format!("hotpatch-tests-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let dst = dir.join(name);
+    dir
+}
+
+/// A copy of `src` named `name` in [`temp_dir`].
+pub fn copy_to_temp(src: &Path, name: &str) -> PathBuf {
+    let dst = temp_dir().join(name);
     std::fs::copy(src, &dst).unwrap();
     dst
+}
+
+/// Writes `bytes` to `name` in [`temp_dir`].
+pub fn write_temp(name: &str, bytes: &[u8]) -> PathBuf {
+    let dst = temp_dir().join(name);
+    std::fs::write(&dst, bytes).unwrap();
+    dst
+}
+
+/// Holds this binary's test lock: every test of a binary patches the same
+/// process-wide registry, so they run one at a time.
+///
+/// Dropping it checks that the test left no patch applied (every test
+/// must leave the registry as it found it). If the test is failing
+/// anyway, it reverts what is left instead, so one failure does not
+/// cascade into the next test.
+#[must_use]
+pub struct Serial {
+    _guard: MutexGuard<'static, ()>,
+}
+
+pub fn serial() -> Serial {
+    static LOCK: Mutex<()> = Mutex::new(());
+    let guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    assert_eq!(
+        hotpatch::applied(),
+        vec![],
+        "a previous test left patches applied"
+    );
+    Serial { _guard: guard }
+}
+
+impl Drop for Serial {
+    fn drop(&mut self) {
+        let left = hotpatch::applied();
+        if std::thread::panicking() {
+            for p in left {
+                let _ = hotpatch::revert(p.id);
+            }
+        } else {
+            assert_eq!(left, vec![], "the test left patches applied");
+        }
+    }
+}
+
+/// The path of every patchable function whose implementation is not the
+/// original, with the patch's name.
+pub fn patched() -> Vec<(String, String)> {
+    hotpatch::functions()
+        .into_iter()
+        .filter_map(|f| match f.implementation {
+            hotpatch::Implementation::Original => None,
+            hotpatch::Implementation::Patch { name, .. } => Some((f.path.to_owned(), name)),
+            other => panic!("unexpected implementation {other:?}"),
+        })
+        .collect()
+}
+
+/// What implements `path` now.
+pub fn implementation(path: &str) -> hotpatch::Implementation {
+    hotpatch::functions()
+        .into_iter()
+        .find(|f| f.path == path)
+        .unwrap_or_else(|| panic!("no patchable function {path}"))
+        .implementation
+}
+
+/// What a caller of the service observes: the result of calling each
+/// patchable function of `svc` that the fixture patches replace.
+#[derive(Debug, PartialEq)]
+pub struct Calls {
+    pub answer: u64,
+    pub add: u64,
+    pub scale: u32,
+    pub quantity: u64,
+    pub base: u64,
+    pub above_base: u64,
+    pub hammer: u64,
+    pub checked_div: u64,
+    pub total: u64,
+    pub first_word: String,
+    pub private: u64,
+}
+
+pub fn calls() -> Calls {
+    let cart = svc::Cart::new(vec![1, 2, 3]);
+    Calls {
+        answer: svc::answer(),
+        add: svc::add(2, 3),
+        scale: svc::scale(3),
+        quantity: svc::quantity(7),
+        base: svc::base(),
+        above_base: svc::above_base(),
+        hammer: svc::hammer(5),
+        checked_div: svc::checked_div(9, 3),
+        total: cart.total(),
+        first_word: svc::first_word("alpha beta").to_owned(),
+        private: svc::call_private(4),
+    }
+}
+
+/// Everything the registry reports, and what callers see.
+#[derive(Debug, PartialEq)]
+pub struct Snapshot {
+    pub functions: Vec<hotpatch::FunctionInfo>,
+    pub applied: Vec<hotpatch::PatchInfo>,
+    pub calls: Calls,
+}
+
+pub fn snapshot() -> Snapshot {
+    Snapshot {
+        functions: hotpatch::functions(),
+        applied: hotpatch::applied(),
+        calls: calls(),
+    }
+}
+
+/// Distinct files mapped into this process whose `/proc/self/maps` name
+/// starts with `prefix`, as (device, inode, name).
+pub fn mapped_files(prefix: &str) -> BTreeSet<(String, String, String)> {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    maps.lines()
+        .filter_map(|line| {
+            // address perms offset dev inode name
+            let mut fields = line.split_whitespace();
+            let (_, _, _, dev, inode) = (
+                fields.next()?,
+                fields.next()?,
+                fields.next()?,
+                fields.next()?,
+                fields.next()?,
+            );
+            let name = fields.collect::<Vec<_>>().join(" ");
+            name.starts_with(prefix)
+                .then(|| (dev.to_owned(), inode.to_owned(), name))
+        })
+        .collect()
+}
+
+/// How many file descriptors this process has open.
+pub fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+/// Runs `body` in a child process: the current test binary, re-run with
+/// only the test `name` (which must be the calling test's name). For
+/// tests whose failure mode is killing the process (a signal), so the
+/// other tests of the binary still run and report.
+///
+/// In the child, runs `body`; in the parent, waits for the child and
+/// fails with its output unless it passed.
+pub fn isolated(name: &str, body: impl FnOnce()) {
+    const VAR: &str = "HOTPATCH_TEST_ISOLATED";
+    if std::env::var(VAR).as_deref() == Ok(name) {
+        body();
+        return;
+    }
+    let exe = std::env::current_exe().unwrap();
+    let out = Command::new(exe)
+        .args([name, "--exact", "--nocapture", "--test-threads=1"])
+        .env(VAR, name)
+        .output()
+        .expect("run the test binary");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("1 passed"),
+        "test {name} in a child process: {}\n--- stdout\n{stdout}\n--- stderr\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -1,0 +1,241 @@
+//! What one call costs, by call path, side by side in one run.
+//!
+//! Every case ends in the same body (`bench_svc::body`); the cases differ
+//! only in how they reach it. Each sample runs `iters` calls in a loop with
+//! the input and output passed through `black_box`, on one thread, or on
+//! two threads at once started on a barrier (per-call time averaged over
+//! both threads). `direct`, an `#[inline(never)]` call, is the baseline of
+//! each group; `loop_only` is the loop with no call.
+//!
+//! Run: `cargo bench --bench call`. Read medians from
+//! `target/criterion/call_*/<case>/new/estimates.json` (`median`).
+
+mod support;
+
+use std::hint::black_box;
+use std::sync::atomic::{AtomicPtr, Ordering};
+use std::sync::{Barrier, LazyLock};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use criterion::measurement::WallTime;
+use criterion::{BenchmarkGroup, Criterion, criterion_group, criterion_main};
+
+type F = fn(u64) -> u64;
+
+/// A fn pointer in a static of the calling crate (no GOT load for it).
+static LOCAL_PTR: AtomicPtr<()> = AtomicPtr::new(bench_svc::direct as F as *mut ());
+
+/// A read lock per call, held across the call (as a lock that guards
+/// unloading must be).
+static PL_LOCK: parking_lot::RwLock<F> = parking_lot::const_rwlock(bench_svc::direct as F);
+
+/// A re-creation of the call path of crates.io `hotpatch` 0.3 (Shizcow),
+/// which no longer builds: `Patchable<Args, Ret>` is a
+/// `Lazy<RwLock<..>>` holding `Box<dyn Fn(Args) -> Ret>` of a fn taking
+/// the arguments as a tuple; a call is `(self.lazy.read().unwrap().current_ptr)(args)`.
+/// `std::sync::LazyLock` stands in for `once_cell::sync::Lazy`.
+#[allow(clippy::type_complexity)]
+static HOTPATCH_03: LazyLock<std::sync::RwLock<Box<dyn Fn((u64,)) -> u64 + Send + Sync>>> =
+    LazyLock::new(|| std::sync::RwLock::new(Box::new(hotpatch_03_default as fn((u64,)) -> u64)));
+
+/// hotpatch 0.3's default implementation: the original function, taking
+/// its arguments as a tuple.
+fn hotpatch_03_default((x,): (u64,)) -> u64 {
+    bench_svc::body(x)
+}
+
+/// hot-lib-reloader 0.8's own generated wrapper, pointed at
+/// `benches/fixtures/bench-hot-lib` (a Rust dylib). Per call it clones an
+/// `Arc` of the loader, takes a `std` read lock, and looks the symbol up
+/// with `dlsym`.
+#[hot_lib_reloader::hot_module(dylib = "bench_hot_lib", lib_dir = crate::fixtures().dir.clone())]
+mod hot_lib {
+    #[hot_functions]
+    extern "Rust" {
+        pub fn hot_target(x: u64) -> u64;
+    }
+}
+
+struct Fixtures {
+    dir: std::path::PathBuf,
+}
+
+fn fixtures() -> &'static Fixtures {
+    static F: LazyLock<Fixtures> = LazyLock::new(|| Fixtures {
+        dir: support::build_fixtures(&["bench-patch", "bench-dylib", "bench-hot-lib"]),
+    });
+    &F
+}
+
+// The cases that need no state are named functions, so each loop below is
+// a separate symbol (`call::calls::<call::case_unpatched>`) to find in the
+// disassembly.
+#[inline(always)]
+fn case_loop_only(x: u64) -> u64 {
+    x
+}
+#[inline(always)]
+fn case_direct(x: u64) -> u64 {
+    bench_svc::direct(x)
+}
+#[inline(always)]
+fn case_unpatched(x: u64) -> u64 {
+    bench_svc::unpatched(x)
+}
+#[inline(always)]
+fn case_patched(x: u64) -> u64 {
+    bench_svc::patched(x)
+}
+#[inline(always)]
+fn case_atomic_ptr(x: u64) -> u64 {
+    // SAFETY: FN_PTR only ever holds a `fn(u64) -> u64`.
+    // Acquire: what a hot swap publishing a new pointer needs; on x86-64
+    // the same `mov` as Relaxed.
+    let f: F = unsafe { std::mem::transmute(bench_svc::FN_PTR.load(Ordering::Acquire)) };
+    f(x)
+}
+#[inline(always)]
+fn case_atomic_ptr_local(x: u64) -> u64 {
+    // SAFETY: LOCAL_PTR only ever holds a `fn(u64) -> u64`.
+    // Acquire: as above.
+    let f: F = unsafe { std::mem::transmute(LOCAL_PTR.load(Ordering::Acquire)) };
+    f(x)
+}
+#[inline(always)]
+fn case_parking_lot_rwlock(x: u64) -> u64 {
+    let f = PL_LOCK.read();
+    (*f)(x)
+}
+#[inline(always)]
+fn case_hot_lib_reloader(x: u64) -> u64 {
+    hot_lib::hot_target(x)
+}
+#[inline(always)]
+fn case_hotpatch_03(x: u64) -> u64 {
+    (HOTPATCH_03.read().unwrap())((x,))
+}
+
+/// `iters` calls of `f` on this thread.
+#[inline(never)]
+fn calls<C: Fn(u64) -> u64>(iters: u64, f: &C) -> Duration {
+    let start = Instant::now();
+    for i in 0..iters {
+        black_box(f(black_box(i)));
+    }
+    start.elapsed()
+}
+
+/// `iters` calls on each of `threads` threads at once; the mean time.
+fn run<C: Fn(u64) -> u64 + Sync>(threads: usize, iters: u64, f: &C) -> Duration {
+    if threads == 1 {
+        return calls(iters, f);
+    }
+    let barrier = Barrier::new(threads);
+    let total: Duration = thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| {
+                    barrier.wait();
+                    calls(iters, f)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).sum()
+    });
+    total / threads as u32
+}
+
+fn case<C: Fn(u64) -> u64 + Sync>(
+    g: &mut BenchmarkGroup<WallTime>,
+    threads: usize,
+    name: &str,
+    f: C,
+) {
+    // Every path must compute the same thing, patched or not.
+    for x in [0, 1, 0xdead_beef, u64::MAX] {
+        assert_eq!(f(x), bench_svc::body(x), "{name} computes the wrong value");
+    }
+    g.bench_function(name, |b| b.iter_custom(|iters| run(threads, iters, &f)));
+}
+
+fn group(c: &mut Criterion, threads: usize) {
+    let fx = fixtures();
+    let patch = hotpatch::load(support::so(&fx.dir, "bench-patch")).expect("load bench-patch");
+    assert_eq!(patch.functions(), ["bench_svc::patched"]);
+
+    let boxed: Box<dyn Fn(u64) -> u64 + Send + Sync> = black_box(Box::new(bench_svc::body));
+    let swap = ArcSwap::from_pointee(bench_svc::direct as F);
+    let dylib = support::so(&fx.dir, "bench-dylib");
+    // SAFETY: bench-dylib is our own plain cdylib; its initialisers are std's.
+    let lib = std::sync::RwLock::new(
+        unsafe { libloading::Library::new(&dylib) }.expect("open bench-dylib"),
+    );
+    // SAFETY: `bench_dylib_target` is a `fn(u64) -> u64` (bench-dylib).
+    let cached: F = unsafe {
+        *lib.read()
+            .unwrap()
+            .get::<F>(b"bench_dylib_target\0")
+            .unwrap()
+    };
+    let cached = std::sync::RwLock::new(cached);
+
+    let name = if threads == 1 {
+        "call_1_thread".to_owned()
+    } else {
+        format!("call_{threads}_threads")
+    };
+    let mut g = c.benchmark_group(name);
+    case(&mut g, threads, "loop_only", |x| {
+        bench_svc::body(case_loop_only(x))
+    });
+    case(&mut g, threads, "direct", case_direct);
+    case(&mut g, threads, "patchable_unpatched", case_unpatched);
+    case(&mut g, threads, "patchable_patched", case_patched);
+    case(&mut g, threads, "atomic_ptr", case_atomic_ptr);
+    case(
+        &mut g,
+        threads,
+        "atomic_ptr_same_crate",
+        case_atomic_ptr_local,
+    );
+    case(&mut g, threads, "box_dyn_fn", &boxed);
+    case(&mut g, threads, "arc_swap", |x| (**swap.load())(x));
+    case(
+        &mut g,
+        threads,
+        "parking_lot_rwlock",
+        case_parking_lot_rwlock,
+    );
+    case(&mut g, threads, "libloading_cached_symbol_rwlock", |x| {
+        (*cached.read().unwrap())(x)
+    });
+    case(&mut g, threads, "libloading_dlsym_per_call_rwlock", |x| {
+        let lib = lib.read().unwrap();
+        // SAFETY: as above.
+        let f = unsafe { lib.get::<F>(b"bench_dylib_target\0") }.unwrap();
+        f(x)
+    });
+    case(&mut g, threads, "hot_lib_reloader", case_hot_lib_reloader);
+    case(&mut g, threads, "hotpatch_0_3_recreated", case_hotpatch_03);
+    g.finish();
+    patch.revert().expect("revert bench-patch");
+}
+
+fn one_thread(c: &mut Criterion) {
+    group(c, 1);
+}
+
+fn two_threads(c: &mut Criterion) {
+    group(c, 2);
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    targets = one_thread, two_threads
+}
+criterion_main!(benches);

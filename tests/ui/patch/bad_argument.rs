@@ -1,0 +1,8 @@
+hotpatch::manifest!();
+
+#[hotpatch::patch("svc::answer")]
+fn answer() -> u64 {
+    2
+}
+
+fn main() {}

@@ -1,0 +1,8 @@
+hotpatch::manifest!();
+
+#[hotpatch::patch]
+fn answer() -> u64 {
+    2
+}
+
+fn main() {}

@@ -1,0 +1,6 @@
+#[hotpatch::patchable]
+pub unsafe extern "C" fn sum(count: i32, _args: ...) -> i32 {
+    count
+}
+
+fn main() {}

@@ -1,0 +1,4 @@
+#[hotpatch::patchable]
+pub struct Price(u64);
+
+fn main() {}

@@ -1,0 +1,6 @@
+#[hotpatch::patchable(fast)]
+pub fn answer() -> u64 {
+    42
+}
+
+fn main() {}
