@@ -210,7 +210,7 @@ impl Gen<'_> {
             #(#carried)*
             #(#inline)*
             #[doc(hidden)]
-            #[allow(non_snake_case, clippy::all)]
+            #[allow(non_snake_case, deprecated, clippy::all)]
             #sig #block
         }
     }
@@ -239,7 +239,7 @@ impl Gen<'_> {
             parse_quote!(-> ::core::result::Result<#ret, ::hotpatch::__private::Transport>);
         let mut item: ImplItemFn = parse_quote! {
             #[doc(hidden)]
-            #[allow(non_snake_case, clippy::all)]
+            #[allow(non_snake_case, deprecated, clippy::all)]
             #sig {
                 ::hotpatch::__private::catch(move || #closure_ret { #call })
             }
@@ -265,7 +265,7 @@ impl Gen<'_> {
         };
         let mut item: ImplItemFn = parse_quote! {
             #[doc(hidden)]
-            #[allow(non_snake_case, improper_ctypes_definitions, clippy::all)]
+            #[allow(non_snake_case, improper_ctypes_definitions, deprecated, clippy::all)]
             #sig {
                 // SAFETY: the runtime stores in `remote` only the host's
                 // guarded function for this same path, fingerprint and
@@ -300,7 +300,7 @@ impl Gen<'_> {
         let call = self.unsafe_call(quote!(__hotpatch_impl(#(#args),*)));
         let mut item: ImplItemFn = parse_quote! {
             #[doc(hidden)]
-            #[allow(non_snake_case, improper_ctypes_definitions, clippy::all)]
+            #[allow(non_snake_case, improper_ctypes_definitions, deprecated, clippy::all)]
             #sig {
                 // SAFETY: the slot's choice holds two implementations of
                 // this function, both checked like the slot's own value.
@@ -347,7 +347,7 @@ impl Gen<'_> {
         let getter = &self.names.entry_getter;
         quote! {
             #[doc(hidden)]
-            #[allow(non_upper_case_globals, private_interfaces)]
+            #[allow(non_upper_case_globals, private_interfaces, deprecated)]
             pub const #name: ::hotpatch::__private::Target<#ty> =
                 ::hotpatch::__private::Target::new(#getter);
         }
@@ -383,7 +383,7 @@ impl Gen<'_> {
         quote! {
             #(#cfgs)*
             #[doc(hidden)]
-            #[allow(non_upper_case_globals)]
+            #[allow(non_upper_case_globals, deprecated)]
             static #slot: ::hotpatch::__private::Slot =
                 ::hotpatch::__private::Slot::new(#original as *const ());
 
@@ -391,7 +391,7 @@ impl Gen<'_> {
             #[::hotpatch::__private::linkme::distributed_slice(::hotpatch::__private::SLOTS)]
             #[linkme(crate = ::hotpatch::__private::linkme)]
             #[doc(hidden)]
-            #[allow(non_upper_case_globals)]
+            #[allow(non_upper_case_globals, deprecated)]
             static #entry: ::hotpatch::__private::Entry = ::hotpatch::__private::Entry {
                 path: ::core::concat!(#before, ::core::module_path!(), #after),
                 signature: #display,
@@ -473,6 +473,23 @@ fn expand_fn(f: ItemFn) -> TokenStream {
     }
 }
 
+/// `Cart` for `crate::pricing::Cart` or `super::Cart`: the registered path
+/// is the impl's module followed by the type's own name, whatever path the
+/// impl header spells it with.
+fn last_segment_of_type(ty: &Type) -> TokenStream {
+    match ty {
+        Type::Path(tp) if tp.qself.is_none() => last_segment_of_path(&tp.path),
+        other => quote!(#other),
+    }
+}
+
+fn last_segment_of_path(path: &syn::Path) -> TokenStream {
+    match path.segments.last() {
+        Some(seg) => quote!(#seg),
+        None => quote!(#path),
+    }
+}
+
 fn is_patchable_attr(a: &Attribute) -> bool {
     a.path()
         .segments
@@ -550,7 +567,7 @@ fn expand_impl(mut imp: ItemImpl) -> TokenStream {
         trait_: trait_.clone(),
         assoc,
     };
-    let self_text = sig::to_text(&quote!(#self_ty));
+    let self_text = sig::to_text(&last_segment_of_type(&self_ty));
     let trait_last = trait_
         .as_ref()
         .and_then(|p| p.segments.last())
@@ -594,7 +611,7 @@ fn expand_impl(mut imp: ItemImpl) -> TokenStream {
         };
         let path = match &trait_ {
             Some(tr) => {
-                let tr = sig::to_text(&quote!(#tr));
+                let tr = sig::to_text(&last_segment_of_path(tr));
                 ("<".to_owned(), format!("::{self_text} as {tr}>::{method}"))
             }
             None => (String::new(), format!("::{self_text}::{method}")),

@@ -41,14 +41,11 @@ pub enum Error {
         source: std::io::Error,
     },
 
-    /// The dynamic loader refused the file: not a shared object, another
-    /// architecture, truncated, missing dependencies.
-    #[error("patch {path} is not a loadable shared object: {source}")]
-    NotLoadable {
-        path: PathBuf,
-        #[source]
-        source: libloading::Error,
-    },
+    /// Not a shared object this process can load: not ELF, another
+    /// architecture, truncated (checked before the dynamic loader sees
+    /// it), or refused by the dynamic loader (missing dependencies, ...).
+    #[error("patch {path} is not a loadable shared object: {reason}")]
+    NotLoadable { path: PathBuf, reason: String },
 
     /// The library does not export a hotpatch manifest: not a patch crate,
     /// or it lacks `hotpatch::manifest!()`.

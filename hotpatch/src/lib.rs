@@ -134,6 +134,7 @@
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
+mod elf;
 mod error;
 mod loader;
 mod manifest;
@@ -247,6 +248,11 @@ macro_rules! manifest {
         #[unsafe(export_name = "hotpatch_manifest_v1")]
         pub static __HOTPATCH_MANIFEST: $crate::__private::Manifest =
             $crate::__private::Manifest::new($name, $version, $description);
+        // What `#[patch]` checks for: its name is the compile error a patch
+        // crate without `hotpatch::manifest!()` gets.
+        #[doc(hidden)]
+        #[allow(non_upper_case_globals)]
+        pub const __hotpatch_manifest_missing__call_hotpatch_manifest_at_the_crate_root: () = ();
     };
     (name = $name:expr $(,)?) => {
         $crate::manifest!(

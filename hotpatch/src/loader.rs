@@ -11,7 +11,7 @@ use parking_lot::Mutex;
 
 use crate::__private::{MANIFEST_SYMBOL, Manifest};
 use crate::registry::REGISTRY;
-use crate::{Error, Patch, PatchId, manifest, quiesce, sys};
+use crate::{Error, Patch, PatchId, elf, manifest, quiesce, sys};
 
 /// Options for loading patches.
 ///
@@ -136,7 +136,7 @@ impl Loader {
     /// is reused if the same bytes are loaded again.
     pub fn load(&self, path: impl AsRef<Path>) -> Result<Patch, Error> {
         let path = path.as_ref();
-        let bytes = fs::read(path).map_err(|source| Error::Read {
+        let bytes = read(path).map_err(|source| Error::Read {
             path: path.to_owned(),
             source,
         })?;
@@ -194,6 +194,38 @@ pub fn load(path: impl AsRef<Path>) -> Result<Patch, Error> {
     Loader::new().load(path)
 }
 
+/// Largest patch file `load` reads.
+const MAX_FILE: u64 = 1 << 30;
+
+/// Reads a regular file of at most `MAX_FILE` bytes (not a FIFO, a device
+/// or a directory, which would block or never end).
+fn read(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let file = fs::File::open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    if meta.len() > MAX_FILE {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{} bytes is larger than the {MAX_FILE}-byte limit", meta.len()),
+        ));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(MAX_FILE + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_FILE {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "the file grew past the size limit while being read",
+        ));
+    }
+    Ok(bytes)
+}
+
 /// A cheap identity for a file's bytes: its size and its first and last
 /// 64 KiB (ELF headers, section tables, build ids). Two files with the
 /// same digest are compared byte for byte before one is taken for the
@@ -222,6 +254,10 @@ fn open(libraries: &mut Vec<Loaded>, path: &Path, bytes: &[u8]) -> Result<usize,
             }
         }
     }
+    elf::check(bytes).map_err(|reason| Error::NotLoadable {
+        path: path.to_owned(),
+        reason,
+    })?;
     let label = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -237,9 +273,9 @@ fn open(libraries: &mut Vec<Loaded>, path: &Path, bytes: &[u8]) -> Result<usize,
     if copy.unlink_after_open {
         let _ = fs::remove_file(&copy.path);
     }
-    let library = opened.map_err(|source| Error::NotLoadable {
+    let library = opened.map_err(|e| Error::NotLoadable {
         path: path.to_owned(),
-        source,
+        reason: e.to_string(),
     })?;
     let symbol = format!("{MANIFEST_SYMBOL}\0");
     // SAFETY: we read the symbol's address only, as a pointer to data; its

@@ -116,11 +116,14 @@ impl<S> Target<S> {
         }
     }
 
-    /// Compiles only if the replacement's signature `S` is exactly the
-    /// target's.
-    pub const fn entry_fn(self) -> fn() -> &'static Entry {
-        self.entry
-    }
+    /// The replacement's side of [`same_signature`].
+    pub const REPLACEMENT: Option<Self> = None;
+}
+
+/// Compiles only if the replacement's signature is exactly the target's
+/// (`Target` is invariant in `S`). Returns the target's entry getter.
+pub const fn same_signature<S>(target: Target<S>, _replacement: Option<Target<S>>) -> fn() -> &'static Entry {
+    target.entry
 }
 
 /// One replacement in a patch: the record `#[patch]` emits.
