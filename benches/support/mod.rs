@@ -59,3 +59,74 @@ pub fn so(dir: &Path, package: &str) -> PathBuf {
     assert!(path.exists(), "{} not built", path.display());
     path
 }
+
+/// A `gen-host-N serve` process (see `benches/gen/src/host.rs`).
+pub struct Host {
+    child: std::process::Child,
+    stdin: Option<std::process::ChildStdin>,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Host {
+    pub fn spawn(bin: &Path) -> Host {
+        use std::process::Stdio;
+        let mut child = Command::new(bin)
+            .arg("serve")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
+        let stdin = child.stdin.take();
+        let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        Host {
+            child,
+            stdin,
+            stdout,
+        }
+    }
+
+    /// Sends one command; returns the numbers of the answer.
+    pub fn ask(&mut self, command: &str) -> Vec<u64> {
+        use std::io::{BufRead, Write};
+        let stdin = self.stdin.as_mut().unwrap();
+        writeln!(stdin, "{command}").unwrap();
+        stdin.flush().unwrap();
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        assert!(!line.is_empty(), "host died on {command:?}");
+        line.split_whitespace()
+            .map(|w| w.parse().unwrap())
+            .collect()
+    }
+
+    /// The `i`th number of the answer to `command`, as a duration.
+    pub fn time(&mut self, command: &str, i: usize) -> std::time::Duration {
+        std::time::Duration::from_nanos(self.ask(command)[i])
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        // Closing stdin ends the serve loop.
+        drop(self.stdin.take());
+        let _ = self.child.wait();
+    }
+}
+
+/// Where the benches that measure outside criterion write their results.
+pub fn results_dir() -> PathBuf {
+    let dir = root().join("target").join("hotpatch-bench");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// The median of `v` (sorted in place).
+pub fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
