@@ -451,7 +451,7 @@ fn threads_coming_and_going_and_panicking() {
                             assert_eq!(request(5), 1000);
                             hotpatch::quiescent();
                         }
-                        if (n + i) % 3 == 0 {
+                        if (n + i).is_multiple_of(3) {
                             panic!("worker {i} panics on purpose");
                         }
                     });

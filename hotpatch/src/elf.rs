@@ -12,7 +12,10 @@
 pub(crate) fn check(bytes: &[u8]) -> Result<(), String> {
     const EHDR: usize = 64;
     if bytes.len() < EHDR {
-        return Err(format!("{} bytes is too short for an ELF header", bytes.len()));
+        return Err(format!(
+            "{} bytes is too short for an ELF header",
+            bytes.len()
+        ));
     }
     if bytes[..4] != *b"\x7fELF" {
         return Err("not an ELF file (bad magic)".into());
@@ -30,27 +33,39 @@ pub(crate) fn check(bytes: &[u8]) -> Result<(), String> {
     }
     let u16_at = |o: usize| {
         let b = [bytes[o], bytes[o + 1]];
-        if little { u16::from_le_bytes(b) } else { u16::from_be_bytes(b) }
+        if little {
+            u16::from_le_bytes(b)
+        } else {
+            u16::from_be_bytes(b)
+        }
     };
     let u32_at = |o: usize| {
         let b: [u8; 4] = bytes[o..o + 4].try_into().expect("4 bytes");
-        if little { u32::from_le_bytes(b) } else { u32::from_be_bytes(b) }
+        if little {
+            u32::from_le_bytes(b)
+        } else {
+            u32::from_be_bytes(b)
+        }
     };
     let u64_at = |o: usize| {
         let b: [u8; 8] = bytes[o..o + 8].try_into().expect("8 bytes");
-        if little { u64::from_le_bytes(b) } else { u64::from_be_bytes(b) }
+        if little {
+            u64::from_le_bytes(b)
+        } else {
+            u64::from_be_bytes(b)
+        }
     };
     const ET_DYN: u16 = 3;
     if u16_at(16) != ET_DYN {
         return Err(format!("ELF type {} is not a shared object", u16_at(16)));
     }
     let machine = u16_at(18);
-    if let Some(expected) = this_machine() {
-        if machine != expected {
-            return Err(format!(
-                "ELF machine {machine} is not this machine's ({expected})"
-            ));
-        }
+    if let Some(expected) = this_machine()
+        && machine != expected
+    {
+        return Err(format!(
+            "ELF machine {machine} is not this machine's ({expected})"
+        ));
     }
     let phoff = u64_at(32);
     let phentsize = u64::from(u16_at(54));

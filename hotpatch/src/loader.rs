@@ -203,6 +203,12 @@ fn read(path: &Path) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
     let file = fs::File::open(path)?;
     let meta = file.metadata()?;
+    if meta.is_dir() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::IsADirectory,
+            "is a directory",
+        ));
+    }
     if !meta.is_file() {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
@@ -212,7 +218,10 @@ fn read(path: &Path) -> std::io::Result<Vec<u8>> {
     if meta.len() > MAX_FILE {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
-            format!("{} bytes is larger than the {MAX_FILE}-byte limit", meta.len()),
+            format!(
+                "{} bytes is larger than the {MAX_FILE}-byte limit",
+                meta.len()
+            ),
         ));
     }
     let mut bytes = Vec::with_capacity(meta.len() as usize);

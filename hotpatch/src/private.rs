@@ -122,7 +122,10 @@ impl<S> Target<S> {
 
 /// Compiles only if the replacement's signature is exactly the target's
 /// (`Target` is invariant in `S`). Returns the target's entry getter.
-pub const fn same_signature<S>(target: Target<S>, _replacement: Option<Target<S>>) -> fn() -> &'static Entry {
+pub const fn same_signature<S>(
+    target: Target<S>,
+    _replacement: Option<Target<S>>,
+) -> fn() -> &'static Entry {
     target.entry
 }
 
