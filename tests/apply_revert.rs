@@ -250,7 +250,7 @@ fn method_of_a_type_in_a_module() {
 #[test]
 fn private_fn_through_public_module_path() {
     let _serial = support::serial();
-    let so = support::patch_with("fixture-patch-private", &["private"]);
+    let so = support::patch("fixture-patch-private");
     assert_eq!(svc::call_private(4), 8);
     let patch = hotpatch::load(&so).unwrap();
     assert_eq!(patch.functions(), ["svc::private_helper"]);

@@ -10,13 +10,3 @@ fn ui() {
     t.compile_fail("tests/ui/patch/*.rs");
     t.pass("tests/ui/pass/*.rs");
 }
-
-/// Forms the docs promise but the macros reject today; each file says
-/// what goes wrong. Run with `cargo test --test ui -- --ignored` once
-/// the macros are fixed, then move the files to `tests/ui/pass`.
-#[test]
-#[ignore = "known macro bugs, see the comment at the top of each tests/ui/known_bugs/*.rs"]
-fn known_bugs() {
-    let t = trybuild::TestCases::new();
-    t.pass("tests/ui/known_bugs/*.rs");
-}

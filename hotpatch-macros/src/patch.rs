@@ -11,7 +11,6 @@
 use crate::sig;
 use proc_macro2::TokenStream;
 use quote::{format_ident, quote, quote_spanned};
-use syn::spanned::Spanned;
 use syn::{ExprPath, ItemFn, Type};
 
 pub fn expand(args: TokenStream, input: TokenStream) -> TokenStream {
@@ -78,22 +77,22 @@ pub fn expand(args: TokenStream, input: TokenStream) -> TokenStream {
     } else {
         quote!(::hotpatch::__private::enter(move || #call))
     };
-    let target_span = target.span();
-    let exists = quote_spanned! {target_span=>
-        const _: () = {
-            let _ = #target;
-        };
+    // The companion fixes the target's signature first, so a mismatch
+    // reads "expected <target's signature>, found <this one's>", and points
+    // at this function's name.
+    let sig_span = f.sig.ident.span();
+    let typed_target = quote_spanned! {sig_span=>
+        ::hotpatch::__private::same_signature(
+            #companion,
+            ::hotpatch::__private::Target::<#sig_ty>::REPLACEMENT,
+        )
     };
-    let manifest_check = quote_spanned! {f.sig.ident.span()=>
-        const _: &::hotpatch::__private::Manifest = &crate::__HOTPATCH_MANIFEST;
-    };
-    let typed_target = quote_spanned! {target_span=>
-        ::hotpatch::__private::Target::<#sig_ty>::entry_fn(#companion)
+    let manifest_check = quote_spanned! {sig_span=>
+        const _: () = crate::__hotpatch_manifest_missing__call_hotpatch_manifest_at_the_crate_root;
     };
     quote! {
         #f
 
-        #exists
         #manifest_check
 
         #[doc(hidden)]

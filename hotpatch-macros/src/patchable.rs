@@ -8,6 +8,8 @@
 //!   (what a patch's call into the host goes through);
 //! - `__hotpatch_cross_f`: in a patch's private copy of the crate, what
 //!   the copy's slot points at, so the patch reaches the host's live `f`;
+//! - `__hotpatch_dispatch_f`: what the slot points at during a transition:
+//!   the old or the new implementation, by the calling thread's state;
 //! - the slot, its `Entry` in the `SLOTS` distributed slice, and the
 //!   companion constant `__hotpatch_f` that `#[patch]` type-checks against.
 
@@ -82,6 +84,7 @@ struct Names {
     original: Ident,
     guarded: Ident,
     cross: Ident,
+    dispatch: Ident,
     companion: Ident,
 }
 
@@ -94,6 +97,7 @@ impl Names {
             original: format_ident!("__hotpatch_original_{}", helper),
             guarded: format_ident!("__hotpatch_guarded_{}", helper),
             cross: format_ident!("__hotpatch_cross_{}", helper),
+            dispatch: format_ident!("__hotpatch_dispatch_{}", helper),
             companion: format_ident!("__hotpatch_{}", helper),
         }
     }
@@ -206,7 +210,7 @@ impl Gen<'_> {
             #(#carried)*
             #(#inline)*
             #[doc(hidden)]
-            #[allow(non_snake_case, clippy::all)]
+            #[allow(non_snake_case, deprecated, clippy::all)]
             #sig #block
         }
     }
@@ -235,7 +239,7 @@ impl Gen<'_> {
             parse_quote!(-> ::core::result::Result<#ret, ::hotpatch::__private::Transport>);
         let mut item: ImplItemFn = parse_quote! {
             #[doc(hidden)]
-            #[allow(non_snake_case, clippy::all)]
+            #[allow(non_snake_case, deprecated, clippy::all)]
             #sig {
                 ::hotpatch::__private::catch(move || #closure_ret { #call })
             }
@@ -261,7 +265,7 @@ impl Gen<'_> {
         };
         let mut item: ImplItemFn = parse_quote! {
             #[doc(hidden)]
-            #[allow(non_snake_case, improper_ctypes_definitions, clippy::all)]
+            #[allow(non_snake_case, improper_ctypes_definitions, deprecated, clippy::all)]
             #sig {
                 // SAFETY: the runtime stores in `remote` only the host's
                 // guarded function for this same path, fingerprint and
@@ -277,6 +281,36 @@ impl Gen<'_> {
                     #ok,
                     ::core::result::Result::Err(panic) => ::hotpatch::__private::raise(panic),
                 }
+            }
+        };
+        self.qualify(&mut item);
+        let carried = sig::carried_attrs(attrs);
+        quote!(#(#carried)* #item)
+    }
+
+    /// Installed in the slot during a transition: runs the old or the new
+    /// implementation, depending on the calling thread.
+    fn dispatch_fn(&self, attrs: &[Attribute]) -> TokenStream {
+        let mut sig = sig::forwarding_signature(self.sig);
+        sig.ident = self.names.dispatch.clone();
+        let slot = &self.names.slot;
+        let original = self.local(&self.names.original);
+        let witness = sig::witness_type(self.sig);
+        let args = sig::forward_names(self.sig);
+        let call = self.unsafe_call(quote!(__hotpatch_impl(#(#args),*)));
+        let mut item: ImplItemFn = parse_quote! {
+            #[doc(hidden)]
+            #[allow(non_snake_case, improper_ctypes_definitions, deprecated, clippy::all)]
+            #sig {
+                // SAFETY: the slot's choice holds two implementations of
+                // this function, both checked like the slot's own value.
+                let __hotpatch_impl = unsafe {
+                    ::hotpatch::__private::cast_fn(
+                        ::hotpatch::__private::choose(&#slot),
+                        #original as #witness,
+                    )
+                };
+                #call
             }
         };
         self.qualify(&mut item);
@@ -313,7 +347,7 @@ impl Gen<'_> {
         let getter = &self.names.entry_getter;
         quote! {
             #[doc(hidden)]
-            #[allow(non_upper_case_globals, private_interfaces)]
+            #[allow(non_upper_case_globals, private_interfaces, deprecated)]
             pub const #name: ::hotpatch::__private::Target<#ty> =
                 ::hotpatch::__private::Target::new(#getter);
         }
@@ -328,11 +362,13 @@ impl Gen<'_> {
             original,
             guarded,
             cross,
+            dispatch,
             ..
         } = &self.names;
         let original = self.module_level(original);
         let guarded = self.module_level(guarded);
         let cross = self.module_level(cross);
+        let dispatch = self.module_level(dispatch);
         let wrapper = self.wrapper_path(true);
         let cfgs = sig::cfg_attrs(attrs);
         let sig_ty = self.sig_type();
@@ -347,7 +383,7 @@ impl Gen<'_> {
         quote! {
             #(#cfgs)*
             #[doc(hidden)]
-            #[allow(non_upper_case_globals)]
+            #[allow(non_upper_case_globals, deprecated)]
             static #slot: ::hotpatch::__private::Slot =
                 ::hotpatch::__private::Slot::new(#original as *const ());
 
@@ -355,7 +391,7 @@ impl Gen<'_> {
             #[::hotpatch::__private::linkme::distributed_slice(::hotpatch::__private::SLOTS)]
             #[linkme(crate = ::hotpatch::__private::linkme)]
             #[doc(hidden)]
-            #[allow(non_upper_case_globals)]
+            #[allow(non_upper_case_globals, deprecated)]
             static #entry: ::hotpatch::__private::Entry = ::hotpatch::__private::Entry {
                 path: ::core::concat!(#before, ::core::module_path!(), #after),
                 signature: #display,
@@ -366,6 +402,7 @@ impl Gen<'_> {
                 wrapper: ::hotpatch::__private::FnAddr::new(#wrapper as *const ()),
                 guarded: ::hotpatch::__private::FnAddr::new(#guarded as *const ()),
                 cross: ::hotpatch::__private::FnAddr::new(#cross as *const ()),
+                dispatcher: ::hotpatch::__private::FnAddr::new(#dispatch as *const ()),
             };
 
             #(#cfgs)*
@@ -417,6 +454,7 @@ fn expand_fn(f: ItemFn) -> TokenStream {
     let original = gen_.original_fn(attrs, block);
     let guarded = gen_.guarded_fn(attrs);
     let cross = gen_.cross_fn(attrs);
+    let dispatch = gen_.dispatch_fn(attrs);
     let companion = gen_.companion();
     let statics = gen_.statics(attrs);
     let cfgs = sig::cfg_attrs(attrs);
@@ -428,9 +466,27 @@ fn expand_fn(f: ItemFn) -> TokenStream {
         #original
         #guarded
         #cross
+        #dispatch
         #(#cfgs)*
         #companion
         #statics
+    }
+}
+
+/// `Cart` for `crate::pricing::Cart` or `super::Cart`: the registered path
+/// is the impl's module followed by the type's own name, whatever path the
+/// impl header spells it with.
+fn last_segment_of_type(ty: &Type) -> TokenStream {
+    match ty {
+        Type::Path(tp) if tp.qself.is_none() => last_segment_of_path(&tp.path),
+        other => quote!(#other),
+    }
+}
+
+fn last_segment_of_path(path: &syn::Path) -> TokenStream {
+    match path.segments.last() {
+        Some(seg) => quote!(#seg),
+        None => quote!(#path),
     }
 }
 
@@ -511,7 +567,7 @@ fn expand_impl(mut imp: ItemImpl) -> TokenStream {
         trait_: trait_.clone(),
         assoc,
     };
-    let self_text = sig::to_text(&quote!(#self_ty));
+    let self_text = sig::to_text(&last_segment_of_type(&self_ty));
     let trait_last = trait_
         .as_ref()
         .and_then(|p| p.segments.last())
@@ -555,7 +611,7 @@ fn expand_impl(mut imp: ItemImpl) -> TokenStream {
         };
         let path = match &trait_ {
             Some(tr) => {
-                let tr = sig::to_text(&quote!(#tr));
+                let tr = sig::to_text(&last_segment_of_path(tr));
                 ("<".to_owned(), format!("::{self_text} as {tr}>::{method}"))
             }
             None => (String::new(), format!("::{self_text}::{method}")),
@@ -571,6 +627,7 @@ fn expand_impl(mut imp: ItemImpl) -> TokenStream {
         helpers.push(gen_.original_fn(&attrs, &m.block));
         helpers.push(gen_.guarded_fn(&attrs));
         helpers.push(gen_.cross_fn(&attrs));
+        helpers.push(gen_.dispatch_fn(&attrs));
         let cfgs = sig::cfg_attrs(&attrs);
         let companion = gen_.companion();
         helpers.push(quote!(#(#cfgs)* #companion));

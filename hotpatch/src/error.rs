@@ -1,8 +1,9 @@
 //! Why a load or revert failed.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
-use crate::PatchId;
+use crate::{PatchId, StalledThread};
 
 /// Everything that can go wrong loading, applying or reverting a patch.
 ///
@@ -40,14 +41,11 @@ pub enum Error {
         source: std::io::Error,
     },
 
-    /// The dynamic loader refused the file: not a shared object, another
-    /// architecture, truncated, missing dependencies.
-    #[error("patch {path} is not a loadable shared object: {source}")]
-    NotLoadable {
-        path: PathBuf,
-        #[source]
-        source: libloading::Error,
-    },
+    /// Not a shared object this process can load: not ELF, another
+    /// architecture, truncated (checked before the dynamic loader sees
+    /// it), or refused by the dynamic loader (missing dependencies, ...).
+    #[error("patch {path} is not a loadable shared object: {reason}")]
+    NotLoadable { path: PathBuf, reason: String },
 
     /// The library does not export a hotpatch manifest: not a patch crate,
     /// or it lacks `hotpatch::manifest!()`.
@@ -139,6 +137,25 @@ pub enum Error {
         name: String,
         id: PatchId,
     },
+
+    /// Registered threads did not all reach a safepoint before the
+    /// deadline, so the transition was reversed: every slot ends as it was
+    /// (see [`Loader::deadline`](crate::Loader::deadline)).
+    #[error(
+        "{what}: {} registered thread(s) did not reach a safepoint within {deadline:?}, so nothing changed: {}",
+        .stalled.len(),
+        .stalled.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+    )]
+    Timeout {
+        what: String,
+        deadline: Duration,
+        stalled: Vec<StalledThread>,
+    },
+
+    /// Another patch was being applied or reverted for longer than the
+    /// deadline.
+    #[error("{what}: another patch transition is still in progress after {waited:?}")]
+    Busy { what: String, waited: Duration },
 
     /// No applied patch has this id (already reverted).
     #[error("{id} is not applied")]

@@ -134,11 +134,13 @@
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
+mod elf;
 mod error;
 mod loader;
 mod manifest;
 mod panic;
 mod patch;
+mod quiesce;
 mod registry;
 mod slot;
 mod sys;
@@ -148,8 +150,12 @@ mod sys;
 pub mod __private;
 
 pub use error::Error;
-pub use loader::{Loader, load};
+pub use loader::{DEFAULT_DEADLINE, Loader, load};
 pub use patch::{FunctionInfo, Implementation, Patch, PatchId, PatchInfo};
+pub use quiesce::{
+    OfflineGuard, StalledThread, ThreadGuard, TransitionInfo, offline, quiescent, register_thread,
+    while_offline,
+};
 
 /// Makes a function, or every method of an `impl` block, patchable.
 ///
@@ -242,6 +248,11 @@ macro_rules! manifest {
         #[unsafe(export_name = "hotpatch_manifest_v1")]
         pub static __HOTPATCH_MANIFEST: $crate::__private::Manifest =
             $crate::__private::Manifest::new($name, $version, $description);
+        // What `#[patch]` checks for: its name is the compile error a patch
+        // crate without `hotpatch::manifest!()` gets.
+        #[doc(hidden)]
+        #[allow(non_upper_case_globals)]
+        pub const __hotpatch_manifest_missing__call_hotpatch_manifest_at_the_crate_root: () = ();
     };
     (name = $name:expr $(,)?) => {
         $crate::manifest!(
@@ -287,7 +298,24 @@ pub fn applied() -> Vec<PatchInfo> {
 /// # }
 /// ```
 pub fn functions() -> Vec<FunctionInfo> {
-    registry::REGISTRY.lock().functions()
+    let switching = quiesce::transition()
+        .map(|t| t.functions)
+        .unwrap_or_default();
+    registry::REGISTRY.lock().functions(&switching)
+}
+
+/// The patch being applied or reverted right now, if any, and the
+/// registered threads it is waiting for.
+///
+/// # Examples
+///
+/// ```
+/// if let Some(t) = hotpatch::transition() {
+///     eprintln!("{} for {:?}, waiting for {:?}", t.what, t.elapsed, t.waiting_for);
+/// }
+/// ```
+pub fn transition() -> Option<TransitionInfo> {
+    quiesce::transition()
 }
 
 /// Reverts the applied patch `id` (what [`Patch::revert`] does, for when
@@ -307,5 +335,5 @@ pub fn functions() -> Vec<FunctionInfo> {
 /// # }
 /// ```
 pub fn revert(id: PatchId) -> Result<(), Error> {
-    registry::REGISTRY.lock().revert(id)
+    Loader::new().revert_id(id)
 }

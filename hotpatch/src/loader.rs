@@ -4,13 +4,14 @@ use std::fs;
 use std::hash::{Hash, Hasher};
 use std::path::Path;
 use std::sync::LazyLock;
+use std::time::Duration;
 
 use libloading::os::unix::{Library, RTLD_LOCAL, RTLD_NOW};
 use parking_lot::Mutex;
 
 use crate::__private::{MANIFEST_SYMBOL, Manifest};
 use crate::registry::REGISTRY;
-use crate::{Error, Patch, manifest, sys};
+use crate::{Error, Patch, PatchId, elf, manifest, quiesce, sys};
 
 /// Options for loading patches.
 ///
@@ -23,10 +24,21 @@ use crate::{Error, Patch, manifest, sys};
 /// let patch = hotpatch::Loader::new().load("fix.so")?;
 /// # Ok::<(), hotpatch::Error>(())
 /// ```
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Loader {
-    _options: (),
+    deadline: Duration,
 }
+
+impl Default for Loader {
+    fn default() -> Self {
+        Loader {
+            deadline: DEFAULT_DEADLINE,
+        }
+    }
+}
+
+/// How long a transition waits for registered threads by default.
+pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(5);
 
 /// Libraries opened so far. Never closed: code from a library may be
 /// running, or be pointed to by a `&'static str`, a vtable or a
@@ -53,6 +65,61 @@ impl Loader {
         Loader::default()
     }
 
+    /// How long a load or revert waits, first for another transition to
+    /// finish, then for every online registered thread to reach a
+    /// safepoint ([`quiescent`](crate::quiescent)). Default: 5 s.
+    ///
+    /// When registered threads do not all arrive in time, the transition
+    /// is reversed and [`Error::Timeout`] names them; threads that had
+    /// already switched go back at their next safepoint.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// let patch = hotpatch::Loader::new()
+    ///     .deadline(Duration::from_millis(500))
+    ///     .load("fix.so")?;
+    /// # Ok::<(), hotpatch::Error>(())
+    /// ```
+    pub fn deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = deadline;
+        self
+    }
+
+    /// Reverts `patch`, waiting for registered threads as [`load`](Self::load)
+    /// does.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotApplied`], [`Error::Busy`], [`Error::Timeout`] (the
+    /// patch stays applied).
+    pub fn revert(&self, patch: Patch) -> Result<(), Error> {
+        self.revert_id(patch.id())
+    }
+
+    /// Reverts the applied patch `id`; see [`revert`](Self::revert).
+    pub fn revert_id(&self, id: PatchId) -> Result<(), Error> {
+        let what = format!("revert {id}");
+        let turn = quiesce::take_turn(self.deadline).ok_or_else(|| Error::Busy {
+            what: what.clone(),
+            waited: self.deadline,
+        })?;
+        let (info, changes) = REGISTRY.lock().revert_changes(id)?;
+        let what = format!("revert {id} ({})", info.name);
+        let turn =
+            quiesce::switch(turn, what.clone(), changes, self.deadline).map_err(|stalled| {
+                Error::Timeout {
+                    what,
+                    deadline: self.deadline,
+                    stalled,
+                }
+            })?;
+        REGISTRY.lock().record_revert(id);
+        drop(turn);
+        Ok(())
+    }
+
     /// Loads the patch at `path`, checks it against this process, and
     /// applies every function it replaces, or none.
     ///
@@ -69,12 +136,15 @@ impl Loader {
     /// is reused if the same bytes are loaded again.
     pub fn load(&self, path: impl AsRef<Path>) -> Result<Patch, Error> {
         let path = path.as_ref();
-        let bytes = fs::read(path).map_err(|source| Error::Read {
+        let bytes = read(path).map_err(|source| Error::Read {
             path: path.to_owned(),
             source,
         })?;
-        // One load at a time: the library cache and the registry change
-        // together. Listing and reverting only take the registry lock.
+        // One transition at a time (loads and reverts).
+        let turn = quiesce::take_turn(self.deadline).ok_or_else(|| Error::Busy {
+            what: format!("load {}", path.display()),
+            waited: self.deadline,
+        })?;
         let mut libraries = LIBRARIES.lock();
         let library = open(&mut libraries, path, &bytes)?;
         let m = libraries[library].manifest;
@@ -87,9 +157,24 @@ impl Loader {
         // SAFETY: `m` is the manifest symbol's address in a library that is
         // never unmapped.
         let checked = unsafe { manifest::check(path, m) }?;
-        let mut registry = REGISTRY.lock();
-        let plan = registry.plan(path, library, &checked)?;
-        let info = registry.commit(plan, &checked, path, library);
+        let (plan, changes) = {
+            let registry = REGISTRY.lock();
+            let plan = registry.plan(path, library, &checked)?;
+            let changes = registry.prepare(&plan, &checked);
+            (plan, changes)
+        };
+        drop(libraries);
+        let what = format!("apply {} from {}", checked.name, path.display());
+        let turn =
+            quiesce::switch(turn, what.clone(), changes, self.deadline).map_err(|stalled| {
+                Error::Timeout {
+                    what,
+                    deadline: self.deadline,
+                    stalled,
+                }
+            })?;
+        let info = REGISTRY.lock().record_apply(plan, &checked, path, library);
+        drop(turn);
         Ok(Patch { info })
     }
 }
@@ -109,9 +194,57 @@ pub fn load(path: impl AsRef<Path>) -> Result<Patch, Error> {
     Loader::new().load(path)
 }
 
+/// Largest patch file `load` reads.
+const MAX_FILE: u64 = 1 << 30;
+
+/// Reads a regular file of at most `MAX_FILE` bytes (not a FIFO, a device
+/// or a directory, which would block or never end).
+fn read(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let file = fs::File::open(path)?;
+    let meta = file.metadata()?;
+    if meta.is_dir() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::IsADirectory,
+            "is a directory",
+        ));
+    }
+    if !meta.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    if meta.len() > MAX_FILE {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!(
+                "{} bytes is larger than the {MAX_FILE}-byte limit",
+                meta.len()
+            ),
+        ));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(MAX_FILE + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_FILE {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "the file grew past the size limit while being read",
+        ));
+    }
+    Ok(bytes)
+}
+
+/// A cheap identity for a file's bytes: its size and its first and last
+/// 64 KiB (ELF headers, section tables, build ids). Two files with the
+/// same digest are compared byte for byte before one is taken for the
+/// other, so this only decides how often that happens.
 fn digest(bytes: &[u8]) -> u64 {
+    const EDGE: usize = 64 * 1024;
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    bytes.hash(&mut h);
+    bytes.len().hash(&mut h);
+    bytes[..bytes.len().min(EDGE)].hash(&mut h);
+    bytes[bytes.len().saturating_sub(EDGE)..].hash(&mut h);
     h.finish()
 }
 
@@ -130,6 +263,10 @@ fn open(libraries: &mut Vec<Loaded>, path: &Path, bytes: &[u8]) -> Result<usize,
             }
         }
     }
+    elf::check(bytes).map_err(|reason| Error::NotLoadable {
+        path: path.to_owned(),
+        reason,
+    })?;
     let label = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -145,9 +282,9 @@ fn open(libraries: &mut Vec<Loaded>, path: &Path, bytes: &[u8]) -> Result<usize,
     if copy.unlink_after_open {
         let _ = fs::remove_file(&copy.path);
     }
-    let library = opened.map_err(|source| Error::NotLoadable {
+    let library = opened.map_err(|e| Error::NotLoadable {
         path: path.to_owned(),
-        source,
+        reason: e.to_string(),
     })?;
     let symbol = format!("{MANIFEST_SYMBOL}\0");
     // SAFETY: we read the symbol's address only, as a pointer to data; its

@@ -134,5 +134,12 @@ pub struct FunctionInfo {
     pub path: &'static str,
     /// The signature as written.
     pub signature: &'static str,
+    /// What implements it outside a transition: while a patch that
+    /// replaces it is being applied, still the previous implementation;
+    /// see `in_transition`.
     pub implementation: Implementation,
+    /// A transition involving this function is in progress
+    /// ([`transition`](crate::transition) tells which and who it waits
+    /// for).
+    pub in_transition: bool,
 }

@@ -80,6 +80,8 @@ pub struct Entry {
     pub wrapper: FnAddr,
     pub guarded: FnAddr,
     pub cross: FnAddr,
+    /// Runs the old or new implementation during a transition.
+    pub dispatcher: FnAddr,
 }
 
 impl fmt::Debug for Entry {
@@ -114,11 +116,17 @@ impl<S> Target<S> {
         }
     }
 
-    /// Compiles only if the replacement's signature `S` is exactly the
-    /// target's.
-    pub const fn entry_fn(self) -> fn() -> &'static Entry {
-        self.entry
-    }
+    /// The replacement's side of [`same_signature`].
+    pub const REPLACEMENT: Option<Self> = None;
+}
+
+/// Compiles only if the replacement's signature is exactly the target's
+/// (`Target` is invariant in `S`). Returns the target's entry getter.
+pub const fn same_signature<S>(
+    target: Target<S>,
+    _replacement: Option<Target<S>>,
+) -> fn() -> &'static Entry {
+    target.entry
 }
 
 /// One replacement in a patch: the record `#[patch]` emits.
@@ -223,6 +231,12 @@ unsafe extern "C" fn slots_raw(len: *mut usize) -> *const Entry {
 
 unsafe extern "C" fn host_raise_raw() -> *const AtomicPtr<()> {
     &HOST_RAISE
+}
+
+/// For a dispatcher: the implementation the calling thread runs now.
+#[inline(always)]
+pub fn choose(slot: &Slot) -> *const () {
+    slot.choose()
 }
 
 /// Reinterprets a slot's pointer as the function-pointer type of `like`.

@@ -19,6 +19,7 @@ use parking_lot::Mutex;
 
 use crate::__private::{Entry, FnAddr, SLOTS};
 use crate::manifest::Checked;
+use crate::quiesce::Change;
 use crate::{Error, FunctionInfo, Implementation, PatchId, PatchInfo};
 
 pub(crate) static REGISTRY: LazyLock<Mutex<Registry>> =
@@ -35,6 +36,15 @@ pub(crate) struct Registry {
 struct FnState {
     entry: &'static Entry,
     layers: Vec<Layer>,
+}
+
+impl FnState {
+    /// What the slot holds outside transitions.
+    fn current(&self) -> FnAddr {
+        self.layers
+            .last()
+            .map_or(self.entry.original, |l| l.implementation)
+    }
 }
 
 struct Layer {
@@ -153,33 +163,42 @@ impl Registry {
             })
     }
 
-    /// Applies a plan: prepares the patch's image, then publishes every
-    /// replacement. Cannot fail.
-    pub(crate) fn commit(
-        &mut self,
-        plan: Plan,
-        m: &Checked,
-        file: &Path,
-        library: usize,
-    ) -> Arc<PatchInfo> {
-        // Prepare the patch before any host slot points into it: its copies
-        // of the service's slots call the host, and its panics are raised
-        // by the host. These are writes to the patch's own statics, which
-        // no thread runs yet (or, for a library applied before, were set to
-        // these same values).
+    /// Prepares the patch's image so that it may run: its copies of the
+    /// service's slots call the host, and its panics are raised by the
+    /// host. These are writes to the patch's own statics, which no thread
+    /// runs yet (or, for a library applied before, set to these same
+    /// values). Then returns the slot changes that apply it.
+    pub(crate) fn prepare(&self, plan: &Plan, m: &Checked) -> Vec<Change> {
         for (theirs, idx) in &plan.redirect {
             theirs
                 .slot
                 .redirect(theirs.cross, self.fns[*idx].entry.guarded);
         }
         let raise: fn(crate::__private::Transport) -> ! = crate::__private::raise;
-        // Release: published together with the slots below; a reader that
-        // sees a slot pointing into the patch sees this too.
+        // Release: published together with the slots (Release too, later in
+        // program order); a thread that calls into the patch sees this.
         m.host_raise.store(
             raise as *const () as *mut (),
             std::sync::atomic::Ordering::Release,
         );
+        plan.replace
+            .iter()
+            .map(|&(idx, new)| Change {
+                entry: self.fns[idx].entry,
+                old: self.fns[idx].current(),
+                new,
+            })
+            .collect()
+    }
 
+    /// Records an applied patch whose slots `quiesce::switch` changed.
+    pub(crate) fn record_apply(
+        &mut self,
+        plan: Plan,
+        m: &Checked,
+        file: &Path,
+        library: usize,
+    ) -> Arc<PatchInfo> {
         let id = PatchId(self.next_id);
         self.next_id += 1;
         let info = Arc::new(PatchInfo {
@@ -192,12 +211,10 @@ impl Registry {
         });
         let mut targets = Vec::with_capacity(plan.replace.len());
         for (idx, implementation) in plan.replace {
-            let f = &mut self.fns[idx];
-            f.layers.push(Layer {
+            self.fns[idx].layers.push(Layer {
                 patch: id,
                 implementation,
             });
-            f.entry.slot.set(implementation);
             targets.push(idx);
         }
         self.applied.push(Applied {
@@ -208,23 +225,45 @@ impl Registry {
         info
     }
 
-    pub(crate) fn revert(&mut self, id: PatchId) -> Result<(), Error> {
-        let pos = self
+    /// The patch `id` and the slot changes that revert it.
+    pub(crate) fn revert_changes(
+        &self,
+        id: PatchId,
+    ) -> Result<(Arc<PatchInfo>, Vec<Change>), Error> {
+        let applied = self
             .applied
             .iter()
-            .position(|a| a.info.id == id)
+            .find(|a| a.info.id == id)
             .ok_or(Error::NotApplied { id })?;
-        let applied = self.applied.remove(pos);
-        for idx in applied.targets {
-            let f = &mut self.fns[idx];
-            f.layers.retain(|l| l.patch != id);
-            let now = f
+        let mut changes = Vec::new();
+        for &idx in &applied.targets {
+            let f = &self.fns[idx];
+            let old = f.current();
+            let new = f
                 .layers
-                .last()
+                .iter()
+                .rev()
+                .find(|l| l.patch != id)
                 .map_or(f.entry.original, |l| l.implementation);
-            f.entry.slot.set(now);
+            if old != new {
+                changes.push(Change {
+                    entry: f.entry,
+                    old,
+                    new,
+                });
+            }
         }
-        Ok(())
+        Ok((applied.info.clone(), changes))
+    }
+
+    /// Records that patch `id` was reverted (its slots already switched).
+    pub(crate) fn record_revert(&mut self, id: PatchId) {
+        if let Some(pos) = self.applied.iter().position(|a| a.info.id == id) {
+            let applied = self.applied.remove(pos);
+            for idx in applied.targets {
+                self.fns[idx].layers.retain(|l| l.patch != id);
+            }
+        }
     }
 
     pub(crate) fn applied(&self) -> Vec<PatchInfo> {
@@ -232,11 +271,12 @@ impl Registry {
     }
 
     /// Sorted by path.
-    pub(crate) fn functions(&self) -> Vec<FunctionInfo> {
+    pub(crate) fn functions(&self, switching: &[&'static str]) -> Vec<FunctionInfo> {
         let mut out: Vec<FunctionInfo> = self
             .fns
             .iter()
             .map(|f| FunctionInfo {
+                in_transition: switching.contains(&f.entry.path),
                 path: f.entry.path,
                 signature: f.entry.signature,
                 implementation: match f.layers.last() {

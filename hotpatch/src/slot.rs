@@ -15,6 +15,11 @@
 //! - Each call reads `current` exactly once, so a call runs one
 //!   implementation from start to end, never a mix: a pointer store is
 //!   atomic, and nothing else is read to decide what to run.
+//! - During a transition `current` points at the function's dispatcher,
+//!   and `dispatch` at the transition's [`Choice`] for it (old, new, and
+//!   the universe that runs new; see `quiesce::protocol`). `dispatch` is
+//!   stored (Release) before `current` (Release) and loaded (Acquire) by
+//!   the dispatcher after the Acquire of `current`.
 //! - `remote` is only meaningful in a patch's copy of a slot: it holds the
 //!   host's guarded function for the same path, written (Relaxed) before
 //!   `current` is pointed (Release) at the cross function that reads it
@@ -22,6 +27,8 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicPtr, Ordering};
+
+use crate::quiesce::protocol::Choice;
 
 /// The address of a function, type-erased.
 ///
@@ -65,6 +72,7 @@ impl fmt::Debug for FnAddr {
 pub struct Slot {
     current: AtomicPtr<()>,
     remote: AtomicPtr<()>,
+    dispatch: AtomicPtr<Choice<FnAddr>>,
 }
 
 impl Slot {
@@ -73,6 +81,7 @@ impl Slot {
         Slot {
             current: AtomicPtr::new(original as *mut ()),
             remote: AtomicPtr::new(std::ptr::null_mut()),
+            dispatch: AtomicPtr::new(std::ptr::null_mut()),
         }
     }
 
@@ -97,6 +106,28 @@ impl Slot {
         // Release: pairs with the Acquire in `get`.
         self.current
             .store(implementation.as_ptr() as *mut (), Ordering::Release);
+    }
+
+    /// For a dispatcher: the implementation the calling thread runs.
+    #[inline(always)]
+    pub fn choose(&self) -> *const () {
+        // Acquire: pairs with the Release store in `begin_transition`, so
+        // the choice's fields are initialised.
+        let choice = self.dispatch.load(Ordering::Acquire);
+        // SAFETY: a dispatcher is only installed (in `begin_transition`)
+        // after `dispatch` points at a leaked, never-freed `Choice`, and
+        // `dispatch` is never reset to null.
+        let choice = unsafe { &*choice };
+        choice.pick(crate::quiesce::local_universe()).as_ptr()
+    }
+
+    /// Routes calls through `dispatcher`, which runs `choice`'s old or new
+    /// implementation depending on the calling thread's universe.
+    pub(crate) fn begin_transition(&self, choice: &'static Choice<FnAddr>, dispatcher: FnAddr) {
+        // Release: pairs with the Acquire in `choose`.
+        self.dispatch
+            .store(choice as *const Choice<FnAddr> as *mut _, Ordering::Release);
+        self.set(dispatcher);
     }
 
     /// In a patch's private copy: call the host through `cross`, which

@@ -1,0 +1,538 @@
+//! Quiescence: threads switch from the old to the new implementations of
+//! a patch as a whole, each at its own safepoint. No thread waits for
+//! another; the patcher polls.
+//!
+//! The shared-state protocol is in [`protocol`] (model-checked with loom);
+//! this module holds the per-thread side (registration, safepoints,
+//! offline) and the patcher's side ([`switch`]).
+
+pub(crate) mod protocol;
+
+use std::cell::{Cell, RefCell};
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+
+use crate::__private::{Entry, FnAddr};
+use protocol::{Choice, Epoch, Record, UNREGISTERED};
+
+/// The universe registered threads move to.
+pub(crate) static EPOCH: Epoch = Epoch::new(0);
+
+/// Universes handed out so far (only the patcher, under the transition
+/// lock, takes new ones).
+static UNIVERSES: AtomicU64 = AtomicU64::new(0);
+
+fn next_universe() -> u64 {
+    // Relaxed: only uniqueness matters; publication is by `EPOCH`.
+    UNIVERSES.fetch_add(1, Ordering::Relaxed) + 1
+}
+
+/// The registered threads.
+static THREADS: Mutex<Vec<Arc<ThreadRecord>>> = Mutex::new(Vec::new());
+
+/// Ids of registered threads, for reports.
+static THREAD_IDS: AtomicU64 = AtomicU64::new(0);
+
+pub(crate) struct ThreadRecord {
+    pub(crate) id: u64,
+    pub(crate) name: Option<String>,
+    pub(crate) os_tid: i64,
+    pub(crate) record: Record,
+}
+
+thread_local! {
+    /// This thread's universe; `UNREGISTERED` if it is not registered.
+    /// Const-initialised and without a destructor, so reading it is one
+    /// `fs`-relative load.
+    static UNIVERSE: Cell<u64> = const { Cell::new(UNREGISTERED) };
+
+    /// Keeps this thread's record and unregisters it when the thread
+    /// exits without dropping its guard.
+    static REGISTRATION: RefCell<Option<Registration>> = const { RefCell::new(None) };
+}
+
+struct Registration {
+    record: Arc<ThreadRecord>,
+    /// Nesting: `register_thread` called again on a registered thread.
+    depth: usize,
+    /// Nesting of `offline`.
+    offline: usize,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        unregister(&self.record);
+        // The thread-local may already be destroyed at thread exit.
+        let _ = UNIVERSE.try_with(|u| u.set(UNREGISTERED));
+    }
+}
+
+fn unregister(record: &Arc<ThreadRecord>) {
+    THREADS.lock().retain(|r| !Arc::ptr_eq(r, record));
+}
+
+/// This thread's universe, for dispatchers.
+#[inline(always)]
+pub(crate) fn local_universe() -> u64 {
+    UNIVERSE.with(Cell::get)
+}
+
+/// Registers the calling thread with the runtime until the guard drops
+/// (or the thread exits).
+///
+/// A registered thread runs every function of a patch in its old version
+/// or every one in its new version between two calls to [`quiescent`]
+/// (its *safepoints*): place one between requests. Around blocking work
+/// (I/O, waiting on a channel) use [`offline`], so a patch need not wait
+/// for the thread to wake up.
+///
+/// Calling it on a thread that is already registered returns a guard
+/// that does nothing more.
+///
+/// # Examples
+///
+/// ```
+/// # fn handle(_: u32) {}
+/// let worker = std::thread::spawn(|| {
+///     let _registered = hotpatch::register_thread();
+///     for request in 0..100 {
+///         handle(request); // patchable calls: all old or all new
+///         hotpatch::quiescent();
+///     }
+/// });
+/// worker.join().unwrap();
+/// ```
+pub fn register_thread() -> ThreadGuard {
+    REGISTRATION.with(|slot| {
+        let mut slot = slot.borrow_mut();
+        if let Some(reg) = slot.as_mut() {
+            reg.depth += 1;
+            return;
+        }
+        let thread = std::thread::current();
+        // Registering under the list's lock orders this with a patcher's
+        // scan of the list (`switch`): a thread missing from a scan
+        // registered after it and adopts the target published before it.
+        let mut threads = THREADS.lock();
+        let target = EPOCH.target();
+        let record = Arc::new(ThreadRecord {
+            // Relaxed: only uniqueness matters.
+            id: THREAD_IDS.fetch_add(1, Ordering::Relaxed) + 1,
+            name: thread.name().map(str::to_owned),
+            // SAFETY: gettid has no preconditions.
+            os_tid: i64::from(unsafe { libc::gettid() }),
+            record: Record::new(target),
+        });
+        threads.push(record.clone());
+        drop(threads);
+        UNIVERSE.with(|u| u.set(target));
+        *slot = Some(Registration {
+            record,
+            depth: 1,
+            offline: 0,
+        });
+    });
+    ThreadGuard {
+        _not_send: PhantomData,
+    }
+}
+
+/// Keeps the thread registered; see [`register_thread`].
+#[derive(Debug)]
+#[must_use = "the thread is unregistered when the guard drops"]
+pub struct ThreadGuard {
+    _not_send: PhantomData<*const ()>,
+}
+
+impl Drop for ThreadGuard {
+    fn drop(&mut self) {
+        let _ = REGISTRATION.try_with(|slot| {
+            let mut slot = slot.borrow_mut();
+            if let Some(reg) = slot.as_mut() {
+                reg.depth -= 1;
+                if reg.depth == 0 {
+                    *slot = None; // Registration::drop unregisters.
+                }
+            }
+        });
+    }
+}
+
+/// Marks a safepoint of the calling thread: if a patch is being applied
+/// or reverted, the thread switches to the new implementations here, all
+/// at once.
+///
+/// With no transition in progress this is one load of a shared word and
+/// one of a thread-local, and writes nothing. On an unregistered thread it
+/// does nothing.
+///
+/// # Examples
+///
+/// ```
+/// let _registered = hotpatch::register_thread();
+/// loop {
+///     // ... serve one request ...
+///     hotpatch::quiescent();
+/// #   break;
+/// }
+/// ```
+#[inline]
+pub fn quiescent() {
+    let target = EPOCH.target();
+    let local = UNIVERSE.with(Cell::get);
+    if local != target && local != UNREGISTERED {
+        adopt(target);
+    }
+}
+
+#[cold]
+fn adopt(target: u64) {
+    REGISTRATION.with(|slot| {
+        if let Some(reg) = slot.borrow().as_ref() {
+            if reg.offline > 0 {
+                return; // Offline threads adopt when they come back.
+            }
+            UNIVERSE.with(|u| u.set(target));
+            reg.record.record.adopt(target);
+        }
+    });
+}
+
+/// Marks the calling thread as being at a safepoint until the guard
+/// drops: use around blocking work. Patchable calls made while offline
+/// may see any version. On an unregistered thread it does nothing.
+///
+/// # Examples
+///
+/// ```
+/// let (tx, rx) = std::sync::mpsc::channel::<u32>();
+/// tx.send(1).unwrap();
+/// let _registered = hotpatch::register_thread();
+/// let job = {
+///     let _offline = hotpatch::offline();
+///     rx.recv().unwrap() // a patch need not wait while we block here
+/// };
+/// # assert_eq!(job, 1);
+/// ```
+pub fn offline() -> OfflineGuard {
+    REGISTRATION.with(|slot| {
+        if let Some(reg) = slot.borrow_mut().as_mut() {
+            reg.offline += 1;
+            if reg.offline == 1 {
+                reg.record.record.go_offline();
+            }
+        }
+    });
+    OfflineGuard {
+        _not_send: PhantomData,
+    }
+}
+
+/// Runs `f` with the calling thread offline (see [`offline`]).
+///
+/// # Examples
+///
+/// ```
+/// let _registered = hotpatch::register_thread();
+/// let line = hotpatch::while_offline(|| std::thread::sleep(std::time::Duration::from_millis(1)));
+/// ```
+pub fn while_offline<R>(f: impl FnOnce() -> R) -> R {
+    let _offline = offline();
+    f()
+}
+
+/// The thread is offline until this drops; see [`offline`].
+#[derive(Debug)]
+#[must_use = "the thread comes back online when the guard drops"]
+pub struct OfflineGuard {
+    _not_send: PhantomData<*const ()>,
+}
+
+impl Drop for OfflineGuard {
+    fn drop(&mut self) {
+        let _ = REGISTRATION.try_with(|slot| {
+            if let Some(reg) = slot.borrow_mut().as_mut() {
+                reg.offline -= 1;
+                if reg.offline == 0 {
+                    let target = reg.record.record.go_online(&EPOCH);
+                    UNIVERSE.with(|u| u.set(target));
+                }
+            }
+        });
+    }
+}
+
+/// A registered thread that did not reach a safepoint in time.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StalledThread {
+    /// The runtime's id for the registered thread.
+    pub id: u64,
+    /// The thread's name, if it has one.
+    pub name: Option<String>,
+    /// The kernel's thread id (as in `top -H`, `gdb`).
+    pub os_tid: i64,
+    /// How long it has gone without a safepoint, at least: it passed none
+    /// since the transition began.
+    pub without_safepoint: Duration,
+}
+
+impl std::fmt::Display for StalledThread {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "thread {} '{}' (tid {}) without a safepoint for {:?}",
+            self.id,
+            self.name.as_deref().unwrap_or("<unnamed>"),
+            self.os_tid,
+            self.without_safepoint
+        )
+    }
+}
+
+/// One function's switch.
+pub(crate) struct Change {
+    pub entry: &'static Entry,
+    pub old: FnAddr,
+    pub new: FnAddr,
+}
+
+/// The transition in progress, for reports.
+pub(crate) struct Progress {
+    pub what: String,
+    pub functions: Vec<&'static str>,
+    pub started: Instant,
+    /// The universe threads are moving to, and whether this is a reversal.
+    pub target: u64,
+    pub reversing: bool,
+}
+
+pub(crate) static PROGRESS: Mutex<Option<Progress>> = Mutex::new(None);
+
+/// What is being applied or reverted right now, and who it waits for.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct TransitionInfo {
+    /// `apply patch #3 (name)`, `revert patch #3 (name)`.
+    pub what: String,
+    pub functions: Vec<&'static str>,
+    pub elapsed: Duration,
+    /// True once the deadline passed and threads are moving back.
+    pub reversing: bool,
+    /// Registered threads that have not switched yet.
+    pub waiting_for: Vec<StalledThread>,
+}
+
+/// The transition in progress, if any.
+pub(crate) fn transition() -> Option<TransitionInfo> {
+    let progress = PROGRESS.lock();
+    let p = progress.as_ref()?;
+    let elapsed = p.started.elapsed();
+    let waiting_for = THREADS
+        .lock()
+        .iter()
+        .filter(|t| !t.record.arrived(p.target))
+        .map(|t| stalled(t, elapsed))
+        .collect();
+    Some(TransitionInfo {
+        what: p.what.clone(),
+        functions: p.functions.clone(),
+        elapsed,
+        reversing: p.reversing,
+        waiting_for,
+    })
+}
+
+fn stalled(t: &ThreadRecord, elapsed: Duration) -> StalledThread {
+    StalledThread {
+        id: t.id,
+        name: t.name.clone(),
+        os_tid: t.os_tid,
+        without_safepoint: elapsed,
+    }
+}
+
+/// Serialises transitions: one at a time. A `bool` and a condvar rather
+/// than a guard, because a reversal that outlives its deadline is
+/// finished by a background thread, which releases it.
+static BUSY: Mutex<bool> = Mutex::new(false);
+static IDLE: Condvar = Condvar::new();
+
+/// Ownership of the transition lock.
+pub(crate) struct Turn(());
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        *BUSY.lock() = false;
+        IDLE.notify_all();
+    }
+}
+
+/// Waits up to `wait` for the transition lock.
+pub(crate) fn take_turn(wait: Duration) -> Option<Turn> {
+    let deadline = Instant::now() + wait;
+    let mut busy = BUSY.lock();
+    while *busy {
+        if IDLE.wait_until(&mut busy, deadline).timed_out() && *busy {
+            return None;
+        }
+    }
+    *busy = true;
+    Some(Turn(()))
+}
+
+/// Polls `done` until it holds or `deadline` passes. The patcher is the
+/// only thread that waits.
+fn poll_until(deadline: Instant, mut done: impl FnMut() -> bool) -> bool {
+    let mut pause = Duration::from_micros(5);
+    loop {
+        if done() {
+            return true;
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return false;
+        }
+        if pause < Duration::from_micros(20) {
+            std::thread::yield_now();
+        } else {
+            std::thread::sleep(pause.min(deadline - now));
+        }
+        pause = (pause * 2).min(Duration::from_millis(1));
+    }
+}
+
+/// If the calling thread is registered, it is at a safepoint: adopt.
+fn adopt_self(target: u64) {
+    let _ = REGISTRATION.try_with(|slot| {
+        if let Some(reg) = slot.borrow().as_ref() {
+            UNIVERSE.with(|u| u.set(target));
+            reg.record.record.adopt(target);
+        }
+    });
+}
+
+fn all_left(universe: u64) -> bool {
+    THREADS.lock().iter().all(|r| r.record.left(universe))
+}
+
+fn restore(changes: &[Change]) {
+    for c in changes {
+        c.entry.slot.set(c.old);
+    }
+    *PROGRESS.lock() = None;
+}
+
+/// Moves every function of `changes` from `old` to `new`: all at once for
+/// each registered thread, at its safepoint.
+///
+/// On success the slots point straight at `new` and the turn is handed
+/// back, for the caller to record the change before the next transition.
+/// On timeout the transition is reversed and the threads that did not
+/// arrive are returned; the slots end as they were once every thread that
+/// switched has come back, which a background thread finishes (holding
+/// the turn) if it takes longer than another `deadline`.
+pub(crate) fn switch(
+    turn: Turn,
+    what: String,
+    changes: Vec<Change>,
+    deadline: Duration,
+) -> Result<Turn, Vec<StalledThread>> {
+    if changes.is_empty() {
+        return Ok(turn);
+    }
+    {
+        // With no registered thread, swap directly: each call is still old
+        // or new. Holding the list's lock keeps a thread from registering
+        // (and starting a request) half-way through.
+        let threads = THREADS.lock();
+        if threads.is_empty() {
+            for c in &changes {
+                c.entry.slot.set(c.new);
+            }
+            return Ok(turn);
+        }
+    }
+    let started = Instant::now();
+    let t = next_universe();
+    for c in &changes {
+        // Never freed: a thread may be inside the dispatcher, holding it,
+        // for as long as it is descheduled. 24 bytes per function per
+        // transition.
+        let choice: &'static Choice<FnAddr> = Box::leak(Box::new(Choice {
+            universe: t,
+            old: c.old,
+            new: c.new,
+        }));
+        c.entry.slot.begin_transition(choice, c.entry.dispatcher);
+    }
+    EPOCH.publish(t);
+    adopt_self(t);
+    *PROGRESS.lock() = Some(Progress {
+        what,
+        functions: changes.iter().map(|c| c.entry.path).collect(),
+        started,
+        target: t,
+        reversing: false,
+    });
+    let arrived = poll_until(started + deadline, || {
+        THREADS.lock().iter().all(|r| r.record.arrived(t))
+    });
+    if arrived {
+        for c in &changes {
+            c.entry.slot.set(c.new);
+        }
+        *PROGRESS.lock() = None;
+        return Ok(turn);
+    }
+    let elapsed = started.elapsed();
+    let stalled: Vec<StalledThread> = THREADS
+        .lock()
+        .iter()
+        .filter(|r| !r.record.arrived(t))
+        .map(|r| stalled(r, elapsed))
+        .collect();
+    // Reverse: a fresh target; threads in `t` leave it at their next
+    // safepoint, and dispatchers send every other thread to `old`.
+    let r = next_universe();
+    EPOCH.publish(r);
+    adopt_self(r);
+    if let Some(p) = PROGRESS.lock().as_mut() {
+        p.target = r;
+        p.reversing = true;
+    }
+    if poll_until(Instant::now() + deadline, || all_left(t)) {
+        restore(&changes);
+        drop(turn);
+        return Err(stalled);
+    }
+    // A thread that switched has stopped reaching safepoints too. The
+    // dispatchers stay correct meanwhile; finish in the background.
+    let finish = move || {
+        while !all_left(t) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        restore(&changes);
+        drop(turn);
+    };
+    let (tx, rx) = std::sync::mpsc::channel::<Box<dyn FnOnce() + Send>>();
+    let spawned = std::thread::Builder::new()
+        .name("hotpatch-reversal".into())
+        .spawn(move || {
+            if let Ok(job) = rx.recv() {
+                job();
+            }
+        });
+    match spawned {
+        Ok(_) => {
+            let _ = tx.send(Box::new(finish));
+        }
+        // No thread to spare: finish here rather than leave it undone.
+        Err(_) => finish(),
+    }
+    Err(stalled)
+}

@@ -1,0 +1,161 @@
+//! The transition protocol's shared state, on its own so that `loom` can
+//! model-check exactly this code (`tests/loom.rs` includes this file with
+//! `--cfg hotpatch_loom`, which swaps in loom's atomics).
+//!
+//! # The protocol
+//!
+//! Every registered thread is in a *universe* (a number). A transition
+//! from an old set of implementations to a new one gets a fresh universe
+//! `t`:
+//!
+//! 1. the patcher stores, per function, a [`Choice`] `{t, old, new}` and
+//!    points the function's slot at its dispatcher;
+//! 2. it publishes `t` as the [`Epoch`] target;
+//! 3. each registered thread adopts the target at its next safepoint (or
+//!    at once when it is offline, or when it comes back online);
+//! 4. a dispatcher runs `new` for a thread in universe `t` (or an
+//!    unregistered thread), `old` for any other: a thread's universe only
+//!    changes at safepoints, so between two safepoints every function of
+//!    the transition is old, or every one is new;
+//! 5. once every online registered thread is in `t`, the slots point
+//!    straight at `new` again.
+//!
+//! Reversal (deadline passed) publishes a fresh target `r`: threads that
+//! reached `t` leave it at their next safepoint, and once none is in `t`
+//! the slots point straight at `old`.
+//!
+//! Orderings: the target is stored `SeqCst` and a thread's `online` flag
+//! is stored and loaded `SeqCst`, so a thread coming online and a patcher
+//! publishing a target cannot both miss each other (the patcher sees the
+//! thread online and waits for it, or the thread sees the new target and
+//! adopts it before running anything). A thread reads the target with
+//! `Acquire`, which pairs with that store: having adopted `t`, it sees the
+//! dispatchers installed before `t` was published.
+
+#[cfg(hotpatch_loom)]
+use loom::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+#[cfg(not(hotpatch_loom))]
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+/// The universe of a thread that is not registered: it always runs the
+/// newest implementation.
+pub const UNREGISTERED: u64 = u64::MAX;
+
+/// The universe registered threads move to at their next safepoint.
+#[derive(Debug)]
+pub struct Epoch {
+    target: AtomicU64,
+}
+
+impl Epoch {
+    #[cfg(not(hotpatch_loom))]
+    pub const fn new(initial: u64) -> Self {
+        Epoch {
+            target: AtomicU64::new(initial),
+        }
+    }
+
+    #[cfg(hotpatch_loom)]
+    pub fn new(initial: u64) -> Self {
+        Epoch {
+            target: AtomicU64::new(initial),
+        }
+    }
+
+    /// What a safepoint compares its universe with.
+    #[inline(always)]
+    pub fn target(&self) -> u64 {
+        // Acquire: pairs with the SeqCst store in `publish`; a thread that
+        // adopts the target sees the dispatchers installed before it.
+        self.target.load(Ordering::Acquire)
+    }
+
+    /// Starts moving registered threads to `universe`.
+    pub fn publish(&self, universe: u64) {
+        // SeqCst: totally ordered with `Record::go_online`'s SeqCst store
+        // and load (see the module docs).
+        self.target.store(universe, Ordering::SeqCst);
+    }
+}
+
+/// The part of a registered thread's state the patcher reads.
+#[derive(Debug)]
+pub struct Record {
+    universe: AtomicU64,
+    online: AtomicBool,
+}
+
+impl Record {
+    /// A record for a thread that registers now, in universe `universe`.
+    pub fn new(universe: u64) -> Self {
+        Record {
+            universe: AtomicU64::new(universe),
+            online: AtomicBool::new(true),
+        }
+    }
+
+    /// Called by the thread itself at a safepoint.
+    pub fn adopt(&self, universe: u64) {
+        // Release: the patcher's Acquire in `arrived`/`left` sees that the
+        // thread finished everything it ran in the previous universe.
+        self.universe.store(universe, Ordering::Release);
+    }
+
+    /// Called by the thread itself before blocking work.
+    pub fn go_offline(&self) {
+        // SeqCst: see `go_online`.
+        self.online.store(false, Ordering::SeqCst);
+    }
+
+    /// Called by the thread itself after blocking work: it is at a
+    /// safepoint, so it adopts the current target. Returns it.
+    pub fn go_online(&self, epoch: &Epoch) -> u64 {
+        // SeqCst store then SeqCst load, against the patcher's SeqCst
+        // publish then SeqCst load of `online`: one of the two sees the
+        // other.
+        self.online.store(true, Ordering::SeqCst);
+        let target = epoch.target.load(Ordering::SeqCst);
+        self.adopt(target);
+        target
+    }
+
+    pub fn is_online(&self) -> bool {
+        // SeqCst: see `go_online`.
+        self.online.load(Ordering::SeqCst)
+    }
+
+    pub fn universe(&self) -> u64 {
+        // Acquire: pairs with the Release in `adopt`.
+        self.universe.load(Ordering::Acquire)
+    }
+
+    /// Patcher: is the thread done with everything before `target`?
+    pub fn arrived(&self, target: u64) -> bool {
+        !self.is_online() || self.universe() == target
+    }
+
+    /// Patcher: has the thread left universe `universe` (reversal)?
+    pub fn left(&self, universe: u64) -> bool {
+        !self.is_online() || self.universe() != universe
+    }
+}
+
+/// One function's two implementations during a transition to `universe`.
+#[derive(Debug)]
+pub struct Choice<P> {
+    pub universe: u64,
+    pub old: P,
+    pub new: P,
+}
+
+impl<P: Copy> Choice<P> {
+    /// The implementation a thread in `local` runs.
+    #[inline(always)]
+    pub fn pick(&self, local: u64) -> P {
+        if local == UNREGISTERED || local == self.universe {
+            self.new
+        } else {
+            self.old
+        }
+    }
+}

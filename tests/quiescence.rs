@@ -1,0 +1,528 @@
+//! Quiescence: registered threads switch a whole patch at their own
+//! safepoints, never wait for each other, and a deadline reverses a
+//! transition that some thread does not join.
+//!
+//! Transitions are process-wide, so the tests of this file take turns.
+
+mod support;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Barrier, Mutex, MutexGuard};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use svc::quiesce::{f, g, version};
+
+fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn patch_path() -> std::path::PathBuf {
+    support::patch("fixture-patch-quiesce")
+}
+
+/// Calls `f` and `g` in one "request", with a pause between them that
+/// gives a concurrent transition time to land in the middle.
+fn request(x: u64) -> u64 {
+    let a = f(x);
+    for _ in 0..50 {
+        std::hint::spin_loop();
+    }
+    a + g(x)
+}
+
+fn cycles() -> usize {
+    std::env::var("HOTPATCH_STRESS_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000)
+}
+
+struct Workers {
+    stop: Arc<AtomicBool>,
+    /// Requests completed by all workers so far.
+    done: Arc<AtomicU64>,
+    /// Requests that saw `f` and `g` of different versions, so far.
+    mixed: Arc<AtomicU64>,
+    handles: Vec<thread::JoinHandle<WorkerReport>>,
+}
+
+#[derive(Debug, Default)]
+struct WorkerReport {
+    requests: u64,
+    mixed: u64,
+    bad: u64,
+}
+
+/// `n` threads doing requests until stopped; registered or not.
+fn spawn_workers(n: usize, registered: bool) -> Workers {
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let mixed = Arc::new(AtomicU64::new(0));
+    let barrier = Arc::new(Barrier::new(n + 1));
+    let handles = (0..n)
+        .map(|i| {
+            let stop = stop.clone();
+            let done = done.clone();
+            let mixed = mixed.clone();
+            let barrier = barrier.clone();
+            thread::Builder::new()
+                .name(format!("worker-{i}"))
+                .spawn(move || {
+                    let _guard = registered.then(hotpatch::register_thread);
+                    barrier.wait();
+                    let mut report = WorkerReport::default();
+                    let mut x = i as u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        x = (x + 1) % 500;
+                        let sum = request(x);
+                        match sum {
+                            1000 => {}
+                            993 | 1007 => {
+                                report.mixed += 1;
+                                mixed.fetch_add(1, Ordering::Relaxed);
+                            }
+                            _ => report.bad += 1,
+                        }
+                        let v = version();
+                        if v != 1 && v != 2 {
+                            report.bad += 1;
+                        }
+                        report.requests += 1;
+                        done.fetch_add(1, Ordering::Relaxed);
+                        hotpatch::quiescent();
+                    }
+                    report
+                })
+                .unwrap()
+        })
+        .collect();
+    barrier.wait();
+    Workers {
+        stop,
+        done,
+        mixed,
+        handles,
+    }
+}
+
+impl Workers {
+    fn finish(self) -> Vec<WorkerReport> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handles
+            .into_iter()
+            .map(|h| h.join().expect("worker panicked"))
+            .collect()
+    }
+}
+
+fn apply_revert_cycles(n: usize) {
+    let so = patch_path();
+    for _ in 0..n {
+        let p = hotpatch::load(&so).expect("load");
+        assert_eq!(version(), 2, "the loading thread is at a safepoint");
+        p.revert().expect("revert");
+        assert_eq!(version(), 1);
+    }
+}
+
+/// Every request of a registered thread sees all-old or all-new, through
+/// many apply/revert cycles, with four threads on two cores.
+#[test]
+fn registered_threads_never_mix_versions() {
+    let _serial = serial();
+    let so = patch_path();
+    let workers = spawn_workers(4, true);
+    apply_revert_cycles(cycles());
+    let reports = workers.finish();
+    let requests: u64 = reports.iter().map(|r| r.requests).sum();
+    let mixed: u64 = reports.iter().map(|r| r.mixed).sum();
+    let bad: u64 = reports.iter().map(|r| r.bad).sum();
+    assert!(requests > 0);
+    assert_eq!(bad, 0, "a call returned neither the old nor the new value");
+    assert_eq!(
+        mixed, 0,
+        "{mixed} of {requests} requests mixed old and new code"
+    );
+    assert!(hotpatch::applied().is_empty(), "{so:?} left applied");
+}
+
+/// The control: the same requests on unregistered threads do mix, so the
+/// invariant the previous test checks is one a transition can break.
+#[test]
+fn unregistered_threads_can_mix_versions() {
+    let _serial = serial();
+    let so = patch_path();
+    let workers = spawn_workers(2, false);
+    let started = Instant::now();
+    let mut seen = 0;
+    while workers.mixed.load(Ordering::Relaxed) == 0 && started.elapsed() < Duration::from_secs(60)
+    {
+        let p = hotpatch::load(&so).expect("load");
+        p.revert().expect("revert");
+        seen += 1;
+    }
+    let reports = workers.finish();
+    let mixed: u64 = reports.iter().map(|r| r.mixed).sum();
+    let bad: u64 = reports.iter().map(|r| r.bad).sum();
+    assert_eq!(bad, 0);
+    assert!(
+        mixed > 0,
+        "no mixed request seen in {seen} cycles: the control is not exercising the race"
+    );
+}
+
+/// Once a load has returned, every registered thread runs the new code at
+/// every call; after revert returns, the old code at every call.
+#[test]
+fn after_a_transition_no_thread_runs_the_previous_version() {
+    let _serial = serial();
+    let so = patch_path();
+    let expected = Arc::new(AtomicU64::new(1));
+    let stop = Arc::new(AtomicBool::new(false));
+    let wrong = Arc::new(AtomicU64::new(0));
+    let barrier = Arc::new(Barrier::new(3));
+    let handles: Vec<_> = (0..2)
+        .map(|_| {
+            let (expected, stop, wrong, barrier) = (
+                expected.clone(),
+                stop.clone(),
+                wrong.clone(),
+                barrier.clone(),
+            );
+            thread::spawn(move || {
+                let _r = hotpatch::register_thread();
+                barrier.wait();
+                let mut generations = 0u64;
+                let mut last = 0;
+                while !stop.load(Ordering::Acquire) {
+                    // Read what must hold *before* the call: if the
+                    // transition completed before this read, the call must
+                    // be the new version.
+                    let must = expected.load(Ordering::Acquire);
+                    let v = version();
+                    if must != 0 && v != must {
+                        wrong.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if v != last {
+                        generations += 1;
+                        last = v;
+                    }
+                    hotpatch::quiescent();
+                }
+                generations
+            })
+        })
+        .collect();
+    barrier.wait();
+    for _ in 0..cycles() {
+        // 0 = "either" while a transition is in progress.
+        expected.store(0, Ordering::Release);
+        let p = hotpatch::load(&so).unwrap();
+        expected.store(2, Ordering::Release);
+        thread::yield_now();
+        expected.store(0, Ordering::Release);
+        p.revert().unwrap();
+        expected.store(1, Ordering::Release);
+        thread::yield_now();
+    }
+    stop.store(true, Ordering::Release);
+    let generations: Vec<u64> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    assert_eq!(
+        wrong.load(Ordering::Relaxed),
+        0,
+        "a thread ran a previous version"
+    );
+    assert!(generations.iter().all(|&g| g > 0), "{generations:?}");
+}
+
+/// A registered thread that never reaches a safepoint makes the load fail
+/// after about the deadline, naming it; nothing changes, and the other
+/// registered threads keep completing requests throughout.
+#[test]
+fn deadline_reverses_and_names_the_stalled_thread() {
+    let _serial = serial();
+    let so = patch_path();
+    let before = hotpatch::functions();
+    let workers = spawn_workers(2, true);
+
+    let release = Arc::new(AtomicBool::new(false));
+    let stuck_saw_new = Arc::new(AtomicBool::new(false));
+    let stuck_ready = Arc::new(Barrier::new(2));
+    let stuck = {
+        let (release, saw_new, ready) =
+            (release.clone(), stuck_saw_new.clone(), stuck_ready.clone());
+        thread::Builder::new()
+            .name("stuck-in-request".into())
+            .spawn(move || {
+                let _r = hotpatch::register_thread();
+                ready.wait();
+                // One long request: never a safepoint until released.
+                while !release.load(Ordering::Acquire) {
+                    if version() != 1 || request(3) != 1000 {
+                        saw_new.store(true, Ordering::Relaxed);
+                    }
+                }
+                hotpatch::quiescent();
+            })
+            .unwrap()
+    };
+    stuck_ready.wait();
+
+    let requests_before = workers.done.load(Ordering::Relaxed);
+    let deadline = Duration::from_millis(300);
+    let started = Instant::now();
+    let err = hotpatch::Loader::new()
+        .deadline(deadline)
+        .load(&so)
+        .expect_err("the stuck thread must make the load fail");
+    let took = started.elapsed();
+    let requests_after = workers.done.load(Ordering::Relaxed);
+
+    match &err {
+        hotpatch::Error::Timeout {
+            stalled,
+            deadline: d,
+            ..
+        } => {
+            assert_eq!(*d, deadline);
+            assert_eq!(stalled.len(), 1, "{stalled:?}");
+            assert_eq!(stalled[0].name.as_deref(), Some("stuck-in-request"));
+            assert!(stalled[0].without_safepoint >= deadline);
+        }
+        other => panic!("expected Timeout, got {other:?}"),
+    }
+    let msg = err.to_string();
+    assert!(msg.contains("stuck-in-request"), "{msg}");
+    assert!(
+        took >= deadline,
+        "failed after {took:?}, before the deadline"
+    );
+    assert!(took < deadline * 20, "failed only after {took:?}");
+    assert_eq!(version(), 1);
+    assert_eq!(
+        hotpatch::functions(),
+        before,
+        "slots changed by a failed load"
+    );
+    assert!(hotpatch::applied().is_empty());
+    assert!(
+        hotpatch::transition().is_none(),
+        "{:?}",
+        hotpatch::transition()
+    );
+    assert!(
+        requests_after > requests_before,
+        "other threads were blocked"
+    );
+
+    release.store(true, Ordering::Release);
+    stuck.join().unwrap();
+    assert!(
+        !stuck_saw_new.load(Ordering::Relaxed),
+        "the stuck thread saw new code"
+    );
+    let reports = workers.finish();
+    assert!(
+        reports.iter().all(|r| r.mixed == 0 && r.bad == 0),
+        "{reports:?}"
+    );
+
+    // And the same patch applies fine once the thread is gone.
+    let p = hotpatch::load(&so).unwrap();
+    assert_eq!(version(), 2);
+    p.revert().unwrap();
+}
+
+/// A registered thread blocked in `offline()` longer than the deadline
+/// does not hold up a load.
+#[test]
+fn offline_threads_do_not_block_a_load() {
+    let _serial = serial();
+    let so = patch_path();
+    let ready = Arc::new(Barrier::new(2));
+    let release = Arc::new(AtomicBool::new(false));
+    let sleeper = {
+        let (ready, release) = (ready.clone(), release.clone());
+        thread::spawn(move || {
+            let _r = hotpatch::register_thread();
+            assert_eq!(version(), 1);
+            hotpatch::while_offline(|| {
+                ready.wait();
+                while !release.load(Ordering::Acquire) {
+                    thread::sleep(Duration::from_millis(5));
+                }
+            });
+            // Back online: at a safepoint, so already on the new code.
+            version()
+        })
+    };
+    ready.wait();
+    let p = hotpatch::Loader::new()
+        .deadline(Duration::from_millis(200))
+        .load(&so)
+        .expect("an offline thread must not block the load");
+    assert_eq!(version(), 2);
+    release.store(true, Ordering::Release);
+    assert_eq!(sleeper.join().unwrap(), 2);
+    p.revert().unwrap();
+}
+
+/// While a transition waits, `transition()` says what and for whom, and
+/// `functions()` flags the functions involved.
+#[test]
+fn transition_is_reported_while_in_progress() {
+    let _serial = serial();
+    let so = patch_path();
+    let release = Arc::new(AtomicBool::new(false));
+    let ready = Arc::new(Barrier::new(2));
+    let holder = {
+        let (release, ready) = (release.clone(), ready.clone());
+        thread::Builder::new()
+            .name("slow-request".into())
+            .spawn(move || {
+                let _r = hotpatch::register_thread();
+                ready.wait();
+                while !release.load(Ordering::Acquire) {
+                    std::hint::spin_loop();
+                }
+                hotpatch::quiescent();
+                // Keep reaching safepoints so the load can finish.
+                for _ in 0..1_000_000 {
+                    if version() == 2 {
+                        break;
+                    }
+                    hotpatch::quiescent();
+                    thread::yield_now();
+                }
+            })
+            .unwrap()
+    };
+    ready.wait();
+    let loader = thread::spawn(move || hotpatch::load(so));
+    let started = Instant::now();
+    let info = loop {
+        if let Some(t) = hotpatch::transition() {
+            break t;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "no transition seen"
+        );
+        thread::sleep(Duration::from_millis(1));
+    };
+    assert!(info.what.contains("fixture-patch-quiesce"), "{}", info.what);
+    assert!(info.functions.contains(&"svc::quiesce::version"));
+    assert!(!info.reversing);
+    assert_eq!(info.waiting_for.len(), 1, "{:?}", info.waiting_for);
+    assert_eq!(info.waiting_for[0].name.as_deref(), Some("slow-request"));
+    let listed = hotpatch::functions();
+    let v = listed
+        .iter()
+        .find(|f| f.path == "svc::quiesce::version")
+        .unwrap();
+    assert!(v.in_transition);
+    assert_eq!(v.implementation, hotpatch::Implementation::Original);
+    release.store(true, Ordering::Release);
+    let p = loader.join().unwrap().expect("load after release");
+    holder.join().unwrap();
+    assert!(hotpatch::transition().is_none());
+    p.revert().unwrap();
+}
+
+/// Threads that register, unregister, exit or panic during transitions
+/// do not wedge the runtime.
+#[test]
+fn threads_coming_and_going_and_panicking() {
+    let _serial = serial();
+    let so = patch_path();
+    let stop = Arc::new(AtomicBool::new(false));
+    let churn: Vec<_> = (0..2)
+        .map(|i| {
+            let stop = stop.clone();
+            thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    let t = thread::spawn(move || {
+                        let _r = hotpatch::register_thread();
+                        for _ in 0..20 {
+                            assert_eq!(request(5), 1000);
+                            hotpatch::quiescent();
+                        }
+                        if (n + i).is_multiple_of(3) {
+                            panic!("worker {i} panics on purpose");
+                        }
+                    });
+                    let _ = t.join();
+                }
+                n
+            })
+        })
+        .collect();
+    let prev_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    for _ in 0..(cycles() / 3).max(50) {
+        let p = hotpatch::Loader::new()
+            .deadline(Duration::from_secs(10))
+            .load(&so)
+            .unwrap();
+        p.revert().unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    let spawned: u64 = churn.into_iter().map(|h| h.join().unwrap()).sum();
+    std::panic::set_hook(prev_hook);
+    assert!(spawned > 0);
+    // Nothing left registered: an immediate load works with a tiny deadline.
+    let p = hotpatch::Loader::new()
+        .deadline(Duration::from_millis(50))
+        .load(&so)
+        .unwrap();
+    p.revert().unwrap();
+}
+
+/// A registered thread that calls `load` itself is at a safepoint: it
+/// switches at once, and the load does not wait for it.
+#[test]
+fn registered_thread_can_load() {
+    let _serial = serial();
+    let so = patch_path();
+    let _r = hotpatch::register_thread();
+    let p = hotpatch::Loader::new()
+        .deadline(Duration::from_millis(100))
+        .load(&so)
+        .unwrap();
+    assert_eq!(version(), 2);
+    assert_eq!(request(9), 1000);
+    p.revert().unwrap();
+    assert_eq!(version(), 1);
+}
+
+/// Long version of the stress test, for `cargo test -- --ignored`.
+#[test]
+#[ignore = "long: minutes of apply/revert under load"]
+fn registered_threads_never_mix_versions_long() {
+    let _serial = serial();
+    let workers = spawn_workers(4, true);
+    apply_revert_cycles(cycles() * 50);
+    let reports = workers.finish();
+    assert!(
+        reports.iter().all(|r| r.mixed == 0 && r.bad == 0),
+        "{reports:?}"
+    );
+}
+
+#[test]
+#[ignore]
+fn time_load() {
+    let so = patch_path();
+    for _ in 0..3 {
+        let t = Instant::now();
+        let p = hotpatch::load(&so).unwrap();
+        let l = t.elapsed();
+        let t = Instant::now();
+        p.revert().unwrap();
+        eprintln!("load {:?} revert {:?}", l, t.elapsed());
+    }
+}
