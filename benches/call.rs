@@ -27,6 +27,16 @@ type F = fn(u64) -> u64;
 /// A fn pointer in a static of the calling crate (no GOT load for it).
 static LOCAL_PTR: AtomicPtr<()> = AtomicPtr::new(bench_svc::direct as F as *mut ());
 
+/// Writes both fn-pointer statics once, through `black_box`, as a hot swap
+/// would: a static never written is folded into a direct call.
+fn write_fn_ptrs() {
+    let f: F = black_box(bench_svc::direct);
+    bench_svc::set_fn_ptr(f);
+    // Release: pairs with the Acquire loads of the calls.
+    LOCAL_PTR.store(f as *mut (), Ordering::Release);
+    *PL_LOCK.write() = f;
+}
+
 /// A read lock per call, held across the call (as a lock that guards
 /// unloading must be).
 static PL_LOCK: parking_lot::RwLock<F> = parking_lot::const_rwlock(bench_svc::direct as F);
@@ -244,6 +254,7 @@ fn group(c: &mut Criterion, threads: usize) {
     } else {
         format!("call_{threads}_threads")
     };
+    write_fn_ptrs();
     for site in [site_direct, site_unpatched, site_atomic_ptr] {
         assert_eq!(black_box(site)(7), bench_svc::body(7));
     }
@@ -295,7 +306,7 @@ criterion_group! {
     name = benches;
     config = Criterion::default()
         .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(3));
+        .measurement_time(Duration::from_secs(5));
     targets = one_thread, two_threads
 }
 criterion_main!(benches);

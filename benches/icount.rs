@@ -34,6 +34,15 @@ const CASES: [&str; 6] = [
 type F = fn(u64) -> u64;
 static LOCAL_PTR: AtomicPtr<()> = AtomicPtr::new(bench_svc::direct as F as *mut ());
 
+/// Writes both fn-pointer statics once, through `black_box`, as a hot swap
+/// would: a static never written is folded into a direct call.
+fn write_fn_ptrs() {
+    let f: F = black_box(bench_svc::direct);
+    bench_svc::set_fn_ptr(f);
+    // Release: pairs with the Acquire loads of the calls.
+    LOCAL_PTR.store(f as *mut (), Ordering::Release);
+}
+
 /// The same loop as `benches/call.rs`.
 #[inline(never)]
 fn calls<C: Fn(u64) -> u64>(iters: u64, f: C) {
@@ -43,6 +52,7 @@ fn calls<C: Fn(u64) -> u64>(iters: u64, f: C) {
 }
 
 fn child(case: &str, n: u64) {
+    write_fn_ptrs();
     match case {
         "loop_only" => calls(n, bench_svc::body),
         "direct" => calls(n, bench_svc::direct),
