@@ -82,10 +82,10 @@ pub fn expand(args: TokenStream, input: TokenStream) -> TokenStream {
     // at this function's name.
     let sig_span = f.sig.ident.span();
     let typed_target = quote_spanned! {sig_span=>
-        ::hotpatch::__private::same_signature(
+        ::hotpatch::__private::Target::entry_of([
             #companion,
             ::hotpatch::__private::Target::<#sig_ty>::REPLACEMENT,
-        )
+        ])
     };
     let manifest_check = quote_spanned! {sig_span=>
         const _: () = crate::__hotpatch_manifest_missing__call_hotpatch_manifest_at_the_crate_root;

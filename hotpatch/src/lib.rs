@@ -150,7 +150,7 @@ mod sys;
 pub mod __private;
 
 pub use error::Error;
-pub use loader::{DEFAULT_DEADLINE, Loader, load};
+pub use loader::{DEFAULT_DEADLINE, Loader, Reclaimed, load};
 pub use patch::{FunctionInfo, Implementation, Patch, PatchId, PatchInfo};
 pub use quiesce::{
     OfflineGuard, StalledThread, ThreadGuard, TransitionInfo, offline, quiescent, register_thread,

@@ -6,6 +6,7 @@ use std::path::Path;
 use std::sync::LazyLock;
 use std::time::Duration;
 
+use libc::RTLD_NOLOAD;
 use libloading::os::unix::{Library, RTLD_LOCAL, RTLD_NOW};
 use parking_lot::Mutex;
 
@@ -47,13 +48,26 @@ pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(5);
 static LIBRARIES: LazyLock<Mutex<Vec<Loaded>>> = LazyLock::new(|| Mutex::new(Vec::new()));
 
 struct Loaded {
+    /// Stable identity (indexes shift when a library is reclaimed).
+    id: u64,
     digest: u64,
     /// The private copy, kept open: its bytes identify the library, and
     /// while it is open its `/proc/self/fd` path is not reused.
     copy: fs::File,
-    _library: Library,
+    library: Library,
     manifest: *const Manifest,
+    /// What it was opened as (`/proc/self/fd/N`).
+    path: std::path::PathBuf,
 }
+
+/// Private copies of reclaimed libraries that the dynamic loader still
+/// keeps mapped (glibc defers unmapping while thread-local destructors
+/// registered by the library are pending). Their descriptors stay open so
+/// that a later copy cannot get the same `/proc/self/fd` path, which
+/// `dlopen` would answer with the old, still-mapped library.
+static ZOMBIES: Mutex<Vec<(fs::File, std::path::PathBuf)>> = Mutex::new(Vec::new());
+
+static NEXT_LIBRARY: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 // SAFETY: `manifest` points to immutable data of a library that is never
 // unmapped; the other fields are Send.
@@ -146,8 +160,7 @@ impl Loader {
             waited: self.deadline,
         })?;
         let mut libraries = LIBRARIES.lock();
-        let library = open(&mut libraries, path, &bytes)?;
-        let m = libraries[library].manifest;
+        let (library, m) = open(&mut libraries, path, &bytes)?;
         if m.is_null() {
             return Err(Error::NoManifest {
                 path: path.to_owned(),
@@ -248,18 +261,22 @@ fn digest(bytes: &[u8]) -> u64 {
     h.finish()
 }
 
-/// The index of the library holding exactly `bytes`, opening it if no
-/// library does yet.
-fn open(libraries: &mut Vec<Loaded>, path: &Path, bytes: &[u8]) -> Result<usize, Error> {
+/// The id and manifest of the library holding exactly `bytes`, opening it
+/// if no library does yet.
+fn open(
+    libraries: &mut Vec<Loaded>,
+    path: &Path,
+    bytes: &[u8],
+) -> Result<(u64, *const Manifest), Error> {
     let digest = digest(bytes);
-    for (i, l) in libraries.iter().enumerate() {
+    for l in libraries.iter() {
         if l.digest == digest {
             let same = sys::same_bytes(&l.copy, bytes).map_err(|source| Error::Copy {
                 path: path.to_owned(),
                 source,
             })?;
             if same {
-                return Ok(i);
+                return Ok((l.id, l.manifest));
             }
         }
     }
@@ -292,11 +309,119 @@ fn open(libraries: &mut Vec<Loaded>, path: &Path, bytes: &[u8]) -> Result<usize,
     let manifest = unsafe { library.get::<*const Manifest>(symbol.as_bytes()) }
         .map(|s| *s)
         .unwrap_or(std::ptr::null());
+    // Relaxed: only uniqueness matters.
+    let id = NEXT_LIBRARY.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     libraries.push(Loaded {
+        id,
         digest,
         copy: copy.file,
-        _library: library,
+        library,
         manifest,
+        path: copy.path,
     });
-    Ok(libraries.len() - 1)
+    Ok((id, manifest))
+}
+
+/// What [`Loader::reclaim`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Reclaimed {
+    /// Libraries closed.
+    pub closed: usize,
+    /// Of those, how many the dynamic loader still keeps mapped for now
+    /// (pending thread-local destructors; unmapped when they have run).
+    pub deferred: usize,
+}
+
+impl Loader {
+    /// Closes the libraries of patches that are no longer applied (and of
+    /// loads that failed their checks), once every registered thread has
+    /// passed a safepoint. Loading the same bytes later opens them afresh.
+    ///
+    /// By default hotpatch never unloads a library (see the crate docs,
+    /// "Unloading"); this is the opt-in. Thread-local destructors that a
+    /// library registered are not a hazard on glibc, which keeps the
+    /// library mapped until they have run (`Reclaimed::deferred`).
+    ///
+    /// # Safety
+    ///
+    /// After this returns, nothing may use code or data of a closed
+    /// library:
+    /// - every thread that calls patchable functions must be registered
+    ///   (an unregistered thread may still be running a reverted
+    ///   replacement), and must call [`offline`](crate::offline) only
+    ///   where it could call [`quiescent`](crate::quiescent);
+    /// - no pointer obtained from patch code may be used afterwards:
+    ///   `&'static str`s and other references into its data, trait objects
+    ///   (their vtables), function pointers and closures it returned,
+    ///   panic payloads it raised as `&'static str`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Busy`] if a transition does not finish within the deadline;
+    /// [`Error::Timeout`] if a registered thread does not reach a
+    /// safepoint within it (nothing is closed then).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// let patch = hotpatch::load("fix-v1.so")?;
+    /// patch.revert()?;
+    /// // SAFETY: every worker is registered, and nothing keeps references
+    /// // returned by the patch.
+    /// let done = unsafe { hotpatch::Loader::new().reclaim() }?;
+    /// println!("closed {} libraries", done.closed);
+    /// # Ok::<(), hotpatch::Error>(())
+    /// ```
+    pub unsafe fn reclaim(&self) -> Result<Reclaimed, Error> {
+        let what = "reclaim unused patch libraries".to_owned();
+        let turn = quiesce::take_turn(self.deadline).ok_or_else(|| Error::Busy {
+            what: what.clone(),
+            waited: self.deadline,
+        })?;
+        let in_use = REGISTRY.lock().library_ids();
+        let any = LIBRARIES.lock().iter().any(|l| !in_use.contains(&l.id));
+        if !any {
+            return Ok(Reclaimed {
+                closed: 0,
+                deferred: 0,
+            });
+        }
+        quiesce::grace(&turn, self.deadline).map_err(|stalled| Error::Timeout {
+            what,
+            deadline: self.deadline,
+            stalled,
+        })?;
+        let unused: Vec<Loaded> = {
+            let mut libraries = LIBRARIES.lock();
+            let (unused, keep) = std::mem::take(&mut *libraries)
+                .into_iter()
+                .partition(|l| !in_use.contains(&l.id));
+            *libraries = keep;
+            unused
+        };
+        let mut done = Reclaimed {
+            closed: 0,
+            deferred: 0,
+        };
+        let mut zombies = ZOMBIES.lock();
+        for l in unused {
+            drop(l.library);
+            done.closed += 1;
+            // SAFETY: RTLD_NOLOAD only looks the name up; if it is still
+            // loaded we get (and at once drop) one more reference.
+            let still = unsafe { Library::open(Some(&l.path), RTLD_NOW | RTLD_NOLOAD) };
+            if still.is_ok() {
+                done.deferred += 1;
+                zombies.push((l.copy, l.path));
+            }
+        }
+        // Zombies whose destructors have run since can go.
+        zombies.retain(|(_, path)| {
+            // SAFETY: as above.
+            unsafe { Library::open(Some(path), RTLD_NOW | RTLD_NOLOAD) }.is_ok()
+        });
+        drop(turn);
+        Ok(done)
+    }
 }

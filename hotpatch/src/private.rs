@@ -116,17 +116,24 @@ impl<S> Target<S> {
         }
     }
 
-    /// The replacement's side of [`same_signature`].
-    pub const REPLACEMENT: Option<Self> = None;
+    /// The replacement's side of the signature check in
+    /// [`Target::entry_of`]; never called.
+    pub const REPLACEMENT: Self = Target {
+        entry: never_called,
+        _signature: PhantomData,
+    };
+
+    /// Compiles only if the two targets, the real one first and then the
+    /// replacement's [`REPLACEMENT`](Self::REPLACEMENT), have exactly the same
+    /// signature (`Target` is invariant in `S`). Returns the real one's
+    /// entry getter.
+    pub const fn entry_of(pair: [Self; 2]) -> fn() -> &'static Entry {
+        pair[0].entry
+    }
 }
 
-/// Compiles only if the replacement's signature is exactly the target's
-/// (`Target` is invariant in `S`). Returns the target's entry getter.
-pub const fn same_signature<S>(
-    target: Target<S>,
-    _replacement: Option<Target<S>>,
-) -> fn() -> &'static Entry {
-    target.entry
+fn never_called() -> &'static Entry {
+    unreachable!("Target::REPLACEMENT is a type witness, never a target")
 }
 
 /// One replacement in a patch: the record `#[patch]` emits.

@@ -55,7 +55,7 @@ struct Layer {
 struct Applied {
     info: Arc<PatchInfo>,
     /// Which loaded library it came from (see `loader`).
-    library: usize,
+    library: u64,
     /// Indexes into `fns`.
     targets: Vec<usize>,
 }
@@ -95,7 +95,7 @@ impl Registry {
 
     /// Checks everything about applying `m` (from library `library`, read
     /// from `path`) and returns what to do. Changes nothing.
-    pub(crate) fn plan(&self, path: &Path, library: usize, m: &Checked) -> Result<Plan, Error> {
+    pub(crate) fn plan(&self, path: &Path, library: u64, m: &Checked) -> Result<Plan, Error> {
         if let Some(a) = self.applied.iter().find(|a| a.library == library) {
             return Err(Error::AlreadyApplied {
                 path: path.to_owned(),
@@ -197,7 +197,7 @@ impl Registry {
         plan: Plan,
         m: &Checked,
         file: &Path,
-        library: usize,
+        library: u64,
     ) -> Arc<PatchInfo> {
         let id = PatchId(self.next_id);
         self.next_id += 1;
@@ -264,6 +264,11 @@ impl Registry {
                 self.fns[idx].layers.retain(|l| l.patch != id);
             }
         }
+    }
+
+    /// Libraries that applied patches come from.
+    pub(crate) fn library_ids(&self) -> HashSet<u64> {
+        self.applied.iter().map(|a| a.library).collect()
     }
 
     pub(crate) fn applied(&self) -> Vec<PatchInfo> {

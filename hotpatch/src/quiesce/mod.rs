@@ -78,7 +78,9 @@ fn unregister(record: &Arc<ThreadRecord>) {
 /// This thread's universe, for dispatchers.
 #[inline(always)]
 pub(crate) fn local_universe() -> u64 {
-    UNIVERSE.with(Cell::get)
+    // During thread exit (a thread-local destructor calling a patchable
+    // function) the cell may be gone: the thread is then unregistered.
+    UNIVERSE.try_with(Cell::get).unwrap_or(UNREGISTERED)
 }
 
 /// Registers the calling thread with the runtime until the guard drops
@@ -183,7 +185,7 @@ impl Drop for ThreadGuard {
 #[inline]
 pub fn quiescent() {
     let target = EPOCH.target();
-    let local = UNIVERSE.with(Cell::get);
+    let local = local_universe();
     if local != target && local != UNREGISTERED {
         adopt(target);
     }
@@ -414,6 +416,31 @@ fn adopt_self(target: u64) {
             reg.record.record.adopt(target);
         }
     });
+}
+
+/// Waits until every online registered thread has passed a safepoint
+/// (a grace period), for reclaiming libraries. `_turn` proves no transition
+/// runs meanwhile.
+pub(crate) fn grace(_turn: &Turn, deadline: Duration) -> Result<(), Vec<StalledThread>> {
+    if THREADS.lock().is_empty() {
+        return Ok(());
+    }
+    let started = Instant::now();
+    let t = next_universe();
+    EPOCH.publish(t);
+    adopt_self(t);
+    if poll_until(started + deadline, || {
+        THREADS.lock().iter().all(|r| r.record.arrived(t))
+    }) {
+        return Ok(());
+    }
+    let elapsed = started.elapsed();
+    Err(THREADS
+        .lock()
+        .iter()
+        .filter(|r| !r.record.arrived(t))
+        .map(|r| stalled(r, elapsed))
+        .collect())
 }
 
 fn all_left(universe: u64) -> bool {

@@ -1,0 +1,197 @@
+//! Unloading: never by default; `Loader::reclaim` (unsafe, opt-in) closes
+//! the libraries of reverted patches after a grace period.
+
+mod support;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier};
+use std::thread;
+use std::time::Duration;
+
+use hotpatch::{Error, Loader};
+
+fn copies(package: &str) -> usize {
+    let file = format!("lib{}.so", package.replace('-', "_"));
+    support::mapped_files(&format!("/memfd:hotpatch:{file}")).len()
+}
+
+/// Threads that ran a reverted patch's thread-local code exit after the
+/// revert: their destructors are patch code, which must still be mapped.
+/// By default it is, forever.
+#[test]
+fn thread_local_destructors_of_a_reverted_patch_run_safely() {
+    let _serial = support::serial();
+    let so = support::patch("fixture-patch-tls");
+    let drops_before = svc::TLS_DROPS.load(Ordering::SeqCst);
+    let patch = hotpatch::load(&so).unwrap();
+
+    const THREADS: usize = 4;
+    let used = Arc::new(Barrier::new(THREADS + 1));
+    let reverted = Arc::new(Barrier::new(THREADS + 1));
+    let handles: Vec<_> = (0..THREADS)
+        .map(|_| {
+            let (used, reverted) = (used.clone(), reverted.clone());
+            thread::spawn(move || {
+                assert_eq!(svc::touch_tls(), 101);
+                assert_eq!(svc::touch_tls(), 102);
+                used.wait();
+                reverted.wait();
+                assert_eq!(svc::touch_tls(), 0, "reverted");
+                // Exits here: the patch's destructor runs.
+            })
+        })
+        .collect();
+    used.wait();
+    patch.revert().unwrap();
+    reverted.wait();
+    for h in handles {
+        h.join().unwrap();
+    }
+    assert_eq!(
+        svc::TLS_DROPS.load(Ordering::SeqCst) - drops_before,
+        THREADS as u64,
+        "every thread's destructor ran, in patch code, after the revert"
+    );
+    assert!(copies("fixture-patch-tls") >= 1, "still mapped");
+}
+
+/// Reclaim closes a reverted patch's library; loading it again opens a
+/// fresh copy.
+#[test]
+fn reclaim_closes_reverted_libraries() {
+    let _serial = support::serial();
+    let so = support::patch("fixture-patch-reclaim");
+    let patch = hotpatch::load(&so).unwrap();
+    assert_eq!(svc::reclaim_target(), 2);
+
+    // SAFETY: no thread of this test binary keeps anything from the patch.
+    let kept = unsafe { Loader::new().reclaim() }.unwrap();
+    assert_eq!(
+        copies("fixture-patch-reclaim"),
+        1,
+        "applied: kept ({kept:?})"
+    );
+
+    patch.revert().unwrap();
+    assert_eq!(svc::reclaim_target(), 1);
+    assert_eq!(copies("fixture-patch-reclaim"), 1);
+    // SAFETY: as above.
+    let done = unsafe { Loader::new().reclaim() }.unwrap();
+    assert!(done.closed >= 1, "{done:?}");
+    assert_eq!(copies("fixture-patch-reclaim"), 0, "unmapped: {done:?}");
+
+    let again = hotpatch::load(&so).unwrap();
+    assert_eq!(svc::reclaim_target(), 2);
+    assert_eq!(copies("fixture-patch-reclaim"), 1);
+    again.revert().unwrap();
+    // SAFETY: as above.
+    unsafe { Loader::new().reclaim() }.unwrap();
+    assert_eq!(copies("fixture-patch-reclaim"), 0);
+}
+
+/// With thread-local destructors pending, the dynamic loader keeps the
+/// library mapped past `dlclose`; the destructors still run safely, and a
+/// new copy of the same bytes is a different library.
+#[test]
+fn reclaim_with_pending_thread_local_destructors() {
+    let _serial = support::serial();
+    let so = support::patch("fixture-patch-tls");
+    let drops_before = svc::TLS_DROPS.load(Ordering::SeqCst);
+    let patch = hotpatch::load(&so).unwrap();
+    let used = Arc::new(Barrier::new(2));
+    let release = Arc::new(Barrier::new(2));
+    let worker = {
+        let (used, release) = (used.clone(), release.clone());
+        thread::spawn(move || {
+            assert!(svc::touch_tls() > 100);
+            used.wait();
+            release.wait();
+        })
+    };
+    used.wait();
+    patch.revert().unwrap();
+    // SAFETY: the worker keeps nothing from the patch but its
+    // thread-local, whose destructor the dynamic loader accounts for.
+    let done = unsafe { Loader::new().reclaim() }.unwrap();
+    assert!(done.closed >= 1, "{done:?}");
+    assert!(done.deferred >= 1, "glibc defers the unmap: {done:?}");
+    assert!(
+        copies("fixture-patch-tls") >= 1,
+        "still mapped for the destructor"
+    );
+
+    // The same bytes again: a new, independent library.
+    let again = hotpatch::load(&so).unwrap();
+    let fresh = thread::spawn(svc::touch_tls).join().unwrap();
+    assert_eq!(fresh, 101, "a fresh thread-local in a fresh copy");
+    again.revert().unwrap();
+
+    release.wait();
+    worker.join().unwrap();
+    assert_eq!(svc::TLS_DROPS.load(Ordering::SeqCst) - drops_before, 2);
+}
+
+/// Reclaim waits for registered threads to pass a safepoint, and closes
+/// nothing if one does not in time.
+#[test]
+fn reclaim_waits_for_registered_threads() {
+    let _serial = support::serial();
+    let so = support::patch("fixture-patch-reclaim");
+    let patch = hotpatch::load(&so).unwrap();
+    let in_request = Arc::new(Barrier::new(2));
+    let release = Arc::new(AtomicBool::new(false));
+    let worker = {
+        let (in_request, release) = (in_request.clone(), release.clone());
+        thread::Builder::new()
+            .name("long-request".into())
+            .spawn(move || {
+                let _registered = hotpatch::register_thread();
+                in_request.wait();
+                while !release.load(Ordering::Acquire) {
+                    assert!(svc::reclaim_target() >= 1);
+                    thread::yield_now();
+                }
+                hotpatch::quiescent();
+            })
+            .unwrap()
+    };
+    in_request.wait();
+    // Revert with the thread mid-request: the revert itself must wait too,
+    // so give it the release first, then stall again for reclaim.
+    release.store(true, Ordering::Release);
+    worker.join().unwrap();
+    patch.revert().unwrap();
+
+    let release = Arc::new(AtomicBool::new(false));
+    let in_request = Arc::new(Barrier::new(2));
+    let worker = {
+        let (in_request, release) = (in_request.clone(), release.clone());
+        thread::Builder::new()
+            .name("long-request".into())
+            .spawn(move || {
+                let _registered = hotpatch::register_thread();
+                in_request.wait();
+                while !release.load(Ordering::Acquire) {
+                    thread::yield_now();
+                }
+                hotpatch::quiescent();
+            })
+            .unwrap()
+    };
+    in_request.wait();
+    // SAFETY: nothing uses the patch; the call must refuse anyway.
+    let err = unsafe { Loader::new().deadline(Duration::from_millis(200)).reclaim() }.unwrap_err();
+    match &err {
+        Error::Timeout { stalled, .. } => {
+            assert_eq!(stalled[0].name.as_deref(), Some("long-request"))
+        }
+        other => panic!("expected Timeout, got {other:?}"),
+    }
+    assert_eq!(copies("fixture-patch-reclaim"), 1, "nothing closed");
+    release.store(true, Ordering::Release);
+    worker.join().unwrap();
+    // SAFETY: as above.
+    let done = unsafe { Loader::new().reclaim() }.unwrap();
+    assert!(done.closed >= 1);
+    assert_eq!(copies("fixture-patch-reclaim"), 0);
+}
