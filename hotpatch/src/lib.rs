@@ -14,7 +14,11 @@
 //! # fn main() { assert_eq!(price(2, 3), 6); }
 //! ```
 //!
-//! ```ignore
+//! ```
+//! # mod my_service {
+//! #     #[hotpatch::patchable]
+//! #     pub fn price(qty: u32, unit_cents: u64) -> u64 { qty as u64 * unit_cents }
+//! # }
 //! // In the patch crate (crate-type = ["cdylib"]), which depends on the
 //! // service's library crate and on hotpatch.
 //! hotpatch::manifest!();
@@ -23,6 +27,7 @@
 //! fn price(qty: u32, unit_cents: u64) -> u64 {
 //!     (qty as u64).saturating_mul(unit_cents)
 //! }
+//! # fn main() { assert_eq!(price(u32::MAX, u64::MAX), u64::MAX); }
 //! ```
 //!
 //! ```no_run
@@ -62,9 +67,18 @@
 //!   the function and the reason, and nothing has changed.
 //! - **No torn calls.** Every call reads its slot once and runs either the
 //!   old or the new implementation, whatever apply or revert does
-//!   meanwhile. (A request that calls several patched functions may see
-//!   some old and some new while a patch is being applied; per-thread
-//!   consistency at safepoints is a separate feature.)
+//!   meanwhile.
+//! - **Consistency at safepoints.** A thread that registers
+//!   ([`register_thread`]) and marks safepoints ([`quiescent`], typically
+//!   between requests) runs every function of a patch in its old version
+//!   or every one in its new version between two safepoints: it switches
+//!   as a whole, at its own next safepoint. No thread waits for another and
+//!   none is paused; the calls of a transition take a slightly slower
+//!   route (a per-function dispatcher) until every registered thread has
+//!   switched, then the slots point straight at the new code again. Around
+//!   blocking work a thread goes [`offline`] and counts as being at a
+//!   safepoint. Unregistered threads switch at once (each call still old
+//!   or new). See "Transitions" below.
 //! - **Panics.** A panic in patch code reaches the caller as an ordinary
 //!   panic of the host with the same `&str` or `String` payload, not an
 //!   abort; a panic in host code called from a patch reaches the patch the
@@ -75,7 +89,34 @@
 //!   patch.
 //! - **Stacking and revert.** Patches stack per function; [`Patch::revert`]
 //!   takes one out wherever it is in the stack.
-//! - **Code stays mapped.** A library is never unloaded.
+//! - **Code stays mapped.** A library is never unloaded, unless the
+//!   program opts in with [`Loader::reclaim`] (see "Unloading").
+//!
+//! # Transitions
+//!
+//! [`load`], [`revert`] and [`Patch::revert`] return once the change is
+//! complete: every online registered thread has passed a safepoint and
+//! runs the new code, and the slots point straight at it. With no
+//! registered thread that is immediate. If some online registered thread
+//! has not passed a safepoint by the deadline ([`Loader::deadline`],
+//! default 5 s), the transition is reversed: threads that had switched go
+//! back at their next safepoint, every slot ends as it was, and the call
+//! returns [`Error::Timeout`] naming the threads that did not arrive. One
+//! transition runs at a time; another `load`/`revert` waits for it within
+//! its own deadline, then fails with [`Error::Busy`]. A registered thread
+//! that calls `load` itself is at a safepoint. [`transition`] and
+//! [`functions`] report a transition in progress.
+//!
+//! `quiescent()` with no transition in progress is a load of one shared
+//! word and one thread-local, and writes nothing.
+//!
+//! **async**: register runtime worker threads (with tokio:
+//! `on_thread_start`, and go offline in `on_thread_park`), and call
+//! `quiescent()` between requests. A request that does not `.await`
+//! between two patchable calls gets the guarantee; one that does may
+//! resume on another worker, or after its worker passed a safepoint, and
+//! can see old code before the `.await` and new code after it. See
+//! `examples/tokio-service`.
 //!
 //! # Limits
 //!
@@ -111,13 +152,18 @@
 //!
 //! # Unloading
 //!
-//! A patch library is never unmapped, even after revert. Code from it may
-//! still be running on another thread, and pointers into it may be held
-//! anywhere: `&'static str` literals, vtables of boxed trait objects,
-//! function pointers. Thread-local destructors registered by its code run
-//! at thread exit and would jump into unmapped memory
+//! By default a patch library is never unmapped, even after revert. Code
+//! from it may still be running on another thread, and pointers into it
+//! may be held anywhere: `&'static str` literals, vtables of boxed trait
+//! objects, function pointers. Thread-local destructors registered by its
+//! code run at thread exit and would jump into unmapped memory
 //! (rust-lang/rust#91979, #59629). Loading identical bytes again reuses the
 //! mapping, so apply/revert cycles of one patch do not grow memory.
+//!
+//! A program that knows more can opt in: [`Loader::reclaim`] (an `unsafe`
+//! fn) closes the libraries of reverted patches after every registered
+//! thread has passed a safepoint; its `# Safety` section says what the
+//! program must guarantee.
 //!
 //! # Safety model
 //!
@@ -148,6 +194,9 @@ mod sys;
 #[doc(hidden)]
 #[path = "private.rs"]
 pub mod __private;
+
+#[doc = include_str!("internals.md")]
+pub mod internals {}
 
 pub use error::Error;
 pub use loader::{DEFAULT_DEADLINE, Loader, Reclaimed, load};
@@ -210,13 +259,19 @@ pub use hotpatch_macros::patchable;
 ///
 /// # Examples
 ///
-/// ```ignore
+/// ```
+/// # mod svc {
+/// #     pub struct Cart { pub items: Vec<u64> }
+/// #     #[hotpatch::patchable]
+/// #     impl Cart { pub fn total(&self) -> u64 { self.items.iter().sum() } }
+/// # }
 /// hotpatch::manifest!();
 ///
 /// #[hotpatch::patch(svc::Cart::total)]
 /// fn total(cart: &svc::Cart) -> u64 {
 ///     cart.items.iter().fold(0u64, |a, b| a.saturating_add(*b))
 /// }
+/// # fn main() { assert_eq!(total(&svc::Cart { items: vec![u64::MAX, 1] }), u64::MAX); }
 /// ```
 pub use hotpatch_macros::patch;
 
@@ -229,10 +284,14 @@ pub use hotpatch_macros::patch;
 ///
 /// # Examples
 ///
-/// ```ignore
+/// ```
 /// hotpatch::manifest!();
-/// // or
+/// # fn main() {}
+/// ```
+///
+/// ```
 /// hotpatch::manifest!(name = "pricing-fix", version = "1.0.1", description = "INC-1234");
+/// # fn main() {}
 /// ```
 #[macro_export]
 macro_rules! manifest {
