@@ -33,6 +33,25 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// The trust policy refuses the file: its owner or permissions, or those
+    /// of a directory above it, let someone else change it (see
+    /// [`Loader::allow_insecure_permissions`](crate::Loader::allow_insecure_permissions)).
+    #[error("refusing patch {path}: {reason}")]
+    Untrusted { path: PathBuf, reason: String },
+
+    /// Trusted keys are configured but the patch has no signature file.
+    #[error("refusing patch {path}: no signature at {signature}")]
+    Unsigned { path: PathBuf, signature: PathBuf },
+
+    /// The signature is malformed, or no trusted key verifies it for these
+    /// bytes.
+    #[error("refusing patch {path}: bad signature: {reason}")]
+    BadSignature { path: PathBuf, reason: String },
+
+    /// A trusted key could not be parsed.
+    #[error("not a minisign public key: {reason}")]
+    BadKey { reason: String },
+
     /// The private copy of the file could not be made.
     #[error("cannot make a private copy of patch {path}: {source}")]
     Copy {

@@ -190,6 +190,7 @@ mod quiesce;
 mod registry;
 mod slot;
 mod sys;
+mod trust;
 
 #[doc(hidden)]
 #[path = "private.rs"]
@@ -205,6 +206,7 @@ pub use quiesce::{
     OfflineGuard, StalledThread, ThreadGuard, TransitionInfo, offline, quiescent, register_thread,
     while_offline,
 };
+pub use trust::TrustedKey;
 
 /// Makes a function, or every method of an `impl` block, patchable.
 ///

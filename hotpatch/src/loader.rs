@@ -12,6 +12,7 @@ use parking_lot::Mutex;
 
 use crate::__private::{MANIFEST_SYMBOL, Manifest};
 use crate::registry::REGISTRY;
+use crate::trust::{self, TrustedKey};
 use crate::{Error, Patch, PatchId, elf, manifest, quiesce, sys};
 
 /// Options for loading patches.
@@ -28,12 +29,14 @@ use crate::{Error, Patch, PatchId, elf, manifest, quiesce, sys};
 #[derive(Clone, Debug)]
 pub struct Loader {
     deadline: Duration,
+    policy: trust::Policy,
 }
 
 impl Default for Loader {
     fn default() -> Self {
         Loader {
             deadline: DEFAULT_DEADLINE,
+            policy: trust::Policy::default(),
         }
     }
 }
@@ -101,6 +104,39 @@ impl Loader {
         self
     }
 
+    /// Accepts patch files whatever their owner and permissions, and those
+    /// of the directories above them. By default a file that someone other
+    /// than this process's user (or root) could have written is refused
+    /// with [`Error::Untrusted`], as ssh and sudo refuse such files.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// // A development box where patches come from a shared build directory.
+    /// let patch = hotpatch::Loader::new().allow_insecure_permissions().load("fix.so")?;
+    /// # Ok::<(), hotpatch::Error>(())
+    /// ```
+    pub fn allow_insecure_permissions(mut self) -> Self {
+        self.policy.allow_insecure_permissions = true;
+        self
+    }
+
+    /// Requires every patch to carry a valid minisign signature
+    /// (`<file>.minisig`) by `key` or another trusted key. Checked on the
+    /// bytes that are then loaded, before the library is opened.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// let key = hotpatch::TrustedKey::from_file("/etc/my-service/patches.pub")?;
+    /// let patch = hotpatch::Loader::new().trusted_key(key).load("fix.so")?;
+    /// # Ok::<(), hotpatch::Error>(())
+    /// ```
+    pub fn trusted_key(mut self, key: TrustedKey) -> Self {
+        self.policy.keys.push(key);
+        self
+    }
+
     /// Reverts `patch`, waiting for registered threads as [`load`](Self::load)
     /// does.
     ///
@@ -150,10 +186,7 @@ impl Loader {
     /// is reused if the same bytes are loaded again.
     pub fn load(&self, path: impl AsRef<Path>) -> Result<Patch, Error> {
         let path = path.as_ref();
-        let bytes = read(path).map_err(|source| Error::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let bytes = trust::read(path, &self.policy)?;
         // One transition at a time (loads and reverts).
         let turn = quiesce::take_turn(self.deadline).ok_or_else(|| Error::Busy {
             what: format!("load {}", path.display()),
@@ -205,47 +238,6 @@ impl Loader {
 /// ```
 pub fn load(path: impl AsRef<Path>) -> Result<Patch, Error> {
     Loader::new().load(path)
-}
-
-/// Largest patch file `load` reads.
-const MAX_FILE: u64 = 1 << 30;
-
-/// Reads a regular file of at most `MAX_FILE` bytes (not a FIFO, a device
-/// or a directory, which would block or never end).
-fn read(path: &Path) -> std::io::Result<Vec<u8>> {
-    use std::io::Read;
-    let file = fs::File::open(path)?;
-    let meta = file.metadata()?;
-    if meta.is_dir() {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::IsADirectory,
-            "is a directory",
-        ));
-    }
-    if !meta.is_file() {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "not a regular file",
-        ));
-    }
-    if meta.len() > MAX_FILE {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            format!(
-                "{} bytes is larger than the {MAX_FILE}-byte limit",
-                meta.len()
-            ),
-        ));
-    }
-    let mut bytes = Vec::with_capacity(meta.len() as usize);
-    file.take(MAX_FILE + 1).read_to_end(&mut bytes)?;
-    if bytes.len() as u64 > MAX_FILE {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "the file grew past the size limit while being read",
-        ));
-    }
-    Ok(bytes)
 }
 
 /// A cheap identity for a file's bytes: its size and its first and last
