@@ -176,6 +176,21 @@ pub enum Error {
     #[error("{what}: another patch transition is still in progress after {waited:?}")]
     Busy { what: String, waited: Duration },
 
+    /// The patch's allocator is not the host's (see
+    /// [`Loader::allow_foreign_allocator`](crate::Loader::allow_foreign_allocator)).
+    #[error("{path}: refusing a patch with a foreign allocator: {reason}")]
+    ForeignAllocator { path: PathBuf, reason: String },
+
+    /// The patch's initialisation (`hotpatch::manifest!(init = ...)`)
+    /// returned an error or panicked; nothing was applied.
+    #[error("{path}: patch initialisation failed: {reason}")]
+    InitFailed { path: PathBuf, reason: String },
+
+    /// A fault injected by a test (`failpoints` feature only).
+    #[cfg(feature = "failpoints")]
+    #[error("{path}: fault injected at `{point}`")]
+    Injected { point: &'static str, path: PathBuf },
+
     /// No applied patch has this id (already reverted).
     #[error("{id} is not applied")]
     NotApplied { id: PatchId },

@@ -180,6 +180,20 @@
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
+/// A fault-injection point (`fail` crate) under the test-only
+/// `failpoints` feature: `fail::cfg(NAME, "return")` makes the enclosing
+/// function return `Error::Injected`. Nothing without the feature.
+macro_rules! failpoint {
+    ($name:literal, $path:expr) => {
+        #[cfg(feature = "failpoints")]
+        fail::fail_point!($name, |_| Err($crate::Error::Injected {
+            point: $name,
+            path: ::std::path::Path::to_owned($path),
+        }));
+    };
+}
+
+mod alloc;
 mod elf;
 mod error;
 mod loader;
@@ -188,6 +202,7 @@ mod panic;
 mod patch;
 mod quiesce;
 mod registry;
+mod shared;
 mod slot;
 mod sys;
 mod trust;
@@ -206,6 +221,7 @@ pub use quiesce::{
     OfflineGuard, StalledThread, ThreadGuard, TransitionInfo, offline, quiescent, register_thread,
     while_offline,
 };
+pub use shared::Shared;
 pub use trust::TrustedKey;
 
 /// Makes a function, or every method of an `impl` block, patchable.
@@ -277,12 +293,48 @@ pub use hotpatch_macros::patchable;
 /// ```
 pub use hotpatch_macros::patch;
 
+/// Makes a service `static` shared with patches: patch code that names it
+/// uses the host's instance, not the private copy linked into the patch.
+///
+/// The static's type becomes [`Shared<T>`](Shared), which dereferences
+/// to `T`: method calls (`HITS.fetch_add(..)`) read as before; code that
+/// needs a `&T` writes `&*HITS`. Give it a `Sync` type with interior
+/// mutability (atomics, `Mutex`, `OnceLock`); `static mut` is rejected.
+/// The runtime checks the type's text, size and alignment match before a
+/// patch is applied.
+///
+/// Statics without this attribute, and thread-locals, stay private to each
+/// patch (see the crate docs, "Limits").
+///
+/// # Examples
+///
+/// ```
+/// use std::sync::Mutex;
+///
+/// #[hotpatch::shared]
+/// pub static RATES: Mutex<Vec<u64>> = Mutex::new(Vec::new());
+///
+/// # fn main() {
+/// RATES.lock().unwrap().push(5);
+/// assert_eq!(RATES.lock().unwrap().len(), 1);
+/// # }
+/// ```
+pub use hotpatch_macros::shared;
+
 /// Declares the patch crate's manifest: invoke once at the crate root of a
 /// patch crate.
 ///
 /// Name, version and description default to the crate's Cargo package
 /// metadata (`name`, `version`, `description`); any of them can be given
-/// instead.
+/// instead, in any order, as can `init`: a `fn() -> Result<(), E>` (`E:
+/// Display`) that runs each time the patch is loaded, after its checks
+/// and before it is applied. An `Err` or a panic there refuses the patch
+/// with [`Error::InitFailed`], nothing applied.
+///
+/// It also makes the host's global allocator the patch's (see
+/// `hotpatch::internals`), so memory can move freely between patch and
+/// host code: the patch crate must not declare a `#[global_allocator]` of
+/// its own.
 ///
 /// # Examples
 ///
@@ -295,39 +347,66 @@ pub use hotpatch_macros::patch;
 /// hotpatch::manifest!(name = "pricing-fix", version = "1.0.1", description = "INC-1234");
 /// # fn main() {}
 /// ```
+///
+/// ```
+/// fn check_config() -> Result<(), String> {
+///     std::env::var("PRICING_FIX_ENABLED").map(drop).map_err(|_| "not enabled".to_owned())
+/// }
+/// hotpatch::manifest!(init = check_config);
+/// # fn main() {}
+/// ```
 #[macro_export]
 macro_rules! manifest {
-    () => {
-        $crate::manifest!(
-            name = ::core::env!("CARGO_PKG_NAME"),
-            version = ::core::env!("CARGO_PKG_VERSION"),
-            description = ::core::env!("CARGO_PKG_DESCRIPTION")
-        );
+    ($($key:ident = $value:expr),* $(,)?) => {
+        $crate::__manifest! {
+            @ (::core::env!("CARGO_PKG_NAME"))
+              (::core::env!("CARGO_PKG_VERSION"))
+              (::core::env!("CARGO_PKG_DESCRIPTION"))
+              ()
+            ; $($key = $value,)*
+        }
     };
-    (name = $name:expr, version = $version:expr, description = $description:expr $(,)?) => {
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __manifest {
+    (@ $name:tt $version:tt $description:tt $init:tt ; name = $v:expr, $($rest:tt)*) => {
+        $crate::__manifest! { @ ($v) $version $description $init ; $($rest)* }
+    };
+    (@ $name:tt $version:tt $description:tt $init:tt ; version = $v:expr, $($rest:tt)*) => {
+        $crate::__manifest! { @ $name ($v) $description $init ; $($rest)* }
+    };
+    (@ $name:tt $version:tt $description:tt $init:tt ; description = $v:expr, $($rest:tt)*) => {
+        $crate::__manifest! { @ $name $version ($v) $init ; $($rest)* }
+    };
+    (@ $name:tt $version:tt $description:tt $init:tt ; init = $v:expr, $($rest:tt)*) => {
+        $crate::__manifest! { @ $name $version $description ($v) ; $($rest)* }
+    };
+    (@ ($name:expr) ($version:expr) ($description:expr) ($($init:expr)?) ;) => {
         #[doc(hidden)]
         #[unsafe(export_name = "hotpatch_manifest_v1")]
-        pub static __HOTPATCH_MANIFEST: $crate::__private::Manifest =
-            $crate::__private::Manifest::new($name, $version, $description);
+        pub static __HOTPATCH_MANIFEST: $crate::__private::Manifest = {
+            let m = $crate::__private::Manifest::new($name, $version, $description)
+                .with_host_allocator();
+            $(
+                fn __hotpatch_init() -> ::core::result::Result<(), $crate::__private::Transport> {
+                    $crate::__private::run_init($init)
+                }
+                let m = m.with_init(__hotpatch_init);
+            )?
+            m
+        };
+
+        #[global_allocator]
+        static __HOTPATCH_HOST_ALLOCATOR: $crate::__private::HostAllocator =
+            $crate::__private::HostAllocator;
+
         // What `#[patch]` checks for: its name is the compile error a patch
         // crate without `hotpatch::manifest!()` gets.
         #[doc(hidden)]
         #[allow(non_upper_case_globals)]
         pub const __hotpatch_manifest_missing__call_hotpatch_manifest_at_the_crate_root: () = ();
-    };
-    (name = $name:expr $(,)?) => {
-        $crate::manifest!(
-            name = $name,
-            version = ::core::env!("CARGO_PKG_VERSION"),
-            description = ::core::env!("CARGO_PKG_DESCRIPTION")
-        );
-    };
-    (name = $name:expr, version = $version:expr $(,)?) => {
-        $crate::manifest!(
-            name = $name,
-            version = $version,
-            description = ::core::env!("CARGO_PKG_DESCRIPTION")
-        );
     };
 }
 

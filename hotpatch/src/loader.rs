@@ -30,6 +30,7 @@ use crate::{Error, Patch, PatchId, elf, manifest, quiesce, sys};
 pub struct Loader {
     deadline: Duration,
     policy: trust::Policy,
+    allow_foreign_allocator: bool,
 }
 
 impl Default for Loader {
@@ -37,6 +38,7 @@ impl Default for Loader {
         Loader {
             deadline: DEFAULT_DEADLINE,
             policy: trust::Policy::default(),
+            allow_foreign_allocator: false,
         }
     }
 }
@@ -121,6 +123,15 @@ impl Loader {
         self
     }
 
+    /// Accepts patches that do not use the host's global allocator (a
+    /// manifest written without `hotpatch::manifest!()`). Only sound if
+    /// no memory is allocated on one side and freed on the other, or both
+    /// allocators are the same `malloc`.
+    pub fn allow_foreign_allocator(mut self) -> Self {
+        self.allow_foreign_allocator = true;
+        self
+    }
+
     /// Requires every patch to carry a valid minisign signature
     /// (`<file>.minisig`) by `key` or another trusted key. Checked on the
     /// bytes that are then loaded, before the library is opened.
@@ -156,6 +167,7 @@ impl Loader {
             waited: self.deadline,
         })?;
         let (info, changes) = REGISTRY.lock().revert_changes(id)?;
+        failpoint!("revert::apply", &info.file);
         let what = format!("revert {id} ({})", info.name);
         let turn =
             quiesce::switch(turn, what.clone(), changes, self.deadline).map_err(|stalled| {
@@ -185,9 +197,35 @@ impl Loader {
     /// checks stays mapped (its initialisers ran; see the crate docs), and
     /// is reused if the same bytes are loaded again.
     pub fn load(&self, path: impl AsRef<Path>) -> Result<Patch, Error> {
-        let path = path.as_ref();
+        self.apply(path.as_ref(), None)
+    }
+
+    /// Replaces the applied patch `old` by the patch at `path` (typically a
+    /// cumulative patch: everything `old` fixed, and more) in one
+    /// transition: every function either patch replaces switches from what
+    /// implements it now to what implements it with `old` taken out and the
+    /// new patch applied. Registered threads never see a state with
+    /// neither, or both half-way.
+    ///
+    /// # Errors
+    ///
+    /// As [`load`](Self::load), and [`Error::NotApplied`] if `old` is not
+    /// applied. On error `old` stays applied and nothing changed.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// let v1 = hotpatch::load("fix-v1.so")?;
+    /// let v2 = hotpatch::Loader::new().replace(v1.id(), "fix-v2.so")?;
+    /// # Ok::<(), hotpatch::Error>(())
+    /// ```
+    pub fn replace(&self, old: PatchId, path: impl AsRef<Path>) -> Result<Patch, Error> {
+        self.apply(path.as_ref(), Some(old))
+    }
+
+    fn apply(&self, path: &Path, replacing: Option<PatchId>) -> Result<Patch, Error> {
         let bytes = trust::read(path, &self.policy)?;
-        // One transition at a time (loads and reverts).
+        // One transition at a time (loads, reverts, replaces, reclaims).
         let turn = quiesce::take_turn(self.deadline).ok_or_else(|| Error::Busy {
             what: format!("load {}", path.display()),
             waited: self.deadline,
@@ -200,17 +238,52 @@ impl Loader {
                 symbol: MANIFEST_SYMBOL,
             });
         }
+        failpoint!("load::manifest", path);
         // SAFETY: `m` is the manifest symbol's address in a library that is
-        // never unmapped.
+        // not unmapped while it is in `LIBRARIES`, which we hold.
         let checked = unsafe { manifest::check(path, m) }?;
-        let (plan, changes) = {
+        if !self.allow_foreign_allocator {
+            if checked.host_allocator.is_none() {
+                return Err(Error::ForeignAllocator {
+                    path: path.to_owned(),
+                    reason: "the patch does not use the host's allocator (it has no \
+                             `hotpatch::manifest!()` allocator); memory passed between it and \
+                             the host would be freed by the wrong allocator"
+                        .into(),
+                });
+            }
+            if checked.early_overflow {
+                return Err(Error::ForeignAllocator {
+                    path: path.to_owned(),
+                    reason: format!(
+                        "its initialisers made more than {} allocations before the host's \
+                         allocator was installed",
+                        crate::alloc::EARLY_SLOTS
+                    ),
+                });
+            }
+        }
+        let (plan, changes, old) = {
             let registry = REGISTRY.lock();
+            let old = replacing.map(|id| registry.info(id)).transpose()?;
             let plan = registry.plan(path, library, &checked)?;
-            let changes = registry.prepare(&plan, &checked);
-            (plan, changes)
+            let changes = registry.changes(replacing, plan.replacements());
+            registry.prepare(&plan, &checked);
+            (plan, changes, old)
         };
         drop(libraries);
-        let what = format!("apply {} from {}", checked.name, path.display());
+        checked.run_init(path)?;
+        failpoint!("load::apply", path);
+        let what = match &old {
+            Some(old) => format!(
+                "replace {} ({}) by {} from {}",
+                old.id,
+                old.name,
+                checked.name,
+                path.display()
+            ),
+            None => format!("apply {} from {}", checked.name, path.display()),
+        };
         let turn =
             quiesce::switch(turn, what.clone(), changes, self.deadline).map_err(|stalled| {
                 Error::Timeout {
@@ -219,7 +292,13 @@ impl Loader {
                     stalled,
                 }
             })?;
-        let info = REGISTRY.lock().record_apply(plan, &checked, path, library);
+        let info = {
+            let mut registry = REGISTRY.lock();
+            if let Some(old) = replacing {
+                registry.record_revert(old);
+            }
+            registry.record_apply(plan, &checked, path, library)
+        };
         drop(turn);
         Ok(Patch { info })
     }
@@ -276,6 +355,7 @@ fn open(
         path: path.to_owned(),
         reason,
     })?;
+    failpoint!("load::copy", path);
     let label = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -284,6 +364,7 @@ fn open(
         path: path.to_owned(),
         source,
     })?;
+    failpoint!("load::dlopen", path);
     // SAFETY: opening a library runs its initialisers. The patch is code
     // the operator chose to load (see the crate docs, "Safety model");
     // RTLD_LOCAL keeps its symbols from interposing on later loads.

@@ -21,7 +21,8 @@ use std::path::Path;
 use std::sync::atomic::AtomicPtr;
 
 use crate::__private::{
-    ABI_VERSION, Entry, MAGIC, Manifest, PANIC_STRATEGY, PatchFn, RUSTC_VERSION, RawStr, TARGET,
+    ABI_VERSION, Entry, HostAllocFns, MAGIC, Manifest, PANIC_STRATEGY, PatchFn, RUSTC_VERSION,
+    RawStr, SharedEntry, TARGET, Transport,
 };
 use crate::Error;
 
@@ -37,7 +38,26 @@ pub(crate) struct Checked {
     pub description: String,
     pub functions: &'static [PatchFn],
     pub slots: &'static [Entry],
+    pub shared: &'static [SharedEntry],
     pub host_raise: &'static AtomicPtr<()>,
+    /// The patch's `HostAllocator` cell, if it declares one.
+    pub host_allocator: Option<&'static AtomicPtr<HostAllocFns>>,
+    /// More allocations during `dlopen` than could be tracked.
+    pub early_overflow: bool,
+    pub init: Option<fn() -> Result<(), Transport>>,
+}
+
+impl Checked {
+    /// Runs the patch's initialisation, if it has one.
+    pub(crate) fn run_init(&self, path: &Path) -> Result<(), Error> {
+        match self.init.map(|init| init()) {
+            Some(Err(t)) => Err(Error::InitFailed {
+                path: path.to_owned(),
+                reason: t.into_message(),
+            }),
+            _ => Ok(()),
+        }
+    }
 }
 
 fn invalid(path: &Path, reason: impl Into<String>) -> Error {
@@ -142,6 +162,7 @@ pub(crate) unsafe fn check(path: &Path, m: *const Manifest) -> Result<Checked, E
     }
     if m.entry_size as usize != std::mem::size_of::<Entry>()
         || m.patch_fn_size as usize != std::mem::size_of::<PatchFn>()
+        || m.shared_entry_size as usize != std::mem::size_of::<SharedEntry>()
     {
         return Err(invalid(
             path,
@@ -176,6 +197,30 @@ pub(crate) unsafe fn check(path: &Path, m: *const Manifest) -> Result<Checked, E
     let first = unsafe { slots_fn(&mut n) };
     // SAFETY: as for the function table.
     let slots = unsafe { table(path, "slot", first, n) }?;
+    let shared = match m.shared {
+        Some(shared_fn) => {
+            let mut n = 0usize;
+            // SAFETY: as for the function table.
+            let first = unsafe { shared_fn(&mut n) };
+            // SAFETY: as for the function table.
+            unsafe { table(path, "shared static", first, n) }?
+        }
+        None => &[],
+    };
+    let host_allocator = match m.host_allocator {
+        Some(cell_fn) => {
+            // SAFETY: as for the function table: the patch's `host_alloc_raw`.
+            let cell = unsafe { cell_fn() };
+            if cell.is_null() || !cell.is_aligned() {
+                return Err(invalid(path, "the allocator cell is null or misaligned"));
+            }
+            // SAFETY: non-null, aligned, a static of the mapped library.
+            Some(unsafe { &*cell })
+        }
+        None => None,
+    };
+    // SAFETY: as for the function table: the patch's `early_overflow_raw`.
+    let early_overflow = m.early_overflow.is_some_and(|f| unsafe { f() });
     let host_raise_fn = m
         .host_raise
         .ok_or_else(|| invalid(path, "the host-raise getter is null"))?;
@@ -192,7 +237,11 @@ pub(crate) unsafe fn check(path: &Path, m: *const Manifest) -> Result<Checked, E
         description,
         functions,
         slots,
+        shared,
         host_raise,
+        host_allocator,
+        early_overflow,
+        init: m.init,
     })
 }
 

@@ -78,6 +78,27 @@ impl Transport {
         }
     }
 
+    /// A transport of a plain message (an initialisation error).
+    pub fn message(text: String) -> Self {
+        let (ptr, len) = (text.as_ptr(), text.len());
+        Transport {
+            kind: KIND_STRING,
+            ptr,
+            len,
+            owner: Box::into_raw(Box::new(text)).cast(),
+            free: Some(free_string),
+        }
+    }
+
+    /// The message, copied to this side; frees the sender's copy.
+    pub(crate) fn into_message(self) -> String {
+        // SAFETY: as in `into_payload`.
+        let text = unsafe {
+            std::str::from_utf8_unchecked(std::slice::from_raw_parts(self.ptr, self.len))
+        };
+        text.to_owned()
+    }
+
     /// Rebuilds the payload with this side's std and allocator, and frees
     /// the sender's copy with the sender's allocator.
     fn into_payload(self) -> Box<dyn Any + Send> {

@@ -8,6 +8,7 @@ use std::fmt;
 use std::marker::PhantomData;
 use std::sync::atomic::AtomicPtr;
 
+pub use crate::alloc::{HOST_ALLOC, HostAllocFns, HostAllocator};
 pub use crate::panic::{HOST_RAISE, Transport, catch, enter, raise};
 pub use crate::slot::{FnAddr, Slot};
 pub use linkme;
@@ -35,6 +36,34 @@ pub const HOTPATCH_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// patch's private copy of the service crate).
 #[linkme::distributed_slice]
 pub static SLOTS: [Entry];
+
+/// Every `#[hotpatch::shared]` static linked into this image.
+#[linkme::distributed_slice]
+pub static SHARED: [SharedEntry];
+
+/// An address of data, type-erased.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[repr(transparent)]
+pub struct DataAddr(pub *const ());
+
+// SAFETY: an address, shared read-only.
+unsafe impl Send for DataAddr {}
+// SAFETY: as above.
+unsafe impl Sync for DataAddr {}
+
+/// The registry record of one shared static.
+#[repr(C)]
+pub struct SharedEntry {
+    pub path: &'static str,
+    /// The type as written.
+    pub ty: &'static str,
+    pub fingerprint: u64,
+    pub layout: TypeLayout,
+    /// This image's value.
+    pub local: DataAddr,
+    /// This image's redirection cell (an `AtomicPtr<T>`).
+    pub target: DataAddr,
+}
 
 /// Every `#[patch]` replacement linked into this image.
 #[linkme::distributed_slice]
@@ -189,6 +218,17 @@ pub struct Manifest {
     pub host_raise: Option<unsafe extern "C" fn() -> *const AtomicPtr<()>>,
     pub entry_size: u32,
     pub patch_fn_size: u32,
+    /// The patch's `SHARED` (its copies of the service's shared statics).
+    pub shared: Option<unsafe extern "C" fn(*mut usize) -> *const SharedEntry>,
+    pub shared_entry_size: u32,
+    /// Set by `manifest!()`: the patch's global allocator is
+    /// [`HostAllocator`], whose cell this returns.
+    pub host_allocator: Option<unsafe extern "C" fn() -> *const AtomicPtr<HostAllocFns>>,
+    /// Whether more allocations were made during `dlopen` than
+    /// [`HostAllocator`] could track.
+    pub early_overflow: Option<unsafe extern "C" fn() -> bool>,
+    /// `manifest!(init = f)`: runs before the patch is applied.
+    pub init: Option<fn() -> Result<(), Transport>>,
 }
 
 // SAFETY: the manifest is immutable data (addresses of statics and
@@ -214,8 +254,51 @@ impl Manifest {
             host_raise: Some(host_raise_raw),
             entry_size: std::mem::size_of::<Entry>() as u32,
             patch_fn_size: std::mem::size_of::<PatchFn>() as u32,
+            shared: Some(shared_raw),
+            shared_entry_size: std::mem::size_of::<SharedEntry>() as u32,
+            host_allocator: None,
+            early_overflow: None,
+            init: None,
         }
     }
+
+    /// Declares that the patch's global allocator is [`HostAllocator`].
+    pub const fn with_host_allocator(mut self) -> Self {
+        self.host_allocator = Some(host_alloc_raw);
+        self.early_overflow = Some(early_overflow_raw);
+        self
+    }
+
+    /// Runs `init` before the patch is applied.
+    pub const fn with_init(mut self, init: fn() -> Result<(), Transport>) -> Self {
+        self.init = Some(init);
+        self
+    }
+}
+
+/// Runs a patch's initialisation in the patch's `catch_unwind`: a panic
+/// or an `Err` becomes a `Transport` carrying the message.
+pub fn run_init<E: fmt::Display>(init: fn() -> Result<(), E>) -> Result<(), Transport> {
+    match catch(init) {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(Transport::message(e.to_string())),
+        Err(panic) => Err(panic),
+    }
+}
+
+unsafe extern "C" fn shared_raw(len: *mut usize) -> *const SharedEntry {
+    let s: &[SharedEntry] = &SHARED;
+    // SAFETY: the caller passes a valid pointer (see `patch_fns_raw`).
+    unsafe { len.write(s.len()) };
+    s.as_ptr()
+}
+
+unsafe extern "C" fn host_alloc_raw() -> *const AtomicPtr<HostAllocFns> {
+    &HOST_ALLOC
+}
+
+unsafe extern "C" fn early_overflow_raw() -> bool {
+    crate::alloc::early_overflow()
 }
 
 /// # Safety

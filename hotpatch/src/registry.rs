@@ -17,18 +17,19 @@ use std::sync::{Arc, LazyLock};
 
 use parking_lot::Mutex;
 
-use crate::__private::{Entry, FnAddr, SLOTS};
+use crate::__private::{Entry, FnAddr, SHARED, SLOTS, SharedEntry};
 use crate::manifest::Checked;
 use crate::quiesce::Change;
 use crate::{Error, FunctionInfo, Implementation, PatchId, PatchInfo};
 
 pub(crate) static REGISTRY: LazyLock<Mutex<Registry>> =
-    LazyLock::new(|| Mutex::new(Registry::new(&SLOTS)));
+    LazyLock::new(|| Mutex::new(Registry::new(&SLOTS, &SHARED)));
 
 pub(crate) struct Registry {
     fns: Vec<FnState>,
     by_path: HashMap<&'static str, usize>,
     ambiguous: HashSet<&'static str>,
+    shared: HashMap<&'static str, &'static SharedEntry>,
     applied: Vec<Applied>,
     next_id: u64,
 }
@@ -66,11 +67,19 @@ pub(crate) struct Plan {
     replace: Vec<(usize, FnAddr)>,
     /// (slot of the patch's private copy, its cross function, host index)
     redirect: Vec<(&'static Entry, usize)>,
+    /// (the patch's copy of a shared static, the host's)
+    shared: Vec<(&'static SharedEntry, &'static SharedEntry)>,
     functions: Vec<String>,
 }
 
+impl Plan {
+    pub(crate) fn replacements(&self) -> &[(usize, FnAddr)] {
+        &self.replace
+    }
+}
+
 impl Registry {
-    fn new(slots: &'static [Entry]) -> Self {
+    fn new(slots: &'static [Entry], shared: &'static [SharedEntry]) -> Self {
         let mut by_path = HashMap::with_capacity(slots.len());
         let mut ambiguous = HashSet::new();
         for (i, e) in slots.iter().enumerate() {
@@ -88,6 +97,7 @@ impl Registry {
                 .collect(),
             by_path,
             ambiguous,
+            shared: shared.iter().map(|s| (s.path, s)).collect(),
             applied: Vec::new(),
             next_id: 1,
         }
@@ -103,12 +113,14 @@ impl Registry {
                 id: a.info.id,
             });
         }
+        failpoint!("load::validate", path);
         let mut replace = Vec::with_capacity(m.functions.len());
         let mut seen = HashSet::with_capacity(m.functions.len());
         let mut functions = Vec::with_capacity(m.functions.len());
         for f in m.functions {
             // The patch's copy of the target's entry, as compiled into it.
             let theirs = (f.target)();
+            failpoint!("load::resolve", path);
             let idx = self.resolve(path, theirs.path)?;
             if !seen.insert(idx) {
                 return Err(Error::DuplicateTarget {
@@ -140,9 +152,27 @@ impl Registry {
             compatible(path, self.fns[idx].entry, theirs)?;
             redirect.push((theirs, idx));
         }
+        let mut shared = Vec::new();
+        for theirs in m.shared {
+            let Some(&ours) = self.shared.get(theirs.path) else {
+                continue; // Only in the patch: stays private.
+            };
+            if ours.fingerprint != theirs.fingerprint || ours.layout != theirs.layout {
+                return Err(Error::LayoutMismatch {
+                    path: path.to_owned(),
+                    function: ours.path.to_owned(),
+                    detail: format!(
+                        "shared static of type `{}` ({}) in this process but `{}` ({}) in the patch",
+                        ours.ty, ours.layout, theirs.ty, theirs.layout
+                    ),
+                });
+            }
+            shared.push((theirs, ours));
+        }
         Ok(Plan {
             replace,
             redirect,
+            shared,
             functions,
         })
     }
@@ -167,12 +197,30 @@ impl Registry {
     /// service's slots call the host, and its panics are raised by the
     /// host. These are writes to the patch's own statics, which no thread
     /// runs yet (or, for a library applied before, set to these same
-    /// values). Then returns the slot changes that apply it.
-    pub(crate) fn prepare(&self, plan: &Plan, m: &Checked) -> Vec<Change> {
+    /// values).
+    pub(crate) fn prepare(&self, plan: &Plan, m: &Checked) {
         for (theirs, idx) in &plan.redirect {
             theirs
                 .slot
                 .redirect(theirs.cross, self.fns[*idx].entry.guarded);
+        }
+        for (theirs, ours) in &plan.shared {
+            // SAFETY: `target` is the address of the `AtomicPtr` of the
+            // patch's `Shared`, a static of the mapped library.
+            let cell = unsafe { &*(theirs.target.0 as *const std::sync::atomic::AtomicPtr<()>) };
+            // Release: pairs with the Acquire in `Shared::deref`.
+            cell.store(
+                ours.local.0 as *mut (),
+                std::sync::atomic::Ordering::Release,
+            );
+        }
+        if let Some(cell) = m.host_allocator {
+            let fns: &'static crate::__private::HostAllocFns = &crate::alloc::HOST_FNS;
+            // Release: pairs with the Acquire in `HostAllocator`.
+            cell.store(
+                fns as *const _ as *mut _,
+                std::sync::atomic::Ordering::Release,
+            );
         }
         let raise: fn(crate::__private::Transport) -> ! = crate::__private::raise;
         // Release: published together with the slots (Release too, later in
@@ -181,14 +229,49 @@ impl Registry {
             raise as *const () as *mut (),
             std::sync::atomic::Ordering::Release,
         );
-        plan.replace
-            .iter()
-            .map(|&(idx, new)| Change {
-                entry: self.fns[idx].entry,
-                old: self.fns[idx].current(),
-                new,
+    }
+
+    /// The slot changes that take patch `remove` out (if any) and put
+    /// `add`'s replacements on top: what apply, revert and replace do.
+    pub(crate) fn changes(&self, remove: Option<PatchId>, add: &[(usize, FnAddr)]) -> Vec<Change> {
+        let mut affected: Vec<usize> = add.iter().map(|&(idx, _)| idx).collect();
+        if let Some(id) = remove
+            && let Some(a) = self.applied.iter().find(|a| a.info.id == id)
+        {
+            affected.extend(&a.targets);
+        }
+        affected.sort_unstable();
+        affected.dedup();
+        affected
+            .into_iter()
+            .filter_map(|idx| {
+                let f = &self.fns[idx];
+                let old = f.current();
+                let new = match add.iter().find(|&&(i, _)| i == idx) {
+                    Some(&(_, new)) => new,
+                    None => f
+                        .layers
+                        .iter()
+                        .rev()
+                        .find(|l| Some(l.patch) != remove)
+                        .map_or(f.entry.original, |l| l.implementation),
+                };
+                (old != new).then_some(Change {
+                    entry: f.entry,
+                    old,
+                    new,
+                })
             })
             .collect()
+    }
+
+    /// The patch `id`, if applied.
+    pub(crate) fn info(&self, id: PatchId) -> Result<Arc<PatchInfo>, Error> {
+        self.applied
+            .iter()
+            .find(|a| a.info.id == id)
+            .map(|a| a.info.clone())
+            .ok_or(Error::NotApplied { id })
     }
 
     /// Records an applied patch whose slots `quiesce::switch` changed.
@@ -230,30 +313,8 @@ impl Registry {
         &self,
         id: PatchId,
     ) -> Result<(Arc<PatchInfo>, Vec<Change>), Error> {
-        let applied = self
-            .applied
-            .iter()
-            .find(|a| a.info.id == id)
-            .ok_or(Error::NotApplied { id })?;
-        let mut changes = Vec::new();
-        for &idx in &applied.targets {
-            let f = &self.fns[idx];
-            let old = f.current();
-            let new = f
-                .layers
-                .iter()
-                .rev()
-                .find(|l| l.patch != id)
-                .map_or(f.entry.original, |l| l.implementation);
-            if old != new {
-                changes.push(Change {
-                    entry: f.entry,
-                    old,
-                    new,
-                });
-            }
-        }
-        Ok((applied.info.clone(), changes))
+        let info = self.info(id)?;
+        Ok((info, self.changes(Some(id), &[])))
     }
 
     /// Records that patch `id` was reverted (its slots already switched).

@@ -115,6 +115,7 @@ pub(crate) fn read(path: &Path, policy: &Policy) -> Result<Vec<u8>, Error> {
         path: path.to_owned(),
         source,
     };
+    failpoint!("load::open", path);
     let file = File::open(path).map_err(read_err)?;
     let meta = file.metadata().map_err(read_err)?;
     if meta.is_dir() {
@@ -138,6 +139,7 @@ pub(crate) fn read(path: &Path, policy: &Policy) -> Result<Vec<u8>, Error> {
             ),
         )));
     }
+    failpoint!("load::trust", path);
     if !policy.allow_insecure_permissions {
         check_owner_and_mode(path, "the file", &meta)?;
         let real = fs::canonicalize(path).map_err(read_err)?;
