@@ -36,7 +36,7 @@ fn cycles() -> usize {
     std::env::var("HOTPATCH_STRESS_CYCLES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(1000)
+        .unwrap_or(400)
 }
 
 struct Workers {

@@ -196,6 +196,7 @@ macro_rules! failpoint {
 mod alloc;
 mod elf;
 mod error;
+mod image;
 mod loader;
 mod manifest;
 mod panic;

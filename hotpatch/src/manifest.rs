@@ -13,9 +13,16 @@
 //!    are called (patch code) and their results checked: non-null,
 //!    aligned, bounded counts, at least one function.
 //!
-//! What cannot be checked from inside the process is whether a pointer in
-//! a hostile manifest points into the library: the trust policy (which
-//! files may be loaded at all) is the defence against hostile files.
+//! Every pointer is checked to lie inside the library that exported the
+//! manifest before anything reads through it: strings and tables in its
+//! readable segments, cells in its writable ones, functions in its
+//! executable ones ([`Image`]); the entries behind the tables likewise
+//! ([`Checked::entry`], [`Checked::patch_fn`], [`Checked::shared_entry`]),
+//! before the registry uses them. What no check can stop is code: a
+//! library's initialisers run inside `dlopen`, and the getters above are
+//! patch code. The trust policy (which files may be loaded at all, and
+//! who signed them) is the defence against hostile files; these checks
+//! turn mistakes and corruption into errors.
 
 use std::path::Path;
 use std::sync::atomic::AtomicPtr;
@@ -25,6 +32,7 @@ use crate::__private::{
     RawStr, SharedEntry, TARGET, Transport,
 };
 use crate::Error;
+use crate::image::Image;
 
 /// Longest string a manifest may carry.
 pub(crate) const MAX_STR: usize = 64 * 1024;
@@ -45,9 +53,75 @@ pub(crate) struct Checked {
     /// More allocations during `dlopen` than could be tracked.
     pub early_overflow: bool,
     pub init: Option<fn() -> Result<(), Transport>>,
+    /// The library's memory, for checking what the tables point to.
+    pub image: Image,
 }
 
 impl Checked {
+    /// Checks that an entry of the patch's (its copy of a patchable
+    /// function) points only into the library: before the registry reads
+    /// its strings and layouts or writes its slot.
+    pub(crate) fn entry(&self, path: &Path, e: *const Entry) -> Result<&'static Entry, Error> {
+        let image = &self.image;
+        if !e.is_aligned() || !image.readable(e.cast(), std::mem::size_of::<Entry>()) {
+            return Err(invalid(path, "an entry lies outside the library's memory"));
+        }
+        // SAFETY: aligned, inside the library's readable memory, produced
+        // by `#[patchable]` in code of the same compiler (checked).
+        let e: &'static Entry = unsafe { &*e };
+        let ok = image.str(e.path)
+            && image.str(e.signature)
+            && image.readable(e.layouts.as_ptr().cast(), std::mem::size_of_val(e.layouts))
+            && image.writable(
+                (e.slot as *const crate::__private::Slot).cast(),
+                std::mem::size_of::<crate::__private::Slot>(),
+            )
+            && [e.original, e.wrapper, e.guarded, e.cross, e.dispatcher]
+                .iter()
+                .all(|f| image.executable(f.as_ptr()));
+        if ok {
+            Ok(e)
+        } else {
+            Err(invalid(
+                path,
+                "an entry points outside the library's memory or code",
+            ))
+        }
+    }
+
+    /// Checks a replacement record and returns its target's entry.
+    pub(crate) fn patch_fn(&self, path: &Path, f: &PatchFn) -> Result<&'static Entry, Error> {
+        let image = &self.image;
+        if !image.executable(f.target as *const ())
+            || !image.executable(f.replacement.as_ptr())
+            || !image.str(f.name)
+        {
+            return Err(invalid(
+                path,
+                "a replacement record points outside the library's code",
+            ));
+        }
+        // The patch's getter: code of the library, checked above.
+        self.entry(path, (f.target)())
+    }
+
+    /// Checks a shared static's record.
+    pub(crate) fn shared_entry(&self, path: &Path, e: &SharedEntry) -> Result<(), Error> {
+        let image = &self.image;
+        let ok = image.str(e.path)
+            && image.str(e.ty)
+            && image.readable(e.local.0.cast(), e.layout.size)
+            && image.writable(e.target.0.cast(), std::mem::size_of::<AtomicPtr<()>>());
+        if ok {
+            Ok(())
+        } else {
+            Err(invalid(
+                path,
+                "a shared static's record points outside the library's memory",
+            ))
+        }
+    }
+
     /// Runs the patch's initialisation, if it has one.
     pub(crate) fn run_init(&self, path: &Path) -> Result<(), Error> {
         match self.init.map(|init| init()) {
@@ -69,7 +143,7 @@ fn invalid(path: &Path, reason: impl Into<String>) -> Error {
 
 /// # Safety
 /// `s` must come from a manifest whose ABI version matched.
-unsafe fn read_str(path: &Path, field: &str, s: RawStr) -> Result<String, Error> {
+unsafe fn read_str(path: &Path, image: &Image, field: &str, s: RawStr) -> Result<String, Error> {
     if s.ptr.is_null() {
         return Err(invalid(path, format!("`{field}` is a null string")));
     }
@@ -79,9 +153,14 @@ unsafe fn read_str(path: &Path, field: &str, s: RawStr) -> Result<String, Error>
             format!("`{field}` is {} bytes long (at most {MAX_STR})", s.len),
         ));
     }
-    // SAFETY: non-null and bounded (checked above); the caller guarantees
-    // the manifest's layout, so `ptr` came from a `&'static str` of the
-    // patch.
+    if !image.readable(s.ptr, s.len) {
+        return Err(invalid(
+            path,
+            format!("`{field}` points outside the library's readable memory"),
+        ));
+    }
+    // SAFETY: the range is readable memory of the mapped library (checked
+    // above), which is not unmapped while we hold the loader lock.
     let bytes = unsafe { std::slice::from_raw_parts(s.ptr, s.len) };
     std::str::from_utf8(bytes)
         .map(str::to_owned)
@@ -99,6 +178,11 @@ pub(crate) unsafe fn check(path: &Path, m: *const Manifest) -> Result<Checked, E
     }
     if !m.is_aligned() {
         return Err(invalid(path, "the manifest is misaligned"));
+    }
+    let image = Image::containing(m.cast())
+        .ok_or_else(|| invalid(path, "the manifest is not inside a loaded object"))?;
+    if !image.readable(m.cast(), 16) {
+        return Err(invalid(path, "the manifest header is not readable memory"));
     }
     // SAFETY: `m` is non-null and aligned; the first 16 bytes (magic, ABI
     // version, size) have the same layout in every ABI version.
@@ -131,10 +215,34 @@ pub(crate) unsafe fn check(path: &Path, m: *const Manifest) -> Result<Checked, E
             ),
         ));
     }
-    // SAFETY: same ABI version and size: the whole struct has this layout.
+    if !image.readable(m.cast(), std::mem::size_of::<Manifest>()) {
+        return Err(invalid(
+            path,
+            "the manifest extends past the library's memory",
+        ));
+    }
+    // SAFETY: same ABI version and size, and inside the library's readable
+    // memory: the whole struct is there, with this layout.
     let m: &Manifest = unsafe { &*m };
+    // Function pointers of the manifest: in the library's code, or refused.
+    let code = |name: &str, f: Option<*const ()>| -> Result<(), Error> {
+        match f {
+            Some(f) if !image.executable(f) => Err(invalid(
+                path,
+                format!("`{name}` points outside the library's code"),
+            )),
+            _ => Ok(()),
+        }
+    };
+    code("functions", m.functions.map(|f| f as *const ()))?;
+    code("slots", m.slots.map(|f| f as *const ()))?;
+    code("shared", m.shared.map(|f| f as *const ()))?;
+    code("host_raise", m.host_raise.map(|f| f as *const ()))?;
+    code("host_allocator", m.host_allocator.map(|f| f as *const ()))?;
+    code("early_overflow", m.early_overflow.map(|f| f as *const ()))?;
+    code("init", m.init.map(|f| f as *const ()))?;
     // SAFETY: the ABI version matched, so `rustc` is a `RawStr`.
-    let rustc = unsafe { read_str(path, "rustc", m.rustc) }?;
+    let rustc = unsafe { read_str(path, &image, "rustc", m.rustc) }?;
     if rustc != RUSTC_VERSION {
         return Err(Error::RustcMismatch {
             path: path.to_owned(),
@@ -143,7 +251,7 @@ pub(crate) unsafe fn check(path: &Path, m: *const Manifest) -> Result<Checked, E
         });
     }
     // SAFETY: as above.
-    let target = unsafe { read_str(path, "target", m.target) }?;
+    let target = unsafe { read_str(path, &image, "target", m.target) }?;
     if target != TARGET {
         return Err(Error::TargetMismatch {
             path: path.to_owned(),
@@ -152,7 +260,7 @@ pub(crate) unsafe fn check(path: &Path, m: *const Manifest) -> Result<Checked, E
         });
     }
     // SAFETY: as above.
-    let panic = unsafe { read_str(path, "panic_strategy", m.panic_strategy) }?;
+    let panic = unsafe { read_str(path, &image, "panic_strategy", m.panic_strategy) }?;
     if panic != PANIC_STRATEGY {
         return Err(Error::PanicStrategyMismatch {
             path: path.to_owned(),
@@ -170,11 +278,11 @@ pub(crate) unsafe fn check(path: &Path, m: *const Manifest) -> Result<Checked, E
         ));
     }
     // SAFETY: as above.
-    let name = unsafe { read_str(path, "name", m.name) }?;
+    let name = unsafe { read_str(path, &image, "name", m.name) }?;
     // SAFETY: as above.
-    let version = unsafe { read_str(path, "version", m.version) }?;
+    let version = unsafe { read_str(path, &image, "version", m.version) }?;
     // SAFETY: as above.
-    let description = unsafe { read_str(path, "description", m.description) }?;
+    let description = unsafe { read_str(path, &image, "description", m.description) }?;
 
     let functions_fn = m
         .functions
@@ -185,7 +293,7 @@ pub(crate) unsafe fn check(path: &Path, m: *const Manifest) -> Result<Checked, E
     let first = unsafe { functions_fn(&mut n) };
     // SAFETY: the getter returned `first`/`n` for a table in the library,
     // which stays mapped (caller's guarantee).
-    let functions = unsafe { table(path, "function", first, n) }?;
+    let functions = unsafe { table(path, &image, "function", first, n) }?;
     if functions.is_empty() {
         return Err(invalid(path, "the patch replaces no function"));
     }
@@ -196,14 +304,14 @@ pub(crate) unsafe fn check(path: &Path, m: *const Manifest) -> Result<Checked, E
     // SAFETY: as for the function table.
     let first = unsafe { slots_fn(&mut n) };
     // SAFETY: as for the function table.
-    let slots = unsafe { table(path, "slot", first, n) }?;
+    let slots = unsafe { table(path, &image, "slot", first, n) }?;
     let shared = match m.shared {
         Some(shared_fn) => {
             let mut n = 0usize;
             // SAFETY: as for the function table.
             let first = unsafe { shared_fn(&mut n) };
             // SAFETY: as for the function table.
-            unsafe { table(path, "shared static", first, n) }?
+            unsafe { table(path, &image, "shared static", first, n) }?
         }
         None => &[],
     };
@@ -211,8 +319,13 @@ pub(crate) unsafe fn check(path: &Path, m: *const Manifest) -> Result<Checked, E
         Some(cell_fn) => {
             // SAFETY: as for the function table: the patch's `host_alloc_raw`.
             let cell = unsafe { cell_fn() };
-            if cell.is_null() || !cell.is_aligned() {
-                return Err(invalid(path, "the allocator cell is null or misaligned"));
+            if !cell.is_aligned()
+                || !image.writable(cell.cast(), std::mem::size_of::<AtomicPtr<HostAllocFns>>())
+            {
+                return Err(invalid(
+                    path,
+                    "the allocator cell is misaligned or outside the library's writable memory",
+                ));
             }
             // SAFETY: non-null, aligned, a static of the mapped library.
             Some(unsafe { &*cell })
@@ -226,8 +339,11 @@ pub(crate) unsafe fn check(path: &Path, m: *const Manifest) -> Result<Checked, E
         .ok_or_else(|| invalid(path, "the host-raise getter is null"))?;
     // SAFETY: as for the function table: the patch's `host_raise_raw`.
     let cell = unsafe { host_raise_fn() };
-    if cell.is_null() || !cell.is_aligned() {
-        return Err(invalid(path, "the host-raise cell is null or misaligned"));
+    if !cell.is_aligned() || !image.writable(cell.cast(), std::mem::size_of::<AtomicPtr<()>>()) {
+        return Err(invalid(
+            path,
+            "the host-raise cell is misaligned or outside the library's writable memory",
+        ));
     }
     // SAFETY: non-null, aligned, and a static of the mapped library.
     let host_raise = unsafe { &*cell };
@@ -242,6 +358,7 @@ pub(crate) unsafe fn check(path: &Path, m: *const Manifest) -> Result<Checked, E
         host_allocator,
         early_overflow,
         init: m.init,
+        image,
     })
 }
 
@@ -250,6 +367,7 @@ pub(crate) unsafe fn check(path: &Path, m: *const Manifest) -> Result<Checked, E
 /// that live as long as the process.
 unsafe fn table<T>(
     path: &Path,
+    image: &Image,
     what: &str,
     first: *const T,
     n: usize,
@@ -265,6 +383,12 @@ unsafe fn table<T>(
     }
     if !first.is_aligned() {
         return Err(invalid(path, format!("the {what} table is misaligned")));
+    }
+    if !image.readable(first.cast(), n * std::mem::size_of::<T>()) {
+        return Err(invalid(
+            path,
+            format!("the {what} table lies outside the library's memory"),
+        ));
     }
     // SAFETY: guaranteed by the caller, with the checks above.
     Ok(unsafe { std::slice::from_raw_parts(first, n) })

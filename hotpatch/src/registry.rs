@@ -119,7 +119,7 @@ impl Registry {
         let mut functions = Vec::with_capacity(m.functions.len());
         for f in m.functions {
             // The patch's copy of the target's entry, as compiled into it.
-            let theirs = (f.target)();
+            let theirs = m.patch_fn(path, f)?;
             failpoint!("load::resolve", path);
             let idx = self.resolve(path, theirs.path)?;
             if !seen.insert(idx) {
@@ -143,6 +143,7 @@ impl Registry {
         // function as the host's.
         let mut redirect = Vec::new();
         for theirs in m.slots {
+            let theirs = m.entry(path, theirs)?;
             let Some(&idx) = self.by_path.get(theirs.path) else {
                 continue; // Only in the patch: stays private.
             };
@@ -154,6 +155,7 @@ impl Registry {
         }
         let mut shared = Vec::new();
         for theirs in m.shared {
+            m.shared_entry(path, theirs)?;
             let Some(&ours) = self.shared.get(theirs.path) else {
                 continue; // Only in the patch: stays private.
             };
