@@ -119,6 +119,9 @@ fn first_calls(b: &Built) {
 }
 
 fn scale(c: &mut Criterion) {
+    if !support::benching() {
+        return;
+    }
     let b = built();
     first_calls(&b);
 

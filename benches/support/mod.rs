@@ -130,3 +130,14 @@ pub fn median(v: &mut [f64]) -> f64 {
         (v[n / 2 - 1] + v[n / 2]) / 2.0
     }
 }
+
+/// Whether this run is `cargo bench` (which passes `--bench`), not
+/// `cargo test --benches`, where the heavy generated crates are not worth
+/// building for one iteration.
+pub fn benching() -> bool {
+    let yes = std::env::args().any(|a| a == "--bench");
+    if !yes {
+        eprintln!("skipped: builds the generated crates; run with `cargo bench`");
+    }
+    yes
+}
