@@ -104,19 +104,35 @@ fn tempfile_copy(label: &str, bytes: &[u8]) -> io::Result<PrivateCopy> {
 
 /// Whether `file` holds exactly `bytes`.
 pub(crate) fn same_bytes(file: &File, bytes: &[u8]) -> io::Result<bool> {
-    use std::os::unix::fs::FileExt;
-    if file.metadata()?.len() != bytes.len() as u64 {
+    let len = file.metadata()?.len();
+    if len != bytes.len() as u64 {
         return Ok(false);
     }
-    let mut buf = vec![0u8; 1 << 16];
-    let mut offset = 0usize;
-    while offset < bytes.len() {
-        let n = (bytes.len() - offset).min(buf.len());
-        file.read_exact_at(&mut buf[..n], offset as u64)?;
-        if buf[..n] != bytes[offset..offset + n] {
-            return Ok(false);
-        }
-        offset += n;
+    if len == 0 {
+        return Ok(true);
     }
-    Ok(true)
+    // Compare against a read-only mapping of the copy: no second copy of a
+    // file that can be tens of megabytes.
+    // SAFETY: a fresh private read-only mapping of a file we own; checked
+    // for failure below, unmapped before returning.
+    let map = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            bytes.len(),
+            libc::PROT_READ,
+            libc::MAP_PRIVATE,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    if map == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the mapping is `bytes.len()` readable bytes (the file's
+    // length, checked above; a sealed memfd cannot shrink).
+    let mapped = unsafe { std::slice::from_raw_parts(map.cast::<u8>(), bytes.len()) };
+    let same = mapped == bytes;
+    // SAFETY: unmapping the mapping made above, no longer borrowed.
+    unsafe { libc::munmap(map, bytes.len()) };
+    Ok(same)
 }
