@@ -517,7 +517,8 @@ fn main() -> ExitCode {
     );
     println!(
         "      of the mixed, resumed on another worker: {}; on the same worker, which passed a \
-         safepoint while the request was suspended: {}",
+         safepoint\n      (another task's request ended, or it parked) while the request was \
+         suspended: {}",
         stats.awaiting_mixed_moved,
         stats.awaiting_mixed - stats.awaiting_mixed_moved
     );
