@@ -102,6 +102,12 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .enable_time()
         // Named threads make a stalled-thread report readable.
         .thread_name_fn(move || format!("tokio-worker-{}", next.fetch_add(1, Ordering::Relaxed)))
+        // This also runs on blocking-pool threads (`spawn_blocking`,
+        // `block_in_place`), which tokio never parks through
+        // `on_thread_park`: a registered blocking thread idling in the pool
+        // holds every load until its deadline. This service does no
+        // blocking work; one that does should give it a runtime (or pool)
+        // without these hooks.
         .on_thread_start(|| {
             THREADS_STARTED.fetch_add(1, Ordering::Relaxed);
             REGISTERED.set(Some(hotpatch::register_thread()));
@@ -517,7 +523,8 @@ fn main() -> ExitCode {
     );
     println!(
         "      of the mixed, resumed on another worker: {}; on the same worker, which passed a \
-         safepoint while the request was suspended: {}",
+         safepoint\n      (another task's request ended, or it parked) while the request was \
+         suspended: {}",
         stats.awaiting_mixed_moved,
         stats.awaiting_mixed - stats.awaiting_mixed_moved
     );

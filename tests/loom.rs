@@ -1,0 +1,749 @@
+//! Model check of the transition protocol with loom.
+//!
+//! Run it with `.ci/loom`, which compiles this file (and only this file)
+//! with `--cfg hotpatch_loom`; without that cfg it compiles to nothing.
+//!
+//! The shared state is the real code: `hotpatch/src/quiesce/protocol.rs`
+//! (`Epoch`, `Record`, `Choice`) is included below and uses loom's atomics
+//! under the cfg. Around it the model mirrors, step by step:
+//!
+//! - a slot (`slot.rs`): `current` holds the implementation (`V1`, `V2`,
+//!   or `DISPATCH`), `dispatch` the transition's `Choice`; the choice is
+//!   written, then `dispatch` is stored Release, then `current` Release; a
+//!   call loads `current` Acquire and, for `DISPATCH`, `dispatch` Acquire,
+//!   then reads the choice (a loom `UnsafeCell`, so a choice read before it
+//!   is published is reported as a data race);
+//! - a registered thread (`quiesce/mod.rs`): its universe, `quiescent()`
+//!   (load the target, adopt it if different and online), `offline()` and
+//!   coming back online, and one request = call `f`, call `g`;
+//! - the patcher (`quiesce::switch`): install the choices and dispatchers,
+//!   publish the target, poll until every record has `arrived` (loom:
+//!   spinning with `yield_now`, bounded when a deadline is modelled), then
+//!   point the slots at the new version; on the deadline, publish a fresh
+//!   target, poll until every record has `left`, point the slots back.
+//!
+//! Checked on every explored execution:
+//!
+//! - a request of an online registered thread runs `f` and `g` of the same
+//!   version, and exactly the version its universe stands for;
+//! - every call runs `V1` or `V2`, and a call that starts after the
+//!   patcher finished (seen through a Release/Acquire flag) runs the final
+//!   version (progress: nobody runs the old code after the transition);
+//! - no data race on a choice (loom's `UnsafeCell`), no deadlock.
+//!
+//! Loom treats an atomic's initial value as a plain (non-`SeqCst`) store,
+//! so a `SeqCst` load may read it even after a later `SeqCst` store: a
+//! false alarm for the `go_online`/`publish` pair. Each model therefore
+//! stores the initial target and `online` flags with the protocol's own
+//! `SeqCst` operations before it starts its threads, as a registered
+//! thread's life begins.
+//!
+//! Bounds: each test states its preemption bound (how many times the
+//! scheduler may switch away from a thread that could go on); loom
+//! explores every execution within it, including loads that return older
+//! stores where the orderings allow. Each test prints the number of
+//! executions explored and the time taken (`--nocapture`): about 650,000
+//! in all, in under a minute on 2 cores (bound 3 with one worker, 2 with
+//! two workers or two transitions). Not covered: more than two workers,
+//! functions or transitions; load buffering (loom never lets a
+//! load return a store that another thread makes only after seeing a
+//! later store of the loading thread: what the Release of
+//! `Record::adopt` and the Acquire of `Record::universe` rule out).
+//!
+//! The models find real mistakes: each of the four `SeqCst` operations of
+//! the `go_online`/`publish` pair weakened to Release or Acquire makes
+//! `offline_worker_comes_back_during_apply` fail with a mixed request
+//! (the worker misses the target and the patcher misses the worker);
+//! `Epoch::target` weakened to Relaxed, or a registration that reads the
+//! target before taking the list's lock, fail too. And the reversal after
+//! a deadline has a race, shown by
+//! `a_thread_adopting_late_defeats_the_reversal`.
+
+#![cfg(hotpatch_loom)]
+
+#[allow(dead_code)]
+#[path = "../hotpatch/src/quiesce/protocol.rs"]
+mod protocol;
+
+use std::time::Instant;
+
+use loom::cell::UnsafeCell;
+use loom::sync::Mutex;
+use loom::sync::atomic::{AtomicUsize, Ordering, fence};
+use loom::thread;
+
+use protocol::{Choice, Epoch, Record};
+
+/// The original implementation of `f` and `g`.
+const V1: usize = 1;
+/// The patch's implementation of `f` and `g`.
+const V2: usize = 2;
+/// The slot points at the dispatcher.
+const DISPATCH: usize = 3;
+
+/// Transitions per model, at most (each has its own leaked choices).
+const MAX_TRANSITIONS: usize = 2;
+
+// ---------------------------------------------------------------------
+// A trace of one execution, printed when a check fails.
+
+/// What happened in the current execution, in the order loom ran it.
+/// Plain `std` state: loom does not model it, it only records.
+#[derive(Clone, Default)]
+struct Trace(std::sync::Arc<std::sync::Mutex<Vec<Event>>>);
+
+/// Who, what, and the value read or written.
+type Event = (&'static str, &'static str, u64);
+
+impl Trace {
+    fn log(&self, who: &'static str, what: &'static str, value: u64) {
+        self.0.lock().unwrap().push((who, what, value));
+    }
+
+    fn clear(&self) {
+        self.0.lock().unwrap().clear();
+    }
+
+    fn fail(&self, message: String) -> ! {
+        let mut text = String::from("execution trace (value read or written):\n");
+        for (who, what, value) in self.0.lock().unwrap().iter() {
+            text.push_str(&format!("  {who:<8} {what:<34} {value}\n"));
+        }
+        eprintln!("{text}");
+        panic!("{message}");
+    }
+}
+
+// ---------------------------------------------------------------------
+// The model.
+
+/// One patchable function's slot, as in `slot.rs`.
+struct Slot {
+    name: &'static str,
+    current: AtomicUsize,
+    /// 1 + the index of the transition's choice; 0 before any.
+    dispatch: AtomicUsize,
+    /// Leaked `Box<Choice>`s in the real code: one per transition, never
+    /// reused.
+    choices: [UnsafeCell<Choice<usize>>; MAX_TRANSITIONS],
+}
+
+// SAFETY: each choice is written once by the patcher before its index is
+// published (Release) and read only after that index is loaded (Acquire);
+// loom's `UnsafeCell` reports any access that is not so ordered.
+unsafe impl Sync for Slot {}
+
+impl Slot {
+    fn new(name: &'static str) -> Self {
+        let empty = || {
+            UnsafeCell::new(Choice {
+                universe: 0,
+                old: 0,
+                new: 0,
+            })
+        };
+        Slot {
+            name,
+            current: AtomicUsize::new(V1),
+            dispatch: AtomicUsize::new(0),
+            choices: [empty(), empty()],
+        }
+    }
+
+    /// A call by a thread in universe `local`: the version it runs.
+    fn call(&self, local: u64, trace: &Trace, who: &'static str) -> usize {
+        // Acquire: as `Slot::get`.
+        let current = self.current.load(Ordering::Acquire);
+        trace.log(who, self.name, current as u64);
+        if current != DISPATCH {
+            return current;
+        }
+        // Acquire: as `Slot::choose`.
+        let k = self.dispatch.load(Ordering::Acquire);
+        assert!(
+            k > 0,
+            "{}: dispatcher installed before its choice",
+            self.name
+        );
+        // SAFETY: loom checks that this read is ordered after the write.
+        let picked = self.choices[k - 1].with(|c| unsafe { (*c).pick(local) });
+        trace.log(who, "  dispatcher picks", picked as u64);
+        picked
+    }
+
+    /// `Slot::begin_transition` for the `k`th transition.
+    fn begin_transition(&self, k: usize, choice: Choice<usize>) {
+        // SAFETY: written once, before `dispatch` publishes it.
+        self.choices[k].with_mut(|c| unsafe { *c = choice });
+        // Release: pairs with the Acquire in `call`.
+        self.dispatch.store(k + 1, Ordering::Release);
+        self.set(DISPATCH);
+    }
+
+    /// `Slot::set`.
+    fn set(&self, implementation: usize) {
+        // Release: pairs with the Acquire in `call`.
+        self.current.store(implementation, Ordering::Release);
+    }
+}
+
+/// Everything the threads of one execution share.
+struct World {
+    epoch: Epoch,
+    /// The registered threads' records (`THREADS`); the registration
+    /// model has its own, under a lock.
+    records: Vec<Record>,
+    f: Slot,
+    g: Slot,
+    /// Set (Release) by the patcher once its last transition returned:
+    /// the version every call that starts after it must run. 0 before.
+    done: AtomicUsize,
+    /// The version each universe stands for, when the model knows it.
+    expect: Option<&'static [usize]>,
+    /// Model the proposed fix of the reversal race (see
+    /// `a_thread_adopting_late_defeats_the_reversal`).
+    revalidate: bool,
+    trace: Trace,
+}
+
+impl World {
+    fn new(workers: usize, expect: Option<&'static [usize]>, trace: &Trace) -> Self {
+        trace.clear();
+        let w = World {
+            epoch: Epoch::new(0),
+            records: (0..workers).map(|_| Record::new(0)).collect(),
+            f: Slot::new("call f"),
+            g: Slot::new("call g"),
+            done: AtomicUsize::new(0),
+            expect,
+            revalidate: false,
+            trace: trace.clone(),
+        };
+        // SeqCst stores of the initial values (see the module docs).
+        w.epoch.publish(0);
+        for r in &w.records {
+            r.go_online(&w.epoch);
+        }
+        w
+    }
+
+    fn slots(&self) -> [&Slot; 2] {
+        [&self.f, &self.g]
+    }
+}
+
+/// What a worker does, in order.
+#[derive(Clone, Copy, Debug)]
+enum Step {
+    /// One request: call `f`, then `g`.
+    Request,
+    /// `hotpatch::quiescent()`.
+    Safepoint,
+    /// `hotpatch::offline()`: the guard is created.
+    Offline,
+    /// The offline guard drops.
+    Online,
+}
+
+/// A registered thread: its thread-local state and its record.
+struct Worker<'w> {
+    w: &'w World,
+    record: &'w Record,
+    name: &'static str,
+    /// The thread-local `UNIVERSE`.
+    local: u64,
+    offline: bool,
+}
+
+impl<'w> Worker<'w> {
+    fn new(w: &'w World, index: usize) -> Self {
+        Worker {
+            w,
+            record: &w.records[index],
+            name: ["worker0", "worker1"][index],
+            local: 0,
+            offline: false,
+        }
+    }
+
+    fn log(&self, what: &'static str, value: u64) {
+        self.w.trace.log(self.name, what, value);
+    }
+
+    fn run(&mut self, steps: &[Step]) {
+        for step in steps {
+            match step {
+                Step::Request => self.request(),
+                Step::Safepoint => self.safepoint(),
+                Step::Offline => self.go_offline(),
+                Step::Online => self.go_online(),
+            }
+        }
+        // Thread exit unregisters it: the patcher no longer waits for it.
+        self.record.go_offline();
+        self.log("exits (unregistered)", 0);
+    }
+
+    /// `quiescent()` and `adopt()`.
+    fn safepoint(&mut self) {
+        let target = self.w.epoch.target();
+        self.log("safepoint: target", target);
+        if self.local != target && !self.offline {
+            self.adopt(target);
+        }
+    }
+
+    fn adopt(&mut self, mut target: u64) {
+        loop {
+            self.local = target;
+            self.record.adopt(target);
+            self.log("adopts", target);
+            if !self.w.revalidate {
+                return;
+            }
+            // The proposed fix: a SeqCst fence against the patcher's after
+            // its publish, then look again; a target published meanwhile
+            // is adopted before any patchable call.
+            fence(Ordering::SeqCst);
+            let again = self.w.epoch.target();
+            if again == target {
+                return;
+            }
+            self.log("target moved on: re-adopt", again);
+            target = again;
+        }
+    }
+
+    fn go_offline(&mut self) {
+        self.offline = true;
+        self.record.go_offline();
+        self.log("goes offline", 0);
+    }
+
+    fn go_online(&mut self) {
+        self.offline = false;
+        let target = self.record.go_online(&self.w.epoch);
+        self.log("goes online: target", target);
+        self.local = target;
+        if self.w.revalidate {
+            self.adopt(target);
+        }
+    }
+
+    fn request(&mut self) {
+        let w = self.w;
+        // Acquire: pairs with the patcher's Release store of `done`.
+        let must = w.done.load(Ordering::Acquire);
+        self.log("request, universe", self.local);
+        let a = w.f.call(self.local, &w.trace, self.name);
+        let b = w.g.call(self.local, &w.trace, self.name);
+        if !(a == V1 || a == V2) || !(b == V1 || b == V2) {
+            w.trace
+                .fail(format!("{}: a call ran neither version", self.name));
+        }
+        if must != 0 && (a != must || b != must) {
+            w.trace.fail(format!(
+                "{}: ran f v{a}, g v{b} after the patcher finished at v{must}",
+                self.name
+            ));
+        }
+        if self.offline {
+            return; // Calls made offline may see any version.
+        }
+        if a != b {
+            w.trace.fail(format!(
+                "{}: a request mixed versions: f v{a}, g v{b} (universe {})",
+                self.name, self.local
+            ));
+        }
+        if let Some(expect) = w.expect
+            && a != expect[self.local as usize]
+        {
+            w.trace.fail(format!(
+                "{}: universe {} runs v{}, but this request ran v{a}",
+                self.name, self.local, expect[self.local as usize]
+            ));
+        }
+    }
+}
+
+/// Polls `done` like `poll_until`: with a deadline of `budget` failed
+/// polls, or none.
+fn wait_until(budget: Option<usize>, mut done: impl FnMut() -> bool) -> bool {
+    let mut polls = 0;
+    loop {
+        if done() {
+            return true;
+        }
+        if budget.is_some_and(|b| polls >= b) {
+            return false;
+        }
+        polls += 1;
+        thread::yield_now();
+    }
+}
+
+/// One transition of the patcher.
+#[derive(Clone, Copy)]
+struct Transition {
+    /// Its universe, and the one a reversal publishes.
+    universe: u64,
+    reversal: u64,
+    old: usize,
+    new: usize,
+    /// Failed polls before the deadline; `None`: no deadline.
+    budget: Option<usize>,
+}
+
+/// Whether a check holds for every registered thread's record (the scan
+/// of `THREADS`).
+type AllRecords<'a> = dyn Fn(&dyn Fn(&Record) -> bool) -> bool + 'a;
+
+/// `quiesce::switch` for the `k`th transition, over `records`. Returns
+/// whether it completed (true) or was reversed.
+fn switch(w: &World, k: usize, t: Transition, records: &AllRecords<'_>) -> bool {
+    for s in w.slots() {
+        s.begin_transition(
+            k,
+            Choice {
+                universe: t.universe,
+                old: t.old,
+                new: t.new,
+            },
+        );
+    }
+    w.trace
+        .log("patcher", "dispatchers in, publishes", t.universe);
+    w.epoch.publish(t.universe);
+    let arrived = || {
+        let all = records(&|r| r.arrived(t.universe));
+        w.trace
+            .log("patcher", "polls: all arrived?", u64::from(all));
+        all
+    };
+    if wait_until(t.budget, arrived) {
+        w.trace
+            .log("patcher", "all arrived: slots to", t.new as u64);
+        for s in w.slots() {
+            s.set(t.new);
+        }
+        return true;
+    }
+    w.trace.log("patcher", "deadline: publishes", t.reversal);
+    w.epoch.publish(t.reversal);
+    if w.revalidate {
+        // The proposed fix's patcher side (see `Worker::adopt`).
+        fence(Ordering::SeqCst);
+    }
+    // After the deadline the real code goes on in a background thread,
+    // without a bound.
+    wait_until(None, || {
+        let all = records(&|r| r.left(t.universe));
+        w.trace.log("patcher", "polls: all left?", u64::from(all));
+        all
+    });
+    w.trace
+        .log("patcher", "all left: slots back to", t.old as u64);
+    for s in w.slots() {
+        s.set(t.old);
+    }
+    false
+}
+
+/// The patcher over the fixed set of records: runs `plan`, then tells the
+/// workers the final version.
+fn patcher(w: &World, plan: &[Transition]) {
+    let all = |check: &dyn Fn(&Record) -> bool| w.records.iter().all(check);
+    let mut last = V1;
+    for (k, t) in plan.iter().enumerate() {
+        last = if switch(w, k, *t, &all) { t.new } else { t.old };
+    }
+    // Release: a call that sees this sees the slots' final stores.
+    w.done.store(last, Ordering::Release);
+    w.trace.log("patcher", "done", last as u64);
+}
+
+const APPLY: Transition = Transition {
+    universe: 1,
+    reversal: 3,
+    old: V1,
+    new: V2,
+    budget: None,
+};
+
+const REVERT: Transition = Transition {
+    universe: 2,
+    reversal: 3,
+    old: V2,
+    new: V1,
+    budget: None,
+};
+
+/// The version each universe stands for. 0: the original; 1: the patch;
+/// 2: the revert of 1; 3: the reversal of 1 (or of 2, unused).
+const EXPECT: &[usize] = &[V1, V2, V1, V1];
+
+/// Runs `model` under loom with `preemption_bound`, and prints how many
+/// executions it explored.
+fn check(name: &str, preemption_bound: usize, model: impl Fn(&Trace) + Sync + Send + 'static) {
+    let executions = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = executions.clone();
+    let trace = Trace::default();
+    let started = Instant::now();
+    let mut builder = loom::model::Builder::new();
+    builder.preemption_bound = Some(preemption_bound);
+    builder.check(move || {
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        model(&trace);
+    });
+    println!(
+        "{name}: {} executions, preemption bound {preemption_bound}, {:.1} s",
+        executions.load(std::sync::atomic::Ordering::Relaxed),
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// Runs `plan` against workers doing `steps` (one slice per worker).
+fn run(w: World, plan: &'static [Transition], steps: &'static [&'static [Step]]) {
+    let w = loom::sync::Arc::new(w);
+    let workers: Vec<_> = steps
+        .iter()
+        .enumerate()
+        .map(|(i, steps)| {
+            let w = w.clone();
+            thread::spawn(move || Worker::new(&w, i).run(steps))
+        })
+        .collect();
+    patcher(&w, plan);
+    for h in workers {
+        h.join().unwrap();
+    }
+}
+
+use Step::{Offline, Online, Request, Safepoint};
+
+// ---------------------------------------------------------------------
+// Models.
+
+/// One worker, one apply with no deadline.
+#[test]
+fn apply_one_worker() {
+    check("apply_one_worker", 3, |trace| {
+        let w = World::new(1, Some(EXPECT), trace);
+        run(
+            w,
+            &[APPLY],
+            &[&[Request, Safepoint, Request, Safepoint, Request]],
+        );
+    });
+}
+
+/// Two workers, one apply.
+#[test]
+fn apply_two_workers() {
+    check("apply_two_workers", 2, |trace| {
+        let w = World::new(2, Some(EXPECT), trace);
+        run(
+            w,
+            &[APPLY],
+            &[
+                &[Request, Safepoint, Request],
+                &[Safepoint, Request, Safepoint, Request],
+            ],
+        );
+    });
+}
+
+/// Apply then revert: two transitions back to back; a worker in the
+/// first one's universe is "old" for the second.
+#[test]
+fn apply_then_revert() {
+    check("apply_then_revert", 2, |trace| {
+        let w = World::new(1, Some(EXPECT), trace);
+        run(
+            w,
+            &[APPLY, REVERT],
+            &[&[
+                Request, Safepoint, Request, Safepoint, Request, Safepoint, Request,
+            ]],
+        );
+    });
+}
+
+/// The `go_online`/`publish` pair: a worker that is offline while the
+/// patcher publishes comes back online and calls at once. Either the
+/// patcher sees it online and waits for it, or it sees the new target.
+#[test]
+fn offline_worker_comes_back_during_apply() {
+    check("offline_worker_comes_back_during_apply", 3, |trace| {
+        let w = World::new(1, Some(EXPECT), trace);
+        w.records[0].go_offline();
+        run(w, &[APPLY], &[&[Online, Request, Safepoint, Request]]);
+    });
+}
+
+/// Offline around blocking work in the middle of the traffic, with two
+/// workers.
+#[test]
+fn offline_and_back_two_workers() {
+    check("offline_and_back_two_workers", 2, |trace| {
+        let w = World::new(2, Some(EXPECT), trace);
+        run(
+            w,
+            &[APPLY],
+            &[
+                &[Request, Offline, Online, Request],
+                &[Request, Safepoint, Request],
+            ],
+        );
+    });
+}
+
+/// A deadline: the patcher gives up after one failed poll and reverses,
+/// while the worker keeps serving. With the proposed fix modelled.
+#[test]
+fn deadline_reversal_with_revalidation() {
+    check("deadline_reversal_with_revalidation", 3, |trace| {
+        let mut w = World::new(1, Some(EXPECT), trace);
+        w.revalidate = true;
+        run(
+            w,
+            &[Transition {
+                budget: Some(1),
+                ..APPLY
+            }],
+            &[&[Request, Safepoint, Request, Safepoint, Request]],
+        );
+    });
+}
+
+/// A deadline with two workers: one may switch while the other has not
+/// reached its safepoint yet, then both must end on `V1`. With the
+/// proposed fix modelled.
+#[test]
+fn deadline_reversal_two_workers_with_revalidation() {
+    check(
+        "deadline_reversal_two_workers_with_revalidation",
+        2,
+        |trace| {
+            let mut w = World::new(2, Some(EXPECT), trace);
+            w.revalidate = true;
+            run(
+                w,
+                &[Transition {
+                    budget: Some(1),
+                    ..APPLY
+                }],
+                &[&[Safepoint, Request], &[Request, Safepoint, Request]],
+            );
+        },
+    );
+}
+
+/// The same deadline model over the protocol as it is: loom finds a
+/// request that runs `f` new and `g` old (the trace is printed):
+///
+/// ```text
+/// patcher  dispatchers in, publishes 1
+/// patcher  polls: all arrived? no
+/// worker0  two requests in universe 0, all V1
+/// worker0  safepoint: target 1           (loaded, not adopted yet)
+/// patcher  polls: all arrived? no        (the deadline passes)
+/// patcher  deadline: publishes 3
+/// patcher  polls: all left? yes          (worker0's universe still reads 0)
+/// patcher  all left: slots back to V1
+/// worker0  adopts 1                      (the target it loaded before)
+/// worker0  request in universe 1: f = dispatcher -> V2, g = V1
+/// ```
+///
+/// `left(t)` cannot tell a thread that never entered `t` from one about to
+/// enter it. The real code does the same (`quiesce::adopt`, the
+/// `OfflineGuard` drop, and `switch`'s `all_left`), and a stress run with
+/// a zero deadline shows mixed requests. The fix modelled in
+/// `deadline_reversal_with_revalidation`: after adopting, a thread issues
+/// a `SeqCst` fence and loads the target again, adopting until it stays
+/// the same; the patcher issues a `SeqCst` fence between publishing the
+/// reversal and polling `left`. One of the two then sees the other. Once
+/// `quiesce` does that, the mirror here should always revalidate and this
+/// test go.
+#[test]
+#[should_panic(expected = "mixed versions")]
+fn a_thread_adopting_late_defeats_the_reversal() {
+    check("a_thread_adopting_late_defeats_the_reversal", 3, |trace| {
+        let w = World::new(1, None, trace);
+        run(
+            w,
+            &[Transition {
+                budget: Some(1),
+                ..APPLY
+            }],
+            &[&[Request, Safepoint, Request, Safepoint, Request]],
+        );
+    });
+}
+
+/// A thread registers while the patcher switches, as `register_thread`
+/// and `switch` do it: the record list under a lock (the target read under
+/// it), the direct swap when the list is empty. Another thread is
+/// registered from the start, so both paths of `switch` are explored.
+#[test]
+fn registration_races_the_switch() {
+    check("registration_races_the_switch", 2, |trace| {
+        let w = loom::sync::Arc::new(World::new(1, None, trace));
+        let threads = loom::sync::Arc::new(Mutex::new(vec![0usize]));
+        let registered = loom::sync::Arc::new(Record::new(u64::MAX));
+
+        let early = {
+            let (w, threads) = (w.clone(), threads.clone());
+            thread::spawn(move || {
+                Worker::new(&w, 0).run(&[Safepoint, Request, Safepoint]);
+                // Unregisters: off the list.
+                threads.lock().unwrap().retain(|&i| i != 0);
+            })
+        };
+        let late = {
+            let (w, threads, record) = (w.clone(), threads.clone(), registered.clone());
+            thread::spawn(move || {
+                let local = {
+                    let mut list = threads.lock().unwrap();
+                    let target = w.epoch.target();
+                    record.adopt(target);
+                    list.push(1);
+                    target
+                };
+                let mut worker = Worker {
+                    w: &w,
+                    record: &record,
+                    name: "worker1",
+                    local,
+                    offline: false,
+                };
+                worker.log("registered in universe", local);
+                worker.run(&[Request, Safepoint, Request]);
+            })
+        };
+
+        let record = |i: usize| if i == 0 { &w.records[0] } else { &*registered };
+        let all = |check: &dyn Fn(&Record) -> bool| {
+            threads.lock().unwrap().iter().all(|&i| check(record(i)))
+        };
+        let direct = {
+            let list = threads.lock().unwrap();
+            if list.is_empty() {
+                w.trace
+                    .log("patcher", "nobody registered: slots to", V2 as u64);
+                for s in w.slots() {
+                    s.set(V2);
+                }
+            }
+            list.is_empty()
+        };
+        if !direct {
+            switch(&w, 0, APPLY, &all);
+        }
+        // Release: as in `patcher`.
+        w.done.store(V2, Ordering::Release);
+        early.join().unwrap();
+        late.join().unwrap();
+    });
+}
