@@ -200,9 +200,6 @@ struct World {
     done: AtomicUsize,
     /// The version each universe stands for, when the model knows it.
     expect: Option<&'static [usize]>,
-    /// Model the proposed fix of the reversal race (see
-    /// `a_thread_adopting_late_defeats_the_reversal`).
-    revalidate: bool,
     trace: Trace,
 }
 
@@ -216,7 +213,6 @@ impl World {
             g: Slot::new("call g"),
             done: AtomicUsize::new(0),
             expect,
-            revalidate: false,
             trace: trace.clone(),
         };
         // SeqCst stores of the initial values (see the module docs).
@@ -293,25 +289,12 @@ impl<'w> Worker<'w> {
         }
     }
 
-    fn adopt(&mut self, mut target: u64) {
-        loop {
-            self.local = target;
-            self.record.adopt(target);
-            self.log("adopts", target);
-            if !self.w.revalidate {
-                return;
-            }
-            // The proposed fix: a SeqCst fence against the patcher's after
-            // its publish, then look again; a target published meanwhile
-            // is adopted before any patchable call.
-            fence(Ordering::SeqCst);
-            let again = self.w.epoch.target();
-            if again == target {
-                return;
-            }
-            self.log("target moved on: re-adopt", again);
-            target = again;
-        }
+    fn adopt(&mut self, target: u64) {
+        // The real protocol: adopt, SeqCst fence, re-read the target,
+        // adopt again until it stays the same.
+        let adopted = self.record.adopt_latest(&self.w.epoch, target);
+        self.local = adopted;
+        self.log("adopts", adopted);
     }
 
     fn go_offline(&mut self) {
@@ -323,11 +306,8 @@ impl<'w> Worker<'w> {
     fn go_online(&mut self) {
         self.offline = false;
         let target = self.record.go_online(&self.w.epoch);
-        self.log("goes online: target", target);
+        self.log("goes online: adopted", target);
         self.local = target;
-        if self.w.revalidate {
-            self.adopt(target);
-        }
     }
 
     fn request(&mut self) {
@@ -430,11 +410,9 @@ fn switch(w: &World, k: usize, t: Transition, records: &AllRecords<'_>) -> bool 
         return true;
     }
     w.trace.log("patcher", "deadline: publishes", t.reversal);
+    // `publish` ends with the SeqCst fence that pairs with
+    // `Record::adopt_latest`'s.
     w.epoch.publish(t.reversal);
-    if w.revalidate {
-        // The proposed fix's patcher side (see `Worker::adopt`).
-        fence(Ordering::SeqCst);
-    }
     // After the deadline the real code goes on in a background thread,
     // without a bound.
     wait_until(None, || {
@@ -600,12 +578,16 @@ fn offline_and_back_two_workers() {
 }
 
 /// A deadline: the patcher gives up after one failed poll and reverses,
-/// while the worker keeps serving. With the proposed fix modelled.
+/// while the worker keeps serving. Before `Record::adopt_latest`
+/// revalidated, this found a mixed request: a worker that had read target
+/// `t` at a safepoint but not yet stored it was counted as having left `t`
+/// by the reversal, which pointed the slots back at `V1` while the worker
+/// entered `t` and called `f` through the dispatcher (`V2`), then `g`
+/// (`V1`).
 #[test]
-fn deadline_reversal_with_revalidation() {
-    check("deadline_reversal_with_revalidation", 3, |trace| {
-        let mut w = World::new(1, Some(EXPECT), trace);
-        w.revalidate = true;
+fn deadline_reversal() {
+    check("deadline_reversal", 3, |trace| {
+        let w = World::new(1, Some(EXPECT), trace);
         run(
             w,
             &[Transition {
@@ -618,16 +600,14 @@ fn deadline_reversal_with_revalidation() {
 }
 
 /// A deadline with two workers: one may switch while the other has not
-/// reached its safepoint yet, then both must end on `V1`. With the
-/// proposed fix modelled.
+/// reached its safepoint yet, then both must end on `V1`.
 #[test]
-fn deadline_reversal_two_workers_with_revalidation() {
+fn deadline_reversal_two_workers() {
     check(
-        "deadline_reversal_two_workers_with_revalidation",
+        "deadline_reversal_two_workers",
         2,
         |trace| {
-            let mut w = World::new(2, Some(EXPECT), trace);
-            w.revalidate = true;
+            let w = World::new(2, Some(EXPECT), trace);
             run(
                 w,
                 &[Transition {
@@ -638,48 +618,6 @@ fn deadline_reversal_two_workers_with_revalidation() {
             );
         },
     );
-}
-
-/// The same deadline model over the protocol as it is: loom finds a
-/// request that runs `f` new and `g` old (the trace is printed):
-///
-/// ```text
-/// patcher  dispatchers in, publishes 1
-/// patcher  polls: all arrived? no
-/// worker0  two requests in universe 0, all V1
-/// worker0  safepoint: target 1           (loaded, not adopted yet)
-/// patcher  polls: all arrived? no        (the deadline passes)
-/// patcher  deadline: publishes 3
-/// patcher  polls: all left? yes          (worker0's universe still reads 0)
-/// patcher  all left: slots back to V1
-/// worker0  adopts 1                      (the target it loaded before)
-/// worker0  request in universe 1: f = dispatcher -> V2, g = V1
-/// ```
-///
-/// `left(t)` cannot tell a thread that never entered `t` from one about to
-/// enter it. The real code does the same (`quiesce::adopt`, the
-/// `OfflineGuard` drop, and `switch`'s `all_left`), and a stress run with
-/// a zero deadline shows mixed requests. The fix modelled in
-/// `deadline_reversal_with_revalidation`: after adopting, a thread issues
-/// a `SeqCst` fence and loads the target again, adopting until it stays
-/// the same; the patcher issues a `SeqCst` fence between publishing the
-/// reversal and polling `left`. One of the two then sees the other. Once
-/// `quiesce` does that, the mirror here should always revalidate and this
-/// test go.
-#[test]
-#[should_panic(expected = "mixed versions")]
-fn a_thread_adopting_late_defeats_the_reversal() {
-    check("a_thread_adopting_late_defeats_the_reversal", 3, |trace| {
-        let w = World::new(1, None, trace);
-        run(
-            w,
-            &[Transition {
-                budget: Some(1),
-                ..APPLY
-            }],
-            &[&[Request, Safepoint, Request, Safepoint, Request]],
-        );
-    });
 }
 
 /// A thread registers while the patcher switches, as `register_thread`

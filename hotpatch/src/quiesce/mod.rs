@@ -198,8 +198,8 @@ fn adopt(target: u64) {
             if reg.offline > 0 {
                 return; // Offline threads adopt when they come back.
             }
-            UNIVERSE.with(|u| u.set(target));
-            reg.record.record.adopt(target);
+            let adopted = reg.record.record.adopt_latest(&EPOCH, target);
+            UNIVERSE.with(|u| u.set(adopted));
         }
     });
 }

@@ -31,11 +31,23 @@
 //! adopts it before running anything). A thread reads the target with
 //! `Acquire`, which pairs with that store: having adopted `t`, it sees the
 //! dispatchers installed before `t` was published.
+//!
+//! Adoption is revalidated ([`Record::adopt_latest`]): a thread stores its
+//! universe, issues a `SeqCst` fence and reads the target again, adopting
+//! until it stays the same; [`Epoch::publish`] issues a `SeqCst` fence
+//! after its store. Without this, a thread that read target `t` at a
+//! safepoint but had not yet stored it could be counted as having *left*
+//! `t` by a reversal (its universe still read as older), which then points
+//! slots back at the old code while the thread enters `t` and calls a
+//! dispatcher: a mixed request (found by the loom model, reproduced by a
+//! stress run with a zero deadline). With the two fences one side sees the
+//! other's store: the patcher waits for the thread, or the thread adopts
+//! the reversal's target before its next call.
 
 #[cfg(hotpatch_loom)]
-use loom::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use loom::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
 #[cfg(not(hotpatch_loom))]
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
 
 /// The universe of a thread that is not registered: it always runs the
 /// newest implementation.
@@ -75,6 +87,9 @@ impl Epoch {
         // SeqCst: totally ordered with `Record::go_online`'s SeqCst store
         // and load (see the module docs).
         self.target.store(universe, Ordering::SeqCst);
+        // SeqCst fence before the patcher reads any record: pairs with the
+        // fence in `Record::adopt_latest`.
+        fence(Ordering::SeqCst);
     }
 }
 
@@ -101,6 +116,23 @@ impl Record {
         self.universe.store(universe, Ordering::Release);
     }
 
+    /// Called by the thread itself at a safepoint, having read `target`:
+    /// adopts it, then makes sure no newer target was published meanwhile
+    /// (see the module docs). Returns the universe adopted.
+    pub fn adopt_latest(&self, epoch: &Epoch, mut target: u64) -> u64 {
+        loop {
+            self.adopt(target);
+            // SeqCst fence between our store and the re-read: pairs with the
+            // one in `Epoch::publish`.
+            fence(Ordering::SeqCst);
+            let again = epoch.target();
+            if again == target {
+                return target;
+            }
+            target = again;
+        }
+    }
+
     /// Called by the thread itself before blocking work.
     pub fn go_offline(&self) {
         // SeqCst: see `go_online`.
@@ -115,8 +147,7 @@ impl Record {
         // other.
         self.online.store(true, Ordering::SeqCst);
         let target = epoch.target.load(Ordering::SeqCst);
-        self.adopt(target);
-        target
+        self.adopt_latest(epoch, target)
     }
 
     pub fn is_online(&self) -> bool {
