@@ -163,6 +163,11 @@ unsafe impl GlobalAlloc for HostAllocator {
                         std::ptr::copy_nonoverlapping(ptr, new, layout.size().min(new_size));
                         System.dealloc(ptr, layout);
                     }
+                } else {
+                    // On failure the old block is still live, and still
+                    // the system allocator's: keep it tracked, or its
+                    // later `dealloc` would go to the host's allocator.
+                    remember(ptr);
                 }
                 new
             }

@@ -216,7 +216,13 @@ impl Registry {
                 std::sync::atomic::Ordering::Release,
             );
         }
-        if let Some(cell) = m.host_allocator {
+        // Not after an early overflow (a load that allowed a foreign
+        // allocator): some live blocks of the patch came from the system
+        // allocator untracked, and once the table is installed the patch
+        // would hand them to the host's allocator when it frees them. Left
+        // uninstalled, the patch keeps to the system allocator throughout,
+        // which is what allowing a foreign allocator accepted.
+        if let Some(cell) = m.host_allocator.filter(|_| !m.early_overflow) {
             let fns: &'static crate::__private::HostAllocFns = &crate::alloc::HOST_FNS;
             // Release: pairs with the Acquire in `HostAllocator`.
             cell.store(
