@@ -603,21 +603,17 @@ fn deadline_reversal() {
 /// reached its safepoint yet, then both must end on `V1`.
 #[test]
 fn deadline_reversal_two_workers() {
-    check(
-        "deadline_reversal_two_workers",
-        2,
-        |trace| {
-            let w = World::new(2, Some(EXPECT), trace);
-            run(
-                w,
-                &[Transition {
-                    budget: Some(1),
-                    ..APPLY
-                }],
-                &[&[Safepoint, Request], &[Request, Safepoint, Request]],
-            );
-        },
-    );
+    check("deadline_reversal_two_workers", 2, |trace| {
+        let w = World::new(2, Some(EXPECT), trace);
+        run(
+            w,
+            &[Transition {
+                budget: Some(1),
+                ..APPLY
+            }],
+            &[&[Safepoint, Request], &[Request, Safepoint, Request]],
+        );
+    });
 }
 
 /// A thread registers while the patcher switches, as `register_thread`

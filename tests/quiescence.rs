@@ -519,3 +519,42 @@ fn registered_threads_never_mix_versions_long() {
         "{reports:?}"
     );
 }
+
+/// Reversals under load: with a zero deadline nearly every load gives up
+/// and reverses at once, racing the workers' safepoints. No request may
+/// mix versions. (The narrowest race here, a worker between reading the
+/// target and storing its adoption while a reversal polls, is fixed by
+/// `Record::adopt_latest`; this test did not hit it in 15 s with the fix
+/// removed, the loom model `deadline_reversal` does every time.)
+#[test]
+fn reversals_never_mix_versions() {
+    let _serial = serial();
+    let so = patch_path();
+    let workers = spawn_workers(4, true);
+    let loader = hotpatch::Loader::new().deadline(Duration::ZERO);
+    let (mut applied, mut reversed) = (0u32, 0u32);
+    let started = Instant::now();
+    while applied + reversed < 2 * cycles() as u32 && started.elapsed() < Duration::from_secs(8) {
+        match loader.load(&so) {
+            Ok(p) => {
+                applied += 1;
+                // Revert with a normal deadline: it must succeed.
+                p.revert().expect("revert");
+            }
+            Err(hotpatch::Error::Timeout { .. }) => reversed += 1,
+            // A reversal still finishing in the background holds the turn.
+            Err(hotpatch::Error::Busy { .. }) => thread::yield_now(),
+            Err(e) => panic!("{e}"),
+        }
+    }
+    // Let a background reversal finish before the check below.
+    let p = hotpatch::load(&so).expect("load after the reversals");
+    p.revert().unwrap();
+    let reports = workers.finish();
+    let mixed: u64 = reports.iter().map(|r| r.mixed).sum();
+    let bad: u64 = reports.iter().map(|r| r.bad).sum();
+    assert!(reversed > 0, "no reversal happened ({applied} applied)");
+    assert_eq!(bad, 0);
+    assert_eq!(mixed, 0, "{mixed} mixed requests over {reversed} reversals");
+    assert_eq!(version(), 1);
+}
