@@ -91,6 +91,10 @@
 //!   takes one out wherever it is in the stack.
 //! - **Code stays mapped.** A library is never unloaded, unless the
 //!   program opts in with [`Loader::reclaim`] (see "Unloading").
+//! - **Trusted before opened.** By default only a file that no one but
+//!   this process's user (or root) can have written is opened, and with
+//!   trusted keys configured only a file signed by one of them; the bytes
+//!   checked are the bytes loaded (see "Safety model").
 //!
 //! # Transitions
 //!
@@ -134,14 +138,21 @@
 //!   companion items live in an inherent impl). The target of a `#[patch]`
 //!   must be nameable from the patch crate (public module path); the
 //!   function itself may be private.
-//! - **Statics and thread-locals** named in patch code are the patch's
-//!   own copies, not the host's: a patch that reads a service `static`
-//!   reads a fresh, separate one. Pass state through patchable functions.
-//! - **Allocators**: memory allocated by patch code and freed by the host
-//!   (a returned `String`, say) is only safe when both use the same
-//!   allocator. A patch uses the system allocator unless it sets the same
-//!   `#[global_allocator]` as the host; a host with its own allocator
-//!   (jemalloc, mimalloc) must have its patches set it too.
+//! - **Statics and thread-locals**: a service `static` declared with
+//!   [`#[shared]`](shared) is the host's instance in patch code too. Any
+//!   other static, and every `thread_local!`, `OnceLock` or lazy value of
+//!   the service (or of its dependencies: a logger, a metrics registry,
+//!   `tracing`'s callsites) named in patch code is the patch's own copy:
+//!   fresh, separate, initialised again. Safe patches read and write
+//!   service state through `#[shared]` statics or through calls to
+//!   patchable functions (which run in the host), and keep their own
+//!   statics to caches they can afford to lose.
+//! - **Allocators**: `hotpatch::manifest!()` makes the host's global
+//!   allocator the patch's, whatever the host uses (jemalloc, mimalloc, a
+//!   counting wrapper), so memory moves freely between patch and host code.
+//!   A patch crate must not declare a `#[global_allocator]` of its own; a
+//!   patch whose manifest does not use the host's allocator is refused
+//!   ([`Error::ForeignAllocator`]) unless the loader allows it.
 //! - **Panic hooks**: a panic in patch code is reported by the patch's copy
 //!   of std (default hook, thread shown as `<unnamed>`); the host's custom
 //!   hook does not see it.
@@ -167,10 +178,30 @@
 //!
 //! # Safety model
 //!
-//! Opening a library runs its initialisers, and a patch's code runs with
-//! the full privileges of the process: load only patch files you trust.
-//! The checks above catch mistakes (a patch built for another build of the
-//! service), not malice.
+//! A patch is code injected into the process: once opened, its
+//! initialisers run, and once applied its functions run with the full
+//! privileges of the process. So:
+//!
+//! - **Trusted**: a patch that passes the trust policy. The policy runs
+//!   before the library is opened: the file must be a regular file owned by
+//!   this process's user or root and writable by no one else, in
+//!   directories with the same property (sticky world-writable directories
+//!   like `/tmp` excepted), and, when [`Loader::trusted_key`] is
+//!   configured, signed (minisign, `<file>.minisig`) by a trusted key. The
+//!   file is read once; the bytes checked are copied to a sealed memfd and
+//!   that copy is what the dynamic loader maps.
+//! - **Checked**: everything else about the file before anything changes:
+//!   an ELF shared object of this machine whose segments lie inside it
+//!   (a truncated file would otherwise crash the loader), a manifest whose
+//!   every pointer lies inside the library, the same compiler, target,
+//!   panic strategy and hotpatch ABI, and for each function its path,
+//!   signature fingerprint and argument layouts.
+//! - **Not defended against**: a trusted patch that is malicious or wrong
+//!   in ways the checks cannot see (a replacement with the right signature
+//!   and the wrong logic, an initialiser with side effects), a service
+//!   built from other source than the patch was built against but with the
+//!   same signatures and layouts, and anyone who can write the process's
+//!   memory or the trusted key.
 //!
 //! # Performance
 //!

@@ -230,6 +230,10 @@ impl Loader {
             what: format!("load {}", path.display()),
             waited: self.deadline,
         })?;
+        if let Some(id) = replacing {
+            // Before opening anything: a replace of nothing runs no code.
+            REGISTRY.lock().info(id)?;
+        }
         let mut libraries = LIBRARIES.lock();
         let (library, m) = open(&mut libraries, path, &bytes)?;
         if m.is_null() {
