@@ -925,9 +925,15 @@ impl OpenHook {
                         let event: libc::fanotify_event_metadata =
                             unsafe { std::ptr::read_unaligned(buf[at..].as_ptr().cast()) };
                         if event.mask & libc::FAN_OPEN_PERM != 0 {
-                            on_open();
-                            // Relaxed: read after the thread is joined.
-                            opens.fetch_add(1, Ordering::Relaxed);
+                            // The opener waits for our answer: give it even
+                            // if `on_open` panics (counted as no open).
+                            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(
+                                &mut on_open,
+                            ));
+                            if ran.is_ok() {
+                                // Relaxed: read after the thread is joined.
+                                opens.fetch_add(1, Ordering::Relaxed);
+                            }
                             let allow = libc::fanotify_response {
                                 fd: event.fd,
                                 response: libc::FAN_ALLOW,
@@ -960,12 +966,24 @@ impl OpenHook {
 
     /// Stops watching; how many opens were seen.
     fn finish(mut self) -> usize {
-        // Release: pairs with the Acquire load in the watching thread.
-        self.stop.store(true, Ordering::Release);
-        self.thread.take().unwrap().join().unwrap();
-        // SAFETY: the watching thread is gone; we own `fd`.
-        unsafe { libc::close(self.fd) };
+        self.stop();
         self.opens.load(Ordering::Relaxed)
+    }
+
+    fn stop(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            // Release: pairs with the Acquire load in the watching thread.
+            self.stop.store(true, Ordering::Release);
+            let _ = thread.join();
+            // SAFETY: the watching thread is gone; we own `fd`.
+            unsafe { libc::close(self.fd) };
+        }
+    }
+}
+
+impl Drop for OpenHook {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
