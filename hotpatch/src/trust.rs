@@ -256,20 +256,34 @@ fn check_signature(path: &Path, bytes: &[u8], keys: &[TrustedKey]) -> Result<(),
         path: path.to_owned(),
         reason: format!("{} is not a minisign signature: {e}", sig_path.display()),
     })?;
-    let mut last = None;
+    // The reason given is the one from the key that made the signature
+    // (its key id matches) if any is trusted: "made by another key" from
+    // the other keys would hide it.
+    let mut reason = None;
     for key in keys {
         // Prehashed (BLAKE2b) signatures only: minisign's default since
-        // 0.9; the legacy mode signs the raw bytes.
+        // 0.10 (`-H` from 0.6 on); the legacy mode signs the raw bytes.
         match key.key.verify(bytes, &signature, false) {
             Ok(()) => return Ok(()),
-            Err(e) => last = Some(e),
+            Err(minisign_verify::Error::UnexpectedKeyId) if reason.is_some() => {}
+            // Only raised once the key id matched.
+            Err(minisign_verify::Error::UnexpectedAlgorithm) => {
+                reason = Some(format!(
+                    "{} is a legacy (not prehashed) minisign signature, which is not \
+                     accepted: sign with minisign 0.10 or later (`-H` before), or hotpatch-sign",
+                    sig_path.display()
+                ))
+            }
+            Err(e) => {
+                reason = Some(format!(
+                    "no trusted key verifies {}: {e}",
+                    sig_path.display()
+                ))
+            }
         }
     }
     Err(Error::BadSignature {
         path: path.to_owned(),
-        reason: match last {
-            Some(e) => format!("no trusted key verifies {}: {e}", sig_path.display()),
-            None => "no trusted key".into(),
-        },
+        reason: reason.unwrap_or_else(|| "no trusted key".into()),
     })
 }
