@@ -371,6 +371,32 @@ fn symlink_into_an_unsafe_directory_is_untrusted() {
     );
 }
 
+/// A symlink in a directory others can write could be re-pointed at any
+/// other file this user or root owns (an older signed patch, say): the
+/// link's own directory is checked too.
+#[test]
+fn symlink_in_an_unsafe_directory_is_untrusted() {
+    let _serial = support::serial();
+    let target_dir = dir("symlink-safe-target", 0o755);
+    let target = put(&target_dir, "fix-v1.so", &bytes(GOOD), 0o644);
+    let links = dir("symlink-unsafe-links", 0o777);
+    let link = links.join("current.so");
+    let _ = std::fs::remove_file(&link);
+    symlink(&target, &link).unwrap();
+    let err = refused(
+        &Loader::new(),
+        &link,
+        &format!(
+            "directory {} is writable by group or others (mode 777)",
+            links.display()
+        ),
+    );
+    assert!(
+        matches!(&err, Error::Untrusted { path, .. } if path == &link),
+        "{err:?}"
+    );
+}
+
 #[test]
 fn file_owned_by_another_user_is_untrusted() {
     let _serial = support::serial();

@@ -71,7 +71,24 @@ fn tempfile_copy(label: &str, bytes: &[u8]) -> io::Result<PrivateCopy> {
     let dir = std::env::temp_dir().join(format!("hotpatch-{}", std::process::id()));
     match fs::DirBuilder::new().mode(0o700).create(&dir) {
         Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            // Ours from an earlier load, or planted by someone else under a
+            // predictable name: use it only if it is a real directory of
+            // this user that no one else can write.
+            use std::os::unix::fs::MetadataExt;
+            let m = fs::symlink_metadata(&dir)?;
+            // SAFETY: geteuid has no preconditions.
+            let euid = unsafe { libc::geteuid() };
+            if !m.is_dir() || m.uid() != euid || m.mode() & 0o077 != 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!(
+                        "{} exists and is not a private directory of this user",
+                        dir.display()
+                    ),
+                ));
+            }
+        }
         Err(e) => return Err(e),
     }
     // Relaxed: only uniqueness matters.

@@ -9,8 +9,9 @@
 //!    sticky bit (`/tmp`) is accepted: others can neither rename nor
 //!    replace what they do not own in it.
 //! 2. **Who signed it.** Optionally: with trusted keys configured, the
-//!    patch loads only with a valid detached minisign signature
-//!    (`<file>.minisig`) by one of them.
+//!    patch loads only with a valid detached minisign signature by one of
+//!    them, looked for at the path as given plus `.minisig` (for a symlink,
+//!    next to the link, not its target).
 //!
 //! Both apply to the bytes read once from one open descriptor; those same
 //! bytes are what gets mapped (see `sys`), so the file cannot change
@@ -19,6 +20,7 @@
 use std::fmt;
 use std::fs::{self, File};
 use std::io::Read;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -142,8 +144,15 @@ pub(crate) fn read(path: &Path, policy: &Policy) -> Result<Vec<u8>, Error> {
     failpoint!("load::trust", path);
     if !policy.allow_insecure_permissions {
         check_owner_and_mode(path, "the file", &meta)?;
-        let real = fs::canonicalize(path).map_err(read_err)?;
-        for dir in real.ancestors().skip(1) {
+        // The directories of the file actually opened (resolved from the
+        // descriptor, so a swap of the path after the open changes
+        // nothing), and those of the path as given: a symlink in an
+        // unsafe directory could be re-pointed at another file we own.
+        let opened = fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))
+            .or_else(|_| fs::canonicalize(path))
+            .map_err(read_err)?;
+        let given = std::path::absolute(path).map_err(read_err)?;
+        for dir in opened.ancestors().skip(1).chain(given.ancestors().skip(1)) {
             let m = fs::metadata(dir).map_err(read_err)?;
             check_directory(path, dir, &m)?;
         }
