@@ -162,21 +162,11 @@ impl Loader {
     /// Reverts the applied patch `id`; see [`revert`](Self::revert).
     pub fn revert_id(&self, id: PatchId) -> Result<(), Error> {
         let what = format!("revert {id}");
-        let turn = quiesce::take_turn(self.deadline).ok_or_else(|| Error::Busy {
-            what: what.clone(),
-            waited: self.deadline,
-        })?;
+        let turn = self.take_turn(&what)?;
         let (info, changes) = REGISTRY.lock().revert_changes(id)?;
         failpoint!("revert::apply", &info.file);
         let what = format!("revert {id} ({})", info.name);
-        let turn =
-            quiesce::switch(turn, what.clone(), changes, self.deadline).map_err(|stalled| {
-                Error::Timeout {
-                    what,
-                    deadline: self.deadline,
-                    stalled,
-                }
-            })?;
+        let turn = self.switch(turn, what, changes)?;
         REGISTRY.lock().record_revert(id);
         drop(turn);
         Ok(())
@@ -223,13 +213,34 @@ impl Loader {
         self.apply(path.as_ref(), Some(old))
     }
 
+    /// Waits (within the deadline) for the transition lock.
+    fn take_turn(&self, what: &str) -> Result<quiesce::Turn, Error> {
+        quiesce::take_turn(self.deadline).ok_or_else(|| Error::Busy {
+            what: what.to_owned(),
+            waited: self.deadline,
+        })
+    }
+
+    /// Runs a transition; on timeout (reversed) names the stalled threads.
+    fn switch(
+        &self,
+        turn: quiesce::Turn,
+        what: String,
+        changes: Vec<quiesce::Change>,
+    ) -> Result<quiesce::Turn, Error> {
+        quiesce::switch(turn, what.clone(), changes, self.deadline).map_err(|stalled| {
+            Error::Timeout {
+                what,
+                deadline: self.deadline,
+                stalled,
+            }
+        })
+    }
+
     fn apply(&self, path: &Path, replacing: Option<PatchId>) -> Result<Patch, Error> {
         let bytes = trust::read(path, &self.policy)?;
         // One transition at a time (loads, reverts, replaces, reclaims).
-        let turn = quiesce::take_turn(self.deadline).ok_or_else(|| Error::Busy {
-            what: format!("load {}", path.display()),
-            waited: self.deadline,
-        })?;
+        let turn = self.take_turn(&format!("load {}", path.display()))?;
         if let Some(id) = replacing {
             // Before opening anything: a replace of nothing runs no code.
             REGISTRY.lock().info(id)?;
@@ -288,14 +299,7 @@ impl Loader {
             ),
             None => format!("apply {} from {}", checked.name, path.display()),
         };
-        let turn =
-            quiesce::switch(turn, what.clone(), changes, self.deadline).map_err(|stalled| {
-                Error::Timeout {
-                    what,
-                    deadline: self.deadline,
-                    stalled,
-                }
-            })?;
+        let turn = self.switch(turn, what, changes)?;
         let info = {
             let mut registry = REGISTRY.lock();
             if let Some(old) = replacing {
@@ -452,10 +456,7 @@ impl Loader {
     /// ```
     pub unsafe fn reclaim(&self) -> Result<Reclaimed, Error> {
         let what = "reclaim unused patch libraries".to_owned();
-        let turn = quiesce::take_turn(self.deadline).ok_or_else(|| Error::Busy {
-            what: what.clone(),
-            waited: self.deadline,
-        })?;
+        let turn = self.take_turn(&what)?;
         let in_use = REGISTRY.lock().library_ids();
         let any = LIBRARIES.lock().iter().any(|l| !in_use.contains(&l.id));
         if !any {
