@@ -462,3 +462,6 @@ unsafe fn table<T>(
     // SAFETY: guaranteed by the caller, with the checks above.
     Ok(unsafe { std::slice::from_raw_parts(first, n) })
 }
+
+#[cfg(test)]
+mod fuzz;
