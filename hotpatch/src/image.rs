@@ -13,6 +13,11 @@ const PF_R: u32 = 4;
 #[derive(Debug, Clone)]
 pub(crate) struct Image {
     segments: Vec<(usize, usize, u32)>,
+    /// `PT_GNU_RELRO`: parts of writable segments that the dynamic loader
+    /// makes read-only once it has relocated them (from the start of the
+    /// page, as glibc's `_dl_protect_relro` does). Not writable, whatever
+    /// the segment's flags say.
+    relro: Vec<(usize, usize)>,
 }
 
 impl Image {
@@ -32,20 +37,23 @@ impl Image {
             // contract).
             let (search, info) = unsafe { (&mut *data.cast::<Search>(), &*info) };
             let mut segments = Vec::new();
+            let mut relro = Vec::new();
             for i in 0..usize::from(info.dlpi_phnum) {
                 // SAFETY: `dlpi_phdr` has `dlpi_phnum` entries.
                 let ph = unsafe { &*info.dlpi_phdr.add(i) };
+                let start = (info.dlpi_addr as usize).wrapping_add(ph.p_vaddr as usize);
+                let end = start.saturating_add(ph.p_memsz as usize);
                 if ph.p_type == libc::PT_LOAD {
-                    let start = (info.dlpi_addr as usize).wrapping_add(ph.p_vaddr as usize);
-                    let end = start.saturating_add(ph.p_memsz as usize);
                     segments.push((start, end, ph.p_flags));
+                } else if ph.p_type == libc::PT_GNU_RELRO {
+                    relro.push((start & !(page_size() - 1), end));
                 }
             }
             if segments
                 .iter()
                 .any(|&(s, e, _)| (s..e).contains(&search.addr))
             {
-                search.found = Some(Image { segments });
+                search.found = Some(Image { segments, relro });
                 return 1; // stop
             }
             0
@@ -76,18 +84,28 @@ impl Image {
 
     /// `[ptr, ptr + len)` is writable memory of this object.
     pub(crate) fn writable(&self, ptr: *const u8, len: usize) -> bool {
-        !ptr.is_null() && self.within(ptr as usize, len, PF_R | PF_W)
+        let start = ptr as usize;
+        !ptr.is_null()
+            && self.within(start, len, PF_R | PF_W)
+            && !self
+                .relro
+                .iter()
+                .any(|&(s, e)| start < e && s < start.saturating_add(len))
     }
 
     /// `addr` is in executable memory of this object.
     pub(crate) fn executable(&self, addr: *const ()) -> bool {
         !addr.is_null() && self.within(addr as usize, 1, PF_X)
     }
+}
 
-    /// `s` points into readable memory of this object.
-    pub(crate) fn str(&self, s: &str) -> bool {
-        self.readable(s.as_ptr(), s.len())
-    }
+fn page_size() -> usize {
+    // SAFETY: no preconditions.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(size)
+        .ok()
+        .filter(|s| s.is_power_of_two())
+        .unwrap_or(4096)
 }
 
 #[cfg(test)]
@@ -95,6 +113,7 @@ mod tests {
     use super::Image;
 
     static DATA: [u8; 16] = [7; 16];
+    static RELRO: &[u8; 16] = &DATA;
     static mut WRITABLE: [u8; 16] = [0; 16];
 
     fn function() {}
@@ -106,6 +125,11 @@ mod tests {
         assert!(!image.writable(DATA.as_ptr(), DATA.len()), "rodata");
         let w = &raw const WRITABLE;
         assert!(image.writable(w.cast(), 16));
+        // Relocated data (a static holding a pointer, in a PIE): in a
+        // segment marked writable, made read-only by the dynamic loader.
+        let relro = &raw const RELRO;
+        assert!(image.readable(relro.cast(), 8));
+        assert!(!image.writable(relro.cast(), 8), "RELRO");
         assert!(image.executable(function as fn() as *const ()));
         assert!(!image.executable(DATA.as_ptr().cast()));
         assert!(!image.readable(std::ptr::null(), 1));

@@ -29,7 +29,7 @@ use std::sync::atomic::AtomicPtr;
 
 use crate::__private::{
     ABI_VERSION, Entry, HostAllocFns, MAGIC, Manifest, PANIC_STRATEGY, PatchFn, RUSTC_VERSION,
-    RawStr, SharedEntry, TARGET, Transport,
+    RawStr, SharedEntry, Slot, TARGET, Transport, TypeLayout,
 };
 use crate::Error;
 use crate::image::Image;
@@ -66,60 +66,104 @@ impl Checked {
         if !e.is_aligned() || !image.readable(e.cast(), std::mem::size_of::<Entry>()) {
             return Err(invalid(path, "an entry lies outside the library's memory"));
         }
-        // SAFETY: aligned, inside the library's readable memory, produced
-        // by `#[patchable]` in code of the same compiler (checked).
-        let e: &'static Entry = unsafe { &*e };
-        let ok = image.str(e.path)
-            && image.str(e.signature)
-            && image.readable(e.layouts.as_ptr().cast(), std::mem::size_of_val(e.layouts))
-            && image.writable(
-                (e.slot as *const crate::__private::Slot).cast(),
-                std::mem::size_of::<crate::__private::Slot>(),
+        // The reference fields are read as raw pointers: read as
+        // references, the compiler may take them to be aligned and
+        // non-null, and drop the checks below.
+        // SAFETY: aligned and inside the library's readable memory
+        // (checked above); each field is plain words.
+        let (function, signature, layouts, slot, code) = unsafe {
+            (
+                raw(&raw const (*e).path),
+                raw(&raw const (*e).signature),
+                raw(&raw const (*e).layouts),
+                raw(&raw const (*e).slot),
+                [
+                    (*e).original,
+                    (*e).wrapper,
+                    (*e).guarded,
+                    (*e).cross,
+                    (*e).dispatcher,
+                ],
             )
-            && [e.original, e.wrapper, e.guarded, e.cross, e.dispatcher]
-                .iter()
-                .all(|f| image.executable(f.as_ptr()));
-        if ok {
-            Ok(e)
-        } else {
-            Err(invalid(
+        };
+        let strings = [str_bytes(image, function), str_bytes(image, signature)];
+        let ok = strings.iter().all(Option::is_some)
+            && layouts.cast::<TypeLayout>().is_aligned()
+            && layouts
+                .len()
+                .checked_mul(std::mem::size_of::<TypeLayout>())
+                .is_some_and(|size| image.readable(layouts.cast(), size))
+            && slot.is_aligned()
+            && image.writable(slot.cast(), std::mem::size_of::<Slot>())
+            && code.iter().all(|f| image.executable(f.as_ptr()));
+        if !ok {
+            return Err(invalid(
                 path,
                 "an entry points outside the library's memory or code",
-            ))
+            ));
         }
+        if !strings.into_iter().flatten().all(utf8) {
+            return Err(invalid(path, "an entry's path or signature is not UTF-8"));
+        }
+        // SAFETY: every field checked above; produced by `#[patchable]` in
+        // code of the same compiler (checked).
+        Ok(unsafe { &*e })
     }
 
     /// Checks a replacement record and returns its target's entry.
     pub(crate) fn patch_fn(&self, path: &Path, f: &PatchFn) -> Result<&'static Entry, Error> {
         let image = &self.image;
+        // SAFETY: `f` is in the table `check` found readable; the field is
+        // plain words.
+        let name = str_bytes(image, unsafe { raw(&raw const f.name) });
         if !image.executable(f.target as *const ())
             || !image.executable(f.replacement.as_ptr())
-            || !image.str(f.name)
+            || name.is_none()
         {
             return Err(invalid(
                 path,
                 "a replacement record points outside the library's code",
             ));
         }
+        if !name.is_some_and(utf8) {
+            return Err(invalid(path, "a replacement record's name is not UTF-8"));
+        }
+        // Called as returning a raw pointer, so that nothing is assumed of
+        // what it returns before `entry` has checked it.
+        // SAFETY: `&T` and `*const T` are ABI-compatible (`fn` pointer docs).
+        let target = unsafe {
+            std::mem::transmute::<fn() -> &'static Entry, fn() -> *const Entry>(f.target)
+        };
         // The patch's getter: code of the library, checked above.
-        self.entry(path, (f.target)())
+        self.entry(path, target())
     }
 
     /// Checks a shared static's record.
     pub(crate) fn shared_entry(&self, path: &Path, e: &SharedEntry) -> Result<(), Error> {
         let image = &self.image;
-        let ok = image.str(e.path)
-            && image.str(e.ty)
+        // SAFETY: `e` is in the table `check` found readable; the fields
+        // are plain words.
+        let strings = unsafe {
+            [
+                str_bytes(image, raw(&raw const e.path)),
+                str_bytes(image, raw(&raw const e.ty)),
+            ]
+        };
+        let target = e.target.0.cast::<AtomicPtr<()>>();
+        let ok = strings.iter().all(Option::is_some)
             && image.readable(e.local.0.cast(), e.layout.size)
-            && image.writable(e.target.0.cast(), std::mem::size_of::<AtomicPtr<()>>());
-        if ok {
-            Ok(())
-        } else {
-            Err(invalid(
+            && target.is_aligned()
+            && image.writable(target.cast(), std::mem::size_of::<AtomicPtr<()>>());
+        if !ok {
+            return Err(invalid(
                 path,
                 "a shared static's record points outside the library's memory",
-            ))
+            ));
         }
+        if !strings.into_iter().flatten().all(utf8) {
+            return Err(invalid(path, "a shared static's path or type is not UTF-8"));
+        }
+        Ok(())
     }
 
     /// Runs the patch's initialisation, if it has one.
@@ -132,6 +176,31 @@ impl Checked {
             _ => Ok(()),
         }
     }
+}
+
+/// The bits of a reference field, as a raw pointer: nothing assumed.
+///
+/// # Safety
+/// `field` must be valid for reads and aligned.
+unsafe fn raw<T: ?Sized>(field: *const &'static T) -> *const T {
+    // SAFETY: a reference and a raw pointer to the same type have the same
+    // layout; the read is the caller's guarantee.
+    unsafe { field.cast::<*const T>().read() }
+}
+
+/// The bytes of a `&str` field, if they lie in the library's readable
+/// memory (which stays mapped).
+fn str_bytes(image: &Image, s: *const str) -> Option<&'static [u8]> {
+    let len = (s as *const [u8]).len();
+    image.readable(s.cast(), len).then(|| {
+        // SAFETY: inside the library's readable memory (checked), which is
+        // never unmapped while the registry may use it.
+        unsafe { std::slice::from_raw_parts(s.cast::<u8>(), len) }
+    })
+}
+
+fn utf8(bytes: &[u8]) -> bool {
+    std::str::from_utf8(bytes).is_ok()
 }
 
 fn invalid(path: &Path, reason: impl Into<String>) -> Error {
@@ -393,3 +462,6 @@ unsafe fn table<T>(
     // SAFETY: guaranteed by the caller, with the checks above.
     Ok(unsafe { std::slice::from_raw_parts(first, n) })
 }
+
+#[cfg(test)]
+mod fuzz;
