@@ -1,7 +1,8 @@
 //! Instructions per loop iteration, counted by callgrind, for the loops of
 //! `benches/quiescence.rs` (`benches/quiescence_cases`): `quiescent()`
 //! with nothing in progress, and the patchable call before, during and
-//! after a transition.
+//! after a transition, and the `AtomicPtr` control (`loop_ptr`) to the
+//! original and to the patch's entry.
 //!
 //! The method of `benches/icount.rs`: this binary re-runs itself under
 //! `valgrind --tool=callgrind --callgrind-out-file=/dev/null` once per
@@ -21,14 +22,18 @@ mod support;
 
 use std::process::Command;
 
-use quiescence_cases::{HeldTransition, loop_call, loop_empty, loop_quiescent};
+use std::sync::atomic::Ordering;
+
+use quiescence_cases::{
+    HeldTransition, TARGET, current_impl, loop_call, loop_empty, loop_ptr, loop_quiescent,
+};
 
 const N1: u64 = 1_000_000;
 const N2: u64 = 3_000_000;
 
 /// Case, loop function (its symbol, for `--toggle-collect`), and the
 /// case it is compared with.
-const CASES: [(&str, &str, &str); 9] = [
+const CASES: [(&str, &str, &str); 11] = [
     ("empty_loop", "loop_empty", "empty_loop"),
     ("quiescent_registered", "loop_quiescent", "empty_loop"),
     ("quiescent_unregistered", "loop_quiescent", "empty_loop"),
@@ -38,6 +43,8 @@ const CASES: [(&str, &str, &str); 9] = [
     ("call_during_unregistered", "loop_call", "call_before"),
     ("call_after", "loop_call", "call_before"),
     ("call_after_revert", "loop_call", "call_before"),
+    ("ptr_to_original", "loop_ptr", "ptr_to_original"),
+    ("ptr_to_patch_entry", "loop_ptr", "ptr_to_original"),
 ];
 
 fn child(case: &str, n: u64) {
@@ -78,6 +85,19 @@ fn child(case: &str, n: u64) {
             hotpatch::quiescent();
             held.finish().revert().unwrap();
             loop_call(n);
+        }
+        "ptr_to_original" => {
+            TARGET.store(current_impl(), Ordering::Release);
+            loop_ptr(n);
+        }
+        "ptr_to_patch_entry" => {
+            // No registered thread: a direct swap; the library stays mapped.
+            let applied = hotpatch::load(patch).unwrap();
+            let entry = current_impl();
+            applied.revert().unwrap();
+            // Release: pairs with the Acquire in `loop_ptr`.
+            TARGET.store(entry, Ordering::Release);
+            loop_ptr(n);
         }
         _ => panic!("unknown case {case}"),
     }

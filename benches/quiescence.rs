@@ -14,7 +14,14 @@
 //!   thread registered and not switched (runs the old code), registered
 //!   and switched, and unregistered (both run the new code); `after`
 //!   once `load` returned (the slot points at the patch again);
-//!   `after_revert` once it was reverted (the original again).
+//!   `after_revert` once it was reverted (the original again);
+//!   `after_direct_swap` with the same patch applied while no thread is
+//!   registered, so that `load` swapped the slot with no transition at all
+//!   (the control for `after`).
+//! - `call_target`: the control for `after` vs `before`: a plain
+//!   `AtomicPtr` call (`loop_ptr`) to the original implementation
+//!   (baseline) and to the patch's entry (the same machine code, in the
+//!   patch library), i.e. the same path to two places.
 //! - `load_until_switched`: `load` from call to return, which is when
 //!   every registered thread switched, in a host of 1000 generated
 //!   functions (`benches/gen`, `gen-host-1000 serve`) with patches of 1,
@@ -41,10 +48,13 @@ mod support;
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use criterion::{Criterion, SamplingMode, criterion_group, criterion_main};
-use quiescence_cases::{HOLDER, HeldTransition, loop_call, loop_empty, loop_quiescent};
+use quiescence_cases::{
+    HOLDER, HeldTransition, TARGET, loop_call, loop_empty, loop_ptr, loop_quiescent,
+};
 
 fn quiescent_idle(c: &mut Criterion) {
     assert!(hotpatch::transition().is_none());
@@ -97,11 +107,46 @@ fn call_transition(c: &mut Criterion) {
     assert!(hotpatch::transition().is_none());
     check();
     g.bench_function("after", |b| b.iter_custom(loop_call));
+    let patch_entry = quiescence_cases::current_impl();
 
     applied.revert().expect("revert bench-patch");
     check();
     g.bench_function("after_revert", |b| b.iter_custom(loop_call));
+    let original = quiescence_cases::current_impl();
+    assert_ne!(original, patch_entry);
+
+    // No registered thread: `load` swaps the slot directly, with no
+    // dispatcher and no transition. Same bytes, so the same library and
+    // entry as `after`.
+    let swapped = hotpatch::load(&patch).expect("load bench-patch");
+    assert_eq!(quiescence_cases::current_impl(), patch_entry);
+    check();
+    g.bench_function("after_direct_swap", |b| b.iter_custom(loop_call));
+    swapped.revert().expect("revert bench-patch");
     g.finish();
+
+    // The control for `after` vs `before`: the same `AtomicPtr` call to
+    // each of the two implementations (the patch stays mapped).
+    let mut g = c.benchmark_group("call_target");
+    for (name, target) in [("original", original), ("patch_entry", patch_entry)] {
+        // Release: pairs with the Acquire in `loop_ptr`.
+        TARGET.store(target, Ordering::Release);
+        check_ptr();
+        g.bench_function(name, |b| b.iter_custom(loop_ptr));
+    }
+    g.finish();
+}
+
+/// `loop_ptr`'s target computes the body.
+fn check_ptr() {
+    // SAFETY: `TARGET` holds a `fn(u64) -> u64`.
+    let f: fn(u64) -> u64 = unsafe { std::mem::transmute(TARGET.load(Ordering::Acquire)) };
+    for x in [0, 7, u64::MAX] {
+        assert_eq!(
+            f(x),
+            x.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(29) ^ x
+        );
+    }
 }
 
 /// Patch sizes of `load_until_switched`.

@@ -6,6 +6,7 @@
 
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicPtr, Ordering};
 use std::sync::mpsc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -40,6 +41,34 @@ pub fn loop_call(iters: u64) -> Duration {
         black_box(bench_svc::patched(black_box(i)));
     }
     start.elapsed()
+}
+
+/// A `fn(u64) -> u64` for `loop_ptr`.
+pub static TARGET: AtomicPtr<()> = AtomicPtr::new(std::ptr::null_mut());
+
+/// The same loop calling through `TARGET`, a plain `AtomicPtr` in this
+/// crate: the same path whatever it points at, so two targets compare
+/// where the code called lies, not how it is reached.
+#[inline(never)]
+pub fn loop_ptr(iters: u64) -> Duration {
+    let start = Instant::now();
+    for i in 0..iters {
+        // SAFETY: `TARGET` only ever holds a `fn(u64) -> u64`.
+        // Acquire: as a hot swap needs; a plain `mov` on x86-64.
+        let f: fn(u64) -> u64 = unsafe { std::mem::transmute(TARGET.load(Ordering::Acquire)) };
+        black_box(f(black_box(i)));
+    }
+    start.elapsed()
+}
+
+/// The implementation `bench_svc::patched`'s slot points at now (read
+/// through the runtime's hidden registry; for the benches only).
+pub fn current_impl() -> *mut () {
+    let entry = hotpatch::__private::SLOTS
+        .iter()
+        .find(|e| e.path == "bench_svc::patched")
+        .expect("bench_svc::patched is registered");
+    entry.slot.get() as *mut ()
 }
 
 /// The patch the transition cases apply: `bench_svc::patched`, same body.
