@@ -231,26 +231,35 @@ fn load_until_switched(c: &mut Criterion) {
             };
             // Per load: how long `load` returned after the last worker
             // switched (the patcher noticing), when there are workers.
+            let missed = answer[4 * each];
+            // Meaningful when every worker ran a request on every version
+            // (registered online workers always do; unregistered and
+            // offline ones can miss a version that lasts microseconds).
+            let has_switches = *mode != "none" && missed == 0;
             let lag: Vec<f64> = col(0).iter().zip(col(2)).map(|(l, s)| l - s).collect();
             let (load, revert) = (summary(col(0)), summary(col(1)));
             let (load_switch, revert_switch) = (summary(col(2)), summary(col(3)));
             let lag = summary(lag);
+            let two = |(p50, p90, _): (f64, f64, f64)| {
+                if has_switches {
+                    format!("{p50:7.3} {p90:7.3}")
+                } else {
+                    format!("{:>7} {:>7}", "-", "-")
+                }
+            };
             writeln!(
                 report,
-                "  {regime:<30} {m:>4} fns: load {:7.3} {:7.3} {:7.3} | switched {:7.3} {:7.3} \
-                 | lag {:7.3} {:7.3} | revert {:7.3} {:7.3} {:7.3} | switched {:7.3} {:7.3}",
+                "  {regime:<30} {m:>4} fns: load {:7.3} {:7.3} {:7.3} | switched {} | lag {} \
+                 | revert {:7.3} {:7.3} {:7.3} | switched {} | no request on a version: {missed}",
                 load.0,
                 load.1,
                 load.2,
-                load_switch.0,
-                load_switch.1,
-                lag.0,
-                lag.1,
+                two(load_switch),
+                two(lag),
                 revert.0,
                 revert.1,
                 revert.2,
-                revert_switch.0,
-                revert_switch.1,
+                two(revert_switch),
             )
             .unwrap();
             let sep = if ri + 1 == REGIMES.len() && mi + 1 == patches.len() {
@@ -261,15 +270,22 @@ fn load_until_switched(c: &mut Criterion) {
             let stats = |(p50, p90, max): (f64, f64, f64)| {
                 format!("{{\"median_ms\": {p50}, \"p90_ms\": {p90}, \"max_ms\": {max}}}")
             };
+            let switch_stats = |v| {
+                if has_switches {
+                    stats(v)
+                } else {
+                    "null".to_owned()
+                }
+            };
             writeln!(
                 json,
                 "  \"{regime}/{m}_fns\": {{\"cycles\": {each}, \"load\": {}, \"load_switched\": {}, \
-                 \"load_minus_switched\": {}, \"revert\": {}, \"revert_switched\": {}}}{sep}",
+                 \"load_minus_switched\": {}, \"revert\": {}, \"revert_switched\": {}, \"no_request_on_a_version\": {missed}}}{sep}",
                 stats(load),
-                stats(load_switch),
-                stats(lag),
+                switch_stats(load_switch),
+                switch_stats(lag),
                 stats(revert),
-                stats(revert_switch),
+                switch_stats(revert_switch),
             )
             .unwrap();
         }

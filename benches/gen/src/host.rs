@@ -36,17 +36,19 @@
 //!   - `offline`: the same sleep inside `hotpatch::while_offline`;
 //!   - `unregistered`: not registered, never blocks (CPU contention only);
 //!   - `none`: no workers.
-//! - `apply-each PATH ITERS`: as `apply`, but answers 4 × ITERS numbers:
-//!   each load's nanoseconds, each revert's, and for each load and each
-//!   revert the time from its call to the last worker's first request on
-//!   the new version (0 without workers): when the workers switched, as
-//!   opposed to when `load` noticed.
+//! - `apply-each PATH ITERS`: as `apply`, but answers 4 × ITERS + 1
+//!   numbers: each load's nanoseconds, each revert's, then for each load
+//!   and each revert the time from its call to the last worker's first
+//!   request on the new version (when the workers switched, as opposed to
+//!   when `load` noticed; 0 without workers), then how many times a worker
+//!   ran no request at all on a version (an offline worker can sleep
+//!   through a load and its revert); those are left out of the maximum.
 
 use std::hint::black_box;
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Barrier, LazyLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier, LazyLock, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -196,14 +198,17 @@ fn serve() {
             }
             Some("apply-each") => {
                 let path = Path::new(words[1]);
-                let mut cols: [Vec<String>; 4] = Default::default();
-                for _ in 0..iters(2) {
-                    let times = load_revert_switches(path, &workers);
-                    for (col, t) in cols.iter_mut().zip(times) {
-                        col.push(t.as_nanos().to_string());
-                    }
-                }
-                cols.map(|c| c.join(" ")).join(" ")
+                let cycles: Vec<Cycle> = (0..iters(2)).map(|_| cycle(path)).collect();
+                // Let workers that switched record it.
+                std::thread::sleep(Duration::from_millis(50));
+                let (switches, missed) = workers.switches(&cycles);
+                let ns = |d: Duration| d.as_nanos().to_string();
+                let mut cols: Vec<String> = cycles.iter().map(|c| ns(c.load)).collect();
+                cols.extend(cycles.iter().map(|c| ns(c.revert)));
+                cols.extend(switches.iter().map(|s| ns(s[0])));
+                cols.extend(switches.iter().map(|s| ns(s[1])));
+                cols.push(missed.to_string());
+                cols.join(" ")
             }
             Some("workers") => {
                 let (requests, bad) = workers.stop();
@@ -227,19 +232,27 @@ fn serve() {
 /// The origin of the workers' switch times.
 static T0: LazyLock<Instant> = LazyLock::new(Instant::now);
 
-/// Load then revert `path`, timing each, and how long after each call
-/// the last worker ran its first request on the new version:
-/// `[load, revert, load_switch, revert_switch]`.
-fn load_revert_switches(path: &Path, workers: &Workers) -> [Duration; 4] {
-    let start = T0.elapsed();
+/// One load and revert: when each began (since `T0`) and how long it took.
+struct Cycle {
+    load_start: Duration,
+    load: Duration,
+    revert_start: Duration,
+    revert: Duration,
+}
+
+fn cycle(path: &Path) -> Cycle {
+    let load_start = T0.elapsed();
     let patch = hotpatch::load(path).unwrap_or_else(|e| panic!("load {}: {e}", path.display()));
-    let load = T0.elapsed() - start;
-    let load_switch = workers.switched_since(start, 1);
-    let start = T0.elapsed();
+    let load = T0.elapsed() - load_start;
+    let revert_start = T0.elapsed();
     patch.revert().unwrap();
-    let revert = T0.elapsed() - start;
-    let revert_switch = workers.switched_since(start, 0);
-    [load, revert, load_switch, revert_switch]
+    let revert = T0.elapsed() - revert_start;
+    Cycle {
+        load_start,
+        load,
+        revert_start,
+        revert,
+    }
 }
 
 /// The original value of generated function `f{i}` (see `build_svc.rs`);
@@ -291,9 +304,9 @@ fn request(x: u64) -> Seen {
 /// Worker threads serving requests until stopped.
 struct Workers {
     stop: Arc<AtomicBool>,
-    /// Per worker: when (ns since `T0`) it last saw `first` change version,
-    /// and which version it changed to (`ns << 1 | version`).
-    switched: Vec<Arc<AtomicU64>>,
+    /// Per worker: each time it saw `first` change version, when (ns
+    /// since `T0`) and to which version: `ns << 1 | version`.
+    switched: Vec<Arc<Mutex<Vec<u64>>>>,
     handles: Vec<JoinHandle<(u64, u64)>>,
 }
 
@@ -310,7 +323,7 @@ impl Workers {
         LazyLock::force(&T0);
         let stop = Arc::new(AtomicBool::new(false));
         let ready = Arc::new(Barrier::new(k + 1));
-        let switched: Vec<_> = (0..k).map(|_| Arc::new(AtomicU64::new(0))).collect();
+        let switched: Vec<Arc<Mutex<Vec<u64>>>> = (0..k).map(|_| Arc::default()).collect();
         let handles = (0..k)
             .map(|w| {
                 let (stop, ready, switched) = (stop.clone(), ready.clone(), switched[w].clone());
@@ -330,8 +343,8 @@ impl Workers {
                             if seen.version != version {
                                 version = seen.version;
                                 let ns = T0.elapsed().as_nanos() as u64;
-                                // Relaxed: read after the fact, for a report.
-                                switched.store(ns << 1 | version, Ordering::Relaxed);
+                                // Uncontended: twice per load+revert cycle.
+                                switched.lock().unwrap().push(ns << 1 | version);
                             }
                             requests += 1;
                             hotpatch::quiescent();
@@ -357,31 +370,42 @@ impl Workers {
         }
     }
 
-    /// How long after `since` (from `T0`) the last worker first ran a
-    /// request on `version`; zero without workers. Waits (outside any
-    /// timed part) for workers that switched but have not yet recorded it,
-    /// or that are offline and switch when they come back.
-    fn switched_since(&self, since: Duration, version: u64) -> Duration {
-        let mut last = Duration::ZERO;
-        for w in &self.switched {
-            let started = Instant::now();
-            loop {
-                // Relaxed: see the workers' loop.
-                let v = w.load(Ordering::Relaxed);
-                let at = Duration::from_nanos(v >> 1);
-                if v & 1 == version && at >= since {
-                    last = last.max(at - since);
-                    break;
+    /// For each cycle, how long after the load's and the revert's call the
+    /// last worker first ran a request on the version it installed (zero
+    /// without workers); and how many times a worker ran no request at all
+    /// on a version. A worker's change to version 1 (0) belongs to the
+    /// last load (revert) that began before it.
+    fn switches(&self, cycles: &[Cycle]) -> (Vec<[Duration; 2]>, usize) {
+        let mut out = vec![[Duration::ZERO; 2]; cycles.len()];
+        let mut missed = 0;
+        for log in &self.switched {
+            let mut first: Vec<[Option<Duration>; 2]> = vec![[None; 2]; cycles.len()];
+            for &e in log.lock().unwrap().iter() {
+                let (at, version) = (Duration::from_nanos(e >> 1), e & 1);
+                let start = |c: &Cycle| {
+                    if version == 1 {
+                        c.load_start
+                    } else {
+                        c.revert_start
+                    }
+                };
+                // The op (load for 1, revert for 0) that installed it.
+                let Some(i) = cycles.iter().rposition(|c| start(c) <= at) else {
+                    continue;
+                };
+                let k = 1 - version as usize;
+                first[i][k].get_or_insert(at - start(&cycles[i]));
+            }
+            for (o, f) in out.iter_mut().zip(&first) {
+                for k in 0..2 {
+                    match f[k] {
+                        Some(d) => o[k] = o[k].max(d),
+                        None => missed += 1,
+                    }
                 }
-                assert!(
-                    started.elapsed() < Duration::from_secs(10),
-                    "a worker never switched"
-                );
-                // Sleep, not yield: give the CPU to the workers.
-                std::thread::sleep(Duration::from_micros(50));
             }
         }
-        last
+        (out, missed)
     }
 
     /// Stops and joins them; their requests and bad requests.
