@@ -252,11 +252,8 @@ fn no_loadable_segment() {
 // ---- Files that are no file
 
 /// A FIFO at the patch's path: `load` must refuse it, not wait for a
-/// writer. Ignored: today `trust::read` opens the path (which blocks on a
-/// FIFO until someone opens it for writing) before it checks that it is a
-/// regular file; opening with `O_NONBLOCK` would fix it.
+/// writer (`trust::read` opens with `O_NONBLOCK`, then checks the type).
 #[test]
-#[ignore = "load blocks on a FIFO: trust::read opens it before checking the file type"]
 fn a_fifo() {
     let _serial = support::serial();
     let fifo = support::temp_dir().join("fifo.so");

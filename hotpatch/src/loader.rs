@@ -382,7 +382,12 @@ fn open(
     }
     let library = opened.map_err(|e| Error::NotLoadable {
         path: path.to_owned(),
-        reason: e.to_string(),
+        // libloading's message is "dlopen failed"; the loader's own words
+        // (dlerror) are in its source.
+        reason: match std::error::Error::source(&e) {
+            Some(detail) => format!("{e}: {detail}"),
+            None => e.to_string(),
+        },
     })?;
     let symbol = format!("{MANIFEST_SYMBOL}\0");
     // SAFETY: we read the symbol's address only, as a pointer to data; its

@@ -1,17 +1,37 @@
 //! Reading a patch's manifest without trusting it.
 //!
 //! The manifest is `repr(C)`. Fields are read in this order, each checked
-//! before the next is read:
+//! before the next is read (all in [`check`] unless said otherwise):
 //!
-//! 1. the symbol's address: non-null and aligned;
+//! 1. the symbol's address: non-null, aligned, inside a loaded object
+//!    whose readable memory holds the 16-byte header;
 //! 2. `magic`, then `abi_version` (fixed offsets in every ABI version);
-//! 3. `manifest_size`, `entry_size`, `patch_fn_size`: the layout this
-//!    runtime expects;
-//! 4. the strings: non-null, at most [`MAX_STR`] bytes, UTF-8; then
-//!    `rustc`, `target` and `panic_strategy` must equal the host's;
-//! 5. only then, with the same compiler established, the table getters
-//!    are called (patch code) and their results checked: non-null,
-//!    aligned, bounded counts, at least one function.
+//! 3. `manifest_size` equal to this runtime's, and the whole struct inside
+//!    the library's readable memory;
+//! 4. the seven function fields (`functions`, `slots`, `shared`,
+//!    `host_raise`, `host_allocator`, `early_overflow`, `init`): each
+//!    absent or inside the library's executable segments, before any is
+//!    called;
+//! 5. the strings, each non-null, at most [`MAX_STR`] bytes, inside the
+//!    library's readable memory and UTF-8: `rustc`, `target` and
+//!    `panic_strategy` must equal the host's; `entry_size`,
+//!    `patch_fn_size` and `shared_entry_size` this runtime's; then
+//!    `hotpatch_version`, `name`, `version`, `description` (read for
+//!    reports only: `abi_version` decides compatibility);
+//! 6. only then, with the same compiler established, the getters are
+//!    called (patch code): `functions` (required; its table non-null,
+//!    aligned, bounded, inside the library, not empty), `slots` (required)
+//!    and `shared` (optional) likewise; `host_allocator` (optional) must
+//!    return an aligned cell in writable, non-RELRO memory of the
+//!    library, and so must `host_raise` (required); `early_overflow`
+//!    (optional) is called for its answer; `init` (optional) is only
+//!    recorded here and called by [`Checked::run_init`] after the plan;
+//! 7. the records behind the tables, when the registry plans
+//!    (`registry.rs`): [`Checked::patch_fn`] (getter and replacement in
+//!    code, name UTF-8 in readable memory), [`Checked::entry`] (strings
+//!    UTF-8 and readable, layouts aligned and readable, slot aligned in
+//!    writable non-RELRO memory, the five function addresses in code),
+//!    [`Checked::shared_entry`] (likewise for a shared static's record).
 //!
 //! Every pointer is checked to lie inside the library that exported the
 //! manifest before anything reads through it: strings and tables in its
@@ -346,6 +366,8 @@ pub(crate) unsafe fn check(path: &Path, m: *const Manifest) -> Result<Checked, E
             "table entry sizes differ from this runtime's",
         ));
     }
+    // SAFETY: as above. Validated, not compared: `abi_version` decides.
+    unsafe { read_str(path, &image, "hotpatch_version", m.hotpatch_version) }?;
     // SAFETY: as above.
     let name = unsafe { read_str(path, &image, "name", m.name) }?;
     // SAFETY: as above.

@@ -118,7 +118,16 @@ pub(crate) fn read(path: &Path, policy: &Policy) -> Result<Vec<u8>, Error> {
         source,
     };
     failpoint!("load::open", path);
-    let file = File::open(path).map_err(read_err)?;
+    // O_NONBLOCK: opening a FIFO must not wait for a writer; a regular
+    // file ignores the flag. O_NOCTTY: a terminal device is no patch.
+    let file = {
+        use std::os::unix::fs::OpenOptionsExt;
+        fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+            .open(path)
+            .map_err(read_err)?
+    };
     let meta = file.metadata().map_err(read_err)?;
     if meta.is_dir() {
         return Err(read_err(std::io::Error::new(
