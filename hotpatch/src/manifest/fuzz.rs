@@ -680,6 +680,7 @@ impl ManifestInput {
                 &self.rustc,
                 &self.target,
                 &self.panic_strategy,
+                &self.hotpatch_version,
                 &self.name,
                 &self.version,
                 &self.description,
