@@ -255,7 +255,8 @@ impl Loader {
         }
         failpoint!("load::manifest", path);
         // SAFETY: `m` is the manifest symbol's address in a library that is
-        // not unmapped while it is in `LIBRARIES`, which we hold.
+        // not unmapped while we hold the transition turn (only `reclaim`
+        // unmaps, and it needs the turn).
         let checked = unsafe { manifest::check(path, m) }?;
         if !self.allow_foreign_allocator {
             if checked.host_allocator.is_none() {
