@@ -93,6 +93,12 @@ impl Image {
                 .any(|&(s, e)| start < e && s < start.saturating_add(len))
     }
 
+    /// `p` is an aligned `T` in writable memory of this object: a cell the
+    /// runtime may store into.
+    pub(crate) fn writable_value<T>(&self, p: *const T) -> bool {
+        p.is_aligned() && self.writable(p.cast(), std::mem::size_of::<T>())
+    }
+
     /// `addr` is in executable memory of this object.
     pub(crate) fn executable(&self, addr: *const ()) -> bool {
         !addr.is_null() && self.within(addr as usize, 1, PF_X)

@@ -49,7 +49,7 @@ use std::sync::atomic::AtomicPtr;
 
 use crate::__private::{
     ABI_VERSION, Entry, HostAllocFns, MAGIC, Manifest, PANIC_STRATEGY, PatchFn, RUSTC_VERSION,
-    RawStr, SharedEntry, Slot, TARGET, Transport, TypeLayout,
+    RawStr, SharedEntry, TARGET, Transport, TypeLayout,
 };
 use crate::Error;
 use crate::image::Image;
@@ -113,8 +113,7 @@ impl Checked {
                 .len()
                 .checked_mul(std::mem::size_of::<TypeLayout>())
                 .is_some_and(|size| image.readable(layouts.cast(), size))
-            && slot.is_aligned()
-            && image.writable(slot.cast(), std::mem::size_of::<Slot>())
+            && image.writable_value(slot)
             && code.iter().all(|f| image.executable(f.as_ptr()));
         if !ok {
             return Err(invalid(
@@ -172,8 +171,7 @@ impl Checked {
         let target = e.target.0.cast::<AtomicPtr<()>>();
         let ok = strings.iter().all(Option::is_some)
             && image.readable(e.local.0.cast(), e.layout.size)
-            && target.is_aligned()
-            && image.writable(target.cast(), std::mem::size_of::<AtomicPtr<()>>());
+            && image.writable_value(target);
         if !ok {
             return Err(invalid(
                 path,
@@ -410,9 +408,7 @@ pub(crate) unsafe fn check(path: &Path, m: *const Manifest) -> Result<Checked, E
         Some(cell_fn) => {
             // SAFETY: as for the function table: the patch's `host_alloc_raw`.
             let cell = unsafe { cell_fn() };
-            if !cell.is_aligned()
-                || !image.writable(cell.cast(), std::mem::size_of::<AtomicPtr<HostAllocFns>>())
-            {
+            if !image.writable_value(cell) {
                 return Err(invalid(
                     path,
                     "the allocator cell is misaligned or outside the library's writable memory",
@@ -430,7 +426,7 @@ pub(crate) unsafe fn check(path: &Path, m: *const Manifest) -> Result<Checked, E
         .ok_or_else(|| invalid(path, "the host-raise getter is null"))?;
     // SAFETY: as for the function table: the patch's `host_raise_raw`.
     let cell = unsafe { host_raise_fn() };
-    if !cell.is_aligned() || !image.writable(cell.cast(), std::mem::size_of::<AtomicPtr<()>>()) {
+    if !image.writable_value(cell) {
         return Err(invalid(
             path,
             "the host-raise cell is misaligned or outside the library's writable memory",

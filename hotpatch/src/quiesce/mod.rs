@@ -334,12 +334,7 @@ pub(crate) fn transition() -> Option<TransitionInfo> {
     let progress = PROGRESS.lock();
     let p = progress.as_ref()?;
     let elapsed = p.started.elapsed();
-    let waiting_for = THREADS
-        .lock()
-        .iter()
-        .filter(|t| !t.record.arrived(p.target))
-        .map(|t| stalled(t, elapsed))
-        .collect();
+    let waiting_for = not_arrived(p.target, elapsed);
     Some(TransitionInfo {
         what: p.what.clone(),
         functions: p.functions.clone(),
@@ -425,22 +420,38 @@ pub(crate) fn grace(_turn: &Turn, deadline: Duration) -> Result<(), Vec<StalledT
     if THREADS.lock().is_empty() {
         return Ok(());
     }
-    let started = Instant::now();
-    let t = next_universe();
+    publish_and_wait(next_universe(), Instant::now(), deadline)
+}
+
+/// Publishes universe `t` (the calling thread, at a safepoint, adopts it)
+/// and waits until every online registered thread is in it; past
+/// `started + deadline`, returns those that are not.
+fn publish_and_wait(
+    t: u64,
+    started: Instant,
+    deadline: Duration,
+) -> Result<(), Vec<StalledThread>> {
     EPOCH.publish(t);
     adopt_self(t);
-    if poll_until(started + deadline, || {
-        THREADS.lock().iter().all(|r| r.record.arrived(t))
-    }) {
-        return Ok(());
+    if poll_until(started + deadline, || all_arrived(t)) {
+        Ok(())
+    } else {
+        Err(not_arrived(t, started.elapsed()))
     }
-    let elapsed = started.elapsed();
-    Err(THREADS
+}
+
+fn all_arrived(universe: u64) -> bool {
+    THREADS.lock().iter().all(|r| r.record.arrived(universe))
+}
+
+/// The online registered threads not yet in `universe`.
+fn not_arrived(universe: u64, elapsed: Duration) -> Vec<StalledThread> {
+    THREADS
         .lock()
         .iter()
-        .filter(|r| !r.record.arrived(t))
+        .filter(|r| !r.record.arrived(universe))
         .map(|r| stalled(r, elapsed))
-        .collect())
+        .collect()
 }
 
 fn all_left(universe: u64) -> bool {
@@ -497,8 +508,6 @@ pub(crate) fn switch(
         }));
         c.entry.slot.begin_transition(choice, c.entry.dispatcher);
     }
-    EPOCH.publish(t);
-    adopt_self(t);
     *PROGRESS.lock() = Some(Progress {
         what,
         functions: changes.iter().map(|c| c.entry.path).collect(),
@@ -506,23 +515,16 @@ pub(crate) fn switch(
         target: t,
         reversing: false,
     });
-    let arrived = poll_until(started + deadline, || {
-        THREADS.lock().iter().all(|r| r.record.arrived(t))
-    });
-    if arrived {
-        for c in &changes {
-            c.entry.slot.set(c.new);
+    let stalled = match publish_and_wait(t, started, deadline) {
+        Ok(()) => {
+            for c in &changes {
+                c.entry.slot.set(c.new);
+            }
+            *PROGRESS.lock() = None;
+            return Ok(turn);
         }
-        *PROGRESS.lock() = None;
-        return Ok(turn);
-    }
-    let elapsed = started.elapsed();
-    let stalled: Vec<StalledThread> = THREADS
-        .lock()
-        .iter()
-        .filter(|r| !r.record.arrived(t))
-        .map(|r| stalled(r, elapsed))
-        .collect();
+        Err(stalled) => stalled,
+    };
     // Reverse: a fresh target; threads in `t` leave it at their next
     // safepoint, and dispatchers send every other thread to `old`.
     let r = next_universe();
