@@ -15,31 +15,7 @@ use std::path::{Path, PathBuf};
 use hotpatch::__private::{ABI_VERSION, MANIFEST_SYMBOL, PANIC_STRATEGY, RUSTC_VERSION, TARGET};
 use hotpatch::Error;
 
-const GOOD: &str = "fixture-patch-stack-a";
-
-/// Loads `so`, expecting a refusal, with `GOOD` applied underneath.
-/// Checks the message names the file and that nothing changed; returns
-/// the error for the caller to match.
-fn refused(so: &Path) -> Error {
-    let good = hotpatch::load(support::patch(GOOD)).unwrap();
-    let before = support::snapshot();
-    assert_eq!(before.calls.answer, 10);
-
-    let err = hotpatch::load(so).expect_err("the patch must be refused");
-    let message = err.to_string();
-    assert!(
-        message.contains(&so.display().to_string()),
-        "the message names the file: {message}"
-    );
-    assert_eq!(
-        support::snapshot(),
-        before,
-        "a refused patch changes nothing"
-    );
-
-    good.revert().unwrap();
-    err
-}
+use support::{chain, refused};
 
 /// `refused`, for errors about one function: the message names it too.
 fn refused_naming(so: &Path, function: &str) -> Error {
@@ -50,18 +26,6 @@ fn refused_naming(so: &Path, function: &str) -> Error {
         "the message names `{function}`: {message}"
     );
     err
-}
-
-/// The error and its sources, as text.
-fn chain(err: &Error) -> String {
-    let mut text = err.to_string();
-    let mut source = std::error::Error::source(err);
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 fn fixture_bytes(package: &str) -> Vec<u8> {
@@ -445,7 +409,7 @@ fn a_good_patch_loads_after_refusals() {
     ] {
         assert!(hotpatch::load(support::patch(bad)).is_err());
     }
-    let good = hotpatch::load(support::patch(GOOD)).unwrap();
+    let good = hotpatch::load(support::patch(support::UNDERNEATH)).unwrap();
     assert_eq!(svc::answer(), 10);
     good.revert().unwrap();
     assert_eq!(svc::answer(), 1);

@@ -54,33 +54,8 @@ use std::path::{Path, PathBuf};
 
 use hotpatch::Error;
 
-const GOOD: &str = "fixture-patch-stack-a";
+use support::refused;
 const HOSTILE: &str = "fixture-patch-hostile-manifest";
-
-/// Loads `so`, expecting a refusal, with `GOOD` applied underneath.
-/// Checks the message names the file and that nothing changed; returns
-/// the error for the caller to match.
-fn refused(so: &Path) -> Error {
-    let good = hotpatch::load(support::patch(GOOD)).unwrap();
-    let before = support::snapshot();
-    assert_eq!(before.calls.answer, 10);
-
-    let err = hotpatch::load(so).expect_err("the patch must be refused");
-    let message = err.to_string();
-    assert!(
-        message.contains(&so.display().to_string()),
-        "the message names the file: {message}"
-    );
-    assert_eq!(
-        support::snapshot(),
-        before,
-        "a refused patch changes nothing"
-    );
-
-    good.revert().unwrap();
-    assert_eq!(support::calls().answer, 1, "the service still serves");
-    err
-}
 
 // ---- ELF files that are not a shared object of this machine
 

@@ -22,10 +22,23 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use hotpatch::{Error, Loader, TrustedKey};
 
+use support::chain;
+
+/// `loader` refuses `so` (see `support::refused_by`: a good patch
+/// underneath, nothing changes, the service keeps serving) and the
+/// message chain says `reason`.
+fn refused(loader: &Loader, so: &Path, reason: &str) -> Error {
+    let err = support::refused_by(loader, so);
+    let message = chain(&err);
+    assert!(
+        message.contains(reason),
+        "the message says why ({reason:?}): {message}"
+    );
+    err
+}
+
 /// A good patch: replaces `answer` (1 -> 2), `Cart::total`, ...
 const GOOD: &str = "fixture-patch-basic";
-/// Applied underneath each refusal: `answer` -> 10, `add`, `hammer`.
-const UNDER: &str = "fixture-patch-stack-a";
 /// A patch whose library initialiser leaves a marker file.
 const INIT_MARKER: &str = "fixture-patch-init-marker";
 /// A uid that owns nothing here (`nobody`).
@@ -84,50 +97,6 @@ fn unique_bytes(package: &str, case: &str) -> Vec<u8> {
     let mut elf = bytes(package);
     elf.extend_from_slice(format!("\0trust-test:{case}\0").as_bytes());
     elf
-}
-
-/// The error and its sources, as text.
-fn chain(err: &Error) -> String {
-    let mut text = err.to_string();
-    let mut source = std::error::Error::source(err);
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
-
-/// `loader` refuses `so`: with `UNDER` applied, the load fails, the
-/// message names the file and says `reason`, nothing changes, and the
-/// service keeps answering (with `UNDER`'s answer, then the original
-/// once it is reverted). Returns the error for the caller to match.
-fn refused(loader: &Loader, so: &Path, reason: &str) -> Error {
-    let under = hotpatch::load(support::patch(UNDER)).unwrap();
-    let before = support::snapshot();
-    assert_eq!(before.calls.answer, 10);
-
-    let err = loader.load(so).expect_err("the patch must be refused");
-    let message = chain(&err);
-    assert!(
-        message.contains(&so.display().to_string()),
-        "the message names the file: {message}"
-    );
-    assert!(
-        message.contains(reason),
-        "the message says why ({reason:?}): {message}"
-    );
-    assert_eq!(
-        support::snapshot(),
-        before,
-        "a refused patch changes nothing"
-    );
-    assert_eq!(svc::answer(), 10, "the service keeps serving");
-    assert_eq!(svc::add(2, 3), 1005);
-
-    under.revert().unwrap();
-    assert_eq!(svc::answer(), 1);
-    err
 }
 
 /// `loader` loads `so`, after which `svc::answer()` returns `answer` and
@@ -820,7 +789,7 @@ fn replacing_a_signed_file_after_it_loaded_is_refused() {
     keys.sign(&so);
     loads(&keys.loader(), &so, 2);
 
-    fs::write(&so, bytes(UNDER)).unwrap();
+    fs::write(&so, bytes(support::UNDERNEATH)).unwrap();
     let err = refused(&keys.loader(), &so, "signature verification failed");
     assert!(
         matches!(&err, Error::BadSignature { path, .. } if path == &so),
@@ -857,7 +826,7 @@ fn overwriting_the_file_in_place_after_loading_changes_nothing() {
             assert_eq!(svc::answer(), 2);
             let applied = support::snapshot();
 
-            let other = bytes(UNDER);
+            let other = bytes(support::UNDERNEATH);
             fs::OpenOptions::new()
                 .write(true)
                 .truncate(true)
@@ -1042,7 +1011,7 @@ fn file_replaced_between_check_and_open_loads_the_checked_bytes() {
     let keys = Keys::new();
     let d = dir("replaced-during-load", 0o755);
     let signed = unique_bytes(GOOD, "replaced-during-load");
-    let other = unique_bytes(UNDER, "replaced-during-load");
+    let other = unique_bytes(support::UNDERNEATH, "replaced-during-load");
     let so = put(&d, "fix.so", &signed, 0o644);
     let sig = keys.sign(&so);
     let hook = {

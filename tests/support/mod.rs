@@ -273,3 +273,48 @@ pub fn isolated(name: &str, body: impl FnOnce()) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The good patch the refusal tests keep applied underneath
+/// (`answer()` = 10, `add(a, b)` = a + b + 1000 with it).
+pub const UNDERNEATH: &str = "fixture-patch-stack-a";
+
+/// `loader` loads `so`, expecting a refusal, with [`UNDERNEATH`] applied.
+/// Checks that the message names the file, that nothing changed (full
+/// snapshot), and that the service keeps serving before and after the
+/// good patch is reverted; returns the error for the caller to match.
+pub fn refused_by(loader: &hotpatch::Loader, so: &Path) -> hotpatch::Error {
+    let under = hotpatch::load(patch(UNDERNEATH)).unwrap();
+    let before = snapshot();
+    assert_eq!(before.calls.answer, 10);
+
+    let err = loader.load(so).expect_err("the patch must be refused");
+    let message = err.to_string();
+    assert!(
+        message.contains(&so.display().to_string()),
+        "the message names the file: {message}"
+    );
+    assert_eq!(snapshot(), before, "a refused patch changes nothing");
+    assert_eq!(svc::answer(), 10, "the service keeps serving");
+    assert_eq!(svc::add(2, 3), 1005);
+
+    under.revert().unwrap();
+    assert_eq!(calls().answer, 1, "the service still serves");
+    err
+}
+
+/// [`refused_by`] with the default loader.
+pub fn refused(so: &Path) -> hotpatch::Error {
+    refused_by(&hotpatch::Loader::new(), so)
+}
+
+/// The error and its sources, as text.
+pub fn chain(err: &hotpatch::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = std::error::Error::source(err);
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
