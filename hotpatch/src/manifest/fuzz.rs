@@ -1066,11 +1066,18 @@ fn good_record() -> impl Strategy<Value = RecordInput> {
         data_slot(std::mem::size_of::<Slot>()),
         [text(), text(), text(), text(), text()],
         text(),
-        (data_slot(64), 0..=64usize, data_slot(8)),
+        (
+            prop_oneof![
+                4 => (data_slot(64), 0..=64usize),
+                // A zero-sized static: nothing to read at `local`.
+                1 => (dangling(), Just(0usize)),
+            ],
+            data_slot(8),
+        ),
         any::<u64>(),
     )
         .prop_map(
-            |(offset, layouts, slot, code, replacement, (local, size, target), seed)| RecordInput {
+            |(offset, layouts, slot, code, replacement, ((local, size), target), seed)| RecordInput {
                 entry: EntryInput {
                     elsewhere: None,
                     offset,
