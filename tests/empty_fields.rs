@@ -25,7 +25,11 @@ fn loads(package: &str, answer: u64, name: &str, version: &str, description: &st
     let listed = hotpatch::applied();
     assert_eq!(listed.len(), 1);
     assert_eq!(
-        (&*listed[0].name, &*listed[0].version, &*listed[0].description),
+        (
+            &*listed[0].name,
+            &*listed[0].version,
+            &*listed[0].description
+        ),
         (name, version, description)
     );
     patch.revert().unwrap();

@@ -171,8 +171,14 @@ mod tests {
         assert!(!image.readable_slice(std::ptr::null::<u8>(), 0), "null");
         assert!(!image.readable_slice(1 as *const u64, 0), "misaligned");
         assert!(image.readable_slice(DATA.as_ptr(), DATA.len()));
-        assert!(!image.readable_slice(DATA.as_ptr(), 1 << 40), "past the image");
+        assert!(
+            !image.readable_slice(DATA.as_ptr(), 1 << 40),
+            "past the image"
+        );
         assert!(image.readable_slice(WORDS.as_ptr(), 2));
-        assert!(!image.readable_slice(WORDS.as_ptr(), usize::MAX), "overflow");
+        assert!(
+            !image.readable_slice(WORDS.as_ptr(), usize::MAX),
+            "overflow"
+        );
     }
 }

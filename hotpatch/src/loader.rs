@@ -282,9 +282,7 @@ impl Loader {
         let (plan, changes, old) = {
             let registry = REGISTRY.lock();
             let old = replacing.map(|id| registry.info(id)).transpose()?;
-            let plan = registry
-                .plan(library, &checked)
-                .map_err(|r| r.at(path))?;
+            let plan = registry.plan(library, &checked).map_err(|r| r.at(path))?;
             let changes = registry.changes(replacing, plan.replacements());
             registry.prepare(&plan, &checked);
             (plan, changes, old)

@@ -1,48 +1,57 @@
 //! Reading a patch's manifest without trusting it.
 //!
-//! The manifest is `repr(C)`. Fields are read in this order, each checked
-//! before the next is read (all in [`check`] unless said otherwise):
+//! The manifest is `repr(C)`. [`check`] reads its fields in this order,
+//! each checked before the next is read, one function per step:
 //!
-//! 1. the symbol's address: non-null, aligned, inside a loaded object
-//!    whose readable memory holds the 16-byte header;
-//! 2. `magic`, then `abi_version` (fixed offsets in every ABI version);
-//! 3. `manifest_size` equal to this runtime's, and the whole struct inside
-//!    the library's readable memory;
-//! 4. the seven function fields (`functions`, `slots`, `shared`,
-//!    `host_raise`, `host_allocator`, `early_overflow`, `init`): each
-//!    absent or inside the library's executable segments, before any is
-//!    called;
-//! 5. the strings, each non-null, at most [`MAX_STR`] bytes, inside the
-//!    library's readable memory and UTF-8: `rustc`, `target` and
-//!    `panic_strategy` must equal the host's; `entry_size`,
+//! 1. [`locate`]: the symbol's address: non-null, aligned, inside a
+//!    loaded object whose readable memory holds the 16-byte header;
+//! 2. [`header`]: `magic`, then `abi_version` (fixed offsets in every ABI
+//!    version);
+//! 3. [`whole`]: `manifest_size` equal to this runtime's, and the whole
+//!    struct inside the library's readable memory;
+//! 4. [`code_fields`]: the seven function fields (`functions`, `slots`,
+//!    `shared`, `host_raise`, `host_allocator`, `early_overflow`, `init`):
+//!    each absent or inside the library's executable segments, before any
+//!    is called;
+//! 5. [`strings`]: the strings, each non-null, at most [`MAX_STR`] bytes,
+//!    inside the library's readable memory and UTF-8: `rustc`, `target`
+//!    and `panic_strategy` must equal the host's; `entry_size`,
 //!    `patch_fn_size` and `shared_entry_size` this runtime's; then
 //!    `hotpatch_version`, `name`, `version`, `description` (read for
-//!    reports only: `abi_version` decides compatibility);
-//! 6. only then, with the same compiler established, the getters are
-//!    called (patch code): `functions` (required; its table non-null,
-//!    aligned, bounded, inside the library, not empty), `slots` (required)
-//!    and `shared` (optional) likewise; `host_allocator` (optional) must
-//!    return an aligned cell in writable, non-RELRO memory of the
-//!    library, and so must `host_raise` (required); `early_overflow`
-//!    (optional) is called for its answer; `init` (optional) is only
-//!    recorded here and called by [`Checked::run_init`] after the plan;
-//! 7. the records behind the tables, when the registry plans
-//!    (`registry.rs`): [`Checked::patch_fn`] (getter and replacement in
-//!    code, name UTF-8 in readable memory), [`Checked::entry`] (strings
-//!    UTF-8 and readable, layouts aligned and readable, slot aligned in
-//!    writable non-RELRO memory, the five function addresses in code),
-//!    [`Checked::shared_entry`] (likewise for a shared static's record).
+//!    reports only: `abi_version` decides compatibility; each may be
+//!    empty);
+//! 6. [`getters`]: only then, with the same compiler established, the
+//!    getters are called (patch code): `functions` (required; its table
+//!    non-null, aligned, bounded, inside the library, not empty), `slots`
+//!    (required) and `shared` (optional) likewise, but either may be
+//!    empty; `host_allocator` (optional) must return an aligned cell in
+//!    writable, non-RELRO memory of the library, and so must `host_raise`
+//!    (required); `early_overflow` (optional) is called for its answer;
+//!    `init` (optional) is only recorded here and called by
+//!    [`Checked::run_init`] after the plan;
+//! 7. [`records`]: the records behind the tables: [`patch_fn`] (getter
+//!    and replacement in code, name UTF-8 in readable memory, then the
+//!    getter called and its entry checked), [`entry`] (strings UTF-8 and
+//!    readable, layouts aligned and readable, slot aligned in writable
+//!    non-RELRO memory, the five function addresses in code),
+//!    [`shared_entry`] (likewise for a shared static's record).
 //!
 //! Every pointer is checked to lie inside the library that exported the
 //! manifest before anything reads through it: strings and tables in its
 //! readable segments, cells in its writable ones, functions in its
-//! executable ones ([`Image`]); the entries behind the tables likewise
-//! ([`Checked::entry`], [`Checked::patch_fn`], [`Checked::shared_entry`]),
-//! before the registry uses them. What no check can stop is code: a
-//! library's initialisers run inside `dlopen`, and the getters above are
-//! patch code. The trust policy (which files may be loaded at all, and
-//! who signed them) is the defence against hostile files; these checks
-//! turn mistakes and corruption into errors.
+//! executable ones ([`Image`]). Empty strings, tables and layout lists
+//! read nothing, and their pointers dangle (the compiler gives `""` and
+//! `&[]` an address that no object contains): they need only be non-null
+//! and aligned ([`Image::readable_slice`]).
+//!
+//! The registry then resolves what the records name against this process
+//! (`registry.rs`: `plan`). The checks return a [`Refusal`]; the loader,
+//! which knows the file, turns it into an [`Error`](crate::Error).
+//!
+//! What no check can stop is code: a library's initialisers run inside
+//! `dlopen`, and the getters above are patch code. The trust policy (which
+//! files may be loaded at all, and who signed them) is the defence against
+//! hostile files; these checks turn mistakes and corruption into errors.
 
 use std::sync::atomic::AtomicPtr;
 
@@ -234,7 +243,9 @@ fn code_fields(image: &Image, m: &Manifest) -> Result<(), Refusal> {
         if let Some(f) = f
             && !image.executable(f)
         {
-            return Err(invalid(format!("`{name}` points outside the library's code")));
+            return Err(invalid(format!(
+                "`{name}` points outside the library's code"
+            )));
         }
     }
     Ok(())

@@ -18,9 +18,9 @@ use std::sync::{Arc, LazyLock};
 use parking_lot::Mutex;
 
 use crate::__private::{Entry, FnAddr, SHARED, SLOTS, SharedEntry};
+use crate::error::Refusal;
 use crate::manifest::Checked;
 use crate::quiesce::Change;
-use crate::error::Refusal;
 use crate::{Error, FunctionInfo, Implementation, PatchId, PatchInfo};
 
 pub(crate) static REGISTRY: LazyLock<Mutex<Registry>> =

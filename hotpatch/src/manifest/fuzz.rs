@@ -837,7 +837,10 @@ fn check_manifest(input: &ManifestInput) -> Result<(), TestCaseError> {
             prop_assert!(!input.all_right(), "a right manifest refused: {e}");
         }
         Ok(Fields {
-            about, tables: c, init, ..
+            about,
+            tables: c,
+            init,
+            ..
         }) => {
             prop_assert!(
                 input.elsewhere.is_some() || !input.has_foreign_getter(),
@@ -1077,25 +1080,27 @@ fn good_record() -> impl Strategy<Value = RecordInput> {
         any::<u64>(),
     )
         .prop_map(
-            |(offset, layouts, slot, code, replacement, ((local, size), target), seed)| RecordInput {
-                entry: EntryInput {
-                    elsewhere: None,
-                    offset,
-                    path: Str::Good,
-                    signature: Str::Good,
-                    layouts,
-                    slot,
-                    code,
-                },
-                target: TargetGetter::Real,
-                replacement,
-                name: Str::Good,
-                shared_path: Str::Good,
-                shared_ty: Str::Good,
-                shared_size: size,
-                shared_local: local,
-                shared_target: target,
-                seed,
+            |(offset, layouts, slot, code, replacement, ((local, size), target), seed)| {
+                RecordInput {
+                    entry: EntryInput {
+                        elsewhere: None,
+                        offset,
+                        path: Str::Good,
+                        signature: Str::Good,
+                        layouts,
+                        slot,
+                        code,
+                    },
+                    target: TargetGetter::Real,
+                    replacement,
+                    name: Str::Good,
+                    shared_path: Str::Good,
+                    shared_ty: Str::Good,
+                    shared_size: size,
+                    shared_local: local,
+                    shared_target: target,
+                    seed,
+                }
             },
         )
 }
@@ -1216,9 +1221,7 @@ fn entry_ok(e: *const Entry) -> Result<(), TestCaseError> {
         prop_assert!(std::str::from_utf8(bytes).is_ok());
     }
     prop_assert!(empty_slice::<TypeLayout>(layouts.cast::<u8>() as usize));
-    prop_assert!(
-        layouts.is_empty() || own(layouts.cast::<u8>() as usize, layouts.len() * 16, "r")
-    );
+    prop_assert!(layouts.is_empty() || own(layouts.cast::<u8>() as usize, layouts.len() * 16, "r"));
     prop_assert!(slot.is_aligned() && own(slot as usize, std::mem::size_of::<Slot>(), "rw"));
     // SAFETY: as above.
     let code = unsafe {
@@ -1514,7 +1517,9 @@ fn the_harness_reaches_acceptance() {
     assert!(input.all_right());
     let m = input.place();
     // SAFETY: a manifest in the arena.
-    let checked = unsafe { fields(m) }.map_err(|r| r.at(Path::new(PATH))).unwrap();
+    let checked = unsafe { fields(m) }
+        .map_err(|r| r.at(Path::new(PATH)))
+        .unwrap();
     assert_eq!(checked.tables.functions.len(), 2);
     assert_eq!(checked.about.name, "fuzz");
 
@@ -1523,7 +1528,9 @@ fn the_harness_reaches_acceptance() {
     let right = input.clone();
     input.hotpatch_version = Str::Empty { at: Addr::Wild(1) };
     input.name = Str::Empty { at: Addr::Wild(1) };
-    input.version = Str::Empty { at: Addr::Wild(usize::MAX) };
+    input.version = Str::Empty {
+        at: Addr::Wild(usize::MAX),
+    };
     input.description = Str::Empty { at: Addr::Heap(0) };
     input.slots = TableGetter::Real {
         at: Addr::Wild(8),
@@ -1538,9 +1545,14 @@ fn the_harness_reaches_acceptance() {
     assert!(input.all_right());
     let m = input.place();
     // SAFETY: as above.
-    let checked = unsafe { fields(m) }.map_err(|r| r.at(Path::new(PATH))).unwrap();
+    let checked = unsafe { fields(m) }
+        .map_err(|r| r.at(Path::new(PATH)))
+        .unwrap();
     let about = &checked.about;
-    assert_eq!((&*about.name, &*about.version, &*about.description), ("", "", ""));
+    assert_eq!(
+        (&*about.name, &*about.version, &*about.description),
+        ("", "", "")
+    );
     assert!(checked.tables.slots.is_empty() && checked.tables.shared.is_empty());
     // A null empty string is no `&str`.
     input.description = Str::Raw {
@@ -1550,21 +1562,33 @@ fn the_harness_reaches_acceptance() {
     };
     let m = input.place();
     // SAFETY: as above.
-    let err = unsafe { fields(m) }.map_err(|r| r.at(Path::new(PATH))).err().unwrap();
-    assert!(err.to_string().contains("`description` is a null string"), "{err}");
+    let err = unsafe { fields(m) }
+        .map_err(|r| r.at(Path::new(PATH)))
+        .err()
+        .unwrap();
+    assert!(
+        err.to_string().contains("`description` is a null string"),
+        "{err}"
+    );
     input = right;
 
     input.host_raise = CellGetter::Real(Addr::Relro(0));
     let m = input.place();
     // SAFETY: as above.
-    let err = unsafe { fields(m) }.map_err(|r| r.at(Path::new(PATH))).err().unwrap();
+    let err = unsafe { fields(m) }
+        .map_err(|r| r.at(Path::new(PATH)))
+        .err()
+        .unwrap();
     assert!(err.to_string().contains("host-raise cell"), "{err}");
 
     input.slots = TableGetter::NotCode(Addr::OtherObject);
     let m = input.place();
     CALLS.store(0, Relaxed);
     // SAFETY: as above.
-    let err = unsafe { fields(m) }.map_err(|r| r.at(Path::new(PATH))).err().unwrap();
+    let err = unsafe { fields(m) }
+        .map_err(|r| r.at(Path::new(PATH)))
+        .err()
+        .unwrap();
     assert!(err.to_string().contains("`slots` points outside"), "{err}");
     assert_eq!(CALLS.load(Relaxed), 0);
     assert!(!MAPS.own(null::<u8>() as usize, 1, "r"));
