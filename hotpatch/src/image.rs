@@ -169,7 +169,10 @@ mod tests {
         assert!(image.readable_slice(std::ptr::dangling::<u8>(), 0));
         assert!(!image.readable_slice(std::ptr::dangling::<u8>(), 1));
         assert!(!image.readable_slice(std::ptr::null::<u8>(), 0), "null");
-        assert!(!image.readable_slice(1 as *const u64, 0), "misaligned");
+        assert!(
+            !image.readable_slice(std::ptr::without_provenance::<u64>(1), 0),
+            "misaligned"
+        );
         assert!(image.readable_slice(DATA.as_ptr(), DATA.len()));
         assert!(
             !image.readable_slice(DATA.as_ptr(), 1 << 40),
