@@ -467,3 +467,20 @@ fn concurrent_loads_apply_once() {
     );
     assert_eq!(svc::add(2, 3), 5);
 }
+
+// ---- A host with two patchable functions under one path
+
+#[test]
+fn ambiguous_target() {
+    let _serial = support::serial();
+    // Two versions of the crate `twin` are linked in, each registering
+    // `twin::reading`: a patch of it cannot say which.
+    assert_eq!((twin_v1::reading(), twin_v2::reading()), (1, 2));
+    let so = support::patch("fixture-patch-twin");
+    let err = refused_naming(&so, "twin::reading");
+    assert!(
+        matches!(&err, Error::AmbiguousTarget { path, function } if path == &so && function == "twin::reading"),
+        "{err:?}"
+    );
+    assert_eq!((twin_v1::reading(), twin_v2::reading()), (1, 2));
+}

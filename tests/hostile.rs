@@ -39,10 +39,10 @@
 //! | `early_overflow` | `check` | called if set; `true` refuses (loader.rs: `apply`) | - |
 //! | `host_raise` (the cell) | `check` | set; aligned, writable (not RELRO) | `host_raise_none`, `host_raise_cell_*` |
 //! | `init` | `check` (with the getters); called by `Checked::run_init` | in the library's code | `init_wild` |
-//! | each `PatchFn`: `target`, `replacement`, `name` | `Checked::patch_fn` (from registry.rs: `plan`) | target getter and replacement in the library's code, name readable UTF-8; then the target getter is called | `record_*` |
-//! | each target's `Entry` | `Checked::entry` (from `patch_fn`) | aligned, readable; `path`, `signature` readable UTF-8; `layouts` aligned, readable, no overflow; `slot` aligned, writable; the five functions in code; then registry.rs: `resolve`, `compatible` | `entry_*` |
-//! | each entry of `slots` | `Checked::entry` (from `plan`) | as above, before `prepare` writes its slot | `entry_slot_*` |
-//! | each `SharedEntry` | `Checked::shared_entry` (from `plan`) | `path`, `ty` readable UTF-8; `local` readable; `target` aligned, writable | `shared_target_*` |
+//! | each `PatchFn`: `target`, `replacement`, `name` | `check` (`records`: `patch_fn`) | target getter and replacement in the library's code, name readable UTF-8; then the target getter is called | `record_*` |
+//! | each target's `Entry` | `check` (`entry`, from `patch_fn`) | aligned, readable; `path`, `signature` readable UTF-8; `layouts` aligned, readable, no overflow; `slot` aligned, writable; the five functions in code; then registry.rs: `resolve`, `compatible` | `entry_*` |
+//! | each entry of `slots` | `check` (`records`: `entry`) | as above, before `prepare` writes its slot | `entry_slot_*` |
+//! | each `SharedEntry` | `check` (`records`: `shared_entry`) | `path`, `ty` readable UTF-8; `local` readable; `target` aligned, writable | `shared_target_*` |
 //!
 //! What no check can stop is code: the library's initialisers run inside
 //! `dlopen`, and the getters, once they are known to be the library's

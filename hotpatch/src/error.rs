@@ -1,6 +1,6 @@
 //! Why a load or revert failed.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::{PatchId, StalledThread};
@@ -120,7 +120,8 @@ pub enum Error {
     UnknownTarget { path: PathBuf, function: String },
 
     /// Two functions of this process are registered under the same path
-    /// (two versions of one crate linked in), so the target is ambiguous.
+    /// (two versions of one crate linked in, both with this function), so
+    /// the target is ambiguous.
     #[error("{path}: `{function}` names more than one patchable function in this process")]
     AmbiguousTarget { path: PathBuf, function: String },
 
@@ -194,4 +195,101 @@ pub enum Error {
     /// No applied patch has this id (already reverted).
     #[error("{id} is not applied")]
     NotApplied { id: PatchId },
+}
+
+/// Why a check refuses a patch, before the file is named: what the
+/// manifest checks (`manifest.rs`), the plan (`registry.rs`) and the
+/// patch's initialisation return. The loader, which knows the file,
+/// makes it an [`Error`] with [`Refusal::at`].
+#[derive(Debug)]
+pub(crate) enum Refusal {
+    BadMagic {
+        found: [u8; 8],
+    },
+    AbiMismatch {
+        host: u32,
+        patch: u32,
+    },
+    RustcMismatch {
+        host: String,
+        patch: String,
+    },
+    TargetMismatch {
+        host: String,
+        patch: String,
+    },
+    PanicStrategyMismatch {
+        host: String,
+        patch: String,
+    },
+    /// [`Error::InvalidManifest`]'s reason.
+    InvalidManifest(String),
+    UnknownTarget {
+        function: String,
+    },
+    AmbiguousTarget {
+        function: String,
+    },
+    DuplicateTarget {
+        function: String,
+    },
+    SignatureMismatch {
+        function: String,
+        host: String,
+        patch: String,
+    },
+    LayoutMismatch {
+        function: String,
+        detail: String,
+    },
+    AlreadyApplied {
+        name: String,
+        id: PatchId,
+    },
+    InitFailed {
+        reason: String,
+    },
+    #[cfg(feature = "failpoints")]
+    Injected {
+        point: &'static str,
+    },
+}
+
+impl Refusal {
+    /// The error for the patch file at `path`.
+    pub(crate) fn at(self, path: &Path) -> Error {
+        let path = path.to_owned();
+        match self {
+            Refusal::BadMagic { found } => Error::BadMagic { path, found },
+            Refusal::AbiMismatch { host, patch } => Error::AbiMismatch { path, host, patch },
+            Refusal::RustcMismatch { host, patch } => Error::RustcMismatch { path, host, patch },
+            Refusal::TargetMismatch { host, patch } => Error::TargetMismatch { path, host, patch },
+            Refusal::PanicStrategyMismatch { host, patch } => {
+                Error::PanicStrategyMismatch { path, host, patch }
+            }
+            Refusal::InvalidManifest(reason) => Error::InvalidManifest { path, reason },
+            Refusal::UnknownTarget { function } => Error::UnknownTarget { path, function },
+            Refusal::AmbiguousTarget { function } => Error::AmbiguousTarget { path, function },
+            Refusal::DuplicateTarget { function } => Error::DuplicateTarget { path, function },
+            Refusal::SignatureMismatch {
+                function,
+                host,
+                patch,
+            } => Error::SignatureMismatch {
+                path,
+                function,
+                host,
+                patch,
+            },
+            Refusal::LayoutMismatch { function, detail } => Error::LayoutMismatch {
+                path,
+                function,
+                detail,
+            },
+            Refusal::AlreadyApplied { name, id } => Error::AlreadyApplied { path, name, id },
+            Refusal::InitFailed { reason } => Error::InitFailed { path, reason },
+            #[cfg(feature = "failpoints")]
+            Refusal::Injected { point } => Error::Injected { point, path },
+        }
+    }
 }

@@ -82,6 +82,19 @@ impl Image {
         !ptr.is_null() && self.within(ptr as usize, len, PF_R)
     }
 
+    /// `ptr` and `len` make a valid `&[T]` in this object: non-null and
+    /// aligned, and its `len` elements in readable memory. An empty slice
+    /// reads nothing, so its pointer may dangle (the compiler gives `""`
+    /// and `&[]` an address such as 1 that no object contains).
+    pub(crate) fn readable_slice<T>(&self, ptr: *const T, len: usize) -> bool {
+        !ptr.is_null()
+            && ptr.is_aligned()
+            && (len == 0
+                || len
+                    .checked_mul(std::mem::size_of::<T>())
+                    .is_some_and(|size| self.readable(ptr.cast(), size)))
+    }
+
     /// `[ptr, ptr + len)` is writable memory of this object.
     pub(crate) fn writable(&self, ptr: *const u8, len: usize) -> bool {
         let start = ptr as usize;
@@ -119,6 +132,7 @@ mod tests {
     use super::Image;
 
     static DATA: [u8; 16] = [7; 16];
+    static WORDS: [u64; 2] = [7; 2];
     static RELRO: &[u8; 16] = &DATA;
     static mut WRITABLE: [u8; 16] = [0; 16];
 
@@ -143,5 +157,31 @@ mod tests {
         let heap = Box::new(5u8);
         assert!(!image.readable(&*heap, 1), "heap is no part of the image");
         assert!(Image::containing(&*heap as *const u8 as *const ()).is_none());
+    }
+
+    #[test]
+    fn an_empty_slice_may_dangle_but_not_be_null_or_misaligned() {
+        let image = Image::containing(DATA.as_ptr().cast()).expect("own image");
+        // What the compiler makes of `""` and `&[]`: no object's memory.
+        let empty: &[u64] = &[];
+        assert!(Image::containing(empty.as_ptr().cast()).is_none());
+        assert!(image.readable_slice(empty.as_ptr(), 0));
+        assert!(image.readable_slice(std::ptr::dangling::<u8>(), 0));
+        assert!(!image.readable_slice(std::ptr::dangling::<u8>(), 1));
+        assert!(!image.readable_slice(std::ptr::null::<u8>(), 0), "null");
+        assert!(
+            !image.readable_slice(std::ptr::without_provenance::<u64>(1), 0),
+            "misaligned"
+        );
+        assert!(image.readable_slice(DATA.as_ptr(), DATA.len()));
+        assert!(
+            !image.readable_slice(DATA.as_ptr(), 1 << 40),
+            "past the image"
+        );
+        assert!(image.readable_slice(WORDS.as_ptr(), 2));
+        assert!(
+            !image.readable_slice(WORDS.as_ptr(), usize::MAX),
+            "overflow"
+        );
     }
 }

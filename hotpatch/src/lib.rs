@@ -215,6 +215,14 @@
 /// `failpoints` feature: `fail::cfg(NAME, "return")` makes the enclosing
 /// function return `Error::Injected`. Nothing without the feature.
 macro_rules! failpoint {
+    // In a check that returns a `Refusal`: `Refusal::Injected`, to which
+    // the loader attaches the file.
+    ($name:literal) => {
+        #[cfg(feature = "failpoints")]
+        fail::fail_point!($name, |_| Err($crate::error::Refusal::Injected {
+            point: $name
+        }));
+    };
     ($name:literal, $path:expr) => {
         #[cfg(feature = "failpoints")]
         fail::fail_point!($name, |_| Err($crate::Error::Injected {

@@ -257,7 +257,7 @@ impl Loader {
         // SAFETY: `m` is the manifest symbol's address in a library that is
         // not unmapped while we hold the transition turn (only `reclaim`
         // unmaps, and it needs the turn).
-        let checked = unsafe { manifest::check(path, m) }?;
+        let checked = unsafe { manifest::check(m) }.map_err(|r| r.at(path))?;
         if !self.allow_foreign_allocator {
             if checked.host_allocator.is_none() {
                 return Err(Error::ForeignAllocator {
@@ -282,13 +282,13 @@ impl Loader {
         let (plan, changes, old) = {
             let registry = REGISTRY.lock();
             let old = replacing.map(|id| registry.info(id)).transpose()?;
-            let plan = registry.plan(path, library, &checked)?;
+            let plan = registry.plan(library, &checked).map_err(|r| r.at(path))?;
             let changes = registry.changes(replacing, plan.replacements());
             registry.prepare(&plan, &checked);
             (plan, changes, old)
         };
         drop(libraries);
-        checked.run_init(path)?;
+        checked.run_init().map_err(|r| r.at(path))?;
         failpoint!("load::apply", path);
         let what = match &old {
             Some(old) => format!(

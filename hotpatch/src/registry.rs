@@ -18,6 +18,7 @@ use std::sync::{Arc, LazyLock};
 use parking_lot::Mutex;
 
 use crate::__private::{Entry, FnAddr, SHARED, SLOTS, SharedEntry};
+use crate::error::Refusal;
 use crate::manifest::Checked;
 use crate::quiesce::Change;
 use crate::{Error, FunctionInfo, Implementation, PatchId, PatchInfo};
@@ -103,65 +104,53 @@ impl Registry {
         }
     }
 
-    /// Checks everything about applying `m` (from library `library`, read
-    /// from `path`) and returns what to do. Changes nothing.
-    pub(crate) fn plan(&self, path: &Path, library: u64, m: &Checked) -> Result<Plan, Error> {
+    /// Checks everything about applying `m` (from library `library`)
+    /// against this process and returns what to do. Changes nothing.
+    pub(crate) fn plan(&self, library: u64, m: &Checked) -> Result<Plan, Refusal> {
         if let Some(a) = self.applied.iter().find(|a| a.library == library) {
-            return Err(Error::AlreadyApplied {
-                path: path.to_owned(),
+            return Err(Refusal::AlreadyApplied {
                 name: a.info.name.clone(),
                 id: a.info.id,
             });
         }
-        failpoint!("load::validate", path);
+        failpoint!("load::validate");
         let mut replace = Vec::with_capacity(m.functions.len());
         let mut seen = HashSet::with_capacity(m.functions.len());
         let mut functions = Vec::with_capacity(m.functions.len());
-        for f in m.functions {
-            // The patch's copy of the target's entry, as compiled into it.
-            let theirs = m.patch_fn(path, f)?;
-            failpoint!("load::resolve", path);
-            let idx = self.resolve(path, theirs.path)?;
+        for f in &m.functions {
+            let theirs = f.target;
+            failpoint!("load::resolve");
+            let idx = self.resolve(theirs.path)?;
             if !seen.insert(idx) {
-                return Err(Error::DuplicateTarget {
-                    path: path.to_owned(),
+                return Err(Refusal::DuplicateTarget {
                     function: theirs.path.to_owned(),
                 });
             }
-            compatible(path, self.fns[idx].entry, theirs)?;
-            if f.replacement.is_null() {
-                return Err(Error::InvalidManifest {
-                    path: path.to_owned(),
-                    reason: format!("the replacement of `{}` is null", theirs.path),
-                });
-            }
-            replace.push((idx, f.replacement));
+            compatible(self.fns[idx].entry, theirs)?;
+            replace.push((idx, f.code));
             functions.push(theirs.path.to_owned());
         }
         // The patch's private copies of patchable functions: each one the
         // host also has must call the host's, so it must be the same
         // function as the host's.
         let mut redirect = Vec::new();
-        for theirs in m.slots {
-            let theirs = m.entry(path, theirs)?;
+        for &theirs in &m.slots {
             let Some(&idx) = self.by_path.get(theirs.path) else {
                 continue; // Only in the patch: stays private.
             };
             if self.ambiguous.contains(theirs.path) {
                 continue;
             }
-            compatible(path, self.fns[idx].entry, theirs)?;
+            compatible(self.fns[idx].entry, theirs)?;
             redirect.push((theirs, idx));
         }
         let mut shared = Vec::new();
         for theirs in m.shared {
-            m.shared_entry(path, theirs)?;
             let Some(&ours) = self.shared.get(theirs.path) else {
                 continue; // Only in the patch: stays private.
             };
             if ours.fingerprint != theirs.fingerprint || ours.layout != theirs.layout {
-                return Err(Error::LayoutMismatch {
-                    path: path.to_owned(),
+                return Err(Refusal::LayoutMismatch {
                     function: ours.path.to_owned(),
                     detail: format!(
                         "shared static of type `{}` ({}) in this process but `{}` ({}) in the patch",
@@ -179,18 +168,16 @@ impl Registry {
         })
     }
 
-    fn resolve(&self, path: &Path, function: &str) -> Result<usize, Error> {
+    fn resolve(&self, function: &str) -> Result<usize, Refusal> {
         if self.ambiguous.contains(function) {
-            return Err(Error::AmbiguousTarget {
-                path: path.to_owned(),
+            return Err(Refusal::AmbiguousTarget {
                 function: function.to_owned(),
             });
         }
         self.by_path
             .get(function)
             .copied()
-            .ok_or_else(|| Error::UnknownTarget {
-                path: path.to_owned(),
+            .ok_or_else(|| Refusal::UnknownTarget {
                 function: function.to_owned(),
             })
     }
@@ -374,18 +361,16 @@ impl Registry {
 
 /// Whether the patch's view of a function (`theirs`) is the host's
 /// (`ours`): same signature fingerprint, same argument and return layouts.
-fn compatible(path: &Path, ours: &Entry, theirs: &Entry) -> Result<(), Error> {
+fn compatible(ours: &Entry, theirs: &Entry) -> Result<(), Refusal> {
     if ours.fingerprint != theirs.fingerprint {
-        return Err(Error::SignatureMismatch {
-            path: path.to_owned(),
+        return Err(Refusal::SignatureMismatch {
             function: ours.path.to_owned(),
             host: ours.signature.to_owned(),
             patch: theirs.signature.to_owned(),
         });
     }
     if ours.layouts.len() != theirs.layouts.len() {
-        return Err(Error::LayoutMismatch {
-            path: path.to_owned(),
+        return Err(Refusal::LayoutMismatch {
             function: ours.path.to_owned(),
             detail: format!(
                 "{} parameter and return types in this process, {} in the patch",
@@ -402,8 +387,7 @@ fn compatible(path: &Path, ours: &Entry, theirs: &Entry) -> Result<(), Error> {
             } else {
                 format!("parameter {}", i + 1)
             };
-            return Err(Error::LayoutMismatch {
-                path: path.to_owned(),
+            return Err(Refusal::LayoutMismatch {
                 function: ours.path.to_owned(),
                 detail: format!("{which} has {a} in this process but {b} in the patch"),
             });

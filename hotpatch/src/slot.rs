@@ -54,10 +54,6 @@ impl FnAddr {
     pub const fn as_ptr(self) -> *const () {
         self.0
     }
-
-    pub(crate) fn is_null(self) -> bool {
-        self.0.is_null()
-    }
 }
 
 impl fmt::Debug for FnAddr {

@@ -1,14 +1,16 @@
 //! Fuzzing the manifest checks with proptest: manifests, replacement
 //! records, entries and shared records with arbitrary raw field values,
-//! checked by [`check`], [`Checked::patch_fn`], [`Checked::entry`] and
-//! [`Checked::shared_entry`].
+//! checked by [`fields`] (steps 1 to 6 of [`check`]) and by step 7's
+//! [`patch_fn`], [`entry`] and [`shared_entry`].
 //!
 //! The checks only accept a manifest inside a loaded object, so the inputs
 //! are written into [`ARENA`], writable memory of this test binary. Their
 //! pointers point into the arena, read-only data, relocated read-only data
 //! (RELRO), code, the heap, past the end of the arena's mapping, into
 //! another object, or anywhere at all. Lengths and counts run from 0 to
-//! `usize::MAX`, with the limits and their neighbours.
+//! `usize::MAX`, with the limits and their neighbours. Empty strings, empty
+//! tables and empty layouts get dangling pointers (as the compiler gives
+//! `""` and `&[]`), which must be accepted where the field may be empty.
 //!
 //! Calling a getter runs code, which the runtime trusts once it knows it is
 //! the library's code. So the getters that get called are functions of
@@ -39,7 +41,7 @@ use std::time::Instant;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestRunner};
 
-use super::{Checked, MAX_FUNCTIONS, MAX_STR, check};
+use super::{Fields, MAX_FUNCTIONS, MAX_STR, entry, fields, patch_fn, shared_entry};
 use crate::__private::{
     ABI_VERSION, DataAddr, Entry, FnAddr, HostAllocFns, MAGIC, Manifest, PANIC_STRATEGY, PatchFn,
     RUSTC_VERSION, RawStr, SharedEntry, Slot, TARGET, Transport, TypeLayout,
@@ -175,6 +177,18 @@ fn not_a_getter() -> impl Strategy<Value = Addr> {
     ]
 }
 
+/// A non-null address, anywhere: where an empty string's or slice's
+/// pointer may dangle (`""` is at 1, an empty `&[u64]` at 8).
+fn dangling() -> impl Strategy<Value = Addr> {
+    prop_oneof![
+        2 => Just(Addr::Wild(1)),
+        2 => Just(Addr::Wild(8)),
+        1 => Just(Addr::Wild(usize::MAX)),
+        3 => not_a_getter(),
+    ]
+    .prop_filter("not null", |a| a.get() != 0)
+}
+
 /// An aligned place in the data part of the arena.
 fn data_slot(size: usize) -> impl Strategy<Value = Addr> {
     (0..(ARENA_LEN - DATA - size) / 8).prop_map(|i| Addr::Arena(DATA + 8 * i))
@@ -207,6 +221,9 @@ fn count() -> impl Strategy<Value = usize> {
 enum Str {
     /// The value a good manifest has.
     Good,
+    /// `""` at `at`, which is not null and may be anywhere (an empty
+    /// string's pointer dangles).
+    Empty { at: Addr },
     /// `len` bytes at `at`; if `at` is in the data part of the arena,
     /// `bytes` are written there first.
     Raw {
@@ -227,6 +244,7 @@ fn string() -> impl Strategy<Value = Str> {
     ];
     prop_oneof![
         3 => Just(Str::Good),
+        1 => dangling().prop_map(|at| Str::Empty { at }),
         2 => (addr(), str_len(), bytes.clone()).prop_map(|(at, len, bytes)| Str::Raw { at, len, bytes }),
         // Right bytes and length, in the arena: readable, so read.
         1 => (data_slot(64), bytes).prop_map(|(at, bytes)| Str::Raw { at, len: bytes.len(), bytes }),
@@ -238,6 +256,10 @@ impl Str {
     fn place(&self, good: &'static str) -> RawStr {
         match self {
             Str::Good => RawStr::new(good),
+            Str::Empty { at } => RawStr {
+                ptr: at.get() as *const u8,
+                len: 0,
+            },
             Str::Raw { at, len, bytes } => {
                 write_data(*at, bytes);
                 RawStr {
@@ -245,6 +267,20 @@ impl Str {
                     len: *len,
                 }
             }
+        }
+    }
+
+    /// A right value for a field that may be empty.
+    fn right_or_empty(&self) -> bool {
+        matches!(self, Str::Good | Str::Empty { .. })
+    }
+
+    /// What a right value reads as.
+    fn value(&self, good: &'static str) -> Option<&'static str> {
+        match self {
+            Str::Good => Some(good),
+            Str::Empty { .. } => Some(""),
+            Str::Raw { .. } => None,
         }
     }
 
@@ -663,9 +699,12 @@ impl ManifestInput {
     fn all_right(&self) -> bool {
         let table_ok = |t: &TableGetter, min: usize| match t {
             TableGetter::Real { at, n, writes } => {
-                matches!(at, Addr::Arena(off) if *off >= DATA && off.is_multiple_of(8) && off + TABLE <= ARENA_LEN)
-                    && *writes
-                    && (min..5).contains(n)
+                // A getter that writes no count leaves it at 0.
+                let n = if *writes { *n } else { 0 };
+                // An empty table is not read: its pointer may dangle.
+                (n == 0 && min == 0)
+                    || (matches!(at, Addr::Arena(off) if *off >= DATA && off.is_multiple_of(8) && off + TABLE <= ARENA_LEN)
+                        && (min.max(1)..5).contains(&n))
             }
             _ => false,
         };
@@ -676,17 +715,17 @@ impl ManifestInput {
             && self.abi.is_none()
             && self.size.is_none()
             && self.sizes.iter().all(Option::is_none)
+            && [&self.rustc, &self.target, &self.panic_strategy]
+                .iter()
+                .all(|s| matches!(s, Str::Good))
             && [
-                &self.rustc,
-                &self.target,
-                &self.panic_strategy,
                 &self.hotpatch_version,
                 &self.name,
                 &self.version,
                 &self.description,
             ]
             .iter()
-            .all(|s| matches!(s, Str::Good))
+            .all(|s| s.right_or_empty())
             && table_ok(&self.functions, 1)
             && table_ok(&self.slots, 0)
             && (matches!(self.shared, TableGetter::None) || table_ok(&self.shared, 0))
@@ -779,7 +818,7 @@ fn check_manifest(input: &ManifestInput) -> Result<(), TestCaseError> {
     CALLS.store(0, Relaxed);
     // SAFETY: `m` is anywhere at all: what is under test. The arena stays
     // as written for the rest of the process.
-    let result = unsafe { check(Path::new(PATH), m) };
+    let result = unsafe { fields(m) }.map_err(|r| r.at(Path::new(PATH)));
     match result {
         Err(e) => {
             prop_assert!(e.to_string().contains(PATH), "names the file: {e}");
@@ -797,7 +836,12 @@ fn check_manifest(input: &ManifestInput) -> Result<(), TestCaseError> {
             );
             prop_assert!(!input.all_right(), "a right manifest refused: {e}");
         }
-        Ok(c) => {
+        Ok(Fields {
+            about,
+            tables: c,
+            init,
+            ..
+        }) => {
             prop_assert!(
                 input.elsewhere.is_some() || !input.has_foreign_getter(),
                 "a foreign getter accepted"
@@ -824,10 +868,22 @@ fn check_manifest(input: &ManifestInput) -> Result<(), TestCaseError> {
                 let cell = cell as *const AtomicPtr<HostAllocFns>;
                 prop_assert!(cell.is_aligned() && own(cell as usize, 8, "rw"));
             }
-            if let Some(init) = c.init {
+            if let Some(init) = init {
                 prop_assert!(own(init as usize, 1, "x"));
             }
-            prop_assert!(c.name.len() <= MAX_STR && c.description.len() <= MAX_STR);
+            prop_assert!(about.name.len() <= MAX_STR && about.description.len() <= MAX_STR);
+            if input.elsewhere.is_none() {
+                // Each right value reads as itself; an empty one as "".
+                for (s, good, got) in [
+                    (&input.name, "fuzz", &about.name),
+                    (&input.version, "1.0.0", &about.version),
+                    (&input.description, "a fuzzed manifest", &about.description),
+                ] {
+                    if let Some(want) = s.value(good) {
+                        prop_assert_eq!(got.as_str(), want);
+                    }
+                }
+            }
         }
     }
     // (Only for the manifest described: one `elsewhere` may be anything.)
@@ -866,6 +922,8 @@ fn entry_input() -> impl Strategy<Value = EntryInput> {
             any::<usize>()
         ]),
         1 => (addr(), 0..5usize),
+        // `fn() -> !` has no layouts: `&[]`, whose pointer dangles.
+        1 => dangling().prop_map(|a| (a, 0)),
     ];
     let slot = prop_oneof![3 => data_slot(std::mem::size_of::<Slot>()), 2 => addr()];
     let code = prop_oneof![2 => (0..64usize).prop_map(Addr::Text), 1 => addr()];
@@ -1011,29 +1069,38 @@ fn good_record() -> impl Strategy<Value = RecordInput> {
         data_slot(std::mem::size_of::<Slot>()),
         [text(), text(), text(), text(), text()],
         text(),
-        (data_slot(64), 0..=64usize, data_slot(8)),
+        (
+            prop_oneof![
+                4 => (data_slot(64), 0..=64usize),
+                // A zero-sized static: nothing to read at `local`.
+                1 => (dangling(), Just(0usize)),
+            ],
+            data_slot(8),
+        ),
         any::<u64>(),
     )
         .prop_map(
-            |(offset, layouts, slot, code, replacement, (local, size, target), seed)| RecordInput {
-                entry: EntryInput {
-                    elsewhere: None,
-                    offset,
-                    path: Str::Good,
-                    signature: Str::Good,
-                    layouts,
-                    slot,
-                    code,
-                },
-                target: TargetGetter::Real,
-                replacement,
-                name: Str::Good,
-                shared_path: Str::Good,
-                shared_ty: Str::Good,
-                shared_size: size,
-                shared_local: local,
-                shared_target: target,
-                seed,
+            |(offset, layouts, slot, code, replacement, ((local, size), target), seed)| {
+                RecordInput {
+                    entry: EntryInput {
+                        elsewhere: None,
+                        offset,
+                        path: Str::Good,
+                        signature: Str::Good,
+                        layouts,
+                        slot,
+                        code,
+                    },
+                    target: TargetGetter::Real,
+                    replacement,
+                    name: Str::Good,
+                    shared_path: Str::Good,
+                    shared_ty: Str::Good,
+                    shared_size: size,
+                    shared_local: local,
+                    shared_target: target,
+                    seed,
+                }
             },
         )
 }
@@ -1093,9 +1160,10 @@ impl RecordInput {
         let e = &self.entry;
         e.elsewhere.is_none()
             && e.offset.is_multiple_of(8)
-            && matches!((&e.path, &e.signature), (Str::Good, Str::Good))
-            && in_data(e.layouts.0, 64)
-            && e.layouts.1 < 5
+            && e.path.right_or_empty()
+            && e.signature.right_or_empty()
+            && ((in_data(e.layouts.0, 64) && e.layouts.1 < 5)
+                || (e.layouts.1 == 0 && empty_slice::<TypeLayout>(e.layouts.0.get())))
             && in_data(e.slot, std::mem::size_of::<Slot>())
             && e.code.iter().all(|a| matches!(a, Addr::Text(_)))
     }
@@ -1104,33 +1172,27 @@ impl RecordInput {
         self.entry_right()
             && matches!(self.target, TargetGetter::Real)
             && matches!(self.replacement, Addr::Text(_))
-            && matches!(self.name, Str::Good)
+            && self.name.right_or_empty()
     }
 
     fn shared_right(&self) -> bool {
-        matches!((&self.shared_path, &self.shared_ty), (Str::Good, Str::Good))
+        self.shared_path.right_or_empty()
+            && self.shared_ty.right_or_empty()
             && self.shared_size <= 64
-            && in_data(self.shared_local, 64)
+            && (in_data(self.shared_local, 64)
+                || (self.shared_size == 0 && self.shared_local.get() != 0))
             && in_data(self.shared_target, 8)
     }
 }
 
-/// A `Checked` for this binary's image, as `check` would return it.
-fn checked() -> Checked {
-    static CELL: AtomicPtr<()> = AtomicPtr::new(std::ptr::null_mut());
-    Checked {
-        name: String::new(),
-        version: String::new(),
-        description: String::new(),
-        functions: &[],
-        slots: &[],
-        shared: &[],
-        host_raise: &CELL,
-        host_allocator: None,
-        early_overflow: false,
-        init: None,
-        image: Image::containing(arena() as *const ()).expect("the arena is in this binary"),
-    }
+/// `p` is a valid pointer for an empty `&[T]`: non-null and aligned.
+fn empty_slice<T>(p: usize) -> bool {
+    p != 0 && p.is_multiple_of(std::mem::align_of::<T>())
+}
+
+/// This binary's image, as `check` finds it for a manifest in the arena.
+fn image() -> Image {
+    Image::containing(arena() as *const ()).expect("the arena is in this binary")
 }
 
 /// What an accepted entry must be: this binary's memory, as used.
@@ -1151,13 +1213,15 @@ fn entry_ok(e: *const Entry) -> Result<(), TestCaseError> {
     };
     for s in [path, signature] {
         let len = (s as *const [u8]).len();
-        prop_assert!(own(s.cast::<u8>() as usize, len, "r"));
+        let p = s.cast::<u8>() as usize;
+        let readable = if len == 0 { p != 0 } else { own(p, len, "r") };
+        prop_assert!(readable);
         // SAFETY: readable (checked just above).
         let bytes = unsafe { std::slice::from_raw_parts(s.cast::<u8>(), len) };
         prop_assert!(std::str::from_utf8(bytes).is_ok());
     }
-    prop_assert!(layouts.cast::<TypeLayout>().is_aligned());
-    prop_assert!(own(layouts.cast::<u8>() as usize, layouts.len() * 16, "r"));
+    prop_assert!(empty_slice::<TypeLayout>(layouts.cast::<u8>() as usize));
+    prop_assert!(layouts.is_empty() || own(layouts.cast::<u8>() as usize, layouts.len() * 16, "r"));
     prop_assert!(slot.is_aligned() && own(slot as usize, std::mem::size_of::<Slot>(), "rw"));
     // SAFETY: as above.
     let code = unsafe {
@@ -1178,7 +1242,7 @@ fn entry_ok(e: *const Entry) -> Result<(), TestCaseError> {
 fn check_records(input: &RecordInput) -> Result<(), TestCaseError> {
     fill(input.seed);
     let path = Path::new(PATH);
-    let checked = checked();
+    let image = image();
     fn names<T>(r: &Result<T, Error>) -> bool {
         match r {
             Err(e) => matches!(e, Error::InvalidManifest { path, .. } if path == Path::new(PATH)),
@@ -1188,7 +1252,7 @@ fn check_records(input: &RecordInput) -> Result<(), TestCaseError> {
 
     // The entry, as the registry checks each of the slot table's.
     let e = input.entry.place();
-    let result = checked.entry(path, e);
+    let result = entry(&image, e).map_err(|r| r.at(path));
     prop_assert!(names(&result), "{:?}", result.as_ref().err());
     prop_assert!(
         result.is_ok() || !input.entry_right(),
@@ -1219,7 +1283,7 @@ fn check_records(input: &RecordInput) -> Result<(), TestCaseError> {
     }
     CALLS.store(0, Relaxed);
     // SAFETY: the record was just written; its fields are the input.
-    let result = checked.patch_fn(path, unsafe { &*record });
+    let result = patch_fn(&image, unsafe { &*record }).map_err(|r| r.at(path));
     prop_assert!(names(&result), "{:?}", result.as_ref().err());
     prop_assert!(
         result.is_ok() || !input.record_right(),
@@ -1258,7 +1322,7 @@ fn check_records(input: &RecordInput) -> Result<(), TestCaseError> {
             .write(input.shared_ty.place_str("u64"));
     }
     // SAFETY: as above.
-    let result = checked.shared_entry(path, unsafe { &*shared });
+    let result = shared_entry(&image, unsafe { &*shared }).map_err(|r| r.at(path));
     prop_assert!(names(&result), "{:?}", result.as_ref().err());
     prop_assert!(
         result.is_ok() || !input.shared_right(),
@@ -1267,7 +1331,13 @@ fn check_records(input: &RecordInput) -> Result<(), TestCaseError> {
     if result.is_ok() {
         let target = input.shared_target.get();
         prop_assert!(target.is_multiple_of(8) && MAPS.own(target, 8, "rw"));
-        prop_assert!(MAPS.own(input.shared_local.get(), input.shared_size, "r"));
+        let local = input.shared_local.get();
+        let readable = if input.shared_size == 0 {
+            local != 0
+        } else {
+            MAPS.own(local, input.shared_size, "r")
+        };
+        prop_assert!(readable);
     }
     Ok(())
 }
@@ -1447,21 +1517,78 @@ fn the_harness_reaches_acceptance() {
     assert!(input.all_right());
     let m = input.place();
     // SAFETY: a manifest in the arena.
-    let checked = unsafe { check(Path::new(PATH), m) }.unwrap();
-    assert_eq!(checked.functions.len(), 2);
-    assert_eq!(checked.name, "fuzz");
+    let checked = unsafe { fields(m) }
+        .map_err(|r| r.at(Path::new(PATH)))
+        .unwrap();
+    assert_eq!(checked.tables.functions.len(), 2);
+    assert_eq!(checked.about.name, "fuzz");
+
+    // Empty strings and optional tables, their pointers dangling as the
+    // compiler makes them: accepted, and read as empty.
+    let right = input.clone();
+    input.hotpatch_version = Str::Empty { at: Addr::Wild(1) };
+    input.name = Str::Empty { at: Addr::Wild(1) };
+    input.version = Str::Empty {
+        at: Addr::Wild(usize::MAX),
+    };
+    input.description = Str::Empty { at: Addr::Heap(0) };
+    input.slots = TableGetter::Real {
+        at: Addr::Wild(8),
+        n: 0,
+        writes: true,
+    };
+    input.shared = TableGetter::Real {
+        at: Addr::Wild(usize::MAX),
+        n: 0,
+        writes: true,
+    };
+    assert!(input.all_right());
+    let m = input.place();
+    // SAFETY: as above.
+    let checked = unsafe { fields(m) }
+        .map_err(|r| r.at(Path::new(PATH)))
+        .unwrap();
+    let about = &checked.about;
+    assert_eq!(
+        (&*about.name, &*about.version, &*about.description),
+        ("", "", "")
+    );
+    assert!(checked.tables.slots.is_empty() && checked.tables.shared.is_empty());
+    // A null empty string is no `&str`.
+    input.description = Str::Raw {
+        at: Addr::Null,
+        len: 0,
+        bytes: Vec::new(),
+    };
+    let m = input.place();
+    // SAFETY: as above.
+    let err = unsafe { fields(m) }
+        .map_err(|r| r.at(Path::new(PATH)))
+        .err()
+        .unwrap();
+    assert!(
+        err.to_string().contains("`description` is a null string"),
+        "{err}"
+    );
+    input = right;
 
     input.host_raise = CellGetter::Real(Addr::Relro(0));
     let m = input.place();
     // SAFETY: as above.
-    let err = unsafe { check(Path::new(PATH), m) }.err().unwrap();
+    let err = unsafe { fields(m) }
+        .map_err(|r| r.at(Path::new(PATH)))
+        .err()
+        .unwrap();
     assert!(err.to_string().contains("host-raise cell"), "{err}");
 
     input.slots = TableGetter::NotCode(Addr::OtherObject);
     let m = input.place();
     CALLS.store(0, Relaxed);
     // SAFETY: as above.
-    let err = unsafe { check(Path::new(PATH), m) }.err().unwrap();
+    let err = unsafe { fields(m) }
+        .map_err(|r| r.at(Path::new(PATH)))
+        .err()
+        .unwrap();
     assert!(err.to_string().contains("`slots` points outside"), "{err}");
     assert_eq!(CALLS.load(Relaxed), 0);
     assert!(!MAPS.own(null::<u8>() as usize, 1, "r"));
