@@ -225,6 +225,8 @@ macro_rules! failpoint {
 }
 
 mod alloc;
+#[cfg(feature = "control")]
+pub mod control;
 mod elf;
 mod error;
 mod image;
@@ -247,7 +249,7 @@ pub mod __private;
 pub mod internals {}
 
 pub use error::Error;
-pub use loader::{DEFAULT_DEADLINE, Loader, Reclaimed, load};
+pub use loader::{CheckReport, DEFAULT_DEADLINE, Loader, Reclaimed, WouldReplace, load};
 pub use patch::{FunctionInfo, Implementation, Patch, PatchId, PatchInfo};
 pub use quiesce::{
     OfflineGuard, StalledThread, ThreadGuard, TransitionInfo, offline, quiescent, register_thread,

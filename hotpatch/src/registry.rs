@@ -76,6 +76,11 @@ impl Plan {
     pub(crate) fn replacements(&self) -> &[(usize, FnAddr)] {
         &self.replace
     }
+
+    /// Paths of the functions it replaces, in the patch's order.
+    pub(crate) fn functions(&self) -> &[String] {
+        &self.functions
+    }
 }
 
 impl Registry {
@@ -299,6 +304,7 @@ impl Registry {
             description: m.description.clone(),
             file: file.to_owned(),
             functions: plan.functions,
+            applied_at: std::time::SystemTime::now(),
         });
         let mut targets = Vec::with_capacity(plan.replace.len());
         for (idx, implementation) in plan.replace {
