@@ -509,3 +509,110 @@ fn bind(path: &Path) -> Result<UnixListener, Error> {
         Err(e) => Err(io("bind", e)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader, Write};
+
+    fn dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "hotpatch-control-unit-{}-{name}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::symlink_metadata(p).unwrap().mode() & 0o777
+    }
+
+    fn status(path: &Path) -> serde_json::Value {
+        let mut s = UnixStream::connect(path).unwrap();
+        s.write_all(b"{\"v\":1,\"op\":\"status\"}\n").unwrap();
+        let mut line = String::new();
+        BufReader::new(&s).read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap()
+    }
+
+    #[test]
+    fn socket_is_private_named_by_service_and_pid_and_removed_on_drop() {
+        let d = dir("private");
+        let c = Control::builder()
+            .socket_dir(&d)
+            .service_name("unit")
+            .listen()
+            .unwrap();
+        let path = d.join(format!("unit.{}.sock", std::process::id()));
+        assert_eq!(c.socket_path(), path);
+        assert_eq!(mode(&d), 0o700);
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(
+            parse_socket_name(path.file_name().unwrap().to_str().unwrap()),
+            Some(("unit".to_owned(), std::process::id()))
+        );
+        let reply = status(&path);
+        assert_eq!(reply["ok"], serde_json::json!(true), "{reply}");
+        assert_eq!(reply["service"], serde_json::json!("unit"));
+        let again = Control::builder()
+            .socket_dir(&d)
+            .service_name("unit")
+            .listen();
+        assert!(
+            matches!(again, Err(Error::AlreadyListening { .. })),
+            "{again:?}"
+        );
+        drop(c);
+        assert!(!path.exists(), "the socket is removed on drop");
+    }
+
+    #[test]
+    fn a_stale_socket_is_replaced() {
+        let d = dir("stale");
+        std::fs::DirBuilder::new().mode(0o700).create(&d).unwrap();
+        let path = d.join(format!("stale.{}.sock", std::process::id()));
+        // A listener that is gone, its file left behind (a process that
+        // died with this pid).
+        drop(UnixListener::bind(&path).unwrap());
+        assert!(path.exists());
+        assert!(UnixStream::connect(&path).is_err());
+        let c = Control::builder()
+            .socket_dir(&d)
+            .service_name("stale")
+            .listen()
+            .unwrap();
+        assert_eq!(status(&path)["ok"], serde_json::json!(true));
+        drop(c);
+    }
+
+    #[test]
+    fn refuses_a_directory_others_can_write_and_bad_names() {
+        let d = dir("open");
+        std::fs::DirBuilder::new().mode(0o700).create(&d).unwrap();
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let r = Control::builder().socket_dir(&d).service_name("x").listen();
+        assert!(matches!(r, Err(Error::InsecureDir { .. })), "{r:?}");
+        assert_eq!(std::fs::read_dir(&d).unwrap().count(), 0, "nothing created");
+        for name in ["", "a/b", ".hidden", "sp ace"] {
+            let r = Control::builder()
+                .socket_dir(&d)
+                .service_name(name)
+                .listen();
+            assert!(matches!(r, Err(Error::InvalidName { .. })), "{name}: {r:?}");
+        }
+    }
+
+    #[test]
+    fn extra_principals_make_the_socket_connectable_and_the_dir_searchable() {
+        let d = dir("shared");
+        let c = Control::builder()
+            .socket_dir(&d)
+            .service_name("shared")
+            .allow_gid(4242)
+            .listen()
+            .unwrap();
+        assert_eq!(mode(&d), 0o711);
+        assert_eq!(mode(c.socket_path()), 0o666);
+    }
+}

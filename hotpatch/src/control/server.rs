@@ -190,7 +190,7 @@ pub(crate) fn accept_loop(listener: &UnixListener, shared: &Arc<Shared>) {
         };
         let conn_shared = shared.clone();
         let spawned = std::thread::Builder::new()
-            .name("hotpatch-control-conn".into())
+            .name("hotpatch-conn".into())
             .spawn(move || {
                 serve(&conn_shared, &stream, peer, id);
                 conn_shared.release(id);
