@@ -764,6 +764,53 @@ mod tests {
         }
     }
 
+    /// Requests of each verb with some of its fields (and sometimes one
+    /// more), each of a random type: near misses of valid requests.
+    fn near_request() -> impl Strategy<Value = Value> {
+        let field_value = prop_oneof![
+            any::<u64>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            "/[a-z]{1,8}(/[a-z.]{1,8}){0,2}".prop_map(Value::from),
+            "[a-z./]{0,12}".prop_map(Value::from),
+            Just(Value::Null),
+            Just(json!([1])),
+        ];
+        let fields = prop::collection::btree_map(
+            proptest::sample::select(vec!["file", "patch", "deadline_ms", "since", "limit", "x"]),
+            field_value,
+            0..4,
+        );
+        (proptest::sample::select(OPS), fields).prop_map(|(op, fields)| {
+            let mut m: Map<String, Value> =
+                fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+            m.insert("v".into(), json!(1));
+            m.insert("op".into(), json!(op));
+            Value::Object(m)
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(4000))]
+
+        #[test]
+        fn near_requests_parse_to_valid_requests_or_well_formed_errors(value in near_request()) {
+            let line = value.to_string();
+            match parse(line.as_bytes()) {
+                Ok(Request::Apply { file, .. } | Request::Check { file } | Request::Replace { file, .. }) => {
+                    prop_assert!(file.is_absolute(), "{}", line);
+                    prop_assert_eq!(Some(file.to_str().unwrap()), value["file"].as_str());
+                }
+                Ok(Request::Events { limit, .. }) => prop_assert!(limit <= CAPACITY),
+                Ok(Request::Status) => prop_assert_eq!(value.as_object().unwrap().len(), 2, "{}", line),
+                Ok(Request::Revert { .. }) => {}
+                Err(f) => {
+                    let reply = reply_is_well_formed(&f.to_line());
+                    prop_assert_eq!(reply["error"]["kind"].as_str(), Some("bad_request"), "{}", line);
+                }
+            }
+        }
+    }
+
     #[test]
     fn every_runtime_error_has_its_own_kind() {
         let path = PathBuf::from("/f.so");
