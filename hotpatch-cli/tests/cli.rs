@@ -627,6 +627,12 @@ fn wrong_arguments_and_missing_processes() {
         &["status", "--json", "--pid", &other.0.id().to_string()],
     );
     assert_eq!(r.json()["service"], json!("second"));
+    // A socket whose process lives but which nobody serves (this test
+    // process's pid): skipped.
+    drop(
+        std::os::unix::net::UnixListener::bind(d.join(format!("fake.{}.sock", std::process::id())))
+            .unwrap(),
+    );
     // Killed: its socket stays, and is skipped.
     other.0.kill().unwrap();
     other.0.wait().unwrap();
