@@ -493,3 +493,35 @@ fn report(cli: &Cli, reply: &Value) -> Result<u8, Fail> {
     }
     Err(fail(code, format!("{kind}: {message}")))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_patch_refs() {
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        for bad in ["", "s", "10parsecs", "-1s", "1e3s"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+        assert_eq!(patch_ref("3"), json!(3));
+        assert_eq!(patch_ref("#3"), json!(3));
+        assert_eq!(patch_ref("pricing-fix"), json!("pricing-fix"));
+    }
+
+    #[test]
+    fn exit_codes_of_error_kinds() {
+        assert_eq!(code_of("already_applied"), code::NOTHING_TO_DO);
+        assert_eq!(code_of("not_applied"), code::NOTHING_TO_DO);
+        assert_eq!(code_of("timeout"), code::TIMED_OUT);
+        assert_eq!(code_of("busy"), code::TIMED_OUT);
+        assert_eq!(code_of("not_permitted"), code::NOT_PERMITTED);
+        assert_eq!(code_of("unknown_target"), code::REFUSED);
+        assert_eq!(code_of("untrusted"), code::REFUSED);
+        assert_eq!(code_of("bad_request"), code::ERROR);
+    }
+}
