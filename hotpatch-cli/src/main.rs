@@ -48,8 +48,10 @@ Exit codes:
   6  not permitted: the service refuses this user
   7  no such process: no control socket for it, or it is gone
 
-With --json, every command prints one JSON object on stdout: the service's
-reply (see hotpatch::control::protocol), or for `ps` {\"v\":1,\"processes\":[...]}.";
+With --json, a command the service answered prints its reply on stdout, one
+JSON object (schema: hotpatch::control::protocol); `ps --json` prints
+{\"v\":1,\"processes\":[{\"pid\",\"service\",\"patches\",\"socket\"}]}. Errors of the
+tool itself (no socket, not permitted to connect) are one line on stderr.";
 
 /// Operate the patches of running services (hotpatch control endpoint).
 #[derive(Parser, Debug)]
