@@ -95,6 +95,8 @@ struct Seen {
     served: u64,
     wrong: u64,
     lines: Vec<String>,
+    /// Its stderr: the endpoint's `tracing` events.
+    log: Vec<String>,
 }
 
 /// A running `control-svc`.
@@ -118,9 +120,11 @@ impl Service {
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
             .spawn()
             .unwrap();
         let stdin = child.stdin.take();
+        let err = child.stderr.take().unwrap();
         let seen = Arc::new(Mutex::new(Seen::default()));
         let out = child.stdout.take().unwrap();
         {
@@ -139,6 +143,16 @@ impl Service {
                 }
             });
         }
+        {
+            let seen = seen.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(err).lines() {
+                    let Ok(line) = line else { return };
+                    eprintln!("[service] {line}");
+                    seen.lock().unwrap().log.push(line);
+                }
+            });
+        }
         let mut service = Service {
             child,
             stdin,
@@ -149,6 +163,18 @@ impl Service {
         let ready = service.wait_line(|l| l.starts_with("ready "));
         service.socket = PathBuf::from(ready.trim_start_matches("ready "));
         service
+    }
+
+    /// Waits for a line of its log matching `pred`.
+    fn wait_log(&self, pred: impl Fn(&str) -> bool) -> String {
+        let start = Instant::now();
+        loop {
+            if let Some(l) = self.seen.lock().unwrap().log.iter().find(|l| pred(l)) {
+                return l.clone();
+            }
+            assert!(start.elapsed() < GUARD, "the service did not log the line");
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     fn pid(&self) -> u32 {
@@ -400,6 +426,11 @@ fn every_verb_in_text_and_json_with_its_exit_code() {
         r.stdout
     );
     let applier = r.pid;
+    let logged = svc.wait_log(|l| l.contains("apply patch #1 fixture-patch-basic 1.2.3"));
+    assert!(
+        logged.contains("INFO") && logged.contains(&format!("peer_pid={applier}")),
+        "{logged}"
+    );
     let s = run_in(&d, &["status", "--json"]).json();
     let p = &s["patches"][0];
     assert_eq!(s["patches"].as_array().unwrap().len(), 1);
@@ -604,6 +635,7 @@ fn wrong_arguments_and_missing_processes() {
         .arg("--socket-dir")
         .arg(&d)
         .args(["--name", "second", "--idle"])
+        .stderr(Stdio::null())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -963,6 +995,12 @@ fn peers_of_another_uid_are_refused() {
     assert_eq!(refused[0]["outcome"], json!("not_permitted"));
     assert_eq!(refused[0]["peer"]["uid"], json!(65534));
     assert_eq!(refused[0]["peer"]["gid"], json!(65534));
+    // And a tracing warning with the peer's credentials.
+    let warn = shared.wait_log(|l| l.contains("control connection refused: not permitted"));
+    assert!(
+        warn.contains("WARN") && warn.contains("peer_uid=65534") && warn.contains("peer_gid=65534"),
+        "{warn}"
+    );
     private.quit();
     shared.quit();
 }
