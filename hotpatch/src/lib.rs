@@ -233,6 +233,8 @@ macro_rules! failpoint {
 }
 
 mod alloc;
+#[cfg(feature = "control")]
+pub mod control;
 mod elf;
 mod error;
 mod image;
@@ -255,7 +257,7 @@ pub mod __private;
 pub mod internals {}
 
 pub use error::Error;
-pub use loader::{DEFAULT_DEADLINE, Loader, Reclaimed, load};
+pub use loader::{CheckReport, DEFAULT_DEADLINE, Loader, Reclaimed, WouldReplace, load};
 pub use patch::{FunctionInfo, Implementation, Patch, PatchId, PatchInfo};
 pub use quiesce::{
     OfflineGuard, StalledThread, ThreadGuard, TransitionInfo, offline, quiescent, register_thread,

@@ -509,3 +509,140 @@ impl Loader {
         Ok(done)
     }
 }
+
+/// What [`Loader::check`] found: the patch passes every check of
+/// [`Loader::load`], and this is what applying it would change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CheckReport {
+    /// The patch crate's name, version and description (its manifest).
+    pub name: String,
+    pub version: String,
+    pub description: String,
+    /// The file checked.
+    pub file: std::path::PathBuf,
+    /// Each function the patch would replace, in the patch's order, and
+    /// what implements it now.
+    pub changes: Vec<WouldReplace>,
+    /// The patch has an initialisation function
+    /// (`hotpatch::manifest!(init = ...)`), which a load runs after the
+    /// checks and a check does not.
+    pub has_init: bool,
+}
+
+/// One function a checked patch would replace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WouldReplace {
+    /// The function's path, as in [`FunctionInfo::path`](crate::FunctionInfo::path).
+    pub function: String,
+    /// What implements it now (the patch would go on top).
+    pub now: crate::Implementation,
+}
+
+impl Loader {
+    /// The deadline this loader waits for (see [`deadline`](Self::deadline)).
+    pub fn deadline_value(&self) -> Duration {
+        self.deadline
+    }
+
+    /// A dry run of [`load`](Self::load): every check `load` makes, in the
+    /// same order and by the same code (trust policy, ELF, manifest,
+    /// allocator, targets, signatures, layouts, already applied), and
+    /// nothing applied. Reports what applying the patch would change.
+    ///
+    /// No slot, record or patch changes. What a check cannot avoid, as a
+    /// refused load cannot: the library is opened to read its manifest, so
+    /// its initialisers run, and it stays mapped (a later load of the same
+    /// bytes reuses it). The patch's own `init` function is not run.
+    ///
+    /// Like `load`, it waits (within the deadline) for a transition in
+    /// progress to finish.
+    ///
+    /// # Errors
+    ///
+    /// The error `load` would return, but for a refusal by `init` or a
+    /// transition that times out: `load` can still fail those.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// let report = hotpatch::Loader::new().check("fix.so")?;
+    /// for f in &report.changes {
+    ///     println!("{} would replace {} (now {:?})", report.name, f.function, f.now);
+    /// }
+    /// # Ok::<(), hotpatch::Error>(())
+    /// ```
+    pub fn check(&self, path: impl AsRef<Path>) -> Result<CheckReport, Error> {
+        let path = path.as_ref();
+        let bytes = trust::read(path, &self.policy)?;
+        // The turn keeps the library mapped while its manifest is read (only
+        // `reclaim` unmaps, and it needs the turn), as in `apply`.
+        let turn = self.take_turn(&format!("check {}", path.display()))?;
+        let mut libraries = LIBRARIES.lock();
+        let (library, m) = open(&mut libraries, path, &bytes)?;
+        if m.is_null() {
+            return Err(Error::NoManifest {
+                path: path.to_owned(),
+                symbol: MANIFEST_SYMBOL,
+            });
+        }
+        // SAFETY: as in `apply`: the manifest symbol's address in a library
+        // that stays mapped while we hold the transition turn.
+        let checked = unsafe { manifest::check(path, m) }?;
+        self.check_allocator(path, &checked)?;
+        let registry = REGISTRY.lock();
+        let plan = registry.plan(path, library, &checked)?;
+        let now = registry.functions(&[]);
+        drop(registry);
+        drop(libraries);
+        drop(turn);
+        let changes = plan
+            .functions()
+            .iter()
+            .map(|function| WouldReplace {
+                function: function.clone(),
+                now: now
+                    .iter()
+                    .find(|f| f.path == function)
+                    .map(|f| f.implementation.clone())
+                    .unwrap_or(crate::Implementation::Original),
+            })
+            .collect();
+        Ok(CheckReport {
+            name: checked.name.clone(),
+            version: checked.version.clone(),
+            description: checked.description.clone(),
+            file: path.to_owned(),
+            changes,
+            has_init: checked.init.is_some(),
+        })
+    }
+
+    /// The allocator checks of `apply`, for `check`.
+    fn check_allocator(&self, path: &Path, checked: &manifest::Checked) -> Result<(), Error> {
+        if self.allow_foreign_allocator {
+            return Ok(());
+        }
+        if checked.host_allocator.is_none() {
+            return Err(Error::ForeignAllocator {
+                path: path.to_owned(),
+                reason: "the patch does not use the host's allocator (it has no \
+                         `hotpatch::manifest!()` allocator); memory passed between it and \
+                         the host would be freed by the wrong allocator"
+                    .into(),
+            });
+        }
+        if checked.early_overflow {
+            return Err(Error::ForeignAllocator {
+                path: path.to_owned(),
+                reason: format!(
+                    "its initialisers made more than {} allocations before the host's \
+                     allocator was installed",
+                    crate::alloc::EARLY_SLOTS
+                ),
+            });
+        }
+        Ok(())
+    }
+}

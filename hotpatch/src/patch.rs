@@ -45,6 +45,8 @@ pub struct PatchInfo {
     pub file: PathBuf,
     /// Paths of the functions it replaces, in the patch's order.
     pub functions: Vec<String>,
+    /// When it was applied (the end of its transition).
+    pub applied_at: std::time::SystemTime,
 }
 
 /// A handle to an applied patch, returned by [`load`](crate::load).

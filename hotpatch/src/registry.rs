@@ -77,6 +77,11 @@ impl Plan {
     pub(crate) fn replacements(&self) -> &[(usize, FnAddr)] {
         &self.replace
     }
+
+    /// Paths of the functions it replaces, in the patch's order.
+    pub(crate) fn functions(&self) -> &[String] {
+        &self.functions
+    }
 }
 
 impl Registry {
@@ -286,6 +291,7 @@ impl Registry {
             description: m.description.clone(),
             file: file.to_owned(),
             functions: plan.functions,
+            applied_at: std::time::SystemTime::now(),
         });
         let mut targets = Vec::with_capacity(plan.replace.len());
         for (idx, implementation) in plan.replace {

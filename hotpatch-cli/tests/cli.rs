@@ -1,0 +1,1067 @@
+//! The `hotpatch` binary against real service processes
+//! (`tests/fixtures/control-svc`), each with a private socket directory:
+//! every verb in text and JSON with its exit code, wrong arguments, a
+//! stalled transition, bad input on the socket while the service serves,
+//! peers of another uid, and the idle cost of the endpoint.
+//!
+//! The service and the patches are built by a nested cargo into
+//! `target/fixtures`, as the root tests build their patches (and with the
+//! same settings, so they share artifacts).
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+const SERVICE: &str = "fixture-control-svc";
+const BASIC: &str = "fixture-patch-basic";
+const V1: &str = "fixture-patch-replace-v1";
+const V2: &str = "fixture-patch-replace-v2";
+const BAD_RUSTC: &str = "fixture-patch-bad-rustc";
+
+/// A guard against hangs only: nothing here asserts on time.
+const GUARD: Duration = Duration::from_secs(30);
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
+}
+
+fn profile() -> &'static str {
+    if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    }
+}
+
+/// Builds the service and the patches once per test process.
+fn built() -> &'static PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = root().join("target").join("fixtures");
+        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        cmd.current_dir(root())
+            .args(["build", "--quiet", "--target-dir"])
+            .arg(&dir);
+        for p in [SERVICE, BASIC, V1, V2, BAD_RUSTC] {
+            cmd.args(["-p", p]);
+        }
+        if !cfg!(debug_assertions) {
+            cmd.arg("--release");
+        }
+        // As tests/support/mod.rs builds patches: no debug info.
+        let env = if cfg!(debug_assertions) {
+            "DEV"
+        } else {
+            "RELEASE"
+        };
+        cmd.env(format!("CARGO_PROFILE_{env}_DEBUG"), "0");
+        assert!(
+            cmd.status().unwrap().success(),
+            "building the fixtures failed"
+        );
+        dir.join(profile())
+    })
+}
+
+fn patch(package: &str) -> PathBuf {
+    built().join(format!("lib{}.so", package.replace('-', "_")))
+}
+
+/// This test process's scratch directory, searchable by everyone (the
+/// uid 65534 test reaches a socket and a binary in it).
+fn scratch() -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let base = std::env::temp_dir().join(format!("hotpatch-cli-tests-{}", std::process::id()));
+    std::fs::create_dir_all(&base).unwrap();
+    std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // Relaxed: only uniqueness matters.
+    base.join(format!("d{}", N.fetch_add(1, Ordering::Relaxed)))
+}
+
+#[derive(Default)]
+struct Seen {
+    served: u64,
+    wrong: u64,
+    lines: Vec<String>,
+    /// Its stderr: the endpoint's `tracing` events.
+    log: Vec<String>,
+}
+
+/// A running `control-svc`.
+struct Service {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    seen: Arc<Mutex<Seen>>,
+    socket: PathBuf,
+    dir: PathBuf,
+}
+
+impl Service {
+    fn start(name: &str, args: &[&str]) -> Service {
+        let dir = scratch();
+        std::fs::create_dir_all(&dir).unwrap();
+        let sockets = dir.join("sock");
+        let mut child = Command::new(built().join("control-svc"))
+            .arg("--socket-dir")
+            .arg(&sockets)
+            .args(["--name", name])
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take();
+        let err = child.stderr.take().unwrap();
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let out = child.stdout.take().unwrap();
+        {
+            let seen = seen.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(out).lines() {
+                    let Ok(line) = line else { return };
+                    let mut s = seen.lock().unwrap();
+                    let words: Vec<&str> = line.split(' ').collect();
+                    if let ["served", n, "wrong", w] = words[..] {
+                        s.served = n.parse().unwrap();
+                        s.wrong = w.parse().unwrap();
+                    } else {
+                        s.lines.push(line);
+                    }
+                }
+            });
+        }
+        {
+            let seen = seen.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(err).lines() {
+                    let Ok(line) = line else { return };
+                    eprintln!("[service] {line}");
+                    seen.lock().unwrap().log.push(line);
+                }
+            });
+        }
+        let mut service = Service {
+            child,
+            stdin,
+            seen,
+            socket: PathBuf::new(),
+            dir: sockets,
+        };
+        let ready = service.wait_line(|l| l.starts_with("ready "));
+        service.socket = PathBuf::from(ready.trim_start_matches("ready "));
+        service
+    }
+
+    /// Waits for a line of its log matching `pred`.
+    fn wait_log(&self, pred: impl Fn(&str) -> bool) -> String {
+        let start = Instant::now();
+        loop {
+            if let Some(l) = self.seen.lock().unwrap().log.iter().find(|l| pred(l)) {
+                return l.clone();
+            }
+            assert!(start.elapsed() < GUARD, "the service did not log the line");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn wait_line(&self, pred: impl Fn(&str) -> bool) -> String {
+        let start = Instant::now();
+        loop {
+            if let Some(l) = self.seen.lock().unwrap().lines.iter().find(|l| pred(l)) {
+                return l.clone();
+            }
+            assert!(
+                start.elapsed() < GUARD,
+                "the service did not print the line"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn served(&self) -> u64 {
+        let s = self.seen.lock().unwrap();
+        assert_eq!(s.wrong, 0, "the service saw wrong answers");
+        s.served
+    }
+
+    /// Waits until the service has served more than `than`.
+    fn serves_beyond(&self, than: u64) -> u64 {
+        let start = Instant::now();
+        loop {
+            let now = self.served();
+            if now > than {
+                return now;
+            }
+            assert!(start.elapsed() < GUARD, "traffic stopped at {now}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn say(&mut self, line: &str) {
+        writeln!(self.stdin.as_mut().unwrap(), "{line}").unwrap();
+    }
+
+    /// Quits; checks the service exits 0 (no wrong answer) and removed
+    /// its socket.
+    fn quit(mut self) {
+        self.say("quit");
+        drop(self.stdin.take());
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "the service failed: {status}");
+        assert!(
+            !self.socket.exists(),
+            "the socket is removed when the endpoint is dropped"
+        );
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+    pid: u32,
+}
+
+impl Run {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.stdout))
+    }
+}
+
+fn hotpatch_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_hotpatch"))
+}
+
+fn finish(child: Child) -> Run {
+    let pid = child.id();
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = child.wait_with_output().unwrap();
+    Run {
+        code: status.code().expect("exited"),
+        stdout: String::from_utf8(stdout).unwrap(),
+        stderr: String::from_utf8(stderr).unwrap(),
+        pid,
+    }
+}
+
+fn spawn_in(dir: &Path, args: &[&str]) -> Child {
+    Command::new(hotpatch_bin())
+        .current_dir(root())
+        .arg("--socket-dir")
+        .arg(dir)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// `hotpatch --socket-dir DIR ARGS` from the repository root.
+fn run_in(dir: &Path, args: &[&str]) -> Run {
+    finish(spawn_in(dir, args))
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// The path relative to the repository root (the CLI's cwd).
+fn relative(p: &Path) -> String {
+    p.strip_prefix(root()).unwrap().to_str().unwrap().to_owned()
+}
+
+fn one_line_error(r: &Run, kind: &str) {
+    assert_eq!(
+        r.stderr.lines().count(),
+        1,
+        "one line on stderr: {}",
+        r.stderr
+    );
+    assert!(
+        r.stderr.starts_with("hotpatch: ") && r.stderr.contains(kind),
+        "{}",
+        r.stderr
+    );
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+fn implementation_of(status: &Value, path: &str) -> Value {
+    status["functions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["path"] == json!(path))
+        .unwrap_or_else(|| panic!("no function {path}"))["implementation"]
+        .clone()
+}
+
+#[test]
+fn every_verb_in_text_and_json_with_its_exit_code() {
+    let svc = Service::start("verbs", &[]);
+    let d = svc.dir.clone();
+    let pid = svc.pid().to_string();
+    let basic = patch(BASIC);
+
+    // ps
+    let r = run_in(&d, &["ps"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let header = r.stdout.lines().next().unwrap();
+    assert!(header.starts_with("PID") && header.contains("SERVICE") && header.contains("PATCHES"));
+    let row: Vec<&str> = r
+        .stdout
+        .lines()
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    assert_eq!(row[..3], [pid.as_str(), "verbs", "0"], "{}", r.stdout);
+    let r = run_in(&d, &["ps", "--json"]);
+    assert_eq!(
+        r.json()["processes"],
+        json!([{"pid": svc.pid(), "service": "verbs", "patches": 0, "socket": path_str(&svc.socket)}])
+    );
+
+    // status (one process: no --pid needed)
+    let r = run_in(&d, &["status"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stdout.starts_with(&format!("verbs  pid {pid}")),
+        "{}",
+        r.stdout
+    );
+    assert!(r.stdout.contains("PATCHES  none applied"), "{}", r.stdout);
+    assert!(r.stdout.contains("TRANSITION  none"), "{}", r.stdout);
+    let line = r
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("svc::answer "))
+        .unwrap();
+    assert!(line.ends_with("original"), "{line}");
+    let before = run_in(&d, &["status", "--json", "--pid", &pid]).json();
+    assert_eq!(before["ok"], json!(true));
+    assert_eq!(before["v"], json!(1));
+    assert_eq!(before["pid"], json!(svc.pid()));
+    assert_eq!(before["patches"], json!([]));
+    assert_eq!(before["transition"], Value::Null);
+    assert_eq!(
+        implementation_of(&before, "svc::answer"),
+        json!({"kind": "original"})
+    );
+
+    // check: a dry run, nothing changes
+    let r = run_in(&d, &["check", &relative(&basic)]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stdout
+            .contains("fixture-patch-basic 1.2.3 (answer() returns 2) passes every check"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout
+            .lines()
+            .any(|l| l.starts_with("svc::answer ") && l.ends_with("original")),
+        "{}",
+        r.stdout
+    );
+    let c = run_in(&d, &["check", "--json", path_str(&basic)]).json();
+    assert_eq!(c["check"]["name"], json!(BASIC));
+    assert_eq!(c["check"]["file"], json!(path_str(&basic)));
+    assert!(
+        c["check"]["functions"]
+            .as_array()
+            .unwrap()
+            .contains(&json!({"path": "svc::answer", "now": {"kind": "original"}}))
+    );
+    assert_eq!(
+        run_in(&d, &["status", "--json"]).json(),
+        before,
+        "check changed nothing"
+    );
+
+    // apply, by a relative path (resolved by the client)
+    let t0 = unix_ms();
+    let r = run_in(&d, &["apply", &relative(&basic), "--deadline", "10s"]);
+    let t1 = unix_ms();
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stdout
+            .starts_with("applied patch #1 fixture-patch-basic 1.2.3 (answer() returns 2) in "),
+        "{}",
+        r.stdout
+    );
+    let applier = r.pid;
+    let logged = svc.wait_log(|l| l.contains("apply patch #1 fixture-patch-basic 1.2.3"));
+    assert!(
+        logged.contains("INFO") && logged.contains(&format!("peer_pid={applier}")),
+        "{logged}"
+    );
+    let s = run_in(&d, &["status", "--json"]).json();
+    let p = &s["patches"][0];
+    assert_eq!(s["patches"].as_array().unwrap().len(), 1);
+    assert_eq!(p["id"], json!(1));
+    assert_eq!(p["name"], json!(BASIC));
+    assert_eq!(p["version"], json!("1.2.3"));
+    assert_eq!(p["description"], json!("answer() returns 2"));
+    assert_eq!(p["file"], json!(path_str(&basic)));
+    assert_eq!(p["state"], json!("applied"));
+    assert_eq!(p["applied_by"], json!({"uid": 0, "gid": 0, "pid": applier}));
+    let at = p["applied_at_ms"].as_u64().unwrap();
+    assert!((t0..=t1).contains(&at), "{t0} <= {at} <= {t1}");
+    assert_eq!(
+        implementation_of(&s, "svc::answer"),
+        json!({"kind": "patch", "id": 1, "name": BASIC})
+    );
+    let text = run_in(&d, &["status"]).stdout;
+    assert!(
+        text.lines().any(|l| l.starts_with("1 ")
+            && l.contains("applied")
+            && l.contains(&format!("uid 0 pid {applier}"))),
+        "{text}"
+    );
+    assert!(text.lines().any(|l| l.starts_with("svc::answer ") && l.ends_with("patch #1 (fixture-patch-basic)")), "{text}");
+    let r = run_in(&d, &["ps", "--json"]);
+    assert_eq!(r.json()["processes"][0]["patches"], json!(1));
+
+    // already applied: not a failure, its own exit code
+    let r = run_in(&d, &["apply", path_str(&basic)]);
+    assert_eq!(r.code, 5, "{} {}", r.stdout, r.stderr);
+    assert!(
+        r.stdout.starts_with("nothing to do: ") && r.stdout.contains("already applied as patch #1"),
+        "{}",
+        r.stdout
+    );
+    assert_eq!(r.stderr, "");
+    let r = run_in(&d, &["apply", "--json", path_str(&basic)]);
+    assert_eq!(r.code, 5);
+    assert_eq!(r.json()["error"]["kind"], json!("already_applied"));
+    assert_eq!(r.json()["error"]["patch"], json!({"id": 1, "name": BASIC}));
+
+    // a refused patch: exit 3, one line, nothing changed
+    let s1 = run_in(&d, &["status", "--json"]).json();
+    let r = run_in(&d, &["apply", path_str(&patch(BAD_RUSTC))]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    one_line_error(&r, "rustc_mismatch: ");
+    assert!(
+        r.stderr.contains(path_str(&patch(BAD_RUSTC))),
+        "{}",
+        r.stderr
+    );
+    let r = run_in(&d, &["check", "--json", path_str(&patch(BAD_RUSTC))]);
+    assert_eq!(r.code, 3);
+    assert_eq!(r.json()["error"]["kind"], json!("rustc_mismatch"));
+    assert_eq!(
+        run_in(&d, &["status", "--json"]).json(),
+        s1,
+        "nothing changed"
+    );
+
+    // revert by name, then again by id: nothing to do
+    let r = run_in(&d, &["revert", BASIC]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stdout
+            .starts_with("reverted patch #1 fixture-patch-basic 1.2.3 in "),
+        "{}",
+        r.stdout
+    );
+    let r = run_in(&d, &["revert", "#1"]);
+    assert_eq!(r.code, 5, "{}", r.stderr);
+    let r = run_in(&d, &["revert", "--json", "1"]);
+    assert_eq!(
+        r.json()["error"],
+        json!({"kind": "not_applied", "message": "patch #1 is not applied", "patch": {"id": 1}})
+    );
+
+    // replace: v1, then v2 over it in one transition
+    let r = run_in(&d, &["apply", "--json", path_str(&patch(V1))]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let v1_id = r.json()["patch"]["id"].as_u64().unwrap();
+    assert_eq!(v1_id, 2);
+    let r = run_in(&d, &["replace", "2", &relative(&patch(V2))]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.starts_with("replaced patch #2 fixture-patch-replace-v1 0.1.0 by patch #3 fixture-patch-replace-v2 0.1.0 in "), "{}", r.stdout);
+    let s = run_in(&d, &["status", "--json"]).json();
+    assert_eq!(s["patches"].as_array().unwrap().len(), 1);
+    assert_eq!(s["patches"][0]["name"], json!(V2));
+    assert_eq!(
+        implementation_of(&s, "svc::step_a"),
+        json!({"kind": "patch", "id": 3, "name": V2})
+    );
+    assert_eq!(
+        implementation_of(&s, "svc::step_c"),
+        json!({"kind": "original"})
+    );
+    let r = run_in(&d, &["replace", "--json", "2", path_str(&patch(V1))]);
+    assert_eq!(r.code, 5, "replacing what is not applied: {}", r.stdout);
+    let r = run_in(&d, &["revert", "--json", V2]);
+    assert_eq!(r.code, 0);
+    assert_eq!(r.json()["reverted"]["id"], json!(3));
+
+    // events: everything above, in order
+    let r = run_in(&d, &["events", "--json"]);
+    assert_eq!(r.code, 0);
+    let ev = r.json();
+    let ops: Vec<(String, String)> = ev["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["op"].as_str().unwrap().to_owned(),
+                e["outcome"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let expect: Vec<(String, String)> = [
+        ("listen", "ok"),
+        ("check", "ok"),
+        ("check", "ok"),
+        ("apply", "ok"),
+        ("apply", "already_applied"),
+        ("apply", "already_applied"),
+        ("apply", "rustc_mismatch"),
+        ("check", "rustc_mismatch"),
+        ("revert", "ok"),
+        ("apply", "ok"),
+        ("replace", "ok"),
+        ("revert", "ok"),
+    ]
+    .iter()
+    .map(|(a, b)| (a.to_string(), b.to_string()))
+    .collect();
+    assert_eq!(ops, expect);
+    let apply = &ev["events"][3];
+    assert_eq!(apply["patch"], json!({"id": 1, "name": BASIC}));
+    assert_eq!(apply["peer"]["pid"], json!(applier));
+    let last = ev["last_seq"].as_u64().unwrap();
+    let r = run_in(
+        &d,
+        &["events", "--json", "--since", &(last - 1).to_string()],
+    );
+    assert_eq!(r.json()["events"].as_array().unwrap().len(), 1);
+    let r = run_in(&d, &["events"]);
+    assert!(r.stdout.starts_with("SEQ  TIME (UTC)"), "{}", r.stdout);
+    assert!(
+        r.stdout
+            .lines()
+            .any(|l| l.contains(" replace ") && l.contains("#3 fixture-patch-replace-v2")),
+        "{}",
+        r.stdout
+    );
+
+    let served = svc.served();
+    assert!(served > 0);
+    svc.quit();
+}
+
+#[test]
+fn wrong_arguments_and_missing_processes() {
+    let svc = Service::start("args", &[]);
+    let d = svc.dir.clone();
+    for args in [
+        &["apply"][..],
+        &["frobnicate"],
+        &["apply", "x.so", "--deadline", "10parsecs"],
+        &["status", "--pid", "1", "--socket", "/x"],
+        &["ps", "--pid", "1"],
+        &["status", "--pid", "notanumber"],
+        &["replace", "1"],
+    ] {
+        let r = run_in(&d, args);
+        assert_eq!(r.code, 2, "{args:?}: {}", r.stderr);
+        assert!(r.stderr.contains("error:"), "{args:?}: {}", r.stderr);
+        assert_eq!(r.stdout, "");
+    }
+    // A pid that is no process, a process with no socket, a socket that is not there.
+    let dead = {
+        let mut c = Command::new("true").spawn().unwrap();
+        let pid = c.id();
+        c.wait().unwrap();
+        pid
+    };
+    let r = run_in(&d, &["status", "--pid", &dead.to_string()]);
+    assert_eq!(r.code, 7, "{}", r.stderr);
+    one_line_error(&r, &format!("no process {dead}"));
+    let r = run_in(&d, &["status", "--pid", &std::process::id().to_string()]);
+    assert_eq!(r.code, 7, "{}", r.stderr);
+    one_line_error(&r, "has no control socket");
+    let r = run_in(&d, &["status", "--socket", "/nonexistent/x.1.sock"]);
+    assert_eq!(r.code, 7, "{}", r.stderr);
+    let r = run_in(&scratch(), &["status"]);
+    assert_eq!(r.code, 7, "{}", r.stderr);
+    one_line_error(&r, "no patchable process");
+    let r = run_in(&d, &["apply", "/nonexistent/fix.so"]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    one_line_error(&r, "read: cannot read patch /nonexistent/fix.so");
+
+    // Two services in one directory: --pid chooses.
+    let other = Command::new(built().join("control-svc"))
+        .arg("--socket-dir")
+        .arg(&d)
+        .args(["--name", "second", "--idle"])
+        .stderr(Stdio::null())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut other = scopeguard(other);
+    let mut first = String::new();
+    BufReader::new(other.0.stdout.as_mut().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.starts_with("ready "), "{first}");
+    let r = run_in(&d, &["status"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    one_line_error(&r, "2 patchable processes");
+    assert!(
+        r.stderr.contains(&format!("{} (args)", svc.pid())),
+        "{}",
+        r.stderr
+    );
+    let r = run_in(
+        &d,
+        &["status", "--json", "--pid", &other.0.id().to_string()],
+    );
+    assert_eq!(r.json()["service"], json!("second"));
+    // A socket whose process lives but which nobody serves (this test
+    // process's pid): skipped.
+    drop(
+        std::os::unix::net::UnixListener::bind(d.join(format!("fake.{}.sock", std::process::id())))
+            .unwrap(),
+    );
+    // Killed: its socket stays, and is skipped.
+    other.0.kill().unwrap();
+    other.0.wait().unwrap();
+    let r = run_in(&d, &["ps", "--json"]);
+    let pids: Vec<u64> = r.json()["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["pid"].as_u64().unwrap())
+        .collect();
+    assert_eq!(pids, vec![u64::from(svc.pid())]);
+    assert_eq!(run_in(&d, &["status"]).code, 0);
+    svc.quit();
+}
+
+/// Kills the child when dropped.
+struct Guarded(Child);
+fn scopeguard(c: Child) -> Guarded {
+    Guarded(c)
+}
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_stalled_transition_is_reported_while_it_waits_and_times_out() {
+    let mut svc = Service::start("stall", &["--deadline-ms", "3000"]);
+    let d = svc.dir.clone();
+    let basic = patch(BASIC);
+    svc.say("stall");
+    svc.wait_line(|l| l == "stalled");
+    // The client asks for more than the service allows: the service's 3 s win.
+    let apply = spawn_in(
+        &d,
+        &["apply", "--json", path_str(&basic), "--deadline", "60s"],
+    );
+    let start = Instant::now();
+    // The busy worker switches at its next safepoint; the staller never does.
+    let transition = loop {
+        let s = run_in(&d, &["status", "--json"]);
+        assert_eq!(
+            s.code, 0,
+            "status is answered during the transition: {}",
+            s.stderr
+        );
+        let t = s.json()["transition"].clone();
+        if !t.is_null() && t["waiting_for"].as_array().unwrap().len() == 1 {
+            break t;
+        }
+        assert!(
+            start.elapsed() < GUARD,
+            "no transition waiting for one thread seen: {t}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(
+        transition["what"]
+            .as_str()
+            .unwrap()
+            .starts_with("apply fixture-patch-basic"),
+        "{transition}"
+    );
+    let waiting = &transition["waiting_for"][0];
+    assert_eq!(waiting["name"], json!("stall-worker"), "{transition}");
+    assert!(waiting["tid"].as_i64().unwrap() > 0);
+    let text = run_in(&d, &["status"]).stdout;
+    assert!(
+        text.contains("\nTRANSITION  apply fixture-patch-basic"),
+        "{text}"
+    );
+    let header = text
+        .lines()
+        .position(|l| l.starts_with("TID "))
+        .expect(&text);
+    let row = text.lines().nth(header + 1).unwrap();
+    assert!(row.contains(" stall-worker "), "{text}");
+    let r = finish(apply);
+    assert_eq!(r.code, 4, "{} {}", r.stdout, r.stderr);
+    let e = r.json()["error"].clone();
+    assert_eq!(e["kind"], json!("timeout"));
+    assert_eq!(
+        e["deadline_ms"],
+        json!(3000),
+        "bounded by the service's deadline"
+    );
+    assert_eq!(e["stalled"][0]["name"], json!("stall-worker"));
+    one_line_error(&r, "timeout: ");
+    assert!(r.stderr.contains("'stall-worker'"), "{}", r.stderr);
+    let s = run_in(&d, &["status", "--json"]).json();
+    assert_eq!(s["patches"], json!([]), "reversed: nothing applied");
+    assert_eq!(s["transition"], Value::Null);
+
+    svc.say("unstall");
+    let r = run_in(&d, &["apply", path_str(&basic)]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(run_in(&d, &["revert", "1"]).code, 0);
+    svc.quit();
+}
+
+/// One raw request on a fresh connection; the reply.
+fn raw(socket: &Path, line: &[u8]) -> Value {
+    let mut s = UnixStream::connect(socket).unwrap();
+    s.set_read_timeout(Some(GUARD)).unwrap();
+    s.write_all(line).unwrap();
+    let mut reply = String::new();
+    BufReader::new(&s).read_line(&mut reply).unwrap();
+    serde_json::from_str(&reply).unwrap_or_else(|e| panic!("{e}: {reply:?}"))
+}
+
+fn kind(v: &Value) -> &str {
+    assert_eq!(v["v"], json!(1), "{v}");
+    assert_eq!(v["ok"], json!(false), "{v}");
+    assert!(v["error"]["message"].is_string(), "{v}");
+    v["error"]["kind"].as_str().unwrap()
+}
+
+fn fds_and_threads(pid: u32) -> (usize, usize) {
+    let count = |what: &str| {
+        std::fs::read_dir(format!("/proc/{pid}/{what}"))
+            .unwrap()
+            .count()
+    };
+    (count("fd"), count("task"))
+}
+
+/// Waits until the connection is closed by the service; the bytes it sent.
+fn until_closed(mut s: &UnixStream) -> Vec<u8> {
+    s.set_read_timeout(Some(GUARD)).unwrap();
+    let mut all = Vec::new();
+    let mut buf = [0; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return all,
+            Ok(n) => all.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return all,
+            Err(e) => panic!("the service did not close the connection: {e}"),
+        }
+    }
+}
+
+#[test]
+fn bad_input_and_floods_do_not_stop_traffic_or_other_clients() {
+    let svc = Service::start(
+        "hostile",
+        &["--read-timeout-ms", "1500", "--max-connections", "16"],
+    );
+    let sock = svc.socket.clone();
+    let d = svc.dir.clone();
+    let mut served = svc.serves_beyond(0);
+    let (fds0, threads0) = fds_and_threads(svc.pid());
+
+    // Malformed requests get an error line; the connection stays usable.
+    let mut s = UnixStream::connect(&sock).unwrap();
+    s.set_read_timeout(Some(GUARD)).unwrap();
+    let mut lines = BufReader::new(s.try_clone().unwrap()).lines();
+    let cases: [(&[u8], &str); 7] = [
+        (b"not json\n", "bad_request"),
+        (b"\xff\xfe\x00garbage\n", "bad_request"),
+        (b"{\"v\":1,\"op\":\"explode\"}\n", "unknown_op"),
+        (b"{\"v\":1,\"op\":\"apply\",\"file\":42}\n", "bad_request"),
+        (
+            b"{\"v\":1,\"op\":\"revert\",\"patch\":{\"id\":1}}\n",
+            "bad_request",
+        ),
+        (b"{\"v\":99,\"op\":\"status\"}\n", "unsupported_version"),
+        (
+            b"{\"v\":1,\"op\":\"apply\",\"file\":\"relative.so\"}\n",
+            "bad_request",
+        ),
+    ];
+    for (line, want) in cases {
+        s.write_all(line).unwrap();
+        let reply: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+        assert_eq!(kind(&reply), want, "{}", String::from_utf8_lossy(line));
+    }
+    s.write_all(b"{\"v\":1,\"op\":\"status\"}\n").unwrap();
+    let reply: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(reply["ok"], json!(true), "the same connection still works");
+    drop((s, lines));
+    served = svc.serves_beyond(served);
+
+    // An oversized line: an error, then the connection is closed.
+    let big = UnixStream::connect(&sock).unwrap();
+    let mut w = big.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        let _ = w.write_all(&vec![b'x'; 200 * 1024]);
+    });
+    let got = until_closed(&big);
+    writer.join().unwrap();
+    let reply: Value = serde_json::from_slice(got.split(|&b| b == b'\n').next().unwrap()).unwrap();
+    assert_eq!(kind(&reply), "line_too_long");
+
+    // Half a line, then silence: dropped at the read timeout; meanwhile
+    // another client is answered and traffic flows.
+    let mut half = UnixStream::connect(&sock).unwrap();
+    half.write_all(b"{\"v\":1,\"op\":").unwrap();
+    let r = run_in(&d, &["status", "--json"]);
+    assert_eq!(r.code, 0, "another client is answered: {}", r.stderr);
+    served = svc.serves_beyond(served);
+    assert_eq!(until_closed(&half), b"", "dropped without a reply");
+
+    // 200 connections at once, all silent or half-written.
+    let flood: Vec<UnixStream> = (0..200)
+        .map(|i| {
+            let mut c = UnixStream::connect(&sock).unwrap();
+            if i % 2 == 0 {
+                c.write_all(b"{\"v\":").unwrap();
+            }
+            c
+        })
+        .collect();
+    for _ in 0..3 {
+        let reply = raw(&sock, b"{\"v\":1,\"op\":\"status\"}\n");
+        assert_eq!(
+            reply["ok"],
+            json!(true),
+            "answered during the flood: {reply}"
+        );
+        let r = run_in(&d, &["status"]);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        served = svc.serves_beyond(served);
+    }
+    // Every flood connection was closed by the service: evicted to admit
+    // newer ones, or at its read timeout. None was answered.
+    for c in &flood {
+        let got = until_closed(c);
+        assert!(
+            got.is_empty()
+                || kind(
+                    &serde_json::from_slice(got.split(|&b| b == b'\n').next().unwrap()).unwrap()
+                ) == "overloaded"
+        );
+    }
+    drop(flood);
+
+    // Nothing leaked: descriptors and threads back to where they were.
+    let start = Instant::now();
+    loop {
+        let now = fds_and_threads(svc.pid());
+        if now.0 <= fds0 && now.1 <= threads0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < GUARD,
+            "leaked: {now:?}, was {:?}",
+            (fds0, threads0)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let r = run_in(&d, &["events", "--json"]);
+    assert_eq!(r.code, 0);
+    svc.serves_beyond(served);
+    svc.quit();
+}
+
+/// The `hotpatch` binary where uid 65534 can run it (the checkout may be
+/// in a directory only root can enter).
+fn hotpatch_for_others() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let dir = scratch();
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let bin = dir.join("hotpatch");
+        std::fs::copy(hotpatch_bin(), &bin).unwrap();
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        bin
+    })
+    .clone()
+}
+
+fn run_as(uid: u32, gid: u32, socket: &Path) -> Run {
+    let child = Command::new(hotpatch_for_others())
+        .args(["status", "--socket"])
+        .arg(socket)
+        .current_dir("/")
+        .uid(uid)
+        .gid(gid)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    finish(child)
+}
+
+#[test]
+fn peers_of_another_uid_are_refused() {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        panic!("this test runs as root (it starts a client as uid 65534)");
+    }
+    // Default: only this uid and root; the file system keeps others out.
+    let private = Service::start("private", &["--idle"]);
+    let meta = std::fs::metadata(&private.socket).unwrap();
+    assert_eq!(meta.mode() & 0o777, 0o600, "socket mode");
+    assert_eq!(
+        std::fs::metadata(&private.dir).unwrap().mode() & 0o777,
+        0o700,
+        "dir mode"
+    );
+    let r = run_as(65534, 65534, &private.socket);
+    assert_eq!(r.code, 6, "{}", r.stderr);
+    one_line_error(&r, "Permission denied");
+
+    // With a gid allowed, others can connect, and peer credentials decide.
+    let shared = Service::start("shared", &["--idle", "--allow-gid", "4242"]);
+    assert_eq!(
+        std::fs::metadata(&shared.socket).unwrap().mode() & 0o777,
+        0o666
+    );
+    let r = run_as(65534, 65534, &shared.socket);
+    assert_eq!(r.code, 6, "{} {}", r.stdout, r.stderr);
+    one_line_error(&r, "not_permitted: uid 65534");
+    let r = run_as(65534, 4242, &shared.socket);
+    assert_eq!(r.code, 0, "gid 4242 is allowed: {}", r.stderr);
+    assert!(r.stdout.starts_with("shared  pid"), "{}", r.stdout);
+    let ev = run_in(&shared.dir, &["events", "--json"]).json();
+    let refused: Vec<&Value> = ev["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["op"] == json!("connect"))
+        .collect();
+    assert_eq!(refused.len(), 1, "{ev}");
+    assert_eq!(refused[0]["outcome"], json!("not_permitted"));
+    assert_eq!(refused[0]["peer"]["uid"], json!(65534));
+    assert_eq!(refused[0]["peer"]["gid"], json!(65534));
+    // And a tracing warning with the peer's credentials.
+    let warn = shared.wait_log(|l| l.contains("control connection refused: not permitted"));
+    assert!(
+        warn.contains("WARN") && warn.contains("peer_uid=65534") && warn.contains("peer_gid=65534"),
+        "{warn}"
+    );
+    private.quit();
+    shared.quit();
+}
+
+/// (CPU ticks, voluntary + involuntary context switches) of each thread.
+fn thread_counters(pid: u32) -> HashMap<String, (u64, u64)> {
+    let mut out = HashMap::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        // A thread that ended since the listing (a connection's) is skipped.
+        let (Ok(stat), Ok(status)) = (
+            std::fs::read_to_string(t.path().join("stat")),
+            std::fs::read_to_string(t.path().join("status")),
+        ) else {
+            continue;
+        };
+        let name = stat[stat.find('(').unwrap() + 1..stat.rfind(')').unwrap()].to_owned();
+        let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+        // utime and stime: fields 14 and 15 of stat, 12 and 13 after the name.
+        let ticks = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+        let switches: u64 = status
+            .lines()
+            .filter(|l| l.contains("ctxt_switches:"))
+            .map(|l| l.split_whitespace().last().unwrap().parse::<u64>().unwrap())
+            .sum();
+        out.insert(name, (ticks, switches));
+    }
+    out
+}
+
+#[test]
+fn the_idle_endpoint_does_no_work() {
+    let svc = Service::start("idle", &["--idle"]);
+    let d = svc.dir.clone();
+    // Let start-up settle, then watch the endpoint thread for 3 s.
+    assert_eq!(run_in(&d, &["status"]).code, 0);
+    std::thread::sleep(Duration::from_millis(300));
+    let before = thread_counters(svc.pid());
+    std::thread::sleep(Duration::from_secs(3));
+    let after = thread_counters(svc.pid());
+    let endpoint = "hotpatch-contro"; // the kernel keeps 15 bytes of a name
+    let (b, a) = (before[endpoint], after[endpoint]);
+    assert_eq!(
+        a.1, b.1,
+        "the endpoint thread woke up while idle: {b:?} -> {a:?}"
+    );
+    assert_eq!(a.0, b.0, "the endpoint thread used CPU while idle");
+    let total = |m: &HashMap<String, (u64, u64)>| m.values().map(|v| v.0).sum::<u64>();
+    eprintln!(
+        "idle service with the endpoint on: {} CPU ticks in 3 s over {} threads",
+        total(&after) - total(&before),
+        after.len()
+    );
+    // The measure sees a request: one connection wakes the thread.
+    assert_eq!(run_in(&d, &["status"]).code, 0);
+    let woken = thread_counters(svc.pid())[endpoint];
+    assert!(
+        woken.1 > a.1,
+        "a request wakes the endpoint thread: {a:?} -> {woken:?}"
+    );
+    svc.quit();
+}

@@ -1,0 +1,371 @@
+//! The accept thread, the connection threads and their limits.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use super::MAX_LINE;
+use super::events::{Event, Ring};
+use super::ops::{self, protocol_failure};
+use super::peer::{self, Peer};
+use crate::Loader;
+
+/// How long a reply may take to be written before the client is dropped.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug)]
+pub(crate) struct Config {
+    pub service: String,
+    pub socket: PathBuf,
+    pub own_uid: u32,
+    pub allow_uids: Vec<u32>,
+    pub allow_gids: Vec<u32>,
+    pub loader: Loader,
+    pub max_connections: usize,
+    pub read_timeout: Duration,
+}
+
+impl Config {
+    fn permits(&self, p: &Peer) -> bool {
+        p.uid == 0
+            || p.uid == self.own_uid
+            || self.allow_uids.contains(&p.uid)
+            || self.allow_gids.contains(&p.gid)
+    }
+}
+
+/// What the accept thread, the connection threads and the handle share.
+pub(crate) struct Shared {
+    pub config: Config,
+    /// Set when the handle is dropped.
+    pub stop: AtomicBool,
+    conns: Mutex<Conns>,
+    pub events: Ring,
+    /// Who applied each patch applied through the endpoint, by patch id.
+    pub applied_by: Mutex<HashMap<u64, Peer>>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Default)]
+struct Conns {
+    next: u64,
+    live: HashMap<u64, Conn>,
+}
+
+struct Conn {
+    /// A second handle on the connection's socket, to close it from here.
+    stream: UnixStream,
+    /// Waiting for a request since then; `None` while running one.
+    idle_since: Option<Instant>,
+}
+
+impl Shared {
+    pub(crate) fn new(config: Config) -> Self {
+        Shared {
+            config,
+            stop: AtomicBool::new(false),
+            conns: Mutex::new(Conns::default()),
+            events: Ring::new(),
+            applied_by: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub(crate) fn listening(&self) {
+        let socket = self.config.socket.display().to_string();
+        tracing::info!(
+            target: "hotpatch::control",
+            service = %self.config.service,
+            socket = %socket,
+            "control endpoint listening"
+        );
+        self.events.push(Event {
+            op: "listen",
+            outcome: "ok".into(),
+            patch: None,
+            file: None,
+            peer: None,
+            duration: None,
+            message: format!("listening on {socket}"),
+        });
+    }
+
+    /// A slot for a new connection: a free one, or the one of the
+    /// connection idle for longest, which is closed. `None` if every slot
+    /// is running a request.
+    fn admit(&self, stream: &UnixStream) -> Option<u64> {
+        let handle = stream.try_clone().ok()?;
+        let mut conns = self.conns.lock();
+        if conns.live.len() >= self.config.max_connections {
+            let oldest = conns
+                .live
+                .iter()
+                .filter_map(|(id, c)| c.idle_since.map(|t| (t, *id)))
+                .min()?;
+            if let Some(evicted) = conns.live.remove(&oldest.1) {
+                let _ = evicted.stream.shutdown(Shutdown::Both);
+            }
+        }
+        let id = conns.next;
+        conns.next += 1;
+        conns.live.insert(
+            id,
+            Conn {
+                stream: handle,
+                idle_since: Some(Instant::now()),
+            },
+        );
+        Some(id)
+    }
+
+    /// Marks connection `id` busy (`false`) or idle; false if it was
+    /// closed meanwhile (evicted, or the endpoint stopped).
+    fn set_idle(&self, id: u64, idle: bool) -> bool {
+        match self.conns.lock().live.get_mut(&id) {
+            Some(c) => {
+                c.idle_since = idle.then(Instant::now);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn release(&self, id: u64) {
+        self.conns.lock().live.remove(&id);
+    }
+
+    /// Closes every connection (their threads then end).
+    pub(crate) fn close_all(&self) {
+        for (_, c) in self.conns.lock().live.drain() {
+            let _ = c.stream.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+/// Serves `listener` until the handle sets `stop`. Blocks in `accept`.
+pub(crate) fn accept_loop(listener: &UnixListener, shared: &Arc<Shared>) {
+    loop {
+        let accepted = listener.accept();
+        // Acquire: pairs with the Release store in `Control::drop`.
+        if shared.stop.load(Ordering::Acquire) {
+            return;
+        }
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                // Out of descriptors or memory: let it pass rather than spin.
+                tracing::warn!(target: "hotpatch::control", error = %e, "accept failed");
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        let peer = match peer::credentials(&stream) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(target: "hotpatch::control", error = %e, "no peer credentials: connection closed");
+                continue;
+            }
+        };
+        if !shared.config.permits(&peer) {
+            refuse(shared, stream, peer);
+            continue;
+        }
+        let Some(id) = shared.admit(&stream) else {
+            overloaded(shared, stream, peer);
+            continue;
+        };
+        let conn_shared = shared.clone();
+        let spawned = std::thread::Builder::new()
+            .name("hotpatch-conn".into())
+            .spawn(move || {
+                serve(&conn_shared, &stream, peer, id);
+                conn_shared.release(id);
+            });
+        if let Err(e) = spawned {
+            shared.release(id);
+            tracing::warn!(target: "hotpatch::control", error = %e, "cannot start a connection thread");
+        }
+    }
+}
+
+/// Writes one line without blocking the accept thread: a fresh socket's
+/// send buffer takes it; if not, the client loses it.
+fn send_now(mut stream: UnixStream, line: &str) {
+    if stream.set_nonblocking(true).is_ok() {
+        let _ = stream.write_all(format!("{line}\n").as_bytes());
+    }
+}
+
+fn refuse(shared: &Shared, stream: UnixStream, peer: Peer) {
+    let message = format!(
+        "uid {} (gid {}, pid {}) may not use the control endpoint of {} (allowed: uid {}, root{}{})",
+        peer.uid,
+        peer.gid,
+        peer.pid,
+        shared.config.service,
+        shared.config.own_uid,
+        list(" uids ", &shared.config.allow_uids),
+        list(" gids ", &shared.config.allow_gids),
+    );
+    tracing::warn!(
+        target: "hotpatch::control",
+        peer_uid = peer.uid,
+        peer_gid = peer.gid,
+        peer_pid = peer.pid,
+        "control connection refused: not permitted"
+    );
+    shared.events.push(Event {
+        op: "connect",
+        outcome: "not_permitted".into(),
+        patch: None,
+        file: None,
+        peer: Some(peer),
+        duration: None,
+        message: message.clone(),
+    });
+    send_now(stream, &protocol_failure("not_permitted", &message));
+}
+
+fn list(label: &str, ids: &[u32]) -> String {
+    if ids.is_empty() {
+        return String::new();
+    }
+    let ids: Vec<String> = ids.iter().map(u32::to_string).collect();
+    format!(",{label}{}", ids.join(", "))
+}
+
+fn overloaded(shared: &Shared, stream: UnixStream, peer: Peer) {
+    let message = format!(
+        "all {} connections are running requests; try again",
+        shared.config.max_connections
+    );
+    tracing::warn!(
+        target: "hotpatch::control",
+        peer_uid = peer.uid,
+        peer_pid = peer.pid,
+        "control connection refused: overloaded"
+    );
+    send_now(stream, &protocol_failure("overloaded", &message));
+}
+
+/// Answers the requests of one connection until it closes, times out,
+/// sends an oversized line, or is closed from outside.
+fn serve(shared: &Shared, stream: &UnixStream, peer: Peer, id: u64) {
+    if stream.set_write_timeout(Some(WRITE_TIMEOUT)).is_err() {
+        return;
+    }
+    let mut lines = LineReader::new(MAX_LINE);
+    loop {
+        let deadline = Instant::now() + shared.config.read_timeout;
+        let line = match lines.next(stream, deadline) {
+            Ok(Some(line)) => line,
+            Ok(None) => return,
+            Err(ReadError::TooLong) => {
+                let message = format!("a request line is at most {MAX_LINE} bytes");
+                let _ = write_line(stream, &protocol_failure("line_too_long", &message));
+                return;
+            }
+            Err(ReadError::TimedOut) => {
+                tracing::debug!(target: "hotpatch::control", peer_pid = peer.pid, "control connection timed out");
+                return;
+            }
+            Err(ReadError::Io(_)) => return,
+        };
+        if !shared.set_idle(id, false) {
+            return;
+        }
+        let reply = ops::handle(shared, &peer, &line);
+        if write_line(stream, &reply).is_err() || !shared.set_idle(id, true) {
+            return;
+        }
+    }
+}
+
+fn write_line(mut stream: &UnixStream, line: &str) -> io::Result<()> {
+    let mut bytes = Vec::with_capacity(line.len() + 1);
+    bytes.extend_from_slice(line.as_bytes());
+    bytes.push(b'\n');
+    stream.write_all(&bytes)
+}
+
+#[derive(Debug)]
+pub(crate) enum ReadError {
+    TooLong,
+    TimedOut,
+    Io(#[allow(dead_code)] io::Error),
+}
+
+/// Reads newline-terminated lines of at most `max` bytes, each within a
+/// deadline (so a client trickling bytes cannot hold a connection).
+pub(crate) struct LineReader {
+    buf: Vec<u8>,
+    max: usize,
+}
+
+impl LineReader {
+    pub(crate) fn new(max: usize) -> Self {
+        LineReader {
+            buf: Vec::new(),
+            max,
+        }
+    }
+
+    /// The next line (without its newline); `None` at end of stream (a
+    /// partial last line is dropped).
+    pub(crate) fn next(
+        &mut self,
+        mut stream: &UnixStream,
+        deadline: Instant,
+    ) -> Result<Option<Vec<u8>>, ReadError> {
+        let mut scanned = 0;
+        loop {
+            if let Some(pos) = self.buf[scanned..].iter().position(|&b| b == b'\n') {
+                let end = scanned + pos;
+                if end > self.max {
+                    return Err(ReadError::TooLong);
+                }
+                let line = self.buf[..end].to_vec();
+                self.buf.drain(..=end);
+                return Ok(Some(line));
+            }
+            scanned = self.buf.len();
+            if self.buf.len() > self.max {
+                return Err(ReadError::TooLong);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ReadError::TimedOut);
+            }
+            stream.set_read_timeout(Some(left)).map_err(ReadError::Io)?;
+            let mut chunk = [0u8; 8192];
+            match stream.read(&mut chunk) {
+                Ok(0) => return Ok(None),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Err(ReadError::TimedOut);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(ReadError::Io(e)),
+            }
+        }
+    }
+}
