@@ -258,27 +258,7 @@ impl Loader {
         // not unmapped while we hold the transition turn (only `reclaim`
         // unmaps, and it needs the turn).
         let checked = unsafe { manifest::check(m) }.map_err(|r| r.at(path))?;
-        if !self.allow_foreign_allocator {
-            if checked.host_allocator.is_none() {
-                return Err(Error::ForeignAllocator {
-                    path: path.to_owned(),
-                    reason: "the patch does not use the host's allocator (it has no \
-                             `hotpatch::manifest!()` allocator); memory passed between it and \
-                             the host would be freed by the wrong allocator"
-                        .into(),
-                });
-            }
-            if checked.early_overflow {
-                return Err(Error::ForeignAllocator {
-                    path: path.to_owned(),
-                    reason: format!(
-                        "its initialisers made more than {} allocations before the host's \
-                         allocator was installed",
-                        crate::alloc::EARLY_SLOTS
-                    ),
-                });
-            }
-        }
+        self.check_allocator(path, &checked)?;
         let (plan, changes, old) = {
             let registry = REGISTRY.lock();
             let old = replacing.map(|id| registry.info(id)).transpose()?;
@@ -589,10 +569,10 @@ impl Loader {
         }
         // SAFETY: as in `apply`: the manifest symbol's address in a library
         // that stays mapped while we hold the transition turn.
-        let checked = unsafe { manifest::check(path, m) }?;
+        let checked = unsafe { manifest::check(m) }.map_err(|r| r.at(path))?;
         self.check_allocator(path, &checked)?;
         let registry = REGISTRY.lock();
-        let plan = registry.plan(path, library, &checked)?;
+        let plan = registry.plan(library, &checked).map_err(|r| r.at(path))?;
         let now = registry.functions(&[]);
         drop(registry);
         drop(libraries);
@@ -619,7 +599,7 @@ impl Loader {
         })
     }
 
-    /// The allocator checks of `apply`, for `check`.
+    /// The allocator checks of `apply` and `check`.
     fn check_allocator(&self, path: &Path, checked: &manifest::Checked) -> Result<(), Error> {
         if self.allow_foreign_allocator {
             return Ok(());
