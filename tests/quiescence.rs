@@ -664,7 +664,7 @@ fn reversals_never_mix_versions() {
 struct Staller {
     release: Arc<AtomicBool>,
     os_tid: i64,
-    handle: thread::JoinHandle<()>,
+    handle: Option<thread::JoinHandle<()>>,
 }
 
 fn stall(name: &str) -> Staller {
@@ -691,15 +691,24 @@ fn stall(name: &str) -> Staller {
     Staller {
         release,
         os_tid,
-        handle,
+        handle: Some(handle),
     }
 }
 
 impl Staller {
-    fn release(self) {
+    fn release(mut self) {
         // Release: lets the thread leave its request.
         self.release.store(true, Ordering::Release);
-        self.handle.join().unwrap();
+        self.handle.take().unwrap().join().unwrap();
+    }
+}
+
+/// A failing test releases its stalled thread too, so the transitions of
+/// the next tests are not held up by it.
+impl Drop for Staller {
+    fn drop(&mut self) {
+        // Release: as in `release`.
+        self.release.store(true, Ordering::Release);
     }
 }
 
