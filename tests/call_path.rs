@@ -135,7 +135,10 @@ fn calls_during_a_transition_allocate_nothing() {
     let started = Instant::now();
     while hotpatch::transition().is_none() {
         hotpatch::quiescent();
-        assert!(started.elapsed() < Duration::from_secs(30), "hang: no transition");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "hang: no transition"
+        );
         thread::yield_now();
     }
     hotpatch::quiescent();
@@ -143,7 +146,10 @@ fn calls_during_a_transition_allocate_nothing() {
     let info = hotpatch::transition();
     assert!(info.is_some(), "the transition still waits for the staller");
     assert_eq!(sum, CALLS * (1005 + 1000), "switched at the safepoint");
-    assert_eq!(n, 0, "{n} allocations in {CALLS} rounds during a transition");
+    assert_eq!(
+        n, 0,
+        "{n} allocations in {CALLS} rounds during a transition"
+    );
 
     // Release: lets the staller reach its safepoint.
     release.store(true, Ordering::Release);

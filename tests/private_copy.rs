@@ -36,7 +36,10 @@ fn the_memfd_is_sealed() {
     let _serial = support::serial();
     let so = fresh("sealed");
     let patch = hotpatch::load(&so).unwrap();
-    let name = format!("/memfd:hotpatch:{}", so.file_name().unwrap().to_str().unwrap());
+    let name = format!(
+        "/memfd:hotpatch:{}",
+        so.file_name().unwrap().to_str().unwrap()
+    );
     let mapped = support::mapped_files(&name);
     assert!(!mapped.is_empty(), "the library is mapped from {name}");
     // The runtime keeps the memfd open: find it among this process's
@@ -63,8 +66,13 @@ fn the_memfd_is_sealed() {
     assert!(seals >= 0, "{}", std::io::Error::last_os_error());
     assert_eq!(seals & want, want, "seals {seals:#x}");
     // A write through another open file description is refused.
-    let writable = std::fs::OpenOptions::new().write(true).open(&fds[0]).unwrap();
-    let err = writable.write_at(b"x", 0).expect_err("a write to a sealed memfd");
+    let writable = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&fds[0])
+        .unwrap();
+    let err = writable
+        .write_at(b"x", 0)
+        .expect_err("a write to a sealed memfd");
     assert_eq!(err.raw_os_error(), Some(libc::EPERM), "{err}");
     patch.revert().unwrap();
 }
@@ -124,11 +132,19 @@ fn without_memfd_or_a_private_directory_the_load_is_a_copy_error() {
     match result {
         Err(Error::Copy { path, source }) => {
             assert_eq!(path, so);
-            assert_eq!(source.kind(), std::io::ErrorKind::PermissionDenied, "{source}");
+            assert_eq!(
+                source.kind(),
+                std::io::ErrorKind::PermissionDenied,
+                "{source}"
+            );
         }
         other => panic!("expected Error::Copy, got {other:?}"),
     }
-    assert_eq!(support::snapshot(), before, "a failed copy changed something");
+    assert_eq!(
+        support::snapshot(),
+        before,
+        "a failed copy changed something"
+    );
     // The same file loads once a copy can be made.
     let patch = hotpatch::load(&so).unwrap();
     patch.revert().unwrap();

@@ -245,22 +245,27 @@ fn after_a_transition_no_thread_runs_the_previous_version() {
     // this point, and returns the versions those calls returned.
     let next_calls = || -> Vec<u64> {
         // Acquire: pairs with the workers' Release stores.
-        let at: Vec<u64> = last.iter().map(|l| l.load(Ordering::Acquire) >> 8).collect();
+        let at: Vec<u64> = last
+            .iter()
+            .map(|l| l.load(Ordering::Acquire) >> 8)
+            .collect();
         let started = Instant::now();
         last.iter()
             .zip(at)
-            .map(|(l, n)| loop {
-                // Call n + 1 may have started before `at` was read; call
-                // n + 2 started after call n + 1 completed.
-                let word = l.load(Ordering::Acquire);
-                if word >> 8 >= n + 2 {
-                    break word & 0xff;
+            .map(|(l, n)| {
+                loop {
+                    // Call n + 1 may have started before `at` was read; call
+                    // n + 2 started after call n + 1 completed.
+                    let word = l.load(Ordering::Acquire);
+                    if word >> 8 >= n + 2 {
+                        break word & 0xff;
+                    }
+                    assert!(
+                        started.elapsed() < Duration::from_secs(60),
+                        "hang: a worker made no call in 60 s"
+                    );
+                    thread::yield_now();
                 }
-                assert!(
-                    started.elapsed() < Duration::from_secs(60),
-                    "hang: a worker made no call in 60 s"
-                );
-                thread::yield_now();
             })
             .collect()
     };
@@ -269,11 +274,19 @@ fn after_a_transition_no_thread_runs_the_previous_version() {
         expected.store(0, Ordering::Release);
         let p = hotpatch::load(&so).unwrap();
         expected.store(2, Ordering::Release);
-        assert_eq!(next_calls(), [2; WORKERS], "a call after load returned ran v1");
+        assert_eq!(
+            next_calls(),
+            [2; WORKERS],
+            "a call after load returned ran v1"
+        );
         expected.store(0, Ordering::Release);
         p.revert().unwrap();
         expected.store(1, Ordering::Release);
-        assert_eq!(next_calls(), [1; WORKERS], "a call after revert returned ran v2");
+        assert_eq!(
+            next_calls(),
+            [1; WORKERS],
+            "a call after revert returned ran v2"
+        );
     }
     stop.store(true, Ordering::Relaxed);
     let checked: Vec<[u64; 3]> = handles.into_iter().map(|h| h.join().unwrap()).collect();
@@ -773,7 +786,11 @@ fn revert_and_replace_that_time_out_keep_the_patch() {
         other => panic!("expected Timeout, got {other:?}"),
     }
     assert_eq!(hotpatch::applied(), applied, "the patch stays applied");
-    assert_eq!(hotpatch::functions(), before, "slots changed by a failed revert");
+    assert_eq!(
+        hotpatch::functions(),
+        before,
+        "slots changed by a failed revert"
+    );
     assert_eq!(version(), 2);
     assert!(hotpatch::transition().is_none());
 
@@ -786,7 +803,11 @@ fn revert_and_replace_that_time_out_keep_the_patch() {
         other => panic!("expected Timeout, got {other:?}"),
     }
     assert_eq!(hotpatch::applied(), applied, "the old patch stays applied");
-    assert_eq!(hotpatch::functions(), before, "slots changed by a failed replace");
+    assert_eq!(
+        hotpatch::functions(),
+        before,
+        "slots changed by a failed replace"
+    );
     assert_eq!(version(), 2);
 
     stuck.release();
@@ -818,7 +839,10 @@ fn a_second_transition_while_one_waits_is_busy() {
     };
     let started = Instant::now();
     while hotpatch::transition().is_none() {
-        assert!(started.elapsed() < Duration::from_secs(30), "hang: no transition");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "hang: no transition"
+        );
         thread::sleep(Duration::from_millis(1));
     }
     let before = hotpatch::functions();

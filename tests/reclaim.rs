@@ -248,12 +248,22 @@ fn reclaim_waits_for_registered_threads() {
     // Give a wrong reclaim every chance to return or unmap early.
     for _ in 0..20 {
         thread::sleep(Duration::from_millis(10));
-        assert!(!reclaim.is_finished(), "reclaim returned while the worker stalls");
-        assert_eq!(copies("fixture-patch-reclaim"), 1, "unmapped while the worker stalls");
+        assert!(
+            !reclaim.is_finished(),
+            "reclaim returned while the worker stalls"
+        );
+        assert_eq!(
+            copies("fixture-patch-reclaim"),
+            1,
+            "unmapped while the worker stalls"
+        );
     }
 
     worker.finish();
-    let done = reclaim.join().unwrap().expect("reclaim once the worker passed a safepoint");
+    let done = reclaim
+        .join()
+        .unwrap()
+        .expect("reclaim once the worker passed a safepoint");
     assert!(done.closed >= 1, "{done:?}");
     assert_eq!(copies("fixture-patch-reclaim"), 0, "unmapped: {done:?}");
 }

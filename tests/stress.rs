@@ -143,7 +143,8 @@ fn hammer(
 /// alternate A and C, each from fresh bytes every `reuse` cycles.
 fn apply_revert(cycles: usize, reuse: usize) {
     let _serial = support::serial();
-    let load = |package: &'static str| move || vec![hotpatch::load(support::patch(package)).unwrap()];
+    let load =
+        |package: &'static str| move || vec![hotpatch::load(support::patch(package)).unwrap()];
     let (load_a, load_c) = (load(STACK_A), load(STACK_C));
     let none = Vec::new;
     let during = hammer(
@@ -172,7 +173,10 @@ fn apply_revert(cycles: usize, reuse: usize) {
     );
     assert_eq!(svc::hammer(7), 7);
     let opened = fresh_libraries(STACK_A) + fresh_libraries(STACK_C);
-    assert!(opened >= cycles / reuse, "only {opened} fresh libraries opened");
+    assert!(
+        opened >= cycles / reuse,
+        "only {opened} fresh libraries opened"
+    );
 }
 
 /// `add(2, 3)` is 5; 1005 under A; 2005 under B, 3005 under C: whichever
