@@ -19,7 +19,7 @@ mod support;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier};
 use std::thread;
 
@@ -413,7 +413,9 @@ fn a_boxed_trait_object_from_the_patch() {
 /// Four threads move memory both ways, while the patch is applied and
 /// reverted under them: every call is old or new, every block is freed by
 /// the allocator that made it (the host's), and the counts return to
-/// where they were.
+/// where they were. The workers run until the patcher is done, and each
+/// cycle keeps the patch applied until every worker has had a patched
+/// result in it, so every thread provably moved patch-made memory.
 #[test]
 fn threads_move_memory_both_ways_while_patching() {
     let _serial = support::serial();
@@ -421,21 +423,30 @@ fn threads_move_memory_both_ways_while_patching() {
     let so = support::patch(ALLOC);
     const THREADS: usize = 4;
     const ROUNDS: usize = 300;
+    const CYCLES: usize = 20;
     let before = counts();
     let barrier = Arc::new(Barrier::new(THREADS + 1));
+    let patcher_done = Arc::new(AtomicBool::new(false));
+    // Patched results per thread, so far.
+    let patched: Arc<Vec<AtomicU64>> = Arc::new((0..THREADS).map(|_| AtomicU64::new(0)).collect());
     let handles: Vec<_> = (0..THREADS)
         .map(|t| {
-            let barrier = barrier.clone();
+            let (barrier, patcher_done, patched) =
+                (barrier.clone(), patcher_done.clone(), patched.clone());
             thread::spawn(move || {
                 barrier.wait();
                 let _tracking = Tracking::start();
-                for i in 0..ROUNDS {
+                let mut i = 0;
+                // Acquire: pairs with the patcher's Release store.
+                while i < ROUNDS || !patcher_done.load(Ordering::Acquire) {
                     let n = (t * 31 + i) % 200;
                     let s = svc::make_text(n);
-                    assert!(
-                        s == "h".repeat(n) || s == format!("patched:{}", "p".repeat(n)),
-                        "{s}"
-                    );
+                    if s == format!("patched:{}", "p".repeat(n)) {
+                        // Release: read by the patcher (Acquire).
+                        patched[t].fetch_add(1, Ordering::Release);
+                    } else {
+                        assert_eq!(s, "h".repeat(n));
+                    }
                     let v = svc::make_numbers(n);
                     assert_eq!(v.len(), n);
                     let made = s.len();
@@ -451,20 +462,41 @@ fn threads_move_memory_both_ways_while_patching() {
                         "{label}"
                     );
                     drop((v, grown, shape, label));
+                    i += 1;
                 }
+                i
             })
         })
         .collect();
     barrier.wait();
-    for _ in 0..20 {
+    let started = std::time::Instant::now();
+    for _ in 0..CYCLES {
+        // Acquire: pairs with the workers' Release.
+        let at: Vec<u64> = patched.iter().map(|p| p.load(Ordering::Acquire)).collect();
         let patch = hotpatch::load(&so).unwrap();
-        thread::yield_now();
+        while patched
+            .iter()
+            .zip(&at)
+            .any(|(p, &at)| p.load(Ordering::Acquire) == at)
+        {
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(120),
+                "hang: a worker got no patched result ({patched:?})"
+            );
+            thread::yield_now();
+        }
         patch.revert().unwrap();
         thread::yield_now();
     }
-    for h in handles {
-        h.join().unwrap();
-    }
+    // Release: the workers' last rounds run after every cycle.
+    patcher_done.store(true, Ordering::Release);
+    let rounds: Vec<usize> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    assert!(rounds.iter().all(|&r| r >= ROUNDS), "{rounds:?}");
+    let patched: Vec<u64> = patched.iter().map(|p| p.load(Ordering::Relaxed)).collect();
+    assert!(
+        patched.iter().all(|&p| p >= CYCLES as u64),
+        "every thread had patched results in every cycle: {patched:?}"
+    );
     let end = counts();
     assert_eq!(
         (end.live_blocks, end.live_bytes),

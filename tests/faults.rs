@@ -164,3 +164,42 @@ fn a_library_opened_by_a_failed_load_is_reused() {
     patch.revert().unwrap();
     assert_eq!(full(), before);
 }
+
+/// A failure after some functions of a patch were already resolved and
+/// checked (the heart of all-or-nothing): `load::resolve` fires once per
+/// function, so on its second and third hit in a three-function patch
+/// the first function, or the first two, have passed. Nothing changes.
+#[test]
+fn a_fault_after_some_functions_resolved_changes_nothing() {
+    let _serial = support::serial();
+    let stack_a = hotpatch::load(support::patch(STACK_A)).unwrap();
+    let before = full();
+
+    // The premise: one hit per function, so three in all. With the fault
+    // armed from the fourth hit on, the load succeeds.
+    {
+        let so = fresh(V1, "resolve hits");
+        let _fault = FailGuard::new("load::resolve", "3*off->return").unwrap();
+        let patch = hotpatch::load(&so).expect("three functions, three hits");
+        assert_eq!(patch.functions().len(), 3, "{:?}", patch.functions());
+        patch.revert().unwrap();
+    }
+    assert_eq!(full(), before);
+
+    for (passed, actions) in [(1, "1*off->1*return->off"), (2, "2*off->1*return->off")] {
+        let so = fresh(V1, &format!("resolve after {passed}"));
+        let fault = FailGuard::new("load::resolve", actions).unwrap();
+        assert_injected(hotpatch::load(&so), "load::resolve", &so);
+        assert_eq!(
+            full(),
+            before,
+            "a fault after {passed} resolved functions changed something"
+        );
+        drop(fault);
+        let patch = hotpatch::load(&so).unwrap_or_else(|e| panic!("after {passed}: {e}"));
+        assert_eq!(full().steps, (12, 988, 11, 1), "after {passed}");
+        patch.revert().unwrap();
+        assert_eq!(full(), before, "after {passed}");
+    }
+    stack_a.revert().unwrap();
+}

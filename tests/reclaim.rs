@@ -131,67 +131,139 @@ fn reclaim_with_pending_thread_local_destructors() {
     assert_eq!(svc::TLS_DROPS.load(Ordering::SeqCst) - drops_before, 2);
 }
 
-/// Reclaim waits for registered threads to pass a safepoint, and closes
-/// nothing if one does not in time.
+/// A registered thread held in one long request (no safepoint) until
+/// `release` is set; released on drop too, so a failing test does not
+/// leave it holding up the next.
+struct LongRequest {
+    release: Arc<AtomicBool>,
+    handle: Option<thread::JoinHandle<()>>,
+}
+
+fn long_request() -> LongRequest {
+    let release = Arc::new(AtomicBool::new(false));
+    let in_request = Arc::new(Barrier::new(2));
+    let handle = {
+        let (in_request, release) = (in_request.clone(), release.clone());
+        thread::Builder::new()
+            .name("long-request".into())
+            .spawn(move || {
+                let _registered = hotpatch::register_thread();
+                in_request.wait();
+                // Acquire: pairs with the Release store in `finish`/`drop`.
+                while !release.load(Ordering::Acquire) {
+                    assert_eq!(svc::reclaim_target(), 1);
+                    thread::yield_now();
+                }
+                hotpatch::quiescent();
+            })
+            .unwrap()
+    };
+    in_request.wait();
+    LongRequest {
+        release,
+        handle: Some(handle),
+    }
+}
+
+impl LongRequest {
+    fn finish(mut self) {
+        // Release: lets the thread reach its safepoint.
+        self.release.store(true, Ordering::Release);
+        self.handle.take().unwrap().join().unwrap();
+    }
+}
+
+impl Drop for LongRequest {
+    fn drop(&mut self) {
+        // Release: as in `finish`.
+        self.release.store(true, Ordering::Release);
+    }
+}
+
+/// Reclaim closes nothing if a registered thread does not pass a
+/// safepoint before the deadline.
 #[test]
-fn reclaim_waits_for_registered_threads() {
+fn reclaim_refuses_at_the_deadline() {
     let _serial = support::serial();
     let so = support::patch("fixture-patch-reclaim");
-    let patch = hotpatch::load(&so).unwrap();
-    let in_request = Arc::new(Barrier::new(2));
-    let release = Arc::new(AtomicBool::new(false));
-    let worker = {
-        let (in_request, release) = (in_request.clone(), release.clone());
-        thread::Builder::new()
-            .name("long-request".into())
-            .spawn(move || {
-                let _registered = hotpatch::register_thread();
-                in_request.wait();
-                while !release.load(Ordering::Acquire) {
-                    assert!(svc::reclaim_target() >= 1);
-                    thread::yield_now();
-                }
-                hotpatch::quiescent();
-            })
-            .unwrap()
-    };
-    in_request.wait();
-    // Revert with the thread mid-request: the revert itself must wait too,
-    // so give it the release first, then stall again for reclaim.
-    release.store(true, Ordering::Release);
-    worker.join().unwrap();
-    patch.revert().unwrap();
+    hotpatch::load(&so).unwrap().revert().unwrap();
+    assert_eq!(copies("fixture-patch-reclaim"), 1);
 
-    let release = Arc::new(AtomicBool::new(false));
-    let in_request = Arc::new(Barrier::new(2));
-    let worker = {
-        let (in_request, release) = (in_request.clone(), release.clone());
-        thread::Builder::new()
-            .name("long-request".into())
-            .spawn(move || {
-                let _registered = hotpatch::register_thread();
-                in_request.wait();
-                while !release.load(Ordering::Acquire) {
-                    thread::yield_now();
-                }
-                hotpatch::quiescent();
-            })
-            .unwrap()
-    };
-    in_request.wait();
-    // SAFETY: nothing uses the patch; the call must refuse anyway.
+    let worker = long_request();
+    // SAFETY: nothing uses the patch (reverted before the worker started);
+    // the call must refuse anyway.
     let err = unsafe { Loader::new().deadline(Duration::from_millis(200)).reclaim() }.unwrap_err();
     match &err {
         Error::Timeout { stalled, .. } => {
+            assert_eq!(stalled.len(), 1, "{stalled:?}");
             assert_eq!(stalled[0].name.as_deref(), Some("long-request"))
         }
         other => panic!("expected Timeout, got {other:?}"),
     }
     assert_eq!(copies("fixture-patch-reclaim"), 1, "nothing closed");
-    release.store(true, Ordering::Release);
-    worker.join().unwrap();
+    worker.finish();
     // SAFETY: as above.
     let done = unsafe { Loader::new().reclaim() }.unwrap();
-    assert!(done.closed >= 1);
+    assert!(done.closed >= 1, "{done:?}");
     assert_eq!(copies("fixture-patch-reclaim"), 0);
+}
+
+/// Reclaim waits for a registered thread in the middle of a request: it
+/// has not returned, and nothing is unmapped, while the thread stalls;
+/// once the thread reaches a safepoint the same call succeeds and unmaps.
+#[test]
+fn reclaim_waits_for_registered_threads() {
+    let _serial = support::serial();
+    let so = support::patch("fixture-patch-reclaim");
+    let patch = hotpatch::load(&so).unwrap();
+    let id = patch.id();
+    patch.revert().unwrap();
+    assert_eq!(copies("fixture-patch-reclaim"), 1);
+
+    let worker = long_request();
+    let reclaim = thread::spawn(|| {
+        // SAFETY: every thread that calls patchable functions here is
+        // registered (the worker) or calls none (this one, the test's);
+        // nothing keeps pointers from the patch.
+        unsafe { Loader::new().deadline(Duration::from_secs(60)).reclaim() }
+    });
+    // The reclaim holds the transition turn once it is waiting: a probe
+    // that takes the turn is then `Busy` (and `NotApplied` before that).
+    let probe = Loader::new().deadline(Duration::ZERO);
+    let started = std::time::Instant::now();
+    loop {
+        match probe.revert_id(id) {
+            Err(Error::Busy { .. }) => break,
+            Err(Error::NotApplied { .. }) => {}
+            other => panic!("probe: {other:?}"),
+        }
+        assert!(
+            !reclaim.is_finished(),
+            "reclaim returned without waiting: {:?}",
+            reclaim.join()
+        );
+        assert!(started.elapsed() < Duration::from_secs(30), "hang");
+        thread::yield_now();
+    }
+    // Give a wrong reclaim every chance to return or unmap early.
+    for _ in 0..20 {
+        thread::sleep(Duration::from_millis(10));
+        assert!(
+            !reclaim.is_finished(),
+            "reclaim returned while the worker stalls"
+        );
+        assert_eq!(
+            copies("fixture-patch-reclaim"),
+            1,
+            "unmapped while the worker stalls"
+        );
+    }
+
+    worker.finish();
+    let done = reclaim
+        .join()
+        .unwrap()
+        .expect("reclaim once the worker passed a safepoint");
+    assert!(done.closed >= 1, "{done:?}");
+    assert_eq!(copies("fixture-patch-reclaim"), 0, "unmapped: {done:?}");
 }

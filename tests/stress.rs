@@ -2,50 +2,94 @@
 //! runtime allows, every call returns what exactly one implementation
 //! returns, the old or the new, and nothing else.
 //!
+//! Every cycle loads fresh bytes (a copy of the fixture with a tag
+//! appended, as tests/faults.rs does): loading bytes already opened reuses
+//! that library, so with one file the moment a newly opened library's
+//! slots go live would be hit once per run. Patch C's replacements call
+//! back into the host and allocate, so that moment also covers code that
+//! crosses back into the host.
+//!
 //! The fast versions always run; the long ones are `#[ignore]`d
 //! (`cargo test --test stress -- --ignored`).
 
 mod support;
 
+use std::path::PathBuf;
 use std::sync::Barrier;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread;
 
 const THREADS: usize = 4;
 
+const STACK_A: &str = "fixture-patch-stack-a";
+const STACK_B: &str = "fixture-patch-stack-b";
+const STACK_C: &str = "fixture-patch-stack-c";
+
+/// A copy of `package`'s library with `tag` appended (past the loadable
+/// segments, so it loads the same): bytes no library of this process has
+/// yet, so loading it opens a new library.
+fn fresh(package: &str, tag: usize) -> PathBuf {
+    let mut bytes = std::fs::read(support::patch(package)).unwrap();
+    bytes.extend_from_slice(format!("\0hotpatch stress: {tag}\0").as_bytes());
+    support::write_temp(&format!("{package}-stress-{tag}.so"), &bytes)
+}
+
+/// The library of cycle `i` for `package`: fresh bytes every `reuse`
+/// cycles (1: every cycle). Fresh libraries are never unmapped, so the
+/// long versions reuse each one for a while to bound memory.
+fn cycle_file(package: &str, i: usize, reuse: usize) -> PathBuf {
+    fresh(package, i / reuse)
+}
+
+/// How many distinct libraries opened from `cycle_file(package, ..)` are
+/// mapped: the premise that the cycles really opened fresh libraries.
+fn fresh_libraries(package: &str) -> usize {
+    support::mapped_files(&format!("/memfd:hotpatch:{package}-stress-"))
+        .iter()
+        .map(|(dev, inode, _)| (dev.clone(), inode.clone()))
+        .collect::<std::collections::BTreeSet<_>>()
+        .len()
+}
+
 /// Calls `call(x)` in a tight loop on `THREADS` threads, which start
 /// together on a barrier, while the main thread runs `patcher`. `check`
 /// says which of `kinds` implementations produced a result, or `None`
-/// for a torn one, which fails the test. Returns the number of calls.
+/// for a torn one, which fails the test. Returns, per kind, how many calls
+/// it answered while `patcher` ran.
 ///
 /// Then, for each `(step, want)` of `settle`: runs `step` (which may
-/// apply a patch) and waits until every thread has seen implementation
+/// apply patches) and waits until every thread has seen implementation
 /// `want` in a call that started after `step` (so every thread provably
-/// ran throughout and sees what is current), then reverts the patch.
+/// ran throughout and sees what is current), then reverts the patches.
 fn hammer(
     kinds: usize,
     call: impl Fn(u64) -> u64 + Sync,
     check: impl Fn(u64, u64) -> Option<usize> + Sync,
     patcher: impl FnOnce(),
-    settle: &[(&dyn Fn() -> Option<hotpatch::Patch>, usize)],
-) -> u64 {
+    settle: &[(&dyn Fn() -> Vec<hotpatch::Patch>, usize)],
+) -> Vec<u64> {
     let stop = AtomicBool::new(false);
     let barrier = Barrier::new(THREADS + 1);
+    // 0 while `patcher` runs; then one more per settle step.
     let epoch = AtomicUsize::new(0);
     // seen[t][k]: the latest epoch in which thread t started a call that
     // implementation k answered.
     let seen: Vec<Vec<AtomicUsize>> = (0..THREADS)
         .map(|_| (0..kinds).map(|_| AtomicUsize::new(0)).collect())
         .collect();
+    // during[k]: calls answered by implementation k that started while
+    // `patcher` ran (epoch 0).
+    let during: Vec<AtomicU64> = (0..kinds).map(|_| AtomicU64::new(0)).collect();
     thread::scope(|s| {
         let workers: Vec<_> = seen
             .iter()
             .enumerate()
             .map(|(t, seen)| {
-                let (stop, barrier, epoch) = (&stop, &barrier, &epoch);
+                let (stop, barrier, epoch, during) = (&stop, &barrier, &epoch, &during);
                 let (call, check) = (&call, &check);
                 s.spawn(move || {
                     let mut calls = 0u64;
+                    let mut mine = vec![0u64; kinds];
                     barrier.wait();
                     // Relaxed: `stop` only ends the loop.
                     while !stop.load(Ordering::Relaxed) {
@@ -60,7 +104,14 @@ fn hammer(
                         };
                         // Release: pairs with the main thread's Acquire.
                         seen[kind].fetch_max(e, Ordering::Release);
+                        if e == 0 {
+                            mine[kind] += 1;
+                        }
                         calls += 1;
+                    }
+                    for (total, n) in during.iter().zip(mine) {
+                        // Relaxed: read after the workers are joined.
+                        total.fetch_add(n, Ordering::Relaxed);
                     }
                     calls
                 })
@@ -70,107 +121,150 @@ fn hammer(
         barrier.wait();
         patcher();
         for (step, want) in settle {
-            let patch = step();
+            let patches = step();
             // Release: publishes what `step` did to workers that read it.
             let e = epoch.fetch_add(1, Ordering::Release) + 1;
             // Acquire: pairs with the workers' Release.
             while seen.iter().any(|s| s[*want].load(Ordering::Acquire) < e) {
                 thread::yield_now();
             }
-            if let Some(p) = patch {
+            for p in patches.into_iter().rev() {
                 p.revert().unwrap();
             }
         }
         stop.store(true, Ordering::Relaxed);
-        workers.into_iter().map(|w| w.join().unwrap()).sum()
-    })
+        let calls: u64 = workers.into_iter().map(|w| w.join().unwrap()).sum();
+        assert!(calls > 0);
+    });
+    during.into_iter().map(AtomicU64::into_inner).collect()
 }
 
-/// `hammer(x)` is `x`, or `x + 1000` under `fixture-patch-stack-a`.
-fn apply_revert(cycles: usize) {
+/// `hammer(x)` is `x`, `x + 1000` under A, `x + 2000` under C. Cycles
+/// alternate A and C, each from fresh bytes every `reuse` cycles.
+fn apply_revert(cycles: usize, reuse: usize) {
     let _serial = support::serial();
-    let so = support::patch("fixture-patch-stack-a");
-    let load = || Some(hotpatch::load(&so).unwrap());
-    let none = || None;
-    let calls = hammer(
-        2,
+    let load =
+        |package: &'static str| move || vec![hotpatch::load(support::patch(package)).unwrap()];
+    let (load_a, load_c) = (load(STACK_A), load(STACK_C));
+    let none = Vec::new;
+    let during = hammer(
+        3,
         svc::hammer,
         |x, r| match r.checked_sub(x) {
             Some(0) => Some(0),
             Some(1000) => Some(1),
+            Some(2000) => Some(2),
             _ => None,
         },
         || {
-            for _ in 0..cycles {
-                let patch = hotpatch::load(&so).unwrap();
+            for i in 0..cycles {
+                let package = if i % 2 == 0 { STACK_A } else { STACK_C };
+                let patch = hotpatch::load(cycle_file(package, i, reuse)).unwrap();
                 patch.revert().unwrap();
             }
         },
-        // Every thread sees the patch, then the original again.
-        &[(&load, 1), (&none, 0)],
+        // Every thread sees each patch, then the original again.
+        &[(&load_a, 1), (&load_c, 2), (&none, 0)],
     );
-    assert!(calls > 0);
+    assert!(
+        during.iter().all(|&n| n > 0),
+        "some implementation never answered while patching ran \
+         (original, A, C): {during:?}"
+    );
     assert_eq!(svc::hammer(7), 7);
+    let opened = fresh_libraries(STACK_A) + fresh_libraries(STACK_C);
+    assert!(
+        opened >= cycles / reuse,
+        "only {opened} fresh libraries opened"
+    );
 }
 
-/// `add(2, 3)` is 5; 1005 under A; 2005 under B (whether or not A is
-/// applied under it).
-fn stacked(cycles: usize) {
+/// `add(2, 3)` is 5; 1005 under A; 2005 under B, 3005 under C: whichever
+/// is on top of the stack, whatever is under it. Each cycle stacks fresh
+/// A, B and C and takes them out in one of three orders.
+fn stacked(cycles: usize, reuse: usize) {
     let _serial = support::serial();
-    let (a_so, b_so) = (
-        support::patch("fixture-patch-stack-a"),
-        support::patch("fixture-patch-stack-b"),
+    let load = |packages: &'static [&'static str]| {
+        move || {
+            packages
+                .iter()
+                .map(|p| hotpatch::load(support::patch(p)).unwrap())
+                .collect()
+        }
+    };
+    let (a, ab, abc) = (
+        load(&[STACK_A]),
+        load(&[STACK_A, STACK_B]),
+        load(&[STACK_A, STACK_B, STACK_C]),
     );
-    hammer(
-        3,
+    let during = hammer(
+        4,
         |_| svc::add(2, 3),
         |_, r| match r {
             5 => Some(0),
             1005 => Some(1),
             2005 => Some(2),
+            3005 => Some(3),
             _ => None,
         },
         || {
             for i in 0..cycles {
-                let a = hotpatch::load(&a_so).unwrap();
-                let b = hotpatch::load(&b_so).unwrap();
-                // Alternate the revert order.
-                if i % 2 == 0 {
-                    a.revert().unwrap();
-                    b.revert().unwrap();
-                } else {
-                    b.revert().unwrap();
-                    a.revert().unwrap();
+                let a = hotpatch::load(cycle_file(STACK_A, i, reuse)).unwrap();
+                let b = hotpatch::load(cycle_file(STACK_B, i, reuse)).unwrap();
+                let c = hotpatch::load(cycle_file(STACK_C, i, reuse)).unwrap();
+                // Take them out top first, bottom first, or middle first.
+                let order = match i % 3 {
+                    0 => [c, b, a],
+                    1 => [a, b, c],
+                    _ => [b, a, c],
+                };
+                for p in order {
+                    p.revert().unwrap();
                 }
             }
         },
-        &[],
+        // Every thread sees each stack, then the original again.
+        &[(&a, 1), (&ab, 2), (&abc, 3), (&Vec::new, 0)],
+    );
+    assert!(
+        during.iter().all(|&n| n > 0),
+        "some stacked result was never seen while patching ran \
+         (none, A, B, C on top): {during:?}"
     );
     assert_eq!(svc::add(2, 3), 5);
+    for package in [STACK_A, STACK_B, STACK_C] {
+        let opened = fresh_libraries(package);
+        assert!(
+            opened >= cycles / reuse,
+            "only {opened} fresh libraries of {package} opened"
+        );
+    }
 }
 
-// Each load reads and hashes the whole patch file; in a debug build of
-// the runtime, with four threads spinning on two cores, that is ~10 ms.
-// Hence a few hundred cycles here, and many more in the long versions.
+// Each load reads and hashes the whole patch file, and a fresh one is
+// opened with `dlopen`; in a debug build of the runtime, with four
+// threads spinning on two cores, that is ~10 ms. Every fresh library
+// stays mapped (~0.75 MB), so the fast versions open ~100 of them and the
+// long ones reuse each for 100 cycles.
 
 #[test]
 fn no_torn_calls_during_apply_and_revert() {
-    apply_revert(200);
+    apply_revert(100, 1);
 }
 
 #[test]
 fn no_torn_calls_while_patches_stack_and_unstack() {
-    stacked(80);
+    stacked(30, 1);
 }
 
 #[test]
 #[ignore = "long: run with --ignored"]
 fn no_torn_calls_during_apply_and_revert_long() {
-    apply_revert(20_000);
+    apply_revert(20_000, 100);
 }
 
 #[test]
 #[ignore = "long: run with --ignored"]
 fn no_torn_calls_while_patches_stack_and_unstack_long() {
-    stacked(10_000);
+    stacked(10_000, 100);
 }

@@ -33,6 +33,11 @@ pub(crate) fn private_copy(label: &str, bytes: &[u8]) -> io::Result<PrivateCopy>
 }
 
 fn memfd_copy(label: &str, bytes: &[u8]) -> io::Result<PrivateCopy> {
+    // A kernel without memfd, for the fallback's tests (tests/private_copy.rs).
+    #[cfg(feature = "failpoints")]
+    fail::fail_point!("load::memfd", |_| Err(io::Error::other(
+        "memfd unavailable (injected)"
+    )));
     if !Path::new("/proc/self/fd").is_dir() {
         return Err(io::Error::new(
             io::ErrorKind::Unsupported,
