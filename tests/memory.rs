@@ -28,6 +28,23 @@ const WORKERS: usize = 4;
 /// registry and the loader's caches reach their steady state.
 const WARM_UP: usize = 200;
 
+/// Requests a worker serves between two short waits offline. Workers
+/// that never block make every transition wait for four runnable threads
+/// to be scheduled (on a loaded 2-core machine, ~70 ms a cycle instead
+/// of ~7 ms); like a service's threads, these wait for work now and then.
+const BURST: u64 = 8;
+
+/// Sets the workers' stop flag when dropped, so a failing cycle ends the
+/// test instead of leaving the scope waiting for them.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        // Relaxed: a stop flag; the scope's join orders the rest.
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 /// The resident set, in bytes (`/proc/self/statm`, second field).
 fn rss() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
@@ -76,6 +93,7 @@ fn soak(cycles: usize) -> u64 {
                 let _registered = hotpatch::register_thread();
                 start.wait();
                 let mut x = w as u64;
+                let mut served = 0u64;
                 // Relaxed: a stop flag; the scope's join orders the rest.
                 while !stop.load(Ordering::Relaxed) {
                     if request(x).is_none() {
@@ -84,11 +102,18 @@ fn soak(cycles: usize) -> u64 {
                     }
                     // Relaxed: as above.
                     requests.fetch_add(1, Ordering::Relaxed);
-                    x = x.wrapping_add(WORKERS as u64) % 1_000_000;
+                    x = (x + WORKERS as u64) % 1_000_000;
                     hotpatch::quiescent();
+                    served += 1;
+                    if served % BURST == 0 {
+                        hotpatch::while_offline(|| {
+                            std::thread::sleep(std::time::Duration::from_micros(100))
+                        });
+                    }
                 }
             });
         }
+        let _stop = StopOnDrop(&stop);
         start.wait();
         let cycle = || {
             let patch = hotpatch::load(&so).unwrap();
@@ -106,8 +131,6 @@ fn soak(cycles: usize) -> u64 {
         let after = rss();
         // Relaxed: as above.
         let served = requests.load(Ordering::Relaxed) - served_before;
-        // Relaxed: see the workers' loop.
-        stop.store(true, Ordering::Relaxed);
         (before, after, served)
     });
     // Relaxed: the scope joined the workers.
