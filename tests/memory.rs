@@ -105,7 +105,7 @@ fn soak(cycles: usize) -> u64 {
                     x = (x + WORKERS as u64) % 1_000_000;
                     hotpatch::quiescent();
                     served += 1;
-                    if served % BURST == 0 {
+                    if served.is_multiple_of(BURST) {
                         hotpatch::while_offline(|| {
                             std::thread::sleep(std::time::Duration::from_micros(100))
                         });
