@@ -8,11 +8,11 @@
 //! under the cfg. Around it the model mirrors, step by step:
 //!
 //! - a slot (`slot.rs`): `current` holds the implementation (`V1`, `V2`,
-//!   or `DISPATCH`), `dispatch` the transition's `Choice`; the choice is
-//!   written, then `dispatch` is stored Release, then `current` Release; a
-//!   call loads `current` Acquire and, for `DISPATCH`, `dispatch` Acquire,
-//!   then reads the choice (a loom `UnsafeCell`, so a choice read before it
-//!   is published is reported as a data race);
+//!   or `DISPATCH`), `dispatch` the transition's `Choice`, stored in place
+//!   by the real `protocol::Dispatch` (two buffers and a sequence number,
+//!   reused by every transition); the choice is stored, then `current`
+//!   Release; a call loads `current` Acquire and, for `DISPATCH`, loads the
+//!   choice with `Dispatch::load`;
 //! - a registered thread (`quiesce/mod.rs`): its universe, `quiescent()`
 //!   (load the target, adopt it if different and online), `offline()` and
 //!   coming back online, and one request = call `f`, call `g`;
@@ -29,7 +29,8 @@
 //! - every call runs `V1` or `V2`, and a call that starts after the
 //!   patcher finished (seen through a Release/Acquire flag) runs the final
 //!   version (progress: nobody runs the old code after the transition);
-//! - no data race on a choice (loom's `UnsafeCell`), no deadlock.
+//! - a dispatcher never reads a choice before one was stored (it would
+//!   run neither version), and no deadlock.
 //!
 //! Loom treats an atomic's initial value as a plain (non-`SeqCst`) store,
 //! so a `SeqCst` load may read it even after a later `SeqCst` store: a
@@ -42,10 +43,10 @@
 //! scheduler may switch away from a thread that could go on); loom
 //! explores every execution within it, including loads that return older
 //! stores where the orderings allow. Each test prints the number of
-//! executions explored and the time taken (`--nocapture`): about 650,000
-//! in all, in under a minute on 2 cores (bound 3 with one worker, 2 with
-//! two workers or two transitions). Not covered: more than two workers,
-//! functions or transitions; load buffering (loom never lets a
+//! executions explored and the time taken (`--nocapture`; `.ci/loom`
+//! prints the total). Bound 3 with one worker, 2 with two workers or
+//! more than one transition. Not covered: more than two workers or
+//! functions, or three transitions; load buffering (loom never lets a
 //! load return a store that another thread makes only after seeing a
 //! later store of the loading thread: what the Release of
 //! `Record::adopt` and the Acquire of `Record::universe` rule out).
@@ -55,9 +56,13 @@
 //! `offline_worker_comes_back_during_apply` fail with a mixed request
 //! (the worker misses the target and the patcher misses the worker);
 //! `Epoch::target` weakened to Relaxed, or a registration that reads the
-//! target before taking the list's lock, fail too. And the reversal after
-//! a deadline has a race, shown by
-//! `a_thread_adopting_late_defeats_the_reversal`.
+//! target before taking the list's lock, fail too. `Record::adopt_latest`
+//! without its fence and re-read (a plain `adopt`) makes
+//! `deadline_reversal` fail with a mixed request (the race it documents).
+//! `Dispatch::load` without its re-check of the sequence number makes
+//! `a_slow_dispatcher_reads_a_reused_buffer` fail with a mixed request:
+//! a torn choice, the universe of one transition with the
+//! implementations of a later one written into the same buffer.
 
 #![cfg(hotpatch_loom)]
 
@@ -67,12 +72,11 @@ mod protocol;
 
 use std::time::Instant;
 
-use loom::cell::UnsafeCell;
 use loom::sync::Mutex;
 use loom::sync::atomic::{AtomicUsize, Ordering, fence};
 use loom::thread;
 
-use protocol::{Choice, Epoch, Record};
+use protocol::{Choice, Dispatch, Epoch, Record};
 
 /// The original implementation of `f` and `g`.
 const V1: usize = 1;
@@ -80,9 +84,6 @@ const V1: usize = 1;
 const V2: usize = 2;
 /// The slot points at the dispatcher.
 const DISPATCH: usize = 3;
-
-/// Transitions per model, at most (each has its own leaked choices).
-const MAX_TRANSITIONS: usize = 2;
 
 // ---------------------------------------------------------------------
 // A trace of one execution, printed when a check fails.
@@ -121,32 +122,17 @@ impl Trace {
 struct Slot {
     name: &'static str,
     current: AtomicUsize,
-    /// 1 + the index of the transition's choice; 0 before any.
-    dispatch: AtomicUsize,
-    /// Leaked `Box<Choice>`s in the real code: one per transition, never
-    /// reused.
-    choices: [UnsafeCell<Choice<usize>>; MAX_TRANSITIONS],
+    /// The real code; versions are stored as (never dereferenced)
+    /// pointers `V1 as *mut ()`, `V2 as *mut ()`.
+    dispatch: Dispatch,
 }
-
-// SAFETY: each choice is written once by the patcher before its index is
-// published (Release) and read only after that index is loaded (Acquire);
-// loom's `UnsafeCell` reports any access that is not so ordered.
-unsafe impl Sync for Slot {}
 
 impl Slot {
     fn new(name: &'static str) -> Self {
-        let empty = || {
-            UnsafeCell::new(Choice {
-                universe: 0,
-                old: 0,
-                new: 0,
-            })
-        };
         Slot {
             name,
             current: AtomicUsize::new(V1),
-            dispatch: AtomicUsize::new(0),
-            choices: [empty(), empty()],
+            dispatch: Dispatch::new(),
         }
     }
 
@@ -158,25 +144,27 @@ impl Slot {
         if current != DISPATCH {
             return current;
         }
-        // Acquire: as `Slot::choose`.
-        let k = self.dispatch.load(Ordering::Acquire);
-        assert!(
-            k > 0,
-            "{}: dispatcher installed before its choice",
-            self.name
-        );
-        // SAFETY: loom checks that this read is ordered after the write.
-        let picked = self.choices[k - 1].with(|c| unsafe { (*c).pick(local) });
+        // As `Slot::choose`.
+        let choice = self.dispatch.load();
+        let picked = choice.pick(local) as usize;
+        trace.log(who, "  dispatcher: universe", choice.universe);
         trace.log(who, "  dispatcher picks", picked as u64);
+        if picked == 0 {
+            trace.fail(format!(
+                "{}: dispatcher read no choice (installed before it)",
+                self.name
+            ));
+        }
         picked
     }
 
-    /// `Slot::begin_transition` for the `k`th transition.
-    fn begin_transition(&self, k: usize, choice: Choice<usize>) {
-        // SAFETY: written once, before `dispatch` publishes it.
-        self.choices[k].with_mut(|c| unsafe { *c = choice });
-        // Release: pairs with the Acquire in `call`.
-        self.dispatch.store(k + 1, Ordering::Release);
+    /// `Slot::begin_transition`.
+    fn begin_transition(&self, choice: Choice<usize>) {
+        self.dispatch.store(Choice {
+            universe: choice.universe,
+            old: choice.old as *mut (),
+            new: choice.new as *mut (),
+        });
         self.set(DISPATCH);
     }
 
@@ -379,18 +367,15 @@ struct Transition {
 /// of `THREADS`).
 type AllRecords<'a> = dyn Fn(&dyn Fn(&Record) -> bool) -> bool + 'a;
 
-/// `quiesce::switch` for the `k`th transition, over `records`. Returns
-/// whether it completed (true) or was reversed.
-fn switch(w: &World, k: usize, t: Transition, records: &AllRecords<'_>) -> bool {
+/// `quiesce::switch`, over `records`. Returns whether it completed
+/// (true) or was reversed.
+fn switch(w: &World, t: Transition, records: &AllRecords<'_>) -> bool {
     for s in w.slots() {
-        s.begin_transition(
-            k,
-            Choice {
-                universe: t.universe,
-                old: t.old,
-                new: t.new,
-            },
-        );
+        s.begin_transition(Choice {
+            universe: t.universe,
+            old: t.old,
+            new: t.new,
+        });
     }
     w.trace
         .log("patcher", "dispatchers in, publishes", t.universe);
@@ -433,8 +418,8 @@ fn switch(w: &World, k: usize, t: Transition, records: &AllRecords<'_>) -> bool 
 fn patcher(w: &World, plan: &[Transition]) {
     let all = |check: &dyn Fn(&Record) -> bool| w.records.iter().all(check);
     let mut last = V1;
-    for (k, t) in plan.iter().enumerate() {
-        last = if switch(w, k, *t, &all) { t.new } else { t.old };
+    for t in plan {
+        last = if switch(w, *t, &all) { t.new } else { t.old };
     }
     // Release: a call that sees this sees the slots' final stores.
     w.done.store(last, Ordering::Release);
@@ -673,11 +658,54 @@ fn registration_races_the_switch() {
             list.is_empty()
         };
         if !direct {
-            switch(&w, 0, APPLY, &all);
+            switch(&w, APPLY, &all);
         }
         // Release: as in `patcher`.
         w.done.store(V2, Ordering::Release);
         early.join().unwrap();
         late.join().unwrap();
+    });
+}
+
+/// The storage of a choice is reused (issue 11, item 4): a worker that
+/// adopted the apply's universe enters `f`'s dispatcher and is descheduled
+/// in the middle of reading the choice, while the apply completes and two
+/// more transitions (each reversed at its deadline, as the worker never
+/// reaches a safepoint meanwhile) store their choices into the same two
+/// buffers, the third into the buffer the worker is reading. Whatever
+/// the worker reads must be one transition's choice, and one that gives
+/// it the version of its universe: `f` and `g` of one request agree.
+///
+/// Each transition flips the slots from their state at its start, as the
+/// real patcher's changes do (`old` is what the slots held).
+#[test]
+fn a_slow_dispatcher_reads_a_reused_buffer() {
+    check("a_slow_dispatcher_reads_a_reused_buffer", 2, |trace| {
+        let w = loom::sync::Arc::new(World::new(1, None, trace));
+        let worker = {
+            let w = w.clone();
+            thread::spawn(move || Worker::new(&w, 0).run(&[Safepoint, Request, Safepoint, Request]))
+        };
+        let all = |check: &dyn Fn(&Record) -> bool| w.records.iter().all(check);
+        // (universe, reversal, failed polls before the deadline)
+        let plan = [(1, 2, None), (3, 4, Some(0)), (5, 6, Some(0))];
+        let mut state = V1;
+        for (universe, reversal, budget) in plan {
+            let new = if state == V1 { V2 } else { V1 };
+            let t = Transition {
+                universe,
+                reversal,
+                old: state,
+                new,
+                budget,
+            };
+            if switch(&w, t, &all) {
+                state = new;
+            }
+        }
+        // Release: as in `patcher`.
+        w.done.store(state, Ordering::Release);
+        w.trace.log("patcher", "done", state as u64);
+        worker.join().unwrap();
     });
 }

@@ -16,10 +16,14 @@
 //!   implementation from start to end, never a mix: a pointer store is
 //!   atomic, and nothing else is read to decide what to run.
 //! - During a transition `current` points at the function's dispatcher,
-//!   and `dispatch` at the transition's [`Choice`] for it (old, new, and
-//!   the universe that runs new; see `quiesce::protocol`). `dispatch` is
-//!   stored (Release) before `current` (Release) and loaded (Acquire) by
-//!   the dispatcher after the Acquire of `current`.
+//!   and `dispatch` holds the transition's [`Choice`] for it (old, new,
+//!   and the universe that runs new), in place: see
+//!   [`Dispatch`](crate::quiesce::protocol::Dispatch), which also says why
+//!   a dispatcher may read a later transition's choice and still be
+//!   right. `dispatch` is stored (its sequence number Release) before
+//!   `current` (Release), and loaded (that number Acquire) by the
+//!   dispatcher after the Acquire of `current`. Nothing is allocated per
+//!   transition.
 //! - `remote` is only meaningful in a patch's copy of a slot: it holds the
 //!   host's guarded function for the same path, written (Relaxed) before
 //!   `current` is pointed (Release) at the cross function that reads it
@@ -28,7 +32,7 @@
 use std::fmt;
 use std::sync::atomic::{AtomicPtr, Ordering};
 
-use crate::quiesce::protocol::Choice;
+use crate::quiesce::protocol::{Choice, Dispatch};
 
 /// The address of a function, type-erased.
 ///
@@ -68,7 +72,7 @@ impl fmt::Debug for FnAddr {
 pub struct Slot {
     current: AtomicPtr<()>,
     remote: AtomicPtr<()>,
-    dispatch: AtomicPtr<Choice<FnAddr>>,
+    dispatch: Dispatch,
 }
 
 impl Slot {
@@ -77,7 +81,7 @@ impl Slot {
         Slot {
             current: AtomicPtr::new(original as *mut ()),
             remote: AtomicPtr::new(std::ptr::null_mut()),
-            dispatch: AtomicPtr::new(std::ptr::null_mut()),
+            dispatch: Dispatch::new(),
         }
     }
 
@@ -107,22 +111,26 @@ impl Slot {
     /// For a dispatcher: the implementation the calling thread runs.
     #[inline(always)]
     pub fn choose(&self) -> *const () {
-        // Acquire: pairs with the Release store in `begin_transition`, so
-        // the choice's fields are initialised.
-        let choice = self.dispatch.load(Ordering::Acquire);
-        // SAFETY: a dispatcher is only installed (in `begin_transition`)
-        // after `dispatch` points at a leaked, never-freed `Choice`, and
-        // `dispatch` is never reset to null.
-        let choice = unsafe { &*choice };
-        choice.pick(crate::quiesce::local_universe()).as_ptr()
+        // A dispatcher is only installed (in `begin_transition`) after a
+        // choice was stored, and the dispatcher loaded `current` (Acquire)
+        // before this: `load` sees that choice or a later one.
+        let choice = self.dispatch.load();
+        choice.pick(crate::quiesce::local_universe()) as *const ()
     }
 
     /// Routes calls through `dispatcher`, which runs `choice`'s old or new
     /// implementation depending on the calling thread's universe.
-    pub(crate) fn begin_transition(&self, choice: &'static Choice<FnAddr>, dispatcher: FnAddr) {
-        // Release: pairs with the Acquire in `choose`.
-        self.dispatch
-            .store(choice as *const Choice<FnAddr> as *mut _, Ordering::Release);
+    ///
+    /// Only under the transition turn: [`Dispatch::store`] takes one
+    /// writer at a time.
+    pub(crate) fn begin_transition(&self, choice: Choice<FnAddr>, dispatcher: FnAddr) {
+        self.dispatch.store(Choice {
+            universe: choice.universe,
+            old: choice.old.as_ptr() as *mut (),
+            new: choice.new.as_ptr() as *mut (),
+        });
+        // Release (in `set`), after the Release store of the choice's
+        // sequence number: a thread that loads the dispatcher sees it.
         self.set(dispatcher);
     }
 

@@ -498,14 +498,13 @@ pub(crate) fn switch(
     let started = Instant::now();
     let t = next_universe();
     for c in &changes {
-        // Never freed: a thread may be inside the dispatcher, holding it,
-        // for as long as it is descheduled. 24 bytes per function per
-        // transition.
-        let choice: &'static Choice<FnAddr> = Box::leak(Box::new(Choice {
+        // Stored in the slot, nothing allocated (`protocol::Dispatch`); we
+        // hold the turn, so we are its only writer.
+        let choice = Choice {
             universe: t,
             old: c.old,
             new: c.new,
-        }));
+        };
         c.entry.slot.begin_transition(choice, c.entry.dispatcher);
     }
     *PROGRESS.lock() = Some(Progress {

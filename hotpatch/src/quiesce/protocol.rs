@@ -43,11 +43,32 @@
 //! stress run with a zero deadline). With the two fences one side sees the
 //! other's store: the patcher waits for the thread, or the thread adopts
 //! the reversal's target before its next call.
+//!
+//! # Where a choice lives
+//!
+//! A slot's choice is stored in the slot itself ([`Dispatch`]), not in a
+//! record of its own: nothing is allocated per transition, so nothing has
+//! to be freed, and no grace period has to cover the threads that might
+//! still read a record (unregistered threads run dispatchers too, and no
+//! grace period waits for them). The price is that a dispatcher may read
+//! a *later* transition's choice than the one whose dispatcher it
+//! entered: it loaded `current` (the dispatcher) during transition `t`,
+//! was descheduled while `t` finished and `t'` began, and reads `t'`'s
+//! choice. That answer is still right, because transitions of one slot
+//! are serialised and `t'` began from the state `t` left: its `old` is
+//! what a thread outside `t'`'s universe runs, and a registered online
+//! thread is outside it (it is inside a call, so it has not adopted
+//! `t'`). What must not happen is a *torn* read, the universe of one
+//! choice with the implementations of another (a thread in `t` would
+//! then run `t'`'s `new`, which is `t`'s `old`, next to `t`'s `new`
+//! elsewhere). [`Dispatch`] rules that out with a sequence number and two
+//! buffers: a reader retries if a writer began overwriting the buffer it
+//! read, and never waits for a writer.
 
 #[cfg(hotpatch_loom)]
-use loom::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
+use loom::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering, fence};
 #[cfg(not(hotpatch_loom))]
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering, fence};
 
 /// The universe of a thread that is not registered: it always runs the
 /// newest implementation.
@@ -172,7 +193,7 @@ impl Record {
 }
 
 /// One function's two implementations during a transition to `universe`.
-#[derive(Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Choice<P> {
     pub universe: u64,
     pub old: P,
@@ -187,6 +208,122 @@ impl<P: Copy> Choice<P> {
             self.new
         } else {
             self.old
+        }
+    }
+}
+
+/// A slot's current [`Choice`], stored in place (see the module docs).
+///
+/// Two buffers and a sequence number: the choice stored by the `n`th
+/// [`store`](Dispatch::store) is in buffer `n % 2`, and `seq` is `n`. One
+/// writer at a time (the patcher, holding the transition turn); any number
+/// of readers, which never wait for the writer and retry only when a
+/// store into the buffer they read began meanwhile. Nothing here is on the
+/// ordinary call path: only dispatchers read it.
+#[derive(Debug)]
+pub struct Dispatch {
+    seq: AtomicU64,
+    buffers: [Buffer; 2],
+}
+
+#[derive(Debug)]
+struct Buffer {
+    universe: AtomicU64,
+    old: AtomicPtr<()>,
+    new: AtomicPtr<()>,
+}
+
+impl Buffer {
+    #[cfg(not(hotpatch_loom))]
+    const fn new() -> Self {
+        Buffer {
+            universe: AtomicU64::new(0),
+            old: AtomicPtr::new(std::ptr::null_mut()),
+            new: AtomicPtr::new(std::ptr::null_mut()),
+        }
+    }
+
+    #[cfg(hotpatch_loom)]
+    fn new() -> Self {
+        Buffer {
+            universe: AtomicU64::new(0),
+            old: AtomicPtr::new(std::ptr::null_mut()),
+            new: AtomicPtr::new(std::ptr::null_mut()),
+        }
+    }
+}
+
+impl Default for Dispatch {
+    fn default() -> Self {
+        Dispatch::new()
+    }
+}
+
+impl Dispatch {
+    /// No choice yet: [`load`](Dispatch::load) is only called once one was
+    /// stored.
+    #[cfg(not(hotpatch_loom))]
+    pub const fn new() -> Self {
+        Dispatch {
+            seq: AtomicU64::new(0),
+            buffers: [Buffer::new(), Buffer::new()],
+        }
+    }
+
+    #[cfg(hotpatch_loom)]
+    pub fn new() -> Self {
+        Dispatch {
+            seq: AtomicU64::new(0),
+            buffers: [Buffer::new(), Buffer::new()],
+        }
+    }
+
+    /// Patcher: makes `choice` the current one. Only one thread stores at
+    /// a time (the transition turn serialises them).
+    pub fn store(&self, choice: Choice<*mut ()>) {
+        // Relaxed: only the patcher writes `seq`, under the turn, whose
+        // lock orders this load after the previous store.
+        let next = self.seq.load(Ordering::Relaxed) + 1;
+        let buffer = &self.buffers[(next % 2) as usize];
+        // Release fence before overwriting the buffer: a reader whose
+        // loads below see any of the new values has its Acquire fence in
+        // `load` synchronise with this one, so it then sees `seq` at
+        // `next - 1` at least and retries if it read `seq` older than that
+        // (it was reading this buffer's previous contents).
+        fence(Ordering::Release);
+        // Relaxed (three stores): published by the Release store of `seq`
+        // and fenced against readers by the fence above.
+        buffer.universe.store(choice.universe, Ordering::Relaxed);
+        buffer.old.store(choice.old, Ordering::Relaxed);
+        buffer.new.store(choice.new, Ordering::Relaxed);
+        // Release: pairs with the Acquire load of `seq` in `load`; a reader
+        // that sees `next` sees the buffer's new contents.
+        self.seq.store(next, Ordering::Release);
+    }
+
+    /// Dispatcher: the current choice, never torn (all three fields from
+    /// the same `store`).
+    #[inline]
+    pub fn load(&self) -> Choice<*mut ()> {
+        loop {
+            // Acquire: pairs with the Release store of `seq` in `store`.
+            let seq = self.seq.load(Ordering::Acquire);
+            let buffer = &self.buffers[(seq % 2) as usize];
+            let choice = Choice {
+                // Relaxed (three loads): ordered by the Acquire above and
+                // the fence below.
+                universe: buffer.universe.load(Ordering::Relaxed),
+                old: buffer.old.load(Ordering::Relaxed),
+                new: buffer.new.load(Ordering::Relaxed),
+            };
+            // Acquire fence: pairs with the Release fence in `store`, so if
+            // a store into this buffer has begun, the re-read below sees
+            // `seq` moved on.
+            fence(Ordering::Acquire);
+            // Relaxed: ordered after the buffer's loads by the fence above.
+            if self.seq.load(Ordering::Relaxed) == seq {
+                return choice;
+            }
         }
     }
 }
