@@ -10,41 +10,100 @@
 #![cfg(target_arch = "x86_64")]
 
 use std::hint::black_box;
+use std::sync::OnceLock;
 
 use hotpatch::__private::{Entry, SLOTS};
 use svc::Priced;
 
-/// The readable mapping of this process that contains `addr`, as a range.
-fn mapping_of(addr: usize) -> std::ops::Range<usize> {
-    let maps = std::fs::read_to_string("/proc/self/maps").expect("read /proc/self/maps");
-    for line in maps.lines() {
-        let mut fields = line.split_whitespace();
-        let (range, perms) = (fields.next().unwrap(), fields.next().unwrap());
-        let (start, end) = range.split_once('-').unwrap();
-        let start = usize::from_str_radix(start, 16).unwrap();
-        let end = usize::from_str_radix(end, 16).unwrap();
-        if (start..end).contains(&addr) && perms.starts_with('r') {
-            return start..end;
-        }
-    }
-    panic!("{addr:#x} is in no readable mapping");
+fn u16_at(b: &[u8], at: usize) -> usize {
+    u16::from_le_bytes(b[at..at + 2].try_into().unwrap()) as usize
+}
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
+}
+fn u64_at(b: &[u8], at: usize) -> usize {
+    u64::from_le_bytes(b[at..at + 8].try_into().unwrap()) as usize
+}
+
+/// The functions of this executable, from its ELF symbol table, as
+/// runtime address ranges (so a scan never runs into a neighbour).
+fn functions() -> &'static [std::ops::Range<usize>] {
+    static FNS: OnceLock<Vec<std::ops::Range<usize>>> = OnceLock::new();
+    FNS.get_or_init(|| {
+        let exe = std::fs::read("/proc/self/exe").expect("read /proc/self/exe");
+        assert_eq!(&exe[..5], b"\x7fELF\x02", "not a 64-bit ELF file");
+        // The load bias: where the image starts, minus the address its
+        // first segment (file offset 0) was linked at.
+        let (phoff, phentsize, phnum) =
+            (u64_at(&exe, 0x20), u16_at(&exe, 0x36), u16_at(&exe, 0x38));
+        let linked = (0..phnum)
+            .map(|i| phoff + i * phentsize)
+            .find(|&ph| u32_at(&exe, ph) == 1 && u64_at(&exe, ph + 8) == 0)
+            .map(|ph| u64_at(&exe, ph + 0x10))
+            .expect("no PT_LOAD at offset 0");
+        // SAFETY: `dladdr` only writes `info`; the address is a function
+        // of this executable.
+        let base = unsafe {
+            let mut info: libc::Dl_info = std::mem::zeroed();
+            assert_ne!(libc::dladdr(functions as *const libc::c_void, &mut info), 0);
+            info.dli_fbase as usize
+        };
+        let bias = base.wrapping_sub(linked);
+        let (shoff, shentsize, shnum) =
+            (u64_at(&exe, 0x28), u16_at(&exe, 0x3a), u16_at(&exe, 0x3c));
+        let symtab = (0..shnum)
+            .map(|i| shoff + i * shentsize)
+            .find(|&sh| u32_at(&exe, sh + 4) == 2) // SHT_SYMTAB
+            .expect("the test binary has no symbol table");
+        let (off, size) = (u64_at(&exe, symtab + 0x18), u64_at(&exe, symtab + 0x20));
+        exe[off..off + size]
+            .chunks_exact(24)
+            .filter(|sym| sym[4] & 0xf == 2 && u64_at(sym, 16) > 0) // STT_FUNC, sized
+            .map(|sym| {
+                let start = u64_at(sym, 8).wrapping_add(bias);
+                start..start + u64_at(sym, 16)
+            })
+            .collect()
+    })
+}
+
+/// The code of the function of this executable that starts at `addr`.
+fn code_of(addr: usize) -> &'static [u8] {
+    let f = functions()
+        .iter()
+        .filter(|f| f.start == addr)
+        .max_by_key(|f| f.end)
+        .unwrap_or_else(|| panic!("no function starts at {addr:#x}"));
+    // SAFETY: the range is a function of this executable (its symbol
+    // table says so): mapped, readable code, never written.
+    unsafe { std::slice::from_raw_parts(f.start as *const u8, f.len()) }
 }
 
 /// The effective address of every `mov r64, qword ptr [rip + disp32]`
-/// (REX.W, `8b`, ModRM mod 00 rm 101) among the first `len` bytes of code
-/// at `start`, found at any byte offset. Only addresses are computed;
-/// nothing at them is read.
-fn rip_relative_loads(start: usize, len: usize) -> Vec<usize> {
-    let end = (start + len).min(mapping_of(start).end);
-    // SAFETY: `start..end` lies inside one readable mapping (checked
-    // above), the code of this process, which is never written.
-    let code = unsafe { std::slice::from_raw_parts(start as *const u8, end - start) };
+/// (REX.W, `8b`, ModRM mod 00 rm 101) in `code`, matched at any byte
+/// offset. Only addresses are computed; nothing at them is read.
+fn rip_relative_loads(code: &[u8]) -> Vec<usize> {
+    let start = code.as_ptr() as usize;
     code.windows(7)
         .enumerate()
         .filter(|(_, w)| w[0] & 0xf8 == 0x48 && w[1] == 0x8b && w[2] & 0xc7 == 0x05)
         .map(|(i, w)| {
             let disp = i32::from_le_bytes([w[3], w[4], w[5], w[6]]);
             (start + i + 7).wrapping_add_signed(disp as isize)
+        })
+        .collect()
+}
+
+/// The target of every `call rel32` (`e8`) in `code`, matched at any
+/// byte offset.
+fn direct_calls(code: &[u8]) -> Vec<usize> {
+    let start = code.as_ptr() as usize;
+    code.windows(5)
+        .enumerate()
+        .filter(|(_, w)| w[0] == 0xe8)
+        .map(|(i, w)| {
+            let rel = i32::from_le_bytes([w[1], w[2], w[3], w[4]]);
+            (start + i + 5).wrapping_add_signed(rel as isize)
         })
         .collect()
 }
@@ -76,7 +135,9 @@ fn every_wrapper_loads_its_slot_from_the_slots_address() {
     );
     let wrong: Vec<String> = entries
         .iter()
-        .filter(|e| !rip_relative_loads(e.wrapper.as_ptr() as usize, 256).contains(&slot_addr(e)))
+        .filter(|e| {
+            !rip_relative_loads(code_of(e.wrapper.as_ptr() as usize)).contains(&slot_addr(e))
+        })
         .map(|e| e.path.to_owned())
         .collect();
     assert!(
@@ -107,10 +168,17 @@ fn site_method(c: &svc::Cart) -> u64 {
 fn site_trait_method(c: &svc::Cart) -> u64 {
     c.price()
 }
+/// The function's own `#[inline(never)]` is about its body, not the wrapper.
+#[inline(never)]
+fn site_inline_never(x: u64) -> u64 {
+    bench_svc::unpatched_inline_never(x)
+}
 
 /// A call site in another crate than the function's does the slot load
-/// itself: the wrapper is inlined into it (in unoptimised builds too) and
-/// the load is from the slot's address, not from a GOT cell.
+/// itself: the wrapper is inlined into it and the load is from the slot's
+/// address, not from a GOT cell. In an unoptimised build (no inlining at
+/// all, `inline(always)` included) the site calls this crate's own copy of
+/// the wrapper directly, and that copy loads the slot from its address.
 #[test]
 fn call_site_in_another_crate_loads_the_slot_itself() {
     let x = 7u64;
@@ -120,7 +188,8 @@ fn call_site_in_another_crate_loads_the_slot_itself() {
     assert_eq!(black_box(site_unsafe)(&x), 7);
     assert_eq!(black_box(site_method)(&cart), 6);
     assert_eq!(black_box(site_trait_method)(&cart), 12);
-    let sites: [(&str, usize); 5] = [
+    assert_eq!(black_box(site_inline_never)(3), bench_svc::body(3));
+    let sites: [(&str, usize); 6] = [
         ("svc::add", site_free as fn(u64, u64) -> u64 as usize),
         ("svc::c_abi", site_extern_c as fn(u32) -> u32 as usize),
         ("svc::read", site_unsafe as fn(*const u64) -> u64 as usize),
@@ -132,14 +201,31 @@ fn call_site_in_another_crate_loads_the_slot_itself() {
             "<svc::Cart as Priced>::price",
             site_trait_method as fn(&svc::Cart) -> u64 as usize,
         ),
+        (
+            "bench_svc::unpatched_inline_never",
+            site_inline_never as fn(u64) -> u64 as usize,
+        ),
     ];
     for (path, site) in sites {
         let slot = slot_addr(entry(path));
-        let loads = rip_relative_loads(site, 128);
-        assert!(
-            loads.contains(&slot),
-            "the call site of {path} does not load its slot ({slot:#x}) itself; \
-             rip-relative loads found: {loads:x?}"
-        );
+        let code = code_of(site);
+        let loads = rip_relative_loads(code);
+        if cfg!(debug_assertions) {
+            let copy = direct_calls(code)
+                .into_iter()
+                .filter(|&t| functions().iter().any(|f| f.start == t))
+                .find(|&t| rip_relative_loads(code_of(t)).contains(&slot));
+            assert!(
+                loads.contains(&slot) || copy.is_some(),
+                "the call site of {path} neither loads its slot ({slot:#x}) itself nor calls \
+                 a copy of the wrapper that does; rip-relative loads: {loads:x?}"
+            );
+        } else {
+            assert!(
+                loads.contains(&slot),
+                "the call site of {path} does not load its slot ({slot:#x}) itself; \
+                 rip-relative loads: {loads:x?}"
+            );
+        }
     }
 }
