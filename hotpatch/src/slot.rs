@@ -160,13 +160,13 @@ const _: () = assert!(std::mem::offset_of!(Slot, current) == 0);
 /// every Rust symbol of a cdylib local. (A Rust `dylib` exports its
 /// statics; a patchable crate must not be one.)
 ///
-/// Elsewhere, `$slot.get()`.
+/// Elsewhere (other architectures, x32), `$slot.get()`.
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __hotpatch_slot_current {
     ($slot:path) => {{
         let _: &'static $crate::__private::Slot = &$slot;
-        #[cfg(target_arch = "x86_64")]
+        #[cfg(all(target_arch = "x86_64", target_pointer_width = "64"))]
         let current: *const () = {
             let current: *const ();
             // SAFETY: `$slot` is a `Slot` (checked above) whose first field
@@ -186,7 +186,7 @@ macro_rules! __hotpatch_slot_current {
             };
             current
         };
-        #[cfg(not(target_arch = "x86_64"))]
+        #[cfg(not(all(target_arch = "x86_64", target_pointer_width = "64")))]
         let current: *const () = $slot.get();
         current
     }};
