@@ -177,12 +177,12 @@ fn main() {
     let mut json = format!("{{\n  \"profile\": \"{profile}\",\n");
     eprintln!("instructions per call ({profile}; callgrind, ({N2} - {N1} calls) delta):");
     eprintln!(
-        "  {:<24} {:>10} {:>14} {:>14}",
+        "  {:<30} {:>10} {:>14} {:>14}",
         "case", "per iter", "minus loop", "minus direct"
     );
     for (i, (case, v)) in per_call.iter().enumerate() {
         eprintln!(
-            "  {case:<24} {v:>10.2} {:>14.2} {:>14.2}",
+            "  {case:<30} {v:>10.2} {:>14.2} {:>14.2}",
             v - base,
             v - direct
         );
