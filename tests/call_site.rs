@@ -7,7 +7,11 @@
 //! The test reads the instructions of the running binary, so it is
 //! x86-64 only, as is the direct load it checks.
 
-#![cfg(all(target_arch = "x86_64", target_pointer_width = "64", target_os = "linux"))]
+#![cfg(all(
+    target_arch = "x86_64",
+    target_pointer_width = "64",
+    target_os = "linux"
+))]
 
 use std::hint::black_box;
 use std::sync::OnceLock;
