@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 fns=("$@")
-[ ${#fns[@]} -gt 0 ] || fns=(site_direct site_unpatched site_atomic_ptr loop_direct loop_unpatched loop_patched loop_atomic_ptr loop_atomic_ptr_same_crate)
+[ ${#fns[@]} -gt 0 ] || fns=(site_direct site_unpatched site_patched site_atomic_ptr site_atomic_ptr_calling_crate loop_direct loop_unpatched loop_patched loop_atomic_ptr loop_atomic_ptr_calling_crate)
 for profile in bench bench-lto; do
   exe=$(cargo bench --profile "$profile" --bench call --no-run 2>&1 | sed -n 's/.*Executable .*(\(.*\))$/\1/p')
   echo "=== profile $profile: $exe"

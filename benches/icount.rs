@@ -9,8 +9,10 @@
 //! of one loop iteration, start-up and patch loading cancelled out. The
 //! `loop_only` case (the loop and the body with no call) is then
 //! subtracted to give each path's own cost, and `direct` to give the
-//! overhead over a direct call. Results go to stderr and to
-//! `target/hotpatch-bench/icount.json`.
+//! overhead over a direct call. The `site_*` cases run the same loop
+//! over an `#[inline(never)]` function making one call, as a call site
+//! outside a loop does: nothing of the call is hoisted out of the loop.
+//! Results go to stderr and to `target/hotpatch-bench/icount-<profile>.json`.
 //!
 //! The same command under `--profile bench-lto` counts the fat-LTO build.
 
@@ -22,13 +24,18 @@ use std::sync::atomic::{AtomicPtr, Ordering};
 
 const N1: u64 = 1_000_000;
 const N2: u64 = 3_000_000;
-const CASES: [&str; 6] = [
+const CASES: [&str; 11] = [
     "loop_only",
     "direct",
     "patchable_unpatched",
     "patchable_patched",
     "atomic_ptr",
-    "atomic_ptr_same_crate",
+    "atomic_ptr_calling_crate",
+    "site_direct",
+    "site_unpatched",
+    "site_patched",
+    "site_atomic_ptr",
+    "site_atomic_ptr_calling_crate",
 ];
 
 type F = fn(u64) -> u64;
@@ -51,6 +58,51 @@ fn calls<C: Fn(u64) -> u64>(iters: u64, f: C) {
     }
 }
 
+#[inline(always)]
+fn atomic_ptr(x: u64) -> u64 {
+    // SAFETY: FN_PTR only ever holds a `fn(u64) -> u64`.
+    // Acquire: as a hot swap needs; a plain `mov` on x86-64.
+    let f: F = unsafe { std::mem::transmute(bench_svc::FN_PTR.load(Ordering::Acquire)) };
+    f(x)
+}
+
+#[inline(always)]
+fn atomic_ptr_calling_crate(x: u64) -> u64 {
+    // SAFETY: LOCAL_PTR only ever holds a `fn(u64) -> u64`.
+    // Acquire: as above.
+    let f: F = unsafe { std::mem::transmute(LOCAL_PTR.load(Ordering::Acquire)) };
+    f(x)
+}
+
+// `site_*`: the loop calls a function that makes one call, so the count
+// includes what a call site outside a loop executes (in a loop, the GOT
+// load of a slot's address, if any, is hoisted out).
+#[inline(never)]
+fn site_direct(x: u64) -> u64 {
+    bench_svc::direct(x)
+}
+#[inline(never)]
+fn site_unpatched(x: u64) -> u64 {
+    bench_svc::unpatched(x)
+}
+#[inline(never)]
+fn site_patched(x: u64) -> u64 {
+    bench_svc::patched(x)
+}
+#[inline(never)]
+fn site_atomic_ptr(x: u64) -> u64 {
+    atomic_ptr(x)
+}
+#[inline(never)]
+fn site_atomic_ptr_calling_crate(x: u64) -> u64 {
+    atomic_ptr_calling_crate(x)
+}
+
+fn load_patch() -> hotpatch::Patch {
+    let so = std::env::var("HOTPATCH_BENCH_PATCH").expect("HOTPATCH_BENCH_PATCH");
+    hotpatch::load(so).expect("load bench-patch")
+}
+
 fn child(case: &str, n: u64) {
     write_fn_ptrs();
     match case {
@@ -58,22 +110,19 @@ fn child(case: &str, n: u64) {
         "direct" => calls(n, bench_svc::direct),
         "patchable_unpatched" => calls(n, bench_svc::unpatched),
         "patchable_patched" => {
-            let so = std::env::var("HOTPATCH_BENCH_PATCH").expect("HOTPATCH_BENCH_PATCH");
-            let _patch = hotpatch::load(so).expect("load bench-patch");
+            let _patch = load_patch();
             calls(n, bench_svc::patched)
         }
-        "atomic_ptr" => calls(n, |x| {
-            // SAFETY: FN_PTR only ever holds a `fn(u64) -> u64`.
-            // Acquire: as a hot swap needs; a plain `mov` on x86-64.
-            let f: F = unsafe { std::mem::transmute(bench_svc::FN_PTR.load(Ordering::Acquire)) };
-            f(x)
-        }),
-        "atomic_ptr_same_crate" => calls(n, |x| {
-            // SAFETY: LOCAL_PTR only ever holds a `fn(u64) -> u64`.
-            // Acquire: as above.
-            let f: F = unsafe { std::mem::transmute(LOCAL_PTR.load(Ordering::Acquire)) };
-            f(x)
-        }),
+        "atomic_ptr" => calls(n, atomic_ptr),
+        "atomic_ptr_calling_crate" => calls(n, atomic_ptr_calling_crate),
+        "site_direct" => calls(n, site_direct),
+        "site_unpatched" => calls(n, site_unpatched),
+        "site_patched" => {
+            let _patch = load_patch();
+            calls(n, site_patched)
+        }
+        "site_atomic_ptr" => calls(n, site_atomic_ptr),
+        "site_atomic_ptr_calling_crate" => calls(n, site_atomic_ptr_calling_crate),
         _ => panic!("unknown case {case}"),
     }
 }
@@ -128,12 +177,12 @@ fn main() {
     let mut json = format!("{{\n  \"profile\": \"{profile}\",\n");
     eprintln!("instructions per call ({profile}; callgrind, ({N2} - {N1} calls) delta):");
     eprintln!(
-        "  {:<24} {:>10} {:>14} {:>14}",
+        "  {:<30} {:>10} {:>14} {:>14}",
         "case", "per iter", "minus loop", "minus direct"
     );
     for (i, (case, v)) in per_call.iter().enumerate() {
         eprintln!(
-            "  {case:<24} {v:>10.2} {:>14.2} {:>14.2}",
+            "  {case:<30} {v:>10.2} {:>14.2} {:>14.2}",
             v - base,
             v - direct
         );

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Prints criterion's medians (not the `time:` slope estimate) for every
 # benchmark, from target/criterion/<group>/<bench>/<baseline>/estimates.json,
-# with each call case's ratio to `direct` of the same group and run.
+# with each call case's ratio to `direct` and to `atomic_ptr_calling_crate`
+# (an `AtomicPtr` call written in the calling crate) of the same group and run.
 # Usage: benches/medians.sh [baseline]   (default: new, the last run)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,8 +21,11 @@ def fmt(ns):
     return f"{ns:9.3f} ns"
 for group, items in rows.items():
     print(group)
-    direct = dict(items).get("direct")
+    d = dict(items)
+    direct, local = d.get("direct"), d.get("atomic_ptr_calling_crate")
     for name, ns in items:
         ratio = f"  {ns / direct:7.2f}x direct" if direct else ""
+        if local:
+            ratio += f"  {ns / local:7.3f}x atomic_ptr_calling_crate"
         print(f"  {name:<40} {fmt(ns)}{ratio}")
 PY

@@ -176,7 +176,10 @@ impl Gen<'_> {
             // storing it; `#[patch]` checked the exact signature at compile
             // time. The pointer's type is inferred from the original's.
             let __hotpatch_impl = unsafe {
-                ::hotpatch::__private::cast_fn(#slot.get(), #original as #witness)
+                ::hotpatch::__private::cast_fn(
+                    ::hotpatch::__private::slot_current!(#slot),
+                    #original as #witness,
+                )
             };
             #call
         })
@@ -445,11 +448,8 @@ fn expand_fn(f: ItemFn) -> TokenStream {
     } = &f;
     let wrapper_sig = sig::forwarding_signature(&f.sig);
     let wrapper_body = gen_.wrapper_body();
-    let inline = if attrs.iter().any(sig::is_inline_attr) {
-        quote!()
-    } else {
-        quote!(#[inline])
-    };
+    let inline = wrapper_inline(attrs);
+    // The user's `#[inline]` is about the body: it stays on the original.
     let wrapper_attrs: Vec<_> = attrs.iter().filter(|a| !sig::is_inline_attr(a)).collect();
     let original = gen_.original_fn(attrs, block);
     let guarded = gen_.guarded_fn(attrs);
@@ -470,6 +470,18 @@ fn expand_fn(f: ItemFn) -> TokenStream {
         #(#cfgs)*
         #companion
         #statics
+    }
+}
+
+/// The wrapper's inline attribute: `#[inline(always)]`, so that every call
+/// site, in any crate and any profile, is the slot load and the indirect
+/// call itself rather than a call to the wrapper (issue 11, item 3). A
+/// `#[target_feature]` function cannot be `inline(always)`: `#[inline]`.
+fn wrapper_inline(attrs: &[Attribute]) -> Attribute {
+    if attrs.iter().any(|a| a.path().is_ident("target_feature")) {
+        parse_quote!(#[inline])
+    } else {
+        parse_quote!(#[inline(always)])
     }
 }
 
@@ -635,9 +647,9 @@ fn expand_impl(mut imp: ItemImpl) -> TokenStream {
         let body = gen_.wrapper_body();
         m.sig = sig::forwarding_signature(&m.sig);
         m.block = body;
-        if !m.attrs.iter().any(sig::is_inline_attr) {
-            m.attrs.push(parse_quote!(#[inline]));
-        }
+        let inline = wrapper_inline(&m.attrs);
+        m.attrs.retain(|a| !sig::is_inline_attr(a));
+        m.attrs.push(parse_quote!(#inline));
     }
     let errors = combine(errors);
     quote! {

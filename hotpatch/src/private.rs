@@ -8,6 +8,7 @@ use std::fmt;
 use std::marker::PhantomData;
 use std::sync::atomic::AtomicPtr;
 
+pub use crate::__hotpatch_slot_current as slot_current;
 pub use crate::alloc::{HOST_ALLOC, HostAllocFns, HostAllocator};
 pub use crate::panic::{HOST_RAISE, Transport, catch, enter, raise};
 pub use crate::slot::{FnAddr, Slot};

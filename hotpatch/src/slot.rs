@@ -144,6 +144,58 @@ impl Slot {
     }
 }
 
+// `current_of!` reads `current` at the slot's own address.
+const _: () = assert!(std::mem::offset_of!(Slot, current) == 0);
+
+/// `Slot::get` of the static `$slot`, as the call path does it: on x86-64
+/// one `mov` from the slot's link-time address, so a call site in any
+/// crate is `mov slot(%rip), %reg; call *%reg`, as for an `AtomicPtr` of
+/// the calling crate (issue 11, item 3).
+///
+/// `$slot.get()` would compile to the same `mov` only where rustc knows the
+/// static is in the same image: in the crate that defines it, or with fat
+/// LTO. A call site in another crate gets its address through a GOT entry
+/// (`R_X86_64_GOTPCREL`, which no linker relaxes), one dependent load
+/// more. The `sym` operand instead emits a direct PC-relative reference
+/// (`R_X86_64_PC32`), resolved at link time. That needs the slot to be in
+/// the same image as the call site and not preemptible, which holds where
+/// a patchable function's crate is linked as an rlib: in an executable
+/// always, and in a patch cdylib because rustc's version script makes
+/// every Rust symbol of a cdylib local. (A Rust `dylib` exports its
+/// statics; a patchable crate must not be one.)
+///
+/// Elsewhere (other architectures, x32), `$slot.get()`.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __hotpatch_slot_current {
+    ($slot:path) => {{
+        let _: &'static $crate::__private::Slot = &$slot;
+        #[cfg(all(target_arch = "x86_64", target_pointer_width = "64"))]
+        let current: *const () = {
+            let current: *const ();
+            // SAFETY: `$slot` is a `Slot` (checked above) whose first field
+            // is `current` (asserted in `slot.rs`): an aligned
+            // pointer-sized atomic, read here with one `mov`, which is
+            // atomic. Acquire: a `mov` load is an acquire load on x86-64
+            // (pairs with the Release store in `Slot::set`), and the asm,
+            // which may read or write any memory as far as the compiler
+            // knows, keeps later accesses after it.
+            unsafe {
+                ::core::arch::asm!(
+                    "mov {current}, qword ptr [rip + {slot}]",
+                    current = out(reg) current,
+                    slot = sym $slot,
+                    options(nostack, preserves_flags),
+                )
+            };
+            current
+        };
+        #[cfg(not(all(target_arch = "x86_64", target_pointer_width = "64")))]
+        let current: *const () = $slot.get();
+        current
+    }};
+}
+
 impl fmt::Debug for Slot {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Slot")
