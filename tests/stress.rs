@@ -55,7 +55,10 @@ fn fresh_libraries(package: &str) -> usize {
 /// together on a barrier, while the main thread runs `patcher`. `check`
 /// says which of `kinds` implementations produced a result, or `None`
 /// for a torn one, which fails the test. Returns, per kind, how many calls
-/// it answered while `patcher` ran.
+/// it answered while `patcher` ran. `patcher` gets `answered(k)`, which
+/// waits until implementation `k` has answered a call made after it was
+/// called: a state that lasts only microseconds (a patch loaded and at
+/// once reverted) is then seen even when the workers are descheduled.
 ///
 /// Then, for each `(step, want)` of `settle`: runs `step` (which may
 /// apply patches) and waits until every thread has seen implementation
@@ -65,7 +68,7 @@ fn hammer(
     kinds: usize,
     call: impl Fn(u64) -> u64 + Sync,
     check: impl Fn(u64, u64) -> Option<usize> + Sync,
-    patcher: impl FnOnce(),
+    patcher: impl FnOnce(&dyn Fn(usize)),
     settle: &[(&dyn Fn() -> Vec<hotpatch::Patch>, usize)],
 ) -> Vec<u64> {
     let stop = AtomicBool::new(false);
@@ -80,12 +83,33 @@ fn hammer(
     // during[k]: calls answered by implementation k that started while
     // `patcher` ran (epoch 0).
     let during: Vec<AtomicU64> = (0..kinds).map(|_| AtomicU64::new(0)).collect();
+    // live[t][k]: thread t's count of calls answered by k while `patcher`
+    // runs, written only by thread t (no contended counter on the path).
+    let live: Vec<Vec<AtomicU64>> = (0..THREADS)
+        .map(|_| (0..kinds).map(|_| AtomicU64::new(0)).collect())
+        .collect();
+    let answered_so_far = |k: usize| -> u64 {
+        // Relaxed: a count; waiting for it to grow needs no other data.
+        live.iter().map(|l| l[k].load(Ordering::Relaxed)).sum()
+    };
+    let answered = |k: usize| {
+        let before = answered_so_far(k);
+        let guard = std::time::Instant::now();
+        while answered_so_far(k) <= before {
+            assert!(
+                guard.elapsed() < std::time::Duration::from_secs(60),
+                "hang: implementation {k} answered no call for 60 s"
+            );
+            thread::yield_now();
+        }
+    };
     thread::scope(|s| {
         let workers: Vec<_> = seen
             .iter()
             .enumerate()
             .map(|(t, seen)| {
                 let (stop, barrier, epoch, during) = (&stop, &barrier, &epoch, &during);
+                let live = &live[t];
                 let (call, check) = (&call, &check);
                 s.spawn(move || {
                     let mut calls = 0u64;
@@ -106,6 +130,8 @@ fn hammer(
                         seen[kind].fetch_max(e, Ordering::Release);
                         if e == 0 {
                             mine[kind] += 1;
+                            // Relaxed: only thread t writes it; see `answered`.
+                            live[kind].store(mine[kind], Ordering::Relaxed);
                         }
                         calls += 1;
                     }
@@ -119,7 +145,7 @@ fn hammer(
             .collect();
 
         barrier.wait();
-        patcher();
+        patcher(&answered);
         for (step, want) in settle {
             let patches = step();
             // Release: publishes what `step` did to workers that read it.
@@ -156,10 +182,17 @@ fn apply_revert(cycles: usize, reuse: usize) {
             Some(2000) => Some(2),
             _ => None,
         },
-        || {
+        |answered| {
             for i in 0..cycles {
-                let package = if i % 2 == 0 { STACK_A } else { STACK_C };
+                let (package, kind) = if i % 2 == 0 {
+                    (STACK_A, 1)
+                } else {
+                    (STACK_C, 2)
+                };
                 let patch = hotpatch::load(cycle_file(package, i, reuse)).unwrap();
+                if i < 2 {
+                    answered(kind);
+                }
                 patch.revert().unwrap();
             }
         },
@@ -207,11 +240,21 @@ fn stacked(cycles: usize, reuse: usize) {
             3005 => Some(3),
             _ => None,
         },
-        || {
+        |answered| {
             for i in 0..cycles {
+                // The first cycle waits for each stack to answer once; the
+                // rest run as fast as the runtime allows.
+                let wait = |k| {
+                    if i == 0 {
+                        answered(k)
+                    }
+                };
                 let a = hotpatch::load(cycle_file(STACK_A, i, reuse)).unwrap();
+                wait(1);
                 let b = hotpatch::load(cycle_file(STACK_B, i, reuse)).unwrap();
+                wait(2);
                 let c = hotpatch::load(cycle_file(STACK_C, i, reuse)).unwrap();
+                wait(3);
                 // Take them out top first, bottom first, or middle first.
                 let order = match i % 3 {
                     0 => [c, b, a],
