@@ -585,7 +585,10 @@ mod tests {
             Err(Error::Minisign { what: w, source }) => {
                 assert_eq!(w, what, "({source})");
                 let said = source.to_string();
-                assert!(said.contains(reason), "{what}: {said:?} does not say {reason:?}");
+                assert!(
+                    said.contains(reason),
+                    "{what}: {said:?} does not say {reason:?}"
+                );
             }
             other => panic!("expected Error::Minisign ({what}: {reason}), got {other:?}"),
         }
