@@ -242,11 +242,9 @@ fn method_of_a_type_in_a_module() {
 
 /// The crate docs: "the target of a `#[patch]` must be nameable from the
 /// patch crate (public module path); the function itself may be private."
-/// Fails today: `#[patch(svc::private_helper)]` does not compile (E0603,
-/// "function `private_helper` is private") because the expansion checks
-/// the target exists with `let _ = svc::private_helper;`
-/// (hotpatch-macros/src/patch.rs, the `exists` block), which needs the
-/// function itself to be visible, not only its public companion.
+/// `#[patch(svc::private_helper)]` compiles because the expansion names
+/// only the target's public companion constant (`svc::__hotpatch_private_helper`,
+/// hotpatch-macros/src/patch.rs), never the private function itself.
 #[test]
 fn private_fn_through_public_module_path() {
     let _serial = support::serial();
@@ -345,12 +343,17 @@ fn patch_accessors() {
     );
     assert_eq!(info.file, so);
     assert_eq!(info.functions, patch.functions());
-    assert!(patch.id().get() >= 1);
     assert_eq!(
         patch.id().to_string(),
         format!("patch #{}", patch.id().get())
     );
+    let id = patch.id().get();
     patch.revert().unwrap();
+    // Ids count the patches applied by this process, from 1: the next
+    // one is this one's successor, even for the same file.
+    let next = hotpatch::load(&so).unwrap();
+    assert_eq!(next.id().get(), id + 1, "ids are given in order");
+    next.revert().unwrap();
 }
 
 #[test]

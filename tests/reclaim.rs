@@ -114,7 +114,10 @@ fn reclaim_with_pending_thread_local_destructors() {
     // thread-local, whose destructor the dynamic loader accounts for.
     let done = unsafe { Loader::new().reclaim() }.unwrap();
     assert!(done.closed >= 1, "{done:?}");
-    assert!(done.deferred >= 1, "glibc defers the unmap: {done:?}");
+    if cfg!(target_env = "gnu") {
+        // glibc's dlclose defers the unmap; another libc may not.
+        assert!(done.deferred >= 1, "glibc defers the unmap: {done:?}");
+    }
     assert!(
         copies("fixture-patch-tls") >= 1,
         "still mapped for the destructor"

@@ -9,12 +9,15 @@
 //!
 //! The tests run as root (the CI machine's user); the few that need root
 //! (to change a file's owner, to run a child as another user, to pause a
-//! load with fanotify) say so on stderr and skip when they cannot.
+//! load with fanotify) fail when they cannot, unless `HOTPATCH_ALLOW_SKIP=1`
+//! is set (`support::skip`). That the file cannot change between the
+//! checks and the load is also proven without root, by a failpoint
+//! (`file_overwritten_right_after_the_read_loads_the_bytes_read`).
 
 mod support;
 
 use std::fs;
-use std::os::unix::fs::{PermissionsExt, symlink};
+use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -51,16 +54,18 @@ fn euid() -> u32 {
     unsafe { libc::geteuid() }
 }
 
-fn is_root() -> bool {
+/// Whether this process is root; if not, `test` is skipped or fails (see
+/// `support::skip`).
+fn is_root(test: &str) -> bool {
     if euid() == 0 {
         return true;
     }
-    eprintln!("skipped: needs to run as root");
+    support::skip(test, "needs to run as root");
     false
 }
 
 fn chmod(path: &Path, mode: u32) {
-    fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
+    support::set_mode(path, mode);
 }
 
 /// A fresh directory `name` with `mode` under this process's test
@@ -186,13 +191,6 @@ fn good_patch_in_a_private_directory_loads() {
     let d = dir("private", 0o755);
     let so = put(&d, "fix.so", &bytes(GOOD), 0o644);
     loads(&Loader::new(), &so, 2);
-    // /tmp itself is world-writable with the sticky bit, and accepted.
-    let tmp = fs::metadata(std::env::temp_dir()).unwrap().permissions();
-    assert_eq!(
-        tmp.mode() & 0o1002,
-        0o1002,
-        "the test dir is under a sticky /tmp"
-    );
 }
 
 #[test]
@@ -369,7 +367,7 @@ fn symlink_in_an_unsafe_directory_is_untrusted() {
 #[test]
 fn file_owned_by_another_user_is_untrusted() {
     let _serial = support::serial();
-    if !is_root() {
+    if !is_root("file_owned_by_another_user_is_untrusted") {
         return;
     }
     let d = dir("owned-by-nobody", 0o755);
@@ -389,7 +387,7 @@ fn file_owned_by_another_user_is_untrusted() {
 #[test]
 fn directory_owned_by_another_user_is_untrusted() {
     let _serial = support::serial();
-    if !is_root() {
+    if !is_root("directory_owned_by_another_user_is_untrusted") {
         return;
     }
     let d = dir("dir-owned-by-nobody", 0o755);
@@ -406,24 +404,90 @@ fn directory_owned_by_another_user_is_untrusted() {
     );
 }
 
+/// Whether `dir` and every directory above it let user `uid` in and
+/// pass the trust policy for it: owned by root or `uid`, and not writable
+/// by group or others unless sticky.
+fn reachable_and_trusted_by(dir: &Path, uid: u32) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    dir.ancestors().all(|d| {
+        fs::metadata(d).is_ok_and(|m| {
+            let mode = m.mode();
+            (m.uid() == 0 || m.uid() == uid)
+                && mode & 0o001 != 0
+                && (mode & 0o022 == 0 || mode & 0o1000 != 0)
+        })
+    })
+}
+
+/// A directory of this process's own that user `uid` can reach, wherever
+/// the checkout is and whatever `TMPDIR` is (a 0700 home or `mktemp -d`
+/// directory lets nobody else in): in the first of the temporary
+/// directory, `/tmp`, `/var/tmp` and `/dev/shm` that `uid` can reach.
+/// Removed when dropped.
+struct DirFor {
+    path: PathBuf,
+}
+
+impl DirFor {
+    fn new(uid: u32, name: &str) -> DirFor {
+        let candidates = [
+            std::env::temp_dir(),
+            "/tmp".into(),
+            "/var/tmp".into(),
+            "/dev/shm".into(),
+        ];
+        let base = candidates
+            .iter()
+            .find(|c| reachable_and_trusted_by(c, uid))
+            .unwrap_or_else(|| panic!("none of {candidates:?} is reachable by uid {uid}"));
+        let path = base.join(format!("hotpatch-trust-{}-{name}", std::process::id()));
+        let _ = fs::remove_dir_all(&path);
+        fs::create_dir(&path).unwrap();
+        chmod(&path, 0o755);
+        DirFor { path }
+    }
+}
+
+impl Drop for DirFor {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.path);
+    }
+}
+
 /// Runs the calling test `name` again in a child process as user `uid`
-/// (the parent runs as root), with `HOTPATCH_TRUST_CHILD_FILE` set to
-/// `file`; in that child, runs `child(file)`. The parent fails unless the
-/// child passed.
-fn in_child_as(name: &str, uid: u32, file: &Path, child: impl FnOnce(&Path)) {
+/// (the parent runs as root; if not, see `is_root`). The parent makes a
+/// directory that user can reach (`DirFor`), copies the test binary into
+/// it, and calls `setup` to put the file the child needs there; the
+/// child, run with `HOTPATCH_TRUST_CHILD_FILE` set to that file, runs
+/// `child(file)`. The parent fails unless the child passed.
+fn in_child_as(
+    name: &str,
+    uid: u32,
+    setup: impl FnOnce(&Path) -> PathBuf,
+    child: impl FnOnce(&Path),
+) {
     const VAR: &str = "HOTPATCH_TRUST_CHILD_FILE";
     if let Some(file) = std::env::var_os(VAR) {
         child(Path::new(&file));
         return;
     }
+    if !is_root(name) {
+        return;
+    }
+    let dir = DirFor::new(uid, name);
+    let file = setup(&dir.path);
+    let exe = dir.path.join("trust-test");
+    fs::copy(std::env::current_exe().unwrap(), &exe).unwrap();
+    chmod(&exe, 0o755);
     use std::os::unix::process::CommandExt;
-    let out = Command::new(std::env::current_exe().unwrap())
+    let out = Command::new(&exe)
         .args([name, "--exact", "--nocapture", "--test-threads=1"])
-        .env(VAR, file)
+        .current_dir(&dir.path)
+        .env(VAR, &file)
         .uid(uid)
         .gid(uid)
         .output()
-        .expect("run the test binary as another user");
+        .unwrap_or_else(|e| panic!("run {} as uid {uid}: {e}", exe.display()));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success() && stdout.contains("1 passed"),
@@ -437,20 +501,10 @@ fn in_child_as(name: &str, uid: u32, file: &Path, child: impl FnOnce(&Path)) {
 /// running as `nobody` loads a patch installed by root.
 #[test]
 fn root_owned_file_is_trusted_by_a_non_root_process() {
-    let in_child = std::env::var_os("HOTPATCH_TRUST_CHILD_FILE").is_some();
-    if !in_child && !is_root() {
-        return;
-    }
-    let so = if in_child {
-        PathBuf::new()
-    } else {
-        let d = dir("root-owned-for-nobody", 0o755);
-        put(&d, "fix.so", &bytes(GOOD), 0o644)
-    };
     in_child_as(
         "root_owned_file_is_trusted_by_a_non_root_process",
         NOBODY,
-        &so,
+        |d| put(d, "fix.so", &bytes(GOOD), 0o644),
         |so| {
             let _serial = support::serial();
             assert_eq!(euid(), NOBODY);
@@ -466,25 +520,21 @@ fn root_owned_file_is_trusted_by_a_non_root_process() {
 /// A non-root service trusts its own user's files, in root's directories.
 #[test]
 fn file_owned_by_the_process_user_is_trusted() {
-    let in_child = std::env::var_os("HOTPATCH_TRUST_CHILD_FILE").is_some();
-    if !in_child && !is_root() {
-        return;
-    }
-    let so = if in_child {
-        PathBuf::new()
-    } else {
-        let d = dir("owned-by-the-service-user", 0o755);
-        let so = put(&d, "fix.so", &bytes(GOOD), 0o644);
-        std::os::unix::fs::chown(&so, Some(NOBODY), Some(NOBODY)).unwrap();
-        so
-    };
     in_child_as(
         "file_owned_by_the_process_user_is_trusted",
         NOBODY,
-        &so,
+        |d| {
+            let so = put(d, "fix.so", &bytes(GOOD), 0o644);
+            std::os::unix::fs::chown(&so, Some(NOBODY), Some(NOBODY)).unwrap();
+            so
+        },
         |so| {
             let _serial = support::serial();
             assert_eq!(euid(), NOBODY);
+            assert_eq!(
+                std::os::unix::fs::MetadataExt::uid(&fs::metadata(so).unwrap()),
+                NOBODY
+            );
             loads(&Loader::new(), so, 2);
         },
     );
@@ -858,7 +908,13 @@ struct OpenHook {
 }
 
 impl OpenHook {
-    fn new(watched: &Path, mut on_open: impl FnMut() + Send + 'static) -> Option<OpenHook> {
+    /// `None` (after `support::skip`) where fanotify permission events are
+    /// not available to `test`.
+    fn new(
+        test: &str,
+        watched: &Path,
+        mut on_open: impl FnMut() + Send + 'static,
+    ) -> Option<OpenHook> {
         use std::os::unix::ffi::OsStrExt;
         // SAFETY: plain syscall with valid flags.
         let fd = unsafe {
@@ -868,10 +924,8 @@ impl OpenHook {
             )
         };
         if fd < 0 {
-            eprintln!(
-                "skipped: fanotify unavailable: {}",
-                std::io::Error::last_os_error()
-            );
+            let error = std::io::Error::last_os_error();
+            support::skip(test, &format!("fanotify unavailable: {error}"));
             return None;
         }
         let path = std::ffi::CString::new(watched.as_os_str().as_bytes()).unwrap();
@@ -886,12 +940,13 @@ impl OpenHook {
             )
         };
         if marked < 0 {
-            eprintln!(
-                "skipped: fanotify permission events unavailable: {}",
-                std::io::Error::last_os_error()
-            );
+            let error = std::io::Error::last_os_error();
             // SAFETY: we own `fd`.
             unsafe { libc::close(fd) };
+            support::skip(
+                test,
+                &format!("fanotify permission events unavailable: {error}"),
+            );
             return None;
         }
         let stop = Arc::new(AtomicBool::new(false));
@@ -991,8 +1046,11 @@ fn load_opens_the_file_and_its_signature_once() {
     let d = dir("opened-once", 0o755);
     let so = put(&d, "fix.so", &unique_bytes(GOOD, "opened-once"), 0o644);
     let sig = keys.sign(&so);
-    let (Some(file_hook), Some(sig_hook)) = (OpenHook::new(&so, || {}), OpenHook::new(&sig, || {}))
-    else {
+    const TEST: &str = "load_opens_the_file_and_its_signature_once";
+    let Some(file_hook) = OpenHook::new(TEST, &so, || {}) else {
+        return;
+    };
+    let Some(sig_hook) = OpenHook::new(TEST, &sig, || {}) else {
         return;
     };
     loads(&keys.loader(), &so, 2);
@@ -1016,7 +1074,11 @@ fn file_replaced_between_check_and_open_loads_the_checked_bytes() {
     let sig = keys.sign(&so);
     let hook = {
         let (so, other) = (so.clone(), other.clone());
-        OpenHook::new(&sig, move || fs::write(&so, &other).unwrap())
+        OpenHook::new(
+            "file_replaced_between_check_and_open_loads_the_checked_bytes",
+            &sig,
+            move || fs::write(&so, &other).unwrap(),
+        )
     };
     let Some(hook) = hook else {
         return;
@@ -1028,6 +1090,64 @@ fn file_replaced_between_check_and_open_loads_the_checked_bytes() {
     assert_eq!(svc::answer(), 2, "what runs is what was signed");
     assert_eq!(svc::add(2, 3), 5, "nothing of the other patch runs");
     assert_eq!(patch.name(), "fixture-patch-basic");
+    patch.revert().unwrap();
+    assert_eq!(support::snapshot(), before);
+}
+
+/// Runs `action` each time `load` passes the failpoint `point`, until
+/// dropped (`fail` crate; hotpatch's `failpoints` feature).
+struct Callback(&'static str);
+
+impl Callback {
+    fn new(point: &'static str, action: impl Fn() + Send + Sync + 'static) -> Callback {
+        fail::cfg_callback(point, action).unwrap();
+        Callback(point)
+    }
+}
+
+impl Drop for Callback {
+    fn drop(&mut self) {
+        fail::remove(self.0);
+    }
+}
+
+/// The same race as above, on every machine (no root, no fanotify): the
+/// failpoint `load::read`, right after `load` has read the file and
+/// checked its signature, overwrites the file with another valid patch.
+/// What opens and runs is the signed bytes read, not the file's content.
+#[test]
+fn file_overwritten_right_after_the_read_loads_the_bytes_read() {
+    let _serial = support::serial();
+    let keys = Keys::new();
+    let d = dir("overwritten-after-read", 0o755);
+    let signed = unique_bytes(GOOD, "overwritten-after-read");
+    let other = unique_bytes(support::UNDERNEATH, "overwritten-after-read");
+    let so = put(&d, "fix.so", &signed, 0o644);
+    keys.sign(&so);
+    let swaps = Arc::new(AtomicUsize::new(0));
+    let swap = {
+        let (so, other, swaps) = (so.clone(), other.clone(), swaps.clone());
+        Callback::new("load::read", move || {
+            fs::write(&so, &other).unwrap();
+            // Relaxed: read after `load` returned, on the thread that ran it.
+            swaps.fetch_add(1, Ordering::Relaxed);
+        })
+    };
+    let before = support::snapshot();
+    let patch = keys.loader().load(&so).unwrap();
+    drop(swap);
+    assert_eq!(
+        swaps.load(Ordering::Relaxed),
+        1,
+        "the file was swapped once"
+    );
+    assert_eq!(fs::read(&so).unwrap(), other, "the file was replaced");
+    assert_eq!(svc::answer(), 2, "what runs is what was signed");
+    assert_eq!(svc::add(2, 3), 5, "nothing of the other patch runs");
+    assert_eq!(patch.name(), "fixture-patch-basic");
+    let patched = support::patched();
+    assert_eq!(patched.len(), 5, "{patched:?}");
+    assert!(patched.iter().all(|(_, by)| by == GOOD), "{patched:?}");
     patch.revert().unwrap();
     assert_eq!(support::snapshot(), before);
 }

@@ -158,8 +158,9 @@
 //!   hook does not see it.
 //! - **`extern "C"` functions** keep their semantics: a panic out of one
 //!   aborts, patched or not.
-//! - **Platform**: Linux (ELF, glibc or musl). The loader uses `memfd` and
-//!   `/proc/self/fd`, falling back to a private temporary directory.
+//! - **Platform**: Linux (ELF); tested with glibc, not musl. The loader
+//!   uses `memfd` and `/proc/self/fd`, falling back to a private temporary
+//!   directory.
 //!
 //! # Unloading
 //!

@@ -239,6 +239,7 @@ impl Loader {
 
     fn apply(&self, path: &Path, replacing: Option<PatchId>) -> Result<Patch, Error> {
         let bytes = trust::read(path, &self.policy)?;
+        failpoint!("load::read", path);
         // One transition at a time (loads, reverts, replaces, reclaims).
         let turn = self.take_turn(&format!("load {}", path.display()))?;
         if let Some(id) = replacing {

@@ -6,6 +6,13 @@
 //! directory (`target/fixtures`), so the outer cargo's lock on `target/`
 //! is never contended. The profile matches the test binary's, so the
 //! panic strategy and compiler match the host's.
+//!
+//! Nothing here depends on the umask, on `TMPDIR` or on where the
+//! checkout lives: what a test loads is a copy in [`temp_dir`], a 0755
+//! directory of files made 0644 (the default loader refuses a patch that
+//! group or others can write, in a directory they can write: a checkout
+//! made under umask 002 is one), and that directory is removed when the
+//! process exits.
 
 #![allow(dead_code)]
 
@@ -84,31 +91,86 @@ pub fn patch_with(package: &str, features: &[&str]) -> PathBuf {
         "release"
     };
     let file = format!("lib{}.so", package.replace('-', "_"));
-    let path = dir.join(profile).join(file);
-    assert!(path.exists(), "{} not built", path.display());
+    let built_at = dir.join(profile).join(&file);
+    assert!(built_at.exists(), "{} not built", built_at.display());
+    // Loaded from a copy: the build's own file and directories take the
+    // umask (0775 under umask 002) and the checkout's place.
+    let fixtures = temp_dir().join("fixtures");
+    make_dir(&fixtures, 0o755);
+    let path = fixtures.join(&file);
+    std::fs::copy(&built_at, &path).unwrap();
+    set_mode(&path, 0o644);
     built.insert(package.to_owned(), (features, path.clone()));
     path
 }
 
-/// A directory of this process's own for files the tests make.
-pub fn temp_dir() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("hotpatch-tests-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// Sets `path`'s permission bits to `mode`, whatever the umask made them.
+pub fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .unwrap_or_else(|e| panic!("chmod {mode:o} {}: {e}", path.display()));
 }
 
-/// A copy of `src` named `name` in [`temp_dir`].
+/// Creates directory `dir` (and its parents) if needed, with `mode`.
+fn make_dir(dir: &Path, mode: u32) {
+    std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+    set_mode(dir, mode);
+}
+
+static TEMP_DIR: OnceLock<PathBuf> = OnceLock::new();
+
+/// A directory of this process's own for files the tests make, under
+/// `std::env::temp_dir()` (`TMPDIR`): mode 0755 whatever the umask, and
+/// removed when the process exits.
+pub fn temp_dir() -> PathBuf {
+    TEMP_DIR
+        .get_or_init(|| {
+            let dir = std::env::temp_dir().join(format!("hotpatch-tests-{}", std::process::id()));
+            make_dir(&dir, 0o755);
+            extern "C" fn remove_temp_dir() {
+                if let Some(dir) = TEMP_DIR.get() {
+                    let _ = std::fs::remove_dir_all(dir);
+                }
+            }
+            // SAFETY: `remove_temp_dir` is a plain function that does not
+            // unwind (it ignores the only error it can meet); it runs at
+            // exit, after the tests, when nothing else uses the directory.
+            let registered = unsafe { libc::atexit(remove_temp_dir) };
+            assert_eq!(registered, 0, "atexit");
+            dir
+        })
+        .clone()
+}
+
+/// A copy of `src` named `name` in [`temp_dir`], mode 0644.
 pub fn copy_to_temp(src: &Path, name: &str) -> PathBuf {
     let dst = temp_dir().join(name);
     std::fs::copy(src, &dst).unwrap();
+    set_mode(&dst, 0o644);
     dst
 }
 
-/// Writes `bytes` to `name` in [`temp_dir`].
+/// Writes `bytes` to `name` in [`temp_dir`], mode 0644.
 pub fn write_temp(name: &str, bytes: &[u8]) -> PathBuf {
     let dst = temp_dir().join(name);
     std::fs::write(&dst, bytes).unwrap();
+    set_mode(&dst, 0o644);
     dst
+}
+
+/// What a test does when this machine cannot run it (`reason`: not root,
+/// no fanotify): it fails, unless `HOTPATCH_ALLOW_SKIP=1` is set, in which
+/// case it says `SKIPPED` on the harness's own output (not captured) and
+/// the caller returns.
+pub fn skip(test: &str, reason: &str) {
+    if std::env::var("HOTPATCH_ALLOW_SKIP").as_deref() == Ok("1") {
+        use std::io::Write;
+        // Straight to the process's stderr: `eprintln!` would be captured
+        // by the harness and shown only if the test failed.
+        let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {reason}");
+        return;
+    }
+    panic!("{test} cannot run here: {reason} (set HOTPATCH_ALLOW_SKIP=1 to skip it)");
 }
 
 /// Holds this binary's test lock: every test of a binary patches the same

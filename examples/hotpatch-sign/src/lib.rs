@@ -518,9 +518,21 @@ mod tests {
         let keys = generate(None).unwrap();
         let other = generate(None).unwrap();
         let sig = sign(&secret_key(&keys.secret, None).unwrap(), DATA, "c").unwrap();
-        assert!(verify(&other.public, &sig, DATA).is_err());
-        assert!(verify(&keys.public, &sig, b"\x7fELF pretend this is a patcH").is_err());
-        assert!(verify(&keys.public, "garbage", DATA).is_err());
+        minisign_error(
+            verify(&other.public, &sig, DATA),
+            "signature does not verify",
+            "is different from public key",
+        );
+        minisign_error(
+            verify(&keys.public, &sig, b"\x7fELF pretend this is a patcH"),
+            "signature does not verify",
+            "Signature verification failed",
+        );
+        minisign_error(
+            verify(&keys.public, "garbage", DATA),
+            "not a minisign signature",
+            "Missing signature",
+        );
     }
 
     #[test]
@@ -559,14 +571,47 @@ mod tests {
             "untrusted comment: x\n{}\n",
             Base64::encode_to_string(&raw).unwrap()
         );
-        assert!(sign(&secret_key(&text, None).unwrap(), DATA, "c").is_err());
+        minisign_error(
+            sign(&secret_key(&text, None).unwrap(), DATA, "c"),
+            "cannot sign",
+            "Could not verify signature with the provided public key",
+        );
+    }
+
+    /// `result` is `Error::Minisign` for `what`, and minisign's own words
+    /// say `reason`.
+    fn minisign_error<T: std::fmt::Debug>(result: Result<T, Error>, what: &str, reason: &str) {
+        match result {
+            Err(Error::Minisign { what: w, source }) => {
+                assert_eq!(w, what, "({source})");
+                let said = source.to_string();
+                assert!(
+                    said.contains(reason),
+                    "{what}: {said:?} does not say {reason:?}"
+                );
+            }
+            other => panic!("expected Error::Minisign ({what}: {reason}), got {other:?}"),
+        }
     }
 
     #[test]
     fn garbage_keys_are_refused() {
-        assert!(public_key("").is_err());
-        assert!(public_key("untrusted comment: x\nnot base64!\n").is_err());
-        assert!(is_encrypted("untrusted comment: x\nAAAA\n").is_err());
-        assert!(secret_key("nonsense", None).is_err());
+        for text in ["", "untrusted comment: x\nnot base64!\n"] {
+            minisign_error(
+                public_key(text),
+                "not a minisign public key",
+                "base64 conversion failed",
+            );
+        }
+        minisign_error(
+            is_encrypted("untrusted comment: x\nAAAA\n"),
+            "not a minisign secret key",
+            "too short",
+        );
+        minisign_error(
+            secret_key("nonsense", None),
+            "not a minisign secret key",
+            "unknown key derivation algorithm",
+        );
     }
 }
