@@ -450,10 +450,8 @@ fn watched<R>(ranges: &[Range], f: impl FnOnce() -> R) -> (Vec<(u64, usize)>, R)
     // SAFETY: zeroed is a valid sigaction, overwritten by the call.
     let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
     // SAFETY: valid actions; `on_segv` is async-signal-safe.
-    assert_eq!(
-        unsafe { libc::sigaction(libc::SIGSEGV, &action, &mut old) },
-        0
-    );
+    let rc = unsafe { libc::sigaction(libc::SIGSEGV, &action, &mut old) };
+    assert_eq!(rc, 0, "install the SIGSEGV handler");
     let protect = |prot| {
         for r in ranges {
             // SAFETY: whole pages of mappings that are read-write: making
@@ -467,10 +465,8 @@ fn watched<R>(ranges: &[Range], f: impl FnOnce() -> R) -> (Vec<(u64, usize)>, R)
     let result = std::hint::black_box(f());
     protect(libc::PROT_READ | libc::PROT_WRITE);
     // SAFETY: the previous action, as it was.
-    assert_eq!(
-        unsafe { libc::sigaction(libc::SIGSEGV, &old, std::ptr::null_mut()) },
-        0
-    );
+    let rc = unsafe { libc::sigaction(libc::SIGSEGV, &old, std::ptr::null_mut()) };
+    assert_eq!(rc, 0, "restore the SIGSEGV handler");
     let n = w.n_faults.load(Ordering::Relaxed).min(w.faults.len());
     let faults = w.faults[..n]
         .iter()
