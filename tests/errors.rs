@@ -356,6 +356,30 @@ fn layout_mismatch() {
     );
 }
 
+/// Only the return type differs (`svc::Wide` is `u64` in `ret-v2`, `u32`
+/// here): same signature text, same argument layout.
+#[test]
+fn return_layout_mismatch() {
+    let _serial = support::serial();
+    assert_eq!(std::mem::size_of::<svc::Wide>(), 4, "the host's premise");
+    let so = support::patch_with("fixture-patch-ret-layout", &["ret-v2"]);
+    let err = refused_naming(&so, "svc::widen");
+    let Error::LayoutMismatch {
+        path,
+        function,
+        detail,
+    } = &err
+    else {
+        panic!("{err:?}");
+    };
+    assert_eq!((path, function.as_str()), (&so, "svc::widen"));
+    assert_eq!(
+        detail,
+        "the return type has size 4 align 4 in this process but size 8 align 8 in the patch"
+    );
+    assert_eq!(svc::widen(7), 7, "the original still runs");
+}
+
 /// Its targets are fine, but its private copy of the service is of
 /// another version: its calls to `scale` or `quantity` could not be sent
 /// to the host's, so it is refused, naming one of them.

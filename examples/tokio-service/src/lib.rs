@@ -10,7 +10,9 @@
 //! mix, and what the example checks on every request.
 //!
 //! The handlers are plain functions: `#[patchable]` does not take
-//! `async fn`. The async request handler (in the binary) calls them.
+//! `async fn`. The async request handler ([`serve`]) calls them.
+
+pub mod serve;
 
 pub mod settle {
     /// The platform's fee on an order of `amount_cents`.
