@@ -20,9 +20,10 @@ use fail::FailGuard;
 use hotpatch::{Error, Loader};
 
 /// Every step of a load (and of a replace, which loads), in order.
-const LOAD_POINTS: [&str; 8] = [
+const LOAD_POINTS: [&str; 9] = [
     "load::open",
     "load::trust",
+    "load::read",
     "load::copy",
     "load::dlopen",
     "load::manifest",
