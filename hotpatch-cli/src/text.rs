@@ -209,6 +209,7 @@ fn status(r: &Value) -> String {
             out.push_str(&threads(waiting));
         }
     }
+    out.push_str(&state(&r["state"]));
     out
 }
 
@@ -262,12 +263,32 @@ pub(crate) fn reply(command: &Command, r: &Value) -> String {
         Command::Events { .. } => events(r),
         Command::Apply { .. } => {
             let p = &r["patch"];
-            format!(
+            let mut out = format!(
                 "applied {} ({}) in {}\n  replaces {}\n",
                 patch_line(p),
                 s(&p["description"]),
                 duration_us(&r["duration_us"]),
                 functions(&p["functions"])
+            );
+            let w = &r["watch"];
+            if !w.is_null() {
+                out.push_str(&format!(
+                    "kept after a {} watch window: {} panic(s), {} round(s) of health checks\n",
+                    ms(&w["window_ms"]),
+                    s(&w["panics"]),
+                    s(&w["check_rounds"])
+                ));
+            }
+            if !r["accepted"].is_null() {
+                out.push_str(&accepted(&r["accepted"]));
+            }
+            out
+        }
+        Command::Accept { .. } => {
+            format!(
+                "{}{}",
+                patch_line(&r["patch"]),
+                accepted(&r["accepted"]).trim_start_matches("  ")
             )
         }
         Command::Check { .. } => {
@@ -301,6 +322,74 @@ pub(crate) fn reply(command: &Command, r: &Value) -> String {
             functions(&r["patch"]["functions"])
         ),
     }
+}
+
+fn accepted(a: &Value) -> String {
+    format!(
+        "  accepted as #{}: kept in {}, re-applied at restart\n",
+        s(&a["seq"]),
+        s(&a["file"])
+    )
+}
+
+fn state(st: &Value) -> String {
+    if st.is_null() {
+        return "\nACCEPTED  no state directory (patches cannot be accepted)\n".into();
+    }
+    let mut out = format!("\nACCEPTED  state directory {}", s(&st["dir"]));
+    if st["disabled"] == Value::Bool(true) {
+        out.push_str("  (HOTPATCH_DISABLE set: none applied at start-up)");
+    }
+    out.push('\n');
+    let rows: Vec<Vec<String>> = arr(&st["accepted"])
+        .iter()
+        .map(|e| {
+            vec![
+                s(&e["seq"]),
+                s(&e["name"]),
+                s(&e["version"]),
+                if e["applied_as"].is_null() {
+                    "not applied".into()
+                } else {
+                    format!("#{}", s(&e["applied_as"]))
+                },
+                e["accepted_at_ms"].as_u64().map_or("-".into(), utc),
+                s(&e["file"]),
+            ]
+        })
+        .collect();
+    if rows.is_empty() {
+        out.push_str("none accepted\n");
+    } else {
+        out.push_str(&table(
+            &[
+                "#",
+                "NAME",
+                "VERSION",
+                "APPLIED AS",
+                "ACCEPTED (UTC)",
+                "STORED",
+            ],
+            &rows,
+        ));
+    }
+    let rejected = arr(&st["rejected"]);
+    if !rejected.is_empty() {
+        out.push_str("\nREJECTED AT START-UP (set aside, not applied)\n");
+        let rows: Vec<Vec<String>> = rejected
+            .iter()
+            .map(|r| {
+                vec![
+                    s(&r["kind"]),
+                    s(&r["name"]),
+                    s(&r["moved_to"]),
+                    s(&r["message"]),
+                ]
+            })
+            .collect();
+        out.push_str(&table(&["WHY", "NAME", "KEPT IN", "MESSAGE"], &rows));
+    }
+    out
 }
 
 fn functions(v: &Value) -> String {
