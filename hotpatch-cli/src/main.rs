@@ -12,6 +12,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use serde_json::{Value, json};
 
+mod sign;
 mod text;
 
 /// Exit codes: the contract with scripts (also in `--help`).
@@ -55,7 +56,16 @@ Exit codes:
 With --json, a command the service answered prints its reply on stdout, one
 JSON object (schema: hotpatch::control::protocol); `ps --json` prints
 {\"v\":1,\"processes\":[{\"pid\",\"service\",\"patches\",\"socket\"}]}. Errors of the
-tool itself (no socket, not permitted to connect) are one line on stderr.";
+tool itself (no socket, not permitted to connect) are one line on stderr.
+
+Signing (keygen, sign, verify; not through a service): keys and signatures
+in minisign's format; `sign` writes <file>.minisig beside each patch, where
+the runtime looks for it. Passwords come from $HOTPATCH_SIGN_PASSWORD, or
+are asked for on a terminal; with neither, the command fails rather than
+wait for input. Examples:
+  hotpatch keygen --public patches.pub --secret patches.key
+  hotpatch sign --secret patches.key target/release/libfix.so
+  hotpatch verify --public patches.pub target/release/libfix.so";
 
 /// Operate the patches of running services (hotpatch control endpoint).
 #[derive(Parser, Debug)]
@@ -134,6 +144,8 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
+    #[command(flatten)]
+    Sign(sign::Command),
     /// Show the endpoint's recent events (operations and refusals).
     Events {
         /// Only events after this sequence number.
@@ -189,6 +201,11 @@ fn run(cli: &Cli) -> Result<u8, Fail> {
     };
     let (target, req, timeout) = match &cli.command {
         Command::Ps => return ps(cli, &dirs),
+        Command::Sign(command) => {
+            return sign::run(command)
+                .map(|()| code::OK)
+                .map_err(|e| fail(code::ERROR, e.to_string()));
+        }
         Command::Status { target } => (target, json!({"op": "status"}), None),
         Command::Apply {
             file,

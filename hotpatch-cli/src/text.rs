@@ -258,7 +258,7 @@ fn events(r: &Value) -> String {
 /// The text of a successful reply to `command`.
 pub(crate) fn reply(command: &Command, r: &Value) -> String {
     match command {
-        Command::Ps => String::new(),
+        Command::Ps | Command::Sign(_) => String::new(),
         Command::Status { .. } => status(r),
         Command::Events { .. } => events(r),
         Command::Apply { .. } => {
