@@ -309,11 +309,17 @@ pub(crate) fn reply(command: &Command, r: &Value) -> String {
             }
             out
         }
-        Command::Revert { .. } => format!(
-            "reverted {} in {}\n",
-            patch_line(&r["reverted"]),
-            duration_us(&r["duration_us"])
-        ),
+        Command::Revert { .. } => {
+            let mut out = format!(
+                "reverted {} in {}\n",
+                patch_line(&r["reverted"]),
+                duration_us(&r["duration_us"])
+            );
+            if !r["unaccepted"].is_null() {
+                out.push_str("  no longer accepted: it will not be re-applied at restart\n");
+            }
+            out
+        }
         Command::Replace { .. } => format!(
             "replaced {} by {} in {}\n  replaces {}\n",
             patch_line(&r["replaced"]),

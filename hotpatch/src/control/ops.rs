@@ -446,6 +446,11 @@ fn record(
 ) {
     let duration = started.elapsed();
     let file_text = file.map(|f| f.to_string_lossy().into_owned());
+    // The threads a timed-out transition waited for, by name and tid.
+    let stalled = outcome
+        .err()
+        .and_then(|f| f.extra.get("stalled"))
+        .map(Value::to_string);
     let (patch, outcome, message) = match outcome {
         Ok(p) => (
             Some((p.id.get(), p.name.clone())),
@@ -476,6 +481,7 @@ fn record(
             duration_us = duration.as_micros() as u64,
             peer_uid = peer.uid,
             peer_pid = peer.pid,
+            stalled_threads = stalled.as_deref(),
             reason = %message,
             "control {op} failed"
         );
