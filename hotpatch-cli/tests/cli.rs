@@ -1407,6 +1407,11 @@ fn accept_without_a_state_directory_is_refused_and_nothing_changes() {
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert_eq!(r.json()["error"]["kind"], json!("no_state_dir"));
     assert_eq!(patches_of(&status_of(&d)), owned(&[(BASIC, "applied")]));
+    // apply --accept is refused before anything is applied.
+    let r = run_in(&d, &["apply", &relative(&patch(V1)), "--accept"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    one_line_error(&r, "no_state_dir");
+    assert_eq!(patches_of(&status_of(&d)), owned(&[(BASIC, "applied")]));
     svc.quit();
 }
 

@@ -511,6 +511,12 @@ fn run(shared: &Shared, peer: &Peer, request: Request) -> Result<Map<String, Val
             watch,
             accept,
         } => {
+            if accept && shared.state.lock().is_none() {
+                // Refused before anything is applied.
+                let f = no_state_dir(shared);
+                record(shared, "apply", peer, started, Some(&file), Err(&f));
+                return Err(f);
+            }
             let loader = deadline(shared, d);
             let result = loader.load(&file).map_err(|e| failure_of(&e));
             let info = match result {
@@ -531,7 +537,13 @@ fn run(shared: &Shared, peer: &Peer, request: Request) -> Result<Map<String, Val
                 reply["watch"] = watched(shared, peer, &loader, &info, window)?;
             }
             if accept {
-                let entry = accept_patch(shared, peer, &info)?;
+                let entry = accept_patch(shared, peer, &info).map_err(|mut f| {
+                    f.message = format!(
+                        "{} (patch {} {} stays applied, not accepted)",
+                        f.message, info.id, info.name
+                    );
+                    f.with("patch", json!({ "id": info.id.get(), "name": info.name }))
+                })?;
                 reply["accepted"] = entry;
             }
             reply["patch"] = patch_json(shared, &info);
@@ -707,20 +719,23 @@ fn entry_json(shared: &Shared, id: u64) -> Value {
         .unwrap_or(Value::Null)
 }
 
+fn no_state_dir(shared: &Shared) -> Failure {
+    Failure::new(
+        "no_state_dir",
+        format!(
+            "{} has no state directory (ControlBuilder::state_dir): patches cannot be accepted",
+            shared.config.service
+        ),
+    )
+}
+
 /// Accepts applied patch `info`: stored in the state directory.
 fn accept_patch(shared: &Shared, peer: &Peer, info: &PatchInfo) -> Result<Value, Failure> {
     let started = Instant::now();
     let result = {
         let mut state = shared.state.lock();
         match state.as_mut() {
-            None => Err(Failure::new(
-                "no_state_dir",
-                format!(
-                    "{} has no state directory (ControlBuilder::state_dir): patches cannot be \
-                     accepted",
-                    shared.config.service
-                ),
-            )),
+            None => Err(no_state_dir(shared)),
             Some(store) if store.of(info.id.get()).is_some() => Err(Failure::new(
                 "already_accepted",
                 format!("patch {} {} is accepted already", info.id, info.name),
