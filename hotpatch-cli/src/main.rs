@@ -154,6 +154,11 @@ enum Command {
         /// At most this many (the last ones).
         #[arg(long, default_value_t = 100)]
         limit: u64,
+        /// Keep printing new events as they happen (asks twice a second)
+        /// until interrupted or the service is gone; with --json, one
+        /// event object per line.
+        #[arg(long, short)]
+        follow: bool,
         #[command(flatten)]
         target: Target,
     },
@@ -264,6 +269,13 @@ fn run(cli: &Cli) -> Result<u8, Fail> {
             since,
             limit,
             target,
+            follow: true,
+        } => return follow(cli, &resolve(target, &dirs)?, *since, *limit),
+        Command::Events {
+            since,
+            limit,
+            target,
+            ..
         } => (
             target,
             json!({"op": "events", "since": since, "limit": limit}),
@@ -510,6 +522,39 @@ fn ps(cli: &Cli, dirs: &[PathBuf]) -> Result<u8, Fail> {
         print!("{}", text::ps(&rows));
     }
     Ok(code::OK)
+}
+
+/// `events --follow`: prints events as they come, until the service is gone
+/// (exit 7) or an error.
+fn follow(cli: &Cli, socket: &Path, mut since: u64, limit: u64) -> Result<u8, Fail> {
+    let mut header = !cli.json;
+    loop {
+        let reply = request(
+            socket,
+            json!({"op": "events", "since": since, "limit": limit}),
+            Duration::from_secs(15),
+        )?;
+        if reply["ok"] != json!(true) {
+            return report(cli, &reply);
+        }
+        let events = reply["events"].as_array().cloned().unwrap_or_default();
+        for e in &events {
+            if cli.json {
+                println!("{e}");
+            } else {
+                if header {
+                    println!("{}", text::event_header());
+                    header = false;
+                }
+                println!("{}", text::event_line(e));
+            }
+        }
+        if !events.is_empty() {
+            let _ = std::io::stdout().flush();
+        }
+        since = reply["last_seq"].as_u64().unwrap_or(since);
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }
 
 /// The exit code of an error kind.

@@ -213,34 +213,43 @@ fn status(r: &Value) -> String {
     out
 }
 
+/// `events --follow`: the header, once.
+pub(crate) fn event_header() -> &'static str {
+    "SEQ  TIME (UTC)  OP  OUTCOME  PATCH  PEER  MESSAGE"
+}
+
+/// `events --follow`: one event, fields two spaces apart.
+pub(crate) fn event_line(e: &Value) -> String {
+    event_row(e).join("  ")
+}
+
+fn event_row(e: &Value) -> Vec<String> {
+    let patch = &e["patch"];
+    vec![
+        s(&e["seq"]),
+        e["at_ms"].as_u64().map_or("-".into(), utc),
+        s(&e["op"]),
+        s(&e["outcome"]),
+        if patch.is_null() {
+            "-".into()
+        } else {
+            format!("#{} {}", s(&patch["id"]), s(&patch["name"]))
+        },
+        if e["peer"].is_null() {
+            "-".into()
+        } else {
+            peer(&e["peer"])
+        },
+        s(&e["message"]),
+    ]
+}
+
 fn events(r: &Value) -> String {
     let events = arr(&r["events"]);
     if events.is_empty() {
         return "no events\n".into();
     }
-    let rows: Vec<Vec<String>> = events
-        .iter()
-        .map(|e| {
-            let patch = &e["patch"];
-            vec![
-                s(&e["seq"]),
-                e["at_ms"].as_u64().map_or("-".into(), utc),
-                s(&e["op"]),
-                s(&e["outcome"]),
-                if patch.is_null() {
-                    "-".into()
-                } else {
-                    format!("#{} {}", s(&patch["id"]), s(&patch["name"]))
-                },
-                if e["peer"].is_null() {
-                    "-".into()
-                } else {
-                    peer(&e["peer"])
-                },
-                s(&e["message"]),
-            ]
-        })
-        .collect();
+    let rows: Vec<Vec<String>> = events.iter().map(event_row).collect();
     table(
         &[
             "SEQ",
