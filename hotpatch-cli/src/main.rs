@@ -12,6 +12,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use serde_json::{Value, json};
 
+mod sign;
 mod text;
 
 /// Exit codes: the contract with scripts (also in `--help`).
@@ -29,12 +30,15 @@ mod code {
     /// Timed out: the transition was reversed, or another one went on
     /// past the deadline (nothing changed).
     pub const TIMED_OUT: u8 = 4;
-    /// Nothing to do: already applied, or no such applied patch.
+    /// Nothing to do: already applied or accepted, or no such applied patch.
     pub const NOTHING_TO_DO: u8 = 5;
     /// Not permitted: the socket or the service refused this user.
     pub const NOT_PERMITTED: u8 = 6;
     /// No such process: no control socket for it, or it is gone.
     pub const NO_PROCESS: u8 = 7;
+    /// Rolled back: the patch was applied, then reverted automatically in
+    /// its watch window (panics, a failed health check).
+    pub const ROLLED_BACK: u8 = 8;
 }
 
 const EXIT_CODES: &str = "\
@@ -44,14 +48,24 @@ Exit codes:
   2  usage error, or several patchable processes and no --pid
   3  refused: the patch failed a check, nothing changed
   4  timed out: the transition was reversed (or another one ran past the deadline), nothing changed
-  5  nothing to do: already applied, or no such applied patch
+  5  nothing to do: already applied or accepted, or no such applied patch
   6  not permitted: the service refuses this user
   7  no such process: no control socket for it, or it is gone
+  8  rolled back: applied, then reverted in its watch window (panics or a failed health check)
 
 With --json, a command the service answered prints its reply on stdout, one
 JSON object (schema: hotpatch::control::protocol); `ps --json` prints
 {\"v\":1,\"processes\":[{\"pid\",\"service\",\"patches\",\"socket\"}]}. Errors of the
-tool itself (no socket, not permitted to connect) are one line on stderr.";
+tool itself (no socket, not permitted to connect) are one line on stderr.
+
+Signing (keygen, sign, verify; not through a service): keys and signatures
+in minisign's format; `sign` writes <file>.minisig beside each patch, where
+the runtime looks for it. Passwords come from $HOTPATCH_SIGN_PASSWORD, or
+are asked for on a terminal; with neither, the command fails rather than
+wait for input. Examples:
+  hotpatch keygen --public patches.pub --secret patches.key
+  hotpatch sign --secret patches.key target/release/libfix.so
+  hotpatch verify --public patches.pub target/release/libfix.so";
 
 /// Operate the patches of running services (hotpatch control endpoint).
 #[derive(Parser, Debug)]
@@ -86,6 +100,22 @@ enum Command {
         /// How long to wait for registered threads (at most the service's own).
         #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
         deadline: Option<Duration>,
+        /// Keep the patch on trial this long: panics out of it or a failed
+        /// health check of the service revert it (exit code 8).
+        #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+        watch: Option<Duration>,
+        /// Accept the patch once applied (after its watch window): it is
+        /// re-applied when the service restarts.
+        #[arg(long)]
+        accept: bool,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Accept an applied patch, by id or name: it is re-applied when the
+    /// service restarts.
+    Accept {
+        /// The patch's id (`3` or `#3`) or its name.
+        patch: String,
         #[command(flatten)]
         target: Target,
     },
@@ -114,6 +144,8 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
+    #[command(flatten)]
+    Sign(sign::Command),
     /// Show the endpoint's recent events (operations and refusals).
     Events {
         /// Only events after this sequence number.
@@ -122,6 +154,11 @@ enum Command {
         /// At most this many (the last ones).
         #[arg(long, default_value_t = 100)]
         limit: u64,
+        /// Keep printing new events as they happen (asks twice a second)
+        /// until interrupted or the service is gone; with --json, one
+        /// event object per line.
+        #[arg(long, short)]
+        follow: bool,
         #[command(flatten)]
         target: Target,
     },
@@ -169,16 +206,40 @@ fn run(cli: &Cli) -> Result<u8, Fail> {
     };
     let (target, req, timeout) = match &cli.command {
         Command::Ps => return ps(cli, &dirs),
+        Command::Sign(command) => {
+            return sign::run(command)
+                .map(|()| code::OK)
+                .map_err(|e| fail(code::ERROR, e.to_string()));
+        }
         Command::Status { target } => (target, json!({"op": "status"}), None),
         Command::Apply {
             file,
             deadline,
+            watch,
+            accept,
             target,
         } => {
             let mut r = json!({"op": "apply", "file": absolute(file)?});
             set_deadline(&mut r, *deadline);
-            (target, r, Some(*deadline))
+            if let Some(w) = watch {
+                r["watch_ms"] = json!(w.as_millis() as u64);
+            }
+            if *accept {
+                r["accept"] = json!(true);
+            }
+            // The reply comes after the window.
+            let wait = deadline.map(|d| d + watch.unwrap_or_default());
+            (
+                target,
+                r,
+                Some(wait.or(watch.map(|w| w + Duration::from_secs(120)))),
+            )
         }
+        Command::Accept { patch, target } => (
+            target,
+            json!({"op": "accept", "patch": patch_ref(patch)}),
+            None,
+        ),
         Command::Check { file, target } => (
             target,
             json!({"op": "check", "file": absolute(file)?}),
@@ -208,6 +269,13 @@ fn run(cli: &Cli) -> Result<u8, Fail> {
             since,
             limit,
             target,
+            follow: true,
+        } => return follow(cli, &resolve(target, &dirs)?, *since, *limit),
+        Command::Events {
+            since,
+            limit,
+            target,
+            ..
         } => (
             target,
             json!({"op": "events", "since": since, "limit": limit}),
@@ -456,10 +524,45 @@ fn ps(cli: &Cli, dirs: &[PathBuf]) -> Result<u8, Fail> {
     Ok(code::OK)
 }
 
+/// `events --follow`: prints events as they come, until the service is gone
+/// (exit 7) or an error.
+fn follow(cli: &Cli, socket: &Path, mut since: u64, limit: u64) -> Result<u8, Fail> {
+    let mut header = !cli.json;
+    loop {
+        let reply = request(
+            socket,
+            json!({"op": "events", "since": since, "limit": limit}),
+            Duration::from_secs(15),
+        )?;
+        if reply["ok"] != json!(true) {
+            return report(cli, &reply);
+        }
+        let events = reply["events"].as_array().cloned().unwrap_or_default();
+        for e in &events {
+            if cli.json {
+                println!("{e}");
+            } else {
+                if header {
+                    println!("{}", text::event_header());
+                    header = false;
+                }
+                println!("{}", text::event_line(e));
+            }
+        }
+        if !events.is_empty() {
+            let _ = std::io::stdout().flush();
+        }
+        since = reply["last_seq"].as_u64().unwrap_or(since);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
 /// The exit code of an error kind.
 fn code_of(kind: &str) -> u8 {
     match kind {
-        "already_applied" | "not_applied" => code::NOTHING_TO_DO,
+        "already_applied" | "not_applied" | "already_accepted" => code::NOTHING_TO_DO,
+        "rolled_back" | "rollback_failed" => code::ROLLED_BACK,
+        "no_state_dir" | "state" => code::ERROR,
         "timeout" | "busy" => code::TIMED_OUT,
         "not_permitted" => code::NOT_PERMITTED,
         "ambiguous_patch" => code::USAGE,
@@ -525,5 +628,8 @@ mod tests {
         assert_eq!(code_of("unknown_target"), code::REFUSED);
         assert_eq!(code_of("untrusted"), code::REFUSED);
         assert_eq!(code_of("bad_request"), code::ERROR);
+        assert_eq!(code_of("already_accepted"), code::NOTHING_TO_DO);
+        assert_eq!(code_of("rolled_back"), code::ROLLED_BACK);
+        assert_eq!(code_of("no_state_dir"), code::ERROR);
     }
 }

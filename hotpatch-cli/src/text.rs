@@ -209,7 +209,39 @@ fn status(r: &Value) -> String {
             out.push_str(&threads(waiting));
         }
     }
+    out.push_str(&state(&r["state"]));
     out
+}
+
+/// `events --follow`: the header, once.
+pub(crate) fn event_header() -> &'static str {
+    "SEQ  TIME (UTC)  OP  OUTCOME  PATCH  PEER  MESSAGE"
+}
+
+/// `events --follow`: one event, fields two spaces apart.
+pub(crate) fn event_line(e: &Value) -> String {
+    event_row(e).join("  ")
+}
+
+fn event_row(e: &Value) -> Vec<String> {
+    let patch = &e["patch"];
+    vec![
+        s(&e["seq"]),
+        e["at_ms"].as_u64().map_or("-".into(), utc),
+        s(&e["op"]),
+        s(&e["outcome"]),
+        if patch.is_null() {
+            "-".into()
+        } else {
+            format!("#{} {}", s(&patch["id"]), s(&patch["name"]))
+        },
+        if e["peer"].is_null() {
+            "-".into()
+        } else {
+            peer(&e["peer"])
+        },
+        s(&e["message"]),
+    ]
 }
 
 fn events(r: &Value) -> String {
@@ -217,29 +249,7 @@ fn events(r: &Value) -> String {
     if events.is_empty() {
         return "no events\n".into();
     }
-    let rows: Vec<Vec<String>> = events
-        .iter()
-        .map(|e| {
-            let patch = &e["patch"];
-            vec![
-                s(&e["seq"]),
-                e["at_ms"].as_u64().map_or("-".into(), utc),
-                s(&e["op"]),
-                s(&e["outcome"]),
-                if patch.is_null() {
-                    "-".into()
-                } else {
-                    format!("#{} {}", s(&patch["id"]), s(&patch["name"]))
-                },
-                if e["peer"].is_null() {
-                    "-".into()
-                } else {
-                    peer(&e["peer"])
-                },
-                s(&e["message"]),
-            ]
-        })
-        .collect();
+    let rows: Vec<Vec<String>> = events.iter().map(event_row).collect();
     table(
         &[
             "SEQ",
@@ -257,17 +267,37 @@ fn events(r: &Value) -> String {
 /// The text of a successful reply to `command`.
 pub(crate) fn reply(command: &Command, r: &Value) -> String {
     match command {
-        Command::Ps => String::new(),
+        Command::Ps | Command::Sign(_) => String::new(),
         Command::Status { .. } => status(r),
         Command::Events { .. } => events(r),
         Command::Apply { .. } => {
             let p = &r["patch"];
-            format!(
+            let mut out = format!(
                 "applied {} ({}) in {}\n  replaces {}\n",
                 patch_line(p),
                 s(&p["description"]),
                 duration_us(&r["duration_us"]),
                 functions(&p["functions"])
+            );
+            let w = &r["watch"];
+            if !w.is_null() {
+                out.push_str(&format!(
+                    "kept after a {} watch window: {} panic(s), {} round(s) of health checks\n",
+                    ms(&w["window_ms"]),
+                    s(&w["panics"]),
+                    s(&w["check_rounds"])
+                ));
+            }
+            if !r["accepted"].is_null() {
+                out.push_str(&accepted(&r["accepted"]));
+            }
+            out
+        }
+        Command::Accept { .. } => {
+            format!(
+                "{}{}",
+                patch_line(&r["patch"]),
+                accepted(&r["accepted"]).trim_start_matches("  ")
             )
         }
         Command::Check { .. } => {
@@ -288,11 +318,17 @@ pub(crate) fn reply(command: &Command, r: &Value) -> String {
             }
             out
         }
-        Command::Revert { .. } => format!(
-            "reverted {} in {}\n",
-            patch_line(&r["reverted"]),
-            duration_us(&r["duration_us"])
-        ),
+        Command::Revert { .. } => {
+            let mut out = format!(
+                "reverted {} in {}\n",
+                patch_line(&r["reverted"]),
+                duration_us(&r["duration_us"])
+            );
+            if !r["unaccepted"].is_null() {
+                out.push_str("  no longer accepted: it will not be re-applied at restart\n");
+            }
+            out
+        }
         Command::Replace { .. } => format!(
             "replaced {} by {} in {}\n  replaces {}\n",
             patch_line(&r["replaced"]),
@@ -301,6 +337,74 @@ pub(crate) fn reply(command: &Command, r: &Value) -> String {
             functions(&r["patch"]["functions"])
         ),
     }
+}
+
+fn accepted(a: &Value) -> String {
+    format!(
+        "  accepted as #{}: kept in {}, re-applied at restart\n",
+        s(&a["seq"]),
+        s(&a["file"])
+    )
+}
+
+fn state(st: &Value) -> String {
+    if st.is_null() {
+        return "\nACCEPTED  no state directory (patches cannot be accepted)\n".into();
+    }
+    let mut out = format!("\nACCEPTED  state directory {}", s(&st["dir"]));
+    if st["disabled"] == Value::Bool(true) {
+        out.push_str("  (HOTPATCH_DISABLE set: none applied at start-up)");
+    }
+    out.push('\n');
+    let rows: Vec<Vec<String>> = arr(&st["accepted"])
+        .iter()
+        .map(|e| {
+            vec![
+                s(&e["seq"]),
+                s(&e["name"]),
+                s(&e["version"]),
+                if e["applied_as"].is_null() {
+                    "not applied".into()
+                } else {
+                    format!("#{}", s(&e["applied_as"]))
+                },
+                e["accepted_at_ms"].as_u64().map_or("-".into(), utc),
+                s(&e["file"]),
+            ]
+        })
+        .collect();
+    if rows.is_empty() {
+        out.push_str("none accepted\n");
+    } else {
+        out.push_str(&table(
+            &[
+                "#",
+                "NAME",
+                "VERSION",
+                "APPLIED AS",
+                "ACCEPTED (UTC)",
+                "STORED",
+            ],
+            &rows,
+        ));
+    }
+    let rejected = arr(&st["rejected"]);
+    if !rejected.is_empty() {
+        out.push_str("\nREJECTED AT START-UP (set aside, not applied)\n");
+        let rows: Vec<Vec<String>> = rejected
+            .iter()
+            .map(|r| {
+                vec![
+                    s(&r["kind"]),
+                    s(&r["name"]),
+                    s(&r["moved_to"]),
+                    s(&r["message"]),
+                ]
+            })
+            .collect();
+        out.push_str(&table(&["WHY", "NAME", "KEPT IN", "MESSAGE"], &rows));
+    }
+    out
 }
 
 fn functions(v: &Value) -> String {

@@ -26,6 +26,7 @@ const BASIC: &str = "fixture-patch-basic";
 const V1: &str = "fixture-patch-replace-v1";
 const V2: &str = "fixture-patch-replace-v2";
 const BAD_RUSTC: &str = "fixture-patch-bad-rustc";
+const WATCH_PANIC: &str = "fixture-patch-watch-panic";
 
 /// A guard against hangs only: nothing here asserts on time.
 const GUARD: Duration = Duration::from_secs(30);
@@ -54,7 +55,7 @@ fn built() -> &'static PathBuf {
         cmd.current_dir(root())
             .args(["build", "--quiet", "--target-dir"])
             .arg(&dir);
-        for p in [SERVICE, BASIC, V1, V2, BAD_RUSTC] {
+        for p in [SERVICE, BASIC, V1, V2, BAD_RUSTC, WATCH_PANIC] {
             cmd.args(["-p", p]);
         }
         if !cfg!(debug_assertions) {
@@ -94,6 +95,7 @@ fn scratch() -> PathBuf {
 struct Seen {
     served: u64,
     wrong: u64,
+    panicked: u64,
     lines: Vec<String>,
     /// Its stderr: the endpoint's `tracing` events.
     log: Vec<String>,
@@ -110,6 +112,11 @@ struct Service {
 
 impl Service {
     fn start(name: &str, args: &[&str]) -> Service {
+        Service::start_env(name, args, &[])
+    }
+
+    /// With these environment variables set in the service.
+    fn start_env(name: &str, args: &[&str], env: &[(&str, &str)]) -> Service {
         let dir = scratch();
         std::fs::create_dir_all(&dir).unwrap();
         let sockets = dir.join("sock");
@@ -118,6 +125,8 @@ impl Service {
             .arg(&sockets)
             .args(["--name", name])
             .args(args)
+            .env_remove("HOTPATCH_DISABLE")
+            .envs(env.iter().copied())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -134,9 +143,10 @@ impl Service {
                     let Ok(line) = line else { return };
                     let mut s = seen.lock().unwrap();
                     let words: Vec<&str> = line.split(' ').collect();
-                    if let ["served", n, "wrong", w] = words[..] {
+                    if let ["served", n, "wrong", w, "panicked", p] = words[..] {
                         s.served = n.parse().unwrap();
                         s.wrong = w.parse().unwrap();
+                        s.panicked = p.parse().unwrap();
                     } else {
                         s.lines.push(line);
                     }
@@ -1064,4 +1074,513 @@ fn the_idle_endpoint_does_no_work() {
         "a request wakes the endpoint thread: {a:?} -> {woken:?}"
     );
     svc.quit();
+}
+
+// --- accept, restore, kill switch (the state directory) ---
+
+/// `status --json` of the only service in `d`.
+fn status_of(d: &Path) -> Value {
+    let r = run_in(d, &["status", "--json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    r.json()
+}
+
+/// (name, state) of each applied patch, oldest first.
+fn patches_of(status: &Value) -> Vec<(String, String)> {
+    status["patches"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap().to_owned(),
+                p["state"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn owned(v: &[(&str, &str)]) -> Vec<(String, String)> {
+    v.iter()
+        .map(|(a, b)| ((*a).to_owned(), (*b).to_owned()))
+        .collect()
+}
+
+/// A state directory for several lives of a service.
+fn state_dir() -> PathBuf {
+    let d = scratch();
+    std::fs::create_dir_all(&d).unwrap();
+    d.join("state")
+}
+
+/// Starts a service on `state`, applies BASIC then V1 and accepts both.
+fn apply_and_accept_two(state: &Path) -> Service {
+    let svc = Service::start("accept", &["--state-dir", path_str(state)]);
+    let d = svc.dir.clone();
+    for p in [BASIC, V1] {
+        let r = run_in(&d, &["apply", &relative(&patch(p))]);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+    }
+    // By name, in text.
+    let r = run_in(&d, &["accept", BASIC]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stdout.contains("accepted as #") && r.stdout.contains("re-applied at restart"),
+        "{}",
+        r.stdout
+    );
+    // By id, in JSON.
+    let id = status_of(&d)["patches"][1]["id"].as_u64().unwrap();
+    let r = run_in(&d, &["accept", &format!("#{id}"), "--json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let reply = r.json();
+    assert_eq!(reply["accepted"]["name"], json!(V1), "{reply}");
+    assert_eq!(reply["patch"]["state"], json!("accepted"), "{reply}");
+    // Accepting it again is not a failure: nothing to do.
+    let r = run_in(&d, &["accept", V1]);
+    assert_eq!(r.code, 5, "{} {}", r.stdout, r.stderr);
+    assert!(r.stdout.contains("nothing to do"), "{}", r.stdout);
+    assert_eq!(
+        patches_of(&status_of(&d)),
+        owned(&[(BASIC, "accepted"), (V1, "accepted")])
+    );
+    svc
+}
+
+/// SIGKILL: no destructor, no flush.
+fn kill(mut svc: Service) {
+    svc.child.kill().unwrap();
+    svc.child.wait().unwrap();
+}
+
+#[test]
+fn accepted_patches_come_back_after_sigkill_in_order_and_not_with_the_kill_switch() {
+    let state = state_dir();
+    let svc = apply_and_accept_two(&state);
+    let served = svc.served();
+    assert!(
+        serves_wrongly_never(&svc, served),
+        "traffic with both patches"
+    );
+    kill(svc);
+
+    let svc = Service::start("accept", &["--state-dir", path_str(&state)]);
+    let d = svc.dir.clone();
+    let st = status_of(&d);
+    assert_eq!(
+        patches_of(&st),
+        owned(&[(BASIC, "accepted"), (V1, "accepted")]),
+        "{st}"
+    );
+    assert_eq!(
+        implementation_of(&st, "svc::answer")["name"],
+        json!(BASIC),
+        "restored before serving"
+    );
+    assert_eq!(st["state"]["rejected"], json!([]), "{st}");
+    let seqs: Vec<u64> = st["state"]["accepted"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, vec![1, 2]);
+    let events = run_in(&d, &["events", "--json"]).json();
+    let restored: Vec<&str> = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["op"] == json!("restore") && e["outcome"] == json!("ok"))
+        .map(|e| e["patch"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(restored, vec![BASIC, V1], "{events}");
+    svc.serves_beyond(0);
+    kill(svc);
+
+    // The kill switch: none applied, the record kept.
+    let svc = Service::start_env(
+        "accept",
+        &["--state-dir", path_str(&state)],
+        &[("HOTPATCH_DISABLE", "1")],
+    );
+    let st = status_of(&svc.dir);
+    assert_eq!(st["patches"], json!([]), "{st}");
+    assert_eq!(st["state"]["disabled"], json!(true));
+    assert_eq!(st["state"]["accepted"].as_array().unwrap().len(), 2);
+    assert!(st["state"]["accepted"][0]["applied_as"].is_null());
+    let text = run_in(&svc.dir, &["status"]).stdout;
+    assert!(text.contains("HOTPATCH_DISABLE set"), "{text}");
+    svc.quit();
+
+    // Revert of an accepted patch takes it out of the record; a replace
+    // puts the new one in its place.
+    let svc = Service::start("accept", &["--state-dir", path_str(&state)]);
+    let d = svc.dir.clone();
+    let r = run_in(&d, &["revert", BASIC, "--json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.json()["unaccepted"]["name"], json!(BASIC));
+    let r = run_in(&d, &["replace", V1, &relative(&patch(V2))]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(patches_of(&status_of(&d)), owned(&[(V2, "accepted")]));
+    kill(svc);
+    let svc = Service::start("accept", &["--state-dir", path_str(&state)]);
+    assert_eq!(patches_of(&status_of(&svc.dir)), owned(&[(V2, "accepted")]));
+    let stored: Vec<String> = std::fs::read_dir(state.join("patches"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        stored.len(),
+        1,
+        "the copies of reverted and replaced patches are gone: {stored:?}"
+    );
+    svc.quit();
+}
+
+/// No wrong answer while serving beyond `than`.
+fn serves_wrongly_never(svc: &Service, than: u64) -> bool {
+    svc.serves_beyond(than) > than
+}
+
+fn record(state: &Path) -> Value {
+    serde_json::from_slice(&std::fs::read(state.join("accepted.json")).unwrap()).unwrap()
+}
+
+fn write_record(state: &Path, v: &Value) {
+    std::fs::write(state.join("accepted.json"), v.to_string()).unwrap();
+}
+
+fn stored(state: &Path, entry: &Value) -> PathBuf {
+    state.join("patches").join(entry["file"].as_str().unwrap())
+}
+
+/// The (kind, name) of each rejected item.
+fn rejected_of(st: &Value) -> Vec<(String, String)> {
+    st["state"]["rejected"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["kind"].as_str().unwrap().to_owned(),
+                r["name"].as_str().unwrap_or("-").to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn rejected_files(state: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(state.join("rejected"))
+        .map(|d| {
+            d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+#[test]
+fn a_broken_state_directory_is_reported_set_aside_and_the_rest_applied() {
+    // A tampered copy: BASIC is set aside, V1 applied.
+    let state = state_dir();
+    kill(apply_and_accept_two(&state));
+    let rec = record(&state);
+    let basic_copy = stored(&state, &rec["patches"][0]);
+    let mut bytes = std::fs::read(&basic_copy).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&basic_copy, bytes).unwrap();
+    let svc = Service::start("broken", &["--state-dir", path_str(&state)]);
+    let st = status_of(&svc.dir);
+    assert_eq!(patches_of(&st), owned(&[(V1, "accepted")]), "{st}");
+    assert_eq!(rejected_of(&st), owned(&[("tampered", BASIC)]), "{st}");
+    assert!(!basic_copy.exists(), "set aside");
+    let files = rejected_files(&state);
+    assert!(
+        files
+            .iter()
+            .any(|f| f.ends_with("-1-fixture-patch-basic.so"))
+            && files.iter().any(|f| f.ends_with(".so.reason")),
+        "{files:?}"
+    );
+    assert_eq!(
+        record(&state)["patches"].as_array().unwrap().len(),
+        1,
+        "dropped from the record"
+    );
+    svc.wait_log(|l| l.contains("accepted patch not restored") && l.contains("tampered"));
+    let text = run_in(&svc.dir, &["status"]).stdout;
+    assert!(
+        text.contains("REJECTED AT START-UP") && text.contains("tampered"),
+        "{text}"
+    );
+    // Accept BASIC again: the record is now [V1, BASIC].
+    let r = run_in(&svc.dir, &["apply", &relative(&patch(BASIC)), "--accept"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    kill(svc);
+
+    // A missing copy (V1) and a patch built for another build (another
+    // rustc, stored with its right checksum): both set aside, BASIC applied.
+    let mut rec = record(&state);
+    std::fs::remove_file(stored(&state, &rec["patches"][0])).unwrap();
+    let other = state.join("patches").join("9-other-build.so");
+    std::fs::copy(patch(BAD_RUSTC), &other).unwrap();
+    let sum = {
+        let out = Command::new("sha256sum").arg(&other).output().unwrap();
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap()
+            .to_owned()
+    };
+    let mut entry = rec["patches"][1].clone();
+    entry["seq"] = json!(9);
+    entry["name"] = json!(BAD_RUSTC);
+    entry["file"] = json!("9-other-build.so");
+    entry["sha256"] = json!(sum);
+    rec["patches"].as_array_mut().unwrap().push(entry);
+    write_record(&state, &rec);
+    let svc = Service::start("broken", &["--state-dir", path_str(&state)]);
+    let st = status_of(&svc.dir);
+    assert_eq!(patches_of(&st), owned(&[(BASIC, "accepted")]), "{st}");
+    assert_eq!(
+        rejected_of(&st),
+        owned(&[("missing", V1), ("rustc_mismatch", BAD_RUSTC)]),
+        "{st}"
+    );
+    kill(svc);
+
+    // An entry that is not an entry: reported, the others applied.
+    let mut rec = record(&state);
+    rec["patches"]
+        .as_array_mut()
+        .unwrap()
+        .insert(0, json!({"seq": "x", "name": "junk"}));
+    write_record(&state, &rec);
+    let svc = Service::start("broken", &["--state-dir", path_str(&state)]);
+    let st = status_of(&svc.dir);
+    assert_eq!(patches_of(&st), owned(&[(BASIC, "accepted")]), "{st}");
+    assert_eq!(rejected_of(&st), owned(&[("bad_entry", "junk")]), "{st}");
+    kill(svc);
+
+    // A corrupt record, then one of another format version: the service
+    // starts with none, says why, and keeps the record aside.
+    for (bytes, kind) in [
+        (
+            b"{\"format\":1,\"next_seq\":3,\"patches\":[{\"seq\"".to_vec(),
+            "corrupt_record",
+        ),
+        (
+            json!({"format": 99, "next_seq": 1, "patches": []})
+                .to_string()
+                .into_bytes(),
+            "unsupported_format",
+        ),
+    ] {
+        std::fs::write(state.join("accepted.json"), &bytes).unwrap();
+        let svc = Service::start("broken", &["--state-dir", path_str(&state)]);
+        let st = status_of(&svc.dir);
+        assert_eq!(st["patches"], json!([]), "{st}");
+        assert_eq!(rejected_of(&st), owned(&[(kind, "-")]), "{st}");
+        assert!(!state.join("accepted.json").exists(), "set aside");
+        assert!(
+            rejected_files(&state)
+                .iter()
+                .any(|f| f.ends_with("-accepted.json")),
+            "{:?}",
+            rejected_files(&state)
+        );
+        svc.serves_beyond(0);
+        svc.quit();
+    }
+}
+
+#[test]
+fn accept_without_a_state_directory_is_refused_and_nothing_changes() {
+    let svc = Service::start("nostate", &[]);
+    let d = svc.dir.clone();
+    let r = run_in(&d, &["apply", &relative(&patch(BASIC))]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let r = run_in(&d, &["accept", BASIC, "--json"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert_eq!(r.json()["error"]["kind"], json!("no_state_dir"));
+    assert_eq!(patches_of(&status_of(&d)), owned(&[(BASIC, "applied")]));
+    // apply --accept is refused before anything is applied.
+    let r = run_in(&d, &["apply", &relative(&patch(V1)), "--accept"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    one_line_error(&r, "no_state_dir");
+    assert_eq!(patches_of(&status_of(&d)), owned(&[(BASIC, "applied")]));
+    svc.quit();
+}
+
+// --- watch windows and rollback ---
+
+#[test]
+fn a_patch_that_panics_under_traffic_is_rolled_back_within_its_window() {
+    let svc = Service::start("watch-panic", &[]);
+    let d = svc.dir.clone();
+    let before = svc.served();
+    let r = run_in(
+        &d,
+        &[
+            "apply",
+            &relative(&patch(WATCH_PANIC)),
+            "--watch",
+            "20s",
+            "--json",
+        ],
+    );
+    assert_eq!(r.code, 8, "rolled back: {} {}", r.stdout, r.stderr);
+    let reply = r.json();
+    assert_eq!(reply["error"]["kind"], json!("rolled_back"), "{reply}");
+    assert!(reply["error"]["panics"].as_u64().unwrap() >= 1, "{reply}");
+    assert!(
+        reply["error"]["reason"].as_str().unwrap().contains("panic"),
+        "{reply}"
+    );
+    assert!(
+        svc.seen.lock().unwrap().panicked >= 1,
+        "the patch did panic under traffic"
+    );
+    let st = status_of(&d);
+    assert_eq!(st["patches"], json!([]), "{st}");
+    assert_eq!(
+        implementation_of(&st, "svc::answer"),
+        json!({"kind": "original"})
+    );
+    let events = run_in(&d, &["events"]).stdout;
+    assert!(
+        events
+            .lines()
+            .any(|l| l.contains("rollback") && l.contains("rolled_back") && l.contains("panic")),
+        "{events}"
+    );
+    svc.wait_log(|l| l.contains("op=\"rollback\"") || l.contains("op=rollback"));
+    // Traffic flows again, unpatched and right.
+    let panicked = svc.seen.lock().unwrap().panicked;
+    let now = svc.serves_beyond(before);
+    svc.serves_beyond(now + 100);
+    assert_eq!(
+        svc.seen.lock().unwrap().panicked,
+        panicked,
+        "no panic after the rollback"
+    );
+    // Text output: one line on stderr, exit 8.
+    svc.quit();
+}
+
+#[test]
+fn a_failing_health_check_rolls_back() {
+    let svc = Service::start("watch-health", &["--unhealthy-if-answer", "2"]);
+    let d = svc.dir.clone();
+    let r = run_in(&d, &["apply", &relative(&patch(BASIC)), "--watch", "20s"]);
+    assert_eq!(r.code, 8, "{} {}", r.stdout, r.stderr);
+    one_line_error(&r, "rolled_back");
+    assert!(
+        r.stderr
+            .contains("health check `answer` failed: answer() is 2"),
+        "{}",
+        r.stderr
+    );
+    let st = status_of(&d);
+    assert_eq!(st["patches"], json!([]), "{st}");
+    let ev = run_in(&d, &["events", "--json"]).json();
+    let rollback = ev["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["op"] == json!("rollback"))
+        .cloned()
+        .unwrap_or_else(|| panic!("no rollback event: {ev}"));
+    assert_eq!(rollback["outcome"], json!("rolled_back"));
+    assert_eq!(rollback["patch"]["name"], json!(BASIC));
+    svc.quit();
+}
+
+#[test]
+fn a_healthy_patch_stays_after_its_window_and_is_accepted_with_accept() {
+    let state = state_dir();
+    // The health check fails only for an answer no patch gives.
+    let svc = Service::start(
+        "watch-ok",
+        &[
+            "--state-dir",
+            path_str(&state),
+            "--unhealthy-if-answer",
+            "7",
+        ],
+    );
+    let d = svc.dir.clone();
+    let r = run_in(
+        &d,
+        &[
+            "apply",
+            &relative(&patch(BASIC)),
+            "--watch",
+            "1s",
+            "--accept",
+            "--json",
+        ],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let reply = r.json();
+    assert_eq!(reply["watch"]["outcome"], json!("kept"), "{reply}");
+    assert_eq!(reply["watch"]["panics"], json!(0), "{reply}");
+    assert!(
+        reply["watch"]["check_rounds"].as_u64().unwrap() >= 1,
+        "{reply}"
+    );
+    assert_eq!(reply["patch"]["state"], json!("accepted"), "{reply}");
+    assert_eq!(reply["accepted"]["name"], json!(BASIC), "{reply}");
+    // Without --accept: kept, on trial.
+    let r = run_in(&d, &["apply", &relative(&patch(V1)), "--watch", "500ms"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stdout.contains("kept after a 500 ms watch window"),
+        "{}",
+        r.stdout
+    );
+    assert_eq!(
+        patches_of(&status_of(&d)),
+        owned(&[(BASIC, "accepted"), (V1, "applied")])
+    );
+    svc.quit();
+}
+
+#[test]
+fn events_follow_prints_new_events_as_they_happen_and_ends_with_the_service() {
+    let svc = Service::start("follow", &[]);
+    let d = svc.dir.clone();
+    let mut child = spawn_in(&d, &["events", "--follow", "--json"]);
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let next = |what: &str| -> Value {
+        let line = rx
+            .recv_timeout(GUARD)
+            .unwrap_or_else(|_| panic!("no event line for {what}"));
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
+    };
+    assert_eq!(next("listen")["op"], json!("listen"));
+    // Only after it printed the past: an apply made now is a new event.
+    let r = run_in(&d, &["apply", &relative(&patch(BASIC))]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let e = next("apply");
+    assert_eq!(e["op"], json!("apply"), "{e}");
+    assert_eq!(e["patch"]["name"], json!(BASIC), "{e}");
+    let r = run_in(&d, &["revert", BASIC]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(next("revert")["op"], json!("revert"));
+    svc.quit();
+    let run = finish(child);
+    assert_eq!(run.code, 7, "the service is gone: {}", run.stderr);
 }

@@ -34,6 +34,10 @@ pub struct Transport {
     /// the sending side's `free`.
     owner: *mut (),
     free: Option<unsafe fn(*mut ())>,
+    /// Which patch library raised it in the host: the address of that
+    /// library's [`HOST_RAISE`] cell (null for panics not sent by a patch).
+    /// The host counts panics per library with it ([`panics_from`]).
+    origin: *const (),
 }
 
 const KIND_STATIC: u8 = 0;
@@ -53,6 +57,7 @@ impl Transport {
                     len: s.len(),
                     owner: std::ptr::null_mut(),
                     free: None,
+                    origin: std::ptr::null(),
                 };
             }
             Err(p) => p,
@@ -66,6 +71,7 @@ impl Transport {
                     len,
                     owner: Box::into_raw(s).cast(),
                     free: Some(free_string),
+                    origin: std::ptr::null(),
                 }
             }
             Err(_) => Transport {
@@ -74,6 +80,7 @@ impl Transport {
                 len: OTHER_PAYLOAD.len(),
                 owner: std::ptr::null_mut(),
                 free: None,
+                origin: std::ptr::null(),
             },
         }
     }
@@ -87,6 +94,7 @@ impl Transport {
             len,
             owner: Box::into_raw(Box::new(text)).cast(),
             free: Some(free_string),
+            origin: std::ptr::null(),
         }
     }
 
@@ -138,8 +146,35 @@ pub fn catch<R>(f: impl FnOnce() -> R) -> Result<R, Transport> {
     panic::catch_unwind(AssertUnwindSafe(f)).map_err(Transport::from_payload)
 }
 
+/// Panics raised in this process by each patch library, by the address of
+/// its `HOST_RAISE` cell. Touched only on the panic path (a patch's panic
+/// reaching the host), never by a call that does not panic.
+static PANICS: parking_lot::Mutex<Vec<(usize, u64)>> = parking_lot::Mutex::new(Vec::new());
+
+/// How many panics the patch library whose `HOST_RAISE` cell is at
+/// `origin` has raised in the host so far (the control endpoint's watch
+/// windows compare two readings).
+pub(crate) fn panics_from(origin: usize) -> u64 {
+    PANICS
+        .lock()
+        .iter()
+        .find(|(o, _)| *o == origin)
+        .map_or(0, |(_, n)| *n)
+}
+
+fn count(origin: usize) {
+    let mut panics = PANICS.lock();
+    match panics.iter_mut().find(|(o, _)| *o == origin) {
+        Some((_, n)) => *n += 1,
+        None => panics.push((origin, 1)),
+    }
+}
+
 /// Raises a transported panic with this copy of std.
 pub fn raise(t: Transport) -> ! {
+    if !t.origin.is_null() {
+        count(t.origin as usize);
+    }
     let payload = t.into_payload();
     panic::resume_unwind(payload)
 }
@@ -158,7 +193,10 @@ pub fn enter<R>(f: impl FnOnce() -> R) -> R {
     }
 }
 
-fn raise_in_host(t: Transport) -> ! {
+fn raise_in_host(mut t: Transport) -> ! {
+    // This library's own cell: the host knows it (it wrote it) and counts
+    // the panics of each patch by it.
+    t.origin = std::ptr::addr_of!(HOST_RAISE).cast();
     // Acquire: pairs with the runtime's Release store of the slot that
     // published this patch, which happened after it wrote this cell.
     let host = HOST_RAISE.load(Ordering::Acquire);
@@ -198,6 +236,20 @@ mod tests {
         let t = catch(|| panic!("again")).unwrap_err();
         let caught = std::panic::catch_unwind(|| raise(t)).unwrap_err();
         assert_eq!(*caught.downcast::<&str>().unwrap(), "again");
+    }
+
+    #[test]
+    fn panics_are_counted_by_origin_only_when_sent_by_a_patch() {
+        // A cell standing for a patch library's HOST_RAISE.
+        static CELL: u64 = 0;
+        let origin = std::ptr::addr_of!(CELL) as usize;
+        assert_eq!(panics_from(origin), 0);
+        let mut t = catch(|| panic!("from a patch")).unwrap_err();
+        t.origin = origin as *const ();
+        let _ = std::panic::catch_unwind(|| raise(t));
+        let local = catch(|| panic!("not from a patch")).unwrap_err();
+        let _ = std::panic::catch_unwind(|| raise(local));
+        assert_eq!(panics_from(origin), 1);
     }
 
     #[test]

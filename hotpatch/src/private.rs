@@ -14,8 +14,9 @@ pub use crate::panic::{HOST_RAISE, Transport, catch, enter, raise};
 pub use crate::slot::{FnAddr, Slot};
 pub use linkme;
 
-/// Version of the layout of [`Manifest`], [`PatchFn`] and [`Entry`].
-pub const ABI_VERSION: u32 = 1;
+/// Version of the layout of [`Manifest`], [`PatchFn`], [`Entry`] and
+/// [`Transport`] (2: a transported panic names the library that raised it).
+pub const ABI_VERSION: u32 = 2;
 /// The manifest's first eight bytes.
 pub const MAGIC: [u8; 8] = *b"HOTPATCH";
 /// The symbol a patch exports its [`Manifest`] under.

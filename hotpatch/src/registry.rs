@@ -58,6 +58,9 @@ struct Applied {
     info: Arc<PatchInfo>,
     /// Which loaded library it came from (see `loader`).
     library: u64,
+    /// The address of its library's `HOST_RAISE` cell: how the host's
+    /// panic counter names it (`panic::panics_from`).
+    panic_origin: usize,
     /// Indexes into `fns`.
     targets: Vec<usize>,
 }
@@ -304,6 +307,7 @@ impl Registry {
         self.applied.push(Applied {
             info: info.clone(),
             library,
+            panic_origin: std::ptr::from_ref(m.host_raise) as usize,
             targets,
         });
         info
@@ -326,6 +330,14 @@ impl Registry {
                 self.fns[idx].layers.retain(|l| l.patch != id);
             }
         }
+    }
+
+    /// The `panic::panics_from` key of the applied patch `id`.
+    pub(crate) fn panic_origin(&self, id: PatchId) -> Option<usize> {
+        self.applied
+            .iter()
+            .find(|a| a.info.id == id)
+            .map(|a| a.panic_origin)
     }
 
     /// Libraries that applied patches come from.

@@ -34,7 +34,7 @@ const MAX_SIGNATURE: u64 = 64 * 1024;
 /// A public key patches may be signed with, in minisign's format.
 ///
 /// Create a key pair and sign with `minisign` (`minisign -G`, `minisign -Sm
-/// patch.so`) or with this repository's `hotpatch-sign` tool; the
+/// patch.so`) or with this repository's `hotpatch sign` (`hotpatch-cli`); the
 /// signature goes next to the patch as `<file>.minisig`.
 ///
 /// # Examples
@@ -288,7 +288,7 @@ fn check_signature(path: &Path, bytes: &[u8], keys: &[TrustedKey]) -> Result<(),
             Err(minisign_verify::Error::UnexpectedAlgorithm) => {
                 reason = Some(format!(
                     "{} is a legacy (not prehashed) minisign signature, which is not \
-                     accepted: sign with minisign 0.10 or later (`-H` before), or hotpatch-sign",
+                     accepted: sign with minisign 0.10 or later (`-H` before), or `hotpatch sign`",
                     sig_path.display()
                 ))
             }

@@ -7,6 +7,12 @@
 //! bug come back. It exits non-zero if anything unexpected happens: a
 //! failed request, a wrong answer while the fix is applied, a refused
 //! patch, or a bug that never showed.
+//!
+//! `cargo run --release -p demo-service -- --serve` instead serves until
+//! Ctrl-C with the control endpoint on (`hotpatch::control`, state
+//! directory `target/demo-state`), printing its error rate each second,
+//! for an operator to fix it from another terminal with the `hotpatch`
+//! tool (see the README, "Operating a running service").
 
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
@@ -428,7 +434,112 @@ fn script(workers: &[WorkerCounts], fix: &Path) -> Vec<String> {
     problems
 }
 
+/// Blocks SIGINT and SIGTERM in this thread (and the threads it starts
+/// later) and returns a thread that sets `STOP` when one arrives, so the
+/// endpoint is dropped (its socket removed) on Ctrl-C.
+fn stop_on_signal() -> thread::JoinHandle<()> {
+    // SAFETY: a sigset_t is plain data; sigemptyset initialises it.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t; SIGINT and SIGTERM are valid
+    // signals; pthread_sigmask changes only this thread's mask.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+    thread::spawn(move || {
+        let mut signal = 0;
+        // SAFETY: `set` is initialised and blocked in every thread of the
+        // process started after the mask was set; `signal` is writable.
+        unsafe { libc::sigwait(&set, &mut signal) };
+        STOP.store(true, Ordering::Relaxed);
+    })
+}
+
+/// `--serve`: the workers quote until Ctrl-C, with the control endpoint on.
+fn serve() -> ExitCode {
+    let signals = stop_on_signal();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let root = root.canonicalize().unwrap_or(root);
+    match build_fix() {
+        Ok(p) => println!(
+            "[fix]   {} (not applied: apply it with `hotpatch`)",
+            p.display()
+        ),
+        Err(e) => eprintln!("warning: the fix was not built: {e}"),
+    }
+    let state = root.join("target").join("demo-state");
+    let control = match hotpatch::control::Control::builder()
+        .service_name("demo-service")
+        .state_dir(&state)
+        .listen()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: cannot start the control endpoint: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("[control] {}", control.socket_path().display());
+    println!("[state]   accepted patches in {}", state.display());
+    for p in hotpatch::applied() {
+        println!(
+            "[restore] {} {} {} is back (accepted)",
+            p.id, p.name, p.version
+        );
+    }
+    println!(
+        "[serve] {WORKERS} worker threads quote random orders, each answer checked; Ctrl-C stops\n"
+    );
+    let workers: Vec<WorkerCounts> = (0..WORKERS).map(|_| WorkerCounts::default()).collect();
+    thread::scope(|s| {
+        for (i, counts) in workers.iter().enumerate() {
+            s.spawn(move || worker(i, counts));
+        }
+        let mut last = Totals::default();
+        let started = Instant::now();
+        while !STOP.load(Ordering::Relaxed) {
+            // Short sleeps so Ctrl-C is answered at once.
+            let tick = Instant::now();
+            while tick.elapsed() < Duration::from_secs(1) && !STOP.load(Ordering::Relaxed) {
+                thread::sleep(Duration::from_millis(50));
+            }
+            let now = totals(&workers, BEFORE);
+            let requests = now.requests - last.requests;
+            let bad = (now.wrong - last.wrong) + (now.failed - last.failed);
+            last = now;
+            let patches: Vec<String> = hotpatch::applied()
+                .iter()
+                .map(|p| format!("#{} {}", p.id.get(), p.name))
+                .collect();
+            println!(
+                "[{:>5.0} s] {:>10} requests  error rate {:>6.2} %  patches: {}",
+                started.elapsed().as_secs_f64(),
+                count(requests),
+                if requests == 0 {
+                    0.0
+                } else {
+                    bad as f64 * 100.0 / requests as f64
+                },
+                if patches.is_empty() {
+                    "none".to_owned()
+                } else {
+                    patches.join(", ")
+                }
+            );
+        }
+    });
+    drop(control);
+    let _ = signals.join();
+    println!("\nstopped");
+    ExitCode::SUCCESS
+}
+
 fn main() -> ExitCode {
+    if std::env::args().any(|a| a == "--serve") {
+        return serve();
+    }
     println!("hotpatch demo: a pricing service with a discount bug, fixed while it serves\n");
     let fix = match build_fix() {
         Ok(p) => p,

@@ -63,11 +63,51 @@
 //! never a longer one, and cannot change the trust policy.
 //!
 //! The protocol is documented in [`protocol`].
+//!
+//! # Accepted patches
+//!
+//! A patch applied through the endpoint is *applied*: on trial. `accept`
+//! makes it *accepted*: with a [state directory](ControlBuilder::state_dir)
+//! the runtime keeps a copy of its file (and of its `.minisig`) and an
+//! ordered record of accepted patches there, written crash-safely (a
+//! temporary file, `fsync`, `rename`, `fsync` of the directory).
+//! [`ControlBuilder::listen`] re-applies them, in their order and with
+//! every check of [`Loader::load`] (the service's loader), before the
+//! endpoint serves, so a service that calls `listen` before it serves
+//! traffic starts with its fixes. Reverting an accepted patch removes it
+//! from the record; a replace puts the new patch in its place.
+//!
+//! A stored patch that no longer loads (the binary was upgraded, its copy
+//! changed or is missing, the record is corrupt or of another format
+//! version) is reported (a `tracing` warning, an event `restore` with its
+//! reason, and `status`'s `state.rejected`), moved to `rejected/` in the
+//! state directory with a `.reason` file, and dropped from the record;
+//! the service starts with the others. With `HOTPATCH_DISABLE=1`
+//! ([`DISABLE_ENV`]) in its environment the service starts with no
+//! accepted patch applied, and its record untouched: the kill switch
+//! after a bad patch.
+//!
+//! # Watching
+//!
+//! `apply` with a watch window ([`watch`], `hotpatch apply --watch 60s`)
+//! keeps the patch on trial for the window: panics out of its functions
+//! are counted (on the panic path only) and the [health
+//! checks](health_check) the service registered run every
+//! [interval](ControlBuilder::health_check_interval). More panics than
+//! [the threshold](ControlBuilder::watch_max_panics) (default: any), or a
+//! failed check, revert it, with the reason recorded (event `rollback`,
+//! reply `rolled_back`). A patch live at the end of its window stays
+//! applied, and is accepted if asked.
 
 mod events;
 mod ops;
 mod peer;
 mod server;
+mod state;
+mod watch;
+
+pub use state::{DISABLE_ENV, RECORD_FORMAT};
+pub use watch::{Watch, WatchOutcome, health_check, watch};
 
 #[doc = include_str!("protocol.md")]
 pub mod protocol {}
@@ -207,6 +247,9 @@ pub struct ControlBuilder {
     loader: Loader,
     max_connections: usize,
     read_timeout: Duration,
+    state_dir: Option<PathBuf>,
+    max_panics: u64,
+    check_interval: Duration,
 }
 
 impl ControlBuilder {
@@ -257,14 +300,41 @@ impl ControlBuilder {
         self
     }
 
-    /// Creates the socket and starts serving it in its own thread.
+    /// Where accepted patches are kept across restarts (created `0700`
+    /// if missing; see "Accepted patches" in the module docs). Without
+    /// one, `accept` is refused. With one, [`listen`](Self::listen)
+    /// re-applies the accepted patches before it serves.
+    pub fn state_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.state_dir = Some(dir.into());
+        self
+    }
+
+    /// In a watch window (`apply` with `watch_ms`), more panics than this
+    /// out of the patch's functions roll it back. Default 0: any panic.
+    pub fn watch_max_panics(mut self, n: u64) -> Self {
+        self.max_panics = n;
+        self
+    }
+
+    /// How often a watch window runs the health checks
+    /// ([`health_check`]). Default 250 ms.
+    pub fn health_check_interval(mut self, every: Duration) -> Self {
+        self.check_interval = every.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Re-applies the accepted patches of the state directory (if one is
+    /// set and [`DISABLE_ENV`] is not), then creates the socket and starts
+    /// serving it in its own thread.
     ///
     /// # Errors
     ///
     /// [`Error::NoSocketDir`], [`Error::InsecureDir`] (the directory is
     /// not this user's, or others can write to it), [`Error::InvalidName`],
     /// [`Error::AlreadyListening`], [`Error::Io`] (the directory or the
-    /// socket cannot be created, the thread cannot be started).
+    /// socket cannot be created, the thread cannot be started, the state
+    /// directory cannot be created or its record read). An accepted patch
+    /// that does not load is not an error: it is reported and set aside.
     pub fn listen(self) -> Result<Control, Error> {
         let service = match self.service_name {
             Some(name) => {
@@ -303,9 +373,20 @@ impl ControlBuilder {
             loader: self.loader,
             max_connections: self.max_connections,
             read_timeout: self.read_timeout,
+            max_panics: self.max_panics,
+            check_interval: self.check_interval,
         };
         let listener = Arc::new(listener);
         let shared = Arc::new(server::Shared::new(config));
+        // Before the accept thread starts: a client that connects now waits
+        // in the backlog until the accepted patches are back.
+        if let Some(dir) = self.state_dir {
+            let store = state::Store::open_and_restore(dir, &shared.config.loader, &shared.events)
+                .inspect_err(|_| {
+                    let _ = std::fs::remove_file(&path);
+                })?;
+            *shared.state.lock() = Some(store);
+        }
         let thread = {
             let listener = listener.clone();
             let shared = shared.clone();
@@ -355,6 +436,9 @@ impl Control {
             loader: Loader::new(),
             max_connections: DEFAULT_MAX_CONNECTIONS,
             read_timeout: DEFAULT_READ_TIMEOUT,
+            state_dir: None,
+            max_panics: 0,
+            check_interval: Duration::from_millis(250),
         }
     }
 

@@ -21,6 +21,13 @@ pub(crate) enum Request {
     Apply {
         file: PathBuf,
         deadline: Option<Duration>,
+        /// A watch window (see `watch`).
+        watch: Option<Duration>,
+        /// Accept it once applied (after its window, if watched).
+        accept: bool,
+    },
+    Accept {
+        patch: PatchRef,
     },
     Check {
         file: PathBuf,
@@ -58,7 +65,7 @@ pub(crate) struct Failure {
 }
 
 impl Failure {
-    fn new(kind: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn new(kind: &'static str, message: impl Into<String>) -> Self {
         Failure {
             kind,
             message: message.into(),
@@ -109,6 +116,18 @@ struct ApplyReq {
     _op: IgnoredAny,
     file: String,
     deadline_ms: Option<u64>,
+    watch_ms: Option<u64>,
+    accept: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AcceptReq {
+    #[serde(rename = "v")]
+    _v: IgnoredAny,
+    #[serde(rename = "op")]
+    _op: IgnoredAny,
+    patch: PatchRef,
 }
 
 #[derive(Deserialize)]
@@ -156,7 +175,9 @@ struct EventsReq {
 }
 
 /// The verbs of protocol version 1.
-pub(crate) const OPS: &[&str] = &["status", "apply", "check", "revert", "replace", "events"];
+pub(crate) const OPS: &[&str] = &[
+    "status", "apply", "check", "revert", "replace", "accept", "events",
+];
 
 /// Parses one request line. Never panics: anything that is not a request
 /// of this protocol version is a [`Failure`] saying why.
@@ -195,7 +216,13 @@ pub(crate) fn parse(line: &[u8]) -> Result<Request, Failure> {
             Ok(Request::Apply {
                 file: absolute(op, r.file)?,
                 deadline: r.deadline_ms.map(Duration::from_millis),
+                watch: r.watch_ms.map(Duration::from_millis),
+                accept: r.accept.unwrap_or(false),
             })
+        }
+        "accept" => {
+            let r = AcceptReq::deserialize(&value).map_err(fields)?;
+            Ok(Request::Accept { patch: r.patch })
         }
         "check" => {
             let r = CheckReq::deserialize(&value).map_err(fields)?;
@@ -283,7 +310,7 @@ pub(crate) fn kind(e: &Error) -> &'static str {
     }
 }
 
-fn failure_of(e: &Error) -> Failure {
+pub(crate) fn failure_of(e: &Error) -> Failure {
     let f = Failure::new(kind(e), e.to_string());
     match e {
         Error::AlreadyApplied { name, id, .. } => {
@@ -325,12 +352,19 @@ fn patch_json(shared: &Shared, p: &PatchInfo) -> Value {
         "version": p.version,
         "description": p.description,
         "file": p.file.to_string_lossy(),
-        // Accepted patches (kept across restarts) will be "accepted".
-        "state": "applied",
+        "state": state_of(shared, p.id.get()),
         "applied_at_ms": unix_ms(p.applied_at),
         "applied_by": by.as_ref().map(peer_json),
         "functions": p.functions,
     })
+}
+
+/// `accepted` (kept across restarts) or `applied` (on trial).
+fn state_of(shared: &Shared, id: u64) -> &'static str {
+    match shared.state.lock().as_ref().and_then(|s| s.of(id)) {
+        Some(_) => "accepted",
+        None => "applied",
+    }
 }
 
 fn ok(mut fields: Map<String, Value>) -> String {
@@ -412,6 +446,11 @@ fn record(
 ) {
     let duration = started.elapsed();
     let file_text = file.map(|f| f.to_string_lossy().into_owned());
+    // The threads a timed-out transition waited for, by name and tid.
+    let stalled = outcome
+        .err()
+        .and_then(|f| f.extra.get("stalled"))
+        .map(Value::to_string);
     let (patch, outcome, message) = match outcome {
         Ok(p) => (
             Some((p.id.get(), p.name.clone())),
@@ -442,6 +481,7 @@ fn record(
             duration_us = duration.as_micros() as u64,
             peer_uid = peer.uid,
             peer_pid = peer.pid,
+            stalled_threads = stalled.as_deref(),
             reason = %message,
             "control {op} failed"
         );
@@ -465,23 +505,58 @@ fn run(shared: &Shared, peer: &Peer, request: Request) -> Result<Map<String, Val
             let (events, last) = shared.events.since(since, limit);
             Ok(fields(json!({ "events": events, "last_seq": last })))
         }
-        Request::Apply { file, deadline: d } => {
-            let result = deadline(shared, d).load(&file).map_err(|e| failure_of(&e));
-            match result {
+        Request::Apply {
+            file,
+            deadline: d,
+            watch,
+            accept,
+        } => {
+            if accept && shared.state.lock().is_none() {
+                // Refused before anything is applied.
+                let f = no_state_dir(shared);
+                record(shared, "apply", peer, started, Some(&file), Err(&f));
+                return Err(f);
+            }
+            let loader = deadline(shared, d);
+            let result = loader.load(&file).map_err(|e| failure_of(&e));
+            let info = match result {
                 Ok(patch) => {
                     let info = patch.info().clone();
                     shared.applied_by.lock().insert(info.id.get(), *peer);
                     record(shared, "apply", peer, started, Some(&file), Ok(&info));
-                    Ok(fields(json!({
-                        "patch": patch_json(shared, &info),
-                        "duration_us": started.elapsed().as_micros() as u64,
-                    })))
+                    info
                 }
                 Err(f) => {
                     record(shared, "apply", peer, started, Some(&file), Err(&f));
-                    Err(f)
+                    return Err(f);
                 }
+            };
+            let duration_us = started.elapsed().as_micros() as u64;
+            let mut reply = json!({ "duration_us": duration_us });
+            if let Some(window) = watch {
+                reply["watch"] = watched(shared, peer, &loader, &info, window)?;
             }
+            if accept {
+                let entry = accept_patch(shared, peer, &info).map_err(|mut f| {
+                    f.message = format!(
+                        "{} (patch {} {} stays applied, not accepted)",
+                        f.message, info.id, info.name
+                    );
+                    f.with("patch", json!({ "id": info.id.get(), "name": info.name }))
+                })?;
+                reply["accepted"] = entry;
+            }
+            reply["patch"] = patch_json(shared, &info);
+            Ok(fields(reply))
+        }
+        Request::Accept { patch } => {
+            let info = resolve(&patch)?;
+            let entry = accept_patch(shared, peer, &info)?;
+            Ok(fields(json!({
+                "patch": patch_json(shared, &info),
+                "accepted": entry,
+                "duration_us": started.elapsed().as_micros() as u64,
+            })))
         }
         Request::Check { file } => match shared.config.loader.check(&file) {
             Ok(report) => {
@@ -532,8 +607,10 @@ fn run(shared: &Shared, peer: &Peer, request: Request) -> Result<Map<String, Val
                     let reply = patch_json(shared, &info);
                     shared.applied_by.lock().remove(&info.id.get());
                     record(shared, "revert", peer, started, Some(&info.file), Ok(&info));
+                    let unaccepted = unrecord(shared, peer, &info, None);
                     Ok(fields(json!({
                         "reverted": reply,
+                        "unaccepted": unaccepted,
                         "duration_us": started.elapsed().as_micros() as u64,
                     })))
                 }
@@ -560,7 +637,9 @@ fn run(shared: &Shared, peer: &Peer, request: Request) -> Result<Map<String, Val
                         by.insert(info.id.get(), *peer);
                     }
                     record(shared, "replace", peer, started, Some(&file), Ok(&info));
+                    let unaccepted = unrecord(shared, peer, &old, Some(&info));
                     Ok(fields(json!({
+                        "unaccepted": unaccepted,
                         "patch": patch_json(shared, &info),
                         "replaced": replaced,
                         "duration_us": started.elapsed().as_micros() as u64,
@@ -572,6 +651,309 @@ fn run(shared: &Shared, peer: &Peer, request: Request) -> Result<Map<String, Val
                     Err(f)
                 }
             }
+        }
+    }
+}
+
+/// An event of the state directory or a watch window: the ring and a
+/// `tracing` event (info if `outcome` is `ok`, a warning otherwise).
+#[allow(clippy::too_many_arguments)]
+fn note(
+    shared: &Shared,
+    op: &'static str,
+    peer: Option<&Peer>,
+    info: &PatchInfo,
+    file: Option<&std::path::Path>,
+    outcome: &str,
+    duration: Duration,
+    message: String,
+) {
+    let file_text = file.map(|f| f.to_string_lossy().into_owned());
+    if outcome == "ok" {
+        tracing::info!(
+            target: "hotpatch::control",
+            op,
+            outcome,
+            patch_id = info.id.get(),
+            patch_name = %info.name,
+            file = file_text.as_deref(),
+            duration_us = duration.as_micros() as u64,
+            peer_uid = peer.map(|p| p.uid),
+            peer_pid = peer.map(|p| p.pid),
+            "{message}"
+        );
+    } else {
+        tracing::warn!(
+            target: "hotpatch::control",
+            op,
+            outcome,
+            patch_id = info.id.get(),
+            patch_name = %info.name,
+            file = file_text.as_deref(),
+            duration_us = duration.as_micros() as u64,
+            peer_uid = peer.map(|p| p.uid),
+            peer_pid = peer.map(|p| p.pid),
+            reason = %message,
+            "control {op}: {outcome}"
+        );
+    }
+    shared.events.push(Event {
+        op,
+        outcome: outcome.to_owned(),
+        patch: Some((info.id.get(), info.name.clone())),
+        file: file_text,
+        peer: peer.copied(),
+        duration: Some(duration),
+        message,
+    });
+}
+
+fn entry_json(shared: &Shared, id: u64) -> Value {
+    shared
+        .state
+        .lock()
+        .as_ref()
+        .map_or(Value::Null, |s| s.to_json())["accepted"]
+        .as_array()
+        .and_then(|a| a.iter().find(|e| e["applied_as"] == json!(id)).cloned())
+        .unwrap_or(Value::Null)
+}
+
+fn no_state_dir(shared: &Shared) -> Failure {
+    Failure::new(
+        "no_state_dir",
+        format!(
+            "{} has no state directory (ControlBuilder::state_dir): patches cannot be accepted",
+            shared.config.service
+        ),
+    )
+}
+
+/// Accepts applied patch `info`: stored in the state directory.
+fn accept_patch(shared: &Shared, peer: &Peer, info: &PatchInfo) -> Result<Value, Failure> {
+    let started = Instant::now();
+    let result = {
+        let mut state = shared.state.lock();
+        match state.as_mut() {
+            None => Err(no_state_dir(shared)),
+            Some(store) if store.of(info.id.get()).is_some() => Err(Failure::new(
+                "already_accepted",
+                format!("patch {} {} is accepted already", info.id, info.name),
+            )
+            .with("patch", json!({ "id": info.id.get(), "name": info.name }))),
+            Some(store) => store.accept(&shared.config.loader, info),
+        }
+    };
+    match result {
+        Ok(entry) => {
+            let message = format!(
+                "accepted {} {} {} as #{} ({})",
+                info.id, info.name, info.version, entry.seq, entry.file
+            );
+            note(
+                shared,
+                "accept",
+                Some(peer),
+                info,
+                Some(&info.file),
+                "ok",
+                started.elapsed(),
+                message,
+            );
+            Ok(entry_json(shared, info.id.get()))
+        }
+        Err(f) => {
+            note(
+                shared,
+                "accept",
+                Some(peer),
+                info,
+                Some(&info.file),
+                f.kind,
+                started.elapsed(),
+                f.message.clone(),
+            );
+            Err(f)
+        }
+    }
+}
+
+/// Patch `old` was reverted (`new`: or replaced by it): the record follows.
+/// The entry dropped, if it was accepted.
+fn unrecord(shared: &Shared, peer: &Peer, old: &PatchInfo, new: Option<&PatchInfo>) -> Value {
+    let started = Instant::now();
+    let mut state = shared.state.lock();
+    let Some(store) = state.as_mut() else {
+        return Value::Null;
+    };
+    let result = match new {
+        None => store.reverted(old.id.get()),
+        Some(new) => store.replaced(&shared.config.loader, old.id.get(), new),
+    };
+    drop(state);
+    match (result, new) {
+        (Ok(None), _) => Value::Null,
+        (Ok(Some(entry)), None) => {
+            let message = format!("{} {} is no longer accepted (reverted)", old.id, old.name);
+            note(
+                shared,
+                "unaccept",
+                Some(peer),
+                old,
+                None,
+                "ok",
+                started.elapsed(),
+                message,
+            );
+            json!({ "seq": entry.seq, "name": entry.name })
+        }
+        (Ok(Some(entry)), Some(new)) => {
+            let message = format!(
+                "accepted {} {} in place of {} {} (#{})",
+                new.id, new.name, old.id, old.name, entry.seq
+            );
+            note(
+                shared,
+                "accept",
+                Some(peer),
+                new,
+                Some(&new.file),
+                "ok",
+                started.elapsed(),
+                message,
+            );
+            Value::Null
+        }
+        (Err(f), _) => {
+            let message = format!(
+                "the state directory could not follow: {} (the record no longer holds {} {})",
+                f.message, old.id, old.name
+            );
+            note(
+                shared,
+                "accept",
+                Some(peer),
+                old,
+                None,
+                f.kind,
+                started.elapsed(),
+                message.clone(),
+            );
+            json!({ "error": { "kind": f.kind, "message": message } })
+        }
+    }
+}
+
+/// Runs the watch window of a patch just applied; its `watch` object, or
+/// the `rolled_back` failure.
+fn watched(
+    shared: &Shared,
+    peer: &Peer,
+    loader: &crate::Loader,
+    info: &PatchInfo,
+    window: Duration,
+) -> Result<Value, Failure> {
+    let started = Instant::now();
+    let options = super::Watch {
+        window,
+        max_panics: shared.config.max_panics,
+        check_interval: shared.config.check_interval,
+    };
+    tracing::info!(
+        target: "hotpatch::control",
+        op = "watch",
+        patch_id = info.id.get(),
+        patch_name = %info.name,
+        window_ms = window.as_millis() as u64,
+        max_panics = options.max_panics,
+        "watch window opened"
+    );
+    let outcome = super::watch(loader, info.id, &options).map_err(|e| failure_of(&e))?;
+    let elapsed = started.elapsed();
+    match outcome {
+        super::WatchOutcome::Kept {
+            panics,
+            check_rounds,
+        } => {
+            let message = format!(
+                "{} {} kept after its {} ms window ({panics} panic(s), {check_rounds} round(s) of health checks)",
+                info.id,
+                info.name,
+                window.as_millis()
+            );
+            note(
+                shared,
+                "watch",
+                Some(peer),
+                info,
+                Some(&info.file),
+                "ok",
+                elapsed,
+                message,
+            );
+            Ok(json!({
+                "outcome": "kept",
+                "window_ms": window.as_millis() as u64,
+                "panics": panics,
+                "check_rounds": check_rounds,
+            }))
+        }
+        super::WatchOutcome::Gone => {
+            let message = format!(
+                "{} {} was reverted during its watch window",
+                info.id, info.name
+            );
+            note(
+                shared,
+                "watch",
+                Some(peer),
+                info,
+                Some(&info.file),
+                "not_applied",
+                elapsed,
+                message.clone(),
+            );
+            Err(Failure::new("not_applied", message)
+                .with("patch", json!({ "id": info.id.get(), "name": info.name })))
+        }
+        super::WatchOutcome::RolledBack {
+            reason,
+            panics,
+            check,
+            revert_error,
+        } => {
+            if revert_error.is_none() {
+                shared.applied_by.lock().remove(&info.id.get());
+                unrecord(shared, peer, info, None);
+            }
+            let message = match &revert_error {
+                None => format!("{} {} rolled back: {reason}", info.id, info.name),
+                Some(e) => format!(
+                    "{} {} should be rolled back ({reason}) but the revert failed: {e}",
+                    info.id, info.name
+                ),
+            };
+            let outcome = if revert_error.is_none() {
+                "rolled_back"
+            } else {
+                "rollback_failed"
+            };
+            note(
+                shared,
+                "rollback",
+                Some(peer),
+                info,
+                Some(&info.file),
+                outcome,
+                elapsed,
+                message.clone(),
+            );
+            Err(Failure::new(outcome, message)
+                .with("patch", json!({ "id": info.id.get(), "name": info.name }))
+                .with("reason", json!(reason))
+                .with("panics", json!(panics))
+                .with("check", json!(check))
+                .with("after_ms", json!(elapsed.as_millis() as u64)))
         }
     }
 }
@@ -606,6 +988,7 @@ fn status(shared: &Shared) -> Map<String, Value> {
             "in_transition": f.in_transition,
         })).collect::<Vec<_>>(),
         "transition": transition,
+        "state": shared.state.lock().as_ref().map(|s| s.to_json()),
     }))
 }
 
@@ -633,6 +1016,23 @@ mod tests {
             Ok(Request::Apply {
                 file: "/x/fix.so".into(),
                 deadline: Some(Duration::from_millis(1500)),
+                watch: None,
+                accept: false,
+            })
+        );
+        assert_eq!(
+            p(r#"{"v":1,"op":"apply","file":"/x/fix.so","watch_ms":2000,"accept":true}"#),
+            Ok(Request::Apply {
+                file: "/x/fix.so".into(),
+                deadline: None,
+                watch: Some(Duration::from_millis(2000)),
+                accept: true,
+            })
+        );
+        assert_eq!(
+            p(r#"{"v":1,"op":"accept","patch":"fix"}"#),
+            Ok(Request::Accept {
+                patch: PatchRef::Name("fix".into())
             })
         );
         assert_eq!(
@@ -708,6 +1108,8 @@ mod tests {
             Just("deadline_ms".to_owned()),
             Just("since".to_owned()),
             Just("limit".to_owned()),
+            Just("watch_ms".to_owned()),
+            Just("accept".to_owned()),
             "[a-z_]{0,8}",
         ];
         let leaf = prop_oneof![
@@ -776,7 +1178,16 @@ mod tests {
             Just(json!([1])),
         ];
         let fields = prop::collection::btree_map(
-            proptest::sample::select(vec!["file", "patch", "deadline_ms", "since", "limit", "x"]),
+            proptest::sample::select(vec![
+                "file",
+                "patch",
+                "deadline_ms",
+                "since",
+                "limit",
+                "watch_ms",
+                "accept",
+                "x",
+            ]),
             field_value,
             0..4,
         );
@@ -802,7 +1213,7 @@ mod tests {
                 }
                 Ok(Request::Events { limit, .. }) => prop_assert!(limit <= CAPACITY),
                 Ok(Request::Status) => prop_assert_eq!(value.as_object().unwrap().len(), 2, "{}", line),
-                Ok(Request::Revert { .. }) => {}
+                Ok(Request::Revert { .. } | Request::Accept { .. }) => {}
                 Err(f) => {
                     let reply = reply_is_well_formed(&f.to_line());
                     prop_assert_eq!(reply["error"]["kind"].as_str(), Some("bad_request"), "{}", line);

@@ -30,6 +30,8 @@ pub(crate) struct Config {
     pub loader: Loader,
     pub max_connections: usize,
     pub read_timeout: Duration,
+    pub max_panics: u64,
+    pub check_interval: Duration,
 }
 
 impl Config {
@@ -50,6 +52,8 @@ pub(crate) struct Shared {
     pub events: Ring,
     /// Who applied each patch applied through the endpoint, by patch id.
     pub applied_by: Mutex<HashMap<u64, Peer>>,
+    /// The state directory, if the service configured one.
+    pub state: Mutex<Option<super::state::Store>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -81,6 +85,7 @@ impl Shared {
             conns: Mutex::new(Conns::default()),
             events: Ring::new(),
             applied_by: Mutex::new(HashMap::new()),
+            state: Mutex::new(None),
         }
     }
 

@@ -1,4 +1,4 @@
-//! The command line: keygen, sign and verify, with and without a
+//! `hotpatch keygen`, `sign` and `verify`, with and without a
 //! password, and never waiting for input it cannot get.
 
 use std::path::{Path, PathBuf};
@@ -30,7 +30,7 @@ fn dir(name: &str) -> TempDir {
 /// Runs the tool with no standard input and no password in the
 /// environment unless `password` is given.
 fn tool(args: &[&str], cwd: &Path, password: Option<&str>) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hotpatch-sign"));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hotpatch"));
     cmd.args(args)
         .current_dir(cwd)
         .stdin(Stdio::null())

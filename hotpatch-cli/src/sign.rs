@@ -1,10 +1,11 @@
-//! `hotpatch-sign`: makes minisign keys, and signs and verifies hotpatch
-//! patch files with them.
+//! `hotpatch keygen`, `sign` and `verify`: makes minisign keys, and signs
+//! and verifies hotpatch patch files with them (the library is the
+//! `hotpatch-sign` crate).
 //!
 //! ```text
-//! hotpatch-sign keygen --public patches.pub --secret patches.key
-//! hotpatch-sign sign --secret patches.key target/release/libfix.so
-//! hotpatch-sign verify --public patches.pub target/release/libfix.so
+//! hotpatch keygen --public patches.pub --secret patches.key
+//! hotpatch sign --secret patches.key target/release/libfix.so
+//! hotpatch verify --public patches.pub target/release/libfix.so
 //! ```
 //!
 //! `sign` writes `libfix.so.minisig` beside the patch, where the runtime
@@ -21,38 +22,12 @@
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::Subcommand;
 use hotpatch_sign::{Error, PASSWORD_ENV};
 
-/// Make minisign keys, and sign and verify hotpatch patch files with them.
-///
-/// A process that loads patches with trusted keys
-/// (`hotpatch::Loader::new().trusted_key(...)`) accepts a patch only with a
-/// valid signature `<patch>.minisig` beside it. Keys and signatures are in
-/// minisign's format; signatures are always prehashed (the only kind the
-/// hotpatch runtime accepts) and carry a trusted comment naming the file.
-#[derive(Debug, Parser)]
-#[command(
-    name = "hotpatch-sign",
-    version,
-    after_help = "\
-Examples:
-  hotpatch-sign keygen --public patches.pub --secret patches.key
-  hotpatch-sign sign --secret patches.key target/release/libfix.so
-  hotpatch-sign verify --public patches.pub target/release/libfix.so
-
-Passwords come from $HOTPATCH_SIGN_PASSWORD, or are asked for on a terminal;
-with neither, the command fails rather than wait for input."
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
+#[derive(Debug, Clone, Subcommand)]
+pub(crate) enum Command {
     /// Make a key pair: a public key to give to the service, a secret key
     /// to sign with.
     Keygen {
@@ -98,20 +73,9 @@ enum Command {
     },
 }
 
-fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match run(cli.command) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            // Each message already ends with its source's.
-            eprintln!("hotpatch-sign: {e}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn run(command: Command) -> Result<(), Error> {
-    match command {
+/// Runs a signing verb.
+pub(crate) fn run(command: &Command) -> Result<(), Error> {
+    match command.clone() {
         Command::Keygen {
             public,
             secret,

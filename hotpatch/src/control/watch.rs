@@ -1,0 +1,189 @@
+//! Watch windows: a patch on trial, rolled back on panics or a failed
+//! health check.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use crate::{Error, Loader, PatchId};
+
+type Check = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+
+static CHECKS: Mutex<Vec<(String, Check)>> = Mutex::new(Vec::new());
+
+/// Registers a health check that watch windows run (see [`watch`]): `Ok`
+/// when the service is healthy, `Err(reason)` when not. A check that
+/// panics counts as failed. Registering a name again replaces its check.
+///
+/// Checks run on the thread that watches (for the endpoint, the
+/// connection's thread), every [`Watch::check_interval`] during a window;
+/// they should be quick.
+///
+/// # Examples
+///
+/// ```
+/// hotpatch::control::health_check("queue", || {
+///     let depth = 3; // the service's own measure
+///     if depth < 1000 { Ok(()) } else { Err(format!("queue depth {depth}")) }
+/// });
+/// ```
+pub fn health_check(
+    name: impl Into<String>,
+    check: impl Fn() -> Result<(), String> + Send + Sync + 'static,
+) {
+    let name = name.into();
+    let mut checks = CHECKS.lock();
+    checks.retain(|(n, _)| *n != name);
+    checks.push((name, Arc::new(check)));
+}
+
+/// The options of a watch window.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Watch {
+    /// How long the patch is on trial.
+    pub window: Duration,
+    /// More panics than this out of the patch's functions roll it back
+    /// (default 0: any panic).
+    pub max_panics: u64,
+    /// How often the health checks run (default 250 ms; they also run at
+    /// the end of the window).
+    pub check_interval: Duration,
+}
+
+impl Watch {
+    /// A window of `window` with the defaults.
+    pub fn new(window: Duration) -> Self {
+        Watch {
+            window,
+            max_panics: 0,
+            check_interval: Duration::from_millis(250),
+        }
+    }
+}
+
+/// How a watch window ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum WatchOutcome {
+    /// The patch was live at the end of its window and stays applied.
+    Kept {
+        /// Panics out of its functions during the window (at most the
+        /// threshold).
+        panics: u64,
+        /// Rounds of health checks run.
+        check_rounds: u64,
+    },
+    /// The patch was reverted because of `reason`.
+    RolledBack {
+        /// Why, for people.
+        reason: String,
+        /// Panics out of its functions during the window.
+        panics: u64,
+        /// The health check that failed, if one did.
+        check: Option<String>,
+        /// Set if the revert itself failed (the patch is still applied).
+        revert_error: Option<String>,
+    },
+    /// The patch was reverted by something else during the window.
+    Gone,
+}
+
+/// Panics raised by patch `id` so far; `None` once it is not applied.
+fn panics_of(id: PatchId) -> Option<u64> {
+    let origin = crate::registry::REGISTRY.lock().panic_origin(id)?;
+    Some(crate::panic::panics_from(origin))
+}
+
+/// The first failing health check and its reason.
+fn run_checks() -> Option<(String, String)> {
+    let checks: Vec<(String, Check)> = CHECKS.lock().clone();
+    for (name, check) in checks {
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check()));
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(reason)) => return Some((name, reason)),
+            Err(_) => return Some((name, "the health check panicked".to_owned())),
+        }
+    }
+    None
+}
+
+/// Watches the applied patch `id` for `options.window`: counts the panics
+/// that come out of its functions and runs the registered health checks
+/// ([`health_check`]). Above `options.max_panics` panics, or on a failed
+/// check, reverts it with `loader` and says why. Blocks the calling thread
+/// for the window (less if it rolls back).
+///
+/// # Errors
+///
+/// [`Error::NotApplied`] if `id` is not applied when the window opens.
+///
+/// # Examples
+///
+/// ```no_run
+/// use hotpatch::control::{Watch, WatchOutcome, watch};
+/// let loader = hotpatch::Loader::new();
+/// let patch = loader.load("fix.so")?;
+/// match watch(&loader, patch.id(), &Watch::new(std::time::Duration::from_secs(60)))? {
+///     WatchOutcome::Kept { .. } => eprintln!("fix kept"),
+///     other => eprintln!("fix not kept: {other:?}"),
+/// }
+/// # Ok::<(), hotpatch::Error>(())
+/// ```
+pub fn watch(loader: &Loader, id: PatchId, options: &Watch) -> Result<WatchOutcome, Error> {
+    let base = panics_of(id).ok_or(Error::NotApplied { id })?;
+    let start = Instant::now();
+    let end = start + options.window;
+    // Panics are looked at every tick (a counter read); checks at their
+    // interval. Nothing runs outside a window.
+    let tick = options.check_interval.min(Duration::from_millis(20));
+    let mut next_check = start + options.check_interval;
+    let mut rounds = 0;
+    loop {
+        let Some(now_panics) = panics_of(id) else {
+            return Ok(WatchOutcome::Gone);
+        };
+        let panics = now_panics - base;
+        let now = Instant::now();
+        let mut failed = None;
+        if panics > options.max_panics {
+            failed = Some((
+                format!(
+                    "{panics} panic(s) out of the patch's functions (threshold {})",
+                    options.max_panics
+                ),
+                None,
+            ));
+        } else if now >= next_check || now >= end {
+            rounds += 1;
+            next_check = now + options.check_interval;
+            if let Some((name, reason)) = run_checks() {
+                failed = Some((
+                    format!("health check `{name}` failed: {reason}"),
+                    Some(name),
+                ));
+            }
+        }
+        if let Some((reason, check)) = failed {
+            let revert_error = match loader.revert_id(id) {
+                Ok(()) => None,
+                Err(Error::NotApplied { .. }) => return Ok(WatchOutcome::Gone),
+                Err(e) => Some(e.to_string()),
+            };
+            return Ok(WatchOutcome::RolledBack {
+                reason,
+                panics,
+                check,
+                revert_error,
+            });
+        }
+        if now >= end {
+            return Ok(WatchOutcome::Kept {
+                panics,
+                check_rounds: rounds,
+            });
+        }
+        std::thread::sleep(tick.min(end - now));
+    }
+}
