@@ -135,11 +135,12 @@ fn hammer(
                         }
                         calls += 1;
                     }
+                    let while_patching: u64 = mine.iter().sum();
                     for (total, n) in during.iter().zip(mine) {
                         // Relaxed: read after the workers are joined.
                         total.fetch_add(n, Ordering::Relaxed);
                     }
-                    calls
+                    while_patching
                 })
             })
             .collect();
@@ -159,8 +160,12 @@ fn hammer(
             }
         }
         stop.store(true, Ordering::Relaxed);
-        let calls: u64 = workers.into_iter().map(|w| w.join().unwrap()).sum();
-        assert!(calls > 0);
+        let while_patching: Vec<u64> = workers.into_iter().map(|w| w.join().unwrap()).collect();
+        // Every thread raced the patcher, not only some of them.
+        assert!(
+            while_patching.iter().all(|&n| n > 0),
+            "a worker made no call while patching ran: {while_patching:?}"
+        );
     });
     during.into_iter().map(AtomicU64::into_inner).collect()
 }
