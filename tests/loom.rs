@@ -73,7 +73,7 @@ mod protocol;
 use std::time::Instant;
 
 use loom::sync::Mutex;
-use loom::sync::atomic::{AtomicUsize, Ordering, fence};
+use loom::sync::atomic::{AtomicUsize, Ordering};
 use loom::thread;
 
 use protocol::{Choice, Dispatch, Epoch, Record};

@@ -80,13 +80,46 @@ fn patch(package: &str) -> PathBuf {
     built().join(format!("lib{}.so", package.replace('-', "_")))
 }
 
+/// Can everyone search every directory from `dir` up to `/`?
+fn searchable_by_all(dir: &Path) -> bool {
+    dir.ancestors()
+        .all(|d| std::fs::metadata(d).is_ok_and(|m| m.is_dir() && m.mode() & 0o001 != 0))
+}
+
+extern "C" fn remove_scratch() {
+    if let Some(base) = SCRATCH.get() {
+        let _ = std::fs::remove_dir_all(base);
+    }
+}
+
+static SCRATCH: OnceLock<PathBuf> = OnceLock::new();
+
 /// This test process's scratch directory, searchable by everyone (the
-/// uid 65534 test reaches a socket and a binary in it).
+/// uid 65534 test reaches a socket and a binary in it), wherever the
+/// checkout is and whatever `TMPDIR` is: under the first of the temporary
+/// directory, `/tmp`, `/var/tmp` and `/dev/shm` that everyone can search.
+/// Removed when the test process exits.
 fn scratch() -> PathBuf {
     static N: AtomicUsize = AtomicUsize::new(0);
-    let base = std::env::temp_dir().join(format!("hotpatch-cli-tests-{}", std::process::id()));
-    std::fs::create_dir_all(&base).unwrap();
-    std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let base = SCRATCH.get_or_init(|| {
+        let candidates = [
+            std::env::temp_dir(),
+            "/tmp".into(),
+            "/var/tmp".into(),
+            "/dev/shm".into(),
+        ];
+        let parent = candidates
+            .iter()
+            .find(|c| searchable_by_all(c))
+            .unwrap_or_else(|| panic!("none of {candidates:?} can be searched by other users"));
+        let base = parent.join(format!("hotpatch-cli-tests-{}", std::process::id()));
+        std::fs::create_dir_all(&base).unwrap();
+        std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o755)).unwrap();
+        // SAFETY: registers a plain function with no captured state; it
+        // runs once, at exit.
+        unsafe { libc::atexit(remove_scratch) };
+        base
+    });
     // Relaxed: only uniqueness matters.
     base.join(format!("d{}", N.fetch_add(1, Ordering::Relaxed)))
 }
@@ -950,17 +983,28 @@ fn hotpatch_for_others() -> PathBuf {
 }
 
 fn run_as(uid: u32, gid: u32, socket: &Path) -> Run {
-    let child = Command::new(hotpatch_for_others())
-        .args(["status", "--socket"])
-        .arg(socket)
-        .current_dir("/")
-        .uid(uid)
-        .gid(gid)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    finish(child)
+    let bin = hotpatch_for_others();
+    // A binary just copied may still be open for writing in a child that
+    // another test thread forked meanwhile (until it execs): ETXTBSY.
+    for _ in 0..100 {
+        let spawned = Command::new(&bin)
+            .args(["status", "--socket"])
+            .arg(socket)
+            .current_dir("/")
+            .uid(uid)
+            .gid(gid)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn();
+        match spawned {
+            Ok(child) => return finish(child),
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            Err(e) => panic!("run {} as uid {uid}: {e}", bin.display()),
+        }
+    }
+    panic!("{} stayed busy (ETXTBSY)", bin.display())
 }
 
 #[test]
@@ -1440,10 +1484,16 @@ fn a_patch_that_panics_under_traffic_is_rolled_back_within_its_window() {
         reply["error"]["reason"].as_str().unwrap().contains("panic"),
         "{reply}"
     );
-    assert!(
-        svc.seen.lock().unwrap().panicked >= 1,
-        "the patch did panic under traffic"
-    );
+    // The service reports its counts every 20 ms: the report of the panics
+    // may come after the rollback.
+    let start = Instant::now();
+    while svc.seen.lock().unwrap().panicked < 1 {
+        assert!(
+            start.elapsed() < GUARD,
+            "the patch did not panic under traffic"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let st = status_of(&d);
     assert_eq!(st["patches"], json!([]), "{st}");
     assert_eq!(
@@ -1459,8 +1509,11 @@ fn a_patch_that_panics_under_traffic_is_rolled_back_within_its_window() {
     );
     svc.wait_log(|l| l.contains("op=\"rollback\"") || l.contains("op=rollback"));
     // Traffic flows again, unpatched and right.
+    // Two reports after the rollback returned, every panic before it is
+    // counted; none may follow.
+    let now = svc.serves_beyond(svc.served().max(before));
+    let now = svc.serves_beyond(now);
     let panicked = svc.seen.lock().unwrap().panicked;
-    let now = svc.serves_beyond(before);
     svc.serves_beyond(now + 100);
     assert_eq!(
         svc.seen.lock().unwrap().panicked,
