@@ -474,6 +474,13 @@ fn every_verb_in_text_and_json_with_its_exit_code() {
         logged.contains("INFO") && logged.contains(&format!("peer_pid={applier}")),
         "{logged}"
     );
+    // The service's registered worker: waited for, or already switched.
+    assert!(
+        logged.contains("transition_us=")
+            && (logged.contains("for 1 thread: 'worker' (tid ")
+                || logged.contains("every registered thread was already at a safepoint")),
+        "the threads the transition waited for: {logged}"
+    );
     let s = run_in(&d, &["status", "--json"]).json();
     let p = &s["patches"][0];
     assert_eq!(s["patches"].as_array().unwrap().len(), 1);

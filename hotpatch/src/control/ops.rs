@@ -451,7 +451,19 @@ fn record(
         .err()
         .and_then(|f| f.extra.get("stalled"))
         .map(Value::to_string);
-    let (patch, outcome, message) = match outcome {
+    // The registered threads the transition of this operation (run on this
+    // thread just before) waited for.
+    let waited = outcome
+        .ok()
+        .and_then(|_| crate::quiesce::take_last_waited());
+    let waited_for = waited.as_ref().map(|w| {
+        w.threads
+            .iter()
+            .map(|(name, tid)| format!("'{}' (tid {tid})", name.as_deref().unwrap_or("<unnamed>")))
+            .collect::<Vec<_>>()
+            .join(", ")
+    });
+    let (patch, outcome, mut message) = match outcome {
         Ok(p) => (
             Some((p.id.get(), p.name.clone())),
             "ok".to_owned(),
@@ -459,6 +471,18 @@ fn record(
         ),
         Err(f) => (None, f.kind.to_owned(), f.message.clone()),
     };
+    if let Some(w) = &waited {
+        message.push_str(&match w.threads.len() {
+            0 if w.registered == 0 => " (no registered thread: swapped at once)".to_owned(),
+            0 => " (every registered thread was already at a safepoint)".to_owned(),
+            n => format!(
+                " (waited {:?} for {n} thread{}: {})",
+                w.took,
+                if n == 1 { "" } else { "s" },
+                waited_for.as_deref().unwrap_or_default()
+            ),
+        });
+    }
     if outcome == "ok" {
         tracing::info!(
             target: "hotpatch::control",
@@ -468,6 +492,8 @@ fn record(
             patch_name = patch.as_ref().map(|p| p.1.as_str()),
             file = file_text.as_deref(),
             duration_us = duration.as_micros() as u64,
+            transition_us = waited.as_ref().map(|w| w.took.as_micros() as u64),
+            waited_for = waited_for.as_deref(),
             peer_uid = peer.uid,
             peer_pid = peer.pid,
             "{message}"
@@ -499,6 +525,8 @@ fn record(
 
 fn run(shared: &Shared, peer: &Peer, request: Request) -> Result<Map<String, Value>, Failure> {
     let started = Instant::now();
+    // What an earlier operation on this thread waited for is not this one's.
+    let _ = crate::quiesce::take_last_waited();
     match request {
         Request::Status => Ok(status(shared)),
         Request::Events { since, limit } => {

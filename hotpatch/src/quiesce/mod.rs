@@ -53,6 +53,34 @@ thread_local! {
     /// Keeps this thread's record and unregisters it when the thread
     /// exits without dropping its guard.
     static REGISTRATION: RefCell<Option<Registration>> = const { RefCell::new(None) };
+
+    /// What the last transition this thread ran had to wait for (the
+    /// control endpoint's events say it); see [`take_last_waited`].
+    static LAST_WAITED: RefCell<Option<Waited>> = const { RefCell::new(None) };
+}
+
+/// The registered threads a completed transition waited for: those not
+/// yet at a safepoint when it was published, by name and kernel tid.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Waited {
+    /// Registered threads when it was published (0: a direct swap).
+    pub registered: usize,
+    pub threads: Vec<(Option<String>, i64)>,
+    /// From the start of the transition until every thread had switched.
+    pub took: Duration,
+}
+
+/// What the last transition run by this thread waited for, if one ran
+/// since the last call (a swap with no registered thread waited for none).
+pub(crate) fn take_last_waited() -> Option<Waited> {
+    LAST_WAITED
+        .try_with(|w| w.borrow_mut().take())
+        .ok()
+        .flatten()
+}
+
+fn set_last_waited(waited: Waited) {
+    let _ = LAST_WAITED.try_with(|w| *w.borrow_mut() = Some(waited));
 }
 
 struct Registration {
@@ -433,7 +461,22 @@ fn publish_and_wait(
 ) -> Result<(), Vec<StalledThread>> {
     EPOCH.publish(t);
     adopt_self(t);
+    // Off the call path: one scan of the registered threads per transition.
+    let (registered, waiting): (usize, Vec<_>) = {
+        let threads = THREADS.lock();
+        let waiting = threads
+            .iter()
+            .filter(|r| !r.record.arrived(t))
+            .map(|r| (r.name.clone(), r.os_tid))
+            .collect();
+        (threads.len(), waiting)
+    };
     if poll_until(started + deadline, || all_arrived(t)) {
+        set_last_waited(Waited {
+            registered,
+            threads: waiting,
+            took: started.elapsed(),
+        });
         Ok(())
     } else {
         Err(not_arrived(t, started.elapsed()))
@@ -492,6 +535,7 @@ pub(crate) fn switch(
             for c in &changes {
                 c.entry.slot.set(c.new);
             }
+            set_last_waited(Waited::default());
             return Ok(turn);
         }
     }
