@@ -76,8 +76,28 @@ fn built() -> &'static PathBuf {
     })
 }
 
+/// The fixture patch `package`, as a copy with modes the service's trust
+/// policy accepts whatever the umask (under umask 002 cargo's output is
+/// group-writable, and so is its directory), made once per process.
 fn patch(package: &str) -> PathBuf {
-    built().join(format!("lib{}.so", package.replace('-', "_")))
+    static COPIES: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
+    let mut copies = COPIES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    copies
+        .entry(package.to_owned())
+        .or_insert_with(|| {
+            let name = format!("lib{}.so", package.replace('-', "_"));
+            let dir = scratch();
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+            let copy = dir.join(&name);
+            std::fs::copy(built().join(&name), &copy).unwrap();
+            std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o644)).unwrap();
+            copy
+        })
+        .clone()
 }
 
 /// Can everyone search every directory from `dir` up to `/`?
@@ -98,10 +118,21 @@ static SCRATCH: OnceLock<PathBuf> = OnceLock::new();
 /// uid 65534 test reaches a socket and a binary in it), wherever the
 /// checkout is and whatever `TMPDIR` is: under the first of the temporary
 /// directory, `/tmp`, `/var/tmp` and `/dev/shm` that everyone can search.
-/// Removed when the test process exits.
+/// Each call makes a new subdirectory, mode 0755. Removed when the test
+/// process exits.
 fn scratch() -> PathBuf {
     static N: AtomicUsize = AtomicUsize::new(0);
-    let base = SCRATCH.get_or_init(|| {
+    // Relaxed: only uniqueness matters.
+    let dir = scratch_base().join(format!("d{}", N.fetch_add(1, Ordering::Relaxed)));
+    // Its mode, not the umask's: the service's trust policy checks the
+    // directories of the files it stores there.
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
+fn scratch_base() -> &'static Path {
+    SCRATCH.get_or_init(|| {
         let candidates = [
             std::env::temp_dir(),
             "/tmp".into(),
@@ -119,9 +150,7 @@ fn scratch() -> PathBuf {
         // runs once, at exit.
         unsafe { libc::atexit(remove_scratch) };
         base
-    });
-    // Relaxed: only uniqueness matters.
-    base.join(format!("d{}", N.fetch_add(1, Ordering::Relaxed)))
+    })
 }
 
 #[derive(Default)]
@@ -317,7 +346,7 @@ fn finish(child: Child) -> Run {
 
 fn spawn_in(dir: &Path, args: &[&str]) -> Child {
     Command::new(hotpatch_bin())
-        .current_dir(root())
+        .current_dir(scratch_base())
         .arg("--socket-dir")
         .arg(dir)
         .args(args)
@@ -328,7 +357,7 @@ fn spawn_in(dir: &Path, args: &[&str]) -> Child {
         .unwrap()
 }
 
-/// `hotpatch --socket-dir DIR ARGS` from the repository root.
+/// `hotpatch --socket-dir DIR ARGS` from the scratch directory.
 fn run_in(dir: &Path, args: &[&str]) -> Run {
     finish(spawn_in(dir, args))
 }
@@ -337,9 +366,14 @@ fn path_str(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-/// The path relative to the repository root (the CLI's cwd).
+/// The path relative to the scratch directory (the CLI's cwd), where the
+/// patch copies are.
 fn relative(p: &Path) -> String {
-    p.strip_prefix(root()).unwrap().to_str().unwrap().to_owned()
+    p.strip_prefix(scratch_base())
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned()
 }
 
 fn one_line_error(r: &Run, kind: &str) {
