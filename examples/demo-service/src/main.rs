@@ -316,6 +316,25 @@ fn build_fix() -> Result<PathBuf, String> {
     Ok(path)
 }
 
+/// A copy of the built fix that the default trust policy accepts whatever
+/// the umask: cargo's output and the checkout's directories take it, and
+/// under umask 002 (the default for users on many distributions) they are
+/// group-writable, which `hotpatch::load` refuses. The copy is mode 0644
+/// in a new 0700 directory of the temporary directory.
+fn trusted_copy(built: &Path) -> Result<PathBuf, String> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let dir = std::env::temp_dir().join(format!("hotpatch-demo-{}", std::process::id()));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let copy = dir.join("libdemo_fix.so");
+    std::fs::copy(built, &copy).map_err(|e| format!("cannot copy the fix: {e}"))?;
+    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o644))
+        .map_err(|e| format!("cannot set the mode of {}: {e}", copy.display()))?;
+    Ok(copy)
+}
+
 fn wait(d: Duration) -> Instant {
     let started = Instant::now();
     thread::sleep(d);
@@ -541,7 +560,7 @@ fn main() -> ExitCode {
         return serve();
     }
     println!("hotpatch demo: a pricing service with a discount bug, fixed while it serves\n");
-    let fix = match build_fix() {
+    let fix = match build_fix().and_then(|built| trusted_copy(&built)) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("error: {e}");
@@ -591,6 +610,10 @@ fn main() -> ExitCode {
     }
     if all.failed > 0 {
         problems.push(format!("{} requests failed", all.failed));
+    }
+    // The loader mapped its own copy; the demo's copy can go.
+    if let Some(dir) = fix.parent() {
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     if problems.is_empty() {
