@@ -89,7 +89,12 @@ fn main() -> ExitCode {
         dwell_requests: 0,
         await_every: AWAIT_EVERY,
     };
-    let mut report = match serve::run(&config, &fix) {
+    let report = serve::run(&config, &fix);
+    // The loader mapped its own copy of the fix.
+    if let Some(dir) = fix.parent() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    let mut report = match report {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");

@@ -337,7 +337,11 @@ async fn connection(index: usize, await_every: u64) -> Stats {
 
 /// Builds `examples/tokio-fix` with this crate's profile into its own
 /// target directory (`target/tokio-fix`), so the outer cargo's lock on
-/// `target/` is never in the way. Returns its path.
+/// `target/` is never in the way. Returns the path of a `0644` copy in a
+/// private (`0700`) directory of the temporary directory, which the
+/// default trust policy accepts whatever the umask (under umask 002 cargo's
+/// output and the checkout are group-writable, which it refuses); the
+/// caller removes that directory when done.
 ///
 /// # Errors
 ///
@@ -361,8 +365,16 @@ pub fn build_fix() -> Result<PathBuf, String> {
     let path = target_dir
         .join(if release { "release" } else { "debug" })
         .join("libtokio_fix.so");
-    path.canonicalize()
-        .map_err(|e| format!("{}: {e}", path.display()))
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("hotpatch-tokio-fix-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| format!("{}: {e}", dir.display()))?;
+    let copy = dir.join("libtokio_fix.so");
+    std::fs::copy(&path, &copy).map_err(|e| format!("{}: {e}", path.display()))?;
+    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o644))
+        .map_err(|e| format!("{}: {e}", copy.display()))?;
+    Ok(copy)
 }
 
 /// An error and its sources, on one line.
