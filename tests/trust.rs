@@ -121,7 +121,7 @@ fn loads(loader: &Loader, so: &Path, answer: u64) {
 
 // ---- Keys and signatures
 
-/// A fresh unencrypted key pair, made as `hotpatch-sign keygen` makes it.
+/// A fresh unencrypted key pair, made as `hotpatch keygen` makes it.
 struct Keys {
     pair: hotpatch_sign::KeyPair,
     secret: minisign::SecretKey,
@@ -142,7 +142,7 @@ impl Keys {
         Loader::new().trusted_key(self.trusted())
     }
 
-    /// Signs `file` as `hotpatch-sign sign` does: `<file>.minisig`.
+    /// Signs `file` as `hotpatch sign` does: `<file>.minisig`.
     fn sign(&self, file: &Path) -> PathBuf {
         hotpatch_sign::sign_file(&self.secret, file, None).unwrap()
     }
