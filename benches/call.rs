@@ -30,6 +30,9 @@ type F = fn(u64) -> u64;
 /// `AtomicPtr` a user would write in their own code, what a patchable call
 /// should cost (issue 11, item 3).
 static LOCAL_PTR: AtomicPtr<()> = AtomicPtr::new(bench_svc::direct as F as *mut ());
+/// The same, pointing at what the patched slot points at (the patch's
+/// entry): the baseline for `patchable_patched`, which calls that code.
+static LOCAL_PTR_TO_PATCH: AtomicPtr<()> = AtomicPtr::new(bench_svc::direct as F as *mut ());
 
 /// Writes both fn-pointer statics once, through `black_box`, as a hot swap
 /// would: a static never written is folded into a direct call.
@@ -109,6 +112,14 @@ fn case_atomic_ptr(x: u64) -> u64 {
     f(x)
 }
 #[inline(always)]
+fn case_atomic_ptr_calling_crate_to_patch(x: u64) -> u64 {
+    // SAFETY: LOCAL_PTR_TO_PATCH only ever holds a `fn(u64) -> u64` (the
+    // patch's entry for `bench_svc::patched`, checked by the loader).
+    // Acquire: as above.
+    let f: F = unsafe { std::mem::transmute(LOCAL_PTR_TO_PATCH.load(Ordering::Acquire)) };
+    f(x)
+}
+#[inline(always)]
 fn case_atomic_ptr_calling_crate(x: u64) -> u64 {
     // SAFETY: LOCAL_PTR only ever holds a `fn(u64) -> u64`.
     // Acquire: as above.
@@ -183,6 +194,7 @@ loops! {
     loop_patched => case_patched,
     loop_atomic_ptr => case_atomic_ptr,
     loop_atomic_ptr_calling_crate => case_atomic_ptr_calling_crate,
+    loop_atomic_ptr_calling_crate_to_patch => case_atomic_ptr_calling_crate_to_patch,
     loop_parking_lot_rwlock => case_parking_lot_rwlock,
     loop_hot_lib_reloader => case_hot_lib_reloader,
     loop_hotpatch_03 => case_hotpatch_03,
@@ -244,6 +256,9 @@ fn group(c: &mut Criterion, threads: usize) {
     let fx = fixtures();
     let patch = hotpatch::load(support::so(&fx.dir, "bench-patch")).expect("load bench-patch");
     assert_eq!(patch.functions(), ["bench_svc::patched"]);
+    let entry = bench_svc::patched_implementation();
+    // Release: pairs with the Acquire loads of the calls.
+    LOCAL_PTR_TO_PATCH.store(black_box(entry) as *mut (), Ordering::Release);
 
     let boxed: Box<dyn Fn(u64) -> u64 + Send + Sync> = black_box(Box::new(bench_svc::body));
     let swap = ArcSwap::from_pointee(bench_svc::direct as F);
@@ -286,6 +301,11 @@ fn group(c: &mut Criterion, threads: usize) {
     named(g, t, "atomic_ptr", case_atomic_ptr, loop_atomic_ptr);
     let (f, l) = (case_atomic_ptr_calling_crate, loop_atomic_ptr_calling_crate);
     named(g, t, "atomic_ptr_calling_crate", f, l);
+    let (f, l) = (
+        case_atomic_ptr_calling_crate_to_patch,
+        loop_atomic_ptr_calling_crate_to_patch,
+    );
+    named(g, t, "atomic_ptr_calling_crate_to_patch", f, l);
     case(g, t, "box_dyn_fn", &boxed);
     case(g, t, "arc_swap", |x| (**swap.load())(x));
     let (f, l) = (case_parking_lot_rwlock, loop_parking_lot_rwlock);
