@@ -1,8 +1,10 @@
 //! `#[patch(path::to::target)]`: the replacement side, in a patch cdylib.
 //!
 //! Emits the user's function unchanged, an entry shim with the same
-//! signature that turns a panic of patch code into a panic of the host,
-//! and a `PatchFn` record in the patch's `PATCH_FNS` slice. The record's
+//! signature that counts the calls that end in a panic (the panic itself
+//! unwinds into the host as any panic: a thin patch shares the host's
+//! std), and a `PatchFn` record in the patch crate's own table
+//! (`crate::__HOTPATCH_PATCH_FNS`, declared by `manifest!()`). The record's
 //! target comes from the target's companion constant through
 //! `Target::<Sig>::entry_fn`, where `Sig` is written from the replacement's
 //! signature: `Target` is invariant in `Sig`, so the two signatures must be
@@ -60,6 +62,7 @@ pub fn expand(args: TokenStream, input: TokenStream) -> TokenStream {
     let shim = format_ident!("__hotpatch_entry_{}", ident);
     let record = format_ident!("__HOTPATCH_PATCH_{}", ident);
     let sig_ty: Type = sig::fn_ptr_type(&f.sig);
+    let layouts = sig::layout_types(&f.sig, &sig::Context::free());
     let mut shim_sig = sig::forwarding_signature(&f.sig);
     shim_sig.ident = shim.clone();
     let args = sig::forward_names(&f.sig);
@@ -70,12 +73,11 @@ pub fn expand(args: TokenStream, input: TokenStream) -> TokenStream {
     } else {
         quote!(#ident(#(#args),*))
     };
-    let never =
-        matches!(&f.sig.output, syn::ReturnType::Type(_, t) if matches!(**t, Type::Never(_)));
-    let body = if never {
-        quote!(match ::hotpatch::__private::enter(move || -> ::core::convert::Infallible { #call }) {})
-    } else {
-        quote!(::hotpatch::__private::enter(move || #call))
+    let body = quote! {
+        let __hotpatch_count = ::hotpatch::__private::PanicCount::new(&crate::__HOTPATCH_PANICS);
+        let __hotpatch_value = #call;
+        ::core::mem::drop(__hotpatch_count);
+        __hotpatch_value
     };
     // The companion fixes the target's signature first, so a mismatch
     // reads "expected <target's signature>, found <this one's>", and points
@@ -96,12 +98,12 @@ pub fn expand(args: TokenStream, input: TokenStream) -> TokenStream {
         #manifest_check
 
         #[doc(hidden)]
-        #[allow(non_snake_case, improper_ctypes_definitions, clippy::all)]
+        #[allow(non_snake_case, improper_ctypes_definitions, unreachable_code, clippy::all)]
         #shim_sig {
             #body
         }
 
-        #[::hotpatch::__private::linkme::distributed_slice(::hotpatch::__private::PATCH_FNS)]
+        #[::hotpatch::__private::linkme::distributed_slice(crate::__HOTPATCH_PATCH_FNS)]
         #[linkme(crate = ::hotpatch::__private::linkme)]
         #[doc(hidden)]
         #[allow(non_upper_case_globals)]
@@ -109,6 +111,7 @@ pub fn expand(args: TokenStream, input: TokenStream) -> TokenStream {
             target: #typed_target,
             replacement: ::hotpatch::__private::FnAddr::new(#shim as #sig_ty as *const ()),
             name: ::core::concat!(::core::module_path!(), "::", ::core::stringify!(#ident)),
+            layouts: &[#(::hotpatch::__private::TypeLayout::of::<#layouts>()),*],
         };
     }
 }

@@ -4,10 +4,6 @@
 //! - the wrapper, with `f`'s signature and attributes: one atomic load of
 //!   the slot, then a call through the pointer;
 //! - `__hotpatch_original_f`: the user's body, the slot's initial value;
-//! - `__hotpatch_guarded_f`: calls `f` and returns a panic as a value
-//!   (what a patch's call into the host goes through);
-//! - `__hotpatch_cross_f`: in a patch's private copy of the crate, what
-//!   the copy's slot points at, so the patch reaches the host's live `f`;
 //! - `__hotpatch_dispatch_f`: what the slot points at during a transition:
 //!   the old or the new implementation, by the calling thread's state;
 //! - the slot, its `Entry` in the `SLOTS` distributed slice, and the
@@ -82,8 +78,6 @@ struct Names {
     entry: Ident,
     entry_getter: Ident,
     original: Ident,
-    guarded: Ident,
-    cross: Ident,
     dispatch: Ident,
     companion: Ident,
 }
@@ -95,8 +89,6 @@ impl Names {
             entry: format_ident!("__HOTPATCH_ENTRY_{}", module_unique),
             entry_getter: format_ident!("__hotpatch_entry_of_{}", module_unique),
             original: format_ident!("__hotpatch_original_{}", helper),
-            guarded: format_ident!("__hotpatch_guarded_{}", helper),
-            cross: format_ident!("__hotpatch_cross_{}", helper),
             dispatch: format_ident!("__hotpatch_dispatch_{}", helper),
             companion: format_ident!("__hotpatch_{}", helper),
         }
@@ -158,10 +150,6 @@ impl Gen<'_> {
         }
     }
 
-    fn returns_never(&self) -> bool {
-        matches!(&self.sig.output, syn::ReturnType::Type(_, ty) if matches!(**ty, Type::Never(_)))
-    }
-
     /// The body of the wrapper: one load of the slot, one indirect call.
     fn wrapper_body(&self) -> Block {
         let slot = &self.names.slot;
@@ -216,79 +204,6 @@ impl Gen<'_> {
             #[allow(non_snake_case, deprecated, clippy::all)]
             #sig #block
         }
-    }
-
-    fn guarded_fn(&self, attrs: &[Attribute]) -> TokenStream {
-        let mut sig = sig::forwarding_signature(self.sig);
-        sig.ident = self.names.guarded.clone();
-        sig.abi = None;
-        let ret = sig::return_type(self.sig);
-        let args = sig::forward_names(self.sig);
-        let wrapper = self.wrapper_path(false);
-        let (ret, call) = if self.returns_never() {
-            (
-                quote!(::core::convert::Infallible),
-                self.unsafe_call(quote!(#wrapper(#(#args),*))),
-            )
-        } else {
-            (quote!(#ret), self.unsafe_call(quote!(#wrapper(#(#args),*))))
-        };
-        let closure_ret = if self.returns_never() {
-            quote!(-> ::core::convert::Infallible)
-        } else {
-            quote!()
-        };
-        sig.output =
-            parse_quote!(-> ::core::result::Result<#ret, ::hotpatch::__private::Transport>);
-        let mut item: ImplItemFn = parse_quote! {
-            #[doc(hidden)]
-            #[allow(non_snake_case, deprecated, clippy::all)]
-            #sig {
-                ::hotpatch::__private::catch(move || #closure_ret { #call })
-            }
-        };
-        self.qualify(&mut item);
-        let carried = sig::carried_attrs(attrs);
-        quote!(#(#carried)* #item)
-    }
-
-    fn cross_fn(&self, attrs: &[Attribute]) -> TokenStream {
-        let mut sig = sig::forwarding_signature(self.sig);
-        sig.ident = self.names.cross.clone();
-        let slot = &self.names.slot;
-        let guarded = self.local(&self.names.guarded);
-        let holes = self.sig.inputs.iter().map(|_| quote!(_));
-        let unsafety = &self.sig.unsafety;
-        let args = sig::forward_names(self.sig);
-        let call = self.unsafe_call(quote!(__hotpatch_guarded(#(#args),*)));
-        let ok = if self.returns_never() {
-            quote!(::core::result::Result::Ok(never) => match never {})
-        } else {
-            quote!(::core::result::Result::Ok(value) => value)
-        };
-        let mut item: ImplItemFn = parse_quote! {
-            #[doc(hidden)]
-            #[allow(non_snake_case, improper_ctypes_definitions, deprecated, clippy::all)]
-            #sig {
-                // SAFETY: the runtime stores in `remote` only the host's
-                // guarded function for this same path, fingerprint and
-                // layouts, and only before pointing this slot at this
-                // function (see `Slot::redirect`).
-                let __hotpatch_guarded = unsafe {
-                    ::hotpatch::__private::cast_fn(
-                        #slot.remote(),
-                        #guarded as #unsafety fn(#(#holes),*) -> _,
-                    )
-                };
-                match #call {
-                    #ok,
-                    ::core::result::Result::Err(panic) => ::hotpatch::__private::raise(panic),
-                }
-            }
-        };
-        self.qualify(&mut item);
-        let carried = sig::carried_attrs(attrs);
-        quote!(#(#carried)* #item)
     }
 
     /// Installed in the slot during a transition: runs the old or the new
@@ -363,14 +278,10 @@ impl Gen<'_> {
             entry,
             entry_getter,
             original,
-            guarded,
-            cross,
             dispatch,
             ..
         } = &self.names;
         let original = self.module_level(original);
-        let guarded = self.module_level(guarded);
-        let cross = self.module_level(cross);
         let dispatch = self.module_level(dispatch);
         let wrapper = self.wrapper_path(true);
         let cfgs = sig::cfg_attrs(attrs);
@@ -403,8 +314,6 @@ impl Gen<'_> {
                 slot: &#slot,
                 original: ::hotpatch::__private::FnAddr::new(#original as *const ()),
                 wrapper: ::hotpatch::__private::FnAddr::new(#wrapper as *const ()),
-                guarded: ::hotpatch::__private::FnAddr::new(#guarded as *const ()),
-                cross: ::hotpatch::__private::FnAddr::new(#cross as *const ()),
                 dispatcher: ::hotpatch::__private::FnAddr::new(#dispatch as *const ()),
             };
 
@@ -452,8 +361,6 @@ fn expand_fn(f: ItemFn) -> TokenStream {
     // The user's `#[inline]` is about the body: it stays on the original.
     let wrapper_attrs: Vec<_> = attrs.iter().filter(|a| !sig::is_inline_attr(a)).collect();
     let original = gen_.original_fn(attrs, block);
-    let guarded = gen_.guarded_fn(attrs);
-    let cross = gen_.cross_fn(attrs);
     let dispatch = gen_.dispatch_fn(attrs);
     let companion = gen_.companion();
     let statics = gen_.statics(attrs);
@@ -464,8 +371,6 @@ fn expand_fn(f: ItemFn) -> TokenStream {
         #vis #wrapper_sig #wrapper_body
 
         #original
-        #guarded
-        #cross
         #dispatch
         #(#cfgs)*
         #companion
@@ -637,8 +542,6 @@ fn expand_impl(mut imp: ItemImpl) -> TokenStream {
         };
         let attrs = m.attrs.clone();
         helpers.push(gen_.original_fn(&attrs, &m.block));
-        helpers.push(gen_.guarded_fn(&attrs));
-        helpers.push(gen_.cross_fn(&attrs));
         helpers.push(gen_.dispatch_fn(&attrs));
         let cfgs = sig::cfg_attrs(&attrs);
         let companion = gen_.companion();

@@ -1,12 +1,10 @@
-//! `#[shared]`: a service `static` that patches share with the host.
-//!
-//! `static NAME: T = expr;` becomes `static NAME: Shared<T> =
-//! Shared::new(expr);` and a `SharedEntry` in the `SHARED` slice, through
-//! which the runtime points a patch's copy at the host's value.
+//! `#[shared]`: deprecated. `static NAME: T = expr;` becomes `static NAME:
+//! Shared<T> = Shared::new(expr);`, and `Shared` is deprecated, so the
+//! service gets the warning that says why (thin patches see every static
+//! of the host as the host's own).
 
-use crate::sig;
 use proc_macro2::TokenStream;
-use quote::{format_ident, quote};
+use quote::quote;
 use syn::{ItemStatic, StaticMutability};
 
 pub fn expand(args: TokenStream, input: TokenStream) -> TokenStream {
@@ -48,28 +46,8 @@ pub fn expand(args: TokenStream, input: TokenStream) -> TokenStream {
         expr,
         ..
     } = &item;
-    let ty_text = sig::to_text(&quote!(#ty));
-    let fingerprint = sig::fingerprint(&ty_text);
-    let entry = format_ident!("__HOTPATCH_SHARED_{}", ident);
-    let cfgs = sig::cfg_attrs(attrs);
     quote! {
         #(#attrs)*
         #vis static #ident: ::hotpatch::Shared<#ty> = ::hotpatch::Shared::new(#expr);
-
-        #(#cfgs)*
-        #[::hotpatch::__private::linkme::distributed_slice(::hotpatch::__private::SHARED)]
-        #[linkme(crate = ::hotpatch::__private::linkme)]
-        #[doc(hidden)]
-        #[allow(non_upper_case_globals)]
-        static #entry: ::hotpatch::__private::SharedEntry = ::hotpatch::__private::SharedEntry {
-            path: ::core::concat!(::core::module_path!(), "::", ::core::stringify!(#ident)),
-            ty: #ty_text,
-            fingerprint: #fingerprint,
-            layout: ::hotpatch::__private::TypeLayout::of::<#ty>(),
-            local: ::hotpatch::__private::DataAddr(::hotpatch::Shared::__local(&#ident)),
-            target: ::hotpatch::__private::DataAddr(
-                ::hotpatch::Shared::__target(&#ident) as *const (),
-            ),
-        };
     }
 }

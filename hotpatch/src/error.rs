@@ -119,27 +119,9 @@ pub enum Error {
     #[error("{path}: `{function}` is not a patchable function of this process")]
     UnknownTarget { path: PathBuf, function: String },
 
-    /// Two functions of this process are registered under the same path
-    /// (two versions of one crate linked in, both with this function), so
-    /// the target is ambiguous.
-    #[error("{path}: `{function}` names more than one patchable function in this process")]
-    AmbiguousTarget { path: PathBuf, function: String },
-
     /// The patch replaces the same function twice.
     #[error("{path}: `{function}` is replaced twice in one patch")]
     DuplicateTarget { path: PathBuf, function: String },
-
-    /// The patch was built against a version of the function with another
-    /// signature.
-    #[error(
-        "{path}: `{function}` has signature `{host}` in this process but the patch was built against `{patch}`"
-    )]
-    SignatureMismatch {
-        path: PathBuf,
-        function: String,
-        host: String,
-        patch: String,
-    },
 
     /// An argument or return type of the function has another size or
     /// alignment in the patch than in this process.
@@ -177,10 +159,51 @@ pub enum Error {
     #[error("{what}: another patch transition is still in progress after {waited:?}")]
     Busy { what: String, waited: Duration },
 
-    /// The patch's allocator is not the host's (see
-    /// [`Loader::allow_foreign_allocator`](crate::Loader::allow_foreign_allocator)).
+    /// The patch brings an allocator of its own (its crate declares a
+    /// `#[global_allocator]`): memory passed between it and the host would
+    /// be freed by the wrong allocator. A thin patch uses the host's.
     #[error("{path}: refusing a patch with a foreign allocator: {reason}")]
     ForeignAllocator { path: PathBuf, reason: String },
+
+    /// The file is not a thin patch: it names no service build (no
+    /// `.hotpatch.host` section). A plain `cargo build` of a patch crate
+    /// makes a library with its own copy of std and of the service.
+    #[error(
+        "{path}: not a thin patch: it does not name the service build it was made for (no          `.hotpatch.host` section); build it with `cargo hotpatch build -p <patch crate>          --binary <service binary>`"
+    )]
+    NotThin { path: PathBuf },
+
+    /// The patch was made against another build of the service (GNU
+    /// build-ids, lowercase hex).
+    #[error(
+        "{path}: the patch was made for service build {patch}, but this process is build {host}:          rebuild the patch against this binary (`cargo hotpatch build --binary <this binary>`)"
+    )]
+    WrongBuild {
+        path: PathBuf,
+        patch: String,
+        host: String,
+    },
+
+    /// This binary has no GNU build-id, so no patch can name it.
+    #[error(
+        "{path}: this process's binary has no GNU build-id, so no patch can be checked against it          (link it with `-Wl,--build-id`)"
+    )]
+    HostUnidentified { path: PathBuf },
+
+    /// This binary does not export its symbols to the dynamic loader, so
+    /// a thin patch has nothing to bind to.
+    #[error(
+        "{path}: this process's binary does not export its symbols to patches: build the service          with the hotpatch host setting, `println!(\"cargo::rustc-link-arg-bins=-rdynamic\");` in          its build.rs"
+    )]
+    HostNotExported { path: PathBuf },
+
+    /// The patch needs symbols this binary does not have (demangled).
+    #[error(
+        "{path}: the patch needs {} symbol(s) this process's binary does not have: {}; a          dependency function the service never calls is not linked into it (call it from the          service), or the patch was built with other features or another profile than the          service (build both in one cargo selection and profile)",
+        .symbols.len(),
+        .symbols.join(", ")
+    )]
+    MissingSymbols { path: PathBuf, symbols: Vec<String> },
 
     /// The patch's initialisation (`hotpatch::manifest!(init = ...)`)
     /// returned an error or panicked; nothing was applied.
@@ -227,16 +250,8 @@ pub(crate) enum Refusal {
     UnknownTarget {
         function: String,
     },
-    AmbiguousTarget {
-        function: String,
-    },
     DuplicateTarget {
         function: String,
-    },
-    SignatureMismatch {
-        function: String,
-        host: String,
-        patch: String,
     },
     LayoutMismatch {
         function: String,
@@ -269,18 +284,7 @@ impl Refusal {
             }
             Refusal::InvalidManifest(reason) => Error::InvalidManifest { path, reason },
             Refusal::UnknownTarget { function } => Error::UnknownTarget { path, function },
-            Refusal::AmbiguousTarget { function } => Error::AmbiguousTarget { path, function },
             Refusal::DuplicateTarget { function } => Error::DuplicateTarget { path, function },
-            Refusal::SignatureMismatch {
-                function,
-                host,
-                patch,
-            } => Error::SignatureMismatch {
-                path,
-                function,
-                host,
-                patch,
-            },
             Refusal::LayoutMismatch { function, detail } => Error::LayoutMismatch {
                 path,
                 function,

@@ -241,15 +241,14 @@ macro_rules! failpoint {
     };
 }
 
-mod alloc;
 #[cfg(feature = "control")]
 pub mod control;
 mod elf;
+mod host;
 mod error;
 mod image;
 mod loader;
 mod manifest;
-mod panic;
 mod patch;
 mod quiesce;
 mod registry;
@@ -272,6 +271,7 @@ pub use quiesce::{
     OfflineGuard, StalledThread, ThreadGuard, TransitionInfo, offline, quiescent, register_thread,
     while_offline,
 };
+#[allow(deprecated)]
 pub use shared::Shared;
 pub use trust::TrustedKey;
 
@@ -435,23 +435,60 @@ macro_rules! __manifest {
         $crate::__manifest! { @ $name $version $description ($v) ; $($rest)* }
     };
     (@ ($name:expr) ($version:expr) ($description:expr) ($($init:expr)?) ;) => {
+        /// The `#[patch]` records of this crate, in its own linker
+        /// section (the patch's, not the host's).
+        #[doc(hidden)]
+        #[$crate::__private::linkme::distributed_slice]
+        #[linkme(crate = $crate::__private::linkme)]
+        pub static __HOTPATCH_PATCH_FNS: [$crate::__private::PatchFn];
+
+        /// The cells through which this patch's code reaches the host's
+        /// slots (filled in by `cargo hotpatch build`; see `SlotRef`).
+        #[doc(hidden)]
+        #[$crate::__private::linkme::distributed_slice]
+        #[linkme(crate = $crate::__private::linkme)]
+        pub static __HOTPATCH_SLOT_REFS: [$crate::__private::SlotRef];
+
+        /// Calls of this patch's replacements that ended in a panic.
+        #[doc(hidden)]
+        pub static __HOTPATCH_PANICS: ::core::sync::atomic::AtomicU64 =
+            ::core::sync::atomic::AtomicU64::new(0);
+
         #[doc(hidden)]
         #[unsafe(export_name = "hotpatch_manifest_v1")]
         pub static __HOTPATCH_MANIFEST: $crate::__private::Manifest = {
-            let m = $crate::__private::Manifest::new($name, $version, $description)
-                .with_host_allocator();
+            /// # Safety
+            /// `len` must be valid for a write.
+            unsafe extern "C" fn __hotpatch_functions(
+                len: *mut usize,
+            ) -> *const $crate::__private::PatchFn {
+                // SAFETY: the caller's guarantee.
+                unsafe { $crate::__private::patch_fns_raw(&__HOTPATCH_PATCH_FNS, len) }
+            }
+            /// # Safety
+            /// `len` must be valid for a write.
+            unsafe extern "C" fn __hotpatch_slot_refs(
+                len: *mut usize,
+            ) -> *const $crate::__private::SlotRef {
+                // SAFETY: the caller's guarantee.
+                unsafe { $crate::__private::slot_refs_raw(&__HOTPATCH_SLOT_REFS, len) }
+            }
+            let m = $crate::__private::Manifest::new(
+                $name,
+                $version,
+                $description,
+                __hotpatch_functions,
+                &__HOTPATCH_PANICS,
+            )
+            .with_slot_refs(__hotpatch_slot_refs);
             $(
-                fn __hotpatch_init() -> ::core::result::Result<(), $crate::__private::Transport> {
+                fn __hotpatch_init() -> ::core::result::Result<(), ::std::string::String> {
                     $crate::__private::run_init($init)
                 }
                 let m = m.with_init(__hotpatch_init);
             )?
             m
         };
-
-        #[global_allocator]
-        static __HOTPATCH_HOST_ALLOCATOR: $crate::__private::HostAllocator =
-            $crate::__private::HostAllocator;
 
         // What `#[patch]` checks for: its name is the compile error a patch
         // crate without `hotpatch::manifest!()` gets.

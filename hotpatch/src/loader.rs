@@ -13,7 +13,8 @@ use parking_lot::Mutex;
 use crate::__private::{MANIFEST_SYMBOL, Manifest};
 use crate::registry::REGISTRY;
 use crate::trust::{self, TrustedKey};
-use crate::{Error, Patch, PatchId, elf, manifest, quiesce, sys};
+use crate::error::Refusal;
+use crate::{Error, Patch, PatchId, elf, host, manifest, quiesce, sys};
 
 /// Options for loading patches.
 ///
@@ -30,7 +31,6 @@ use crate::{Error, Patch, PatchId, elf, manifest, quiesce, sys};
 pub struct Loader {
     deadline: Duration,
     policy: trust::Policy,
-    allow_foreign_allocator: bool,
 }
 
 impl Default for Loader {
@@ -38,7 +38,6 @@ impl Default for Loader {
         Loader {
             deadline: DEFAULT_DEADLINE,
             policy: trust::Policy::default(),
-            allow_foreign_allocator: false,
         }
     }
 }
@@ -120,15 +119,6 @@ impl Loader {
     /// ```
     pub fn allow_insecure_permissions(mut self) -> Self {
         self.policy.allow_insecure_permissions = true;
-        self
-    }
-
-    /// Accepts patches that do not use the host's global allocator (a
-    /// manifest written without `hotpatch::manifest!()`). Only sound if
-    /// no memory is allocated on one side and freed on the other, or both
-    /// allocators are the same `malloc`.
-    pub fn allow_foreign_allocator(mut self) -> Self {
-        self.allow_foreign_allocator = true;
         self
     }
 
@@ -259,17 +249,16 @@ impl Loader {
         // not unmapped while we hold the transition turn (only `reclaim`
         // unmaps, and it needs the turn).
         let checked = unsafe { manifest::check(m) }.map_err(|r| r.at(path))?;
-        self.check_allocator(path, &checked)?;
         let (plan, changes, old) = {
             let registry = REGISTRY.lock();
             let old = replacing.map(|id| registry.info(id)).transpose()?;
             let plan = registry.plan(library, &checked).map_err(|r| r.at(path))?;
             let changes = registry.changes(replacing, plan.replacements());
-            registry.prepare(&plan, &checked);
+            registry.prepare(&plan);
             (plan, changes, old)
         };
         drop(libraries);
-        checked.run_init().map_err(|r| r.at(path))?;
+        run_init(&checked).map_err(|r| r.at(path))?;
         failpoint!("load::apply", path);
         let what = match &old {
             Some(old) => format!(
@@ -345,6 +334,7 @@ fn open(
         path: path.to_owned(),
         reason,
     })?;
+    bound_to_this_binary(path, bytes)?;
     failpoint!("load::copy", path);
     let label = path
         .file_name()
@@ -388,6 +378,76 @@ fn open(
         path: copy.path,
     });
     Ok((id, manifest))
+}
+
+/// The checks of a thin patch against this binary, on the file's bytes,
+/// before the dynamic loader sees them (see `host.rs`): the build it was
+/// made for, the host setting, every symbol it needs, no allocator of its
+/// own.
+fn bound_to_this_binary(path: &Path, bytes: &[u8]) -> Result<(), Error> {
+    let path = path.to_owned();
+    let needs = host::needs(bytes).map_err(|reason| Error::NotLoadable {
+        path: path.clone(),
+        reason,
+    })?;
+    let Some(identity) = needs.identity else {
+        return Err(Error::NotThin { path });
+    };
+    let Some(ours) = host::build_id() else {
+        return Err(Error::HostUnidentified { path });
+    };
+    if identity != ours {
+        return Err(Error::WrongBuild {
+            path,
+            patch: host::hex(&identity),
+            host: host::hex(ours),
+        });
+    }
+    if !host::exports_symbols() {
+        return Err(Error::HostNotExported { path });
+    }
+    if needs.allocator {
+        return Err(Error::ForeignAllocator {
+            path,
+            reason: "its crate declares a `#[global_allocator]`; a patch uses the host's \
+                     allocator (remove it)"
+                .into(),
+        });
+    }
+    let missing = host::missing(&needs.undefined);
+    if !missing.is_empty() {
+        return Err(Error::MissingSymbols {
+            path,
+            symbols: missing,
+        });
+    }
+    Ok(())
+}
+
+/// Runs the patch's `init`, if it has one: an `Err` or a panic refuses
+/// the patch. One std: the panic is the host's own, caught here.
+fn run_init(checked: &manifest::Checked) -> Result<(), Refusal> {
+    let Some(init) = checked.init else {
+        return Ok(());
+    };
+    match std::panic::catch_unwind(init) {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(reason)) => Err(Refusal::InitFailed { reason }),
+        Err(payload) => Err(Refusal::InitFailed {
+            reason: panic_message(payload.as_ref()),
+        }),
+    }
+}
+
+/// A panic payload's message (`&str` or `String`), as std's hook shows it.
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        format!("panicked: {s}")
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        format!("panicked: {s}")
+    } else {
+        "panicked with a payload that is not a string".to_owned()
+    }
 }
 
 /// What [`Loader::reclaim`] did.
@@ -571,7 +631,6 @@ impl Loader {
         // SAFETY: as in `apply`: the manifest symbol's address in a library
         // that stays mapped while we hold the transition turn.
         let checked = unsafe { manifest::check(m) }.map_err(|r| r.at(path))?;
-        self.check_allocator(path, &checked)?;
         let registry = REGISTRY.lock();
         let plan = registry.plan(library, &checked).map_err(|r| r.at(path))?;
         let now = registry.functions(&[]);
@@ -598,32 +657,5 @@ impl Loader {
             changes,
             has_init: checked.init.is_some(),
         })
-    }
-
-    /// The allocator checks of `apply` and `check`.
-    fn check_allocator(&self, path: &Path, checked: &manifest::Checked) -> Result<(), Error> {
-        if self.allow_foreign_allocator {
-            return Ok(());
-        }
-        if checked.host_allocator.is_none() {
-            return Err(Error::ForeignAllocator {
-                path: path.to_owned(),
-                reason: "the patch does not use the host's allocator (it has no \
-                         `hotpatch::manifest!()` allocator); memory passed between it and \
-                         the host would be freed by the wrong allocator"
-                    .into(),
-            });
-        }
-        if checked.early_overflow {
-            return Err(Error::ForeignAllocator {
-                path: path.to_owned(),
-                reason: format!(
-                    "its initialisers made more than {} allocations before the host's \
-                     allocator was installed",
-                    crate::alloc::EARLY_SLOTS
-                ),
-            });
-        }
-        Ok(())
     }
 }

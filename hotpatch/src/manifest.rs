@@ -9,32 +9,28 @@
 //!    version);
 //! 3. [`whole`]: `manifest_size` equal to this runtime's, and the whole
 //!    struct inside the library's readable memory;
-//! 4. [`code_fields`]: the seven function fields (`functions`, `slots`,
-//!    `shared`, `host_raise`, `host_allocator`, `early_overflow`, `init`):
-//!    each absent or inside the library's executable segments, before any
-//!    is called;
+//! 4. [`code_fields`]: the function fields (`functions`, `slot_refs`,
+//!    `init`): each absent or inside the library's executable segments,
+//!    before any is called; the `panics` counter in the library's
+//!    writable, non-RELRO memory;
 //! 5. [`strings`]: the strings, each non-null, at most [`MAX_STR`] bytes,
 //!    inside the library's readable memory and UTF-8: `rustc`, `target`
-//!    and `panic_strategy` must equal the host's; `entry_size`,
-//!    `patch_fn_size` and `shared_entry_size` this runtime's; then
-//!    `hotpatch_version`, `name`, `version`, `description` (read for
-//!    reports only: `abi_version` decides compatibility; each may be
-//!    empty);
+//!    and `panic_strategy` must equal the host's; `entry_size` and
+//!    `patch_fn_size` this runtime's; then `hotpatch_version`, `name`,
+//!    `version`, `description` (read for reports only: `abi_version`
+//!    decides compatibility; each may be empty);
 //! 6. [`getters`]: only then, with the same compiler established, the
 //!    getters are called (patch code): `functions` (required; its table
-//!    non-null, aligned, bounded, inside the library, not empty), `slots`
-//!    (required) and `shared` (optional) likewise, but either may be
-//!    empty; `host_allocator` (optional) must return an aligned cell in
-//!    writable, non-RELRO memory of the library, and so must `host_raise`
-//!    (required); `early_overflow` (optional) is called for its answer;
-//!    `init` (optional) is only recorded here and called by
-//!    [`Checked::run_init`] after the plan;
-//! 7. [`records`]: the records behind the tables: [`patch_fn`] (getter
-//!    and replacement in code, name UTF-8 in readable memory, then the
-//!    getter called and its entry checked), [`entry`] (strings UTF-8 and
-//!    readable, layouts aligned and readable, slot aligned in writable
-//!    non-RELRO memory, the five function addresses in code),
-//!    [`shared_entry`] (likewise for a shared static's record).
+//!    non-null, aligned, bounded, inside the library, not empty) and
+//!    `slot_refs` (optional; each cell aligned in the library's writable,
+//!    non-RELRO memory); `init` (optional) is only recorded here and
+//!    called by the loader after the plan;
+//! 7. [`records`]: the records behind the function table ([`patch_fn`]):
+//!    the replacement in the library's code, the name UTF-8 in its
+//!    readable memory, and the target's entry getter in the *host's*
+//!    code (a thin patch binds it to the service's own), which is then
+//!    called; the registry takes the entry it returns only if it is one
+//!    of this process's own (`registry.rs`: `plan`).
 //!
 //! Every pointer is checked to lie inside the library that exported the
 //! manifest before anything reads through it: strings and tables in its
@@ -53,11 +49,11 @@
 //! files may be loaded at all, and who signed them) is the defence against
 //! hostile files; these checks turn mistakes and corruption into errors.
 
-use std::sync::atomic::AtomicPtr;
+use std::sync::atomic::AtomicU64;
 
 use crate::__private::{
-    ABI_VERSION, Entry, FnAddr, HostAllocFns, MAGIC, Manifest, PANIC_STRATEGY, PatchFn,
-    RUSTC_VERSION, RawStr, SharedEntry, TARGET, Transport, TypeLayout,
+    ABI_VERSION, Entry, FnAddr, MAGIC, Manifest, PANIC_STRATEGY, PatchFn, RUSTC_VERSION, RawStr,
+    SlotRef, TARGET, TypeLayout,
 };
 use crate::error::Refusal;
 use crate::image::Image;
@@ -75,36 +71,25 @@ pub(crate) struct Checked {
     pub description: String,
     /// What the patch replaces, in its table's order (at least one).
     pub functions: Vec<Replacement>,
-    /// The patch's private copies of patchable functions.
-    pub slots: Vec<&'static Entry>,
-    pub shared: &'static [SharedEntry],
-    pub host_raise: &'static AtomicPtr<()>,
-    /// The patch's `HostAllocator` cell, if it declares one.
-    pub host_allocator: Option<&'static AtomicPtr<HostAllocFns>>,
-    /// More allocations during `dlopen` than could be tracked.
-    pub early_overflow: bool,
-    pub init: Option<fn() -> Result<(), Transport>>,
+    /// The patch's cells for the host slots its code reads.
+    pub slot_refs: &'static [SlotRef],
+    /// Calls of its replacements that ended in a panic.
+    pub panics: &'static AtomicU64,
+    pub init: Option<fn() -> Result<(), String>>,
 }
 
 /// One checked replacement record.
 #[derive(Clone, Copy)]
 pub(crate) struct Replacement {
-    /// The patch's copy of the target's entry, as compiled into it.
-    pub target: &'static Entry,
+    /// What the target's entry getter returned: the host's entry if the
+    /// patch is bound to this binary (the registry checks that it is).
+    pub target: *const Entry,
+    /// The replacement's own path, for messages.
+    pub name: &'static str,
+    /// Its parameter and return layouts, as the patch was compiled.
+    pub layouts: &'static [TypeLayout],
     /// The entry shim, in the library's code.
     pub code: FnAddr,
-}
-
-impl Checked {
-    /// Runs the patch's initialisation, if it has one.
-    pub(crate) fn run_init(&self) -> Result<(), Refusal> {
-        match self.init.map(|init| init()) {
-            Some(Err(t)) => Err(Refusal::InitFailed {
-                reason: t.into_message(),
-            }),
-            _ => Ok(()),
-        }
-    }
 }
 
 /// Checks the manifest at `m` and every record behind it (the seven steps
@@ -116,17 +101,14 @@ impl Checked {
 pub(crate) unsafe fn check(m: *const Manifest) -> Result<Checked, Refusal> {
     // SAFETY: the caller's guarantee.
     let fields = unsafe { fields(m) }?;
-    let (functions, slots) = records(&fields.image, &fields.tables)?;
+    let functions = records(&fields.image, &fields.tables)?;
     Ok(Checked {
         name: fields.about.name,
         version: fields.about.version,
         description: fields.about.description,
         functions,
-        slots,
-        shared: fields.tables.shared,
-        host_raise: fields.tables.host_raise,
-        host_allocator: fields.tables.host_allocator,
-        early_overflow: fields.tables.early_overflow,
+        slot_refs: fields.tables.slot_refs,
+        panics: fields.panics,
         init: fields.init,
     })
 }
@@ -135,7 +117,8 @@ pub(crate) unsafe fn check(m: *const Manifest) -> Result<Checked, Refusal> {
 struct Fields {
     about: About,
     tables: Tables,
-    init: Option<fn() -> Result<(), Transport>>,
+    panics: &'static AtomicU64,
+    init: Option<fn() -> Result<(), String>>,
     /// The library's memory, for checking what the tables point to.
     image: Image,
 }
@@ -151,13 +134,14 @@ unsafe fn fields(m: *const Manifest) -> Result<Fields, Refusal> {
     // SAFETY: step 2 found this ABI version; the library stays mapped
     // (caller's guarantee).
     let m = unsafe { whole(&image, m) }?;
-    code_fields(&image, m)?;
+    let panics = code_fields(&image, m)?;
     let about = strings(&image, m)?;
     // SAFETY: steps 1 to 5 passed for `m`.
     let tables = unsafe { getters(&image, m) }?;
     Ok(Fields {
         about,
         tables,
+        panics,
         init: m.init,
         image,
     })
@@ -228,15 +212,11 @@ unsafe fn whole(image: &Image, m: *const Manifest) -> Result<&'static Manifest, 
 }
 
 /// Step 4: every function field absent or in the library's code, before
-/// any is called.
-fn code_fields(image: &Image, m: &Manifest) -> Result<(), Refusal> {
+/// any is called, and the panic counter in its writable memory.
+fn code_fields(image: &Image, m: &Manifest) -> Result<&'static AtomicU64, Refusal> {
     let fields = [
         ("functions", m.functions.map(|f| f as *const ())),
-        ("slots", m.slots.map(|f| f as *const ())),
-        ("shared", m.shared.map(|f| f as *const ())),
-        ("host_raise", m.host_raise.map(|f| f as *const ())),
-        ("host_allocator", m.host_allocator.map(|f| f as *const ())),
-        ("early_overflow", m.early_overflow.map(|f| f as *const ())),
+        ("slot_refs", m.slot_refs.map(|f| f as *const ())),
         ("init", m.init.map(|f| f as *const ())),
     ];
     for (name, f) in fields {
@@ -248,7 +228,16 @@ fn code_fields(image: &Image, m: &Manifest) -> Result<(), Refusal> {
             )));
         }
     }
-    Ok(())
+    // SAFETY: the field is a plain word; read as a raw pointer, nothing is
+    // assumed of it before the check below.
+    let panics = unsafe { std::ptr::addr_of!(m.panics).cast::<*const AtomicU64>().read() };
+    if panics.is_null() || !image.writable_value(panics) {
+        return Err(invalid(
+            "the panic counter is null, misaligned or outside the library's writable memory",
+        ));
+    }
+    // SAFETY: non-null, aligned, a static of the mapped library.
+    Ok(unsafe { &*panics })
 }
 
 /// What the manifest says of the patch, for reports.
@@ -283,7 +272,6 @@ fn strings(image: &Image, m: &Manifest) -> Result<About, Refusal> {
     }
     if m.entry_size as usize != std::mem::size_of::<Entry>()
         || m.patch_fn_size as usize != std::mem::size_of::<PatchFn>()
-        || m.shared_entry_size as usize != std::mem::size_of::<SharedEntry>()
     {
         return Err(invalid("table entry sizes differ from this runtime's"));
     }
@@ -299,11 +287,7 @@ fn strings(image: &Image, m: &Manifest) -> Result<About, Refusal> {
 /// What the getters returned, checked.
 struct Tables {
     functions: &'static [PatchFn],
-    slots: &'static [Entry],
-    shared: &'static [SharedEntry],
-    host_raise: &'static AtomicPtr<()>,
-    host_allocator: Option<&'static AtomicPtr<HostAllocFns>>,
-    early_overflow: bool,
+    slot_refs: &'static [SlotRef],
 }
 
 /// Step 6: the getters, called (patch code), and what they return.
@@ -318,7 +302,8 @@ unsafe fn getters(image: &Image, m: &Manifest) -> Result<Tables, Refusal> {
         .ok_or_else(|| invalid("the function table getter is null"))?;
     let mut n = 0usize;
     // SAFETY: same compiler, target and ABI: the getter is the patch's
-    // `patch_fns_raw`, which writes one `usize` through a valid pointer.
+    // `__hotpatch_functions`, which writes one `usize` through a valid
+    // pointer.
     let first = unsafe { functions_fn(&mut n) };
     // SAFETY: the getter returned `first`/`n` for a table in the library,
     // which stays mapped (caller's guarantee).
@@ -326,182 +311,94 @@ unsafe fn getters(image: &Image, m: &Manifest) -> Result<Tables, Refusal> {
     if functions.is_empty() {
         return Err(invalid("the patch replaces no function"));
     }
-    let slots_fn = m
-        .slots
-        .ok_or_else(|| invalid("the slot table getter is null"))?;
-    let mut n = 0usize;
-    // SAFETY: as for the function table.
-    let first = unsafe { slots_fn(&mut n) };
-    // SAFETY: as for the function table.
-    let slots = unsafe { table(image, "slot", first, n) }?;
-    let shared = match m.shared {
-        Some(shared_fn) => {
+    let slot_refs: &'static [SlotRef] = match m.slot_refs {
+        Some(refs_fn) => {
             let mut n = 0usize;
             // SAFETY: as for the function table.
-            let first = unsafe { shared_fn(&mut n) };
+            let first = unsafe { refs_fn(&mut n) };
             // SAFETY: as for the function table.
-            unsafe { table(image, "shared static", first, n) }?
+            unsafe { table(image, "slot reference", first, n) }?
         }
         None => &[],
     };
-    let host_allocator = match m.host_allocator {
-        Some(cell_fn) => {
-            // SAFETY: as for the function table: the patch's `host_alloc_raw`.
-            let cell = unsafe { cell_fn() };
-            if !image.writable_value(cell) {
-                return Err(invalid(
-                    "the allocator cell is misaligned or outside the library's writable memory",
-                ));
-            }
-            // SAFETY: non-null, aligned, a static of the mapped library.
-            Some(unsafe { &*cell })
-        }
-        None => None,
-    };
-    // SAFETY: as for the function table: the patch's `early_overflow_raw`.
-    let early_overflow = m.early_overflow.is_some_and(|f| unsafe { f() });
-    let host_raise_fn = m
-        .host_raise
-        .ok_or_else(|| invalid("the host-raise getter is null"))?;
-    // SAFETY: as for the function table: the patch's `host_raise_raw`.
-    let cell = unsafe { host_raise_fn() };
-    if !image.writable_value(cell) {
+    // The loader writes these cells before the patch runs: they must be
+    // the library's own writable data.
+    if let Some(first) = slot_refs.first()
+        && !image.writable(
+            std::ptr::from_ref(first).cast(),
+            std::mem::size_of_val(slot_refs),
+        )
+    {
         return Err(invalid(
-            "the host-raise cell is misaligned or outside the library's writable memory",
+            "the slot references are outside the library's writable memory",
         ));
     }
-    // SAFETY: non-null, aligned, and a static of the mapped library.
-    let host_raise = unsafe { &*cell };
     Ok(Tables {
         functions,
-        slots,
-        shared,
-        host_raise,
-        host_allocator,
-        early_overflow,
+        slot_refs,
     })
 }
 
-/// Step 7: the records behind the tables, before the registry reads
-/// their strings and layouts or writes their slots.
-fn records(
-    image: &Image,
-    tables: &Tables,
-) -> Result<(Vec<Replacement>, Vec<&'static Entry>), Refusal> {
-    let functions = tables
+/// Step 7: the records behind the function table, before the registry
+/// resolves them.
+fn records(image: &Image, tables: &Tables) -> Result<Vec<Replacement>, Refusal> {
+    let host = Image::containing(records as *const ())
+        .ok_or_else(|| invalid("this process's own code is not in a loaded object"))?;
+    tables
         .functions
         .iter()
-        .map(|f| patch_fn(image, f))
-        .collect::<Result<_, _>>()?;
-    let slots = tables
-        .slots
-        .iter()
-        .map(|e| entry(image, e))
-        .collect::<Result<_, _>>()?;
-    for e in tables.shared {
-        shared_entry(image, e)?;
-    }
-    Ok((functions, slots))
+        .map(|f| patch_fn(image, &host, f))
+        .collect()
 }
 
-/// Checks a replacement record, then calls its target getter and checks
-/// the entry it returns.
-pub(crate) fn patch_fn(image: &Image, f: &PatchFn) -> Result<Replacement, Refusal> {
-    // SAFETY: `f` is in a table found readable and aligned; the field is
-    // plain words.
-    let name = str_bytes(image, unsafe { raw(&raw const f.name) });
-    if !image.executable(f.target as *const ())
-        || !image.executable(f.replacement.as_ptr())
+/// Checks a replacement record, then calls its target getter, which must
+/// be code of the host (`host`): in a thin patch it is bound to the
+/// service's own.
+pub(crate) fn patch_fn(image: &Image, host: &Image, f: &PatchFn) -> Result<Replacement, Refusal> {
+    // SAFETY: `f` is in a table found readable and aligned; the fields
+    // are plain words.
+    let (name, layouts) = unsafe { (raw(&raw const f.name), raw(&raw const f.layouts)) };
+    let name = str_bytes(image, name);
+    // `layouts` is empty for `fn() -> !`.
+    if !image.executable(f.replacement.as_ptr())
         || name.is_none()
+        || !image.readable_slice(layouts.cast::<TypeLayout>(), layouts.len())
     {
         return Err(invalid(
             "a replacement record points outside the library's code",
         ));
     }
-    if !name.is_some_and(utf8) {
+    let Some(name) = name.filter(|n| utf8(n)) else {
         return Err(invalid("a replacement record's name is not UTF-8"));
+    };
+    // SAFETY: checked UTF-8, in the library's memory, which stays mapped.
+    let name: &'static str = unsafe { std::str::from_utf8_unchecked(name) };
+    if image.executable(f.target as *const ()) {
+        return Err(invalid(format!(
+            "the target of `{name}` is a copy inside the patch, not this process's function (a \
+             patch that links its own copy of the service): build it with `cargo hotpatch build`"
+        )));
+    }
+    if !host.executable(f.target as *const ()) {
+        return Err(invalid(format!(
+            "the target of `{name}` is neither the library's code nor this process's"
+        )));
     }
     // Called as returning a raw pointer, so that nothing is assumed of
-    // what it returns before `entry` has checked it.
+    // what it returns before the registry has found it among its own.
     // SAFETY: `&T` and `*const T` are ABI-compatible (`fn` pointer docs).
     let target =
         unsafe { std::mem::transmute::<fn() -> &'static Entry, fn() -> *const Entry>(f.target) };
-    // The patch's getter: code of the library, checked above.
+    // The host's own entry getter (checked above to be this process's
+    // code, bound by the dynamic loader to the symbol the patch names).
     Ok(Replacement {
-        target: entry(image, target())?,
+        target: target(),
+        name,
+        // SAFETY: aligned and inside the library's readable memory
+        // (checked above), which stays mapped.
+        layouts: unsafe { &*layouts },
         code: f.replacement,
     })
-}
-
-/// Checks that an entry of the patch's (its copy of a patchable function)
-/// points only into the library.
-pub(crate) fn entry(image: &Image, e: *const Entry) -> Result<&'static Entry, Refusal> {
-    if !e.is_aligned() || !image.readable(e.cast(), std::mem::size_of::<Entry>()) {
-        return Err(invalid("an entry lies outside the library's memory"));
-    }
-    // The reference fields are read as raw pointers: read as
-    // references, the compiler may take them to be aligned and
-    // non-null, and drop the checks below.
-    // SAFETY: aligned and inside the library's readable memory
-    // (checked above); each field is plain words.
-    let (function, signature, layouts, slot, code) = unsafe {
-        (
-            raw(&raw const (*e).path),
-            raw(&raw const (*e).signature),
-            raw(&raw const (*e).layouts),
-            raw(&raw const (*e).slot),
-            [
-                (*e).original,
-                (*e).wrapper,
-                (*e).guarded,
-                (*e).cross,
-                (*e).dispatcher,
-            ],
-        )
-    };
-    let strings = [str_bytes(image, function), str_bytes(image, signature)];
-    // `layouts` is empty for `fn() -> !`.
-    let ok = strings.iter().all(Option::is_some)
-        && image.readable_slice(layouts.cast::<TypeLayout>(), layouts.len())
-        && image.writable_value(slot)
-        && code.iter().all(|f| image.executable(f.as_ptr()));
-    if !ok {
-        return Err(invalid(
-            "an entry points outside the library's memory or code",
-        ));
-    }
-    if !strings.into_iter().flatten().all(utf8) {
-        return Err(invalid("an entry's path or signature is not UTF-8"));
-    }
-    // SAFETY: every field checked above; produced by `#[patchable]` in
-    // code of the same compiler (checked).
-    Ok(unsafe { &*e })
-}
-
-/// Checks a shared static's record.
-pub(crate) fn shared_entry(image: &Image, e: &SharedEntry) -> Result<(), Refusal> {
-    // SAFETY: `e` is in a table found readable and aligned; the fields
-    // are plain words.
-    let strings = unsafe {
-        [
-            str_bytes(image, raw(&raw const e.path)),
-            str_bytes(image, raw(&raw const e.ty)),
-        ]
-    };
-    let target = e.target.0.cast::<AtomicPtr<()>>();
-    // `local` of a zero-sized type holds nothing to read.
-    let ok = strings.iter().all(Option::is_some)
-        && image.readable_slice(e.local.0.cast::<u8>(), e.layout.size)
-        && image.writable_value(target);
-    if !ok {
-        return Err(invalid(
-            "a shared static's record points outside the library's memory",
-        ));
-    }
-    if !strings.into_iter().flatten().all(utf8) {
-        return Err(invalid("a shared static's path or type is not UTF-8"));
-    }
-    Ok(())
 }
 
 /// The bits of a reference field, as a raw pointer: nothing assumed.

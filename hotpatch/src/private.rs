@@ -6,17 +6,16 @@
 
 use std::fmt;
 use std::marker::PhantomData;
-use std::sync::atomic::AtomicPtr;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 pub use crate::__hotpatch_slot_current as slot_current;
-pub use crate::alloc::{HOST_ALLOC, HostAllocFns, HostAllocator};
-pub use crate::panic::{HOST_RAISE, Transport, catch, enter, raise};
 pub use crate::slot::{FnAddr, Slot};
 pub use linkme;
 
-/// Version of the layout of [`Manifest`], [`PatchFn`], [`Entry`] and
-/// [`Transport`] (2: a transported panic names the library that raised it).
-pub const ABI_VERSION: u32 = 2;
+/// Version of the layout of [`Manifest`], [`PatchFn`] and [`Entry`] (3:
+/// thin patches, bound to the host's symbols: no private copies of slots
+/// or shared statics, no allocator or panic bridge).
+pub const ABI_VERSION: u32 = 3;
 /// The manifest's first eight bytes.
 pub const MAGIC: [u8; 8] = *b"HOTPATCH";
 /// The symbol a patch exports its [`Manifest`] under.
@@ -34,42 +33,9 @@ pub const PANIC_STRATEGY: &str = if cfg!(panic = "unwind") {
 /// Version of the hotpatch crate.
 pub const HOTPATCH_VERSION: &str = env!("CARGO_PKG_VERSION");
 
-/// Every patchable function linked into this image (the host binary, or a
-/// patch's private copy of the service crate).
+/// Every patchable function linked into this image (the host binary).
 #[linkme::distributed_slice]
 pub static SLOTS: [Entry];
-
-/// Every `#[hotpatch::shared]` static linked into this image.
-#[linkme::distributed_slice]
-pub static SHARED: [SharedEntry];
-
-/// An address of data, type-erased.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-#[repr(transparent)]
-pub struct DataAddr(pub *const ());
-
-// SAFETY: an address, shared read-only.
-unsafe impl Send for DataAddr {}
-// SAFETY: as above.
-unsafe impl Sync for DataAddr {}
-
-/// The registry record of one shared static.
-#[repr(C)]
-pub struct SharedEntry {
-    pub path: &'static str,
-    /// The type as written.
-    pub ty: &'static str,
-    pub fingerprint: u64,
-    pub layout: TypeLayout,
-    /// This image's value.
-    pub local: DataAddr,
-    /// This image's redirection cell (an `AtomicPtr<T>`).
-    pub target: DataAddr,
-}
-
-/// Every `#[patch]` replacement linked into this image.
-#[linkme::distributed_slice]
-pub static PATCH_FNS: [PatchFn];
 
 /// Size and alignment of one argument or return type.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -109,8 +75,6 @@ pub struct Entry {
     pub slot: &'static Slot,
     pub original: FnAddr,
     pub wrapper: FnAddr,
-    pub guarded: FnAddr,
-    pub cross: FnAddr,
     /// Runs the old or new implementation during a transition.
     pub dispatcher: FnAddr,
 }
@@ -167,15 +131,21 @@ fn never_called() -> &'static Entry {
     unreachable!("Target::REPLACEMENT is a type witness, never a target")
 }
 
-/// One replacement in a patch: the record `#[patch]` emits.
+/// One replacement in a patch: the record `#[patch]` emits into the patch
+/// crate's own table (declared by `manifest!()`).
 #[repr(C)]
 pub struct PatchFn {
-    /// The patch's private copy of the target's entry.
+    /// The target's entry getter: a function of the service crate, so in
+    /// a thin patch bound to the host's own (it returns the host's
+    /// [`Entry`]).
     pub target: fn() -> &'static Entry,
     /// The entry shim, of the target's exact signature.
     pub replacement: FnAddr,
     /// The replacement's own path in the patch crate, for messages.
     pub name: &'static str,
+    /// Each parameter's layout, then the return type's (absent for `!`),
+    /// as the patch crate was compiled: checked against the host's entry.
+    pub layouts: &'static [TypeLayout],
 }
 
 /// A `&'static str` as two words with a fixed layout.
@@ -212,25 +182,26 @@ pub struct Manifest {
     pub name: RawStr,
     pub version: RawStr,
     pub description: RawStr,
-    /// The patch's `PATCH_FNS`: writes the count, returns the first.
+    /// The patch crate's `#[patch]` table: writes the count, returns the
+    /// first. A function of the patch crate (`manifest!()` defines it):
+    /// the table is in the patch's own linker section.
     pub functions: Option<unsafe extern "C" fn(*mut usize) -> *const PatchFn>,
-    /// The patch's `SLOTS` (its private copy of the service's slots).
-    pub slots: Option<unsafe extern "C" fn(*mut usize) -> *const Entry>,
-    /// The patch's `HOST_RAISE` cell.
-    pub host_raise: Option<unsafe extern "C" fn() -> *const AtomicPtr<()>>,
+    /// The patch's slot references: one cell per host slot that patch
+    /// code reads (an inlined `#[patchable]` wrapper of the service).
+    /// `cargo hotpatch build` makes them: each holds the address of the
+    /// host's slot after relocation, and the loader rewrites it to the
+    /// host's out-of-line wrapper of that function before any patch code
+    /// runs (see `SlotRef`).
+    pub slot_refs: Option<unsafe extern "C" fn(*mut usize) -> *const SlotRef>,
     pub entry_size: u32,
     pub patch_fn_size: u32,
-    /// The patch's `SHARED` (its copies of the service's shared statics).
-    pub shared: Option<unsafe extern "C" fn(*mut usize) -> *const SharedEntry>,
-    pub shared_entry_size: u32,
-    /// Set by `manifest!()`: the patch's global allocator is
-    /// [`HostAllocator`], whose cell this returns.
-    pub host_allocator: Option<unsafe extern "C" fn() -> *const AtomicPtr<HostAllocFns>>,
-    /// Whether more allocations were made during `dlopen` than
-    /// [`HostAllocator`] could track.
-    pub early_overflow: Option<unsafe extern "C" fn() -> bool>,
-    /// `manifest!(init = f)`: runs before the patch is applied.
-    pub init: Option<fn() -> Result<(), Transport>>,
+    /// How many calls into this patch's replacements ended in a panic
+    /// (the entry shims of `#[patch]` count them): what `watch` reads.
+    pub panics: Option<&'static AtomicU64>,
+    /// `manifest!(init = f)`: runs before the patch is applied; `Err`
+    /// refuses the patch with its message (a panic is caught by the
+    /// loader).
+    pub init: Option<fn() -> Result<(), String>>,
 }
 
 // SAFETY: the manifest is immutable data (addresses of statics and
@@ -239,7 +210,13 @@ unsafe impl Sync for Manifest {}
 
 impl Manifest {
     /// The manifest of the crate being compiled, as `manifest!` builds it.
-    pub const fn new(name: &'static str, version: &'static str, description: &'static str) -> Self {
+    pub const fn new(
+        name: &'static str,
+        version: &'static str,
+        description: &'static str,
+        functions: unsafe extern "C" fn(*mut usize) -> *const PatchFn,
+        panics: &'static AtomicU64,
+    ) -> Self {
         Manifest {
             magic: MAGIC,
             abi_version: ABI_VERSION,
@@ -251,78 +228,97 @@ impl Manifest {
             name: RawStr::new(name),
             version: RawStr::new(version),
             description: RawStr::new(description),
-            functions: Some(patch_fns_raw),
-            slots: Some(slots_raw),
-            host_raise: Some(host_raise_raw),
+            functions: Some(functions),
+            slot_refs: None,
             entry_size: std::mem::size_of::<Entry>() as u32,
             patch_fn_size: std::mem::size_of::<PatchFn>() as u32,
-            shared: Some(shared_raw),
-            shared_entry_size: std::mem::size_of::<SharedEntry>() as u32,
-            host_allocator: None,
-            early_overflow: None,
+            panics: Some(panics),
             init: None,
         }
     }
 
-    /// Declares that the patch's global allocator is [`HostAllocator`].
-    pub const fn with_host_allocator(mut self) -> Self {
-        self.host_allocator = Some(host_alloc_raw);
-        self.early_overflow = Some(early_overflow_raw);
+    /// The patch crate's slot-reference table (`manifest!()`).
+    pub const fn with_slot_refs(
+        mut self,
+        refs: unsafe extern "C" fn(*mut usize) -> *const SlotRef,
+    ) -> Self {
+        self.slot_refs = Some(refs);
         self
     }
 
     /// Runs `init` before the patch is applied.
-    pub const fn with_init(mut self, init: fn() -> Result<(), Transport>) -> Self {
+    pub const fn with_init(mut self, init: fn() -> Result<(), String>) -> Self {
         self.init = Some(init);
         self
     }
 }
 
-/// Runs a patch's initialisation in the patch's `catch_unwind`: a panic
-/// or an `Err` becomes a `Transport` carrying the message.
-pub fn run_init<E: fmt::Display>(init: fn() -> Result<(), E>) -> Result<(), Transport> {
-    match catch(init) {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(Transport::message(e.to_string())),
-        Err(panic) => Err(panic),
+/// A patch's `init`, as `manifest!` stores it: an `Err` becomes its
+/// message.
+pub fn run_init<E: fmt::Display>(init: fn() -> Result<(), E>) -> Result<(), String> {
+    init().map_err(|e| e.to_string())
+}
+
+/// # Safety
+/// `len` must be valid for a write; `table` is the patch crate's slice.
+#[inline(always)]
+pub unsafe fn patch_fns_raw(table: &'static [PatchFn], len: *mut usize) -> *const PatchFn {
+    // SAFETY: guaranteed by the caller.
+    unsafe { len.write(table.len()) };
+    table.as_ptr()
+}
+
+/// A cell of a thin patch through which its code reaches a host slot.
+///
+/// A `#[patchable]` wrapper reads its slot with a `rip`-relative load
+/// (`mov slot(%rip), %reg`, the cheapest call site there is), and patch
+/// code that calls that function inlines the wrapper. A shared object
+/// cannot reach the host's slot that way (it is mapped too far away), so
+/// `cargo hotpatch build` retargets each such load at one of these cells,
+/// in the patch's own data, and the cell holds a function the load's
+/// `call` can take: the loader stores there the host's out-of-line wrapper
+/// of the same function, which reads the host's slot and calls what
+/// implements it now (one indirect jump more per call from patch code
+/// into a patchable function; later patches need no further writes).
+#[repr(C, align(8))]
+pub struct SlotRef(pub std::sync::atomic::AtomicPtr<()>);
+
+/// # Safety
+/// `len` must be valid for a write; `table` is the patch crate's slice.
+#[inline(always)]
+pub unsafe fn slot_refs_raw(table: &'static [SlotRef], len: *mut usize) -> *const SlotRef {
+    // SAFETY: guaranteed by the caller.
+    unsafe { len.write(table.len()) };
+    table.as_ptr()
+}
+
+/// Held by a `#[patch]` entry shim around the replacement: counts the
+/// calls that end in a panic, in the patch's counter.
+pub struct PanicCount {
+    counter: &'static AtomicU64,
+    /// Already unwinding when the call started (a call from a destructor
+    /// during a panic): not this call's panic.
+    was: bool,
+}
+
+impl PanicCount {
+    #[inline(always)]
+    pub fn new(counter: &'static AtomicU64) -> Self {
+        PanicCount {
+            counter,
+            was: std::thread::panicking(),
+        }
     }
 }
 
-unsafe extern "C" fn shared_raw(len: *mut usize) -> *const SharedEntry {
-    let s: &[SharedEntry] = &SHARED;
-    // SAFETY: the caller passes a valid pointer (see `patch_fns_raw`).
-    unsafe { len.write(s.len()) };
-    s.as_ptr()
-}
-
-unsafe extern "C" fn host_alloc_raw() -> *const AtomicPtr<HostAllocFns> {
-    &HOST_ALLOC
-}
-
-unsafe extern "C" fn early_overflow_raw() -> bool {
-    crate::alloc::early_overflow()
-}
-
-/// # Safety
-/// `len` must be valid for a write.
-unsafe extern "C" fn patch_fns_raw(len: *mut usize) -> *const PatchFn {
-    let s: &[PatchFn] = &PATCH_FNS;
-    // SAFETY: guaranteed by the caller.
-    unsafe { len.write(s.len()) };
-    s.as_ptr()
-}
-
-/// # Safety
-/// `len` must be valid for a write.
-unsafe extern "C" fn slots_raw(len: *mut usize) -> *const Entry {
-    let s: &[Entry] = &SLOTS;
-    // SAFETY: guaranteed by the caller.
-    unsafe { len.write(s.len()) };
-    s.as_ptr()
-}
-
-unsafe extern "C" fn host_raise_raw() -> *const AtomicPtr<()> {
-    &HOST_RAISE
+impl Drop for PanicCount {
+    #[inline(always)]
+    fn drop(&mut self) {
+        if !self.was && std::thread::panicking() {
+            // Relaxed: a statistic, read by `watch` after the fact.
+            self.counter.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// For a dispatcher: the implementation the calling thread runs now.

@@ -17,20 +17,22 @@ use std::sync::{Arc, LazyLock};
 
 use parking_lot::Mutex;
 
-use crate::__private::{Entry, FnAddr, SHARED, SLOTS, SharedEntry};
+use crate::__private::{Entry, FnAddr, SLOTS};
 use crate::error::Refusal;
 use crate::manifest::Checked;
 use crate::quiesce::Change;
 use crate::{Error, FunctionInfo, Implementation, PatchId, PatchInfo};
 
 pub(crate) static REGISTRY: LazyLock<Mutex<Registry>> =
-    LazyLock::new(|| Mutex::new(Registry::new(&SLOTS, &SHARED)));
+    LazyLock::new(|| Mutex::new(Registry::new(&SLOTS)));
 
 pub(crate) struct Registry {
     fns: Vec<FnState>,
-    by_path: HashMap<&'static str, usize>,
-    ambiguous: HashSet<&'static str>,
-    shared: HashMap<&'static str, &'static SharedEntry>,
+    /// Index of each entry by its address: what a thin patch's target
+    /// getter returns, and how it names the slot its code reads.
+    by_entry: HashMap<usize, usize>,
+    /// Index of each entry by its slot's address.
+    by_slot: HashMap<usize, usize>,
     applied: Vec<Applied>,
     next_id: u64,
 }
@@ -58,9 +60,8 @@ struct Applied {
     info: Arc<PatchInfo>,
     /// Which loaded library it came from (see `loader`).
     library: u64,
-    /// The address of its library's `HOST_RAISE` cell: how the host's
-    /// panic counter names it (`panic::panics_from`).
-    panic_origin: usize,
+    /// Its count of replacement calls that ended in a panic.
+    panics: &'static std::sync::atomic::AtomicU64,
     /// Indexes into `fns`.
     targets: Vec<usize>,
 }
@@ -69,10 +70,8 @@ struct Applied {
 pub(crate) struct Plan {
     /// (host function index, replacement)
     replace: Vec<(usize, FnAddr)>,
-    /// (slot of the patch's private copy, its cross function, host index)
-    redirect: Vec<(&'static Entry, usize)>,
-    /// (the patch's copy of a shared static, the host's)
-    shared: Vec<(&'static SharedEntry, &'static SharedEntry)>,
+    /// (a slot reference cell of the patch, the host wrapper it must hold)
+    slot_refs: Vec<(&'static crate::__private::SlotRef, FnAddr)>,
     functions: Vec<String>,
 }
 
@@ -88,14 +87,17 @@ impl Plan {
 }
 
 impl Registry {
-    fn new(slots: &'static [Entry], shared: &'static [SharedEntry]) -> Self {
-        let mut by_path = HashMap::with_capacity(slots.len());
-        let mut ambiguous = HashSet::new();
-        for (i, e) in slots.iter().enumerate() {
-            if by_path.insert(e.path, i).is_some() {
-                ambiguous.insert(e.path);
-            }
-        }
+    fn new(slots: &'static [Entry]) -> Self {
+        let by_entry = slots
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (std::ptr::from_ref(e) as usize, i))
+            .collect();
+        let by_slot = slots
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (std::ptr::from_ref(e.slot) as usize, i))
+            .collect();
         Registry {
             fns: slots
                 .iter()
@@ -104,9 +106,8 @@ impl Registry {
                     layers: Vec::new(),
                 })
                 .collect(),
-            by_path,
-            ambiguous,
-            shared: shared.iter().map(|s| (s.path, s)).collect(),
+            by_entry,
+            by_slot,
             applied: Vec::new(),
             next_id: 1,
         }
@@ -114,6 +115,11 @@ impl Registry {
 
     /// Checks everything about applying `m` (from library `library`)
     /// against this process and returns what to do. Changes nothing.
+    ///
+    /// A thin patch names its targets by symbol: each target getter is the
+    /// host's own, so what it returns must be one of this process's
+    /// entries (found by address, never by path: two versions of one crate
+    /// linked into the host are two different functions).
     pub(crate) fn plan(&self, library: u64, m: &Checked) -> Result<Plan, Refusal> {
         if let Some(a) = self.applied.iter().find(|a| a.library == library) {
             return Err(Refusal::AlreadyApplied {
@@ -126,112 +132,64 @@ impl Registry {
         let mut seen = HashSet::with_capacity(m.functions.len());
         let mut functions = Vec::with_capacity(m.functions.len());
         for f in &m.functions {
-            let theirs = f.target;
             failpoint!("load::resolve");
-            let idx = self.resolve(theirs.path)?;
+            let Some(&idx) = self.by_entry.get(&(f.target as usize)) else {
+                return Err(Refusal::UnknownTarget {
+                    function: f.name.to_owned(),
+                });
+            };
+            let ours = self.fns[idx].entry;
             if !seen.insert(idx) {
                 return Err(Refusal::DuplicateTarget {
-                    function: theirs.path.to_owned(),
-                });
-            }
-            compatible(self.fns[idx].entry, theirs)?;
-            replace.push((idx, f.code));
-            functions.push(theirs.path.to_owned());
-        }
-        // The patch's private copies of patchable functions: each one the
-        // host also has must call the host's, so it must be the same
-        // function as the host's.
-        let mut redirect = Vec::new();
-        for &theirs in &m.slots {
-            let Some(&idx) = self.by_path.get(theirs.path) else {
-                continue; // Only in the patch: stays private.
-            };
-            if self.ambiguous.contains(theirs.path) {
-                continue;
-            }
-            compatible(self.fns[idx].entry, theirs)?;
-            redirect.push((theirs, idx));
-        }
-        let mut shared = Vec::new();
-        for theirs in m.shared {
-            let Some(&ours) = self.shared.get(theirs.path) else {
-                continue; // Only in the patch: stays private.
-            };
-            if ours.fingerprint != theirs.fingerprint || ours.layout != theirs.layout {
-                return Err(Refusal::LayoutMismatch {
                     function: ours.path.to_owned(),
-                    detail: format!(
-                        "shared static of type `{}` ({}) in this process but `{}` ({}) in the patch",
-                        ours.ty, ours.layout, theirs.ty, theirs.layout
-                    ),
                 });
             }
-            shared.push((theirs, ours));
+            compatible(ours, f.layouts)?;
+            replace.push((idx, f.code));
+            functions.push(ours.path.to_owned());
+        }
+        let mut slot_refs = Vec::with_capacity(m.slot_refs.len());
+        for cell in m.slot_refs {
+            // Relaxed: written by the dynamic loader's relocation, before
+            // `dlopen` returned on this thread.
+            let slot = cell.0.load(std::sync::atomic::Ordering::Relaxed) as usize;
+            let wrapper = match self.by_slot.get(&slot) {
+                Some(&idx) => self.fns[idx].entry.wrapper,
+                // Already rewritten: the same bytes loaded before (the
+                // library is reused), pointing at a wrapper of ours.
+                None => match self.fns.iter().find(|f| f.entry.wrapper.as_ptr() as usize == slot) {
+                    Some(f) => f.entry.wrapper,
+                    None => {
+                        return Err(Refusal::InvalidManifest(format!(
+                            "a slot reference of the patch ({slot:#x}) is not the slot of a \
+                             patchable function of this process"
+                        )));
+                    }
+                },
+            };
+            slot_refs.push((cell, wrapper));
         }
         Ok(Plan {
             replace,
-            redirect,
-            shared,
+            slot_refs,
             functions,
         })
     }
 
-    fn resolve(&self, function: &str) -> Result<usize, Refusal> {
-        if self.ambiguous.contains(function) {
-            return Err(Refusal::AmbiguousTarget {
-                function: function.to_owned(),
-            });
-        }
-        self.by_path
-            .get(function)
-            .copied()
-            .ok_or_else(|| Refusal::UnknownTarget {
-                function: function.to_owned(),
-            })
-    }
-
-    /// Prepares the patch's image so that it may run: its copies of the
-    /// service's slots call the host, and its panics are raised by the
-    /// host. These are writes to the patch's own statics, which no thread
-    /// runs yet (or, for a library applied before, set to these same
-    /// values).
-    pub(crate) fn prepare(&self, plan: &Plan, m: &Checked) {
-        for (theirs, idx) in &plan.redirect {
-            theirs
-                .slot
-                .redirect(theirs.cross, self.fns[*idx].entry.guarded);
-        }
-        for (theirs, ours) in &plan.shared {
-            // SAFETY: `target` is the address of the `AtomicPtr` of the
-            // patch's `Shared`, a static of the mapped library.
-            let cell = unsafe { &*(theirs.target.0 as *const std::sync::atomic::AtomicPtr<()>) };
-            // Release: pairs with the Acquire in `Shared::deref`.
-            cell.store(
-                ours.local.0 as *mut (),
+    /// Prepares the patch's image so that it may run: each of its slot
+    /// references holds the host's wrapper of that function. These are
+    /// writes to the patch's own data, which no thread runs yet (or, for a
+    /// library applied before, the same values again).
+    pub(crate) fn prepare(&self, plan: &Plan) {
+        for (cell, wrapper) in &plan.slot_refs {
+            // Release: published before the slots that make the patch's
+            // code reachable (Release too, later in program order), so a
+            // thread that runs the patch sees the cell.
+            cell.0.store(
+                wrapper.as_ptr() as *mut (),
                 std::sync::atomic::Ordering::Release,
             );
         }
-        // Not after an early overflow (a load that allowed a foreign
-        // allocator): some live blocks of the patch came from the system
-        // allocator untracked, and once the table is installed the patch
-        // would hand them to the host's allocator when it frees them. Left
-        // uninstalled, the patch keeps to the system allocator throughout,
-        // which is what allowing a foreign allocator accepted.
-        if let Some(cell) = m.host_allocator.filter(|_| !m.early_overflow) {
-            let fns: &'static crate::__private::HostAllocFns = &crate::alloc::HOST_FNS;
-            // Release: pairs with the Acquire in `HostAllocator`.
-            cell.store(
-                fns as *const _ as *mut _,
-                std::sync::atomic::Ordering::Release,
-            );
-        }
-        let raise: fn(crate::__private::Transport) -> ! = crate::__private::raise;
-        // Release: published together with the slots (Release too, later in
-        // program order); a thread that calls into the patch sees this.
-        m.host_raise.store(
-            raise as *const () as *mut (),
-            std::sync::atomic::Ordering::Release,
-        );
     }
 
     /// The slot changes that take patch `remove` out (if any) and put
@@ -307,7 +265,7 @@ impl Registry {
         self.applied.push(Applied {
             info: info.clone(),
             library,
-            panic_origin: std::ptr::from_ref(m.host_raise) as usize,
+            panics: m.panics,
             targets,
         });
         info
@@ -332,12 +290,14 @@ impl Registry {
         }
     }
 
-    /// The `panic::panics_from` key of the applied patch `id`.
-    pub(crate) fn panic_origin(&self, id: PatchId) -> Option<usize> {
+    /// How many calls of the applied patch `id`'s replacements ended in a
+    /// panic so far.
+    pub(crate) fn panics(&self, id: PatchId) -> Option<u64> {
         self.applied
             .iter()
             .find(|a| a.info.id == id)
-            .map(|a| a.panic_origin)
+            // Relaxed: a statistic (see `PanicCount`).
+            .map(|a| a.panics.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     /// Libraries that applied patches come from.
@@ -377,28 +337,24 @@ impl Registry {
     }
 }
 
-/// Whether the patch's view of a function (`theirs`) is the host's
-/// (`ours`): same signature fingerprint, same argument and return layouts.
-fn compatible(ours: &Entry, theirs: &Entry) -> Result<(), Refusal> {
-    if ours.fingerprint != theirs.fingerprint {
-        return Err(Refusal::SignatureMismatch {
-            function: ours.path.to_owned(),
-            host: ours.signature.to_owned(),
-            patch: theirs.signature.to_owned(),
-        });
-    }
-    if ours.layouts.len() != theirs.layouts.len() {
+
+/// Whether the patch's view of a function's argument and return types
+/// (`theirs`, as the patch crate was compiled) is the host's: the same
+/// sizes and alignments. The patch names the host's own function, so this
+/// holds unless the two were compiled from different definitions of a type.
+fn compatible(ours: &Entry, theirs: &[crate::__private::TypeLayout]) -> Result<(), Refusal> {
+    if ours.layouts.len() != theirs.len() {
         return Err(Refusal::LayoutMismatch {
             function: ours.path.to_owned(),
             detail: format!(
                 "{} parameter and return types in this process, {} in the patch",
                 ours.layouts.len(),
-                theirs.layouts.len()
+                theirs.len()
             ),
         });
     }
     let last = ours.layouts.len().saturating_sub(1);
-    for (i, (a, b)) in ours.layouts.iter().zip(theirs.layouts).enumerate() {
+    for (i, (a, b)) in ours.layouts.iter().zip(theirs).enumerate() {
         if a != b {
             let which = if i == last && !ours.signature.ends_with('!') {
                 "the return type".to_owned()

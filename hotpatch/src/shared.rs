@@ -1,23 +1,25 @@
-//! Statics shared between the service and its patches.
+//! `#[hotpatch::shared]`, kept for services written before thin patches.
 //!
-//! A patch links its own copy of the service crate, statics included: a
-//! patch that names `svc::HITS` gets a fresh, separate `HITS`. A static
-//! declared with [`#[hotpatch::shared]`](crate::shared) becomes a
-//! [`Shared`]: a value plus a pointer that is null in the host and, in a
-//! patch's copy, set by the runtime (before any patch code runs) to the
-//! host's value. Reading it is one load and a branch.
+//! A patch used to link its own copy of the service crate, so a `static`
+//! named in patch code was a second, fresh instance unless it was declared
+//! `#[shared]`. A thin patch (`cargo hotpatch build`) is bound to the
+//! running binary: every static of the service, shared or not, is the
+//! host's own instance. `Shared<T>` is now only a transparent wrapper, and
+//! the attribute warns that it can go.
 
 use std::fmt;
 use std::ops::Deref;
-use std::sync::atomic::{AtomicPtr, Ordering};
 
-/// A `static` that patches share with the host; declared with
-/// [`#[hotpatch::shared]`](crate::shared). Dereferences to the host's
-/// value, in the host and in every patch.
+/// A `static` declared with [`#[hotpatch::shared]`](crate::shared): a
+/// transparent wrapper that dereferences to its value.
+///
+/// Deprecated: patch code sees every static of the service as the host's
+/// own instance; declare the static as a plain `static`.
 ///
 /// # Examples
 ///
 /// ```
+/// #![allow(deprecated)]
 /// use std::sync::atomic::{AtomicU64, Ordering};
 ///
 /// #[hotpatch::shared]
@@ -28,52 +30,37 @@ use std::sync::atomic::{AtomicPtr, Ordering};
 /// assert_eq!(HITS.load(Ordering::Relaxed), 1);
 /// # }
 /// ```
+#[deprecated(
+    since = "0.1.0",
+    note = "thin patches (`cargo hotpatch build`) see every static of the service as the host's \
+            own instance: declare it as a plain `static` and drop `#[hotpatch::shared]`"
+)]
+#[repr(transparent)]
 pub struct Shared<T> {
-    local: T,
-    target: AtomicPtr<T>,
+    value: T,
 }
 
+#[allow(deprecated)]
 impl<T> Shared<T> {
     #[doc(hidden)]
     pub const fn new(value: T) -> Self {
-        Shared {
-            local: value,
-            target: AtomicPtr::new(std::ptr::null_mut()),
-        }
-    }
-
-    #[doc(hidden)]
-    pub const fn __local(this: &'static Self) -> *const () {
-        &this.local as *const T as *const ()
-    }
-
-    #[doc(hidden)]
-    pub const fn __target(this: &'static Self) -> *const AtomicPtr<()> {
-        &this.target as *const AtomicPtr<T> as *const AtomicPtr<()>
+        Shared { value }
     }
 }
 
+#[allow(deprecated)]
 impl<T> Deref for Shared<T> {
     type Target = T;
 
-    #[inline]
+    #[inline(always)]
     fn deref(&self) -> &T {
-        // Acquire: pairs with the runtime's Release store in the patch's
-        // copy (`Registry::prepare`); null in the host.
-        let p = self.target.load(Ordering::Acquire);
-        if p.is_null() {
-            &self.local
-        } else {
-            // SAFETY: the runtime only stores the address of the host's
-            // value of this same static (same path, type text and layout,
-            // checked), which lives as long as the process.
-            unsafe { &*p }
-        }
+        &self.value
     }
 }
 
+#[allow(deprecated)]
 impl<T: fmt::Debug> fmt::Debug for Shared<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        (**self).fmt(f)
+        self.value.fmt(f)
     }
 }

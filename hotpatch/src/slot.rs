@@ -3,14 +3,12 @@
 //! # Protocol
 //!
 //! `current` holds the implementation of the function: initially the
-//! original body, later a patch's entry shim, or (in a patch's private copy
-//! of the service crate) the crate's cross function that calls back into
-//! the host. Writers are the runtime only, under the registry lock; readers
+//! original body, later a patch's entry shim. Writers are the runtime only, under the registry lock; readers
 //! are every call, with no lock.
 //!
 //! - `set` stores with `Release` and `get` loads with `Acquire`: whatever
-//!   the runtime wrote before publishing a pointer (the patch's rewired
-//!   slots, its host-raise cell) is visible to a thread that calls through
+//!   the runtime wrote before publishing a pointer (the patch's slot
+//!   references, see `SlotRef`) is visible to a thread that calls through
 //!   that pointer. On x86-64 an `Acquire` load is a plain `mov`.
 //! - Each call reads `current` exactly once, so a call runs one
 //!   implementation from start to end, never a mix: a pointer store is
@@ -24,10 +22,6 @@
 //!   `current` (Release), and loaded (that number Acquire) by the
 //!   dispatcher after the Acquire of `current`. Nothing is allocated per
 //!   transition.
-//! - `remote` is only meaningful in a patch's copy of a slot: it holds the
-//!   host's guarded function for the same path, written (Relaxed) before
-//!   `current` is pointed (Release) at the cross function that reads it
-//!   (Relaxed, after the Acquire of `current` in the same thread).
 
 use std::fmt;
 use std::sync::atomic::{AtomicPtr, Ordering};
@@ -71,7 +65,6 @@ impl fmt::Debug for FnAddr {
 #[repr(C)]
 pub struct Slot {
     current: AtomicPtr<()>,
-    remote: AtomicPtr<()>,
     dispatch: Dispatch,
 }
 
@@ -80,7 +73,6 @@ impl Slot {
     pub const fn new(original: *const ()) -> Self {
         Slot {
             current: AtomicPtr::new(original as *mut ()),
-            remote: AtomicPtr::new(std::ptr::null_mut()),
             dispatch: Dispatch::new(),
         }
     }
@@ -91,14 +83,6 @@ impl Slot {
         // Acquire: pairs with the Release store in `set`, so the state a
         // patch was prepared with is visible to the thread calling it.
         self.current.load(Ordering::Acquire)
-    }
-
-    /// For a cross function in a patch: the host's guarded function.
-    #[inline(always)]
-    pub fn remote(&self) -> *const () {
-        // Relaxed: this thread already Acquire-loaded `current`, which was
-        // Release-stored after `remote` (see `redirect`).
-        self.remote.load(Ordering::Relaxed)
     }
 
     /// Publishes a new implementation.
@@ -133,15 +117,6 @@ impl Slot {
         // sequence number: a thread that loads the dispatcher sees it.
         self.set(dispatcher);
     }
-
-    /// In a patch's private copy: call the host through `cross`, which
-    /// forwards to `host_guarded`.
-    pub(crate) fn redirect(&self, cross: FnAddr, host_guarded: FnAddr) {
-        // Relaxed: ordered before readers by the Release store below.
-        self.remote
-            .store(host_guarded.as_ptr() as *mut (), Ordering::Relaxed);
-        self.set(cross);
-    }
 }
 
 // `current_of!` reads `current` at the slot's own address.
@@ -159,10 +134,12 @@ const _: () = assert!(std::mem::offset_of!(Slot, current) == 0);
 /// more. The `sym` operand instead emits a direct PC-relative reference
 /// (`R_X86_64_PC32`), resolved at link time. That needs the slot to be in
 /// the same image as the call site and not preemptible, which holds where
-/// a patchable function's crate is linked as an rlib: in an executable
-/// always, and in a patch cdylib because rustc's version script makes
-/// every Rust symbol of a cdylib local. (A Rust `dylib` exports its
-/// statics; a patchable crate must not be one.)
+/// a patchable function's crate is linked as an rlib into an executable.
+/// (A Rust `dylib` exports its statics; a patchable crate must not be
+/// one.) In a thin patch, whose code calls into the host's patchable
+/// functions from another image, `cargo hotpatch build` retargets each
+/// such load at a [`SlotRef`](crate::__private::SlotRef) cell of the
+/// patch, which the loader points at the host's wrapper.
 ///
 /// Elsewhere (other architectures, x32), `$slot.get()`.
 #[doc(hidden)]

@@ -91,8 +91,7 @@ pub enum WatchOutcome {
 
 /// Panics raised by patch `id` so far; `None` once it is not applied.
 fn panics_of(id: PatchId) -> Option<u64> {
-    let origin = crate::registry::REGISTRY.lock().panic_origin(id)?;
-    Some(crate::panic::panics_from(origin))
+    crate::registry::REGISTRY.lock().panics(id)
 }
 
 /// The first failing health check and its reason.
