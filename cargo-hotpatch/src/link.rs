@@ -232,7 +232,7 @@ fn allocator_symbol(name: &str) -> Option<String> {
 }
 
 /// A relocatable object of the host's architecture holding the
-/// non-allocated `.hotpatch.host` section, and an empty
+/// non-allocated, retained `.hotpatch.host` section, and an empty
 /// `.note.GNU-stack` so the patch's stack stays non-executable.
 fn host_object_bytes(host: &object::File<'_>, build_id: &[u8]) -> Result<Vec<u8>, Error> {
     use object::write;
@@ -241,12 +241,28 @@ fn host_object_bytes(host: &object::File<'_>, build_id: &[u8]) -> Result<Vec<u8>
         host.architecture(),
         host.endianness(),
     );
+    // The GNU OS/ABI: ld honours SHF_GNU_RETAIN (below) only in such
+    // objects. e_flags as the host's (float ABI and the like).
+    let e_flags = match host.flags() {
+        object::FileFlags::Elf { e_flags, .. } => e_flags,
+        _ => 0,
+    };
+    obj.flags = object::FileFlags::Elf {
+        os_abi: object::elf::ELFOSABI_GNU,
+        abi_version: 0,
+        e_flags,
+    };
     let section = obj.add_section(
         Vec::new(),
         elf::HOST_SECTION.as_bytes().to_vec(),
         object::SectionKind::Other,
     );
     obj.append_section_data(section, &elf::host_section(build_id), 1);
+    // Retained: --gc-sections drops a non-allocated section no code refers
+    // to otherwise.
+    obj.section_mut(section).flags = object::SectionFlags::Elf {
+        sh_flags: u64::from(object::elf::SHF_GNU_RETAIN),
+    };
     obj.add_section(
         Vec::new(),
         b".note.GNU-stack".to_vec(),
