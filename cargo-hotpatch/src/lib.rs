@@ -1,0 +1,80 @@
+//! Builds *thin* hotpatch patches and checks them against the service
+//! binary they are for.
+//!
+//! A thin patch is a shared object holding only the patch crate's own
+//! compiled code. Every other symbol it uses (std, `hotpatch`, the
+//! service's library, its dependencies) stays undefined, and the dynamic
+//! loader binds it to the running service binary, so the patch runs in
+//! the service's world: one std, one allocator, the service's statics.
+//! For that the service binary must export its symbols: its build.rs
+//! says
+//!
+//! ```text
+//! println!("cargo::rustc-link-arg-bins=-rdynamic");
+//! ```
+//!
+//! # How a patch is made
+//!
+//! The patch crate is an ordinary library crate (`crate-type` rlib, the
+//! default) depending on `hotpatch` and on the service's library, with
+//! `hotpatch::manifest!()` at its root. cargo builds it *in the same
+//! package selection and profile as the service* (symbol names hash each
+//! crate's resolved features, which cargo unifies over the packages of
+//! one invocation), then [`link`] takes the crate's own object files out
+//! of the rlib and links them with `cc -shared`, exporting only
+//! `hotpatch_manifest_v1`, with a `.hotpatch.host` section naming the
+//! host's GNU build-id. [`check_against`] then proves that every symbol
+//! the patch needs is exported by the host (or is a C symbol of a system
+//! library).
+//!
+//! The `cargo hotpatch build` command does all of it:
+//!
+//! ```text
+//! cargo hotpatch build -p pricing-fix --binary target/release/my-service --release
+//! ```
+//!
+//! # Exit codes of `cargo hotpatch`
+//!
+//! | code | meaning |
+//! | --- | --- |
+//! | 0 | the patch was built and checked |
+//! | 1 | `cargo build` failed (its diagnostics are on standard error) |
+//! | 2 | usage: bad arguments, or no library artifact for the package |
+//! | 3 | refused: LLVM bitcode (LTO), a `#[global_allocator]`, no manifest, a binary without build-id or not ELF, a host without `-rdynamic`, symbols the host does not export |
+//! | 4 | I/O: a file could not be read or written (a missing `--binary` included), or `cc` could not be run or failed |
+//!
+//! # Limits
+//!
+//! Linux and ELF only; the linker is `cc`. A private (non-exported)
+//! function of the service cannot be bound by name, so a patch can only
+//! call what the service's binary exports.
+//!
+//! # Examples
+//!
+//! ```no_run
+//! use std::path::Path;
+//!
+//! let report = cargo_hotpatch::link(
+//!     Path::new("target/release/libpricing_fix.rlib"),
+//!     Path::new("target/release/my-service"),
+//!     Path::new("target/hotpatch/pricing_fix.so"),
+//! )?;
+//! let patch = std::fs::read(&report.output).unwrap();
+//! assert_eq!(
+//!     cargo_hotpatch::identity(&patch),
+//!     Some(cargo_hotpatch::build_id(Path::new("target/release/my-service"))?)
+//! );
+//! # Ok::<(), cargo_hotpatch::Error>(())
+//! ```
+
+#![deny(unsafe_op_in_unsafe_fn)]
+
+mod check;
+mod elf;
+mod error;
+mod link;
+
+pub use check::check_against;
+pub use elf::{HOST_MAGIC, HOST_SECTION, build_id, hex, identity};
+pub use error::{Error, MissingSymbol};
+pub use link::{LinkReport, MANIFEST_SYMBOL, link};

@@ -1,0 +1,457 @@
+//! Linking a patch crate's own objects into a thin shared object.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use object::read::archive::ArchiveFile;
+use object::{Object, ObjectSymbol, SymbolKind};
+
+use crate::{Error, check, elf};
+
+/// The symbol the runtime looks a patch's manifest up by: the one symbol
+/// a thin patch exports.
+pub const MANIFEST_SYMBOL: &str = "hotpatch_manifest_v1";
+
+/// What [`link`] made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LinkReport {
+    /// The shared object written.
+    pub output: PathBuf,
+    /// Its size in bytes.
+    pub size: u64,
+    /// The build-id of the host binary it is bound to, in hexadecimal.
+    pub host_build_id: String,
+    /// Undefined symbols of the patch that the host binary exports.
+    pub bound_to_host: usize,
+    /// Undefined C symbols of the patch found in the system libraries.
+    pub bound_to_system: usize,
+    /// Object files of the crate linked in (its codegen units).
+    pub objects: usize,
+    /// The crate's own functions, demangled without hashes, sorted.
+    pub functions: Vec<String>,
+}
+
+/// Links the patch crate's own code from `rlib` into the shared object
+/// `out`, bound to `host_binary`.
+///
+/// Only the crate's codegen units (the `*.rcgu.o` members of the rlib)
+/// go in, with a small object holding the `.hotpatch.host` section
+/// (`b"HPHOST01"`, the length of the host's build-id as a little-endian
+/// `u32`, the build-id). Every other symbol (std, hotpatch, the service,
+/// its dependencies) stays undefined for the dynamic loader to bind to
+/// the running service, which must be linked with `-rdynamic`. Only
+/// `hotpatch_manifest_v1` is exported. The linker is `cc`.
+///
+/// The result is then checked with [`check_against`](crate::check_against).
+/// It is written to a temporary name in `out`'s directory and renamed to
+/// `out` only once it passed, so a failure leaves no file and an older
+/// `out` untouched.
+///
+/// # Errors
+///
+/// [`Error::Io`], [`Error::Malformed`] for unreadable inputs;
+/// [`Error::NoBuildId`] for a host without build-id; [`Error::Bitcode`]
+/// for an rlib built with LTO; [`Error::NoObjects`];
+/// [`Error::GlobalAllocator`] if the crate declares a
+/// `#[global_allocator]`; [`Error::NoManifest`] if no object defines
+/// `hotpatch_manifest_v1`; [`Error::Linker`]; and those of
+/// [`check_against`](crate::check_against).
+///
+/// # Examples
+///
+/// ```no_run
+/// let report = cargo_hotpatch::link(
+///     "target/release/libpricing_fix.rlib".as_ref(),
+///     "target/release/my-service".as_ref(),
+///     "target/hotpatch/pricing_fix.so".as_ref(),
+/// )?;
+/// println!("{} bytes, bound to {}", report.size, report.host_build_id);
+/// # Ok::<(), cargo_hotpatch::Error>(())
+/// ```
+pub fn link(rlib: &Path, host_binary: &Path, out: &Path) -> Result<LinkReport, Error> {
+    let host_data = elf::read(host_binary)?;
+    let host = elf::parse(host_binary, &host_data)?;
+    let host_id = elf::build_id_of(host_binary, &host)?;
+
+    let rlib_data = elf::read(rlib)?;
+    let members = own_objects(rlib, &rlib_data)?;
+    let functions = inspect(rlib, &crate_name(rlib), &members)?;
+
+    let dir = TempDir::new()?;
+    let mut inputs = Vec::with_capacity(members.len() + 1);
+    for (i, (_, data)) in members.iter().enumerate() {
+        // Member names can repeat in an archive; the index keeps them apart.
+        let path = dir.path.join(format!("{i}.o"));
+        fs::write(&path, data).map_err(Error::io(&path))?;
+        inputs.push(path);
+    }
+    let host_object = dir.path.join("hotpatch-host.o");
+    fs::write(&host_object, host_object_bytes(&host, &host_id)?)
+        .map_err(Error::io(&host_object))?;
+    inputs.push(host_object);
+    let script = dir.path.join("exports.map");
+    fs::write(
+        &script,
+        format!("{{ global: {MANIFEST_SYMBOL}; local: *; }};\n"),
+    )
+    .map_err(Error::io(&script))?;
+
+    let partial = Partial::new(out)?;
+    run_cc(&inputs, &script, &partial.path, out)?;
+    let binding = check::check(&partial.path, host_binary, &host)?;
+    let size = fs::metadata(&partial.path)
+        .map_err(Error::io(&partial.path))?
+        .len();
+    partial.commit(out)?;
+
+    Ok(LinkReport {
+        output: out.to_owned(),
+        size,
+        host_build_id: elf::hex(&host_id),
+        bound_to_host: binding.host,
+        bound_to_system: binding.system,
+        objects: members.len(),
+        functions,
+    })
+}
+
+/// The crate name from an rlib's file name: `libNAME.rlib` or
+/// `libNAME-HASH.rlib`.
+fn crate_name(rlib: &Path) -> String {
+    let stem = rlib.file_stem().and_then(|s| s.to_str()).unwrap_or("");
+    let stem = stem.strip_prefix("lib").unwrap_or(stem);
+    stem.split('-').next().unwrap_or(stem).to_owned()
+}
+
+/// The crate's own codegen units: the `*.rcgu.o` members, refusing
+/// bitcode. `lib.rmeta` and anything else is skipped.
+fn own_objects<'d>(rlib: &Path, data: &'d [u8]) -> Result<Vec<(String, &'d [u8])>, Error> {
+    let malformed = |e: object::Error| Error::Malformed {
+        path: rlib.to_owned(),
+        what: "rlib archive",
+        reason: e.to_string(),
+    };
+    let archive = ArchiveFile::parse(data).map_err(malformed)?;
+    let mut objects = Vec::new();
+    for member in archive.members() {
+        let member = member.map_err(malformed)?;
+        let name = String::from_utf8_lossy(member.name()).into_owned();
+        if !name.ends_with(".rcgu.o") {
+            continue;
+        }
+        let bytes = member.data(data).map_err(malformed)?;
+        if is_bitcode(bytes) {
+            return Err(Error::Bitcode {
+                rlib: rlib.to_owned(),
+                member: name,
+            });
+        }
+        objects.push((name, bytes));
+    }
+    if objects.is_empty() {
+        return Err(Error::NoObjects {
+            rlib: rlib.to_owned(),
+        });
+    }
+    Ok(objects)
+}
+
+/// LLVM bitcode, raw (`BC 0xC0DE`) or in its wrapper (`0x0B17C0DE`).
+fn is_bitcode(bytes: &[u8]) -> bool {
+    bytes.starts_with(b"BC\xC0\xDE") || bytes.starts_with(&0x0B17_C0DEu32.to_le_bytes())
+}
+
+/// Refuses an allocator or a missing manifest; returns the crate's own
+/// functions.
+fn inspect(rlib: &Path, crate_name: &str, members: &[(String, &[u8])]) -> Result<Vec<String>, Error> {
+    let prefix = format!("{crate_name}::");
+    let mut manifest = false;
+    let mut functions = Vec::new();
+    for (name, bytes) in members {
+        let file = object::File::parse(*bytes).map_err(|e| Error::Malformed {
+            path: rlib.to_owned(),
+            what: "ELF object",
+            reason: format!("member {name}: {e}"),
+        })?;
+        for symbol in file.symbols() {
+            if symbol.is_undefined() {
+                continue;
+            }
+            let Ok(sym) = symbol.name() else { continue };
+            if symbol.is_global() {
+                if sym == MANIFEST_SYMBOL {
+                    manifest = true;
+                }
+                if let Some(alloc) = allocator_symbol(sym) {
+                    return Err(Error::GlobalAllocator {
+                        rlib: rlib.to_owned(),
+                        member: name.clone(),
+                        symbol: alloc,
+                    });
+                }
+            }
+            if symbol.kind() == SymbolKind::Text {
+                if let Ok(d) = rustc_demangle::try_demangle(sym) {
+                    let d = format!("{d:#}");
+                    if d.starts_with(&prefix) {
+                        functions.push(d);
+                    }
+                }
+            }
+        }
+    }
+    if !manifest {
+        return Err(Error::NoManifest {
+            rlib: rlib.to_owned(),
+        });
+    }
+    functions.sort();
+    functions.dedup();
+    Ok(functions)
+}
+
+/// The symbols a `#[global_allocator]` makes its crate define. rustc 1.95
+/// emits `__rustc::__rust_alloc` (and `__rust_dealloc`, `__rust_realloc`,
+/// `__rust_alloc_zeroed`) v0-mangled, e.g.
+/// `_RNvCsfLfy6EI15iL_7___rustc12___rust_alloc`; older ones emitted
+/// `__rg_alloc` or `__rust_alloc` unmangled.
+fn allocator_symbol(name: &str) -> Option<String> {
+    const SHIMS: [&str; 2] = ["__rust_alloc", "__rg_alloc"];
+    if SHIMS.contains(&name) {
+        return Some(name.to_owned());
+    }
+    let demangled = format!("{:#}", rustc_demangle::try_demangle(name).ok()?);
+    let (krate, item) = demangled.split_once("::")?;
+    (krate == "__rustc" && SHIMS.contains(&item)).then_some(demangled)
+}
+
+/// A relocatable object of the host's architecture holding the
+/// non-allocated, retained `.hotpatch.host` section, and an empty
+/// `.note.GNU-stack` so the patch's stack stays non-executable.
+fn host_object_bytes(host: &object::File<'_>, build_id: &[u8]) -> Result<Vec<u8>, Error> {
+    use object::write;
+    let mut obj = write::Object::new(
+        object::BinaryFormat::Elf,
+        host.architecture(),
+        host.endianness(),
+    );
+    // The GNU OS/ABI: ld honours SHF_GNU_RETAIN (below) only in such
+    // objects. e_flags as the host's (float ABI and the like).
+    let e_flags = match host.flags() {
+        object::FileFlags::Elf { e_flags, .. } => e_flags,
+        _ => 0,
+    };
+    obj.flags = object::FileFlags::Elf {
+        os_abi: object::elf::ELFOSABI_GNU,
+        abi_version: 0,
+        e_flags,
+    };
+    let section = obj.add_section(
+        Vec::new(),
+        elf::HOST_SECTION.as_bytes().to_vec(),
+        object::SectionKind::Other,
+    );
+    obj.append_section_data(section, &elf::host_section(build_id), 1);
+    // Retained: --gc-sections drops a non-allocated section no code refers
+    // to otherwise.
+    obj.section_mut(section).flags = object::SectionFlags::Elf {
+        sh_flags: u64::from(object::elf::SHF_GNU_RETAIN),
+    };
+    obj.add_section(
+        Vec::new(),
+        b".note.GNU-stack".to_vec(),
+        object::SectionKind::Other,
+    );
+    obj.write().map_err(|e| Error::Malformed {
+        path: PathBuf::from("hotpatch-host.o"),
+        what: "relocatable object for this architecture",
+        reason: e.to_string(),
+    })
+}
+
+fn run_cc(inputs: &[PathBuf], script: &Path, partial: &Path, out: &Path) -> Result<(), Error> {
+    let mut cmd = Command::new("cc");
+    cmd.arg("-shared").arg("-o").arg(partial).args(inputs);
+    cmd.arg(format!("-Wl,--version-script={}", script.display()));
+    // --gc-sections keeps the linkme_* sections (rustc marks them retained)
+    // and everything the exported manifest reaches.
+    cmd.args([
+        "-Wl,-z,relro,-z,now",
+        "-Wl,--eh-frame-hdr",
+        "-Wl,--gc-sections",
+        "-nodefaultlibs",
+        "-lgcc_s",
+        "-lc",
+    ]);
+    let command = format!("{cmd:?}");
+    let failed = |status: String, stderr: String| Error::Linker {
+        out: out.to_owned(),
+        command: command.clone(),
+        status,
+        stderr,
+    };
+    let output = cmd
+        .output()
+        .map_err(|e| failed(format!("could not be started: {e}"), String::new()))?;
+    if !output.status.success() {
+        return Err(failed(
+            output.status.to_string(),
+            String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        ));
+    }
+    Ok(())
+}
+
+/// The output under a temporary name in its directory, removed unless
+/// committed.
+struct Partial {
+    path: PathBuf,
+    committed: bool,
+}
+
+impl Partial {
+    fn new(out: &Path) -> Result<Partial, Error> {
+        let name = out.file_name().ok_or_else(|| Error::Io {
+            path: out.to_owned(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file name"),
+        })?;
+        let mut tmp = std::ffi::OsString::from(".");
+        tmp.push(name);
+        tmp.push(format!(".{}.tmp", unique()));
+        let path = out.with_file_name(tmp);
+        // Fails early if the directory is missing or not writable, before
+        // the linker runs.
+        fs::File::create_new(&path)
+            .and_then(|mut f| f.flush())
+            .map_err(Error::io(&path))?;
+        Ok(Partial {
+            path,
+            committed: false,
+        })
+    }
+
+    fn commit(mut self, out: &Path) -> Result<(), Error> {
+        fs::rename(&self.path, out).map_err(Error::io(out))?;
+        self.committed = true;
+        Ok(())
+    }
+}
+
+impl Drop for Partial {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// A private (0700) directory under the system's temporary directory,
+/// removed with its contents on drop.
+struct TempDir {
+    path: PathBuf,
+}
+
+impl TempDir {
+    fn new() -> Result<TempDir, Error> {
+        let base = std::env::temp_dir();
+        let mut last = None;
+        for _ in 0..16 {
+            let path = base.join(format!("cargo-hotpatch.{}", unique()));
+            match fs::DirBuilder::new().mode(0o700).create(&path) {
+                Ok(()) => return Ok(TempDir { path }),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(e),
+                Err(e) => return Err(Error::Io { path, source: e }),
+            }
+        }
+        Err(Error::Io {
+            path: base,
+            source: last.expect("the loop ran"),
+        })
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.path);
+    }
+}
+
+/// Process id, time and a counter: distinct across processes and calls.
+fn unique() -> String {
+    static COUNTER: AtomicUsize = AtomicUsize::new(0);
+    // Relaxed: only uniqueness of the value matters, no memory is published.
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    format!("{}.{nanos}.{n}", std::process::id())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allocator_symbols_of_rustc_1_95_and_older_are_recognised() {
+        assert_eq!(
+            allocator_symbol("_RNvCsfLfy6EI15iL_7___rustc12___rust_alloc").as_deref(),
+            Some("__rustc::__rust_alloc")
+        );
+        assert_eq!(allocator_symbol("__rg_alloc").as_deref(), Some("__rg_alloc"));
+        assert_eq!(allocator_symbol("__rust_alloc").as_deref(), Some("__rust_alloc"));
+        // The default allocator's shim and std's own functions are not a
+        // #[global_allocator] of the crate.
+        assert_eq!(allocator_symbol("__rdl_alloc"), None);
+        assert_eq!(
+            allocator_symbol("_ZN3std3sys5alloc4unix5alloc17hd2fb3d572cf2e724E"),
+            None
+        );
+    }
+
+    #[test]
+    fn crate_names_come_from_rlib_file_names() {
+        assert_eq!(crate_name(Path::new("/t/libpricing_fix.rlib")), "pricing_fix");
+        assert_eq!(crate_name(Path::new("/t/deps/libpricing_fix-0a1b2c.rlib")), "pricing_fix");
+    }
+
+    #[test]
+    fn bitcode_is_told_from_elf() {
+        assert!(is_bitcode(b"BC\xC0\xDE\x35\x14"));
+        assert!(is_bitcode(&[0xDE, 0xC0, 0x17, 0x0B, 0, 0]));
+        assert!(!is_bitcode(b"\x7fELF\x02\x01"));
+    }
+
+    #[test]
+    fn host_object_carries_the_identity_section() {
+        let exe = std::env::current_exe().unwrap();
+        let data = fs::read(&exe).unwrap();
+        let host = object::File::parse(&*data).unwrap();
+        let id = [0xab, 0xcd, 0xef, 0x01, 0x23];
+        let bytes = host_object_bytes(&host, &id).unwrap();
+        assert_eq!(elf::identity(&bytes), Some(id.to_vec()));
+
+        // A section whose length runs past its end, or with another magic,
+        // is no identity.
+        let mut long = bytes.clone();
+        let at = find(&long, elf::HOST_MAGIC) + 8;
+        long[at..at + 4].copy_from_slice(&6u32.to_le_bytes());
+        assert_eq!(elf::identity(&long), None);
+        let mut other = bytes;
+        let at = find(&other, elf::HOST_MAGIC);
+        other[at + 7] = b'2';
+        assert_eq!(elf::identity(&other), None);
+    }
+
+    fn find(haystack: &[u8], needle: &[u8]) -> usize {
+        haystack
+            .windows(needle.len())
+            .position(|w| w == needle)
+            .unwrap()
+    }
+}

@@ -1,0 +1,354 @@
+//! `cargo hotpatch`: builds a thin patch with cargo and links it against
+//! the service binary it is for. See the crate docs of `cargo_hotpatch`.
+
+use std::ffi::OsString;
+use std::io::BufRead;
+use std::path::PathBuf;
+use std::process::{Command, ExitCode, Stdio};
+
+use cargo_hotpatch::Error;
+use clap::{Args, Parser, Subcommand};
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  the patch was built and checked against the binary
+  1  `cargo build` failed (its diagnostics are on standard error)
+  2  usage: bad arguments, or a package that is not in the workspace
+  3  refused: LLVM bitcode (LTO), a #[global_allocator] in the patch, no
+     hotpatch::manifest!(), a patch package without an rlib, a binary
+     without build-id or not ELF, a binary linked without -rdynamic,
+     symbols the patch needs that the binary does not export
+  4  I/O: a file could not be read or written (a missing --binary
+     included), or `cc` could not be run or failed";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cargo-hotpatch",
+    bin_name = "cargo hotpatch",
+    version,
+    about = "Builds thin hotpatch patches: the patch crate's own code, bound to the running service binary",
+    after_help = EXIT_CODES
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Build a patch crate (an rlib with `hotpatch::manifest!()`) and link
+    /// its own code into a shared object bound to the service binary.
+    ///
+    /// Build the patch in the same selection you built the service with
+    /// (the same `-p`/`--workspace`, features and profile): symbol names
+    /// hash each crate's resolved features, which cargo unifies over the
+    /// packages selected in one build, so another selection can give the
+    /// service's crates other names than the binary has.
+    #[command(after_help = EXIT_CODES)]
+    Build(BuildArgs),
+    // Issue 10: `build --base REV` will make the patch from a source diff
+    // against the deployed revision instead of from a patch package.
+}
+
+#[derive(Debug, Args)]
+struct BuildArgs {
+    /// The patch package first; any further `-p` are built with it, to get
+    /// the same feature resolution as the service build: build the patch
+    /// in the same selection you built the service with.
+    #[arg(short = 'p', long = "package", value_name = "SPEC", required = true)]
+    packages: Vec<String>,
+
+    /// Build the whole workspace with the patch (if the service was built
+    /// with `--workspace`): build the patch in the same selection you
+    /// built the service with.
+    #[arg(long)]
+    workspace: bool,
+
+    /// The service binary the patch is for (linked with `-rdynamic`).
+    #[arg(long, value_name = "PATH")]
+    binary: PathBuf,
+
+    /// Build with the release profile (as the service was).
+    #[arg(long, conflicts_with = "profile")]
+    release: bool,
+
+    /// Build with this profile (as the service was).
+    #[arg(long, value_name = "NAME")]
+    profile: Option<String>,
+
+    /// Features to activate, as for `cargo build` (as the service was).
+    #[arg(short = 'F', long, value_name = "FEATURES")]
+    features: Vec<String>,
+
+    /// Activate all features, as for `cargo build`.
+    #[arg(long)]
+    all_features: bool,
+
+    /// Do not activate the default features, as for `cargo build`.
+    #[arg(long)]
+    no_default_features: bool,
+
+    /// Where to write the patch [default: TARGET_DIR/hotpatch/CRATE.so].
+    #[arg(short = 'o', long = "output", value_name = "PATH")]
+    output: Option<PathBuf>,
+
+    /// Path to Cargo.toml, as for `cargo build`.
+    #[arg(long, value_name = "PATH")]
+    manifest_path: Option<PathBuf>,
+}
+
+/// A failure of the command, with its exit code.
+#[derive(Debug)]
+enum Failure {
+    CargoFailed(String),
+    Usage(String),
+    Refused(String),
+    Io(String),
+}
+
+impl Failure {
+    fn code(&self) -> u8 {
+        match self {
+            Failure::CargoFailed(_) => 1,
+            Failure::Usage(_) => 2,
+            Failure::Refused(_) => 3,
+            Failure::Io(_) => 4,
+        }
+    }
+
+    fn message(&self) -> &str {
+        match self {
+            Failure::CargoFailed(m) | Failure::Usage(m) | Failure::Refused(m) | Failure::Io(m) => m,
+        }
+    }
+}
+
+impl From<Error> for Failure {
+    fn from(e: Error) -> Failure {
+        if e.is_refusal() {
+            Failure::Refused(e.to_string())
+        } else {
+            Failure::Io(e.to_string())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let mut args: Vec<OsString> = std::env::args_os().collect();
+    // Run as `cargo hotpatch ...`, cargo passes "hotpatch" as argv[1].
+    if args.get(1).is_some_and(|a| a == "hotpatch") {
+        args.remove(1);
+    }
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help, --version.
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // clap's message up to its usage lines, as one line.
+            let text = e.render().to_string();
+            let what: Vec<&str> = text
+                .lines()
+                .take_while(|l| !l.trim().is_empty())
+                .map(str::trim)
+                .collect();
+            let what = what.join(" ");
+            let what = what.strip_prefix("error: ").unwrap_or(&what);
+            eprintln!("cargo-hotpatch: {what} (see `cargo hotpatch build --help`)");
+            return ExitCode::from(2);
+        }
+    };
+    let result = match cli.command {
+        Cmd::Build(args) => build(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            let one_line = failure.message().replace('\n', "; ");
+            eprintln!("cargo-hotpatch: {one_line}");
+            ExitCode::from(failure.code())
+        }
+    }
+}
+
+fn build(args: &BuildArgs) -> Result<(), Failure> {
+    // Before a build that may take minutes: the binary must be there and
+    // have a build-id.
+    cargo_hotpatch::build_id(&args.binary)?;
+
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let patch = &args.packages[0];
+    let meta = metadata(&cargo, args)?;
+    let package = find_package(&meta, patch)?;
+
+    let mut cmd = Command::new(&cargo);
+    cmd.args(["build", "--lib", "--message-format=json-render-diagnostics"]);
+    for p in &args.packages {
+        cmd.args(["-p", p]);
+    }
+    if args.workspace {
+        cmd.arg("--workspace");
+    }
+    if args.release {
+        cmd.arg("--release");
+    }
+    if let Some(profile) = &args.profile {
+        cmd.args(["--profile", profile]);
+    }
+    for f in &args.features {
+        cmd.args(["--features", f]);
+    }
+    if args.all_features {
+        cmd.arg("--all-features");
+    }
+    if args.no_default_features {
+        cmd.arg("--no-default-features");
+    }
+    if let Some(path) = &args.manifest_path {
+        cmd.arg("--manifest-path").arg(path);
+    }
+    let rlib = run_build(cmd, &package.id)?.ok_or_else(|| {
+        Failure::Usage(format!(
+            "cargo built no rlib for package {patch} ({})",
+            package.id
+        ))
+    })?;
+
+    let out = match &args.output {
+        Some(out) => out.clone(),
+        None => meta
+            .target_directory
+            .join("hotpatch")
+            .join(format!("{}.so", package.crate_name)),
+    };
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Failure::Io(format!("{}: {e}", dir.display())))?;
+    }
+    let report = cargo_hotpatch::link(&rlib, &args.binary, &out)?;
+
+    println!("built {} ({} bytes, {} objects)", report.output.display(), report.size, report.objects);
+    println!(
+        "  bound to {} (build-id {})",
+        args.binary.display(),
+        report.host_build_id
+    );
+    println!(
+        "  symbols: {} from the binary, {} from system libraries",
+        report.bound_to_host, report.bound_to_system
+    );
+    if !report.functions.is_empty() {
+        println!("  functions: {}", report.functions.join(", "));
+    }
+    Ok(())
+}
+
+struct Metadata {
+    target_directory: PathBuf,
+    packages: Vec<serde_json::Value>,
+}
+
+struct Package {
+    id: String,
+    crate_name: String,
+}
+
+fn metadata(cargo: &OsString, args: &BuildArgs) -> Result<Metadata, Failure> {
+    let mut cmd = Command::new(cargo);
+    cmd.args(["metadata", "--format-version", "1", "--no-deps"]);
+    if let Some(path) = &args.manifest_path {
+        cmd.arg("--manifest-path").arg(path);
+    }
+    let output = cmd
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| Failure::Io(format!("running cargo metadata: {e}")))?;
+    if !output.status.success() {
+        return Err(Failure::CargoFailed(format!(
+            "`cargo metadata` {}",
+            output.status
+        )));
+    }
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .map_err(|e| Failure::Io(format!("cargo metadata printed no JSON: {e}")))?;
+    let target_directory = json["target_directory"]
+        .as_str()
+        .map(PathBuf::from)
+        .ok_or_else(|| Failure::Io("cargo metadata names no target_directory".into()))?;
+    let packages = json["packages"].as_array().cloned().unwrap_or_default();
+    Ok(Metadata {
+        target_directory,
+        packages,
+    })
+}
+
+/// The workspace package `spec` names (`NAME` or `NAME@VERSION`), and the
+/// name of its library crate, which must build an rlib.
+fn find_package(meta: &Metadata, spec: &str) -> Result<Package, Failure> {
+    let (name, version) = match spec.split_once('@') {
+        Some((n, v)) => (n, Some(v)),
+        None => (spec, None),
+    };
+    let package = meta
+        .packages
+        .iter()
+        .find(|p| {
+            p["name"] == name && version.is_none_or(|v| p["version"].as_str() == Some(v))
+        })
+        .ok_or_else(|| Failure::Usage(format!("package {spec} is not in the workspace")))?;
+    let id = package["id"].as_str().unwrap_or_default().to_owned();
+    let targets = package["targets"].as_array().cloned().unwrap_or_default();
+    let lib = targets
+        .iter()
+        .find(|t| {
+            t["kind"]
+                .as_array()
+                .is_some_and(|k| k.iter().any(|k| k == "lib" || k == "rlib" || k == "cdylib" || k == "dylib" || k == "staticlib"))
+        })
+        .ok_or_else(|| Failure::Refused(format!("package {spec} has no library target: a patch crate is a library crate with `hotpatch::manifest!()`")))?;
+    let builds_rlib = lib["crate_types"]
+        .as_array()
+        .is_some_and(|c| c.iter().any(|c| c == "lib" || c == "rlib"));
+    if !builds_rlib {
+        return Err(Failure::Refused(format!(
+            "package {spec} builds no rlib (crate-type {}): a thin patch is linked from the crate's rlib; remove `crate-type` from its [lib] (rlib is the default)",
+            lib["crate_types"]
+        )));
+    }
+    let crate_name = lib["name"].as_str().unwrap_or(name).replace('-', "_");
+    Ok(Package { id, crate_name })
+}
+
+/// Runs `cargo build` (its stderr is the user's) and returns the rlib it
+/// made for `package_id`.
+fn run_build(mut cmd: Command, package_id: &str) -> Result<Option<PathBuf>, Failure> {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| Failure::Io(format!("running cargo build: {e}")))?;
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let mut rlib = None;
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line.map_err(|e| Failure::Io(format!("reading cargo's output: {e}")))?;
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        if msg["reason"] != "compiler-artifact" || msg["package_id"] != package_id {
+            continue;
+        }
+        let files = msg["filenames"].as_array().cloned().unwrap_or_default();
+        if let Some(f) = files.iter().filter_map(|f| f.as_str()).find(|f| f.ends_with(".rlib")) {
+            rlib = Some(PathBuf::from(f));
+        }
+    }
+    let status = child
+        .wait()
+        .map_err(|e| Failure::Io(format!("waiting for cargo build: {e}")))?;
+    if !status.success() {
+        return Err(Failure::CargoFailed(format!("`cargo build` {status}")));
+    }
+    Ok(rlib)
+}
