@@ -8,7 +8,7 @@ use crate::error::MissingSymbol;
 use crate::{Error, elf};
 
 /// How the undefined symbols of a patch were found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub(crate) struct Binding {
     /// Exported by the host binary's `.dynsym`.
     pub(crate) host: usize,

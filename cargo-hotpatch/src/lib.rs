@@ -73,8 +73,9 @@ mod check;
 mod elf;
 mod error;
 mod link;
+mod slotrefs;
 
 pub use check::check_against;
 pub use elf::{HOST_MAGIC, HOST_SECTION, build_id, hex, identity};
 pub use error::{Error, MissingSymbol};
-pub use link::{LinkReport, MANIFEST_SYMBOL, link};
+pub use link::{LinkReport, MANIFEST_SYMBOL, link, link_unchecked};

@@ -33,6 +33,9 @@ pub struct LinkReport {
     pub bound_to_system: usize,
     /// Object files of the crate linked in (its codegen units).
     pub objects: usize,
+    /// Host slots the patch's code reads (calls into patchable functions
+    /// of the service), each through a cell the loader fills in.
+    pub slot_refs: usize,
     /// The crate's own functions, demangled without hashes, sorted.
     pub functions: Vec<String>,
 }
@@ -75,21 +78,57 @@ pub struct LinkReport {
 /// # Ok::<(), cargo_hotpatch::Error>(())
 /// ```
 pub fn link(rlib: &Path, host_binary: &Path, out: &Path) -> Result<LinkReport, Error> {
+    link_with(rlib, host_binary, out, true)
+}
+
+/// [`link`] without its refusals: no check of the crate (allocator,
+/// manifest) and no [`check_against`](crate::check_against); the patch is
+/// stamped with the host's identity whatever it holds or needs. For tests
+/// of the runtime's own refusals, which must see such a file; a patch for
+/// a service is made with [`link`].
+///
+/// # Errors
+///
+/// Those of [`link`] but the refusals.
+pub fn link_unchecked(rlib: &Path, host_binary: &Path, out: &Path) -> Result<LinkReport, Error> {
+    link_with(rlib, host_binary, out, false)
+}
+
+fn link_with(rlib: &Path, host_binary: &Path, out: &Path, checked: bool) -> Result<LinkReport, Error> {
     let host_data = elf::read(host_binary)?;
     let host = elf::parse(host_binary, &host_data)?;
     let host_id = elf::build_id_of(host_binary, &host)?;
 
     let rlib_data = elf::read(rlib)?;
     let members = own_objects(rlib, &rlib_data)?;
-    let functions = inspect(rlib, &crate_name(rlib), &members)?;
+    let functions = match inspect(rlib, &crate_name(rlib), &members) {
+        Ok(functions) => functions,
+        Err(_) if !checked => Vec::new(),
+        Err(e) => return Err(e),
+    };
 
     let dir = TempDir::new()?;
     let mut inputs = Vec::with_capacity(members.len() + 1);
-    for (i, (_, data)) in members.iter().enumerate() {
+    // Loads of host slots by inlined `#[patchable]` wrappers are
+    // retargeted at cells of the patch (see slotrefs.rs).
+    let mut objects: Vec<Vec<u8>> = members.iter().map(|(_, data)| data.to_vec()).collect();
+    let cells = crate::slotrefs::retarget(&mut objects).map_err(|reason| Error::Malformed {
+        path: rlib.to_owned(),
+        what: "ELF object",
+        reason,
+    })?;
+    for (i, data) in objects.iter().enumerate() {
         // Member names can repeat in an archive; the index keeps them apart.
         let path = dir.path.join(format!("{i}.o"));
         fs::write(&path, data).map_err(Error::io(&path))?;
         inputs.push(path);
+    }
+    let mut slot_refs = 0;
+    if let Some((cells, n)) = cells {
+        let path = dir.path.join("hotpatch-slot-refs.o");
+        fs::write(&path, cells).map_err(Error::io(&path))?;
+        inputs.push(path);
+        slot_refs = n;
     }
     let host_object = dir.path.join("hotpatch-host.o");
     fs::write(&host_object, host_object_bytes(&host, &host_id)?)
@@ -104,7 +143,11 @@ pub fn link(rlib: &Path, host_binary: &Path, out: &Path) -> Result<LinkReport, E
 
     let partial = Partial::new(out)?;
     run_cc(&inputs, &script, &partial.path, out)?;
-    let binding = check::check(&partial.path, host_binary, &host)?;
+    let binding = if checked {
+        check::check(&partial.path, host_binary, &host)?
+    } else {
+        check::Binding::default()
+    };
     let size = fs::metadata(&partial.path)
         .map_err(Error::io(&partial.path))?
         .len();
@@ -117,6 +160,7 @@ pub fn link(rlib: &Path, host_binary: &Path, out: &Path) -> Result<LinkReport, E
         bound_to_host: binding.host,
         bound_to_system: binding.system,
         objects: members.len(),
+        slot_refs,
         functions,
     })
 }

@@ -1,7 +1,7 @@
 //! Retargets the slot loads of inlined `#[patchable]` wrappers.
 //!
 //! A `#[patchable]` wrapper is `#[inline(always)]` and reads its slot with
-//! one `rip`-relative load (`mov slot(%rip), %reg`, an `R_X86_64_PC32`
+//! one `rip`-relative load (`mov slot(%rip), %reg`: an `R_X86_64_PC32`
 //! relocation against the slot's symbol), the cheapest call site there is.
 //! Patch code that calls a patchable function of the service inlines that
 //! wrapper, so the patch's objects hold such loads of the *host's* slots.
@@ -9,132 +9,184 @@
 //! far away for a 32-bit displacement, and the linker refuses a PC32
 //! relocation against a symbol it must leave undefined.
 //!
-//! So each object is rewritten before the link: for every host slot its
-//! code loads, a cell is added to the object's `linkme___HOTPATCH_SLOT_REFS`
-//! section (the patch crate's `SlotRef` table, declared by
-//! `hotpatch::manifest!()`), holding the slot's address (an
-//! `R_X86_64_64` relocation, resolved by the dynamic loader against the
-//! host), and the load is pointed at the cell instead. Nothing else
-//! changes: the instruction is the same, it now loads the cell. Before the
-//! patch runs, the loader replaces each cell's slot address by the host's
-//! out-of-line wrapper of that function, which reads the host's slot and
-//! calls what implements it now: calls from patch code into patchable
-//! functions stay right through every later patch, for one indirect jump
-//! more.
+//! So before the link, each such load is pointed at a cell of the patch
+//! instead. In each object the undefined slot symbol is renamed in place
+//! (its first byte, `_` of `_ZN`/`_R`, becomes `Q`: same length, so the
+//! object's string table keeps its size), and an extra object defines each
+//! renamed name as a hidden 8-byte cell in the patch crate's
+//! `linkme___HOTPATCH_REFS` section (the `SlotRef` table declared by
+//! `hotpatch::manifest!()`), relocated (`R_X86_64_64`) to the real slot
+//! symbol: the dynamic loader fills it with the host slot's address. The
+//! instruction is unchanged and now loads the cell. Before the patch runs,
+//! the loader replaces each cell's slot address by the host's out-of-line
+//! wrapper of that function, which reads the host's slot and calls what
+//! implements it now: calls from patch code into patchable functions stay
+//! right through every later patch, for one indirect jump more.
 
-use object::build::elf::{Builder, Relocation, SectionData};
-use object::build::{ByteString, Bytes};
+use std::collections::BTreeSet;
+
 use object::elf;
+use object::Endianness;
+use object::read::elf::{ElfFile64, FileHeader, SectionHeader, Sym};
 
 /// The section of the patch crate's `SlotRef` table (linkme's name for
-/// `__HOTPATCH_SLOT_REFS`).
-pub const SECTION: &str = "linkme___HOTPATCH_SLOT_REFS";
+/// `__HOTPATCH_REFS`).
+pub const SECTION: &str = "linkme___HOTPATCH_REFS";
 
 /// What a slot symbol's name contains (`#[patchable]` names every slot
 /// `__HOTPATCH_SLOT_<function>`).
-const SLOT_MARK: &str = "__HOTPATCH_SLOT_";
+const SLOT_MARK: &[u8] = b"__HOTPATCH_SLOT_";
 
-/// Rewrites the relocatable ELF object `data` as the module docs say.
-/// `Ok(None)`: it loads no host slot, use it as it is. `Ok(Some((bytes,
-/// n)))`: the rewritten object and how many slots it reads.
-pub fn retarget(data: &[u8]) -> Result<Option<(Vec<u8>, usize)>, String> {
-    let mut b = Builder::read(data).map_err(|e| format!("cannot read the object: {e}"))?;
-    if b.header.e_machine != elf::EM_X86_64 {
-        return Ok(None);
+/// Rewrites, in place, every object of `objects` whose code loads a host
+/// slot, and returns the extra object holding the cells (with the
+/// number of slots), or `None` if no object loads one.
+pub fn retarget(objects: &mut [Vec<u8>]) -> Result<Option<(Vec<u8>, usize)>, String> {
+    let mut slots = BTreeSet::new();
+    for data in objects.iter_mut() {
+        for (offset, name) in slot_names(data)? {
+            data[offset] = b'Q';
+            slots.insert(name);
+        }
     }
-    // The host slots this object names (undefined here).
-    let slots: Vec<_> = b
-        .symbols
-        .iter()
-        .filter(|s| s.st_shndx == elf::SHN_UNDEF && s.section.is_none())
-        .filter(|s| s.name.to_string().contains(SLOT_MARK))
-        .map(|s| s.id())
-        .collect();
     if slots.is_empty() {
         return Ok(None);
     }
-    // Which of them are read by a PC32 load, in first-use order.
-    let mut used = Vec::new();
-    for section in b.sections.iter() {
-        if let SectionData::Relocation(relocs) = &section.data {
-            for r in relocs {
-                if let Some(sym) = r.symbol
-                    && slots.contains(&sym)
-                    && r.r_type == elf::R_X86_64_PC32
-                    && !used.contains(&sym)
-                {
-                    used.push(sym);
-                }
-            }
-        }
+    Ok(Some((cells(&slots)?, slots.len())))
+}
+
+/// The undefined slot symbols of one relocatable object whose every use is
+/// a PC32 load: `(file offset of the name's first byte, name)`.
+fn slot_names(data: &[u8]) -> Result<Vec<(usize, Vec<u8>)>, String> {
+    let file = ElfFile64::<Endianness>::parse(data).map_err(|e| e.to_string())?;
+    let endian = file.endian();
+    let header = file.elf_header();
+    if header.e_machine(endian) != elf::EM_X86_64 || header.e_type(endian) != elf::ET_REL {
+        return Ok(Vec::new());
     }
-    if used.is_empty() {
-        return Ok(None);
-    }
-    let symtab = b
-        .sections
-        .iter()
-        .find(|s| matches!(s.data, SectionData::Symbol))
-        .map(|s| s.id())
-        .ok_or("the object has no symbol table")?;
-    // The cells: zeroed words, each relocated to its slot's address.
-    let cells = {
-        let s = b.sections.add();
-        s.name = ByteString::from(SECTION.as_bytes());
-        s.sh_type = elf::SHT_PROGBITS;
-        s.sh_flags = elf::SHF_ALLOC | elf::SHF_WRITE;
-        s.sh_addralign = 8;
-        s.data = SectionData::Data(Bytes::from(vec![0u8; 8 * used.len()]));
-        s.id()
-    };
-    let rela: Vec<Relocation> = used
+    let sections = header.sections(endian, data).map_err(|e| e.to_string())?;
+    let Some((symtab_index, _)) = sections
         .iter()
         .enumerate()
-        .map(|(i, &slot)| Relocation {
-            r_offset: 8 * i as u64,
-            symbol: Some(slot),
-            r_type: elf::R_X86_64_64,
-            r_addend: 0,
-        })
-        .collect();
-    {
-        let s = b.sections.add();
-        s.name = ByteString::from(format!(".rela{SECTION}").into_bytes());
-        s.sh_type = elf::SHT_RELA;
-        s.sh_flags = elf::SHF_INFO_LINK;
-        s.sh_addralign = 8;
-        s.sh_entsize = 24;
-        s.sh_link_section = Some(symtab);
-        s.sh_info_section = Some(cells);
-        s.data = SectionData::Relocation(rela);
-    }
-    // A local symbol per cell, for the loads to name.
-    let mut cell_syms = Vec::with_capacity(used.len());
-    for i in 0..used.len() {
-        let s = b.symbols.add();
-        s.name = ByteString::from(format!("__hotpatch_slot_ref_{i}").into_bytes());
-        s.section = Some(cells);
-        s.set_st_info(elf::STB_LOCAL, elf::STT_OBJECT);
-        s.st_value = 8 * i as u64;
-        s.st_size = 8;
-        cell_syms.push(s.id());
-    }
-    // Point every PC32 load of a slot at its cell: same instruction, same
-    // addend, another target.
-    for section in b.sections.iter_mut() {
-        if let SectionData::Relocation(relocs) = &mut section.data {
-            for r in relocs.iter_mut() {
-                if r.r_type != elf::R_X86_64_PC32 {
-                    continue;
-                }
-                if let Some(i) = r.symbol.and_then(|sym| used.iter().position(|&u| u == sym)) {
-                    r.symbol = Some(cell_syms[i]);
-                }
-            }
+        .find(|(_, s)| s.sh_type(endian) == elf::SHT_SYMTAB)
+    else {
+        return Ok(Vec::new());
+    };
+    let symbols = sections
+        .symbols(endian, data, elf::SHT_SYMTAB)
+        .map_err(|e| e.to_string())?;
+    let strtab_header = sections
+        .section(symbols.string_section())
+        .map_err(|e| e.to_string())?;
+    let strtab_offset = strtab_header.sh_offset(endian) as usize;
+    let strtab_size = strtab_header.sh_size(endian) as usize;
+    // Candidates: undefined symbols named like a slot.
+    let mut candidates = Vec::new();
+    for (index, sym) in symbols.iter().enumerate() {
+        if !sym.is_undefined(endian) {
+            continue;
+        }
+        let name = sym.name(endian, symbols.strings()).map_err(|e| e.to_string())?;
+        if name.windows(SLOT_MARK.len()).any(|w| w == SLOT_MARK)
+            && (name.starts_with(b"_ZN") || name.starts_with(b"_R"))
+        {
+            candidates.push((index, sym.st_name(endian) as usize, name.to_vec()));
         }
     }
-    let mut out = Vec::with_capacity(data.len() + 256);
-    b.write(&mut out)
-        .map_err(|e| format!("cannot write the rewritten object: {e}"))?;
-    Ok(Some((out, used.len())))
+    if candidates.is_empty() {
+        return Ok(Vec::new());
+    }
+    // How each candidate is used.
+    let mut pc32 = vec![false; candidates.len()];
+    for section in sections.iter() {
+        if section.sh_type(endian) != elf::SHT_RELA
+            || section.sh_link(endian) as usize != symtab_index
+        {
+            continue;
+        }
+        let relas: &[elf::Rela64<Endianness>] =
+            section.data_as_array(endian, data).map_err(|e| e.to_string())?;
+        for r in relas {
+            let sym = r.r_sym(endian, false) as usize;
+            let Some(c) = candidates.iter().position(|(i, _, _)| *i == sym) else {
+                continue;
+            };
+            let kind = r.r_type(endian, false);
+            if kind != elf::R_X86_64_PC32 {
+                return Err(format!(
+                    "the host slot {} is used by a relocation of type {kind}, not only by the \
+                     `#[patchable]` wrapper's load (R_X86_64_PC32)",
+                    String::from_utf8_lossy(&candidates[c].2)
+                ));
+            }
+            pc32[c] = true;
+        }
+    }
+    let strings = &data[strtab_offset..strtab_offset + strtab_size];
+    let mut out = Vec::new();
+    for ((_, st_name, name), used) in candidates.into_iter().zip(pc32) {
+        if !used {
+            continue;
+        }
+        // The first byte must belong to this name alone: no other name of
+        // the table may run through it (string tables share tails).
+        if st_name > 0 && strings.get(st_name - 1).is_some_and(|&b| b != 0) {
+            return Err(format!(
+                "the name of the host slot {} shares its string with another",
+                String::from_utf8_lossy(&name)
+            ));
+        }
+        out.push((strtab_offset + st_name, name));
+    }
+    Ok(out)
+}
+
+/// The object defining one hidden cell per slot name (renamed), each
+/// relocated to the real slot symbol.
+fn cells(slots: &BTreeSet<Vec<u8>>) -> Result<Vec<u8>, String> {
+    use object::write::{Object, Relocation, Symbol, SymbolSection};
+    use object::{
+        Architecture, BinaryFormat, RelocationFlags, SectionKind, SymbolFlags, SymbolKind,
+        SymbolScope,
+    };
+    let mut obj = Object::new(BinaryFormat::Elf, Architecture::X86_64, Endianness::Little);
+    let section = obj.add_section(Vec::new(), SECTION.as_bytes().to_vec(), SectionKind::Data);
+    for name in slots {
+        let offset = obj.append_section_data(section, &[0u8; 8], 8);
+        let mut renamed = name.clone();
+        renamed[0] = b'Q';
+        obj.add_symbol(Symbol {
+            name: renamed,
+            value: offset,
+            size: 8,
+            kind: SymbolKind::Data,
+            scope: SymbolScope::Linkage,
+            weak: false,
+            section: SymbolSection::Section(section),
+            flags: SymbolFlags::None,
+        });
+        let slot = obj.add_symbol(Symbol {
+            name: name.clone(),
+            value: 0,
+            size: 0,
+            kind: SymbolKind::Data,
+            scope: SymbolScope::Dynamic,
+            weak: false,
+            section: SymbolSection::Undefined,
+            flags: SymbolFlags::None,
+        });
+        obj.add_relocation(
+            section,
+            Relocation {
+                offset,
+                symbol: slot,
+                addend: 0,
+                flags: RelocationFlags::Elf {
+                    r_type: elf::R_X86_64_64,
+                },
+            },
+        )
+        .map_err(|e| e.to_string())?;
+    }
+    obj.add_section(Vec::new(), b".note.GNU-stack".to_vec(), SectionKind::Other);
+    obj.write().map_err(|e| e.to_string())
 }

@@ -435,44 +435,11 @@ macro_rules! __manifest {
         $crate::__manifest! { @ $name $version $description ($v) ; $($rest)* }
     };
     (@ ($name:expr) ($version:expr) ($description:expr) ($($init:expr)?) ;) => {
-        /// The `#[patch]` records of this crate, in its own linker
-        /// section (the patch's, not the host's).
-        #[doc(hidden)]
-        #[$crate::__private::linkme::distributed_slice]
-        #[linkme(crate = $crate::__private::linkme)]
-        pub static __HOTPATCH_PATCH_FNS: [$crate::__private::PatchFn];
-
-        /// The cells through which this patch's code reaches the host's
-        /// slots (filled in by `cargo hotpatch build`; see `SlotRef`).
-        #[doc(hidden)]
-        #[$crate::__private::linkme::distributed_slice]
-        #[linkme(crate = $crate::__private::linkme)]
-        pub static __HOTPATCH_SLOT_REFS: [$crate::__private::SlotRef];
-
-        /// Calls of this patch's replacements that ended in a panic.
-        #[doc(hidden)]
-        pub static __HOTPATCH_PANICS: ::core::sync::atomic::AtomicU64 =
-            ::core::sync::atomic::AtomicU64::new(0);
+        $crate::__manifest_tables!();
 
         #[doc(hidden)]
         #[unsafe(export_name = "hotpatch_manifest_v1")]
         pub static __HOTPATCH_MANIFEST: $crate::__private::Manifest = {
-            /// # Safety
-            /// `len` must be valid for a write.
-            unsafe extern "C" fn __hotpatch_functions(
-                len: *mut usize,
-            ) -> *const $crate::__private::PatchFn {
-                // SAFETY: the caller's guarantee.
-                unsafe { $crate::__private::patch_fns_raw(&__HOTPATCH_PATCH_FNS, len) }
-            }
-            /// # Safety
-            /// `len` must be valid for a write.
-            unsafe extern "C" fn __hotpatch_slot_refs(
-                len: *mut usize,
-            ) -> *const $crate::__private::SlotRef {
-                // SAFETY: the caller's guarantee.
-                unsafe { $crate::__private::slot_refs_raw(&__HOTPATCH_SLOT_REFS, len) }
-            }
             let m = $crate::__private::Manifest::new(
                 $name,
                 $version,
@@ -489,7 +456,52 @@ macro_rules! __manifest {
             )?
             m
         };
+    };
+}
 
+/// What `manifest!()` puts at the patch crate's root besides the manifest
+/// itself: the crate's `#[patch]` table and slot-reference table (its own
+/// linker sections), their getters, the panic counter, and the marker
+/// `#[patch]` checks for. For hand-written manifests (the test corpus).
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __manifest_tables {
+    () => {
+        /// The `#[patch]` records of this crate, in its own linker
+        /// section (the patch's, not the host's).
+        #[doc(hidden)]
+        #[$crate::__private::linkme::distributed_slice]
+        #[linkme(crate = $crate::__private::linkme)]
+        pub static __HOTPATCH_PATCH_FNS: [$crate::__private::PatchFn];
+
+        /// The cells through which this patch's code reaches the host's
+        /// slots (filled in by `cargo hotpatch build`; see `SlotRef`).
+        #[doc(hidden)]
+        #[$crate::__private::linkme::distributed_slice]
+        #[linkme(crate = $crate::__private::linkme)]
+        pub static __HOTPATCH_REFS: [$crate::__private::SlotRef];
+
+        /// Calls of this patch's replacements that ended in a panic.
+        #[doc(hidden)]
+        pub static __HOTPATCH_PANICS: ::core::sync::atomic::AtomicU64 =
+            ::core::sync::atomic::AtomicU64::new(0);
+
+        /// # Safety
+        /// `len` must be valid for a write.
+        unsafe extern "C" fn __hotpatch_functions(
+            len: *mut usize,
+        ) -> *const $crate::__private::PatchFn {
+            // SAFETY: the caller's guarantee.
+            unsafe { $crate::__private::patch_fns_raw(&__HOTPATCH_PATCH_FNS, len) }
+        }
+        /// # Safety
+        /// `len` must be valid for a write.
+        unsafe extern "C" fn __hotpatch_slot_refs(
+            len: *mut usize,
+        ) -> *const $crate::__private::SlotRef {
+            // SAFETY: the caller's guarantee.
+            unsafe { $crate::__private::slot_refs_raw(&__HOTPATCH_REFS, len) }
+        }
         // What `#[patch]` checks for: its name is the compile error a patch
         // crate without `hotpatch::manifest!()` gets.
         #[doc(hidden)]

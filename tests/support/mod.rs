@@ -1,11 +1,17 @@
-//! Shared by the integration tests: builds the fixture patch crates once
-//! per test process, serializes the tests of one binary, and snapshots
-//! what the registry and the patched functions say.
+//! Shared by the integration tests: builds the fixture patches once per
+//! test process, serializes the tests of one binary, and snapshots what
+//! the registry and the patched functions say.
 //!
-//! Patches are built by a nested `cargo build` into their own target
-//! directory (`target/fixtures`), so the outer cargo's lock on `target/`
-//! is never contended. The profile matches the test binary's, so the
-//! panic strategy and compiler match the host's.
+//! A patch is thin: the patch crate's own code, bound to the running
+//! binary (see `cargo_hotpatch`). The fixture crates are dev-dependencies
+//! of this package, so cargo compiled them in the same invocation as this
+//! test binary, with the same features, so with the very symbol names this
+//! binary exports (its build.rs links it with `-rdynamic`). [`patch`]
+//! links one's objects from that rlib, stamped with this binary's
+//! build-id, as `cargo hotpatch build` does. A fixture built with other
+//! features ([`patch_with`]) is compiled by a nested `cargo build` into
+//! `target/fixtures` and linked without the tool's check, so that the
+//! loader's own refusal can be tested.
 //!
 //! Nothing here depends on the umask, on `TMPDIR` or on where the
 //! checkout lives: what a test loads is a copy in [`temp_dir`], a 0755
@@ -29,25 +35,21 @@ fn target_dir() -> PathBuf {
     root().join("target").join("fixtures")
 }
 
-/// The shared object of fixture patch crate `package` (e.g.
-/// `fixture-patch-basic`), built once per process.
+/// The thin patch of fixture patch crate `package` (e.g.
+/// `fixture-patch-basic`) for this test binary, linked once per process.
 pub fn patch(package: &str) -> PathBuf {
     patch_with(package, &[])
 }
 
-/// The shared object of `package` built with its `features` (e.g. `v2`,
-/// which builds it against `fixture-svc/v2`).
+/// The thin patch of `package` built with its `features` (e.g. `v2`,
+/// which builds it against `fixture-svc/v2`): compiled by a nested cargo,
+/// so against other builds of its dependencies than this binary's, and
+/// linked unchecked, stamped with this binary's identity. Loading it shows
+/// what the runtime does with a patch whose symbols this binary lacks.
 ///
-/// Every fixture is built into one target directory, so dependencies
-/// (hotpatch, the service crate) are compiled once per feature set that
-/// reaches them: cargo keeps a `fixture-svc` built with `v2` apart from
-/// the plain one (features are part of each unit's hash), and features
-/// are unified only within one `cargo build`, which builds one package.
-/// What it does not keep apart is the final `lib<package>.so`, which has
-/// no hash: so a package must always be built with the same features.
-/// That is checked here for this process; across processes, keep each
-/// feature set to its own fixture crate (the `patch-v2-*` crates are only
-/// ever built with `v2`).
+/// What cargo does not keep apart is the final `lib<package>.rlib` it
+/// uplifts, which has no hash: so a package must always be built with the
+/// same features (the `patch-v2-*` crates are only ever built with `v2`).
 pub fn patch_with(package: &str, features: &[&str]) -> PathBuf {
     static BUILT: OnceLock<Mutex<HashMap<String, (String, PathBuf)>>> = OnceLock::new();
     let features = features.join(",");
@@ -60,29 +62,79 @@ pub fn patch_with(package: &str, features: &[&str]) -> PathBuf {
         );
         return path.clone();
     }
+    let exe = std::env::current_exe().expect("current_exe");
+    let krate = package.replace('-', "_");
+    let fixtures = temp_dir().join("fixtures");
+    make_dir(&fixtures, 0o755);
+    let path = fixtures.join(format!("lib{krate}.so"));
+    if features.is_empty() {
+        link_outer(package, &krate, &exe, &path);
+    } else {
+        let rlib = build_nested(package, &krate, &features);
+        cargo_hotpatch::link_unchecked(&rlib, &exe, &path)
+            .unwrap_or_else(|e| panic!("linking fixture {package}: {e}"));
+    }
+    set_mode(&path, 0o644);
+    built.insert(package.to_owned(), (features, path.clone()));
+    path
+}
+
+/// Links `package`'s rlib from this binary's own build (its deps
+/// directory): of the rlibs cargo left there for it (one per feature set
+/// it was ever built with), the newest whose every symbol this binary
+/// exports.
+fn link_outer(package: &str, krate: &str, exe: &Path, out: &Path) {
+    let deps = exe.parent().expect("the test binary is in a deps directory");
+    let prefix = format!("lib{krate}-");
+    let mut rlibs: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(deps)
+        .unwrap_or_else(|e| panic!("read {}: {e}", deps.display()))
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| {
+            p.extension().is_some_and(|x| x == "rlib")
+                && p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(&prefix))
+        })
+        .filter_map(|p| Some((p.metadata().ok()?.modified().ok()?, p)))
+        .collect();
+    rlibs.sort_by(|a, b| b.0.cmp(&a.0));
+    assert!(
+        !rlibs.is_empty(),
+        "no {prefix}*.rlib in {}: is {package} a dev-dependency of hotpatch-suite?",
+        deps.display()
+    );
+    let mut last = None;
+    for (_, rlib) in &rlibs {
+        match cargo_hotpatch::link(rlib, exe, out) {
+            Ok(_) => return,
+            Err(e @ cargo_hotpatch::Error::MissingSymbols { .. }) => last = Some(e),
+            Err(e) => match cargo_hotpatch::link_unchecked(rlib, exe, out) {
+                // A fixture made to be refused by the loader (its own
+                // allocator, no manifest): the runtime's refusal is the
+                // test. Only for the newest rlib.
+                Ok(_) => return,
+                Err(_) => panic!("linking fixture {package} from {}: {e}", rlib.display()),
+            },
+        }
+    }
+    panic!("no build of {package} binds to this test binary: {}", last.unwrap());
+}
+
+/// Builds `package` with `features` by a nested cargo into
+/// `target/fixtures`; returns its rlib.
+fn build_nested(package: &str, krate: &str, features: &str) -> PathBuf {
     let dir = target_dir();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(root())
-        .args(["build", "--quiet", "-p", package, "--target-dir"])
-        .arg(&dir);
+        .args(["build", "--quiet", "--lib", "-p", package, "--target-dir"])
+        .arg(&dir)
+        .arg("--features")
+        .arg(features);
     if !cfg!(debug_assertions) {
         cmd.arg("--release");
     }
-    // Without debug info a fixture is ~0.6 MB instead of ~6.5 MB, and
-    // every load reads and hashes the whole file (the reload test loads
-    // one a thousand times). Debug info has no bearing on the ABI.
-    let profile_env = if cfg!(debug_assertions) {
-        "DEV"
-    } else {
-        "RELEASE"
-    };
-    cmd.env(format!("CARGO_PROFILE_{profile_env}_DEBUG"), "0");
-    if !features.is_empty() {
-        cmd.arg("--features").arg(&features);
-    }
-    // RUSTFLAGS, if any, reach both the outer build and this one, so the
-    // patch is built by the same compiler with the same flags as the host.
     let status = cmd.status().expect("run cargo");
     assert!(status.success(), "building fixture {package} failed");
     let profile = if cfg!(debug_assertions) {
@@ -90,18 +142,9 @@ pub fn patch_with(package: &str, features: &[&str]) -> PathBuf {
     } else {
         "release"
     };
-    let file = format!("lib{}.so", package.replace('-', "_"));
-    let built_at = dir.join(profile).join(&file);
-    assert!(built_at.exists(), "{} not built", built_at.display());
-    // Loaded from a copy: the build's own file and directories take the
-    // umask (0775 under umask 002) and the checkout's place.
-    let fixtures = temp_dir().join("fixtures");
-    make_dir(&fixtures, 0o755);
-    let path = fixtures.join(&file);
-    std::fs::copy(&built_at, &path).unwrap();
-    set_mode(&path, 0o644);
-    built.insert(package.to_owned(), (features, path.clone()));
-    path
+    let rlib = dir.join(profile).join(format!("lib{krate}.rlib"));
+    assert!(rlib.exists(), "{} not built", rlib.display());
+    rlib
 }
 
 /// Sets `path`'s permission bits to `mode`, whatever the umask made them.
