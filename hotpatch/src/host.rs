@@ -46,6 +46,11 @@ pub(crate) struct Needs {
     pub undefined: Vec<String>,
     /// It defines a global allocator's symbols itself.
     pub allocator: bool,
+    /// Its code registers thread-local destructors (a `thread_local!`
+    /// with a `Drop` value): they run at thread exit, in its code, and the
+    /// C library counts them against the host (std, which registers them,
+    /// is the host's), so it would not keep the library mapped for them.
+    pub tls_destructors: bool,
 }
 
 /// Reads the identity section and the symbol tables of the patch file
@@ -63,7 +68,7 @@ pub(crate) fn needs(bytes: &[u8]) -> Result<Needs, String> {
             })?)
         }
     };
-    let undefined = file
+    let undefined: Vec<String> = file
         .dynamic_symbols()
         .filter(|s| s.is_undefined() && !s.is_weak())
         .filter_map(|s| s.name().ok().map(str::to_owned))
@@ -81,10 +86,17 @@ pub(crate) fn needs(bytes: &[u8]) -> Result<Needs, String> {
             let n = demangle(n);
             n.ends_with("__rg_alloc") || n.ends_with("__rust_alloc")
         });
+    let tls_destructors = undefined.iter().any(|n: &String| {
+        n == "__cxa_thread_atexit_impl" || n == "__cxa_thread_atexit" || {
+            let d = demangle(n);
+            d.contains("thread_local") && (d.contains("destructors") || d.contains("register_dtor"))
+        }
+    });
     Ok(Needs {
         identity,
         undefined,
         allocator,
+        tls_destructors,
     })
 }
 

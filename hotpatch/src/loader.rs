@@ -62,6 +62,9 @@ struct Loaded {
     manifest: *const Manifest,
     /// What it was opened as (`/proc/self/fd/N`).
     path: std::path::PathBuf,
+    /// Its code registers thread-local destructors: never closed (see
+    /// `host::Needs::tls_destructors`).
+    keep: bool,
 }
 
 /// Private copies of reclaimed libraries that the dynamic loader still
@@ -334,7 +337,7 @@ fn open(
         path: path.to_owned(),
         reason,
     })?;
-    bound_to_this_binary(path, bytes)?;
+    let keep = bound_to_this_binary(path, bytes)?;
     failpoint!("load::copy", path);
     let label = path
         .file_name()
@@ -376,6 +379,7 @@ fn open(
         library,
         manifest,
         path: copy.path,
+        keep,
     });
     Ok((id, manifest))
 }
@@ -383,8 +387,8 @@ fn open(
 /// The checks of a thin patch against this binary, on the file's bytes,
 /// before the dynamic loader sees them (see `host.rs`): the build it was
 /// made for, the host setting, every symbol it needs, no allocator of its
-/// own.
-fn bound_to_this_binary(path: &Path, bytes: &[u8]) -> Result<(), Error> {
+/// own. Returns whether its code registers thread-local destructors.
+fn bound_to_this_binary(path: &Path, bytes: &[u8]) -> Result<bool, Error> {
     let path = path.to_owned();
     let needs = host::needs(bytes).map_err(|reason| Error::NotLoadable {
         path: path.clone(),
@@ -421,7 +425,7 @@ fn bound_to_this_binary(path: &Path, bytes: &[u8]) -> Result<(), Error> {
             symbols: missing,
         });
     }
-    Ok(())
+    Ok(needs.tls_destructors)
 }
 
 /// Runs the patch's `init`, if it has one: an `Err` or a panic refuses
@@ -459,6 +463,11 @@ pub struct Reclaimed {
     /// Of those, how many the dynamic loader still keeps mapped for now
     /// (pending thread-local destructors; unmapped when they have run).
     pub deferred: usize,
+    /// Unused libraries left open because their code registers
+    /// thread-local destructors, which may run at any later thread exit:
+    /// the C library counts them against the host's std, not the patch,
+    /// so it would unmap the code they run.
+    pub kept: usize,
 }
 
 impl Loader {
@@ -467,9 +476,12 @@ impl Loader {
     /// passed a safepoint. Loading the same bytes later opens them afresh.
     ///
     /// By default hotpatch never unloads a library (see the crate docs,
-    /// "Unloading"); this is the opt-in. Thread-local destructors that a
-    /// library registered are not a hazard on glibc, which keeps the
-    /// library mapped until they have run (`Reclaimed::deferred`).
+    /// "Unloading"); this is the opt-in. A library whose code registers
+    /// thread-local destructors (a `thread_local!` holding a value with
+    /// `Drop`) is never closed (`Reclaimed::kept`): its destructors may run
+    /// at any later thread exit, and since a thin patch registers them
+    /// through the host's std, the C library would not keep it mapped for
+    /// them. The loader sees this in the patch's symbols.
     ///
     /// # Safety
     ///
@@ -505,11 +517,20 @@ impl Loader {
         let what = "reclaim unused patch libraries".to_owned();
         let turn = self.take_turn(&what)?;
         let in_use = REGISTRY.lock().library_ids();
-        let any = LIBRARIES.lock().iter().any(|l| !in_use.contains(&l.id));
+        let kept = LIBRARIES
+            .lock()
+            .iter()
+            .filter(|l| l.keep && !in_use.contains(&l.id))
+            .count();
+        let any = LIBRARIES
+            .lock()
+            .iter()
+            .any(|l| !l.keep && !in_use.contains(&l.id));
         if !any {
             return Ok(Reclaimed {
                 closed: 0,
                 deferred: 0,
+                kept,
             });
         }
         quiesce::grace(&turn, self.deadline).map_err(|stalled| Error::Timeout {
@@ -521,13 +542,14 @@ impl Loader {
             let mut libraries = LIBRARIES.lock();
             let (unused, keep) = std::mem::take(&mut *libraries)
                 .into_iter()
-                .partition(|l| !in_use.contains(&l.id));
+                .partition(|l| !l.keep && !in_use.contains(&l.id));
             *libraries = keep;
             unused
         };
         let mut done = Reclaimed {
             closed: 0,
             deferred: 0,
+            kept,
         };
         let mut zombies = ZOMBIES.lock();
         for l in unused {
