@@ -73,8 +73,14 @@ pub fn expand(args: TokenStream, input: TokenStream) -> TokenStream {
     } else {
         quote!(#ident(#(#args),*))
     };
+    // The crate's tables, through the module `manifest!()` declares: a
+    // crate without it gets one error, whose name says what to do.
+    let sig_span = f.sig.ident.span();
+    let tables = quote_spanned! {sig_span=>
+        crate::__hotpatch_manifest_missing__call_hotpatch_manifest_at_the_crate_root
+    };
     let body = quote! {
-        let __hotpatch_count = ::hotpatch::__private::PanicCount::new(&crate::__HOTPATCH_PANICS);
+        let __hotpatch_count = ::hotpatch::__private::PanicCount::new(&#tables::PANICS);
         let __hotpatch_value = #call;
         ::core::mem::drop(__hotpatch_count);
         __hotpatch_value
@@ -82,20 +88,14 @@ pub fn expand(args: TokenStream, input: TokenStream) -> TokenStream {
     // The companion fixes the target's signature first, so a mismatch
     // reads "expected <target's signature>, found <this one's>", and points
     // at this function's name.
-    let sig_span = f.sig.ident.span();
     let typed_target = quote_spanned! {sig_span=>
         ::hotpatch::__private::Target::entry_of([
             #companion,
             ::hotpatch::__private::Target::<#sig_ty>::REPLACEMENT,
         ])
     };
-    let manifest_check = quote_spanned! {sig_span=>
-        const _: () = crate::__hotpatch_manifest_missing__call_hotpatch_manifest_at_the_crate_root;
-    };
     quote! {
         #f
-
-        #manifest_check
 
         #[doc(hidden)]
         #[allow(non_snake_case, improper_ctypes_definitions, unreachable_code, clippy::all)]
@@ -103,7 +103,7 @@ pub fn expand(args: TokenStream, input: TokenStream) -> TokenStream {
             #body
         }
 
-        #[::hotpatch::__private::linkme::distributed_slice(crate::__HOTPATCH_PATCH_FNS)]
+        #[::hotpatch::__private::linkme::distributed_slice(#tables::FNS)]
         #[linkme(crate = ::hotpatch::__private::linkme)]
         #[doc(hidden)]
         #[allow(non_upper_case_globals)]

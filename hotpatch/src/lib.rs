@@ -502,11 +502,12 @@ macro_rules! __manifest_tables {
             // SAFETY: the caller's guarantee.
             unsafe { $crate::__private::slot_refs_raw(&__HOTPATCH_REFS, len) }
         }
-        // What `#[patch]` checks for: its name is the compile error a patch
-        // crate without `hotpatch::manifest!()` gets.
+        // What `#[patch]` names the tables through: its name is the compile
+        // error a patch crate without `hotpatch::manifest!()` gets.
         #[doc(hidden)]
-        #[allow(non_upper_case_globals)]
-        pub const __hotpatch_manifest_missing__call_hotpatch_manifest_at_the_crate_root: () = ();
+        pub mod __hotpatch_manifest_missing__call_hotpatch_manifest_at_the_crate_root {
+            pub use super::{__HOTPATCH_PANICS as PANICS, __HOTPATCH_PATCH_FNS as FNS};
+        }
     };
 }
 
