@@ -1,4 +1,4 @@
-//! Builds what the benches load: patch cdylibs and plain libraries of the
+//! Builds what the benches load: thin patches and plain libraries of the
 //! root workspace (`benches/fixtures/*`), and the generated crates of the
 //! bench-only workspace `benches/gen` (thousands of functions, kept out of
 //! `cargo test` and `cargo clippy`).
@@ -53,11 +53,51 @@ pub fn build_gen(packages: &[&str]) -> PathBuf {
     dir.join("release")
 }
 
-/// The shared object of cdylib `package` in `dir`.
+/// The shared object of `package` built into `dir`: a plain cdylib as
+/// built, or a patch crate (an rlib) linked thin (`cargo_hotpatch::link`)
+/// against its host: a generated `gen-patch-N-M` against `gen-host-N`,
+/// built in the same cargo invocation; `bench-patch` against this bench
+/// binary, from the rlib cargo compiled with it (a dev-dependency of the
+/// root package, so with this binary's features and symbol names).
 pub fn so(dir: &Path, package: &str) -> PathBuf {
-    let path = dir.join(format!("lib{}.so", package.replace('-', "_")));
-    assert!(path.exists(), "{} not built", path.display());
-    path
+    let krate = package.replace('-', "_");
+    let plain = dir.join(format!("lib{krate}.so"));
+    if plain.exists() {
+        return plain;
+    }
+    let out_dir = dir.join("thin");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let out = out_dir.join(format!("lib{krate}.so"));
+    if let Some(rest) = package.strip_prefix("gen-patch-") {
+        let n = rest.split('-').next().unwrap();
+        let host = dir.join(format!("gen-host-{n}"));
+        let rlib = dir.join(format!("lib{krate}.rlib"));
+        cargo_hotpatch::link(&rlib, &host, &out)
+            .unwrap_or_else(|e| panic!("linking {package}: {e}"));
+        return out;
+    }
+    let exe = std::env::current_exe().unwrap();
+    let deps = exe.parent().unwrap();
+    let prefix = format!("lib{krate}-");
+    let mut rlibs: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(deps)
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| {
+            p.extension().is_some_and(|x| x == "rlib")
+                && p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(&prefix))
+        })
+        .filter_map(|p| Some((p.metadata().ok()?.modified().ok()?, p)))
+        .collect();
+    rlibs.sort_by(|a, b| b.0.cmp(&a.0));
+    for (_, rlib) in &rlibs {
+        if cargo_hotpatch::link(rlib, &exe, &out).is_ok() {
+            return out;
+        }
+    }
+    panic!("no build of {package} in {} binds to this binary", deps.display())
 }
 
 /// A `gen-host-N serve` process (see `benches/gen/src/host.rs`).
