@@ -2,8 +2,10 @@
 //!
 //! Mark the functions that may need fixing in production with
 //! [`#[patchable]`](patchable). When one has a bug, write the fix in a
-//! small `cdylib` crate with [`#[patch]`](patch), build it, and apply it to
-//! the running process with [`load`]: no restart, no dropped request.
+//! small patch crate with [`#[patch]`](patch), build it with `cargo hotpatch
+//! build` (a thin patch: its own code only, bound to the running binary),
+//! and apply it to the running process with [`load`]: no restart, no
+//! dropped request.
 //!
 //! ```
 //! // In the service's library crate.
@@ -19,7 +21,7 @@
 //! #     #[hotpatch::patchable]
 //! #     pub fn price(qty: u32, unit_cents: u64) -> u64 { qty as u64 * unit_cents }
 //! # }
-//! // In the patch crate (crate-type = ["cdylib"]), which depends on the
+//! // In the patch crate (an ordinary library crate), which depends on the
 //! // service's library crate and on hotpatch.
 //! hotpatch::manifest!();
 //!
@@ -47,19 +49,31 @@
 //! its cost does not grow with threads. The slot is registered in a
 //! link-time table (`linkme`), so nothing runs at start-up.
 //!
-//! A patch is a `cdylib` that links its own copy of the service crate and
-//! of hotpatch. It exports a manifest (`hotpatch::manifest!()`) listing its
-//! replacements. [`load`] reads the file once, opens a private copy of
-//! those bytes, checks the manifest against this process, and then stores
-//! every replacement in its slot.
+//! A patch is *thin*: a shared object holding only the patch crate's own
+//! code, with a manifest (`hotpatch::manifest!()`) listing its
+//! replacements. Everything else it names (std, hotpatch, the service
+//! crate, every dependency) is left undefined in the file and bound by the
+//! dynamic loader to the running service binary, which exports its symbols
+//! (the host setting: `println!("cargo::rustc-link-arg-bins=-rdynamic");`
+//! in the service's `build.rs`). So patch code runs in the service's world:
+//! one std, one allocator, one panic machinery, and the host's own statics,
+//! thread-locals, `OnceLock`s, `tracing` dispatcher and tokio runtime.
+//! `cargo hotpatch build` (the `cargo-hotpatch` crate) makes such a file
+//! and stamps it with the GNU build-id of the service binary it was made
+//! for. [`load`] reads the file once, checks it against this binary before
+//! opening it (its build-id, the host setting, every symbol it needs, no
+//! allocator of its own), opens a private copy of those bytes, checks the
+//! manifest, and then stores every replacement in its slot.
 //!
 //! # Guarantees
 //!
-//! - **Checked before it runs.** The patch must come from the same rustc,
-//!   target, panic strategy and hotpatch ABI; each target must be a
-//!   patchable function of this process, replaced once; its signature
-//!   fingerprint and the size and alignment of each argument and the
-//!   return type must match. At compile time, `#[patch]` checks that the
+//! - **Checked before it runs.** The patch must be made for this build of
+//!   the service ([`Error::WrongBuild`]), need no symbol this binary lacks
+//!   ([`Error::MissingSymbols`]), and come from the same rustc, target,
+//!   panic strategy and hotpatch ABI; each target must be a patchable
+//!   function of this process (bound by symbol: the entry the patch names
+//!   is this process's own), replaced once; the size and alignment of each
+//!   argument and the return type must match. At compile time, `#[patch]` checks that the
 //!   target is `#[patchable]` and that the replacement's signature is
 //!   exactly the target's (not merely coercible to it).
 //! - **All or nothing.** All checks of all functions run before any slot
@@ -79,14 +93,12 @@
 //!   blocking work a thread goes [`offline`] and counts as being at a
 //!   safepoint. Unregistered threads switch at once (each call still old
 //!   or new). See "Transitions" below.
-//! - **Panics.** A panic in patch code reaches the caller as an ordinary
-//!   panic of the host with the same `&str` or `String` payload, not an
-//!   abort; a panic in host code called from a patch reaches the patch the
-//!   same way.
+//! - **Panics.** A panic in patch code is an ordinary panic of the host
+//!   (one std): the host's panic hook sees it and it unwinds into the
+//!   caller with its payload, not an abort.
 //! - **Shared functions.** Patch code calling another `#[patchable]`
 //!   function of the service calls the host's live implementation
-//!   (including patches applied later), not the copy linked into the
-//!   patch.
+//!   (including patches applied later).
 //! - **Stacking and revert.** Patches stack per function; [`Patch::revert`]
 //!   takes one out wherever it is in the stack.
 //! - **Code stays mapped.** A library is never unloaded, unless the
@@ -138,24 +150,17 @@
 //!   companion items live in an inherent impl). The target of a `#[patch]`
 //!   must be nameable from the patch crate (public module path); the
 //!   function itself may be private.
-//! - **Statics and thread-locals**: a service `static` declared with
-//!   [`#[shared]`](shared) is the host's instance in patch code too. Any
-//!   other static, and every `thread_local!`, `OnceLock` or lazy value of
-//!   the service (or of its dependencies: a logger, a metrics registry,
-//!   `tracing`'s callsites) named in patch code is the patch's own copy:
-//!   fresh, separate, initialised again. Safe patches read and write
-//!   service state through `#[shared]` statics or through calls to
-//!   patchable functions (which run in the host), and keep their own
-//!   statics to caches they can afford to lose.
-//! - **Allocators**: `hotpatch::manifest!()` makes the host's global
-//!   allocator the patch's, whatever the host uses (jemalloc, mimalloc, a
-//!   counting wrapper), so memory moves freely between patch and host code.
-//!   A patch crate must not declare a `#[global_allocator]` of its own; a
-//!   patch whose manifest does not use the host's allocator is refused
-//!   ([`Error::ForeignAllocator`]) unless the loader allows it.
-//! - **Panic hooks**: a panic in patch code is reported by the patch's copy
-//!   of std (default hook, thread shown as `<unnamed>`); the host's custom
-//!   hook does not see it.
+//! - **Statics and thread-locals** named in patch code are the host's own
+//!   instances, of the service and of its dependencies. A private item of
+//!   the service is reachable from patch code only through something
+//!   public; [`#[shared]`](shared) is no longer needed (deprecated).
+//! - **What a patch can call** is what the service binary contains: a
+//!   dependency function the service never calls is not linked into it,
+//!   and a patch that needs it is refused ([`Error::MissingSymbols`]). A
+//!   service built with LTO internalises its symbols: patch one built
+//!   without.
+//! - **Allocators**: one: the host's. A patch crate that declares a
+//!   `#[global_allocator]` is refused ([`Error::ForeignAllocator`]).
 //! - **`extern "C"` functions** keep their semantics: a panic out of one
 //!   aborts, patched or not.
 //! - **Platform**: Linux (ELF); tested with glibc, not musl. The loader
@@ -382,10 +387,8 @@ pub use hotpatch_macros::shared;
 /// and before it is applied. An `Err` or a panic there refuses the patch
 /// with [`Error::InitFailed`], nothing applied.
 ///
-/// It also makes the host's global allocator the patch's (see
-/// `hotpatch::internals`), so memory can move freely between patch and
-/// host code: the patch crate must not declare a `#[global_allocator]` of
-/// its own.
+/// A thin patch uses the host's allocator, std and statics: the patch
+/// crate must not declare a `#[global_allocator]` of its own.
 ///
 /// # Examples
 ///
