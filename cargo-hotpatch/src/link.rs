@@ -169,7 +169,11 @@ fn is_bitcode(bytes: &[u8]) -> bool {
 
 /// Refuses an allocator or a missing manifest; returns the crate's own
 /// functions.
-fn inspect(rlib: &Path, crate_name: &str, members: &[(String, &[u8])]) -> Result<Vec<String>, Error> {
+fn inspect(
+    rlib: &Path,
+    crate_name: &str,
+    members: &[(String, &[u8])],
+) -> Result<Vec<String>, Error> {
     let prefix = format!("{crate_name}::");
     let mut manifest = false;
     let mut functions = Vec::new();
@@ -403,8 +407,14 @@ mod tests {
             allocator_symbol("_RNvCsfLfy6EI15iL_7___rustc12___rust_alloc").as_deref(),
             Some("__rustc::__rust_alloc")
         );
-        assert_eq!(allocator_symbol("__rg_alloc").as_deref(), Some("__rg_alloc"));
-        assert_eq!(allocator_symbol("__rust_alloc").as_deref(), Some("__rust_alloc"));
+        assert_eq!(
+            allocator_symbol("__rg_alloc").as_deref(),
+            Some("__rg_alloc")
+        );
+        assert_eq!(
+            allocator_symbol("__rust_alloc").as_deref(),
+            Some("__rust_alloc")
+        );
         // The default allocator's shim and std's own functions are not a
         // #[global_allocator] of the crate.
         assert_eq!(allocator_symbol("__rdl_alloc"), None);
@@ -416,8 +426,14 @@ mod tests {
 
     #[test]
     fn crate_names_come_from_rlib_file_names() {
-        assert_eq!(crate_name(Path::new("/t/libpricing_fix.rlib")), "pricing_fix");
-        assert_eq!(crate_name(Path::new("/t/deps/libpricing_fix-0a1b2c.rlib")), "pricing_fix");
+        assert_eq!(
+            crate_name(Path::new("/t/libpricing_fix.rlib")),
+            "pricing_fix"
+        );
+        assert_eq!(
+            crate_name(Path::new("/t/deps/libpricing_fix-0a1b2c.rlib")),
+            "pricing_fix"
+        );
     }
 
     #[test]
