@@ -104,7 +104,7 @@ pub fn link(rlib: &Path, host_binary: &Path, out: &Path) -> Result<LinkReport, E
 
     let partial = Partial::new(out)?;
     run_cc(&inputs, &script, &partial.path, out)?;
-    let binding = check::check(&partial.path, host_binary, &host)?;
+    let binding = check::check(&partial.path, out, host_binary, &host)?;
     let size = fs::metadata(&partial.path)
         .map_err(Error::io(&partial.path))?
         .len();

@@ -177,9 +177,10 @@ fn symbol_the_host_lacks_is_refused_demangled_and_an_older_file_is_kept() {
     let out = dir.join("lonely.so");
     std::fs::write(&out, b"the previous patch").unwrap();
     let err = link(&fixture::rlib("lonely_patch"), &fixture::debug("svc"), &out).unwrap_err();
-    let Error::MissingSymbols { symbols, .. } = &err else {
+    let Error::MissingSymbols { symbols, patch, .. } = &err else {
         panic!("{err:?}");
     };
+    assert_eq!(patch, &out, "named as the file asked for");
     let names: Vec<&str> = symbols.iter().map(|s| s.demangled.as_str()).collect();
     assert_eq!(names, ["lonely::lonely"]);
     assert!(!symbols[0].other_build_in_host);
