@@ -200,12 +200,12 @@ fn inspect(
                     });
                 }
             }
-            if symbol.kind() == SymbolKind::Text {
-                if let Ok(d) = rustc_demangle::try_demangle(sym) {
-                    let d = format!("{d:#}");
-                    if d.starts_with(&prefix) {
-                        functions.push(d);
-                    }
+            if symbol.kind() == SymbolKind::Text
+                && let Ok(d) = rustc_demangle::try_demangle(sym)
+            {
+                let d = format!("{d:#}");
+                if d.starts_with(&prefix) {
+                    functions.push(d);
                 }
             }
         }
