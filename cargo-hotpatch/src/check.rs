@@ -43,10 +43,12 @@ pub(crate) struct Binding {
 pub fn check_against(patch: &Path, host_binary: &Path) -> Result<(), Error> {
     let host_data = elf::read(host_binary)?;
     let host = elf::parse(host_binary, &host_data)?;
-    check(patch, host_binary, &host).map(drop)
+    check(patch, patch, host_binary, &host).map(drop)
 }
 
+/// Checks the file at `read`, named `patch` in errors.
 pub(crate) fn check(
+    read: &Path,
     patch: &Path,
     host_path: &Path,
     host: &object::File<'_>,
@@ -57,8 +59,8 @@ pub(crate) fn check(
             host: host_path.to_owned(),
         });
     }
-    let patch_data = elf::read(patch)?;
-    let imported = elf::imported(&elf::parse(patch, &patch_data)?);
+    let patch_data = elf::read(read)?;
+    let imported = elf::imported(&elf::parse(read, &patch_data)?);
     let exported: HashSet<&str> = exported.iter().map(String::as_str).collect();
 
     let mut binding = Binding { host: 0, system: 0 };

@@ -144,7 +144,7 @@ fn link_with(rlib: &Path, host_binary: &Path, out: &Path, checked: bool) -> Resu
     let partial = Partial::new(out)?;
     run_cc(&inputs, &script, &partial.path, out)?;
     let binding = if checked {
-        check::check(&partial.path, host_binary, &host)?
+        check::check(&partial.path, out, host_binary, &host)?
     } else {
         check::Binding::default()
     };
@@ -213,7 +213,11 @@ fn is_bitcode(bytes: &[u8]) -> bool {
 
 /// Refuses an allocator or a missing manifest; returns the crate's own
 /// functions.
-fn inspect(rlib: &Path, crate_name: &str, members: &[(String, &[u8])]) -> Result<Vec<String>, Error> {
+fn inspect(
+    rlib: &Path,
+    crate_name: &str,
+    members: &[(String, &[u8])],
+) -> Result<Vec<String>, Error> {
     let prefix = format!("{crate_name}::");
     let mut manifest = false;
     let mut functions = Vec::new();
@@ -240,12 +244,12 @@ fn inspect(rlib: &Path, crate_name: &str, members: &[(String, &[u8])]) -> Result
                     });
                 }
             }
-            if symbol.kind() == SymbolKind::Text {
-                if let Ok(d) = rustc_demangle::try_demangle(sym) {
-                    let d = format!("{d:#}");
-                    if d.starts_with(&prefix) {
-                        functions.push(d);
-                    }
+            if symbol.kind() == SymbolKind::Text
+                && let Ok(d) = rustc_demangle::try_demangle(sym)
+            {
+                let d = format!("{d:#}");
+                if d.starts_with(&prefix) {
+                    functions.push(d);
                 }
             }
         }
@@ -447,8 +451,14 @@ mod tests {
             allocator_symbol("_RNvCsfLfy6EI15iL_7___rustc12___rust_alloc").as_deref(),
             Some("__rustc::__rust_alloc")
         );
-        assert_eq!(allocator_symbol("__rg_alloc").as_deref(), Some("__rg_alloc"));
-        assert_eq!(allocator_symbol("__rust_alloc").as_deref(), Some("__rust_alloc"));
+        assert_eq!(
+            allocator_symbol("__rg_alloc").as_deref(),
+            Some("__rg_alloc")
+        );
+        assert_eq!(
+            allocator_symbol("__rust_alloc").as_deref(),
+            Some("__rust_alloc")
+        );
         // The default allocator's shim and std's own functions are not a
         // #[global_allocator] of the crate.
         assert_eq!(allocator_symbol("__rdl_alloc"), None);
@@ -460,8 +470,14 @@ mod tests {
 
     #[test]
     fn crate_names_come_from_rlib_file_names() {
-        assert_eq!(crate_name(Path::new("/t/libpricing_fix.rlib")), "pricing_fix");
-        assert_eq!(crate_name(Path::new("/t/deps/libpricing_fix-0a1b2c.rlib")), "pricing_fix");
+        assert_eq!(
+            crate_name(Path::new("/t/libpricing_fix.rlib")),
+            "pricing_fix"
+        );
+        assert_eq!(
+            crate_name(Path::new("/t/deps/libpricing_fix-0a1b2c.rlib")),
+            "pricing_fix"
+        );
     }
 
     #[test]

@@ -224,12 +224,16 @@ fn build(args: &BuildArgs) -> Result<(), Failure> {
             .join(format!("{}.so", package.crate_name)),
     };
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| Failure::Io(format!("{}: {e}", dir.display())))?;
+        std::fs::create_dir_all(dir).map_err(|e| Failure::Io(format!("{}: {e}", dir.display())))?;
     }
     let report = cargo_hotpatch::link(&rlib, &args.binary, &out)?;
 
-    println!("built {} ({} bytes, {} objects)", report.output.display(), report.size, report.objects);
+    println!(
+        "built {} ({} bytes, {} objects)",
+        report.output.display(),
+        report.size,
+        report.objects
+    );
     println!(
         "  bound to {} (build-id {})",
         args.binary.display(),
@@ -294,9 +298,7 @@ fn find_package(meta: &Metadata, spec: &str) -> Result<Package, Failure> {
     let package = meta
         .packages
         .iter()
-        .find(|p| {
-            p["name"] == name && version.is_none_or(|v| p["version"].as_str() == Some(v))
-        })
+        .find(|p| p["name"] == name && version.is_none_or(|v| p["version"].as_str() == Some(v)))
         .ok_or_else(|| Failure::Usage(format!("package {spec} is not in the workspace")))?;
     let id = package["id"].as_str().unwrap_or_default().to_owned();
     let targets = package["targets"].as_array().cloned().unwrap_or_default();
@@ -340,7 +342,11 @@ fn run_build(mut cmd: Command, package_id: &str) -> Result<Option<PathBuf>, Fail
             continue;
         }
         let files = msg["filenames"].as_array().cloned().unwrap_or_default();
-        if let Some(f) = files.iter().filter_map(|f| f.as_str()).find(|f| f.ends_with(".rlib")) {
+        if let Some(f) = files
+            .iter()
+            .filter_map(|f| f.as_str())
+            .find(|f| f.ends_with(".rlib"))
+        {
             rlib = Some(PathBuf::from(f));
         }
     }
