@@ -15,8 +15,8 @@ mod support;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::{Mutex, OnceLock};
 use std::sync::mpsc::{Receiver, channel};
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 /// A guard against hangs only: nothing here asserts on time.
@@ -292,7 +292,10 @@ fn a_service_without_the_host_setting_refuses_with_host_not_exported() {
     let so = out("thin-fix-a-for-plain-refused.so");
     match cargo_hotpatch::link(&rlib(FIX_A), &binary("thin-svc-plain"), &so) {
         Err(e @ cargo_hotpatch::Error::HostNotExported { .. }) => {
-            assert!(e.to_string().contains(setting), "the tool names the setting: {e}")
+            assert!(
+                e.to_string().contains(setting),
+                "the tool names the setting: {e}"
+            )
         }
         other => panic!("the tool must refuse with HostNotExported: {other:?}"),
     }
