@@ -4,9 +4,11 @@
 //! stalled transition, bad input on the socket while the service serves,
 //! peers of another uid, and the idle cost of the endpoint.
 //!
-//! The service and the patches are built by a nested cargo into
-//! `target/fixtures`, as the root tests build their patches (and with the
-//! same settings, so they share artifacts).
+//! The service and the patch crates are built by ONE nested cargo into
+//! `target/fixtures` (so with the same features, hence the same symbol
+//! names), and each patch crate's rlib is linked into a thin patch bound
+//! to the control-svc binary with `cargo_hotpatch::link`, as `cargo
+//! hotpatch build` does.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -88,12 +90,15 @@ fn patch(package: &str) -> PathBuf {
     copies
         .entry(package.to_owned())
         .or_insert_with(|| {
-            let name = format!("lib{}.so", package.replace('-', "_"));
+            let krate = package.replace('-', "_");
             let dir = scratch();
             std::fs::create_dir_all(&dir).unwrap();
             std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-            let copy = dir.join(&name);
-            std::fs::copy(built().join(&name), &copy).unwrap();
+            let copy = dir.join(format!("lib{krate}.so"));
+            let rlib = built().join(format!("lib{krate}.rlib"));
+            let host = built().join("control-svc");
+            cargo_hotpatch::link(&rlib, &host, &copy)
+                .unwrap_or_else(|e| panic!("linking {package} against {}: {e}", host.display()));
             std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o644)).unwrap();
             copy
         })

@@ -320,6 +320,10 @@ impl Gen<'_> {
             #(#cfgs)*
             #[doc(hidden)]
             #[allow(non_snake_case)]
+            // Never inlined, not even across crates (rustc makes tiny
+            // functions inlinable downstream in optimised builds): a patch
+            // must name the host's getter, not compile its own copy.
+            #[inline(never)]
             fn #entry_getter() -> &'static ::hotpatch::__private::Entry {
                 &#entry
             }

@@ -276,63 +276,70 @@ fn show_functions() {
     }
 }
 
-/// Builds `examples/demo-fix` with this binary's profile into its own
-/// target directory, so the outer cargo's lock on `target/` is never in
-/// the way.
+/// Builds `examples/demo-fix` as a thin patch for this very binary, as
+/// `cargo hotpatch build` does: runs the tool (`cargo run -p
+/// cargo-hotpatch -- hotpatch build -p demo-fix --binary <this binary>`)
+/// in this binary's target directory, so cargo reuses the service's own
+/// artifacts (same features, so the symbol names this binary exports),
+/// and writes the patch as `demo_fix.so` in a new private directory.
+///
+/// The patch is mode 0644 in a 0700 directory of the temporary directory:
+/// cargo's output and the checkout's directories are group-writable under
+/// umask 002 (the default for users on many distributions), which the
+/// default trust policy of `hotpatch::load` refuses.
 fn build_fix() -> Result<PathBuf, String> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let target_dir = root.join("target").join("demo-fix");
-    let release = !cfg!(debug_assertions);
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.current_dir(&root)
-        .args(["build", "--quiet", "-p", "demo-fix", "--target-dir"])
-        .arg(&target_dir);
-    if release {
-        cmd.arg("--release");
-    }
-    println!(
-        "[build] cargo build -p demo-fix{} --target-dir target/demo-fix",
-        if release { " --release" } else { "" }
-    );
-    println!("        (the first run compiles hotpatch and its dependencies again for the patch)");
-    let started = Instant::now();
-    let status = cmd.status().map_err(|e| format!("cannot run cargo: {e}"))?;
-    if !status.success() {
-        return Err(format!("building demo-fix failed: {status}"));
-    }
-    let path = target_dir
-        .join(if release { "release" } else { "debug" })
-        .join("libdemo_fix.so");
-    if !path.exists() {
-        return Err(format!("{} was not built", path.display()));
-    }
-    let path = path.canonicalize().map_err(|e| e.to_string())?;
-    println!(
-        "        built {} in {:.1} s\n",
-        path.display(),
-        started.elapsed().as_secs_f64()
-    );
-    Ok(path)
-}
-
-/// A copy of the built fix that the default trust policy accepts whatever
-/// the umask: cargo's output and the checkout's directories take it, and
-/// under umask 002 (the default for users on many distributions) they are
-/// group-writable, which `hotpatch::load` refuses. The copy is mode 0644
-/// in a new 0700 directory of the temporary directory.
-fn trusted_copy(built: &Path) -> Result<PathBuf, String> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?;
+    // target/<profile>/demo-service: the target directory is two up.
+    let target_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .ok_or_else(|| format!("{} is not in a target directory", exe.display()))?
+        .to_owned();
+    let release = !cfg!(debug_assertions);
     let dir = std::env::temp_dir().join(format!("hotpatch-demo-{}", std::process::id()));
     std::fs::DirBuilder::new()
         .mode(0o700)
         .create(&dir)
         .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    let copy = dir.join("libdemo_fix.so");
-    std::fs::copy(built, &copy).map_err(|e| format!("cannot copy the fix: {e}"))?;
-    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o644))
-        .map_err(|e| format!("cannot set the mode of {}: {e}", copy.display()))?;
-    Ok(copy)
+    let out = dir.join("demo_fix.so");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(&root)
+        // Both cargo runs (the tool's and the one it makes) use this
+        // binary's target directory.
+        .env("CARGO_TARGET_DIR", &target_dir)
+        .args(["run", "--release", "-q", "-p", "cargo-hotpatch", "--"])
+        .args(["hotpatch", "build", "-p", "demo-fix", "--binary"])
+        .arg(&exe);
+    if release {
+        cmd.arg("--release");
+    }
+    cmd.arg("-o").arg(&out);
+    println!(
+        "[build] cargo run --release -q -p cargo-hotpatch -- hotpatch build -p demo-fix --binary {}{} -o {}",
+        exe.display(),
+        if release { " --release" } else { "" },
+        out.display()
+    );
+    let started = Instant::now();
+    let status = cmd.status().map_err(|e| format!("cannot run cargo: {e}"))?;
+    if !status.success() {
+        return Err(format!("building demo-fix failed: {status}"));
+    }
+    std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o644))
+        .map_err(|e| format!("cannot set the mode of {}: {e}", out.display()))?;
+    let size = std::fs::metadata(&out)
+        .map_err(|e| format!("{} was not built: {e}", out.display()))?
+        .len();
+    println!(
+        "        built {} ({:.1} KB, a thin patch) in {:.1} s\n",
+        out.display(),
+        size as f64 / 1024.0,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(out)
 }
 
 fn wait(d: Duration) -> Instant {
@@ -560,7 +567,7 @@ fn main() -> ExitCode {
         return serve();
     }
     println!("hotpatch demo: a pricing service with a discount bug, fixed while it serves\n");
-    let fix = match build_fix().and_then(|built| trusted_copy(&built)) {
+    let fix = match build_fix() {
         Ok(p) => p,
         Err(e) => {
             eprintln!("error: {e}");

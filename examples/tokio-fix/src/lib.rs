@@ -3,7 +3,8 @@
 //! still add up to the amount; a request that ran one old and one new
 //! would not.
 //!
-//! Built as a `cdylib` by `tokio-service` itself and applied to the
+//! An ordinary library crate: `tokio-service` builds it into a thin patch
+//! for its own binary (`cargo hotpatch build`) and applies it to the
 //! running service with `hotpatch::load`.
 
 hotpatch::manifest!();

@@ -2,7 +2,8 @@
 //! patched and reverted while it serves.
 //!
 //! `cargo run --release -p tokio-service` builds the fix
-//! (`examples/tokio-fix`) into `target/tokio-fix`, starts a runtime of
+//! (`examples/tokio-fix`) as a thin patch for this binary (with `cargo
+//! hotpatch build`, see [`build_fix`]), starts a runtime of
 //! [`WORKERS`] worker threads serving [`CONNECTIONS`] connection tasks,
 //! then applies and reverts the fix [`CYCLES`] times mid-traffic, half of
 //! them under full load and half with mostly idle (parked) workers.
@@ -16,7 +17,8 @@
 //! that started after a transition ended and still ran the previous
 //! version, or a result from neither version.
 
-use std::process::ExitCode;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
 use tokio_service::serve::{self, Config};
@@ -52,15 +54,63 @@ fn spread(times: &mut [Duration]) -> String {
     }
 }
 
+/// Builds `examples/tokio-fix` as a thin patch for this very binary, as
+/// `cargo hotpatch build` does: runs the tool (`cargo run -p
+/// cargo-hotpatch -- hotpatch build -p tokio-fix --binary <this binary>`)
+/// in this binary's target directory, so cargo reuses the service's own
+/// artifacts (same features, so the symbol names this binary exports).
+/// The patch is `tokio_fix.so`, mode 0644, in a new 0700 directory of
+/// the temporary directory (the default trust policy refuses cargo's
+/// group-writable output under umask 002); the caller removes it.
+fn build_fix() -> Result<PathBuf, String> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?;
+    // target/<profile>/tokio-service: the target directory is two up.
+    let target_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .ok_or_else(|| format!("{} is not in a target directory", exe.display()))?
+        .to_owned();
+    let release = !cfg!(debug_assertions);
+    let dir = std::env::temp_dir().join(format!("hotpatch-tokio-fix-{}", std::process::id()));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let out = dir.join("tokio_fix.so");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(&root)
+        // Both cargo runs (the tool's and the one it makes) use this
+        // binary's target directory.
+        .env("CARGO_TARGET_DIR", &target_dir)
+        .args(["run", "--release", "-q", "-p", "cargo-hotpatch", "--"])
+        .args(["hotpatch", "build", "-p", "tokio-fix", "--binary"])
+        .arg(&exe);
+    if release {
+        cmd.arg("--release");
+    }
+    cmd.arg("-o").arg(&out);
+    println!(
+        "[build] cargo run --release -q -p cargo-hotpatch -- hotpatch build -p tokio-fix --binary {}{} -o {}",
+        exe.display(),
+        if release { " --release" } else { "" },
+        out.display()
+    );
+    let status = cmd.status().map_err(|e| format!("cannot run cargo: {e}"))?;
+    if !status.success() {
+        return Err(format!("building tokio-fix failed: {status}"));
+    }
+    std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o644))
+        .map_err(|e| format!("cannot set the mode of {}: {e}", out.display()))?;
+    Ok(out)
+}
+
 fn main() -> ExitCode {
     println!("hotpatch on tokio: #[patchable] handlers on a multi-threaded runtime\n");
-    let release = !cfg!(debug_assertions);
-    println!(
-        "[build] cargo build -p tokio-fix{} --target-dir target/tokio-fix",
-        if release { " --release" } else { "" }
-    );
     let started = Instant::now();
-    let fix = match serve::build_fix() {
+    let fix = match build_fix() {
         Ok(p) => p,
         Err(e) => {
             eprintln!("error: {e}");

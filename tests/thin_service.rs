@@ -1,0 +1,312 @@
+//! Thin patches in a real service process (issue 9's hard cases):
+//! `tests/fixtures/thin-svc`, a multi-threaded tokio + tracing service
+//! driven on stdin, loads patches linked by `cargo_hotpatch::link` and
+//! reports what its own code sees.
+//!
+//! The service and the patch crates are built by ONE nested cargo into
+//! `target/fixtures` (so with the same features, hence the symbol names
+//! the service exports), and each patch crate's rlib is linked against
+//! the service binary it is for. `thin-svc-other` is the same service
+//! with another build constant (another build-id, the same library
+//! symbols); `thin-svc-plain` is the service without `-rdynamic`.
+
+mod support;
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{Receiver, channel};
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+/// A guard against hangs only: nothing here asserts on time.
+const GUARD: Duration = Duration::from_secs(60);
+
+const FIX_A: &str = "thin-fix-a";
+const FIX_PANIC: &str = "thin-fix-panic";
+const FIX_MISSING: &str = "thin-fix-missing";
+
+/// The nested build's output directory (`target/fixtures/<profile>`),
+/// built once per test process.
+fn built() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = support::root().join("target").join("fixtures");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.current_dir(support::root())
+            .args(["build", "--quiet", "--target-dir"])
+            .arg(&dir);
+        for p in ["thin-svc", FIX_A, FIX_PANIC, FIX_MISSING] {
+            cmd.args(["-p", p]);
+        }
+        let profile = if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            cmd.arg("--release");
+            "release"
+        };
+        // As hotpatch-cli/tests/cli.rs builds its fixtures: no debug
+        // info, so the two share artifacts.
+        let env = if cfg!(debug_assertions) {
+            "DEV"
+        } else {
+            "RELEASE"
+        };
+        cmd.env(format!("CARGO_PROFILE_{env}_DEBUG"), "0");
+        assert!(
+            cmd.status().expect("run cargo").success(),
+            "building thin-svc and its patches failed"
+        );
+        dir.join(profile)
+    })
+}
+
+fn binary(name: &str) -> PathBuf {
+    built().join(name)
+}
+
+fn rlib(package: &str) -> PathBuf {
+    built().join(format!("lib{}.rlib", package.replace('-', "_")))
+}
+
+/// Where patch `name` goes: the tests' private directory, mode 0644 (the
+/// service's default trust policy checks it).
+fn out(name: &str) -> PathBuf {
+    support::temp_dir().join(name)
+}
+
+/// `package` linked by the tool against `host` (checked), once per
+/// process (the tests run in parallel and share the files).
+fn linked(package: &str, host: &str) -> PathBuf {
+    link_once(package, host, true)
+}
+
+/// `package` linked against `host` without the tool's refusals.
+fn linked_unchecked(package: &str, host: &str) -> PathBuf {
+    link_once(package, host, false)
+}
+
+fn link_once(package: &str, host: &str, checked: bool) -> PathBuf {
+    static DONE: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+    let mut done = DONE.lock().unwrap_or_else(|e| e.into_inner());
+    let kind = if checked { "checked" } else { "unchecked" };
+    let so = out(&format!("{package}-for-{host}-{kind}.so"));
+    if !done.contains(&so) {
+        let link = if checked {
+            cargo_hotpatch::link
+        } else {
+            cargo_hotpatch::link_unchecked
+        };
+        link(&rlib(package), &binary(host), &so)
+            .unwrap_or_else(|e| panic!("linking {package} ({kind}) against {host}: {e}"));
+        support::set_mode(&so, 0o644);
+        done.push(so.clone());
+    }
+    so
+}
+
+/// The tag the service is started with: set in its `OnceLock` at run
+/// time, so a patch can only know it by reading the host's.
+fn tag() -> String {
+    format!("prod-{}", std::process::id())
+}
+
+/// A running service, driven on stdin.
+struct Service {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: Receiver<String>,
+}
+
+impl Service {
+    fn start(name: &str) -> Service {
+        let mut child = Command::new(binary(name))
+            .args(["--tag", &tag()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {name}: {e}"));
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stdin = child.stdin.take();
+        let mut svc = Service {
+            child,
+            stdin,
+            lines,
+        };
+        let build = svc.ask("build");
+        assert!(build.starts_with("ok "), "{name} answers: {build}");
+        svc
+    }
+
+    /// Sends `command`; returns the service's one-line answer.
+    fn ask(&mut self, command: &str) -> String {
+        let stdin = self.stdin.as_mut().unwrap();
+        writeln!(stdin, "{command}").unwrap();
+        stdin.flush().unwrap();
+        self.lines
+            .recv_timeout(GUARD)
+            .unwrap_or_else(|e| panic!("no answer to {command:?}: {e}"))
+    }
+
+    fn load(&mut self, so: &Path) -> String {
+        self.ask(&format!("load {}", so.display()))
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        // End of input ends the service.
+        drop(self.stdin.take());
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_patch_logs_through_the_hosts_subscriber_with_its_fields() {
+    let fix = linked(FIX_A, "thin-svc");
+    let mut svc = Service::start("thin-svc");
+    assert_eq!(svc.ask("call audit"), "ok 42 events=[]");
+    assert_eq!(svc.load(&fix), "ok loaded thin-fix-a");
+    assert_eq!(
+        svc.ask("call audit"),
+        "ok 43 events=[WARN message=audit fixed order=42 reason=discount-bug]",
+        "the host's subscriber records the patch's event with its fields"
+    );
+}
+
+#[test]
+fn patch_code_spawns_sleeps_and_awaits_on_the_hosts_runtime() {
+    let fix = linked(FIX_A, "thin-svc");
+    let mut svc = Service::start("thin-svc");
+    assert_eq!(svc.ask("call job"), "ok original 21");
+    assert_eq!(svc.load(&fix), "ok loaded thin-fix-a");
+    // The host's runtime: multi-threaded, 3 workers, threads named
+    // thin-svc-rt; both tasks ran on them.
+    assert_eq!(
+        svc.ask("call job"),
+        "ok patched 42 flavor MultiThread workers 3 slept-on thin-svc-rt awaited-on thin-svc-rt"
+    );
+}
+
+#[test]
+fn patch_code_reads_and_writes_the_hosts_private_counter_config_and_thread_local() {
+    let fix = linked(FIX_A, "thin-svc");
+    let mut svc = Service::start("thin-svc");
+    let tag = tag();
+    assert_eq!(
+        svc.ask("call state"),
+        format!("ok patch[original 7] host[counter 0->0 visits 5 tag {tag}]")
+    );
+    assert_eq!(svc.load(&fix), "ok loaded thin-fix-a");
+    // The patch bumped the counter the host reads, added 700 to the
+    // host's thread-local (5 set by the host), and read the tag the host
+    // set at start-up; twice, to see its own writes kept.
+    assert_eq!(
+        svc.ask("call state"),
+        format!("ok patch[counter 1 visits 705 tag {tag}] host[counter 0->1 visits 705 tag {tag}]")
+    );
+    assert_eq!(
+        svc.ask("call state"),
+        format!("ok patch[counter 2 visits 705 tag {tag}] host[counter 1->2 visits 705 tag {tag}]")
+    );
+}
+
+#[test]
+fn a_patch_panic_reaches_the_hosts_hook_and_the_caller() {
+    let fix = linked(FIX_PANIC, "thin-svc");
+    let mut svc = Service::start("thin-svc");
+    assert_eq!(svc.ask("call risky"), "ok returned 7 hook=[]");
+    assert_eq!(svc.load(&fix), "ok loaded thin-fix-panic");
+    assert_eq!(
+        svc.ask("call risky"),
+        "ok caught thin-fix-panic: 7 is too risky hook=[thin-fix-panic: 7 is too risky]",
+        "the host's hook saw the panic and the caller caught it"
+    );
+    // The service still serves.
+    assert_eq!(svc.ask("call audit"), "ok 42 events=[]");
+}
+
+#[test]
+fn a_patch_needing_a_symbol_the_binary_lacks_is_refused_by_the_tool_and_the_loader() {
+    let missing = "thin_extra::extra_weight";
+    let so = out("thin-fix-missing-refused.so");
+    match cargo_hotpatch::link(&rlib(FIX_MISSING), &binary("thin-svc"), &so) {
+        Err(e @ cargo_hotpatch::Error::MissingSymbols { .. }) => {
+            assert!(e.to_string().contains(missing), "the tool names it: {e}")
+        }
+        other => panic!("the tool must refuse with MissingSymbols: {other:?}"),
+    }
+    let unchecked = linked_unchecked(FIX_MISSING, "thin-svc");
+    let good = linked(FIX_A, "thin-svc");
+    let mut svc = Service::start("thin-svc");
+    assert_eq!(svc.load(&good), "ok loaded thin-fix-a");
+    let answer = svc.load(&unchecked);
+    assert!(
+        answer.starts_with("err MissingSymbols") && answer.contains(missing),
+        "the loader names the symbol: {answer}"
+    );
+    // Nothing changed: the good patch alone, risky() still the host's.
+    assert_eq!(svc.ask("applied"), "ok thin-fix-a");
+    assert_eq!(svc.ask("call risky"), "ok returned 7 hook=[]");
+    assert_eq!(
+        svc.ask("call audit"),
+        "ok 43 events=[WARN message=audit fixed order=42 reason=discount-bug]"
+    );
+}
+
+#[test]
+fn a_patch_for_another_build_is_refused_with_both_build_ids() {
+    let ours = cargo_hotpatch::hex(&cargo_hotpatch::build_id(&binary("thin-svc")).unwrap());
+    let other = cargo_hotpatch::hex(&cargo_hotpatch::build_id(&binary("thin-svc-other")).unwrap());
+    assert_ne!(ours, other, "the two builds differ");
+    // The tool accepts it for the other build, which loads it.
+    let for_other = linked(FIX_A, "thin-svc-other");
+    let mut other_svc = Service::start("thin-svc-other");
+    assert_eq!(other_svc.ask("build"), "ok other");
+    assert_eq!(other_svc.load(&for_other), "ok loaded thin-fix-a");
+    drop(other_svc);
+
+    let mut svc = Service::start("thin-svc");
+    let answer = svc.load(&for_other);
+    assert!(
+        answer.starts_with("err WrongBuild") && answer.contains(&ours) && answer.contains(&other),
+        "refused naming build {other} (the patch's) and {ours} (the host's): {answer}"
+    );
+    assert_eq!(svc.ask("applied"), "ok none");
+    assert_eq!(svc.ask("call audit"), "ok 42 events=[]");
+}
+
+#[test]
+fn a_service_without_the_host_setting_refuses_with_host_not_exported() {
+    let setting = "cargo::rustc-link-arg-bins=-rdynamic";
+    let so = out("thin-fix-a-for-plain-refused.so");
+    match cargo_hotpatch::link(&rlib(FIX_A), &binary("thin-svc-plain"), &so) {
+        Err(e @ cargo_hotpatch::Error::HostNotExported { .. }) => {
+            assert!(
+                e.to_string().contains(setting),
+                "the tool names the setting: {e}"
+            )
+        }
+        other => panic!("the tool must refuse with HostNotExported: {other:?}"),
+    }
+    let unchecked = linked_unchecked(FIX_A, "thin-svc-plain");
+    let mut svc = Service::start("thin-svc-plain");
+    assert_eq!(svc.ask("build"), "ok plain");
+    let answer = svc.load(&unchecked);
+    assert!(
+        answer.starts_with("err HostNotExported") && answer.contains(setting),
+        "the loader names the setting: {answer}"
+    );
+    assert_eq!(svc.ask("applied"), "ok none");
+    assert_eq!(svc.ask("call audit"), "ok 42 events=[]");
+}
