@@ -847,12 +847,7 @@ fn replacing_a_signed_file_after_it_loaded_is_refused() {
         "{err:?}"
     );
     // And by rename, as a deploy script would.
-    let staged = put(
-        &d,
-        "staged.so",
-        &bytes("fixture-patch-stack-b"),
-        0o644,
-    );
+    let staged = put(&d, "staged.so", &bytes("fixture-patch-stack-b"), 0o644);
     fs::rename(&staged, &so).unwrap();
     let err = refused(&keys.loader(), &so, "signature verification failed");
     assert!(matches!(&err, Error::BadSignature { .. }), "{err:?}");

@@ -97,7 +97,10 @@ pub fn so(dir: &Path, package: &str) -> PathBuf {
             return out;
         }
     }
-    panic!("no build of {package} in {} binds to this binary", deps.display())
+    panic!(
+        "no build of {package} in {} binds to this binary",
+        deps.display()
+    )
 }
 
 /// A `gen-host-N serve` process (see `benches/gen/src/host.rs`).

@@ -94,7 +94,12 @@ pub fn link_unchecked(rlib: &Path, host_binary: &Path, out: &Path) -> Result<Lin
     link_with(rlib, host_binary, out, false)
 }
 
-fn link_with(rlib: &Path, host_binary: &Path, out: &Path, checked: bool) -> Result<LinkReport, Error> {
+fn link_with(
+    rlib: &Path,
+    host_binary: &Path,
+    out: &Path,
+    checked: bool,
+) -> Result<LinkReport, Error> {
     let host_data = elf::read(host_binary)?;
     let host = elf::parse(host_binary, &host_data)?;
     let host_id = elf::build_id_of(host_binary, &host)?;

@@ -25,8 +25,8 @@
 
 use std::collections::BTreeSet;
 
-use object::elf;
 use object::Endianness;
+use object::elf;
 use object::read::elf::{ElfFile64, FileHeader, SectionHeader, Sym};
 
 /// The section of the patch crate's `SlotRef` table (linkme's name for
@@ -85,7 +85,9 @@ fn slot_names(data: &[u8]) -> Result<Vec<(usize, Vec<u8>)>, String> {
         if !sym.is_undefined(endian) {
             continue;
         }
-        let name = sym.name(endian, symbols.strings()).map_err(|e| e.to_string())?;
+        let name = sym
+            .name(endian, symbols.strings())
+            .map_err(|e| e.to_string())?;
         if name.windows(SLOT_MARK.len()).any(|w| w == SLOT_MARK)
             && (name.starts_with(b"_ZN") || name.starts_with(b"_R"))
         {
@@ -103,8 +105,9 @@ fn slot_names(data: &[u8]) -> Result<Vec<(usize, Vec<u8>)>, String> {
         {
             continue;
         }
-        let relas: &[elf::Rela64<Endianness>] =
-            section.data_as_array(endian, data).map_err(|e| e.to_string())?;
+        let relas: &[elf::Rela64<Endianness>] = section
+            .data_as_array(endian, data)
+            .map_err(|e| e.to_string())?;
         for r in relas {
             let sym = r.r_sym(endian, false) as usize;
             let Some(c) = candidates.iter().position(|(i, _, _)| *i == sym) else {

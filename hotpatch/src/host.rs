@@ -64,7 +64,10 @@ pub(crate) fn needs(bytes: &[u8]) -> Result<Needs, String> {
                 .data()
                 .map_err(|e| format!("cannot read its {IDENTITY_SECTION} section: {e}"))?;
             Some(parse_identity(data).ok_or_else(|| {
-                format!("its {IDENTITY_SECTION} section is malformed ({} bytes)", data.len())
+                format!(
+                    "its {IDENTITY_SECTION} section is malformed ({} bytes)",
+                    data.len()
+                )
             })?)
         }
     };
@@ -133,7 +136,8 @@ fn read_build_id() -> Option<Vec<u8>> {
             let start = (info.dlpi_addr as usize).wrapping_add(ph.p_vaddr as usize);
             // SAFETY: a PT_NOTE segment of a loaded object is mapped and
             // readable for `p_memsz` bytes (it lies in a PT_LOAD segment).
-            let notes = unsafe { std::slice::from_raw_parts(start as *const u8, ph.p_memsz as usize) };
+            let notes =
+                unsafe { std::slice::from_raw_parts(start as *const u8, ph.p_memsz as usize) };
             if let Some(id) = gnu_build_id(notes) {
                 *out = Some(id.to_vec());
                 break;
@@ -234,7 +238,10 @@ mod tests {
 
     #[test]
     fn libc_symbols_are_found_and_made_up_ones_are_missing() {
-        let names = vec!["memcpy".to_owned(), "_ZN7no_such5thing17h0123456789abcdefE".to_owned()];
+        let names = vec![
+            "memcpy".to_owned(),
+            "_ZN7no_such5thing17h0123456789abcdefE".to_owned(),
+        ];
         assert_eq!(missing(&names), vec!["no_such::thing".to_owned()]);
     }
 }

@@ -249,8 +249,8 @@ macro_rules! failpoint {
 #[cfg(feature = "control")]
 pub mod control;
 mod elf;
-mod host;
 mod error;
+mod host;
 mod image;
 mod loader;
 mod manifest;

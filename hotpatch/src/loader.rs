@@ -11,9 +11,9 @@ use libloading::os::unix::{Library, RTLD_LOCAL, RTLD_NOW};
 use parking_lot::Mutex;
 
 use crate::__private::{MANIFEST_SYMBOL, Manifest};
+use crate::error::Refusal;
 use crate::registry::REGISTRY;
 use crate::trust::{self, TrustedKey};
-use crate::error::Refusal;
 use crate::{Error, Patch, PatchId, elf, host, manifest, quiesce, sys};
 
 /// Options for loading patches.

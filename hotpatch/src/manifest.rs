@@ -230,7 +230,11 @@ fn code_fields(image: &Image, m: &Manifest) -> Result<&'static AtomicU64, Refusa
     }
     // SAFETY: the field is a plain word; read as a raw pointer, nothing is
     // assumed of it before the check below.
-    let panics = unsafe { std::ptr::addr_of!(m.panics).cast::<*const AtomicU64>().read() };
+    let panics = unsafe {
+        std::ptr::addr_of!(m.panics)
+            .cast::<*const AtomicU64>()
+            .read()
+    };
     if panics.is_null() || !image.writable_value(panics) {
         return Err(invalid(
             "the panic counter is null, misaligned or outside the library's writable memory",

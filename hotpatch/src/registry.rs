@@ -157,7 +157,11 @@ impl Registry {
                 Some(&idx) => self.fns[idx].entry.wrapper,
                 // Already rewritten: the same bytes loaded before (the
                 // library is reused), pointing at a wrapper of ours.
-                None => match self.fns.iter().find(|f| f.entry.wrapper.as_ptr() as usize == slot) {
+                None => match self
+                    .fns
+                    .iter()
+                    .find(|f| f.entry.wrapper.as_ptr() as usize == slot)
+                {
                     Some(f) => f.entry.wrapper,
                     None => {
                         return Err(Refusal::InvalidManifest(format!(
@@ -336,7 +340,6 @@ impl Registry {
         out
     }
 }
-
 
 /// Whether the patch's view of a function's argument and return types
 /// (`theirs`, as the patch crate was compiled) is the host's: the same

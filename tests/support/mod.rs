@@ -84,7 +84,9 @@ pub fn patch_with(package: &str, features: &[&str]) -> PathBuf {
 /// it was ever built with), the newest whose every symbol this binary
 /// exports.
 fn link_outer(package: &str, krate: &str, exe: &Path, out: &Path) {
-    let deps = exe.parent().expect("the test binary is in a deps directory");
+    let deps = exe
+        .parent()
+        .expect("the test binary is in a deps directory");
     let prefix = format!("lib{krate}-");
     let mut rlibs: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(deps)
         .unwrap_or_else(|e| panic!("read {}: {e}", deps.display()))
@@ -118,7 +120,10 @@ fn link_outer(package: &str, krate: &str, exe: &Path, out: &Path) {
             },
         }
     }
-    panic!("no build of {package} binds to this test binary: {}", last.unwrap());
+    panic!(
+        "no build of {package} binds to this test binary: {}",
+        last.unwrap()
+    );
 }
 
 /// Builds `package` with `features` by a nested cargo into
