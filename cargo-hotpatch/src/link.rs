@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use object::read::archive::ArchiveFile;
-use object::{Object, ObjectSymbol, SymbolKind};
+use object::{Object, ObjectSection, ObjectSymbol};
 
 use crate::{Error, check, elf};
 
@@ -36,7 +36,8 @@ pub struct LinkReport {
     /// Host slots the patch's code reads (calls into patchable functions
     /// of the service), each through a cell the loader fills in.
     pub slot_refs: usize,
-    /// The crate's own functions, demangled without hashes, sorted.
+    /// The functions the patch replaces (from its `#[patch]` records:
+    /// `module::f`, or `module::Type_method` for a method), sorted.
     pub functions: Vec<String>,
 }
 
@@ -216,14 +217,20 @@ fn is_bitcode(bytes: &[u8]) -> bool {
     bytes.starts_with(b"BC\xC0\xDE") || bytes.starts_with(&0x0B17_C0DEu32.to_le_bytes())
 }
 
-/// Refuses an allocator or a missing manifest; returns the crate's own
-/// functions.
+/// The section of the patch crate's `#[patch]` records (linkme's name for
+/// `__HOTPATCH_PATCH_FNS`).
+const PATCH_FNS_SECTION: &str = "linkme___HOTPATCH_PATCH_FNS";
+
+/// Refuses an allocator or a missing manifest; returns the functions the
+/// patch replaces, as the service names them: each `#[patch]` record
+/// points at the target's entry getter, `<module>::__hotpatch_entry_of_<f>`
+/// (for a method, `<Type>_<method>`).
 fn inspect(
     rlib: &Path,
     crate_name: &str,
     members: &[(String, &[u8])],
 ) -> Result<Vec<String>, Error> {
-    let prefix = format!("{crate_name}::");
+    let _ = crate_name;
     let mut manifest = false;
     let mut functions = Vec::new();
     for (name, bytes) in members {
@@ -249,12 +256,25 @@ fn inspect(
                     });
                 }
             }
-            if symbol.kind() == SymbolKind::Text
-                && let Ok(d) = rustc_demangle::try_demangle(sym)
-            {
+        }
+        for section in file.sections() {
+            if section.name() != Ok(PATCH_FNS_SECTION) {
+                continue;
+            }
+            for (_, reloc) in section.relocations() {
+                let object::RelocationTarget::Symbol(index) = reloc.target() else {
+                    continue;
+                };
+                let Ok(symbol) = file.symbol_by_index(index) else {
+                    continue;
+                };
+                let Ok(sym) = symbol.name() else { continue };
+                let Ok(d) = rustc_demangle::try_demangle(sym) else {
+                    continue;
+                };
                 let d = format!("{d:#}");
-                if d.starts_with(&prefix) {
-                    functions.push(d);
+                if let Some((module, f)) = d.rsplit_once("::__hotpatch_entry_of_") {
+                    functions.push(format!("{module}::{f}"));
                 }
             }
         }

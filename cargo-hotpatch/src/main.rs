@@ -244,7 +244,7 @@ fn build(args: &BuildArgs) -> Result<(), Failure> {
         report.bound_to_host, report.bound_to_system
     );
     if !report.functions.is_empty() {
-        println!("  functions: {}", report.functions.join(", "));
+        println!("  replaces: {}", report.functions.join(", "));
     }
     Ok(())
 }

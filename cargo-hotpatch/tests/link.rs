@@ -95,10 +95,9 @@ fn thin_patch_links_binds_to_the_rdynamic_host_and_names_its_build_id() {
             .any(|n| n.starts_with("std::") || n.starts_with("svc::")),
         "{own:?}"
     );
-    assert_eq!(
-        report.functions,
-        ["patch::fixed_price", "patch::via_section"]
-    );
+    // This hand-made patch has no `#[patch]` records: it replaces nothing
+    // the tool can name (tests/thin_service.rs checks a real one's list).
+    assert!(report.functions.is_empty(), "{:?}", report.functions);
 }
 
 #[test]
