@@ -1,8 +1,9 @@
 //! Apply latency: `hotpatch::load` (read, private copy, `dlopen`, manifest
-//! and signature checks, publish) and `Patch::revert`, for patches of 1,
-//! 100 and 1000 functions of a host with 1000 patchable functions.
+//! and signature checks, publish) and `Patch::revert`, for thin patches of
+//! 1, 100 and 1000 functions of hosts with 1000 and 10,000 patchable
+//! functions.
 //!
-//! The host is a separate process (`benches/gen`, `gen-host-1000 serve`)
+//! The host is a separate process (`benches/gen`, `gen-host-N serve`)
 //! that times each operation itself; generated crates are built by the
 //! bench. Groups:
 //! - `apply_new_library`: every load is of bytes never loaded before, so
@@ -27,21 +28,33 @@ use support::Host;
 
 const SIZES: [usize; 3] = [1, 100, 1000];
 
+const HOSTS: [usize; 2] = [1000, 10_000];
+
 struct Built {
-    host: PathBuf,
-    patches: Vec<(usize, PathBuf)>,
+    /// (host size, host binary, [(patch size, thin patch)])
+    hosts: Vec<(usize, PathBuf, Vec<(usize, PathBuf)>)>,
 }
 
 fn built() -> Built {
-    let mut packages = vec!["gen-host-1000".to_owned()];
-    packages.extend(SIZES.iter().map(|m| format!("gen-patch-1000-{m}")));
+    let mut packages = Vec::new();
+    for n in HOSTS {
+        packages.push(format!("gen-host-{n}"));
+        packages.extend(SIZES.iter().map(|m| format!("gen-patch-{n}-{m}")));
+    }
     let refs: Vec<&str> = packages.iter().map(String::as_str).collect();
+    // One cargo invocation: hosts and patches share their dependencies'
+    // builds, so the patches' symbol names are the hosts'.
     let dir = support::build_gen(&refs);
     Built {
-        host: dir.join("gen-host-1000"),
-        patches: SIZES
+        hosts: HOSTS
             .iter()
-            .map(|&m| (m, support::so(&dir, &format!("gen-patch-1000-{m}"))))
+            .map(|&n| {
+                let patches = SIZES
+                    .iter()
+                    .map(|&m| (m, support::so(&dir, &format!("gen-patch-{n}-{m}"))))
+                    .collect();
+                (n, dir.join(format!("gen-host-{n}")), patches)
+            })
             .collect(),
     }
 }
@@ -51,46 +64,54 @@ fn apply(c: &mut Criterion) {
         return;
     }
     let b = built();
-    for (m, so) in &b.patches {
-        let len = std::fs::metadata(so).unwrap().len();
-        eprintln!("gen-patch-1000-{m}: {} ({len} bytes)", so.display());
+    for (n, host_bin, patches) in &b.hosts {
+        let host_len = std::fs::metadata(host_bin).unwrap().len();
+        eprintln!("gen-host-{n}: {} ({host_len} bytes)", host_bin.display());
+        for (m, so) in patches {
+            let len = std::fs::metadata(so).unwrap().len();
+            eprintln!("gen-patch-{n}-{m}: {} ({len} bytes)", so.display());
+        }
     }
 
     let mut g = c.benchmark_group("apply_new_library");
     g.sampling_mode(SamplingMode::Flat).sample_size(10);
-    for (m, so) in &b.patches {
-        let so = so.display();
-        g.bench_function(format!("dlopen_only/{m}_fns"), |bench| {
-            bench.iter_custom(|iters| {
-                Host::spawn(&b.host).time(&format!("dlopen-new {so} {iters}"), 0)
-            })
-        });
-        g.bench_function(format!("load_validate_apply/{m}_fns"), |bench| {
-            bench.iter_custom(|iters| {
-                Host::spawn(&b.host).time(&format!("apply-new {so} {iters}"), 0)
-            })
-        });
+    for (n, host_bin, patches) in &b.hosts {
+        for (m, so) in patches {
+            let so = so.display();
+            g.bench_function(format!("dlopen_only/host_{n}/{m}_fns"), |bench| {
+                bench.iter_custom(|iters| {
+                    Host::spawn(host_bin).time(&format!("dlopen-new {so} {iters}"), 0)
+                })
+            });
+            g.bench_function(format!("load_validate_apply/host_{n}/{m}_fns"), |bench| {
+                bench.iter_custom(|iters| {
+                    Host::spawn(host_bin).time(&format!("apply-new {so} {iters}"), 0)
+                })
+            });
+        }
     }
     g.finish();
 
-    let mut host = Host::spawn(&b.host);
-    let mut g = c.benchmark_group("apply_same_library");
-    for (m, so) in &b.patches {
-        let so = so.display();
-        g.bench_function(format!("load_validate_apply/{m}_fns"), |bench| {
-            bench.iter_custom(|iters| host.time(&format!("apply {so} {iters}"), 0))
-        });
-    }
-    g.finish();
+    for (n, host_bin, patches) in &b.hosts {
+        let mut host = Host::spawn(host_bin);
+        let mut g = c.benchmark_group(format!("apply_same_library/host_{n}"));
+        for (m, so) in patches {
+            let so = so.display();
+            g.bench_function(format!("load_validate_apply/{m}_fns"), |bench| {
+                bench.iter_custom(|iters| host.time(&format!("apply {so} {iters}"), 0))
+            });
+        }
+        g.finish();
 
-    let mut g = c.benchmark_group("revert");
-    for (m, so) in &b.patches {
-        let so = so.display();
-        g.bench_function(format!("{m}_fns"), |bench| {
-            bench.iter_custom(|iters| host.time(&format!("apply {so} {iters}"), 1))
-        });
+        let mut g = c.benchmark_group(format!("revert/host_{n}"));
+        for (m, so) in patches {
+            let so = so.display();
+            g.bench_function(format!("{m}_fns"), |bench| {
+                bench.iter_custom(|iters| host.time(&format!("apply {so} {iters}"), 1))
+            });
+        }
+        g.finish();
     }
-    g.finish();
 }
 
 criterion_group! {
