@@ -349,22 +349,20 @@ pub use hotpatch_macros::patchable;
 /// ```
 pub use hotpatch_macros::patch;
 
-/// Makes a service `static` shared with patches: patch code that names it
-/// uses the host's instance, not the private copy linked into the patch.
+/// Deprecated: a service `static` is shared with patches without it.
 ///
-/// The static's type becomes [`Shared<T>`](Shared), which dereferences
-/// to `T`: method calls (`HITS.fetch_add(..)`) read as before; code that
-/// needs a `&T` writes `&*HITS`. Give it a `Sync` type with interior
-/// mutability (atomics, `Mutex`, `OnceLock`); `static mut` is rejected.
-/// The runtime checks the type's text, size and alignment match before a
-/// patch is applied.
-///
-/// Statics without this attribute, and thread-locals, stay private to each
-/// patch (see the crate docs, "Limits").
+/// Before thin patches, a patch linked its own copy of the service crate,
+/// and only a static declared with this attribute was the host's instance
+/// in patch code. A thin patch is bound to the running binary, so every
+/// static of the service is the host's own. The attribute still compiles:
+/// the static's type becomes [`Shared<T>`](Shared), a transparent wrapper
+/// that dereferences to `T`, and the use of the deprecated `Shared` warns
+/// at the static. Declare it as a plain `static` instead.
 ///
 /// # Examples
 ///
 /// ```
+/// #![allow(deprecated)]
 /// use std::sync::Mutex;
 ///
 /// #[hotpatch::shared]
