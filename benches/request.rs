@@ -55,7 +55,11 @@ fn request_whole(c: &mut Criterion) {
         b.iter(|| once(async { bench_svc::patched(black_box(3)) }))
     });
     group.bench_function("scoped", |b| {
-        b.iter(|| once(hotpatch::request(async { bench_svc::patched(black_box(3)) })))
+        b.iter(|| {
+            once(hotpatch::request(async {
+                bench_svc::patched(black_box(3))
+            }))
+        })
     });
     // Inside an outer scope's poll: the nested request registers too.
     {
@@ -63,7 +67,11 @@ fn request_whole(c: &mut Criterion) {
         let mut cx = Context::from_waker(Waker::noop());
         let mut outer = pin!(hotpatch::request(poll_fn(move |_| {
             group.bench_function("nested", |b| {
-                b.iter(|| once(hotpatch::request(async { bench_svc::patched(black_box(3)) })))
+                b.iter(|| {
+                    once(hotpatch::request(async {
+                        bench_svc::patched(black_box(3))
+                    }))
+                })
             });
             Poll::Ready(())
         })));

@@ -840,10 +840,7 @@ fn request_scope_races_a_transition_and_its_reversal() {
                 w.done.store(last, Ordering::Release);
                 // A request that starts now runs the final version.
                 let (ticket, u) = reqs.start(1, &w.epoch, std::panic::Location::caller());
-                let (a, b) = (
-                    w.f.call(u, &w.trace, "late"),
-                    w.g.call(u, &w.trace, "late"),
-                );
+                let (a, b) = (w.f.call(u, &w.trace, "late"), w.g.call(u, &w.trace, "late"));
                 reqs.finish(ticket);
                 if a != last || b != last {
                     w.trace.fail(format!(

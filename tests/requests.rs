@@ -267,7 +267,11 @@ fn scoped_requests_never_mix_across_awaits_and_workers() {
     let (mut scoped, mut unscoped) = (Tally::default(), Tally::default());
     for t in tasks {
         let (is_scoped, tally) = rt.block_on(t).expect("task panicked");
-        let into = if is_scoped { &mut scoped } else { &mut unscoped };
+        let into = if is_scoped {
+            &mut scoped
+        } else {
+            &mut unscoped
+        };
         into.requests += tally.requests;
         into.mixed += tally.mixed;
         into.bad += tally.bad;
@@ -282,8 +286,14 @@ fn scoped_requests_never_mix_across_awaits_and_workers() {
     );
     assert_eq!(scoped.bad + unscoped.bad, 0, "results of neither version");
     assert_eq!(scoped.mixed, 0, "scoped requests mixed versions");
-    assert_eq!(scoped.stale, 0, "scoped requests ran a version not in force");
-    assert!(scoped.moved > 0, "no scoped request resumed on another worker");
+    assert_eq!(
+        scoped.stale, 0,
+        "scoped requests ran a version not in force"
+    );
+    assert!(
+        scoped.moved > 0,
+        "no scoped request resumed on another worker"
+    );
     assert!(
         unscoped.mixed > 0,
         "the control never mixed: the test cannot see mixing ({unscoped:?})"
@@ -319,13 +329,19 @@ fn a_request_that_never_completes_times_out_the_load_and_is_named() {
             assert_eq!(requests.len(), 1, "{requests:?}");
             let r = &requests[0];
             assert_eq!(r.count, 1);
-            assert_eq!((r.location.file(), r.location.line()), (here.file(), here.line()));
+            assert_eq!(
+                (r.location.file(), r.location.line()),
+                (here.file(), here.line())
+            );
             assert!(r.oldest >= deadline, "{r:?}");
         }
         e => panic!("expected a timeout, got {e}"),
     }
     assert!(text.contains("1 request(s)"), "{text}");
-    assert!(text.contains(&format!("requests.rs:{}", here.line())), "{text}");
+    assert!(
+        text.contains(&format!("requests.rs:{}", here.line())),
+        "{text}"
+    );
     // Reversed: the old code for everyone, the request included.
     assert!(hotpatch::applied().is_empty());
     assert!(hotpatch::transition().is_none());
@@ -367,10 +383,16 @@ fn a_dropped_request_releases_the_transition() {
     // A request that starts now runs the new version, whole.
     let fresh = block_on(hotpatch::request(async { (f(30), g(30)) }));
     assert_eq!(fresh, (37, 963));
-    assert!(!load.is_finished(), "the load returned with a request in flight");
+    assert!(
+        !load.is_finished(),
+        "the load returned with a request in flight"
+    );
     // Dropped, never completed.
     drop(scope);
-    let p = load.join().unwrap().expect("the load went ahead once the request was dropped");
+    let p = load
+        .join()
+        .unwrap()
+        .expect("the load went ahead once the request was dropped");
     assert_eq!(version(), 2);
     p.revert().expect("revert");
 }
@@ -391,7 +413,9 @@ fn a_request_polled_on_two_threads_keeps_its_version() {
     let load = load_in_background();
     wait_for_transition();
     open.store(true, Ordering::Release);
-    let done = thread::spawn(move || poll_once(scope.as_mut())).join().unwrap();
+    let done = thread::spawn(move || poll_once(scope.as_mut()))
+        .join()
+        .unwrap();
     assert_eq!(done, Poll::Ready((40, 960)), "old version, whole");
     let p = load.join().unwrap().expect("load");
     assert_eq!(version(), 2);
@@ -493,18 +517,29 @@ fn spawn_and_spawn_blocking_inside_a_scope() {
     assert_eq!(plain, 77, "a plain spawned task is unscoped: new at once");
     assert_eq!(fresh, (77, 923), "a spawned request starts on the newest");
     assert_eq!(blocking, 77, "spawn_blocking is unscoped");
-    assert_eq!(carried, (70, 930), "RequestVersion::run carries the version");
+    assert_eq!(
+        carried,
+        (70, 930),
+        "RequestVersion::run carries the version"
+    );
     // The parent finished; its inherited child still holds the transition.
     let t = hotpatch::transition().expect("still waiting for the child");
     assert!(waiting_at(&t, here) == 0, "the parent is done: {t:?}");
     assert_eq!(
-        t.waiting_for_requests.iter().map(|r| r.count).sum::<usize>(),
+        t.waiting_for_requests
+            .iter()
+            .map(|r| r.count)
+            .sum::<usize>(),
         1,
         "{t:?}"
     );
     assert!(!load.is_finished());
     release_child.store(true, Ordering::Release);
-    assert_eq!(rt.block_on(child).unwrap(), (70, 930), "inherited: old, whole");
+    assert_eq!(
+        rt.block_on(child).unwrap(),
+        (70, 930),
+        "inherited: old, whole"
+    );
     let p = load.join().unwrap().expect("load");
     p.revert().expect("revert");
 }

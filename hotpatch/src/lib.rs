@@ -302,9 +302,9 @@ pub use quiesce::{
     OfflineGuard, StalledThread, ThreadGuard, TransitionInfo, offline, quiescent, register_thread,
     while_offline,
 };
-pub use request::{Request, RequestExt, RequestVersion, StalledRequest, inherit, request};
 #[cfg(feature = "tower")]
 pub use request::tower;
+pub use request::{Request, RequestExt, RequestVersion, StalledRequest, inherit, request};
 pub use shared::Shared;
 pub use trust::TrustedKey;
 

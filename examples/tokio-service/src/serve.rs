@@ -339,7 +339,7 @@ async fn connection(index: usize, await_every: u64) -> Stats {
         };
         // Every other awaiting request is a request scope; the rest are
         // the control.
-        let scoped = pause != Pause::None && (n / await_every) % 2 == 0;
+        let scoped = pause != Pause::None && (n / await_every).is_multiple_of(2);
         let settled = if scoped {
             hotpatch::request(settle(amount, pause)).await
         } else {

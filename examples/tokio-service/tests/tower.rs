@@ -88,16 +88,32 @@ fn a_tower_request_keeps_its_version_across_awaits() {
         std::thread::sleep(Duration::from_millis(1));
     };
     assert_eq!(
-        t.waiting_for_requests.iter().map(|r| r.count).sum::<usize>(),
+        t.waiting_for_requests
+            .iter()
+            .map(|r| r.count)
+            .sum::<usize>(),
         1,
         "{t:?}"
     );
-    assert!(t.waiting_for_requests[0].location.file().ends_with("tower.rs"));
+    assert!(
+        t.waiting_for_requests[0]
+            .location
+            .file()
+            .ends_with("tower.rs")
+    );
     // A request that starts now is on the new version, whole.
     let new = rt.spawn(service.call(1_000_000));
     gate.store(true, Ordering::Release);
-    assert_eq!(rt.block_on(old).unwrap(), Ok((1, 1)), "old request: v1, whole");
-    assert_eq!(rt.block_on(new).unwrap(), Ok((2, 2)), "new request: v2, whole");
+    assert_eq!(
+        rt.block_on(old).unwrap(),
+        Ok((1, 1)),
+        "old request: v1, whole"
+    );
+    assert_eq!(
+        rt.block_on(new).unwrap(),
+        Ok((2, 2)),
+        "new request: v2, whole"
+    );
     let patch = loader.join().unwrap().expect("load");
     patch.revert().expect("revert");
     let _ = std::fs::remove_dir_all(fix.parent().unwrap());
