@@ -63,6 +63,15 @@
 //! `a_slow_dispatcher_reads_a_reused_buffer` fail with a mixed request:
 //! a torn choice, the universe of one transition with the
 //! implementations of a later one written into the same buffer.
+//!
+//! Request scopes (issue 12): `hotpatch/src/quiesce/requests.rs` is
+//! included too, and `request_scope_races_a_transition_and_its_reversal`
+//! runs a request started on one thread and finished on another against
+//! an apply that completes, is reversed at its deadline, or swaps
+//! directly. Reading the target before taking the shard's lock, a
+//! reversal that does not wait for the requests in `t`, or a direct swap
+//! that releases the shards' locks before storing make it fail with a
+//! mixed request.
 
 #![cfg(hotpatch_loom)]
 
@@ -708,4 +717,148 @@ fn a_slow_dispatcher_reads_a_reused_buffer() {
         w.trace.log("patcher", "done", state as u64);
         worker.join().unwrap();
     });
+}
+
+// ---------------------------------------------------------------------
+// Request scopes (issue 12): `hotpatch/src/quiesce/requests.rs`, the real
+// registry, included below.
+
+#[allow(dead_code)]
+#[path = "../hotpatch/src/quiesce/requests.rs"]
+mod requests;
+
+/// `quiesce::switch` with no registered thread and the request registry:
+/// the direct swap when no request is in flight (under every shard's
+/// lock), else publish, poll `all_in` up to the deadline, and on the
+/// deadline publish the reversal and poll `none_in`. Returns the version
+/// the slots end at, and whether it was the direct swap.
+fn switch_requests(w: &World, reqs: &requests::Requests, t: Transition) -> (usize, bool) {
+    if let Some(guards) = reqs.lock_empty() {
+        w.trace
+            .log("patcher", "no request in flight: slots to", t.new as u64);
+        for s in w.slots() {
+            s.set(t.new);
+        }
+        drop(guards);
+        return (t.new, true);
+    }
+    for s in w.slots() {
+        s.begin_transition(Choice {
+            universe: t.universe,
+            old: t.old,
+            new: t.new,
+        });
+    }
+    w.trace
+        .log("patcher", "dispatchers in, publishes", t.universe);
+    w.epoch.publish(t.universe);
+    let arrived = || {
+        let all = reqs.all_in(t.universe);
+        w.trace
+            .log("patcher", "polls: all requests in?", u64::from(all));
+        all
+    };
+    if wait_until(t.budget, arrived) {
+        for s in w.slots() {
+            s.set(t.new);
+        }
+        w.trace.log("patcher", "complete: slots to", t.new as u64);
+        return (t.new, false);
+    }
+    w.trace.log("patcher", "deadline: publishes", t.reversal);
+    w.epoch.publish(t.reversal);
+    wait_until(None, || {
+        let none = reqs.none_in(t.universe);
+        w.trace
+            .log("patcher", "polls: none left in t?", u64::from(none));
+        none
+    });
+    for s in w.slots() {
+        s.set(t.old);
+    }
+    w.trace.log("patcher", "reversed: slots to", t.old as u64);
+    (t.old, false)
+}
+
+/// A request scope starts on one thread (registers in its shard, reading
+/// the target under the lock), after another request finished there, and
+/// calls `f`; it is then polled on a second
+/// thread (handed over through a lock, as an executor's queue would),
+/// which calls `g` with the request's universe as its view and finishes
+/// it. Meanwhile the patcher applies, with a deadline that loom lets pass
+/// or not (both the completion and the reversal are explored), and the
+/// direct swap when it finds no request in flight. Checked: `f` and `g`
+/// run the same version, the one the request's universe stands for, and
+/// a request that starts after the patcher finished runs the final
+/// version.
+///
+/// Breaking the protocol makes it fail: reading the target before taking
+/// the shard's lock (the patcher can then scan the shard before the entry
+/// is in, and complete while the request runs old code), or a reversal
+/// that does not wait for requests in `t` (`none_in`), or a direct swap
+/// that does not hold the shards' locks.
+#[test]
+fn request_scope_races_a_transition_and_its_reversal() {
+    for budget in [None, Some(0), Some(1)] {
+        check(
+            "request_scope_races_a_transition_and_its_reversal",
+            2,
+            move |trace| {
+                let w = loom::sync::Arc::new(World::new(0, None, trace));
+                let reqs = loom::sync::Arc::new(requests::Requests::new());
+                // Another request, in flight from the start and finished by
+                // thread A before its own starts: the patcher may find the
+                // registry empty (direct swap) or not (a transition).
+                let other = reqs.start(1, &w.epoch, std::panic::Location::caller()).0;
+                let first = {
+                    let (w, reqs) = (w.clone(), reqs.clone());
+                    thread::spawn(move || {
+                        reqs.finish(other);
+                        let location = std::panic::Location::caller();
+                        let (ticket, u) = reqs.start(0, &w.epoch, location);
+                        w.trace.log("thread A", "request starts in", u);
+                        let a = w.f.call(u, &w.trace, "thread A");
+                        // Handed to another worker, as an executor's queue
+                        // does (spawning synchronises like it).
+                        let second = thread::spawn(move || {
+                            let b = w.g.call(u, &w.trace, "thread B");
+                            reqs.finish(ticket);
+                            w.trace.log("thread B", "request finishes", u);
+                            if a != b {
+                                w.trace.fail(format!(
+                                    "a request mixed versions: f v{a}, g v{b} (universe {u})"
+                                ));
+                            }
+                            (u, a)
+                        });
+                        second.join().unwrap()
+                    })
+                };
+                let t = Transition { budget, ..APPLY };
+                let (last, direct) = switch_requests(&w, &reqs, t);
+                // Release: a request that sees this sees the final slots.
+                w.done.store(last, Ordering::Release);
+                // A request that starts now runs the final version.
+                let (ticket, u) = reqs.start(1, &w.epoch, std::panic::Location::caller());
+                let (a, b) = (w.f.call(u, &w.trace, "late"), w.g.call(u, &w.trace, "late"));
+                reqs.finish(ticket);
+                if a != last || b != last {
+                    w.trace.fail(format!(
+                        "a request that started after the patcher finished at v{last} ran f v{a}, g v{b}"
+                    ));
+                }
+                let (u, a) = first.join().unwrap();
+                // Unless the patcher swapped directly (the request was
+                // wholly before or wholly after it: one version either way,
+                // checked above), the version of its universe: 0 before the
+                // apply, 1 the apply's, 3 its reversal's.
+                if !direct && a != EXPECT[u as usize] {
+                    w.trace.fail(format!(
+                        "the request in universe {u} ran v{a}, not v{}",
+                        EXPECT[u as usize]
+                    ));
+                }
+            },
+        );
+    }
 }

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::{PatchId, StalledThread};
+use crate::{PatchId, StalledRequest, StalledThread};
 
 /// Everything that can go wrong loading, applying or reverting a patch.
 ///
@@ -140,18 +140,23 @@ pub enum Error {
         id: PatchId,
     },
 
-    /// Registered threads did not all reach a safepoint before the
-    /// deadline, so the transition was reversed: every slot ends as it was
-    /// (see [`Loader::deadline`](crate::Loader::deadline)).
+    /// Registered threads did not all reach a safepoint, or request
+    /// scopes that started on the old version did not all finish, before
+    /// the deadline, so the transition was reversed: every slot ends as it
+    /// was (see [`Loader::deadline`](crate::Loader::deadline)).
     #[error(
-        "{what}: {} registered thread(s) did not reach a safepoint within {deadline:?}, so nothing changed: {}",
+        "{what}: {} registered thread(s) did not reach a safepoint and {} request(s) started on the old version did not finish within {deadline:?}, so nothing changed: {}",
         .stalled.len(),
-        .stalled.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+        .requests.iter().map(|r| r.count).sum::<usize>(),
+        .stalled.iter().map(ToString::to_string).chain(.requests.iter().map(ToString::to_string)).collect::<Vec<_>>().join("; ")
     )]
     Timeout {
         what: String,
         deadline: Duration,
         stalled: Vec<StalledThread>,
+        /// The request scopes it waited for, grouped by where each was
+        /// created (empty for a reclaim's grace period).
+        requests: Vec<StalledRequest>,
     },
 
     /// Another patch was being applied or reverted for longer than the

@@ -126,13 +126,42 @@
 //! `quiescent()` with no transition in progress is a load of one shared
 //! word and one thread-local, and writes nothing.
 //!
-//! **async**: register runtime worker threads (with tokio:
-//! `on_thread_start`, and go offline in `on_thread_park`), and call
-//! `quiescent()` between requests. A request that does not `.await`
-//! between two patchable calls gets the guarantee; one that does may
-//! resume on another worker, or after its worker passed a safepoint, and
-//! can see old code before the `.await` and new code after it. See
-//! `examples/tokio-service`.
+//! # Async requests
+//!
+//! Per-thread safepoints do not cover a request that `.await`s between two
+//! patchable calls: it may resume on another worker, or after its worker
+//! passed a safepoint. Mark each request as one unit instead:
+//! [`request(fut)`](request) (or `fut.hotpatch_scope()`, [`RequestExt`]),
+//! or, for a tower service (axum, hyper, tonic), the layer
+//! `hotpatch::tower::RequestLayer` (feature `tower`). Every patchable call
+//! of a scoped request runs the version that was current when it was
+//! first polled, however many `.await`s, on whichever thread polls it; a
+//! new request starts on the newest version. A transition completes when
+//! every request that started on the old version has finished or been
+//! dropped (and every registered thread passed a safepoint); at the
+//! deadline it is reversed, and [`Error::Timeout`] names the requests by
+//! count, age of the oldest and where they were created. [`transition`]
+//! and the control endpoint report them meanwhile.
+//!
+//! What each case gets:
+//!
+//! | inside a scoped request | runs |
+//! |---|---|
+//! | code of the request, across `.await`s, on any worker | the request's version |
+//! | a nested scope (`request(inner)` awaited inside) | the outer request's version (one request) |
+//! | `tokio::spawn(fut)` | `fut` is a task of its own, unscoped: per-thread rules on the worker that polls it |
+//! | `tokio::spawn(hotpatch::request(fut))` | a new request, started on the newest version at its first poll |
+//! | `tokio::spawn(hotpatch::inherit(fut))` | the parent's version; the transition waits for it too |
+//! | `spawn_blocking(f)` | `f` unscoped on a blocking thread; with [`RequestVersion::current`]`()` and `version.run(f)`, the request's version |
+//! | `block_on(fut)` (any executor polling on this thread) | the request's version: `fut` is polled inside the request's poll |
+//!
+//! Registered runtime threads (tokio: `on_thread_start`, offline in
+//! `on_thread_park`) are still waited for at their safepoints, and
+//! unscoped code on them keeps the per-thread guarantee; unscoped code on
+//! unregistered threads switches at once. With no transition in progress
+//! a scoped poll costs a thread-local load and two stores more than an
+//! unscoped one, and the call path is unchanged. See
+//! `examples/tokio-service` and `hotpatch::internals`.
 //!
 //! # Limits
 //!
@@ -257,6 +286,7 @@ mod manifest;
 mod patch;
 mod quiesce;
 mod registry;
+mod request;
 mod shared;
 mod slot;
 mod sys;
@@ -276,6 +306,9 @@ pub use quiesce::{
     OfflineGuard, StalledThread, ThreadGuard, TransitionInfo, offline, quiescent, register_thread,
     while_offline,
 };
+#[cfg(feature = "tower")]
+pub use request::tower;
+pub use request::{Request, RequestExt, RequestVersion, StalledRequest, inherit, request};
 #[allow(deprecated)]
 pub use shared::Shared;
 pub use trust::TrustedKey;
@@ -547,13 +580,16 @@ pub fn functions() -> Vec<FunctionInfo> {
 }
 
 /// The patch being applied or reverted right now, if any, and the
-/// registered threads it is waiting for.
+/// registered threads and request scopes it is waiting for.
 ///
 /// # Examples
 ///
 /// ```
 /// if let Some(t) = hotpatch::transition() {
 ///     eprintln!("{} for {:?}, waiting for {:?}", t.what, t.elapsed, t.waiting_for);
+///     for r in &t.waiting_for_requests {
+///         eprintln!("  {r}"); // "3 request(s) created at src/serve.rs:40:9, ..."
+///     }
 /// }
 /// ```
 pub fn transition() -> Option<TransitionInfo> {

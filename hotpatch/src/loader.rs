@@ -221,13 +221,8 @@ impl Loader {
         what: String,
         changes: Vec<quiesce::Change>,
     ) -> Result<quiesce::Turn, Error> {
-        quiesce::switch(turn, what.clone(), changes, self.deadline).map_err(|stalled| {
-            Error::Timeout {
-                what,
-                deadline: self.deadline,
-                stalled,
-            }
-        })
+        quiesce::switch(turn, what.clone(), changes, self.deadline)
+            .map_err(|stalled| stalled.into_error(what, self.deadline))
     }
 
     fn apply(&self, path: &Path, replacing: Option<PatchId>) -> Result<Patch, Error> {
@@ -533,11 +528,7 @@ impl Loader {
                 kept,
             });
         }
-        quiesce::grace(&turn, self.deadline).map_err(|stalled| Error::Timeout {
-            what,
-            deadline: self.deadline,
-            stalled,
-        })?;
+        quiesce::grace(&turn, self.deadline).map_err(|s| s.into_error(what, self.deadline))?;
         let unused: Vec<Loaded> = {
             let mut libraries = LIBRARIES.lock();
             let (unused, keep) = std::mem::take(&mut *libraries)

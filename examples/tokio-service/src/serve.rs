@@ -36,6 +36,12 @@
 //!   the result of the first call to the second rather than calling both
 //!   across an await.
 //!
+//! - **A request in a request scope ([`hotpatch::request`]) runs one
+//!   version across its `.await`s**, on whichever worker resumes it: the
+//!   version current when it started. [`Stats`] counts scoped awaiting
+//!   requests apart, and [`run`] reports a problem if one mixes. Half of
+//!   the awaiting requests are scoped; the other half are the control.
+//!
 //! Either way every single call runs the old or the new implementation,
 //! and a request that starts after `load` returned runs only the new code.
 //!
@@ -212,6 +218,11 @@ pub struct Stats {
     pub awaiting_moved: u64,
     pub awaiting_mixed: u64,
     pub awaiting_mixed_moved: u64,
+    /// Awaiting requests in a request scope: total, resumed on another
+    /// worker, mixed (must be 0). Counted in `awaiting` too.
+    pub scoped: u64,
+    pub scoped_moved: u64,
+    pub scoped_mixed: u64,
     /// Requests wholly inside a phase with no transition, by version.
     pub stable: [u64; 3],
     /// Of those, requests that ran a version other than the one in force.
@@ -223,7 +234,7 @@ pub struct Stats {
 }
 
 impl Stats {
-    fn record(&mut self, amount: u64, pause: Pause, s: &Settled) {
+    fn record(&mut self, amount: u64, pause: Pause, scoped: bool, s: &Settled) {
         let fv = fee_version(amount, s.fee);
         let pv = payout_version(amount, s.payout);
         if fv == 0 || pv == 0 {
@@ -240,6 +251,11 @@ impl Stats {
             self.awaiting_moved += u64::from(moved);
             self.awaiting_mixed += u64::from(mixed);
             self.awaiting_mixed_moved += u64::from(mixed && moved);
+            if scoped {
+                self.scoped += 1;
+                self.scoped_moved += u64::from(moved);
+                self.scoped_mixed += u64::from(mixed);
+            }
         }
         if mixed && self.sample.is_none() {
             let name = |t: &thread::Thread| t.name().unwrap_or("<unnamed>").to_owned();
@@ -271,6 +287,9 @@ impl Stats {
         self.awaiting_moved += o.awaiting_moved;
         self.awaiting_mixed += o.awaiting_mixed;
         self.awaiting_mixed_moved += o.awaiting_mixed_moved;
+        self.scoped += o.scoped;
+        self.scoped_moved += o.scoped_moved;
+        self.scoped_mixed += o.scoped_mixed;
         for (a, b) in self.stable.iter_mut().zip(o.stable) {
             *a += b;
         }
@@ -318,8 +337,15 @@ async fn connection(index: usize, await_every: u64) -> Stats {
             (0, _) => Pause::Sleep,
             _ => Pause::None,
         };
-        let settled = settle(amount, pause).await;
-        stats.record(amount, pause, &settled);
+        // Every other awaiting request is a request scope; the rest are
+        // the control.
+        let scoped = pause != Pause::None && (n / await_every).is_multiple_of(2);
+        let settled = if scoped {
+            hotpatch::request(settle(amount, pause)).await
+        } else {
+            settle(amount, pause).await
+        };
+        stats.record(amount, pause, scoped, &settled);
         // Between requests. No request of *this* task is half done, and
         // one without an await never is at a poll boundary; a suspended
         // awaiting request of another task may be (see the module docs).
@@ -576,6 +602,12 @@ pub fn run(config: &Config, fix: &Path) -> std::io::Result<Report> {
             stats.plain_mixed
         ));
     }
+    if stats.scoped_mixed > 0 {
+        problems.push(format!(
+            "{} scoped requests mixed versions across an await",
+            stats.scoped_mixed
+        ));
+    }
     if stats.stale > 0 {
         problems.push(format!(
             "{} requests ran a version not in force: {}",
@@ -599,7 +631,12 @@ pub fn run(config: &Config, fix: &Path) -> std::io::Result<Report> {
     if panicked > 0 {
         problems.push(format!("{panicked} connection tasks panicked"));
     }
-    if stats.plain == 0 || stats.awaiting == 0 || stats.stable[1] == 0 || stats.stable[2] == 0 {
+    if stats.plain == 0
+        || stats.awaiting == stats.scoped
+        || stats.scoped == 0
+        || stats.stable[1] == 0
+        || stats.stable[2] == 0
+    {
         problems.push("some kind of request was never served".to_owned());
     }
     if !hotpatch::applied().is_empty() {

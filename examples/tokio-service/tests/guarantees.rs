@@ -69,6 +69,12 @@ fn no_request_without_an_await_mixes_versions() {
         "requests without an await that mixed versions, e.g. {:?}",
         stats.sample
     );
+    assert_eq!(
+        stats.scoped_mixed, 0,
+        "scoped requests that mixed versions across an await, e.g. {:?}",
+        stats.sample
+    );
+    assert!(stats.scoped > 0, "no scoped request was served");
     assert_eq!(stats.bad, 0, "results of neither version");
     assert_eq!(
         stats.stale, 0,

@@ -12,7 +12,7 @@ use super::PROTOCOL_VERSION;
 use super::events::{CAPACITY, Event, peer_json, unix_ms};
 use super::peer::Peer;
 use super::server::Shared;
-use crate::{Error, Implementation, PatchId, PatchInfo, StalledThread};
+use crate::{Error, Implementation, PatchId, PatchInfo, StalledRequest, StalledThread};
 
 /// A request, parsed and checked.
 #[derive(Debug, Clone, PartialEq)]
@@ -320,10 +320,14 @@ pub(crate) fn failure_of(e: &Error) -> Failure {
             f.with("patch", json!({ "id": id.get(), "name": name }))
         }
         Error::Timeout {
-            stalled, deadline, ..
+            stalled,
+            deadline,
+            requests,
+            ..
         } => f
             .with("deadline_ms", json!(deadline.as_millis() as u64))
-            .with("stalled", stalled.iter().map(thread_json).collect()),
+            .with("stalled", stalled.iter().map(thread_json).collect())
+            .with("requests", requests.iter().map(request_json).collect()),
         Error::NotApplied { id } => f.with("patch", json!({ "id": id.get() })),
         _ => f,
     }
@@ -335,6 +339,15 @@ fn thread_json(t: &StalledThread) -> Value {
         "name": t.name,
         "tid": t.os_tid,
         "without_safepoint_ms": t.without_safepoint.as_millis() as u64,
+    })
+}
+
+/// In-flight request scopes created at one place (issue 12).
+fn request_json(r: &StalledRequest) -> Value {
+    json!({
+        "location": r.location.to_string(),
+        "count": r.count,
+        "oldest_ms": r.oldest.as_millis() as u64,
     })
 }
 
@@ -1003,6 +1016,7 @@ fn status(shared: &Shared) -> Map<String, Value> {
             "elapsed_ms": t.elapsed.as_millis() as u64,
             "reversing": t.reversing,
             "waiting_for": t.waiting_for.iter().map(thread_json).collect::<Vec<_>>(),
+            "waiting_for_requests": t.waiting_for_requests.iter().map(request_json).collect::<Vec<_>>(),
         })
     });
     fields(json!({
@@ -1267,6 +1281,7 @@ mod tests {
                 what: "apply".into(),
                 deadline: Duration::ZERO,
                 stalled: vec![],
+                requests: vec![],
             }),
             kind(&Error::Busy {
                 what: "apply".into(),

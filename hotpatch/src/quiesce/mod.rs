@@ -7,6 +7,7 @@
 //! offline) and the patcher's side ([`switch`]).
 
 pub(crate) mod protocol;
+pub(crate) mod requests;
 
 use std::cell::{Cell, RefCell};
 use std::marker::PhantomData;
@@ -17,7 +18,16 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 
 use crate::__private::{Entry, FnAddr};
+use crate::request::StalledRequest;
 use protocol::{Choice, Epoch, Record, UNREGISTERED};
+use requests::{Requests, Ticket};
+
+/// The in-flight request scopes (`hotpatch::request`).
+pub(crate) static REQUESTS: Requests = Requests::new();
+
+/// The request cell of a thread polling no request scope: never a
+/// universe (those count up from 0 and `UNREGISTERED` is `u64::MAX`).
+pub(crate) const NO_REQUEST: u64 = u64::MAX - 1;
 
 /// The universe registered threads move to.
 pub(crate) static EPOCH: Epoch = Epoch::new(0);
@@ -53,6 +63,16 @@ thread_local! {
     /// Keeps this thread's record and unregisters it when the thread
     /// exits without dropping its guard.
     static REGISTRATION: RefCell<Option<Registration>> = const { RefCell::new(None) };
+
+    /// The universe of the request scope this thread is polling, or
+    /// `NO_REQUEST`: dispatchers pick by it before the thread's own.
+    /// Const-initialised, no destructor: entering a scoped poll is one
+    /// `fs`-relative load and store, leaving it one store.
+    static REQUEST: Cell<u64> = const { Cell::new(NO_REQUEST) };
+
+    /// The shard of `REQUESTS` this thread starts requests in; 0 until
+    /// assigned, then the shard plus one.
+    static SHARD: Cell<usize> = const { Cell::new(0) };
 
     /// What the last transition this thread ran had to wait for (the
     /// control endpoint's events say it); see [`take_last_waited`].
@@ -103,12 +123,84 @@ fn unregister(record: &Arc<ThreadRecord>) {
     THREADS.lock().retain(|r| !Arc::ptr_eq(r, record));
 }
 
-/// This thread's universe, for dispatchers.
+/// The universe a dispatcher picks by on this thread: the request
+/// scope's being polled, if any, else the thread's own.
 #[inline(always)]
 pub(crate) fn local_universe() -> u64 {
+    match REQUEST.try_with(Cell::get) {
+        Ok(r) if r != NO_REQUEST => r,
+        _ => thread_universe(),
+    }
+}
+
+/// This thread's own universe (what safepoints move).
+#[inline(always)]
+fn thread_universe() -> u64 {
     // During thread exit (a thread-local destructor calling a patchable
     // function) the cell may be gone: the thread is then unregistered.
     UNIVERSE.try_with(Cell::get).unwrap_or(UNREGISTERED)
+}
+
+/// The universe of the request scope being polled on this thread, if any.
+#[inline]
+pub(crate) fn current_request() -> Option<u64> {
+    REQUEST
+        .try_with(Cell::get)
+        .ok()
+        .filter(|&r| r != NO_REQUEST)
+}
+
+/// Makes `universe` this thread's request view until the returned value
+/// is passed to [`leave`]; returns the previous view.
+#[inline(always)]
+pub(crate) fn enter(universe: u64) -> u64 {
+    REQUEST.with(|r| r.replace(universe))
+}
+
+/// Restores the request view [`enter`] returned.
+#[inline(always)]
+pub(crate) fn leave(previous: u64) {
+    // `try_with`: a scope dropped by a thread-local destructor at thread
+    // exit may outlive the cell.
+    let _ = REQUEST.try_with(|r| r.set(previous));
+}
+
+fn shard() -> usize {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    SHARD
+        .try_with(|s| {
+            if s.get() == 0 {
+                // Relaxed: only spreading threads over shards matters.
+                s.set(NEXT.fetch_add(1, Ordering::Relaxed) as usize + 1);
+            }
+            s.get() - 1
+        })
+        .unwrap_or(0)
+}
+
+/// Registers a request starting now on this thread: in the version of the
+/// request scope being polled here if there is one (nested, carried),
+/// else in the newest. Returns where it is, and its universe.
+pub(crate) fn start_request(location: &'static std::panic::Location<'static>) -> (Ticket, u64) {
+    match current_request() {
+        // The enclosing scope's entry stays registered while it is being
+        // polled here (see `requests`).
+        Some(u) => (REQUESTS.start_in(shard(), u, location), u),
+        None => REQUESTS.start(shard(), &EPOCH, location),
+    }
+}
+
+/// Registers another request in `universe`, whose entry (the caller's)
+/// is registered now.
+pub(crate) fn start_request_in(
+    universe: u64,
+    location: &'static std::panic::Location<'static>,
+) -> Ticket {
+    REQUESTS.start_in(shard(), universe, location)
+}
+
+pub(crate) fn finish_request(ticket: Ticket) {
+    REQUESTS.finish(ticket);
 }
 
 /// Registers the calling thread with the runtime until the guard drops
@@ -213,7 +305,7 @@ impl Drop for ThreadGuard {
 #[inline]
 pub fn quiescent() {
     let target = EPOCH.target();
-    let local = local_universe();
+    let local = thread_universe();
     if local != target && local != UNREGISTERED {
         adopt(target);
     }
@@ -339,6 +431,9 @@ pub(crate) struct Progress {
     /// The universe threads are moving to, and whether this is a reversal.
     pub target: u64,
     pub reversing: bool,
+    /// The transition's own universe (while reversing, `target` is the
+    /// reversal's): requests in it run the new code.
+    pub universe: u64,
 }
 
 pub(crate) static PROGRESS: Mutex<Option<Progress>> = Mutex::new(None);
@@ -355,6 +450,10 @@ pub struct TransitionInfo {
     pub reversing: bool,
     /// Registered threads that have not switched yet.
     pub waiting_for: Vec<StalledThread>,
+    /// In-flight request scopes ([`request`](crate::request)) it waits
+    /// for, by where they were created: those that started on the old
+    /// version, or, once reversing, those that started on the new one.
+    pub waiting_for_requests: Vec<StalledRequest>,
 }
 
 /// The transition in progress, if any.
@@ -363,13 +462,44 @@ pub(crate) fn transition() -> Option<TransitionInfo> {
     let p = progress.as_ref()?;
     let elapsed = p.started.elapsed();
     let waiting_for = not_arrived(p.target, elapsed);
+    let (universe, reversing) = (p.universe, p.reversing);
+    let waiting_for_requests = waiting_requests(universe, reversing);
     Some(TransitionInfo {
         what: p.what.clone(),
         functions: p.functions.clone(),
         elapsed,
-        reversing: p.reversing,
+        reversing,
         waiting_for,
+        waiting_for_requests,
     })
+}
+
+/// The requests a transition to `universe` waits for: those outside it,
+/// or, reversing, those in it.
+fn waiting_requests(universe: u64, reversing: bool) -> Vec<StalledRequest> {
+    REQUESTS
+        .report(Instant::now(), |u| (u == universe) == reversing)
+        .into_iter()
+        .map(StalledRequest::from)
+        .collect()
+}
+
+/// What a transition that timed out waited for.
+#[derive(Debug, Default)]
+pub(crate) struct Stalled {
+    pub threads: Vec<StalledThread>,
+    pub requests: Vec<StalledRequest>,
+}
+
+impl Stalled {
+    pub(crate) fn into_error(self, what: String, deadline: Duration) -> crate::Error {
+        crate::Error::Timeout {
+            what,
+            deadline,
+            stalled: self.threads,
+            requests: self.requests,
+        }
+    }
 }
 
 fn stalled(t: &ThreadRecord, elapsed: Duration) -> StalledThread {
@@ -444,21 +574,27 @@ fn adopt_self(target: u64) {
 /// Waits until every online registered thread has passed a safepoint
 /// (a grace period), for reclaiming libraries. `_turn` proves no transition
 /// runs meanwhile.
-pub(crate) fn grace(_turn: &Turn, deadline: Duration) -> Result<(), Vec<StalledThread>> {
+///
+/// Request scopes are not waited for: a request that started before a
+/// patch was reverted finished before the revert returned (the revert
+/// waited for it), so none runs a reverted patch's code.
+pub(crate) fn grace(_turn: &Turn, deadline: Duration) -> Result<(), Stalled> {
     if THREADS.lock().is_empty() {
         return Ok(());
     }
-    publish_and_wait(next_universe(), Instant::now(), deadline)
+    publish_and_wait(next_universe(), Instant::now(), deadline, false)
 }
 
 /// Publishes universe `t` (the calling thread, at a safepoint, adopts it)
-/// and waits until every online registered thread is in it; past
-/// `started + deadline`, returns those that are not.
+/// and waits until every online registered thread is in it, and with
+/// `requests` every in-flight request scope too; past `started +
+/// deadline`, returns those that are not.
 fn publish_and_wait(
     t: u64,
     started: Instant,
     deadline: Duration,
-) -> Result<(), Vec<StalledThread>> {
+    requests: bool,
+) -> Result<(), Stalled> {
     EPOCH.publish(t);
     adopt_self(t);
     // Off the call path: one scan of the registered threads per transition.
@@ -471,7 +607,9 @@ fn publish_and_wait(
             .collect();
         (threads.len(), waiting)
     };
-    if poll_until(started + deadline, || all_arrived(t)) {
+    // Threads first: a request scan takes every shard's lock.
+    let done = || all_arrived(t) && (!requests || REQUESTS.all_in(t));
+    if poll_until(started + deadline, done) {
         set_last_waited(Waited {
             registered,
             threads: waiting,
@@ -479,7 +617,14 @@ fn publish_and_wait(
         });
         Ok(())
     } else {
-        Err(not_arrived(t, started.elapsed()))
+        Err(Stalled {
+            threads: not_arrived(t, started.elapsed()),
+            requests: if requests {
+                waiting_requests(t, false)
+            } else {
+                Vec::new()
+            },
+        })
     }
 }
 
@@ -522,19 +667,23 @@ pub(crate) fn switch(
     what: String,
     changes: Vec<Change>,
     deadline: Duration,
-) -> Result<Turn, Vec<StalledThread>> {
+) -> Result<Turn, Stalled> {
     if changes.is_empty() {
         return Ok(turn);
     }
     {
-        // With no registered thread, swap directly: each call is still old
-        // or new. Holding the list's lock keeps a thread from registering
-        // (and starting a request) half-way through.
+        // With no registered thread and no request scope in flight, swap
+        // directly: each call is still old or new. Holding the list's lock
+        // and every request shard's keeps a thread from registering, and
+        // a request scope from starting, half-way through.
         let threads = THREADS.lock();
-        if threads.is_empty() {
+        if threads.is_empty()
+            && let Some(requests) = REQUESTS.lock_empty()
+        {
             for c in &changes {
                 c.entry.slot.set(c.new);
             }
+            drop(requests);
             set_last_waited(Waited::default());
             return Ok(turn);
         }
@@ -557,8 +706,9 @@ pub(crate) fn switch(
         started,
         target: t,
         reversing: false,
+        universe: t,
     });
-    let stalled = match publish_and_wait(t, started, deadline) {
+    let stalled = match publish_and_wait(t, started, deadline, true) {
         Ok(()) => {
             for c in &changes {
                 c.entry.slot.set(c.new);
@@ -577,7 +727,9 @@ pub(crate) fn switch(
         p.target = r;
         p.reversing = true;
     }
-    if poll_until(Instant::now() + deadline, || all_left(t)) {
+    // Requests that started in `t` run the new code until they finish.
+    let left = move || all_left(t) && REQUESTS.none_in(t);
+    if poll_until(Instant::now() + deadline, left) {
         restore(&changes);
         drop(turn);
         return Err(stalled);
@@ -585,7 +737,7 @@ pub(crate) fn switch(
     // A thread that switched has stopped reaching safepoints too. The
     // dispatchers stay correct meanwhile; finish in the background.
     let finish = move || {
-        while !all_left(t) {
+        while !left() {
             std::thread::sleep(Duration::from_millis(1));
         }
         restore(&changes);
