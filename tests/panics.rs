@@ -218,3 +218,44 @@ fn never_returning_function() {
     let reverted = catch_unwind(|| svc::abort_request(8)).unwrap_err();
     assert_eq!(payload(reverted), ("String", "request 8 aborted".into()));
 }
+
+/// A panic in an `extern "C"` replacement does what it does in any
+/// `extern "C"` function: it cannot unwind, so the process aborts (in a
+/// child process here), after the hook has reported the patch's message.
+/// Calls that do not panic return the replacement's value.
+#[test]
+fn a_panic_in_an_extern_c_replacement_aborts() {
+    use std::os::unix::process::ExitStatusExt;
+    const VAR: &str = "HOTPATCH_TEST_EXTERN_C_CHILD";
+    const NAME: &str = "a_panic_in_an_extern_c_replacement_aborts";
+    if std::env::var_os(VAR).is_some() {
+        let _serial = support::serial();
+        let patch = hotpatch::load(support::patch(PANICS)).unwrap();
+        println!("c_abi(1) = {}", svc::c_abi(1));
+        let unwound = catch_unwind(|| svc::c_abi(0));
+        println!("NOT ABORTED: {}", unwound.is_err());
+        patch.revert().unwrap();
+        return;
+    }
+    assert_eq!(svc::c_abi(0), 1, "the host's own");
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([NAME, "--exact", "--nocapture", "--test-threads=1"])
+        .env(VAR, "1")
+        .output()
+        .expect("run the test binary");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGABRT),
+        "{}\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
+        out.status
+    );
+    assert!(stdout.contains("c_abi(1) = 101"), "{stdout}");
+    assert!(!stdout.contains("NOT ABORTED"), "{stdout}");
+    assert!(stderr.contains("patched: c_abi(0)"), "{stderr}");
+    assert!(
+        stderr.contains("panic in a function that cannot unwind"),
+        "{stderr}"
+    );
+}
