@@ -1309,7 +1309,10 @@ fn the_harness_reaches_acceptance() {
     // The slot references: a table in RELRO or read-only data, misaligned.
     for (at, why) in [
         (Addr::Relro(0), "outside the library's writable memory"),
-        (Addr::ReadOnly(0), "outside the library's writable memory"),
+        (
+            Addr::ReadOnly(READ_ONLY.as_ptr().align_offset(8)),
+            "outside the library's writable memory",
+        ),
         (Addr::Arena(DATA + 4), "misaligned"),
         (Addr::Heap(0), "lies outside the library's memory"),
     ] {
