@@ -545,7 +545,10 @@ fn early_blocks_of_a_patch_are_the_hosts() {
     let v = svc::make_numbers(100);
     assert_eq!(&v[..3], [7, 8, 9], "the block made inside dlopen");
     assert_eq!(v.len(), 103);
-    assert!(intact(v.as_ptr().cast(), v.capacity() * 8), "the host's block");
+    assert!(
+        intact(v.as_ptr().cast(), v.capacity() * 8),
+        "the host's block"
+    );
     drop(v);
 
     // The early `String`, freed in the patch.

@@ -476,9 +476,10 @@ fn relro_premise() {
         let lib = unsafe { libloading::Library::new(&so) }.unwrap();
         // SAFETY: the address of the manifest static, read below as
         // `Manifest` (the fixture's, same compiler and crate).
-        let m = unsafe { lib.get::<*const hotpatch::__private::Manifest>(b"hotpatch_manifest_v1\0") }
-            .map(|s| *s)
-            .unwrap();
+        let m =
+            unsafe { lib.get::<*const hotpatch::__private::Manifest>(b"hotpatch_manifest_v1\0") }
+                .map(|s| *s)
+                .unwrap();
         // SAFETY: the manifest is in the mapped library; the field is read
         // as a plain word, never dereferenced.
         let addr = unsafe { std::ptr::addr_of!((*m).panics).cast::<usize>().read() };

@@ -76,7 +76,11 @@ fn other_payloads_arrive_as_they_are() {
     let so = support::patch(PANICS);
     let patch = hotpatch::load(&so).unwrap();
     let caught = catch_unwind(|| svc::scale(0)).unwrap_err();
-    assert_eq!(caught.downcast_ref::<u32>(), Some(&0), "the patch's `panic_any(0u32)`");
+    assert_eq!(
+        caught.downcast_ref::<u32>(),
+        Some(&0),
+        "the patch's `panic_any(0u32)`"
+    );
     assert_eq!(svc::scale(2), 200);
     patch.revert().unwrap();
     assert_eq!(svc::scale(2), 20);
@@ -105,7 +109,9 @@ fn the_hosts_panic_hook_sees_a_patch_panic() {
     std::panic::set_hook(Box::new(|info| {
         let message = info.payload().downcast_ref::<&str>().map(|s| s.to_string());
         let at = info.location().map(|l| (l.file().to_owned(), l.line()));
-        SEEN.lock().unwrap_or_else(|e| e.into_inner()).push((message, at));
+        SEEN.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((message, at));
     }));
     let caught = catch_unwind(|| svc::checked_div(1, 0));
     std::panic::set_hook(previous);

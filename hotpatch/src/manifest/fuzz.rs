@@ -1030,11 +1030,18 @@ fn check_records(input: &RecordInput) -> Result<(), TestCaseError> {
             prop_assert!(!input.right(), "a right record refused: {e}");
         }
         Ok(r) => {
-            prop_assert!(input.host_getter(), "a target getter not the host's accepted");
+            prop_assert!(
+                input.host_getter(),
+                "a target getter not the host's accepted"
+            );
             prop_assert!(matches!(input.replacement, Addr::Text(_)));
             let name = r.name.as_ptr() as usize;
             prop_assert!(
-                if r.name.is_empty() { name != 0 } else { MAPS.own(name, r.name.len(), "r") },
+                if r.name.is_empty() {
+                    name != 0
+                } else {
+                    MAPS.own(name, r.name.len(), "r")
+                },
                 "a name outside the library accepted"
             );
             prop_assert!(MAPS.own(r.code.as_ptr() as usize, 1, "x"));
@@ -1055,7 +1062,11 @@ fn check_records(input: &RecordInput) -> Result<(), TestCaseError> {
     }
     if !input.host_getter() {
         prop_assert!(result.is_err(), "a target getter outside the host's code");
-        prop_assert_eq!(calls, 0, "a target getter that is not the host's was called");
+        prop_assert_eq!(
+            calls,
+            0,
+            "a target getter that is not the host's was called"
+        );
     }
     Ok(())
 }
@@ -1248,7 +1259,10 @@ fn the_harness_reaches_acceptance() {
         .unwrap();
     assert_eq!(checked.tables.functions.len(), 2);
     assert_eq!(checked.tables.slot_refs.len(), 3);
-    assert_eq!(std::ptr::from_ref(checked.panics) as usize, arena() + DATA + 1024);
+    assert_eq!(
+        std::ptr::from_ref(checked.panics) as usize,
+        arena() + DATA + 1024
+    );
     assert_eq!(checked.about.name, "fuzz");
     assert_eq!(CALLS.load(Relaxed), 2, "both getters called once");
 
@@ -1384,7 +1398,10 @@ fn the_record_harness_reaches_acceptance() {
         };
         CALLS.store(0, Relaxed);
         let result = patch_fn(&image, &host, &record).map(|r| r.target as usize);
-        (result.map_err(|r| r.at(Path::new(PATH)).to_string()), CALLS.load(Relaxed))
+        (
+            result.map_err(|r| r.at(Path::new(PATH)).to_string()),
+            CALLS.load(Relaxed),
+        )
     };
     assert_eq!(check(&right), (Ok(0x1234), 1));
     // A private copy: the library's own code.
@@ -1394,12 +1411,19 @@ fn the_record_harness_reaches_acceptance() {
     assert!(err.unwrap_err().contains("a copy inside the patch"));
     assert_eq!(calls, 0);
     // Neither image's code.
-    for a in [Addr::OtherObject, Addr::Arena(DATA), Addr::Relro(0), Addr::Wild(0x1000)] {
+    for a in [
+        Addr::OtherObject,
+        Addr::Arena(DATA),
+        Addr::Relro(0),
+        Addr::Wild(0x1000),
+    ] {
         let mut neither = right.clone();
         neither.target = TargetGetter::NotCode(a);
         let (err, calls) = check(&neither);
         assert!(
-            err.as_ref().unwrap_err().contains("neither the library's code nor this process's"),
+            err.as_ref()
+                .unwrap_err()
+                .contains("neither the library's code nor this process's"),
             "{a:?}: {err:?}"
         );
         assert_eq!(calls, 0);
