@@ -24,25 +24,23 @@
 //!
 //! | field | checked in | what | case here |
 //! |---|---|---|---|
-//! | the symbol's address | `manifest.rs: check` | non-null, aligned, inside a loaded object, 16 header bytes readable | fuzz only (`dlsym` answers an address in the library, or none: errors.rs `a_shared_object_without_a_manifest`) |
-//! | `magic`, `abi_version` | `check` | equal to the host's | (errors.rs) |
-//! | `manifest_size` | `check` | `size_of::<Manifest>()`; then the whole struct readable | `manifest_size` |
-//! | the seven getters (`functions`, `slots`, `shared`, `host_raise`, `host_allocator`, `early_overflow`, `init`) | `check` (`code`) | if set, in the library's executable segments (before any is called) | `*_wild`, `*_in_data`, `*_in_another_object` |
-//! | `rustc`, `target`, `panic_strategy` | `check` (`read_str`) | non-null, at most 64 KiB, readable, UTF-8; equal to the host's | `rustc_null`, `target_wild`, `panic_strategy_on_heap` |
-//! | `entry_size`, `patch_fn_size`, `shared_entry_size` | `check` | this runtime's sizes | `entry_size` |
-//! | `name`, `version`, `description` | `check` (`read_str`) | as the strings above | `name_too_long`, `version_in_another_object`, `description_not_utf8` |
-//! | `hotpatch_version` | nowhere | never read | - |
-//! | `functions` (what it returns) | `check` (`table`) | set; count at most 2^20, non-null, aligned, whole table readable; at least one | `functions_none`, `functions_*` |
-//! | `slots` (what it returns) | `check` (`table`) | set; as `functions` (may be empty) | `slots_none`, `slots_wild_table` |
-//! | `shared` (what it returns) | `check` (`table`) | optional; as `functions` | `shared_misaligned` |
-//! | `host_allocator` (the cell) | `check` | aligned, writable (not RELRO) | `host_allocator_cell_*` |
-//! | `early_overflow` | `check` | called if set; `true` refuses (loader.rs: `apply`) | - |
-//! | `host_raise` (the cell) | `check` | set; aligned, writable (not RELRO) | `host_raise_none`, `host_raise_cell_*` |
-//! | `init` | `check` (with the getters); called by `Checked::run_init` | in the library's code | `init_wild` |
-//! | each `PatchFn`: `target`, `replacement`, `name` | `check` (`records`: `patch_fn`) | target getter and replacement in the library's code, name readable UTF-8; then the target getter is called | `record_*` |
-//! | each target's `Entry` | `check` (`entry`, from `patch_fn`) | aligned, readable; `path`, `signature` readable UTF-8; `layouts` aligned, readable, no overflow; `slot` aligned, writable; the five functions in code; then registry.rs: `resolve`, `compatible` | `entry_*` |
-//! | each entry of `slots` | `check` (`records`: `entry`) | as above, before `prepare` writes its slot | `entry_slot_*` |
-//! | each `SharedEntry` | `check` (`records`: `shared_entry`) | `path`, `ty` readable UTF-8; `local` readable; `target` aligned, writable | `shared_target_*` |
+//! | the symbol's address | `manifest.rs: locate` | non-null, aligned, inside a loaded object, 16 header bytes readable | fuzz only (`dlsym` answers an address in the library, or none: errors.rs `a_shared_object_without_a_manifest`) |
+//! | `magic`, `abi_version` | `header` | equal to the host's | (errors.rs) |
+//! | `manifest_size` | `whole` | `size_of::<Manifest>()`; then the whole struct readable | `manifest_size` |
+//! | the function fields (`functions`, `slot_refs`, `init`) | `code_fields` | if set, in the library's executable segments (before any is called) | `getter_*` |
+//! | `panics` | `code_fields` | non-null, aligned, in the library's writable memory, not RELRO | `panics_*` |
+//! | `rustc`, `target`, `panic_strategy` | `strings` (`read_str`) | non-null, at most 64 KiB, readable, UTF-8; equal to the host's | `string_rustc_null`, `string_target_wild`, `string_panic_strategy_on_heap` |
+//! | `entry_size`, `patch_fn_size` | `strings` | this runtime's sizes | `entry_size`, `patch_fn_size` |
+//! | `name`, `version`, `description` | `strings` (`read_str`) | as the strings above | `string_name_too_long`, `string_version_in_another_object`, `string_description_not_utf8` |
+//! | `hotpatch_version` | `strings` | validated, not compared | - |
+//! | `functions` (what it returns) | `getters` (`table`) | set; count at most 2^20, non-null, aligned, whole table readable; at least one | `getter_functions_none`, `functions_table_*` |
+//! | `slot_refs` (what it returns) | `getters` (`table`) | optional; as `functions` (may be empty), and the cells writable, not RELRO | `slot_refs_table_*` |
+//! | each slot reference's value | registry.rs: `plan` | the slot of one of the host's patchable functions (or its wrapper, when the library is reused) | `slot_ref_not_a_host_slot` |
+//! | `init` | `code_fields`; called by the loader after the plan | in the library's code | `getter_init_*` |
+//! | each `PatchFn`: `replacement`, `name`, `layouts` | `records` (`patch_fn`) | replacement in the library's code, name readable UTF-8, layouts aligned and readable (no overflow) | `record_replacement_*`, `record_name_wild`, `record_layouts_*` |
+//! | each `PatchFn::target` | `records` (`patch_fn`) | the host's code: not the library's (a private copy), not another object's; only then called | `record_target_*` |
+//! | what the target getter returns | registry.rs: `plan` | one of the host's own entries, by address | `record_target_not_an_entry` |
+//! | `PatchFn::layouts` against the host entry's | registry.rs: `compatible` | the same sizes and alignments | `record_layout_mismatch` |
 //!
 //! What no check can stop is code: the library's initialisers run inside
 //! `dlopen`, and the getters, once they are known to be the library's
@@ -138,19 +136,11 @@ fn elf_that_is_not_a_shared_object() {
 }
 
 /// A position-independent executable is `ET_DYN` like a shared object, so
-/// the structural check lets it through; the dynamic loader refuses it
-/// (glibc >= 2.30: "cannot dynamically load position-independent
-/// executable") before running any of its code. The test binary itself,
-/// and `/bin/true`.
-///
-/// The reason is only libloading's "dlopen failed" today: loader.rs keeps
-/// the error's `Display`, and libloading puts `dlerror()`'s text in its
-/// `source`.
+/// the structural check lets it through; it names no service build (no
+/// `.hotpatch.host` section), so it is refused as not a thin patch before
+/// `dlopen` could run any of its code. The test binary itself, and
+/// `/bin/true`.
 #[test]
-#[cfg_attr(
-    not(target_env = "gnu"),
-    ignore = "glibc's dlopen refuses executables; another libc's may not"
-)]
 fn a_position_independent_executable() {
     let _serial = support::serial();
     // A copy: the binary itself takes the umask (0775 under umask 002),
@@ -165,8 +155,7 @@ fn a_position_independent_executable() {
         assert_eq!(u16::from_le_bytes([bytes[16], bytes[17]]), 3, "ET_DYN");
         let err = refused(&exe);
         assert!(
-            matches!(&err, Error::NotLoadable { path, reason } if path == &exe
-                && reason.starts_with("dlopen failed")),
+            matches!(&err, Error::NotThin { path } if path == &exe),
             "{err:?}"
         );
     }
@@ -334,6 +323,8 @@ invalid_manifest! {
     manifest_size => "manifest_size", "expected";
     /// `entry_size`: another layout of `Entry`.
     entry_size => "entry_size", "table entry sizes differ";
+    /// `patch_fn_size`: another layout of `PatchFn`.
+    patch_fn_size => "patch_fn_size", "table entry sizes differ";
 
     /// `rustc.ptr` null.
     string_rustc_null => "rustc_null", "`rustc` is a null string";
@@ -351,24 +342,28 @@ invalid_manifest! {
 
     /// `functions` getter unset.
     getter_functions_none => "functions_none", "the function table getter is null";
-    /// `slots` getter unset.
-    getter_slots_none => "slots_none", "the slot table getter is null";
-    /// `host_raise` getter unset.
-    getter_host_raise_none => "host_raise_none", "the host-raise getter is null";
     /// `functions` getter at an unmapped address: refused, not called.
     getter_functions_wild => "functions_wild", "`functions` points outside the library's code";
-    /// `slots` getter at the library's read-only data.
-    getter_slots_in_data => "slots_in_data", "`slots` points outside the library's code";
-    /// `shared` getter near the top of the address space.
-    getter_shared_wild => "shared_wild", "`shared` points outside the library's code";
-    /// `host_raise` getter at a function of another object (`getpid`).
-    getter_host_raise_in_another_object => "host_raise_in_another_object", "`host_raise` points outside the library's code";
-    /// `host_allocator` getter at the library's relocated data.
-    getter_host_allocator_in_data => "host_allocator_in_data", "`host_allocator` points outside the library's code";
-    /// `early_overflow` getter at an unmapped address.
-    getter_early_overflow_wild => "early_overflow_wild", "`early_overflow` points outside the library's code";
+    /// `slot_refs` getter near the top of the address space.
+    getter_slot_refs_wild => "slot_refs_wild", "`slot_refs` points outside the library's code";
+    /// `slot_refs` getter at the library's read-only data.
+    getter_slot_refs_in_data => "slot_refs_in_data", "`slot_refs` points outside the library's code";
     /// `init` at an unmapped address.
     getter_init_wild => "init_wild", "`init` points outside the library's code";
+    /// `init` at a function of another object (`getpid`).
+    getter_init_in_another_object => "init_in_another_object", "`init` points outside the library's code";
+
+    /// The panic counter null.
+    panics_null => "panics_null", "the panic counter is null, misaligned or outside the library's writable memory";
+    /// The panic counter one byte off its alignment.
+    panics_misaligned => "panics_misaligned", "the panic counter is null, misaligned or outside the library's writable memory";
+    /// The panic counter in RELRO (a writable segment, read-only once
+    /// relocated): the shims' `fetch_add` would fault.
+    panics_relro => "panics_relro", "the panic counter is null, misaligned or outside the library's writable memory";
+    /// The panic counter in read-only data.
+    panics_read_only => "panics_read_only", "the panic counter is null, misaligned or outside the library's writable memory";
+    /// The panic counter on the heap: writable, but not the library's.
+    panics_on_heap => "panics_on_heap", "the panic counter is null, misaligned or outside the library's writable memory";
 
     /// `functions` returns null with a count of 3.
     functions_table_null => "functions_null_table", "the function table is null";
@@ -380,103 +375,117 @@ invalid_manifest! {
     functions_table_huge_count => "functions_huge_count", "the function table has 18446744073709551615 entries";
     /// `functions` returns a count that runs past the library's memory.
     functions_table_past_the_end => "functions_past_the_end", "the function table lies outside the library's memory";
-    /// `slots` returns a table at an unmapped address.
-    slots_table_wild => "slots_wild_table", "the slot table lies outside the library's memory";
-    /// `shared` returns a misaligned table.
-    shared_table_misaligned => "shared_misaligned", "the shared static table is misaligned";
+    /// `functions` returns an empty table.
+    functions_table_empty => "functions_empty", "the patch replaces no function";
 
-    /// `host_raise` returns null.
-    host_raise_cell_null => "host_raise_cell_null", "the host-raise cell is misaligned or outside the library's writable memory";
-    /// `host_raise` returns a cell on the heap.
-    host_raise_cell_on_heap => "host_raise_cell_on_heap", "the host-raise cell is misaligned or outside the library's writable memory";
-    /// `host_raise` returns a cell in read-only data.
-    host_raise_cell_read_only => "host_raise_cell_read_only", "the host-raise cell is misaligned or outside the library's writable memory";
-    /// `host_raise` returns a misaligned cell.
-    host_raise_cell_misaligned => "host_raise_cell_misaligned", "the host-raise cell is misaligned or outside the library's writable memory";
-    /// `host_allocator` returns a cell in code.
-    host_allocator_cell_in_code => "host_allocator_cell_in_code", "the allocator cell is misaligned or outside the library's writable memory";
+    /// `slot_refs` returns a table at an unmapped address.
+    slot_refs_table_wild => "slot_refs_wild_table", "the slot reference table lies outside the library's memory";
+    /// `slot_refs` returns a misaligned table.
+    slot_refs_table_misaligned => "slot_refs_misaligned", "the slot reference table is misaligned";
+    /// `slot_refs` returns a table in read-only data.
+    slot_refs_table_read_only => "slot_refs_read_only", "the slot references are outside the library's writable memory";
+    /// `slot_refs` returns a good cell, on the heap.
+    slot_refs_table_on_heap => "slot_refs_on_heap", "the slot reference table lies outside the library's memory";
+    /// A slot reference holding an address that is no slot of the host:
+    /// the loader would store a wrapper there and patch code call it.
+    slot_ref_not_a_host_slot => "slot_ref_not_a_slot", "is not the slot of a patchable function of this process";
 
     /// `PatchFn::replacement` null.
     record_replacement_null => "record_replacement_null", "a replacement record points outside the library's code";
-    /// `PatchFn::target` (a getter) at data: refused, not called.
-    record_target_in_data => "record_target_in_data", "a replacement record points outside the library's code";
+    /// `PatchFn::replacement` in another object's code (`getpid`).
+    record_replacement_in_another_object => "record_replacement_in_another_object", "a replacement record points outside the library's code";
     /// `PatchFn::name` at an unmapped address.
     record_name_wild => "record_name_wild", "a replacement record points outside the library's code";
+    /// `PatchFn::layouts` at an unmapped address.
+    record_layouts_wild => "record_layouts_wild", "a replacement record points outside the library's code";
+    /// `PatchFn::layouts` with a length whose size in bytes overflows.
+    record_layouts_overflow => "record_layouts_overflow", "a replacement record points outside the library's code";
+    /// `PatchFn::layouts`, right values, on the heap.
+    record_layouts_on_heap => "record_layouts_on_heap", "a replacement record points outside the library's code";
 
-    /// The target getter returns a good copy of the entry, on the heap.
-    entry_on_heap => "entry_on_heap", "an entry lies outside the library's memory";
-    /// The target getter returns a misaligned entry.
-    entry_misaligned => "entry_misaligned", "an entry lies outside the library's memory";
-    /// `Entry::path` at an unmapped address.
-    entry_path_wild => "entry_path_wild", "an entry points outside the library's memory or code";
-    /// `Entry::original` at an unmapped address.
-    entry_original_wild => "entry_original_wild", "an entry points outside the library's memory or code";
+    /// The target getter in the library's read-only data: neither image's
+    /// code, not called.
+    record_target_in_data => "record_target_in_data", "is neither the library's code nor this process's";
+    /// The target getter at an unmapped address.
+    record_target_wild => "record_target_wild", "is neither the library's code nor this process's";
+    /// The target getter in another object's code (`getpid`).
+    record_target_in_another_object => "record_target_in_another_object", "is neither the library's code nor this process's";
+    /// The target getter is the patch's own code: what a patch linking a
+    /// private copy of the service would name. Refused, not called.
+    record_target_own_copy => "record_target_own_copy", "is a copy inside the patch, not this process's function";
 }
 
-/// `Entry::path` not UTF-8: a `&str` the registry would hash, print and
-/// copy into the error.
-#[test]
-fn entry_path_not_utf8() {
-    let _serial = support::serial();
-    invalid("entry_path_not_utf8", "not UTF-8");
+/// Something the hostile fixture's record can name as its target getter:
+/// code of the host that returns an address that is no entry of the
+/// registry's (`record_target_not_an_entry`).
+#[unsafe(no_mangle)]
+pub fn hotpatch_hostile_not_an_entry() -> *const u8 {
+    static NOT_AN_ENTRY: [u64; 16] = [0; 16];
+    NOT_AN_ENTRY.as_ptr().cast()
 }
 
-/// `Entry::layouts` with a length whose size in bytes overflows.
+/// The target getter is the host's code, but what it returns is no entry
+/// of the host's: the registry finds entries by address, never trusting
+/// what a getter hands over.
 #[test]
-fn entry_layouts_overflow() {
+fn record_target_not_an_entry() {
     let _serial = support::serial();
-    invalid(
-        "entry_layouts_overflow",
-        "an entry points outside the library's memory or code",
+    // Keeps the export, and checks the premise: it is not an entry.
+    let not_an_entry = std::hint::black_box(hotpatch_hostile_not_an_entry as fn() -> *const u8)();
+    assert!(!not_an_entry.is_null());
+    let so = hostile("record_target_not_an_entry");
+    let err = refused(&so);
+    assert!(
+        matches!(&err, Error::UnknownTarget { path, function } if path == &so
+            && function == "fixture_patch_hostile_manifest::answer"),
+        "{err:?}"
     );
 }
 
-/// `Entry::slot` of the slot table misaligned: the runtime would store
-/// to it (redirecting the patch's copy of `answer` to the host).
+/// A hand-made record whose layouts say `answer` returns a `u32`: the host
+/// entry's say `u64`.
 #[test]
-fn entry_slot_misaligned() {
+fn record_layout_mismatch() {
     let _serial = support::serial();
-    invalid(
-        "entry_slot_misaligned",
-        "an entry points outside the library's memory",
+    let so = hostile("record_layout_mismatch");
+    let err = refused(&so);
+    assert!(
+        matches!(&err, Error::LayoutMismatch { path, function, detail } if path == &so
+            && function == "svc::answer"
+            && detail == "the return type has size 8 align 8 in this process but size 4 align 4 in the patch"),
+        "{err:?}"
     );
-}
-
-/// `SharedEntry::target` misaligned: the runtime would store to it.
-#[test]
-fn shared_target_misaligned() {
-    let _serial = support::serial();
-    invalid("shared_target_misaligned", "a shared static's record");
 }
 
 // ---- Cells the runtime writes to, in memory that is read-only
 
-/// The premise of the `*_relro` cases: the fixture's `RELRO` static lies
-/// in a segment marked writable (`PF_W`) that the dynamic loader made
-/// read-only after relocation (`PT_GNU_RELRO`), and `READ_ONLY` in
-/// read-only data. Checked on a separate mapping of the fixture, against
-/// the kernel's view.
+/// The premise of the `*_relro` and `*_read_only` cases: the fixture's
+/// `RELRO` static lies in a segment marked writable (`PF_W`) that the
+/// dynamic loader made read-only after relocation (`PT_GNU_RELRO`), and
+/// `READ_ONLY` in read-only data. Each is found as those cases point the
+/// panic counter at it (a thin patch exports nothing but its manifest),
+/// on a separate mapping of the fixture, and checked against the kernel's
+/// view.
 #[test]
 fn relro_premise() {
     let _serial = support::serial();
-    let so = support::copy_to_temp(&support::patch(HOSTILE), "hostile-premise.so");
-    // SAFETY: the fixture's initialiser, with the placeholder case
-    // `valid`, only writes the library's own statics.
-    let lib = unsafe { libloading::Library::new(&so) }.unwrap();
-    for (symbol, perms) in [
-        (&b"hotpatch_hostile_relro\0"[..], "r--p"),
-        (b"hotpatch_hostile_read_only\0", "r--p"),
-    ] {
-        // SAFETY: the address of a static, not read.
-        let addr = unsafe { lib.get::<*const u8>(symbol) }.map(|s| *s).unwrap() as usize;
-        assert_eq!(
-            permissions(addr),
-            perms,
-            "{}",
-            String::from_utf8_lossy(symbol)
-        );
+    for case in ["panics_relro", "panics_read_only"] {
+        let so = support::copy_to_temp(&hostile(case), &format!("premise-{case}.so"));
+        // SAFETY: the fixture's initialiser only writes the library's own
+        // statics; nothing of it is called here.
+        let lib = unsafe { libloading::Library::new(&so) }.unwrap();
+        // SAFETY: the address of the manifest static, read below as
+        // `Manifest` (the fixture's, same compiler and crate).
+        let m =
+            unsafe { lib.get::<*const hotpatch::__private::Manifest>(b"hotpatch_manifest_v1\0") }
+                .map(|s| *s)
+                .unwrap();
+        // SAFETY: the manifest is in the mapped library; the field is read
+        // as a plain word, never dereferenced.
+        let addr = unsafe { std::ptr::addr_of!((*m).panics).cast::<usize>().read() };
+        assert_eq!(permissions(addr), "r--p", "{case}: {addr:#x}");
+        std::mem::forget(lib);
     }
-    std::mem::forget(lib);
 }
 
 /// The permissions `/proc/self/maps` gives the mapping containing `addr`.
@@ -512,13 +521,6 @@ macro_rules! invalid_manifest_isolated {
 }
 
 invalid_manifest_isolated! {
-    /// `host_raise` returns a cell in RELRO, which `prepare` writes.
-    host_raise_cell_relro => "host_raise_cell_relro", "the host-raise cell is misaligned or outside the library's writable memory";
-    /// `host_allocator` returns a cell in RELRO, which `prepare` writes.
-    host_allocator_cell_relro => "host_allocator_cell_relro", "the allocator cell is misaligned or outside the library's writable memory";
-    /// `Entry::slot` of the slot table in RELRO, which `prepare` redirects.
-    entry_slot_relro => "entry_slot_relro", "an entry points outside the library's memory";
-    /// `SharedEntry::target` in RELRO, which `prepare` writes (for a
-    /// static the host shares).
-    shared_target_relro => "shared_target_relro", "a shared static's record";
+    /// `slot_refs` returns a table in RELRO, which `prepare` writes.
+    slot_refs_table_relro => "slot_refs_relro", "the slot references are outside the library's writable memory";
 }

@@ -1,10 +1,17 @@
 //! A panic in patch code reaches the caller as an ordinary panic of the
-//! host, with the same payload type and text, never an abort; and the
-//! patched function keeps working after it. (A patch's cdylib has its own
-//! std: unwinding its panic straight into the host would abort.)
+//! host, with its own payload (any type), never an abort; the host's
+//! panic hook sees it with the patch's message and location; and the
+//! patched function keeps working after it. A thin patch has no std of
+//! its own: its panics are the host's std's, unwinding through patch
+//! frames like any other Rust code.
 //!
-//! The patch's own std reports its panics on stderr, so this file's
-//! output shows some panic messages that are expected.
+//! The hook reports the panics on stderr, so this file's output shows
+//! some panic messages that are expected.
+//!
+//! Not checked here: the manifest's panic counter (what `control::watch`
+//! reads). `watch` observes over a time window, and this suite does not
+//! time things; the counter is not reachable otherwise without the
+//! runtime's internals.
 
 mod support;
 
@@ -61,17 +68,66 @@ fn string_payload_reaches_the_caller() {
     assert_eq!(svc::add(2, 3), 5);
 }
 
+/// A payload that is neither `&str` nor `String` arrives as itself: one
+/// std, no transport that turns it into text.
 #[test]
-fn other_payloads_become_a_string_saying_so() {
+fn other_payloads_arrive_as_they_are() {
     let _serial = support::serial();
     let so = support::patch(PANICS);
     let patch = hotpatch::load(&so).unwrap();
-    let (kind, text) = payload(catch_unwind(|| svc::scale(0)).unwrap_err());
-    assert_eq!(kind, "String");
-    assert!(text.contains("not a string"), "{text}");
+    let caught = catch_unwind(|| svc::scale(0)).unwrap_err();
+    assert_eq!(
+        caught.downcast_ref::<u32>(),
+        Some(&0),
+        "the patch's `panic_any(0u32)`"
+    );
     assert_eq!(svc::scale(2), 200);
     patch.revert().unwrap();
     assert_eq!(svc::scale(2), 20);
+}
+
+/// The host's panic hook (set by the host, here the test) is the hook a
+/// patch panic runs: it sees the patch's message and the location in the
+/// patch's source.
+#[test]
+fn the_hosts_panic_hook_sees_a_patch_panic() {
+    let _serial = support::serial();
+    let so = support::patch(PANICS);
+    let source = support::root().join("tests/fixtures/patch-panics/src/lib.rs");
+    let line = std::fs::read_to_string(&source)
+        .unwrap()
+        .lines()
+        .position(|l| l.contains(r#"panic!("patched: division by zero")"#))
+        .expect("the fixture's panic") as u32
+        + 1;
+    let patch = hotpatch::load(&so).unwrap();
+
+    type Seen = Vec<(Option<String>, Option<(String, u32)>)>;
+    static SEEN: std::sync::Mutex<Seen> = std::sync::Mutex::new(Vec::new());
+    SEEN.lock().unwrap().clear();
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|info| {
+        let message = info.payload().downcast_ref::<&str>().map(|s| s.to_string());
+        let at = info.location().map(|l| (l.file().to_owned(), l.line()));
+        SEEN.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((message, at));
+    }));
+    let caught = catch_unwind(|| svc::checked_div(1, 0));
+    std::panic::set_hook(previous);
+    patch.revert().unwrap();
+
+    assert!(caught.is_err());
+    let seen = std::mem::take(&mut *SEEN.lock().unwrap());
+    assert_eq!(seen.len(), 1, "the hook ran once: {seen:?}");
+    let (message, at) = &seen[0];
+    assert_eq!(message.as_deref(), Some("patched: division by zero"));
+    let (file, at_line) = at.as_ref().expect("a location");
+    assert!(
+        file.ends_with("tests/fixtures/patch-panics/src/lib.rs"),
+        "the patch's source: {file}"
+    );
+    assert_eq!(*at_line, line, "the line of the patch's `panic!`");
 }
 
 #[test]
@@ -167,4 +223,45 @@ fn never_returning_function() {
     patch.revert().unwrap();
     let reverted = catch_unwind(|| svc::abort_request(8)).unwrap_err();
     assert_eq!(payload(reverted), ("String", "request 8 aborted".into()));
+}
+
+/// A panic in an `extern "C"` replacement does what it does in any
+/// `extern "C"` function: it cannot unwind, so the process aborts (in a
+/// child process here), after the hook has reported the patch's message.
+/// Calls that do not panic return the replacement's value.
+#[test]
+fn a_panic_in_an_extern_c_replacement_aborts() {
+    use std::os::unix::process::ExitStatusExt;
+    const VAR: &str = "HOTPATCH_TEST_EXTERN_C_CHILD";
+    const NAME: &str = "a_panic_in_an_extern_c_replacement_aborts";
+    if std::env::var_os(VAR).is_some() {
+        let _serial = support::serial();
+        let patch = hotpatch::load(support::patch(PANICS)).unwrap();
+        println!("c_abi(1) = {}", svc::c_abi(1));
+        let unwound = catch_unwind(|| svc::c_abi(0));
+        println!("NOT ABORTED: {}", unwound.is_err());
+        patch.revert().unwrap();
+        return;
+    }
+    assert_eq!(svc::c_abi(0), 1, "the host's own");
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([NAME, "--exact", "--nocapture", "--test-threads=1"])
+        .env(VAR, "1")
+        .output()
+        .expect("run the test binary");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGABRT),
+        "{}\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
+        out.status
+    );
+    assert!(stdout.contains("c_abi(1) = 101"), "{stdout}");
+    assert!(!stdout.contains("NOT ABORTED"), "{stdout}");
+    assert!(stderr.contains("patched: c_abi(0)"), "{stderr}");
+    assert!(
+        stderr.contains("panic in a function that cannot unwind"),
+        "{stderr}"
+    );
 }

@@ -118,6 +118,38 @@ impl Image {
     }
 }
 
+#[cfg(test)]
+impl Image {
+    /// This image with `[start, end)` cut out of its executable segments,
+    /// and an image of that range alone (executable): two objects' code
+    /// from one binary, for the fuzz of the checks that tell a patch's
+    /// code from the host's (manifest/fuzz.rs).
+    pub(crate) fn split_code(&self, start: usize, end: usize) -> (Image, Image) {
+        let mut rest = Vec::new();
+        for &(s, e, flags) in &self.segments {
+            if flags & PF_X == 0 || e <= start || end <= s {
+                rest.push((s, e, flags));
+                continue;
+            }
+            if s < start {
+                rest.push((s, start, flags));
+            }
+            if end < e {
+                rest.push((end, e, flags));
+            }
+        }
+        let rest = Image {
+            segments: rest,
+            relro: self.relro.clone(),
+        };
+        let carved = Image {
+            segments: vec![(start, end, PF_R | PF_X)],
+            relro: Vec::new(),
+        };
+        (rest, carved)
+    }
+}
+
 fn page_size() -> usize {
     // SAFETY: no preconditions.
     let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };

@@ -1,7 +1,6 @@
-//! Fuzzing the manifest checks with proptest: manifests, replacement
-//! records, entries and shared records with arbitrary raw field values,
-//! checked by [`fields`] (steps 1 to 6 of [`check`]) and by step 7's
-//! [`patch_fn`], [`entry`] and [`shared_entry`].
+//! Fuzzing the manifest checks with proptest: manifests and replacement
+//! records with arbitrary raw field values, checked by [`fields`] (steps
+//! 1 to 6 of [`check`]) and by step 7's [`patch_fn`].
 //!
 //! The checks only accept a manifest inside a loaded object, so the inputs
 //! are written into [`ARENA`], writable memory of this test binary. Their
@@ -14,15 +13,25 @@
 //!
 //! Calling a getter runs code, which the runtime trusts once it knows it is
 //! the library's code. So the getters that get called are functions of
-//! this module (returning fuzzed tables, cells and entries); the getter
-//! *fields* also get addresses that are no such function, and those must
-//! be refused before any getter is called.
+//! this module (returning fuzzed tables); the getter *fields* also get
+//! addresses that are no such function, and those must be refused before
+//! any getter is called.
+//!
+//! A record's target getter must be the *host's* code, not the library's
+//! (a thin patch binds it to the service's own). Both are this binary
+//! here, so the records are checked against two images cut from it
+//! ([`Image::split_code`]): the host's is [`fuzz_target`] alone, the
+//! library's everything else. The target getter gets the host's getter,
+//! code of the library (a private copy), or an address in neither; only
+//! the first may be called.
 //!
 //! What must hold, besides not crashing:
 //! - an `Err` is one of the manifest errors and names the file;
 //! - an `Ok` hands over only memory of this binary (`dladdr`) that the
 //!   kernel maps as the runtime will use it (`/proc/self/maps`): tables and
-//!   strings readable, cells writable, functions executable; aligned;
+//!   strings readable, slot references and the panic counter writable (not
+//!   RELRO, which the kernel maps read-only), functions executable;
+//!   aligned;
 //! - a getter field that is not this binary's code means `Err`, with no
 //!   getter called;
 //! - a manifest whose every field is right is accepted.
@@ -34,17 +43,17 @@
 use std::path::Path;
 use std::ptr::{null, slice_from_raw_parts};
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize};
 use std::sync::{LazyLock, Mutex};
 use std::time::Instant;
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestRunner};
 
-use super::{Fields, MAX_FUNCTIONS, MAX_STR, entry, fields, patch_fn, shared_entry};
+use super::{Fields, MAX_FUNCTIONS, MAX_STR, fields, patch_fn};
 use crate::__private::{
-    ABI_VERSION, DataAddr, Entry, FnAddr, HostAllocFns, MAGIC, Manifest, PANIC_STRATEGY, PatchFn,
-    RUSTC_VERSION, RawStr, SharedEntry, Slot, TARGET, Transport, TypeLayout,
+    ABI_VERSION, Entry, FnAddr, MAGIC, Manifest, PANIC_STRATEGY, PatchFn, RUSTC_VERSION, RawStr,
+    SlotRef, TARGET, TypeLayout,
 };
 use crate::Error;
 use crate::image::Image;
@@ -55,8 +64,7 @@ const PATH: &str = "/fuzz/patch.so";
 
 /// Where manifests are written: `[0, RECORDS)`.
 const RECORDS: usize = 1024;
-/// Where records (entries, replacement records, shared records) are
-/// written: `[RECORDS, DATA)`.
+/// Where replacement records are written: `[RECORDS, DATA)`.
 const DATA: usize = 2048;
 /// Strings and tables: `[DATA, ARENA_LEN)`, refilled each case.
 const ARENA_LEN: usize = 8192;
@@ -124,7 +132,7 @@ impl Addr {
             Addr::Arena(off) => arena() + off,
             Addr::ReadOnly(off) => READ_ONLY.as_ptr() as usize + off,
             Addr::Relro(off) => (&raw const RELRO) as usize + off,
-            Addr::Text(off) => fuzz_init as fn() -> Result<(), Transport> as usize + off,
+            Addr::Text(off) => fuzz_init as fn() -> Result<(), String> as usize + off,
             Addr::Heap(off) => *HEAP + off,
             Addr::ImageEnd(delta) => MAPS.image_end.wrapping_add_signed(delta),
             Addr::OtherObject => getpid as *const () as usize,
@@ -355,11 +363,7 @@ impl Ret {
 
 // Relaxed throughout: set and read on the test's thread.
 static FUNCTIONS: Ret = Ret::new();
-static SLOTS: Ret = Ret::new();
-static SHARED: Ret = Ret::new();
-static RAISE_CELL: AtomicUsize = AtomicUsize::new(0);
-static ALLOC_CELL: AtomicUsize = AtomicUsize::new(0);
-static OVERFLOW: AtomicBool = AtomicBool::new(false);
+static SLOT_REFS: Ret = Ret::new();
 /// What [`fuzz_target`] returns.
 static TARGET_ENTRY: AtomicPtr<Entry> = AtomicPtr::new(std::ptr::null_mut());
 
@@ -368,44 +372,31 @@ unsafe extern "C" fn fuzz_functions(n: *mut usize) -> *const PatchFn {
     unsafe { FUNCTIONS.get(n) }
 }
 
-unsafe extern "C" fn fuzz_slots(n: *mut usize) -> *const Entry {
+unsafe extern "C" fn fuzz_slot_refs(n: *mut usize) -> *const SlotRef {
     // SAFETY: as above.
-    unsafe { SLOTS.get(n) }
+    unsafe { SLOT_REFS.get(n) }
 }
 
-unsafe extern "C" fn fuzz_shared(n: *mut usize) -> *const SharedEntry {
-    // SAFETY: as above.
-    unsafe { SHARED.get(n) }
-}
-
-unsafe extern "C" fn fuzz_host_raise() -> *const AtomicPtr<()> {
-    CALLS.fetch_add(1, Relaxed);
-    RAISE_CELL.load(Relaxed) as *const _
-}
-
-unsafe extern "C" fn fuzz_host_allocator() -> *const AtomicPtr<HostAllocFns> {
-    CALLS.fetch_add(1, Relaxed);
-    ALLOC_CELL.load(Relaxed) as *const _
-}
-
-unsafe extern "C" fn fuzz_early_overflow() -> bool {
-    CALLS.fetch_add(1, Relaxed);
-    OVERFLOW.load(Relaxed)
-}
-
-/// Never called by the checks (only `run_init` calls `init`).
-fn fuzz_init() -> Result<(), Transport> {
+/// Never called by the checks (the loader calls `init`, after the plan).
+fn fuzz_init() -> Result<(), String> {
     panic!("the checks called `init`")
 }
 
-/// A replacement record's target getter. Deliberately hands over any
+/// A replacement record's target getter: the host's code (the image
+/// [`host_image`] is this function alone). Deliberately hands over any
 /// bits as a reference (a transmute: `&*` would check the alignment in
-/// debug builds): the runtime calls it as returning a raw pointer.
+/// debug builds): the runtime calls it as returning a raw pointer, and
+/// only the registry decides whether that is one of its entries.
 #[allow(clippy::transmute_ptr_to_ref)]
+#[inline(never)]
 fn fuzz_target() -> &'static Entry {
     CALLS.fetch_add(1, Relaxed);
     // SAFETY: none, on purpose; see above.
     unsafe { std::mem::transmute::<*mut Entry, &'static Entry>(TARGET_ENTRY.load(Relaxed)) }
+}
+
+fn target_addr() -> usize {
+    fuzz_target as fn() -> &'static Entry as usize
 }
 
 /// A getter field holding `addr` (not a function), or `None` for 0.
@@ -436,29 +427,6 @@ fn table_getter(min: usize) -> impl Strategy<Value = TableGetter> {
 }
 
 #[derive(Clone, Debug)]
-enum CellGetter {
-    None,
-    NotCode(Addr),
-    Real(Addr),
-}
-
-fn cell_getter() -> impl Strategy<Value = CellGetter> {
-    prop_oneof![
-        1 => Just(CellGetter::None),
-        1 => not_a_getter().prop_map(CellGetter::NotCode),
-        2 => data_slot(8).prop_map(CellGetter::Real),
-        4 => addr().prop_map(CellGetter::Real),
-    ]
-}
-
-#[derive(Clone, Debug)]
-enum FlagGetter {
-    None,
-    NotCode(Addr),
-    Real(bool),
-}
-
-#[derive(Clone, Debug)]
 enum InitField {
     None,
     NotCode(Addr),
@@ -474,7 +442,8 @@ struct ManifestInput {
     magic: Option<[u8; 8]>,
     abi: Option<u32>,
     size: Option<u32>,
-    sizes: [Option<u32>; 3],
+    /// `entry_size`, `patch_fn_size`.
+    sizes: [Option<u32>; 2],
     rustc: Str,
     target: Str,
     panic_strategy: Str,
@@ -483,11 +452,9 @@ struct ManifestInput {
     version: Str,
     description: Str,
     functions: TableGetter,
-    slots: TableGetter,
-    shared: TableGetter,
-    host_raise: CellGetter,
-    host_allocator: CellGetter,
-    early_overflow: FlagGetter,
+    slot_refs: TableGetter,
+    /// Where the panic counter is (null is `None`).
+    panics: Addr,
     init: InitField,
     /// Random bytes for the data part of the arena.
     seed: u64,
@@ -498,6 +465,16 @@ fn mostly_right<T: std::fmt::Debug + Clone + 'static>(
     wrong: impl Strategy<Value = T> + 'static,
 ) -> impl Strategy<Value = Option<T>> {
     prop_oneof![9 => Just(None), 1 => wrong.prop_map(Some)]
+}
+
+/// Where a panic counter may be: anywhere, misaligned, RELRO, read-only,
+/// code, the heap, another object, null.
+fn counter() -> impl Strategy<Value = Addr> {
+    prop_oneof![
+        2 => data_slot(8),
+        1 => (DATA..ARENA_LEN).prop_map(Addr::Arena),
+        3 => addr(),
+    ]
 }
 
 fn manifest_input() -> impl Strategy<Value = ManifestInput> {
@@ -516,11 +493,7 @@ fn manifest_input() -> impl Strategy<Value = ManifestInput> {
         mostly_right(any::<[u8; 8]>()),
         mostly_right(any::<u32>()),
         mostly_right(any::<u32>()),
-        [
-            mostly_right(any::<u32>()),
-            mostly_right(any::<u32>()),
-            mostly_right(any::<u32>()),
-        ],
+        [mostly_right(any::<u32>()), mostly_right(any::<u32>())],
     );
     let strings = (
         string(),
@@ -534,14 +507,7 @@ fn manifest_input() -> impl Strategy<Value = ManifestInput> {
     let getters = (
         table_getter(1),
         table_getter(0),
-        prop_oneof![1 => Just(TableGetter::None), 3 => table_getter(0)],
-        cell_getter(),
-        prop_oneof![1 => Just(CellGetter::None), 3 => cell_getter()],
-        prop_oneof![
-            2 => Just(FlagGetter::None),
-            1 => not_a_getter().prop_map(FlagGetter::NotCode),
-            2 => any::<bool>().prop_map(FlagGetter::Real),
-        ],
+        counter(),
         prop_oneof![
             2 => Just(InitField::None),
             1 => not_a_getter().prop_map(InitField::NotCode),
@@ -564,12 +530,9 @@ fn manifest_input() -> impl Strategy<Value = ManifestInput> {
             version: s.5,
             description: s.6,
             functions: g.0,
-            slots: g.1,
-            shared: g.2,
-            host_raise: g.3,
-            host_allocator: g.4,
-            early_overflow: g.5,
-            init: g.6,
+            slot_refs: g.1,
+            panics: g.2,
+            init: g.3,
             seed,
         },
     )
@@ -581,52 +544,46 @@ fn good_manifest() -> impl Strategy<Value = ManifestInput> {
     (
         (0..(RECORDS - size) / 8).prop_map(|i| i * 8),
         (data_slot(TABLE), 1..5usize),
-        (data_slot(TABLE), 0..5usize),
         prop::option::of((data_slot(TABLE), 0..5usize)),
-        (data_slot(8), prop::option::of(data_slot(8))),
-        (prop::option::of(any::<bool>()), any::<bool>()),
+        data_slot(8),
+        any::<bool>(),
         any::<u64>(),
     )
-        .prop_map(
-            |(offset, functions, slots, shared, (raise, alloc), (overflow, init), seed)| {
-                let real = |(at, n)| TableGetter::Real {
-                    at,
-                    n,
-                    writes: true,
-                };
-                ManifestInput {
-                    elsewhere: None,
-                    offset,
-                    magic: None,
-                    abi: None,
-                    size: None,
-                    sizes: [None; 3],
-                    rustc: Str::Good,
-                    target: Str::Good,
-                    panic_strategy: Str::Good,
-                    hotpatch_version: Str::Good,
-                    name: Str::Good,
-                    version: Str::Good,
-                    description: Str::Good,
-                    functions: real(functions),
-                    slots: real(slots),
-                    shared: shared.map_or(TableGetter::None, real),
-                    host_raise: CellGetter::Real(raise),
-                    host_allocator: alloc.map_or(CellGetter::None, CellGetter::Real),
-                    early_overflow: overflow.map_or(FlagGetter::None, FlagGetter::Real),
-                    init: if init {
-                        InitField::Real
-                    } else {
-                        InitField::None
-                    },
-                    seed,
-                }
-            },
-        )
+        .prop_map(|(offset, functions, slot_refs, panics, init, seed)| {
+            let real = |(at, n)| TableGetter::Real {
+                at,
+                n,
+                writes: true,
+            };
+            ManifestInput {
+                elsewhere: None,
+                offset,
+                magic: None,
+                abi: None,
+                size: None,
+                sizes: [None; 2],
+                rustc: Str::Good,
+                target: Str::Good,
+                panic_strategy: Str::Good,
+                hotpatch_version: Str::Good,
+                name: Str::Good,
+                version: Str::Good,
+                description: Str::Good,
+                functions: real(functions),
+                slot_refs: slot_refs.map_or(TableGetter::None, real),
+                panics,
+                init: if init {
+                    InitField::Real
+                } else {
+                    InitField::None
+                },
+                seed,
+            }
+        })
 }
 
 /// How many fields [`ManifestInput::take`] knows.
-const MANIFEST_FIELDS: usize = 22;
+const MANIFEST_FIELDS: usize = 18;
 
 /// Mostly a good manifest with up to three fields taken from a random
 /// one (so that each check is reached with the fields before it right),
@@ -666,6 +623,12 @@ fn fill(seed: u64) {
     }
 }
 
+/// `at` is an aligned place in the data part of the arena with room for
+/// `size` bytes.
+fn in_data(at: Addr, size: usize) -> bool {
+    matches!(at, Addr::Arena(off) if off >= DATA && off.is_multiple_of(8) && off + size <= ARENA_LEN)
+}
+
 impl ManifestInput {
     /// Takes field number `field` from `other`.
     fn take(&mut self, other: &ManifestInput, field: usize) {
@@ -675,21 +638,18 @@ impl ManifestInput {
             2 => self.magic = other.magic,
             3 => self.abi = other.abi,
             4 => self.size = other.size,
-            5..=7 => self.sizes[field - 5] = other.sizes[field - 5],
-            8 => self.rustc = other.rustc.clone(),
-            9 => self.target = other.target.clone(),
-            10 => self.panic_strategy = other.panic_strategy.clone(),
-            11 => self.hotpatch_version = other.hotpatch_version.clone(),
-            12 => self.name = other.name.clone(),
-            13 => self.version = other.version.clone(),
-            14 => self.description = other.description.clone(),
-            15 => self.functions = other.functions.clone(),
-            16 => self.slots = other.slots.clone(),
-            17 => self.shared = other.shared.clone(),
-            18 => self.host_raise = other.host_raise.clone(),
-            19 => self.host_allocator = other.host_allocator.clone(),
-            20 => self.early_overflow = other.early_overflow.clone(),
-            21 => self.init = other.init.clone(),
+            5..=6 => self.sizes[field - 5] = other.sizes[field - 5],
+            7 => self.rustc = other.rustc.clone(),
+            8 => self.target = other.target.clone(),
+            9 => self.panic_strategy = other.panic_strategy.clone(),
+            10 => self.hotpatch_version = other.hotpatch_version.clone(),
+            11 => self.name = other.name.clone(),
+            12 => self.version = other.version.clone(),
+            13 => self.description = other.description.clone(),
+            14 => self.functions = other.functions.clone(),
+            15 => self.slot_refs = other.slot_refs.clone(),
+            16 => self.panics = other.panics,
+            17 => self.init = other.init.clone(),
             _ => unreachable!("{MANIFEST_FIELDS} fields"),
         }
     }
@@ -702,13 +662,10 @@ impl ManifestInput {
                 // A getter that writes no count leaves it at 0.
                 let n = if *writes { *n } else { 0 };
                 // An empty table is not read: its pointer may dangle.
-                (n == 0 && min == 0)
-                    || (matches!(at, Addr::Arena(off) if *off >= DATA && off.is_multiple_of(8) && off + TABLE <= ARENA_LEN)
-                        && (min.max(1)..5).contains(&n))
+                (n == 0 && min == 0) || (in_data(*at, TABLE) && (min.max(1)..5).contains(&n))
             }
             _ => false,
         };
-        let cell_ok = |c: &CellGetter| matches!(c, CellGetter::Real(Addr::Arena(off)) if *off >= DATA && off.is_multiple_of(8) && off + 8 <= ARENA_LEN);
         self.elsewhere.is_none()
             && self.offset.is_multiple_of(8)
             && self.magic.is_none()
@@ -727,24 +684,17 @@ impl ManifestInput {
             .iter()
             .all(|s| s.right_or_empty())
             && table_ok(&self.functions, 1)
-            && table_ok(&self.slots, 0)
-            && (matches!(self.shared, TableGetter::None) || table_ok(&self.shared, 0))
-            && cell_ok(&self.host_raise)
-            && (matches!(self.host_allocator, CellGetter::None) || cell_ok(&self.host_allocator))
-            && !matches!(self.early_overflow, FlagGetter::NotCode(_))
+            && (matches!(self.slot_refs, TableGetter::None) || table_ok(&self.slot_refs, 0))
+            && in_data(self.panics, 8)
             && !matches!(self.init, InitField::NotCode(_))
     }
 
     /// Whether a getter field holds something that is no code of this
     /// binary.
     fn has_foreign_getter(&self) -> bool {
-        [&self.functions, &self.slots, &self.shared]
+        [&self.functions, &self.slot_refs]
             .iter()
             .any(|t| matches!(t, TableGetter::NotCode(_)))
-            || [&self.host_raise, &self.host_allocator]
-                .iter()
-                .any(|c| matches!(c, CellGetter::NotCode(_)))
-            || matches!(self.early_overflow, FlagGetter::NotCode(_))
             || matches!(self.init, InitField::NotCode(_))
     }
 
@@ -761,17 +711,7 @@ impl ManifestInput {
                 }
             }
         }
-        fn cell<F: Copy>(c: &CellGetter, ret: &AtomicUsize, real: F) -> Option<F> {
-            match c {
-                CellGetter::None => None,
-                CellGetter::NotCode(a) => not_code(a.get()),
-                CellGetter::Real(a) => {
-                    ret.store(a.get(), Relaxed);
-                    Some(real)
-                }
-            }
-        }
-        let m = Manifest {
+        let mut m = Manifest {
             magic: self.magic.unwrap_or(MAGIC),
             abi_version: self.abi.unwrap_or(ABI_VERSION),
             manifest_size: self.size.unwrap_or(std::mem::size_of::<Manifest>() as u32),
@@ -783,29 +723,24 @@ impl ManifestInput {
             version: self.version.place("1.0.0"),
             description: self.description.place("a fuzzed manifest"),
             functions: table(&self.functions, &FUNCTIONS, fuzz_functions as _),
-            slots: table(&self.slots, &SLOTS, fuzz_slots as _),
-            host_raise: cell(&self.host_raise, &RAISE_CELL, fuzz_host_raise as _),
+            slot_refs: table(&self.slot_refs, &SLOT_REFS, fuzz_slot_refs as _),
             entry_size: self.sizes[0].unwrap_or(std::mem::size_of::<Entry>() as u32),
             patch_fn_size: self.sizes[1].unwrap_or(std::mem::size_of::<PatchFn>() as u32),
-            shared: table(&self.shared, &SHARED, fuzz_shared as _),
-            shared_entry_size: self.sizes[2].unwrap_or(std::mem::size_of::<SharedEntry>() as u32),
-            host_allocator: cell(&self.host_allocator, &ALLOC_CELL, fuzz_host_allocator as _),
-            early_overflow: match &self.early_overflow {
-                FlagGetter::None => None,
-                FlagGetter::NotCode(a) => not_code(a.get()),
-                FlagGetter::Real(b) => {
-                    OVERFLOW.store(*b, Relaxed);
-                    Some(fuzz_early_overflow as _)
-                }
-            },
+            panics: None,
             init: match &self.init {
                 InitField::None => None,
                 InitField::NotCode(a) => not_code(a.get()),
                 InitField::Real => Some(fuzz_init as _),
             },
         };
-        // SAFETY: the manifest part of the arena has room for it.
-        unsafe { put(arena(), self.offset, m) };
+        // SAFETY: the manifest part of the arena has room for it; the
+        // counter field gets any bits, written as a raw word.
+        unsafe {
+            (&raw mut m.panics)
+                .cast::<*const AtomicU64>()
+                .write(self.panics.get() as *const AtomicU64);
+            put(arena(), self.offset, m);
+        }
         match self.elsewhere {
             None => (arena() + self.offset) as *const Manifest,
             Some(a) => a.get() as *const Manifest,
@@ -839,6 +774,7 @@ fn check_manifest(input: &ManifestInput) -> Result<(), TestCaseError> {
         Ok(Fields {
             about,
             tables: c,
+            panics,
             init,
             ..
         }) => {
@@ -855,19 +791,23 @@ fn check_manifest(input: &ManifestInput) -> Result<(), TestCaseError> {
                 "r"
             ));
             prop_assert!(c.functions.as_ptr().is_aligned());
-            for (p, len) in [
-                (c.slots.as_ptr() as usize, size_of_val(c.slots)),
-                (c.shared.as_ptr() as usize, size_of_val(c.shared)),
-            ] {
-                prop_assert!(len == 0 || own(p, len, "r"));
-            }
-            prop_assert!(c.slots.as_ptr().is_aligned() && c.shared.as_ptr().is_aligned());
-            let cell = c.host_raise as *const AtomicPtr<()>;
-            prop_assert!(cell.is_aligned() && own(cell as usize, 8, "rw"));
-            if let Some(cell) = c.host_allocator {
-                let cell = cell as *const AtomicPtr<HostAllocFns>;
-                prop_assert!(cell.is_aligned() && own(cell as usize, 8, "rw"));
-            }
+            // The loader writes the slot references: writable, so not
+            // RELRO (read-only once relocated, as the kernel maps it).
+            prop_assert!(c.slot_refs.as_ptr().is_aligned());
+            prop_assert!(
+                c.slot_refs.is_empty()
+                    || own(
+                        c.slot_refs.as_ptr() as usize,
+                        size_of_val(c.slot_refs),
+                        "rw"
+                    ),
+                "slot references outside writable memory accepted"
+            );
+            let counter = std::ptr::from_ref(panics);
+            prop_assert!(
+                counter.is_aligned() && own(counter as usize, 8, "rw"),
+                "a panic counter outside writable memory accepted: {counter:?}"
+            );
             if let Some(init) = init {
                 prop_assert!(own(init as usize, 1, "x"));
             }
@@ -897,23 +837,32 @@ fn check_manifest(input: &ManifestInput) -> Result<(), TestCaseError> {
     Ok(())
 }
 
-// ---- Records: replacement records, entries, shared records
+// ---- Replacement records
 
 #[derive(Clone, Debug)]
-struct EntryInput {
-    /// Where it is: `None` for the records part of the arena.
-    elsewhere: Option<Addr>,
-    offset: usize,
-    path: Str,
-    signature: Str,
-    layouts: (Addr, usize),
-    slot: Addr,
-    code: [Addr; 5],
+enum TargetGetter {
+    /// [`fuzz_target`]: the host's code.
+    Host,
+    /// Code of the library: a private copy of the service's getter.
+    PatchCode(usize),
+    /// Neither image's code.
+    NotCode(Addr),
 }
 
-fn entry_input() -> impl Strategy<Value = EntryInput> {
-    let size = std::mem::size_of::<Entry>();
-    let layouts = prop_oneof![
+#[derive(Clone, Debug)]
+struct RecordInput {
+    target: TargetGetter,
+    /// What the target getter returns (any bits: only the registry
+    /// decides whether it is one of its entries).
+    returns: Addr,
+    replacement: Addr,
+    name: Str,
+    layouts: (Addr, usize),
+    seed: u64,
+}
+
+fn layouts() -> impl Strategy<Value = (Addr, usize)> {
+    prop_oneof![
         3 => (data_slot(64), 0..5usize),
         1 => (addr(), prop_oneof![
             Just(usize::MAX),
@@ -924,189 +873,57 @@ fn entry_input() -> impl Strategy<Value = EntryInput> {
         1 => (addr(), 0..5usize),
         // `fn() -> !` has no layouts: `&[]`, whose pointer dangles.
         1 => dangling().prop_map(|a| (a, 0)),
-    ];
-    let slot = prop_oneof![3 => data_slot(std::mem::size_of::<Slot>()), 2 => addr()];
-    let code = prop_oneof![2 => (0..64usize).prop_map(Addr::Text), 1 => addr()];
-    (
-        prop_oneof![8 => Just(None), 1 => addr().prop_map(Some)],
-        prop_oneof![
-            9 => (0..(DATA - RECORDS - 2 * size) / 8).prop_map(|i| RECORDS + i * 8),
-            1 => RECORDS..DATA - 2 * size,
-        ],
-        (string(), string()),
-        layouts,
-        slot,
-        [code.clone(), code.clone(), code.clone(), code.clone(), code],
-    )
-        .prop_map(
-            |(elsewhere, offset, (path, signature), layouts, slot, code)| EntryInput {
-                elsewhere,
-                offset,
-                path,
-                signature,
-                layouts,
-                slot,
-                code,
-            },
-        )
-}
-
-impl EntryInput {
-    fn place(&self) -> *const Entry {
-        let base = arena() + self.offset;
-        let layouts =
-            slice_from_raw_parts(self.layouts.0.get() as *const TypeLayout, self.layouts.1);
-        // SAFETY: the records part of the arena has room for an entry at
-        // `offset`; each field gets any bits, written as raw words.
-        unsafe {
-            put(
-                base,
-                std::mem::offset_of!(Entry, path),
-                self.path.place_str("svc::answer"),
-            );
-            put(
-                base,
-                std::mem::offset_of!(Entry, signature),
-                self.signature.place_str("fn answer() -> u64"),
-            );
-            put(
-                base,
-                std::mem::offset_of!(Entry, fingerprint),
-                self.offset as u64,
-            );
-            put(base, std::mem::offset_of!(Entry, layouts), layouts);
-            put(
-                base,
-                std::mem::offset_of!(Entry, slot),
-                self.slot.get() as *const Slot,
-            );
-            let fns = [
-                std::mem::offset_of!(Entry, original),
-                std::mem::offset_of!(Entry, wrapper),
-                std::mem::offset_of!(Entry, guarded),
-                std::mem::offset_of!(Entry, cross),
-                std::mem::offset_of!(Entry, dispatcher),
-            ];
-            for (off, a) in fns.into_iter().zip(self.code) {
-                put(base, off, FnAddr::new(a.get() as *const ()));
-            }
-        }
-        match self.elsewhere {
-            None => base as *const Entry,
-            Some(a) => a.get() as *const Entry,
-        }
-    }
-}
-
-#[derive(Clone, Debug)]
-enum TargetGetter {
-    Real,
-    NotCode(Addr),
-}
-
-#[derive(Clone, Debug)]
-struct RecordInput {
-    entry: EntryInput,
-    target: TargetGetter,
-    replacement: Addr,
-    name: Str,
-    shared_path: Str,
-    shared_ty: Str,
-    shared_size: usize,
-    shared_local: Addr,
-    shared_target: Addr,
-    seed: u64,
+    ]
 }
 
 fn record_input() -> impl Strategy<Value = RecordInput> {
     (
-        entry_input(),
         prop_oneof![
-            4 => Just(TargetGetter::Real),
-            1 => not_a_getter().prop_map(TargetGetter::NotCode),
+            2 => Just(TargetGetter::Host),
+            1 => (0..64usize).prop_map(TargetGetter::PatchCode),
+            2 => not_a_getter().prop_map(TargetGetter::NotCode),
         ],
+        addr(),
         prop_oneof![3 => (0..64usize).prop_map(Addr::Text), 1 => addr()],
         string(),
-        (string(), string()),
-        prop_oneof![3 => 0..64usize, 1 => any::<usize>(), 1 => Just(usize::MAX)],
-        (addr(), prop_oneof![2 => data_slot(8), 3 => addr()]),
+        layouts(),
         any::<u64>(),
     )
         .prop_map(
-            |(
-                entry,
+            |(target, returns, replacement, name, layouts, seed)| RecordInput {
                 target,
+                returns,
                 replacement,
                 name,
-                (shared_path, shared_ty),
-                shared_size,
-                (shared_local, shared_target),
+                layouts,
                 seed,
-            )| {
-                RecordInput {
-                    entry,
-                    target,
-                    replacement,
-                    name,
-                    shared_path,
-                    shared_ty,
-                    shared_size,
-                    shared_local,
-                    shared_target,
-                    seed,
-                }
             },
         )
 }
 
-/// Records as a good patch has them.
+/// A record as a good patch has it.
 fn good_record() -> impl Strategy<Value = RecordInput> {
-    let size = std::mem::size_of::<Entry>();
-    let text = || (0..64usize).prop_map(Addr::Text);
     (
-        (0..(DATA - RECORDS - 2 * size) / 8).prop_map(|i| RECORDS + i * 8),
-        (data_slot(64), 0..5usize),
-        data_slot(std::mem::size_of::<Slot>()),
-        [text(), text(), text(), text(), text()],
-        text(),
-        (
-            prop_oneof![
-                4 => (data_slot(64), 0..=64usize),
-                // A zero-sized static: nothing to read at `local`.
-                1 => (dangling(), Just(0usize)),
-            ],
-            data_slot(8),
-        ),
+        addr(),
+        (0..64usize).prop_map(Addr::Text),
+        prop_oneof![
+            4 => (data_slot(64), 0..5usize),
+            1 => dangling().prop_map(|a| (a, 0)),
+        ],
         any::<u64>(),
     )
-        .prop_map(
-            |(offset, layouts, slot, code, replacement, ((local, size), target), seed)| {
-                RecordInput {
-                    entry: EntryInput {
-                        elsewhere: None,
-                        offset,
-                        path: Str::Good,
-                        signature: Str::Good,
-                        layouts,
-                        slot,
-                        code,
-                    },
-                    target: TargetGetter::Real,
-                    replacement,
-                    name: Str::Good,
-                    shared_path: Str::Good,
-                    shared_ty: Str::Good,
-                    shared_size: size,
-                    shared_local: local,
-                    shared_target: target,
-                    seed,
-                }
-            },
-        )
+        .prop_map(|(returns, replacement, layouts, seed)| RecordInput {
+            target: TargetGetter::Host,
+            returns,
+            replacement,
+            name: Str::Good,
+            layouts,
+            seed,
+        })
 }
 
 /// How many fields [`RecordInput::take`] knows.
-const RECORD_FIELDS: usize = 19;
+const RECORD_FIELDS: usize = 5;
 
 /// As [`manifest_case`], for records.
 fn record_case() -> impl Strategy<Value = RecordInput> {
@@ -1115,7 +932,7 @@ fn record_case() -> impl Strategy<Value = RecordInput> {
         4 => (
             good_record(),
             record_input(),
-            proptest::collection::vec(0..RECORD_FIELDS, 0..=3),
+            proptest::collection::vec(0..RECORD_FIELDS, 0..=2),
         )
             .prop_map(|(mut good, random, fields)| {
                 for field in fields {
@@ -1126,62 +943,42 @@ fn record_case() -> impl Strategy<Value = RecordInput> {
     ]
 }
 
-/// `at` is an aligned place in the data part of the arena with room for
-/// `size` bytes.
-fn in_data(at: Addr, size: usize) -> bool {
-    matches!(at, Addr::Arena(off) if off >= DATA && off.is_multiple_of(8) && off + size <= ARENA_LEN)
-}
-
 impl RecordInput {
     /// Takes field number `field` from `other`.
     fn take(&mut self, other: &RecordInput, field: usize) {
-        let (e, o) = (&mut self.entry, &other.entry);
         match field {
-            0 => e.elsewhere = o.elsewhere,
-            1 => e.offset = o.offset,
-            2 => e.path = o.path.clone(),
-            3 => e.signature = o.signature.clone(),
-            4 => e.layouts = o.layouts,
-            5 => e.slot = o.slot,
-            6..=10 => e.code[field - 6] = o.code[field - 6],
-            11 => self.target = other.target.clone(),
-            12 => self.replacement = other.replacement,
-            13 => self.name = other.name.clone(),
-            14 => self.shared_path = other.shared_path.clone(),
-            15 => self.shared_ty = other.shared_ty.clone(),
-            16 => self.shared_size = other.shared_size,
-            17 => self.shared_local = other.shared_local,
-            18 => self.shared_target = other.shared_target,
+            0 => self.target = other.target.clone(),
+            1 => self.returns = other.returns,
+            2 => self.replacement = other.replacement,
+            3 => self.name = other.name.clone(),
+            4 => self.layouts = other.layouts,
             _ => unreachable!("{RECORD_FIELDS} fields"),
         }
     }
 
-    fn entry_right(&self) -> bool {
-        let e = &self.entry;
-        e.elsewhere.is_none()
-            && e.offset.is_multiple_of(8)
-            && e.path.right_or_empty()
-            && e.signature.right_or_empty()
-            && ((in_data(e.layouts.0, 64) && e.layouts.1 < 5)
-                || (e.layouts.1 == 0 && empty_slice::<TypeLayout>(e.layouts.0.get())))
-            && in_data(e.slot, std::mem::size_of::<Slot>())
-            && e.code.iter().all(|a| matches!(a, Addr::Text(_)))
+    fn target_getter(&self) -> fn() -> &'static Entry {
+        match self.target {
+            TargetGetter::Host => fuzz_target,
+            TargetGetter::PatchCode(off) => {
+                not_code(Addr::Text(off).get()).expect("code is not at 0")
+            }
+            TargetGetter::NotCode(a) => not_code(a.get()).expect("not null"),
+        }
     }
 
-    fn record_right(&self) -> bool {
-        self.entry_right()
-            && matches!(self.target, TargetGetter::Real)
+    /// The target getter is the host's (a `PatchCode` offset may land on
+    /// it too).
+    fn host_getter(&self) -> bool {
+        self.target_getter() as usize == target_addr()
+    }
+
+    fn right(&self) -> bool {
+        self.host_getter()
             && matches!(self.replacement, Addr::Text(_))
+            && self.replacement.get() != target_addr()
             && self.name.right_or_empty()
-    }
-
-    fn shared_right(&self) -> bool {
-        self.shared_path.right_or_empty()
-            && self.shared_ty.right_or_empty()
-            && self.shared_size <= 64
-            && (in_data(self.shared_local, 64)
-                || (self.shared_size == 0 && self.shared_local.get() != 0))
-            && in_data(self.shared_target, 8)
+            && ((in_data(self.layouts.0, 64) && self.layouts.1 < 5)
+                || (self.layouts.1 == 0 && empty_slice::<TypeLayout>(self.layouts.0.get())))
     }
 }
 
@@ -1190,154 +987,86 @@ fn empty_slice<T>(p: usize) -> bool {
     p != 0 && p.is_multiple_of(std::mem::align_of::<T>())
 }
 
-/// This binary's image, as `check` finds it for a manifest in the arena.
-fn image() -> Image {
-    Image::containing(arena() as *const ()).expect("the arena is in this binary")
-}
-
-/// What an accepted entry must be: this binary's memory, as used.
-fn entry_ok(e: *const Entry) -> Result<(), TestCaseError> {
-    let own = |p: usize, len: usize, perms: &str| MAPS.own(p, len, perms);
-    prop_assert!(e.is_aligned() && own(e as usize, std::mem::size_of::<Entry>(), "r"));
-    // SAFETY: checked readable and aligned just above; fields read as
-    // raw words.
-    let (path, signature, layouts, slot) = unsafe {
-        (
-            (&raw const (*e).path).cast::<*const str>().read(),
-            (&raw const (*e).signature).cast::<*const str>().read(),
-            (&raw const (*e).layouts)
-                .cast::<*const [TypeLayout]>()
-                .read(),
-            (&raw const (*e).slot).cast::<*const Slot>().read(),
-        )
-    };
-    for s in [path, signature] {
-        let len = (s as *const [u8]).len();
-        let p = s.cast::<u8>() as usize;
-        let readable = if len == 0 { p != 0 } else { own(p, len, "r") };
-        prop_assert!(readable);
-        // SAFETY: readable (checked just above).
-        let bytes = unsafe { std::slice::from_raw_parts(s.cast::<u8>(), len) };
-        prop_assert!(std::str::from_utf8(bytes).is_ok());
-    }
-    prop_assert!(empty_slice::<TypeLayout>(layouts.cast::<u8>() as usize));
-    prop_assert!(layouts.is_empty() || own(layouts.cast::<u8>() as usize, layouts.len() * 16, "r"));
-    prop_assert!(slot.is_aligned() && own(slot as usize, std::mem::size_of::<Slot>(), "rw"));
-    // SAFETY: as above.
-    let code = unsafe {
-        [
-            (*e).original,
-            (*e).wrapper,
-            (*e).guarded,
-            (*e).cross,
-            (*e).dispatcher,
-        ]
-    };
-    for f in code {
-        prop_assert!(own(f.as_ptr() as usize, 1, "x"));
-    }
-    Ok(())
+/// The library's image and the host's, as step 7 sees them: this binary
+/// without [`fuzz_target`]'s first byte, and that byte alone.
+fn images() -> (Image, Image) {
+    let whole = Image::containing(arena() as *const ()).expect("the arena is in this binary");
+    whole.split_code(target_addr(), target_addr() + 1)
 }
 
 fn check_records(input: &RecordInput) -> Result<(), TestCaseError> {
     fill(input.seed);
     let path = Path::new(PATH);
-    let image = image();
-    fn names<T>(r: &Result<T, Error>) -> bool {
-        match r {
-            Err(e) => matches!(e, Error::InvalidManifest { path, .. } if path == Path::new(PATH)),
-            Ok(_) => true,
-        }
-    }
-
-    // The entry, as the registry checks each of the slot table's.
-    let e = input.entry.place();
-    let result = entry(&image, e).map_err(|r| r.at(path));
-    prop_assert!(names(&result), "{:?}", result.as_ref().err());
-    prop_assert!(
-        result.is_ok() || !input.entry_right(),
-        "a right entry refused"
-    );
-    if result.is_ok() {
-        entry_ok(e)?;
-    }
-
-    // A replacement record leading to that entry.
-    TARGET_ENTRY.store(e.cast_mut(), Relaxed);
-    let record = (arena() + DATA - std::mem::size_of::<PatchFn>() - 8) as *mut PatchFn;
-    let target = match input.target {
-        TargetGetter::Real => fuzz_target as fn() -> &'static Entry,
-        TargetGetter::NotCode(a) => not_code(a.get()).expect("not null"),
-    };
-    // SAFETY: in the records part of the arena, aligned, after the
-    // entry's room.
+    let (image, host) = images();
+    TARGET_ENTRY.store(input.returns.get() as *mut Entry, Relaxed);
+    let record = (arena() + RECORDS) as *mut PatchFn;
+    let layouts = slice_from_raw_parts(input.layouts.0.get() as *const TypeLayout, input.layouts.1);
+    // SAFETY: in the records part of the arena, aligned; each field gets
+    // any bits, written as raw words.
     unsafe {
         record.write(PatchFn {
-            target,
+            target: input.target_getter(),
             replacement: FnAddr::new(input.replacement.get() as *const ()),
             name: "",
+            layouts: &[],
         });
         (&raw mut (*record).name)
             .cast::<*const str>()
             .write(input.name.place_str("fix::answer"));
+        (&raw mut (*record).layouts)
+            .cast::<*const [TypeLayout]>()
+            .write(layouts);
     }
     CALLS.store(0, Relaxed);
     // SAFETY: the record was just written; its fields are the input.
-    let result = patch_fn(&image, unsafe { &*record }).map_err(|r| r.at(path));
-    prop_assert!(names(&result), "{:?}", result.as_ref().err());
-    prop_assert!(
-        result.is_ok() || !input.record_right(),
-        "a right record refused"
-    );
-    if let TargetGetter::NotCode(_) = input.target {
-        prop_assert!(result.is_err());
-        prop_assert_eq!(CALLS.load(Relaxed), 0, "a foreign target getter was called");
+    let result = patch_fn(&image, &host, unsafe { &*record }).map_err(|r| r.at(path));
+    let calls = CALLS.load(Relaxed);
+    match &result {
+        Err(e) => {
+            prop_assert!(
+                matches!(e, Error::InvalidManifest { path, .. } if path == Path::new(PATH)),
+                "{e:?}"
+            );
+            prop_assert!(!input.right(), "a right record refused: {e}");
+        }
+        Ok(r) => {
+            prop_assert!(
+                input.host_getter(),
+                "a target getter not the host's accepted"
+            );
+            prop_assert!(matches!(input.replacement, Addr::Text(_)));
+            let name = r.name.as_ptr() as usize;
+            prop_assert!(
+                if r.name.is_empty() {
+                    name != 0
+                } else {
+                    MAPS.own(name, r.name.len(), "r")
+                },
+                "a name outside the library accepted"
+            );
+            prop_assert!(MAPS.own(r.code.as_ptr() as usize, 1, "x"));
+            prop_assert!(r.code.as_ptr() as usize != target_addr());
+            prop_assert!(empty_slice::<TypeLayout>(r.layouts.as_ptr() as usize));
+            prop_assert!(
+                r.layouts.is_empty()
+                    || MAPS.own(r.layouts.as_ptr() as usize, size_of_val(r.layouts), "r")
+            );
+            prop_assert!(std::str::from_utf8(r.name.as_bytes()).is_ok());
+            prop_assert_eq!(calls, 1, "the host's target getter called once");
+            prop_assert_eq!(
+                r.target as usize,
+                input.returns.get(),
+                "what the target getter returned, unread"
+            );
+        }
     }
-    if result.is_ok() {
-        prop_assert!(MAPS.own(input.replacement.get(), 1, "x"));
-        entry_ok(e)?;
-    }
-
-    // A shared static's record.
-    let shared = (arena() + RECORDS - std::mem::size_of::<SharedEntry>() - 8) as *mut SharedEntry;
-    // SAFETY: at the end of the manifests' part of the arena, aligned, and
-    // not used by this test otherwise.
-    unsafe {
-        shared.write(SharedEntry {
-            path: "",
-            ty: "",
-            fingerprint: 0,
-            layout: TypeLayout {
-                size: input.shared_size,
-                align: 8,
-            },
-            local: DataAddr(input.shared_local.get() as *const ()),
-            target: DataAddr(input.shared_target.get() as *const ()),
-        });
-        (&raw mut (*shared).path)
-            .cast::<*const str>()
-            .write(input.shared_path.place_str("svc::COUNTER"));
-        (&raw mut (*shared).ty)
-            .cast::<*const str>()
-            .write(input.shared_ty.place_str("u64"));
-    }
-    // SAFETY: as above.
-    let result = shared_entry(&image, unsafe { &*shared }).map_err(|r| r.at(path));
-    prop_assert!(names(&result), "{:?}", result.as_ref().err());
-    prop_assert!(
-        result.is_ok() || !input.shared_right(),
-        "a right shared record refused"
-    );
-    if result.is_ok() {
-        let target = input.shared_target.get();
-        prop_assert!(target.is_multiple_of(8) && MAPS.own(target, 8, "rw"));
-        let local = input.shared_local.get();
-        let readable = if input.shared_size == 0 {
-            local != 0
-        } else {
-            MAPS.own(local, input.shared_size, "r")
-        };
-        prop_assert!(readable);
+    if !input.host_getter() {
+        prop_assert!(result.is_err(), "a target getter outside the host's code");
+        prop_assert_eq!(
+            calls,
+            0,
+            "a target getter that is not the host's was called"
+        );
     }
     Ok(())
 }
@@ -1483,13 +1212,23 @@ fn records() {
 #[test]
 fn the_harness_reaches_acceptance() {
     let _lock = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let refusal = |input: &ManifestInput| {
+        let m = input.place();
+        CALLS.store(0, Relaxed);
+        // SAFETY: a manifest in the arena.
+        let err = unsafe { fields(m) }
+            .map_err(|r| r.at(Path::new(PATH)))
+            .err()
+            .expect("refused");
+        (err.to_string(), CALLS.load(Relaxed))
+    };
     let mut input = ManifestInput {
         elsewhere: None,
         offset: 64,
         magic: None,
         abi: None,
         size: None,
-        sizes: [None; 3],
+        sizes: [None; 2],
         rustc: Str::Good,
         target: Str::Good,
         panic_strategy: Str::Good,
@@ -1502,26 +1241,30 @@ fn the_harness_reaches_acceptance() {
             n: 2,
             writes: true,
         },
-        slots: TableGetter::Real {
+        slot_refs: TableGetter::Real {
             at: Addr::Arena(DATA + 512),
-            n: 0,
+            n: 3,
             writes: true,
         },
-        shared: TableGetter::None,
-        host_raise: CellGetter::Real(Addr::Arena(DATA + 1024)),
-        host_allocator: CellGetter::None,
-        early_overflow: FlagGetter::Real(false),
+        panics: Addr::Arena(DATA + 1024),
         init: InitField::Real,
         seed: 1,
     };
     assert!(input.all_right());
     let m = input.place();
+    CALLS.store(0, Relaxed);
     // SAFETY: a manifest in the arena.
     let checked = unsafe { fields(m) }
         .map_err(|r| r.at(Path::new(PATH)))
         .unwrap();
     assert_eq!(checked.tables.functions.len(), 2);
+    assert_eq!(checked.tables.slot_refs.len(), 3);
+    assert_eq!(
+        std::ptr::from_ref(checked.panics) as usize,
+        arena() + DATA + 1024
+    );
     assert_eq!(checked.about.name, "fuzz");
+    assert_eq!(CALLS.load(Relaxed), 2, "both getters called once");
 
     // Empty strings and optional tables, their pointers dangling as the
     // compiler makes them: accepted, and read as empty.
@@ -1532,13 +1275,8 @@ fn the_harness_reaches_acceptance() {
         at: Addr::Wild(usize::MAX),
     };
     input.description = Str::Empty { at: Addr::Heap(0) };
-    input.slots = TableGetter::Real {
+    input.slot_refs = TableGetter::Real {
         at: Addr::Wild(8),
-        n: 0,
-        writes: true,
-    };
-    input.shared = TableGetter::Real {
-        at: Addr::Wild(usize::MAX),
         n: 0,
         writes: true,
     };
@@ -1553,48 +1291,141 @@ fn the_harness_reaches_acceptance() {
         (&*about.name, &*about.version, &*about.description),
         ("", "", "")
     );
-    assert!(checked.tables.slots.is_empty() && checked.tables.shared.is_empty());
+    assert!(checked.tables.slot_refs.is_empty());
     // A null empty string is no `&str`.
     input.description = Str::Raw {
         at: Addr::Null,
         len: 0,
         bytes: Vec::new(),
     };
-    let m = input.place();
-    // SAFETY: as above.
-    let err = unsafe { fields(m) }
-        .map_err(|r| r.at(Path::new(PATH)))
-        .err()
-        .unwrap();
-    assert!(
-        err.to_string().contains("`description` is a null string"),
-        "{err}"
-    );
+    let (err, _) = refusal(&input);
+    assert!(err.contains("`description` is a null string"), "{err}");
     input = right;
 
-    input.host_raise = CellGetter::Real(Addr::Relro(0));
-    let m = input.place();
-    // SAFETY: as above.
-    let err = unsafe { fields(m) }
-        .map_err(|r| r.at(Path::new(PATH)))
-        .err()
-        .unwrap();
-    assert!(err.to_string().contains("host-raise cell"), "{err}");
+    // The panic counter: null, misaligned, RELRO, read-only, in code.
+    for at in [
+        Addr::Null,
+        Addr::Arena(DATA + 1025),
+        Addr::Relro(0),
+        Addr::ReadOnly(0),
+        Addr::Text(0),
+        Addr::Heap(0),
+        Addr::OtherObject,
+    ] {
+        let mut bad = input.clone();
+        bad.panics = at;
+        assert!(!bad.all_right());
+        let (err, calls) = refusal(&bad);
+        assert!(err.contains("the panic counter"), "{at:?}: {err}");
+        assert_eq!(calls, 0, "{at:?}: refused before any getter ran");
+    }
 
-    input.slots = TableGetter::NotCode(Addr::OtherObject);
-    let m = input.place();
-    CALLS.store(0, Relaxed);
-    // SAFETY: as above.
-    let err = unsafe { fields(m) }
-        .map_err(|r| r.at(Path::new(PATH)))
-        .err()
-        .unwrap();
-    assert!(err.to_string().contains("`slots` points outside"), "{err}");
-    assert_eq!(CALLS.load(Relaxed), 0);
+    // The slot references: a table in RELRO or read-only data, misaligned.
+    for (at, why) in [
+        (Addr::Relro(0), "outside the library's writable memory"),
+        (
+            Addr::ReadOnly(READ_ONLY.as_ptr().align_offset(8)),
+            "outside the library's writable memory",
+        ),
+        (Addr::Arena(DATA + 4), "misaligned"),
+        (Addr::Heap(0), "lies outside the library's memory"),
+    ] {
+        let mut bad = input.clone();
+        bad.slot_refs = TableGetter::Real {
+            at,
+            n: 1,
+            writes: true,
+        };
+        let (err, _) = refusal(&bad);
+        assert!(err.contains(why), "{at:?}: {err}");
+    }
+
+    // Getter fields that are no code of the library: refused, none called.
+    for (field, a) in [
+        ("slot_refs", Addr::OtherObject),
+        ("slot_refs", Addr::ReadOnly(0)),
+        ("functions", Addr::Wild(0x1000)),
+        ("functions", Addr::Relro(0)),
+        ("init", Addr::Arena(DATA)),
+    ] {
+        let mut bad = input.clone();
+        match field {
+            "slot_refs" => bad.slot_refs = TableGetter::NotCode(a),
+            "functions" => bad.functions = TableGetter::NotCode(a),
+            _ => bad.init = InitField::NotCode(a),
+        }
+        let (err, calls) = refusal(&bad);
+        assert!(err.contains(&format!("`{field}` points outside")), "{err}");
+        assert_eq!(calls, 0);
+    }
     assert!(!MAPS.own(null::<u8>() as usize, 1, "r"));
     assert!(MAPS.image_end >= arena() + ARENA_LEN);
     assert!(
         !MAPS.own(MAPS.image_end, 1, "r"),
         "nothing of this binary past its end"
     );
+    assert!(
+        !MAPS.own((&raw const RELRO) as usize, 8, "rw"),
+        "the oracle sees RELRO as read-only"
+    );
+}
+
+/// The records harness reaches acceptance, and each kind of target getter
+/// is told apart: the host's called once, the library's own (a private
+/// copy) and one in neither refused uncalled.
+#[test]
+fn the_record_harness_reaches_acceptance() {
+    let _lock = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    LazyLock::force(&MAPS);
+    let right = RecordInput {
+        target: TargetGetter::Host,
+        returns: Addr::Wild(0x1234),
+        replacement: Addr::Text(0),
+        name: Str::Good,
+        layouts: (Addr::Arena(DATA), 2),
+        seed: 1,
+    };
+    assert!(right.right());
+    check_records(&right).unwrap();
+    let check = |input: &RecordInput| {
+        fill(input.seed);
+        let (image, host) = images();
+        let record = PatchFn {
+            target: input.target_getter(),
+            replacement: FnAddr::new(input.replacement.get() as *const ()),
+            name: "fix::answer",
+            layouts: &[],
+        };
+        CALLS.store(0, Relaxed);
+        let result = patch_fn(&image, &host, &record).map(|r| r.target as usize);
+        (
+            result.map_err(|r| r.at(Path::new(PATH)).to_string()),
+            CALLS.load(Relaxed),
+        )
+    };
+    assert_eq!(check(&right), (Ok(0x1234), 1));
+    // A private copy: the library's own code.
+    let mut copy = right.clone();
+    copy.target = TargetGetter::PatchCode(0);
+    let (err, calls) = check(&copy);
+    assert!(err.unwrap_err().contains("a copy inside the patch"));
+    assert_eq!(calls, 0);
+    // Neither image's code.
+    for a in [
+        Addr::OtherObject,
+        Addr::Arena(DATA),
+        Addr::Relro(0),
+        Addr::Wild(0x1000),
+    ] {
+        let mut neither = right.clone();
+        neither.target = TargetGetter::NotCode(a);
+        let (err, calls) = check(&neither);
+        assert!(
+            err.as_ref()
+                .unwrap_err()
+                .contains("neither the library's code nor this process's"),
+            "{a:?}: {err:?}"
+        );
+        assert_eq!(calls, 0);
+    }
 }
