@@ -15,13 +15,12 @@
 //! the host's allocator: it returns `String`s, `Vec`s and boxed trait
 //! objects the host frees, and frees and grows `String`s the host made.
 
-// Six tests below are `#[ignore]`d, each saying why: with a
-// `#[global_allocator]` in the host, rustc 1.95 defines
-// `__rustc::__rust_alloc` and its siblings HIDDEN in the host's own
-// crate, so `-rdynamic` does not export them and a thin patch that
-// allocates is refused with MissingSymbols. They pass `--ignored` once
-// the runtime or `cargo hotpatch` gives the patch a way to the host's
-// allocator.
+// This host has a `#[global_allocator]` of its own (the counting one
+// below), so rustc defines `__rustc::__rust_alloc` and its siblings
+// hidden here and `-rdynamic` does not export them: the patches reach it
+// through `cargo hotpatch build`'s allocator shims (one jump to the
+// runtime's exported `hotpatch_rust_alloc` and siblings, which call the
+// host's global allocator; cargo-hotpatch/src/allocshims.rs).
 
 mod support;
 
@@ -294,7 +293,7 @@ fn the_allocator_detects_a_foreign_block() {
 /// A `String` and a `Vec` built by patch code, dropped by the host: the
 /// host's allocator made them (header present, counted) and frees them.
 #[test]
-#[ignore = "blocked: a host with its own #[global_allocator] defines __rust_alloc hidden, so -rdynamic does not export it and a thin patch that allocates cannot bind (MissingSymbols); needs a runtime/tool fix"]
+
 fn patch_allocations_are_the_hosts() {
     let _serial = support::serial();
     let bad = BadBlocks::baseline();
@@ -349,7 +348,7 @@ fn patch_allocations_are_the_hosts() {
 
 /// `String`s the host made, freed and resized by patch code.
 #[test]
-#[ignore = "blocked: a host with its own #[global_allocator] defines __rust_alloc hidden, so -rdynamic does not export it and a thin patch that allocates cannot bind (MissingSymbols); needs a runtime/tool fix"]
+
 fn host_allocations_freed_and_grown_by_the_patch() {
     let _serial = support::serial();
     let bad = BadBlocks::baseline();
@@ -391,7 +390,7 @@ fn host_allocations_freed_and_grown_by_the_patch() {
 /// A `Box<dyn Shape>` of a patch type (with a `String` inside): its drop
 /// glue runs in the patch, its box is freed by the host.
 #[test]
-#[ignore = "blocked: a host with its own #[global_allocator] defines __rust_alloc hidden, so -rdynamic does not export it and a thin patch that allocates cannot bind (MissingSymbols); needs a runtime/tool fix"]
+
 fn a_boxed_trait_object_from_the_patch() {
     let _serial = support::serial();
     let bad = BadBlocks::baseline();
@@ -428,7 +427,7 @@ fn a_boxed_trait_object_from_the_patch() {
 /// cycle keeps the patch applied until every worker has had a patched
 /// result in it, so every thread provably moved patch-made memory.
 #[test]
-#[ignore = "blocked: a host with its own #[global_allocator] defines __rust_alloc hidden, so -rdynamic does not export it and a thin patch that allocates cannot bind (MissingSymbols); needs a runtime/tool fix"]
+
 fn threads_move_memory_both_ways_while_patching() {
     let _serial = support::serial();
     let bad = BadBlocks::baseline();
@@ -527,7 +526,7 @@ fn threads_move_memory_both_ways_while_patching() {
 /// of another allocator has no header: its `realloc` or `dealloc` here
 /// would be one).
 #[test]
-#[ignore = "blocked: a host with its own #[global_allocator] defines __rust_alloc hidden, so -rdynamic does not export it and a thin patch that allocates cannot bind (MissingSymbols); needs a runtime/tool fix"]
+
 fn early_blocks_of_a_patch_are_the_hosts() {
     let _serial = support::serial();
     let bad = BadBlocks::baseline();
@@ -567,7 +566,7 @@ fn early_blocks_of_a_patch_are_the_hosts() {
 /// table of early blocks any more): all the host's, all freed by patch
 /// code through the host's allocator.
 #[test]
-#[ignore = "blocked: a host with its own #[global_allocator] defines __rust_alloc hidden, so -rdynamic does not export it and a thin patch that allocates cannot bind (MissingSymbols); needs a runtime/tool fix"]
+
 fn many_early_blocks_are_the_hosts() {
     let _serial = support::serial();
     let bad = BadBlocks::baseline();

@@ -69,6 +69,7 @@
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
+mod allocshims;
 mod check;
 mod elf;
 mod error;

@@ -123,10 +123,22 @@ fn link_with(
         what: "ELF object",
         reason,
     })?;
+    // Allocations bound to the host's global allocator, whichever it is
+    // (see allocshims.rs).
+    let shims = crate::allocshims::retarget(&mut objects).map_err(|reason| Error::Malformed {
+        path: rlib.to_owned(),
+        what: "ELF object",
+        reason,
+    })?;
     for (i, data) in objects.iter().enumerate() {
         // Member names can repeat in an archive; the index keeps them apart.
         let path = dir.path.join(format!("{i}.o"));
         fs::write(&path, data).map_err(Error::io(&path))?;
+        inputs.push(path);
+    }
+    if let Some((shims, _)) = shims {
+        let path = dir.path.join("hotpatch-alloc-shims.o");
+        fs::write(&path, shims).map_err(Error::io(&path))?;
         inputs.push(path);
     }
     let mut slot_refs = 0;

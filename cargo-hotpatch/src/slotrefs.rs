@@ -43,7 +43,7 @@ const SLOT_MARK: &[u8] = b"__HOTPATCH_SLOT_";
 pub fn retarget(objects: &mut [Vec<u8>]) -> Result<Option<(Vec<u8>, usize)>, String> {
     let mut slots = BTreeSet::new();
     for data in objects.iter_mut() {
-        for (offset, name) in slot_names(data)? {
+        for (offset, name) in undefined_names(data, is_slot, true)? {
             data[offset] = b'Q';
             slots.insert(name);
         }
@@ -54,9 +54,20 @@ pub fn retarget(objects: &mut [Vec<u8>]) -> Result<Option<(Vec<u8>, usize)>, Str
     Ok(Some((cells(&slots)?, slots.len())))
 }
 
-/// The undefined slot symbols of one relocatable object whose every use is
-/// a PC32 load: `(file offset of the name's first byte, name)`.
-fn slot_names(data: &[u8]) -> Result<Vec<(usize, Vec<u8>)>, String> {
+/// A slot's mangled name (`__HOTPATCH_SLOT_<function>`).
+fn is_slot(name: &[u8]) -> bool {
+    name.windows(SLOT_MARK.len()).any(|w| w == SLOT_MARK)
+}
+
+/// The undefined symbols of one relocatable object whose mangled name
+/// (`_ZN..`/`_R..`) `matches`, and that are used (with `pc32_only`: only by
+/// PC32 loads, else refused): `(file offset of the name's first byte,
+/// name)`, for renaming in place.
+pub(crate) fn undefined_names(
+    data: &[u8],
+    matches: fn(&[u8]) -> bool,
+    pc32_only: bool,
+) -> Result<Vec<(usize, Vec<u8>)>, String> {
     let file = ElfFile64::<Endianness>::parse(data).map_err(|e| e.to_string())?;
     let endian = file.endian();
     let header = file.elf_header();
@@ -88,9 +99,7 @@ fn slot_names(data: &[u8]) -> Result<Vec<(usize, Vec<u8>)>, String> {
         let name = sym
             .name(endian, symbols.strings())
             .map_err(|e| e.to_string())?;
-        if name.windows(SLOT_MARK.len()).any(|w| w == SLOT_MARK)
-            && (name.starts_with(b"_ZN") || name.starts_with(b"_R"))
-        {
+        if matches(name) && (name.starts_with(b"_ZN") || name.starts_with(b"_R")) {
             candidates.push((index, sym.st_name(endian) as usize, name.to_vec()));
         }
     }
@@ -114,9 +123,9 @@ fn slot_names(data: &[u8]) -> Result<Vec<(usize, Vec<u8>)>, String> {
                 continue;
             };
             let kind = r.r_type(endian, false);
-            if kind != elf::R_X86_64_PC32 {
+            if pc32_only && kind != elf::R_X86_64_PC32 {
                 return Err(format!(
-                    "the host slot {} is used by a relocation of type {kind}, not only by the \
+                    "the symbol {} is used by a relocation of type {kind}, not only by the \
                      `#[patchable]` wrapper's load (R_X86_64_PC32)",
                     String::from_utf8_lossy(&candidates[c].2)
                 ));
@@ -134,7 +143,7 @@ fn slot_names(data: &[u8]) -> Result<Vec<(usize, Vec<u8>)>, String> {
         // the table may run through it (string tables share tails).
         if st_name > 0 && strings.get(st_name - 1).is_some_and(|&b| b != 0) {
             return Err(format!(
-                "the name of the host slot {} shares its string with another",
+                "the name of the symbol {} shares its string with another",
                 String::from_utf8_lossy(&name)
             ));
         }

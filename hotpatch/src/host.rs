@@ -86,8 +86,14 @@ pub(crate) fn needs(bytes: &[u8]) -> Result<Needs, String> {
         .filter(|s| s.is_definition())
         .filter_map(|s| s.name().ok())
         .any(|n| {
-            let n = demangle(n);
-            n.ends_with("__rg_alloc") || n.ends_with("__rust_alloc")
+            // rustc 1.95: `__rustc::__rust_alloc` (v0-mangled); older:
+            // `__rust_alloc` or `__rg_alloc`, unmangled. (`cargo hotpatch
+            // build`'s allocator shims are named `Q...`, not these.)
+            matches!(n, "__rust_alloc" | "__rg_alloc")
+                || matches!(
+                    demangle(n).as_str(),
+                    "__rustc::__rust_alloc" | "__rustc::__rg_alloc"
+                )
         });
     let tls_destructors = undefined.iter().any(|n: &String| {
         n == "__cxa_thread_atexit_impl" || n == "__cxa_thread_atexit" || {
@@ -175,8 +181,32 @@ fn gnu_build_id(mut notes: &[u8]) -> Option<&[u8]> {
 /// Whether this binary exports its symbols to the dynamic loader (linked
 /// with `-rdynamic`): without that, nothing a thin patch needs is there.
 pub(crate) fn exports_symbols() -> bool {
-    let found = lookup(c"hotpatch_host_exports_v1");
-    found == (&raw const hotpatch_host_exports_v1).cast()
+    use crate::__private::{
+        hotpatch_rust_alloc, hotpatch_rust_alloc_zeroed, hotpatch_rust_dealloc,
+        hotpatch_rust_realloc,
+    };
+    // The marker, and what thin patches' allocations jump to (naming them
+    // here also keeps them linked into every host that loads patches).
+    let exports: [(&std::ffi::CStr, *const c_void); 5] = [
+        (
+            c"hotpatch_host_exports_v1",
+            (&raw const hotpatch_host_exports_v1).cast(),
+        ),
+        (c"hotpatch_rust_alloc", hotpatch_rust_alloc as *const c_void),
+        (
+            c"hotpatch_rust_dealloc",
+            hotpatch_rust_dealloc as *const c_void,
+        ),
+        (
+            c"hotpatch_rust_realloc",
+            hotpatch_rust_realloc as *const c_void,
+        ),
+        (
+            c"hotpatch_rust_alloc_zeroed",
+            hotpatch_rust_alloc_zeroed as *const c_void,
+        ),
+    ];
+    exports.iter().all(|(name, ours)| lookup(name) == *ours)
 }
 
 fn lookup(name: &std::ffi::CStr) -> *const c_void {

@@ -342,3 +342,68 @@ pub unsafe fn cast_fn<F: Copy>(ptr: *const (), like: F) -> F {
     // caller guarantees `ptr` has that type.
     unsafe { std::mem::transmute_copy::<*const (), F>(&ptr) }
 }
+
+/// What a thin patch's allocations jump to (`cargo hotpatch build`'s
+/// allocator shims, `cargo-hotpatch/src/allocshims.rs`): rustc's
+/// `__rust_alloc`, exported under a name every host has. A host with a
+/// `#[global_allocator]` of its own defines `__rust_alloc` hidden, so a
+/// patch could not bind to it; these call the host's global allocator,
+/// whichever it is. Same signature and ABI as the entry point they stand
+/// for.
+///
+/// # Safety
+/// As `__rust_alloc`: `size` non-zero, `align` a power of two, and `size`
+/// rounded up to `align` not overflowing `isize`.
+#[unsafe(no_mangle)]
+pub unsafe fn hotpatch_rust_alloc(size: usize, align: usize) -> *mut u8 {
+    // SAFETY: the caller's guarantee is `Layout`'s and `alloc`'s.
+    unsafe { std::alloc::alloc(std::alloc::Layout::from_size_align_unchecked(size, align)) }
+}
+
+/// `__rust_dealloc`, exported; see [`hotpatch_rust_alloc`].
+///
+/// # Safety
+/// As `__rust_dealloc`: `ptr` allocated by the global allocator with this
+/// `size` and `align`.
+#[unsafe(no_mangle)]
+pub unsafe fn hotpatch_rust_dealloc(ptr: *mut u8, size: usize, align: usize) {
+    // SAFETY: the caller's guarantee.
+    unsafe {
+        std::alloc::dealloc(
+            ptr,
+            std::alloc::Layout::from_size_align_unchecked(size, align),
+        )
+    }
+}
+
+/// `__rust_realloc`, exported; see [`hotpatch_rust_alloc`].
+///
+/// # Safety
+/// As `__rust_realloc`: `ptr` allocated by the global allocator with
+/// `old_size` and `align`; `new_size` non-zero and valid with `align`.
+#[unsafe(no_mangle)]
+pub unsafe fn hotpatch_rust_realloc(
+    ptr: *mut u8,
+    old_size: usize,
+    align: usize,
+    new_size: usize,
+) -> *mut u8 {
+    // SAFETY: the caller's guarantee.
+    unsafe {
+        std::alloc::realloc(
+            ptr,
+            std::alloc::Layout::from_size_align_unchecked(old_size, align),
+            new_size,
+        )
+    }
+}
+
+/// `__rust_alloc_zeroed`, exported; see [`hotpatch_rust_alloc`].
+///
+/// # Safety
+/// As [`hotpatch_rust_alloc`].
+#[unsafe(no_mangle)]
+pub unsafe fn hotpatch_rust_alloc_zeroed(size: usize, align: usize) -> *mut u8 {
+    // SAFETY: the caller's guarantee.
+    unsafe { std::alloc::alloc_zeroed(std::alloc::Layout::from_size_align_unchecked(size, align)) }
+}
