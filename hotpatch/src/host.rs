@@ -85,6 +85,9 @@ pub(crate) fn needs(bytes: &[u8]) -> Result<Needs, String> {
         .chain(file.dynamic_symbols())
         .filter(|s| s.is_definition())
         .filter_map(|s| s.name().ok())
+        // Cheap filter first: demangling every symbol of a large patch
+        // would cost more than the rest of the load.
+        .filter(|n| n.contains("rust_alloc") || n.contains("rg_alloc"))
         .any(|n| {
             // rustc 1.95: `__rustc::__rust_alloc` (v0-mangled); older:
             // `__rust_alloc` or `__rg_alloc`, unmangled. (`cargo hotpatch
@@ -96,10 +99,13 @@ pub(crate) fn needs(bytes: &[u8]) -> Result<Needs, String> {
                 )
         });
     let tls_destructors = undefined.iter().any(|n: &String| {
-        n == "__cxa_thread_atexit_impl" || n == "__cxa_thread_atexit" || {
-            let d = demangle(n);
-            d.contains("thread_local") && (d.contains("destructors") || d.contains("register_dtor"))
-        }
+        n == "__cxa_thread_atexit_impl"
+            || n == "__cxa_thread_atexit"
+            || n.contains("thread_local") && {
+                let d = demangle(n);
+                d.contains("thread_local")
+                    && (d.contains("destructors") || d.contains("register_dtor"))
+            }
     });
     Ok(Needs {
         identity,
