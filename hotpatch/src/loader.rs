@@ -332,7 +332,7 @@ fn open(
         path: path.to_owned(),
         reason,
     })?;
-    let keep = bound_to_this_binary(path, bytes)?;
+    let (keep, undefined) = bound_to_this_binary(path, bytes)?;
     failpoint!("load::copy", path);
     let label = path
         .file_name()
@@ -350,14 +350,27 @@ fn open(
     if copy.unlink_after_open {
         let _ = fs::remove_file(&copy.path);
     }
-    let library = opened.map_err(|e| Error::NotLoadable {
-        path: path.to_owned(),
-        // libloading's message is "dlopen failed"; the loader's own words
-        // (dlerror) are in its source.
-        reason: match std::error::Error::source(&e) {
-            Some(detail) => format!("{e}: {detail}"),
-            None => e.to_string(),
-        },
+    let library = opened.map_err(|e| {
+        // A symbol this binary lacks: RTLD_NOW binds every symbol before
+        // any of the library's code runs, so the dynamic loader refused it
+        // before its initialisers; name every missing one (the loader's
+        // message names the first).
+        let missing = host::missing(&undefined);
+        if !missing.is_empty() {
+            return Error::MissingSymbols {
+                path: path.to_owned(),
+                symbols: missing,
+            };
+        }
+        Error::NotLoadable {
+            path: path.to_owned(),
+            // libloading's message is "dlopen failed"; the loader's own
+            // words (dlerror) are in its source.
+            reason: match std::error::Error::source(&e) {
+                Some(detail) => format!("{e}: {detail}"),
+                None => e.to_string(),
+            },
+        }
     })?;
     let symbol = format!("{MANIFEST_SYMBOL}\0");
     // SAFETY: we read the symbol's address only, as a pointer to data; its
@@ -381,9 +394,13 @@ fn open(
 
 /// The checks of a thin patch against this binary, on the file's bytes,
 /// before the dynamic loader sees them (see `host.rs`): the build it was
-/// made for, the host setting, every symbol it needs, no allocator of its
-/// own. Returns whether its code registers thread-local destructors.
-fn bound_to_this_binary(path: &Path, bytes: &[u8]) -> Result<bool, Error> {
+/// made for, the host setting, no allocator of its own. That every symbol
+/// it needs is here is the dynamic loader's own binding (`RTLD_NOW`, before
+/// any of the library's code runs): a second pass over the symbols here
+/// would double the cost of binding a large patch. Returns whether its code registers thread-local destructors, and
+/// the symbols it needs (the dynamic loader binds them, `RTLD_NOW`, before
+/// any of its code runs; if one is missing, `open` names them all).
+fn bound_to_this_binary(path: &Path, bytes: &[u8]) -> Result<(bool, Vec<String>), Error> {
     let path = path.to_owned();
     let needs = host::needs(bytes).map_err(|reason| Error::NotLoadable {
         path: path.clone(),
@@ -413,14 +430,7 @@ fn bound_to_this_binary(path: &Path, bytes: &[u8]) -> Result<bool, Error> {
                 .into(),
         });
     }
-    let missing = host::missing(&needs.undefined);
-    if !missing.is_empty() {
-        return Err(Error::MissingSymbols {
-            path,
-            symbols: missing,
-        });
-    }
-    Ok(needs.tls_destructors)
+    Ok((needs.tls_destructors, needs.undefined))
 }
 
 /// Runs the patch's `init`, if it has one: an `Err` or a panic refuses
