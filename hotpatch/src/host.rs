@@ -12,10 +12,10 @@
 //!   build-id of the service binary) and that is this binary's
 //!   ([`build_id`]);
 //! - this binary exports its symbols at all ([`exports_symbols`]);
-//! - every symbol it needs is there ([`missing`]): a dependency function
-//!   the service never called is not in the binary (the linker dropped
-//!   it), and the patch would otherwise fail inside `dlopen`, or worse,
-//!   bind a data symbol lazily;
+//! - every symbol it needs is there: the dynamic loader binds them all
+//!   (`RTLD_NOW`) before any of the library's code runs, and if one is
+//!   missing (a dependency function the service never called is not in the
+//!   binary: the linker dropped it), [`missing`] names every one;
 //! - it does not bring an allocator of its own (one process, one
 //!   allocator).
 
