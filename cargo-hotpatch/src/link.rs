@@ -286,7 +286,7 @@ fn inspect(
                 };
                 let d = format!("{d:#}");
                 if let Some((module, f)) = d.rsplit_once("::__hotpatch_entry_of_") {
-                    functions.push(format!("{module}::{f}"));
+                    functions.push(target_path(module, f));
                 }
             }
         }
@@ -299,6 +299,19 @@ fn inspect(
     functions.sort();
     functions.dedup();
     Ok(functions)
+}
+
+/// A target's path from its entry getter's name: `f` for a free
+/// function, `Type__<hash>__method` or `Type__<hash>__Trait__method` for a
+/// method (`#[patchable]` on an impl block names them so).
+fn target_path(module: &str, getter: &str) -> String {
+    let parts: Vec<&str> = getter.split("__").collect();
+    let hash = |h: &str| h.len() == 8 && h.bytes().all(|b| b.is_ascii_hexdigit());
+    match parts.as_slice() {
+        [ty, h, method] if hash(h) => format!("{module}::{ty}::{method}"),
+        [ty, h, tr, method] if hash(h) => format!("<{module}::{ty} as {tr}>::{method}"),
+        _ => format!("{module}::{getter}"),
+    }
 }
 
 /// The symbols a `#[global_allocator]` makes its crate define. rustc 1.95
@@ -550,5 +563,25 @@ mod tests {
             .windows(needle.len())
             .position(|w| w == needle)
             .unwrap()
+    }
+}
+
+#[cfg(test)]
+mod target_names {
+    use super::target_path;
+
+    #[test]
+    fn entry_getters_name_their_targets() {
+        assert_eq!(target_path("svc::pricing", "price"), "svc::pricing::price");
+        assert_eq!(
+            target_path("svc::pricing", "Cart__7bb95c49__total"),
+            "svc::pricing::Cart::total"
+        );
+        assert_eq!(
+            target_path("svc", "Cart__0badf00d__Priced__price"),
+            "<svc::Cart as Priced>::price"
+        );
+        // Not a hash: left as it is.
+        assert_eq!(target_path("svc", "a__b__c"), "svc::a__b__c");
     }
 }

@@ -489,6 +489,11 @@ fn expand_impl(mut imp: ItemImpl) -> TokenStream {
         assoc,
     };
     let self_text = sig::to_text(&last_segment_of_type(&self_ty));
+    // The type's name alone (no generic arguments), for item names.
+    let self_ident: String = self_text
+        .chars()
+        .take_while(|c| c.is_alphanumeric() || *c == '_')
+        .collect();
     let trait_last = trait_
         .as_ref()
         .and_then(|p| p.segments.last())
@@ -537,10 +542,17 @@ fn expand_impl(mut imp: ItemImpl) -> TokenStream {
             }
             None => (String::new(), format!("::{self_text}::{method}")),
         };
+        // `Type__hash__method` or `Type__hash__Trait__method`: unique per
+        // impl (the hash), and readable where it shows (`cargo hotpatch
+        // build` names a method's target from its entry getter's symbol).
+        let module_unique = match &trait_last {
+            Some(t) => format!("{self_ident}__{unique}__{t}__{method}"),
+            None => format!("{self_ident}__{unique}__{method}"),
+        };
         let gen_ = Gen {
             sig: &m.sig,
             ctx: &ctx,
-            names: Names::new(&helper, &format!("{unique}_{helper}")),
+            names: Names::new(&helper, &module_unique),
             in_impl: true,
             path,
         };
