@@ -78,30 +78,30 @@ pub(crate) fn needs(bytes: &[u8]) -> Result<Needs, String> {
         .filter(|n| !n.is_empty())
         .collect();
     // `#[global_allocator]` makes rustc emit these in the crate that
-    // declares it; a thin patch must use the host's (it calls
-    // `__rust_alloc`, which the host defines).
+    // declares it; a thin patch must use the host's. Names are compared as
+    // bytes, by their end first: a large patch has thousands of symbols,
+    // and decoding or demangling each cost more than the rest of the load.
     let allocator = file
         .symbols()
         .chain(file.dynamic_symbols())
         .filter(|s| s.is_definition())
-        .filter_map(|s| s.name().ok())
-        // Cheap filter first: demangling every symbol of a large patch
-        // would cost more than the rest of the load.
-        .filter(|n| n.contains("rust_alloc") || n.contains("rg_alloc"))
+        .filter_map(|s| s.name_bytes().ok())
+        .filter(|n| n.ends_with(b"rust_alloc") || n.ends_with(b"rg_alloc"))
         .any(|n| {
             // rustc 1.95: `__rustc::__rust_alloc` (v0-mangled); older:
             // `__rust_alloc` or `__rg_alloc`, unmangled. (`cargo hotpatch
             // build`'s allocator shims are named `Q...`, not these.)
-            matches!(n, "__rust_alloc" | "__rg_alloc")
+            let n = String::from_utf8_lossy(n);
+            matches!(&*n, "__rust_alloc" | "__rg_alloc")
                 || matches!(
-                    demangle(n).as_str(),
+                    demangle(&n).as_str(),
                     "__rustc::__rust_alloc" | "__rustc::__rg_alloc"
                 )
         });
     let tls_destructors = undefined.iter().any(|n: &String| {
         n == "__cxa_thread_atexit_impl"
             || n == "__cxa_thread_atexit"
-            || n.contains("thread_local") && {
+            || (n.contains("destructors") || n.contains("register_dtor")) && {
                 let d = demangle(n);
                 d.contains("thread_local")
                     && (d.contains("destructors") || d.contains("register_dtor"))
