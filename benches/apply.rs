@@ -30,9 +30,11 @@ const SIZES: [usize; 3] = [1, 100, 1000];
 
 const HOSTS: [usize; 2] = [1000, 10_000];
 
+/// A host's size, its binary, and its patches (size, thin patch).
+type HostPatches = (usize, PathBuf, Vec<(usize, PathBuf)>);
+
 struct Built {
-    /// (host size, host binary, [(patch size, thin patch)])
-    hosts: Vec<(usize, PathBuf, Vec<(usize, PathBuf)>)>,
+    hosts: Vec<HostPatches>,
 }
 
 fn built() -> Built {
@@ -51,7 +53,7 @@ fn built() -> Built {
             .map(|&n| {
                 let patches = SIZES
                     .iter()
-                    .map(|&m| (m, support::so(&dir, &format!("gen-patch-{n}-{m}"))))
+                    .map(|&m| (m, support::patch(&dir, &format!("gen-patch-{n}-{m}"))))
                     .collect();
                 (n, dir.join(format!("gen-host-{n}")), patches)
             })

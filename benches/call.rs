@@ -254,7 +254,7 @@ fn case<C: Fn(u64) -> u64 + Sync>(
 
 fn group(c: &mut Criterion, threads: usize) {
     let fx = fixtures();
-    let patch = hotpatch::load(support::so(&fx.dir, "bench-patch")).expect("load bench-patch");
+    let patch = hotpatch::load(support::patch(&fx.dir, "bench-patch")).expect("load bench-patch");
     assert_eq!(patch.functions(), ["bench_svc::patched"]);
     let entry = bench_svc::patched_implementation();
     // Release: pairs with the Acquire loads of the calls.

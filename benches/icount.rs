@@ -158,7 +158,7 @@ fn main() {
         eprintln!("icount: valgrind not found, skipped");
         return;
     }
-    let so = support::so(&support::build_fixtures(&["bench-patch"]), "bench-patch");
+    let so = support::patch(&support::build_fixtures(&["bench-patch"]), "bench-patch");
     let exe = std::env::current_exe().unwrap();
     let per_call: Vec<(&str, f64)> = CASES
         .iter()

@@ -196,7 +196,7 @@ fn load_until_switched(c: &mut Criterion) {
     let dir = support::build_gen(&refs);
     let patches: Vec<(usize, PathBuf)> = SIZES
         .iter()
-        .map(|&m| (m, support::so(&dir, &format!("gen-patch-1000-{m}"))))
+        .map(|&m| (m, support::patch(&dir, &format!("gen-patch-1000-{m}"))))
         .collect();
     let mut host = support::Host::spawn(&dir.join("gen-host-1000"));
     let each = load_each();

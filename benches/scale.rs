@@ -39,7 +39,7 @@ impl Built {
         self.dir.join(format!("gen-host-{n}"))
     }
     fn patch(&self, n: usize) -> PathBuf {
-        support::so(&self.dir, &format!("gen-patch-{n}-1000"))
+        support::patch(&self.dir, &format!("gen-patch-{n}-1000"))
     }
 }
 

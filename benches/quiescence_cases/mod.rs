@@ -74,7 +74,7 @@ pub fn current_impl() -> *mut () {
 /// The patch the transition cases apply: `bench_svc::patched`, same body.
 pub fn bench_patch() -> PathBuf {
     let dir = crate::support::build_fixtures(&["bench-patch"]);
-    crate::support::so(&dir, "bench-patch")
+    crate::support::patch(&dir, "bench-patch")
 }
 
 /// A `load` held open: a registered thread (`holder`) that is online but

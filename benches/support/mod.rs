@@ -53,18 +53,21 @@ pub fn build_gen(packages: &[&str]) -> PathBuf {
     dir.join("release")
 }
 
-/// The shared object of `package` built into `dir`: a plain cdylib as
-/// built, or a patch crate (an rlib) linked thin (`cargo_hotpatch::link`)
-/// against its host: a generated `gen-patch-N-M` against `gen-host-N`,
-/// built in the same cargo invocation; `bench-patch` against this bench
-/// binary, from the rlib cargo compiled with it (a dev-dependency of the
-/// root package, so with this binary's features and symbol names).
+/// The shared object of plain cdylib `package` (not a patch) in `dir`.
 pub fn so(dir: &Path, package: &str) -> PathBuf {
+    let path = dir.join(format!("lib{}.so", package.replace('-', "_")));
+    assert!(path.exists(), "{} not built", path.display());
+    path
+}
+
+/// The thin patch of patch crate `package` (an rlib), linked
+/// (`cargo_hotpatch::link`) against its host: a generated `gen-patch-N-M`
+/// (built into `dir`) against `gen-host-N`, built in the same cargo
+/// invocation; `bench-patch` against this bench binary, from the rlib
+/// cargo compiled with it (a dev-dependency of the root package, so with
+/// this binary's features and symbol names).
+pub fn patch(dir: &Path, package: &str) -> PathBuf {
     let krate = package.replace('-', "_");
-    let plain = dir.join(format!("lib{krate}.so"));
-    if plain.exists() {
-        return plain;
-    }
     let out_dir = dir.join("thin");
     std::fs::create_dir_all(&out_dir).unwrap();
     let out = out_dir.join(format!("lib{krate}.so"));
@@ -77,30 +80,12 @@ pub fn so(dir: &Path, package: &str) -> PathBuf {
         return out;
     }
     let exe = std::env::current_exe().unwrap();
-    let deps = exe.parent().unwrap();
-    let prefix = format!("lib{krate}-");
-    let mut rlibs: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(deps)
-        .unwrap()
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| {
-            p.extension().is_some_and(|x| x == "rlib")
-                && p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with(&prefix))
-        })
-        .filter_map(|p| Some((p.metadata().ok()?.modified().ok()?, p)))
-        .collect();
-    rlibs.sort_by(|a, b| b.0.cmp(&a.0));
-    for (_, rlib) in &rlibs {
-        if cargo_hotpatch::link(rlib, &exe, &out).is_ok() {
+    for rlib in cargo_hotpatch::dev_dependency_rlibs(&krate).unwrap() {
+        if cargo_hotpatch::link(&rlib, &exe, &out).is_ok() {
             return out;
         }
     }
-    panic!(
-        "no build of {package} in {} binds to this binary",
-        deps.display()
-    )
+    panic!("no build of {package} next to this binary binds to it")
 }
 
 /// A `gen-host-N serve` process (see `benches/gen/src/host.rs`).

@@ -71,12 +71,14 @@
 
 mod allocshims;
 mod check;
+mod devdep;
 mod elf;
 mod error;
 mod link;
 mod slotrefs;
 
 pub use check::check_against;
+pub use devdep::dev_dependency_rlibs;
 pub use elf::{HOST_MAGIC, HOST_SECTION, build_id, hex, identity};
 pub use error::{Error, MissingSymbol};
 pub use link::{LinkReport, MANIFEST_SYMBOL, link, link_unchecked};

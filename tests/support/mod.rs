@@ -84,30 +84,15 @@ pub fn patch_with(package: &str, features: &[&str]) -> PathBuf {
 /// it was ever built with), the newest whose every symbol this binary
 /// exports.
 fn link_outer(package: &str, krate: &str, exe: &Path, out: &Path) {
-    let deps = exe
-        .parent()
-        .expect("the test binary is in a deps directory");
-    let prefix = format!("lib{krate}-");
-    let mut rlibs: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(deps)
-        .unwrap_or_else(|e| panic!("read {}: {e}", deps.display()))
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| {
-            p.extension().is_some_and(|x| x == "rlib")
-                && p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with(&prefix))
-        })
-        .filter_map(|p| Some((p.metadata().ok()?.modified().ok()?, p)))
-        .collect();
-    rlibs.sort_by(|a, b| b.0.cmp(&a.0));
+    let rlibs = cargo_hotpatch::dev_dependency_rlibs(krate)
+        .unwrap_or_else(|e| panic!("looking for {package}'s rlibs: {e}"));
     assert!(
         !rlibs.is_empty(),
-        "no {prefix}*.rlib in {}: is {package} a dev-dependency of hotpatch-suite?",
-        deps.display()
+        "no lib{krate}-*.rlib next to this binary: is {package} a dev-dependency of \
+         hotpatch-suite?"
     );
     let mut last = None;
-    for (_, rlib) in &rlibs {
+    for rlib in &rlibs {
         match cargo_hotpatch::link(rlib, exe, out) {
             Ok(_) => return,
             Err(e @ cargo_hotpatch::Error::MissingSymbols { .. }) => last = Some(e),

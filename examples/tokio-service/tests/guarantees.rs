@@ -14,31 +14,35 @@ use tokio_service::serve::{self, Config};
 const CYCLES: usize = 6;
 
 /// The fix as a thin patch for this test binary: `tokio-fix`'s rlib from
-/// this binary's own build (its deps directory; the newest, if cargo left
-/// several), linked by `cargo_hotpatch::link`, as `cargo hotpatch build`
-/// does. It is mode 0644 in a new 0700 directory of the temporary
+/// this binary's own build (a dev-dependency: the one, of those cargo
+/// left, whose symbols this binary exports), linked by
+/// `cargo_hotpatch::link`, as `cargo hotpatch build` does. It is mode 0644 in a new 0700 directory of the temporary
 /// directory, which the default trust policy accepts whatever the umask.
 fn thin_fix() -> PathBuf {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     let exe = std::env::current_exe().unwrap();
-    let deps = exe.parent().unwrap();
-    let rlib = std::fs::read_dir(deps)
-        .unwrap()
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| {
-            p.extension().is_some_and(|x| x == "rlib")
-                && p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with("libtokio_fix-"))
-        })
-        .max_by_key(|p| p.metadata().and_then(|m| m.modified()).ok())
-        .unwrap_or_else(|| panic!("no libtokio_fix-*.rlib in {}", deps.display()));
     let dir = std::env::temp_dir().join(format!("hotpatch-tokio-fix-{}", std::process::id()));
     std::fs::DirBuilder::new().mode(0o700).create(&dir).unwrap();
     let so = dir.join("tokio_fix.so");
-    cargo_hotpatch::link(&rlib, &exe, &so)
-        .unwrap_or_else(|e| panic!("linking {} against {}: {e}", rlib.display(), exe.display()));
+    let rlibs = cargo_hotpatch::dev_dependency_rlibs("tokio_fix").unwrap();
+    assert!(
+        !rlibs.is_empty(),
+        "no libtokio_fix-*.rlib next to this binary"
+    );
+    let mut refused = Vec::new();
+    for rlib in &rlibs {
+        match cargo_hotpatch::link(rlib, &exe, &so) {
+            Ok(_) => {
+                refused.clear();
+                break;
+            }
+            Err(e) => refused.push(e.to_string()),
+        }
+    }
+    assert!(
+        refused.is_empty(),
+        "no build of tokio-fix binds to this binary: {refused:?}"
+    );
     std::fs::set_permissions(&so, std::fs::Permissions::from_mode(0o644)).unwrap();
     so
 }
