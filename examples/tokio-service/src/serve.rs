@@ -48,8 +48,7 @@
 //! [`run`] uses process-wide state: one run at a time per process.
 
 use std::cell::RefCell;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -359,48 +358,6 @@ async fn connection(index: usize, await_every: u64) -> Stats {
         }
     }
     stats
-}
-
-/// Builds `examples/tokio-fix` with this crate's profile into its own
-/// target directory (`target/tokio-fix`), so the outer cargo's lock on
-/// `target/` is never in the way. Returns the path of a `0644` copy in a
-/// private (`0700`) directory of the temporary directory, which the
-/// default trust policy accepts whatever the umask (under umask 002 cargo's
-/// output and the checkout are group-writable, which it refuses); the
-/// caller removes that directory when done.
-///
-/// # Errors
-///
-/// Cargo could not be run, the build failed, or its output is missing.
-pub fn build_fix() -> Result<PathBuf, String> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let target_dir = root.join("target").join("tokio-fix");
-    let release = !cfg!(debug_assertions);
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.current_dir(&root)
-        .args(["build", "--quiet", "-p", "tokio-fix", "--target-dir"])
-        .arg(&target_dir);
-    if release {
-        cmd.arg("--release");
-    }
-    let status = cmd.status().map_err(|e| format!("cannot run cargo: {e}"))?;
-    if !status.success() {
-        return Err(format!("building tokio-fix failed: {status}"));
-    }
-    let path = target_dir
-        .join(if release { "release" } else { "debug" })
-        .join("libtokio_fix.so");
-    use std::os::unix::fs::PermissionsExt;
-    let dir = std::env::temp_dir().join(format!("hotpatch-tokio-fix-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
-        .map_err(|e| format!("{}: {e}", dir.display()))?;
-    let copy = dir.join("libtokio_fix.so");
-    std::fs::copy(&path, &copy).map_err(|e| format!("{}: {e}", path.display()))?;
-    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o644))
-        .map_err(|e| format!("{}: {e}", copy.display()))?;
-    Ok(copy)
 }
 
 /// An error and its sources, on one line.

@@ -16,6 +16,8 @@ use tokio_service::settle::{fee_cents, fee_version, payout_cents, payout_version
 use tower_layer::Layer;
 use tower_service::Service;
 
+mod common;
+
 /// Settles an order: fee in `call` (before the future exists), then
 /// awaits until `gate` opens, then the payout.
 #[derive(Clone)]
@@ -60,7 +62,7 @@ impl<S> Layer<S> for Outer {
 
 #[test]
 fn a_tower_request_keeps_its_version_across_awaits() {
-    let fix = tokio_service::serve::build_fix().unwrap();
+    let fix = common::thin_fix();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_time()
@@ -83,6 +85,10 @@ fn a_tower_request_keeps_its_version_across_awaits() {
     let t = loop {
         if let Some(t) = hotpatch::transition() {
             break t;
+        }
+        if loader.is_finished() {
+            // The load ended without waiting for the request: say why.
+            panic!("the load did not wait: {:?}", loader.join().unwrap());
         }
         assert!(started.elapsed() < Duration::from_secs(120), "hang");
         std::thread::sleep(Duration::from_millis(1));
