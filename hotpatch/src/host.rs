@@ -187,6 +187,12 @@ fn gnu_build_id(mut notes: &[u8]) -> Option<&[u8]> {
 /// Whether this binary exports its symbols to the dynamic loader (linked
 /// with `-rdynamic`): without that, nothing a thin patch needs is there.
 pub(crate) fn exports_symbols() -> bool {
+    // The binary's exports do not change: looked up once.
+    static EXPORTS: OnceLock<bool> = OnceLock::new();
+    *EXPORTS.get_or_init(look_up_exports)
+}
+
+fn look_up_exports() -> bool {
     use crate::__private::{
         hotpatch_rust_alloc, hotpatch_rust_alloc_zeroed, hotpatch_rust_dealloc,
         hotpatch_rust_realloc,

@@ -235,18 +235,7 @@ impl Loader {
             REGISTRY.lock().info(id)?;
         }
         let mut libraries = LIBRARIES.lock();
-        let (library, m) = open(&mut libraries, path, &bytes)?;
-        if m.is_null() {
-            return Err(Error::NoManifest {
-                path: path.to_owned(),
-                symbol: MANIFEST_SYMBOL,
-            });
-        }
-        failpoint!("load::manifest", path);
-        // SAFETY: `m` is the manifest symbol's address in a library that is
-        // not unmapped while we hold the transition turn (only `reclaim`
-        // unmaps, and it needs the turn).
-        let checked = unsafe { manifest::check(m) }.map_err(|r| r.at(path))?;
+        let (library, checked) = open_checked(&mut libraries, &turn, path, &bytes)?;
         let (plan, changes, old) = {
             let registry = REGISTRY.lock();
             let old = replacing.map(|id| registry.info(id)).transpose()?;
@@ -307,6 +296,30 @@ fn digest(bytes: &[u8]) -> u64 {
     bytes[..bytes.len().min(EDGE)].hash(&mut h);
     bytes[bytes.len().saturating_sub(EDGE)..].hash(&mut h);
     h.finish()
+}
+
+/// What `apply` and `check` share: the library holding exactly `bytes`
+/// (opened if need be) and its checked manifest. `_turn` is the transition
+/// turn, which keeps the library mapped while its manifest is read (only
+/// `reclaim` unmaps, and it needs the turn).
+fn open_checked(
+    libraries: &mut Vec<Loaded>,
+    _turn: &quiesce::Turn,
+    path: &Path,
+    bytes: &[u8],
+) -> Result<(u64, manifest::Checked), Error> {
+    let (library, m) = open(libraries, path, bytes)?;
+    if m.is_null() {
+        return Err(Error::NoManifest {
+            path: path.to_owned(),
+            symbol: MANIFEST_SYMBOL,
+        });
+    }
+    failpoint!("load::manifest", path);
+    // SAFETY: `m` is the manifest symbol's address in a library that is
+    // not unmapped while the caller holds the transition turn (`_turn`).
+    let checked = unsafe { manifest::check(m) }.map_err(|r| r.at(path))?;
+    Ok((library, checked))
 }
 
 /// The id and manifest of the library holding exactly `bytes`, opening it
@@ -644,16 +657,7 @@ impl Loader {
         // `reclaim` unmaps, and it needs the turn), as in `apply`.
         let turn = self.take_turn(&format!("check {}", path.display()))?;
         let mut libraries = LIBRARIES.lock();
-        let (library, m) = open(&mut libraries, path, &bytes)?;
-        if m.is_null() {
-            return Err(Error::NoManifest {
-                path: path.to_owned(),
-                symbol: MANIFEST_SYMBOL,
-            });
-        }
-        // SAFETY: as in `apply`: the manifest symbol's address in a library
-        // that stays mapped while we hold the transition turn.
-        let checked = unsafe { manifest::check(m) }.map_err(|r| r.at(path))?;
+        let (library, checked) = open_checked(&mut libraries, &turn, path, &bytes)?;
         let registry = REGISTRY.lock();
         let plan = registry.plan(library, &checked).map_err(|r| r.at(path))?;
         let now = registry.functions(&[]);
