@@ -30,36 +30,7 @@ const FIX_MISSING: &str = "thin-fix-missing";
 /// built once per test process.
 fn built() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = support::root().join("target").join("fixtures");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.current_dir(support::root())
-            .args(["build", "--quiet", "--target-dir"])
-            .arg(&dir);
-        for p in ["thin-svc", FIX_A, FIX_PANIC, FIX_MISSING] {
-            cmd.args(["-p", p]);
-        }
-        let profile = if cfg!(debug_assertions) {
-            "debug"
-        } else {
-            cmd.arg("--release");
-            "release"
-        };
-        // As hotpatch-cli/tests/cli.rs builds its fixtures: no debug
-        // info, so the two share artifacts.
-        let env = if cfg!(debug_assertions) {
-            "DEV"
-        } else {
-            "RELEASE"
-        };
-        cmd.env(format!("CARGO_PROFILE_{env}_DEBUG"), "0");
-        assert!(
-            cmd.status().expect("run cargo").success(),
-            "building thin-svc and its patches failed"
-        );
-        dir.join(profile)
-    })
+    DIR.get_or_init(|| support::nested_build(&["thin-svc", FIX_A, FIX_PANIC, FIX_MISSING], &[]))
 }
 
 fn binary(name: &str) -> PathBuf {

@@ -114,27 +114,37 @@ fn link_outer(package: &str, krate: &str, exe: &Path, out: &Path) {
 /// Builds `package` with `features` by a nested cargo into
 /// `target/fixtures`; returns its rlib.
 fn build_nested(package: &str, krate: &str, features: &str) -> PathBuf {
+    let rlib = nested_build(&[package], &["--lib", "--features", features])
+        .join(format!("lib{krate}.rlib"));
+    assert!(rlib.exists(), "{} not built", rlib.display());
+    rlib
+}
+
+/// Builds `packages` (with the cargo arguments `extra`) by one nested
+/// `cargo build` into `target/fixtures`, in this test binary's profile and
+/// without debug info (as hotpatch-cli's tests build theirs, so the two
+/// share artifacts); returns the profile's output directory.
+pub fn nested_build(packages: &[&str], extra: &[&str]) -> PathBuf {
     let dir = target_dir();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(root())
-        .args(["build", "--quiet", "--lib", "-p", package, "--target-dir"])
+        .args(["build", "--quiet", "--target-dir"])
         .arg(&dir)
-        .arg("--features")
-        .arg(features);
-    if !cfg!(debug_assertions) {
-        cmd.arg("--release");
+        .args(extra);
+    for p in packages {
+        cmd.args(["-p", p]);
     }
-    let status = cmd.status().expect("run cargo");
-    assert!(status.success(), "building fixture {package} failed");
-    let profile = if cfg!(debug_assertions) {
-        "debug"
+    let (profile, env) = if cfg!(debug_assertions) {
+        ("debug", "DEV")
     } else {
-        "release"
+        cmd.arg("--release");
+        ("release", "RELEASE")
     };
-    let rlib = dir.join(profile).join(format!("lib{krate}.rlib"));
-    assert!(rlib.exists(), "{} not built", rlib.display());
-    rlib
+    cmd.env(format!("CARGO_PROFILE_{env}_DEBUG"), "0");
+    let status = cmd.status().expect("run cargo");
+    assert!(status.success(), "building {packages:?} failed");
+    dir.join(profile)
 }
 
 /// Sets `path`'s permission bits to `mode`, whatever the umask made them.
