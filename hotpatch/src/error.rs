@@ -174,14 +174,17 @@ pub enum Error {
     /// `.hotpatch.host` section). A plain `cargo build` of a patch crate
     /// makes a library with its own copy of std and of the service.
     #[error(
-        "{path}: not a thin patch: it does not name the service build it was made for (no          `.hotpatch.host` section); build it with `cargo hotpatch build -p <patch crate>          --binary <service binary>`"
+        "{path}: not a thin patch: it does not name the service build it was made for (no \
+         `.hotpatch.host` section); build it with `cargo hotpatch build -p <patch crate> \
+         --binary <service binary>`"
     )]
     NotThin { path: PathBuf },
 
     /// The patch was made against another build of the service (GNU
     /// build-ids, lowercase hex).
     #[error(
-        "{path}: the patch was made for service build {patch}, but this process is build {host}:          rebuild the patch against this binary (`cargo hotpatch build --binary <this binary>`)"
+        "{path}: the patch was made for service build {patch}, but this process is build {host}: \
+         rebuild the patch against this binary (`cargo hotpatch build --binary <this binary>`)"
     )]
     WrongBuild {
         path: PathBuf,
@@ -191,20 +194,26 @@ pub enum Error {
 
     /// This binary has no GNU build-id, so no patch can name it.
     #[error(
-        "{path}: this process's binary has no GNU build-id, so no patch can be checked against it          (link it with `-Wl,--build-id`)"
+        "{path}: this process's binary has no GNU build-id, so no patch can be checked against it \
+         (link it with `-Wl,--build-id`)"
     )]
     HostUnidentified { path: PathBuf },
 
     /// This binary does not export its symbols to the dynamic loader, so
     /// a thin patch has nothing to bind to.
     #[error(
-        "{path}: this process's binary does not export its symbols to patches: build the service          with the hotpatch host setting, `println!(\"cargo::rustc-link-arg-bins=-rdynamic\");` in          its build.rs"
+        "{path}: this process's binary does not export its symbols to patches: build the service \
+         with the hotpatch host setting, `println!(\"cargo::rustc-link-arg-bins=-rdynamic\");` in \
+         its build.rs"
     )]
     HostNotExported { path: PathBuf },
 
     /// The patch needs symbols this binary does not have (demangled).
     #[error(
-        "{path}: the patch needs {} symbol(s) this process's binary does not have: {}; a          dependency function the service never calls is not linked into it (call it from the          service), or the patch was built with other features or another profile than the          service (build both in one cargo selection and profile)",
+        "{path}: the patch needs {} symbol(s) this process's binary does not have: {}; a \
+         dependency function the service never calls is not linked into it (call it from the \
+         service), or the patch was built with other features or another profile than the \
+         service (build both in one cargo selection and profile)",
         .symbols.len(),
         .symbols.join(", ")
     )]
@@ -299,6 +308,37 @@ impl Refusal {
             Refusal::InitFailed { reason } => Error::InitFailed { path, reason },
             #[cfg(feature = "failpoints")]
             Refusal::Injected { point } => Error::Injected { point, path },
+        }
+    }
+}
+
+#[cfg(test)]
+mod messages {
+    use super::Error;
+    use std::path::PathBuf;
+
+    /// The thin-patch refusals read as one line of prose: no runs of
+    /// spaces left by a broken string continuation.
+    #[test]
+    fn thin_patch_refusals_have_no_runs_of_spaces() {
+        let path = PathBuf::from("fix.so");
+        let errors = [
+            Error::NotThin { path: path.clone() },
+            Error::WrongBuild {
+                path: path.clone(),
+                patch: "aa".into(),
+                host: "bb".into(),
+            },
+            Error::HostUnidentified { path: path.clone() },
+            Error::HostNotExported { path: path.clone() },
+            Error::MissingSymbols {
+                path,
+                symbols: vec!["svc::f".into()],
+            },
+        ];
+        for e in errors {
+            let text = e.to_string();
+            assert!(!text.contains("  "), "{text}");
         }
     }
 }
