@@ -42,8 +42,6 @@ pub static hotpatch_host_exports_v1: u8 = 1;
 pub(crate) struct Needs {
     /// The build-id in its `.hotpatch.host` section, if it has one.
     pub identity: Option<Vec<u8>>,
-    /// Its undefined, non-weak dynamic symbols.
-    pub undefined: Vec<String>,
     /// It defines a global allocator's symbols itself.
     pub allocator: bool,
     /// Its code registers thread-local destructors (a `thread_local!`
@@ -71,12 +69,6 @@ pub(crate) fn needs(bytes: &[u8]) -> Result<Needs, String> {
             })?)
         }
     };
-    let undefined: Vec<String> = file
-        .dynamic_symbols()
-        .filter(|s| s.is_undefined() && !s.is_weak())
-        .filter_map(|s| s.name().ok().map(str::to_owned))
-        .filter(|n| !n.is_empty())
-        .collect();
     // `#[global_allocator]` makes rustc emit these in the crate that
     // declares it; a thin patch must use the host's. Names are compared as
     // bytes, by their end first: a large patch has thousands of symbols,
@@ -98,7 +90,7 @@ pub(crate) fn needs(bytes: &[u8]) -> Result<Needs, String> {
                     "__rustc::__rust_alloc" | "__rustc::__rg_alloc"
                 )
         });
-    let tls_destructors = undefined.iter().any(|n: &String| {
+    let tls_destructors = undefined_names(&file).any(|n| {
         n == "__cxa_thread_atexit_impl"
             || n == "__cxa_thread_atexit"
             || (n.contains("destructors") || n.contains("register_dtor")) && {
@@ -109,10 +101,27 @@ pub(crate) fn needs(bytes: &[u8]) -> Result<Needs, String> {
     });
     Ok(Needs {
         identity,
-        undefined,
         allocator,
         tls_destructors,
     })
+}
+
+/// The undefined, non-weak dynamic symbols of a parsed patch file.
+fn undefined_names<'a>(file: &'a object::File<'a>) -> impl Iterator<Item = &'a str> + 'a {
+    file.dynamic_symbols()
+        .filter(|s| s.is_undefined() && !s.is_weak())
+        .filter_map(|s| s.name().ok())
+        .filter(|n| !n.is_empty())
+}
+
+/// The undefined, non-weak dynamic symbols of the patch file `bytes`:
+/// what the dynamic loader must find in this process. Read only when it
+/// did not (to name them all), so a load that binds does not pay for it.
+pub(crate) fn undefined(bytes: &[u8]) -> Vec<String> {
+    match object::File::parse(bytes) {
+        Ok(file) => undefined_names(&file).map(str::to_owned).collect(),
+        Err(_) => Vec::new(),
+    }
 }
 
 fn parse_identity(data: &[u8]) -> Option<Vec<u8>> {

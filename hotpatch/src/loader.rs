@@ -345,7 +345,7 @@ fn open(
         path: path.to_owned(),
         reason,
     })?;
-    let (keep, undefined) = bound_to_this_binary(path, bytes)?;
+    let keep = bound_to_this_binary(path, bytes)?;
     failpoint!("load::copy", path);
     let label = path
         .file_name()
@@ -368,7 +368,7 @@ fn open(
         // any of the library's code runs, so the dynamic loader refused it
         // before its initialisers; name every missing one (the loader's
         // message names the first).
-        let missing = host::missing(&undefined);
+        let missing = host::missing(&host::undefined(bytes));
         if !missing.is_empty() {
             return Error::MissingSymbols {
                 path: path.to_owned(),
@@ -410,10 +410,10 @@ fn open(
 /// made for, the host setting, no allocator of its own. That every symbol
 /// it needs is here is the dynamic loader's own binding (`RTLD_NOW`, before
 /// any of the library's code runs): a second pass over the symbols here
-/// would double the cost of binding a large patch. Returns whether its code registers thread-local destructors, and
-/// the symbols it needs (the dynamic loader binds them, `RTLD_NOW`, before
-/// any of its code runs; if one is missing, `open` names them all).
-fn bound_to_this_binary(path: &Path, bytes: &[u8]) -> Result<(bool, Vec<String>), Error> {
+/// would double the cost of binding a large patch; if one is missing,
+/// `open` names them all. Returns whether its code registers thread-local
+/// destructors.
+fn bound_to_this_binary(path: &Path, bytes: &[u8]) -> Result<bool, Error> {
     let path = path.to_owned();
     let needs = host::needs(bytes).map_err(|reason| Error::NotLoadable {
         path: path.clone(),
@@ -443,7 +443,7 @@ fn bound_to_this_binary(path: &Path, bytes: &[u8]) -> Result<(bool, Vec<String>)
                 .into(),
         });
     }
-    Ok((needs.tls_destructors, needs.undefined))
+    Ok(needs.tls_destructors)
 }
 
 /// Runs the patch's `init`, if it has one: an `Err` or a panic refuses
