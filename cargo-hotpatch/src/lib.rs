@@ -75,7 +75,9 @@ mod devdep;
 mod elf;
 mod error;
 mod link;
+pub mod riprel;
 mod slotrefs;
+pub mod source;
 
 pub use check::check_against;
 pub use devdep::dev_dependency_rlibs;

@@ -113,11 +113,41 @@ fn link_with(
         Err(e) => return Err(e),
     };
 
+    let objects: Vec<Vec<u8>> = members.iter().map(|(_, data)| data.to_vec()).collect();
+    let mut report = link_prepared(objects, rlib, host_binary, &host, &host_id, out, checked)?;
+    report.functions = functions;
+    Ok(report)
+}
+
+/// Links ready objects (those `cargo hotpatch build --base` writes) into
+/// a thin patch bound to `host_binary`, checked. `origin` names the
+/// objects' source in errors.
+pub(crate) fn link_objects(
+    objects: Vec<Vec<u8>>,
+    origin: &Path,
+    host_binary: &Path,
+    out: &Path,
+) -> Result<LinkReport, Error> {
+    let host_data = elf::read(host_binary)?;
+    let host = elf::parse(host_binary, &host_data)?;
+    let host_id = elf::build_id_of(host_binary, &host)?;
+    link_prepared(objects, origin, host_binary, &host, &host_id, out, true)
+}
+
+fn link_prepared(
+    mut objects: Vec<Vec<u8>>,
+    rlib: &Path,
+    host_binary: &Path,
+    host: &object::File<'_>,
+    host_id: &[u8],
+    out: &Path,
+    checked: bool,
+) -> Result<LinkReport, Error> {
     let dir = TempDir::new()?;
-    let mut inputs = Vec::with_capacity(members.len() + 1);
+    let mut inputs = Vec::with_capacity(objects.len() + 1);
+    let count = objects.len();
     // Loads of host slots by inlined `#[patchable]` wrappers are
     // retargeted at cells of the patch (see slotrefs.rs).
-    let mut objects: Vec<Vec<u8>> = members.iter().map(|(_, data)| data.to_vec()).collect();
     let cells = crate::slotrefs::retarget(&mut objects).map_err(|reason| Error::Malformed {
         path: rlib.to_owned(),
         what: "ELF object",
@@ -149,7 +179,7 @@ fn link_with(
         slot_refs = n;
     }
     let host_object = dir.path.join("hotpatch-host.o");
-    fs::write(&host_object, host_object_bytes(&host, &host_id)?)
+    fs::write(&host_object, host_object_bytes(host, host_id)?)
         .map_err(Error::io(&host_object))?;
     inputs.push(host_object);
     let script = dir.path.join("exports.map");
@@ -162,7 +192,7 @@ fn link_with(
     let partial = Partial::new(out)?;
     run_cc(&inputs, &script, &partial.path, out)?;
     let binding = if checked {
-        check::check(&partial.path, out, host_binary, &host)?
+        check::check(&partial.path, out, host_binary, host)?
     } else {
         check::Binding::default()
     };
@@ -174,12 +204,12 @@ fn link_with(
     Ok(LinkReport {
         output: out.to_owned(),
         size,
-        host_build_id: elf::hex(&host_id),
+        host_build_id: elf::hex(host_id),
         bound_to_host: binding.host,
         bound_to_system: binding.system,
-        objects: members.len(),
+        objects: count,
         slot_refs,
-        functions,
+        functions: Vec::new(),
     })
 }
 
@@ -193,7 +223,7 @@ fn crate_name(rlib: &Path) -> String {
 
 /// The crate's own codegen units: the `*.rcgu.o` members, refusing
 /// bitcode. `lib.rmeta` and anything else is skipped.
-fn own_objects<'d>(rlib: &Path, data: &'d [u8]) -> Result<Vec<(String, &'d [u8])>, Error> {
+pub(crate) fn own_objects<'d>(rlib: &Path, data: &'d [u8]) -> Result<Vec<(String, &'d [u8])>, Error> {
     let malformed = |e: object::Error| Error::Malformed {
         path: rlib.to_owned(),
         what: "rlib archive",

@@ -12,14 +12,18 @@ use clap::{Args, Parser, Subcommand};
 const EXIT_CODES: &str = "\
 Exit codes:
   0  the patch was built and checked against the binary
-  1  `cargo build` failed (its diagnostics are on standard error)
-  2  usage: bad arguments, or a package that is not in the workspace
+  1  `cargo build` (or git) failed (its diagnostics are on standard error)
+  2  usage: bad arguments, a package that is not in the workspace, a
+     --base/--head revision that does not exist
   3  refused: LLVM bitcode (LTO), a #[global_allocator] in the patch, no
      hotpatch::manifest!(), a patch package without an rlib, a binary
      without build-id or not ELF, a binary linked without -rdynamic,
-     symbols the patch needs that the binary does not export
+     symbols the patch needs that the binary does not export; with
+     --base: a change a patch cannot carry (each reason on its own line),
+     a --binary the base revision does not rebuild
   4  I/O: a file could not be read or written (a missing --binary
-     included), or `cc` could not be run or failed";
+     included), or `cc` could not be run or failed
+  5  --base: no change (base and head compile to the same code); no file";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -46,16 +50,31 @@ enum Cmd {
     /// service's crates other names than the binary has.
     #[command(after_help = EXIT_CODES)]
     Build(BuildArgs),
-    // Issue 10: `build --base REV` will make the patch from a source diff
-    // against the deployed revision instead of from a patch package.
 }
 
 #[derive(Debug, Args)]
 struct BuildArgs {
-    /// The patch package first; any further `-p` are built with it, to get
-    /// the same feature resolution as the service build: build the patch
-    /// in the same selection you built the service with.
-    #[arg(short = 'p', long = "package", value_name = "SPEC", required = true)]
+    /// Make the patch from the service's own source: the git revision
+    /// (tag, branch, commit) the deployed binary was built from. The new
+    /// code is the working tree, or --head. `-p` then names the service.
+    #[arg(long, value_name = "REV")]
+    base: Option<String>,
+
+    /// With --base: the revision holding the fix [default: the working
+    /// tree, uncommitted changes included].
+    #[arg(long, value_name = "REV", requires = "base")]
+    head: Option<String>,
+
+    /// With --base: the service's binary target, if the package has
+    /// several [default: the one named like --binary, or the only one].
+    #[arg(long, value_name = "NAME", requires = "base")]
+    bin: Option<String>,
+
+    /// The patch package first (with --base: the service package); any
+    /// further `-p` are built with it, to get the same feature resolution
+    /// as the service build: build the patch in the same selection you
+    /// built the service with.
+    #[arg(short = 'p', long = "package", value_name = "SPEC")]
     packages: Vec<String>,
 
     /// Build the whole workspace with the patch (if the service was built
@@ -65,8 +84,11 @@ struct BuildArgs {
     workspace: bool,
 
     /// The service binary the patch is for (linked with `-rdynamic`).
+    /// With --base it is optional: the deployed binary, which must be what
+    /// the base revision builds; the patch is bound to it [default: the
+    /// rebuilt base's binary].
     #[arg(long, value_name = "PATH")]
-    binary: PathBuf,
+    binary: Option<PathBuf>,
 
     /// Build with the release profile (as the service was).
     #[arg(long, conflicts_with = "profile")]
@@ -104,6 +126,9 @@ enum Failure {
     Usage(String),
     Refused(String),
     Io(String),
+    /// Refused, one reason per line.
+    RefusedAll(Vec<String>),
+    NoChange(String),
 }
 
 impl Failure {
@@ -111,14 +136,33 @@ impl Failure {
         match self {
             Failure::CargoFailed(_) => 1,
             Failure::Usage(_) => 2,
-            Failure::Refused(_) => 3,
+            Failure::Refused(_) | Failure::RefusedAll(_) => 3,
             Failure::Io(_) => 4,
+            Failure::NoChange(_) => 5,
         }
     }
 
-    fn message(&self) -> &str {
+    fn message(&self) -> String {
         match self {
-            Failure::CargoFailed(m) | Failure::Usage(m) | Failure::Refused(m) | Failure::Io(m) => m,
+            Failure::CargoFailed(m) | Failure::Usage(m) | Failure::Refused(m) | Failure::Io(m) => {
+                m.clone()
+            }
+            Failure::RefusedAll(lines) => lines.join("; "),
+            Failure::NoChange(m) => format!("no change: {m}"),
+        }
+    }
+}
+
+impl From<cargo_hotpatch::source::SourceError> for Failure {
+    fn from(e: cargo_hotpatch::source::SourceError) -> Failure {
+        use cargo_hotpatch::source::SourceError as E;
+        match e {
+            E::Usage(m) => Failure::Usage(m),
+            E::Tool(m) => Failure::CargoFailed(m),
+            E::Refused(lines) => Failure::RefusedAll(lines),
+            E::NoChange(m) => Failure::NoChange(m),
+            E::Io(m) => Failure::Io(m),
+            E::Link(e) => Failure::from(e),
         }
     }
 }
@@ -135,6 +179,12 @@ impl From<Error> for Failure {
 
 fn main() -> ExitCode {
     let mut args: Vec<OsString> = std::env::args_os().collect();
+    // `cargo hotpatch build --base` builds the base with this program as
+    // rustc's wrapper (to remap the checkout's paths to the workspace's).
+    if std::env::var_os(cargo_hotpatch::source::REMAP_ENV).is_some() && args.len() > 1 {
+        let code = cargo_hotpatch::source::run_as_rustc_wrapper(&args);
+        return ExitCode::from(u8::try_from(code).unwrap_or(101));
+    }
     // Run as `cargo hotpatch ...`, cargo passes "hotpatch" as argv[1].
     if args.get(1).is_some_and(|a| a == "hotpatch") {
         args.remove(1);
@@ -165,6 +215,17 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::RefusedAll(lines)) => {
+            for line in &lines {
+                eprintln!("refused: {}", line.replace('\n', "; "));
+            }
+            eprintln!(
+                "cargo-hotpatch: refused ({} reason{}); no patch was written",
+                lines.len(),
+                if lines.len() == 1 { "" } else { "s" }
+            );
+            ExitCode::from(3)
+        }
         Err(failure) => {
             let one_line = failure.message().replace('\n', "; ");
             eprintln!("cargo-hotpatch: {one_line}");
@@ -174,9 +235,22 @@ fn main() -> ExitCode {
 }
 
 fn build(args: &BuildArgs) -> Result<(), Failure> {
+    if let Some(base) = &args.base {
+        return build_from_source(args, base);
+    }
+    let binary = args.binary.clone().ok_or_else(|| {
+        Failure::Usage(
+            "--binary PATH is required: the service binary the patch is for (or --base REV to make the patch from the service's source)".into(),
+        )
+    })?;
+    if args.packages.is_empty() {
+        return Err(Failure::Usage(
+            "-p PATCH_PACKAGE is required (or --base REV to make the patch from the service's source)".into(),
+        ));
+    }
     // Before a build that may take minutes: the binary must be there and
     // have a build-id.
-    cargo_hotpatch::build_id(&args.binary)?;
+    cargo_hotpatch::build_id(&binary)?;
 
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let patch = &args.packages[0];
@@ -226,7 +300,7 @@ fn build(args: &BuildArgs) -> Result<(), Failure> {
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| Failure::Io(format!("{}: {e}", dir.display())))?;
     }
-    let report = cargo_hotpatch::link(&rlib, &args.binary, &out)?;
+    let report = cargo_hotpatch::link(&rlib, &binary, &out)?;
 
     println!(
         "built {} ({} bytes, {} objects)",
@@ -236,7 +310,7 @@ fn build(args: &BuildArgs) -> Result<(), Failure> {
     );
     println!(
         "  bound to {} (build-id {})",
-        args.binary.display(),
+        binary.display(),
         report.host_build_id
     );
     println!(
@@ -357,4 +431,53 @@ fn run_build(mut cmd: Command, package_id: &str) -> Result<Option<PathBuf>, Fail
         return Err(Failure::CargoFailed(format!("`cargo build` {status}")));
     }
     Ok(rlib)
+}
+
+fn build_from_source(args: &BuildArgs, base: &str) -> Result<(), Failure> {
+    if args.packages.len() > 1 || args.workspace {
+        return Err(Failure::Usage(
+            "with --base, -p names the one service package (--workspace does not apply)".into(),
+        ));
+    }
+    let opts = cargo_hotpatch::source::SourceOptions {
+        package: args.packages.first().cloned(),
+        base: base.to_owned(),
+        head: args.head.clone(),
+        binary: args.binary.clone(),
+        bin: args.bin.clone(),
+        output: args.output.clone(),
+        release: args.release,
+        profile: args.profile.clone(),
+        features: args.features.clone(),
+        all_features: args.all_features,
+        no_default_features: args.no_default_features,
+        manifest_path: args.manifest_path.clone(),
+    };
+    let report = cargo_hotpatch::source::build(&opts, &mut |line| {
+        eprintln!("cargo-hotpatch: {line}");
+    })?;
+    println!("base: {}", report.base);
+    println!("head: {}", report.head);
+    for item in &report.replaced {
+        match &item.location {
+            Some(l) => println!("replaced  {}  ({l})", item.path),
+            None => println!("replaced  {}", item.path),
+        }
+    }
+    for item in &report.included {
+        match &item.location {
+            Some(l) => println!("included  {}  ({l})", item.path),
+            None => println!("included  {}", item.path),
+        }
+    }
+    for note in &report.notes {
+        println!("note: {note}");
+    }
+    println!(
+        "patch: {} ({} bytes) for build-id {}",
+        report.output.display(),
+        report.size,
+        report.build_id
+    );
+    Ok(())
 }

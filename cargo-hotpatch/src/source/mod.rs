@@ -1,0 +1,1056 @@
+//! `cargo hotpatch build --base REV`: a patch from the service's own
+//! source, for the build that is deployed.
+//!
+//! 1. The base revision is checked out (`git archive`, into the target
+//!    directory: the user's tree and `.git` are untouched) and built as
+//!    deployed: the same toolchain, `Cargo.lock` (`--locked`), profile,
+//!    features and flags, in its own target directory. Paths are remapped
+//!    to the workspace's own (`--remap-path-prefix`, through a
+//!    `RUSTC_WORKSPACE_WRAPPER`), so the base builds bit for bit what the
+//!    workspace builds, debug info included.
+//! 2. The head (the working tree, or `--head REV` checked out the same
+//!    way) is built the same way, in another target directory.
+//! 3. With `--binary`, the deployed binary must be the rebuilt base: the
+//!    same bytes in every section the process maps (debug info and the
+//!    build-id note aside). Else the patch is refused with both build-ids.
+//! 4. The objects of the service's library crate are compared function by
+//!    function (`objects.rs`), and each changed function classified: a
+//!    `#[patchable]` body is replaced; any other function is included if
+//!    every function of the base that references it is replaced or
+//!    included, else refused with its unpatched callers.
+//! 5. The changed functions are written into one object (`extract.rs`),
+//!    with a `PatchFn` record per replaced function, and linked with a
+//!    manifest into a thin patch bound to the binary (`link.rs`).
+
+mod extract;
+mod objects;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::ffi::OsString;
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use object::{Object, ObjectSection, ObjectSymbol};
+
+use self::extract::{Host, Record};
+use self::objects::{Build, Target, UnitId};
+
+/// The environment variable that makes `cargo-hotpatch` act as rustc's
+/// wrapper (`FROM=TO` for `--remap-path-prefix`).
+pub const REMAP_ENV: &str = "__CARGO_HOTPATCH_REMAP";
+/// The wrapper the user had, which the remapping wrapper runs in turn.
+pub const INNER_WRAPPER_ENV: &str = "__CARGO_HOTPATCH_INNER_WRAPPER";
+
+/// Offsets in `hotpatch::__private::Entry` (`repr(C)`): `path: &str` at 0,
+/// `signature: &str` at 16, `fingerprint: u64` at 32, `layouts` at 40,
+/// `slot` at 56, `original` at 64.
+pub const ENTRY_LAYOUTS_OFFSET: usize = 40;
+/// See [`ENTRY_LAYOUTS_OFFSET`].
+pub const ENTRY_ORIGINAL_OFFSET: usize = 64;
+
+/// What to build.
+#[derive(Debug, Clone, Default)]
+pub struct SourceOptions {
+    /// The service package (`-p`); the workspace's only package if `None`.
+    pub package: Option<String>,
+    /// The deployed revision.
+    pub base: String,
+    /// The new revision; the working tree if `None`.
+    pub head: Option<String>,
+    /// The deployed binary, checked against the rebuilt base.
+    pub binary: Option<PathBuf>,
+    /// The binary target of the package, if it has several.
+    pub bin: Option<String>,
+    /// Where to write the patch.
+    pub output: Option<PathBuf>,
+    /// `--release`.
+    pub release: bool,
+    /// `--profile NAME`.
+    pub profile: Option<String>,
+    /// `--features`.
+    pub features: Vec<String>,
+    /// `--all-features`.
+    pub all_features: bool,
+    /// `--no-default-features`.
+    pub no_default_features: bool,
+    /// `--manifest-path`.
+    pub manifest_path: Option<PathBuf>,
+}
+
+/// A function of the patch, for the summary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Item {
+    /// The path as the service writes it (`svc::Cart::total`).
+    pub path: String,
+    /// `file:line`, where the source says.
+    pub location: Option<String>,
+}
+
+/// What [`build`] made.
+#[derive(Debug, Clone)]
+pub struct SourceReport {
+    /// The `#[patchable]` functions replaced.
+    pub replaced: Vec<Item>,
+    /// Other functions in the patch: changed ones whose callers are all
+    /// replaced, and new ones.
+    pub included: Vec<Item>,
+    /// Informational lines.
+    pub notes: Vec<String>,
+    /// The base: revision as given, commit, build-id.
+    pub base: String,
+    /// The head: revision or "working tree".
+    pub head: String,
+    /// The patch file.
+    pub output: PathBuf,
+    /// Its size.
+    pub size: u64,
+    /// The build-id it is bound to.
+    pub build_id: String,
+}
+
+/// Why [`build`] made no patch.
+#[derive(Debug)]
+pub enum SourceError {
+    /// Bad arguments: a revision that does not exist, an unknown package.
+    Usage(String),
+    /// cargo or git failed.
+    Tool(String),
+    /// The change cannot be patched: one line per reason.
+    Refused(Vec<String>),
+    /// Base and head compile to the same code.
+    NoChange(String),
+    /// A file could not be read or written.
+    Io(String),
+    /// Linking or checking the patch failed.
+    Link(crate::Error),
+}
+
+impl std::fmt::Display for SourceError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SourceError::Usage(m) | SourceError::Tool(m) | SourceError::Io(m) => f.write_str(m),
+            SourceError::NoChange(m) => write!(f, "no change: {m}"),
+            SourceError::Refused(lines) => f.write_str(&lines.join("\n")),
+            SourceError::Link(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for SourceError {}
+
+fn io(what: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> SourceError {
+    move |e| SourceError::Io(format!("{what}: {e}"))
+}
+
+/// The workspace, from `cargo metadata`.
+struct Workspace {
+    root: PathBuf,
+    target_dir: PathBuf,
+    package: String,
+    /// The library's crate name and root file (relative to the root).
+    lib_name: String,
+    lib_src: PathBuf,
+    /// Each bin target: name and root file.
+    bins: Vec<(String, PathBuf)>,
+    /// The package's directory, relative to the workspace root.
+    package_dir: PathBuf,
+    /// Every workspace package's directory (relative) and name.
+    members: Vec<(PathBuf, String)>,
+}
+
+fn cargo() -> OsString {
+    std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into())
+}
+
+fn workspace(opts: &SourceOptions) -> Result<Workspace, SourceError> {
+    let mut cmd = Command::new(cargo());
+    cmd.args(["metadata", "--format-version", "1", "--no-deps"]);
+    if let Some(path) = &opts.manifest_path {
+        cmd.arg("--manifest-path").arg(path);
+    }
+    let out = cmd
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(io("running cargo metadata"))?;
+    if !out.status.success() {
+        return Err(SourceError::Tool(format!("`cargo metadata` {}", out.status)));
+    }
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .map_err(|e| SourceError::Io(format!("cargo metadata printed no JSON: {e}")))?;
+    let root = PathBuf::from(json["workspace_root"].as_str().unwrap_or("."));
+    let target_dir = PathBuf::from(json["target_directory"].as_str().unwrap_or("target"));
+    let packages = json["packages"].as_array().cloned().unwrap_or_default();
+    let members: Vec<(PathBuf, String)> = packages
+        .iter()
+        .filter_map(|p| {
+            let dir = Path::new(p["manifest_path"].as_str()?).parent()?;
+            let rel = dir.strip_prefix(&root).ok()?.to_owned();
+            Some((rel, p["name"].as_str()?.to_owned()))
+        })
+        .collect();
+    let package = match &opts.package {
+        Some(spec) => {
+            let name = spec.split('@').next().unwrap_or(spec);
+            packages
+                .iter()
+                .find(|p| p["name"] == name)
+                .ok_or_else(|| SourceError::Usage(format!("package {spec} is not in the workspace")))?
+        }
+        None if packages.len() == 1 => &packages[0],
+        None => {
+            return Err(SourceError::Usage(
+                "the workspace has several packages: name the service with -p".into(),
+            ));
+        }
+    };
+    let name = package["name"].as_str().unwrap_or_default().to_owned();
+    let manifest = PathBuf::from(package["manifest_path"].as_str().unwrap_or_default());
+    let package_dir = manifest
+        .parent()
+        .and_then(|d| d.strip_prefix(&root).ok())
+        .map(Path::to_owned)
+        .unwrap_or_default();
+    let targets = package["targets"].as_array().cloned().unwrap_or_default();
+    let kind = |t: &serde_json::Value, k: &str| {
+        t["kind"].as_array().is_some_and(|ks| ks.iter().any(|x| x == k))
+    };
+    let rel = |t: &serde_json::Value| {
+        let p = PathBuf::from(t["src_path"].as_str().unwrap_or_default());
+        p.strip_prefix(&root).map(Path::to_owned).unwrap_or(p)
+    };
+    let lib = targets
+        .iter()
+        .find(|t| kind(t, "lib") || kind(t, "rlib"))
+        .ok_or_else(|| {
+            SourceError::Refused(vec![format!(
+                "package {name} has no library target: a patch is made from the service's library crate (its #[patchable] code), so move that code into src/lib.rs and let main.rs call it"
+            )])
+        })?;
+    let bins = targets
+        .iter()
+        .filter(|t| kind(t, "bin"))
+        .map(|t| (t["name"].as_str().unwrap_or_default().to_owned(), rel(t)))
+        .collect();
+    Ok(Workspace {
+        root: root.clone(),
+        target_dir,
+        package: name,
+        lib_name: lib["name"].as_str().unwrap_or_default().replace('-', "_"),
+        lib_src: rel(lib),
+        bins,
+        package_dir,
+        members,
+    })
+}
+
+fn git(repo: &Path, args: &[&str]) -> Result<String, SourceError> {
+    let out = Command::new("git")
+        .arg("-C")
+        .arg(repo)
+        .args(args)
+        .stderr(Stdio::piped())
+        .output()
+        .map_err(io("running git"))?;
+    if !out.status.success() {
+        return Err(SourceError::Tool(format!(
+            "`git {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// The commit a revision names, or a usage error naming it.
+fn commit_of(repo: &Path, rev: &str) -> Result<String, SourceError> {
+    let spec = format!("{rev}^{{commit}}");
+    let out = Command::new("git")
+        .arg("-C")
+        .arg(repo)
+        .args(["rev-parse", "--verify", "--quiet", &spec])
+        .output()
+        .map_err(io("running git"))?;
+    if !out.status.success() {
+        return Err(SourceError::Usage(format!(
+            "revision `{rev}` does not exist in {} (a tag, branch or commit of the deployed build)",
+            repo.display()
+        )));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// Checks out `commit` into `dir` (once: a finished checkout is kept, so
+/// cargo's fingerprints stay valid between runs).
+fn checkout(repo: &Path, commit: &str, dir: &Path) -> Result<(), SourceError> {
+    let marker = dir.join(".cargo-hotpatch-commit");
+    if std::fs::read_to_string(&marker).is_ok_and(|c| c.trim() == commit) {
+        return Ok(());
+    }
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).map_err(io(dir.display()))?;
+    }
+    std::fs::create_dir_all(dir).map_err(io(dir.display()))?;
+    let mut archive = Command::new("git")
+        .arg("-C")
+        .arg(repo)
+        .args(["archive", "--format=tar", commit])
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(io("running git archive"))?;
+    let tar = Command::new("tar")
+        .arg("-x")
+        .arg("-C")
+        .arg(dir)
+        .stdin(archive.stdout.take().expect("piped"))
+        .status()
+        .map_err(io("running tar"))?;
+    let git_ok = archive.wait().map_err(io("git archive"))?.success();
+    if !git_ok || !tar.success() {
+        return Err(SourceError::Tool(format!(
+            "checking out {commit} into {} failed",
+            dir.display()
+        )));
+    }
+    std::fs::write(&marker, commit).map_err(io(marker.display()))?;
+    Ok(())
+}
+
+/// What one build made.
+struct Artifacts {
+    rlib: PathBuf,
+    bins: Vec<PathBuf>,
+    /// The rlib of the `hotpatch` crate (for the manifest).
+    hotpatch_rlib: Option<PathBuf>,
+}
+
+/// Builds the package in `dir` (the workspace root of that checkout),
+/// remapping its paths to `remap_to`.
+fn cargo_build(
+    ws: &Workspace,
+    opts: &SourceOptions,
+    dir: &Path,
+    target_dir: &Path,
+    remap_to: Option<&Path>,
+) -> Result<Artifacts, SourceError> {
+    let mut cmd = Command::new(cargo());
+    cmd.current_dir(dir)
+        .args(["build", "--locked", "--message-format=json-render-diagnostics", "-p"])
+        .arg(&ws.package)
+        .arg("--target-dir")
+        .arg(target_dir)
+        .arg("--manifest-path")
+        .arg(dir.join(&ws.package_dir).join("Cargo.toml"));
+    if opts.release {
+        cmd.arg("--release");
+    }
+    if let Some(p) = &opts.profile {
+        cmd.args(["--profile", p]);
+    }
+    for f in &opts.features {
+        cmd.args(["--features", f]);
+    }
+    if opts.all_features {
+        cmd.arg("--all-features");
+    }
+    if opts.no_default_features {
+        cmd.arg("--no-default-features");
+    }
+    if let Some(to) = remap_to {
+        let me = std::env::current_exe().map_err(io("finding cargo-hotpatch's own path"))?;
+        if let Some(inner) = std::env::var_os("RUSTC_WORKSPACE_WRAPPER") {
+            cmd.env(INNER_WRAPPER_ENV, inner);
+        }
+        cmd.env("RUSTC_WORKSPACE_WRAPPER", me);
+        let mut remap = OsString::from(dir);
+        remap.push("=");
+        remap.push(to);
+        cmd.env(REMAP_ENV, remap);
+    }
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(io("running cargo build"))?;
+    let stdout = child.stdout.take().expect("piped");
+    let mut rlib = None;
+    let mut bins = Vec::new();
+    let mut hotpatch_rlib = None;
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line.map_err(io("reading cargo's output"))?;
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        if msg["reason"] != "compiler-artifact" {
+            continue;
+        }
+        let name = msg["target"]["name"].as_str().unwrap_or_default();
+        let pkg = msg["package_id"].as_str().unwrap_or_default();
+        let files: Vec<PathBuf> = msg["filenames"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|f| f.as_str()).map(PathBuf::from).collect())
+            .unwrap_or_default();
+        let is_ours = pkg.contains(&format!("#{}@", ws.package))
+            || pkg.contains(&format!("/{}#", ws.package))
+            || pkg.starts_with(&format!("{} ", ws.package));
+        let kinds = &msg["target"]["kind"];
+        let is_lib = kinds.as_array().is_some_and(|k| k.iter().any(|k| k == "lib" || k == "rlib"));
+        if is_ours && is_lib {
+            rlib = files.iter().find(|f| f.extension().is_some_and(|e| e == "rlib")).cloned();
+        } else if is_ours {
+            if let Some(exe) = msg["executable"].as_str() {
+                bins.push(PathBuf::from(exe));
+            }
+        } else if name == "hotpatch" && is_lib {
+            hotpatch_rlib = files.iter().find(|f| f.extension().is_some_and(|e| e == "rlib")).cloned();
+        }
+    }
+    let status = child.wait().map_err(io("waiting for cargo build"))?;
+    if !status.success() {
+        return Err(SourceError::Tool(format!(
+            "`cargo build` of {} {status} (its diagnostics are above)",
+            dir.display()
+        )));
+    }
+    let rlib = rlib.ok_or_else(|| SourceError::Tool(format!("cargo built no rlib for {}", ws.package)))?;
+    Ok(Artifacts {
+        rlib,
+        bins,
+        hotpatch_rlib,
+    })
+}
+
+/// Runs as rustc's wrapper when cargo-hotpatch set [`REMAP_ENV`]:
+/// `argv[1]` is rustc. Returns the exit code.
+pub fn run_as_rustc_wrapper(args: &[OsString]) -> i32 {
+    let remap = std::env::var_os(REMAP_ENV).unwrap_or_default();
+    let (program, rest) = match std::env::var_os(INNER_WRAPPER_ENV) {
+        Some(inner) if !inner.is_empty() => (inner, &args[1..]),
+        _ => (args[1].clone(), &args[2..]),
+    };
+    let mut cmd = Command::new(program);
+    cmd.args(rest);
+    if args.iter().any(|a| a == "--crate-name") {
+        let mut flag = OsString::from("--remap-path-prefix=");
+        flag.push(remap);
+        cmd.arg(flag);
+    }
+    cmd.env_remove(REMAP_ENV);
+    match cmd.status() {
+        Ok(s) => s.code().unwrap_or(101),
+        Err(e) => {
+            eprintln!("cargo-hotpatch (as rustc wrapper): {e}");
+            101
+        }
+    }
+}
+
+/// The hash of every section a process maps, the build-id note aside:
+/// two binaries with equal identities run the same code and data.
+pub fn code_identity(data: &[u8]) -> Result<u64, String> {
+    use std::hash::{Hash, Hasher};
+    let file = object::File::parse(data).map_err(|e| e.to_string())?;
+    let mut h = std::hash::DefaultHasher::new();
+    for s in file.sections() {
+        let object::SectionFlags::Elf { sh_flags } = s.flags() else {
+            continue;
+        };
+        if sh_flags & u64::from(object::elf::SHF_ALLOC) == 0 || s.kind() == object::SectionKind::Note {
+            continue;
+        }
+        s.name().unwrap_or("").hash(&mut h);
+        s.address().hash(&mut h);
+        s.size().hash(&mut h);
+        s.data().unwrap_or_default().hash(&mut h);
+    }
+    Ok(h.finish())
+}
+
+/// The rlib's codegen units.
+fn members(path: &Path, data: &[u8]) -> Result<Vec<(String, Vec<u8>)>, SourceError> {
+    let objs = crate::link::own_objects(path, data).map_err(SourceError::Link)?;
+    Ok(objs.into_iter().map(|(n, d)| (n, d.to_vec())).collect())
+}
+
+fn demangle(name: &str) -> String {
+    format!("{:#}", rustc_demangle::demangle(name))
+}
+
+/// The path a user knows a function by: the `#[patchable]` body's by its
+/// function's, a closure by its function's.
+fn user_path(demangled: &str) -> String {
+    let s = demangled.replace("__hotpatch_original_", "");
+    s
+}
+
+/// An entry of the registry in one build.
+#[derive(Debug, Clone)]
+struct EntryInfo {
+    path: String,
+    entry: String,
+    original: String,
+    getter: Option<String>,
+    layouts: Option<(UnitId, u64)>,
+    layouts_len: u64,
+}
+
+fn entries(b: &Build<'_>) -> Vec<EntryInfo> {
+    let mut out = Vec::new();
+    for (name, &u) in &b.by_name {
+        if !name.contains("__HOTPATCH_ENTRY_") || b.is_code(u) {
+            continue;
+        }
+        let bytes = b.bytes(u);
+        if bytes.len() < ENTRY_ORIGINAL_OFFSET + 8 {
+            continue;
+        }
+        let relocs = b.relocs.get(&u).cloned().unwrap_or_default();
+        let at = |off: usize| relocs.iter().find(|r| r.offset as usize == off);
+        let word = |off: usize| u64::from_le_bytes(bytes[off..off + 8].try_into().unwrap());
+        let path = match at(0) {
+            Some(objects::Reloc {
+                target: Target::Unit(t, toff),
+                addend,
+                ..
+            }) => {
+                let data = b.bytes(*t);
+                let start = (*toff as i64 + addend) as usize;
+                let len = word(8) as usize;
+                data.get(start..start + len)
+                    .map(|s| String::from_utf8_lossy(s).into_owned())
+                    .unwrap_or_default()
+            }
+            _ => String::new(),
+        };
+        let layouts = match at(ENTRY_LAYOUTS_OFFSET) {
+            Some(objects::Reloc {
+                target: Target::Unit(t, toff),
+                addend,
+                ..
+            }) => Some((*t, (*toff as i64 + addend) as u64)),
+            _ => None,
+        };
+        let original = match at(ENTRY_ORIGINAL_OFFSET) {
+            Some(objects::Reloc {
+                target: Target::Unit(t, _),
+                ..
+            }) => b.name_of.get(t).cloned().unwrap_or_default(),
+            _ => String::new(),
+        };
+        // The getter: the function named `__hotpatch_entry_of_*` that
+        // references this entry.
+        let getter = b.functions().find_map(|(g, gu)| {
+            (g.contains("__hotpatch_entry_of_")
+                && b.relocs.get(gu).is_some_and(|rs| {
+                    rs.iter().any(|r| matches!(r.target, Target::Unit(t, _) if t == u))
+                }))
+            .then(|| g.clone())
+        });
+        out.push(EntryInfo {
+            path,
+            entry: name.clone(),
+            original,
+            getter,
+            layouts,
+            layouts_len: word(ENTRY_LAYOUTS_OFFSET + 8),
+        });
+    }
+    out
+}
+
+/// Reads the deployed (or base) binary's symbols.
+fn host_symbols(path: &Path, data: &[u8]) -> Result<Host, SourceError> {
+    let file = object::File::parse(data)
+        .map_err(|e| SourceError::Io(format!("{}: not an ELF binary: {e}", path.display())))?;
+    let mut exported = HashSet::new();
+    for s in file.dynamic_symbols() {
+        if !s.is_undefined() {
+            if let Ok(n) = s.name() {
+                exported.insert(n.to_owned());
+            }
+        }
+    }
+    let mut address = HashMap::new();
+    let mut tls = HashSet::new();
+    let mut any = false;
+    for s in file.symbols() {
+        any = true;
+        if s.is_undefined() || s.kind() == object::SymbolKind::Section {
+            continue;
+        }
+        if let Ok(n) = s.name() {
+            if s.kind() == object::SymbolKind::Tls {
+                tls.insert(n.to_owned());
+            }
+            address.entry(n.to_owned()).or_insert(s.address());
+        }
+    }
+    if !any {
+        return Err(SourceError::Refused(vec![format!(
+            "{} has no symbol table (stripped): a patch made from source reaches the service's private functions and statics by the binary's symbols; build it with `strip = \"debuginfo\"` or `strip = false` (cargo's default for release)",
+            path.display()
+        )]));
+    }
+    let anchor = *address.get("hotpatch_host_exports_v1").ok_or_else(|| {
+        SourceError::Refused(vec![format!(
+            "{} does not link hotpatch (no hotpatch_host_exports_v1)",
+            path.display()
+        )])
+    })?;
+    Ok(Host {
+        exported,
+        address,
+        tls,
+        anchor,
+    })
+}
+
+/// Files of the change, classified: the refusals they cause, and notes.
+fn classify_files(ws: &Workspace, files: &[String]) -> (Vec<String>, Vec<String>, bool) {
+    let mut refusals = Vec::new();
+    let mut notes = Vec::new();
+    let mut code = false;
+    let lib_dir = ws.lib_src.parent().map(Path::to_owned).unwrap_or_default();
+    for f in files {
+        let p = Path::new(f);
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if name == "Cargo.toml" || name == "Cargo.lock" {
+            refusals.push(format!(
+                "{f} changed: dependencies, features and versions are part of the running build; a patch changes code only, so revert {f} for the patch (ship the change in a release)"
+            ));
+            continue;
+        }
+        if name == "build.rs" || name.starts_with("rust-toolchain") || f.starts_with(".cargo/") || f.contains("/.cargo/") {
+            refusals.push(format!(
+                "{f} changed: the build script, toolchain and cargo configuration make the running build; a patch cannot change them, so revert {f} for the patch"
+            ));
+            continue;
+        }
+        if ws.bins.iter().any(|(_, src)| src == p) || p.starts_with(ws.package_dir.join("src/bin")) {
+            refusals.push(format!(
+                "{f} changed: it is the service's binary crate, whose code a patch does not replace; move the code into the library crate (src/lib.rs), where #[patchable] functions live"
+            ));
+            continue;
+        }
+        if p.starts_with(&lib_dir) && p.extension().is_some_and(|e| e == "rs") {
+            code = true;
+            continue;
+        }
+        // Another package of the workspace?
+        let owner = ws
+            .members
+            .iter()
+            .filter(|(dir, _)| !dir.as_os_str().is_empty() && p.starts_with(dir))
+            .max_by_key(|(dir, _)| dir.components().count());
+        match owner {
+            Some((dir, pkg)) if pkg != &ws.package && p.extension().is_some_and(|e| e == "rs") && p.starts_with(dir.join("src")) => {
+                refusals.push(format!(
+                    "{f} changed: it is in package {pkg}, and a patch made from source replaces code of {}'s library only; keep the fix in {} or ship it in a release",
+                    ws.package, ws.package
+                ));
+            }
+            _ => notes.push(format!("{f} changed (not code of the running binary: ignored)")),
+        }
+    }
+    (refusals, notes, code)
+}
+
+/// Builds the patch. `progress` gets one line per step.
+pub fn build(opts: &SourceOptions, progress: &mut dyn FnMut(&str)) -> Result<SourceReport, SourceError> {
+    let ws = workspace(opts)?;
+    let repo = PathBuf::from(git(&ws.root, &["rev-parse", "--show-toplevel"]).map_err(|_| {
+        SourceError::Usage(format!(
+            "{} is not in a git repository: --base names a git revision of the deployed build",
+            ws.root.display()
+        ))
+    })?);
+    let ws_in_repo = ws.root.strip_prefix(&repo).map(Path::to_owned).unwrap_or_default();
+    let base_commit = commit_of(&repo, &opts.base)?;
+    let head_commit = match &opts.head {
+        Some(h) => Some(commit_of(&repo, h)?),
+        None => None,
+    };
+    if let Some(b) = &opts.binary {
+        if !b.is_file() {
+            return Err(SourceError::Io(format!("{}: no such file (--binary)", b.display())));
+        }
+    }
+
+    // What changed, by file.
+    let mut files: BTreeSet<String> = BTreeSet::new();
+    let rel = ws_in_repo.to_string_lossy().into_owned();
+    let diff = match &head_commit {
+        Some(h) => git(&repo, &["diff", "--name-only", &base_commit, h, "--", if rel.is_empty() { "." } else { &rel }])?,
+        None => {
+            let mut d = git(&repo, &["diff", "--name-only", &base_commit, "--", if rel.is_empty() { "." } else { &rel }])?;
+            d.push('\n');
+            d.push_str(&git(&repo, &["ls-files", "--others", "--exclude-standard", "--", if rel.is_empty() { "." } else { &rel }])?);
+            d
+        }
+    };
+    for line in diff.lines().filter(|l| !l.trim().is_empty()) {
+        let p = Path::new(line.trim());
+        let p = p.strip_prefix(&ws_in_repo).unwrap_or(p);
+        files.insert(p.to_string_lossy().into_owned());
+    }
+    let head_name = match &opts.head {
+        Some(h) => format!("{h} ({})", &head_commit.as_deref().unwrap_or("")[..12.min(head_commit.as_ref().map_or(0, String::len))]),
+        None => "the working tree".to_owned(),
+    };
+    let base_name = format!("{} ({})", opts.base, &base_commit[..12]);
+    let files: Vec<String> = files.into_iter().collect();
+    let (mut refusals, mut notes, code) = classify_files(&ws, &files);
+    if files.is_empty() {
+        return Err(SourceError::NoChange(format!(
+            "{head_name} is the same as the base {base_name}: nothing to patch"
+        )));
+    }
+    if !code && refusals.is_empty() {
+        return Err(SourceError::NoChange(format!(
+            "no code of {}'s library changed between {base_name} and {head_name} ({})",
+            ws.package,
+            files.join(", ")
+        )));
+    }
+    if !refusals.is_empty() {
+        return Err(SourceError::Refused(refusals));
+    }
+
+    let hot = ws.target_dir.join("hotpatch");
+    let base_dir = hot.join("checkouts").join(format!("base-{}", &base_commit[..12]));
+    progress(&format!("checking out the base {base_name} into {}", base_dir.display()));
+    checkout(&repo, &base_commit, &base_dir)?;
+    let inside = |d: &Path| {
+        if ws_in_repo.as_os_str().is_empty() {
+            d.to_owned()
+        } else {
+            d.join(&ws_in_repo)
+        }
+    };
+    let base_ws = inside(&base_dir);
+    let head_ws = match &head_commit {
+        Some(h) => {
+            let d = hot.join("checkouts").join(format!("head-{}", &h[..12]));
+            progress(&format!("checking out the head {head_name} into {}", d.display()));
+            checkout(&repo, h, &d)?;
+            inside(&d)
+        }
+        None => ws.root.clone(),
+    };
+
+    // A revision without a committed Cargo.lock builds with the
+    // workspace's (the deployed build's lock is checked by --binary).
+    for dir in [Some(&base_ws), head_commit.as_ref().map(|_| &head_ws)].into_iter().flatten() {
+        let lock = dir.join("Cargo.lock");
+        let ours = ws.root.join("Cargo.lock");
+        if !lock.exists() && ours.exists() {
+            std::fs::copy(&ours, &lock).map_err(io(lock.display()))?;
+            notes.push(format!(
+                "{} has no committed Cargo.lock: built with the workspace's (commit Cargo.lock so that the base is the deployed build)",
+                if dir == &base_ws { &base_name } else { &head_name }
+            ));
+        }
+    }
+    progress(&format!("building the base {base_name} (1 of 2)"));
+    let base = cargo_build(&ws, opts, &base_ws, &hot.join("base"), Some(&ws.root))?;
+    progress(&format!("building the head, {head_name} (2 of 2)"));
+    let remap_head = opts.head.is_some().then_some(ws.root.as_path());
+    let head = cargo_build(&ws, opts, &head_ws, &hot.join("head"), remap_head)?;
+
+    // The base binary, and the deployed one.
+    let base_bin = pick_bin(&ws, opts, &base.bins)?;
+    let base_bin_data = std::fs::read(&base_bin).map_err(io(base_bin.display()))?;
+    let host_path = opts.binary.clone().unwrap_or_else(|| base_bin.clone());
+    if let Some(deployed) = &opts.binary {
+        let data = std::fs::read(deployed).map_err(io(deployed.display()))?;
+        let ours = code_identity(&base_bin_data).map_err(|e| SourceError::Io(format!("{}: {e}", base_bin.display())))?;
+        let theirs = code_identity(&data).map_err(|e| SourceError::Io(format!("{}: {e}", deployed.display())))?;
+        if ours != theirs {
+            let id = |p: &Path| crate::build_id(p).map(|b| crate::hex(&b)).unwrap_or_else(|_| "none".into());
+            return Err(SourceError::Refused(vec![format!(
+                "{} (build-id {}) is not what {base_name} builds here (build-id {}): another toolchain, Cargo.lock, profile, features or flags made it; build the patch where and as the deployed binary was built, or name the revision it was built from",
+                deployed.display(),
+                id(deployed),
+                id(&base_bin)
+            )]));
+        }
+    }
+    let host_data = std::fs::read(&host_path).map_err(io(host_path.display()))?;
+    let host = host_symbols(&host_path, &host_data)?;
+
+    // Compare.
+    let base_rlib = std::fs::read(&base.rlib).map_err(io(base.rlib.display()))?;
+    let head_rlib = std::fs::read(&head.rlib).map_err(io(head.rlib.display()))?;
+    let base_members = members(&base.rlib, &base_rlib)?;
+    let head_members = members(&head.rlib, &head_rlib)?;
+    let base_refs: Vec<(String, &[u8])> = base_members.iter().map(|(n, d)| (n.clone(), d.as_slice())).collect();
+    let head_refs: Vec<(String, &[u8])> = head_members.iter().map(|(n, d)| (n.clone(), d.as_slice())).collect();
+    let b = Build::read(&base_refs).map_err(|e| SourceError::Io(format!("{}: {e}", base.rlib.display())))?;
+    let h = Build::read(&head_refs).map_err(|e| SourceError::Io(format!("{}: {e}", head.rlib.display())))?;
+
+    let head_entries: HashMap<String, EntryInfo> =
+        entries(&h).into_iter().map(|e| (e.original.clone(), e)).collect();
+    let base_entries: HashMap<String, EntryInfo> =
+        entries(&b).into_iter().map(|e| (e.entry.clone(), e)).collect();
+
+    let describe = |n: &str| user_path(&demangle(n));
+    let mut changed: BTreeSet<String> = BTreeSet::new();
+    for (name, &hu) in h.functions() {
+        if let Some(&bu) = b.by_name.get(name) {
+            if b.is_code(bu) && b.hash(bu) != h.hash(hu) {
+                changed.insert(name.clone());
+            }
+        }
+    }
+    // Changed data: statics, and the registry's entries (a signature).
+    for (name, &hu) in &h.by_name {
+        if h.is_code(hu) {
+            continue;
+        }
+        let Some(&bu) = b.by_name.get(name) else { continue };
+        if b.hash(bu) == h.hash(hu) {
+            continue;
+        }
+        if name.contains("__HOTPATCH_ENTRY_") {
+            let path = base_entries.get(name).map(|e| e.path.clone()).unwrap_or_else(|| describe(name));
+            refusals.push(format!(
+                "the signature of #[patchable] {path} changed: the running callers pass the old arguments; keep the signature (add a new function for the new one) or ship it in a release"
+            ));
+        } else if name.starts_with("_ZN") || name.starts_with("_R") {
+            refusals.push(format!(
+                "static {} changed its initial value or type: the running process keeps the old one; a patch cannot change data",
+                describe(name)
+            ));
+        }
+    }
+    for (name, &bu) in &b.by_name {
+        if !b.is_code(bu) && name.contains("__HOTPATCH_ENTRY_") && !h.by_name.contains_key(name) {
+            let path = base_entries.get(name).map(|e| e.path.clone()).unwrap_or_else(|| describe(name));
+            refusals.push(format!(
+                "#[patchable] {path} was removed or is no longer patchable: the running code calls it; keep it for the patch"
+            ));
+        }
+    }
+
+    // Classify the changed functions.
+    let mut replaced: Vec<(String, EntryInfo)> = Vec::new();
+    let mut others: BTreeSet<String> = BTreeSet::new();
+    for name in &changed {
+        if let Some(e) = head_entries.get(name) {
+            replaced.push((name.clone(), e.clone()));
+        } else if name.contains("__hotpatch_dispatch_") || name.contains("__hotpatch_entry_of_") {
+            // Generated code changes with the signature, refused above.
+        } else {
+            others.insert(name.clone());
+        }
+    }
+    let replaced_names: HashSet<String> = replaced.iter().map(|(n, _)| n.clone()).collect();
+    let referrers = b.referrers();
+    let exported_from_crate = |n: &str| -> bool {
+        b.by_name.get(n).is_some_and(|u| {
+            let file = &b.objects[u.0];
+            file.symbols().any(|s| {
+                s.section_index() == Some(u.1)
+                    && s.address() == 0
+                    && s.name() == Ok(n)
+                    && s.is_global()
+                    && matches!(s.flags(), object::SymbolFlags::Elf { st_other, .. } if st_other & 3 == 0)
+            })
+        })
+    };
+    let mut included: BTreeSet<String> = others.clone();
+    let mut unpatched_callers: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    loop {
+        let mut dropped = false;
+        for name in included.clone() {
+            let callers = referrers.get(&name).cloned().unwrap_or_default();
+            let mut bad: BTreeSet<String> = callers
+                .iter()
+                .filter(|c| !replaced_names.contains(*c) && !included.contains(*c))
+                .filter(|c| !c.contains("__hotpatch_dispatch_") && !c.contains("__HOTPATCH_ENTRY_"))
+                .map(|c| describe(c))
+                .collect();
+            if exported_from_crate(&name) {
+                bad.insert("code outside the library (it is public: the binary crate or other crates may call or inline it)".into());
+            }
+            if !bad.is_empty() {
+                included.remove(&name);
+                unpatched_callers.insert(name.clone(), bad);
+                dropped = true;
+            }
+        }
+        if !dropped {
+            break;
+        }
+    }
+    for (name, callers) in &unpatched_callers {
+        refusals.push(format!(
+            "{} changed, but it is not #[patchable] and unpatched code calls it: {}; the old version would keep running there. Make it (or its callers) #[patchable] in the next release, or leave it unchanged for the patch",
+            describe(name),
+            callers.iter().cloned().collect::<Vec<_>>().join(", ")
+        ));
+    }
+    if !refusals.is_empty() {
+        refusals.sort();
+        refusals.dedup();
+        return Err(SourceError::Refused(refusals));
+    }
+    if replaced.is_empty() && included.is_empty() {
+        return Err(SourceError::NoChange(format!(
+            "{base_name} and {head_name} compile to the same code ({} changed, but not what the binary runs)",
+            files.join(", ")
+        )));
+    }
+
+    // Extract.
+    let mut roots: HashSet<UnitId> = HashSet::new();
+    let mut records = Vec::new();
+    for (name, e) in &replaced {
+        let u = h.by_name[name];
+        roots.insert(u);
+        let (Some(getter), Some(layouts)) = (&e.getter, e.layouts) else {
+            return Err(SourceError::Io(format!("the head's registry entry of {} is incomplete", e.path)));
+        };
+        records.push(Record {
+            replacement: u,
+            getter: getter.clone(),
+            path: e.path.clone(),
+            layouts,
+            layouts_len: e.layouts_len,
+        });
+    }
+    for name in &included {
+        roots.insert(h.by_name[name]);
+    }
+    let extracted = extract::extract(&h, &host, &roots, &records, &describe).map_err(SourceError::Refused)?;
+
+    // The manifest, from the head's own hotpatch crate.
+    let hotpatch_rlib = head.hotpatch_rlib.clone().ok_or_else(|| {
+        SourceError::Tool(format!("the head build of {} did not build the hotpatch crate", ws.package))
+    })?;
+    let out = match &opts.output {
+        Some(o) => o.clone(),
+        None => ws.target_dir.join("hotpatch").join(format!("{}-source-patch.so", ws.lib_name)),
+    };
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(io(dir.display()))?;
+    }
+    let shell = manifest_object(&hot, &hotpatch_rlib, &ws, &opts.base, &head_name, &replaced)?;
+    let report = crate::link::link_objects(
+        vec![extracted.object, shell],
+        &head.rlib,
+        &host_path,
+        &out,
+    )
+    .map_err(SourceError::Link)?;
+
+    if extracted.private_refs > 0 {
+        notes.push(format!(
+            "{} private functions and statics of the service are reached through cells the loader fills",
+            extracted.private_refs
+        ));
+    }
+    let _ = &ws.lib_name;
+    let mut replaced_items: Vec<Item> = replaced
+        .iter()
+        .map(|(_, e)| Item {
+            path: e.path.clone(),
+            location: None,
+        })
+        .collect();
+    replaced_items.sort_by(|a, b| a.path.cmp(&b.path));
+    let mut included_items: Vec<Item> = included
+        .iter()
+        .chain(extracted.new_functions.iter())
+        .map(|n| Item {
+            path: describe(n),
+            location: None,
+        })
+        .collect();
+    included_items.sort_by(|a, b| a.path.cmp(&b.path));
+    included_items.dedup();
+    Ok(SourceReport {
+        replaced: replaced_items,
+        included: included_items,
+        notes,
+        base: base_name,
+        head: head_name,
+        output: report.output,
+        size: report.size,
+        build_id: report.host_build_id,
+    })
+}
+
+fn pick_bin(ws: &Workspace, opts: &SourceOptions, bins: &[PathBuf]) -> Result<PathBuf, SourceError> {
+    let wanted = opts
+        .bin
+        .clone()
+        .or_else(|| opts.binary.as_ref().and_then(|b| b.file_name()).map(|n| n.to_string_lossy().into_owned()));
+    if let Some(w) = &wanted {
+        if let Some(b) = bins.iter().find(|b| b.file_name().is_some_and(|n| n == w.as_str())) {
+            return Ok(b.clone());
+        }
+    }
+    match bins {
+        [one] => Ok(one.clone()),
+        [] => Err(SourceError::Refused(vec![format!(
+            "package {} has no binary: a patch is bound to the service's executable",
+            ws.package
+        )])),
+        _ => Err(SourceError::Usage(format!(
+            "package {} has several binaries ({}): name the deployed one with --bin",
+            ws.package,
+            bins.iter().filter_map(|b| b.file_name()).map(|n| n.to_string_lossy().into_owned()).collect::<Vec<_>>().join(", ")
+        ))),
+    }
+}
+
+/// Compiles the patch's manifest (`hotpatch::manifest!()`) against the
+/// head's own hotpatch crate, and returns its object.
+fn manifest_object(
+    hot: &Path,
+    hotpatch_rlib: &Path,
+    ws: &Workspace,
+    base: &str,
+    head: &str,
+    replaced: &[(String, EntryInfo)],
+) -> Result<Vec<u8>, SourceError> {
+    let dir = hot.join("manifest");
+    std::fs::create_dir_all(&dir).map_err(io(dir.display()))?;
+    let names: Vec<&str> = replaced.iter().map(|(_, e)| e.path.as_str()).collect();
+    let description = format!("{} from source: {base} -> {head}: {}", ws.package, names.join(", "));
+    let src = format!(
+        "hotpatch::manifest!(name = {:?}, version = {:?}, description = {:?});\n",
+        format!("{}-source-patch", ws.package),
+        base,
+        description
+    );
+    let src_path = dir.join("manifest.rs");
+    std::fs::write(&src_path, src).map_err(io(src_path.display()))?;
+    let obj = dir.join("manifest.o");
+    let deps = hotpatch_rlib.parent().unwrap_or(Path::new("."));
+    let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+    let mut extern_arg = OsString::from("hotpatch=");
+    extern_arg.push(hotpatch_rlib);
+    let mut dep_arg = OsString::from("dependency=");
+    dep_arg.push(deps);
+    let out = Command::new(rustc)
+        .current_dir(&ws.root)
+        .args(["--edition", "2021", "--crate-type", "rlib", "--crate-name", "hotpatch_source_manifest", "--emit=obj", "-C", "codegen-units=1", "-C", "metadata=hotpatch-source-manifest"])
+        .arg("--extern")
+        .arg(extern_arg)
+        .arg("-L")
+        .arg(dep_arg)
+        .arg("-o")
+        .arg(&obj)
+        .arg(&src_path)
+        .output()
+        .map_err(io("running rustc"))?;
+    if !out.status.success() {
+        return Err(SourceError::Tool(format!(
+            "compiling the patch's manifest failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    std::fs::read(&obj).map_err(io(obj.display()))
+}

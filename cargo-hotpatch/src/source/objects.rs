@@ -1,0 +1,327 @@
+//! The compiled code of one build of the service's library, unit by unit.
+//!
+//! rustc puts every function and every data item in a section of its own
+//! (`-ffunction-sections`/`-fdata-sections` are its defaults on Linux),
+//! so a *unit* here is one section of one codegen unit's object. A unit
+//! is named by the symbol it defines at its start: symbol names are the
+//! same in two builds of one crate whatever their bodies (the hash in a
+//! mangled name covers the item's path and the crate, not its code).
+//! Anonymous constants (`.Lanon.*`, `alloc_*`: string literals, panic
+//! locations, vtables) are named by nothing stable, so they are compared
+//! by content, through the references that reach them.
+//!
+//! A function *changed* when its normalised code differs: the section's
+//! bytes with every relocated field zeroed, and each relocation's type,
+//! offset, addend and target, a named target by its name, an anonymous
+//! one by its own normalised content (recursively). That sees what a
+//! source diff cannot: an inlined callee, a changed `const`, a macro.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::hash::{DefaultHasher, Hash, Hasher};
+
+use object::elf;
+use object::read::{Object, ObjectSection, ObjectSymbol, RelocationTarget, SectionIndex};
+use object::{RelocationFlags, SectionFlags, SectionKind, SymbolKind};
+
+/// A unit: (object index, section index).
+pub(crate) type UnitId = (usize, SectionIndex);
+
+/// Where a relocation points.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Target {
+    /// A symbol no object of the crate defines (std, dependencies, libc).
+    External(String),
+    /// A unit of the crate, and the offset in it.
+    Unit(UnitId, u64),
+}
+
+/// One relocation of a unit, resolved.
+#[derive(Debug, Clone)]
+pub(crate) struct Reloc {
+    pub offset: u64,
+    pub r_type: u32,
+    pub addend: i64,
+    pub target: Target,
+}
+
+/// One build's units.
+pub(crate) struct Build<'d> {
+    pub objects: Vec<object::File<'d>>,
+    /// Unit named by each symbol defined at a unit's start.
+    pub by_name: HashMap<String, UnitId>,
+    /// The name of each named unit.
+    pub name_of: HashMap<UnitId, String>,
+    /// Every unit's resolved relocations.
+    pub relocs: HashMap<UnitId, Vec<Reloc>>,
+    /// Units holding thread-local data.
+    pub tls: HashSet<UnitId>,
+    hashes: std::cell::RefCell<HashMap<UnitId, u64>>,
+}
+
+/// Whether a symbol name names nothing stable between two builds.
+pub(crate) fn is_anonymous(name: &str) -> bool {
+    name.is_empty()
+        || name.starts_with(".L")
+        || name.starts_with("anon.")
+        || name.starts_with("alloc_")
+        || name.starts_with("__unnamed_")
+}
+
+impl<'d> Build<'d> {
+    /// Reads the objects (`(member name, bytes)` of the crate's rlib).
+    pub fn read(members: &[(String, &'d [u8])]) -> Result<Build<'d>, String> {
+        let mut objects = Vec::new();
+        for (name, data) in members {
+            let file = object::File::parse(*data).map_err(|e| format!("{name}: {e}"))?;
+            objects.push(file);
+        }
+        let mut by_name = HashMap::new();
+        let mut name_of = HashMap::new();
+        let mut tls = HashSet::new();
+        for (oi, file) in objects.iter().enumerate() {
+            // The best name of each section: a global symbol at offset 0
+            // first, then a local one.
+            let mut best: HashMap<SectionIndex, (bool, String)> = HashMap::new();
+            for sym in file.symbols() {
+                let Some(si) = sym.section_index() else {
+                    continue;
+                };
+                if sym.kind() == SymbolKind::Section || sym.kind() == SymbolKind::File {
+                    continue;
+                }
+                if sym.kind() == SymbolKind::Tls {
+                    tls.insert((oi, si));
+                }
+                if sym.address() != 0 {
+                    continue;
+                }
+                let Ok(name) = sym.name() else { continue };
+                if is_anonymous(name) {
+                    continue;
+                }
+                let global = sym.is_global();
+                match best.get(&si) {
+                    Some((true, _)) => {}
+                    Some((false, _)) if !global => {}
+                    _ => {
+                        best.insert(si, (global, name.to_owned()));
+                    }
+                }
+            }
+            for (si, (_, name)) in best {
+                // A name defined in two objects (a COMDAT copy: generic
+                // instances, inline functions) names the first.
+                by_name.entry(name.clone()).or_insert((oi, si));
+                name_of.insert((oi, si), name);
+            }
+        }
+        let mut build = Build {
+            objects,
+            by_name,
+            name_of,
+            relocs: HashMap::new(),
+            tls,
+            hashes: Default::default(),
+        };
+        let mut relocs = HashMap::new();
+        for (oi, file) in build.objects.iter().enumerate() {
+            for section in file.sections() {
+                if !is_unit(&section) {
+                    continue;
+                }
+                let mut list = Vec::new();
+                for (offset, r) in section.relocations() {
+                    let RelocationFlags::Elf { r_type } = r.flags() else {
+                        return Err("not an ELF relocation".into());
+                    };
+                    let target = match r.target() {
+                        RelocationTarget::Symbol(si) => {
+                            let sym = file.symbol_by_index(si).map_err(|e| e.to_string())?;
+                            if sym.kind() == SymbolKind::Section {
+                                match sym.section_index() {
+                                    Some(s) => Target::Unit((oi, s), 0),
+                                    None => return Err("section symbol without section".into()),
+                                }
+                            } else if let Some(s) = sym.section_index() {
+                                let name = sym.name().unwrap_or("");
+                                // A defined global another object also
+                                // defines (COMDAT): the first copy.
+                                match build.by_name.get(name) {
+                                    Some(&u) if sym.address() == 0 && !is_anonymous(name) => {
+                                        Target::Unit(u, 0)
+                                    }
+                                    _ => Target::Unit((oi, s), sym.address()),
+                                }
+                            } else {
+                                // Undefined here, defined by another
+                                // codegen unit of the crate, or external.
+                                let name = sym.name().unwrap_or("");
+                                match build.by_name.get(name) {
+                                    Some(&u) => Target::Unit(u, 0),
+                                    None => Target::External(name.to_owned()),
+                                }
+                            }
+                        }
+                        RelocationTarget::Section(s) => Target::Unit((oi, s), 0),
+                        _ => return Err("relocation to an absolute address".into()),
+                    };
+                    list.push(Reloc {
+                        offset,
+                        r_type,
+                        addend: r.addend(),
+                        target,
+                    });
+                }
+                list.sort_by_key(|r| r.offset);
+                relocs.insert((oi, section.index()), list);
+            }
+        }
+        build.relocs = relocs;
+        Ok(build)
+    }
+
+    pub fn section(&self, id: UnitId) -> object::Section<'d, '_> {
+        self.objects[id.0]
+            .section_by_index(id.1)
+            .expect("unit ids come from the objects' own sections")
+    }
+
+    /// Whether the unit is code.
+    pub fn is_code(&self, id: UnitId) -> bool {
+        let s = self.section(id);
+        matches!(s.flags(), SectionFlags::Elf { sh_flags } if sh_flags & u64::from(elf::SHF_EXECINSTR) != 0)
+    }
+
+    /// The unit's bytes (zeros for `.bss`).
+    pub fn bytes(&self, id: UnitId) -> Vec<u8> {
+        let s = self.section(id);
+        if s.kind() == SectionKind::UninitializedData || s.kind() == SectionKind::UninitializedTls
+        {
+            return vec![0; s.size() as usize];
+        }
+        s.data().map(<[u8]>::to_vec).unwrap_or_default()
+    }
+
+    /// The named units of code.
+    pub fn functions(&self) -> impl Iterator<Item = (&String, &UnitId)> {
+        self.by_name.iter().filter(|(_, u)| self.is_code(**u))
+    }
+
+    /// A target's stable description: the name and offset if the unit is
+    /// named, else its content.
+    fn target_key(&self, t: &Target, h: &mut DefaultHasher, depth: usize) {
+        match t {
+            Target::External(name) => {
+                0u8.hash(h);
+                name.hash(h);
+            }
+            Target::Unit(u, off) => match self.name_of.get(u) {
+                Some(name) => {
+                    1u8.hash(h);
+                    name.hash(h);
+                    off.hash(h);
+                }
+                None => {
+                    2u8.hash(h);
+                    off.hash(h);
+                    self.hash_at(*u, depth + 1).hash(h);
+                }
+            },
+        }
+    }
+
+    /// The normalised content of a unit.
+    pub fn hash(&self, id: UnitId) -> u64 {
+        self.hash_at(id, 0)
+    }
+
+    fn hash_at(&self, id: UnitId, depth: usize) -> u64 {
+        if let Some(h) = self.hashes.borrow().get(&id) {
+            return *h;
+        }
+        let mut h = DefaultHasher::new();
+        if depth > 64 {
+            // A cycle of anonymous data: stop at its size.
+            self.section(id).size().hash(&mut h);
+            return h.finish();
+        }
+        let mut bytes = self.bytes(id);
+        let empty = Vec::new();
+        let relocs = self.relocs.get(&id).unwrap_or(&empty);
+        for r in relocs {
+            let start = r.offset as usize;
+            let end = (start + reloc_width(r.r_type)).min(bytes.len());
+            bytes[start.min(end)..end].fill(0);
+        }
+        self.is_code(id).hash(&mut h);
+        bytes.hash(&mut h);
+        for r in relocs {
+            r.offset.hash(&mut h);
+            r.r_type.hash(&mut h);
+            r.addend.hash(&mut h);
+            self.target_key(&r.target, &mut h, depth);
+        }
+        let v = h.finish();
+        self.hashes.borrow_mut().insert(id, v);
+        v
+    }
+
+    /// For each named unit, the named units of code and data that
+    /// reference it (through anonymous data too: a vtable's functions
+    /// are referenced by whatever references the vtable).
+    pub fn referrers(&self) -> HashMap<String, BTreeSet<String>> {
+        let mut out: HashMap<String, BTreeSet<String>> = HashMap::new();
+        for (id, relocs) in &self.relocs {
+            let from = match self.name_of.get(id) {
+                Some(n) => n.clone(),
+                None => continue,
+            };
+            let mut seen = HashSet::new();
+            let mut stack: Vec<&Reloc> = relocs.iter().collect();
+            while let Some(r) = stack.pop() {
+                if let Target::Unit(u, _) = &r.target {
+                    if let Some(to) = self.name_of.get(u) {
+                        if to != &from {
+                            out.entry(to.clone()).or_default().insert(from.clone());
+                        }
+                    } else if seen.insert(*u) {
+                        if let Some(more) = self.relocs.get(u) {
+                            stack.extend(more.iter());
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Sections that are units: code and data, not metadata.
+fn is_unit(section: &object::Section<'_, '_>) -> bool {
+    matches!(
+        section.kind(),
+        SectionKind::Text
+            | SectionKind::Data
+            | SectionKind::ReadOnlyData
+            | SectionKind::ReadOnlyString
+            | SectionKind::UninitializedData
+            | SectionKind::Tls
+            | SectionKind::UninitializedTls
+            | SectionKind::ReadOnlyDataWithRel
+    ) || section.name().is_ok_and(|n| n.starts_with(".gcc_except_table") || n.starts_with("linkme"))
+}
+
+/// How many bytes a relocation of this type writes.
+pub(crate) fn reloc_width(r_type: u32) -> usize {
+    match r_type {
+        elf::R_X86_64_64
+        | elf::R_X86_64_DTPOFF64
+        | elf::R_X86_64_TPOFF64
+        | elf::R_X86_64_PC64
+        | elf::R_X86_64_GOTOFF64
+        | elf::R_X86_64_DTPMOD64 => 8,
+        elf::R_X86_64_16 | elf::R_X86_64_PC16 => 2,
+        elf::R_X86_64_8 | elf::R_X86_64_PC8 => 1,
+        _ => 4,
+    }
+}
