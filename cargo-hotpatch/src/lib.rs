@@ -75,6 +75,7 @@ mod devdep;
 mod elf;
 mod error;
 mod link;
+pub mod riprel;
 mod slotrefs;
 
 pub use check::check_against;
