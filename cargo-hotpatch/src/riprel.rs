@@ -884,6 +884,19 @@ mod tests {
         let f = assemble(case);
         let original = run_original(&f, case.data);
         let (rewritten, rw) = run_rewritten(&f, data);
+        for (r, (got, want)) in GPRS.iter().zip(rewritten.regs.iter().zip(original.regs)) {
+            assert_eq!(*got, want, "{r:?}: rewritten vs original");
+        }
+        assert_eq!(
+            rewritten.red, original.red,
+            "red zone: rewritten vs original"
+        );
+        assert_eq!(
+            rewritten.flags, original.flags,
+            "flags: rewritten vs original"
+        );
+        assert_eq!(rewritten.xmm0, original.xmm0, "xmm0: rewritten vs original");
+        assert_eq!(rewritten.data, original.data, "data: rewritten vs original");
         assert_eq!(rewritten, original, "rewritten vs original");
         assert_eq!(rewritten.ret, rewritten.reg(R::RAX));
         for (j, red) in rewritten.red.iter().enumerate() {
