@@ -114,7 +114,7 @@ fn link_with(
     };
 
     let objects: Vec<Vec<u8>> = members.iter().map(|(_, data)| data.to_vec()).collect();
-    let mut report = link_prepared(objects, rlib, host_binary, &host, &host_id, out, checked)?;
+    let mut report = link_prepared(objects, rlib, host_binary, &host, &host_id, out, checked, true)?;
     report.functions = functions;
     Ok(report)
 }
@@ -131,9 +131,11 @@ pub(crate) fn link_objects(
     let host_data = elf::read(host_binary)?;
     let host = elf::parse(host_binary, &host_data)?;
     let host_id = elf::build_id_of(host_binary, &host)?;
-    link_prepared(objects, origin, host_binary, &host, &host_id, out, true)
+    // Their slot loads already read cells of their own.
+    link_prepared(objects, origin, host_binary, &host, &host_id, out, true, false)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn link_prepared(
     mut objects: Vec<Vec<u8>>,
     rlib: &Path,
@@ -142,17 +144,22 @@ fn link_prepared(
     host_id: &[u8],
     out: &Path,
     checked: bool,
+    retarget_slots: bool,
 ) -> Result<LinkReport, Error> {
     let dir = TempDir::new()?;
     let mut inputs = Vec::with_capacity(objects.len() + 1);
     let count = objects.len();
     // Loads of host slots by inlined `#[patchable]` wrappers are
     // retargeted at cells of the patch (see slotrefs.rs).
-    let cells = crate::slotrefs::retarget(&mut objects).map_err(|reason| Error::Malformed {
-        path: rlib.to_owned(),
-        what: "ELF object",
-        reason,
-    })?;
+    let cells = if retarget_slots {
+        crate::slotrefs::retarget(&mut objects).map_err(|reason| Error::Malformed {
+            path: rlib.to_owned(),
+            what: "ELF object",
+            reason,
+        })?
+    } else {
+        None
+    };
     // Allocations bound to the host's global allocator, whichever it is
     // (see allocshims.rs).
     let shims = crate::allocshims::retarget(&mut objects).map_err(|reason| Error::Malformed {

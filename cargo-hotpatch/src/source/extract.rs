@@ -137,6 +137,8 @@ pub(crate) fn extract(
         private_refs: HashSet::new(),
     };
     w.index_fdes();
+    // The patch's code needs no executable stack.
+    w.obj.add_section(Vec::new(), b".note.GNU-stack".to_vec(), SectionKind::Note);
     let mut sorted: Vec<UnitId> = roots.iter().copied().collect();
     sorted.sort_by_key(|u| (u.0, u.1.0));
     for r in sorted {
@@ -248,7 +250,8 @@ impl Writer<'_, '_> {
             value: 0,
             size: 0,
             kind: if tls { SymbolKind::Tls } else { SymbolKind::Unknown },
-            scope: SymbolScope::Linkage,
+            // Default visibility: bound by the dynamic loader.
+            scope: SymbolScope::Dynamic,
             weak: false,
             section: SymbolSection::Undefined,
             flags: SymbolFlags::None,
@@ -567,8 +570,7 @@ impl Writer<'_, '_> {
             }
         }
         if edited {
-            let align = self.head.section(u).align().max(1);
-            self.obj.section_mut(section).set_data(bytes, align);
+            self.obj.section_mut(section).data_mut().copy_from_slice(&bytes);
         }
         // The unwind information of a copied function, and what it uses.
         if code {

@@ -6,7 +6,7 @@
 //!    deployed: the same toolchain, `Cargo.lock` (`--locked`), profile,
 //!    features and flags, in its own target directory. Paths are remapped
 //!    to the workspace's own (`--remap-path-prefix`, through a
-//!    `RUSTC_WORKSPACE_WRAPPER`), so the base builds bit for bit what the
+//!    `RUSTC_WRAPPER`: cargo puts a workspace wrapper in the crates' metadata hash, and so in every symbol name), so the base builds bit for bit what the
 //!    workspace builds, debug info included.
 //! 2. The head (the working tree, or `--head REV` checked out the same
 //!    way) is built the same way, in another target directory.
@@ -358,10 +358,10 @@ fn cargo_build(
     }
     if let Some(to) = remap_to {
         let me = std::env::current_exe().map_err(io("finding cargo-hotpatch's own path"))?;
-        if let Some(inner) = std::env::var_os("RUSTC_WORKSPACE_WRAPPER") {
+        if let Some(inner) = std::env::var_os("RUSTC_WRAPPER") {
             cmd.env(INNER_WRAPPER_ENV, inner);
         }
-        cmd.env("RUSTC_WORKSPACE_WRAPPER", me);
+        cmd.env("RUSTC_WRAPPER", me);
         let mut remap = OsString::from(dir);
         remap.push("=");
         remap.push(to);
@@ -717,7 +717,15 @@ pub fn build(opts: &SourceOptions, progress: &mut dyn FnMut(&str)) -> Result<Sou
     }
 
     let hot = ws.target_dir.join("hotpatch");
-    let base_dir = hot.join("checkouts").join(format!("base-{}", &base_commit[..12]));
+    // Named by the workspace too: the paths are remapped to it, and cargo
+    // does not see that in its fingerprints.
+    let root_tag = {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::hash::DefaultHasher::new();
+        ws.root.hash(&mut h);
+        format!("{:08x}", h.finish() as u32)
+    };
+    let base_dir = hot.join("checkouts").join(format!("base-{}-{root_tag}", &base_commit[..12]));
     progress(&format!("checking out the base {base_name} into {}", base_dir.display()));
     checkout(&repo, &base_commit, &base_dir)?;
     let inside = |d: &Path| {
@@ -730,7 +738,7 @@ pub fn build(opts: &SourceOptions, progress: &mut dyn FnMut(&str)) -> Result<Sou
     let base_ws = inside(&base_dir);
     let head_ws = match &head_commit {
         Some(h) => {
-            let d = hot.join("checkouts").join(format!("head-{}", &h[..12]));
+            let d = hot.join("checkouts").join(format!("head-{}-{root_tag}", &h[..12]));
             progress(&format!("checking out the head {head_name} into {}", d.display()));
             checkout(&repo, h, &d)?;
             inside(&d)

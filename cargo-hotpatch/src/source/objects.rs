@@ -258,12 +258,47 @@ impl<'d> Build<'d> {
         for r in relocs {
             r.offset.hash(&mut h);
             r.r_type.hash(&mut h);
-            r.addend.hash(&mut h);
-            self.target_key(&r.target, &mut h, depth);
+            match self.merged_string(r) {
+                // A string of a merged-strings section (file names of
+                // panic locations): where it lands differs between builds.
+                Some(s) => {
+                    3u8.hash(&mut h);
+                    s.hash(&mut h);
+                }
+                None => {
+                    r.addend.hash(&mut h);
+                    self.target_key(&r.target, &mut h, depth);
+                }
+            }
         }
         let v = h.finish();
         self.hashes.borrow_mut().insert(id, v);
         v
+    }
+
+    /// The NUL-terminated string a relocation points at, if its target is
+    /// a section of merged strings (`SHF_MERGE | SHF_STRINGS`).
+    fn merged_string(&self, r: &Reloc) -> Option<Vec<u8>> {
+        let Target::Unit(u, off) = &r.target else {
+            return None;
+        };
+        let s = self.section(*u);
+        let SectionFlags::Elf { sh_flags } = s.flags() else {
+            return None;
+        };
+        let merge = u64::from(elf::SHF_MERGE | elf::SHF_STRINGS);
+        if sh_flags & merge != merge {
+            return None;
+        }
+        let pc_relative = matches!(
+            r.r_type,
+            elf::R_X86_64_PC32 | elf::R_X86_64_PLT32 | elf::R_X86_64_GOTPCREL | elf::R_X86_64_GOTPCRELX | elf::R_X86_64_REX_GOTPCRELX
+        );
+        let at = *off as i64 + r.addend + if pc_relative { 4 } else { 0 };
+        let data = s.data().ok()?;
+        let start = usize::try_from(at).ok().filter(|a| *a <= data.len())?;
+        let end = data[start..].iter().position(|b| *b == 0).map_or(data.len(), |p| start + p);
+        Some(data[start..end].to_vec())
     }
 
     /// For each named unit, the named units of code and data that
