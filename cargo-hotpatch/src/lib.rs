@@ -76,6 +76,7 @@ mod elf;
 mod error;
 mod link;
 mod slotrefs;
+pub mod syntax;
 
 pub use check::check_against;
 pub use devdep::dev_dependency_rlibs;
