@@ -608,6 +608,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// Requests served.
 pub static SERVED: AtomicU64 = AtomicU64::new(0);
 pub const LIMIT: u32 = 10;
+pub static TABLE: [u32; 2] = {
+    /// The first entry.
+    const FIRST: u32 = 1;
+    [FIRST, 2]
+};
 
 #[derive(Debug, Clone)]
 pub struct Cart {
@@ -643,6 +648,7 @@ fn comment_and_doc_comment_changes_are_not_findings() {
             "/// Requests served since start.\n/// More text.",
         )
         .replace("/// Items.", "")
+        .replace("/// The first entry.", "/// The first entry, documented.")
         .replace(
             "/// Prices things.",
             "/** Prices things. */ // and a comment",
@@ -656,6 +662,7 @@ fn comment_and_doc_comment_changes_are_not_findings() {
 fn formatting_changes_are_not_findings() {
     let head = "use std::sync::atomic::{AtomicU64,Ordering};\
         pub static SERVED:AtomicU64=AtomicU64::new( 0 );pub const LIMIT:u32=10;\
+        pub static TABLE:[u32;2]={/** The first entry.*/const FIRST:u32=1;[FIRST,2]};\
         #[derive(Debug,Clone)]pub struct Cart{pub items:Vec<u32>,}\
         thread_local!{static DEPTH:std::cell::Cell<u32>=std::cell::Cell::new(0);}\
         #[hotpatch::patchable] pub fn price(qty:u32,unit:u64)->u64{SERVED.fetch_add(1,Ordering::Relaxed);qty as u64*unit}\
@@ -851,6 +858,10 @@ pub mod pricing {
         let f = |x: u32| x + 1;
         f(q)
     }
+    pub fn total() -> u32 { 0 }
+    pub fn tag() {}
+    pub fn moved() {}
+    fn inner() {}
 }
 
 pub struct Cart { n: u32 }
@@ -896,8 +907,12 @@ fn locate_finds_every_demangled_form() {
     let l = |needle| Some(at(LOCATE, needle));
     assert_eq!(src.locate("svc::price"), l("pub fn price() -> u32"));
     assert_eq!(src.locate("svc::pricing::price"), l("pub fn price(q: u32)"));
-    assert_eq!(src.locate("svc::Cart::total"), l("fn total"));
-    assert_eq!(src.locate("<svc::Cart>::total"), l("fn total"));
+    assert_eq!(src.locate("svc::Cart::total"), l("fn total(&self)"));
+    assert_eq!(src.locate("<svc::Cart>::total"), l("fn total(&self)"));
+    assert_eq!(
+        src.locate("svc::pricing::total"),
+        l("pub fn total() -> u32 { 0 }")
+    );
     assert_eq!(
         src.locate("<svc::Cart as svc::Describe>::describe"),
         l("fn describe(&self) -> String { String::new() }")
@@ -908,11 +923,11 @@ fn locate_finds_every_demangled_form() {
     );
     assert_eq!(
         src.locate("svc::Cart::__hotpatch_original_total"),
-        l("fn total")
+        l("fn total(&self)")
     );
     assert_eq!(
         src.locate("<svc::Cart>::__hotpatch_dispatch_total"),
-        l("fn total")
+        l("fn total(&self)")
     );
     assert_eq!(
         src.locate("svc::Cart::__hotpatch_original_Describe_describe"),
@@ -939,13 +954,21 @@ fn locate_finds_every_demangled_form() {
         l("pub fn price(q: u32)")
     );
     // By Type::name: the impl block is in another module.
-    assert_eq!(src.locate("svc::Cart::moved"), l("fn moved"));
+    assert_eq!(src.locate("svc::Cart::moved"), l("fn moved(&self)"));
     // A trait's default method, legacy and v0.
-    assert_eq!(src.locate("svc::Describe::tag"), l("fn tag"));
-    assert_eq!(src.locate("<svc::Cart as svc::Describe>::tag"), l("fn tag"));
-    assert_eq!(src.locate("svc::outer::inner"), l("fn inner"));
-    // By name alone, when unique (`total` is; `describe` and `price` are not).
-    assert_eq!(src.locate("svc::somewhere::total"), l("fn total"));
+    assert_eq!(src.locate("svc::Describe::tag"), l("fn tag(&self)"));
+    assert_eq!(
+        src.locate("<svc::Cart as svc::Describe>::tag"),
+        l("fn tag(&self)")
+    );
+    assert_eq!(
+        src.locate("svc::outer::inner"),
+        Some(at(LOCATE, "pub fn outer").line_plus(1))
+    );
+    // By name alone, when unique (`skipped` is; `describe`, `total` and
+    // `price` are not).
+    assert_eq!(src.locate("svc::somewhere::skipped"), l("fn skipped"));
+    assert_eq!(src.locate("svc::somewhere::total"), None);
     assert_eq!(src.locate("svc::somewhere::describe"), None);
     // Not found, or not this crate.
     assert_eq!(src.locate("svc::nothing"), None);
