@@ -421,6 +421,11 @@ fn patchable_fn_with_changed_signature_is_refused() {
         assert_eq!(f.path(), "svc::price");
         assert_eq!(f.head(), Some(&at(&head, "fn price")));
     }
+    // C-variadic definitions are unstable, but syn reads them.
+    let base = "#[patchable]\npub unsafe extern \"C\" fn v(a: u32, ...) -> u32 { a }\n";
+    let (change, _) = sig_change(base, &base.replace(", ...", ""));
+    assert_eq!(change, SignatureChange::Variadic);
+
     let head = PRICE.replace("qty: u32", "qty: u16");
     let (_, f) = sig_change(PRICE, &head);
     assert_eq!(
