@@ -78,6 +78,7 @@ mod link;
 pub mod riprel;
 mod slotrefs;
 pub mod source;
+pub mod syntax;
 
 pub use check::check_against;
 pub use devdep::dev_dependency_rlibs;

@@ -609,6 +609,7 @@ fn host_symbols(path: &Path, data: &[u8]) -> Result<Host, SourceError> {
 fn classify_files(ws: &Workspace, files: &[String]) -> (Vec<String>, Vec<String>, bool) {
     let mut refusals = Vec::new();
     let mut notes = Vec::new();
+    let mut ignored: Vec<&str> = Vec::new();
     let mut code = false;
     let lib_dir = ws.lib_src.parent().map(Path::to_owned).unwrap_or_default();
     for f in files {
@@ -649,8 +650,18 @@ fn classify_files(ws: &Workspace, files: &[String]) -> (Vec<String>, Vec<String>
                     ws.package, ws.package
                 ));
             }
-            _ => notes.push(format!("{f} changed (not code of the running binary: ignored)")),
+            _ => ignored.push(f.as_str()),
         }
+    }
+    match ignored.as_slice() {
+        [] => {}
+        [one] => notes.push(format!("{one} changed (not code of the running binary: ignored)")),
+        many => notes.push(format!(
+            "{} other files changed (not code of the running binary: ignored): {}{}",
+            many.len(),
+            many.iter().take(5).copied().collect::<Vec<_>>().join(", "),
+            if many.len() > 5 { ", ..." } else { "" }
+        )),
     }
     (refusals, notes, code)
 }
@@ -688,9 +699,13 @@ pub fn build(opts: &SourceOptions, progress: &mut dyn FnMut(&str)) -> Result<Sou
             d
         }
     };
+    let target_rel = ws.target_dir.strip_prefix(&ws.root).ok().map(Path::to_owned);
     for line in diff.lines().filter(|l| !l.trim().is_empty()) {
         let p = Path::new(line.trim());
         let p = p.strip_prefix(&ws_in_repo).unwrap_or(p);
+        if target_rel.as_ref().is_some_and(|t| !t.as_os_str().is_empty() && p.starts_with(t)) {
+            continue;
+        }
         files.insert(p.to_string_lossy().into_owned());
     }
     let head_name = match &opts.head {
@@ -745,6 +760,32 @@ pub fn build(opts: &SourceOptions, progress: &mut dyn FnMut(&str)) -> Result<Sou
         }
         None => ws.root.clone(),
     };
+
+    // The source: what a patch cannot carry is refused before any build.
+    let crate_dir = |root: &Path| root.join(&ws.package_dir);
+    let parse = |root: &Path, what: &str| {
+        crate::syntax::parse_crate(&crate_dir(root), &root.join(&ws.lib_src))
+            .map(|c| c.with_crate_name(&ws.lib_name))
+            .map_err(|e| SourceError::Refused(vec![format!("the {what}'s source does not parse: {e}")]))
+    };
+    let base_src = parse(&base_ws, "base")?;
+    let head_src = parse(&head_ws, "head")?;
+    let pkg_prefix = if ws.package_dir.as_os_str().is_empty() {
+        String::new()
+    } else {
+        format!("{}/", ws.package_dir.display())
+    };
+    for finding in crate::syntax::compare(&base_src, &head_src) {
+        let line = format!("{pkg_prefix}{finding}");
+        if finding.refuses() {
+            refusals.push(line);
+        } else {
+            notes.push(line);
+        }
+    }
+    if !refusals.is_empty() {
+        return Err(SourceError::Refused(refusals));
+    }
 
     // A revision without a committed Cargo.lock builds with the
     // workspace's (the deployed build's lock is checked by --binary).
@@ -892,8 +933,12 @@ pub fn build(opts: &SourceOptions, progress: &mut dyn FnMut(&str)) -> Result<Sou
         }
     }
     for (name, callers) in &unpatched_callers {
+        let at = head_src
+            .locate(&demangle(name))
+            .map(|l| format!(" ({pkg_prefix}{l})"))
+            .unwrap_or_default();
         refusals.push(format!(
-            "{} changed, but it is not #[patchable] and unpatched code calls it: {}; the old version would keep running there. Make it (or its callers) #[patchable] in the next release, or leave it unchanged for the patch",
+            "{}{at} changed, but it is not #[patchable] and unpatched code calls it: {}; the old version would keep running there. Make it (or its callers) #[patchable] in the next release, or leave it unchanged for the patch",
             describe(name),
             callers.iter().cloned().collect::<Vec<_>>().join(", ")
         ));
@@ -959,11 +1004,12 @@ pub fn build(opts: &SourceOptions, progress: &mut dyn FnMut(&str)) -> Result<Sou
         ));
     }
     let _ = &ws.lib_name;
+    let locate = |path: &str| head_src.locate(path).map(|l| format!("{pkg_prefix}{l}"));
     let mut replaced_items: Vec<Item> = replaced
         .iter()
         .map(|(_, e)| Item {
             path: e.path.clone(),
-            location: None,
+            location: locate(&e.path),
         })
         .collect();
     replaced_items.sort_by(|a, b| a.path.cmp(&b.path));
@@ -972,7 +1018,7 @@ pub fn build(opts: &SourceOptions, progress: &mut dyn FnMut(&str)) -> Result<Sou
         .chain(extracted.new_functions.iter())
         .map(|n| Item {
             path: describe(n),
-            location: None,
+            location: locate(&demangle(n)),
         })
         .collect();
     included_items.sort_by(|a, b| a.path.cmp(&b.path));
