@@ -34,7 +34,7 @@ use object::{
     SymbolFlags, SymbolKind, SymbolScope,
 };
 
-use super::objects::{Build, Target, UnitId};
+use super::objects::{Build, Target, UnitId, is_callsite_static};
 
 /// The size of `hotpatch::__private::PatchFn` (`repr(C)`: target getter,
 /// replacement, name as `&str`, layouts as `&[TypeLayout]`).
@@ -409,7 +409,8 @@ impl Writer<'_, '_> {
                             let is_data = !self.head.is_code(*t);
                             let rust_static = is_data
                                 && !name.starts_with("DW.ref.")
-                                && (name.starts_with("_ZN") || name.starts_with("_R"));
+                                && (name.starts_with("_ZN") || name.starts_with("_R"))
+                                && !is_callsite_static(&name);
                             if rust_static || tls {
                                 match self.host_ref(&name) {
                                     Some(h) => (None, Some((h, name, *off)), tls),
@@ -421,7 +422,7 @@ impl Writer<'_, '_> {
                                         continue;
                                     }
                                 }
-                            } else if self.copies_named(*t, &name) {
+                            } else if is_callsite_static(&name) || self.copies_named(*t, &name) {
                                 if !self.roots.contains(t)
                                     && self.head.is_code(*t)
                                     && !self.copies.contains_key(t)

@@ -865,7 +865,9 @@ pub fn build(opts: &SourceOptions, progress: &mut dyn FnMut(&str)) -> Result<Sou
             refusals.push(format!(
                 "the signature of #[patchable] {path} changed: the running callers pass the old arguments; keep the signature (add a new function for the new one) or ship it in a release"
             ));
-        } else if name.starts_with("_ZN") || name.starts_with("_R") {
+        } else if (name.starts_with("_ZN") || name.starts_with("_R"))
+            && !objects::is_callsite_static(name)
+        {
             refusals.push(format!(
                 "static {} changed its initial value or type: the running process keeps the old one; a patch cannot change data",
                 describe(name)
@@ -919,7 +921,13 @@ pub fn build(opts: &SourceOptions, progress: &mut dyn FnMut(&str)) -> Result<Sou
                 .filter(|c| !c.contains("__hotpatch_dispatch_") && !c.contains("__HOTPATCH_ENTRY_"))
                 .map(|c| describe(c))
                 .collect();
-            if exported_from_crate(&name) {
+            // A closure's code (and a generic instance over a closure) is
+            // only reachable through the crate's own code.
+            let local_only = {
+                let d = demangle(&name);
+                d.contains("{{closure}}") || d.contains("__hotpatch_original_")
+            };
+            if !local_only && exported_from_crate(&name) {
                 bad.insert("code outside the library (it is public: the binary crate or other crates may call or inline it)".into());
             }
             if !bad.is_empty() {

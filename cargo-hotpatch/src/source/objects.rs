@@ -44,6 +44,15 @@ pub(crate) struct Reloc {
     pub target: Target,
 }
 
+/// Whether a static is the per-call-site state of a logging macro
+/// (`tracing`'s `__CALLSITE` and `META`): a patch's code gets its own,
+/// which registers with the host's subscriber on first use like any new
+/// call site, so it may change or be new.
+pub(crate) fn is_callsite_static(name: &str) -> bool {
+    let d = format!("{:#}", rustc_demangle::demangle(name));
+    d.ends_with("::__CALLSITE") || d.ends_with("::META") || d.ends_with("::CALLSITE")
+}
+
 /// One build's units.
 pub(crate) struct Build<'d> {
     pub objects: Vec<object::File<'d>>,
@@ -254,6 +263,12 @@ impl<'d> Build<'d> {
             bytes[start.min(end)..end].fill(0);
         }
         self.is_code(id).hash(&mut h);
+        if self.is_location(id, relocs) {
+            // A `core::panic::Location` (file, line, column): a comment or
+            // a reformatting moves lines without changing any code, so
+            // only its file counts.
+            bytes[16..24].fill(0);
+        }
         bytes.hash(&mut h);
         for r in relocs {
             r.offset.hash(&mut h);
@@ -274,6 +289,26 @@ impl<'d> Build<'d> {
         let v = h.finish();
         self.hashes.borrow_mut().insert(id, v);
         v
+    }
+
+    /// Whether an anonymous unit is a `core::panic::Location`: 24 bytes,
+    /// a pointer to a file name ending in `.rs`, its length, line, column.
+    fn is_location(&self, id: UnitId, relocs: &[Reloc]) -> bool {
+        if self.name_of.contains_key(&id) || self.is_code(id) || self.section(id).size() != 24 {
+            return false;
+        }
+        let [r] = relocs else { return false };
+        if r.offset != 0 || r.r_type != elf::R_X86_64_64 {
+            return false;
+        }
+        let bytes = self.bytes(id);
+        let len = u64::from_le_bytes(bytes[8..16].try_into().unwrap_or_default()) as usize;
+        let Target::Unit(u, off) = &r.target else {
+            return false;
+        };
+        let data = self.bytes(*u);
+        let start = (*off as i64 + r.addend) as usize;
+        data.get(start..start + len).is_some_and(|f| f.ends_with(b".rs"))
     }
 
     /// The NUL-terminated string a relocation points at, if its target is
