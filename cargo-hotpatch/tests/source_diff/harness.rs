@@ -163,18 +163,23 @@ pub fn make_repo(branches: &[(&str, &[Edit])]) {
         repo.display(),
         String::from_utf8_lossy(&meta.stderr)
     );
-    // A root commit made from the tree alone: the same hash on every run.
+    // Commits made from trees alone (a root commit, then one child of it
+    // per case), and refs moved with update-ref, which works whatever a
+    // worktree of the tool has checked out: the same hashes on every run.
+    git(&["worktree", "prune"]);
     git(&["add", "--all"]);
     let tree = git(&["write-tree"]);
     let v1 = git(&["commit-tree", tree.trim(), "-m", "v1"]);
     let v1 = v1.trim();
     git(&["tag", "--force", "v1", v1]);
-    git(&["checkout", "--quiet", "--force", "-B", "main", v1]);
     for (branch, edits) in branches {
-        git(&["checkout", "--quiet", "--force", "-B", branch, "v1"]);
         write_tree(edits);
-        git(&["commit", "--quiet", "--all", "-m", branch]);
+        git(&["add", "--all"]);
+        let tree = git(&["write-tree"]);
+        let commit = git(&["commit-tree", tree.trim(), "-p", v1, "-m", branch]);
+        git(&["update-ref", &format!("refs/heads/{branch}"), commit.trim()]);
     }
+    git(&["update-ref", "refs/heads/main", v1]);
     git(&["checkout", "--quiet", "--force", "main"]);
     assert_clean();
 }
