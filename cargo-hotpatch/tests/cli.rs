@@ -175,10 +175,13 @@ fn help_documents_exit_codes_and_the_selection() {
     for says in [
         "build the patch in the same selection you built the service with",
         "0  the patch was built",
-        "1  `cargo build` failed",
+        "1  `cargo build` (or git) failed",
         "2  usage",
         "3  refused",
         "4  I/O",
+        "5  --base: no change",
+        "--base <REV>",
+        "--head <REV>",
     ] {
         assert!(help.contains(says), "{says}: {help}");
     }

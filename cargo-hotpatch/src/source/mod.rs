@@ -333,6 +333,7 @@ fn cargo_build(
     target_dir: &Path,
     remap_to: Option<&Path>,
 ) -> Result<Artifacts, SourceError> {
+    forget_other_checkout(ws, dir, target_dir)?;
     let mut cmd = Command::new(cargo());
     cmd.current_dir(dir)
         .args(["build", "--locked", "--message-format=json-render-diagnostics", "-p"])
@@ -418,6 +419,39 @@ fn cargo_build(
         bins,
         hotpatch_rlib,
     })
+}
+
+/// One target directory serves every checkout of a side (dependencies are
+/// compiled once), but the workspace's own crates have the same names in
+/// every checkout, so cargo would take the last checkout's build for this
+/// one's. When `dir` is not the checkout built there last, their
+/// fingerprints are removed and they are rebuilt.
+fn forget_other_checkout(ws: &Workspace, dir: &Path, target_dir: &Path) -> Result<(), SourceError> {
+    let marker = target_dir.join(".cargo-hotpatch-source");
+    let this = dir.to_string_lossy().into_owned();
+    if std::fs::read_to_string(&marker).is_ok_and(|m| m == this) {
+        return Ok(());
+    }
+    if let Ok(profiles) = std::fs::read_dir(target_dir) {
+        for profile in profiles.flatten() {
+            let Ok(prints) = std::fs::read_dir(profile.path().join(".fingerprint")) else {
+                continue;
+            };
+            for print in prints.flatten() {
+                let name = print.file_name().to_string_lossy().into_owned();
+                let ours = ws.members.iter().any(|(_, pkg)| {
+                    name.strip_prefix(pkg.as_str())
+                        .is_some_and(|rest| rest.starts_with('-') && !rest[1..].contains('-'))
+                });
+                if ours {
+                    std::fs::remove_dir_all(print.path()).map_err(io(print.path().display()))?;
+                }
+            }
+        }
+    }
+    std::fs::create_dir_all(target_dir).map_err(io(target_dir.display()))?;
+    std::fs::write(&marker, this).map_err(io(marker.display()))?;
+    Ok(())
 }
 
 /// Runs as rustc's wrapper when cargo-hotpatch set [`REMAP_ENV`]:
@@ -909,47 +943,99 @@ pub fn build(opts: &SourceOptions, progress: &mut dyn FnMut(&str)) -> Result<Sou
             })
         })
     };
+    // Every function of the base that reaches a changed non-patchable one
+    // must run the new code: a #[patchable] caller is replaced (even if its
+    // own code did not change: the head's calls the new helper), any other
+    // caller is included in turn, up to patchable functions. What cannot be
+    // (a public function, a function pointer or vtable) refuses the change.
+    let local_only = |name: &str| {
+        let d = demangle(name);
+        d.contains("{{closure}}") || d.contains("__hotpatch_original_")
+    };
+    let generated = |c: &str| c.contains("__hotpatch_dispatch_") || c.contains("__HOTPATCH_ENTRY_");
     let mut included: BTreeSet<String> = others.clone();
-    let mut unpatched_callers: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    loop {
-        let mut dropped = false;
-        for name in included.clone() {
-            let callers = referrers.get(&name).cloned().unwrap_or_default();
-            let mut bad: BTreeSet<String> = callers
-                .iter()
-                .filter(|c| !replaced_names.contains(*c) && !included.contains(*c))
-                .filter(|c| !c.contains("__hotpatch_dispatch_") && !c.contains("__HOTPATCH_ENTRY_"))
-                .map(|c| describe(c))
-                .collect();
-            // A closure's code (and a generic instance over a closure) is
-            // only reachable through the crate's own code.
-            let local_only = {
-                let d = demangle(&name);
-                d.contains("{{closure}}") || d.contains("__hotpatch_original_")
-            };
-            if !local_only && exported_from_crate(&name) {
-                bad.insert("code outside the library (it is public: the binary crate or other crates may call or inline it)".into());
-            }
-            if !bad.is_empty() {
-                included.remove(&name);
-                unpatched_callers.insert(name.clone(), bad);
-                dropped = true;
-            }
+    let mut forced: BTreeSet<String> = BTreeSet::new();
+    let mut blocked: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let mut pulled_by: HashMap<String, String> = HashMap::new();
+    let mut queue: Vec<String> = others.iter().cloned().collect();
+    while let Some(name) = queue.pop() {
+        if !local_only(&name) && exported_from_crate(&name) {
+            blocked.entry(name.clone()).or_default().insert(format!(
+                "{} is public: the binary crate or other crates may call or inline it",
+                describe(&name)
+            ));
         }
-        if !dropped {
-            break;
+        for c in referrers.get(&name).cloned().unwrap_or_default() {
+            if replaced_names.contains(&c) || forced.contains(&c) || included.contains(&c) || generated(&c) {
+                continue;
+            }
+            if head_entries.contains_key(&c) {
+                forced.insert(c);
+            } else if b.by_name.get(&c).is_some_and(|u| !b.is_code(*u)) {
+                blocked.entry(name.clone()).or_default().insert(format!(
+                    "a function pointer or vtable ({})",
+                    describe(&c)
+                ));
+            } else {
+                included.insert(c.clone());
+                pulled_by.insert(c.clone(), name.clone());
+                queue.push(c);
+            }
         }
     }
-    for (name, callers) in &unpatched_callers {
-        let at = head_src
-            .locate(&demangle(name))
-            .map(|l| format!(" ({pkg_prefix}{l})"))
-            .unwrap_or_default();
-        refusals.push(format!(
-            "{}{at} changed, but it is not #[patchable] and unpatched code calls it: {}; the old version would keep running there. Make it (or its callers) #[patchable] in the next release, or leave it unchanged for the patch",
-            describe(name),
-            callers.iter().cloned().collect::<Vec<_>>().join(", ")
-        ));
+    if !blocked.is_empty() {
+        // Each changed function whose callers, transitively, cannot all be
+        // patched, with what blocks it.
+        for name in &others {
+            let mut reasons: BTreeSet<String> = BTreeSet::new();
+            let mut callers: BTreeSet<String> = BTreeSet::new();
+            for (b_name, why) in &blocked {
+                // Does `b_name` reach `name` (through pulled-in callers)?
+                let mut n = b_name.clone();
+                let mut reaches = n == *name;
+                while !reaches {
+                    match pulled_by.get(&n) {
+                        Some(next) => {
+                            n = next.clone();
+                            reaches = n == *name;
+                        }
+                        None => break,
+                    }
+                }
+                if reaches {
+                    reasons.extend(why.iter().cloned());
+                    if b_name != name {
+                        callers.insert(describe(b_name));
+                    }
+                }
+            }
+            if reasons.is_empty() {
+                continue;
+            }
+            let at = head_src
+                .locate(&demangle(name))
+                .map(|l| format!(" ({pkg_prefix}{l})"))
+                .unwrap_or_default();
+            let via = if callers.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " through its unpatched caller{} {}",
+                    if callers.len() == 1 { "" } else { "s" },
+                    callers.iter().cloned().collect::<Vec<_>>().join(", ")
+                )
+            };
+            refusals.push(format!(
+                "{}{at} changed, but it is not #[patchable] and code the patch cannot replace reaches it{via}: {}; the old version would keep running there. Make it (or its callers) #[patchable] in the next release, or leave it unchanged for the patch",
+                describe(name),
+                reasons.into_iter().collect::<Vec<_>>().join("; ")
+            ));
+        }
+    }
+    for name in &forced {
+        if let Some(e) = head_entries.get(name) {
+            replaced.push((name.clone(), e.clone()));
+        }
     }
     if !refusals.is_empty() {
         refusals.sort();
@@ -1021,14 +1107,31 @@ pub fn build(opts: &SourceOptions, progress: &mut dyn FnMut(&str)) -> Result<Sou
         })
         .collect();
     replaced_items.sort_by(|a, b| a.path.cmp(&b.path));
-    let mut included_items: Vec<Item> = included
-        .iter()
-        .chain(extracted.new_functions.iter())
-        .map(|n| Item {
-            path: describe(n),
-            location: locate(&demangle(n)),
-        })
-        .collect();
+    let own = |path: &str| {
+        let p = path.trim_start_matches(['<', '&', '*']).trim_start_matches("mut ");
+        p.starts_with(&format!("{}::", ws.lib_name))
+    };
+    let mut foreign: BTreeSet<String> = BTreeSet::new();
+    let mut included_items: Vec<Item> = Vec::new();
+    for n in included.iter().chain(extracted.new_functions.iter()) {
+        let path = describe(n);
+        if own(&path) {
+            included_items.push(Item {
+                location: locate(&demangle(n)),
+                path,
+            });
+        } else {
+            foreign.insert(path);
+        }
+    }
+    if !foreign.is_empty() {
+        notes.push(format!(
+            "{} function{} of other crates compiled into the patch (inline or generic code the new code is the first to use): {}",
+            foreign.len(),
+            if foreign.len() == 1 { "" } else { "s" },
+            foreign.into_iter().collect::<Vec<_>>().join(", ")
+        ));
+    }
     included_items.sort_by(|a, b| a.path.cmp(&b.path));
     included_items.dedup();
     Ok(SourceReport {
