@@ -114,7 +114,16 @@ fn link_with(
     };
 
     let objects: Vec<Vec<u8>> = members.iter().map(|(_, data)| data.to_vec()).collect();
-    let mut report = link_prepared(objects, rlib, host_binary, &host, &host_id, out, checked, true)?;
+    let mut report = link_prepared(
+        objects,
+        rlib,
+        host_binary,
+        &host,
+        &host_id,
+        out,
+        checked,
+        true,
+    )?;
     report.functions = functions;
     Ok(report)
 }
@@ -132,7 +141,16 @@ pub(crate) fn link_objects(
     let host = elf::parse(host_binary, &host_data)?;
     let host_id = elf::build_id_of(host_binary, &host)?;
     // Their slot loads already read cells of their own.
-    link_prepared(objects, origin, host_binary, &host, &host_id, out, true, false)
+    link_prepared(
+        objects,
+        origin,
+        host_binary,
+        &host,
+        &host_id,
+        out,
+        true,
+        false,
+    )
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -186,8 +204,7 @@ fn link_prepared(
         slot_refs = n;
     }
     let host_object = dir.path.join("hotpatch-host.o");
-    fs::write(&host_object, host_object_bytes(host, host_id)?)
-        .map_err(Error::io(&host_object))?;
+    fs::write(&host_object, host_object_bytes(host, host_id)?).map_err(Error::io(&host_object))?;
     inputs.push(host_object);
     let script = dir.path.join("exports.map");
     fs::write(
@@ -230,7 +247,10 @@ fn crate_name(rlib: &Path) -> String {
 
 /// The crate's own codegen units: the `*.rcgu.o` members, refusing
 /// bitcode. `lib.rmeta` and anything else is skipped.
-pub(crate) fn own_objects<'d>(rlib: &Path, data: &'d [u8]) -> Result<Vec<(String, &'d [u8])>, Error> {
+pub(crate) fn own_objects<'d>(
+    rlib: &Path,
+    data: &'d [u8],
+) -> Result<Vec<(String, &'d [u8])>, Error> {
     let malformed = |e: object::Error| Error::Malformed {
         path: rlib.to_owned(),
         what: "rlib archive",

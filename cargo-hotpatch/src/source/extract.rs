@@ -28,7 +28,9 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use object::elf;
 use object::read::{Object, ObjectSection, ObjectSymbol, RelocationTarget};
-use object::write::{self, Relocation, SectionId, StandardSection, Symbol, SymbolId, SymbolSection};
+use object::write::{
+    self, Relocation, SectionId, StandardSection, Symbol, SymbolId, SymbolSection,
+};
 use object::{
     Architecture, BinaryFormat, Endianness, RelocationFlags, SectionFlags, SectionKind,
     SymbolFlags, SymbolKind, SymbolScope,
@@ -138,7 +140,8 @@ pub(crate) fn extract(
     };
     w.index_fdes();
     // The patch's code needs no executable stack.
-    w.obj.add_section(Vec::new(), b".note.GNU-stack".to_vec(), SectionKind::Note);
+    w.obj
+        .add_section(Vec::new(), b".note.GNU-stack".to_vec(), SectionKind::Note);
     let mut sorted: Vec<UnitId> = roots.iter().copied().collect();
     sorted.sort_by_key(|u| (u.0, u.1.0));
     for r in sorted {
@@ -165,7 +168,10 @@ pub(crate) fn extract(
     let private_refs = w.private_refs.len();
     let mut new_functions = w.new_functions.clone();
     new_functions.sort();
-    let object = w.obj.write().map_err(|e| vec![format!("writing the patch object: {e}")])?;
+    let object = w
+        .obj
+        .write()
+        .map_err(|e| vec![format!("writing the patch object: {e}")])?;
     Ok(Extracted {
         object,
         new_functions,
@@ -249,7 +255,11 @@ impl Writer<'_, '_> {
             name: name.as_bytes().to_vec(),
             value: 0,
             size: 0,
-            kind: if tls { SymbolKind::Tls } else { SymbolKind::Unknown },
+            kind: if tls {
+                SymbolKind::Tls
+            } else {
+                SymbolKind::Unknown
+            },
             // Default visibility: bound by the dynamic loader.
             scope: SymbolScope::Dynamic,
             weak: false,
@@ -337,11 +347,15 @@ impl Writer<'_, '_> {
         }
         let cell = self.cell_in(false, target, addend);
         let section = *self.stub_section.get_or_insert_with(|| {
-            self.obj.add_section(Vec::new(), b".text.hotpatch_stubs".to_vec(), SectionKind::Text)
+            self.obj.add_section(
+                Vec::new(),
+                b".text.hotpatch_stubs".to_vec(),
+                SectionKind::Text,
+            )
         });
-        let offset = self
-            .obj
-            .append_section_data(section, &[0xff, 0x25, 0, 0, 0, 0, 0xcc, 0xcc], 8);
+        let offset =
+            self.obj
+                .append_section_data(section, &[0xff, 0x25, 0, 0, 0, 0, 0xcc, 0xcc], 8);
         self.add_reloc(section, offset + 2, elf::R_X86_64_PC32, cell, -4);
         let n = self.stubs.len();
         let sym = self.obj.add_symbol(Symbol {
@@ -358,7 +372,14 @@ impl Writer<'_, '_> {
         sym
     }
 
-    fn add_reloc(&mut self, section: SectionId, offset: u64, r_type: u32, symbol: SymbolId, addend: i64) {
+    fn add_reloc(
+        &mut self,
+        section: SectionId,
+        offset: u64,
+        r_type: u32,
+        symbol: SymbolId,
+        addend: i64,
+    ) {
         self.obj
             .add_relocation(
                 section,
@@ -571,7 +592,10 @@ impl Writer<'_, '_> {
             }
         }
         if edited {
-            self.obj.section_mut(section).data_mut().copy_from_slice(&bytes);
+            self.obj
+                .section_mut(section)
+                .data_mut()
+                .copy_from_slice(&bytes);
         }
         // The unwind information of a copied function, and what it uses.
         if code {
@@ -673,7 +697,9 @@ impl Writer<'_, '_> {
         if by_object.is_empty() {
             return;
         }
-        let eh = self.obj.add_section(Vec::new(), b".eh_frame".to_vec(), SectionKind::ReadOnlyData);
+        let eh = self
+            .obj
+            .add_section(Vec::new(), b".eh_frame".to_vec(), SectionKind::ReadOnlyData);
         self.obj.section_mut(eh).flags = SectionFlags::Elf {
             sh_flags: u64::from(elf::SHF_ALLOC),
         };
@@ -699,7 +725,8 @@ impl Writer<'_, '_> {
                     Some(n) => *n,
                     None => {
                         let n = out.len();
-                        let len = u32::from_le_bytes(data[cie_at..cie_at + 4].try_into().unwrap()) as usize;
+                        let len = u32::from_le_bytes(data[cie_at..cie_at + 4].try_into().unwrap())
+                            as usize;
                         out.extend_from_slice(&data[cie_at..cie_at + 4 + len]);
                         for (o, t) in self.eh_relocs(oi, cie_at) {
                             let (ty, a) = addends[&((cie_at + o) as u64)];
@@ -756,7 +783,11 @@ impl Writer<'_, '_> {
         if records.is_empty() {
             return;
         }
-        let fns = self.obj.add_section(Vec::new(), FNS_SECTION.as_bytes().to_vec(), SectionKind::Data);
+        let fns = self.obj.add_section(
+            Vec::new(),
+            FNS_SECTION.as_bytes().to_vec(),
+            SectionKind::Data,
+        );
         let names = self.obj.section_id(StandardSection::ReadOnlyData);
         for rec in records {
             let at = self.obj.append_section_data(fns, &[0; PATCH_FN_SIZE], 8);
@@ -787,16 +818,17 @@ impl Writer<'_, '_> {
             self.add_reloc(fns, at + 8, elf::R_X86_64_64, repl, 0);
             self.add_reloc(fns, at + 16, elf::R_X86_64_64, names_sym, name_at as i64);
             let layouts = self.unit_symbol(rec.layouts.0, 0);
-            self.add_reloc(fns, at + 32, elf::R_X86_64_64, layouts, rec.layouts.1 as i64);
+            self.add_reloc(
+                fns,
+                at + 32,
+                elf::R_X86_64_64,
+                layouts,
+                rec.layouts.1 as i64,
+            );
             let mut lens = [0u8; 8];
             lens.copy_from_slice(&(rec.path.len() as u64).to_le_bytes());
             set(&mut self.obj, fns, at + 24, &lens);
-            set(
-                &mut self.obj,
-                fns,
-                at + 40,
-                &rec.layouts_len.to_le_bytes(),
-            );
+            set(&mut self.obj, fns, at + 40, &rec.layouts_len.to_le_bytes());
         }
     }
 }

@@ -174,7 +174,10 @@ fn workspace(opts: &SourceOptions) -> Result<Workspace, SourceError> {
         .output()
         .map_err(io("running cargo metadata"))?;
     if !out.status.success() {
-        return Err(SourceError::Tool(format!("`cargo metadata` {}", out.status)));
+        return Err(SourceError::Tool(format!(
+            "`cargo metadata` {}",
+            out.status
+        )));
     }
     let json: serde_json::Value = serde_json::from_slice(&out.stdout)
         .map_err(|e| SourceError::Io(format!("cargo metadata printed no JSON: {e}")))?;
@@ -192,10 +195,9 @@ fn workspace(opts: &SourceOptions) -> Result<Workspace, SourceError> {
     let package = match &opts.package {
         Some(spec) => {
             let name = spec.split('@').next().unwrap_or(spec);
-            packages
-                .iter()
-                .find(|p| p["name"] == name)
-                .ok_or_else(|| SourceError::Usage(format!("package {spec} is not in the workspace")))?
+            packages.iter().find(|p| p["name"] == name).ok_or_else(|| {
+                SourceError::Usage(format!("package {spec} is not in the workspace"))
+            })?
         }
         None if packages.len() == 1 => &packages[0],
         None => {
@@ -213,7 +215,9 @@ fn workspace(opts: &SourceOptions) -> Result<Workspace, SourceError> {
         .unwrap_or_default();
     let targets = package["targets"].as_array().cloned().unwrap_or_default();
     let kind = |t: &serde_json::Value, k: &str| {
-        t["kind"].as_array().is_some_and(|ks| ks.iter().any(|x| x == k))
+        t["kind"]
+            .as_array()
+            .is_some_and(|ks| ks.iter().any(|x| x == k))
     };
     let rel = |t: &serde_json::Value| {
         let p = PathBuf::from(t["src_path"].as_str().unwrap_or_default());
@@ -336,7 +340,12 @@ fn cargo_build(
     forget_other_checkout(ws, dir, target_dir)?;
     let mut cmd = Command::new(cargo());
     cmd.current_dir(dir)
-        .args(["build", "--locked", "--message-format=json-render-diagnostics", "-p"])
+        .args([
+            "build",
+            "--locked",
+            "--message-format=json-render-diagnostics",
+            "-p",
+        ])
         .arg(&ws.package)
         .arg("--target-dir")
         .arg(target_dir)
@@ -389,21 +398,34 @@ fn cargo_build(
         let pkg = msg["package_id"].as_str().unwrap_or_default();
         let files: Vec<PathBuf> = msg["filenames"]
             .as_array()
-            .map(|a| a.iter().filter_map(|f| f.as_str()).map(PathBuf::from).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|f| f.as_str())
+                    .map(PathBuf::from)
+                    .collect()
+            })
             .unwrap_or_default();
         let is_ours = pkg.contains(&format!("#{}@", ws.package))
             || pkg.contains(&format!("/{}#", ws.package))
             || pkg.starts_with(&format!("{} ", ws.package));
         let kinds = &msg["target"]["kind"];
-        let is_lib = kinds.as_array().is_some_and(|k| k.iter().any(|k| k == "lib" || k == "rlib"));
+        let is_lib = kinds
+            .as_array()
+            .is_some_and(|k| k.iter().any(|k| k == "lib" || k == "rlib"));
         if is_ours && is_lib {
-            rlib = files.iter().find(|f| f.extension().is_some_and(|e| e == "rlib")).cloned();
+            rlib = files
+                .iter()
+                .find(|f| f.extension().is_some_and(|e| e == "rlib"))
+                .cloned();
         } else if is_ours {
             if let Some(exe) = msg["executable"].as_str() {
                 bins.push(PathBuf::from(exe));
             }
         } else if name == "hotpatch" && is_lib {
-            hotpatch_rlib = files.iter().find(|f| f.extension().is_some_and(|e| e == "rlib")).cloned();
+            hotpatch_rlib = files
+                .iter()
+                .find(|f| f.extension().is_some_and(|e| e == "rlib"))
+                .cloned();
         }
     }
     let status = child.wait().map_err(io("waiting for cargo build"))?;
@@ -413,7 +435,8 @@ fn cargo_build(
             dir.display()
         )));
     }
-    let rlib = rlib.ok_or_else(|| SourceError::Tool(format!("cargo built no rlib for {}", ws.package)))?;
+    let rlib =
+        rlib.ok_or_else(|| SourceError::Tool(format!("cargo built no rlib for {}", ws.package)))?;
     Ok(Artifacts {
         rlib,
         bins,
@@ -489,7 +512,9 @@ pub fn code_identity(data: &[u8]) -> Result<u64, String> {
         let object::SectionFlags::Elf { sh_flags } = s.flags() else {
             continue;
         };
-        if sh_flags & u64::from(object::elf::SHF_ALLOC) == 0 || s.kind() == object::SectionKind::Note {
+        if sh_flags & u64::from(object::elf::SHF_ALLOC) == 0
+            || s.kind() == object::SectionKind::Note
+        {
             continue;
         }
         s.name().unwrap_or("").hash(&mut h);
@@ -576,7 +601,8 @@ fn entries(b: &Build<'_>) -> Vec<EntryInfo> {
         let getter = b.functions().find_map(|(g, gu)| {
             (g.contains("__hotpatch_entry_of_")
                 && b.relocs.get(gu).is_some_and(|rs| {
-                    rs.iter().any(|r| matches!(r.target, Target::Unit(t, _) if t == u))
+                    rs.iter()
+                        .any(|r| matches!(r.target, Target::Unit(t, _) if t == u))
                 }))
             .then(|| g.clone())
         });
@@ -655,13 +681,18 @@ fn classify_files(ws: &Workspace, files: &[String]) -> (Vec<String>, Vec<String>
             ));
             continue;
         }
-        if name == "build.rs" || name.starts_with("rust-toolchain") || f.starts_with(".cargo/") || f.contains("/.cargo/") {
+        if name == "build.rs"
+            || name.starts_with("rust-toolchain")
+            || f.starts_with(".cargo/")
+            || f.contains("/.cargo/")
+        {
             refusals.push(format!(
                 "{f} changed: the build script, toolchain and cargo configuration make the running build; a patch cannot change them, so revert {f} for the patch"
             ));
             continue;
         }
-        if ws.bins.iter().any(|(_, src)| src == p) || p.starts_with(ws.package_dir.join("src/bin")) {
+        if ws.bins.iter().any(|(_, src)| src == p) || p.starts_with(ws.package_dir.join("src/bin"))
+        {
             refusals.push(format!(
                 "{f} changed: it is the service's binary crate, whose code a patch does not replace; move the code into the library crate (src/lib.rs), where #[patchable] functions live"
             ));
@@ -678,7 +709,11 @@ fn classify_files(ws: &Workspace, files: &[String]) -> (Vec<String>, Vec<String>
             .filter(|(dir, _)| !dir.as_os_str().is_empty() && p.starts_with(dir))
             .max_by_key(|(dir, _)| dir.components().count());
         match owner {
-            Some((dir, pkg)) if pkg != &ws.package && p.extension().is_some_and(|e| e == "rs") && p.starts_with(dir.join("src")) => {
+            Some((dir, pkg))
+                if pkg != &ws.package
+                    && p.extension().is_some_and(|e| e == "rs")
+                    && p.starts_with(dir.join("src")) =>
+            {
                 refusals.push(format!(
                     "{f} changed: it is in package {pkg}, and a patch made from source replaces code of {}'s library only; keep the fix in {} or ship it in a release",
                     ws.package, ws.package
@@ -689,7 +724,9 @@ fn classify_files(ws: &Workspace, files: &[String]) -> (Vec<String>, Vec<String>
     }
     match ignored.as_slice() {
         [] => {}
-        [one] => notes.push(format!("{one} changed (not code of the running binary: ignored)")),
+        [one] => notes.push(format!(
+            "{one} changed (not code of the running binary: ignored)"
+        )),
         many => notes.push(format!(
             "{} other files changed (not code of the running binary: ignored): {}{}",
             many.len(),
@@ -701,15 +738,24 @@ fn classify_files(ws: &Workspace, files: &[String]) -> (Vec<String>, Vec<String>
 }
 
 /// Builds the patch. `progress` gets one line per step.
-pub fn build(opts: &SourceOptions, progress: &mut dyn FnMut(&str)) -> Result<SourceReport, SourceError> {
+pub fn build(
+    opts: &SourceOptions,
+    progress: &mut dyn FnMut(&str),
+) -> Result<SourceReport, SourceError> {
     let ws = workspace(opts)?;
-    let repo = PathBuf::from(git(&ws.root, &["rev-parse", "--show-toplevel"]).map_err(|_| {
-        SourceError::Usage(format!(
-            "{} is not in a git repository: --base names a git revision of the deployed build",
-            ws.root.display()
-        ))
-    })?);
-    let ws_in_repo = ws.root.strip_prefix(&repo).map(Path::to_owned).unwrap_or_default();
+    let repo = PathBuf::from(
+        git(&ws.root, &["rev-parse", "--show-toplevel"]).map_err(|_| {
+            SourceError::Usage(format!(
+                "{} is not in a git repository: --base names a git revision of the deployed build",
+                ws.root.display()
+            ))
+        })?,
+    );
+    let ws_in_repo = ws
+        .root
+        .strip_prefix(&repo)
+        .map(Path::to_owned)
+        .unwrap_or_default();
     let base_commit = commit_of(&repo, &opts.base)?;
     let head_commit = match &opts.head {
         Some(h) => Some(commit_of(&repo, h)?),
@@ -717,7 +763,10 @@ pub fn build(opts: &SourceOptions, progress: &mut dyn FnMut(&str)) -> Result<Sou
     };
     if let Some(b) = &opts.binary {
         if !b.is_file() {
-            return Err(SourceError::Io(format!("{}: no such file (--binary)", b.display())));
+            return Err(SourceError::Io(format!(
+                "{}: no such file (--binary)",
+                b.display()
+            )));
         }
     }
 
@@ -725,25 +774,64 @@ pub fn build(opts: &SourceOptions, progress: &mut dyn FnMut(&str)) -> Result<Sou
     let mut files: BTreeSet<String> = BTreeSet::new();
     let rel = ws_in_repo.to_string_lossy().into_owned();
     let diff = match &head_commit {
-        Some(h) => git(&repo, &["diff", "--name-only", &base_commit, h, "--", if rel.is_empty() { "." } else { &rel }])?,
+        Some(h) => git(
+            &repo,
+            &[
+                "diff",
+                "--name-only",
+                &base_commit,
+                h,
+                "--",
+                if rel.is_empty() { "." } else { &rel },
+            ],
+        )?,
         None => {
-            let mut d = git(&repo, &["diff", "--name-only", &base_commit, "--", if rel.is_empty() { "." } else { &rel }])?;
+            let mut d = git(
+                &repo,
+                &[
+                    "diff",
+                    "--name-only",
+                    &base_commit,
+                    "--",
+                    if rel.is_empty() { "." } else { &rel },
+                ],
+            )?;
             d.push('\n');
-            d.push_str(&git(&repo, &["ls-files", "--others", "--exclude-standard", "--", if rel.is_empty() { "." } else { &rel }])?);
+            d.push_str(&git(
+                &repo,
+                &[
+                    "ls-files",
+                    "--others",
+                    "--exclude-standard",
+                    "--",
+                    if rel.is_empty() { "." } else { &rel },
+                ],
+            )?);
             d
         }
     };
-    let target_rel = ws.target_dir.strip_prefix(&ws.root).ok().map(Path::to_owned);
+    let target_rel = ws
+        .target_dir
+        .strip_prefix(&ws.root)
+        .ok()
+        .map(Path::to_owned);
     for line in diff.lines().filter(|l| !l.trim().is_empty()) {
         let p = Path::new(line.trim());
         let p = p.strip_prefix(&ws_in_repo).unwrap_or(p);
-        if target_rel.as_ref().is_some_and(|t| !t.as_os_str().is_empty() && p.starts_with(t)) {
+        if target_rel
+            .as_ref()
+            .is_some_and(|t| !t.as_os_str().is_empty() && p.starts_with(t))
+        {
             continue;
         }
         files.insert(p.to_string_lossy().into_owned());
     }
     let head_name = match &opts.head {
-        Some(h) => format!("{h} ({})", &head_commit.as_deref().unwrap_or("")[..12.min(head_commit.as_ref().map_or(0, String::len))]),
+        Some(h) => format!(
+            "{h} ({})",
+            &head_commit.as_deref().unwrap_or("")
+                [..12.min(head_commit.as_ref().map_or(0, String::len))]
+        ),
         None => "the working tree".to_owned(),
     };
     let base_name = format!("{} ({})", opts.base, &base_commit[..12]);
@@ -774,8 +862,13 @@ pub fn build(opts: &SourceOptions, progress: &mut dyn FnMut(&str)) -> Result<Sou
         ws.root.hash(&mut h);
         format!("{:08x}", h.finish() as u32)
     };
-    let base_dir = hot.join("checkouts").join(format!("base-{}-{root_tag}", &base_commit[..12]));
-    progress(&format!("checking out the base {base_name} into {}", base_dir.display()));
+    let base_dir = hot
+        .join("checkouts")
+        .join(format!("base-{}-{root_tag}", &base_commit[..12]));
+    progress(&format!(
+        "checking out the base {base_name} into {}",
+        base_dir.display()
+    ));
     checkout(&repo, &base_commit, &base_dir)?;
     let inside = |d: &Path| {
         if ws_in_repo.as_os_str().is_empty() {
@@ -787,8 +880,13 @@ pub fn build(opts: &SourceOptions, progress: &mut dyn FnMut(&str)) -> Result<Sou
     let base_ws = inside(&base_dir);
     let head_ws = match &head_commit {
         Some(h) => {
-            let d = hot.join("checkouts").join(format!("head-{}-{root_tag}", &h[..12]));
-            progress(&format!("checking out the head {head_name} into {}", d.display()));
+            let d = hot
+                .join("checkouts")
+                .join(format!("head-{}-{root_tag}", &h[..12]));
+            progress(&format!(
+                "checking out the head {head_name} into {}",
+                d.display()
+            ));
             checkout(&repo, h, &d)?;
             inside(&d)
         }
@@ -800,7 +898,9 @@ pub fn build(opts: &SourceOptions, progress: &mut dyn FnMut(&str)) -> Result<Sou
     let parse = |root: &Path, what: &str| {
         crate::syntax::parse_crate(&crate_dir(root), &root.join(&ws.lib_src))
             .map(|c| c.with_crate_name(&ws.lib_name))
-            .map_err(|e| SourceError::Refused(vec![format!("the {what}'s source does not parse: {e}")]))
+            .map_err(|e| {
+                SourceError::Refused(vec![format!("the {what}'s source does not parse: {e}")])
+            })
     };
     let base_src = parse(&base_ws, "base")?;
     let head_src = parse(&head_ws, "head")?;
@@ -823,7 +923,10 @@ pub fn build(opts: &SourceOptions, progress: &mut dyn FnMut(&str)) -> Result<Sou
 
     // A revision without a committed Cargo.lock builds with the
     // workspace's (the deployed build's lock is checked by --binary).
-    for dir in [Some(&base_ws), head_commit.as_ref().map(|_| &head_ws)].into_iter().flatten() {
+    for dir in [Some(&base_ws), head_commit.as_ref().map(|_| &head_ws)]
+        .into_iter()
+        .flatten()
+    {
         let lock = dir.join("Cargo.lock");
         let ours = ws.root.join("Cargo.lock");
         if !lock.exists() && ours.exists() {
@@ -846,10 +949,16 @@ pub fn build(opts: &SourceOptions, progress: &mut dyn FnMut(&str)) -> Result<Sou
     let host_path = opts.binary.clone().unwrap_or_else(|| base_bin.clone());
     if let Some(deployed) = &opts.binary {
         let data = std::fs::read(deployed).map_err(io(deployed.display()))?;
-        let ours = code_identity(&base_bin_data).map_err(|e| SourceError::Io(format!("{}: {e}", base_bin.display())))?;
-        let theirs = code_identity(&data).map_err(|e| SourceError::Io(format!("{}: {e}", deployed.display())))?;
+        let ours = code_identity(&base_bin_data)
+            .map_err(|e| SourceError::Io(format!("{}: {e}", base_bin.display())))?;
+        let theirs = code_identity(&data)
+            .map_err(|e| SourceError::Io(format!("{}: {e}", deployed.display())))?;
         if ours != theirs {
-            let id = |p: &Path| crate::build_id(p).map(|b| crate::hex(&b)).unwrap_or_else(|_| "none".into());
+            let id = |p: &Path| {
+                crate::build_id(p)
+                    .map(|b| crate::hex(&b))
+                    .unwrap_or_else(|_| "none".into())
+            };
             return Err(SourceError::Refused(vec![format!(
                 "{} (build-id {}) is not what {base_name} builds here (build-id {}): another toolchain, Cargo.lock, profile, features or flags made it; build the patch where and as the deployed binary was built, or name the revision it was built from",
                 deployed.display(),
@@ -866,15 +975,27 @@ pub fn build(opts: &SourceOptions, progress: &mut dyn FnMut(&str)) -> Result<Sou
     let head_rlib = std::fs::read(&head.rlib).map_err(io(head.rlib.display()))?;
     let base_members = members(&base.rlib, &base_rlib)?;
     let head_members = members(&head.rlib, &head_rlib)?;
-    let base_refs: Vec<(String, &[u8])> = base_members.iter().map(|(n, d)| (n.clone(), d.as_slice())).collect();
-    let head_refs: Vec<(String, &[u8])> = head_members.iter().map(|(n, d)| (n.clone(), d.as_slice())).collect();
-    let b = Build::read(&base_refs).map_err(|e| SourceError::Io(format!("{}: {e}", base.rlib.display())))?;
-    let h = Build::read(&head_refs).map_err(|e| SourceError::Io(format!("{}: {e}", head.rlib.display())))?;
+    let base_refs: Vec<(String, &[u8])> = base_members
+        .iter()
+        .map(|(n, d)| (n.clone(), d.as_slice()))
+        .collect();
+    let head_refs: Vec<(String, &[u8])> = head_members
+        .iter()
+        .map(|(n, d)| (n.clone(), d.as_slice()))
+        .collect();
+    let b = Build::read(&base_refs)
+        .map_err(|e| SourceError::Io(format!("{}: {e}", base.rlib.display())))?;
+    let h = Build::read(&head_refs)
+        .map_err(|e| SourceError::Io(format!("{}: {e}", head.rlib.display())))?;
 
-    let head_entries: HashMap<String, EntryInfo> =
-        entries(&h).into_iter().map(|e| (e.original.clone(), e)).collect();
-    let base_entries: HashMap<String, EntryInfo> =
-        entries(&b).into_iter().map(|e| (e.entry.clone(), e)).collect();
+    let head_entries: HashMap<String, EntryInfo> = entries(&h)
+        .into_iter()
+        .map(|e| (e.original.clone(), e))
+        .collect();
+    let base_entries: HashMap<String, EntryInfo> = entries(&b)
+        .into_iter()
+        .map(|e| (e.entry.clone(), e))
+        .collect();
 
     let describe = |n: &str| user_path(&demangle(n));
     let mut changed: BTreeSet<String> = BTreeSet::new();
@@ -890,12 +1011,17 @@ pub fn build(opts: &SourceOptions, progress: &mut dyn FnMut(&str)) -> Result<Sou
         if h.is_code(hu) {
             continue;
         }
-        let Some(&bu) = b.by_name.get(name) else { continue };
+        let Some(&bu) = b.by_name.get(name) else {
+            continue;
+        };
         if b.hash(bu) == h.hash(hu) {
             continue;
         }
         if name.contains("__HOTPATCH_ENTRY_") {
-            let path = base_entries.get(name).map(|e| e.path.clone()).unwrap_or_else(|| describe(name));
+            let path = base_entries
+                .get(name)
+                .map(|e| e.path.clone())
+                .unwrap_or_else(|| describe(name));
             refusals.push(format!(
                 "the signature of #[patchable] {path} changed: the running callers pass the old arguments; keep the signature (add a new function for the new one) or ship it in a release"
             ));
@@ -910,7 +1036,10 @@ pub fn build(opts: &SourceOptions, progress: &mut dyn FnMut(&str)) -> Result<Sou
     }
     for (name, &bu) in &b.by_name {
         if !b.is_code(bu) && name.contains("__HOTPATCH_ENTRY_") && !h.by_name.contains_key(name) {
-            let path = base_entries.get(name).map(|e| e.path.clone()).unwrap_or_else(|| describe(name));
+            let path = base_entries
+                .get(name)
+                .map(|e| e.path.clone())
+                .unwrap_or_else(|| describe(name));
             refusals.push(format!(
                 "#[patchable] {path} was removed or is no longer patchable: the running code calls it; keep it for the patch"
             ));
@@ -966,16 +1095,20 @@ pub fn build(opts: &SourceOptions, progress: &mut dyn FnMut(&str)) -> Result<Sou
             ));
         }
         for c in referrers.get(&name).cloned().unwrap_or_default() {
-            if replaced_names.contains(&c) || forced.contains(&c) || included.contains(&c) || generated(&c) {
+            if replaced_names.contains(&c)
+                || forced.contains(&c)
+                || included.contains(&c)
+                || generated(&c)
+            {
                 continue;
             }
             if head_entries.contains_key(&c) {
                 forced.insert(c);
             } else if b.by_name.get(&c).is_some_and(|u| !b.is_code(*u)) {
-                blocked.entry(name.clone()).or_default().insert(format!(
-                    "a function pointer or vtable ({})",
-                    describe(&c)
-                ));
+                blocked
+                    .entry(name.clone())
+                    .or_default()
+                    .insert(format!("a function pointer or vtable ({})", describe(&c)));
             } else {
                 included.insert(c.clone());
                 pulled_by.insert(c.clone(), name.clone());
@@ -1056,7 +1189,10 @@ pub fn build(opts: &SourceOptions, progress: &mut dyn FnMut(&str)) -> Result<Sou
         let u = h.by_name[name];
         roots.insert(u);
         let (Some(getter), Some(layouts)) = (&e.getter, e.layouts) else {
-            return Err(SourceError::Io(format!("the head's registry entry of {} is incomplete", e.path)));
+            return Err(SourceError::Io(format!(
+                "the head's registry entry of {} is incomplete",
+                e.path
+            )));
         };
         records.push(Record {
             replacement: u,
@@ -1069,27 +1205,30 @@ pub fn build(opts: &SourceOptions, progress: &mut dyn FnMut(&str)) -> Result<Sou
     for name in &included {
         roots.insert(h.by_name[name]);
     }
-    let extracted = extract::extract(&h, &host, &roots, &records, &describe).map_err(SourceError::Refused)?;
+    let extracted =
+        extract::extract(&h, &host, &roots, &records, &describe).map_err(SourceError::Refused)?;
 
     // The manifest, from the head's own hotpatch crate.
     let hotpatch_rlib = head.hotpatch_rlib.clone().ok_or_else(|| {
-        SourceError::Tool(format!("the head build of {} did not build the hotpatch crate", ws.package))
+        SourceError::Tool(format!(
+            "the head build of {} did not build the hotpatch crate",
+            ws.package
+        ))
     })?;
     let out = match &opts.output {
         Some(o) => o.clone(),
-        None => ws.target_dir.join("hotpatch").join(format!("{}-source-patch.so", ws.lib_name)),
+        None => ws
+            .target_dir
+            .join("hotpatch")
+            .join(format!("{}-source-patch.so", ws.lib_name)),
     };
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(io(dir.display()))?;
     }
     let shell = manifest_object(&hot, &hotpatch_rlib, &ws, &opts.base, &head_name, &replaced)?;
-    let report = crate::link::link_objects(
-        vec![extracted.object, shell],
-        &head.rlib,
-        &host_path,
-        &out,
-    )
-    .map_err(SourceError::Link)?;
+    let report =
+        crate::link::link_objects(vec![extracted.object, shell], &head.rlib, &host_path, &out)
+            .map_err(SourceError::Link)?;
 
     if extracted.private_refs > 0 {
         notes.push(format!(
@@ -1108,7 +1247,9 @@ pub fn build(opts: &SourceOptions, progress: &mut dyn FnMut(&str)) -> Result<Sou
         .collect();
     replaced_items.sort_by(|a, b| a.path.cmp(&b.path));
     let own = |path: &str| {
-        let p = path.trim_start_matches(['<', '&', '*']).trim_start_matches("mut ");
+        let p = path
+            .trim_start_matches(['<', '&', '*'])
+            .trim_start_matches("mut ");
         p.starts_with(&format!("{}::", ws.lib_name))
     };
     let mut foreign: BTreeSet<String> = BTreeSet::new();
@@ -1146,13 +1287,22 @@ pub fn build(opts: &SourceOptions, progress: &mut dyn FnMut(&str)) -> Result<Sou
     })
 }
 
-fn pick_bin(ws: &Workspace, opts: &SourceOptions, bins: &[PathBuf]) -> Result<PathBuf, SourceError> {
-    let wanted = opts
-        .bin
-        .clone()
-        .or_else(|| opts.binary.as_ref().and_then(|b| b.file_name()).map(|n| n.to_string_lossy().into_owned()));
+fn pick_bin(
+    ws: &Workspace,
+    opts: &SourceOptions,
+    bins: &[PathBuf],
+) -> Result<PathBuf, SourceError> {
+    let wanted = opts.bin.clone().or_else(|| {
+        opts.binary
+            .as_ref()
+            .and_then(|b| b.file_name())
+            .map(|n| n.to_string_lossy().into_owned())
+    });
     if let Some(w) = &wanted {
-        if let Some(b) = bins.iter().find(|b| b.file_name().is_some_and(|n| n == w.as_str())) {
+        if let Some(b) = bins
+            .iter()
+            .find(|b| b.file_name().is_some_and(|n| n == w.as_str()))
+        {
             return Ok(b.clone());
         }
     }
@@ -1165,7 +1315,11 @@ fn pick_bin(ws: &Workspace, opts: &SourceOptions, bins: &[PathBuf]) -> Result<Pa
         _ => Err(SourceError::Usage(format!(
             "package {} has several binaries ({}): name the deployed one with --bin",
             ws.package,
-            bins.iter().filter_map(|b| b.file_name()).map(|n| n.to_string_lossy().into_owned()).collect::<Vec<_>>().join(", ")
+            bins.iter()
+                .filter_map(|b| b.file_name())
+                .map(|n| n.to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+                .join(", ")
         ))),
     }
 }
@@ -1183,7 +1337,11 @@ fn manifest_object(
     let dir = hot.join("manifest");
     std::fs::create_dir_all(&dir).map_err(io(dir.display()))?;
     let names: Vec<&str> = replaced.iter().map(|(_, e)| e.path.as_str()).collect();
-    let description = format!("{} from source: {base} -> {head}: {}", ws.package, names.join(", "));
+    let description = format!(
+        "{} from source: {base} -> {head}: {}",
+        ws.package,
+        names.join(", ")
+    );
     let src = format!(
         "hotpatch::manifest!(name = {:?}, version = {:?}, description = {:?});\n",
         format!("{}-source-patch", ws.package),
@@ -1201,7 +1359,19 @@ fn manifest_object(
     dep_arg.push(deps);
     let out = Command::new(rustc)
         .current_dir(&ws.root)
-        .args(["--edition", "2021", "--crate-type", "rlib", "--crate-name", "hotpatch_source_manifest", "--emit=obj", "-C", "codegen-units=1", "-C", "metadata=hotpatch-source-manifest"])
+        .args([
+            "--edition",
+            "2021",
+            "--crate-type",
+            "rlib",
+            "--crate-name",
+            "hotpatch_source_manifest",
+            "--emit=obj",
+            "-C",
+            "codegen-units=1",
+            "-C",
+            "metadata=hotpatch-source-manifest",
+        ])
         .arg("--extern")
         .arg(extern_arg)
         .arg("-L")

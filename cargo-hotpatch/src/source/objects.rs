@@ -204,8 +204,7 @@ impl<'d> Build<'d> {
     /// The unit's bytes (zeros for `.bss`).
     pub fn bytes(&self, id: UnitId) -> Vec<u8> {
         let s = self.section(id);
-        if s.kind() == SectionKind::UninitializedData || s.kind() == SectionKind::UninitializedTls
-        {
+        if s.kind() == SectionKind::UninitializedData || s.kind() == SectionKind::UninitializedTls {
             return vec![0; s.size() as usize];
         }
         s.data().map(<[u8]>::to_vec).unwrap_or_default()
@@ -308,7 +307,8 @@ impl<'d> Build<'d> {
         };
         let data = self.bytes(*u);
         let start = (*off as i64 + r.addend) as usize;
-        data.get(start..start + len).is_some_and(|f| f.ends_with(b".rs"))
+        data.get(start..start + len)
+            .is_some_and(|f| f.ends_with(b".rs"))
     }
 
     /// The NUL-terminated string a relocation points at, if its target is
@@ -327,12 +327,19 @@ impl<'d> Build<'d> {
         }
         let pc_relative = matches!(
             r.r_type,
-            elf::R_X86_64_PC32 | elf::R_X86_64_PLT32 | elf::R_X86_64_GOTPCREL | elf::R_X86_64_GOTPCRELX | elf::R_X86_64_REX_GOTPCRELX
+            elf::R_X86_64_PC32
+                | elf::R_X86_64_PLT32
+                | elf::R_X86_64_GOTPCREL
+                | elf::R_X86_64_GOTPCRELX
+                | elf::R_X86_64_REX_GOTPCRELX
         );
         let at = *off as i64 + r.addend + if pc_relative { 4 } else { 0 };
         let data = s.data().ok()?;
         let start = usize::try_from(at).ok().filter(|a| *a <= data.len())?;
-        let end = data[start..].iter().position(|b| *b == 0).map_or(data.len(), |p| start + p);
+        let end = data[start..]
+            .iter()
+            .position(|b| *b == 0)
+            .map_or(data.len(), |p| start + p);
         Some(data[start..end].to_vec())
     }
 
@@ -378,7 +385,9 @@ fn is_unit(section: &object::Section<'_, '_>) -> bool {
             | SectionKind::Tls
             | SectionKind::UninitializedTls
             | SectionKind::ReadOnlyDataWithRel
-    ) || section.name().is_ok_and(|n| n.starts_with(".gcc_except_table") || n.starts_with("linkme"))
+    ) || section
+        .name()
+        .is_ok_and(|n| n.starts_with(".gcc_except_table") || n.starts_with("linkme"))
 }
 
 /// How many bytes a relocation of this type writes.
