@@ -292,12 +292,11 @@ impl Writer<'_, '_> {
         }
         let section = if slot_table {
             *self.refs_section.get_or_insert_with(|| {
-                let id = self.obj.add_section(
+                self.obj.add_section(
                     Vec::new(),
                     REFS_SECTION.as_bytes().to_vec(),
                     SectionKind::Data,
-                );
-                id
+                )
             })
         } else {
             *self.cell_section.get_or_insert_with(|| {
@@ -598,24 +597,22 @@ impl Writer<'_, '_> {
                 .copy_from_slice(&bytes);
         }
         // The unwind information of a copied function, and what it uses.
-        if code {
-            if let Some(&(oi, at)) = self.fdes.get(&u) {
-                // The FDE's targets (the function, its LSDA) and its CIE's
-                // (the personality's `DW.ref` cell) are copied.
-                let data = self.head.objects[oi]
-                    .section_by_name(".eh_frame")
-                    .and_then(|s| s.data().ok())
-                    .unwrap_or_default();
-                let id = u32::from_le_bytes(data[at + 4..at + 8].try_into().unwrap()) as usize;
-                let cie_at = at + 4 - id;
-                let mut targets = self.eh_relocs(oi, at);
-                targets.extend(self.eh_relocs(oi, cie_at));
-                for (_, target) in targets {
-                    if let Target::Unit(t, _) = target {
-                        let named = self.head.name_of.get(&t);
-                        if t == u || named.is_none_or(|n| n.starts_with("DW.ref.")) {
-                            self.copy(t);
-                        }
+        if code && let Some(&(oi, at)) = self.fdes.get(&u) {
+            // The FDE's targets (the function, its LSDA) and its CIE's
+            // (the personality's `DW.ref` cell) are copied.
+            let data = self.head.objects[oi]
+                .section_by_name(".eh_frame")
+                .and_then(|s| s.data().ok())
+                .unwrap_or_default();
+            let id = u32::from_le_bytes(data[at + 4..at + 8].try_into().unwrap()) as usize;
+            let cie_at = at + 4 - id;
+            let mut targets = self.eh_relocs(oi, at);
+            targets.extend(self.eh_relocs(oi, cie_at));
+            for (_, target) in targets {
+                if let Target::Unit(t, _) = target {
+                    let named = self.head.name_of.get(&t);
+                    if t == u || named.is_none_or(|n| n.starts_with("DW.ref.")) {
+                        self.copy(t);
                     }
                 }
             }
@@ -638,14 +635,12 @@ impl Writer<'_, '_> {
                     break;
                 }
                 let id = u32::from_le_bytes(data[pos + 4..pos + 8].try_into().unwrap());
-                if id != 0 {
-                    if let Some(RelocationTarget::Symbol(si)) = relocs.get(&(pos as u64 + 8)) {
-                        if let Ok(sym) = file.symbol_by_index(*si) {
-                            if let Some(s) = sym.section_index() {
-                                self.fdes.insert((oi, s), (oi, pos));
-                            }
-                        }
-                    }
+                if id != 0
+                    && let Some(RelocationTarget::Symbol(si)) = relocs.get(&(pos as u64 + 8))
+                    && let Ok(sym) = file.symbol_by_index(*si)
+                    && let Some(s) = sym.section_index()
+                {
+                    self.fdes.insert((oi, s), (oi, pos));
                 }
                 pos += 4 + len;
             }

@@ -538,8 +538,7 @@ fn demangle(name: &str) -> String {
 /// The path a user knows a function by: the `#[patchable]` body's by its
 /// function's, a closure by its function's.
 fn user_path(demangled: &str) -> String {
-    let s = demangled.replace("__hotpatch_original_", "");
-    s
+    demangled.replace("__hotpatch_original_", "")
 }
 
 /// An entry of the registry in one build.
@@ -624,10 +623,10 @@ fn host_symbols(path: &Path, data: &[u8]) -> Result<Host, SourceError> {
         .map_err(|e| SourceError::Io(format!("{}: not an ELF binary: {e}", path.display())))?;
     let mut exported = HashSet::new();
     for s in file.dynamic_symbols() {
-        if !s.is_undefined() {
-            if let Ok(n) = s.name() {
-                exported.insert(n.to_owned());
-            }
+        if !s.is_undefined()
+            && let Ok(n) = s.name()
+        {
+            exported.insert(n.to_owned());
         }
     }
     let mut address = HashMap::new();
@@ -761,13 +760,13 @@ pub fn build(
         Some(h) => Some(commit_of(&repo, h)?),
         None => None,
     };
-    if let Some(b) = &opts.binary {
-        if !b.is_file() {
-            return Err(SourceError::Io(format!(
-                "{}: no such file (--binary)",
-                b.display()
-            )));
-        }
+    if let Some(b) = &opts.binary
+        && !b.is_file()
+    {
+        return Err(SourceError::Io(format!(
+            "{}: no such file (--binary)",
+            b.display()
+        )));
     }
 
     // What changed, by file.
@@ -1000,10 +999,11 @@ pub fn build(
     let describe = |n: &str| user_path(&demangle(n));
     let mut changed: BTreeSet<String> = BTreeSet::new();
     for (name, &hu) in h.functions() {
-        if let Some(&bu) = b.by_name.get(name) {
-            if b.is_code(bu) && b.hash(bu) != h.hash(hu) {
-                changed.insert(name.clone());
-            }
+        if let Some(&bu) = b.by_name.get(name)
+            && b.is_code(bu)
+            && b.hash(bu) != h.hash(hu)
+        {
+            changed.insert(name.clone());
         }
     }
     // Changed data: statics, and the registry's entries (a signature).
@@ -1298,13 +1298,12 @@ fn pick_bin(
             .and_then(|b| b.file_name())
             .map(|n| n.to_string_lossy().into_owned())
     });
-    if let Some(w) = &wanted {
-        if let Some(b) = bins
+    if let Some(w) = &wanted
+        && let Some(b) = bins
             .iter()
             .find(|b| b.file_name().is_some_and(|n| n == w.as_str()))
-        {
-            return Ok(b.clone());
-        }
+    {
+        return Ok(b.clone());
     }
     match bins {
         [one] => Ok(one.clone()),

@@ -361,10 +361,10 @@ impl<'d> Build<'d> {
                         if to != &from {
                             out.entry(to.clone()).or_default().insert(from.clone());
                         }
-                    } else if seen.insert(*u) {
-                        if let Some(more) = self.relocs.get(u) {
-                            stack.extend(more.iter());
-                        }
+                    } else if seen.insert(*u)
+                        && let Some(more) = self.relocs.get(u)
+                    {
+                        stack.extend(more.iter());
                     }
                 }
             }
