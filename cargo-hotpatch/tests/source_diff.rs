@@ -41,6 +41,7 @@ const V1_CALL: &[(&str, &str)] = &[
     ("gross", "1200"),
     ("receipt", "1000 + tax 200"),
     ("capped", "1000"),
+    ("rated", "18"),
 ];
 
 /// A case: its branch (a commit on v1 with `edits`), and how the answers
@@ -213,6 +214,24 @@ const CASES: &[Case] = &[
                 "        format!(\"{} item(s), {} after {}% off\", self.items.len(), discounted(gross, self.discount_pct), self.discount_pct)\n",
             ),
         ],
+        changes: &[],
+    },
+    // 15. A function that reads a private static by value (a thunk in the
+    //     patch): the patched answer is 9 * 3, from the running process's
+    //     value; a copy of the static would give 7 * 3.
+    Case {
+        branch: "case-private-static",
+        edits: &[lib("unsafe { RATE * 2 }", "unsafe { RATE * 3 }")],
+        changes: &[("rated", "27")],
+    },
+    // 16. A changed Cargo.toml (a new feature): refused before any build.
+    Case {
+        branch: "case-manifest",
+        edits: &[Edit {
+            file: "Cargo.toml",
+            old: "publish = false\n",
+            new: "publish = false\n\n[features]\nfaster = []\n",
+        }],
         changes: &[],
     },
     // 14. Another build of the service: a commit after v1 that changes only
@@ -844,4 +863,82 @@ fn premises_each_branch_builds_and_changes_what_its_case_says() {
     git(&["checkout", "--quiet", "--force", "main"]);
     harness::write_tree(DIRTY.edits);
     check("dirty", &DIRTY);
+}
+
+#[test]
+fn case_15_a_private_static_read_by_value_is_the_running_processs() {
+    patched(
+        "case-private-static",
+        &[("replaced", "svc::rated", "pub fn rated(")],
+    );
+}
+
+#[test]
+fn case_16_a_changed_cargo_toml_is_refused_before_any_build() {
+    let fx = fixture();
+    let so = out_path("case-manifest");
+    let out = tool(&[
+        "build",
+        "--base",
+        "v1",
+        "--head",
+        "case-manifest",
+        "-p",
+        "svc",
+        "--binary",
+        s(&fx.v1_bin),
+        "-o",
+        s(&so),
+    ]);
+    assert_eq!(out.status.code(), Some(3), "exit code: {out:?}");
+    assert!(!so.exists(), "no patch file is written");
+    let refusal = out
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("refused: Cargo.toml changed"))
+        .unwrap_or_else(|| panic!("a refusal naming Cargo.toml: {}", out.stderr));
+    assert!(refusal.contains("dependencies, features"), "{refusal}");
+    assert!(
+        !out.stderr.contains("building the base"),
+        "refused before building: {}",
+        out.stderr
+    );
+}
+
+#[test]
+fn case_17_a_deployed_binary_the_base_does_not_rebuild_is_refused_with_both_build_ids() {
+    let fx = fixture();
+    assert_clean();
+    let other_bin = {
+        let _restore = Restore;
+        git(&["checkout", "--quiet", "--force", "other"]);
+        harness::build_service("svc-other-17")
+    };
+    let other_id = cargo_hotpatch::hex(&cargo_hotpatch::build_id(&other_bin).unwrap());
+    let so = out_path("case-17");
+    let out = tool(&[
+        "build",
+        "--base",
+        "v1",
+        "--head",
+        "case-free-fn",
+        "-p",
+        "svc",
+        "--binary",
+        s(&other_bin),
+        "-o",
+        s(&so),
+    ]);
+    assert_eq!(out.status.code(), Some(3), "exit code: {out:?}");
+    assert!(!so.exists(), "no patch file is written");
+    let refusal = out
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("refused: ") && l.contains("is not what v1"))
+        .unwrap_or_else(|| panic!("an identity refusal: {}", out.stderr));
+    assert!(
+        refusal.contains(&other_id) && refusal.contains(&fx.v1_id),
+        "both build-ids ({other_id}, {}): {refusal}",
+        fx.v1_id
+    );
 }

@@ -42,6 +42,7 @@ pub fn edited(file: &str, edits: &[Edit]) -> String {
     let mut text = match file {
         "src/lib.rs" => V1_LIB.to_owned(),
         "src/main.rs" => V1_MAIN.to_owned(),
+        "Cargo.toml" => v1_manifest(),
         _ => panic!("no fixture file {file}"),
     };
     for e in edits.iter().filter(|e| e.file == file) {
@@ -121,11 +122,17 @@ fn write(path: &Path, text: &str) {
     }
 }
 
+/// The service's Cargo.toml at v1.
+fn v1_manifest() -> String {
+    TEMPLATE_CARGO_TOML.replace("@HOTPATCH@", hotpatch_crate().to_str().unwrap())
+}
+
 /// Writes the working tree of the repository as v1 with `edits` applied.
 pub fn write_tree(edits: &[Edit]) {
     let repo = repo_dir();
     write(&repo.join("src/lib.rs"), &edited("src/lib.rs", edits));
     write(&repo.join("src/main.rs"), &edited("src/main.rs", edits));
+    write(&repo.join("Cargo.toml"), &edited("Cargo.toml", edits));
 }
 
 /// Makes the repository (again): `main` and tag `v1` at the fixture as
@@ -141,8 +148,6 @@ pub fn make_repo(branches: &[(&str, &[Edit])]) {
         git(&["checkout", "--quiet", "--force", "--detach"]);
     }
     git(&["clean", "--quiet", "-fdx"]);
-    let manifest = TEMPLATE_CARGO_TOML.replace("@HOTPATCH@", hotpatch_crate().to_str().unwrap());
-    write(&repo.join("Cargo.toml"), &manifest);
     write(&repo.join("build.rs"), TEMPLATE_BUILD_RS);
     write(&repo.join(".gitignore"), "/target\n");
     write_tree(&[]);
