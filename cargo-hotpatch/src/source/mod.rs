@@ -48,6 +48,12 @@ pub const INNER_WRAPPER_ENV: &str = "__CARGO_HOTPATCH_INNER_WRAPPER";
 pub const ENTRY_LAYOUTS_OFFSET: usize = 40;
 /// See [`ENTRY_LAYOUTS_OFFSET`].
 pub const ENTRY_ORIGINAL_OFFSET: usize = 64;
+/// Offsets in `hotpatch::__private::PatchFn` (`repr(C)`), as the records
+/// of a patch made from source are written: target getter, replacement,
+/// name (`&str`), layouts (`&[TypeLayout]`); and its size.
+pub const PATCH_FN_OFFSETS: [usize; 4] = [0, 8, 16, 32];
+/// See [`PATCH_FN_OFFSETS`].
+pub const PATCH_FN_SIZE: usize = extract::PATCH_FN_SIZE;
 
 /// What to build.
 #[derive(Debug, Clone, Default)]
