@@ -495,10 +495,24 @@ pub fn run_as_rustc_wrapper(args: &[OsString]) -> i32 {
     cmd.args(rest);
     if args.iter().any(|a| a == "--crate-name") {
         let mut flag = OsString::from("--remap-path-prefix=");
-        flag.push(remap);
+        flag.push(&remap);
         cmd.arg(flag);
     }
     cmd.env_remove(REMAP_ENV);
+    // `env!("CARGO_MANIFEST_DIR")` in the service's code puts the
+    // checkout's path into the binary: it is the workspace's in the
+    // deployed build, so it is here too.
+    let remap = remap.to_string_lossy().into_owned();
+    if let Some((from, to)) = remap.split_once('=') {
+        for var in ["CARGO_MANIFEST_DIR", "CARGO_MANIFEST_PATH"] {
+            if let Some(v) = std::env::var_os(var) {
+                let v = v.to_string_lossy().into_owned();
+                if let Some(rest) = v.strip_prefix(from) {
+                    cmd.env(var, format!("{to}{rest}"));
+                }
+            }
+        }
+    }
     match cmd.status() {
         Ok(s) => s.code().unwrap_or(101),
         Err(e) => {
