@@ -1361,10 +1361,17 @@ fn manifest_object(
         ws.package,
         names.join(", ")
     );
+    // The version names the base and the head: `v1.4.2+3f2a1c09e6b1`,
+    // `v1.4.2+working-tree`.
+    let head_tag = head
+        .split_once('(')
+        .and_then(|(_, c)| c.strip_suffix(')'))
+        .map(str::to_owned)
+        .unwrap_or_else(|| "working-tree".to_owned());
     let src = format!(
         "hotpatch::manifest!(name = {:?}, version = {:?}, description = {:?});\n",
         format!("{}-source-patch", ws.package),
-        base,
+        format!("{base}+{head_tag}"),
         description
     );
     let src_path = dir.join("manifest.rs");
