@@ -33,6 +33,30 @@
 //! cargo hotpatch build -p pricing-fix --binary target/release/my-service --release
 //! ```
 //!
+//! # A patch made from the service's own source
+//!
+//! `cargo hotpatch build --base REV` makes the patch from a fix in the
+//! service's source (module [`source`]): it checks out the git revision
+//! the running binary was built from, builds it exactly as deployed (the
+//! same toolchain, `Cargo.lock`, profile, features and paths: the checkout's
+//! paths are remapped to the workspace's) and builds the fix the same way,
+//! each in its own target directory under `target/hotpatch/`. With
+//! `--binary` it proves that the deployed binary is the rebuilt base.
+//! [`syntax`] refuses, before any build, what the source shows a patch
+//! cannot carry (a type's layout, a static, a patchable signature). The
+//! service library's objects are then compared function by function, and
+//! the changed functions written into a thin patch: each `#[patchable]` one
+//! replaced, each other one included when everything that calls it is
+//! replaced or included. The service's private functions and statics are
+//! reached through cells the dynamic loader fills (the base binary's
+//! symbol table gives their addresses; [`riprel`] redirects instructions
+//! that read or write such data in place).
+//!
+//! ```text
+//! cargo hotpatch build --base v1.4.2 -p my-service --release \
+//!     --binary /srv/my-service/bin/my-service -o fix.so
+//! ```
+//!
 //! # Exit codes of `cargo hotpatch`
 //!
 //! | code | meaning |
@@ -42,12 +66,18 @@
 //! | 2 | usage: bad arguments, or no library artifact for the package |
 //! | 3 | refused: LLVM bitcode (LTO), a `#[global_allocator]`, no manifest, a binary without build-id or not ELF, a host without `-rdynamic`, symbols the host does not export |
 //! | 4 | I/O: a file could not be read or written (a missing `--binary` included), or `cc` could not be run or failed |
+//! | 5 | `--base`: no change (the revisions compile to the same code); no file |
+//!
+//! With `--base`, 1 is also a failed `git`, 2 a revision that does not
+//! exist, and 3 a change a patch cannot carry (one `refused:` line per
+//! reason) or a `--binary` the base does not rebuild.
 //!
 //! # Limits
 //!
-//! Linux and ELF only; the linker is `cc`. A private (non-exported)
-//! function of the service cannot be bound by name, so a patch can only
-//! call what the service's binary exports.
+//! Linux and ELF only; the linker is `cc`. A patch crate can only call
+//! what the service's binary exports (a private function of the service
+//! cannot be bound by name); a patch made from source reaches private
+//! functions and statics too, through the binary's symbol table (x86-64).
 //!
 //! # Examples
 //!

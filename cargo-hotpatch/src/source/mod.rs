@@ -757,6 +757,37 @@ fn classify_files(ws: &Workspace, files: &[String]) -> (Vec<String>, Vec<String>
 }
 
 /// Builds the patch. `progress` gets one line per step.
+///
+/// # Errors
+///
+/// [`SourceError`]: a usage error (a revision that does not exist), a
+/// failed cargo or git, the refusals (one line each), no change, I/O, or
+/// the link's errors. Nothing is written on an error but the checkouts
+/// and builds under `target/hotpatch/`.
+///
+/// # Examples
+///
+/// ```no_run
+/// use cargo_hotpatch::source::{SourceError, SourceOptions, build};
+///
+/// let opts = SourceOptions {
+///     package: Some("my-service".into()),
+///     base: "v1.4.2".into(),
+///     binary: Some("/srv/my-service/bin/my-service".into()),
+///     output: Some("fix.so".into()),
+///     release: true,
+///     ..SourceOptions::default()
+/// };
+/// match build(&opts, &mut |step| eprintln!("{step}")) {
+///     Ok(report) => {
+///         for f in &report.replaced {
+///             println!("replaced {}", f.path);
+///         }
+///     }
+///     Err(SourceError::Refused(reasons)) => reasons.iter().for_each(|r| eprintln!("refused: {r}")),
+///     Err(e) => eprintln!("{e}"),
+/// }
+/// ```
 pub fn build(
     opts: &SourceOptions,
     progress: &mut dyn FnMut(&str),
