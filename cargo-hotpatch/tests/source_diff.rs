@@ -42,6 +42,8 @@ const V1_CALL: &[(&str, &str)] = &[
     ("receipt", "1000 + tax 200"),
     ("capped", "1000"),
     ("rated", "18"),
+    ("half", "5"),
+    ("halved", "5"),
 ];
 
 /// A case: its branch (a commit on v1 with `edits`), and how the answers
@@ -233,6 +235,13 @@ const CASES: &[Case] = &[
             new: "publish = false\n\n[features]\nfaster = []\n",
         }],
         changes: &[],
+    },
+    // 18. A public #[inline] helper: the binary's own `call` has a copy of
+    //     it that no patch replaces.
+    Case {
+        branch: "case-inline",
+        edits: &[lib("    x / 2\n", "    x.div_ceil(2)\n")],
+        changes: &[("half", "6"), ("halved", "6")],
     },
     // 14. Another build of the service: a commit after v1 that changes only
     //     the binary's banner (so its build-id, and none of its library).
@@ -940,5 +949,16 @@ fn case_17_a_deployed_binary_the_base_does_not_rebuild_is_refused_with_both_buil
         refusal.contains(&other_id) && refusal.contains(&fx.v1_id),
         "both build-ids ({other_id}, {}): {refusal}",
         fx.v1_id
+    );
+}
+
+#[test]
+fn case_18_a_changed_public_inline_function_is_refused() {
+    refused(
+        "case-inline",
+        "svc::half",
+        "pub fn half(",
+        &["#[inline]"],
+        &[],
     );
 }

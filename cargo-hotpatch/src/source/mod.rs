@@ -450,6 +450,32 @@ fn cargo_build(
     })
 }
 
+/// Whether a path dependency of a workspace package leads out of the
+/// repository (read from the manifests' `path = "..."` values).
+fn paths_leave(repo: &Path, ws: &Workspace) -> bool {
+    let repo = repo.canonicalize().unwrap_or_else(|_| repo.to_owned());
+    for (dir, _) in &ws.members {
+        let dir = ws.root.join(dir);
+        let Ok(text) = std::fs::read_to_string(dir.join("Cargo.toml")) else {
+            continue;
+        };
+        for line in text.lines() {
+            let Some(at) = line.find("path") else { continue };
+            let rest = line[at + 4..].trim_start();
+            let Some(rest) = rest.strip_prefix('=') else { continue };
+            let rest = rest.trim_start();
+            let Some(rest) = rest.strip_prefix('"') else { continue };
+            let Some(end) = rest.find('"') else { continue };
+            let target = dir.join(&rest[..end]);
+            let target = target.canonicalize().unwrap_or(target);
+            if !target.starts_with(&repo) {
+                return true;
+            }
+        }
+    }
+    false
+}
+
 /// One target directory serves every checkout of a side (dependencies are
 /// compiled once), but the workspace's own crates have the same names in
 /// every checkout, so cargo would take the last checkout's build for this
@@ -685,7 +711,11 @@ fn host_symbols(path: &Path, data: &[u8]) -> Result<Host, SourceError> {
 }
 
 /// Files of the change, classified: the refusals they cause, and notes.
-fn classify_files(ws: &Workspace, files: &[String]) -> (Vec<String>, Vec<String>, bool) {
+fn classify_files(
+    ws: &Workspace,
+    files: &[String],
+    in_base: &dyn Fn(&str) -> bool,
+) -> (Vec<String>, Vec<String>, bool) {
     let mut refusals = Vec::new();
     let mut notes = Vec::new();
     let mut ignored: Vec<&str> = Vec::new();
@@ -694,6 +724,12 @@ fn classify_files(ws: &Workspace, files: &[String]) -> (Vec<String>, Vec<String>
     for f in files {
         let p = Path::new(f);
         let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if name == "Cargo.lock" && !in_base(f) {
+            // Not committed: the base builds with this one too (see the
+            // checkout), and --binary proves it is the deployed build's.
+            // (The checkout's note says it.)
+            continue;
+        }
         if name == "Cargo.toml" || name == "Cargo.lock" {
             refusals.push(format!(
                 "{f} changed: dependencies, features and versions are part of the running build; a patch changes code only, so revert {f} for the patch (ship the change in a release)"
@@ -886,7 +922,17 @@ pub fn build(
     };
     let base_name = format!("{} ({})", opts.base, &base_commit[..12]);
     let files: Vec<String> = files.into_iter().collect();
-    let (mut refusals, mut notes, code) = classify_files(&ws, &files);
+    let in_base = |f: &str| {
+        let spec = format!("{base_commit}:{}", ws_in_repo.join(f).display());
+        Command::new("git")
+            .arg("-C")
+            .arg(&repo)
+            .args(["cat-file", "-e", &spec])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let (mut refusals, mut notes, code) = classify_files(&ws, &files, &in_base);
     if files.is_empty() {
         return Err(SourceError::NoChange(format!(
             "{head_name} is the same as the base {base_name}: nothing to patch"
@@ -912,9 +958,34 @@ pub fn build(
         ws.root.hash(&mut h);
         format!("{:08x}", h.finish() as u32)
     };
-    let base_dir = hot
-        .join("checkouts")
-        .join(format!("base-{}-{root_tag}", &base_commit[..12]));
+    // A checkout lives in the target directory, unless a path dependency
+    // leads out of the repository (`path = "../hp/hotpatch"`): then it is
+    // a sibling of the repository, where the same relative paths lead to
+    // the same crates.
+    let checkouts = if paths_leave(&repo, &ws) {
+        // Each checkout is a sibling itself: one level deeper, `../x`
+        // would not lead where it leads from the repository.
+        repo.parent().map(Path::to_owned).unwrap_or_else(|| repo.clone())
+    } else {
+        hot.join("checkouts")
+    };
+    let sibling = checkouts != hot.join("checkouts");
+    let checkout_dir = |side: &str, commit: &str| {
+        if sibling {
+            let name = repo.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            checkouts.join(format!(".{name}.hotpatch-{side}-{}-{root_tag}", &commit[..12]))
+        } else {
+            checkouts.join(format!("{side}-{}-{root_tag}", &commit[..12]))
+        }
+    };
+    if sibling {
+        notes.push(format!(
+            "a path dependency leads out of the repository: the checkouts are beside it in {} (.{}.hotpatch-*), where its relative paths lead to the same crates",
+            checkouts.display(),
+            repo.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+        ));
+    }
+    let base_dir = checkout_dir("base", &base_commit);
     progress(&format!(
         "checking out the base {base_name} into {}",
         base_dir.display()
@@ -930,9 +1001,7 @@ pub fn build(
     let base_ws = inside(&base_dir);
     let head_ws = match &head_commit {
         Some(h) => {
-            let d = hot
-                .join("checkouts")
-                .join(format!("head-{}-{root_tag}", &h[..12]));
+            let d = checkout_dir("head", h);
             progress(&format!(
                 "checking out the head {head_name} into {}",
                 d.display()
@@ -1133,17 +1202,50 @@ pub fn build(
         d.contains("{{closure}}") || d.contains("__hotpatch_original_")
     };
     let generated = |c: &str| c.contains("__hotpatch_dispatch_") || c.contains("__HOTPATCH_ENTRY_");
+    // A `pub` function that is generic or `#[inline]` has copies in the
+    // crates that use it (the binary's among them), which a release build
+    // compiles without an exported symbol to see: the source says so.
+    let copied_elsewhere = |name: &str| -> bool {
+        let Some(at) = head_src.locate(&demangle(name)) else {
+            return false;
+        };
+        let file = head_ws.join(&ws.package_dir).join(&at.file);
+        let Ok(text) = std::fs::read_to_string(&file) else {
+            return false;
+        };
+        let lines: Vec<&str> = text.lines().collect();
+        let Some(sig) = lines.get(at.line.saturating_sub(1)) else {
+            return false;
+        };
+        let sig = sig.trim_start();
+        let public = sig.starts_with("pub ") || sig.starts_with("pub fn");
+        let fn_name = demangle(name).rsplit("::").next().unwrap_or("").to_owned();
+        let generic = sig.contains(&format!("fn {fn_name}<"));
+        let inline = lines[at.line.saturating_sub(4)..at.line.saturating_sub(1)]
+            .iter()
+            .any(|l| l.trim_start().starts_with("#[inline"));
+        public && (generic || inline)
+    };
     let mut included: BTreeSet<String> = others.clone();
     let mut forced: BTreeSet<String> = BTreeSet::new();
     let mut blocked: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let mut pulled_by: HashMap<String, String> = HashMap::new();
     let mut queue: Vec<String> = others.iter().cloned().collect();
     while let Some(name) = queue.pop() {
-        if !local_only(&name) && exported_from_crate(&name) {
-            blocked.entry(name.clone()).or_default().insert(format!(
-                "{} is public: the binary crate or other crates may call or inline it",
-                describe(&name)
-            ));
+        if !local_only(&name) {
+            let why = if copied_elsewhere(&name) {
+                Some("is public and generic or #[inline]: the crates that use it (the binary's too) compile their own copies")
+            } else if exported_from_crate(&name) {
+                Some("is public: the binary crate or other crates may call or inline it")
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                blocked
+                    .entry(name.clone())
+                    .or_default()
+                    .insert(format!("{} {why}", describe(&name)));
+            }
         }
         for c in referrers.get(&name).cloned().unwrap_or_default() {
             if replaced_names.contains(&c)
