@@ -460,11 +460,17 @@ fn paths_leave(repo: &Path, ws: &Workspace) -> bool {
             continue;
         };
         for line in text.lines() {
-            let Some(at) = line.find("path") else { continue };
+            let Some(at) = line.find("path") else {
+                continue;
+            };
             let rest = line[at + 4..].trim_start();
-            let Some(rest) = rest.strip_prefix('=') else { continue };
+            let Some(rest) = rest.strip_prefix('=') else {
+                continue;
+            };
             let rest = rest.trim_start();
-            let Some(rest) = rest.strip_prefix('"') else { continue };
+            let Some(rest) = rest.strip_prefix('"') else {
+                continue;
+            };
             let Some(end) = rest.find('"') else { continue };
             let target = dir.join(&rest[..end]);
             let target = target.canonicalize().unwrap_or(target);
@@ -965,15 +971,23 @@ pub fn build(
     let checkouts = if paths_leave(&repo, &ws) {
         // Each checkout is a sibling itself: one level deeper, `../x`
         // would not lead where it leads from the repository.
-        repo.parent().map(Path::to_owned).unwrap_or_else(|| repo.clone())
+        repo.parent()
+            .map(Path::to_owned)
+            .unwrap_or_else(|| repo.clone())
     } else {
         hot.join("checkouts")
     };
     let sibling = checkouts != hot.join("checkouts");
     let checkout_dir = |side: &str, commit: &str| {
         if sibling {
-            let name = repo.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            checkouts.join(format!(".{name}.hotpatch-{side}-{}-{root_tag}", &commit[..12]))
+            let name = repo
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            checkouts.join(format!(
+                ".{name}.hotpatch-{side}-{}-{root_tag}",
+                &commit[..12]
+            ))
         } else {
             checkouts.join(format!("{side}-{}-{root_tag}", &commit[..12]))
         }
@@ -1234,7 +1248,9 @@ pub fn build(
     while let Some(name) = queue.pop() {
         if !local_only(&name) {
             let why = if copied_elsewhere(&name) {
-                Some("is public and generic or #[inline]: the crates that use it (the binary's too) compile their own copies")
+                Some(
+                    "is public and generic or #[inline]: the crates that use it (the binary's too) compile their own copies",
+                )
             } else if exported_from_crate(&name) {
                 Some("is public: the binary crate or other crates may call or inline it")
             } else {
