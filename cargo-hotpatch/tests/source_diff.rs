@@ -469,19 +469,7 @@ fn patched(branch: &str, want: &[Want]) {
     let c = case(branch);
     let mut fx = fixture();
     let so = out_path(branch);
-    let out = tool(&[
-        "build",
-        "--base",
-        "v1",
-        "--head",
-        branch,
-        "-p",
-        "svc",
-        "--binary",
-        s(&fx.v1_bin),
-        "-o",
-        s(&so),
-    ]);
+    let out = build_patch(branch, s(&fx.v1_bin), &so);
     check_built(
         &fx,
         &out,
@@ -490,6 +478,23 @@ fn patched(branch: &str, want: &[Want]) {
         want,
     );
     apply_and_revert(&mut fx, &so, c.changes);
+}
+
+/// `cargo hotpatch build --base v1 --head HEAD -p svc --binary BINARY -o SO`.
+fn build_patch(head: &str, binary: &str, so: &std::path::Path) -> harness::Output {
+    tool(&[
+        "build",
+        "--base",
+        "v1",
+        "--head",
+        head,
+        "-p",
+        "svc",
+        "--binary",
+        binary,
+        "-o",
+        s(so),
+    ])
 }
 
 /// Does `text` name `src/lib.rs:LINE` (not a longer number)?
@@ -510,19 +515,7 @@ fn refused(branch: &str, item: &str, needle: &str, reasons: &[&str], names: &[&s
     let c = case(branch);
     let fx = fixture();
     let so = out_path(branch);
-    let out = tool(&[
-        "build",
-        "--base",
-        "v1",
-        "--head",
-        branch,
-        "-p",
-        "svc",
-        "--binary",
-        s(&fx.v1_bin),
-        "-o",
-        s(&so),
-    ]);
+    let out = build_patch(branch, s(&fx.v1_bin), &so);
     assert_eq!(out.status.code(), Some(3), "exit code: {out:?}");
     assert!(!so.exists(), "no patch file is written: {}", so.display());
     assert!(
@@ -808,19 +801,7 @@ fn case_14_a_patch_for_v1_is_refused_by_another_build_and_accepted_by_v1() {
     assert_eq!(other.banner, "ready svc v1, rebuilt");
 
     let so = out_path("identity");
-    let out = tool(&[
-        "build",
-        "--base",
-        "v1",
-        "--head",
-        "case-free-fn",
-        "-p",
-        "svc",
-        "--binary",
-        s(&fx.v1_bin),
-        "-o",
-        s(&so),
-    ]);
+    let out = build_patch("case-free-fn", s(&fx.v1_bin), &so);
     check_built(
         &fx,
         &out,
@@ -886,19 +867,7 @@ fn case_15_a_private_static_read_by_value_is_the_running_processs() {
 fn case_16_a_changed_cargo_toml_is_refused_before_any_build() {
     let fx = fixture();
     let so = out_path("case-manifest");
-    let out = tool(&[
-        "build",
-        "--base",
-        "v1",
-        "--head",
-        "case-manifest",
-        "-p",
-        "svc",
-        "--binary",
-        s(&fx.v1_bin),
-        "-o",
-        s(&so),
-    ]);
+    let out = build_patch("case-manifest", s(&fx.v1_bin), &so);
     assert_eq!(out.status.code(), Some(3), "exit code: {out:?}");
     assert!(!so.exists(), "no patch file is written");
     let refusal = out
@@ -925,19 +894,7 @@ fn case_17_a_deployed_binary_the_base_does_not_rebuild_is_refused_with_both_buil
     };
     let other_id = cargo_hotpatch::hex(&cargo_hotpatch::build_id(&other_bin).unwrap());
     let so = out_path("case-17");
-    let out = tool(&[
-        "build",
-        "--base",
-        "v1",
-        "--head",
-        "case-free-fn",
-        "-p",
-        "svc",
-        "--binary",
-        s(&other_bin),
-        "-o",
-        s(&so),
-    ]);
+    let out = build_patch("case-free-fn", s(&other_bin), &so);
     assert_eq!(out.status.code(), Some(3), "exit code: {out:?}");
     assert!(!so.exists(), "no patch file is written");
     let refusal = out

@@ -226,6 +226,27 @@ impl Writer<'_, '_> {
         id
     }
 
+    /// A local symbol of the patch object.
+    fn local(
+        &mut self,
+        name: String,
+        value: u64,
+        size: u64,
+        kind: SymbolKind,
+        section: SectionId,
+    ) -> SymbolId {
+        self.obj.add_symbol(Symbol {
+            name: name.into_bytes(),
+            value,
+            size,
+            kind,
+            scope: SymbolScope::Compilation,
+            weak: false,
+            section: SymbolSection::Section(section),
+            flags: SymbolFlags::None,
+        })
+    }
+
     /// A symbol at `off` in a copied unit.
     fn unit_symbol(&mut self, u: UnitId, off: u64) -> SymbolId {
         let section = self.copy(u);
@@ -233,16 +254,13 @@ impl Writer<'_, '_> {
             return *s;
         }
         let n = self.unit_syms.len();
-        let sym = self.obj.add_symbol(Symbol {
-            name: format!(".Lhotpatch.copy.{n}").into_bytes(),
-            value: off,
-            size: 0,
-            kind: SymbolKind::Data,
-            scope: SymbolScope::Compilation,
-            weak: false,
-            section: SymbolSection::Section(section),
-            flags: SymbolFlags::None,
-        });
+        let sym = self.local(
+            format!(".Lhotpatch.copy.{n}"),
+            off,
+            0,
+            SymbolKind::Data,
+            section,
+        );
         self.unit_syms.insert((u, off), sym);
         sym
     }
@@ -309,16 +327,13 @@ impl Writer<'_, '_> {
         };
         let offset = self.obj.append_section_data(section, &[0; 8], 8);
         let n = self.cells.len() + self.slot_cells.len();
-        let sym = self.obj.add_symbol(Symbol {
-            name: format!(".Lhotpatch.cell.{n}").into_bytes(),
-            value: offset,
-            size: 8,
-            kind: SymbolKind::Data,
-            scope: SymbolScope::Compilation,
-            weak: false,
-            section: SymbolSection::Section(section),
-            flags: SymbolFlags::None,
-        });
+        let sym = self.local(
+            format!(".Lhotpatch.cell.{n}"),
+            offset,
+            8,
+            SymbolKind::Data,
+            section,
+        );
         let (symbol, value) = match target {
             HostRef::Named(name) => (self.undefined(name, false), addend),
             HostRef::Anchor(a) => {
@@ -357,16 +372,13 @@ impl Writer<'_, '_> {
                 .append_section_data(section, &[0xff, 0x25, 0, 0, 0, 0, 0xcc, 0xcc], 8);
         self.add_reloc(section, offset + 2, elf::R_X86_64_PC32, cell, -4);
         let n = self.stubs.len();
-        let sym = self.obj.add_symbol(Symbol {
-            name: format!(".Lhotpatch.stub.{n}").into_bytes(),
-            value: offset,
-            size: 6,
-            kind: SymbolKind::Text,
-            scope: SymbolScope::Compilation,
-            weak: false,
-            section: SymbolSection::Section(section),
-            flags: SymbolFlags::None,
-        });
+        let sym = self.local(
+            format!(".Lhotpatch.stub.{n}"),
+            offset,
+            6,
+            SymbolKind::Text,
+            section,
+        );
         self.stubs.insert(key, sym);
         sym
     }
@@ -563,16 +575,7 @@ impl Writer<'_, '_> {
                         });
                         let start = self.obj.append_section_data(ts, &thunk.bytes, 16);
                         let n = self.unit_syms.len() + self.stubs.len();
-                        let tsym = self.obj.add_symbol(Symbol {
-                            name: format!(".Lhotpatch.thunk.{n}").into_bytes(),
-                            value: start,
-                            size: thunk.bytes.len() as u64,
-                            kind: SymbolKind::Text,
-                            scope: SymbolScope::Compilation,
-                            weak: false,
-                            section: SymbolSection::Section(ts),
-                            flags: SymbolFlags::None,
-                        });
+                        let tsym = self.local(format!(".Lhotpatch.thunk.{n}"), start, thunk.bytes.len() as u64, SymbolKind::Text, ts);
                         self.add_reloc(section, thunk.jump_in_at as u64, elf::R_X86_64_PC32, tsym, -4);
                         let cell = self.cell_in(false, h, addend + thunk.tail as i64);
                         self.add_reloc(ts, start + thunk.cell_at as u64, elf::R_X86_64_PC32, cell, -4);

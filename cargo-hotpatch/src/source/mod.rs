@@ -865,41 +865,23 @@ pub fn build(
     // What changed, by file.
     let mut files: BTreeSet<String> = BTreeSet::new();
     let rel = ws_in_repo.to_string_lossy().into_owned();
+    let pathspec = if rel.is_empty() { "." } else { rel.as_str() };
     let diff = match &head_commit {
         Some(h) => git(
             &repo,
-            &[
-                "diff",
-                "--name-only",
-                &base_commit,
-                h,
-                "--",
-                if rel.is_empty() { "." } else { &rel },
-            ],
+            &["diff", "--name-only", &base_commit, h, "--", pathspec],
         )?,
         None => {
-            let mut d = git(
+            // The working tree: tracked changes, and new files.
+            let tracked = git(
                 &repo,
-                &[
-                    "diff",
-                    "--name-only",
-                    &base_commit,
-                    "--",
-                    if rel.is_empty() { "." } else { &rel },
-                ],
+                &["diff", "--name-only", &base_commit, "--", pathspec],
             )?;
-            d.push('\n');
-            d.push_str(&git(
+            let new = git(
                 &repo,
-                &[
-                    "ls-files",
-                    "--others",
-                    "--exclude-standard",
-                    "--",
-                    if rel.is_empty() { "." } else { &rel },
-                ],
-            )?);
-            d
+                &["ls-files", "--others", "--exclude-standard", "--", pathspec],
+            )?;
+            format!("{tracked}\n{new}")
         }
     };
     let target_rel = ws
