@@ -44,6 +44,8 @@ const V1_CALL: &[(&str, &str)] = &[
     ("rated", "18"),
     ("half", "5"),
     ("halved", "5"),
+    ("audited", "42"),
+    ("event", ""),
 ];
 
 /// A case: its branch (a commit on v1 with `edits`), and how the answers
@@ -242,6 +244,17 @@ const CASES: &[Case] = &[
         branch: "case-inline",
         edits: &[lib("    x / 2\n", "    x.div_ceil(2)\n")],
         changes: &[("half", "6"), ("halved", "6")],
+    },
+    // 19. A fix that adds a tracing event: the event reaches the
+    //     service's subscriber (the patch's own call site, registered
+    //     with the service's tracing).
+    Case {
+        branch: "case-tracing",
+        edits: &[lib(
+            "pub fn audited(x: u64) -> u64 {\n    x + 1\n",
+            "pub fn audited(x: u64) -> u64 {\n    tracing::warn!(x, \"audited\");\n    x + 2\n",
+        )],
+        changes: &[("audited", "43"), ("event", "message=audited x=41")],
     },
     // 14. Another build of the service: a commit after v1 that changes only
     //     the binary's banner (so its build-id, and none of its library).
@@ -917,5 +930,13 @@ fn case_18_a_changed_public_inline_function_is_refused() {
         "pub fn half(",
         &["#[inline]"],
         &[],
+    );
+}
+
+#[test]
+fn case_19_a_new_tracing_event_reaches_the_services_subscriber() {
+    patched(
+        "case-tracing",
+        &[("replaced", "svc::audited", "pub fn audited(")],
     );
 }

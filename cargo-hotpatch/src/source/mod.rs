@@ -450,8 +450,8 @@ fn cargo_build(
     })
 }
 
-/// Whether a path dependency of a workspace package leads out of the
-/// repository (read from the manifests' `path = "..."` values).
+/// Whether a relative path dependency of a workspace package leads out of
+/// the repository (read from the manifests' `path = "..."` values).
 fn paths_leave(repo: &Path, ws: &Workspace) -> bool {
     let repo = repo.canonicalize().unwrap_or_else(|_| repo.to_owned());
     for (dir, _) in &ws.members {
@@ -472,6 +472,10 @@ fn paths_leave(repo: &Path, ws: &Workspace) -> bool {
                 continue;
             };
             let Some(end) = rest.find('"') else { continue };
+            // An absolute path leads to the same crate from anywhere.
+            if rest[..end].starts_with('/') {
+                continue;
+            }
             let target = dir.join(&rest[..end]);
             let target = target.canonicalize().unwrap_or(target);
             if !target.starts_with(&repo) {
@@ -1405,8 +1409,22 @@ pub fn build(
     };
     let mut foreign: BTreeSet<String> = BTreeSet::new();
     let mut included_items: Vec<Item> = Vec::new();
+    // A closure goes with the function it is written in, when that one is
+    // in the patch too (a `tracing` event's closure, an iterator's).
+    let listed: HashSet<String> = replaced_items
+        .iter()
+        .map(|i| i.path.clone())
+        .chain(included.iter().map(|n| describe(n)))
+        .collect();
+    let part_of_listed = |path: &str| {
+        path.split_once("::{{closure}}")
+            .is_some_and(|(parent, _)| listed.contains(parent))
+    };
     for n in included.iter().chain(extracted.new_functions.iter()) {
         let path = describe(n);
+        if part_of_listed(&path) {
+            continue;
+        }
         if own(&path) {
             included_items.push(Item {
                 location: locate(&demangle(n)),

@@ -312,7 +312,8 @@ impl<'d> Build<'d> {
     }
 
     /// The NUL-terminated string a relocation points at, if its target is
-    /// a section of merged strings (`SHF_MERGE | SHF_STRINGS`).
+    /// a section of merged strings (`SHF_MERGE | SHF_STRINGS`), or the
+    /// constant, in a section of merged constants of one size.
     fn merged_string(&self, r: &Reloc) -> Option<Vec<u8>> {
         let Target::Unit(u, off) = &r.target else {
             return None;
@@ -321,10 +322,18 @@ impl<'d> Build<'d> {
         let SectionFlags::Elf { sh_flags } = s.flags() else {
             return None;
         };
-        let merge = u64::from(elf::SHF_MERGE | elf::SHF_STRINGS);
-        if sh_flags & merge != merge {
+        if sh_flags & u64::from(elf::SHF_MERGE) == 0 {
             return None;
         }
+        let strings = sh_flags & u64::from(elf::SHF_STRINGS) != 0;
+        // Merged constants of one size (`.rodata.cst32`: a layout table,
+        // a float): the one constant, wherever it landed.
+        let entry_size = if strings {
+            None
+        } else {
+            let name = s.name().ok()?;
+            Some(name.rsplit_once(".cst")?.1.parse::<usize>().ok()?)
+        };
         let pc_relative = matches!(
             r.r_type,
             elf::R_X86_64_PC32
@@ -336,10 +345,13 @@ impl<'d> Build<'d> {
         let at = *off as i64 + r.addend + if pc_relative { 4 } else { 0 };
         let data = s.data().ok()?;
         let start = usize::try_from(at).ok().filter(|a| *a <= data.len())?;
-        let end = data[start..]
-            .iter()
-            .position(|b| *b == 0)
-            .map_or(data.len(), |p| start + p);
+        let end = match entry_size {
+            Some(n) => (start + n).min(data.len()),
+            None => data[start..]
+                .iter()
+                .position(|b| *b == 0)
+                .map_or(data.len(), |p| start + p),
+        };
         Some(data[start..end].to_vec())
     }
 

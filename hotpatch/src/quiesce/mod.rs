@@ -82,6 +82,8 @@ thread_local! {
 /// The registered threads a completed transition waited for: those not
 /// yet at a safepoint when it was published, by name and kernel tid.
 #[derive(Clone, Debug, Default)]
+// Read by the control endpoint only (feature `control`).
+#[cfg_attr(not(feature = "control"), allow(dead_code))]
 pub(crate) struct Waited {
     /// Registered threads when it was published (0: a direct swap).
     pub registered: usize,
@@ -92,6 +94,8 @@ pub(crate) struct Waited {
 
 /// What the last transition run by this thread waited for, if one ran
 /// since the last call (a swap with no registered thread waited for none).
+// Read by the control endpoint only (feature `control`).
+#[cfg_attr(not(feature = "control"), allow(dead_code))]
 pub(crate) fn take_last_waited() -> Option<Waited> {
     LAST_WAITED
         .try_with(|w| w.borrow_mut().take())
