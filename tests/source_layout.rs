@@ -6,7 +6,8 @@
 use std::mem::{offset_of, size_of};
 
 use cargo_hotpatch::source::{
-    ENTRY_LAYOUTS_OFFSET, ENTRY_ORIGINAL_OFFSET, PATCH_FN_OFFSETS, PATCH_FN_SIZE,
+    ENTRY_COUNTED_OFFSET, ENTRY_LAYOUTS_OFFSET, ENTRY_ORIGINAL_OFFSET, PATCH_FN_OFFSETS,
+    PATCH_FN_SIZE,
 };
 use hotpatch::__private::{Entry, PatchFn};
 
@@ -15,6 +16,7 @@ fn the_tools_entry_offsets_are_the_runtimes() {
     assert_eq!(offset_of!(Entry, path), 0);
     assert_eq!(offset_of!(Entry, layouts), ENTRY_LAYOUTS_OFFSET);
     assert_eq!(offset_of!(Entry, original), ENTRY_ORIGINAL_OFFSET);
+    assert_eq!(offset_of!(Entry, counted), ENTRY_COUNTED_OFFSET);
 }
 
 #[test]

@@ -46,6 +46,7 @@ const V1_CALL: &[(&str, &str)] = &[
     ("halved", "5"),
     ("audited", "42"),
     ("event", ""),
+    ("strict", "0"),
 ];
 
 /// A case: its branch (a commit on v1 with `edits`), and how the answers
@@ -255,6 +256,16 @@ const CASES: &[Case] = &[
             "pub fn audited(x: u64) -> u64 {\n    tracing::warn!(x, \"audited\");\n    x + 2\n",
         )],
         changes: &[("audited", "43"), ("event", "message=audited x=41")],
+    },
+    // 20. A fix that panics (on 0): the patch counts the panic, as a
+    //     `#[patch]` shim does, for a watch window to see.
+    Case {
+        branch: "case-panics",
+        edits: &[lib(
+            "pub fn strict(x: u64) -> u64 {\n    x\n",
+            "pub fn strict(x: u64) -> u64 {\n    assert!(x != 0, \"strict: zero\");\n    x\n",
+        )],
+        changes: &[("strict", "panicked")],
     },
     // 14. Another build of the service: a commit after v1 that changes only
     //     the binary's banner (so its build-id, and none of its library).
@@ -939,4 +950,30 @@ fn case_19_a_new_tracing_event_reaches_the_services_subscriber() {
         "case-tracing",
         &[("replaced", "svc::audited", "pub fn audited(")],
     );
+}
+
+#[test]
+fn case_20_a_panic_in_a_patch_made_from_source_is_counted() {
+    let mut fx = fixture();
+    let so = out_path("case-panics");
+    let out = build_patch("case-panics", s(&fx.v1_bin), &so);
+    check_built(
+        &fx,
+        &out,
+        &so,
+        &harness::edited("src/lib.rs", case("case-panics").edits),
+        &[("replaced", "svc::strict", "pub fn strict(")],
+    );
+    let applied = Applied::load(&mut fx.v1, &so);
+    assert_eq!(applied.v1.ask("panics"), "Some(0)", "none before a call");
+    for n in 1..=3 {
+        assert_eq!(applied.v1.call()["strict"], "panicked");
+        assert_eq!(
+            applied.v1.ask("panics"),
+            format!("Some({n})"),
+            "each call of the patched strict(0) panicked once"
+        );
+    }
+    applied.revert();
+    assert_eq!(fx.v1.call()["strict"], "0", "reverted");
 }

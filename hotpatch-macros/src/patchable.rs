@@ -4,6 +4,8 @@
 //! - the wrapper, with `f`'s signature and attributes: one atomic load of
 //!   the slot, then a call through the pointer;
 //! - `__hotpatch_original_f`: the user's body, the slot's initial value;
+//! - `__hotpatch_counted_f`: the body under a panic counter, for patches
+//!   made from the crate's own source;
 //! - `__hotpatch_dispatch_f`: what the slot points at during a transition:
 //!   the old or the new implementation, by the calling thread's state;
 //! - the slot, its `Entry` in the `SLOTS` distributed slice, and the
@@ -79,6 +81,7 @@ struct Names {
     entry_getter: Ident,
     original: Ident,
     dispatch: Ident,
+    counted: Ident,
     companion: Ident,
 }
 
@@ -90,6 +93,7 @@ impl Names {
             entry_getter: format_ident!("__hotpatch_entry_of_{}", module_unique),
             original: format_ident!("__hotpatch_original_{}", helper),
             dispatch: format_ident!("__hotpatch_dispatch_{}", helper),
+            counted: format_ident!("__hotpatch_counted_{}", helper),
             companion: format_ident!("__hotpatch_{}", helper),
         }
     }
@@ -236,6 +240,32 @@ impl Gen<'_> {
         quote!(#(#carried)* #item)
     }
 
+    /// The body under a panic counter: what a patch made from this crate's
+    /// source (`cargo hotpatch build --base`) installs, with the counter
+    /// redirected to the patch's own. In the service it is never called.
+    fn counted_fn(&self, attrs: &[Attribute]) -> TokenStream {
+        let mut sig = sig::forwarding_signature(self.sig);
+        sig.ident = self.names.counted.clone();
+        let original = self.local(&self.names.original);
+        let args = sig::forward_names(self.sig);
+        let call = self.unsafe_call(quote!(#original(#(#args),*)));
+        let mut item: ImplItemFn = parse_quote! {
+            #[doc(hidden)]
+            #[inline(never)]
+            #[allow(non_snake_case, improper_ctypes_definitions, unreachable_code, deprecated, clippy::all)]
+            #sig {
+                let __hotpatch_count =
+                    ::hotpatch::__private::PanicCount::new(&::hotpatch::__private::SOURCE_PANICS);
+                let __hotpatch_value = #call;
+                ::core::mem::drop(__hotpatch_count);
+                __hotpatch_value
+            }
+        };
+        self.qualify(&mut item);
+        let carried = sig::carried_attrs(attrs);
+        quote!(#(#carried)* #item)
+    }
+
     fn qualify(&self, item: &mut ImplItemFn) {
         if let (Some(tr), true) = (&self.ctx.trait_, self.in_impl) {
             sig::QualifyAssoc {
@@ -279,10 +309,12 @@ impl Gen<'_> {
             entry_getter,
             original,
             dispatch,
+            counted,
             ..
         } = &self.names;
         let original = self.module_level(original);
         let dispatch = self.module_level(dispatch);
+        let counted = self.module_level(counted);
         let wrapper = self.wrapper_path(true);
         let cfgs = sig::cfg_attrs(attrs);
         let sig_ty = self.sig_type();
@@ -315,6 +347,7 @@ impl Gen<'_> {
                 original: ::hotpatch::__private::FnAddr::new(#original as *const ()),
                 wrapper: ::hotpatch::__private::FnAddr::new(#wrapper as *const ()),
                 dispatcher: ::hotpatch::__private::FnAddr::new(#dispatch as *const ()),
+                counted: ::hotpatch::__private::FnAddr::new(#counted as *const ()),
             };
 
             #(#cfgs)*
@@ -366,6 +399,7 @@ fn expand_fn(f: ItemFn) -> TokenStream {
     let wrapper_attrs: Vec<_> = attrs.iter().filter(|a| !sig::is_inline_attr(a)).collect();
     let original = gen_.original_fn(attrs, block);
     let dispatch = gen_.dispatch_fn(attrs);
+    let counted = gen_.counted_fn(attrs);
     let companion = gen_.companion();
     let statics = gen_.statics(attrs);
     let cfgs = sig::cfg_attrs(attrs);
@@ -376,6 +410,7 @@ fn expand_fn(f: ItemFn) -> TokenStream {
 
         #original
         #dispatch
+        #counted
         #(#cfgs)*
         #companion
         #statics
@@ -559,6 +594,7 @@ fn expand_impl(mut imp: ItemImpl) -> TokenStream {
         let attrs = m.attrs.clone();
         helpers.push(gen_.original_fn(&attrs, &m.block));
         helpers.push(gen_.dispatch_fn(&attrs));
+        helpers.push(gen_.counted_fn(&attrs));
         let cfgs = sig::cfg_attrs(&attrs);
         let companion = gen_.companion();
         helpers.push(quote!(#(#cfgs)* #companion));

@@ -94,6 +94,22 @@ impl Patch {
         &self.info
     }
 
+    /// How many calls of its replacements have ended in a panic so far
+    /// (what a watch window, `apply --watch`, counts); `None` once the
+    /// patch is reverted.
+    ///
+    /// ```no_run
+    /// let patch = hotpatch::load("fix.so")?;
+    /// // ... serve for a while ...
+    /// if patch.panics().unwrap_or(0) > 0 {
+    ///     patch.revert()?;
+    /// }
+    /// # Ok::<(), hotpatch::Error>(())
+    /// ```
+    pub fn panics(&self) -> Option<u64> {
+        crate::registry::REGISTRY.lock().panics(self.info.id)
+    }
+
     /// Takes the patch out: each function it replaced goes back to what
     /// implements it without this patch (the original, or another patch
     /// applied before or after this one). The library stays mapped (see

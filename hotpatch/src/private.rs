@@ -77,6 +77,10 @@ pub struct Entry {
     pub wrapper: FnAddr,
     /// Runs the old or new implementation during a transition.
     pub dispatcher: FnAddr,
+    /// `original` under a [`PanicCount`] on [`SOURCE_PANICS`]: a patch made
+    /// from the service's own source (`cargo hotpatch build --base`) copies
+    /// it with the counter redirected to the patch's own, and installs it.
+    pub counted: FnAddr,
 }
 
 impl fmt::Debug for Entry {
@@ -291,6 +295,11 @@ pub unsafe fn slot_refs_raw(table: &'static [SlotRef], len: *mut usize) -> *cons
     unsafe { len.write(table.len()) };
     table.as_ptr()
 }
+
+/// The counter `Entry::counted` counts on in the service itself, where it
+/// is never installed (nothing reads it). A patch made from source has its
+/// copy count on its own manifest's counter instead.
+pub static SOURCE_PANICS: AtomicU64 = AtomicU64::new(0);
 
 /// Held by a `#[patch]` entry shim around the replacement: counts the
 /// calls that end in a panic, in the patch's counter.

@@ -61,8 +61,6 @@ struct Applied {
     /// Which loaded library it came from (see `loader`).
     library: u64,
     /// Its count of replacement calls that ended in a panic.
-    // Read by the control endpoint only (feature `control`).
-    #[cfg_attr(not(feature = "control"), allow(dead_code))]
     panics: &'static std::sync::atomic::AtomicU64,
     /// Indexes into `fns`.
     targets: Vec<usize>,
@@ -302,8 +300,6 @@ impl Registry {
 
     /// How many calls of the applied patch `id`'s replacements ended in a
     /// panic so far.
-    // Read by the control endpoint only (feature `control`).
-    #[cfg_attr(not(feature = "control"), allow(dead_code))]
     pub(crate) fn panics(&self, id: PatchId) -> Option<u64> {
         self.applied
             .iter()

@@ -77,6 +77,10 @@ pub(crate) struct Extracted {
 }
 
 const ANCHOR: &str = "hotpatch_host_exports_v1";
+/// The patch's cell holding the address of its own panic counter (defined
+/// by the manifest object): what the copied counted bodies' references to
+/// the service's `SOURCE_PANICS` become.
+pub(crate) const PANICS_CELL: &str = "hotpatch_source_panics_v1";
 const REFS_SECTION: &str = "linkme___HOTPATCH_REFS";
 const FNS_SECTION: &str = "linkme___HOTPATCH_PATCH_FNS";
 
@@ -483,6 +487,20 @@ impl Writer<'_, '_> {
                 continue;
             }
             let (h, name, off) = host.expect("local or host");
+            if is_source_panics(&name) {
+                // `&SOURCE_PANICS` (a GOT load) becomes a load of the
+                // patch's cell: the address of the patch's counter.
+                match r.r_type {
+                    elf::R_X86_64_GOTPCREL | elf::R_X86_64_GOTPCRELX | elf::R_X86_64_REX_GOTPCRELX => {
+                        let cell = self.undefined(PANICS_CELL, false);
+                        self.add_reloc(section, r.offset, elf::R_X86_64_PC32, cell, r.addend);
+                    }
+                    other => self.refusals.push(format!(
+                        "{owner} reaches the panic counter by a relocation of type {other}, which the patch cannot redirect to its own"
+                    )),
+                }
+                continue;
+            }
             let addend = r.addend + off as i64;
             let is_slot = name.contains("__HOTPATCH_SLOT_");
             match r.r_type {
@@ -842,4 +860,9 @@ fn set(obj: &mut write::Object<'static>, section: SectionId, at: u64, bytes: &[u
 fn is_branch(bytes: &[u8], at: usize) -> bool {
     (at >= 1 && matches!(bytes[at - 1], 0xe8 | 0xe9))
         || (at >= 2 && bytes[at - 2] == 0x0f && (0x80..=0x8f).contains(&bytes[at - 1]))
+}
+
+/// `hotpatch::__private::SOURCE_PANICS`, by its mangled name.
+fn is_source_panics(name: &str) -> bool {
+    format!("{:#}", rustc_demangle::demangle(name)) == "hotpatch::__private::SOURCE_PANICS"
 }

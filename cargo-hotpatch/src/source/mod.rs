@@ -48,6 +48,9 @@ pub const INNER_WRAPPER_ENV: &str = "__CARGO_HOTPATCH_INNER_WRAPPER";
 pub const ENTRY_LAYOUTS_OFFSET: usize = 40;
 /// See [`ENTRY_LAYOUTS_OFFSET`].
 pub const ENTRY_ORIGINAL_OFFSET: usize = 64;
+/// `counted` (the body under the patch's panic counter) in
+/// `hotpatch::__private::Entry`, after `wrapper` (72) and `dispatcher` (80).
+pub const ENTRY_COUNTED_OFFSET: usize = 88;
 /// Offsets in `hotpatch::__private::PatchFn` (`repr(C)`), as the records
 /// of a patch made from source are written: target getter, replacement,
 /// name (`&str`), layouts (`&[TypeLayout]`); and its size.
@@ -604,6 +607,9 @@ struct EntryInfo {
     entry: String,
     original: String,
     getter: Option<String>,
+    /// `__hotpatch_counted_*`: what a patch installs (the body under its
+    /// panic counter).
+    counted: Option<String>,
     layouts: Option<(UnitId, u64)>,
     layouts_len: u64,
 }
@@ -651,6 +657,13 @@ fn entries(b: &Build<'_>) -> Vec<EntryInfo> {
             }) => b.name_of.get(t).cloned().unwrap_or_default(),
             _ => String::new(),
         };
+        let counted = match at(ENTRY_COUNTED_OFFSET) {
+            Some(objects::Reloc {
+                target: Target::Unit(t, _),
+                ..
+            }) => b.name_of.get(t).cloned(),
+            _ => None,
+        };
         // The getter: the function named `__hotpatch_entry_of_*` that
         // references this entry.
         let getter = b.functions().find_map(|(g, gu)| {
@@ -666,6 +679,7 @@ fn entries(b: &Build<'_>) -> Vec<EntryInfo> {
             entry: name.clone(),
             original,
             getter,
+            counted,
             layouts,
             layouts_len: word(ENTRY_LAYOUTS_OFFSET + 8),
         });
@@ -1172,7 +1186,10 @@ pub fn build(
     for name in &changed {
         if let Some(e) = head_entries.get(name) {
             replaced.push((name.clone(), e.clone()));
-        } else if name.contains("__hotpatch_dispatch_") || name.contains("__hotpatch_entry_of_") {
+        } else if name.contains("__hotpatch_dispatch_")
+            || name.contains("__hotpatch_entry_of_")
+            || name.contains("__hotpatch_counted_")
+        {
             // Generated code changes with the signature, refused above.
         } else {
             others.insert(name.clone());
@@ -1201,7 +1218,11 @@ pub fn build(
         let d = demangle(name);
         d.contains("{{closure}}") || d.contains("__hotpatch_original_")
     };
-    let generated = |c: &str| c.contains("__hotpatch_dispatch_") || c.contains("__HOTPATCH_ENTRY_");
+    let generated = |c: &str| {
+        c.contains("__hotpatch_dispatch_")
+            || c.contains("__hotpatch_counted_")
+            || c.contains("__HOTPATCH_ENTRY_")
+    };
     // A `pub` function that is generic or `#[inline]` has copies in the
     // crates that use it (the binary's among them), which a release build
     // compiles without an exported symbol to see: the source says so.
@@ -1349,8 +1370,17 @@ pub fn build(
                 e.path
             )));
         };
+        // The body under the patch's panic counter (the patch's copy of
+        // `__hotpatch_counted_*` counts on the patch's own counter).
+        let Some(counted) = e.counted.as_ref().and_then(|c| h.by_name.get(c)) else {
+            return Err(SourceError::Io(format!(
+                "the head build has no counted body of {} (a hotpatch older than this tool?)",
+                e.path
+            )));
+        };
+        roots.insert(*counted);
         records.push(Record {
-            replacement: u,
+            replacement: *counted,
             getter: getter.clone(),
             path: e.path.clone(),
             layouts,
@@ -1518,10 +1548,15 @@ fn manifest_object(
         .map(str::to_owned)
         .unwrap_or_else(|| "working-tree".to_owned());
     let src = format!(
-        "hotpatch::manifest!(name = {:?}, version = {:?}, description = {:?});\n",
+        "hotpatch::manifest!(name = {:?}, version = {:?}, description = {:?});\n\
+         /// What the copied `__hotpatch_counted_*` bodies count on (their\n\
+         /// references to `hotpatch::__private::SOURCE_PANICS` read it).\n\
+         #[unsafe(no_mangle)]\n\
+         pub static {}: &::core::sync::atomic::AtomicU64 = &__HOTPATCH_PANICS;\n",
         format!("{}-source-patch", ws.package),
         format!("{base}+{head_tag}"),
-        description
+        description,
+        extract::PANICS_CELL
     );
     let src_path = dir.join("manifest.rs");
     std::fs::write(&src_path, src).map_err(io(src_path.display()))?;
