@@ -47,6 +47,8 @@ const V1_CALL: &[(&str, &str)] = &[
     ("audited", "42"),
     ("event", ""),
     ("strict", "0"),
+    ("bonus", "13"),
+    ("doubled", "20"),
 ];
 
 /// A case: its branch (a commit on v1 with `edits`), and how the answers
@@ -266,6 +268,19 @@ const CASES: &[Case] = &[
             "pub fn strict(x: u64) -> u64 {\n    assert!(x != 0, \"strict: zero\");\n    x\n",
         )],
         changes: &[("strict", "panicked")],
+    },
+    // 21. A change only in an inlined callee: `bonus_of`'s source is the
+    //     same, its code is not.
+    Case {
+        branch: "case-inlined-callee",
+        edits: &[lib("    x + 3\n", "    x + 4\n")],
+        changes: &[("bonus", "14")],
+    },
+    // 22. A change only in a macro: `doubled`'s source is the same.
+    Case {
+        branch: "case-macro",
+        edits: &[lib("        $e * 2\n", "        $e * 2 + 1\n")],
+        changes: &[("doubled", "21")],
     },
     // 14. Another build of the service: a commit after v1 that changes only
     //     the binary's banner (so its build-id, and none of its library).
@@ -976,4 +991,20 @@ fn case_20_a_panic_in_a_patch_made_from_source_is_counted() {
     }
     applied.revert();
     assert_eq!(fx.v1.call()["strict"], "0", "reverted");
+}
+
+#[test]
+fn case_21_a_change_in_an_inlined_callee_replaces_its_unchanged_caller() {
+    patched(
+        "case-inlined-callee",
+        &[("replaced", "svc::bonus_of", "pub fn bonus_of(")],
+    );
+}
+
+#[test]
+fn case_22_a_change_in_a_macro_replaces_the_functions_that_use_it() {
+    patched(
+        "case-macro",
+        &[("replaced", "svc::doubled", "pub fn doubled(")],
+    );
 }
