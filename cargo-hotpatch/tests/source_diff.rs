@@ -236,8 +236,8 @@ const CASES: &[Case] = &[
         branch: "case-manifest",
         edits: &[Edit {
             file: "Cargo.toml",
-            old: "publish = false\n",
-            new: "publish = false\n\n[features]\nfaster = []\n",
+            old: "# Its own workspace",
+            new: "[features]\nfaster = []\n\n# Its own workspace",
         }],
         changes: &[],
     },
