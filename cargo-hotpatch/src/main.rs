@@ -131,6 +131,19 @@ enum Failure {
     NoChange(String),
 }
 
+impl BuildArgs {
+    /// The profile and feature flags, as every `cargo build` is given them.
+    fn flags(&self) -> cargo_hotpatch::CargoFlags {
+        cargo_hotpatch::CargoFlags {
+            release: self.release,
+            profile: self.profile.clone(),
+            features: self.features.clone(),
+            all_features: self.all_features,
+            no_default_features: self.no_default_features,
+        }
+    }
+}
+
 impl Failure {
     fn code(&self) -> u8 {
         match self {
@@ -265,21 +278,7 @@ fn build(args: &BuildArgs) -> Result<(), Failure> {
     if args.workspace {
         cmd.arg("--workspace");
     }
-    if args.release {
-        cmd.arg("--release");
-    }
-    if let Some(profile) = &args.profile {
-        cmd.args(["--profile", profile]);
-    }
-    for f in &args.features {
-        cmd.args(["--features", f]);
-    }
-    if args.all_features {
-        cmd.arg("--all-features");
-    }
-    if args.no_default_features {
-        cmd.arg("--no-default-features");
-    }
+    cmd.args(args.flags().args());
     if let Some(path) = &args.manifest_path {
         cmd.arg("--manifest-path").arg(path);
     }
@@ -446,11 +445,7 @@ fn build_from_source(args: &BuildArgs, base: &str) -> Result<(), Failure> {
         binary: args.binary.clone(),
         bin: args.bin.clone(),
         output: args.output.clone(),
-        release: args.release,
-        profile: args.profile.clone(),
-        features: args.features.clone(),
-        all_features: args.all_features,
-        no_default_features: args.no_default_features,
+        flags: args.flags(),
         manifest_path: args.manifest_path.clone(),
     };
     let report = cargo_hotpatch::source::build(&opts, &mut |line| {

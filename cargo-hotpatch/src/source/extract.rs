@@ -625,8 +625,7 @@ impl Writer<'_, '_> {
                 .section_by_name(".eh_frame")
                 .and_then(|s| s.data().ok())
                 .unwrap_or_default();
-            let id = u32::from_le_bytes(data[at + 4..at + 8].try_into().unwrap()) as usize;
-            let cie_at = at + 4 - id;
+            let cie_at = at + 4 - word(data, at + 4).unwrap_or(0) as usize;
             let mut targets = self.eh_relocs(oi, at);
             targets.extend(self.eh_relocs(oi, cie_at));
             for (_, target) in targets {
@@ -650,13 +649,15 @@ impl Writer<'_, '_> {
             let relocs: HashMap<u64, RelocationTarget> =
                 eh.relocations().map(|(o, r)| (o, r.target())).collect();
             let mut pos = 0usize;
-            while pos + 8 <= data.len() {
-                let len = u32::from_le_bytes(data[pos..pos + 4].try_into().unwrap()) as usize;
-                if len == 0 || len == 0xffff_ffff {
-                    break;
-                }
-                let id = u32::from_le_bytes(data[pos + 4..pos + 8].try_into().unwrap());
+            // Only records that lie whole inside the section, and FDEs whose
+            // CIE does, are indexed: the copying below then slices within
+            // bounds (rustc's output always qualifies; a record that does
+            // not ends the walk rather than the tool).
+            while let Some(len) = record_len(data, pos) {
+                let id = word(data, pos + 4).unwrap_or(0) as usize;
                 if id != 0
+                    && let Some(cie_at) = (pos + 4).checked_sub(id)
+                    && record_len(data, cie_at).is_some()
                     && let Some(RelocationTarget::Symbol(si)) = relocs.get(&(pos as u64 + 8))
                     && let Ok(sym) = file.symbol_by_index(*si)
                     && let Some(s) = sym.section_index()
@@ -676,7 +677,9 @@ impl Writer<'_, '_> {
             return Vec::new();
         };
         let data = eh.data().unwrap_or_default();
-        let len = u32::from_le_bytes(data[at..at + 4].try_into().unwrap()) as usize;
+        let Some(len) = record_len(data, at) else {
+            return Vec::new();
+        };
         let mut out = Vec::new();
         for (o, r) in eh.relocations() {
             let o = o as usize;
@@ -724,7 +727,9 @@ impl Writer<'_, '_> {
         for (oi, mut fdes) in by_object {
             fdes.sort_by_key(|f| f.0);
             let file = &self.head.objects[oi];
-            let eh_in = file.section_by_name(".eh_frame").expect("indexed");
+            let Some(eh_in) = file.section_by_name(".eh_frame") else {
+                continue;
+            };
             let data = eh_in.data().unwrap_or_default().to_vec();
             let addends: HashMap<u64, (u32, i64)> = eh_in
                 .relocations()
@@ -734,32 +739,38 @@ impl Writer<'_, '_> {
                 })
                 .collect();
             let mut cies: HashMap<usize, usize> = HashMap::new();
+            // Every `at` was indexed by `index_fdes`, which checked that the
+            // FDE and its CIE lie inside `data`.
             for (at, _) in fdes {
-                let id = u32::from_le_bytes(data[at + 4..at + 8].try_into().unwrap()) as usize;
-                let cie_at = at + 4 - id;
+                let (Some(len), Some(id)) = (record_len(&data, at), word(&data, at + 4)) else {
+                    continue;
+                };
+                let cie_at = at + 4 - id as usize;
+                let Some(cie_len) = record_len(&data, cie_at) else {
+                    continue;
+                };
                 let new_cie = match cies.get(&cie_at) {
                     Some(n) => *n,
                     None => {
                         let n = out.len();
-                        let len = u32::from_le_bytes(data[cie_at..cie_at + 4].try_into().unwrap())
-                            as usize;
-                        out.extend_from_slice(&data[cie_at..cie_at + 4 + len]);
+                        out.extend_from_slice(&data[cie_at..cie_at + 4 + cie_len]);
                         for (o, t) in self.eh_relocs(oi, cie_at) {
-                            let (ty, a) = addends[&((cie_at + o) as u64)];
-                            pending.push(((n + o) as u64, ty, t, a));
+                            if let Some(&(ty, a)) = addends.get(&((cie_at + o) as u64)) {
+                                pending.push(((n + o) as u64, ty, t, a));
+                            }
                         }
                         cies.insert(cie_at, n);
                         n
                     }
                 };
                 let n = out.len();
-                let len = u32::from_le_bytes(data[at..at + 4].try_into().unwrap()) as usize;
                 out.extend_from_slice(&data[at..at + 4 + len]);
                 let ptr = (n + 4 - new_cie) as u32;
                 out[n + 4..n + 8].copy_from_slice(&ptr.to_le_bytes());
                 for (o, t) in self.eh_relocs(oi, at) {
-                    let (ty, a) = addends[&((at + o) as u64)];
-                    pending.push(((n + o) as u64, ty, t, a));
+                    if let Some(&(ty, a)) = addends.get(&((at + o) as u64)) {
+                        pending.push(((n + o) as u64, ty, t, a));
+                    }
                 }
             }
         }
@@ -767,16 +778,9 @@ impl Writer<'_, '_> {
         self.obj.section_mut(eh).set_data(out, 8);
         for (offset, ty, target, addend) in pending {
             let (sym, addend) = match target {
-                Target::Unit(u, off) => {
-                    // A section-symbol target carries its offset in the
-                    // addend already.
-                    let sym = match self.head.name_of.get(&u) {
-                        Some(_) => self.unit_symbol(u, 0),
-                        None => self.unit_symbol(u, 0),
-                    };
-                    let _ = off;
-                    (sym, addend)
-                }
+                // A section-symbol target carries its offset in the addend
+                // already; a named one is at offset 0 of its unit.
+                Target::Unit(u, _) => (self.unit_symbol(u, 0), addend),
                 Target::External(name) => {
                     let h = self.host_ref(&name).unwrap_or(HostRef::Named(name.clone()));
                     match h {
@@ -865,4 +869,21 @@ fn is_branch(bytes: &[u8], at: usize) -> bool {
 /// `hotpatch::__private::SOURCE_PANICS`, by its mangled name.
 fn is_source_panics(name: &str) -> bool {
     format!("{:#}", rustc_demangle::demangle(name)) == "hotpatch::__private::SOURCE_PANICS"
+}
+
+/// The little-endian `u32` at `at` of `data`, if it is inside.
+fn word(data: &[u8], at: usize) -> Option<u32> {
+    let bytes = data.get(at..at.checked_add(4)?)?;
+    Some(u32::from_le_bytes(bytes.try_into().ok()?))
+}
+
+/// The length field of the `.eh_frame` record (CIE or FDE) at `at`, when the
+/// whole record, with its id word, lies inside `data` (a zero terminator or a
+/// 64-bit length, which rustc never emits, is `None`).
+fn record_len(data: &[u8], at: usize) -> Option<usize> {
+    let len = word(data, at)? as usize;
+    if len < 4 || len == 0xffff_ffff || at.checked_add(4 + len)? > data.len() {
+        return None;
+    }
+    Some(len)
 }

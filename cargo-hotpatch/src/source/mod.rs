@@ -73,16 +73,8 @@ pub struct SourceOptions {
     pub bin: Option<String>,
     /// Where to write the patch.
     pub output: Option<PathBuf>,
-    /// `--release`.
-    pub release: bool,
-    /// `--profile NAME`.
-    pub profile: Option<String>,
-    /// `--features`.
-    pub features: Vec<String>,
-    /// `--all-features`.
-    pub all_features: bool,
-    /// `--no-default-features`.
-    pub no_default_features: bool,
+    /// The profile and features the service was deployed with.
+    pub flags: crate::CargoFlags,
     /// `--manifest-path`.
     pub manifest_path: Option<PathBuf>,
 }
@@ -360,21 +352,7 @@ fn cargo_build(
         .arg(target_dir)
         .arg("--manifest-path")
         .arg(dir.join(&ws.package_dir).join("Cargo.toml"));
-    if opts.release {
-        cmd.arg("--release");
-    }
-    if let Some(p) = &opts.profile {
-        cmd.args(["--profile", p]);
-    }
-    for f in &opts.features {
-        cmd.args(["--features", f]);
-    }
-    if opts.all_features {
-        cmd.arg("--all-features");
-    }
-    if opts.no_default_features {
-        cmd.arg("--no-default-features");
-    }
+    cmd.args(opts.flags.args());
     if let Some(to) = remap_to {
         let me = std::env::current_exe().map_err(io("finding cargo-hotpatch's own path"))?;
         if let Some(inner) = std::env::var_os("RUSTC_WRAPPER") {
@@ -835,7 +813,10 @@ fn classify_files(
 ///     base: "v1.4.2".into(),
 ///     binary: Some("/srv/my-service/bin/my-service".into()),
 ///     output: Some("fix.so".into()),
-///     release: true,
+///     flags: cargo_hotpatch::CargoFlags {
+///         release: true,
+///         ..Default::default()
+///     },
 ///     ..SourceOptions::default()
 /// };
 /// match build(&opts, &mut |step| eprintln!("{step}")) {
