@@ -49,6 +49,7 @@ const V1_CALL: &[(&str, &str)] = &[
     ("strict", "0"),
     ("bonus", "13"),
     ("doubled", "20"),
+    ("tripled", "30"),
 ];
 
 /// A case: its branch (a commit on v1 with `edits`), and how the answers
@@ -385,7 +386,7 @@ fn is_service_path(path: &str) -> bool {
 /// more), each at its line of `head_lib` (the new src/lib.rs), and the last
 /// line naming the file, its size and v1's build-id.
 fn check_built(
-    fx: &Fixture,
+    v1_id: &str,
     out: &harness::Output,
     so: &std::path::Path,
     head_lib: &str,
@@ -442,15 +443,14 @@ fn check_built(
         "last line has the size {size}: {last:?}"
     );
     assert!(
-        last.ends_with(&format!("for build-id {}", fx.v1_id)),
-        "last line names v1's build-id {}: {last:?}",
-        fx.v1_id
+        last.ends_with(&format!("for build-id {v1_id}")),
+        "last line names v1's build-id {v1_id}: {last:?}"
     );
     let id =
         cargo_hotpatch::identity(&std::fs::read(so).unwrap()).map(|id| cargo_hotpatch::hex(&id));
     assert_eq!(
         id.as_deref(),
-        Some(fx.v1_id.as_str()),
+        Some(v1_id),
         "the identity stamped in {}",
         so.display()
     );
@@ -489,17 +489,17 @@ impl Drop for Applied<'_> {
 
 /// Loads `so` into v1, checks that `call` answers as `changes` say, then
 /// reverts it and checks that v1 answers as before.
-fn apply_and_revert(fx: &mut Fixture, so: &std::path::Path, changes: &[(&str, &str)]) {
-    let before = but_calls(fx.v1.call());
+fn apply_and_revert(v1: &mut Service, so: &std::path::Path, changes: &[(&str, &str)]) {
+    let before = but_calls(v1.call());
     assert_eq!(before, but_calls(expected(&[])), "v1 before the patch");
-    let applied = Applied::load(&mut fx.v1, so);
+    let applied = Applied::load(v1, so);
     assert_eq!(
         but_calls(applied.v1.call()),
         but_calls(expected(changes)),
         "v1 patched"
     );
     applied.revert();
-    assert_eq!(but_calls(fx.v1.call()), before, "v1 reverted");
+    assert_eq!(but_calls(v1.call()), before, "v1 reverted");
 }
 
 /// Case `branch` patched: the tool lists `want`, v1 answers with the
@@ -510,18 +510,28 @@ fn patched(branch: &str, want: &[Want]) {
     let so = out_path(branch);
     let out = build_patch(branch, s(&fx.v1_bin), &so);
     check_built(
-        &fx,
+        &fx.v1_id,
         &out,
         &so,
         &harness::edited("src/lib.rs", c.edits),
         want,
     );
-    apply_and_revert(&mut fx, &so, c.changes);
+    apply_and_revert(&mut fx.v1, &so, c.changes);
 }
 
 /// `cargo hotpatch build --base v1 --head HEAD -p svc --binary BINARY -o SO`.
 fn build_patch(head: &str, binary: &str, so: &std::path::Path) -> harness::Output {
-    tool(&[
+    build_patch_with(head, binary, so, &[])
+}
+
+/// [`build_patch`] with more arguments (`--release`).
+fn build_patch_with(
+    head: &str,
+    binary: &str,
+    so: &std::path::Path,
+    more: &[&str],
+) -> harness::Output {
+    let mut args = vec![
         "build",
         "--base",
         "v1",
@@ -533,7 +543,9 @@ fn build_patch(head: &str, binary: &str, so: &std::path::Path) -> harness::Outpu
         binary,
         "-o",
         s(so),
-    ])
+    ];
+    args.extend_from_slice(more);
+    tool(&args)
 }
 
 /// Does `text` name `src/lib.rs:LINE` (not a longer number)?
@@ -798,13 +810,13 @@ fn case_13_without_head_the_dirty_tree_is_the_fix_and_with_head_it_is_ignored() 
         s(&so),
     ]);
     check_built(
-        &fx,
+        &fx.v1_id,
         &out,
         &so,
         &harness::edited("src/lib.rs", DIRTY.edits),
         &[("replaced", "svc::price", "pub fn price(")],
     );
-    apply_and_revert(&mut fx, &so, DIRTY.changes);
+    apply_and_revert(&mut fx.v1, &so, DIRTY.changes);
     // `--head v1`: the same as the base, whatever the working tree holds.
     let so = out_path("dirty-head-v1");
     no_change(
@@ -842,7 +854,7 @@ fn case_14_a_patch_for_v1_is_refused_by_another_build_and_accepted_by_v1() {
     let so = out_path("identity");
     let out = build_patch("case-free-fn", s(&fx.v1_bin), &so);
     check_built(
-        &fx,
+        &fx.v1_id,
         &out,
         &so,
         &harness::edited("src/lib.rs", case("case-free-fn").edits),
@@ -865,7 +877,7 @@ fn case_14_a_patch_for_v1_is_refused_by_another_build_and_accepted_by_v1() {
     );
     assert_eq!(other.ask("revert"), "error: no patch to revert");
 
-    apply_and_revert(&mut fx, &so, case("case-free-fn").changes);
+    apply_and_revert(&mut fx.v1, &so, case("case-free-fn").changes);
 }
 
 // ---- the fixture's own premises ----
@@ -973,7 +985,7 @@ fn case_20_a_panic_in_a_patch_made_from_source_is_counted() {
     let so = out_path("case-panics");
     let out = build_patch("case-panics", s(&fx.v1_bin), &so);
     check_built(
-        &fx,
+        &fx.v1_id,
         &out,
         &so,
         &harness::edited("src/lib.rs", case("case-panics").edits),
@@ -1006,5 +1018,75 @@ fn case_22_a_change_in_a_macro_replaces_the_functions_that_use_it() {
     patched(
         "case-macro",
         &[("replaced", "svc::doubled", "pub fn doubled(")],
+    );
+}
+
+#[test]
+fn release_a_release_build_is_patched_from_source_with_its_own_profile() {
+    // Deployed services are release builds: inlining, merged constants
+    // and rip-relative reads of private statics are what the optimiser
+    // makes of the same source. v1 in release, and patches built with
+    // `--release`, for the cases where optimised code differs most: a
+    // method whose private helper is inlined, a private static read by
+    // value, a new tracing event (its metadata is merged constant data),
+    // and a change only in an inlined callee.
+    let fx = fixture();
+    assert_clean();
+    let v1_bin = harness::build_service_with("svc-v1-release", true);
+    let v1_id = cargo_hotpatch::hex(&cargo_hotpatch::build_id(&v1_bin).unwrap());
+    assert_ne!(v1_id, fx.v1_id, "the release build is another build");
+    drop(fx);
+    let mut v1 = Service::start(&v1_bin, "v1-release");
+    assert_eq!(v1.banner, "ready svc v1");
+    assert_eq!(v1.call(), expected(&[]), "v1 (release)'s first call");
+    let cases: &[(&str, &[Want])] = &[
+        (
+            "case-method",
+            &[("replaced", "svc::Cart::total", "pub fn total(&self)")],
+        ),
+        (
+            "case-private-static",
+            &[("replaced", "svc::rated", "pub fn rated(")],
+        ),
+        (
+            "case-tracing",
+            &[("replaced", "svc::audited", "pub fn audited(")],
+        ),
+        (
+            "case-inlined-callee",
+            &[("replaced", "svc::bonus_of", "pub fn bonus_of(")],
+        ),
+    ];
+    for (branch, want) in cases {
+        let c = case(branch);
+        let so = out_path(&format!("release-{branch}"));
+        let out = {
+            let _fx = fixture();
+            build_patch_with(branch, s(&v1_bin), &so, &["--release"])
+        };
+        check_built(
+            &v1_id,
+            &out,
+            &so,
+            &harness::edited("src/lib.rs", c.edits),
+            want,
+        );
+        apply_and_revert(&mut v1, &so, c.changes);
+    }
+    // A patch built for the debug profile is not one for this binary: the
+    // debug base does not rebuild it, and the tool says so.
+    let so = out_path("release-as-debug");
+    let out = {
+        let _fx = fixture();
+        build_patch("case-free-fn", s(&v1_bin), &so)
+    };
+    assert_eq!(out.status.code(), Some(3), "exit code: {out:?}");
+    assert!(!so.exists(), "no patch file is written");
+    assert!(
+        out.stderr
+            .lines()
+            .any(|l| l.starts_with("refused: ") && l.contains(&v1_id)),
+        "a refusal naming the release build-id {v1_id}: {}",
+        out.stderr
     );
 }

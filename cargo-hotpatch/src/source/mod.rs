@@ -4,10 +4,12 @@
 //! 1. The base revision is checked out (`git archive`, into the target
 //!    directory: the user's tree and `.git` are untouched) and built as
 //!    deployed: the same toolchain, `Cargo.lock` (`--locked`), profile,
-//!    features and flags, in its own target directory. Paths are remapped
+//!    features and flags, in its own target directory. The checkout's
+//!    paths, and that target directory's (where OUT_DIR is), are remapped
 //!    to the workspace's own (`--remap-path-prefix`, through a
-//!    `RUSTC_WRAPPER`: cargo puts a workspace wrapper in the crates' metadata hash, and so in every symbol name), so the base builds bit for bit what the
-//!    workspace builds, debug info included.
+//!    `RUSTC_WRAPPER`: cargo puts a workspace wrapper in the crates'
+//!    metadata hash, and so in every symbol name), so the base builds bit
+//!    for bit what the workspace builds, debug info included.
 //! 2. The head (the working tree, or `--head REV` checked out the same
 //!    way) is built the same way, in another target directory.
 //! 3. With `--binary`, the deployed binary must be the rebuilt base: the
@@ -37,7 +39,7 @@ use self::extract::{Host, Record};
 use self::objects::{Build, Target, UnitId};
 
 /// The environment variable that makes `cargo-hotpatch` act as rustc's
-/// wrapper (`FROM=TO` for `--remap-path-prefix`).
+/// wrapper: `FROM=TO` pairs for `--remap-path-prefix`, one a line.
 pub const REMAP_ENV: &str = "__CARGO_HOTPATCH_REMAP";
 /// The wrapper the user had, which the remapping wrapper runs in turn.
 pub const INNER_WRAPPER_ENV: &str = "__CARGO_HOTPATCH_INNER_WRAPPER";
@@ -330,7 +332,8 @@ struct Artifacts {
 }
 
 /// Builds the package in `dir` (the workspace root of that checkout),
-/// remapping its paths to `remap_to`.
+/// remapping its paths to `remap_to`, and `target_dir`'s to the
+/// workspace's target directory.
 fn cargo_build(
     ws: &Workspace,
     opts: &SourceOptions,
@@ -353,17 +356,27 @@ fn cargo_build(
         .arg("--manifest-path")
         .arg(dir.join(&ws.package_dir).join("Cargo.toml"));
     cmd.args(opts.flags.args());
+    // Every build goes through the remapping wrapper. The checkout's
+    // paths become the workspace's; and this build's target directory
+    // becomes the workspace's, so code a build script generates into
+    // OUT_DIR (`include!`, as prost and tonic do) names the file where the
+    // deployed build had it, in panic locations and `file!()`.
+    let me = std::env::current_exe().map_err(io("finding cargo-hotpatch's own path"))?;
+    if let Some(inner) = std::env::var_os("RUSTC_WRAPPER") {
+        cmd.env(INNER_WRAPPER_ENV, inner);
+    }
+    cmd.env("RUSTC_WRAPPER", me);
+    let mut remap = OsString::new();
     if let Some(to) = remap_to {
-        let me = std::env::current_exe().map_err(io("finding cargo-hotpatch's own path"))?;
-        if let Some(inner) = std::env::var_os("RUSTC_WRAPPER") {
-            cmd.env(INNER_WRAPPER_ENV, inner);
-        }
-        cmd.env("RUSTC_WRAPPER", me);
-        let mut remap = OsString::from(dir);
+        remap.push(dir);
         remap.push("=");
         remap.push(to);
-        cmd.env(REMAP_ENV, remap);
+        remap.push("\n");
     }
+    remap.push(target_dir);
+    remap.push("=");
+    remap.push(&ws.target_dir);
+    cmd.env(REMAP_ENV, remap);
     let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -467,16 +480,30 @@ fn paths_leave(repo: &Path, ws: &Workspace) -> bool {
     false
 }
 
+/// What the remapping wrapper gives rustc, as far as it decides the bytes
+/// of a build: cargo's fingerprints do not see it, so a target directory
+/// built under another scheme (an older cargo-hotpatch) is rebuilt whole.
+/// Changed whenever the wrapper's flags change.
+const WRAPPER_SCHEME: &str = "cargo-hotpatch wrapper 2: source and target directory remapped";
+
 /// One target directory serves every checkout of a side (dependencies are
 /// compiled once), but the workspace's own crates have the same names in
 /// every checkout, so cargo would take the last checkout's build for this
 /// one's. When `dir` is not the checkout built there last, their
-/// fingerprints are removed and they are rebuilt.
+/// fingerprints are removed and they are rebuilt. A target directory built
+/// under another [`WRAPPER_SCHEME`] is removed.
 fn forget_other_checkout(ws: &Workspace, dir: &Path, target_dir: &Path) -> Result<(), SourceError> {
     let marker = target_dir.join(".cargo-hotpatch-source");
-    let this = dir.to_string_lossy().into_owned();
-    if std::fs::read_to_string(&marker).is_ok_and(|m| m == this) {
+    let this = format!("{WRAPPER_SCHEME}\n{}", dir.to_string_lossy());
+    let last = std::fs::read_to_string(&marker).ok();
+    if last.as_deref() == Some(this.as_str()) {
         return Ok(());
+    }
+    let same_scheme = last
+        .as_deref()
+        .is_some_and(|m| m.lines().next() == Some(WRAPPER_SCHEME));
+    if !same_scheme && target_dir.exists() {
+        std::fs::remove_dir_all(target_dir).map_err(io(target_dir.display()))?;
     }
     if let Ok(profiles) = std::fs::read_dir(target_dir) {
         for profile in profiles.flatten() {
@@ -510,24 +537,33 @@ pub fn run_as_rustc_wrapper(args: &[OsString]) -> i32 {
     };
     let mut cmd = Command::new(program);
     cmd.args(rest);
+    let remap = remap.to_string_lossy().into_owned();
+    // rustc splits FROM=TO at the last `=`.
+    let pairs: Vec<(&str, &str)> = remap.lines().filter_map(|l| l.rsplit_once('=')).collect();
     if args.iter().any(|a| a == "--crate-name") {
-        let mut flag = OsString::from("--remap-path-prefix=");
-        flag.push(&remap);
-        cmd.arg(flag);
+        for (from, to) in &pairs {
+            cmd.arg(format!("--remap-path-prefix={from}={to}"));
+        }
     }
     cmd.env_remove(REMAP_ENV);
     // `env!("CARGO_MANIFEST_DIR")` in the service's code puts the
     // checkout's path into the binary: it is the workspace's in the
     // deployed build, so it is here too.
-    let remap = remap.to_string_lossy().into_owned();
-    if let Some((from, to)) = remap.split_once('=') {
-        for var in ["CARGO_MANIFEST_DIR", "CARGO_MANIFEST_PATH"] {
-            if let Some(v) = std::env::var_os(var) {
-                let v = v.to_string_lossy().into_owned();
-                if let Some(rest) = v.strip_prefix(from) {
-                    cmd.env(var, format!("{to}{rest}"));
-                }
-            }
+    for var in ["CARGO_MANIFEST_DIR", "CARGO_MANIFEST_PATH"] {
+        let Some(v) = std::env::var_os(var) else {
+            continue;
+        };
+        let v = PathBuf::from(v);
+        let mapped = pairs.iter().find_map(|(from, to)| {
+            let rest = v.strip_prefix(from).ok()?;
+            // `join("")` would add a `/` the deployed value does not have.
+            Some(match rest.as_os_str().is_empty() {
+                true => PathBuf::from(to),
+                false => Path::new(to).join(rest),
+            })
+        });
+        if let Some(to) = mapped {
+            cmd.env(var, to);
         }
     }
     match cmd.status() {

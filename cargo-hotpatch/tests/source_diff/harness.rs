@@ -225,12 +225,20 @@ fn env(cmd: &mut Command) {
 }
 
 /// Builds the service as the working tree stands (debug, as deployed in
-/// this test) and copies its binary to `bin/NAME`, where it runs from
-/// (later builds overwrite `target/debug/svc`).
+/// most cases of this test) and copies its binary to `bin/NAME`, where it
+/// runs from (later builds overwrite `target/debug/svc`).
 pub fn build_service(name: &str) -> PathBuf {
+    build_service_with(name, false)
+}
+
+/// [`build_service`], in the release profile when `release`.
+pub fn build_service_with(name: &str, release: bool) -> PathBuf {
     let mut cmd = cargo();
     cmd.args(["build", "--quiet", "-p", "svc"])
         .current_dir(repo_dir());
+    if release {
+        cmd.arg("--release");
+    }
     let out = run(cmd, &format!("cargo build -p svc ({name})"));
     assert!(
         out.status.success(),
@@ -240,7 +248,8 @@ pub fn build_service(name: &str) -> PathBuf {
     let bin = scratch().join("bin");
     std::fs::create_dir_all(&bin).unwrap();
     let to = bin.join(name);
-    std::fs::copy(target_dir().join("debug/svc"), &to).unwrap();
+    let profile = if release { "release" } else { "debug" };
+    std::fs::copy(target_dir().join(profile).join("svc"), &to).unwrap();
     to
 }
 
