@@ -25,6 +25,7 @@
 mod harness;
 
 use std::path::PathBuf;
+use std::process::Command;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use harness::{Call, Edit, Service, assert_clean, git, line_of, listed, tool};
@@ -1089,4 +1090,40 @@ fn release_a_release_build_is_patched_from_source_with_its_own_profile() {
         "a refusal naming the release build-id {v1_id}: {}",
         out.stderr
     );
+}
+
+#[test]
+fn case_23_a_deployed_binary_that_cannot_be_patched_is_refused_before_any_build() {
+    let fx = fixture();
+    let dir = harness::scratch().join("bin");
+    // Not an ELF file; and v1 stripped of its symbol table (a patch from
+    // source reaches the service's private items by their symbols).
+    let text = dir.join("not-a-binary");
+    std::fs::write(&text, "#!/bin/sh\necho svc\n").unwrap();
+    let stripped = dir.join("svc-v1-stripped");
+    std::fs::copy(&fx.v1_bin, &stripped).unwrap();
+    let strip = Command::new("strip").arg(&stripped).status().unwrap();
+    assert!(strip.success(), "strip {}", stripped.display());
+    for (binary, needle) in [
+        (&text, "not a readable ELF file"),
+        (&stripped, "has no symbol table (stripped)"),
+    ] {
+        let so = out_path("case-23");
+        let out = build_patch("case-free-fn", s(binary), &so);
+        assert_eq!(out.status.code(), Some(3), "exit code: {out:?}");
+        assert!(!so.exists(), "no patch file is written");
+        assert!(
+            out.stderr
+                .lines()
+                .any(|l| l.contains(s(binary)) && l.contains(needle)),
+            "one line naming {} and saying {needle:?}: {}",
+            binary.display(),
+            out.stderr
+        );
+        assert!(
+            !out.stderr.contains("building the base"),
+            "refused before building: {}",
+            out.stderr
+        );
+    }
 }

@@ -125,7 +125,8 @@ pub enum SourceError {
     NoChange(String),
     /// A file could not be read or written.
     Io(String),
-    /// Linking or checking the patch failed.
+    /// Reading the deployed binary, or linking or checking the patch,
+    /// failed.
     Link(crate::Error),
 }
 
@@ -888,13 +889,18 @@ pub fn build(
         Some(h) => Some(commit_of(&repo, h)?),
         None => None,
     };
-    if let Some(b) = &opts.binary
-        && !b.is_file()
-    {
-        return Err(SourceError::Io(format!(
-            "{}: no such file (--binary)",
-            b.display()
-        )));
+    // Before builds that may take minutes: the deployed binary is an ELF
+    // executable with a build-id, a symbol table and hotpatch linked in.
+    if let Some(b) = &opts.binary {
+        if !b.is_file() {
+            return Err(SourceError::Io(format!(
+                "{}: no such file (--binary)",
+                b.display()
+            )));
+        }
+        crate::build_id(b).map_err(SourceError::Link)?;
+        let data = std::fs::read(b).map_err(io(b.display()))?;
+        host_symbols(b, &data)?;
     }
 
     // What changed, by file.
