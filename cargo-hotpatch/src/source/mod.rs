@@ -951,8 +951,8 @@ pub fn build(
     };
     let base_name = format!("{} ({})", opts.base, &base_commit[..12]);
     let files: Vec<String> = files.into_iter().collect();
-    let in_base = |f: &str| {
-        let spec = format!("{base_commit}:{}", ws_in_repo.join(f).display());
+    let in_commit = |commit: &str, f: &str| {
+        let spec = format!("{commit}:{}", ws_in_repo.join(f).display());
         Command::new("git")
             .arg("-C")
             .arg(&repo)
@@ -961,6 +961,7 @@ pub fn build(
             .status()
             .is_ok_and(|s| s.success())
     };
+    let in_base = |f: &str| in_commit(&base_commit, f);
     let (mut refusals, mut notes, code) = classify_files(&ws, &files, &in_base);
     if files.is_empty() {
         return Err(SourceError::NoChange(format!(
@@ -1079,17 +1080,20 @@ pub fn build(
 
     // A revision without a committed Cargo.lock builds with the
     // workspace's (the deployed build's lock is checked by --binary).
-    for dir in [Some(&base_ws), head_commit.as_ref().map(|_| &head_ws)]
-        .into_iter()
-        .flatten()
-    {
-        let lock = dir.join("Cargo.lock");
+    // Decided by the commit, not the checkout, which keeps the copy of an
+    // earlier run: every run says so, and uses the workspace's lock as it
+    // is now.
+    let sides = [
+        Some((&base_ws, base_commit.as_str(), &base_name)),
+        head_commit.as_deref().map(|c| (&head_ws, c, &head_name)),
+    ];
+    for (dir, commit, name) in sides.into_iter().flatten() {
         let ours = ws.root.join("Cargo.lock");
-        if !lock.exists() && ours.exists() {
+        if !in_commit(commit, "Cargo.lock") && ours.exists() {
+            let lock = dir.join("Cargo.lock");
             std::fs::copy(&ours, &lock).map_err(io(lock.display()))?;
             notes.push(format!(
-                "{} has no committed Cargo.lock: built with the workspace's (commit Cargo.lock so that the base is the deployed build)",
-                if dir == &base_ws { &base_name } else { &head_name }
+                "{name} has no committed Cargo.lock: built with the workspace's (commit Cargo.lock so that the base is the deployed build)"
             ));
         }
     }
