@@ -284,6 +284,36 @@ const CASES: &[Case] = &[
         edits: &[lib("        $e * 2\n", "        $e * 2 + 1\n")],
         changes: &[("doubled", "21")],
     },
+    // 24. A thread-local's initial value.
+    Case {
+        branch: "case-thread-local",
+        edits: &[lib(
+            "const { std::cell::Cell::new(0) }",
+            "const { std::cell::Cell::new(1) }",
+        )],
+        changes: &[],
+    },
+    // 25. The build script.
+    Case {
+        branch: "case-build-rs",
+        edits: &[Edit {
+            file: "build.rs",
+            old: "    println!(\"cargo::rustc-link-arg-bins=-rdynamic\");\n",
+            new: "    println!(\"cargo::rustc-link-arg-bins=-rdynamic\");\n    println!(\"cargo::rerun-if-changed=build.rs\");\n",
+        }],
+        changes: &[],
+    },
+    // 26. The committed Cargo.lock (any change of it: the tool does not
+    //     judge which are harmless).
+    Case {
+        branch: "case-lock",
+        edits: &[Edit {
+            file: "Cargo.lock",
+            old: "# It is not intended for manual editing.\n",
+            new: "# It is not intended for manual editing.\n# Reviewed for INC-1234.\n",
+        }],
+        changes: &[],
+    },
     // 14. Another build of the service: a commit after v1 that changes only
     //     the binary's banner (so its build-id, and none of its library).
     Case {
@@ -917,17 +947,23 @@ fn case_15_a_private_static_read_by_value_is_the_running_processs() {
 
 #[test]
 fn case_16_a_changed_cargo_toml_is_refused_before_any_build() {
+    refused_file("case-manifest", "Cargo.toml", "dependencies, features");
+}
+
+/// Case `branch` changed `file` and is refused before any build, with a
+/// `refused:` line naming the file and saying `needle`.
+fn refused_file(branch: &str, file: &str, needle: &str) {
     let fx = fixture();
-    let so = out_path("case-manifest");
-    let out = build_patch("case-manifest", s(&fx.v1_bin), &so);
+    let so = out_path(branch);
+    let out = build_patch(branch, s(&fx.v1_bin), &so);
     assert_eq!(out.status.code(), Some(3), "exit code: {out:?}");
     assert!(!so.exists(), "no patch file is written");
     let refusal = out
         .stderr
         .lines()
-        .find(|l| l.starts_with("refused: Cargo.toml changed"))
-        .unwrap_or_else(|| panic!("a refusal naming Cargo.toml: {}", out.stderr));
-    assert!(refusal.contains("dependencies, features"), "{refusal}");
+        .find(|l| l.starts_with(&format!("refused: {file} changed")))
+        .unwrap_or_else(|| panic!("a refusal naming {file}: {}", out.stderr));
+    assert!(refusal.contains(needle), "{refusal}");
     assert!(
         !out.stderr.contains("building the base"),
         "refused before building: {}",
@@ -1126,4 +1162,29 @@ fn case_23_a_deployed_binary_that_cannot_be_patched_is_refused_before_any_build(
             out.stderr
         );
     }
+}
+
+#[test]
+fn case_24_a_changed_thread_local_is_refused() {
+    refused(
+        "case-thread-local",
+        "svc::THREAD_CALLS",
+        "static THREAD_CALLS",
+        &["thread-local"],
+        &["initialiser", "every running thread keeps its old state"],
+    );
+}
+
+#[test]
+fn case_25_a_changed_build_script_is_refused_before_any_build() {
+    refused_file("case-build-rs", "build.rs", "the build script");
+}
+
+#[test]
+fn case_26_a_changed_committed_lock_file_is_refused_before_any_build() {
+    refused_file(
+        "case-lock",
+        "Cargo.lock",
+        "dependencies, features and versions",
+    );
 }

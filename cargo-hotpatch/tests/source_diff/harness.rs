@@ -39,12 +39,18 @@ pub struct Edit {
 /// The text of `file` (`src/lib.rs` or `src/main.rs`) at v1 with `edits`
 /// applied.
 pub fn edited(file: &str, edits: &[Edit]) -> String {
-    let mut text = match file {
+    let text = match file {
         "src/lib.rs" => V1_LIB.to_owned(),
         "src/main.rs" => V1_MAIN.to_owned(),
         "Cargo.toml" => v1_manifest(),
+        "build.rs" => TEMPLATE_BUILD_RS.to_owned(),
         _ => panic!("no fixture file {file}"),
     };
+    apply_edits(file, text, edits)
+}
+
+/// `text` (of `file`) with the `edits` of `file` applied.
+fn apply_edits(file: &str, mut text: String, edits: &[Edit]) -> String {
     for e in edits.iter().filter(|e| e.file == file) {
         assert_eq!(
             text.matches(e.old).count(),
@@ -133,6 +139,20 @@ pub fn write_tree(edits: &[Edit]) {
     write(&repo.join("src/lib.rs"), &edited("src/lib.rs", edits));
     write(&repo.join("src/main.rs"), &edited("src/main.rs", edits));
     write(&repo.join("Cargo.toml"), &edited("Cargo.toml", edits));
+    write(&repo.join("build.rs"), &edited("build.rs", edits));
+    // Cargo.lock: v1's as committed (cargo trimmed the workspace's), with
+    // the edits; before v1 is made, `make_repo` writes it.
+    if let Some(lock) = v1_lock() {
+        write(
+            &repo.join("Cargo.lock"),
+            &apply_edits("Cargo.lock", lock, edits),
+        );
+    } else {
+        assert!(
+            !edits.iter().any(|e| e.file == "Cargo.lock"),
+            "Cargo.lock edits need v1"
+        );
+    }
 }
 
 /// Makes the repository (again): `main` and tag `v1` at the fixture as
@@ -187,6 +207,17 @@ pub fn make_repo(branches: &[(&str, &[Edit])]) {
     git(&["update-ref", "refs/heads/main", v1]);
     git(&["checkout", "--quiet", "--force", "main"]);
     assert_clean();
+}
+
+/// v1's Cargo.lock, once v1 is committed.
+fn v1_lock() -> Option<String> {
+    let v1 = Command::new("git")
+        .args(["rev-parse", "--quiet", "--verify", "v1^{commit}"])
+        .current_dir(repo_dir())
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    v1.then(|| git(&["show", "v1:Cargo.lock"]))
 }
 
 fn has_commits() -> bool {
