@@ -1188,3 +1188,38 @@ fn case_26_a_changed_committed_lock_file_is_refused_before_any_build() {
         "dependencies, features and versions",
     );
 }
+
+#[test]
+fn case_27_without_binary_the_patch_is_for_the_rebuilt_base_named_by_its_commit() {
+    // `--base` by commit hash, and no `--binary`: the patch is bound to the
+    // base the tool rebuilt, which is bit for bit the deployed v1 (built in
+    // this workspace), so the running v1 takes it.
+    let mut fx = fixture();
+    let v1_commit = git(&["rev-parse", "v1^{commit}"]).trim().to_owned();
+    let so = out_path("case-27");
+    let out = tool(&[
+        "build",
+        "--base",
+        &v1_commit,
+        "--head",
+        "case-free-fn",
+        "-p",
+        "svc",
+        "-o",
+        s(&so),
+    ]);
+    assert!(
+        out.stdout
+            .contains(&format!("base: {v1_commit} ({})", &v1_commit[..12])),
+        "the base is named as given, with its commit: {}",
+        out.stdout
+    );
+    check_built(
+        &fx.v1_id,
+        &out,
+        &so,
+        &harness::edited("src/lib.rs", case("case-free-fn").edits),
+        &[("replaced", "svc::price", "pub fn price(")],
+    );
+    apply_and_revert(&mut fx.v1, &so, case("case-free-fn").changes);
+}
