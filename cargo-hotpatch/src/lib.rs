@@ -100,6 +100,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 mod allocshims;
+pub mod cargo;
 mod check;
 mod devdep;
 mod elf;

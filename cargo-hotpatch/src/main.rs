@@ -2,9 +2,8 @@
 //! the service binary it is for. See the crate docs of `cargo_hotpatch`.
 
 use std::ffi::OsString;
-use std::io::BufRead;
 use std::path::PathBuf;
-use std::process::{Command, ExitCode, Stdio};
+use std::process::{Command, ExitCode};
 
 use cargo_hotpatch::Error;
 use clap::{Args, Parser, Subcommand};
@@ -265,13 +264,13 @@ fn build(args: &BuildArgs) -> Result<(), Failure> {
     // have a build-id.
     cargo_hotpatch::build_id(&binary)?;
 
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let cargo = cargo_hotpatch::cargo::program();
     let patch = &args.packages[0];
-    let meta = metadata(&cargo, args)?;
+    let meta = metadata(args)?;
     let package = find_package(&meta, patch)?;
 
     let mut cmd = Command::new(&cargo);
-    cmd.args(["build", "--lib", "--message-format=json-render-diagnostics"]);
+    cmd.args(["build", "--lib"]);
     for p in &args.packages {
         cmd.args(["-p", p]);
     }
@@ -289,16 +288,12 @@ fn build(args: &BuildArgs) -> Result<(), Failure> {
         ))
     })?;
 
-    let out = match &args.output {
-        Some(out) => out.clone(),
-        None => meta
-            .target_directory
-            .join("hotpatch")
-            .join(format!("{}.so", package.crate_name)),
-    };
-    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| Failure::Io(format!("{}: {e}", dir.display())))?;
-    }
+    let out = cargo_hotpatch::cargo::output_path(
+        args.output.as_deref(),
+        &meta.target_directory,
+        &format!("{}.so", package.crate_name),
+    )
+    .map_err(Failure::Io)?;
     let report = cargo_hotpatch::link(&rlib, &binary, &out)?;
 
     println!(
@@ -332,24 +327,9 @@ struct Package {
     crate_name: String,
 }
 
-fn metadata(cargo: &OsString, args: &BuildArgs) -> Result<Metadata, Failure> {
-    let mut cmd = Command::new(cargo);
-    cmd.args(["metadata", "--format-version", "1", "--no-deps"]);
-    if let Some(path) = &args.manifest_path {
-        cmd.arg("--manifest-path").arg(path);
-    }
-    let output = cmd
-        .stderr(Stdio::inherit())
-        .output()
-        .map_err(|e| Failure::Io(format!("running cargo metadata: {e}")))?;
-    if !output.status.success() {
-        return Err(Failure::CargoFailed(format!(
-            "`cargo metadata` {}",
-            output.status
-        )));
-    }
-    let json: serde_json::Value = serde_json::from_slice(&output.stdout)
-        .map_err(|e| Failure::Io(format!("cargo metadata printed no JSON: {e}")))?;
+fn metadata(args: &BuildArgs) -> Result<Metadata, Failure> {
+    let json = cargo_hotpatch::cargo::metadata(args.manifest_path.as_deref())
+        .map_err(|e| cargo_failure(e, "cargo metadata"))?;
     let target_directory = json["target_directory"]
         .as_str()
         .map(PathBuf::from)
@@ -396,40 +376,27 @@ fn find_package(meta: &Metadata, spec: &str) -> Result<Package, Failure> {
     Ok(Package { id, crate_name })
 }
 
+/// A failed run of cargo (`what`: `cargo build`, `cargo metadata`).
+fn cargo_failure(e: cargo_hotpatch::cargo::BuildError, what: &str) -> Failure {
+    match e {
+        cargo_hotpatch::cargo::BuildError::Io(m) => Failure::Io(m),
+        cargo_hotpatch::cargo::BuildError::Failed(status) => {
+            Failure::CargoFailed(format!("`{what}` {status}"))
+        }
+    }
+}
+
 /// Runs `cargo build` (its stderr is the user's) and returns the rlib it
 /// made for `package_id`.
-fn run_build(mut cmd: Command, package_id: &str) -> Result<Option<PathBuf>, Failure> {
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .map_err(|e| Failure::Io(format!("running cargo build: {e}")))?;
-    let stdout = child.stdout.take().expect("stdout is piped");
-    let mut rlib = None;
-    for line in std::io::BufReader::new(stdout).lines() {
-        let line = line.map_err(|e| Failure::Io(format!("reading cargo's output: {e}")))?;
-        let Ok(msg) = serde_json::from_str::<serde_json::Value>(&line) else {
-            continue;
-        };
-        if msg["reason"] != "compiler-artifact" || msg["package_id"] != package_id {
-            continue;
-        }
-        let files = msg["filenames"].as_array().cloned().unwrap_or_default();
-        if let Some(f) = files
-            .iter()
-            .filter_map(|f| f.as_str())
-            .find(|f| f.ends_with(".rlib"))
-        {
-            rlib = Some(PathBuf::from(f));
-        }
-    }
-    let status = child
-        .wait()
-        .map_err(|e| Failure::Io(format!("waiting for cargo build: {e}")))?;
-    if !status.success() {
-        return Err(Failure::CargoFailed(format!("`cargo build` {status}")));
-    }
-    Ok(rlib)
+fn run_build(cmd: Command, package_id: &str) -> Result<Option<PathBuf>, Failure> {
+    let artifacts =
+        cargo_hotpatch::cargo::build(cmd).map_err(|e| cargo_failure(e, "cargo build"))?;
+    Ok(artifacts
+        .iter()
+        .filter(|a| a.package_id == package_id)
+        .filter_map(|a| a.rlib())
+        .next_back()
+        .map(PathBuf::from))
 }
 
 fn build_from_source(args: &BuildArgs, base: &str) -> Result<(), Failure> {

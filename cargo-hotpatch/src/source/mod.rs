@@ -29,7 +29,6 @@ mod objects;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ffi::OsString;
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -147,6 +146,17 @@ fn io(what: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> SourceErro
     move |e| SourceError::Io(format!("{what}: {e}"))
 }
 
+/// A failed run of cargo: `what` (`` `cargo build` of DIR ``) and how it
+/// ended, or the I/O error.
+fn cargo_failed(what: String) -> impl FnOnce(crate::cargo::BuildError) -> SourceError {
+    move |e| match e {
+        crate::cargo::BuildError::Io(m) => SourceError::Io(m),
+        crate::cargo::BuildError::Failed(status) => {
+            SourceError::Tool(format!("{what} {status} (its diagnostics are above)"))
+        }
+    }
+}
+
 /// The workspace, from `cargo metadata`.
 struct Workspace {
     root: PathBuf,
@@ -163,28 +173,9 @@ struct Workspace {
     members: Vec<(PathBuf, String)>,
 }
 
-fn cargo() -> OsString {
-    std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into())
-}
-
 fn workspace(opts: &SourceOptions) -> Result<Workspace, SourceError> {
-    let mut cmd = Command::new(cargo());
-    cmd.args(["metadata", "--format-version", "1", "--no-deps"]);
-    if let Some(path) = &opts.manifest_path {
-        cmd.arg("--manifest-path").arg(path);
-    }
-    let out = cmd
-        .stderr(Stdio::inherit())
-        .output()
-        .map_err(io("running cargo metadata"))?;
-    if !out.status.success() {
-        return Err(SourceError::Tool(format!(
-            "`cargo metadata` {}",
-            out.status
-        )));
-    }
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .map_err(|e| SourceError::Io(format!("cargo metadata printed no JSON: {e}")))?;
+    let json = crate::cargo::metadata(opts.manifest_path.as_deref())
+        .map_err(cargo_failed("`cargo metadata`".into()))?;
     let root = PathBuf::from(json["workspace_root"].as_str().unwrap_or("."));
     let target_dir = PathBuf::from(json["target_directory"].as_str().unwrap_or("target"));
     let packages = json["packages"].as_array().cloned().unwrap_or_default();
@@ -343,14 +334,9 @@ fn cargo_build(
     remap_to: Option<&Path>,
 ) -> Result<Artifacts, SourceError> {
     forget_other_checkout(ws, dir, target_dir)?;
-    let mut cmd = Command::new(cargo());
+    let mut cmd = Command::new(crate::cargo::program());
     cmd.current_dir(dir)
-        .args([
-            "build",
-            "--locked",
-            "--message-format=json-render-diagnostics",
-            "-p",
-        ])
+        .args(["build", "--locked", "-p"])
         .arg(&ws.package)
         .arg("--target-dir")
         .arg(target_dir)
@@ -378,63 +364,23 @@ fn cargo_build(
     remap.push("=");
     remap.push(&ws.target_dir);
     cmd.env(REMAP_ENV, remap);
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .map_err(io("running cargo build"))?;
-    let stdout = child.stdout.take().expect("piped");
+    let artifacts = crate::cargo::build(cmd)
+        .map_err(cargo_failed(format!("`cargo build` of {}", dir.display())))?;
     let mut rlib = None;
     let mut bins = Vec::new();
     let mut hotpatch_rlib = None;
-    for line in std::io::BufReader::new(stdout).lines() {
-        let line = line.map_err(io("reading cargo's output"))?;
-        let Ok(msg) = serde_json::from_str::<serde_json::Value>(&line) else {
-            continue;
-        };
-        if msg["reason"] != "compiler-artifact" {
-            continue;
-        }
-        let name = msg["target"]["name"].as_str().unwrap_or_default();
-        let pkg = msg["package_id"].as_str().unwrap_or_default();
-        let files: Vec<PathBuf> = msg["filenames"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|f| f.as_str())
-                    .map(PathBuf::from)
-                    .collect()
-            })
-            .unwrap_or_default();
+    for a in &artifacts {
+        let pkg = &a.package_id;
         let is_ours = pkg.contains(&format!("#{}@", ws.package))
             || pkg.contains(&format!("/{}#", ws.package))
             || pkg.starts_with(&format!("{} ", ws.package));
-        let kinds = &msg["target"]["kind"];
-        let is_lib = kinds
-            .as_array()
-            .is_some_and(|k| k.iter().any(|k| k == "lib" || k == "rlib"));
-        if is_ours && is_lib {
-            rlib = files
-                .iter()
-                .find(|f| f.extension().is_some_and(|e| e == "rlib"))
-                .cloned();
+        if is_ours && a.is_lib {
+            rlib = a.rlib().map(Path::to_owned);
         } else if is_ours {
-            if let Some(exe) = msg["executable"].as_str() {
-                bins.push(PathBuf::from(exe));
-            }
-        } else if name == "hotpatch" && is_lib {
-            hotpatch_rlib = files
-                .iter()
-                .find(|f| f.extension().is_some_and(|e| e == "rlib"))
-                .cloned();
+            bins.extend(a.executable.clone());
+        } else if a.target_name == "hotpatch" && a.is_lib {
+            hotpatch_rlib = a.rlib().map(Path::to_owned);
         }
-    }
-    let status = child.wait().map_err(io("waiting for cargo build"))?;
-    if !status.success() {
-        return Err(SourceError::Tool(format!(
-            "`cargo build` of {} {status} (its diagnostics are above)",
-            dir.display()
-        )));
     }
     let rlib =
         rlib.ok_or_else(|| SourceError::Tool(format!("cargo built no rlib for {}", ws.package)))?;
@@ -1427,16 +1373,12 @@ pub fn build(
             ws.package
         ))
     })?;
-    let out = match &opts.output {
-        Some(o) => o.clone(),
-        None => ws
-            .target_dir
-            .join("hotpatch")
-            .join(format!("{}-source-patch.so", ws.lib_name)),
-    };
-    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(io(dir.display()))?;
-    }
+    let out = crate::cargo::output_path(
+        opts.output.as_deref(),
+        &ws.target_dir,
+        &format!("{}-source-patch.so", ws.lib_name),
+    )
+    .map_err(SourceError::Io)?;
     let shell = manifest_object(&hot, &hotpatch_rlib, &ws, &opts.base, &head_name, &replaced)?;
     let report =
         crate::link::link_objects(vec![extracted.object, shell], &head.rlib, &host_path, &out)

@@ -749,12 +749,7 @@ pub fn compare(base: &CrateSource, head: &CrateSource) -> Vec<Finding> {
     // thread-local).
     let is_static = |k: &Kind| matches!(k, Kind::Static { .. });
     for (b, h) in pairs(&index(base, is_static), &index(head, is_static)) {
-        let change = match (b, h) {
-            (Some(b), Some(h)) => value_change(&b.kind, &h.kind),
-            (None, Some(_)) => Some(ValueChange::Added),
-            (Some(_), None) => Some(ValueChange::Removed),
-            (None, None) => None,
-        };
+        let change = item_change(b, h);
         if let Some(change) = change {
             let item = h.or(b).expect("pairs yields at least one side");
             let Kind::Static { kind, .. } = item.kind else {
@@ -795,12 +790,7 @@ pub fn compare(base: &CrateSource, head: &CrateSource) -> Vec<Finding> {
     // Consts.
     let is_const = |k: &Kind| matches!(k, Kind::Const { .. });
     for (b, h) in pairs(&index(base, is_const), &index(head, is_const)) {
-        let change = match (b, h) {
-            (Some(b), Some(h)) => value_change(&b.kind, &h.kind),
-            (None, Some(_)) => Some(ValueChange::Added),
-            (Some(_), None) => Some(ValueChange::Removed),
-            (None, None) => None,
-        };
+        let change = item_change(b, h);
         if let Some(change) = change {
             let item = h.or(b).expect("pairs yields at least one side");
             findings.push(Finding::Const {
@@ -812,6 +802,17 @@ pub fn compare(base: &CrateSource, head: &CrateSource) -> Vec<Finding> {
         }
     }
     findings
+}
+
+/// How a static or const changed between `base` and `head`, either of
+/// which may be missing.
+fn item_change(base: Option<&Item>, head: Option<&Item>) -> Option<ValueChange> {
+    match (base, head) {
+        (Some(b), Some(h)) => value_change(&b.kind, &h.kind),
+        (None, Some(_)) => Some(ValueChange::Added),
+        (Some(_), None) => Some(ValueChange::Removed),
+        (None, None) => None,
+    }
 }
 
 /// `src`'s items of one kind, by key, in source order.
