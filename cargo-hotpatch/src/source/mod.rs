@@ -837,17 +837,24 @@ pub fn build(
     };
     // Before builds that may take minutes: the deployed binary is an ELF
     // executable with a build-id, a symbol table and hotpatch linked in.
-    if let Some(b) = &opts.binary {
-        if !b.is_file() {
-            return Err(SourceError::Io(format!(
-                "{}: no such file (--binary)",
-                b.display()
-            )));
+    // Read once: its bytes, build-id and symbols serve the checks below.
+    let deployed = match &opts.binary {
+        Some(b) => {
+            if !b.is_file() {
+                return Err(SourceError::Io(format!(
+                    "{}: no such file (--binary)",
+                    b.display()
+                )));
+            }
+            let data = crate::elf::read(b).map_err(SourceError::Link)?;
+            let id = crate::elf::parse(b, &data)
+                .and_then(|f| crate::elf::build_id_of(b, &f))
+                .map_err(SourceError::Link)?;
+            let host = host_symbols(b, &data)?;
+            Some((b, data, id, host))
         }
-        crate::build_id(b).map_err(SourceError::Link)?;
-        let data = std::fs::read(b).map_err(io(b.display()))?;
-        host_symbols(b, &data)?;
-    }
+        None => None,
+    };
 
     // What changed, by file.
     let mut files: BTreeSet<String> = BTreeSet::new();
@@ -1053,28 +1060,27 @@ pub fn build(
     let base_bin = pick_bin(&ws, opts, &base.bins)?;
     let base_bin_data = std::fs::read(&base_bin).map_err(io(base_bin.display()))?;
     let host_path = opts.binary.clone().unwrap_or_else(|| base_bin.clone());
-    if let Some(deployed) = &opts.binary {
-        let data = std::fs::read(deployed).map_err(io(deployed.display()))?;
-        let ours = code_identity(&base_bin_data)
-            .map_err(|e| SourceError::Io(format!("{}: {e}", base_bin.display())))?;
-        let theirs = code_identity(&data)
-            .map_err(|e| SourceError::Io(format!("{}: {e}", deployed.display())))?;
-        if ours != theirs {
-            let id = |p: &Path| {
-                crate::build_id(p)
+    let host = match deployed {
+        Some((deployed, data, deployed_id, host)) => {
+            let ours = code_identity(&base_bin_data)
+                .map_err(|e| SourceError::Io(format!("{}: {e}", base_bin.display())))?;
+            let theirs = code_identity(&data)
+                .map_err(|e| SourceError::Io(format!("{}: {e}", deployed.display())))?;
+            if ours != theirs {
+                let base_id = crate::elf::parse(&base_bin, &base_bin_data)
+                    .and_then(|f| crate::elf::build_id_of(&base_bin, &f))
                     .map(|b| crate::hex(&b))
-                    .unwrap_or_else(|_| "none".into())
-            };
-            return Err(SourceError::Refused(vec![format!(
-                "{} (build-id {}) is not what {base_name} builds here (build-id {}): another toolchain, Cargo.lock, profile, features or flags made it; build the patch where and as the deployed binary was built, or name the revision it was built from",
-                deployed.display(),
-                id(deployed),
-                id(&base_bin)
-            )]));
+                    .unwrap_or_else(|_| "none".into());
+                return Err(SourceError::Refused(vec![format!(
+                    "{} (build-id {}) is not what {base_name} builds here (build-id {base_id}): another toolchain, Cargo.lock, profile, features or flags made it; build the patch where and as the deployed binary was built, or name the revision it was built from",
+                    deployed.display(),
+                    crate::hex(&deployed_id),
+                )]));
+            }
+            host
         }
-    }
-    let host_data = std::fs::read(&host_path).map_err(io(host_path.display()))?;
-    let host = host_symbols(&host_path, &host_data)?;
+        None => host_symbols(&base_bin, &base_bin_data)?,
+    };
 
     // Compare.
     let base_rlib = std::fs::read(&base.rlib).map_err(io(base.rlib.display()))?;
