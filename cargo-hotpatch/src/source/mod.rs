@@ -648,6 +648,21 @@ fn entries(b: &Build<'_>) -> Vec<EntryInfo> {
     out
 }
 
+/// Code and data `#[patchable]` generates beside the user's function (its
+/// dispatcher, counted body, entry getter and entry): they change with the
+/// signature, which is refused on its own, and are never replaced or
+/// included.
+fn is_generated(name: &str) -> bool {
+    [
+        "__hotpatch_dispatch_",
+        "__hotpatch_counted_",
+        "__hotpatch_entry_of_",
+        "__HOTPATCH_ENTRY_",
+    ]
+    .iter()
+    .any(|m| name.contains(m))
+}
+
 /// Reads the deployed (or base) binary's symbols.
 fn host_symbols(path: &Path, data: &[u8]) -> Result<Host, SourceError> {
     let file = object::File::parse(data)
@@ -1110,6 +1125,13 @@ pub fn build(
         .collect();
 
     let describe = |n: &str| user_path(&demangle(n));
+    // A registry entry's function, as the service registers its path.
+    let entry_path = |entry: &str| {
+        base_entries
+            .get(entry)
+            .map(|e| e.path.clone())
+            .unwrap_or_else(|| describe(entry))
+    };
     let mut changed: BTreeSet<String> = BTreeSet::new();
     for (name, &hu) in h.functions() {
         if let Some(&bu) = b.by_name.get(name)
@@ -1131,10 +1153,7 @@ pub fn build(
             continue;
         }
         if name.contains("__HOTPATCH_ENTRY_") {
-            let path = base_entries
-                .get(name)
-                .map(|e| e.path.clone())
-                .unwrap_or_else(|| describe(name));
+            let path = entry_path(name);
             refusals.push(format!(
                 "the signature of #[patchable] {path} changed: the running callers pass the old arguments; keep the signature (add a new function for the new one) or ship it in a release"
             ));
@@ -1149,10 +1168,7 @@ pub fn build(
     }
     for (name, &bu) in &b.by_name {
         if !b.is_code(bu) && name.contains("__HOTPATCH_ENTRY_") && !h.by_name.contains_key(name) {
-            let path = base_entries
-                .get(name)
-                .map(|e| e.path.clone())
-                .unwrap_or_else(|| describe(name));
+            let path = entry_path(name);
             refusals.push(format!(
                 "#[patchable] {path} was removed or is no longer patchable: the running code calls it; keep it for the patch"
             ));
@@ -1165,10 +1181,7 @@ pub fn build(
     for name in &changed {
         if let Some(e) = head_entries.get(name) {
             replaced.push((name.clone(), e.clone()));
-        } else if name.contains("__hotpatch_dispatch_")
-            || name.contains("__hotpatch_entry_of_")
-            || name.contains("__hotpatch_counted_")
-        {
+        } else if is_generated(name) {
             // Generated code changes with the signature, refused above.
         } else {
             others.insert(name.clone());
@@ -1196,11 +1209,6 @@ pub fn build(
     let local_only = |name: &str| {
         let d = demangle(name);
         d.contains("{{closure}}") || d.contains("__hotpatch_original_")
-    };
-    let generated = |c: &str| {
-        c.contains("__hotpatch_dispatch_")
-            || c.contains("__hotpatch_counted_")
-            || c.contains("__HOTPATCH_ENTRY_")
     };
     // A `pub` function that is generic or `#[inline]` has copies in the
     // crates that use it (the binary's among them), which a release build
@@ -1253,7 +1261,7 @@ pub fn build(
             if replaced_names.contains(&c)
                 || forced.contains(&c)
                 || included.contains(&c)
-                || generated(&c)
+                || is_generated(&c)
             {
                 continue;
             }
