@@ -868,7 +868,7 @@ fn is_branch(bytes: &[u8], at: usize) -> bool {
 
 /// `hotpatch::__private::SOURCE_PANICS`, by its mangled name.
 fn is_source_panics(name: &str) -> bool {
-    format!("{:#}", rustc_demangle::demangle(name)) == "hotpatch::__private::SOURCE_PANICS"
+    super::demangle(name) == "hotpatch::__private::SOURCE_PANICS"
 }
 
 /// The little-endian `u32` at `at` of `data`, if it is inside.

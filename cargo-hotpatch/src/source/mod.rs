@@ -545,12 +545,7 @@ pub fn code_identity(data: &[u8]) -> Result<u64, String> {
     Ok(h.finish())
 }
 
-/// The rlib's codegen units.
-fn members(path: &Path, data: &[u8]) -> Result<Vec<(String, Vec<u8>)>, SourceError> {
-    let objs = crate::link::own_objects(path, data).map_err(SourceError::Link)?;
-    Ok(objs.into_iter().map(|(n, d)| (n, d.to_vec())).collect())
-}
-
+/// A symbol name demangled without its hash.
 fn demangle(name: &str) -> String {
     format!("{:#}", rustc_demangle::demangle(name))
 }
@@ -1100,16 +1095,9 @@ pub fn build(
     // Compare.
     let base_rlib = std::fs::read(&base.rlib).map_err(io(base.rlib.display()))?;
     let head_rlib = std::fs::read(&head.rlib).map_err(io(head.rlib.display()))?;
-    let base_members = members(&base.rlib, &base_rlib)?;
-    let head_members = members(&head.rlib, &head_rlib)?;
-    let base_refs: Vec<(String, &[u8])> = base_members
-        .iter()
-        .map(|(n, d)| (n.clone(), d.as_slice()))
-        .collect();
-    let head_refs: Vec<(String, &[u8])> = head_members
-        .iter()
-        .map(|(n, d)| (n.clone(), d.as_slice()))
-        .collect();
+    // The library's own objects, borrowed from the rlibs' bytes.
+    let base_refs = crate::link::own_objects(&base.rlib, &base_rlib).map_err(SourceError::Link)?;
+    let head_refs = crate::link::own_objects(&head.rlib, &head_rlib).map_err(SourceError::Link)?;
     let b = Build::read(&base_refs)
         .map_err(|e| SourceError::Io(format!("{}: {e}", base.rlib.display())))?;
     let h = Build::read(&head_refs)

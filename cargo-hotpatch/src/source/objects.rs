@@ -49,7 +49,7 @@ pub(crate) struct Reloc {
 /// which registers with the host's subscriber on first use like any new
 /// call site, so it may change or be new.
 pub(crate) fn is_callsite_static(name: &str) -> bool {
-    let d = format!("{:#}", rustc_demangle::demangle(name));
+    let d = super::demangle(name);
     d.ends_with("::__CALLSITE") || d.ends_with("::META") || d.ends_with("::CALLSITE")
 }
 
