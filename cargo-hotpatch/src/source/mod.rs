@@ -1201,27 +1201,7 @@ pub fn build(
     // A `pub` function that is generic or `#[inline]` has copies in the
     // crates that use it (the binary's among them), which a release build
     // compiles without an exported symbol to see: the source says so.
-    let copied_elsewhere = |name: &str| -> bool {
-        let Some(at) = head_src.locate(&demangle(name)) else {
-            return false;
-        };
-        let file = head_ws.join(&ws.package_dir).join(&at.file);
-        let Ok(text) = std::fs::read_to_string(&file) else {
-            return false;
-        };
-        let lines: Vec<&str> = text.lines().collect();
-        let Some(sig) = lines.get(at.line.saturating_sub(1)) else {
-            return false;
-        };
-        let sig = sig.trim_start();
-        let public = sig.starts_with("pub ") || sig.starts_with("pub fn");
-        let fn_name = demangle(name).rsplit("::").next().unwrap_or("").to_owned();
-        let generic = sig.contains(&format!("fn {fn_name}<"));
-        let inline = lines[at.line.saturating_sub(4)..at.line.saturating_sub(1)]
-            .iter()
-            .any(|l| l.trim_start().starts_with("#[inline"));
-        public && (generic || inline)
-    };
+    let copied_elsewhere = |name: &str| head_src.is_copied_into_users(&demangle(name));
     let mut included: BTreeSet<String> = others.clone();
     let mut forced: BTreeSet<String> = BTreeSet::new();
     let mut blocked: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();

@@ -149,6 +149,7 @@ impl Collector<'_> {
                 let kind = Kind::Fn {
                     sig: signature(&f.sig),
                     patchable,
+                    copied: copied_into_users(is_pub(&f.vis), &f.attrs, &f.sig, None),
                 };
                 self.push(ctx, None, &f.sig.ident, kind);
                 self.body(&f.block, ctx, f.sig.ident.to_string())?;
@@ -163,6 +164,12 @@ impl Collector<'_> {
                             let kind = Kind::Fn {
                                 sig: signature(&m.sig),
                                 patchable,
+                                copied: copied_into_users(
+                                    is_pub(&m.vis),
+                                    &m.attrs,
+                                    &m.sig,
+                                    Some(&imp.generics),
+                                ),
                             };
                             self.push(ctx, Some(owner.clone()), &m.sig.ident, kind);
                             self.body(
@@ -194,6 +201,13 @@ impl Collector<'_> {
                             let kind = Kind::Fn {
                                 sig: signature(&m.sig),
                                 patchable: false,
+                                // A default method is as public as its trait.
+                                copied: copied_into_users(
+                                    is_pub(&t.vis),
+                                    &m.attrs,
+                                    &m.sig,
+                                    Some(&t.generics),
+                                ),
                             };
                             self.push(ctx, Some(owner.clone()), &m.sig.ident, kind);
                             self.body(block, ctx, format!("{}::{}", t.ident, m.sig.ident))?;
@@ -517,6 +531,35 @@ fn is_cfg_test(attrs: &[Attribute]) -> bool {
         Meta::List(l) => l.path.is_ident("cfg") && stream(l.tokens.clone()) == "test",
         _ => false,
     })
+}
+
+/// `pub` (not `pub(crate)` or narrower): other crates may use it.
+fn is_pub(vis: &syn::Visibility) -> bool {
+    matches!(vis, syn::Visibility::Public(_))
+}
+
+/// Whether a function's code is copied into the crates that use it: it is
+/// public, and `#[inline]` (any form) or generic over types or consts (its
+/// own parameters, `impl Trait` arguments, or its impl's or trait's).
+/// Those copies are compiled in the binary crate and other crates, where a
+/// patch of this crate's code does not reach.
+fn copied_into_users(
+    public: bool,
+    attrs: &[Attribute],
+    sig: &syn::Signature,
+    outer: Option<&syn::Generics>,
+) -> bool {
+    let typed = |g: &syn::Generics| {
+        g.params
+            .iter()
+            .any(|p| !matches!(p, syn::GenericParam::Lifetime(_)))
+    };
+    let impl_trait_arg = sig.inputs.iter().any(|a| match a {
+        syn::FnArg::Typed(p) => text(&p.ty).contains("impl "),
+        syn::FnArg::Receiver(_) => false,
+    });
+    let inline = attrs.iter().any(|a| a.path().is_ident("inline"));
+    public && (inline || typed(&sig.generics) || outer.is_some_and(typed) || impl_trait_arg)
 }
 
 /// `Some(false)` for `#[patchable]` / `#[hotpatch::patchable]` (any

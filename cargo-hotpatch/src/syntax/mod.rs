@@ -585,6 +585,8 @@ enum Kind {
     Fn {
         sig: Signature,
         patchable: bool,
+        /// Public and `#[inline]` or generic: compiled into its users.
+        copied: bool,
     },
     Type {
         keyword: &'static str,
@@ -713,6 +715,15 @@ impl CrateSource {
         })
     }
 
+    /// Whether the function at that path is public and `#[inline]` or
+    /// generic (over types or consts, its impl's included): other crates,
+    /// the binary crate among them, compile their own copies of it, which
+    /// no patch of this crate replaces. `false` if not found.
+    pub fn is_copied_into_users(&self, demangled: &str) -> bool {
+        self.find_fn(demangled)
+            .is_some_and(|i| matches!(i.kind, Kind::Fn { copied: true, .. }))
+    }
+
     fn find_fn(&self, demangled: &str) -> Option<&Item> {
         let query = locate::Query::parse(demangled, &self.crate_name)?;
         locate::find(&self.items, &query)
@@ -827,7 +838,7 @@ fn index(src: &CrateSource, pick: fn(&Kind) -> bool) -> BTreeMap<Key, Vec<&Item>
 /// A function's signature and whether it is patchable.
 fn patchable(item: Option<&Item>) -> Option<(&Signature, bool)> {
     match item.map(|i| &i.kind) {
-        Some(Kind::Fn { sig, patchable }) => Some((sig, *patchable)),
+        Some(Kind::Fn { sig, patchable, .. }) => Some((sig, *patchable)),
         _ => None,
     }
 }

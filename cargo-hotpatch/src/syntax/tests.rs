@@ -1023,3 +1023,70 @@ fn crate_name_comes_from_the_manifest_and_can_be_set() {
     assert_eq!(src.locate("renamed_crate::f"), loc("src/lib.rs", 1));
     assert_eq!(src.locate("my_svc_lib::f"), None);
 }
+
+#[test]
+fn is_copied_into_users_is_public_and_inline_or_generic_over_types() {
+    let tree = Tree::new(&[(
+        "src/lib.rs",
+        "\
+/// Half.
+///
+/// Rounded down.
+#[inline]
+#[must_use]
+#[allow(clippy::all)]
+#[doc(alias = \"halve\")]
+pub fn half(x: u64) -> u64 { x / 2 }
+#[inline(always)]
+pub fn quarter(x: u64) -> u64 { x / 4 }
+pub fn sum<T: Into<u64>>(x: T) -> u64 { x.into() }
+pub fn len(x: impl AsRef<str>) -> usize { x.as_ref().len() }
+pub fn first<'a>(x: &'a [u8]) -> &'a [u8] { x }
+pub fn plain() {}
+#[inline]
+pub(crate) fn near() {}
+#[inline]
+fn private() {}
+pub struct Wrap<T>(T);
+impl<T> Wrap<T> {
+    pub fn get(&self) -> &T { &self.0 }
+    fn hidden(&self) {}
+}
+pub struct Cart;
+impl Cart {
+    #[inline]
+    pub fn total(&self) -> u64 { 0 }
+    pub fn count(&self) -> u64 { 0 }
+}
+pub trait Tag {
+    #[inline]
+    fn tag(&self) -> u8 { 7 }
+    fn other(&self) -> u8 { 8 }
+}
+",
+    )]);
+    let src = tree.parse();
+    for copied in [
+        "svc::half",
+        "svc::quarter",
+        "svc::sum",
+        "svc::len",
+        "svc::Wrap<T>::get",
+        "svc::Cart::total",
+        "svc::Tag::tag",
+    ] {
+        assert!(src.is_copied_into_users(copied), "{copied}");
+    }
+    for not in [
+        "svc::first",
+        "svc::plain",
+        "svc::near",
+        "svc::private",
+        "svc::Wrap<T>::hidden",
+        "svc::Cart::count",
+        "svc::Tag::other",
+        "svc::nothing",
+    ] {
+        assert!(!src.is_copied_into_users(not), "{not}");
+    }
+}
