@@ -349,12 +349,19 @@ struct Found {
     socket: PathBuf,
 }
 
-/// Sockets named `<service>.<pid>.sock` whose process is alive.
-fn scan(dirs: &[PathBuf]) -> Vec<Found> {
+/// Sockets named `<service>.<pid>.sock` whose process is alive, and the
+/// directories this user may not look in.
+fn scan(dirs: &[PathBuf]) -> (Vec<Found>, Vec<PathBuf>) {
     let mut found = Vec::new();
+    let mut denied = Vec::new();
     for dir in dirs {
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            continue;
+        let entries = match std::fs::read_dir(dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                denied.push(dir.clone());
+                continue;
+            }
+            Err(_) => continue,
         };
         for e in entries.flatten() {
             let name = e.file_name();
@@ -373,7 +380,7 @@ fn scan(dirs: &[PathBuf]) -> Vec<Found> {
         }
     }
     found.sort_by_key(|f| f.pid);
-    found
+    (found, denied)
 }
 
 /// Connects, sends `request` (with `"v": 1`), reads the one reply line.
@@ -446,24 +453,32 @@ fn resolve(target: &Target, dirs: &[PathBuf]) -> Result<PathBuf, Fail> {
             .collect::<Vec<_>>()
             .join(", ")
     };
-    let found = scan(dirs);
+    let (found, denied) = scan(dirs);
     if let Some(pid) = target.pid {
         if !Path::new(&format!("/proc/{pid}")).exists() {
             return Err(fail(code::NO_PROCESS, format!("no process {pid}")));
         }
-        return found
-            .into_iter()
-            .find(|f| f.pid == pid)
-            .map(|f| f.socket)
-            .ok_or_else(|| {
-                fail(
-                    code::NO_PROCESS,
-                    format!(
-                        "process {pid} has no control socket (looked in {})",
-                        looked()
-                    ),
-                )
-            });
+        if let Some(f) = found.into_iter().find(|f| f.pid == pid) {
+            return Ok(f.socket);
+        }
+        if !denied.is_empty() {
+            let denied: Vec<String> = denied.iter().map(|d| d.display().to_string()).collect();
+            return Err(fail(
+                code::NOT_PERMITTED,
+                format!(
+                    "not permitted: this user may not look in {} (where the control socket of \
+                     process {pid} may be)",
+                    denied.join(", ")
+                ),
+            ));
+        }
+        return Err(fail(
+            code::NO_PROCESS,
+            format!(
+                "process {pid} has no control socket (looked in {})",
+                looked()
+            ),
+        ));
     }
     let usable: Vec<Found> = found.into_iter().filter(|f| probe(f).is_some()).collect();
     match usable.len() {
@@ -503,6 +518,7 @@ fn probe(f: &Found) -> Option<Value> {
 
 fn ps(cli: &Cli, dirs: &[PathBuf]) -> Result<u8, Fail> {
     let rows: Vec<Value> = scan(dirs)
+        .0
         .iter()
         .filter_map(|f| {
             let status = probe(f)?;
@@ -562,7 +578,7 @@ fn code_of(kind: &str) -> u8 {
     match kind {
         "already_applied" | "not_applied" | "already_accepted" => code::NOTHING_TO_DO,
         "rolled_back" | "rollback_failed" => code::ROLLED_BACK,
-        "no_state_dir" | "state" => code::ERROR,
+        "no_state_dir" | "state" | "cancelled" => code::ERROR,
         "timeout" | "busy" => code::TIMED_OUT,
         "not_permitted" => code::NOT_PERMITTED,
         "ambiguous_patch" => code::USAGE,

@@ -281,11 +281,14 @@ pub(crate) fn reply(command: &Command, r: &Value) -> String {
             );
             let w = &r["watch"];
             if !w.is_null() {
+                let checks = match w["check_rounds"].as_u64() {
+                    Some(0) => "no health check registered".to_owned(),
+                    _ => format!("{} round(s) of health checks", s(&w["check_rounds"])),
+                };
                 out.push_str(&format!(
-                    "kept after a {} watch window: {} panic(s), {} round(s) of health checks\n",
+                    "kept after a {} watch window: {} panic(s), {checks}\n",
                     ms(&w["window_ms"]),
                     s(&w["panics"]),
-                    s(&w["check_rounds"])
                 ));
             }
             if !r["accepted"].is_null() {
@@ -324,7 +327,7 @@ pub(crate) fn reply(command: &Command, r: &Value) -> String {
                 patch_line(&r["reverted"]),
                 duration_us(&r["duration_us"])
             );
-            if !r["unaccepted"].is_null() {
+            if r["unaccepted"]["seq"].is_u64() {
                 out.push_str("  no longer accepted: it will not be re-applied at restart\n");
             }
             out

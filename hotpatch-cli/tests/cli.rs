@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -186,7 +186,12 @@ impl Service {
     fn start_env(name: &str, args: &[&str], env: &[(&str, &str)]) -> Service {
         let dir = scratch();
         std::fs::create_dir_all(&dir).unwrap();
-        let sockets = dir.join("sock");
+        Service::start_in(&dir.join("sock"), name, args, env)
+    }
+
+    /// With its sockets in `sockets`.
+    fn start_in(sockets: &Path, name: &str, args: &[&str], env: &[(&str, &str)]) -> Service {
+        let sockets = sockets.to_owned();
         let mut child = Command::new(built().join("control-svc"))
             .arg("--socket-dir")
             .arg(&sockets)
@@ -1682,4 +1687,657 @@ fn events_follow_prints_new_events_as_they_happen_and_ends_with_the_service() {
     svc.quit();
     let run = finish(child);
     assert_eq!(run.code, 7, "the service is gone: {}", run.stderr);
+}
+
+// --- operations under faults and attack (issue 20) ---
+
+/// A small tmpfs mounted by the test (it runs as root), unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(size: &str) -> Tmpfs {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            panic!("this test runs as root (it mounts a tmpfs)");
+        }
+        let dir = scratch().join("mnt");
+        std::fs::create_dir_all(&dir).unwrap();
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0755")])
+            .arg("tmpfs")
+            .arg(&dir)
+            .status()
+            .unwrap();
+        assert!(status.success(), "mount a tmpfs at {}", dir.display());
+        Tmpfs(dir)
+    }
+
+    fn remount(&self, option: &str) {
+        let status = Command::new("mount")
+            .args(["-o", &format!("remount,{option}")])
+            .arg(&self.0)
+            .status()
+            .unwrap();
+        assert!(status.success(), "remount {option}");
+    }
+
+    /// Fills the file system; the filler file.
+    fn fill(&self) -> PathBuf {
+        let path = self.0.join("filler");
+        let mut f = std::fs::File::create(&path).unwrap();
+        let chunk = vec![0x5a; 64 * 1024];
+        while f.write_all(&chunk).is_ok() {}
+        let _ = f.sync_all();
+        path
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// `revert` and `replace` of an accepted patch on a state directory that
+/// cannot be written change nothing, exit 1 and say so.
+fn unrecordable_operations_change_nothing(d: &Path, state: &Path, why: &str) {
+    let before = record(state);
+    let r = run_in(d, &["revert", BASIC]);
+    assert_eq!(r.code, 1, "{why}: {} {}", r.stdout, r.stderr);
+    one_line_error(&r, "state");
+    assert!(
+        r.stderr.contains("nothing changed") && !r.stdout.contains("no longer accepted"),
+        "{why}: {} {}",
+        r.stdout,
+        r.stderr
+    );
+    let r = run_in(d, &["replace", V1, &relative(&patch(V2)), "--json"]);
+    assert_eq!(r.code, 1, "{why}: {} {}", r.stdout, r.stderr);
+    let reply = r.json();
+    assert_eq!(reply["error"]["kind"], json!("state"), "{why}: {reply}");
+    assert!(
+        reply["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("nothing changed"),
+        "{why}: {reply}"
+    );
+    let st = status_of(d);
+    assert_eq!(
+        patches_of(&st),
+        owned(&[(BASIC, "accepted"), (V1, "accepted")]),
+        "{why}: {st}"
+    );
+    assert_eq!(implementation_of(&st, "svc::answer")["name"], json!(BASIC));
+    assert_eq!(record(state), before, "{why}: the record is as it was");
+}
+
+#[test]
+fn a_revert_or_replace_that_cannot_be_recorded_changes_nothing_and_says_so() {
+    let fs = Tmpfs::mount("8m");
+    let state = fs.0.join("state");
+    let svc = Service::start("unrecorded", &["--state-dir", path_str(&state)]);
+    let d = svc.dir.clone();
+    for p in [BASIC, V1] {
+        let r = run_in(&d, &["apply", &relative(&patch(p)), "--accept"]);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+    }
+    let served = svc.served();
+
+    fs.remount("ro");
+    unrecordable_operations_change_nothing(&d, &state, "read-only");
+    fs.remount("rw");
+    let filler = fs.fill();
+    unrecordable_operations_change_nothing(&d, &state, "full");
+    let served = svc.serves_beyond(served);
+
+    // With room again both go through, and the record follows.
+    std::fs::remove_file(filler).unwrap();
+    let r = run_in(&d, &["revert", BASIC]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("no longer accepted"), "{}", r.stdout);
+    let r = run_in(&d, &["replace", V1, &relative(&patch(V2))]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(patches_of(&status_of(&d)), owned(&[(V2, "accepted")]));
+    let names: Vec<Value> = record(&state)["patches"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].clone())
+        .collect();
+    assert_eq!(names, vec![json!(V2)]);
+    svc.serves_beyond(served);
+    svc.quit();
+}
+
+#[test]
+fn an_unreadable_record_is_set_aside_and_the_kill_switch_starts_whatever_the_state_holds() {
+    let state = state_dir();
+    kill(apply_and_accept_two(&state));
+    let rec = state.join("accepted.json");
+    std::fs::remove_file(&rec).unwrap();
+    // A record that cannot be read (EISDIR).
+    std::fs::create_dir(&rec).unwrap();
+
+    let svc = Service::start_env(
+        "unreadable",
+        &["--state-dir", path_str(&state)],
+        &[("HOTPATCH_DISABLE", "1")],
+    );
+    let st = status_of(&svc.dir);
+    assert_eq!(st["patches"], json!([]), "{st}");
+    assert_eq!(st["state"]["disabled"], json!(true), "{st}");
+    assert!(
+        rec.is_dir(),
+        "the kill switch leaves the state directory as it is"
+    );
+    svc.serves_beyond(0);
+    svc.quit();
+
+    let svc = Service::start("unreadable", &["--state-dir", path_str(&state)]);
+    let st = status_of(&svc.dir);
+    assert_eq!(st["patches"], json!([]), "{st}");
+    assert_eq!(
+        rejected_of(&st),
+        owned(&[("unreadable_record", "-")]),
+        "{st}"
+    );
+    assert!(!rec.exists(), "set aside");
+    assert!(
+        rejected_files(&state)
+            .iter()
+            .any(|f| f.ends_with("-accepted.json")),
+        "{:?}",
+        rejected_files(&state)
+    );
+    svc.wait_log(|l| l.contains("accepted patch not restored") && l.contains("unreadable_record"));
+    let r = run_in(&svc.dir, &["apply", &relative(&patch(BASIC)), "--accept"]);
+    assert_eq!(r.code, 0, "a new record is written: {}", r.stderr);
+    assert_eq!(record(&state)["patches"][0]["name"], json!(BASIC));
+    svc.serves_beyond(0);
+    svc.quit();
+}
+
+#[test]
+fn a_record_with_fields_of_a_later_release_keeps_its_patches_and_their_fields() {
+    let state = state_dir();
+    kill(apply_and_accept_two(&state));
+    let mut rec = record(&state);
+    rec["written_by"] = json!("hotpatch 9.9");
+    for e in rec["patches"].as_array_mut().unwrap() {
+        e["priority"] = json!(3);
+    }
+    write_record(&state, &rec);
+    let svc = Service::start("later", &["--state-dir", path_str(&state)]);
+    let st = status_of(&svc.dir);
+    assert_eq!(
+        patches_of(&st),
+        owned(&[(BASIC, "accepted"), (V1, "accepted")]),
+        "{st}"
+    );
+    assert_eq!(st["state"]["rejected"], json!([]), "{st}");
+    // A record rewritten by this release keeps what it does not know.
+    let r = run_in(&svc.dir, &["revert", V1]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let rec = record(&state);
+    assert_eq!(rec["patches"].as_array().unwrap().len(), 1, "{rec}");
+    assert_eq!(rec["patches"][0]["priority"], json!(3), "{rec}");
+    assert_eq!(rec["written_by"], json!("hotpatch 9.9"), "{rec}");
+    svc.quit();
+}
+
+#[test]
+fn restore_keeps_a_copy_another_entry_uses_and_cleans_orphans_and_stale_sockets() {
+    let state = state_dir();
+    let svc = Service::start("shared-copy", &["--state-dir", path_str(&state)]);
+    let r = run_in(&svc.dir, &["apply", &relative(&patch(BASIC)), "--accept"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    kill(svc);
+    // Two entries naming one file.
+    let mut rec = record(&state);
+    let mut twin = rec["patches"][0].clone();
+    twin["seq"] = json!(2);
+    rec["patches"].as_array_mut().unwrap().push(twin);
+    rec["next_seq"] = json!(3);
+    write_record(&state, &rec);
+    let copy = stored(&state, &rec["patches"][0]);
+    // Leftovers: an orphaned copy, an interrupted write, and the socket
+    // of a process that died (a pid above any pid_max).
+    let patches = state.join("patches");
+    std::fs::write(patches.join("7-orphan.so"), b"x").unwrap();
+    std::fs::write(patches.join(".8-interrupted.so.tmp"), b"x").unwrap();
+    let sockets = scratch().join("sock");
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&sockets)
+        .unwrap();
+    let stale = sockets.join("shared-copy.4194305.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+
+    let svc = Service::start_in(
+        &sockets,
+        "shared-copy",
+        &["--state-dir", path_str(&state)],
+        &[],
+    );
+    let st = status_of(&svc.dir);
+    assert_eq!(patches_of(&st), owned(&[(BASIC, "accepted")]), "{st}");
+    assert_eq!(
+        rejected_of(&st),
+        owned(&[("already_applied", BASIC)]),
+        "{st}"
+    );
+    assert!(copy.exists(), "the copy the first entry uses stays");
+    assert!(!patches.join("7-orphan.so").exists(), "orphan removed");
+    assert!(!patches.join(".8-interrupted.so.tmp").exists());
+    assert!(!stale.exists(), "stale socket removed");
+    let ev = run_in(&svc.dir, &["events", "--json"]).json();
+    let cleaned: Vec<&str> = ev["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["op"] == json!("clean"))
+        .map(|e| e["message"].as_str().unwrap())
+        .collect();
+    assert!(
+        cleaned
+            .iter()
+            .any(|m| m.contains("removed 2 orphaned file"))
+            && cleaned.iter().any(|m| m.contains("removed 1 stale socket")),
+        "{ev}"
+    );
+    kill(svc);
+    let svc = Service::start("shared-copy", &["--state-dir", path_str(&state)]);
+    let st = status_of(&svc.dir);
+    assert_eq!(patches_of(&st), owned(&[(BASIC, "accepted")]), "{st}");
+    assert_eq!(st["state"]["rejected"], json!([]), "{st}");
+    svc.quit();
+}
+
+#[test]
+fn a_watch_cancelled_by_its_client_leaves_the_patch_on_trial_and_not_accepted() {
+    let state = state_dir();
+    let svc = Service::start("cancel", &["--state-dir", path_str(&state)]);
+    let d = svc.dir.clone();
+    let mut child = spawn_in(
+        &d,
+        &[
+            "apply",
+            &relative(&patch(BASIC)),
+            "--watch",
+            "5s",
+            "--accept",
+        ],
+    );
+    svc.wait_log(|l| l.contains("watch window opened"));
+    // Ctrl-C: SIGINT to the CLI process.
+    // SAFETY: kill has no memory preconditions; the pid is our child's,
+    // not yet waited for.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let status = child.wait().unwrap();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(libc::SIGINT)
+    );
+    // The service's word on the window.
+    let start = Instant::now();
+    let watch = loop {
+        let ev = run_in(&d, &["events", "--json"]).json();
+        if let Some(e) = ev["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["op"] == json!("watch"))
+        {
+            break e.clone();
+        }
+        assert!(start.elapsed() < GUARD, "no watch event: {ev}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(watch["outcome"], json!("cancelled"), "{watch}");
+    let st = status_of(&d);
+    assert_eq!(patches_of(&st), owned(&[(BASIC, "applied")]), "{st}");
+    assert_eq!(st["state"]["accepted"], json!([]), "{st}");
+    svc.serves_beyond(0);
+    svc.quit();
+}
+
+/// `n` connections to `socket` from a thread running as uid and gid
+/// 65534; the reply line of each.
+fn connect_as_nobody(socket: &Path, n: usize) -> Vec<Value> {
+    let socket = socket.to_owned();
+    std::thread::spawn(move || {
+        // SAFETY: the raw system calls change the credentials of this
+        // thread only (libc's wrappers would change every thread's); the
+        // thread does nothing else and ends here.
+        unsafe {
+            assert_eq!(libc::syscall(libc::SYS_setresgid, 65534, 65534, 65534), 0);
+            assert_eq!(libc::syscall(libc::SYS_setresuid, 65534, 65534, 65534), 0);
+        }
+        (0..n)
+            .map(|_| {
+                let s = UnixStream::connect(&socket).unwrap();
+                s.set_read_timeout(Some(GUARD)).unwrap();
+                let mut line = String::new();
+                BufReader::new(&s).read_line(&mut line).unwrap();
+                serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
+            })
+            .collect()
+    })
+    .join()
+    .unwrap()
+}
+
+#[test]
+fn refused_clients_are_counted_once_per_peer_and_keep_the_history_of_operations() {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        panic!("this test runs as root (it connects as uid 65534)");
+    }
+    let svc = Service::start("refusals", &["--allow-gid", "4242"]);
+    let d = svc.dir.clone();
+    let r = run_in(&d, &["apply", &relative(&patch(BASIC))]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let replies = connect_as_nobody(&svc.socket, 300);
+    assert!(replies.iter().all(|r| kind(r) == "not_permitted"));
+    let ev = run_in(&d, &["events", "--json", "--limit", "256"]).json();
+    let events = ev["events"].as_array().unwrap();
+    for op in ["listen", "apply"] {
+        assert!(
+            events
+                .iter()
+                .any(|e| e["op"] == json!(op) && e["outcome"] == json!("ok")),
+            "the {op} event is kept: {ev}"
+        );
+    }
+    let refusals: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["op"] == json!("connect"))
+        .collect();
+    assert!(!refusals.is_empty() && refusals.len() <= 4, "{ev}");
+    let counted: u64 = refusals.iter().map(|e| e["count"].as_u64().unwrap()).sum();
+    assert_eq!(counted, 300, "{ev}");
+    assert!(refusals.iter().all(|e| e["peer"]["uid"] == json!(65534)));
+    svc.wait_log(|l| l.contains("control connection refused"));
+    let warnings = svc
+        .seen
+        .lock()
+        .unwrap()
+        .log
+        .iter()
+        .filter(|l| l.contains("control connection refused"))
+        .count();
+    assert!(
+        warnings <= 4,
+        "the log is rate-limited: {warnings} warnings"
+    );
+    svc.serves_beyond(0);
+    svc.quit();
+}
+
+/// Peak resident memory of `pid`, in KiB.
+fn vm_hwm_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// `check` of `file` by `n` clients at once, while the service's traffic
+/// is measured; the replies and the requests served per second meanwhile.
+fn checks_at_once(svc: &Service, file: &Path, n: usize) -> (Vec<Value>, f64) {
+    let line = format!(
+        "{}\n",
+        json!({"v": 1, "op": "check", "file": path_str(file)})
+    );
+    let served = svc.served();
+    let start = Instant::now();
+    let clients: Vec<_> = (0..n)
+        .map(|_| {
+            let socket = svc.socket.clone();
+            let line = line.clone();
+            std::thread::spawn(move || raw(&socket, line.as_bytes()))
+        })
+        .collect();
+    // Traffic flows while the checks run.
+    let mut now = served;
+    while !clients.iter().all(|c| c.is_finished()) {
+        now = svc.serves_beyond(now);
+    }
+    let rate = (svc.served() - served) as f64 / start.elapsed().as_secs_f64();
+    (
+        clients.into_iter().map(|c| c.join().unwrap()).collect(),
+        rate,
+    )
+}
+
+#[test]
+fn a_large_file_is_refused_unread_with_memory_bounded_and_traffic_flowing() {
+    let svc = Service::start("large", &[]);
+    let before = svc.serves_beyond(0);
+    let start = Instant::now();
+    std::thread::sleep(Duration::from_millis(500));
+    let rate = (svc.served() - before) as f64 / start.elapsed().as_secs_f64();
+    eprintln!("traffic before: {rate:.0} requests/s");
+    let hwm0 = vm_hwm_kib(svc.pid());
+    let dir = scratch();
+    // 900 MiB, sparse: over the size limit.
+    let big = dir.join("big.so");
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len(900 << 20)
+        .unwrap();
+    std::fs::set_permissions(&big, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (replies, rate) = checks_at_once(&svc, &big, 4);
+    let grew = vm_hwm_kib(svc.pid()) - hwm0;
+    eprintln!(
+        "4 checks of a 900 MiB file: traffic {rate:.0} requests/s meanwhile, peak memory +{grew} KiB"
+    );
+    assert!(grew < 32 * 1024, "peak memory grew by {grew} KiB");
+    for r in &replies {
+        assert_eq!(kind(r), "read", "{r}");
+        assert!(
+            r["error"]["message"].as_str().unwrap().contains("limit"),
+            "{r}"
+        );
+    }
+    // 48 MiB, sparse, under the limit but not an ELF file: refused on its
+    // header.
+    let junk = dir.join("junk.so");
+    std::fs::File::create(&junk)
+        .unwrap()
+        .set_len(48 << 20)
+        .unwrap();
+    std::fs::set_permissions(&junk, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (replies, rate) = checks_at_once(&svc, &junk, 4);
+    for r in &replies {
+        assert_eq!(kind(r), "not_loadable", "{r}");
+        assert!(
+            r["error"]["message"].as_str().unwrap().contains("ELF"),
+            "{r}"
+        );
+    }
+    eprintln!("4 checks of a 48 MiB non-ELF file: traffic {rate:.0} requests/s meanwhile");
+    let grew = vm_hwm_kib(svc.pid()) - hwm0;
+    eprintln!("peak resident memory grew by {grew} KiB");
+    assert!(grew < 32 * 1024, "peak memory grew by {grew} KiB");
+    // 48 MiB with an ELF header, read whole by each check: the endpoint
+    // reads at most two patch files at once.
+    let elf = dir.join("elf.so");
+    let mut f = std::fs::File::create(&elf).unwrap();
+    f.write_all(b"\x7fELF").unwrap();
+    f.set_len(48 << 20).unwrap();
+    drop(f);
+    std::fs::set_permissions(&elf, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (replies, rate) = checks_at_once(&svc, &elf, 8);
+    for r in &replies {
+        assert_eq!(kind(r), "not_loadable", "{r}");
+    }
+    let grew = vm_hwm_kib(svc.pid()) - hwm0;
+    eprintln!(
+        "8 checks of a 48 MiB ELF-headed file: traffic {rate:.0} requests/s meanwhile, peak memory +{grew} KiB"
+    );
+    assert!(grew < 4 * 48 * 1024, "peak memory grew by {grew} KiB");
+    svc.quit();
+}
+
+/// `n` connections that each send `status` before any reply is read;
+/// every one gets a reply: the status, or `overloaded`.
+fn burst(n: usize) {
+    let svc = Service::start("burst", &[]);
+    let served = svc.served();
+    let mut conns = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut c = UnixStream::connect(&svc.socket).unwrap();
+        // A client refused at once may find the connection closed.
+        let _ = c.write_all(b"{\"v\":1,\"op\":\"status\"}\n");
+        conns.push(c);
+    }
+    let (mut ok, mut overloaded, mut none) = (0, 0, 0);
+    for c in &conns {
+        c.set_read_timeout(Some(GUARD)).unwrap();
+        let mut line = String::new();
+        match BufReader::new(c).read_line(&mut line) {
+            Ok(n) if n > 0 => {
+                let v: Value = serde_json::from_str(&line).unwrap();
+                if v["ok"] == json!(true) {
+                    ok += 1;
+                } else {
+                    assert_eq!(kind(&v), "overloaded", "{v}");
+                    overloaded += 1;
+                }
+            }
+            _ => none += 1,
+        }
+    }
+    eprintln!("{n} connections: {ok} answered, {overloaded} overloaded, {none} without a reply");
+    assert_eq!(none, 0, "every client gets a reply");
+    assert!(ok > 0);
+    drop(conns);
+    svc.serves_beyond(served);
+    svc.quit();
+}
+
+#[test]
+fn a_burst_of_1000_connections_gets_a_reply_each() {
+    burst(1000);
+}
+
+#[test]
+#[ignore = "long form of a_burst_of_1000_connections_gets_a_reply_each"]
+fn a_burst_of_10000_connections_gets_a_reply_each() {
+    burst(10_000);
+}
+
+/// `hotpatch ARGS` as `uid`:`gid`, from `/`.
+fn run_as_args(uid: u32, gid: u32, args: &[&str]) -> Run {
+    let bin = hotpatch_for_others();
+    for _ in 0..100 {
+        let spawned = Command::new(&bin)
+            .args(args)
+            .current_dir("/")
+            .uid(uid)
+            .gid(gid)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn();
+        match spawned {
+            Ok(child) => return finish(child),
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            Err(e) => panic!("run {} as uid {uid}: {e}", bin.display()),
+        }
+    }
+    panic!("{} stayed busy (ETXTBSY)", bin.display())
+}
+
+#[test]
+fn messages_say_what_is_so() {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        panic!("this test runs as root (it runs the tool as uid 65534)");
+    }
+    let state = state_dir();
+    let svc = Service::start("messages", &["--state-dir", path_str(&state)]);
+    let d = svc.dir.clone();
+    let pid = svc.pid().to_string();
+
+    // A user who cannot enter the socket directory is not permitted (6),
+    // not told the process has no socket (7).
+    let r = run_as_args(
+        65534,
+        65534,
+        &["status", "--pid", &pid, "--socket-dir", path_str(&d)],
+    );
+    assert_eq!(r.code, 6, "{}", r.stderr);
+    one_line_error(&r, "not permitted");
+
+    // A watch window with no health check registered says so.
+    let r = run_in(&d, &["apply", &relative(&patch(V1)), "--watch", "300ms"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stdout.contains("no health check registered") && !r.stdout.contains("round(s)"),
+        "{}",
+        r.stdout
+    );
+
+    // "patch #N", never "patch patch #N": a file that changed after it
+    // was applied, to the bytes of another applied patch, then of one
+    // that is not applied.
+    let dir = scratch();
+    let file = dir.join("fix.so");
+    std::fs::copy(patch(BASIC), &file).unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let r = run_in(&d, &["apply", path_str(&file)]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    for other in [V1, V2] {
+        std::fs::copy(patch(other), &file).unwrap();
+        let r = run_in(&d, &["accept", BASIC]);
+        assert_eq!(r.code, 3, "{}", r.stderr);
+        one_line_error(&r, "file_changed");
+        assert!(!r.stderr.contains("patch patch"), "{}", r.stderr);
+    }
+    std::fs::copy(patch(BASIC), &file).unwrap();
+    let r = run_in(&d, &["accept", BASIC]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let r = run_in(&d, &["accept", V1]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+
+    // The reverted and the replaced patch are not shown as accepted.
+    let r = run_in(&d, &["replace", V1, &relative(&patch(V2)), "--json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(
+        r.json()["replaced"]["state"],
+        json!("replaced"),
+        "{}",
+        r.stdout
+    );
+    kill(svc);
+
+    // After a restart BASIC runs from its stored copy; its revert event
+    // names the file it was accepted from, not the copy it deletes.
+    let svc = Service::start("messages", &["--state-dir", path_str(&state)]);
+    let d = svc.dir.clone();
+    let copy = state
+        .join("patches")
+        .join(record(&state)["patches"][0]["file"].as_str().unwrap());
+    let r = run_in(&d, &["revert", BASIC, "--json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(
+        r.json()["reverted"]["state"],
+        json!("reverted"),
+        "{}",
+        r.stdout
+    );
+    assert!(!copy.exists(), "its copy is removed");
+    let ev = run_in(&d, &["events", "--json"]).json();
+    let revert = ev["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["op"] == json!("revert"))
+        .cloned()
+        .unwrap_or_else(|| panic!("no revert event: {ev}"));
+    assert_eq!(revert["file"], json!(path_str(&file)), "{revert}");
+    svc.quit();
 }

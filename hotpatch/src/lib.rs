@@ -300,7 +300,9 @@ pub mod __private;
 pub mod internals {}
 
 pub use error::Error;
-pub use loader::{CheckReport, DEFAULT_DEADLINE, Loader, Reclaimed, WouldReplace, load};
+pub use loader::{
+    CheckReport, DEFAULT_DEADLINE, DEFAULT_MAX_FILE_SIZE, Loader, Reclaimed, WouldReplace, load,
+};
 pub use patch::{FunctionInfo, Implementation, Patch, PatchId, PatchInfo};
 pub use quiesce::{
     OfflineGuard, StalledThread, ThreadGuard, TransitionInfo, offline, quiescent, register_thread,

@@ -42,6 +42,10 @@ impl Default for Loader {
     }
 }
 
+/// The largest patch file a [`Loader`] reads by default
+/// ([`Loader::max_file_size`]).
+pub const DEFAULT_MAX_FILE_SIZE: u64 = 64 << 20;
+
 /// How long a transition waits for registered threads by default.
 pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(5);
 
@@ -105,6 +109,24 @@ impl Loader {
     /// ```
     pub fn deadline(mut self, deadline: Duration) -> Self {
         self.deadline = deadline;
+        self
+    }
+
+    /// The largest patch file this loader reads, in bytes (default
+    /// [`DEFAULT_MAX_FILE_SIZE`], 64 MiB; a thin patch is usually well
+    /// under 1 MiB). A larger file is refused with [`Error::Read`] before
+    /// any of it is read; so is a file that does not start with the ELF
+    /// magic. At most this much memory is used per load or check.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// // Fat patches with debug info.
+    /// let patch = hotpatch::Loader::new().max_file_size(256 << 20).load("fix.so")?;
+    /// # Ok::<(), hotpatch::Error>(())
+    /// ```
+    pub fn max_file_size(mut self, bytes: u64) -> Self {
+        self.policy.max_file = bytes;
         self
     }
 

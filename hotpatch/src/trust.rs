@@ -26,8 +26,6 @@ use std::path::{Path, PathBuf};
 
 use crate::Error;
 
-/// Largest patch file `load` reads.
-pub(crate) const MAX_FILE: u64 = 1 << 30;
 /// Largest signature file `load` reads.
 const MAX_SIGNATURE: u64 = 64 * 1024;
 
@@ -98,10 +96,22 @@ impl fmt::Debug for TrustedKey {
 }
 
 /// The trust policy of a [`Loader`](crate::Loader).
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub(crate) struct Policy {
     pub allow_insecure_permissions: bool,
     pub keys: Vec<TrustedKey>,
+    /// The largest file read, in bytes.
+    pub max_file: u64,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            allow_insecure_permissions: false,
+            keys: Vec::new(),
+            max_file: crate::loader::DEFAULT_MAX_FILE_SIZE,
+        }
+    }
 }
 
 fn untrusted(path: &Path, reason: impl Into<String>) -> Error {
@@ -141,11 +151,12 @@ pub(crate) fn read(path: &Path, policy: &Policy) -> Result<Vec<u8>, Error> {
             "not a regular file",
         )));
     }
-    if meta.len() > MAX_FILE {
+    let max = policy.max_file;
+    if meta.len() > max {
         return Err(read_err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
             format!(
-                "{} bytes is larger than the {MAX_FILE}-byte limit",
+                "{} bytes is larger than the {max}-byte limit (Loader::max_file_size)",
                 meta.len()
             ),
         )));
@@ -166,11 +177,27 @@ pub(crate) fn read(path: &Path, policy: &Policy) -> Result<Vec<u8>, Error> {
             check_directory(path, dir, &m)?;
         }
     }
+    // The header before the rest: a file that is no ELF object is not
+    // read whole.
+    let mut magic = Vec::with_capacity(4);
+    let mut file = file;
+    (&mut file)
+        .take(4)
+        .read_to_end(&mut magic)
+        .map_err(read_err)?;
+    if magic != b"\x7fELF" {
+        return Err(Error::NotLoadable {
+            path: path.to_owned(),
+            reason: format!("not an ELF file (it starts with {magic:02x?})"),
+        });
+    }
     let mut bytes = Vec::with_capacity(meta.len() as usize);
-    file.take(MAX_FILE + 1)
+    bytes.extend_from_slice(&magic);
+    (&mut file)
+        .take(max + 1 - magic.len() as u64)
         .read_to_end(&mut bytes)
         .map_err(read_err)?;
-    if bytes.len() as u64 > MAX_FILE {
+    if bytes.len() as u64 > max {
         return Err(read_err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
             "the file grew past the size limit while being read",

@@ -136,6 +136,9 @@ pub const SOCKET_DIR_ENV: &str = "HOTPATCH_SOCKET_DIR";
 /// How many connections are served at once by default.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 32;
 
+/// How many requests read a patch file at once, by default.
+pub const DEFAULT_MAX_CONCURRENT_READS: usize = 2;
+
 /// How long a connection may take to send a request line, by default.
 pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -250,6 +253,7 @@ pub struct ControlBuilder {
     state_dir: Option<PathBuf>,
     max_panics: u64,
     check_interval: Duration,
+    max_concurrent_reads: usize,
 }
 
 impl ControlBuilder {
@@ -323,6 +327,16 @@ impl ControlBuilder {
         self
     }
 
+    /// How many requests may read a patch file at once (`apply`, `check`,
+    /// `replace`, `accept`; at least 1); others wait for their turn. With
+    /// the loader's [size limit](Loader::max_file_size), this bounds the
+    /// memory clients can make the service use for patch files: at most
+    /// this many times the limit. Default [`DEFAULT_MAX_CONCURRENT_READS`].
+    pub fn max_concurrent_reads(mut self, n: usize) -> Self {
+        self.max_concurrent_reads = n.max(1);
+        self
+    }
+
     /// Re-applies the accepted patches of the state directory (if one is
     /// set and [`DISABLE_ENV`] is not), then creates the socket and starts
     /// serving it in its own thread.
@@ -349,6 +363,7 @@ impl ControlBuilder {
         };
         let others = !self.allow_uids.is_empty() || !self.allow_gids.is_empty();
         prepare_dir(&dir, others)?;
+        let stale = remove_stale_sockets(&dir);
         let path = dir.join(format!("{service}.{}.sock", std::process::id()));
         let listener = bind(&path)?;
         let mode = if others { 0o666 } else { 0o600 };
@@ -375,9 +390,22 @@ impl ControlBuilder {
             read_timeout: self.read_timeout,
             max_panics: self.max_panics,
             check_interval: self.check_interval,
+            max_concurrent_reads: self.max_concurrent_reads,
         };
         let listener = Arc::new(listener);
         let shared = Arc::new(server::Shared::new(config));
+        if !stale.is_empty() {
+            let message = format!(
+                "removed {} stale socket(s) of processes that are gone from {}: {}",
+                stale.len(),
+                dir.display(),
+                stale.join(", ")
+            );
+            tracing::info!(target: "hotpatch::control", op = "clean", removed = stale.len(), "{message}");
+            shared
+                .events
+                .push(events::Event::new("clean", "ok", message));
+        }
         // Before the accept thread starts: a client that connects now waits
         // in the backlog until the accepted patches are back.
         if let Some(dir) = self.state_dir {
@@ -439,6 +467,7 @@ impl Control {
             state_dir: None,
             max_panics: 0,
             check_interval: Duration::from_millis(250),
+            max_concurrent_reads: DEFAULT_MAX_CONCURRENT_READS,
         }
     }
 
@@ -562,6 +591,37 @@ fn prepare_dir(dir: &Path, others: bool) -> Result<(), Error> {
             .map_err(|e| io("set the permissions of", e))?;
     }
     Ok(())
+}
+
+/// Removes the sockets `<service>.<pid>.sock` in `dir` (this user's own
+/// directory, checked by `prepare_dir`) whose process is gone and that
+/// nothing listens on; their names.
+fn remove_stale_sockets(dir: &Path) -> Vec<String> {
+    let mut removed = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return removed;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some((_, pid)) = parse_socket_name(&name) else {
+            continue;
+        };
+        let is_socket = e
+            .file_type()
+            .is_ok_and(|t| std::os::unix::fs::FileTypeExt::is_socket(&t));
+        // A live pid may be a process between bind and listen: left alone.
+        if !is_socket || pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let refused = matches!(
+            UnixStream::connect(e.path()),
+            Err(err) if err.kind() == std::io::ErrorKind::ConnectionRefused
+        );
+        if refused && std::fs::remove_file(e.path()).is_ok() {
+            removed.push(name);
+        }
+    }
+    removed
 }
 
 /// Binds the socket at `path`, replacing a stale one (its listener is

@@ -399,9 +399,11 @@ fn fields(v: Value) -> Map<String, Value> {
 }
 
 /// Runs one request line from `peer` and returns the reply line.
-pub(crate) fn handle(shared: &Shared, peer: &Peer, line: &[u8]) -> String {
+/// `gone` tells whether the client has gone away (a watch window ends
+/// when it has).
+pub(crate) fn handle(shared: &Shared, peer: &Peer, line: &[u8], gone: &dyn Fn() -> bool) -> String {
     match parse(line) {
-        Ok(request) => match run(shared, peer, request) {
+        Ok(request) => match run(shared, peer, request, gone) {
             Ok(reply) => ok(reply),
             Err(f) => f.to_line(),
         },
@@ -539,7 +541,12 @@ fn record(
     });
 }
 
-fn run(shared: &Shared, peer: &Peer, request: Request) -> Result<Map<String, Value>, Failure> {
+fn run(
+    shared: &Shared,
+    peer: &Peer,
+    request: Request,
+    gone: &dyn Fn() -> bool,
+) -> Result<Map<String, Value>, Failure> {
     let started = Instant::now();
     // What an earlier operation on this thread waited for is not this one's.
     let _ = crate::quiesce::take_last_waited();
@@ -562,7 +569,9 @@ fn run(shared: &Shared, peer: &Peer, request: Request) -> Result<Map<String, Val
                 return Err(f);
             }
             let loader = deadline(shared, d);
-            let result = loader.load(&file).map_err(|e| failure_of(&e));
+            let result = shared
+                .reading(|| loader.load(&file))
+                .map_err(|e| failure_of(&e));
             let info = match result {
                 Ok(patch) => {
                     let info = patch.info().clone();
@@ -578,7 +587,7 @@ fn run(shared: &Shared, peer: &Peer, request: Request) -> Result<Map<String, Val
             let duration_us = started.elapsed().as_micros() as u64;
             let mut reply = json!({ "duration_us": duration_us });
             if let Some(window) = watch {
-                reply["watch"] = watched(shared, peer, &loader, &info, window)?;
+                reply["watch"] = watched(shared, peer, &loader, &info, window, gone)?;
             }
             if accept {
                 let entry = accept_patch(shared, peer, &info).map_err(|mut f| {
@@ -602,7 +611,7 @@ fn run(shared: &Shared, peer: &Peer, request: Request) -> Result<Map<String, Val
                 "duration_us": started.elapsed().as_micros() as u64,
             })))
         }
-        Request::Check { file } => match shared.config.loader.check(&file) {
+        Request::Check { file } => match shared.reading(|| shared.config.loader.check(&file)) {
             Ok(report) => {
                 tracing::info!(
                     target: "hotpatch::control",
@@ -646,24 +655,7 @@ fn run(shared: &Shared, peer: &Peer, request: Request) -> Result<Map<String, Val
         },
         Request::Revert { patch, deadline: d } => {
             let info = resolve(&patch)?;
-            match deadline(shared, d).revert_id(info.id) {
-                Ok(()) => {
-                    let reply = patch_json(shared, &info);
-                    shared.applied_by.lock().remove(&info.id.get());
-                    record(shared, "revert", peer, started, Some(&info.file), Ok(&info));
-                    let unaccepted = unrecord(shared, peer, &info, None);
-                    Ok(fields(json!({
-                        "reverted": reply,
-                        "unaccepted": unaccepted,
-                        "duration_us": started.elapsed().as_micros() as u64,
-                    })))
-                }
-                Err(e) => {
-                    let f = failure_of(&e);
-                    record(shared, "revert", peer, started, Some(&info.file), Err(&f));
-                    Err(f)
-                }
-            }
+            revert(shared, peer, started, &info, d)
         }
         Request::Replace {
             patch,
@@ -671,32 +663,198 @@ fn run(shared: &Shared, peer: &Peer, request: Request) -> Result<Map<String, Val
             deadline: d,
         } => {
             let old = resolve(&patch)?;
-            match deadline(shared, d).replace(old.id, &file) {
-                Ok(new) => {
-                    let info = new.info().clone();
-                    let replaced = patch_json(shared, &old);
-                    {
-                        let mut by = shared.applied_by.lock();
-                        by.remove(&old.id.get());
-                        by.insert(info.id.get(), *peer);
-                    }
-                    record(shared, "replace", peer, started, Some(&file), Ok(&info));
-                    let unaccepted = unrecord(shared, peer, &old, Some(&info));
-                    Ok(fields(json!({
-                        "unaccepted": unaccepted,
-                        "patch": patch_json(shared, &info),
-                        "replaced": replaced,
-                        "duration_us": started.elapsed().as_micros() as u64,
-                    })))
-                }
-                Err(e) => {
-                    let f = failure_of(&e);
-                    record(shared, "replace", peer, started, Some(&file), Err(&f));
-                    Err(f)
-                }
-            }
+            replace(shared, peer, started, &old, &file, d)
         }
     }
+}
+
+/// The failure of an operation on an accepted patch whose record could
+/// not be changed first: nothing changed.
+fn unrecorded(f: Failure, info: &PatchInfo) -> Failure {
+    Failure {
+        message: format!(
+            "{}; nothing changed: {} {} stays applied and accepted",
+            f.message, info.id, info.name
+        ),
+        ..f
+    }
+}
+
+/// Reverts `info`. An accepted patch leaves the record first, then its
+/// slots change; if the revert fails it goes back in the record. Every
+/// failure says what state the process and the record are in.
+fn revert(
+    shared: &Shared,
+    peer: &Peer,
+    started: Instant,
+    info: &PatchInfo,
+    d: Option<Duration>,
+) -> Result<Map<String, Value>, Failure> {
+    let _serial = shared.state_ops.lock();
+    let taken = shared
+        .state
+        .lock()
+        .as_mut()
+        .map(|s| s.take_out(info.id.get()))
+        .transpose()
+        .map(Option::flatten);
+    let taken = match taken {
+        Ok(t) => t,
+        Err(f) => {
+            let f = unrecorded(f, info);
+            record(shared, "revert", peer, started, Some(&info.file), Err(&f));
+            return Err(f);
+        }
+    };
+    if let Err(e) = deadline(shared, d).revert_id(info.id) {
+        let mut f = failure_of(&e);
+        if let Some((pos, entry)) = taken {
+            let put = shared.state.lock().as_mut().map(|s| s.put_back(pos, entry));
+            if let Some(Err(g)) = put {
+                f.message = format!(
+                    "{}; {} {} stays applied but is no longer accepted: the record could not \
+                     be restored ({}), so it will not be re-applied at restart",
+                    f.message, info.id, info.name, g.message
+                );
+            }
+        }
+        record(shared, "revert", peer, started, Some(&info.file), Err(&f));
+        return Err(f);
+    }
+    let mut reply = patch_json(shared, info);
+    reply["state"] = json!("reverted");
+    shared.applied_by.lock().remove(&info.id.get());
+    // An accepted patch ran from its stored copy, which goes now: the
+    // event names the file it was accepted from.
+    let event_file = taken
+        .as_ref()
+        .map_or_else(|| info.file.clone(), |(_, e)| PathBuf::from(&e.source));
+    record(shared, "revert", peer, started, Some(&event_file), Ok(info));
+    let unaccepted = match taken {
+        None => Value::Null,
+        Some((_, entry)) => {
+            if let Some(store) = shared.state.lock().as_ref() {
+                store.discard(&entry);
+            }
+            let message = format!(
+                "{} {} is no longer accepted (reverted; its stored copy is removed)",
+                info.id, info.name
+            );
+            note(
+                shared,
+                "unaccept",
+                Some(peer),
+                info,
+                None,
+                "ok",
+                started.elapsed(),
+                message,
+            );
+            json!({ "seq": entry.seq, "name": entry.name })
+        }
+    };
+    Ok(fields(json!({
+        "reverted": reply,
+        "unaccepted": unaccepted,
+        "duration_us": started.elapsed().as_micros() as u64,
+    })))
+}
+
+/// Replaces `old` by the patch in `file`. If `old` is accepted, `file` is
+/// first copied into the state directory and recorded in its place, and
+/// the replace is made from that copy; if the replace fails the record
+/// gets `old` back. Every failure says what state the process and the
+/// record are in.
+fn replace(
+    shared: &Shared,
+    peer: &Peer,
+    started: Instant,
+    old: &PatchInfo,
+    file: &PathBuf,
+    d: Option<Duration>,
+) -> Result<Map<String, Value>, Failure> {
+    let _serial = shared.state_ops.lock();
+    let staged = shared.reading(|| {
+        shared
+            .state
+            .lock()
+            .as_mut()
+            .map(|s| s.stage_replacement(&shared.config.loader, old.id.get(), file))
+            .transpose()
+            .map(Option::flatten)
+    });
+    let staged = match staged {
+        Ok(s) => s,
+        Err(f) if f.kind == "state" => {
+            let f = unrecorded(f, old);
+            record(shared, "replace", peer, started, Some(file), Err(&f));
+            return Err(f);
+        }
+        Err(f) => {
+            record(shared, "replace", peer, started, Some(file), Err(&f));
+            return Err(f);
+        }
+    };
+    let from = staged
+        .as_ref()
+        .map_or_else(|| file.clone(), |s| s.copy.clone());
+    let loader = deadline(shared, d);
+    let new = match shared.reading(|| loader.replace(old.id, &from)) {
+        Ok(new) => new.info().clone(),
+        Err(e) => {
+            let mut f = failure_of(&e);
+            if let Some(staged) = staged {
+                let unstaged = shared.state.lock().as_mut().map(|s| s.unstage(staged));
+                if let Some(Err(g)) = unstaged {
+                    f.message = format!(
+                        "{}; {} {} stays applied, but the record holds the new patch in its \
+                         place and could not be restored ({}): at restart the new patch is \
+                         applied instead",
+                        f.message, old.id, old.name, g.message
+                    );
+                }
+            }
+            record(shared, "replace", peer, started, Some(file), Err(&f));
+            return Err(f);
+        }
+    };
+    let mut replaced = patch_json(shared, old);
+    replaced["state"] = json!("replaced");
+    {
+        let mut by = shared.applied_by.lock();
+        by.remove(&old.id.get());
+        by.insert(new.id.get(), *peer);
+    }
+    record(shared, "replace", peer, started, Some(file), Ok(&new));
+    if let Some(staged) = staged {
+        let entry = shared
+            .state
+            .lock()
+            .as_mut()
+            .map(|s| s.replaced(staged, new.id.get()));
+        if let Some(entry) = entry {
+            let message = format!(
+                "accepted {} {} in place of {} {} (#{})",
+                new.id, new.name, old.id, old.name, entry.seq
+            );
+            note(
+                shared,
+                "accept",
+                Some(peer),
+                &new,
+                Some(file),
+                "ok",
+                started.elapsed(),
+                message,
+            );
+        }
+    }
+    Ok(fields(json!({
+        "unaccepted": Value::Null,
+        "patch": patch_json(shared, &new),
+        "replaced": replaced,
+        "duration_us": started.elapsed().as_micros() as u64,
+    })))
 }
 
 /// An event of the state directory or a watch window: the ring and a
@@ -776,18 +934,19 @@ fn no_state_dir(shared: &Shared) -> Failure {
 /// Accepts applied patch `info`: stored in the state directory.
 fn accept_patch(shared: &Shared, peer: &Peer, info: &PatchInfo) -> Result<Value, Failure> {
     let started = Instant::now();
-    let result = {
+    let _serial = shared.state_ops.lock();
+    let result = shared.reading(|| {
         let mut state = shared.state.lock();
         match state.as_mut() {
             None => Err(no_state_dir(shared)),
             Some(store) if store.of(info.id.get()).is_some() => Err(Failure::new(
                 "already_accepted",
-                format!("patch {} {} is accepted already", info.id, info.name),
+                format!("{} {} is accepted already", info.id, info.name),
             )
             .with("patch", json!({ "id": info.id.get(), "name": info.name }))),
             Some(store) => store.accept(&shared.config.loader, info),
         }
-    };
+    });
     match result {
         Ok(entry) => {
             let message = format!(
@@ -822,23 +981,19 @@ fn accept_patch(shared: &Shared, peer: &Peer, info: &PatchInfo) -> Result<Value,
     }
 }
 
-/// Patch `old` was reverted (`new`: or replaced by it): the record follows.
-/// The entry dropped, if it was accepted.
-fn unrecord(shared: &Shared, peer: &Peer, old: &PatchInfo, new: Option<&PatchInfo>) -> Value {
+/// Patch `old` was rolled back in its watch window (reverted without the
+/// record): if it was accepted meanwhile, the record follows.
+fn unrecord(shared: &Shared, peer: &Peer, old: &PatchInfo) {
     let started = Instant::now();
-    let mut state = shared.state.lock();
-    let Some(store) = state.as_mut() else {
-        return Value::Null;
-    };
-    let result = match new {
-        None => store.reverted(old.id.get()),
-        Some(new) => store.replaced(&shared.config.loader, old.id.get(), new),
-    };
-    drop(state);
-    match (result, new) {
-        (Ok(None), _) => Value::Null,
-        (Ok(Some(entry)), None) => {
-            let message = format!("{} {} is no longer accepted (reverted)", old.id, old.name);
+    let _serial = shared.state_ops.lock();
+    let result = shared.state.lock().as_mut().map(|s| s.forget(old.id.get()));
+    match result {
+        None | Some(Ok(None)) => {}
+        Some(Ok(Some(_))) => {
+            let message = format!(
+                "{} {} is no longer accepted (rolled back)",
+                old.id, old.name
+            );
             note(
                 shared,
                 "unaccept",
@@ -849,41 +1004,23 @@ fn unrecord(shared: &Shared, peer: &Peer, old: &PatchInfo, new: Option<&PatchInf
                 started.elapsed(),
                 message,
             );
-            json!({ "seq": entry.seq, "name": entry.name })
         }
-        (Ok(Some(entry)), Some(new)) => {
+        Some(Err(f)) => {
             let message = format!(
-                "accepted {} {} in place of {} {} (#{})",
-                new.id, new.name, old.id, old.name, entry.seq
+                "{} {} was rolled back but stays in the record, which could not be written ({}): \
+                 it will be re-applied at restart unless reverted then",
+                old.id, old.name, f.message
             );
             note(
                 shared,
-                "accept",
-                Some(peer),
-                new,
-                Some(&new.file),
-                "ok",
-                started.elapsed(),
-                message,
-            );
-            Value::Null
-        }
-        (Err(f), _) => {
-            let message = format!(
-                "the state directory could not follow: {} (the record no longer holds {} {})",
-                f.message, old.id, old.name
-            );
-            note(
-                shared,
-                "accept",
+                "unaccept",
                 Some(peer),
                 old,
                 None,
                 f.kind,
                 started.elapsed(),
-                message.clone(),
+                message,
             );
-            json!({ "error": { "kind": f.kind, "message": message } })
         }
     }
 }
@@ -896,6 +1033,7 @@ fn watched(
     loader: &crate::Loader,
     info: &PatchInfo,
     window: Duration,
+    gone: &dyn Fn() -> bool,
 ) -> Result<Value, Failure> {
     let started = Instant::now();
     let options = super::Watch {
@@ -912,15 +1050,43 @@ fn watched(
         max_panics = options.max_panics,
         "watch window opened"
     );
-    let outcome = super::watch(loader, info.id, &options).map_err(|e| failure_of(&e))?;
+    let outcome =
+        super::watch::watch_until(loader, info.id, &options, gone).map_err(|e| failure_of(&e))?;
     let elapsed = started.elapsed();
     match outcome {
+        super::WatchOutcome::Cancelled { panics } => {
+            let message = format!(
+                "{} {}: its client went away {} ms into its {} ms watch window ({panics} \
+                 panic(s) by then): it stays applied, on trial and not accepted, and is no \
+                 longer watched",
+                info.id,
+                info.name,
+                elapsed.as_millis(),
+                window.as_millis()
+            );
+            note(
+                shared,
+                "watch",
+                Some(peer),
+                info,
+                Some(&info.file),
+                "cancelled",
+                elapsed,
+                message.clone(),
+            );
+            Err(Failure::new("cancelled", message)
+                .with("patch", json!({ "id": info.id.get(), "name": info.name })))
+        }
         super::WatchOutcome::Kept {
             panics,
             check_rounds,
         } => {
+            let checks = match check_rounds {
+                0 => "no health check registered".to_owned(),
+                n => format!("{n} round(s) of health checks"),
+            };
             let message = format!(
-                "{} {} kept after its {} ms window ({panics} panic(s), {check_rounds} round(s) of health checks)",
+                "{} {} kept after its {} ms window ({panics} panic(s), {checks})",
                 info.id,
                 info.name,
                 window.as_millis()
@@ -968,7 +1134,7 @@ fn watched(
         } => {
             if revert_error.is_none() {
                 shared.applied_by.lock().remove(&info.id.get());
-                unrecord(shared, peer, info, None);
+                unrecord(shared, peer, info);
             }
             let message = match &revert_error {
                 None => format!("{} {} rolled back: {reason}", info.id, info.name),
@@ -1033,6 +1199,7 @@ fn status(shared: &Shared) -> Map<String, Value> {
             "in_transition": f.in_transition,
         })).collect::<Vec<_>>(),
         "transition": transition,
+        "refused_connections": shared.events.refused_total(),
         "state": shared.state.lock().as_ref().map(|s| s.to_json()),
     }))
 }

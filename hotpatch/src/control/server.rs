@@ -32,6 +32,7 @@ pub(crate) struct Config {
     pub read_timeout: Duration,
     pub max_panics: u64,
     pub check_interval: Duration,
+    pub max_concurrent_reads: usize,
 }
 
 impl Config {
@@ -54,6 +55,16 @@ pub(crate) struct Shared {
     pub applied_by: Mutex<HashMap<u64, Peer>>,
     /// The state directory, if the service configured one.
     pub state: Mutex<Option<super::state::Store>>,
+    /// Held for the whole of an operation that changes the record
+    /// (accept, a revert or replace of an accepted patch), across its
+    /// transition; `state` itself is only held briefly, so `status`
+    /// answers meanwhile.
+    pub state_ops: Mutex<()>,
+    /// Patch files being read by requests (apply, check, replace), bounded
+    /// by `max_concurrent_reads`: with the loader's size limit, a bound on
+    /// the memory requests can make the service use.
+    reads: Mutex<usize>,
+    reads_done: parking_lot::Condvar,
 }
 
 impl std::fmt::Debug for Shared {
@@ -86,7 +97,31 @@ impl Shared {
             events: Ring::new(),
             applied_by: Mutex::new(HashMap::new()),
             state: Mutex::new(None),
+            state_ops: Mutex::new(()),
+            reads: Mutex::new(0),
+            reads_done: parking_lot::Condvar::new(),
         }
+    }
+
+    /// Runs `f` (which reads a patch file) when fewer than
+    /// `max_concurrent_reads` others are: waits for its turn.
+    pub(crate) fn reading<T>(&self, f: impl FnOnce() -> T) -> T {
+        {
+            let mut reads = self.reads.lock();
+            while *reads >= self.config.max_concurrent_reads {
+                self.reads_done.wait(&mut reads);
+            }
+            *reads += 1;
+        }
+        struct Done<'a>(&'a Shared);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                *self.0.reads.lock() -= 1;
+                self.0.reads_done.notify_one();
+            }
+        }
+        let _done = Done(self);
+        f()
     }
 
     pub(crate) fn listening(&self) {
@@ -109,8 +144,9 @@ impl Shared {
     }
 
     /// A slot for a new connection: a free one, or the one of the
-    /// connection idle for longest, which is closed. `None` if every slot
-    /// is running a request.
+    /// connection idle for longest, which is told `overloaded` and closed.
+    /// A connection whose request is waiting to be read is not idle.
+    /// `None` if no slot is free or idle.
     fn admit(&self, stream: &UnixStream) -> Option<u64> {
         let handle = stream.try_clone().ok()?;
         let mut conns = self.conns.lock();
@@ -118,9 +154,18 @@ impl Shared {
             let oldest = conns
                 .live
                 .iter()
+                .filter(|(_, c)| unread_bytes(&c.stream) == 0)
                 .filter_map(|(id, c)| c.idle_since.map(|t| (t, *id)))
                 .min()?;
             if let Some(evicted) = conns.live.remove(&oldest.1) {
+                // Idle: its thread writes nothing until it reads a request
+                // and finds itself evicted, so this line is the only one.
+                let message = format!(
+                    "closed to admit a new connection: all {} connections were in use; \
+                     reconnect to send another request",
+                    self.config.max_connections
+                );
+                send_now(&evicted.stream, &protocol_failure("overloaded", &message));
                 let _ = evicted.stream.shutdown(Shutdown::Both);
             }
         }
@@ -207,12 +252,50 @@ pub(crate) fn accept_loop(listener: &UnixListener, shared: &Arc<Shared>) {
     }
 }
 
-/// Writes one line without blocking the accept thread: a fresh socket's
-/// send buffer takes it; if not, the client loses it.
-fn send_now(mut stream: UnixStream, line: &str) {
-    if stream.set_nonblocking(true).is_ok() {
-        let _ = stream.write_all(format!("{line}\n").as_bytes());
-    }
+/// Writes one line without blocking the accept thread: a fresh or idle
+/// socket's send buffer takes it; if not, the client loses it.
+fn send_now(stream: &UnixStream, line: &str) {
+    // MSG_DONTWAIT rather than O_NONBLOCK: the descriptor's flags are
+    // shared with the connection thread's handle.
+    let bytes = format!("{line}\n");
+    // SAFETY: the buffer is valid for reads of its length; the descriptor
+    // is open while `stream` is borrowed.
+    unsafe {
+        libc::send(
+            std::os::fd::AsRawFd::as_raw_fd(stream),
+            bytes.as_ptr().cast(),
+            bytes.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+}
+
+/// The client closed its end of the connection (both ways: a client that
+/// only shut down writing still waits for its reply).
+fn peer_gone(stream: &UnixStream) -> bool {
+    let mut fd = libc::pollfd {
+        fd: std::os::fd::AsRawFd::as_raw_fd(stream),
+        events: 0,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd; a zero timeout does not block.
+    let rc = unsafe { libc::poll(&raw mut fd, 1, 0) };
+    rc > 0 && fd.revents & (libc::POLLHUP | libc::POLLERR) != 0
+}
+
+/// Bytes the client sent that were not read yet (a request waiting).
+fn unread_bytes(stream: &UnixStream) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one c_int through the pointer, valid here;
+    // the descriptor is open while `stream` is borrowed.
+    let rc = unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(stream),
+            libc::FIONREAD,
+            &raw mut n,
+        )
+    };
+    if rc == 0 { n.max(0) as usize } else { 0 }
 }
 
 fn refuse(shared: &Shared, stream: UnixStream, peer: Peer) {
@@ -226,23 +309,22 @@ fn refuse(shared: &Shared, stream: UnixStream, peer: Peer) {
         list(" uids ", &shared.config.allow_uids),
         list(" gids ", &shared.config.allow_gids),
     );
-    tracing::warn!(
-        target: "hotpatch::control",
-        peer_uid = peer.uid,
-        peer_gid = peer.gid,
-        peer_pid = peer.pid,
-        "control connection refused: not permitted"
-    );
-    shared.events.push(Event {
-        op: "connect",
-        outcome: "not_permitted".into(),
-        patch: None,
-        file: None,
-        peer: Some(peer),
-        duration: None,
-        message: message.clone(),
-    });
-    send_now(stream, &protocol_failure("not_permitted", &message));
+    // One event and one warning per peer per interval, with a count: a
+    // flood of refused clients neither fills the log nor pushes the
+    // history of operations out of the ring.
+    if let Some(before) = shared.events.refused(peer, || message.clone()) {
+        tracing::warn!(
+            target: "hotpatch::control",
+            peer_uid = peer.uid,
+            peer_gid = peer.gid,
+            peer_pid = peer.pid,
+            refused_before = before,
+            "control connection refused: not permitted (further refusals of this peer in the \
+             next {} s are counted, not logged)",
+            super::events::REFUSAL_INTERVAL.as_secs()
+        );
+    }
+    send_now(&stream, &protocol_failure("not_permitted", &message));
 }
 
 fn list(label: &str, ids: &[u32]) -> String {
@@ -255,7 +337,7 @@ fn list(label: &str, ids: &[u32]) -> String {
 
 fn overloaded(shared: &Shared, stream: UnixStream, peer: Peer) {
     let message = format!(
-        "all {} connections are running requests; try again",
+        "all {} connections are running or about to run requests; try again",
         shared.config.max_connections
     );
     tracing::warn!(
@@ -264,7 +346,7 @@ fn overloaded(shared: &Shared, stream: UnixStream, peer: Peer) {
         peer_pid = peer.pid,
         "control connection refused: overloaded"
     );
-    send_now(stream, &protocol_failure("overloaded", &message));
+    send_now(&stream, &protocol_failure("overloaded", &message));
 }
 
 /// Answers the requests of one connection until it closes, times out,
@@ -293,7 +375,7 @@ fn serve(shared: &Shared, stream: &UnixStream, peer: Peer, id: u64) {
         if !shared.set_idle(id, false) {
             return;
         }
-        let reply = ops::handle(shared, &peer, &line);
+        let reply = ops::handle(shared, &peer, &line, &|| peer_gone(stream));
         if write_line(stream, &reply).is_err() || !shared.set_idle(id, true) {
             return;
         }

@@ -11,8 +11,15 @@
 //! Every file is written crash-safely: a temporary file in the same
 //! directory, `fsync`, `rename`, `fsync` of the directory. A crash leaves
 //! the old record or the new one, never a torn one; a copy written before
-//! a crash and not yet recorded is an unreferenced file, ignored.
+//! a crash and not yet recorded is an unreferenced file, removed at the
+//! next start (unless the record itself was set aside: its copies are
+//! kept with it).
+//!
+//! The record is forward compatible within its format version: fields
+//! this runtime does not know are ignored, and kept when it rewrites the
+//! record. Only another format version is refused.
 
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -20,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
 use super::events::{Event, unix_ms};
@@ -40,7 +47,6 @@ const REJECTED: &str = "rejected";
 
 /// One accepted patch in the record.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub(crate) struct Entry {
     /// Order of acceptance (unique in a record).
     pub seq: u64,
@@ -58,26 +64,41 @@ pub(crate) struct Entry {
     /// The patch it is applied as in this process, if it is.
     #[serde(skip)]
     pub applied: Option<u64>,
+    /// Fields of a later release, kept as they were.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// A record of [`RECORD_FORMAT`]; fields of a later release are kept.
+#[derive(Debug, Deserialize)]
 struct Record {
-    format: u64,
     next_seq: u64,
     patches: Vec<Value>,
+    #[serde(flatten)]
+    extra: Map<String, Value>,
 }
 
 /// Something restore set aside.
 #[derive(Debug, Clone)]
 pub(crate) struct Rejected {
-    /// `corrupt_record`, `unsupported_format`, `bad_entry`, `missing`,
-    /// `tampered`, or the error kind of the load that refused it.
+    /// `unreadable_record`, `corrupt_record`, `unsupported_format`,
+    /// `bad_entry`, `missing`, `tampered`, or the error kind of the load
+    /// that refused it.
     pub kind: String,
     pub name: Option<String>,
     /// Where it was moved to (`None` if there was no file to move).
     pub moved_to: Option<PathBuf>,
     pub message: String,
+}
+
+/// A replacement recorded before it is applied
+/// ([`Store::stage_replacement`]).
+#[derive(Debug)]
+pub(crate) struct Staged {
+    pos: usize,
+    previous: Entry,
+    /// The copy to apply.
+    pub copy: PathBuf,
 }
 
 /// The state directory and what this process knows of it.
@@ -89,6 +110,12 @@ pub(crate) struct Store {
     pub rejected: Vec<Rejected>,
     /// The kill switch was set at start-up.
     pub disabled: bool,
+    /// The record's fields this runtime does not know.
+    record_extra: Map<String, Value>,
+    /// Why the record must not be written (it could not be read and is
+    /// still in place, or the directory could not be made): every change
+    /// is refused rather than overwrite what was not read.
+    blocked: Option<String>,
 }
 
 fn io(what: &str, path: &Path, e: std::io::Error) -> Failure {
@@ -167,11 +194,13 @@ impl Store {
     }
 
     fn save(&self) -> Result<(), Failure> {
-        let record = json!({
-            "format": RECORD_FORMAT,
-            "next_seq": self.next_seq,
-            "patches": self.entries,
-        });
+        if let Some(why) = &self.blocked {
+            return Err(Failure::new("state", why.clone()));
+        }
+        let mut record = Value::Object(self.record_extra.clone());
+        record["format"] = json!(RECORD_FORMAT);
+        record["next_seq"] = json!(self.next_seq);
+        record["patches"] = json!(self.entries);
         let text = serde_json::to_vec_pretty(&record)
             .map_err(|e| Failure::new("state", format!("cannot encode the record: {e}")))?;
         write_atomic(&self.record_path(), &text)
@@ -254,22 +283,16 @@ impl Store {
 
     /// Opens the state directory and re-applies its accepted patches in
     /// their order with `loader`, unless the kill switch is set. What
-    /// cannot be applied is reported, set aside and dropped from the
-    /// record; the rest is applied.
+    /// cannot be applied (a record that cannot be read or parsed included)
+    /// is reported, set aside and dropped from the record; the rest is
+    /// applied. Then copies no entry names and interrupted writes are
+    /// removed. With the kill switch nothing is applied, moved or removed,
+    /// and nothing the directory holds is an error.
     pub(crate) fn open_and_restore(
         dir: PathBuf,
         loader: &Loader,
         events: &super::events::Ring,
     ) -> Result<Store, super::Error> {
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir.join(PATCHES))
-            .map_err(|source| super::Error::Io {
-                what: "create the state directory",
-                path: dir.clone(),
-                source,
-            })?;
         let disabled = std::env::var_os(DISABLE_ENV).is_some_and(|v| !v.is_empty() && v != "0");
         let mut store = Store {
             dir,
@@ -277,44 +300,29 @@ impl Store {
             next_seq: 1,
             rejected: Vec::new(),
             disabled,
+            record_extra: Map::new(),
+            blocked: None,
         };
-        let started = Instant::now();
-        let record_path = store.record_path();
-        let values = match fs::read(&record_path) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => {
+        if let Err(source) = fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(store.patches())
+        {
+            if !disabled {
                 return Err(super::Error::Io {
-                    what: "read the record",
-                    path: record_path,
-                    source: e,
+                    what: "create the state directory",
+                    path: store.dir.clone(),
+                    source,
                 });
             }
-            Ok(bytes) => match serde_json::from_slice::<Record>(&bytes) {
-                Ok(r) if r.format == RECORD_FORMAT => {
-                    store.next_seq = r.next_seq.max(1);
-                    r.patches
-                }
-                Ok(r) => {
-                    let message = format!(
-                        "the record is of format {}, this runtime reads {RECORD_FORMAT}",
-                        r.format
-                    );
-                    store.reject(
-                        events,
-                        "unsupported_format",
-                        None,
-                        Some(&record_path),
-                        message,
-                    );
-                    Vec::new()
-                }
-                Err(e) => {
-                    let message = format!("the record is not a valid record: {e}");
-                    store.reject(events, "corrupt_record", None, Some(&record_path), message);
-                    Vec::new()
-                }
-            },
-        };
+            store.blocked = Some(format!(
+                "the state directory {} could not be created: {source}",
+                store.dir.display()
+            ));
+        }
+        let started = Instant::now();
+        let record_path = store.record_path();
+        let (values, record_ok) = store.read_record(events, &record_path);
         // Copies left by a record that was set aside keep their names: new
         // ones are numbered after them.
         store.next_seq = store.next_seq.max(store.highest_copy() + 1);
@@ -323,10 +331,15 @@ impl Store {
         for value in values {
             match serde_json::from_value::<Entry>(value.clone()) {
                 Ok(e) if is_plain_name(&e.file) => entries.push(e),
+                Ok(e) if disabled => entries.push(e),
                 Ok(e) => {
                     let message = format!("entry names a file outside patches/: `{}`", e.file);
                     store.reject(events, "bad_entry", Some(e.name), None, message);
                     changed = true;
+                }
+                Err(err) if disabled => {
+                    let message = format!("a record entry is not valid ({err}): {value}");
+                    store.report_only(events, "bad_entry", message);
                 }
                 Err(err) => {
                     let name = value["name"].as_str().map(str::to_owned);
@@ -342,21 +355,26 @@ impl Store {
                 entries.len()
             );
             tracing::warn!(target: "hotpatch::control", op = "restore", outcome = "disabled", accepted = entries.len(), "{message}");
-            events.push(Event {
-                op: "restore",
-                outcome: "disabled".into(),
-                patch: None,
-                file: None,
-                peer: None,
-                duration: None,
-                message,
-            });
+            events.push(Event::new("restore", "disabled", message));
             store.entries = entries;
             return Ok(store);
+        }
+        // How many entries not yet rejected name each copy: a copy is set
+        // aside only with the last entry that names it.
+        let mut users: HashMap<String, usize> = HashMap::new();
+        for e in &entries {
+            *users.entry(e.file.clone()).or_default() += 1;
         }
         for mut entry in entries {
             let path = store.patches().join(&entry.file);
             let t = Instant::now();
+            let shared = users.get(&entry.file).copied().unwrap_or(0) > 1
+                || store.entries.iter().any(|e| e.file == entry.file);
+            if let Some(count) = users.get_mut(&entry.file) {
+                *count -= 1;
+            }
+            // A copy another entry uses stays where it is.
+            let own = (!shared).then_some(path.as_path());
             let bytes = match fs::read(&path) {
                 Ok(b) => b,
                 Err(e) => {
@@ -366,7 +384,7 @@ impl Store {
                         "read"
                     };
                     let message = format!("cannot read {}: {e}", path.display());
-                    store.reject(events, kind, Some(entry.name), Some(&path), message);
+                    store.reject(events, kind, Some(entry.name), own, message);
                     changed = true;
                     continue;
                 }
@@ -378,7 +396,7 @@ impl Store {
                     path.display(),
                     entry.sha256
                 );
-                store.reject(events, "tampered", Some(entry.name), Some(&path), message);
+                store.reject(events, "tampered", Some(entry.name), own, message);
                 changed = true;
                 continue;
             }
@@ -397,28 +415,32 @@ impl Store {
                         "accepted patch restored"
                     );
                     events.push(Event {
-                        op: "restore",
-                        outcome: "ok".into(),
                         patch: Some((info.id.get(), info.name.clone())),
                         file: Some(path.to_string_lossy().into_owned()),
-                        peer: None,
                         duration: Some(t.elapsed()),
-                        message: format!(
-                            "restored {} {} {} (accepted #{})",
-                            info.id, info.name, info.version, entry.seq
-                        ),
+                        ..Event::new(
+                            "restore",
+                            "ok",
+                            format!(
+                                "restored {} {} {} (accepted #{})",
+                                info.id, info.name, info.version, entry.seq
+                            ),
+                        )
                     });
                     store.entries.push(entry);
                 }
                 Err(e) => {
                     let f = failure_of(&e);
-                    store.reject(events, f.kind, Some(entry.name), Some(&path), f.message);
+                    store.reject(events, f.kind, Some(entry.name), own, f.message);
                     changed = true;
                 }
             }
         }
         if changed && let Err(f) = store.save() {
             tracing::warn!(target: "hotpatch::control", op = "restore", reason = %f.message, "cannot rewrite the record");
+        }
+        if record_ok {
+            store.remove_orphans(events);
         }
         tracing::info!(
             target: "hotpatch::control",
@@ -431,12 +453,142 @@ impl Store {
         Ok(store)
     }
 
+    /// The entries of the record (as JSON values), and whether the record
+    /// was read (or is absent). A record that cannot be read or parsed, or
+    /// is of another format, is reported and (without the kill switch)
+    /// set aside; one that cannot be set aside blocks every later write.
+    fn read_record(&mut self, events: &super::events::Ring, path: &Path) -> (Vec<Value>, bool) {
+        let problem = match fs::read(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return (Vec::new(), true),
+            Err(e) => ("unreadable_record", format!("cannot read the record: {e}")),
+            Ok(bytes) => match serde_json::from_slice::<Value>(&bytes) {
+                Ok(v) => match v.get("format").and_then(Value::as_u64) {
+                    Some(RECORD_FORMAT) => match serde_json::from_value::<Record>(v) {
+                        Ok(r) => {
+                            self.next_seq = r.next_seq.max(1);
+                            self.record_extra = r.extra;
+                            return (r.patches, true);
+                        }
+                        Err(e) => (
+                            "corrupt_record",
+                            format!("the record is not a valid record: {e}"),
+                        ),
+                    },
+                    Some(other) => (
+                        "unsupported_format",
+                        format!(
+                            "the record is of format {other}, this runtime reads {RECORD_FORMAT}"
+                        ),
+                    ),
+                    None => (
+                        "corrupt_record",
+                        "the record is not a valid record: no numeric \"format\"".to_owned(),
+                    ),
+                },
+                Err(e) => (
+                    "corrupt_record",
+                    format!("the record is not a valid record: {e}"),
+                ),
+            },
+        };
+        let (kind, message) = problem;
+        if self.disabled {
+            self.report_only(events, kind, message.clone());
+        } else {
+            self.reject(events, kind, None, Some(path), message.clone());
+        }
+        if fs::symlink_metadata(path).is_ok() {
+            self.blocked = Some(format!(
+                "the record {} is in place but could not be used ({message}): nothing is \
+                 recorded until it is repaired or removed",
+                path.display()
+            ));
+        }
+        (Vec::new(), false)
+    }
+
+    /// Reports a problem of the state directory without touching it (the
+    /// kill switch is set).
+    fn report_only(&self, events: &super::events::Ring, kind: &str, message: String) {
+        tracing::warn!(
+            target: "hotpatch::control",
+            op = "restore",
+            outcome = kind,
+            reason = %message,
+            "state directory problem left as it is ({DISABLE_ENV} is set)"
+        );
+        events.push(Event::new(
+            "restore",
+            kind,
+            format!("{message} (left as it is: {DISABLE_ENV} is set)"),
+        ));
+    }
+
+    /// Removes what no entry of the record names from `patches/`: copies
+    /// of entries dropped or interrupted accepts, and temporary files of
+    /// interrupted writes (here and in the state directory); an event
+    /// counts them.
+    fn remove_orphans(&self, events: &super::events::Ring) {
+        let mut keep: HashSet<String> = HashSet::new();
+        for e in &self.entries {
+            let sig = signature_of(Path::new(&e.file));
+            keep.insert(sig.to_string_lossy().into_owned());
+            keep.insert(e.file.clone());
+        }
+        let mut removed = Vec::new();
+        let patches = self.patches();
+        let candidates = fs::read_dir(&patches)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                !keep.contains(&name)
+            })
+            .map(|e| e.path())
+            .chain(
+                fs::read_dir(&self.dir)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .map(|e| e.path())
+                    .filter(|p| {
+                        p.file_name()
+                            .is_some_and(|n| n.to_string_lossy().ends_with(".tmp"))
+                    }),
+            );
+        for path in candidates {
+            let is_file = fs::symlink_metadata(&path).is_ok_and(|m| m.is_file());
+            if is_file && fs::remove_file(&path).is_ok() {
+                removed.push(
+                    path.file_name()
+                        .unwrap_or_default()
+                        .to_string_lossy()
+                        .into_owned(),
+                );
+            }
+        }
+        if removed.is_empty() {
+            return;
+        }
+        let _ = sync_dir(&patches);
+        let message = format!(
+            "removed {} orphaned file(s) from {}: {}",
+            removed.len(),
+            self.dir.display(),
+            removed.join(", ")
+        );
+        tracing::info!(target: "hotpatch::control", op = "clean", removed = removed.len(), "{message}");
+        events.push(Event::new("clean", "ok", message));
+    }
+
     /// Stores applied patch `info` as accepted: copies its file (and
     /// signature), checks that the copy is the applied patch's bytes, and
     /// appends it to the record. Nothing changes on failure.
     pub(crate) fn accept(&mut self, loader: &Loader, info: &PatchInfo) -> Result<Entry, Failure> {
         let seq = self.next_seq;
-        let entry = self.store_copy(loader, info, seq)?;
+        let mut entry = self.store_copy(loader, &info.file, Some(info), seq)?;
+        entry.applied = Some(info.id.get());
         self.entries.push(entry.clone());
         self.next_seq = seq + 1;
         if let Err(f) = self.save() {
@@ -448,40 +600,11 @@ impl Store {
         Ok(entry)
     }
 
-    /// Patch `old` (accepted) was replaced by `new`: the record holds `new`
-    /// in its place. On failure the old entry is dropped (it is no longer
-    /// applied) and the failure returned.
-    pub(crate) fn replaced(
-        &mut self,
-        loader: &Loader,
-        old: u64,
-        new: &PatchInfo,
-    ) -> Result<Option<Entry>, Failure> {
-        let Some(pos) = self.entries.iter().position(|e| e.applied == Some(old)) else {
-            return Ok(None);
-        };
-        let seq = self.next_seq;
-        let stored = self.store_copy(loader, new, seq);
-        let previous = self.entries.remove(pos);
-        let result = match stored {
-            Ok(entry) => {
-                self.entries.insert(pos, entry.clone());
-                self.next_seq = seq + 1;
-                Ok(Some(entry))
-            }
-            Err(f) => Err(f),
-        };
-        match (self.save(), result) {
-            (Ok(()), r) => {
-                self.remove_copy(&previous);
-                r
-            }
-            (Err(f), _) => Err(f),
-        }
-    }
-
-    /// Patch `id` was reverted: drops it from the record.
-    pub(crate) fn reverted(&mut self, id: u64) -> Result<Option<Entry>, Failure> {
+    /// Takes accepted patch `id` out of the record, before its revert:
+    /// where it was and its entry, for [`put_back`](Self::put_back) if
+    /// the revert fails; `None` if it is not accepted. Nothing changes on
+    /// failure.
+    pub(crate) fn take_out(&mut self, id: u64) -> Result<Option<(usize, Entry)>, Failure> {
         let Some(pos) = self.entries.iter().position(|e| e.applied == Some(id)) else {
             return Ok(None);
         };
@@ -490,35 +613,119 @@ impl Store {
             self.entries.insert(pos, entry);
             return Err(f);
         }
+        Ok(Some((pos, entry)))
+    }
+
+    /// Puts an entry taken out back where it was (its revert failed). On
+    /// failure the record stays without it.
+    pub(crate) fn put_back(&mut self, pos: usize, entry: Entry) -> Result<(), Failure> {
+        let pos = pos.min(self.entries.len());
+        self.entries.insert(pos, entry);
+        if let Err(f) = self.save() {
+            self.entries.remove(pos);
+            return Err(f);
+        }
+        Ok(())
+    }
+
+    /// An entry taken out whose patch is reverted: its copy goes (unless
+    /// another entry names it).
+    pub(crate) fn discard(&self, entry: &Entry) {
+        self.remove_copy(entry);
+    }
+
+    /// Records the replacement of accepted patch `old` by the patch file
+    /// `file` before anything is applied: `file` is copied into
+    /// `patches/`, checked as the service's loader would load it, and
+    /// recorded in `old`'s place. The replace is then made from the copy,
+    /// so what runs is what is recorded. `None` if `old` is not accepted.
+    /// Nothing changes on failure.
+    pub(crate) fn stage_replacement(
+        &mut self,
+        loader: &Loader,
+        old: u64,
+        file: &Path,
+    ) -> Result<Option<Staged>, Failure> {
+        let Some(pos) = self.entries.iter().position(|e| e.applied == Some(old)) else {
+            return Ok(None);
+        };
+        let seq = self.next_seq;
+        let entry = self.store_copy(loader, file, None, seq)?;
+        let copy = self.patches().join(&entry.file);
+        let previous = std::mem::replace(&mut self.entries[pos], entry);
+        self.next_seq = seq + 1;
+        if let Err(f) = self.save() {
+            let staged = std::mem::replace(&mut self.entries[pos], previous);
+            self.next_seq = seq;
+            self.remove_copy(&staged);
+            return Err(f);
+        }
+        Ok(Some(Staged {
+            pos,
+            previous,
+            copy,
+        }))
+    }
+
+    /// The staged replacement is applied as patch `id`: the replaced
+    /// patch's copy goes. The new entry.
+    pub(crate) fn replaced(&mut self, staged: Staged, id: u64) -> Entry {
+        self.entries[staged.pos].applied = Some(id);
+        self.remove_copy(&staged.previous);
+        self.entries[staged.pos].clone()
+    }
+
+    /// The staged replacement could not be applied: the replaced patch's
+    /// entry goes back in its place. On failure the record keeps the
+    /// staged entry (and so does this process's view of it).
+    pub(crate) fn unstage(&mut self, staged: Staged) -> Result<(), Failure> {
+        let new = std::mem::replace(&mut self.entries[staged.pos], staged.previous);
+        if let Err(f) = self.save() {
+            self.entries[staged.pos] = new;
+            return Err(f);
+        }
+        self.remove_copy(&new);
+        Ok(())
+    }
+
+    /// Patch `id` was reverted without the record (a watch window's
+    /// rollback): drops it from the record.
+    pub(crate) fn forget(&mut self, id: u64) -> Result<Option<Entry>, Failure> {
+        let Some((_, entry)) = self.take_out(id)? else {
+            return Ok(None);
+        };
         self.remove_copy(&entry);
         Ok(Some(entry))
     }
 
+    /// Removes `entry`'s copy (and signature), unless another entry of the
+    /// record names the same file.
     fn remove_copy(&self, entry: &Entry) {
+        if self.entries.iter().any(|e| e.file == entry.file) {
+            return;
+        }
         let path = self.patches().join(&entry.file);
         let _ = fs::remove_file(signature_of(&path));
         let _ = fs::remove_file(&path);
         let _ = sync_dir(&self.patches());
     }
 
-    fn store_copy(&self, loader: &Loader, info: &PatchInfo, seq: u64) -> Result<Entry, Failure> {
+    /// Copies `src` (and its signature) into `patches/` as copy `seq`, and
+    /// checks the copy as the service's loader would load it. With
+    /// `applied`, the copy must be that applied patch's bytes (the file
+    /// may have been rebuilt since it was applied); without, it must pass
+    /// every check of a load. The entry, not yet in the record.
+    fn store_copy(
+        &self,
+        loader: &Loader,
+        src: &Path,
+        applied: Option<&PatchInfo>,
+        seq: u64,
+    ) -> Result<Entry, Failure> {
         let patches = self.patches();
         ensure_dir(&patches)?;
-        let bytes = fs::read(&info.file).map_err(|e| io("read", &info.file, e))?;
-        let safe_name: String = info
-            .name
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || "-_.".contains(c) {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
-        let file = format!("{seq}-{safe_name}.so");
-        let path = patches.join(&file);
-        let tmp = temp_path(&path);
+        let bytes = fs::read(src).map_err(|e| io("read", src, e))?;
+        let tmp = patches.join(format!(".{seq}.so.tmp"));
         let tmp_sig = signature_of(&tmp);
         let cleanup = || {
             let _ = fs::remove_file(&tmp);
@@ -536,10 +743,10 @@ impl Store {
                 .and_then(|()| f.sync_all())
                 .map_err(|e| io("write", to, e))
         };
-        let signature = match fs::read(signature_of(&info.file)) {
+        let signature = match fs::read(signature_of(src)) {
             Ok(s) => Some(s),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(io("read", &signature_of(&info.file), e)),
+            Err(e) => return Err(io("read", &signature_of(src), e)),
         };
         let staged = write(&tmp, &bytes).and_then(|()| match &signature {
             Some(s) => write(&tmp_sig, s),
@@ -549,38 +756,51 @@ impl Store {
             cleanup();
             return Err(f);
         }
-        // The copy must be the applied patch itself (the file may have been
-        // rebuilt since it was applied) and pass the service's trust
-        // policy as stored: a dry run says "already applied" as that patch.
-        match loader.check(&tmp) {
-            Err(Error::AlreadyApplied { id, .. }) if id == info.id => {}
-            Err(Error::AlreadyApplied { id, .. }) => {
-                cleanup();
-                return Err(Failure::new(
-                    "file_changed",
-                    format!(
-                        "{} now holds patch {id}, not patch {}: it changed since it was applied",
-                        info.file.display(),
-                        info.id
-                    ),
-                ));
+        let checked = match (loader.check(&tmp), applied) {
+            // A dry run of the applied patch's bytes says "already applied"
+            // as that patch: the copy is what runs, and passes the trust
+            // policy as stored.
+            (Err(Error::AlreadyApplied { id, .. }), Some(info)) if id == info.id => {
+                Ok((info.name.clone(), info.version.clone()))
             }
-            Ok(_) => {
+            (Err(Error::AlreadyApplied { id, .. }), Some(info)) => Err(Failure::new(
+                "file_changed",
+                format!(
+                    "{} now holds {id}, not {}: it changed since it was applied",
+                    src.display(),
+                    info.id
+                ),
+            )),
+            (Ok(_), Some(info)) => Err(Failure::new(
+                "file_changed",
+                format!(
+                    "{} changed since {} was applied from it; apply it again, then accept",
+                    src.display(),
+                    info.id
+                ),
+            )),
+            (Ok(report), None) => Ok((report.name, report.version)),
+            (Err(e), _) => Err(failure_of(&e)),
+        };
+        let (name, version) = match checked {
+            Ok(nv) => nv,
+            Err(f) => {
                 cleanup();
-                return Err(Failure::new(
-                    "file_changed",
-                    format!(
-                        "{} changed since patch {} was applied from it; apply it again, then accept",
-                        info.file.display(),
-                        info.id
-                    ),
-                ));
+                return Err(f);
             }
-            Err(e) => {
-                cleanup();
-                return Err(failure_of(&e));
-            }
-        }
+        };
+        let safe_name: String = name
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        let file = format!("{seq}-{safe_name}.so");
+        let path = patches.join(&file);
         if signature.is_some()
             && let Err(e) = fs::rename(&tmp_sig, signature_of(&path))
         {
@@ -592,17 +812,22 @@ impl Store {
             let _ = fs::remove_file(signature_of(&path));
             return Err(io("rename into place", &path, e));
         }
-        sync_dir(&patches)?;
+        if let Err(f) = sync_dir(&patches) {
+            let _ = fs::remove_file(signature_of(&path));
+            let _ = fs::remove_file(&path);
+            return Err(f);
+        }
         Ok(Entry {
             seq,
-            name: info.name.clone(),
-            version: info.version.clone(),
+            name,
+            version,
             file,
-            source: info.file.to_string_lossy().into_owned(),
+            source: src.to_string_lossy().into_owned(),
             sha256: sha256_hex(&bytes),
             signed: signature.is_some(),
             accepted_at_ms: unix_ms(SystemTime::now()),
-            applied: Some(info.id.get()),
+            applied: None,
+            extra: Map::new(),
         })
     }
 

@@ -71,7 +71,7 @@ pub enum WatchOutcome {
         /// Panics out of its functions during the window (at most the
         /// threshold).
         panics: u64,
-        /// Rounds of health checks run.
+        /// Rounds of health checks run (0 if none is registered).
         check_rounds: u64,
     },
     /// The patch was reverted because of `reason`.
@@ -87,6 +87,12 @@ pub enum WatchOutcome {
     },
     /// The patch was reverted by something else during the window.
     Gone,
+    /// The window was given up before its end (the client that asked for
+    /// it went away): the patch stays applied and is no longer watched.
+    Cancelled {
+        /// Panics out of its functions until then.
+        panics: u64,
+    },
 }
 
 /// Panics raised by patch `id` so far; `None` once it is not applied.
@@ -94,18 +100,19 @@ fn panics_of(id: PatchId) -> Option<u64> {
     crate::registry::REGISTRY.lock().panics(id)
 }
 
-/// The first failing health check and its reason.
-fn run_checks() -> Option<(String, String)> {
+/// Runs the registered health checks: how many there are, or the first
+/// failing one and its reason.
+fn run_checks() -> Result<usize, (String, String)> {
     let checks: Vec<(String, Check)> = CHECKS.lock().clone();
-    for (name, check) in checks {
+    for (name, check) in &checks {
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check()));
         match result {
             Ok(Ok(())) => {}
-            Ok(Err(reason)) => return Some((name, reason)),
-            Err(_) => return Some((name, "the health check panicked".to_owned())),
+            Ok(Err(reason)) => return Err((name.clone(), reason)),
+            Err(_) => return Err((name.clone(), "the health check panicked".to_owned())),
         }
     }
-    None
+    Ok(checks.len())
 }
 
 /// Watches the applied patch `id` for `options.window`: counts the panics
@@ -131,6 +138,17 @@ fn run_checks() -> Option<(String, String)> {
 /// # Ok::<(), hotpatch::Error>(())
 /// ```
 pub fn watch(loader: &Loader, id: PatchId, options: &Watch) -> Result<WatchOutcome, Error> {
+    watch_until(loader, id, options, &|| false)
+}
+
+/// [`watch`], given up ([`WatchOutcome::Cancelled`]) as soon as `cancelled`
+/// says so (it is asked every tick).
+pub(crate) fn watch_until(
+    loader: &Loader,
+    id: PatchId,
+    options: &Watch,
+    cancelled: &dyn Fn() -> bool,
+) -> Result<WatchOutcome, Error> {
     let base = panics_of(id).ok_or(Error::NotApplied { id })?;
     let start = Instant::now();
     let end = start + options.window;
@@ -154,14 +172,19 @@ pub fn watch(loader: &Loader, id: PatchId, options: &Watch) -> Result<WatchOutco
                 ),
                 None,
             ));
+        } else if cancelled() {
+            return Ok(WatchOutcome::Cancelled { panics });
         } else if now >= next_check || now >= end {
-            rounds += 1;
             next_check = now + options.check_interval;
-            if let Some((name, reason)) = run_checks() {
-                failed = Some((
-                    format!("health check `{name}` failed: {reason}"),
-                    Some(name),
-                ));
+            match run_checks() {
+                Ok(0) => {}
+                Ok(_) => rounds += 1,
+                Err((name, reason)) => {
+                    failed = Some((
+                        format!("health check `{name}` failed: {reason}"),
+                        Some(name),
+                    ));
+                }
             }
         }
         if let Some((reason, check)) = failed {
