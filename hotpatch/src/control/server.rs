@@ -145,7 +145,7 @@ impl Shared {
 
     /// A slot for a new connection: a free one, or the one of the
     /// connection idle for longest, which is told `overloaded` and closed.
-    /// A connection whose request is waiting to be read is not idle.
+    /// A connection whose request line is waiting to be read is not idle.
     /// `None` if no slot is free or idle.
     fn admit(&self, stream: &UnixStream) -> Option<u64> {
         let handle = stream.try_clone().ok()?;
@@ -154,7 +154,7 @@ impl Shared {
             let oldest = conns
                 .live
                 .iter()
-                .filter(|(_, c)| unread_bytes(&c.stream) == 0)
+                .filter(|(_, c)| !request_waiting(&c.stream))
                 .filter_map(|(id, c)| c.idle_since.map(|t| (t, *id)))
                 .min()?;
             if let Some(evicted) = conns.live.remove(&oldest.1) {
@@ -283,19 +283,23 @@ fn peer_gone(stream: &UnixStream) -> bool {
     rc > 0 && fd.revents & (libc::POLLHUP | libc::POLLERR) != 0
 }
 
-/// Bytes the client sent that were not read yet (a request waiting).
-fn unread_bytes(stream: &UnixStream) -> usize {
-    let mut n: libc::c_int = 0;
-    // SAFETY: FIONREAD writes one c_int through the pointer, valid here;
-    // the descriptor is open while `stream` is borrowed.
-    let rc = unsafe {
-        libc::ioctl(
+/// The client sent a complete request line that was not read yet (seen
+/// in the first 4 KiB waiting). Half a line does not count: a client
+/// that trickles bytes is idle, and can be evicted.
+fn request_waiting(stream: &UnixStream) -> bool {
+    let mut buf = [0u8; 4096];
+    // SAFETY: the buffer is valid for writes of its length; the
+    // descriptor is open while `stream` is borrowed. MSG_PEEK leaves the
+    // bytes for the connection's thread.
+    let n = unsafe {
+        libc::recv(
             std::os::fd::AsRawFd::as_raw_fd(stream),
-            libc::FIONREAD,
-            &raw mut n,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
         )
     };
-    if rc == 0 { n.max(0) as usize } else { 0 }
+    n > 0 && buf[..n as usize].contains(&b'\n')
 }
 
 fn refuse(shared: &Shared, stream: UnixStream, peer: Peer) {
