@@ -59,18 +59,7 @@
 //!
 //! # Exit codes of `cargo hotpatch`
 //!
-//! | code | meaning |
-//! | --- | --- |
-//! | 0 | the patch was built and checked |
-//! | 1 | `cargo build` failed (its diagnostics are on standard error) |
-//! | 2 | usage: bad arguments, or no library artifact for the package |
-//! | 3 | refused: LLVM bitcode (LTO), a `#[global_allocator]`, no manifest, a binary without build-id or not ELF, a host without `-rdynamic`, symbols the host does not export |
-//! | 4 | I/O: a file could not be read or written (a missing `--binary` included), or `cc` could not be run or failed |
-//! | 5 | `--base`: no change (the revisions compile to the same code); no file |
-//!
-//! With `--base`, 1 is also a failed `git`, 2 a revision that does not
-//! exist, and 3 a change a patch cannot carry (one `refused:` line per
-//! reason) or a `--binary` the base does not rebuild.
+//! One table, [`EXIT_CODES`], which `cargo hotpatch build --help` prints.
 //!
 //! # Limits
 //!
@@ -98,6 +87,11 @@
 //! ```
 
 #![deny(unsafe_op_in_unsafe_fn)]
+
+/// The exit codes of `cargo hotpatch`, as `cargo hotpatch build --help`
+/// prints them: the one table of them, which other documents link to.
+#[doc = concat!("\n```text\n", include_str!("exit_codes.txt"), "```")]
+pub const EXIT_CODES: &str = include_str!("exit_codes.txt");
 
 mod allocshims;
 pub mod cargo;

@@ -8,29 +8,13 @@ use std::process::{Command, ExitCode};
 use cargo_hotpatch::Error;
 use clap::{Args, Parser, Subcommand};
 
-const EXIT_CODES: &str = "\
-Exit codes:
-  0  the patch was built and checked against the binary
-  1  `cargo build` (or git) failed (its diagnostics are on standard error)
-  2  usage: bad arguments, a package that is not in the workspace, a
-     --base/--head revision that does not exist
-  3  refused: LLVM bitcode (LTO), a #[global_allocator] in the patch, no
-     hotpatch::manifest!(), a patch package without an rlib, a binary
-     without build-id or not ELF, a binary linked without -rdynamic,
-     symbols the patch needs that the binary does not export; with
-     --base: a change a patch cannot carry (each reason on its own line),
-     a --binary the base revision does not rebuild
-  4  I/O: a file could not be read or written (a missing --binary
-     included), or `cc` could not be run or failed
-  5  --base: no change (base and head compile to the same code); no file";
-
 #[derive(Debug, Parser)]
 #[command(
     name = "cargo-hotpatch",
     bin_name = "cargo hotpatch",
     version,
     about = "Builds thin hotpatch patches: the patch crate's own code, bound to the running service binary",
-    after_help = EXIT_CODES
+    after_help = cargo_hotpatch::EXIT_CODES
 )]
 struct Cli {
     #[command(subcommand)]
@@ -47,7 +31,7 @@ enum Cmd {
     /// hash each crate's resolved features, which cargo unifies over the
     /// packages selected in one build, so another selection can give the
     /// service's crates other names than the binary has.
-    #[command(after_help = EXIT_CODES)]
+    #[command(after_help = cargo_hotpatch::EXIT_CODES)]
     Build(BuildArgs),
 }
 
@@ -282,7 +266,7 @@ fn build(args: &BuildArgs) -> Result<(), Failure> {
         cmd.arg("--manifest-path").arg(path);
     }
     let rlib = run_build(cmd, &package.id)?.ok_or_else(|| {
-        Failure::Usage(format!(
+        Failure::Refused(format!(
             "cargo built no rlib for package {patch} ({})",
             package.id
         ))

@@ -15,44 +15,26 @@ use serde_json::{Value, json};
 mod sign;
 mod text;
 
-/// Exit codes: the contract with scripts (also in `--help`).
+/// Exit codes: the contract with scripts. What each means is written once,
+/// in `exit_codes.txt` (printed by `--help`).
 mod code {
-    /// Done.
     pub const OK: u8 = 0;
-    /// Any other error: the socket could not be used, a malformed reply, a
-    /// request the service did not understand.
     pub const ERROR: u8 = 1;
-    /// Wrong arguments (clap's usage errors too), or several processes
-    /// and no `--pid`.
     pub const USAGE: u8 = 2;
-    /// The patch was refused by a check (nothing changed).
     pub const REFUSED: u8 = 3;
-    /// Timed out: the transition was reversed, or another one went on
-    /// past the deadline (nothing changed).
     pub const TIMED_OUT: u8 = 4;
-    /// Nothing to do: already applied or accepted, or no such applied patch.
     pub const NOTHING_TO_DO: u8 = 5;
-    /// Not permitted: the socket or the service refused this user.
     pub const NOT_PERMITTED: u8 = 6;
-    /// No such process: no control socket for it, or it is gone.
     pub const NO_PROCESS: u8 = 7;
-    /// Rolled back: the patch was applied, then reverted automatically in
-    /// its watch window (panics, a failed health check).
     pub const ROLLED_BACK: u8 = 8;
 }
 
-const EXIT_CODES: &str = "\
-Exit codes:
-  0  done
-  1  other error (socket unusable, bad reply, request not understood)
-  2  usage error, or several patchable processes and no --pid
-  3  refused: the patch failed a check, nothing changed
-  4  timed out: the transition was reversed (or another one ran past the deadline), nothing changed
-  5  nothing to do: already applied or accepted, or no such applied patch
-  6  not permitted: the service refuses this user
-  7  no such process: no control socket for it, or it is gone
-  8  rolled back: applied, then reverted in its watch window (panics or a failed health check)
-
+/// The exit codes (`exit_codes.txt`: the one table, which the README and
+/// the `code` constants refer to) and more, for `--help`.
+const EXIT_CODES: &str = concat!(
+    include_str!("exit_codes.txt"),
+    "\n",
+    "\
 With --json, a command the service answered prints its reply on stdout, one
 JSON object (schema: hotpatch::control::protocol); `ps --json` prints
 {\"v\":1,\"processes\":[{\"pid\",\"service\",\"patches\",\"socket\"}]}. Errors of the
@@ -65,7 +47,8 @@ are asked for on a terminal; with neither, the command fails rather than
 wait for input. Examples:
   hotpatch keygen --public patches.pub --secret patches.key
   hotpatch sign --secret patches.key target/release/libfix.so
-  hotpatch verify --public patches.pub target/release/libfix.so";
+  hotpatch verify --public patches.pub target/release/libfix.so"
+);
 
 /// Operate the patches of running services (hotpatch control endpoint).
 #[derive(Parser, Debug)]

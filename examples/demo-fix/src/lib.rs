@@ -1,9 +1,11 @@
 //! The patch of the hotpatch demo: fixes the bulk discount of
 //! `demo_service::pricing::apply_discount` (basis points are 1/10,000).
 //!
-//! Built as a `cdylib` by the demo itself and applied to the running
-//! service with `hotpatch::load`; name, version and description come from
-//! this crate's Cargo.toml.
+//! Built by the demo itself, as a thin patch bound to the running
+//! `demo-service` binary (`cargo hotpatch build -p demo-fix --binary ...`,
+//! which links this crate's own code from its rlib), into a private
+//! temporary directory, and applied with `hotpatch::load`; name, version
+//! and description come from this crate's Cargo.toml.
 
 hotpatch::manifest!();
 

@@ -1,7 +1,8 @@
 //! The hotpatch demo: a pricing service fixed while it serves.
 //!
 //! `cargo run --release -p demo-service` builds the fix (`examples/demo-fix`)
-//! into `target/demo-fix`, starts worker threads that quote random orders
+//! as a thin patch for this binary into a private temporary directory
+//! (`build_fix`), starts worker threads that quote random orders
 //! and check every answer against a reference price, then loads the fix
 //! mid-traffic, shows the answers becoming right, reverts it and shows the
 //! bug come back. It exits non-zero if anything unexpected happens: a
@@ -12,7 +13,8 @@
 //! Ctrl-C with the control endpoint on (`hotpatch::control`, state
 //! directory `target/demo-state`), printing its error rate each second,
 //! for an operator to fix it from another terminal with the `hotpatch`
-//! tool (see the README, "Operating a running service").
+//! tool, applying the file its `[fix]` line names (see the README,
+//! "Operating a running service").
 
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};

@@ -31,7 +31,9 @@
 //! `HOTPATCH_SOCKET_DIR` ([`SOCKET_DIR_ENV`]); `/run/hotpatch` for root;
 //! `$XDG_RUNTIME_DIR/hotpatch` for other users. `<service>` defaults to
 //! the executable's file name. A socket left by a process that died is
-//! replaced; the socket is removed when the [`Control`] handle is dropped.
+//! replaced, and at start the sockets of other processes that are gone
+//! are removed from the directory; the socket is removed when the
+//! [`Control`] handle is dropped.
 //!
 //! # Who
 //!
@@ -44,7 +46,11 @@
 //! is made `0666` and the directory searchable by others (`o+x`, not
 //! readable or writable), so that they can connect: the peer credentials
 //! are then what decides. A refused peer gets one JSON error line
-//! (`not_permitted`) and a `tracing` warning, and is disconnected.
+//! (`not_permitted`) and is disconnected. Refusals are counted, not
+//! logged one by one: one `connect` event (with a `count`) and one
+//! `tracing` warning per peer (uid and gid) per minute, in a ring of
+//! their own, so that refused clients cannot push the history of
+//! operations out of `events`; `status` has their total.
 //!
 //! # How
 //!
@@ -56,11 +62,17 @@
 //! within [`ControlBuilder::read_timeout`] (default 10 s) or it is closed,
 //! and a line longer than [`MAX_LINE`] bytes is answered with an error and
 //! the connection closed. When every slot is taken, the connection idle
-//! for longest is closed to admit the new one; if every slot is running
-//! an operation, the new connection gets an `overloaded` error. The
-//! trust policy and deadline of patches are the service's
-//! ([`ControlBuilder::loader`]): a client may ask for a shorter deadline,
-//! never a longer one, and cannot change the trust policy.
+//! for longest (waiting for a request, with no complete line unread) is told
+//! `overloaded` and closed to admit the new one; if no slot is idle, the
+//! new connection is told `overloaded` and closed: every client gets a
+//! reply. At most [`ControlBuilder::max_concurrent_reads`] requests read
+//! patch files at once (default 2), and the loader reads none larger than
+//! its [size limit](Loader::max_file_size) (default 64 MiB) nor any that
+//! does not start with the ELF magic: the memory clients can make the
+//! service use is bounded. The trust policy and deadline of patches are
+//! the service's ([`ControlBuilder::loader`]): a client may ask for a
+//! shorter deadline, never a longer one, and cannot change the trust
+//! policy.
 //!
 //! The protocol is documented in [`protocol`].
 //!
@@ -75,17 +87,31 @@
 //! every check of [`Loader::load`] (the service's loader), before the
 //! endpoint serves, so a service that calls `listen` before it serves
 //! traffic starts with its fixes. Reverting an accepted patch removes it
-//! from the record; a replace puts the new patch in its place.
+//! from the record; a replace puts the new patch in its place. Both are
+//! transactional: the record is written first, then the running code
+//! changes; if the record cannot be written nothing changes (error
+//! `state`, "nothing changed"), and if the transition fails the record is
+//! put back (a failure to put it back is said in the error, with what
+//! restart will then apply). A replace of an accepted patch copies the new
+//! file into the state directory and applies that copy, so what runs is
+//! what is recorded.
 //!
 //! A stored patch that no longer loads (the binary was upgraded, its copy
-//! changed or is missing, the record is corrupt or of another format
-//! version) is reported (a `tracing` warning, an event `restore` with its
-//! reason, and `status`'s `state.rejected`), moved to `rejected/` in the
-//! state directory with a `.reason` file, and dropped from the record;
-//! the service starts with the others. With `HOTPATCH_DISABLE=1`
-//! ([`DISABLE_ENV`]) in its environment the service starts with no
-//! accepted patch applied, and its record untouched: the kill switch
-//! after a bad patch.
+//! changed or is missing, the record cannot be read or parsed, or is of
+//! another format version) is reported (a `tracing` warning, an event
+//! `restore` with its reason, and `status`'s `state.rejected`), moved to
+//! `rejected/` in the state directory with a `.reason` file (a copy
+//! another entry still names stays), and dropped from the record; the
+//! service starts with the others. Fields of a record this runtime does
+//! not know (a later release's, same format version) are ignored and kept.
+//! At start, copies no entry names and interrupted writes are removed
+//! from the state directory, and sockets of dead processes from the
+//! socket directory (event `clean`). These reports reach the service's
+//! log only through a `tracing` subscriber; `status` and `events` have
+//! them either way. With `HOTPATCH_DISABLE=1` ([`DISABLE_ENV`]) in its
+//! environment the service starts with no accepted patch applied,
+//! whatever the state directory holds: nothing in it is moved or removed,
+//! and nothing in it is an error: the kill switch after a bad patch.
 //!
 //! # Watching
 //!
@@ -97,7 +123,9 @@
 //! [the threshold](ControlBuilder::watch_max_panics) (default: any), or a
 //! failed check, revert it, with the reason recorded (event `rollback`,
 //! reply `rolled_back`). A patch live at the end of its window stays
-//! applied, and is accepted if asked.
+//! applied, and is accepted if asked. The window ends early if the client
+//! that asked for it goes away (event `watch`, outcome `cancelled`): the
+//! patch stays applied, on trial, not accepted and no longer watched.
 
 mod events;
 mod ops;
@@ -347,8 +375,10 @@ impl ControlBuilder {
     /// not this user's, or others can write to it), [`Error::InvalidName`],
     /// [`Error::AlreadyListening`], [`Error::Io`] (the directory or the
     /// socket cannot be created, the thread cannot be started, the state
-    /// directory cannot be created or its record read). An accepted patch
-    /// that does not load is not an error: it is reported and set aside.
+    /// directory cannot be created and the kill switch is not set). What
+    /// the state directory holds is never an error: an accepted patch that
+    /// does not load, or a record that cannot be read, is reported and set
+    /// aside.
     pub fn listen(self) -> Result<Control, Error> {
         let service = match self.service_name {
             Some(name) => {
