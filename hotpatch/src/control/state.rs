@@ -112,6 +112,9 @@ pub(crate) struct Store {
     pub disabled: bool,
     /// The record's fields this runtime does not know.
     record_extra: Map<String, Value>,
+    /// Copies restore could not set aside (they stay in `patches/`, and
+    /// are not orphans to remove).
+    unmoved: HashSet<PathBuf>,
     /// Why the record must not be written (it could not be read and is
     /// still in place, or the directory could not be made): every change
     /// is refused rather than overwrite what was not read.
@@ -251,6 +254,9 @@ impl Store {
         let moved_to = file
             .filter(|f| f.exists())
             .and_then(|f| self.set_aside(f, &format!("{kind}: {message}")));
+        if let Some(f) = file.filter(|f| f.exists()) {
+            self.unmoved.insert(f.to_owned());
+        }
         tracing::warn!(
             target: "hotpatch::control",
             op = "restore",
@@ -301,6 +307,7 @@ impl Store {
             rejected: Vec::new(),
             disabled,
             record_extra: Map::new(),
+            unmoved: HashSet::new(),
             blocked: None,
         };
         if let Err(source) = fs::DirBuilder::new()
@@ -436,10 +443,15 @@ impl Store {
                 }
             }
         }
-        if changed && let Err(f) = store.save() {
+        let saved = if changed && let Err(f) = store.save() {
             tracing::warn!(target: "hotpatch::control", op = "restore", reason = %f.message, "cannot rewrite the record");
-        }
-        if record_ok {
+            false
+        } else {
+            true
+        };
+        // Only against a record on disk that is the one in memory: the
+        // copies of entries it still names are not orphans.
+        if record_ok && saved {
             store.remove_orphans(events);
         }
         tracing::info!(
@@ -557,7 +569,7 @@ impl Store {
                             .is_some_and(|n| n.to_string_lossy().ends_with(".tmp"))
                     }),
             );
-        for path in candidates {
+        for path in candidates.filter(|p| !self.unmoved.contains(p)) {
             let is_file = fs::symlink_metadata(&path).is_ok_and(|m| m.is_file());
             if is_file && fs::remove_file(&path).is_ok() {
                 removed.push(
