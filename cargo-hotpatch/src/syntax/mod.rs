@@ -66,14 +66,16 @@ pub struct CrateSource {
     /// `_`), else the crate directory's name. See
     /// [`CrateSource::with_crate_name`].
     crate_name: String,
-    /// The files read, relative to the crate directory, root first.
+    /// The files read, relative to the crate directory, root first (what
+    /// the tests check a parse reached).
+    #[cfg_attr(not(test), allow(dead_code))]
     files: Vec<PathBuf>,
     /// Every item found, in source order.
     items: Vec<Item>,
 }
 
 /// Where an item is: the file, relative to the crate directory (as
-/// given to [`parse_crate`]), and the 1-based line of its name.
+/// given to `parse_crate`), and the 1-based line of its name.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Location {
     /// The file, relative to the crate directory.
@@ -188,7 +190,7 @@ fn display_paths(paths: &[PathBuf]) -> String {
         .join(" and ")
 }
 
-/// What [`compare`] found between base and head, one line each in
+/// What `compare` found between base and head, one line each in
 /// `Display`: what changed, where, and what to do.
 ///
 /// Locations are in the head when the item exists there, and in the base
@@ -663,6 +665,7 @@ impl Item {
 
 impl CrateSource {
     /// The crate name that symbols start with.
+    #[cfg(test)]
     pub fn crate_name(&self) -> &str {
         &self.crate_name
     }
@@ -677,6 +680,7 @@ impl CrateSource {
 
     /// The source files read, relative to the crate directory, the root
     /// first.
+    #[cfg(test)]
     pub fn files(&self) -> &[PathBuf] {
         &self.files
     }
@@ -703,6 +707,7 @@ impl CrateSource {
     /// Whether the function at that path is `#[patchable]` (the attribute
     /// `patchable` / `hotpatch::patchable` on the fn, or on its impl block
     /// and not `#[patchable(skip)]` on the method). `false` if not found.
+    #[cfg(test)]
     pub fn is_patchable(&self, demangled: &str) -> bool {
         self.find_fn(demangled).is_some_and(|i| {
             matches!(
