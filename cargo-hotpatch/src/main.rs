@@ -64,6 +64,22 @@ struct BuildArgs {
     #[arg(long, value_name = "REV", requires = "base")]
     head: Option<String>,
 
+    /// With --base: the patch's name, as the service lists it [default:
+    /// the package and the head's short commit hash, `-dirty` and a digest
+    /// of the changes for the working tree].
+    #[arg(long, value_name = "NAME", requires = "base")]
+    name: Option<String>,
+
+    /// With --base: the patch's version [default: the base and the head's
+    /// short commit hash].
+    #[arg(long, value_name = "VERSION", requires = "base")]
+    patch_version: Option<String>,
+
+    /// With --base: what the patch fixes [default: the head commit's
+    /// subject and the functions it replaces].
+    #[arg(long, value_name = "TEXT", requires = "base")]
+    description: Option<String>,
+
     /// With --base: the service's binary target, if the package has
     /// several [default: the one named like --binary, or the only one].
     #[arg(long, value_name = "NAME", requires = "base")]
@@ -237,12 +253,19 @@ fn build_from_source(args: &BuildArgs, base: &str) -> Result<(), BuildError> {
         output: args.output.clone(),
         flags: args.flags(),
         manifest_path: args.manifest_path.clone(),
+        name: args.name.clone(),
+        version: args.patch_version.clone(),
+        description: args.description.clone(),
     };
     let report = cargo_hotpatch::build_from_source(&opts, &mut |line| {
         eprintln!("cargo-hotpatch: {line}");
     })?;
     println!("base: {}", report.base);
     println!("head: {}", report.head);
+    println!(
+        "name: {} {} ({})",
+        report.name, report.version, report.description
+    );
     for item in &report.replaced {
         match &item.location {
             Some(l) => println!("replaced  {}  ({l})", item.path),

@@ -99,6 +99,11 @@ impl Revisions {
         })
     }
 
+    /// The subject line of `commit`'s message (empty if git cannot say).
+    pub fn subject(&self, commit: &str) -> String {
+        git(&self.repo, &["log", "-1", "--format=%s", commit]).unwrap_or_default()
+    }
+
     /// Whether `file` (relative to the workspace root) is in `commit`.
     pub fn in_commit(&self, commit: &str, file: &str) -> bool {
         let spec = format!("{commit}:{}", self.ws_in_repo.join(file).display());

@@ -90,6 +90,15 @@ pub struct SourceOptions {
     pub flags: crate::CargoFlags,
     /// `--manifest-path`.
     pub manifest_path: Option<PathBuf>,
+    /// The patch's name, as the runtime lists it [default: the package
+    /// and the head's short commit hash].
+    pub name: Option<String>,
+    /// The patch's version [default: the base and the head's short
+    /// commit hash].
+    pub version: Option<String>,
+    /// What the patch fixes [default: the head commit's subject and the
+    /// functions it replaces].
+    pub description: Option<String>,
 }
 
 /// Builds a patch from the service's source: the changes from the
@@ -140,6 +149,7 @@ pub fn build_from_source(
     opts: &SourceOptions,
     progress: &mut dyn FnMut(&str),
 ) -> Result<SourceReport, BuildError> {
+    manifest::check(opts)?;
     let ws = workspace::Workspace::read(opts)?;
     let revs = git::Revisions::resolve(&ws, opts)?;
     let deployed = identity::Deployed::read(opts.binary.as_deref())?;
@@ -178,7 +188,8 @@ pub fn build_from_source(
     }
 
     let mut extracted = extract::write(&h, &host, &plan)?;
-    let manifest = manifest::compile(&ws, &head, &opts.base, &revs.head_name, &plan)?;
+    let label = manifest::label(&ws, opts, &revs, &files, &plan)?;
+    let manifest = manifest::compile(&ws, &head, &label)?;
     let out = crate::cargo::output_path(
         opts.output.as_deref(),
         &ws.target_dir,
@@ -191,9 +202,12 @@ pub fn build_from_source(
         &host_path,
         &out,
     )?;
-    Ok(report::report(
-        &ws, &revs, &head_src, &plan, &extracted, linked, notes,
-    ))
+    let written = report::Written {
+        extracted,
+        linked,
+        label,
+    };
+    Ok(report::report(&ws, &revs, &head_src, &plan, written, notes))
 }
 
 /// A symbol name demangled without its hash.

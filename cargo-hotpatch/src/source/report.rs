@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use super::classify::Plan;
 use super::extract::Extracted;
 use super::git::Revisions;
+use super::manifest::Label;
 use super::workspace::Workspace;
 use super::{demangle, describe};
 use crate::LinkReport;
@@ -35,6 +36,12 @@ pub struct SourceReport {
     pub base: String,
     /// The head: revision or "working tree".
     pub head: String,
+    /// The patch's name, as the runtime lists it.
+    pub name: String,
+    /// Its version.
+    pub version: String,
+    /// Its description.
+    pub description: String,
     /// The patch file.
     pub output: PathBuf,
     /// Its size.
@@ -43,16 +50,27 @@ pub struct SourceReport {
     pub build_id: String,
 }
 
-/// The report of the patch `linked`, made of `plan`.
+/// The patch as written: its code, its file and its label.
+pub(super) struct Written {
+    pub extracted: Extracted,
+    pub linked: LinkReport,
+    pub label: Label,
+}
+
+/// The report of the patch `written`, made of `plan`.
 pub(super) fn report(
     ws: &Workspace,
     revs: &Revisions,
     head_src: &CrateSource,
     plan: &Plan,
-    extracted: &Extracted,
-    linked: LinkReport,
+    written: Written,
     mut notes: Vec<String>,
 ) -> SourceReport {
+    let Written {
+        extracted,
+        linked,
+        label,
+    } = written;
     if extracted.private_refs > 0 {
         notes.push(format!(
             "{} private functions and statics of the service are reached through cells the loader fills",
@@ -113,6 +131,9 @@ pub(super) fn report(
         notes,
         base: revs.base_name.clone(),
         head: revs.head_name.clone(),
+        name: label.name,
+        version: label.version,
+        description: label.description,
         output: linked.output,
         size: linked.size,
         build_id: linked.host_build_id,
