@@ -266,17 +266,20 @@ fn build_from_source(args: &BuildArgs, base: &str) -> Result<(), BuildError> {
         "name: {} {} ({})",
         report.name, report.version, report.description
     );
-    for item in &report.replaced {
-        match &item.location {
-            Some(l) => println!("replaced  {}  ({l})", item.path),
-            None => println!("replaced  {}", item.path),
+    let listed = report
+        .replaced
+        .iter()
+        .map(|i| ("replaced", i))
+        .chain(report.included.iter().map(|i| ("included", i)));
+    for (kind, item) in listed {
+        let mut line = format!("{kind}  {}", item.path);
+        if let Some(l) = &item.location {
+            line.push_str(&format!("  ({l})"));
         }
-    }
-    for item in &report.included {
-        match &item.location {
-            Some(l) => println!("included  {}  ({l})", item.path),
-            None => println!("included  {}", item.path),
+        if let Some(why) = &item.why {
+            line.push_str(&format!("  ({why})"));
         }
+        println!("{line}");
     }
     for note in &report.notes {
         println!("note: {note}");

@@ -1296,3 +1296,42 @@ fn case_28_a_patch_is_named_by_its_head_commit_or_as_the_options_say() {
         );
     }
 }
+
+#[test]
+fn case_29_a_function_whose_source_is_the_same_says_why_it_is_replaced() {
+    // The user changed a callee, a const or a macro, not the function the
+    // tool lists as replaced: the line says what changed. A function the
+    // user changed says nothing more.
+    let fx = fixture();
+    for (branch, path, why) in [
+        (
+            "case-inlined-callee",
+            "svc::bonus_of",
+            Some("inlined svc::bonus changed"),
+        ),
+        (
+            "case-const",
+            "svc::capped",
+            Some("const svc::LIMIT changed"),
+        ),
+        ("case-macro", "svc::doubled", Some("macro twice! changed")),
+        ("case-free-fn", "svc::price", None),
+    ] {
+        let so = out_path(&format!("case-29-{branch}"));
+        let out = build_patch(branch, s(&fx.v1_bin), &so);
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        assert!(
+            harness::listed(&out.stdout)
+                .iter()
+                .any(|l| l.kind == "replaced" && l.path == path),
+            "{branch}: {path} is replaced: {}",
+            out.stdout
+        );
+        assert_eq!(
+            harness::why_listed(&out.stdout, "replaced", path).as_deref(),
+            why,
+            "{branch}: why {path} is replaced: {}",
+            out.stdout
+        );
+    }
+}

@@ -21,6 +21,9 @@ pub(super) struct Plan {
     pub replaced: Vec<(String, EntryInfo)>,
     /// The other functions copied into the patch (symbols).
     pub included: BTreeSet<String>,
+    /// Each replaced function whose own code did not change, replaced
+    /// because it calls a changed one: that one (symbols).
+    pub calls_changed: BTreeMap<String, String>,
 }
 
 /// Classifies the changed functions of `comparison`; `refusals` gets each
@@ -77,7 +80,9 @@ pub(super) fn classify(
     // compiles without an exported symbol to see: the source says so.
     let copied_elsewhere = |name: &str| head_src.is_copied_into_users(&demangle(name));
     let mut included: BTreeSet<String> = others.clone();
-    let mut forced: BTreeSet<String> = BTreeSet::new();
+    // A `#[patchable]` caller replaced because it calls a changed
+    // function, and that function.
+    let mut forced: BTreeMap<String, String> = BTreeMap::new();
     let mut blocked: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let mut pulled_by: HashMap<String, String> = HashMap::new();
     let mut queue: Vec<String> = others.iter().cloned().collect();
@@ -101,14 +106,14 @@ pub(super) fn classify(
         }
         for c in referrers.get(&name).cloned().unwrap_or_default() {
             if replaced_names.contains(&c)
-                || forced.contains(&c)
+                || forced.contains_key(&c)
                 || included.contains(&c)
                 || is_generated(&c)
             {
                 continue;
             }
             if head_entries.contains_key(&c) {
-                forced.insert(c);
+                forced.insert(c, name.clone());
             } else if b.by_name.get(&c).is_some_and(|u| !b.is_code(*u)) {
                 blocked
                     .entry(name.clone())
@@ -162,10 +167,14 @@ pub(super) fn classify(
             });
         }
     }
-    for name in &forced {
+    for name in forced.keys() {
         if let Some(e) = head_entries.get(name) {
             replaced.push((name.clone(), e.clone()));
         }
     }
-    Plan { replaced, included }
+    Plan {
+        replaced,
+        included,
+        calls_changed: forced,
+    }
 }

@@ -155,7 +155,7 @@ pub fn build_from_source(
     let deployed = identity::Deployed::read(opts.binary.as_deref())?;
     let (files, mut notes) = files::check(&ws, &revs)?;
     let trees = checkout::check_out(&ws, &revs, progress, &mut notes)?;
-    let (_, head_src) = findings::check(&ws, &trees, &mut notes)?;
+    let (base_src, head_src) = findings::check(&ws, &trees, &mut notes)?;
     let (base, head) = sides::build_both(&ws, opts, &revs, &trees, progress, &mut notes)?;
     let base_bin = sides::pick_bin(&ws, opts, &base.bins)?;
     let (host, host_path) = identity::bind(&base_bin, deployed, &revs)?;
@@ -207,7 +207,9 @@ pub fn build_from_source(
         linked,
         label,
     };
-    Ok(report::report(&ws, &revs, &head_src, &plan, written, notes))
+    Ok(report::report(
+        &ws, &revs, &base_src, &head_src, &plan, written, notes,
+    ))
 }
 
 /// A symbol name demangled without its hash.

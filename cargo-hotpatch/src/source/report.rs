@@ -20,6 +20,10 @@ pub struct Item {
     pub path: String,
     /// `file:line`, where the source says.
     pub location: Option<String>,
+    /// Why it is in the patch when the user did not change its source
+    /// (`inlined svc::split_words changed`, `calls svc::tax, which
+    /// changed`); `None` when its own source changed.
+    pub why: Option<String>,
 }
 
 /// What [`build_from_source`](crate::build_from_source) made.
@@ -61,6 +65,7 @@ pub(super) struct Written {
 pub(super) fn report(
     ws: &Workspace,
     revs: &Revisions,
+    base_src: &CrateSource,
     head_src: &CrateSource,
     plan: &Plan,
     written: Written,
@@ -79,12 +84,18 @@ pub(super) fn report(
     }
     let prefix = ws.package_prefix();
     let locate = |path: &str| head_src.locate(path).map(|l| format!("{prefix}{l}"));
+    // Why a function whose source is the same is in the patch.
+    let why = |symbol: &str, path: &str| match plan.calls_changed.get(symbol) {
+        Some(callee) => Some(format!("calls {}, which changed", describe(callee))),
+        None => head_src.why_changed(base_src, path),
+    };
     let mut replaced: Vec<Item> = plan
         .replaced
         .iter()
-        .map(|(_, e)| Item {
+        .map(|(symbol, e)| Item {
             path: e.path.clone(),
             location: locate(&e.path),
+            why: why(symbol, &e.path),
         })
         .collect();
     replaced.sort_by(|a, b| a.path.cmp(&b.path));
@@ -109,6 +120,7 @@ pub(super) fn report(
         if ws.owns(&path) {
             included.push(Item {
                 location: locate(&demangle(n)),
+                why: head_src.why_changed(base_src, &demangle(n)),
                 path,
             });
         } else {
