@@ -99,6 +99,11 @@ pub const ALLOCATOR_EXPORTS: [(&str, &str); 4] = [
     ("__rustc::__rust_alloc_zeroed", "hotpatch_rust_alloc_zeroed"),
 ];
 
+/// In a `&str` or `&[T]` field of these records: the offset of the length,
+/// after the pointer (what the tool reads and writes; this crate's tests
+/// check that rustc lays them out so).
+pub const LEN_OFFSET: usize = std::mem::size_of::<usize>();
+
 /// Size and alignment of one argument or return type.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 #[repr(C)]
@@ -364,6 +369,7 @@ mod tests {
         // SAFETY: as above, for a slice.
         let words: [usize; 2] = unsafe { std::mem::transmute(l) };
         assert_eq!(words, [l.as_ptr() as usize, l.len()]);
+        assert_eq!(LEN_OFFSET, size_of::<usize>());
     }
 
     #[test]

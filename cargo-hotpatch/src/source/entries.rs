@@ -18,7 +18,7 @@ const ENTRY_LAYOUTS_OFFSET: usize = offset_of!(RawEntry, layouts);
 const ENTRY_ORIGINAL_OFFSET: usize = offset_of!(RawEntry, original);
 const ENTRY_COUNTED_OFFSET: usize = offset_of!(RawEntry, counted);
 /// A `&str` or slice: its pointer, then its length.
-const LEN_AT: usize = 8;
+const LEN_AT: usize = hotpatch_abi::LEN_OFFSET;
 
 /// An entry of the registry in one build.
 #[derive(Debug, Clone)]

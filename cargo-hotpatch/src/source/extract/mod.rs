@@ -59,7 +59,7 @@ const PATCH_FN_REPLACEMENT: u64 = offset_of!(RawPatchFn, replacement) as u64;
 const PATCH_FN_NAME: u64 = offset_of!(RawPatchFn, name) as u64;
 const PATCH_FN_LAYOUTS: u64 = offset_of!(RawPatchFn, layouts) as u64;
 /// A `&str` or slice: its pointer, then its length.
-const LEN_AT: u64 = 8;
+const LEN_AT: u64 = hotpatch_abi::LEN_OFFSET as u64;
 
 /// A replacement record to write.
 pub(crate) struct Record {
