@@ -3,7 +3,7 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Command, Output, Stdio};
 
 use super::SourceOptions;
 use super::workspace::Workspace;
@@ -25,15 +25,20 @@ pub(super) struct Revisions {
     pub head_name: String,
 }
 
-/// Runs git in `repo`; its trimmed standard output.
-pub(super) fn git(repo: &Path, args: &[&str]) -> Result<String, BuildError> {
-    let out = Command::new("git")
+/// Runs git in `repo`, its output captured, whether it succeeds or not.
+fn run(repo: &Path, args: &[&str]) -> Result<Output, BuildError> {
+    Command::new("git")
         .arg("-C")
         .arg(repo)
         .args(args)
-        .stderr(Stdio::piped())
+        .stdin(Stdio::null())
         .output()
-        .map_err(io("running git"))?;
+        .map_err(io("running git"))
+}
+
+/// Runs git in `repo`; its trimmed standard output.
+pub(super) fn git(repo: &Path, args: &[&str]) -> Result<String, BuildError> {
+    let out = run(repo, args)?;
     if !out.status.success() {
         return Err(BuildError::Tool(format!(
             "`git {}` failed: {}",
@@ -47,12 +52,7 @@ pub(super) fn git(repo: &Path, args: &[&str]) -> Result<String, BuildError> {
 /// The commit a revision names, or a usage error naming it.
 fn commit_of(repo: &Path, rev: &str) -> Result<String, BuildError> {
     let spec = format!("{rev}^{{commit}}");
-    let out = Command::new("git")
-        .arg("-C")
-        .arg(repo)
-        .args(["rev-parse", "--verify", "--quiet", &spec])
-        .output()
-        .map_err(io("running git"))?;
+    let out = run(repo, &["rev-parse", "--verify", "--quiet", &spec])?;
     if !out.status.success() {
         return Err(BuildError::Usage(format!(
             "revision `{rev}` does not exist in {} (a tag, branch or commit of the deployed build)",
@@ -107,13 +107,7 @@ impl Revisions {
     /// Whether `file` (relative to the workspace root) is in `commit`.
     pub fn in_commit(&self, commit: &str, file: &str) -> bool {
         let spec = format!("{commit}:{}", self.ws_in_repo.join(file).display());
-        Command::new("git")
-            .arg("-C")
-            .arg(&self.repo)
-            .args(["cat-file", "-e", &spec])
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
+        run(&self.repo, &["cat-file", "-e", &spec]).is_ok_and(|o| o.status.success())
     }
 
     /// The files of the workspace that differ between base and head
