@@ -24,12 +24,7 @@ use std::collections::BTreeMap;
 use object::elf;
 
 /// rustc's entry point (demangled) and the runtime's export it jumps to.
-pub const SHIMS: [(&str, &str); 4] = [
-    ("__rustc::__rust_alloc", "hotpatch_rust_alloc"),
-    ("__rustc::__rust_dealloc", "hotpatch_rust_dealloc"),
-    ("__rustc::__rust_realloc", "hotpatch_rust_realloc"),
-    ("__rustc::__rust_alloc_zeroed", "hotpatch_rust_alloc_zeroed"),
-];
+const SHIMS: [(&str, &str); 4] = hotpatch_abi::ALLOCATOR_EXPORTS;
 
 fn target_of(name: &[u8]) -> Option<&'static str> {
     let name = std::str::from_utf8(name).ok()?;

@@ -1,5 +1,5 @@
 //! What the tool runs cargo for, shared by the patch-crate build
-//! (`main.rs`) and the builds of a service's checkouts (`source`).
+//! (`patch_crate.rs`) and the builds of a service's checkouts (`source`).
 
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
@@ -38,7 +38,7 @@ impl Artifact {
 
 /// Why [`build`] or [`metadata`] returned nothing.
 #[derive(Debug)]
-pub enum BuildError {
+pub enum CargoError {
     /// cargo could not be run, or its output read: what, and why.
     Io(String),
     /// cargo ran and failed (its diagnostics went to stderr).
@@ -50,9 +50,9 @@ pub enum BuildError {
 ///
 /// # Errors
 ///
-/// [`BuildError::Io`] if cargo cannot be run or prints no JSON;
-/// [`BuildError::Failed`] if it fails.
-pub fn metadata(manifest_path: Option<&Path>) -> Result<serde_json::Value, BuildError> {
+/// [`CargoError::Io`] if cargo cannot be run or prints no JSON;
+/// [`CargoError::Failed`] if it fails.
+pub fn metadata(manifest_path: Option<&Path>) -> Result<serde_json::Value, CargoError> {
     let mut cmd = Command::new(program());
     cmd.args(["metadata", "--format-version", "1", "--no-deps"]);
     if let Some(path) = manifest_path {
@@ -61,12 +61,12 @@ pub fn metadata(manifest_path: Option<&Path>) -> Result<serde_json::Value, Build
     let out = cmd
         .stderr(Stdio::inherit())
         .output()
-        .map_err(|e| BuildError::Io(format!("running cargo metadata: {e}")))?;
+        .map_err(|e| CargoError::Io(format!("running cargo metadata: {e}")))?;
     if !out.status.success() {
-        return Err(BuildError::Failed(out.status));
+        return Err(CargoError::Failed(out.status));
     }
     serde_json::from_slice(&out.stdout)
-        .map_err(|e| BuildError::Io(format!("cargo metadata printed no JSON: {e}")))
+        .map_err(|e| CargoError::Io(format!("cargo metadata printed no JSON: {e}")))
 }
 
 /// Runs `cmd`, a `cargo build` (this adds
@@ -74,32 +74,23 @@ pub fn metadata(manifest_path: Option<&Path>) -> Result<serde_json::Value, Build
 /// user's stderr as cargo renders them), and returns the artifacts it
 /// reported, in order.
 ///
-/// ```no_run
-/// use cargo_hotpatch::cargo;
-///
-/// let mut cmd = std::process::Command::new(cargo::program());
-/// cmd.args(["build", "--lib", "-p", "my-fix"]);
-/// let artifacts = cargo::build(cmd).expect("cargo build");
-/// let rlib = artifacts.iter().rev().find_map(|a| a.rlib());
-/// ```
-///
 /// # Errors
 ///
-/// [`BuildError::Io`] if cargo cannot be run or its output read;
-/// [`BuildError::Failed`] if the build failed.
-pub fn build(mut cmd: Command) -> Result<Vec<Artifact>, BuildError> {
+/// [`CargoError::Io`] if cargo cannot be run or its output read;
+/// [`CargoError::Failed`] if the build failed.
+pub fn build(mut cmd: Command) -> Result<Vec<Artifact>, CargoError> {
     let mut child = cmd
         .arg("--message-format=json-render-diagnostics")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
-        .map_err(|e| BuildError::Io(format!("running cargo build: {e}")))?;
+        .map_err(|e| CargoError::Io(format!("running cargo build: {e}")))?;
     let Some(stdout) = child.stdout.take() else {
-        return Err(BuildError::Io("cargo build has no stdout".into()));
+        return Err(CargoError::Io("cargo build has no stdout".into()));
     };
     let mut artifacts = Vec::new();
     for line in std::io::BufReader::new(stdout).lines() {
-        let line = line.map_err(|e| BuildError::Io(format!("reading cargo's output: {e}")))?;
+        let line = line.map_err(|e| CargoError::Io(format!("reading cargo's output: {e}")))?;
         let Ok(msg) = serde_json::from_str::<serde_json::Value>(&line) else {
             continue;
         };
@@ -127,9 +118,9 @@ pub fn build(mut cmd: Command) -> Result<Vec<Artifact>, BuildError> {
     }
     let status = child
         .wait()
-        .map_err(|e| BuildError::Io(format!("waiting for cargo build: {e}")))?;
+        .map_err(|e| CargoError::Io(format!("waiting for cargo build: {e}")))?;
     if !status.success() {
-        return Err(BuildError::Failed(status));
+        return Err(CargoError::Failed(status));
     }
     Ok(artifacts)
 }

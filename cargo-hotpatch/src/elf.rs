@@ -8,10 +8,10 @@ use object::{Object, ObjectSection, ObjectSymbol};
 use crate::Error;
 
 /// Name of the non-allocated section of a patch that names its host.
-pub const HOST_SECTION: &str = ".hotpatch.host";
+pub(crate) const HOST_SECTION: &str = hotpatch_abi::HOST_SECTION;
 
 /// The first 8 bytes of [`HOST_SECTION`]: format and version.
-pub const HOST_MAGIC: &[u8; 8] = b"HPHOST01";
+pub(crate) const HOST_MAGIC: &[u8; 8] = &hotpatch_abi::HOST_MAGIC;
 
 pub(crate) fn read(path: &Path) -> Result<Vec<u8>, Error> {
     std::fs::read(path).map_err(Error::io(path))

@@ -177,3 +177,90 @@ impl fmt::Display for MissingList<'_> {
         Ok(())
     }
 }
+
+/// Why `cargo hotpatch build` made no patch: [`build_patch_crate`] and
+/// [`build_from_source`] return it, and its [`exit_code`] is the
+/// command's.
+///
+/// [`build_patch_crate`]: crate::build_patch_crate
+/// [`build_from_source`]: crate::build_from_source
+/// [`exit_code`]: BuildError::exit_code
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum BuildError {
+    /// Bad arguments: a revision that does not exist, an unknown package.
+    Usage(String),
+    /// cargo or git failed.
+    Tool(String),
+    /// The change (or the patch package) cannot be patched: each reason.
+    Refused(Vec<crate::Refusal>),
+    /// Base and head compile to the same code.
+    NoChange(String),
+    /// A file could not be read or written.
+    Io(String),
+    /// Reading the deployed binary, or linking or checking the patch,
+    /// failed.
+    Link(Error),
+}
+
+impl BuildError {
+    /// The exit code of `cargo hotpatch` for this error: 1 cargo or git
+    /// failed, 2 usage, 3 refused, 4 I/O, 5 no change (see the crate
+    /// docs).
+    ///
+    /// ```
+    /// use cargo_hotpatch::BuildError;
+    ///
+    /// assert_eq!(BuildError::NoChange("same code".into()).exit_code(), 5);
+    /// ```
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            BuildError::Tool(_) => 1,
+            BuildError::Usage(_) => 2,
+            BuildError::Refused(_) => 3,
+            BuildError::Io(_) => 4,
+            BuildError::NoChange(_) => 5,
+            BuildError::Link(e) if e.is_refusal() => 3,
+            BuildError::Link(_) => 4,
+        }
+    }
+}
+
+impl fmt::Display for BuildError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BuildError::Usage(m) | BuildError::Tool(m) | BuildError::Io(m) => f.write_str(m),
+            BuildError::NoChange(m) => write!(f, "no change: {m}"),
+            BuildError::Refused(reasons) => {
+                for (i, r) in reasons.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str("\n")?;
+                    }
+                    write!(f, "{r}")?;
+                }
+                Ok(())
+            }
+            BuildError::Link(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for BuildError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            BuildError::Link(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl From<Error> for BuildError {
+    fn from(e: Error) -> BuildError {
+        BuildError::Link(e)
+    }
+}
+
+/// A failed `std::io` operation on `what`, as [`BuildError::Io`].
+pub(crate) fn io(what: impl fmt::Display) -> impl FnOnce(std::io::Error) -> BuildError {
+    move |e| BuildError::Io(format!("{what}: {e}"))
+}

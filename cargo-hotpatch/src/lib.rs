@@ -35,27 +35,42 @@
 //!
 //! # A patch made from the service's own source
 //!
-//! `cargo hotpatch build --base REV` makes the patch from a fix in the
-//! service's source (module [`source`]): it checks out the git revision
-//! the running binary was built from, builds it exactly as deployed (the
-//! same toolchain, `Cargo.lock`, profile, features and paths: the checkout's
-//! paths are remapped to the workspace's) and builds the fix the same way,
-//! each in its own target directory under `target/hotpatch/`. With
-//! `--binary` it proves that the deployed binary is the rebuilt base.
-//! [`syntax`] refuses, before any build, what the source shows a patch
-//! cannot carry (a type's layout, a static, a patchable signature). The
-//! service library's objects are then compared function by function, and
-//! the changed functions written into a thin patch: each `#[patchable]` one
-//! replaced, each other one included when everything that calls it is
-//! replaced or included. The service's private functions and statics are
-//! reached through cells the dynamic loader fills (the base binary's
-//! symbol table gives their addresses; [`riprel`] redirects instructions
-//! that read or write such data in place).
+//! `cargo hotpatch build --base REV` ([`build_from_source`]) makes the
+//! patch from a fix in the service's source: it checks out the git
+//! revision the running binary was built from, builds it exactly as
+//! deployed (the same toolchain, `Cargo.lock`, profile, features and
+//! paths: the checkout's paths are remapped to the workspace's) and builds
+//! the fix the same way, each in its own target directory under
+//! `target/hotpatch/`. With `--binary` it proves that the deployed binary
+//! is the rebuilt base. A comparison of the two revisions' source refuses,
+//! before any build, what a patch cannot carry (a type's layout, a static,
+//! a patchable signature). The service library's objects are then
+//! compared function by function, and the changed functions written into
+//! a thin patch: each `#[patchable]` one replaced, each other one included
+//! when everything that calls it is replaced or included. The service's
+//! private functions and statics are reached through cells the dynamic
+//! loader fills (the base binary's symbol table gives their addresses;
+//! instructions that read or write such data in place are redirected
+//! through the cell, x86-64). Each reason a patch is refused is a
+//! [`Refusal`].
 //!
 //! ```text
 //! cargo hotpatch build --base v1.4.2 -p my-service --release \
 //!     --binary /srv/my-service/bin/my-service -o fix.so
 //! ```
+//!
+//! # Layout
+//!
+//! `main.rs` parses arguments, calls [`build_patch_crate`] or
+//! [`build_from_source`] and prints; [`BuildError::exit_code`] is its exit
+//! code. The library's modules, by step: `patch_crate` (a patch crate:
+//! `cargo build`, then `link` and `check`), `source` (one file per step of
+//! [`build_from_source`], named in `source/mod.rs`), `metadata` (the one parser
+//! of `cargo metadata`), `syntax` (the source comparison), `riprel` (the
+//! one x86-64 decoder: what a relocated instruction does, and the thunks
+//! that redirect it), `slotrefs` and `allocshims` (what a thin patch's
+//! objects are rewritten with). The layouts and names shared with the
+//! runtime come from the `hotpatch-abi` crate.
 //!
 //! # Exit codes of `cargo hotpatch`
 //!
@@ -94,21 +109,42 @@
 pub const EXIT_CODES: &str = include_str!("exit_codes.txt");
 
 mod allocshims;
-pub mod cargo;
+mod cargo;
 mod check;
 mod devdep;
 mod elf;
 mod error;
 mod flags;
 mod link;
-pub mod riprel;
+mod metadata;
+mod patch_crate;
+mod refusal;
+mod riprel;
 mod slotrefs;
-pub mod source;
-pub mod syntax;
+mod source;
+mod syntax;
 
 pub use check::check_against;
-pub use devdep::dev_dependency_rlibs;
-pub use elf::{HOST_MAGIC, HOST_SECTION, build_id, hex, identity};
-pub use error::{Error, MissingSymbol};
+pub use elf::{build_id, hex, identity};
+pub use error::{BuildError, Error, MissingSymbol};
 pub use flags::CargoFlags;
-pub use link::{LinkReport, MANIFEST_SYMBOL, link, link_unchecked};
+pub use link::{LinkReport, link};
+pub use patch_crate::{CrateOptions, build_patch_crate};
+pub use refusal::{
+    Finding, LayoutChange, Location, Refusal, SignatureChange, StaticKind, ValueChange,
+};
+pub use source::{Item, SourceOptions, SourceReport, build_from_source};
+
+// For the project's own tests, benches and binary; not an API.
+#[doc(hidden)]
+pub use devdep::dev_dependency_rlibs;
+#[doc(hidden)]
+pub use link::link_unchecked;
+
+/// When the `cargo-hotpatch` binary runs as rustc's wrapper for a build
+/// of a checkout (`build_from_source` sets it up), runs rustc and returns
+/// its exit code; else `None`. For `main.rs`; not an API.
+#[doc(hidden)]
+pub fn run_as_rustc_wrapper(args: &[std::ffi::OsString]) -> Option<i32> {
+    source::wrapper::run_if_asked(args)
+}

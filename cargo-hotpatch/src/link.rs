@@ -15,7 +15,7 @@ use crate::{Error, check, elf};
 
 /// The symbol the runtime looks a patch's manifest up by: the one symbol
 /// a thin patch exports.
-pub const MANIFEST_SYMBOL: &str = "hotpatch_manifest_v1";
+pub(crate) const MANIFEST_SYMBOL: &str = hotpatch_abi::MANIFEST_SYMBOL;
 
 /// What [`link`] made.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -288,7 +288,7 @@ fn is_bitcode(bytes: &[u8]) -> bool {
 
 /// The section of the patch crate's `#[patch]` records (linkme's name for
 /// `__HOTPATCH_PATCH_FNS`).
-const PATCH_FNS_SECTION: &str = "linkme___HOTPATCH_PATCH_FNS";
+const PATCH_FNS_SECTION: &str = hotpatch_abi::PATCH_FNS_SECTION;
 
 /// Refuses an allocator or a missing manifest; returns the functions the
 /// patch replaces, as the service names them: each `#[patch]` record

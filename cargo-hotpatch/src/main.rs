@@ -2,10 +2,10 @@
 //! the service binary it is for. See the crate docs of `cargo_hotpatch`.
 
 use std::ffi::OsString;
-use std::path::PathBuf;
-use std::process::{Command, ExitCode};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 
-use cargo_hotpatch::Error;
+use cargo_hotpatch::{BuildError, CargoFlags, CrateOptions, SourceOptions};
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
@@ -47,6 +47,22 @@ struct BuildArgs {
     /// tree, uncommitted changes included].
     #[arg(long, value_name = "REV", requires = "base")]
     head: Option<String>,
+
+    /// With --base: the patch's name, as the service lists it [default:
+    /// the package and the head's short commit hash, `-dirty` and a digest
+    /// of the changes for the working tree].
+    #[arg(long, value_name = "NAME", requires = "base")]
+    name: Option<String>,
+
+    /// With --base: the patch's version [default: the base and the head's
+    /// short commit hash].
+    #[arg(long, value_name = "VERSION", requires = "base")]
+    patch_version: Option<String>,
+
+    /// With --base: what the patch fixes [default: the head commit's
+    /// subject and the functions it replaces].
+    #[arg(long, value_name = "TEXT", requires = "base")]
+    description: Option<String>,
 
     /// With --base: the service's binary target, if the package has
     /// several [default: the one named like --binary, or the only one].
@@ -102,22 +118,10 @@ struct BuildArgs {
     manifest_path: Option<PathBuf>,
 }
 
-/// A failure of the command, with its exit code.
-#[derive(Debug)]
-enum Failure {
-    CargoFailed(String),
-    Usage(String),
-    Refused(String),
-    Io(String),
-    /// Refused, one reason per line.
-    RefusedAll(Vec<String>),
-    NoChange(String),
-}
-
 impl BuildArgs {
     /// The profile and feature flags, as every `cargo build` is given them.
-    fn flags(&self) -> cargo_hotpatch::CargoFlags {
-        cargo_hotpatch::CargoFlags {
+    fn flags(&self) -> CargoFlags {
+        CargoFlags {
             release: self.release,
             profile: self.profile.clone(),
             features: self.features.clone(),
@@ -127,58 +131,11 @@ impl BuildArgs {
     }
 }
 
-impl Failure {
-    fn code(&self) -> u8 {
-        match self {
-            Failure::CargoFailed(_) => 1,
-            Failure::Usage(_) => 2,
-            Failure::Refused(_) | Failure::RefusedAll(_) => 3,
-            Failure::Io(_) => 4,
-            Failure::NoChange(_) => 5,
-        }
-    }
-
-    fn message(&self) -> String {
-        match self {
-            Failure::CargoFailed(m) | Failure::Usage(m) | Failure::Refused(m) | Failure::Io(m) => {
-                m.clone()
-            }
-            Failure::RefusedAll(lines) => lines.join("; "),
-            Failure::NoChange(m) => format!("no change: {m}"),
-        }
-    }
-}
-
-impl From<cargo_hotpatch::source::SourceError> for Failure {
-    fn from(e: cargo_hotpatch::source::SourceError) -> Failure {
-        use cargo_hotpatch::source::SourceError as E;
-        match e {
-            E::Usage(m) => Failure::Usage(m),
-            E::Tool(m) => Failure::CargoFailed(m),
-            E::Refused(lines) => Failure::RefusedAll(lines),
-            E::NoChange(m) => Failure::NoChange(m),
-            E::Io(m) => Failure::Io(m),
-            E::Link(e) => Failure::from(e),
-        }
-    }
-}
-
-impl From<Error> for Failure {
-    fn from(e: Error) -> Failure {
-        if e.is_refusal() {
-            Failure::Refused(e.to_string())
-        } else {
-            Failure::Io(e.to_string())
-        }
-    }
-}
-
 fn main() -> ExitCode {
     let mut args: Vec<OsString> = std::env::args_os().collect();
     // `cargo hotpatch build --base` builds the base with this program as
     // rustc's wrapper (to remap the checkout's paths to the workspace's).
-    if std::env::var_os(cargo_hotpatch::source::REMAP_ENV).is_some() && args.len() > 1 {
-        let code = cargo_hotpatch::source::run_as_rustc_wrapper(&args);
+    if let Some(code) = cargo_hotpatch::run_as_rustc_wrapper(&args) {
         return ExitCode::from(u8::try_from(code).unwrap_or(101));
     }
     // Run as `cargo hotpatch ...`, cargo passes "hotpatch" as argv[1].
@@ -206,80 +163,43 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let result = match cli.command {
-        Cmd::Build(args) => build(&args),
+    let Cmd::Build(args) = cli.command;
+    let result = match &args.base {
+        Some(base) => build_from_source(&args, base),
+        None => build_patch_crate(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(Failure::RefusedAll(lines)) => {
-            for line in &lines {
-                eprintln!("refused: {}", line.replace('\n', "; "));
+        // From source: each reason on its own line.
+        Err(BuildError::Refused(reasons)) if args.base.is_some() => {
+            for r in &reasons {
+                eprintln!("refused: {}", r.to_string().replace('\n', "; "));
             }
             eprintln!(
                 "cargo-hotpatch: refused ({} reason{}); no patch was written",
-                lines.len(),
-                if lines.len() == 1 { "" } else { "s" }
+                reasons.len(),
+                if reasons.len() == 1 { "" } else { "s" }
             );
             ExitCode::from(3)
         }
-        Err(failure) => {
-            let one_line = failure.message().replace('\n', "; ");
+        Err(e) => {
+            let one_line = e.to_string().replace('\n', "; ");
             eprintln!("cargo-hotpatch: {one_line}");
-            ExitCode::from(failure.code())
+            ExitCode::from(e.exit_code())
         }
     }
 }
 
-fn build(args: &BuildArgs) -> Result<(), Failure> {
-    if let Some(base) = &args.base {
-        return build_from_source(args, base);
-    }
-    let binary = args.binary.clone().ok_or_else(|| {
-        Failure::Usage(
-            "--binary PATH is required: the service binary the patch is for (or --base REV to make the patch from the service's source)".into(),
-        )
+/// `cargo hotpatch build -p PATCH --binary BIN`.
+fn build_patch_crate(args: &BuildArgs) -> Result<(), BuildError> {
+    let report = cargo_hotpatch::build_patch_crate(&CrateOptions {
+        packages: args.packages.clone(),
+        workspace: args.workspace,
+        binary: args.binary.clone(),
+        flags: args.flags(),
+        output: args.output.clone(),
+        manifest_path: args.manifest_path.clone(),
     })?;
-    if args.packages.is_empty() {
-        return Err(Failure::Usage(
-            "-p PATCH_PACKAGE is required (or --base REV to make the patch from the service's source)".into(),
-        ));
-    }
-    // Before a build that may take minutes: the binary must be there and
-    // have a build-id.
-    cargo_hotpatch::build_id(&binary)?;
-
-    let cargo = cargo_hotpatch::cargo::program();
-    let patch = &args.packages[0];
-    let meta = metadata(args)?;
-    let package = find_package(&meta, patch)?;
-
-    let mut cmd = Command::new(&cargo);
-    cmd.args(["build", "--lib"]);
-    for p in &args.packages {
-        cmd.args(["-p", p]);
-    }
-    if args.workspace {
-        cmd.arg("--workspace");
-    }
-    cmd.args(args.flags().args());
-    if let Some(path) = &args.manifest_path {
-        cmd.arg("--manifest-path").arg(path);
-    }
-    let rlib = run_build(cmd, &package.id)?.ok_or_else(|| {
-        Failure::Refused(format!(
-            "cargo built no rlib for package {patch} ({})",
-            package.id
-        ))
-    })?;
-
-    let out = cargo_hotpatch::cargo::output_path(
-        args.output.as_deref(),
-        &meta.target_directory,
-        &format!("{}.so", package.crate_name),
-    )
-    .map_err(Failure::Io)?;
-    let report = cargo_hotpatch::link(&rlib, &binary, &out)?;
-
     println!(
         "built {} ({} bytes, {} objects)",
         report.output.display(),
@@ -288,7 +208,7 @@ fn build(args: &BuildArgs) -> Result<(), Failure> {
     );
     println!(
         "  bound to {} (build-id {})",
-        binary.display(),
+        args.binary.as_deref().unwrap_or(Path::new("")).display(),
         report.host_build_id
     );
     println!(
@@ -301,95 +221,14 @@ fn build(args: &BuildArgs) -> Result<(), Failure> {
     Ok(())
 }
 
-struct Metadata {
-    target_directory: PathBuf,
-    packages: Vec<serde_json::Value>,
-}
-
-struct Package {
-    id: String,
-    crate_name: String,
-}
-
-fn metadata(args: &BuildArgs) -> Result<Metadata, Failure> {
-    let json = cargo_hotpatch::cargo::metadata(args.manifest_path.as_deref())
-        .map_err(|e| cargo_failure(e, "cargo metadata"))?;
-    let target_directory = json["target_directory"]
-        .as_str()
-        .map(PathBuf::from)
-        .ok_or_else(|| Failure::Io("cargo metadata names no target_directory".into()))?;
-    let packages = json["packages"].as_array().cloned().unwrap_or_default();
-    Ok(Metadata {
-        target_directory,
-        packages,
-    })
-}
-
-/// The workspace package `spec` names (`NAME` or `NAME@VERSION`), and the
-/// name of its library crate, which must build an rlib.
-fn find_package(meta: &Metadata, spec: &str) -> Result<Package, Failure> {
-    let (name, version) = match spec.split_once('@') {
-        Some((n, v)) => (n, Some(v)),
-        None => (spec, None),
-    };
-    let package = meta
-        .packages
-        .iter()
-        .find(|p| p["name"] == name && version.is_none_or(|v| p["version"].as_str() == Some(v)))
-        .ok_or_else(|| Failure::Usage(format!("package {spec} is not in the workspace")))?;
-    let id = package["id"].as_str().unwrap_or_default().to_owned();
-    let targets = package["targets"].as_array().cloned().unwrap_or_default();
-    let lib = targets
-        .iter()
-        .find(|t| {
-            t["kind"]
-                .as_array()
-                .is_some_and(|k| k.iter().any(|k| k == "lib" || k == "rlib" || k == "cdylib" || k == "dylib" || k == "staticlib"))
-        })
-        .ok_or_else(|| Failure::Refused(format!("package {spec} has no library target: a patch crate is a library crate with `hotpatch::manifest!()`")))?;
-    let builds_rlib = lib["crate_types"]
-        .as_array()
-        .is_some_and(|c| c.iter().any(|c| c == "lib" || c == "rlib"));
-    if !builds_rlib {
-        return Err(Failure::Refused(format!(
-            "package {spec} builds no rlib (crate-type {}): a thin patch is linked from the crate's rlib; remove `crate-type` from its [lib] (rlib is the default)",
-            lib["crate_types"]
-        )));
-    }
-    let crate_name = lib["name"].as_str().unwrap_or(name).replace('-', "_");
-    Ok(Package { id, crate_name })
-}
-
-/// A failed run of cargo (`what`: `cargo build`, `cargo metadata`).
-fn cargo_failure(e: cargo_hotpatch::cargo::BuildError, what: &str) -> Failure {
-    match e {
-        cargo_hotpatch::cargo::BuildError::Io(m) => Failure::Io(m),
-        cargo_hotpatch::cargo::BuildError::Failed(status) => {
-            Failure::CargoFailed(format!("`{what}` {status}"))
-        }
-    }
-}
-
-/// Runs `cargo build` (its stderr is the user's) and returns the rlib it
-/// made for `package_id`.
-fn run_build(cmd: Command, package_id: &str) -> Result<Option<PathBuf>, Failure> {
-    let artifacts =
-        cargo_hotpatch::cargo::build(cmd).map_err(|e| cargo_failure(e, "cargo build"))?;
-    Ok(artifacts
-        .iter()
-        .filter(|a| a.package_id == package_id)
-        .filter_map(|a| a.rlib())
-        .next_back()
-        .map(PathBuf::from))
-}
-
-fn build_from_source(args: &BuildArgs, base: &str) -> Result<(), Failure> {
+/// `cargo hotpatch build --base REV`.
+fn build_from_source(args: &BuildArgs, base: &str) -> Result<(), BuildError> {
     if args.packages.len() > 1 || args.workspace {
-        return Err(Failure::Usage(
+        return Err(BuildError::Usage(
             "with --base, -p names the one service package (--workspace does not apply)".into(),
         ));
     }
-    let opts = cargo_hotpatch::source::SourceOptions {
+    let opts = SourceOptions {
         package: args.packages.first().cloned(),
         base: base.to_owned(),
         head: args.head.clone(),
@@ -398,23 +237,33 @@ fn build_from_source(args: &BuildArgs, base: &str) -> Result<(), Failure> {
         output: args.output.clone(),
         flags: args.flags(),
         manifest_path: args.manifest_path.clone(),
+        name: args.name.clone(),
+        version: args.patch_version.clone(),
+        description: args.description.clone(),
     };
-    let report = cargo_hotpatch::source::build(&opts, &mut |line| {
+    let report = cargo_hotpatch::build_from_source(&opts, &mut |line| {
         eprintln!("cargo-hotpatch: {line}");
     })?;
     println!("base: {}", report.base);
     println!("head: {}", report.head);
-    for item in &report.replaced {
-        match &item.location {
-            Some(l) => println!("replaced  {}  ({l})", item.path),
-            None => println!("replaced  {}", item.path),
+    println!(
+        "name: {} {} ({})",
+        report.name, report.version, report.description
+    );
+    let listed = report
+        .replaced
+        .iter()
+        .map(|i| ("replaced", i))
+        .chain(report.included.iter().map(|i| ("included", i)));
+    for (kind, item) in listed {
+        let mut line = format!("{kind}  {}", item.path);
+        if let Some(l) = &item.location {
+            line.push_str(&format!("  ({l})"));
         }
-    }
-    for item in &report.included {
-        match &item.location {
-            Some(l) => println!("included  {}  ({l})", item.path),
-            None => println!("included  {}", item.path),
+        if let Some(why) = &item.why {
+            line.push_str(&format!("  ({why})"));
         }
+        println!("{line}");
     }
     for note in &report.notes {
         println!("note: {note}");

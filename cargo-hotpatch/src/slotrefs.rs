@@ -31,7 +31,7 @@ use object::read::elf::{ElfFile64, FileHeader, SectionHeader, Sym};
 
 /// The section of the patch crate's `SlotRef` table (linkme's name for
 /// `__HOTPATCH_REFS`).
-pub const SECTION: &str = "linkme___HOTPATCH_REFS";
+pub const SECTION: &str = hotpatch_abi::SLOT_REFS_SECTION;
 
 /// What a slot symbol's name contains (`#[patchable]` names every slot
 /// `__HOTPATCH_SLOT_<function>`).

@@ -1223,3 +1223,115 @@ fn case_27_without_binary_the_patch_is_for_the_rebuilt_base_named_by_its_commit(
     );
     apply_and_revert(&mut fx.v1, &so, case("case-free-fn").changes);
 }
+
+/// Whether `needle` occurs in `haystack`.
+fn contains_bytes(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+fn case_28_a_patch_is_named_by_its_head_commit_or_as_the_options_say() {
+    // Two fixes of one service get two names (so `hotpatch revert NAME`
+    // is never ambiguous): the package and the head's short commit hash,
+    // the version from the base and that hash, the description from the
+    // head commit's subject (here the branch name). The manifest the
+    // runtime reads carries them.
+    let fx = fixture();
+    let mut lines = Vec::new();
+    for branch in ["case-free-fn", "case-method"] {
+        let so = out_path(&format!("case-28-{branch}"));
+        let out = build_patch(branch, s(&fx.v1_bin), &so);
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        let commit = git(&["rev-parse", &format!("{branch}^{{commit}}")]);
+        let short = &commit.trim()[..12];
+        let line = out
+            .stdout
+            .lines()
+            .find(|l| l.starts_with("name: "))
+            .unwrap_or_else(|| panic!("a `name:` line: {}", out.stdout))
+            .to_owned();
+        let name = format!("svc-{short}");
+        assert!(
+            line.starts_with(&format!("name: {name} v1+{short} ({branch} (")),
+            "named by the head commit {short} and its subject {branch}: {line}"
+        );
+        let bytes = std::fs::read(&so).unwrap();
+        assert!(
+            contains_bytes(&bytes, name.as_bytes()),
+            "{} carries the name {name}",
+            so.display()
+        );
+        lines.push(line);
+    }
+    assert_ne!(lines[0], lines[1], "two fixes, two names");
+
+    let so = out_path("case-28-named");
+    let out = build_patch_with(
+        "case-free-fn",
+        s(&fx.v1_bin),
+        &so,
+        &[
+            "--name",
+            "INC-4711",
+            "--patch-version",
+            "2.0.1",
+            "--description",
+            "price saturates",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(
+        out.stdout
+            .lines()
+            .any(|l| l == "name: INC-4711 2.0.1 (price saturates)"),
+        "named as the options say: {}",
+        out.stdout
+    );
+    let bytes = std::fs::read(&so).unwrap();
+    for given in ["INC-4711", "2.0.1", "price saturates"] {
+        assert!(
+            contains_bytes(&bytes, given.as_bytes()),
+            "{} carries {given}",
+            so.display()
+        );
+    }
+}
+
+#[test]
+fn case_29_a_function_whose_source_is_the_same_says_why_it_is_replaced() {
+    // The user changed a callee, a const or a macro, not the function the
+    // tool lists as replaced: the line says what changed. A function the
+    // user changed says nothing more.
+    let fx = fixture();
+    for (branch, path, why) in [
+        (
+            "case-inlined-callee",
+            "svc::bonus_of",
+            Some("inlined svc::bonus changed"),
+        ),
+        (
+            "case-const",
+            "svc::capped",
+            Some("const svc::LIMIT changed"),
+        ),
+        ("case-macro", "svc::doubled", Some("macro twice! changed")),
+        ("case-free-fn", "svc::price", None),
+    ] {
+        let so = out_path(&format!("case-29-{branch}"));
+        let out = build_patch(branch, s(&fx.v1_bin), &so);
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        assert!(
+            harness::listed(&out.stdout)
+                .iter()
+                .any(|l| l.kind == "replaced" && l.path == path),
+            "{branch}: {path} is replaced: {}",
+            out.stdout
+        );
+        assert_eq!(
+            harness::why_listed(&out.stdout, "replaced", path).as_deref(),
+            why,
+            "{branch}: why {path} is replaced: {}",
+            out.stdout
+        );
+    }
+}

@@ -25,13 +25,14 @@ use std::sync::OnceLock;
 use object::{Object, ObjectSection, ObjectSymbol};
 
 /// The section of a patch file that names the host build it was made for.
-pub(crate) const IDENTITY_SECTION: &str = ".hotpatch.host";
+pub(crate) const IDENTITY_SECTION: &str = hotpatch_abi::HOST_SECTION;
 /// Its first eight bytes; a little-endian `u32` length and the build-id
 /// bytes follow.
-pub(crate) const IDENTITY_MAGIC: &[u8; 8] = b"HPHOST01";
+pub(crate) const IDENTITY_MAGIC: &[u8; 8] = &hotpatch_abi::HOST_MAGIC;
 
 /// Exported by every host that links hotpatch; found by `dlsym` only if
-/// the binary exports its symbols to the dynamic loader.
+/// the binary exports its symbols to the dynamic loader. Its name is
+/// `hotpatch_abi::HOST_EXPORTS_SYMBOL`.
 #[unsafe(no_mangle)]
 #[used]
 #[allow(non_upper_case_globals)]

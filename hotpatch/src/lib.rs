@@ -275,6 +275,7 @@ macro_rules! failpoint {
     };
 }
 
+mod abi;
 #[cfg(feature = "control")]
 pub mod control;
 mod elf;

@@ -10,7 +10,7 @@ use libc::RTLD_NOLOAD;
 use libloading::os::unix::{Library, RTLD_LOCAL, RTLD_NOW};
 use parking_lot::Mutex;
 
-use crate::__private::{MANIFEST_SYMBOL, Manifest};
+use crate::abi::{MANIFEST_SYMBOL, Manifest};
 use crate::error::Refusal;
 use crate::registry::REGISTRY;
 use crate::trust::{self, TrustedKey};

@@ -51,12 +51,13 @@
 
 use std::sync::atomic::AtomicU64;
 
-use crate::__private::{
-    ABI_VERSION, Entry, FnAddr, MAGIC, Manifest, PANIC_STRATEGY, PatchFn, RUSTC_VERSION, RawStr,
-    SlotRef, TARGET, TypeLayout,
+use crate::abi::{
+    ABI_VERSION, Entry, MAGIC, Manifest, PANIC_STRATEGY, PatchFn, RUSTC_VERSION, RawStr, SlotRef,
+    TARGET, TypeLayout,
 };
 use crate::error::Refusal;
 use crate::image::Image;
+use crate::slot::FnAddr;
 
 /// Longest string a manifest may carry.
 pub(crate) const MAX_STR: usize = 64 * 1024;

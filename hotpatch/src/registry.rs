@@ -17,10 +17,11 @@ use std::sync::{Arc, LazyLock};
 
 use parking_lot::Mutex;
 
-use crate::__private::{Entry, FnAddr, SLOTS};
+use crate::abi::{Entry, SLOTS};
 use crate::error::Refusal;
 use crate::manifest::Checked;
 use crate::quiesce::Change;
+use crate::slot::FnAddr;
 use crate::{Error, FunctionInfo, Implementation, PatchId, PatchInfo};
 
 pub(crate) static REGISTRY: LazyLock<Mutex<Registry>> =
@@ -71,7 +72,7 @@ pub(crate) struct Plan {
     /// (host function index, replacement)
     replace: Vec<(usize, FnAddr)>,
     /// (a slot reference cell of the patch, the host wrapper it must hold)
-    slot_refs: Vec<(&'static crate::__private::SlotRef, FnAddr)>,
+    slot_refs: Vec<(&'static crate::abi::SlotRef, FnAddr)>,
     functions: Vec<String>,
 }
 
@@ -349,7 +350,7 @@ impl Registry {
 /// (`theirs`, as the patch crate was compiled) is the host's: the same
 /// sizes and alignments. The patch names the host's own function, so this
 /// holds unless the two were compiled from different definitions of a type.
-fn compatible(ours: &Entry, theirs: &[crate::__private::TypeLayout]) -> Result<(), Refusal> {
+fn compatible(ours: &Entry, theirs: &[crate::abi::TypeLayout]) -> Result<(), Refusal> {
     if ours.layouts.len() != theirs.len() {
         return Err(Refusal::LayoutMismatch {
             function: ours.path.to_owned(),

@@ -4,6 +4,7 @@
 use super::normalize::{stream, text};
 use super::{CrateSource, Item, Kind, Layout, Location, Owner, Signature, StaticKind, SyntaxError};
 use proc_macro2::Span;
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use syn::parse::{Parse, ParseStream};
 use syn::visit::Visit;
@@ -150,6 +151,8 @@ impl Collector<'_> {
                     sig: signature(&f.sig),
                     patchable,
                     copied: copied_into_users(is_pub(&f.vis), &f.attrs, &f.sig, None),
+                    body: text(&f.block),
+                    names: names(&f.block),
                 };
                 self.push(ctx, None, &f.sig.ident, kind);
                 self.body(&f.block, ctx, f.sig.ident.to_string())?;
@@ -170,6 +173,8 @@ impl Collector<'_> {
                                     &m.sig,
                                     Some(&imp.generics),
                                 ),
+                                body: text(&m.block),
+                                names: names(&m.block),
                             };
                             self.push(ctx, Some(owner.clone()), &m.sig.ident, kind);
                             self.body(
@@ -208,6 +213,8 @@ impl Collector<'_> {
                                     &m.sig,
                                     Some(&t.generics),
                                 ),
+                                body: text(block),
+                                names: names(block),
                             };
                             self.push(ctx, Some(owner.clone()), &m.sig.ident, kind);
                             self.body(block, ctx, format!("{}::{}", t.ident, m.sig.ident))?;
@@ -281,7 +288,15 @@ impl Collector<'_> {
                 };
                 self.push(ctx, None, &c.ident, kind);
             }
-            syn::Item::Macro(m) if !is_cfg_test(&m.attrs) => self.thread_local(&m.mac, ctx)?,
+            syn::Item::Macro(m) if !is_cfg_test(&m.attrs) => match &m.ident {
+                Some(ident) if m.mac.path.is_ident("macro_rules") => {
+                    let kind = Kind::Macro {
+                        rules: stream(m.mac.tokens.clone()),
+                    };
+                    self.push(ctx, None, ident, kind);
+                }
+                _ => self.thread_local(&m.mac, ctx)?,
+            },
             _ => {}
         }
         Ok(())
@@ -763,4 +778,23 @@ fn named_fields(n: &syn::FieldsNamed) -> String {
         })
         .collect();
     format!("{{ {} }}", inner.join(" , "))
+}
+
+/// Every identifier in a function body: what it may call or name (bare,
+/// without paths; an over-approximation used to explain, not decide).
+fn names(block: &syn::Block) -> BTreeSet<String> {
+    fn walk(tokens: proc_macro2::TokenStream, out: &mut BTreeSet<String>) {
+        for t in tokens {
+            match t {
+                proc_macro2::TokenTree::Ident(i) => {
+                    out.insert(i.to_string());
+                }
+                proc_macro2::TokenTree::Group(g) => walk(g.stream(), out),
+                _ => {}
+            }
+        }
+    }
+    let mut out = BTreeSet::new();
+    walk(quote::ToTokens::to_token_stream(block), &mut out);
+    out
 }

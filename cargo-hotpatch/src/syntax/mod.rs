@@ -50,7 +50,7 @@ mod normalize;
 #[cfg(test)]
 mod tests;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -66,14 +66,16 @@ pub struct CrateSource {
     /// `_`), else the crate directory's name. See
     /// [`CrateSource::with_crate_name`].
     crate_name: String,
-    /// The files read, relative to the crate directory, root first.
+    /// The files read, relative to the crate directory, root first (what
+    /// the tests check a parse reached).
+    #[cfg_attr(not(test), allow(dead_code))]
     files: Vec<PathBuf>,
     /// Every item found, in source order.
     items: Vec<Item>,
 }
 
 /// Where an item is: the file, relative to the crate directory (as
-/// given to [`parse_crate`]), and the 1-based line of its name.
+/// given to `parse_crate`), and the 1-based line of its name.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Location {
     /// The file, relative to the crate directory.
@@ -188,7 +190,7 @@ fn display_paths(paths: &[PathBuf]) -> String {
         .join(" and ")
 }
 
-/// What [`compare`] found between base and head, one line each in
+/// What `compare` found between base and head, one line each in
 /// `Display`: what changed, where, and what to do.
 ///
 /// Locations are in the head when the item exists there, and in the base
@@ -587,6 +589,15 @@ enum Kind {
         patchable: bool,
         /// Public and `#[inline]` or generic: compiled into its users.
         copied: bool,
+        /// The body, as normalized token text.
+        body: String,
+        /// Every identifier in the body (what it may call or name).
+        names: BTreeSet<String>,
+    },
+    /// A `macro_rules!` definition.
+    Macro {
+        /// Its rules, as normalized token text.
+        rules: String,
     },
     Type {
         keyword: &'static str,
@@ -663,6 +674,7 @@ impl Item {
 
 impl CrateSource {
     /// The crate name that symbols start with.
+    #[cfg(test)]
     pub fn crate_name(&self) -> &str {
         &self.crate_name
     }
@@ -677,6 +689,7 @@ impl CrateSource {
 
     /// The source files read, relative to the crate directory, the root
     /// first.
+    #[cfg(test)]
     pub fn files(&self) -> &[PathBuf] {
         &self.files
     }
@@ -703,6 +716,7 @@ impl CrateSource {
     /// Whether the function at that path is `#[patchable]` (the attribute
     /// `patchable` / `hotpatch::patchable` on the fn, or on its impl block
     /// and not `#[patchable(skip)]` on the method). `false` if not found.
+    #[cfg(test)]
     pub fn is_patchable(&self, demangled: &str) -> bool {
         self.find_fn(demangled).is_some_and(|i| {
             matches!(
@@ -724,9 +738,83 @@ impl CrateSource {
             .is_some_and(|i| matches!(i.kind, Kind::Fn { copied: true, .. }))
     }
 
+    /// Why the function at `demangled` compiles to other code in this
+    /// source (the head) than in `base` although its own source is the
+    /// same: the items of the crate it names, directly or through other
+    /// functions whose source is the same, whose source changed
+    /// (`inlined svc::bonus changed`, `const svc::LIMIT changed`, `macro
+    /// twice! changed`). Names are matched without name resolution, so
+    /// this explains and never decides. `None` if its own source changed
+    /// or it is not in both.
+    pub fn why_changed(&self, base: &CrateSource, demangled: &str) -> Option<String> {
+        let head_fn = self.find_fn(demangled)?;
+        let base_fn = base.find_fn(demangled)?;
+        if !same_source(&head_fn.kind, &base_fn.kind) {
+            return None;
+        }
+        let in_base: BTreeMap<Key, &Item> = base.items.iter().map(|i| (i.key(), i)).collect();
+        let changed = |it: &Item| {
+            in_base
+                .get(&it.key())
+                .is_none_or(|b| !same_source(&it.kind, &b.kind))
+        };
+        let Kind::Fn { names, .. } = &head_fn.kind else {
+            return None;
+        };
+        let mut causes = BTreeSet::new();
+        let mut seen: BTreeSet<Key> = BTreeSet::from([head_fn.key()]);
+        let mut queue = vec![names];
+        while let Some(names) = queue.pop() {
+            for it in self.items.iter().filter(|i| names.contains(&i.name)) {
+                if !seen.insert(it.key()) {
+                    continue;
+                }
+                let path = || it.path(&self.crate_name);
+                match &it.kind {
+                    Kind::Fn { .. } if changed(it) => {
+                        causes.insert(format!("inlined {} changed", path()));
+                    }
+                    Kind::Fn { names, .. } => queue.push(names),
+                    Kind::Const { .. } if changed(it) => {
+                        causes.insert(format!("const {} changed", path()));
+                    }
+                    Kind::Macro { .. } if changed(it) => {
+                        causes.insert(format!("macro {}! changed", it.name));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Some(if causes.is_empty() {
+            "its source is the same: code it inlines or expands changed".to_owned()
+        } else {
+            causes.into_iter().collect::<Vec<_>>().join(", ")
+        })
+    }
+
     fn find_fn(&self, demangled: &str) -> Option<&Item> {
         let query = locate::Query::parse(demangled, &self.crate_name)?;
         locate::find(&self.items, &query)
+    }
+}
+
+/// Whether two versions of an item have the same source: a function's
+/// signature and body, a const's type and value, a macro's rules.
+fn same_source(a: &Kind, b: &Kind) -> bool {
+    match (a, b) {
+        (
+            Kind::Fn {
+                sig: sa, body: ba, ..
+            },
+            Kind::Fn {
+                sig: sb, body: bb, ..
+            },
+        ) => sa == sb && ba == bb,
+        (Kind::Const { ty: ta, value: va }, Kind::Const { ty: tb, value: vb }) => {
+            ta == tb && va == vb
+        }
+        (Kind::Macro { rules: ra }, Kind::Macro { rules: rb }) => ra == rb,
+        _ => true,
     }
 }
 

@@ -1090,3 +1090,46 @@ pub trait Tag {
         assert!(!src.is_copied_into_users(not), "{not}");
     }
 }
+
+#[test]
+fn why_changed_names_what_an_unchanged_function_inlines_or_expands() {
+    let base = "const LIMIT: u64 = 1;\n\
+                macro_rules! twice { ($e:expr) => { $e * 2 }; }\n\
+                fn words(s: &str) -> usize { s.len() }\n\
+                fn middle(s: &str) -> usize { words(s) }\n\
+                pub fn title(s: &str) -> usize { middle(s) }\n\
+                pub fn capped(x: u64) -> u64 { x.min(LIMIT) }\n\
+                pub fn doubled(x: u64) -> u64 { twice!(x) }\n\
+                pub fn edited(x: u64) -> u64 { x }\n\
+                pub fn alone(x: u64) -> u64 { x }\n";
+    let head = base
+        .replace("s.len()", "s.len() + 1")
+        .replace("LIMIT: u64 = 1", "LIMIT: u64 = 2")
+        .replace("$e * 2", "$e * 2 + 1")
+        .replace(
+            "edited(x: u64) -> u64 { x }",
+            "edited(x: u64) -> u64 { x + 1 }",
+        );
+    let b = Tree::new(&[("src/lib.rs", base)]).parse();
+    let h = Tree::new(&[("src/lib.rs", &head)]).parse();
+    let why = |path: &str| h.why_changed(&b, path);
+    // Through `middle`, whose source is the same too.
+    assert_eq!(
+        why("svc::title").as_deref(),
+        Some("inlined svc::words changed")
+    );
+    assert_eq!(
+        why("svc::capped").as_deref(),
+        Some("const svc::LIMIT changed")
+    );
+    assert_eq!(why("svc::doubled").as_deref(), Some("macro twice! changed"));
+    // Its own source changed: nothing to explain.
+    assert_eq!(why("svc::edited"), None);
+    assert_eq!(why("svc::words"), None);
+    // Nothing it names changed: said so.
+    assert_eq!(
+        why("svc::alone").as_deref(),
+        Some("its source is the same: code it inlines or expands changed")
+    );
+    assert_eq!(why("svc::missing"), None);
+}

@@ -359,6 +359,36 @@ pub struct Listed {
     pub at: String,
 }
 
+/// A listed line's text without its trailing `(why)` (what the tool says
+/// made a function the user did not touch change), and the why.
+fn without_why(rest: &str) -> (&str, Option<&str>) {
+    let is_location = |group: &str| {
+        group.rsplit_once(':').is_some_and(|(file, line)| {
+            !file.contains(' ') && !line.is_empty() && line.bytes().all(|b| b.is_ascii_digit())
+        })
+    };
+    match rest.rsplit_once('(') {
+        Some((before, group)) => match group.strip_suffix(')') {
+            Some(group) if !is_location(group) && before.trim_end().ends_with(')') => {
+                (before.trim_end(), Some(group))
+            }
+            _ => (rest, None),
+        },
+        None => (rest, None),
+    }
+}
+
+/// Why the tool says the `kind` line of `path` is in the patch: the
+/// trailing `(why)` of that line, if it has one.
+pub fn why_listed(stdout: &str, kind: &str, path: &str) -> Option<String> {
+    stdout.lines().find_map(|line| {
+        let rest = line.trim().strip_prefix(kind)?.trim();
+        let (text, why) = without_why(rest);
+        let (listed_path, _) = text.rsplit_once('(')?;
+        (listed_path.trim() == path).then(|| why.map(str::to_owned))?
+    })
+}
+
 /// The `replaced` and `included` lines of `stdout`, sorted. Spacing does
 /// not matter; the path may hold spaces (`<svc::Cart as svc::Describe>`).
 pub fn listed(stdout: &str) -> Vec<Listed> {
@@ -371,7 +401,7 @@ pub fn listed(stdout: &str) -> Vec<Listed> {
         else {
             continue;
         };
-        let rest = line[kind.len()..].trim();
+        let (rest, _) = without_why(line[kind.len()..].trim());
         let (path, at) = rest
             .rsplit_once('(')
             .unwrap_or_else(|| panic!("no (FILE:LINE) in {line:?}"));
@@ -534,6 +564,31 @@ fn parse_call_reads_quoted_values_with_spaces() {
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect();
     assert_eq!(call, want);
+}
+
+#[test]
+fn a_listed_line_may_say_why_after_its_location() {
+    let out = "replaced  svc::bonus_of  (src/lib.rs:121)  (inlined svc::bonus changed)\nreplaced  svc::price  (src/lib.rs:3)\n";
+    assert_eq!(
+        listed(out),
+        [
+            Listed {
+                kind: "replaced".into(),
+                path: "svc::bonus_of".into(),
+                at: "src/lib.rs:121".into()
+            },
+            Listed {
+                kind: "replaced".into(),
+                path: "svc::price".into(),
+                at: "src/lib.rs:3".into()
+            },
+        ]
+    );
+    assert_eq!(
+        why_listed(out, "replaced", "svc::bonus_of").as_deref(),
+        Some("inlined svc::bonus changed")
+    );
+    assert_eq!(why_listed(out, "replaced", "svc::price"), None);
 }
 
 #[test]

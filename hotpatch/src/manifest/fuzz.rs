@@ -51,12 +51,13 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestRunner};
 
 use super::{Fields, MAX_FUNCTIONS, MAX_STR, fields, patch_fn};
-use crate::__private::{
-    ABI_VERSION, Entry, FnAddr, MAGIC, Manifest, PANIC_STRATEGY, PatchFn, RUSTC_VERSION, RawStr,
-    SlotRef, TARGET, TypeLayout,
-};
 use crate::Error;
+use crate::abi::{
+    ABI_VERSION, Entry, MAGIC, Manifest, PANIC_STRATEGY, PatchFn, RUSTC_VERSION, RawStr, SlotRef,
+    TARGET, TypeLayout,
+};
 use crate::image::Image;
+use crate::slot::FnAddr;
 
 const PATH: &str = "/fuzz/patch.so";
 

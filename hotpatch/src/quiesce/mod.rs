@@ -17,8 +17,9 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
-use crate::__private::{Entry, FnAddr};
+use crate::abi::Entry;
 use crate::request::StalledRequest;
+use crate::slot::FnAddr;
 use protocol::{Choice, Epoch, Record, UNREGISTERED};
 use requests::{Requests, Ticket};
 

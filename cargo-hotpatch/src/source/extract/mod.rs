@@ -19,7 +19,8 @@
 //!   (`jmp *cell(%rip)`), a GOT load loads the cell, `lea sym(%rip)`
 //!   becomes `mov cell(%rip)` (same length), and any other instruction
 //!   that reads or writes the data (`lock incq CALLS(%rip)`) jumps to a
-//!   thunk that does the same through the cell (see `riprel.rs`).
+//!   thunk that does the same through the cell (see `riprel`; which one an
+//!   instruction needs, `riprel::Instructions::access` says).
 //! - a load of a `#[patchable]` slot by an inlined wrapper reads a cell of
 //!   the patch's `SlotRef` table instead, which the loader fills with the
 //!   host's out-of-line wrapper (as `slotrefs.rs` does for patch crates).
@@ -27,7 +28,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use object::elf;
-use object::read::{Object, ObjectSection, ObjectSymbol, RelocationTarget};
+use object::read::ObjectSection;
 use object::write::{
     self, Relocation, SectionId, StandardSection, Symbol, SymbolId, SymbolSection,
 };
@@ -36,23 +37,29 @@ use object::{
     SymbolFlags, SymbolKind, SymbolScope,
 };
 
+mod eh_frame;
+
+use super::classify::Plan;
+use super::describe;
+use super::identity::Host;
+use std::mem::{offset_of, size_of};
+
+use hotpatch_abi::RawPatchFn;
+
 use super::objects::{Build, Target, UnitId, is_callsite_static};
+use crate::riprel::{self, Access};
+use crate::{BuildError, Refusal};
 
-/// The size of `hotpatch::__private::PatchFn` (`repr(C)`: target getter,
-/// replacement, name as `&str`, layouts as `&[TypeLayout]`).
-pub const PATCH_FN_SIZE: usize = 48;
-
-/// What the running binary has, from the base build's binary.
-pub(crate) struct Host {
-    /// Names the binary exports (defined, in `.dynsym`).
-    pub exported: HashSet<String>,
-    /// Every defined symbol's address (`.symtab`).
-    pub address: HashMap<String, u64>,
-    /// Thread-local symbols.
-    pub tls: HashSet<String>,
-    /// The address of `hotpatch_host_exports_v1`.
-    pub anchor: u64,
-}
+/// A `PatchFn` record as written (`repr(C)`: target getter, replacement,
+/// name as `&str`, layouts as `&[TypeLayout]`): its size and the offsets
+/// of its fields, from the contract's layout.
+const PATCH_FN_SIZE: usize = size_of::<RawPatchFn>();
+const PATCH_FN_TARGET: u64 = offset_of!(RawPatchFn, target) as u64;
+const PATCH_FN_REPLACEMENT: u64 = offset_of!(RawPatchFn, replacement) as u64;
+const PATCH_FN_NAME: u64 = offset_of!(RawPatchFn, name) as u64;
+const PATCH_FN_LAYOUTS: u64 = offset_of!(RawPatchFn, layouts) as u64;
+/// A `&str` or slice: its pointer, then its length.
+const LEN_AT: u64 = hotpatch_abi::LEN_OFFSET as u64;
 
 /// A replacement record to write.
 pub(crate) struct Record {
@@ -76,13 +83,13 @@ pub(crate) struct Extracted {
     pub private_refs: usize,
 }
 
-const ANCHOR: &str = "hotpatch_host_exports_v1";
+const ANCHOR: &str = hotpatch_abi::HOST_EXPORTS_SYMBOL;
 /// The patch's cell holding the address of its own panic counter (defined
 /// by the manifest object): what the copied counted bodies' references to
 /// the service's `SOURCE_PANICS` become.
-pub(crate) const PANICS_CELL: &str = "hotpatch_source_panics_v1";
-const REFS_SECTION: &str = "linkme___HOTPATCH_REFS";
-const FNS_SECTION: &str = "linkme___HOTPATCH_PATCH_FNS";
+pub(crate) const PANICS_CELL: &str = hotpatch_abi::SOURCE_PANICS_CELL;
+const REFS_SECTION: &str = hotpatch_abi::SLOT_REFS_SECTION;
+const FNS_SECTION: &str = hotpatch_abi::PATCH_FNS_SECTION;
 
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 enum HostRef {
@@ -109,7 +116,7 @@ struct Writer<'a, 'd> {
     /// Per copied text unit: its FDE (object, offset in `.eh_frame`).
     fdes: HashMap<UnitId, (usize, usize)>,
     new_functions: Vec<String>,
-    refusals: Vec<String>,
+    refusals: Vec<Refusal>,
     private_refs: HashSet<(HostRef, i64)>,
 }
 
@@ -119,8 +126,7 @@ pub(crate) fn extract(
     host: &Host,
     roots: &HashSet<UnitId>,
     records: &[Record],
-    describe: &dyn Fn(&str) -> String,
-) -> Result<Extracted, Vec<String>> {
+) -> Result<Extracted, Vec<Refusal>> {
     let mut w = Writer {
         head,
         host,
@@ -156,26 +162,26 @@ pub(crate) fn extract(
         w.copy(rec.layouts.0);
     }
     while let Some(u) = w.queue.pop_front() {
-        w.relocate(u, describe);
+        w.relocate(u);
     }
     w.write_records(records);
     w.write_eh_frame();
     // What the unwind information reaches (the personality's cell).
     while let Some(u) = w.queue.pop_front() {
-        w.relocate(u, describe);
+        w.relocate(u);
     }
     if !w.refusals.is_empty() {
-        w.refusals.sort();
-        w.refusals.dedup();
+        crate::refusal::sort_and_dedup(&mut w.refusals);
         return Err(w.refusals);
     }
     let private_refs = w.private_refs.len();
     let mut new_functions = w.new_functions.clone();
     new_functions.sort();
-    let object = w
-        .obj
-        .write()
-        .map_err(|e| vec![format!("writing the patch object: {e}")])?;
+    let object = w.obj.write().map_err(|e| {
+        vec![Refusal::WriteObject {
+            reason: e.to_string(),
+        }]
+    })?;
     Ok(Extracted {
         object,
         new_functions,
@@ -414,7 +420,7 @@ impl Writer<'_, '_> {
     }
 
     /// Writes a copied unit's relocations.
-    fn relocate(&mut self, u: UnitId, describe: &dyn Fn(&str) -> String) {
+    fn relocate(&mut self, u: UnitId) {
         let section = self.copies[&u];
         let relocs = self.head.relocs.get(&u).cloned().unwrap_or_default();
         let code = self.head.is_code(u);
@@ -425,6 +431,14 @@ impl Writer<'_, '_> {
             .map(|n| describe(n))
             .unwrap_or_else(|| "a constant".to_owned());
         let mut bytes = self.head.bytes(u);
+        // What each relocated field of the code is, by its instruction
+        // (code that does not decode gets no branch, load or lea: its
+        // fields are refused).
+        let function = if code {
+            riprel::Instructions::decode(&bytes).ok()
+        } else {
+            None
+        };
         let mut thunk_sites: Vec<(usize, HostRef, i64)> = Vec::new();
         let mut edited = false;
         for r in &relocs {
@@ -451,10 +465,10 @@ impl Writer<'_, '_> {
                                 match self.host_ref(&name) {
                                     Some(h) => (None, Some((h, name, *off)), tls),
                                     None => {
-                                        self.refusals.push(format!(
-                                            "{owner} uses {}, which the running binary does not have (a new or changed static or thread-local): a patch cannot add state; keep the fix to code, or ship it in a release",
-                                            describe(&name)
-                                        ));
+                                        self.refusals.push(Refusal::NewState {
+                                            owner: owner.clone(),
+                                            state: describe(&name),
+                                        });
                                         continue;
                                     }
                                 }
@@ -477,9 +491,9 @@ impl Writer<'_, '_> {
             let at = r.offset as usize;
             if let Some((t, off)) = local {
                 if tls {
-                    self.refusals.push(format!(
-                        "{owner} uses a thread-local of its own the running binary does not have: a patch cannot add thread-local state"
-                    ));
+                    self.refusals.push(Refusal::NewThreadLocal {
+                        owner: owner.clone(),
+                    });
                     continue;
                 }
                 let sym = self.unit_symbol(t, off);
@@ -491,13 +505,16 @@ impl Writer<'_, '_> {
                 // `&SOURCE_PANICS` (a GOT load) becomes a load of the
                 // patch's cell: the address of the patch's counter.
                 match r.r_type {
-                    elf::R_X86_64_GOTPCREL | elf::R_X86_64_GOTPCRELX | elf::R_X86_64_REX_GOTPCRELX => {
+                    elf::R_X86_64_GOTPCREL
+                    | elf::R_X86_64_GOTPCRELX
+                    | elf::R_X86_64_REX_GOTPCRELX => {
                         let cell = self.undefined(PANICS_CELL, false);
                         self.add_reloc(section, r.offset, elf::R_X86_64_PC32, cell, r.addend);
                     }
-                    other => self.refusals.push(format!(
-                        "{owner} reaches the panic counter by a relocation of type {other}, which the patch cannot redirect to its own"
-                    )),
+                    other => self.refusals.push(Refusal::PanicCounterRelocation {
+                        owner: owner.clone(),
+                        r_type: other,
+                    }),
                 }
                 continue;
             }
@@ -526,12 +543,16 @@ impl Writer<'_, '_> {
                         let s = self.undefined(n, true);
                         self.add_reloc(section, r.offset, r.r_type, s, addend);
                     }
-                    _ => self.refusals.push(format!(
-                        "{owner} uses the thread-local {} of the service, which the binary does not export: a patch reaches a thread-local only by its exported symbol; make it reachable from another crate (e.g. `pub`), or keep the change out of code that touches it",
-                        describe(&name)
-                    )),
+                    _ => self.refusals.push(Refusal::PrivateThreadLocal {
+                        owner: owner.clone(),
+                        thread_local: describe(&name),
+                    }),
                 },
-                elf::R_X86_64_PLT32 | elf::R_X86_64_PC32 if code && is_branch(&bytes, at) => {
+                elf::R_X86_64_PLT32 | elf::R_X86_64_PC32
+                    if function
+                        .as_ref()
+                        .is_some_and(|f| f.access(at) == Access::Branch) =>
+                {
                     match &h {
                         HostRef::Named(n) => {
                             let s = self.undefined(n, false);
@@ -555,30 +576,33 @@ impl Writer<'_, '_> {
                         }
                     }
                 }
-                elf::R_X86_64_PC32 if code && at >= 2 => {
+                elf::R_X86_64_PC32 if let Some(function) = &function => {
                     // The instruction's effective address is S + A + 4
                     // when the displacement ends it.
-                    if is_slot && bytes[at - 2] == 0x8b && bytes[at - 1] & 0xc7 == 0x05 {
-                        let cell = self.cell_in(true, &h, addend + 4);
-                        self.add_reloc(section, r.offset, elf::R_X86_64_PC32, cell, -4);
-                    } else if bytes[at - 2] == 0x8d && bytes[at - 1] & 0xc7 == 0x05 {
-                        bytes[at - 2] = 0x8b;
-                        edited = true;
-                        let cell = self.cell_in(false, &h, addend + 4);
-                        self.add_reloc(section, r.offset, elf::R_X86_64_PC32, cell, -4);
-                    } else {
-                        thunk_sites.push((at, h, addend));
+                    match function.access(at) {
+                        Access::Load if is_slot => {
+                            let cell = self.cell_in(true, &h, addend + 4);
+                            self.add_reloc(section, r.offset, elf::R_X86_64_PC32, cell, -4);
+                        }
+                        Access::Lea => {
+                            riprel::lea_to_load(&mut bytes, at);
+                            edited = true;
+                            let cell = self.cell_in(false, &h, addend + 4);
+                            self.add_reloc(section, r.offset, elf::R_X86_64_PC32, cell, -4);
+                        }
+                        _ => thunk_sites.push((at, h, addend)),
                     }
                 }
-                other => self.refusals.push(format!(
-                    "{owner} has a relocation of type {other} against {}, which a patch cannot carry to the running binary",
-                    describe(&name)
-                )),
+                other => self.refusals.push(Refusal::Relocation {
+                    owner: owner.clone(),
+                    r_type: other,
+                    target: describe(&name),
+                }),
             }
         }
         if !thunk_sites.is_empty() {
             let sites: Vec<usize> = thunk_sites.iter().map(|s| s.0).collect();
-            match crate::riprel::rewrite(&bytes, &sites) {
+            match riprel::rewrite(&bytes, &sites) {
                 Ok(rewritten) => {
                     bytes = rewritten.code;
                     edited = true;
@@ -593,10 +617,28 @@ impl Writer<'_, '_> {
                         });
                         let start = self.obj.append_section_data(ts, &thunk.bytes, 16);
                         let n = self.unit_syms.len() + self.stubs.len();
-                        let tsym = self.local(format!(".Lhotpatch.thunk.{n}"), start, thunk.bytes.len() as u64, SymbolKind::Text, ts);
-                        self.add_reloc(section, thunk.jump_in_at as u64, elf::R_X86_64_PC32, tsym, -4);
+                        let tsym = self.local(
+                            format!(".Lhotpatch.thunk.{n}"),
+                            start,
+                            thunk.bytes.len() as u64,
+                            SymbolKind::Text,
+                            ts,
+                        );
+                        self.add_reloc(
+                            section,
+                            thunk.jump_in_at as u64,
+                            elf::R_X86_64_PC32,
+                            tsym,
+                            -4,
+                        );
                         let cell = self.cell_in(false, h, addend + thunk.tail as i64);
-                        self.add_reloc(ts, start + thunk.cell_at as u64, elf::R_X86_64_PC32, cell, -4);
+                        self.add_reloc(
+                            ts,
+                            start + thunk.cell_at as u64,
+                            elf::R_X86_64_PC32,
+                            cell,
+                            -4,
+                        );
                         self.add_reloc(
                             ts,
                             start + thunk.back_at as u64,
@@ -606,9 +648,10 @@ impl Writer<'_, '_> {
                         );
                     }
                 }
-                Err(e) => self.refusals.push(format!(
-                    "{owner} reads or writes private data of the service in a way a patch cannot redirect ({e}): make the data reachable from another crate (e.g. `pub`), or keep the change out of this function"
-                )),
+                Err(reason) => self.refusals.push(Refusal::Unredirectable {
+                    owner: owner.clone(),
+                    reason,
+                }),
             }
         }
         if edited {
@@ -618,183 +661,8 @@ impl Writer<'_, '_> {
                 .copy_from_slice(&bytes);
         }
         // The unwind information of a copied function, and what it uses.
-        if code && let Some(&(oi, at)) = self.fdes.get(&u) {
-            // The FDE's targets (the function, its LSDA) and its CIE's
-            // (the personality's `DW.ref` cell) are copied.
-            let data = self.head.objects[oi]
-                .section_by_name(".eh_frame")
-                .and_then(|s| s.data().ok())
-                .unwrap_or_default();
-            let cie_at = at + 4 - word(data, at + 4).unwrap_or(0) as usize;
-            let mut targets = self.eh_relocs(oi, at);
-            targets.extend(self.eh_relocs(oi, cie_at));
-            for (_, target) in targets {
-                if let Target::Unit(t, _) = target {
-                    let named = self.head.name_of.get(&t);
-                    if t == u || named.is_none_or(|n| n.starts_with("DW.ref.")) {
-                        self.copy(t);
-                    }
-                }
-            }
-        }
-    }
-
-    /// Finds each function's FDE in each object's `.eh_frame`.
-    fn index_fdes(&mut self) {
-        for (oi, file) in self.head.objects.iter().enumerate() {
-            let Some(eh) = file.section_by_name(".eh_frame") else {
-                continue;
-            };
-            let Ok(data) = eh.data() else { continue };
-            let relocs: HashMap<u64, RelocationTarget> =
-                eh.relocations().map(|(o, r)| (o, r.target())).collect();
-            let mut pos = 0usize;
-            // Only records that lie whole inside the section, and FDEs whose
-            // CIE does, are indexed: the copying below then slices within
-            // bounds (rustc's output always qualifies; a record that does
-            // not ends the walk rather than the tool).
-            while let Some(len) = record_len(data, pos) {
-                let id = word(data, pos + 4).unwrap_or(0) as usize;
-                if id != 0
-                    && let Some(cie_at) = (pos + 4).checked_sub(id)
-                    && record_len(data, cie_at).is_some()
-                    && let Some(RelocationTarget::Symbol(si)) = relocs.get(&(pos as u64 + 8))
-                    && let Ok(sym) = file.symbol_by_index(*si)
-                    && let Some(s) = sym.section_index()
-                {
-                    self.fdes.insert((oi, s), (oi, pos));
-                }
-                pos += 4 + len;
-            }
-        }
-    }
-
-    /// The relocations of the `.eh_frame` record at `at` of object `oi`:
-    /// (offset in the record, target).
-    fn eh_relocs(&self, oi: usize, at: usize) -> Vec<(usize, Target)> {
-        let file = &self.head.objects[oi];
-        let Some(eh) = file.section_by_name(".eh_frame") else {
-            return Vec::new();
-        };
-        let data = eh.data().unwrap_or_default();
-        let Some(len) = record_len(data, at) else {
-            return Vec::new();
-        };
-        let mut out = Vec::new();
-        for (o, r) in eh.relocations() {
-            let o = o as usize;
-            if o < at || o >= at + 4 + len {
-                continue;
-            }
-            let target = match r.target() {
-                RelocationTarget::Symbol(si) => match file.symbol_by_index(si) {
-                    Ok(sym) if sym.kind() == SymbolKind::Section => match sym.section_index() {
-                        Some(s) => Target::Unit((oi, s), r.addend() as u64),
-                        None => continue,
-                    },
-                    Ok(sym) => match sym.section_index() {
-                        Some(s) => Target::Unit((oi, s), sym.address()),
-                        None => Target::External(sym.name().unwrap_or("").to_owned()),
-                    },
-                    Err(_) => continue,
-                },
-                _ => continue,
-            };
-            out.push((o - at, target));
-        }
-        out
-    }
-
-    /// Copies the CIEs and FDEs of the copied functions into `.eh_frame`.
-    fn write_eh_frame(&mut self) {
-        let mut by_object: BTreeMap<usize, Vec<(usize, UnitId)>> = BTreeMap::new();
-        for (u, (oi, at)) in &self.fdes {
-            if self.copies.contains_key(u) && self.head.is_code(*u) {
-                by_object.entry(*oi).or_default().push((*at, *u));
-            }
-        }
-        if by_object.is_empty() {
-            return;
-        }
-        let eh = self
-            .obj
-            .add_section(Vec::new(), b".eh_frame".to_vec(), SectionKind::ReadOnlyData);
-        self.obj.section_mut(eh).flags = SectionFlags::Elf {
-            sh_flags: u64::from(elf::SHF_ALLOC),
-        };
-        let mut out: Vec<u8> = Vec::new();
-        let mut pending: Vec<(u64, u32, Target, i64)> = Vec::new();
-        for (oi, mut fdes) in by_object {
-            fdes.sort_by_key(|f| f.0);
-            let file = &self.head.objects[oi];
-            let Some(eh_in) = file.section_by_name(".eh_frame") else {
-                continue;
-            };
-            let data = eh_in.data().unwrap_or_default().to_vec();
-            let addends: HashMap<u64, (u32, i64)> = eh_in
-                .relocations()
-                .filter_map(|(o, r)| match r.flags() {
-                    RelocationFlags::Elf { r_type } => Some((o, (r_type, r.addend()))),
-                    _ => None,
-                })
-                .collect();
-            let mut cies: HashMap<usize, usize> = HashMap::new();
-            // Every `at` was indexed by `index_fdes`, which checked that the
-            // FDE and its CIE lie inside `data`.
-            for (at, _) in fdes {
-                let (Some(len), Some(id)) = (record_len(&data, at), word(&data, at + 4)) else {
-                    continue;
-                };
-                let cie_at = at + 4 - id as usize;
-                let Some(cie_len) = record_len(&data, cie_at) else {
-                    continue;
-                };
-                let new_cie = match cies.get(&cie_at) {
-                    Some(n) => *n,
-                    None => {
-                        let n = out.len();
-                        out.extend_from_slice(&data[cie_at..cie_at + 4 + cie_len]);
-                        for (o, t) in self.eh_relocs(oi, cie_at) {
-                            if let Some(&(ty, a)) = addends.get(&((cie_at + o) as u64)) {
-                                pending.push(((n + o) as u64, ty, t, a));
-                            }
-                        }
-                        cies.insert(cie_at, n);
-                        n
-                    }
-                };
-                let n = out.len();
-                out.extend_from_slice(&data[at..at + 4 + len]);
-                let ptr = (n + 4 - new_cie) as u32;
-                out[n + 4..n + 8].copy_from_slice(&ptr.to_le_bytes());
-                for (o, t) in self.eh_relocs(oi, at) {
-                    if let Some(&(ty, a)) = addends.get(&((at + o) as u64)) {
-                        pending.push(((n + o) as u64, ty, t, a));
-                    }
-                }
-            }
-        }
-        out.extend_from_slice(&[0; 4]);
-        self.obj.section_mut(eh).set_data(out, 8);
-        for (offset, ty, target, addend) in pending {
-            let (sym, addend) = match target {
-                // A section-symbol target carries its offset in the addend
-                // already; a named one is at offset 0 of its unit.
-                Target::Unit(u, _) => (self.unit_symbol(u, 0), addend),
-                Target::External(name) => {
-                    let h = self.host_ref(&name).unwrap_or(HostRef::Named(name.clone()));
-                    match h {
-                        HostRef::Named(n) => (self.undefined(&n, false), addend),
-                        HostRef::Anchor(_) => {
-                            self.refusals.push(format!(
-                                "unwind information refers to {name}, which the binary does not export"
-                            ));
-                            continue;
-                        }
-                    }
-                }
-            };
-            self.add_reloc(eh, offset, ty, sym, addend);
+        if code {
+            self.copy_unwind_targets(u);
         }
     }
 
@@ -816,39 +684,45 @@ impl Writer<'_, '_> {
             let getter = match self.host_ref(&rec.getter) {
                 Some(h) => h,
                 None => {
-                    self.refusals.push(format!(
-                        "the running binary has no entry getter {} for {}",
-                        rec.getter, rec.path
-                    ));
+                    self.refusals.push(Refusal::NoEntryGetter {
+                        getter: rec.getter.clone(),
+                        path: rec.path.clone(),
+                    });
                     continue;
                 }
             };
             match getter {
                 HostRef::Named(n) => {
                     let s = self.undefined(&n, false);
-                    self.add_reloc(fns, at, elf::R_X86_64_64, s, 0);
+                    self.add_reloc(fns, at + PATCH_FN_TARGET, elf::R_X86_64_64, s, 0);
                 }
                 HostRef::Anchor(a) => {
                     let s = self.undefined(ANCHOR, false);
                     let v = a as i64 - self.host.anchor as i64;
-                    self.add_reloc(fns, at, elf::R_X86_64_64, s, v);
+                    self.add_reloc(fns, at + PATCH_FN_TARGET, elf::R_X86_64_64, s, v);
                 }
             }
             let repl = self.unit_symbol(rec.replacement, 0);
-            self.add_reloc(fns, at + 8, elf::R_X86_64_64, repl, 0);
-            self.add_reloc(fns, at + 16, elf::R_X86_64_64, names_sym, name_at as i64);
+            self.add_reloc(fns, at + PATCH_FN_REPLACEMENT, elf::R_X86_64_64, repl, 0);
+            let name = at + PATCH_FN_NAME;
+            self.add_reloc(fns, name, elf::R_X86_64_64, names_sym, name_at as i64);
             let layouts = self.unit_symbol(rec.layouts.0, 0);
             self.add_reloc(
                 fns,
-                at + 32,
+                at + PATCH_FN_LAYOUTS,
                 elf::R_X86_64_64,
                 layouts,
                 rec.layouts.1 as i64,
             );
-            let mut lens = [0u8; 8];
-            lens.copy_from_slice(&(rec.path.len() as u64).to_le_bytes());
-            set(&mut self.obj, fns, at + 24, &lens);
-            set(&mut self.obj, fns, at + 40, &rec.layouts_len.to_le_bytes());
+            let name_len = (rec.path.len() as u64).to_le_bytes();
+            set(&mut self.obj, fns, name + LEN_AT, &name_len);
+            let layouts_len = at + PATCH_FN_LAYOUTS + LEN_AT;
+            set(
+                &mut self.obj,
+                fns,
+                layouts_len,
+                &rec.layouts_len.to_le_bytes(),
+            );
         }
     }
 }
@@ -859,31 +733,44 @@ fn set(obj: &mut write::Object<'static>, section: SectionId, at: u64, bytes: &[u
     data[at as usize..at as usize + bytes.len()].copy_from_slice(bytes);
 }
 
-/// Whether the 4 bytes at `at` are the displacement of a `call`/`jmp`
-/// rel32 or a conditional jump.
-fn is_branch(bytes: &[u8], at: usize) -> bool {
-    (at >= 1 && matches!(bytes[at - 1], 0xe8 | 0xe9))
-        || (at >= 2 && bytes[at - 2] == 0x0f && (0x80..=0x8f).contains(&bytes[at - 1]))
-}
-
 /// `hotpatch::__private::SOURCE_PANICS`, by its mangled name.
 fn is_source_panics(name: &str) -> bool {
     super::demangle(name) == "hotpatch::__private::SOURCE_PANICS"
 }
 
-/// The little-endian `u32` at `at` of `data`, if it is inside.
-fn word(data: &[u8], at: usize) -> Option<u32> {
-    let bytes = data.get(at..at.checked_add(4)?)?;
-    Some(u32::from_le_bytes(bytes.try_into().ok()?))
-}
-
-/// The length field of the `.eh_frame` record (CIE or FDE) at `at`, when the
-/// whole record, with its id word, lies inside `data` (a zero terminator or a
-/// 64-bit length, which rustc never emits, is `None`).
-fn record_len(data: &[u8], at: usize) -> Option<usize> {
-    let len = word(data, at)? as usize;
-    if len < 4 || len == 0xffff_ffff || at.checked_add(4 + len)? > data.len() {
-        return None;
+/// Writes the patch object of `plan`: its replaced functions' counted
+/// bodies with a `PatchFn` record each, and its included functions.
+pub(super) fn write(head: &Build<'_>, host: &Host, plan: &Plan) -> Result<Extracted, BuildError> {
+    let mut roots: HashSet<UnitId> = HashSet::new();
+    let mut records = Vec::new();
+    for (name, e) in &plan.replaced {
+        let u = head.by_name[name];
+        roots.insert(u);
+        let (Some(getter), Some(layouts)) = (&e.getter, e.layouts) else {
+            return Err(BuildError::Io(format!(
+                "the head's registry entry of {} is incomplete",
+                e.path
+            )));
+        };
+        // The body under the patch's panic counter (the patch's copy of
+        // `__hotpatch_counted_*` counts on the patch's own counter).
+        let Some(counted) = e.counted.as_ref().and_then(|c| head.by_name.get(c)) else {
+            return Err(BuildError::Io(format!(
+                "the head build has no counted body of {} (a hotpatch older than this tool?)",
+                e.path
+            )));
+        };
+        roots.insert(*counted);
+        records.push(Record {
+            replacement: *counted,
+            getter: getter.clone(),
+            path: e.path.clone(),
+            layouts,
+            layouts_len: e.layouts_len,
+        });
     }
-    Some(len)
+    for name in &plan.included {
+        roots.insert(head.by_name[name]);
+    }
+    extract(head, host, &roots, &records).map_err(BuildError::Refused)
 }

@@ -1,7 +1,7 @@
-//! Records the compiler and target this copy of hotpatch was built with:
-//! a patch must come from the same rustc and target as the host, because
-//! Rust-ABI function pointers and `repr(Rust)` layouts are only stable
-//! within one compiler build.
+//! Records the compiler and target this build of the contract (and so of
+//! hotpatch) was made with: a patch must come from the same rustc and
+//! target as the host, because Rust-ABI function pointers and `repr(Rust)`
+//! layouts are only stable within one compiler build.
 
 use std::env;
 use std::process::Command;

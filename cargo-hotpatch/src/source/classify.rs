@@ -1,0 +1,180 @@
+//! Step 9: each changed function classified. A `#[patchable]` body is
+//! replaced; any other function is included if every function of the
+//! base that references it is replaced or included (a `#[patchable]`
+//! caller is then replaced even if its own code did not change), else
+//! refused with what blocks it.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+use object::{Object, ObjectSymbol};
+
+use super::compare::Comparison;
+use super::entries::{EntryInfo, is_generated};
+use super::objects::Build;
+use super::{demangle, describe};
+use crate::Refusal;
+use crate::syntax::CrateSource;
+
+/// What goes into the patch.
+pub(super) struct Plan {
+    /// The `#[patchable]` functions replaced: symbol and head entry.
+    pub replaced: Vec<(String, EntryInfo)>,
+    /// The other functions copied into the patch (symbols).
+    pub included: BTreeSet<String>,
+    /// Each replaced function whose own code did not change, replaced
+    /// because it calls a changed one: that one (symbols).
+    pub calls_changed: BTreeMap<String, String>,
+}
+
+/// Classifies the changed functions of `comparison`; `refusals` gets each
+/// changed function that cannot be patched. `prefix` is the package's
+/// directory, for locations.
+pub(super) fn classify(
+    b: &Build<'_>,
+    comparison: &Comparison,
+    head_src: &CrateSource,
+    prefix: &str,
+    refusals: &mut Vec<Refusal>,
+) -> Plan {
+    let Comparison {
+        changed,
+        head_entries,
+        ..
+    } = comparison;
+    let mut replaced: Vec<(String, EntryInfo)> = Vec::new();
+    let mut others: BTreeSet<String> = BTreeSet::new();
+    for name in changed {
+        if let Some(e) = head_entries.get(name) {
+            replaced.push((name.clone(), e.clone()));
+        } else if is_generated(name) {
+            // Generated code changes with the signature, refused above.
+        } else {
+            others.insert(name.clone());
+        }
+    }
+    let replaced_names: HashSet<String> = replaced.iter().map(|(n, _)| n.clone()).collect();
+    let referrers = b.referrers();
+    let exported_from_crate = |n: &str| -> bool {
+        b.by_name.get(n).is_some_and(|u| {
+            let file = &b.objects[u.0];
+            file.symbols().any(|s| {
+                s.section_index() == Some(u.1)
+                    && s.address() == 0
+                    && s.name() == Ok(n)
+                    && s.is_global()
+                    && matches!(s.flags(), object::SymbolFlags::Elf { st_other, .. } if st_other & 3 == 0)
+            })
+        })
+    };
+    // Every function of the base that reaches a changed non-patchable one
+    // must run the new code: a #[patchable] caller is replaced (even if its
+    // own code did not change: the head's calls the new helper), any other
+    // caller is included in turn, up to patchable functions. What cannot be
+    // (a public function, a function pointer or vtable) refuses the change.
+    let local_only = |name: &str| {
+        let d = demangle(name);
+        d.contains("{{closure}}") || d.contains("__hotpatch_original_")
+    };
+    // A `pub` function that is generic or `#[inline]` has copies in the
+    // crates that use it (the binary's among them), which a release build
+    // compiles without an exported symbol to see: the source says so.
+    let copied_elsewhere = |name: &str| head_src.is_copied_into_users(&demangle(name));
+    let mut included: BTreeSet<String> = others.clone();
+    // A `#[patchable]` caller replaced because it calls a changed
+    // function, and that function.
+    let mut forced: BTreeMap<String, String> = BTreeMap::new();
+    let mut blocked: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let mut pulled_by: HashMap<String, String> = HashMap::new();
+    let mut queue: Vec<String> = others.iter().cloned().collect();
+    while let Some(name) = queue.pop() {
+        if !local_only(&name) {
+            let why = if copied_elsewhere(&name) {
+                Some(
+                    "is public and generic or #[inline]: the crates that use it (the binary's too) compile their own copies",
+                )
+            } else if exported_from_crate(&name) {
+                Some("is public: the binary crate or other crates may call or inline it")
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                blocked
+                    .entry(name.clone())
+                    .or_default()
+                    .insert(format!("{} {why}", describe(&name)));
+            }
+        }
+        for c in referrers.get(&name).cloned().unwrap_or_default() {
+            if replaced_names.contains(&c)
+                || forced.contains_key(&c)
+                || included.contains(&c)
+                || is_generated(&c)
+            {
+                continue;
+            }
+            if head_entries.contains_key(&c) {
+                forced.insert(c, name.clone());
+            } else if b.by_name.get(&c).is_some_and(|u| !b.is_code(*u)) {
+                blocked
+                    .entry(name.clone())
+                    .or_default()
+                    .insert(format!("a function pointer or vtable ({})", describe(&c)));
+            } else {
+                included.insert(c.clone());
+                pulled_by.insert(c.clone(), name.clone());
+                queue.push(c);
+            }
+        }
+    }
+    if !blocked.is_empty() {
+        // Each changed function whose callers, transitively, cannot all be
+        // patched, with what blocks it.
+        for name in &others {
+            let mut reasons: BTreeSet<String> = BTreeSet::new();
+            let mut callers: BTreeSet<String> = BTreeSet::new();
+            for (b_name, why) in &blocked {
+                // Does `b_name` reach `name` (through pulled-in callers)?
+                let mut n = b_name.clone();
+                let mut reaches = n == *name;
+                while !reaches {
+                    match pulled_by.get(&n) {
+                        Some(next) => {
+                            n = next.clone();
+                            reaches = n == *name;
+                        }
+                        None => break,
+                    }
+                }
+                if reaches {
+                    reasons.extend(why.iter().cloned());
+                    if b_name != name {
+                        callers.insert(describe(b_name));
+                    }
+                }
+            }
+            if reasons.is_empty() {
+                continue;
+            }
+            let at = head_src
+                .locate(&demangle(name))
+                .map(|l| format!(" ({prefix}{l})"))
+                .unwrap_or_default();
+            refusals.push(Refusal::UnpatchedCallers {
+                function: describe(name),
+                at,
+                callers: callers.into_iter().collect(),
+                reasons: reasons.into_iter().collect(),
+            });
+        }
+    }
+    for name in forced.keys() {
+        if let Some(e) = head_entries.get(name) {
+            replaced.push((name.clone(), e.clone()));
+        }
+    }
+    Plan {
+        replaced,
+        included,
+        calls_changed: forced,
+    }
+}

@@ -1,0 +1,109 @@
+//! Step 8: the service library's compiled objects of base and head,
+//! compared function by function (bytes and relocations by symbol name,
+//! constants by content), and their data: a changed static or registry
+//! entry is refused here.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+use super::describe;
+use super::entries::{EntryInfo, entries};
+use super::objects::{self, Build};
+use crate::error::io;
+use crate::{BuildError, Refusal};
+
+/// One side's rlib, read: the objects borrow its bytes.
+pub(super) struct Rlib {
+    path: PathBuf,
+    bytes: Vec<u8>,
+}
+
+impl Rlib {
+    pub fn read(path: &Path) -> Result<Rlib, BuildError> {
+        let bytes = std::fs::read(path).map_err(io(path.display()))?;
+        Ok(Rlib {
+            path: path.to_owned(),
+            bytes,
+        })
+    }
+
+    /// The library's own objects, borrowed from the rlib's bytes.
+    pub fn objects(&self) -> Result<Build<'_>, BuildError> {
+        let members = crate::link::own_objects(&self.path, &self.bytes)?;
+        Build::read(&members).map_err(|e| BuildError::Io(format!("{}: {e}", self.path.display())))
+    }
+}
+
+/// What changed between the builds.
+pub(super) struct Comparison {
+    /// The functions whose code changed (symbol names).
+    pub changed: BTreeSet<String>,
+    /// The head's registry entries, by original body.
+    pub head_entries: HashMap<String, EntryInfo>,
+    /// Changed data: signatures, statics, removed patchable functions.
+    pub refusals: Vec<Refusal>,
+}
+
+/// Compares the base's objects with the head's.
+pub(super) fn compare(b: &Build<'_>, h: &Build<'_>) -> Comparison {
+    let head_entries: HashMap<String, EntryInfo> = entries(h)
+        .into_iter()
+        .map(|e| (e.original.clone(), e))
+        .collect();
+    let base_entries: HashMap<String, EntryInfo> = entries(b)
+        .into_iter()
+        .map(|e| (e.entry.clone(), e))
+        .collect();
+    // A registry entry's function, as the service registers its path.
+    let entry_path = |entry: &str| {
+        base_entries
+            .get(entry)
+            .map(|e| e.path.clone())
+            .unwrap_or_else(|| describe(entry))
+    };
+    let mut changed: BTreeSet<String> = BTreeSet::new();
+    for (name, &hu) in h.functions() {
+        if let Some(&bu) = b.by_name.get(name)
+            && b.is_code(bu)
+            && b.hash(bu) != h.hash(hu)
+        {
+            changed.insert(name.clone());
+        }
+    }
+    let mut refusals = Vec::new();
+    // Changed data: statics, and the registry's entries (a signature).
+    for (name, &hu) in &h.by_name {
+        if h.is_code(hu) {
+            continue;
+        }
+        let Some(&bu) = b.by_name.get(name) else {
+            continue;
+        };
+        if b.hash(bu) == h.hash(hu) {
+            continue;
+        }
+        if name.contains("__HOTPATCH_ENTRY_") {
+            refusals.push(Refusal::SignatureChanged {
+                path: entry_path(name),
+            });
+        } else if (name.starts_with("_ZN") || name.starts_with("_R"))
+            && !objects::is_callsite_static(name)
+        {
+            refusals.push(Refusal::StaticChanged {
+                path: describe(name),
+            });
+        }
+    }
+    for (name, &bu) in &b.by_name {
+        if !b.is_code(bu) && name.contains("__HOTPATCH_ENTRY_") && !h.by_name.contains_key(name) {
+            refusals.push(Refusal::PatchableRemoved {
+                path: entry_path(name),
+            });
+        }
+    }
+    Comparison {
+        changed,
+        head_entries,
+        refusals,
+    }
+}

@@ -1,0 +1,198 @@
+//! Step 3: the changed files, classified before any build: what makes
+//! the running build (refused), the library's code, and the rest
+//! (ignored, with a note).
+
+use std::path::Path;
+
+use super::git::Revisions;
+use super::workspace::Workspace;
+use crate::{BuildError, Refusal};
+
+/// Checks the files that changed between the revisions: a change a patch
+/// cannot carry is refused, no change of the library's code is no change.
+/// Returns the files (for messages) and the notes.
+pub(super) fn check(
+    ws: &Workspace,
+    revs: &Revisions,
+) -> Result<(Vec<String>, Vec<String>), BuildError> {
+    let files = revs.changed_files(ws)?;
+    let in_base = |f: &str| revs.in_commit(&revs.base_commit, f);
+    let classified = classify(ws, &files, &in_base);
+    let (base_name, head_name) = (&revs.base_name, &revs.head_name);
+    if files.is_empty() {
+        return Err(BuildError::NoChange(format!(
+            "{head_name} is the same as the base {base_name}: nothing to patch"
+        )));
+    }
+    if !classified.code && classified.refusals.is_empty() {
+        return Err(BuildError::NoChange(format!(
+            "no code of {}'s library changed between {base_name} and {head_name} ({})",
+            ws.package,
+            files.join(", ")
+        )));
+    }
+    if !classified.refusals.is_empty() {
+        return Err(BuildError::Refused(classified.refusals));
+    }
+    Ok((files, classified.notes))
+}
+
+/// The changed files, classified.
+struct Classified {
+    refusals: Vec<Refusal>,
+    notes: Vec<String>,
+    /// Whether code of the service's library changed.
+    code: bool,
+}
+
+fn classify(ws: &Workspace, files: &[String], in_base: &dyn Fn(&str) -> bool) -> Classified {
+    let mut refusals = Vec::new();
+    let mut notes = Vec::new();
+    let mut ignored: Vec<&str> = Vec::new();
+    let mut code = false;
+    let lib_dir = ws.lib_src.parent().map(Path::to_owned).unwrap_or_default();
+    for f in files {
+        let p = Path::new(f);
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        let file = f.clone();
+        if name == "Cargo.lock" && !in_base(f) {
+            // Not committed: the base builds with this one too (see the
+            // checkout), and --binary proves it is the deployed build's.
+            // (The checkout's note says it.)
+            continue;
+        }
+        if name == "Cargo.toml" || name == "Cargo.lock" {
+            refusals.push(Refusal::Manifest { file });
+            continue;
+        }
+        if name == "build.rs"
+            || name.starts_with("rust-toolchain")
+            || f.starts_with(".cargo/")
+            || f.contains("/.cargo/")
+        {
+            refusals.push(Refusal::BuildConfiguration { file });
+            continue;
+        }
+        if ws.bins.iter().any(|(_, src)| src == p) || p.starts_with(ws.package_dir.join("src/bin"))
+        {
+            refusals.push(Refusal::BinaryCrate { file });
+            continue;
+        }
+        if p.starts_with(&lib_dir) && p.extension().is_some_and(|e| e == "rs") {
+            code = true;
+            continue;
+        }
+        // Another package of the workspace?
+        let owner = ws
+            .members
+            .iter()
+            .filter(|(dir, _)| !dir.as_os_str().is_empty() && p.starts_with(dir))
+            .max_by_key(|(dir, _)| dir.components().count());
+        match owner {
+            Some((dir, pkg))
+                if pkg != &ws.package
+                    && p.extension().is_some_and(|e| e == "rs")
+                    && p.starts_with(dir.join("src")) =>
+            {
+                refusals.push(Refusal::OtherPackage {
+                    file,
+                    package: pkg.clone(),
+                    service: ws.package.clone(),
+                });
+            }
+            _ => ignored.push(f.as_str()),
+        }
+    }
+    match ignored.as_slice() {
+        [] => {}
+        [one] => notes.push(format!(
+            "{one} changed (not code of the running binary: ignored)"
+        )),
+        many => notes.push(format!(
+            "{} other files changed (not code of the running binary: ignored): {}{}",
+            many.len(),
+            many.iter().take(5).copied().collect::<Vec<_>>().join(", "),
+            if many.len() > 5 { ", ..." } else { "" }
+        )),
+    }
+    Classified {
+        refusals,
+        notes,
+        code,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+
+    #[test]
+    fn each_changed_file_is_refused_by_its_rule_or_is_code_or_ignored() {
+        let ws = Workspace {
+            root: PathBuf::from("/ws"),
+            target_dir: PathBuf::from("/ws/target"),
+            package: "svc".into(),
+            lib_name: "svc".into(),
+            lib_src: PathBuf::from("svc/src/lib.rs"),
+            bins: vec![("svc".into(), PathBuf::from("svc/src/main.rs"))],
+            package_dir: PathBuf::from("svc"),
+            members: vec![
+                (PathBuf::from("svc"), "svc".into()),
+                (PathBuf::from("util"), "util".into()),
+            ],
+        };
+        let files: Vec<String> = [
+            "svc/Cargo.toml",
+            "Cargo.lock",
+            "svc/build.rs",
+            ".cargo/config.toml",
+            "svc/src/main.rs",
+            "svc/src/bin/tool.rs",
+            "util/src/lib.rs",
+            "svc/src/pricing.rs",
+            "README.md",
+        ]
+        .map(String::from)
+        .to_vec();
+        let c = classify(&ws, &files, &|_| true);
+        assert!(c.code, "svc/src/pricing.rs is the library's code");
+        let file = |f: &str| f.to_owned();
+        assert_eq!(
+            c.refusals,
+            [
+                Refusal::Manifest {
+                    file: file("svc/Cargo.toml")
+                },
+                Refusal::Manifest {
+                    file: file("Cargo.lock")
+                },
+                Refusal::BuildConfiguration {
+                    file: file("svc/build.rs")
+                },
+                Refusal::BuildConfiguration {
+                    file: file(".cargo/config.toml")
+                },
+                Refusal::BinaryCrate {
+                    file: file("svc/src/main.rs")
+                },
+                Refusal::BinaryCrate {
+                    file: file("svc/src/bin/tool.rs")
+                },
+                Refusal::OtherPackage {
+                    file: file("util/src/lib.rs"),
+                    package: "util".into(),
+                    service: "svc".into(),
+                },
+            ]
+        );
+        assert_eq!(
+            c.notes,
+            ["README.md changed (not code of the running binary: ignored)"]
+        );
+        // A lock file the base did not commit is the workspace's: no rule.
+        let c = classify(&ws, &[file("Cargo.lock")], &|_| false);
+        assert!(c.refusals.is_empty() && c.notes.is_empty() && !c.code);
+    }
+}

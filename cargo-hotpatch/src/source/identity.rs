@@ -1,0 +1,160 @@
+//! Steps 2 and 7: the deployed binary, read before any build (an ELF
+//! executable with a build-id, a symbol table and hotpatch linked in),
+//! and, once the base is rebuilt, proved to be that build: the same bytes
+//! in every section the process maps.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use object::{Object, ObjectSection, ObjectSymbol};
+
+use super::git::Revisions;
+use crate::error::io;
+use crate::{BuildError, Refusal};
+
+/// What the running binary has, from its symbol tables.
+pub(super) struct Host {
+    /// Names the binary exports (defined, in `.dynsym`).
+    pub exported: HashSet<String>,
+    /// Every defined symbol's address (`.symtab`).
+    pub address: HashMap<String, u64>,
+    /// Thread-local symbols.
+    pub tls: HashSet<String>,
+    /// The address of [`hotpatch_abi::HOST_EXPORTS_SYMBOL`].
+    pub anchor: u64,
+}
+
+/// The deployed binary (`--binary`), read once: its bytes, build-id and
+/// symbols serve every check.
+pub(super) struct Deployed {
+    path: PathBuf,
+    data: Vec<u8>,
+    build_id: Vec<u8>,
+    host: Host,
+}
+
+impl Deployed {
+    /// Reads `--binary`, if given.
+    pub fn read(binary: Option<&Path>) -> Result<Option<Deployed>, BuildError> {
+        let Some(b) = binary else {
+            return Ok(None);
+        };
+        if !b.is_file() {
+            return Err(BuildError::Io(format!(
+                "{}: no such file (--binary)",
+                b.display()
+            )));
+        }
+        let data = crate::elf::read(b)?;
+        let build_id = crate::elf::parse(b, &data).and_then(|f| crate::elf::build_id_of(b, &f))?;
+        let host = Host::read(b, &data)?;
+        Ok(Some(Deployed {
+            path: b.to_owned(),
+            data,
+            build_id,
+            host,
+        }))
+    }
+}
+
+/// The host the patch is bound to, and its path: the deployed binary once
+/// it is proved to be the rebuilt base `base_bin`, else the base's.
+pub(super) fn bind(
+    base_bin: &Path,
+    deployed: Option<Deployed>,
+    revs: &Revisions,
+) -> Result<(Host, PathBuf), BuildError> {
+    let base_data = std::fs::read(base_bin).map_err(io(base_bin.display()))?;
+    let Some(deployed) = deployed else {
+        return Ok((Host::read(base_bin, &base_data)?, base_bin.to_owned()));
+    };
+    let ours = code_identity(&base_data)
+        .map_err(|e| BuildError::Io(format!("{}: {e}", base_bin.display())))?;
+    let theirs = code_identity(&deployed.data)
+        .map_err(|e| BuildError::Io(format!("{}: {e}", deployed.path.display())))?;
+    if ours != theirs {
+        let base_id = crate::elf::parse(base_bin, &base_data)
+            .and_then(|f| crate::elf::build_id_of(base_bin, &f))
+            .map(|b| crate::hex(&b))
+            .unwrap_or_else(|_| "none".into());
+        return Err(BuildError::Refused(vec![Refusal::NotTheBase {
+            deployed_id: crate::hex(&deployed.build_id),
+            deployed: deployed.path,
+            base: revs.base_name.clone(),
+            base_id,
+        }]));
+    }
+    Ok((deployed.host, deployed.path))
+}
+
+/// The hash of every section a process maps, the build-id note aside:
+/// two binaries with equal identities run the same code and data.
+fn code_identity(data: &[u8]) -> Result<u64, String> {
+    use std::hash::{Hash, Hasher};
+    let file = object::File::parse(data).map_err(|e| e.to_string())?;
+    let mut h = std::hash::DefaultHasher::new();
+    for s in file.sections() {
+        let object::SectionFlags::Elf { sh_flags } = s.flags() else {
+            continue;
+        };
+        if sh_flags & u64::from(object::elf::SHF_ALLOC) == 0
+            || s.kind() == object::SectionKind::Note
+        {
+            continue;
+        }
+        s.name().unwrap_or("").hash(&mut h);
+        s.address().hash(&mut h);
+        s.size().hash(&mut h);
+        s.data().unwrap_or_default().hash(&mut h);
+    }
+    Ok(h.finish())
+}
+
+impl Host {
+    /// Reads a binary's symbols.
+    fn read(path: &Path, data: &[u8]) -> Result<Host, BuildError> {
+        let file = object::File::parse(data)
+            .map_err(|e| BuildError::Io(format!("{}: not an ELF binary: {e}", path.display())))?;
+        let mut exported = HashSet::new();
+        for s in file.dynamic_symbols() {
+            if !s.is_undefined()
+                && let Ok(n) = s.name()
+            {
+                exported.insert(n.to_owned());
+            }
+        }
+        let mut address = HashMap::new();
+        let mut tls = HashSet::new();
+        let mut any = false;
+        for s in file.symbols() {
+            any = true;
+            if s.is_undefined() || s.kind() == object::SymbolKind::Section {
+                continue;
+            }
+            if let Ok(n) = s.name() {
+                if s.kind() == object::SymbolKind::Tls {
+                    tls.insert(n.to_owned());
+                }
+                address.entry(n.to_owned()).or_insert(s.address());
+            }
+        }
+        if !any {
+            return Err(BuildError::Refused(vec![Refusal::Stripped {
+                binary: path.to_owned(),
+            }]));
+        }
+        let anchor = *address
+            .get(hotpatch_abi::HOST_EXPORTS_SYMBOL)
+            .ok_or_else(|| {
+                BuildError::Refused(vec![Refusal::NoHotpatch {
+                    binary: path.to_owned(),
+                }])
+            })?;
+        Ok(Host {
+            exported,
+            address,
+            tls,
+            anchor,
+        })
+    }
+}

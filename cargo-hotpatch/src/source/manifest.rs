@@ -1,0 +1,174 @@
+//! Step 11: the patch's manifest (`hotpatch::manifest!()`), compiled
+//! against the head's own hotpatch crate: the name, version and
+//! description the runtime lists, and the patch's panic counter.
+
+use std::ffi::OsString;
+use std::path::Path;
+use std::process::Command;
+
+use super::SourceOptions;
+use super::classify::Plan;
+use super::git::{Revisions, git};
+use super::sides::Artifacts;
+use super::workspace::Workspace;
+use crate::BuildError;
+use crate::error::io;
+
+/// What the runtime lists a patch as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Label {
+    pub name: String,
+    pub version: String,
+    pub description: String,
+}
+
+/// The patch's name, version and description: the options', else made
+/// from the head, so two fixes of one service never share a name: the
+/// name is the package and the head's short commit hash (the working
+/// tree: `HEAD`'s, `-dirty` and a digest of the changed files), the
+/// version the base and the same tag, the description the head commit's
+/// subject and what the patch replaces.
+pub(super) fn label(
+    ws: &Workspace,
+    opts: &SourceOptions,
+    revs: &Revisions,
+    files: &[String],
+    plan: &Plan,
+) -> Result<Label, BuildError> {
+    check(opts)?;
+    let (tag, subject) = match &revs.head_commit {
+        Some(commit) => (commit[..12].to_owned(), revs.subject(commit)),
+        None => {
+            let head = git(&revs.repo, &["rev-parse", "HEAD"]).ok();
+            let short = head
+                .as_deref()
+                .map_or("working-tree", |h| &h[..12.min(h.len())]);
+            let subject = head.as_deref().map(|h| revs.subject(h)).unwrap_or_default();
+            (
+                format!("{short}-dirty.{:08x}", digest(&ws.root, files)),
+                format!("uncommitted changes on {short} ({subject})"),
+            )
+        }
+    };
+    let names: Vec<&str> = plan.replaced.iter().map(|(_, e)| e.path.as_str()).collect();
+    Ok(Label {
+        name: opts
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("{}-{tag}", ws.package)),
+        version: opts
+            .version
+            .clone()
+            .unwrap_or_else(|| format!("{}+{tag}", opts.base)),
+        description: opts.description.clone().unwrap_or_else(|| {
+            format!(
+                "{subject} ({} from source: {} -> {}: {})",
+                ws.package,
+                opts.base,
+                revs.head_name,
+                names.join(", ")
+            )
+        }),
+    })
+}
+
+/// A digest of the changed files' contents in the working tree (a
+/// deleted file counts as its name alone).
+fn digest(root: &Path, files: &[String]) -> u32 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    for f in files {
+        f.hash(&mut h);
+        std::fs::read(root.join(f)).ok().hash(&mut h);
+    }
+    h.finish() as u32
+}
+
+/// Refuses an empty `--name` or `--patch-version` (the runtime refuses
+/// a patch without a name or version).
+pub(super) fn check(opts: &SourceOptions) -> Result<(), BuildError> {
+    for (what, value) in [("--name", &opts.name), ("--patch-version", &opts.version)] {
+        if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
+            return Err(BuildError::Usage(format!("{what} must not be empty")));
+        }
+    }
+    Ok(())
+}
+
+/// The manifest's object, for the head build `head`, labelled `label`.
+pub(super) fn compile(
+    ws: &Workspace,
+    head: &Artifacts,
+    label: &Label,
+) -> Result<Vec<u8>, BuildError> {
+    let hotpatch_rlib = head.hotpatch_rlib.as_deref().ok_or_else(|| {
+        BuildError::Tool(format!(
+            "the head build of {} did not build the hotpatch crate",
+            ws.package
+        ))
+    })?;
+    manifest_object(&ws.target_dir.join("hotpatch"), hotpatch_rlib, ws, label)
+}
+
+/// Compiles the patch's manifest (`hotpatch::manifest!()`) against the
+/// head's own hotpatch crate, and returns its object.
+fn manifest_object(
+    hot: &Path,
+    hotpatch_rlib: &Path,
+    ws: &Workspace,
+    label: &Label,
+) -> Result<Vec<u8>, BuildError> {
+    let dir = hot.join("manifest");
+    std::fs::create_dir_all(&dir).map_err(io(dir.display()))?;
+    let src = format!(
+        "hotpatch::manifest!(name = {:?}, version = {:?}, description = {:?});\n\
+         /// What the copied `__hotpatch_counted_*` bodies count on (their\n\
+         /// references to `hotpatch::__private::SOURCE_PANICS` read it).\n\
+         #[unsafe(no_mangle)]\n\
+         pub static {}: &::core::sync::atomic::AtomicU64 = &__HOTPATCH_PANICS;\n",
+        label.name,
+        label.version,
+        label.description,
+        super::extract::PANICS_CELL
+    );
+    let src_path = dir.join("manifest.rs");
+    std::fs::write(&src_path, src).map_err(io(src_path.display()))?;
+    let obj = dir.join("manifest.o");
+    let deps = hotpatch_rlib.parent().unwrap_or(Path::new("."));
+    let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+    let mut extern_arg = OsString::from("hotpatch=");
+    extern_arg.push(hotpatch_rlib);
+    let mut dep_arg = OsString::from("dependency=");
+    dep_arg.push(deps);
+    let out = Command::new(rustc)
+        .current_dir(&ws.root)
+        .args([
+            "--edition",
+            "2021",
+            "--crate-type",
+            "rlib",
+            "--crate-name",
+            "hotpatch_source_manifest",
+            "--emit=obj",
+            "-C",
+            "codegen-units=1",
+            "-C",
+            "metadata=hotpatch-source-manifest",
+        ])
+        .arg("--extern")
+        .arg(extern_arg)
+        .arg("-L")
+        .arg(dep_arg)
+        .arg("-o")
+        .arg(&obj)
+        .arg(&src_path)
+        .output()
+        .map_err(io("running rustc"))?;
+    if !out.status.success() {
+        return Err(BuildError::Tool(format!(
+            "compiling the patch's manifest failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    std::fs::read(&obj).map_err(io(obj.display()))
+}

@@ -1,0 +1,158 @@
+//! The `RUSTC_WRAPPER` every build of a checkout runs through: it remaps
+//! the checkout's paths, and its target directory's (where `OUT_DIR` is),
+//! to the workspace's own (`--remap-path-prefix`), so the base builds bit
+//! for bit what the workspace builds, debug info included. cargo puts a
+//! workspace wrapper in the crates' metadata hash, and so in every symbol
+//! name: every build of a side goes through it.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use super::workspace::Workspace;
+use crate::BuildError;
+use crate::error::io;
+
+/// The environment variable that makes `cargo-hotpatch` act as rustc's
+/// wrapper: `FROM=TO` pairs for `--remap-path-prefix`, one a line.
+const REMAP_ENV: &str = "__CARGO_HOTPATCH_REMAP";
+/// The wrapper the user had, which the remapping wrapper runs in turn.
+const INNER_WRAPPER_ENV: &str = "__CARGO_HOTPATCH_INNER_WRAPPER";
+
+/// Makes `cmd` (a `cargo build` of the checkout `dir` into `target_dir`)
+/// run rustc through this program, remapping `dir` to `remap_to` and
+/// `target_dir` to the workspace's target directory.
+pub(super) fn wrap(
+    cmd: &mut Command,
+    ws: &Workspace,
+    dir: &Path,
+    target_dir: &Path,
+    remap_to: Option<&Path>,
+) -> Result<(), BuildError> {
+    // The checkout's paths become the workspace's; and this build's
+    // target directory becomes the workspace's, so code a build script
+    // generates into OUT_DIR (`include!`, as prost and tonic do) names the
+    // file where the deployed build had it, in panic locations and
+    // `file!()`.
+    let me = std::env::current_exe().map_err(io("finding cargo-hotpatch's own path"))?;
+    if let Some(inner) = std::env::var_os("RUSTC_WRAPPER") {
+        cmd.env(INNER_WRAPPER_ENV, inner);
+    }
+    cmd.env("RUSTC_WRAPPER", me);
+    let mut remap = OsString::new();
+    if let Some(to) = remap_to {
+        remap.push(dir);
+        remap.push("=");
+        remap.push(to);
+        remap.push("\n");
+    }
+    remap.push(target_dir);
+    remap.push("=");
+    remap.push(&ws.target_dir);
+    cmd.env(REMAP_ENV, remap);
+    Ok(())
+}
+
+/// What the remapping wrapper gives rustc, as far as it decides the bytes
+/// of a build: cargo's fingerprints do not see it, so a target directory
+/// built under another scheme (an older cargo-hotpatch) is rebuilt whole.
+/// Changed whenever the wrapper's flags change.
+const WRAPPER_SCHEME: &str = "cargo-hotpatch wrapper 2: source and target directory remapped";
+
+/// One target directory serves every checkout of a side (dependencies are
+/// compiled once), but the workspace's own crates have the same names in
+/// every checkout, so cargo would take the last checkout's build for this
+/// one's. When `dir` is not the checkout built there last, their
+/// fingerprints are removed and they are rebuilt. A target directory built
+/// under another [`WRAPPER_SCHEME`] is removed.
+pub(super) fn forget_other_checkout(
+    ws: &Workspace,
+    dir: &Path,
+    target_dir: &Path,
+) -> Result<(), BuildError> {
+    let marker = target_dir.join(".cargo-hotpatch-source");
+    let this = format!("{WRAPPER_SCHEME}\n{}", dir.to_string_lossy());
+    let last = std::fs::read_to_string(&marker).ok();
+    if last.as_deref() == Some(this.as_str()) {
+        return Ok(());
+    }
+    let same_scheme = last
+        .as_deref()
+        .is_some_and(|m| m.lines().next() == Some(WRAPPER_SCHEME));
+    if !same_scheme && target_dir.exists() {
+        std::fs::remove_dir_all(target_dir).map_err(io(target_dir.display()))?;
+    }
+    if let Ok(profiles) = std::fs::read_dir(target_dir) {
+        for profile in profiles.flatten() {
+            let Ok(prints) = std::fs::read_dir(profile.path().join(".fingerprint")) else {
+                continue;
+            };
+            for print in prints.flatten() {
+                let name = print.file_name().to_string_lossy().into_owned();
+                let ours = ws.members.iter().any(|(_, pkg)| {
+                    name.strip_prefix(pkg.as_str())
+                        .is_some_and(|rest| rest.starts_with('-') && !rest[1..].contains('-'))
+                });
+                if ours {
+                    std::fs::remove_dir_all(print.path()).map_err(io(print.path().display()))?;
+                }
+            }
+        }
+    }
+    std::fs::create_dir_all(target_dir).map_err(io(target_dir.display()))?;
+    std::fs::write(&marker, this).map_err(io(marker.display()))?;
+    Ok(())
+}
+
+/// When cargo-hotpatch runs as the remapping wrapper (cargo-hotpatch set
+/// the environment for a build of a checkout), runs rustc as it was asked
+/// to (`args[1]` is rustc) and returns its exit code; else `None`.
+pub(crate) fn run_if_asked(args: &[OsString]) -> Option<i32> {
+    (std::env::var_os(REMAP_ENV).is_some() && args.len() > 1).then(|| run(args))
+}
+
+fn run(args: &[OsString]) -> i32 {
+    let remap = std::env::var_os(REMAP_ENV).unwrap_or_default();
+    let (program, rest) = match std::env::var_os(INNER_WRAPPER_ENV) {
+        Some(inner) if !inner.is_empty() => (inner, &args[1..]),
+        _ => (args[1].clone(), &args[2..]),
+    };
+    let mut cmd = Command::new(program);
+    cmd.args(rest);
+    let remap = remap.to_string_lossy().into_owned();
+    // rustc splits FROM=TO at the last `=`.
+    let pairs: Vec<(&str, &str)> = remap.lines().filter_map(|l| l.rsplit_once('=')).collect();
+    if args.iter().any(|a| a == "--crate-name") {
+        for (from, to) in &pairs {
+            cmd.arg(format!("--remap-path-prefix={from}={to}"));
+        }
+    }
+    cmd.env_remove(REMAP_ENV);
+    // `env!("CARGO_MANIFEST_DIR")` in the service's code puts the
+    // checkout's path into the binary: it is the workspace's in the
+    // deployed build, so it is here too.
+    for var in ["CARGO_MANIFEST_DIR", "CARGO_MANIFEST_PATH"] {
+        let Some(v) = std::env::var_os(var) else {
+            continue;
+        };
+        let v = PathBuf::from(v);
+        let mapped = pairs.iter().find_map(|(from, to)| {
+            let rest = v.strip_prefix(from).ok()?;
+            // `join("")` would add a `/` the deployed value does not have.
+            Some(match rest.as_os_str().is_empty() {
+                true => PathBuf::from(to),
+                false => Path::new(to).join(rest),
+            })
+        });
+        if let Some(to) = mapped {
+            cmd.env(var, to);
+        }
+    }
+    match cmd.status() {
+        Ok(s) => s.code().unwrap_or(101),
+        Err(e) => {
+            eprintln!("cargo-hotpatch (as rustc wrapper): {e}");
+            101
+        }
+    }
+}
