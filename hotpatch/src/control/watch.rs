@@ -170,6 +170,12 @@ pub fn watch(loader: &Loader, id: PatchId, options: &Watch) -> Result<WatchOutco
                 Err(Error::NotApplied { .. }) => return Ok(WatchOutcome::Gone),
                 Err(e) => Some(e.to_string()),
             };
+            let cause = if check.is_some() {
+                "health_check"
+            } else {
+                "panics"
+            };
+            crate::metrics::rolled_back(cause, revert_error.is_none());
             return Ok(WatchOutcome::RolledBack {
                 reason,
                 panics,

@@ -88,6 +88,9 @@ pub(crate) struct Waited {
     /// Registered threads when it was published (0: a direct swap).
     pub registered: usize,
     pub threads: Vec<(Option<String>, i64)>,
+    /// In-flight request scopes not yet in the new universe when it was
+    /// published.
+    pub requests: usize,
     /// From the start of the transition until every thread had switched.
     pub took: Duration,
 }
@@ -104,6 +107,7 @@ pub(crate) fn take_last_waited() -> Option<Waited> {
 }
 
 fn set_last_waited(waited: Waited) {
+    crate::metrics::transition(waited.took, waited.threads.len(), waited.requests);
     let _ = LAST_WAITED.try_with(|w| *w.borrow_mut() = Some(waited));
 }
 
@@ -611,12 +615,23 @@ fn publish_and_wait(
             .collect();
         (threads.len(), waiting)
     };
+    // Counted for the metrics; one scan of the shards per transition.
+    let requests_waited: usize = if requests {
+        REQUESTS
+            .report(Instant::now(), |u| u != t)
+            .iter()
+            .map(|w| w.count)
+            .sum()
+    } else {
+        0
+    };
     // Threads first: a request scan takes every shard's lock.
     let done = || all_arrived(t) && (!requests || REQUESTS.all_in(t));
     if poll_until(started + deadline, done) {
         set_last_waited(Waited {
             registered,
             threads: waiting,
+            requests: requests_waited,
             took: started.elapsed(),
         });
         Ok(())
