@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -58,11 +59,14 @@ class Fleet:
         # One worker per host; modules piped to the interpreter, not copied.
         env["ANSIBLE_FORKS"] = str(len(HOSTS))
         env["ANSIBLE_PIPELINING"] = "1"
+        t0 = time.monotonic()
         r = subprocess.run(
             [str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(self.inventory),
              "hotpatch.fleet." + playbook] + list(args),
             capture_output=True, text=True, env=env,
         )
+        # Shown with a failure's output (a figure, not an assertion).
+        print("ansible-playbook %s %s: %.1f s" % (playbook, " ".join(args), time.monotonic() - t0), file=sys.stderr)
         recap = {m.group(1): dict(ok=int(m.group(2)), changed=int(m.group(3)), failed=int(m.group(5)),
                                   rescued=int(m.group(7)))
                  for m in RECAP.finditer(r.stdout)}

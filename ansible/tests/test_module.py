@@ -83,6 +83,15 @@ def test_apply_accept_revert_with_check_mode_diff_and_idempotence(built, service
     assert len(info["patches"][0]["build_id"]) == 40
     assert info["processes"][0]["service"] == "unit"
 
+    # The same state for node_exporter's textfile collector.
+    prom = subprocess.run([built["hotpatch"], "status", "--prometheus", "--socket", svc.socket],
+                          capture_output=True, text=True, check=True).stdout
+    labels = 'service="unit",pid="%d"' % svc.pid
+    assert "hotpatch_patches_applied{%s} 1\n" % labels in prom, prom
+    assert "hotpatch_patches_accepted{%s} 1\n" % labels in prom, prom
+    assert ('hotpatch_patch_info{%s,id="1",name="%s",version="1.2.3",build_id="%s",state="accepted"} 1\n'
+            % (labels, BASIC, info["processes"][0]["build_id"])) in prom, prom
+
     # Absent by name: check mode changes nothing, then reverted, then ok.
     r = module(collections, "patch", dict(base, name=BASIC, state="absent"), check=True)
     assert r["changed"] is True and r["diff"]["after"] == "", r
