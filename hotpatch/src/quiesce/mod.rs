@@ -703,6 +703,8 @@ pub(crate) fn switch(
                 c.entry.slot.set(c.new);
             }
             drop(requests);
+            // Before the metrics, which run the service's recorder.
+            drop(threads);
             set_last_waited(Waited::default());
             return Ok(turn);
         }
