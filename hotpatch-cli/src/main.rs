@@ -12,6 +12,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use serde_json::{Value, json};
 
+mod prometheus;
 mod sign;
 mod text;
 
@@ -73,6 +74,10 @@ enum Command {
     Ps,
     /// Show a process's patches, patchable functions and transition.
     Status {
+        /// Print the state in the Prometheus text format (for
+        /// node_exporter's textfile collector) instead.
+        #[arg(long, conflicts_with = "json")]
+        prometheus: bool,
         #[command(flatten)]
         target: Target,
     },
@@ -194,7 +199,7 @@ fn run(cli: &Cli) -> Result<u8, Fail> {
                 .map(|()| code::OK)
                 .map_err(|e| fail(code::ERROR, e.to_string()));
         }
-        Command::Status { target } => (target, json!({"op": "status"}), None),
+        Command::Status { target, .. } => (target, json!({"op": "status"}), None),
         Command::Apply {
             file,
             deadline,
@@ -575,7 +580,12 @@ fn code_of(kind: &str) -> u8 {
 /// Prints a reply; its exit code.
 fn report(cli: &Cli, reply: &Value) -> Result<u8, Fail> {
     if reply["ok"] == json!(true) {
-        if cli.json {
+        if let Command::Status {
+            prometheus: true, ..
+        } = cli.command
+        {
+            print!("{}", prometheus::status(reply));
+        } else if cli.json {
             println!("{reply}");
         } else {
             print!("{}", text::reply(&cli.command, reply));

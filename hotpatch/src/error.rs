@@ -234,6 +234,69 @@ pub enum Error {
     NotApplied { id: PatchId },
 }
 
+impl Error {
+    /// The stable name of this error's kind: the `kind` of the control
+    /// protocol's errors and the `outcome`/`kind` label of the metrics.
+    /// It never changes meaning.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// if let Err(e) = hotpatch::load("fix.so") {
+    ///     eprintln!("{}: {e}", e.kind()); // e.g. "rustc_mismatch: ..."
+    /// }
+    /// ```
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Read { .. } => "read",
+            Error::Untrusted { .. } => "untrusted",
+            Error::Unsigned { .. } => "unsigned",
+            Error::BadSignature { .. } => "bad_signature",
+            Error::BadKey { .. } => "bad_key",
+            Error::Copy { .. } => "copy",
+            Error::NotLoadable { .. } => "not_loadable",
+            Error::NoManifest { .. } => "no_manifest",
+            Error::BadMagic { .. } => "bad_magic",
+            Error::AbiMismatch { .. } => "abi_mismatch",
+            Error::RustcMismatch { .. } => "rustc_mismatch",
+            Error::TargetMismatch { .. } => "target_mismatch",
+            Error::PanicStrategyMismatch { .. } => "panic_strategy_mismatch",
+            Error::InvalidManifest { .. } => "invalid_manifest",
+            Error::UnknownTarget { .. } => "unknown_target",
+            Error::DuplicateTarget { .. } => "duplicate_target",
+            Error::LayoutMismatch { .. } => "layout_mismatch",
+            Error::AlreadyApplied { .. } => "already_applied",
+            Error::Timeout { .. } => "timeout",
+            Error::Busy { .. } => "busy",
+            Error::ForeignAllocator { .. } => "foreign_allocator",
+            Error::NotThin { .. } => "not_thin",
+            Error::WrongBuild { .. } => "wrong_build",
+            Error::HostUnidentified { .. } => "host_unidentified",
+            Error::HostNotExported { .. } => "host_not_exported",
+            Error::MissingSymbols { .. } => "missing_symbols",
+            Error::InitFailed { .. } => "init_failed",
+            #[cfg(feature = "failpoints")]
+            Error::Injected { .. } => "injected",
+            Error::NotApplied { .. } => "not_applied",
+        }
+    }
+
+    /// A refusal by a check: the patch is unfit for this process (nothing
+    /// changed). Not a refusal: a transition that timed out or found
+    /// another in progress, a patch already applied, a revert of what is
+    /// not applied.
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+    pub(crate) fn is_refusal(&self) -> bool {
+        !matches!(
+            self,
+            Error::Timeout { .. }
+                | Error::Busy { .. }
+                | Error::AlreadyApplied { .. }
+                | Error::NotApplied { .. }
+        )
+    }
+}
+
 /// Why a check refuses a patch, before the file is named: what the
 /// manifest checks (`manifest.rs`), the plan (`registry.rs`) and the
 /// patch's initialisation return. The loader, which knows the file,

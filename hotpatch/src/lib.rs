@@ -238,6 +238,35 @@
 //!   same signatures and layouts, and anyone who can write the process's
 //!   memory or the trusted key.
 //!
+//! # Metrics
+//!
+//! With the cargo feature `metrics`, the runtime reports through the
+//! [`metrics`](https://docs.rs/metrics) facade, so a service that already
+//! installed a recorder (`metrics-exporter-prometheus`, an OpenTelemetry
+//! bridge, statsd) exports these with its own metrics, on its own
+//! endpoint. Without a recorder they cost nothing but the call; none is on
+//! the call path of a patchable function (only operations record).
+//!
+//! | metric | type | labels | when |
+//! |---|---|---|---|
+//! | `hotpatch_applies_total` | counter | `op` (`apply`, `replace`), `outcome` (`ok` or an [`Error::kind`]) | every load or replace |
+//! | `hotpatch_reverts_total` | counter | `outcome` (`ok` or an [`Error::kind`]) | every revert (a watch window's rollback included) |
+//! | `hotpatch_refusals_total` | counter | `op` (`apply`, `replace`, `check`), `kind` | a patch refused by a check (not a timeout, a busy turn or "already applied") |
+//! | `hotpatch_rollbacks_total` | counter | `cause` (`panics`, `health_check`), `outcome` (`ok`, `revert_failed`) | a watch window rolled its patch back (`control::watch`) |
+//! | `hotpatch_patches_applied` | gauge | | after every load, replace and revert |
+//! | `hotpatch_patches_accepted` | gauge | | the state directory's record: at `listen` and whenever it changes |
+//! | `hotpatch_apply_duration_seconds` | histogram | `op` | a successful load or replace, from the read of the file to the end of the transition |
+//! | `hotpatch_revert_duration_seconds` | histogram | | a successful revert |
+//! | `hotpatch_transition_duration_seconds` | histogram | | a completed transition, from its publication until every registered thread and request scope switched (0 for a direct swap) |
+//! | `hotpatch_transition_threads_waited` | histogram | | registered threads not yet at a safepoint when a transition was published |
+//! | `hotpatch_transition_requests_waited` | histogram | | request scopes in flight on the old version when it was published |
+//!
+//! `hotpatch status --prometheus` prints the patch state of a process
+//! (`hotpatch_patches_applied`, `hotpatch_patches_accepted`, and one
+//! `hotpatch_patch_info` per patch) in the Prometheus text format for
+//! node_exporter's textfile collector, whether or not the service enabled
+//! the feature.
+//!
 //! # Performance
 //!
 //! A call site, in any crate, with or without LTO, compiles to one load
@@ -284,6 +313,7 @@ mod host;
 mod image;
 mod loader;
 mod manifest;
+mod metrics;
 mod patch;
 mod quiesce;
 mod registry;

@@ -4,7 +4,7 @@ use std::fs;
 use std::hash::{Hash, Hasher};
 use std::path::Path;
 use std::sync::LazyLock;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use libc::RTLD_NOLOAD;
 use libloading::os::unix::{Library, RTLD_LOCAL, RTLD_NOW};
@@ -14,7 +14,7 @@ use crate::abi::{MANIFEST_SYMBOL, Manifest};
 use crate::error::Refusal;
 use crate::registry::REGISTRY;
 use crate::trust::{self, TrustedKey};
-use crate::{Error, Patch, PatchId, elf, host, manifest, quiesce, sys};
+use crate::{Error, Patch, PatchId, elf, host, manifest, metrics, quiesce, sys};
 
 /// Options for loading patches.
 ///
@@ -176,6 +176,13 @@ impl Loader {
 
     /// Reverts the applied patch `id`; see [`revert`](Self::revert).
     pub fn revert_id(&self, id: PatchId) -> Result<(), Error> {
+        let started = Instant::now();
+        let result = self.revert_switch(id);
+        metrics::reverted(result.as_ref().err(), started.elapsed());
+        result
+    }
+
+    fn revert_switch(&self, id: PatchId) -> Result<(), Error> {
         let what = format!("revert {id}");
         let turn = self.take_turn(&what)?;
         let (info, changes) = REGISTRY.lock().revert_changes(id)?;
@@ -202,7 +209,7 @@ impl Loader {
     /// checks stays mapped (its initialisers ran; see the crate docs), and
     /// is reused if the same bytes are loaded again.
     pub fn load(&self, path: impl AsRef<Path>) -> Result<Patch, Error> {
-        self.apply(path.as_ref(), None)
+        self.apply_counted("apply", path.as_ref(), None)
     }
 
     /// Replaces the applied patch `old` by the patch at `path` (typically a
@@ -225,7 +232,19 @@ impl Loader {
     /// # Ok::<(), hotpatch::Error>(())
     /// ```
     pub fn replace(&self, old: PatchId, path: impl AsRef<Path>) -> Result<Patch, Error> {
-        self.apply(path.as_ref(), Some(old))
+        self.apply_counted("replace", path.as_ref(), Some(old))
+    }
+
+    fn apply_counted(
+        &self,
+        op: &'static str,
+        path: &Path,
+        replacing: Option<PatchId>,
+    ) -> Result<Patch, Error> {
+        let started = Instant::now();
+        let result = self.apply(path, replacing);
+        metrics::loaded(op, result.as_ref().err(), started.elapsed());
+        result
     }
 
     /// Waits (within the deadline) for the transition lock.
@@ -673,7 +692,12 @@ impl Loader {
     /// # Ok::<(), hotpatch::Error>(())
     /// ```
     pub fn check(&self, path: impl AsRef<Path>) -> Result<CheckReport, Error> {
-        let path = path.as_ref();
+        let result = self.dry_run(path.as_ref());
+        metrics::checked(result.as_ref().err());
+        result
+    }
+
+    fn dry_run(&self, path: &Path) -> Result<CheckReport, Error> {
         let bytes = trust::read(path, &self.policy)?;
         // The turn keeps the library mapped while its manifest is read (only
         // `reclaim` unmaps, and it needs the turn), as in `apply`.

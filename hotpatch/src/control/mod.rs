@@ -443,6 +443,7 @@ impl ControlBuilder {
                 .inspect_err(|_| {
                     let _ = std::fs::remove_file(&path);
                 })?;
+            crate::metrics::accepted(store.entries.len());
             *shared.state.lock() = Some(store);
         }
         let thread = {

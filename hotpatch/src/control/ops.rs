@@ -279,38 +279,7 @@ fn absolute(op: &str, file: String) -> Result<PathBuf, Failure> {
 
 /// The protocol's kind for each runtime error.
 pub(crate) fn kind(e: &Error) -> &'static str {
-    match e {
-        Error::Read { .. } => "read",
-        Error::Untrusted { .. } => "untrusted",
-        Error::Unsigned { .. } => "unsigned",
-        Error::BadSignature { .. } => "bad_signature",
-        Error::BadKey { .. } => "bad_key",
-        Error::Copy { .. } => "copy",
-        Error::NotLoadable { .. } => "not_loadable",
-        Error::NoManifest { .. } => "no_manifest",
-        Error::BadMagic { .. } => "bad_magic",
-        Error::AbiMismatch { .. } => "abi_mismatch",
-        Error::RustcMismatch { .. } => "rustc_mismatch",
-        Error::TargetMismatch { .. } => "target_mismatch",
-        Error::PanicStrategyMismatch { .. } => "panic_strategy_mismatch",
-        Error::InvalidManifest { .. } => "invalid_manifest",
-        Error::UnknownTarget { .. } => "unknown_target",
-        Error::DuplicateTarget { .. } => "duplicate_target",
-        Error::LayoutMismatch { .. } => "layout_mismatch",
-        Error::AlreadyApplied { .. } => "already_applied",
-        Error::Timeout { .. } => "timeout",
-        Error::Busy { .. } => "busy",
-        Error::ForeignAllocator { .. } => "foreign_allocator",
-        Error::NotThin { .. } => "not_thin",
-        Error::WrongBuild { .. } => "wrong_build",
-        Error::HostUnidentified { .. } => "host_unidentified",
-        Error::HostNotExported { .. } => "host_not_exported",
-        Error::MissingSymbols { .. } => "missing_symbols",
-        Error::InitFailed { .. } => "init_failed",
-        #[cfg(feature = "failpoints")]
-        Error::Injected { .. } => "injected",
-        Error::NotApplied { .. } => "not_applied",
-    }
+    e.kind()
 }
 
 pub(crate) fn failure_of(e: &Error) -> Failure {
@@ -1191,6 +1160,7 @@ fn status(shared: &Shared) -> Map<String, Value> {
         "uid": shared.config.own_uid,
         "socket": shared.config.socket.to_string_lossy(),
         "hotpatch_version": env!("CARGO_PKG_VERSION"),
+        "build_id": crate::host::build_id().map(crate::host::hex),
         "patches": applied.iter().map(|p| patch_json(shared, p)).collect::<Vec<_>>(),
         "functions": crate::functions().iter().map(|f| json!({
             "path": f.path,

@@ -206,7 +206,9 @@ impl Store {
         record["patches"] = json!(self.entries);
         let text = serde_json::to_vec_pretty(&record)
             .map_err(|e| Failure::new("state", format!("cannot encode the record: {e}")))?;
-        write_atomic(&self.record_path(), &text)
+        write_atomic(&self.record_path(), &text)?;
+        crate::metrics::accepted(self.entries.len());
+        Ok(())
     }
 
     /// The highest `<n>` of the copies `patches/<n>-*.so`.

@@ -193,6 +193,12 @@ pub(crate) fn watch_until(
                 Err(Error::NotApplied { .. }) => return Ok(WatchOutcome::Gone),
                 Err(e) => Some(e.to_string()),
             };
+            let cause = if check.is_some() {
+                "health_check"
+            } else {
+                "panics"
+            };
+            crate::metrics::rolled_back(cause, revert_error.is_none());
             return Ok(WatchOutcome::RolledBack {
                 reason,
                 panics,

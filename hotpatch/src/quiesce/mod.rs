@@ -89,6 +89,9 @@ pub(crate) struct Waited {
     /// Registered threads when it was published (0: a direct swap).
     pub registered: usize,
     pub threads: Vec<(Option<String>, i64)>,
+    /// In-flight request scopes not yet in the new universe when it was
+    /// published.
+    pub requests: usize,
     /// From the start of the transition until every thread had switched.
     pub took: Duration,
 }
@@ -105,6 +108,7 @@ pub(crate) fn take_last_waited() -> Option<Waited> {
 }
 
 fn set_last_waited(waited: Waited) {
+    crate::metrics::transition(waited.took, waited.threads.len(), waited.requests);
     let _ = LAST_WAITED.try_with(|w| *w.borrow_mut() = Some(waited));
 }
 
@@ -612,12 +616,23 @@ fn publish_and_wait(
             .collect();
         (threads.len(), waiting)
     };
+    // Counted for the metrics; one scan of the shards per transition.
+    let requests_waited: usize = if requests {
+        REQUESTS
+            .report(Instant::now(), |u| u != t)
+            .iter()
+            .map(|w| w.count)
+            .sum()
+    } else {
+        0
+    };
     // Threads first: a request scan takes every shard's lock.
     let done = || all_arrived(t) && (!requests || REQUESTS.all_in(t));
     if poll_until(started + deadline, done) {
         set_last_waited(Waited {
             registered,
             threads: waiting,
+            requests: requests_waited,
             took: started.elapsed(),
         });
         Ok(())
@@ -689,6 +704,8 @@ pub(crate) fn switch(
                 c.entry.slot.set(c.new);
             }
             drop(requests);
+            // Before the metrics, which run the service's recorder.
+            drop(threads);
             set_last_waited(Waited::default());
             return Ok(turn);
         }
