@@ -159,6 +159,16 @@ pub enum Error {
         requests: Vec<StalledRequest>,
     },
 
+    /// The pages of the slot table could not be made writable to switch
+    /// the functions (`mprotect` failed, e.g. the process is at its limit
+    /// of memory mappings): nothing changed.
+    #[error("{what}: cannot make the slot table writable, so nothing changed: {source}")]
+    SlotTable {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+
     /// Another patch was being applied or reverted for longer than the
     /// deadline.
     #[error("{what}: another patch transition is still in progress after {waited:?}")]

@@ -291,6 +291,7 @@ mod shared;
 mod slot;
 mod sys;
 mod trust;
+mod window;
 
 #[doc(hidden)]
 #[path = "private.rs"]
@@ -311,6 +312,7 @@ pub use request::tower;
 pub use request::{Request, RequestExt, RequestVersion, StalledRequest, inherit, request};
 #[allow(deprecated)]
 pub use shared::Shared;
+pub use slot::SlotTable;
 pub use trust::TrustedKey;
 
 /// Makes a function, or every method of an `impl` block, patchable.
@@ -577,6 +579,31 @@ pub fn functions() -> Vec<FunctionInfo> {
         .map(|t| t.functions)
         .unwrap_or_default();
     registry::REGISTRY.lock().functions(&switching)
+}
+
+/// How the slot table is protected between operations: each
+/// `#[patchable]` function's slot is read-only (in the binary's RELRO
+/// segment, made writable only while the runtime stores into it), unless
+/// the binary was linked without RELRO. Such a binary gets a `tracing`
+/// warning when the table is first used, and patches still apply: its
+/// GOT is just as writable, so refusing them would protect nothing.
+///
+/// # Examples
+///
+/// ```
+/// #[hotpatch::patchable]
+/// fn greet() -> &'static str { "hello" }
+/// # fn main() {
+/// let table = hotpatch::slot_table();
+/// assert!(table.slots >= 1);
+/// if !table.is_read_only() {
+///     eprintln!("{} slot(s) writable between patches", table.slots - table.read_only);
+/// }
+/// # assert_eq!(greet(), "hello");
+/// # }
+/// ```
+pub fn slot_table() -> SlotTable {
+    slot::slot_table()
 }
 
 /// The patch being applied or reverted right now, if any, and the

@@ -300,6 +300,7 @@ pub(crate) fn kind(e: &Error) -> &'static str {
         Error::AlreadyApplied { .. } => "already_applied",
         Error::Timeout { .. } => "timeout",
         Error::Busy { .. } => "busy",
+        Error::SlotTable { .. } => "slot_table",
         Error::ForeignAllocator { .. } => "foreign_allocator",
         Error::NotThin { .. } => "not_thin",
         Error::WrongBuild { .. } => "wrong_build",
