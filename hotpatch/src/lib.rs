@@ -82,6 +82,13 @@
 //! - **No torn calls.** Every call reads its slot once and runs either the
 //!   old or the new implementation, whatever apply or revert does
 //!   meanwhile.
+//! - **A read-only slot table.** Each slot is in the binary's RELRO
+//!   segment, read-only once the dynamic loader relocated the binary, as
+//!   the GOT is: a stray write into a slot faults. The runtime makes the
+//!   pages of the slots it switches writable only while it stores (one
+//!   `mprotect` pair per run of adjacent pages), and read-only again on
+//!   every path, panics included. A binary linked without RELRO keeps them
+//!   writable, with a warning: see [`slot_table`].
 //! - **Consistency at safepoints.** A thread that registers
 //!   ([`register_thread`]) and marks safepoints ([`quiescent`], typically
 //!   between requests) runs every function of a patch in its old version

@@ -221,6 +221,19 @@ impl Pages for Mprotect {
             other => io::Error::other(other.to_string()),
         })
     }
+
+    #[cold]
+    fn still_writable(&self, start: usize, len: usize, error: &io::Error) {
+        #[cfg(feature = "control")]
+        tracing::error!(
+            start = format_args!("{start:#x}"),
+            len,
+            "hotpatch: could not make the slot table read-only again ({error}): these pages stay \
+             writable"
+        );
+        #[cfg(not(feature = "control"))]
+        let _ = (start, len, error);
+    }
 }
 
 /// The open write windows on the slot table.

@@ -55,6 +55,14 @@ pub trait Pages {
     /// Makes `[start, start + len)` (whole pages) readable and writable
     /// (`writable`), or read-only.
     fn protect(&self, start: usize, len: usize, writable: bool) -> io::Result<()>;
+
+    /// Making `[start, start + len)` read-only again failed (the kernel
+    /// could not split or merge the mapping: `ENOMEM` at the limit of
+    /// mappings): the pages stay writable, as a binary without RELRO has
+    /// them all the time. A destructor can only report it.
+    fn still_writable(&self, start: usize, len: usize, error: &io::Error) {
+        let _ = (start, len, error);
+    }
 }
 
 /// The open windows of each page, and the pages they make writable.
@@ -188,29 +196,13 @@ impl<P: Pages> Drop for Window<'_, P> {
         for (start, len) in runs(&last, w.pages.page_size()) {
             // Under the lock, with the counts: see the module docs.
             if let Err(e) = w.pages.protect(start, len, false) {
-                report_still_writable(start, len, &e);
+                w.pages.still_writable(start, len, &e);
             }
         }
     }
 }
 
-/// Making pages read-only again failed (the kernel could not split or
-/// merge the mapping: `ENOMEM` at the limit of mappings): they stay
-/// writable, which is how a binary without RELRO has them all the time.
-/// Nothing else can be done from a destructor; say so.
-#[cold]
-fn report_still_writable(start: usize, len: usize, e: &io::Error) {
-    #[cfg(all(feature = "control", not(hotpatch_loom)))]
-    tracing::error!(
-        start = format_args!("{start:#x}"),
-        len,
-        "hotpatch: could not make the slot table read-only again ({e}): its pages stay writable"
-    );
-    #[cfg(not(all(feature = "control", not(hotpatch_loom))))]
-    let _ = (start, len, e);
-}
-
-#[cfg(test)]
+#[cfg(all(test, not(hotpatch_loom)))]
 mod tests {
     use super::*;
     use std::cell::RefCell;
