@@ -731,6 +731,10 @@ pub(crate) fn switch(
     // The slots' pages are writable from here to the end of the first
     // step (the direct swap, or installing the dispatchers), and again
     // for each later step: never while waiting for threads.
+    #[cfg(feature = "failpoints")]
+    fail::fail_point!("switch::slot_table", |_| Err(Failed::SlotTable(
+        std::io::Error::from_raw_os_error(libc::ENOMEM)
+    )));
     let window = window(&changes).map_err(Failed::SlotTable)?;
     {
         // With no registered thread and no request scope in flight, swap
