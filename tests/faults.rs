@@ -146,6 +146,50 @@ fn a_fault_in_revert_changes_nothing() {
     stack_a.revert().unwrap();
 }
 
+/// The slot table's pages cannot be made writable (`mprotect` fails, as
+/// at the process's limit of mappings; injected as `ENOMEM`): apply,
+/// replace and revert fail with `Error::SlotTable`, which says nothing
+/// changed, and nothing did.
+#[test]
+fn a_slot_table_that_cannot_be_made_writable_changes_nothing() {
+    let _serial = support::serial();
+    let stack_a = hotpatch::load(support::patch(STACK_A)).unwrap();
+    let v1 = hotpatch::load(support::patch(V1)).unwrap();
+    let before = full();
+    let fault = inject("switch::slot_table");
+    let expect = |result: Result<(), Error>, what: &str| match result {
+        Err(e @ Error::SlotTable { .. }) => {
+            assert!(
+                e.to_string()
+                    .contains("cannot make the slot table writable, so nothing changed"),
+                "{what}: {e}"
+            );
+            let Error::SlotTable { source, .. } = e else {
+                unreachable!()
+            };
+            assert_eq!(source.raw_os_error(), Some(libc::ENOMEM), "{what}");
+        }
+        other => panic!("{what}: expected Error::SlotTable, got {other:?}"),
+    };
+    expect(
+        hotpatch::load(support::patch(V2)).map(drop),
+        "apply of another patch",
+    );
+    assert_eq!(full(), before, "a failed apply changed something");
+    expect(
+        Loader::new().replace(v1.id(), support::patch(V2)).map(drop),
+        "replace",
+    );
+    assert_eq!(full(), before, "a failed replace changed something");
+    expect(hotpatch::revert(v1.id()), "revert");
+    assert_eq!(full(), before, "a failed revert changed something");
+
+    drop(fault);
+    v1.revert().unwrap();
+    assert_eq!(full().steps, (5, 995, 1, 1));
+    stack_a.revert().unwrap();
+}
+
 /// A load that fails after its library was opened (here: at validation)
 /// leaves that library mapped and reusable: the same bytes load later
 /// without opening them again, so the copy and `dlopen` steps do not run.

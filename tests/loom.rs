@@ -64,6 +64,12 @@
 //! a torn choice, the universe of one transition with the
 //! implementations of a later one written into the same buffer.
 //!
+//! Write windows on the slot table (issue 20): `hotpatch/src/window.rs`
+//! is included too, and `window_two_writers_share_a_page` runs two
+//! windows that share a page against each other. Closing a window without
+//! its count (the first writer to finish makes the shared page read-only)
+//! makes it fail with a store into a read-only page.
+//!
 //! Request scopes (issue 12): `hotpatch/src/quiesce/requests.rs` is
 //! included too, and `request_scope_races_a_transition_and_its_reversal`
 //! runs a request started on one thread and finished on another against
@@ -861,4 +867,76 @@ fn request_scope_races_a_transition_and_its_reversal() {
             },
         );
     }
+}
+
+// ---------------------------------------------------------------------
+// Write windows on the slot table (issue 20): `hotpatch/src/window.rs`,
+// the real code, over pages whose protection is a flag.
+
+#[allow(dead_code)]
+#[path = "../hotpatch/src/window.rs"]
+mod window;
+
+const PAGE: usize = 0x1000;
+
+/// Two pages, `PAGE` and `2 * PAGE`: whether each is writable. `protect`
+/// runs under the windows' lock and `mprotect` takes effect for every
+/// thread before it returns: SeqCst stores and loads.
+struct FlagPages(loom::sync::Arc<[loom::sync::atomic::AtomicBool; 2]>);
+
+impl window::Pages for FlagPages {
+    fn page_size(&self) -> usize {
+        PAGE
+    }
+
+    fn protect(&self, start: usize, len: usize, writable: bool) -> std::io::Result<()> {
+        for page in (start..start + len).step_by(PAGE) {
+            self.0[page / PAGE - 1].store(writable, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+}
+
+/// Two writers whose windows share a page: slot A on page 1, slot B on
+/// page 1 and a slot C on page 2 (B's window covers both). Each checks
+/// that the page of each of its slots is writable when it stores; at the
+/// end both pages are read-only and no window is open. Whichever finishes
+/// first, the other's page stays writable until it is done.
+///
+/// Closing a window by making its pages read-only without the count (the
+/// first writer to finish protects the shared page under the second)
+/// makes it fail with a store into a read-only page.
+#[test]
+fn window_two_writers_share_a_page() {
+    check("window_two_writers_share_a_page", 3, |_trace| {
+        use loom::sync::Arc;
+        use loom::sync::atomic::AtomicBool;
+        let flags = Arc::new([AtomicBool::new(false), AtomicBool::new(false)]);
+        let windows = Arc::new(window::Windows::new(FlagPages(flags.clone())));
+        let writer = |slots: &'static [(usize, usize)]| {
+            let (windows, flags) = (windows.clone(), flags.clone());
+            thread::spawn(move || {
+                let open = windows.open(slots.iter().copied()).unwrap();
+                for &(addr, _) in slots {
+                    assert!(
+                        flags[addr / PAGE - 1].load(Ordering::SeqCst),
+                        "a store into slot {addr:#x} found its page read-only"
+                    );
+                }
+                drop(open);
+            })
+        };
+        let a = writer(&[(PAGE + 0x40, 64)]);
+        let b = writer(&[(PAGE + 0x80, 64), (2 * PAGE, 64)]);
+        a.join().unwrap();
+        b.join().unwrap();
+        for (i, flag) in flags.iter().enumerate() {
+            assert!(
+                !flag.load(Ordering::SeqCst),
+                "page {} left writable after both windows closed",
+                i + 1
+            );
+        }
+        assert!(!windows.is_open(PAGE) && !windows.is_open(2 * PAGE));
+    });
 }

@@ -8,7 +8,8 @@
 //! the service exports), and each patch crate's rlib is linked against
 //! the service binary it is for. `thin-svc-other` is the same service
 //! with another build constant (another build-id, the same library
-//! symbols); `thin-svc-plain` is the service without `-rdynamic`.
+//! symbols); `thin-svc-plain` is the service without `-rdynamic`;
+//! `thin-svc-norelro` the service linked without RELRO.
 
 mod support;
 
@@ -280,6 +281,42 @@ fn a_service_without_the_host_setting_refuses_with_host_not_exported() {
     );
     assert_eq!(svc.ask("applied"), "ok none");
     assert_eq!(svc.ask("call audit"), "ok 42 events=[]");
+}
+
+/// A service linked without RELRO (`-z norelro`) keeps its slot table
+/// writable: the runtime says so once, as a `tracing` warning at its
+/// first use, and patches still apply (refusing them would protect
+/// nothing: such a binary's GOT is writable too). The same service linked
+/// as usual has every slot read-only.
+#[test]
+fn a_service_linked_without_relro_warns_and_still_applies() {
+    let mut usual = Service::start("thin-svc");
+    let slots = usual.ask("slots");
+    let n: usize = slots
+        .strip_prefix("ok read_only ")
+        .and_then(|rest| rest.split_once(" of "))
+        .filter(|(r, n)| r == n)
+        .and_then(|(_, n)| n.parse().ok())
+        .unwrap_or_else(|| panic!("thin-svc: every slot read-only: {slots}"));
+    assert!(n > 0);
+    assert!(!usual.ask("events").contains("RELRO"));
+
+    let fix = linked(FIX_A, "thin-svc-norelro");
+    let mut svc = Service::start("thin-svc-norelro");
+    assert_eq!(svc.ask("slots"), format!("ok read_only 0 of {n}"));
+    let events = svc.ask("events");
+    assert!(
+        events.contains(&format!(
+            "WARN message=hotpatch: {n} of the {n} slots of patchable functions are not in this \
+             binary's RELRO segment (linked with `-z norelro`?)"
+        )),
+        "the warning: {events}"
+    );
+    assert_eq!(svc.load(&fix), "ok loaded thin-fix-a");
+    assert_eq!(
+        svc.ask("call audit"),
+        "ok 43 events=[WARN message=audit fixed order=42 reason=discount-bug]"
+    );
 }
 
 /// What `cargo hotpatch build` reports of a real patch: the functions it

@@ -566,7 +566,7 @@ fn code_of(kind: &str) -> u8 {
     match kind {
         "already_applied" | "not_applied" | "already_accepted" => code::NOTHING_TO_DO,
         "rolled_back" | "rollback_failed" => code::ROLLED_BACK,
-        "no_state_dir" | "state" | "cancelled" => code::ERROR,
+        "no_state_dir" | "state" | "cancelled" | "slot_table" => code::ERROR,
         "timeout" | "busy" => code::TIMED_OUT,
         "not_permitted" => code::NOT_PERMITTED,
         "ambiguous_patch" => code::USAGE,

@@ -326,10 +326,18 @@ impl Gen<'_> {
         };
         let layouts = sig::layout_types(self.sig, self.ctx);
         let (before, after) = &self.path;
+        // One section per slot, as rustc gives every static (the source
+        // diff of `cargo hotpatch build` compares them one by one), in
+        // `.data.rel.ro.*`: the linker puts it in `PT_GNU_RELRO`, which
+        // the dynamic loader makes read-only once it has relocated it.
+        // The runtime makes a slot's page writable only while it stores
+        // (`hotpatch/src/window.rs`).
+        let section = syn::LitStr::new(&format!(".data.rel.ro.hotpatch_slots.{slot}"), slot.span());
         quote! {
             #(#cfgs)*
             #[doc(hidden)]
             #[allow(non_upper_case_globals, deprecated)]
+            #[cfg_attr(target_os = "linux", unsafe(link_section = #section))]
             static #slot: ::hotpatch::__private::Slot =
                 ::hotpatch::__private::Slot::new(#original as *const ());
 

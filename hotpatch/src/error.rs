@@ -159,6 +159,16 @@ pub enum Error {
         requests: Vec<StalledRequest>,
     },
 
+    /// The pages of the slot table could not be made writable to switch
+    /// the functions (`mprotect` failed, e.g. the process is at its limit
+    /// of memory mappings): nothing changed.
+    #[error("{what}: cannot make the slot table writable, so nothing changed: {source}")]
+    SlotTable {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+
     /// Another patch was being applied or reverted for longer than the
     /// deadline.
     #[error("{what}: another patch transition is still in progress after {waited:?}")]
@@ -268,6 +278,7 @@ impl Error {
             Error::AlreadyApplied { .. } => "already_applied",
             Error::Timeout { .. } => "timeout",
             Error::Busy { .. } => "busy",
+            Error::SlotTable { .. } => "slot_table",
             Error::ForeignAllocator { .. } => "foreign_allocator",
             Error::NotThin { .. } => "not_thin",
             Error::WrongBuild { .. } => "wrong_build",
@@ -293,6 +304,7 @@ impl Error {
                 | Error::Busy { .. }
                 | Error::AlreadyApplied { .. }
                 | Error::NotApplied { .. }
+                | Error::SlotTable { .. }
         )
     }
 }

@@ -68,6 +68,13 @@ impl Image {
         search.found
     }
 
+    /// `addr` is in one of this object's loadable segments.
+    pub(crate) fn contains(&self, addr: usize) -> bool {
+        self.segments
+            .iter()
+            .any(|&(s, e, _)| (s..e).contains(&addr))
+    }
+
     fn within(&self, ptr: usize, len: usize, need: u32) -> bool {
         let Some(end) = ptr.checked_add(len) else {
             return false;
@@ -104,6 +111,24 @@ impl Image {
                 .relro
                 .iter()
                 .any(|&(s, e)| start < e && s < start.saturating_add(len))
+    }
+
+    /// Every page that `[ptr, ptr + len)` touches is read-only once the
+    /// object is relocated: whole pages inside its `PT_GNU_RELRO`. The
+    /// dynamic loader protects RELRO from the start of its first page to
+    /// the start of the page holding its end (glibc's
+    /// `_dl_protect_relro`): a last, partial page shares the segment's
+    /// writable data and stays writable.
+    pub(crate) fn read_only_after_relocation(&self, ptr: usize, len: usize) -> bool {
+        let page = page_size();
+        let Some(end) = ptr.checked_add(len) else {
+            return false;
+        };
+        let first = ptr & !(page - 1);
+        let last_end = end.div_ceil(page).saturating_mul(page);
+        self.relro
+            .iter()
+            .any(|&(s, e)| s <= first && last_end <= (e & !(page - 1)))
     }
 
     /// `p` is an aligned `T` in writable memory of this object: a cell the

@@ -82,6 +82,13 @@
 //! - **No torn calls.** Every call reads its slot once and runs either the
 //!   old or the new implementation, whatever apply or revert does
 //!   meanwhile.
+//! - **A read-only slot table.** Each slot is in the binary's RELRO
+//!   segment, read-only once the dynamic loader relocated the binary, as
+//!   the GOT is: a stray write into a slot faults. The runtime makes the
+//!   pages of the slots it switches writable only while it stores (one
+//!   `mprotect` pair per run of adjacent pages), and read-only again on
+//!   every path, panics included. A binary linked without RELRO keeps them
+//!   writable, with a warning: see [`slot_table`].
 //! - **Consistency at safepoints.** A thread that registers
 //!   ([`register_thread`]) and marks safepoints ([`quiescent`], typically
 //!   between requests) runs every function of a patch in its old version
@@ -322,6 +329,7 @@ mod shared;
 mod slot;
 mod sys;
 mod trust;
+mod window;
 
 #[doc(hidden)]
 #[path = "private.rs"]
@@ -344,6 +352,7 @@ pub use request::tower;
 pub use request::{Request, RequestExt, RequestVersion, StalledRequest, inherit, request};
 #[allow(deprecated)]
 pub use shared::Shared;
+pub use slot::SlotTable;
 pub use trust::TrustedKey;
 
 /// Makes a function, or every method of an `impl` block, patchable.
@@ -610,6 +619,31 @@ pub fn functions() -> Vec<FunctionInfo> {
         .map(|t| t.functions)
         .unwrap_or_default();
     registry::REGISTRY.lock().functions(&switching)
+}
+
+/// How the slot table is protected between operations: each
+/// `#[patchable]` function's slot is read-only (in the binary's RELRO
+/// segment, made writable only while the runtime stores into it), unless
+/// the binary was linked without RELRO. Such a binary gets a `tracing`
+/// warning when the table is first used, and patches still apply: its
+/// GOT is just as writable, so refusing them would protect nothing.
+///
+/// # Examples
+///
+/// ```
+/// #[hotpatch::patchable]
+/// fn greet() -> &'static str { "hello" }
+/// # fn main() {
+/// let table = hotpatch::slot_table();
+/// assert!(table.slots >= 1);
+/// if !table.is_read_only() {
+///     eprintln!("{} slot(s) writable between patches", table.slots - table.read_only);
+/// }
+/// # assert_eq!(greet(), "hello");
+/// # }
+/// ```
+pub fn slot_table() -> SlotTable {
+    slot::slot_table()
 }
 
 /// The patch being applied or reverted right now, if any, and the

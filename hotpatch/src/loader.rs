@@ -263,7 +263,7 @@ impl Loader {
         changes: Vec<quiesce::Change>,
     ) -> Result<quiesce::Turn, Error> {
         quiesce::switch(turn, what.clone(), changes, self.deadline)
-            .map_err(|stalled| stalled.into_error(what, self.deadline))
+            .map_err(|failed| failed.into_error(what, self.deadline))
     }
 
     fn apply(&self, path: &Path, replacing: Option<PatchId>) -> Result<Patch, Error> {

@@ -89,6 +89,9 @@ impl Plan {
 
 impl Registry {
     fn new(slots: &'static [Entry]) -> Self {
+        // Classifies the slots now: a binary without RELRO is warned about
+        // when the registry is first used, not at its first patch.
+        let _ = crate::slot::slot_table();
         let by_entry = slots
             .iter()
             .enumerate()

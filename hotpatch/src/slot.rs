@@ -13,6 +13,11 @@
 //! - Each call reads `current` exactly once, so a call runs one
 //!   implementation from start to end, never a mix: a pointer store is
 //!   atomic, and nothing else is read to decide what to run.
+//! - The slots are read-only between operations: each is a static in
+//!   `.data.rel.ro.hotpatch_slots.*`, which the linker puts in
+//!   `PT_GNU_RELRO`, and the runtime stores only inside a [`write_window`]
+//!   (`window.rs`). A binary linked without RELRO keeps them writable,
+//!   with a warning ([`slot_table`]).
 //! - During a transition `current` points at the function's dispatcher,
 //!   and `dispatch` holds the transition's [`Choice`] for it (old, new,
 //!   and the universe that runs new), in place: see
@@ -23,10 +28,16 @@
 //!   dispatcher after the Acquire of `current`. Nothing is allocated per
 //!   transition.
 
+use std::collections::HashSet;
 use std::fmt;
+use std::io;
+use std::sync::LazyLock;
 use std::sync::atomic::{AtomicPtr, Ordering};
 
+use crate::__private::SLOTS;
+use crate::image::Image;
 use crate::quiesce::protocol::{Choice, Dispatch};
+use crate::window::{Pages, Window, Windows};
 
 /// The address of a function, type-erased.
 ///
@@ -85,7 +96,8 @@ impl Slot {
         self.current.load(Ordering::Acquire)
     }
 
-    /// Publishes a new implementation.
+    /// Publishes a new implementation. Only inside a [`write_window`] on
+    /// this slot: between operations its page is read-only.
     pub(crate) fn set(&self, implementation: FnAddr) {
         // Release: pairs with the Acquire in `get`.
         self.current
@@ -105,8 +117,8 @@ impl Slot {
     /// Routes calls through `dispatcher`, which runs `choice`'s old or new
     /// implementation depending on the calling thread's universe.
     ///
-    /// Only under the transition turn: [`Dispatch::store`] takes one
-    /// writer at a time.
+    /// Only under the transition turn ([`Dispatch::store`] takes one
+    /// writer at a time), inside a [`write_window`] on this slot.
     pub(crate) fn begin_transition(&self, choice: Choice<FnAddr>, dispatcher: FnAddr) {
         self.dispatch.store(Choice {
             universe: choice.universe,
@@ -178,5 +190,145 @@ impl fmt::Debug for Slot {
         f.debug_struct("Slot")
             .field("current", &self.get())
             .finish_non_exhaustive()
+    }
+}
+
+// ---- The slot table's protection (`window.rs`) ----
+
+/// Changes page protection with `mprotect`, through `region`.
+#[derive(Debug)]
+pub(crate) struct Mprotect;
+
+impl Pages for Mprotect {
+    fn page_size(&self) -> usize {
+        region::page::size()
+    }
+
+    fn protect(&self, start: usize, len: usize, writable: bool) -> io::Result<()> {
+        let protection = if writable {
+            region::Protection::READ_WRITE
+        } else {
+            region::Protection::READ
+        };
+        // SAFETY: `Windows` only passes pages that hold slots and lie
+        // wholly inside this binary's RELRO (`TABLE`): data the dynamic
+        // loader made read-only after relocating it, which nothing but
+        // the runtime's stores into slots writes. Read access is kept in
+        // both directions, so no reader of anything on these pages (a
+        // call loading its slot, the GOT beside it) can fault.
+        unsafe { region::protect(start as *const u8, len, protection) }.map_err(|e| match e {
+            region::Error::SystemCall(e) => e,
+            other => io::Error::other(other.to_string()),
+        })
+    }
+
+    #[cold]
+    fn still_writable(&self, start: usize, len: usize, error: &io::Error) {
+        #[cfg(feature = "control")]
+        tracing::error!(
+            start = format_args!("{start:#x}"),
+            len,
+            "hotpatch: could not make the slot table read-only again ({error}): these pages stay \
+             writable"
+        );
+        #[cfg(not(feature = "control"))]
+        let _ = (start, len, error);
+    }
+}
+
+/// The open write windows on the slot table.
+static WINDOWS: Windows<Mprotect> = Windows::new(Mprotect);
+
+/// Which slots the dynamic loader made read-only.
+struct Table {
+    slots: usize,
+    /// Addresses of the slots whose pages are wholly in RELRO.
+    read_only: HashSet<usize>,
+}
+
+static TABLE: LazyLock<Table> = LazyLock::new(|| {
+    let mut images: Vec<Image> = Vec::new();
+    let mut read_only = HashSet::new();
+    for entry in SLOTS.iter() {
+        let addr = std::ptr::from_ref(entry.slot) as usize;
+        let image = match images.iter().position(|i| i.contains(addr)) {
+            Some(i) => Some(&images[i]),
+            None => Image::containing(addr as *const ()).map(|i| {
+                images.push(i);
+                &images[images.len() - 1]
+            }),
+        };
+        if image.is_some_and(|i| i.read_only_after_relocation(addr, size_of::<Slot>())) {
+            read_only.insert(addr);
+        }
+    }
+    let table = Table {
+        slots: SLOTS.len(),
+        read_only,
+    };
+    if table.read_only.len() < table.slots {
+        warn_writable(&table);
+    }
+    table
+});
+
+/// Said once, when the table is first used.
+#[cold]
+fn warn_writable(table: &Table) {
+    #[cfg(feature = "control")]
+    tracing::warn!(
+        slots = table.slots,
+        read_only = table.read_only.len(),
+        "hotpatch: {} of the {} slots of patchable functions are not in this binary's RELRO \
+         segment (linked with `-z norelro`?): they stay writable between patches, so a stray \
+         or hostile write can redirect those functions; link with `-z relro` (the default)",
+        table.slots - table.read_only.len(),
+        table.slots
+    );
+    #[cfg(not(feature = "control"))]
+    let _ = table;
+}
+
+/// Opens a write window on the pages of `slots` that are read-only (the
+/// others are writable anyway): stores into them are allowed until it
+/// drops. See `window.rs` for what happens when two windows overlap.
+pub(crate) fn write_window<'a>(
+    slots: impl IntoIterator<Item = &'a Slot>,
+) -> io::Result<Window<'static, Mprotect>> {
+    let table = &*TABLE;
+    WINDOWS.open(
+        slots
+            .into_iter()
+            .map(|s| std::ptr::from_ref(s) as usize)
+            .filter(|a| table.read_only.contains(a))
+            .map(|a| (a, size_of::<Slot>())),
+    )
+}
+
+/// How the slot table of this process is protected between operations
+/// (see [`slot_table`](crate::slot_table)).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SlotTable {
+    /// Patchable functions (slots) of this process.
+    pub slots: usize,
+    /// How many of their slots are read-only between operations: those in
+    /// the binary's RELRO segment. All of them unless the binary was
+    /// linked without RELRO (`-z norelro`).
+    pub read_only: usize,
+}
+
+impl SlotTable {
+    /// Every slot is read-only between operations.
+    pub fn is_read_only(&self) -> bool {
+        self.read_only == self.slots
+    }
+}
+
+pub(crate) fn slot_table() -> SlotTable {
+    let table = &*TABLE;
+    SlotTable {
+        slots: table.slots,
+        read_only: table.read_only.len(),
     }
 }

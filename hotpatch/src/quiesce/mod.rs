@@ -19,7 +19,7 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::abi::Entry;
 use crate::request::StalledRequest;
-use crate::slot::FnAddr;
+use crate::slot::{self, FnAddr};
 use protocol::{Choice, Epoch, Record, UNREGISTERED};
 use requests::{Requests, Ticket};
 
@@ -667,10 +667,62 @@ fn all_left(universe: u64) -> bool {
 }
 
 fn restore(changes: &[Change]) {
-    for c in changes {
-        c.entry.slot.set(c.old);
+    {
+        let _window = reopen(changes);
+        for c in changes {
+            c.entry.slot.set(c.old);
+        }
     }
     *PROGRESS.lock() = None;
+}
+
+/// The write window on the slots of `changes`.
+fn window(changes: &[Change]) -> std::io::Result<crate::window::Window<'static, slot::Mprotect>> {
+    slot::write_window(changes.iter().map(|c| c.entry.slot))
+}
+
+/// A write window for a later step of a transition whose dispatchers are
+/// installed: it must not fail half-way, so it retries. Making pages
+/// writable again that were writable a moment ago fails only when the
+/// kernel cannot split the mapping (the process is at its limit of
+/// mappings); the dispatchers stay correct meanwhile.
+fn reopen(changes: &[Change]) -> crate::window::Window<'static, slot::Mprotect> {
+    let mut reported = false;
+    loop {
+        match window(changes) {
+            Ok(w) => return w,
+            Err(e) => {
+                if !reported {
+                    reported = true;
+                    #[cfg(feature = "control")]
+                    tracing::error!(
+                        "hotpatch: cannot make the slot table writable to finish a transition \
+                         ({e}); retrying (calls stay correct through the dispatchers)"
+                    );
+                    #[cfg(not(feature = "control"))]
+                    let _ = e;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+}
+
+/// Why a switch failed.
+pub(crate) enum Failed {
+    /// The deadline passed: reversed (see [`switch`]).
+    Stalled(Stalled),
+    /// The slot table could not be made writable: nothing changed.
+    SlotTable(std::io::Error),
+}
+
+impl Failed {
+    pub(crate) fn into_error(self, what: String, deadline: Duration) -> crate::Error {
+        match self {
+            Failed::Stalled(s) => s.into_error(what, deadline),
+            Failed::SlotTable(source) => crate::Error::SlotTable { what, source },
+        }
+    }
 }
 
 /// Moves every function of `changes` from `old` to `new`: all at once for
@@ -687,10 +739,18 @@ pub(crate) fn switch(
     what: String,
     changes: Vec<Change>,
     deadline: Duration,
-) -> Result<Turn, Stalled> {
+) -> Result<Turn, Failed> {
     if changes.is_empty() {
         return Ok(turn);
     }
+    // The slots' pages are writable from here to the end of the first
+    // step (the direct swap, or installing the dispatchers), and again
+    // for each later step: never while waiting for threads.
+    #[cfg(feature = "failpoints")]
+    fail::fail_point!("switch::slot_table", |_| Err(Failed::SlotTable(
+        std::io::Error::from_raw_os_error(libc::ENOMEM)
+    )));
+    let window = window(&changes).map_err(Failed::SlotTable)?;
     {
         // With no registered thread and no request scope in flight, swap
         // directly: each call is still old or new. Holding the list's lock
@@ -706,6 +766,7 @@ pub(crate) fn switch(
             drop(requests);
             // Before the metrics, which run the service's recorder.
             drop(threads);
+            drop(window);
             set_last_waited(Waited::default());
             return Ok(turn);
         }
@@ -722,6 +783,7 @@ pub(crate) fn switch(
         };
         c.entry.slot.begin_transition(choice, c.entry.dispatcher);
     }
+    drop(window);
     *PROGRESS.lock() = Some(Progress {
         what,
         functions: changes.iter().map(|c| c.entry.path).collect(),
@@ -732,8 +794,11 @@ pub(crate) fn switch(
     });
     let stalled = match publish_and_wait(t, started, deadline, true) {
         Ok(()) => {
-            for c in &changes {
-                c.entry.slot.set(c.new);
+            {
+                let _window = reopen(&changes);
+                for c in &changes {
+                    c.entry.slot.set(c.new);
+                }
             }
             *PROGRESS.lock() = None;
             return Ok(turn);
@@ -754,7 +819,7 @@ pub(crate) fn switch(
     if poll_until(Instant::now() + deadline, left) {
         restore(&changes);
         drop(turn);
-        return Err(stalled);
+        return Err(Failed::Stalled(stalled));
     }
     // A thread that switched has stopped reaching safepoints too. The
     // dispatchers stay correct meanwhile; finish in the background.
@@ -780,5 +845,5 @@ pub(crate) fn switch(
         // No thread to spare: finish here rather than leave it undone.
         Err(_) => finish(),
     }
-    Err(stalled)
+    Err(Failed::Stalled(stalled))
 }
