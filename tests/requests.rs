@@ -485,9 +485,14 @@ fn spawn_and_spawn_blocking_inside_a_scope() {
     let rt = multi_thread(2);
     let in_transition = Arc::new(AtomicBool::new(false));
     let release_child = Arc::new(AtomicBool::new(false));
+    let started = Arc::new(AtomicBool::new(false));
     let (gate1, gate2) = (in_transition.clone(), release_child.clone());
+    let started_in = started.clone();
     let (here, parent) = scoped(async move {
         let before = f(70);
+        // Release: pairs with the Acquire spin below; the scope is in
+        // flight on version 1 before the load starts.
+        started_in.store(true, Ordering::Release);
         gate(&gate1).await;
         let plain = tokio::spawn(async { f(70) }).await.unwrap();
         let fresh = tokio::spawn(hotpatch::request(async {
@@ -509,6 +514,12 @@ fn spawn_and_spawn_blocking_inside_a_scope() {
         (before, plain, fresh, blocking, carried, child)
     });
     let parent = rt.spawn(parent);
+    // The load must find the request in flight: a load that reached its
+    // switch before the runtime first polled the parent swapped directly
+    // and no transition ever started (seen under load).
+    while !started.load(Ordering::Acquire) {
+        std::thread::yield_now();
+    }
     let load = load_in_background();
     wait_for_transition();
     in_transition.store(true, Ordering::Release);
