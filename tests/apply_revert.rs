@@ -15,9 +15,13 @@ const NAME: &str = "fixture-patch-forms";
 
 /// Every function `fixture-patch-forms` replaces, as the registry names
 /// them. A trait method's path names the trait as the `impl` wrote it.
-const REPLACED: [&str; 16] = [
+const REPLACED: [&str; 20] = [
     "<svc::Cart as Priced>::price",
     "<svc::Cart as Priced>::unit",
+    "<svc::Error as From<&str>>::from",
+    "<svc::Error as From<String>>::from",
+    "<svc::Frame as PartialEq<&str>>::eq",
+    "<svc::Handler as Drop>::drop",
     "svc::Cart::boxed",
     "svc::Cart::first",
     "svc::Cart::get",
@@ -178,6 +182,67 @@ fn trait_impl_methods() {
         // Through the trait, not the concrete type.
         let dynamic: &dyn Fn(&svc::Cart) -> u64 = &<svc::Cart as Priced>::price;
         assert_eq!(dynamic(&cart), if patched { 18 } else { 12 });
+    });
+}
+
+/// Two impls of one generic trait on one type (`From<String>`,
+/// `From<&str>`) are two targets: each is patched on its own, and a third
+/// impl of the same trait with other arguments stays as it was.
+#[test]
+fn impls_of_one_generic_trait_with_different_arguments() {
+    let paths = [
+        "<svc::Error as From<String>>::from",
+        "<svc::Error as From<&str>>::from",
+        "<svc::Frame as PartialEq<&str>>::eq",
+    ];
+    cycle(&paths, |patched| {
+        let from_string = svc::Error::from(String::from("bad frame"));
+        let from_str = svc::Error::from("bad frame");
+        let empty: svc::Error = "".into();
+        let frame = svc::Frame("OK".to_owned());
+        if patched {
+            assert_eq!(from_string, svc::Error::Other("patched: bad frame".into()));
+            assert_eq!(from_str, svc::Error::Other("BAD FRAME".into()));
+            assert_eq!(empty, svc::Error::Incomplete);
+            assert!(frame == "ok");
+        } else {
+            assert_eq!(from_string, svc::Error::Other("bad frame".into()));
+            assert_eq!(from_str, svc::Error::Other("bad frame".into()));
+            assert_eq!(empty, svc::Error::Other(String::new()));
+            assert!(frame != "ok");
+        }
+        // `PartialEq<String>` is not in the patch.
+        let (lower, upper) = (String::from("ok"), String::from("OK"));
+        assert!(frame != lower);
+        assert!(frame == upper);
+    });
+    assert_eq!(
+        support::implementation("<svc::Frame as PartialEq<String>>::eq"),
+        Implementation::Original
+    );
+}
+
+/// `Drop::drop` is patchable: drop glue reaches the patched body wherever
+/// a value is dropped (end of scope, `Box`, `Vec`, `mem::drop`), and the
+/// fields are still dropped after it.
+#[test]
+fn drop_impl() {
+    use std::sync::atomic::Ordering::Relaxed;
+    cycle(&["<svc::Handler as Drop>::drop"], |patched| {
+        let open = svc::OPEN.load(Relaxed);
+        let scale = if patched { 10 } else { 1 };
+        {
+            let _h = svc::Handler::open(3);
+            assert_eq!(svc::OPEN.load(Relaxed), open + 1);
+        }
+        assert_eq!(svc::LAST_CLOSED.load(Relaxed), 3 * scale);
+        drop(Box::new(svc::Handler::open(4)));
+        assert_eq!(svc::LAST_CLOSED.load(Relaxed), 4 * scale);
+        let many: Vec<_> = (5..8).map(svc::Handler::open).collect();
+        assert_eq!(svc::OPEN.load(Relaxed), open + 3);
+        drop(many);
+        assert_eq!(svc::LAST_CLOSED.load(Relaxed), 7 * scale);
+        assert_eq!(svc::OPEN.load(Relaxed), open);
     });
 }
 

@@ -135,7 +135,8 @@ fn parse_target(args: TokenStream) -> syn::Result<ExprPath> {
 
 /// Where the target's companion constant is: `a::b::f` -> `a::b::__hotpatch_f`,
 /// `a::Ty::m` -> `a::Ty::__hotpatch_m`, `<a::Ty as a::Tr>::m` ->
-/// `<a::Ty>::__hotpatch_Tr_m`. The new last segment keeps the span of the
+/// `<a::Ty>::__hotpatch_Tr_m`, `<a::Ty as Tr<A>>::m` -> `<a::Ty as
+/// TraitTarget<Method<hash of "Tr::m">, (A,)>>::TARGET`. The new last segment keeps the span of the
 /// user's, so resolution errors point at the attribute.
 fn companion_path(target: &ExprPath) -> syn::Result<TokenStream> {
     let last = target
@@ -152,7 +153,20 @@ fn companion_path(target: &ExprPath) -> syn::Result<TokenStream> {
     match &target.qself {
         Some(q) if q.position > 0 => {
             let ty = &q.ty;
-            let trait_last = &target.path.segments[q.position - 1].ident;
+            let trait_seg = &target.path.segments[q.position - 1];
+            let trait_last = &trait_seg.ident;
+            let trait_path = syn::Path::from(trait_seg.clone());
+            if let Some(args) = sig::trait_arguments(&trait_path)? {
+                // `<T as From<&str>>::from`: the impl is picked by the
+                // trait's arguments, as the service's impl wrote them.
+                let key = sig::method_key(trait_last, &last.ident);
+                return Ok(quote_spanned! {last.ident.span()=>
+                    <#ty as ::hotpatch::__private::TraitTarget<
+                        ::hotpatch::__private::Method<#key>,
+                        #args,
+                    >>::TARGET
+                });
+            }
             let name = format_ident!(
                 "__hotpatch_{}_{}",
                 trait_last,

@@ -109,6 +109,13 @@ struct Gen<'a> {
     in_impl: bool,
     /// The registered path: `module_path!()` goes between the two parts.
     path: (String, String),
+    /// A method of an impl of a trait with generic arguments: the key of
+    /// `Trait::method` and the tuple of the arguments, which name its
+    /// companion through `TraitTarget` instead of an inherent constant.
+    trait_target: Option<(u64, Type)>,
+    /// An out-of-line wrapper to register as the entry's `wrapper`, for a
+    /// method whose wrapper cannot be named (`Drop::drop`: E0040).
+    forwarder: Option<Ident>,
 }
 
 impl Gen<'_> {
@@ -266,6 +273,24 @@ impl Gen<'_> {
         quote!(#(#carried)* #item)
     }
 
+    /// The out-of-line wrapper registered for a method whose own wrapper
+    /// cannot be named (`Drop::drop`): the same slot load and call.
+    fn forwarder_fn(&self, attrs: &[Attribute]) -> Option<TokenStream> {
+        let name = self.forwarder.as_ref()?;
+        let mut sig = sig::forwarding_signature(self.sig);
+        sig.ident = name.clone();
+        let body = self.wrapper_body();
+        let mut item: ImplItemFn = parse_quote! {
+            #[doc(hidden)]
+            #[inline(never)]
+            #[allow(non_snake_case, improper_ctypes_definitions, deprecated, clippy::all)]
+            #sig #body
+        };
+        self.qualify(&mut item);
+        let carried = sig::carried_attrs(attrs);
+        Some(quote!(#(#carried)* #item))
+    }
+
     fn qualify(&self, item: &mut ImplItemFn) {
         if let (Some(tr), true) = (&self.ctx.trait_, self.in_impl) {
             sig::QualifyAssoc {
@@ -289,10 +314,26 @@ impl Gen<'_> {
         ty
     }
 
+    /// The companion: an inherent constant, or for a method of a trait
+    /// with generic arguments an impl of `TraitTarget` (at module level).
     fn companion(&self) -> TokenStream {
         let name = &self.names.companion;
         let ty = self.sig_type();
         let getter = &self.names.entry_getter;
+        if let Some((key, args)) = &self.trait_target {
+            let self_ty = self.self_ty();
+            return quote! {
+                #[doc(hidden)]
+                #[allow(deprecated)]
+                impl ::hotpatch::__private::TraitTarget<::hotpatch::__private::Method<#key>, #args>
+                    for #self_ty
+                {
+                    type Signature = #ty;
+                    const TARGET: ::hotpatch::__private::Target<#ty> =
+                        ::hotpatch::__private::Target::new(#getter);
+                }
+            };
+        }
         quote! {
             #[doc(hidden)]
             #[allow(non_upper_case_globals, private_interfaces, deprecated)]
@@ -315,7 +356,10 @@ impl Gen<'_> {
         let original = self.module_level(original);
         let dispatch = self.module_level(dispatch);
         let counted = self.module_level(counted);
-        let wrapper = self.wrapper_path(true);
+        let wrapper = match &self.forwarder {
+            Some(f) => self.module_level(f),
+            None => self.wrapper_path(true),
+        };
         let cfgs = sig::cfg_attrs(attrs);
         let sig_ty = self.sig_type();
         let fp_text = sig::to_text(&quote!(#sig_ty));
@@ -396,6 +440,8 @@ fn expand_fn(f: ItemFn) -> TokenStream {
         names: Names::new(&name, &name),
         in_impl: false,
         path: (String::new(), format!("::{name}")),
+        trait_target: None,
+        forwarder: None,
     };
     let ItemFn {
         attrs, vis, block, ..
@@ -510,6 +556,16 @@ fn expand_impl(mut imp: ItemImpl) -> TokenStream {
             "a `default impl` cannot be patchable",
         ));
     }
+    // `impl From<&str> for Error` beside `impl From<String> for Error`:
+    // the helpers' names and the companion must tell the impls apart.
+    let trait_args = match imp.trait_.as_ref().map(|(_, p, _)| sig::trait_arguments(p)) {
+        Some(Ok(args)) => args,
+        Some(Err(e)) => {
+            errors.push(e);
+            None
+        }
+        None => None,
+    };
     if !errors.is_empty() {
         let errors = combine(errors);
         return quote!(#errors #imp);
@@ -537,10 +593,11 @@ fn expand_impl(mut imp: ItemImpl) -> TokenStream {
         .chars()
         .take_while(|c| c.is_alphanumeric() || *c == '_')
         .collect();
-    let trait_last = trait_
+    let trait_ident = trait_
         .as_ref()
         .and_then(|p| p.segments.last())
-        .map(|s| s.ident.to_string());
+        .map(|s| s.ident.clone());
+    let trait_last = trait_ident.as_ref().map(|i| i.to_string());
     let unique = {
         let trait_text = trait_
             .as_ref()
@@ -574,10 +631,21 @@ fn expand_impl(mut imp: ItemImpl) -> TokenStream {
             continue;
         }
         let method = m.sig.ident.to_string();
-        let helper = match &trait_last {
-            Some(t) => format!("{t}_{method}"),
-            None => method.clone(),
+        // With trait arguments, the impl's hash too: `From_from__1a2b3c4d`
+        // (several impls of the trait share one inherent namespace).
+        let helper = match (&trait_last, &trait_args) {
+            (Some(t), None) => format!("{t}_{method}"),
+            (Some(t), Some(_)) => format!("{t}_{method}__{unique}"),
+            (None, _) => method.clone(),
         };
+        let trait_target = match (&trait_ident, &trait_args) {
+            (Some(t), Some(args)) => Some((sig::method_key(t, &m.sig.ident), args.clone())),
+            _ => None,
+        };
+        // `<T as Drop>::drop` cannot be named, not even for its address
+        // (E0040): the entry registers an out-of-line copy of the wrapper.
+        let forwarder = (trait_last.as_deref() == Some("Drop") && method == "drop")
+            .then(|| format_ident!("__hotpatch_wrapper_{}", helper));
         let path = match &trait_ {
             Some(tr) => {
                 let tr = sig::to_text(&last_segment_of_path(tr));
@@ -598,14 +666,21 @@ fn expand_impl(mut imp: ItemImpl) -> TokenStream {
             names: Names::new(&helper, &module_unique),
             in_impl: true,
             path,
+            trait_target,
+            forwarder,
         };
         let attrs = m.attrs.clone();
         helpers.push(gen_.original_fn(&attrs, &m.block));
         helpers.push(gen_.dispatch_fn(&attrs));
         helpers.push(gen_.counted_fn(&attrs));
+        helpers.extend(gen_.forwarder_fn(&attrs));
         let cfgs = sig::cfg_attrs(&attrs);
         let companion = gen_.companion();
-        helpers.push(quote!(#(#cfgs)* #companion));
+        if gen_.trait_target.is_some() {
+            statics.push(quote!(#(#cfgs)* #companion));
+        } else {
+            helpers.push(quote!(#(#cfgs)* #companion));
+        }
         statics.push(gen_.statics(&attrs));
         let body = gen_.wrapper_body();
         m.sig = sig::forwarding_signature(&m.sig);

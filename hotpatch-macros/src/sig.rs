@@ -40,6 +40,46 @@ impl Context {
     }
 }
 
+/// The tuple of a trait's generic arguments, `(String,)` for `From<String>`
+/// (a lifetime argument `'a` as `&'a ()`), or `None` for a trait written
+/// without arguments: what picks one impl among several of one generic
+/// trait on one type (`hotpatch::__private::TraitTarget`).
+pub fn trait_arguments(trait_: &Path) -> syn::Result<Option<Type>> {
+    let Some(last) = trait_.segments.last() else {
+        return Ok(None);
+    };
+    match &last.arguments {
+        syn::PathArguments::None => Ok(None),
+        syn::PathArguments::Parenthesized(p) => Err(unsupported_trait_argument(p)),
+        syn::PathArguments::AngleBracketed(a) => {
+            let mut tys: Vec<Type> = Vec::new();
+            for arg in &a.args {
+                match arg {
+                    syn::GenericArgument::Type(t) => tys.push(t.clone()),
+                    syn::GenericArgument::Lifetime(l) => tys.push(parse_quote!(&#l ())),
+                    other => return Err(unsupported_trait_argument(other)),
+                }
+            }
+            Ok(Some(parse_quote!((#(#tys,)*))))
+        }
+    }
+}
+
+fn unsupported_trait_argument(arg: &dyn ToTokens) -> syn::Error {
+    syn::Error::new_spanned(
+        arg,
+        "only type and lifetime arguments of a trait are supported on a #[patchable] impl \
+         (each impl is told apart by them); patch a non-generic function the methods call",
+    )
+}
+
+/// The hash naming `Trait::method` in `hotpatch::__private::Method`: the
+/// trait's last path segment and the method's name, so both macros compute
+/// it from what the user wrote.
+pub fn method_key(trait_ident: &Ident, method: &Ident) -> u64 {
+    fingerprint(&format!("{trait_ident}::{method}"))
+}
+
 /// Collects every reason `sig` cannot be made patchable into `errors`.
 pub fn check_supported(sig: &Signature, what: &str, errors: &mut Vec<syn::Error>) {
     let mut push = |tokens: &dyn ToTokens, msg: String| {

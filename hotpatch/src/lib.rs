@@ -183,7 +183,11 @@
 //!   `impl` block (every method becomes patchable; opt one out with
 //!   `#[patchable(skip)]`): an attribute on a method alone cannot see its
 //!   type. A trait impl needs a type defined in the service crate (the
-//!   companion items live in an inherent impl). The target of a `#[patch]`
+//!   companion items live in an inherent impl). Several impls of one
+//!   generic trait on one type (`From<String>` and `From<&str>`) are
+//!   separate targets, named with the trait's arguments:
+//!   `#[patch(<svc::Error as From<&str>>::from)]`. `Drop::drop` is
+//!   patchable like any trait method. The target of a `#[patch]`
 //!   must be nameable from the patch crate (public module path); the
 //!   function itself may be private.
 //! - **Statics and thread-locals** named in patch code are the host's own
@@ -398,8 +402,10 @@ pub use hotpatch_macros::patchable;
 /// `#[patchable]` function.
 ///
 /// The argument is the target's path as the patch crate sees it:
-/// `svc::pricing::price`, `svc::Cart::total`, or
-/// `<svc::Cart as svc::Priced>::total`. A method's replacement is a free
+/// `svc::pricing::price`, `svc::Cart::total`,
+/// `<svc::Cart as svc::Priced>::total`, or, for one of several impls of a
+/// generic trait, with the trait's arguments as the service's impl writes
+/// them: `<svc::Error as From<&str>>::from`. A method's replacement is a free
 /// function whose first parameter is the receiver. The crate must invoke
 /// [`manifest!`] once.
 ///

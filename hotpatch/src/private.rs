@@ -56,6 +56,31 @@ impl<S> Target<S> {
     }
 }
 
+/// The companion of a patchable method of a trait impl whose trait has
+/// generic arguments (`impl From<&str> for Error`).
+///
+/// One type can implement such a trait several times (`From<String>` and
+/// `From<&str>`), so an inherent constant named after the trait and the
+/// method would be defined twice; the arguments pick the impl here, by
+/// type, as they do for the trait itself. `M` is [`Method`] of the hash of
+/// `Trait::method` (the trait's last path segment), `A` the tuple of the
+/// trait's type arguments (a lifetime argument `'a` as `&'a ()`).
+#[diagnostic::on_unimplemented(
+    message = "no #[patchable] trait method of `{Self}` has this trait, method and type arguments",
+    label = "not a method of a `#[hotpatch::patchable]` impl",
+    note = "name the target as `<Type as Trait<Args>>::method`, with the trait's type arguments \
+            as the service's impl writes them"
+)]
+pub trait TraitTarget<M, A: ?Sized> {
+    /// The method's exact fn-pointer type, `Self` written out.
+    type Signature;
+    const TARGET: Target<Self::Signature>;
+}
+
+/// Names a trait method in [`TraitTarget`]: `H` is the FNV-1a hash of
+/// `Trait::method` (the macros compute it, on both sides).
+pub struct Method<const H: u64>;
+
 fn never_called() -> &'static Entry {
     unreachable!("Target::REPLACEMENT is a type witness, never a target")
 }
