@@ -286,8 +286,23 @@ fn corpus_mini_redis() {
         .map(|s| s.split(',').map(str::to_owned).collect())
         .unwrap_or_default();
     let start = Instant::now();
-    let corpus = Corpus::new("run");
+    // `HOTPATCH_CORPUS_CGU1=1`: the same with `codegen-units = 1` in the
+    // release profile (not what users deploy: a diagnostic of what the
+    // default profile's refusals hide).
+    let cgu1 = std::env::var_os("HOTPATCH_CORPUS_CGU1").is_some_and(|v| v == "1");
+    let corpus = Corpus::new(if cgu1 { "run-cgu1" } else { "run" });
     corpus.make_repo(true);
+    if cgu1 {
+        let manifest = corpus.repo.join("Cargo.toml");
+        let text = std::fs::read_to_string(&manifest).unwrap();
+        std::fs::write(
+            &manifest,
+            format!("{text}\n[profile.release]\ncodegen-units = 1\n"),
+        )
+        .unwrap();
+        corpus.commit("v1: codegen-units = 1");
+        corpus.git(&["tag", "--force", "v1"]);
+    }
     let hotpatch = corpus.hotpatch_cli();
 
     let t = Instant::now();
@@ -308,7 +323,7 @@ fn corpus_mini_redis() {
         println!("{}", row.line());
         rows.push(row);
     }
-    let report = report(&rows, v1_build);
+    let report = report(&rows, v1_build, cgu1);
     std::fs::write(corpus.dir.join("report.md"), &report).unwrap();
     println!("\n{report}");
     let wrong: Vec<&Row> = rows.iter().filter(|r| r.wrong).collect();
@@ -356,16 +371,21 @@ impl Row {
     }
 }
 
-fn report(rows: &[Row], v1_build: Duration) -> String {
+fn report(rows: &[Row], v1_build: Duration, cgu1: bool) -> String {
     let effective = rows
         .iter()
         .filter(|r| r.outcome.starts_with("applied, effective"))
         .count();
     let wrong = rows.iter().filter(|r| r.wrong).count();
     let mut s = format!(
-        "mini-redis {VERSION}, default release profile: {effective} of {} fixes built, applied \
+        "mini-redis {VERSION}, {} release profile: {effective} of {} fixes built, applied \
          and effective; {wrong} wrong answer(s). v1's `cargo build --release` (this run's \
          target directory): {:.0} s.\n\n| fix | what | a right answer | outcome | cargo hotpatch build |\n| --- | --- | --- | --- | --- |\n",
+        if cgu1 {
+            "`codegen-units = 1`"
+        } else {
+            "default"
+        },
         rows.len(),
         v1_build.as_secs_f64()
     );
@@ -399,13 +419,24 @@ fn run_fix(corpus: &Corpus, hotpatch: &Path, server: &mut Server, v1: &Path, fix
     let stdout = String::from_utf8_lossy(&built.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&built.stderr).into_owned();
     let code = built.status.code();
+    // The `refused:` lines up to their first `:` after the item (the
+    // item and what happened to it), else the last lines.
     let reasons = |text: &str| -> String {
-        let lines: Vec<&str> = text
+        let lines: Vec<String> = text
             .lines()
-            .filter(|l| l.starts_with("refused:") || l.starts_with("cargo-hotpatch:"))
+            .filter_map(|l| l.strip_prefix("refused: "))
+            .map(|l| match l.find(", but") {
+                Some(at) => l[..at].to_owned(),
+                None => l.chars().take(200).collect(),
+            })
             .collect();
         if lines.is_empty() {
-            text.lines().rev().take(3).collect::<Vec<_>>().join("\n")
+            text.lines()
+                .rev()
+                .filter(|l| !l.starts_with("cargo-hotpatch: checking out"))
+                .take(2)
+                .collect::<Vec<_>>()
+                .join("\n")
         } else {
             lines.join("\n")
         }
@@ -413,11 +444,13 @@ fn run_fix(corpus: &Corpus, hotpatch: &Path, server: &mut Server, v1: &Path, fix
     match code {
         Some(0) => {}
         Some(3) => {
+            // A change that needs no patch must not be refused either.
+            let wrong = fix.expect == Expect::NoChange;
             return Row::new(
                 fix,
                 format!("refused (exit 3): {}", reasons(&stderr)),
                 secs,
-                false,
+                wrong,
             );
         }
         Some(5) => {
@@ -875,6 +908,7 @@ impl Server {
             l.local_addr().unwrap().port()
         };
         let log = corpus.dir.join("server.log");
+        let log_file = std::fs::File::create(&log).unwrap();
         let child = Command::new(bin)
             .args(["--port", &port.to_string()])
             .env("HOTPATCH_SOCKET_DIR", &corpus.sock)
@@ -882,8 +916,9 @@ impl Server {
             // its default (errors) is what the probes read.
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
+            // tracing's fmt subscriber writes to stdout.
+            .stdout(log_file.try_clone().unwrap())
+            .stderr(log_file)
             .spawn()
             .unwrap();
         let server = Server { child, port, log };
