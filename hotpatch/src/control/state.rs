@@ -31,7 +31,6 @@ use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
 use super::events::{Event, unix_ms};
-use super::ops::{Failure, failure_of};
 use crate::{Error, Loader, PatchInfo};
 
 /// The record's format version; a record of another is set aside.
@@ -121,8 +120,25 @@ pub(crate) struct Store {
     blocked: Option<String>,
 }
 
-fn io(what: &str, path: &Path, e: std::io::Error) -> Failure {
-    Failure::new("state", format!("cannot {what} {}: {e}", path.display()))
+/// Why the store could not do what was asked; what changed is said by
+/// the caller (nothing, unless it says otherwise).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum StoreError {
+    /// The state directory could not be read or written, or the record
+    /// must not be (protocol kind `state`).
+    #[error("{0}")]
+    Io(String),
+    /// The patch's file no longer holds the bytes that were applied
+    /// (protocol kind `file_changed`).
+    #[error("{0}")]
+    FileChanged(String),
+    /// The copy to store failed a check of the runtime (its kind).
+    #[error(transparent)]
+    Patch(#[from] Error),
+}
+
+fn io(what: &str, path: &Path, e: std::io::Error) -> StoreError {
+    StoreError::Io(format!("cannot {what} {}: {e}", path.display()))
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
@@ -132,7 +148,7 @@ fn sha256_hex(bytes: &[u8]) -> String {
         .collect()
 }
 
-fn ensure_dir(dir: &Path) -> Result<(), Failure> {
+fn ensure_dir(dir: &Path) -> Result<(), StoreError> {
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -140,14 +156,14 @@ fn ensure_dir(dir: &Path) -> Result<(), Failure> {
         .map_err(|e| io("create the directory", dir, e))
 }
 
-fn sync_dir(dir: &Path) -> Result<(), Failure> {
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| io("sync the directory", dir, e))
 }
 
 /// Writes `bytes` to `path` crash-safely, mode 0600.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Failure> {
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = temp_path(path);
     let written = (|| {
@@ -196,16 +212,16 @@ impl Store {
         self.entries.iter().find(|e| e.applied == Some(id))
     }
 
-    fn save(&self) -> Result<(), Failure> {
+    fn save(&self) -> Result<(), StoreError> {
         if let Some(why) = &self.blocked {
-            return Err(Failure::new("state", why.clone()));
+            return Err(StoreError::Io(why.clone()));
         }
         let mut record = Value::Object(self.record_extra.clone());
         record["format"] = json!(RECORD_FORMAT);
         record["next_seq"] = json!(self.next_seq);
         record["patches"] = json!(self.entries);
         let text = serde_json::to_vec_pretty(&record)
-            .map_err(|e| Failure::new("state", format!("cannot encode the record: {e}")))?;
+            .map_err(|e| StoreError::Io(format!("cannot encode the record: {e}")))?;
         write_atomic(&self.record_path(), &text)?;
         crate::metrics::accepted(self.entries.len());
         Ok(())
@@ -439,14 +455,13 @@ impl Store {
                     store.entries.push(entry);
                 }
                 Err(e) => {
-                    let f = failure_of(&e);
-                    store.reject(events, f.kind, Some(entry.name), own, f.message);
+                    store.reject(events, e.kind(), Some(entry.name), own, e.to_string());
                     changed = true;
                 }
             }
         }
         let saved = if changed && let Err(f) = store.save() {
-            tracing::warn!(target: "hotpatch::control", op = "restore", reason = %f.message, "cannot rewrite the record");
+            tracing::warn!(target: "hotpatch::control", op = "restore", reason = %f, "cannot rewrite the record");
             false
         } else {
             true
@@ -599,7 +614,11 @@ impl Store {
     /// Stores applied patch `info` as accepted: copies its file (and
     /// signature), checks that the copy is the applied patch's bytes, and
     /// appends it to the record. Nothing changes on failure.
-    pub(crate) fn accept(&mut self, loader: &Loader, info: &PatchInfo) -> Result<Entry, Failure> {
+    pub(crate) fn accept(
+        &mut self,
+        loader: &Loader,
+        info: &PatchInfo,
+    ) -> Result<Entry, StoreError> {
         let seq = self.next_seq;
         let mut entry = self.store_copy(loader, &info.file, Some(info), seq)?;
         entry.applied = Some(info.id.get());
@@ -618,7 +637,7 @@ impl Store {
     /// where it was and its entry, for [`put_back`](Self::put_back) if
     /// the revert fails; `None` if it is not accepted. Nothing changes on
     /// failure.
-    pub(crate) fn take_out(&mut self, id: u64) -> Result<Option<(usize, Entry)>, Failure> {
+    pub(crate) fn take_out(&mut self, id: u64) -> Result<Option<(usize, Entry)>, StoreError> {
         let Some(pos) = self.entries.iter().position(|e| e.applied == Some(id)) else {
             return Ok(None);
         };
@@ -632,7 +651,7 @@ impl Store {
 
     /// Puts an entry taken out back where it was (its revert failed). On
     /// failure the record stays without it.
-    pub(crate) fn put_back(&mut self, pos: usize, entry: Entry) -> Result<(), Failure> {
+    pub(crate) fn put_back(&mut self, pos: usize, entry: Entry) -> Result<(), StoreError> {
         let pos = pos.min(self.entries.len());
         self.entries.insert(pos, entry);
         if let Err(f) = self.save() {
@@ -659,7 +678,7 @@ impl Store {
         loader: &Loader,
         old: u64,
         file: &Path,
-    ) -> Result<Option<Staged>, Failure> {
+    ) -> Result<Option<Staged>, StoreError> {
         let Some(pos) = self.entries.iter().position(|e| e.applied == Some(old)) else {
             return Ok(None);
         };
@@ -692,7 +711,7 @@ impl Store {
     /// The staged replacement could not be applied: the replaced patch's
     /// entry goes back in its place. On failure the record keeps the
     /// staged entry (and so does this process's view of it).
-    pub(crate) fn unstage(&mut self, staged: Staged) -> Result<(), Failure> {
+    pub(crate) fn unstage(&mut self, staged: Staged) -> Result<(), StoreError> {
         let new = std::mem::replace(&mut self.entries[staged.pos], staged.previous);
         if let Err(f) = self.save() {
             self.entries[staged.pos] = new;
@@ -704,7 +723,7 @@ impl Store {
 
     /// Patch `id` was reverted without the record (a watch window's
     /// rollback): drops it from the record.
-    pub(crate) fn forget(&mut self, id: u64) -> Result<Option<Entry>, Failure> {
+    pub(crate) fn forget(&mut self, id: u64) -> Result<Option<Entry>, StoreError> {
         let Some((_, entry)) = self.take_out(id)? else {
             return Ok(None);
         };
@@ -735,7 +754,7 @@ impl Store {
         src: &Path,
         applied: Option<&PatchInfo>,
         seq: u64,
-    ) -> Result<Entry, Failure> {
+    ) -> Result<Entry, StoreError> {
         let patches = self.patches();
         ensure_dir(&patches)?;
         let bytes = fs::read(src).map_err(|e| io("read", src, e))?;
@@ -745,7 +764,7 @@ impl Store {
             let _ = fs::remove_file(&tmp);
             let _ = fs::remove_file(&tmp_sig);
         };
-        let write = |to: &Path, bytes: &[u8]| -> Result<(), Failure> {
+        let write = |to: &Path, bytes: &[u8]| -> Result<(), StoreError> {
             let mut f = fs::OpenOptions::new()
                 .write(true)
                 .create(true)
@@ -777,24 +796,20 @@ impl Store {
             (Err(Error::AlreadyApplied { id, .. }), Some(info)) if id == info.id => {
                 Ok((info.name.clone(), info.version.clone()))
             }
-            (Err(Error::AlreadyApplied { id, .. }), Some(info)) => Err(Failure::new(
-                "file_changed",
-                format!(
+            (Err(Error::AlreadyApplied { id, .. }), Some(info)) => {
+                Err(StoreError::FileChanged(format!(
                     "{} now holds {id}, not {}: it changed since it was applied",
                     src.display(),
                     info.id
-                ),
-            )),
-            (Ok(_), Some(info)) => Err(Failure::new(
-                "file_changed",
-                format!(
-                    "{} changed since {} was applied from it; apply it again, then accept",
-                    src.display(),
-                    info.id
-                ),
-            )),
+                )))
+            }
+            (Ok(_), Some(info)) => Err(StoreError::FileChanged(format!(
+                "{} changed since {} was applied from it; apply it again, then accept",
+                src.display(),
+                info.id
+            ))),
             (Ok(report), None) => Ok((report.name, report.version)),
-            (Err(e), _) => Err(failure_of(&e)),
+            (Err(e), _) => Err(StoreError::Patch(e)),
         };
         let (name, version) = match checked {
             Ok(nv) => nv,

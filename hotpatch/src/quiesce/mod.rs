@@ -74,18 +74,15 @@ thread_local! {
     /// The shard of `REQUESTS` this thread starts requests in; 0 until
     /// assigned, then the shard plus one.
     static SHARD: Cell<usize> = const { Cell::new(0) };
-
-    /// What the last transition this thread ran had to wait for (the
-    /// control endpoint's events say it); see [`take_last_waited`].
-    static LAST_WAITED: RefCell<Option<Waited>> = const { RefCell::new(None) };
 }
 
-/// The registered threads a completed transition waited for: those not
+/// What a completed transition waited for: the registered threads not
 /// yet at a safepoint when it was published, by name and kernel tid.
+/// [`switch`] returns it; the control endpoint's events say it.
 #[derive(Clone, Debug, Default)]
 // Read by the control endpoint only (feature `control`).
 #[cfg_attr(not(feature = "control"), allow(dead_code))]
-pub(crate) struct Waited {
+pub(crate) struct TransitionReport {
     /// Registered threads when it was published (0: a direct swap).
     pub registered: usize,
     pub threads: Vec<(Option<String>, i64)>,
@@ -96,20 +93,12 @@ pub(crate) struct Waited {
     pub took: Duration,
 }
 
-/// What the last transition run by this thread waited for, if one ran
-/// since the last call (a swap with no registered thread waited for none).
-// Read by the control endpoint only (feature `control`).
-#[cfg_attr(not(feature = "control"), allow(dead_code))]
-pub(crate) fn take_last_waited() -> Option<Waited> {
-    LAST_WAITED
-        .try_with(|w| w.borrow_mut().take())
-        .ok()
-        .flatten()
-}
-
-fn set_last_waited(waited: Waited) {
-    crate::metrics::transition(waited.took, waited.threads.len(), waited.requests);
-    let _ = LAST_WAITED.try_with(|w| *w.borrow_mut() = Some(waited));
+impl TransitionReport {
+    /// Counts the transition in the metrics and returns it.
+    fn recorded(self) -> Self {
+        crate::metrics::transition(self.took, self.threads.len(), self.requests);
+        self
+    }
 }
 
 struct Registration {
@@ -591,19 +580,20 @@ pub(crate) fn grace(_turn: &Turn, deadline: Duration) -> Result<(), Stalled> {
     if THREADS.lock().is_empty() {
         return Ok(());
     }
-    publish_and_wait(next_universe(), Instant::now(), deadline, false)
+    publish_and_wait(next_universe(), Instant::now(), deadline, false).map(|_| ())
 }
 
 /// Publishes universe `t` (the calling thread, at a safepoint, adopts it)
 /// and waits until every online registered thread is in it, and with
 /// `requests` every in-flight request scope too; past `started +
-/// deadline`, returns those that are not.
+/// deadline`, returns those that are not. What it waited for is counted in
+/// the metrics and returned.
 fn publish_and_wait(
     t: u64,
     started: Instant,
     deadline: Duration,
     requests: bool,
-) -> Result<(), Stalled> {
+) -> Result<TransitionReport, Stalled> {
     EPOCH.publish(t);
     adopt_self(t);
     // Off the call path: one scan of the registered threads per transition.
@@ -629,13 +619,13 @@ fn publish_and_wait(
     // Threads first: a request scan takes every shard's lock.
     let done = || all_arrived(t) && (!requests || REQUESTS.all_in(t));
     if poll_until(started + deadline, done) {
-        set_last_waited(Waited {
+        Ok(TransitionReport {
             registered,
             threads: waiting,
             requests: requests_waited,
             took: started.elapsed(),
-        });
-        Ok(())
+        }
+        .recorded())
     } else {
         Err(Stalled {
             threads: not_arrived(t, started.elapsed()),
@@ -729,7 +719,8 @@ impl Failed {
 /// each registered thread, at its safepoint.
 ///
 /// On success the slots point straight at `new` and the turn is handed
-/// back, for the caller to record the change before the next transition.
+/// back, for the caller to record the change before the next transition,
+/// with what the transition waited for (`None`: `changes` was empty).
 /// On timeout the transition is reversed and the threads that did not
 /// arrive are returned; the slots end as they were once every thread that
 /// switched has come back, which a background thread finishes (holding
@@ -739,9 +730,9 @@ pub(crate) fn switch(
     what: String,
     changes: Vec<Change>,
     deadline: Duration,
-) -> Result<Turn, Failed> {
+) -> Result<(Turn, Option<TransitionReport>), Failed> {
     if changes.is_empty() {
-        return Ok(turn);
+        return Ok((turn, None));
     }
     // The slots' pages are writable from here to the end of the first
     // step (the direct swap, or installing the dispatchers), and again
@@ -767,8 +758,7 @@ pub(crate) fn switch(
             // Before the metrics, which run the service's recorder.
             drop(threads);
             drop(window);
-            set_last_waited(Waited::default());
-            return Ok(turn);
+            return Ok((turn, Some(TransitionReport::default().recorded())));
         }
     }
     let started = Instant::now();
@@ -793,7 +783,7 @@ pub(crate) fn switch(
         universe: t,
     });
     let stalled = match publish_and_wait(t, started, deadline, true) {
-        Ok(()) => {
+        Ok(report) => {
             {
                 let _window = reopen(&changes);
                 for c in &changes {
@@ -801,7 +791,7 @@ pub(crate) fn switch(
                 }
             }
             *PROGRESS.lock() = None;
-            return Ok(turn);
+            return Ok((turn, Some(report)));
         }
         Err(stalled) => stalled,
     };
