@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use hotpatch::control::protocol::{ErrorKind, PatchRef, Request};
+use hotpatch::control::protocol::{ErrorKind, Operation, PatchRef};
 use serde_json::{Value, json};
 
 mod prometheus;
@@ -191,7 +191,7 @@ fn run(cli: &Cli) -> Result<u8, Fail> {
                 .map(|()| code::OK)
                 .map_err(|e| fail(code::ERROR, e.to_string()));
         }
-        Command::Status { target, .. } => (target, Request::Status, None),
+        Command::Status { target, .. } => (target, Operation::Status, None),
         Command::Apply {
             file,
             deadline,
@@ -199,7 +199,7 @@ fn run(cli: &Cli) -> Result<u8, Fail> {
             accept,
             target,
         } => {
-            let r = Request::Apply {
+            let r = Operation::Apply {
                 file: absolute(file)?,
                 deadline: *deadline,
                 watch: *watch,
@@ -215,14 +215,14 @@ fn run(cli: &Cli) -> Result<u8, Fail> {
         }
         Command::Accept { patch, target } => (
             target,
-            Request::Accept {
+            Operation::Accept {
                 patch: PatchRef::parse(patch),
             },
             None,
         ),
         Command::Check { file, target } => (
             target,
-            Request::Check {
+            Operation::Check {
                 file: absolute(file)?,
             },
             None,
@@ -232,7 +232,7 @@ fn run(cli: &Cli) -> Result<u8, Fail> {
             deadline,
             target,
         } => {
-            let r = Request::Revert {
+            let r = Operation::Revert {
                 patch: PatchRef::parse(patch),
                 deadline: *deadline,
             };
@@ -244,7 +244,7 @@ fn run(cli: &Cli) -> Result<u8, Fail> {
             deadline,
             target,
         } => {
-            let r = Request::Replace {
+            let r = Operation::Replace {
                 patch: PatchRef::parse(patch),
                 file: absolute(file)?,
                 deadline: *deadline,
@@ -264,7 +264,7 @@ fn run(cli: &Cli) -> Result<u8, Fail> {
             ..
         } => (
             target,
-            Request::Events {
+            Operation::Events {
                 since: *since,
                 limit: *limit,
             },
@@ -359,7 +359,7 @@ fn scan(dirs: &[PathBuf]) -> (Vec<Found>, Vec<PathBuf>) {
 }
 
 /// Connects, sends `request`, reads the one reply line.
-fn request(socket: &Path, request: &Request, timeout: Duration) -> Result<Value, Fail> {
+fn request(socket: &Path, request: &Operation, timeout: Duration) -> Result<Value, Fail> {
     let stream = UnixStream::connect(socket).map_err(|e| {
         let code = match e.kind() {
             std::io::ErrorKind::PermissionDenied => code::NOT_PERMITTED,
@@ -486,7 +486,7 @@ fn resolve(target: &Target, dirs: &[PathBuf]) -> Result<PathBuf, Fail> {
 
 /// The status of `f`, if this user may use it.
 fn probe(f: &Found) -> Option<Value> {
-    let reply = request(&f.socket, &Request::Status, Duration::from_secs(3)).ok()?;
+    let reply = request(&f.socket, &Operation::Status, Duration::from_secs(3)).ok()?;
     (reply["ok"] == json!(true)).then_some(reply)
 }
 
@@ -521,7 +521,7 @@ fn follow(cli: &Cli, socket: &Path, mut since: u64, limit: u64) -> Result<u8, Fa
     loop {
         let reply = request(
             socket,
-            &Request::Events { since, limit },
+            &Operation::Events { since, limit },
             Duration::from_secs(15),
         )?;
         if reply["ok"] != json!(true) {

@@ -11,7 +11,7 @@ use super::endpoint::Endpoint;
 use super::events::{Event, peer_json, unix_ms};
 use super::peer::Peer;
 use super::protocol::{
-    ErrorKind, Failure, PatchRef, Request, failure_of, parse, request_json, thread_json,
+    ErrorKind, Failure, Operation, PatchRef, failure_of, parse, request_json, thread_json,
 };
 use super::state::StoreError;
 use super::watch::watched;
@@ -137,17 +137,17 @@ fn resolve(patch: &PatchRef) -> Result<PatchInfo, Failure> {
 fn run(
     shared: &Endpoint,
     peer: &Peer,
-    request: Request,
+    request: Operation,
     gone: &dyn Fn() -> bool,
 ) -> Result<Map<String, Value>, Failure> {
     let started = Instant::now();
     match request {
-        Request::Status => Ok(status(shared)),
-        Request::Events { since, limit } => {
+        Operation::Status => Ok(status(shared)),
+        Operation::Events { since, limit } => {
             let (events, last) = shared.events.since(since, limit as usize);
             Ok(fields(json!({ "events": events, "last_seq": last })))
         }
-        Request::Apply {
+        Operation::Apply {
             file,
             deadline: d,
             watch,
@@ -194,7 +194,7 @@ fn run(
             reply["patch"] = patch_json(shared, &info);
             Ok(fields(reply))
         }
-        Request::Accept { patch } => {
+        Operation::Accept { patch } => {
             let info = resolve(&patch)?;
             let entry = accept_patch(shared, peer, &info)?;
             Ok(fields(json!({
@@ -203,7 +203,7 @@ fn run(
                 "duration_us": started.elapsed().as_micros() as u64,
             })))
         }
-        Request::Check { file } => match shared.reading(|| shared.config.loader.check(&file)) {
+        Operation::Check { file } => match shared.reading(|| shared.config.loader.check(&file)) {
             Ok(report) => {
                 tracing::info!(
                     target: "hotpatch::control",
@@ -245,11 +245,11 @@ fn run(
                 Err(f)
             }
         },
-        Request::Revert { patch, deadline: d } => {
+        Operation::Revert { patch, deadline: d } => {
             let info = resolve(&patch)?;
             revert(shared, peer, started, &info, d)
         }
-        Request::Replace {
+        Operation::Replace {
             patch,
             file,
             deadline: d,

@@ -2,8 +2,8 @@
 //!
 //! # In Rust
 //!
-//! [`Request`] is a request of this version, as the service parses it and
-//! as a client writes it ([`Request::to_line`]); [`ErrorKind`] is the
+//! [`Operation`] is a request of this version, as the service parses it and
+//! as a client writes it ([`Operation::to_line`]); [`ErrorKind`] is the
 //! `kind` of a failed request's `error`, and the `hotpatch` tool's exit
 //! code for it ([`ErrorKind::exit_code`], [`exit_code`]).
 
@@ -23,9 +23,9 @@ use crate::{Error, StalledRequest, StalledThread};
 /// # Examples
 ///
 /// ```
-/// use hotpatch::control::protocol::{PatchRef, Request};
+/// use hotpatch::control::protocol::{PatchRef, Operation};
 ///
-/// let revert = Request::Revert {
+/// let revert = Operation::Revert {
 ///     patch: PatchRef::parse("#3"),
 ///     deadline: None,
 /// };
@@ -33,7 +33,7 @@ use crate::{Error, StalledRequest, StalledThread};
 /// ```
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
-pub enum Request {
+pub enum Operation {
     /// `status`: the service, its patches and functions.
     Status,
     /// `apply`: load and apply the patch in `file` (an absolute path).
@@ -83,15 +83,15 @@ pub enum Request {
     },
 }
 
-impl Request {
+impl Operation {
     /// The request as a JSON object, `"v"` included.
     ///
     /// # Examples
     ///
     /// ```
-    /// use hotpatch::control::protocol::Request;
+    /// use hotpatch::control::protocol::Operation;
     ///
-    /// let events = Request::Events { since: 7, limit: 100 }.to_json();
+    /// let events = Operation::Events { since: 7, limit: 100 }.to_json();
     /// assert_eq!(events["op"], "events");
     /// assert_eq!(events["v"], 1);
     /// ```
@@ -109,8 +109,8 @@ impl Request {
             r.insert(k.into(), v);
         };
         match self {
-            Request::Status => {}
-            Request::Apply {
+            Operation::Status => {}
+            Operation::Apply {
                 file: f,
                 deadline,
                 watch,
@@ -127,15 +127,15 @@ impl Request {
                     set("accept", json!(true));
                 }
             }
-            Request::Accept { patch } => set("patch", patch.to_json()),
-            Request::Check { file: f } => set("file", file(f)),
-            Request::Revert { patch, deadline } => {
+            Operation::Accept { patch } => set("patch", patch.to_json()),
+            Operation::Check { file: f } => set("file", file(f)),
+            Operation::Revert { patch, deadline } => {
                 set("patch", patch.to_json());
                 if let Some(d) = deadline {
                     set("deadline_ms", ms(d));
                 }
             }
-            Request::Replace {
+            Operation::Replace {
                 patch,
                 file: f,
                 deadline,
@@ -146,7 +146,7 @@ impl Request {
                     set("deadline_ms", ms(d));
                 }
             }
-            Request::Events { since, limit } => {
+            Operation::Events { since, limit } => {
                 set("since", json!(since));
                 set("limit", json!(limit));
             }
@@ -159,9 +159,9 @@ impl Request {
     /// # Examples
     ///
     /// ```
-    /// use hotpatch::control::protocol::Request;
+    /// use hotpatch::control::protocol::Operation;
     ///
-    /// assert_eq!(Request::Status.to_line(), r#"{"op":"status","v":1}"#);
+    /// assert_eq!(Operation::Status.to_line(), r#"{"op":"status","v":1}"#);
     /// ```
     pub fn to_line(&self) -> String {
         self.to_json().to_string()
@@ -172,17 +172,17 @@ impl Request {
     /// # Examples
     ///
     /// ```
-    /// assert_eq!(hotpatch::control::protocol::Request::Status.op(), "status");
+    /// assert_eq!(hotpatch::control::protocol::Operation::Status.op(), "status");
     /// ```
     pub fn op(&self) -> &'static str {
         match self {
-            Request::Status => "status",
-            Request::Apply { .. } => "apply",
-            Request::Accept { .. } => "accept",
-            Request::Check { .. } => "check",
-            Request::Revert { .. } => "revert",
-            Request::Replace { .. } => "replace",
-            Request::Events { .. } => "events",
+            Operation::Status => "status",
+            Operation::Apply { .. } => "apply",
+            Operation::Accept { .. } => "accept",
+            Operation::Check { .. } => "check",
+            Operation::Revert { .. } => "revert",
+            Operation::Replace { .. } => "replace",
+            Operation::Events { .. } => "events",
         }
     }
 }
@@ -509,7 +509,7 @@ pub(crate) const OPS: &[&str] = &[
 
 /// Parses one request line. Never panics: anything that is not a request
 /// of this protocol version is a [`Failure`] saying why.
-pub(crate) fn parse(line: &[u8]) -> Result<Request, Failure> {
+pub(crate) fn parse(line: &[u8]) -> Result<Operation, Failure> {
     let value: Value =
         serde_json::from_slice(line).map_err(|e| bad_request(format!("not JSON: {e}")))?;
     let Some(obj) = value.as_object() else {
@@ -537,11 +537,11 @@ pub(crate) fn parse(line: &[u8]) -> Result<Request, Failure> {
     match op {
         "status" => {
             StatusReq::deserialize(&value).map_err(fields)?;
-            Ok(Request::Status)
+            Ok(Operation::Status)
         }
         "apply" => {
             let r = ApplyReq::deserialize(&value).map_err(fields)?;
-            Ok(Request::Apply {
+            Ok(Operation::Apply {
                 file: absolute(op, r.file)?,
                 deadline: r.deadline_ms.map(Duration::from_millis),
                 watch: r.watch_ms.map(Duration::from_millis),
@@ -550,24 +550,24 @@ pub(crate) fn parse(line: &[u8]) -> Result<Request, Failure> {
         }
         "accept" => {
             let r = AcceptReq::deserialize(&value).map_err(fields)?;
-            Ok(Request::Accept { patch: r.patch })
+            Ok(Operation::Accept { patch: r.patch })
         }
         "check" => {
             let r = CheckReq::deserialize(&value).map_err(fields)?;
-            Ok(Request::Check {
+            Ok(Operation::Check {
                 file: absolute(op, r.file)?,
             })
         }
         "revert" => {
             let r = RevertReq::deserialize(&value).map_err(fields)?;
-            Ok(Request::Revert {
+            Ok(Operation::Revert {
                 patch: r.patch,
                 deadline: r.deadline_ms.map(Duration::from_millis),
             })
         }
         "replace" => {
             let r = ReplaceReq::deserialize(&value).map_err(fields)?;
-            Ok(Request::Replace {
+            Ok(Operation::Replace {
                 patch: r.patch,
                 file: absolute(op, r.file)?,
                 deadline: r.deadline_ms.map(Duration::from_millis),
@@ -575,7 +575,7 @@ pub(crate) fn parse(line: &[u8]) -> Result<Request, Failure> {
         }
         "events" => {
             let r = EventsReq::deserialize(&value).map_err(fields)?;
-            Ok(Request::Events {
+            Ok(Operation::Events {
                 since: r.since.unwrap_or(0),
                 limit: r.limit.map_or(100, |l| l.min(CAPACITY as u64)),
             })
@@ -673,10 +673,10 @@ mod tests {
     #[test]
     fn parses_each_verb() {
         let p = |s: &str| parse(s.as_bytes());
-        assert_eq!(p(r#"{"v":1,"op":"status"}"#), Ok(Request::Status));
+        assert_eq!(p(r#"{"v":1,"op":"status"}"#), Ok(Operation::Status));
         assert_eq!(
             p(r#"{"v":1,"op":"apply","file":"/x/fix.so","deadline_ms":1500}"#),
-            Ok(Request::Apply {
+            Ok(Operation::Apply {
                 file: "/x/fix.so".into(),
                 deadline: Some(Duration::from_millis(1500)),
                 watch: None,
@@ -685,7 +685,7 @@ mod tests {
         );
         assert_eq!(
             p(r#"{"v":1,"op":"apply","file":"/x/fix.so","watch_ms":2000,"accept":true}"#),
-            Ok(Request::Apply {
+            Ok(Operation::Apply {
                 file: "/x/fix.so".into(),
                 deadline: None,
                 watch: Some(Duration::from_millis(2000)),
@@ -694,33 +694,33 @@ mod tests {
         );
         assert_eq!(
             p(r#"{"v":1,"op":"accept","patch":"fix"}"#),
-            Ok(Request::Accept {
+            Ok(Operation::Accept {
                 patch: PatchRef::Name("fix".into())
             })
         );
         assert_eq!(
             p(r#"{"v":1,"op":"check","file":"/x/fix.so"}"#),
-            Ok(Request::Check {
+            Ok(Operation::Check {
                 file: "/x/fix.so".into()
             })
         );
         assert_eq!(
             p(r#"{"v":1,"op":"revert","patch":3}"#),
-            Ok(Request::Revert {
+            Ok(Operation::Revert {
                 patch: PatchRef::Id(3),
                 deadline: None
             })
         );
         assert_eq!(
             p(r#"{"v":1,"op":"revert","patch":"fix"}"#),
-            Ok(Request::Revert {
+            Ok(Operation::Revert {
                 patch: PatchRef::Name("fix".into()),
                 deadline: None
             })
         );
         assert_eq!(
             p(r#"{"v":1,"op":"replace","patch":1,"file":"/y.so"}"#),
-            Ok(Request::Replace {
+            Ok(Operation::Replace {
                 patch: PatchRef::Id(1),
                 file: "/y.so".into(),
                 deadline: None
@@ -728,7 +728,7 @@ mod tests {
         );
         assert_eq!(
             p(r#"{"v":1,"op":"events","since":4}"#),
-            Ok(Request::Events {
+            Ok(Operation::Events {
                 since: 4,
                 limit: 100
             })
@@ -816,10 +816,10 @@ mod tests {
             }
             let line = value.to_string();
             match parse(line.as_bytes()) {
-                Ok(Request::Apply { file, .. } | Request::Check { file } | Request::Replace { file, .. }) => {
+                Ok(Operation::Apply { file, .. } | Operation::Check { file } | Operation::Replace { file, .. }) => {
                     prop_assert!(file.is_absolute());
                 }
-                Ok(Request::Events { limit, .. }) => prop_assert!(limit <= CAPACITY as u64),
+                Ok(Operation::Events { limit, .. }) => prop_assert!(limit <= CAPACITY as u64),
                 Ok(_) => {}
                 Err(f) => {
                     let reply = reply_is_well_formed(&f.to_line());
@@ -870,13 +870,13 @@ mod tests {
         fn near_requests_parse_to_valid_requests_or_well_formed_errors(value in near_request()) {
             let line = value.to_string();
             match parse(line.as_bytes()) {
-                Ok(Request::Apply { file, .. } | Request::Check { file } | Request::Replace { file, .. }) => {
+                Ok(Operation::Apply { file, .. } | Operation::Check { file } | Operation::Replace { file, .. }) => {
                     prop_assert!(file.is_absolute(), "{}", line);
                     prop_assert_eq!(Some(file.to_str().unwrap()), value["file"].as_str());
                 }
-                Ok(Request::Events { limit, .. }) => prop_assert!(limit <= CAPACITY as u64),
-                Ok(Request::Status) => prop_assert_eq!(value.as_object().unwrap().len(), 2, "{}", line),
-                Ok(Request::Revert { .. } | Request::Accept { .. }) => {}
+                Ok(Operation::Events { limit, .. }) => prop_assert!(limit <= CAPACITY as u64),
+                Ok(Operation::Status) => prop_assert_eq!(value.as_object().unwrap().len(), 2, "{}", line),
+                Ok(Operation::Revert { .. } | Operation::Accept { .. }) => {}
                 Err(f) => {
                     let reply = reply_is_well_formed(&f.to_line());
                     prop_assert_eq!(reply["error"]["kind"].as_str(), Some("bad_request"), "{}", line);

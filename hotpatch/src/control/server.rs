@@ -295,7 +295,7 @@ fn serve(shared: &Server, stream: &UnixStream, peer: Peer, id: u64) {
                 tracing::debug!(target: "hotpatch::control", peer_pid = peer.pid, "control connection timed out");
                 return;
             }
-            Err(ReadError::Io(_)) => return,
+            Err(ReadError::Io) => return,
         };
         if !shared.set_idle(id, false) {
             return;
@@ -318,7 +318,8 @@ fn write_line(mut stream: &UnixStream, line: &str) -> io::Result<()> {
 pub(crate) enum ReadError {
     TooLong,
     TimedOut,
-    Io(#[allow(dead_code)] io::Error),
+    /// The connection failed (reset, closed under us): nothing to answer.
+    Io,
 }
 
 /// Reads newline-terminated lines of at most `max` bytes, each within a
@@ -362,7 +363,9 @@ impl LineReader {
             if left.is_zero() {
                 return Err(ReadError::TimedOut);
             }
-            stream.set_read_timeout(Some(left)).map_err(ReadError::Io)?;
+            stream
+                .set_read_timeout(Some(left))
+                .map_err(|_| ReadError::Io)?;
             let mut chunk = [0u8; 8192];
             match stream.read(&mut chunk) {
                 Ok(0) => return Ok(None),
@@ -376,7 +379,7 @@ impl LineReader {
                     return Err(ReadError::TimedOut);
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(ReadError::Io(e)),
+                Err(_) => return Err(ReadError::Io),
             }
         }
     }

@@ -46,7 +46,7 @@ const REJECTED: &str = "rejected";
 
 /// One accepted patch in the record.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub(crate) struct Entry {
+pub(crate) struct AcceptedPatch {
     /// Order of acceptance (unique in a record).
     pub seq: u64,
     pub name: String,
@@ -70,7 +70,7 @@ pub(crate) struct Entry {
 
 /// A record of [`RECORD_FORMAT`]; fields of a later release are kept.
 #[derive(Debug, Deserialize)]
-struct Record {
+struct RecordFile {
     next_seq: u64,
     patches: Vec<Value>,
     #[serde(flatten)]
@@ -95,7 +95,7 @@ pub(crate) struct Rejected {
 #[derive(Debug)]
 pub(crate) struct Staged {
     pos: usize,
-    previous: Entry,
+    previous: AcceptedPatch,
     /// The copy to apply.
     pub copy: PathBuf,
 }
@@ -104,7 +104,7 @@ pub(crate) struct Staged {
 #[derive(Debug)]
 pub(crate) struct Store {
     pub dir: PathBuf,
-    pub entries: Vec<Entry>,
+    pub entries: Vec<AcceptedPatch>,
     next_seq: u64,
     pub rejected: Vec<Rejected>,
     /// The kill switch was set at start-up.
@@ -208,7 +208,7 @@ impl Store {
     }
 
     /// The accepted entry of applied patch `id`.
-    pub(crate) fn of(&self, id: u64) -> Option<&Entry> {
+    pub(crate) fn of(&self, id: u64) -> Option<&AcceptedPatch> {
         self.entries.iter().find(|e| e.applied == Some(id))
     }
 
@@ -354,7 +354,7 @@ impl Store {
         let mut changed = false;
         let mut entries = Vec::new();
         for value in values {
-            match serde_json::from_value::<Entry>(value.clone()) {
+            match serde_json::from_value::<AcceptedPatch>(value.clone()) {
                 Ok(e) if is_plain_name(&e.file) => entries.push(e),
                 Ok(e) if disabled => entries.push(e),
                 Ok(e) => {
@@ -492,7 +492,7 @@ impl Store {
             Err(e) => ("unreadable_record", format!("cannot read the record: {e}")),
             Ok(bytes) => match serde_json::from_slice::<Value>(&bytes) {
                 Ok(v) => match v.get("format").and_then(Value::as_u64) {
-                    Some(RECORD_FORMAT) => match serde_json::from_value::<Record>(v) {
+                    Some(RECORD_FORMAT) => match serde_json::from_value::<RecordFile>(v) {
                         Ok(r) => {
                             self.next_seq = r.next_seq.max(1);
                             self.record_extra = r.extra;
@@ -618,7 +618,7 @@ impl Store {
         &mut self,
         loader: &Loader,
         info: &PatchInfo,
-    ) -> Result<Entry, StoreError> {
+    ) -> Result<AcceptedPatch, StoreError> {
         let seq = self.next_seq;
         let mut entry = self.store_copy(loader, &info.file, Some(info), seq)?;
         entry.applied = Some(info.id.get());
@@ -637,7 +637,10 @@ impl Store {
     /// where it was and its entry, for [`put_back`](Self::put_back) if
     /// the revert fails; `None` if it is not accepted. Nothing changes on
     /// failure.
-    pub(crate) fn take_out(&mut self, id: u64) -> Result<Option<(usize, Entry)>, StoreError> {
+    pub(crate) fn take_out(
+        &mut self,
+        id: u64,
+    ) -> Result<Option<(usize, AcceptedPatch)>, StoreError> {
         let Some(pos) = self.entries.iter().position(|e| e.applied == Some(id)) else {
             return Ok(None);
         };
@@ -651,7 +654,7 @@ impl Store {
 
     /// Puts an entry taken out back where it was (its revert failed). On
     /// failure the record stays without it.
-    pub(crate) fn put_back(&mut self, pos: usize, entry: Entry) -> Result<(), StoreError> {
+    pub(crate) fn put_back(&mut self, pos: usize, entry: AcceptedPatch) -> Result<(), StoreError> {
         let pos = pos.min(self.entries.len());
         self.entries.insert(pos, entry);
         if let Err(f) = self.save() {
@@ -663,7 +666,7 @@ impl Store {
 
     /// An entry taken out whose patch is reverted: its copy goes (unless
     /// another entry names it).
-    pub(crate) fn discard(&self, entry: &Entry) {
+    pub(crate) fn discard(&self, entry: &AcceptedPatch) {
         self.remove_copy(entry);
     }
 
@@ -702,7 +705,7 @@ impl Store {
 
     /// The staged replacement is applied as patch `id`: the replaced
     /// patch's copy goes. The new entry.
-    pub(crate) fn replaced(&mut self, staged: Staged, id: u64) -> Entry {
+    pub(crate) fn replaced(&mut self, staged: Staged, id: u64) -> AcceptedPatch {
         self.entries[staged.pos].applied = Some(id);
         self.remove_copy(&staged.previous);
         self.entries[staged.pos].clone()
@@ -723,7 +726,7 @@ impl Store {
 
     /// Patch `id` was reverted without the record (a watch window's
     /// rollback): drops it from the record.
-    pub(crate) fn forget(&mut self, id: u64) -> Result<Option<Entry>, StoreError> {
+    pub(crate) fn forget(&mut self, id: u64) -> Result<Option<AcceptedPatch>, StoreError> {
         let Some((_, entry)) = self.take_out(id)? else {
             return Ok(None);
         };
@@ -733,7 +736,7 @@ impl Store {
 
     /// Removes `entry`'s copy (and signature), unless another entry of the
     /// record names the same file.
-    fn remove_copy(&self, entry: &Entry) {
+    fn remove_copy(&self, entry: &AcceptedPatch) {
         if self.entries.iter().any(|e| e.file == entry.file) {
             return;
         }
@@ -754,7 +757,7 @@ impl Store {
         src: &Path,
         applied: Option<&PatchInfo>,
         seq: u64,
-    ) -> Result<Entry, StoreError> {
+    ) -> Result<AcceptedPatch, StoreError> {
         let patches = self.patches();
         ensure_dir(&patches)?;
         let bytes = fs::read(src).map_err(|e| io("read", src, e))?;
@@ -846,7 +849,7 @@ impl Store {
             let _ = fs::remove_file(&path);
             return Err(f);
         }
-        Ok(Entry {
+        Ok(AcceptedPatch {
             seq,
             name,
             version,
