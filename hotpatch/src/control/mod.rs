@@ -74,7 +74,14 @@
 //! shorter deadline, never a longer one, and cannot change the trust
 //! policy.
 //!
-//! The protocol is documented in [`protocol`].
+//! The protocol is documented in [`protocol`], with the types a client
+//! writes requests and reads error kinds with ([`protocol::Operation`],
+//! [`protocol::ErrorKind`]; the `hotpatch` tool uses them).
+//!
+//! The code, one file per concept: `protocol.rs` (the wire), `server.rs`
+//! (the accept loop and the connections), `endpoint.rs` (what a request
+//! runs on), `ops.rs` (the verbs), `audit.rs` (events and log lines),
+//! `watch.rs` (watch windows), `state.rs` (the state directory).
 //!
 //! # Accepted patches
 //!
