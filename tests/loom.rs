@@ -4,7 +4,7 @@
 //! with `--cfg hotpatch_loom`; without that cfg it compiles to nothing.
 //!
 //! The shared state is the real code: `hotpatch/src/quiesce/protocol.rs`
-//! (`Epoch`, `Record`, `Choice`) is included below and uses loom's atomics
+//! (`Epoch`, `ThreadState`, `Choice`) is included below and uses loom's atomics
 //! under the cfg. Around it the model mirrors, step by step:
 //!
 //! - a slot (`slot.rs`): `current` holds the implementation (`V1`, `V2`,
@@ -49,14 +49,14 @@
 //! functions, or three transitions; load buffering (loom never lets a
 //! load return a store that another thread makes only after seeing a
 //! later store of the loading thread: what the Release of
-//! `Record::adopt` and the Acquire of `Record::universe` rule out).
+//! `ThreadState::adopt` and the Acquire of `ThreadState::universe` rule out).
 //!
 //! The models find real mistakes: each of the four `SeqCst` operations of
 //! the `go_online`/`publish` pair weakened to Release or Acquire makes
 //! `offline_worker_comes_back_during_apply` fail with a mixed request
 //! (the worker misses the target and the patcher misses the worker);
 //! `Epoch::target` weakened to Relaxed, or a registration that reads the
-//! target before taking the list's lock, fail too. `Record::adopt_latest`
+//! target before taking the list's lock, fail too. `ThreadState::adopt_latest`
 //! without its fence and re-read (a plain `adopt`) makes
 //! `deadline_reversal` fail with a mixed request (the race it documents).
 //! `Dispatch::load` without its re-check of the sequence number makes
@@ -70,7 +70,7 @@
 //! its count (the first writer to finish makes the shared page read-only)
 //! makes it fail with a store into a read-only page.
 //!
-//! Request scopes (issue 12): `hotpatch/src/quiesce/requests.rs` is
+//! Request scopes (issue 12): `hotpatch/src/quiesce/in_flight.rs` is
 //! included too, and `request_scope_races_a_transition_and_its_reversal`
 //! runs a request started on one thread and finished on another against
 //! an apply that completes, is reversed at its deadline, or swaps
@@ -91,7 +91,7 @@ use loom::sync::Mutex;
 use loom::sync::atomic::{AtomicUsize, Ordering};
 use loom::thread;
 
-use protocol::{Choice, Dispatch, Epoch, Record};
+use protocol::{Choice, Dispatch, Epoch, ThreadState};
 
 /// The original implementation of `f` and `g`.
 const V1: usize = 1;
@@ -195,7 +195,7 @@ struct World {
     epoch: Epoch,
     /// The registered threads' records (`THREADS`); the registration
     /// model has its own, under a lock.
-    records: Vec<Record>,
+    records: Vec<ThreadState>,
     f: Slot,
     g: Slot,
     /// Set (Release) by the patcher once its last transition returned:
@@ -211,7 +211,7 @@ impl World {
         trace.clear();
         let w = World {
             epoch: Epoch::new(0),
-            records: (0..workers).map(|_| Record::new(0)).collect(),
+            records: (0..workers).map(|_| ThreadState::new(0)).collect(),
             f: Slot::new("call f"),
             g: Slot::new("call g"),
             done: AtomicUsize::new(0),
@@ -247,7 +247,7 @@ enum Step {
 /// A registered thread: its thread-local state and its record.
 struct Worker<'w> {
     w: &'w World,
-    record: &'w Record,
+    record: &'w ThreadState,
     name: &'static str,
     /// The thread-local `UNIVERSE`.
     local: u64,
@@ -380,7 +380,7 @@ struct Transition {
 
 /// Whether a check holds for every registered thread's record (the scan
 /// of `THREADS`).
-type AllRecords<'a> = dyn Fn(&dyn Fn(&Record) -> bool) -> bool + 'a;
+type AllRecords<'a> = dyn Fn(&dyn Fn(&ThreadState) -> bool) -> bool + 'a;
 
 /// `quiesce::switch`, over `records`. Returns whether it completed
 /// (true) or was reversed.
@@ -411,7 +411,7 @@ fn switch(w: &World, t: Transition, records: &AllRecords<'_>) -> bool {
     }
     w.trace.log("patcher", "deadline: publishes", t.reversal);
     // `publish` ends with the SeqCst fence that pairs with
-    // `Record::adopt_latest`'s.
+    // `ThreadState::adopt_latest`'s.
     w.epoch.publish(t.reversal);
     // After the deadline the real code goes on in a background thread,
     // without a bound.
@@ -431,7 +431,7 @@ fn switch(w: &World, t: Transition, records: &AllRecords<'_>) -> bool {
 /// The patcher over the fixed set of records: runs `plan`, then tells the
 /// workers the final version.
 fn patcher(w: &World, plan: &[Transition]) {
-    let all = |check: &dyn Fn(&Record) -> bool| w.records.iter().all(check);
+    let all = |check: &dyn Fn(&ThreadState) -> bool| w.records.iter().all(check);
     let mut last = V1;
     for t in plan {
         last = if switch(w, *t, &all) { t.new } else { t.old };
@@ -578,7 +578,7 @@ fn offline_and_back_two_workers() {
 }
 
 /// A deadline: the patcher gives up after one failed poll and reverses,
-/// while the worker keeps serving. Before `Record::adopt_latest`
+/// while the worker keeps serving. Before `ThreadState::adopt_latest`
 /// revalidated, this found a mixed request: a worker that had read target
 /// `t` at a safepoint but not yet stored it was counted as having left `t`
 /// by the reversal, which pointed the slots back at `V1` while the worker
@@ -625,7 +625,7 @@ fn registration_races_the_switch() {
     check("registration_races_the_switch", 2, |trace| {
         let w = loom::sync::Arc::new(World::new(1, None, trace));
         let threads = loom::sync::Arc::new(Mutex::new(vec![0usize]));
-        let registered = loom::sync::Arc::new(Record::new(u64::MAX));
+        let registered = loom::sync::Arc::new(ThreadState::new(u64::MAX));
 
         let early = {
             let (w, threads) = (w.clone(), threads.clone());
@@ -658,7 +658,7 @@ fn registration_races_the_switch() {
         };
 
         let record = |i: usize| if i == 0 { &w.records[0] } else { &*registered };
-        let all = |check: &dyn Fn(&Record) -> bool| {
+        let all = |check: &dyn Fn(&ThreadState) -> bool| {
             threads.lock().unwrap().iter().all(|&i| check(record(i)))
         };
         let direct = {
@@ -701,7 +701,7 @@ fn a_slow_dispatcher_reads_a_reused_buffer() {
             let w = w.clone();
             thread::spawn(move || Worker::new(&w, 0).run(&[Safepoint, Request, Safepoint, Request]))
         };
-        let all = |check: &dyn Fn(&Record) -> bool| w.records.iter().all(check);
+        let all = |check: &dyn Fn(&ThreadState) -> bool| w.records.iter().all(check);
         // (universe, reversal, failed polls before the deadline)
         let plan = [(1, 2, None), (3, 4, Some(0)), (5, 6, Some(0))];
         let mut state = V1;
@@ -726,19 +726,19 @@ fn a_slow_dispatcher_reads_a_reused_buffer() {
 }
 
 // ---------------------------------------------------------------------
-// Request scopes (issue 12): `hotpatch/src/quiesce/requests.rs`, the real
+// Request scopes (issue 12): `hotpatch/src/quiesce/in_flight.rs`, the real
 // registry, included below.
 
 #[allow(dead_code)]
-#[path = "../hotpatch/src/quiesce/requests.rs"]
-mod requests;
+#[path = "../hotpatch/src/quiesce/in_flight.rs"]
+mod in_flight;
 
 /// `quiesce::switch` with no registered thread and the request registry:
 /// the direct swap when no request is in flight (under every shard's
 /// lock), else publish, poll `all_in` up to the deadline, and on the
 /// deadline publish the reversal and poll `none_in`. Returns the version
 /// the slots end at, and whether it was the direct swap.
-fn switch_requests(w: &World, reqs: &requests::Requests, t: Transition) -> (usize, bool) {
+fn switch_requests(w: &World, reqs: &in_flight::Requests, t: Transition) -> (usize, bool) {
     if let Some(guards) = reqs.lock_empty() {
         w.trace
             .log("patcher", "no request in flight: slots to", t.new as u64);
@@ -811,7 +811,7 @@ fn request_scope_races_a_transition_and_its_reversal() {
             2,
             move |trace| {
                 let w = loom::sync::Arc::new(World::new(0, None, trace));
-                let reqs = loom::sync::Arc::new(requests::Requests::new());
+                let reqs = loom::sync::Arc::new(in_flight::Requests::new());
                 // Another request, in flight from the start and finished by
                 // thread A before its own starts: the patcher may find the
                 // registry empty (direct swap) or not (a transition).

@@ -1,6 +1,5 @@
 //! Statics of the service named in patch code: a thin patch is bound to
-//! the host, so every one, plain or (deprecated) `#[hotpatch::shared]`,
-//! is the host's own instance. A patch built against a service whose
+//! the host, so every one is the host's own instance. A patch built against a service whose
 //! static has another type names symbols this binary does not have, and
 //! is refused.
 //!
@@ -54,9 +53,8 @@ fn host_and_patch_count_on_one_shared_value() {
     assert_eq!(SHARED_HITS.load(Ordering::SeqCst), n + 20);
 }
 
-/// What `#[hotpatch::shared]` is for, shown by its absence: the same code
-/// on a plain static counts on the patch's own copy, which starts from the
-/// static's initialiser, while the host's value does not move.
+/// Patch code on a static counts on the host's instance: the value the
+/// host sees moves with the patch's updates.
 #[test]
 fn a_plain_static_is_the_hosts_instance() {
     let _serial = support::serial();

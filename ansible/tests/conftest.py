@@ -11,7 +11,7 @@ no safepoint). The patches are the fixture patch crates, linked against that bin
 Nothing is built twice: the tools (`hotpatch`, `cargo-hotpatch`) are the
 workspace's test build (`cargo test --workspace --no-run`, which CI has
 just run: a no-op there), and the service and the patch crates are the
-build `hotpatch-cli/tests/cli.rs` makes, in the same selection, target
+build `hotpatch-cli/tests/common/mod.rs` makes, in the same selection, target
 directory and profile (`target/fixtures`, no debug info), so that the
 patches' symbol names are the binary's.
 """
@@ -31,7 +31,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 TARGET = ROOT / "target" / "fixtures"
-# The selection hotpatch-cli/tests/cli.rs builds its fixtures in.
+# The selection hotpatch-cli/tests/common/mod.rs builds its fixtures in.
 PACKAGES = [
     "fixture-control-svc",
     "fixture-patch-basic",

@@ -10,6 +10,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use hotpatch::control::protocol::{ErrorKind, Operation, PatchRef};
 use serde_json::{Value, json};
 
 mod prometheus;
@@ -17,18 +18,9 @@ mod sign;
 mod text;
 
 /// Exit codes: the contract with scripts. What each means is written once,
-/// in `exit_codes.txt` (printed by `--help`).
-mod code {
-    pub const OK: u8 = 0;
-    pub const ERROR: u8 = 1;
-    pub const USAGE: u8 = 2;
-    pub const REFUSED: u8 = 3;
-    pub const TIMED_OUT: u8 = 4;
-    pub const NOTHING_TO_DO: u8 = 5;
-    pub const NOT_PERMITTED: u8 = 6;
-    pub const NO_PROCESS: u8 = 7;
-    pub const ROLLED_BACK: u8 = 8;
-}
+/// in `exit_codes.txt` (printed by `--help`); the codes of the service's
+/// error kinds are the protocol's ([`ErrorKind::exit_code`]).
+use hotpatch::control::protocol::exit_code as code;
 
 /// The exit codes (`exit_codes.txt`: the one table, which the README and
 /// the `code` constants refer to) and more, for `--help`.
@@ -199,7 +191,7 @@ fn run(cli: &Cli) -> Result<u8, Fail> {
                 .map(|()| code::OK)
                 .map_err(|e| fail(code::ERROR, e.to_string()));
         }
-        Command::Status { target, .. } => (target, json!({"op": "status"}), None),
+        Command::Status { target, .. } => (target, Operation::Status, None),
         Command::Apply {
             file,
             deadline,
@@ -207,14 +199,12 @@ fn run(cli: &Cli) -> Result<u8, Fail> {
             accept,
             target,
         } => {
-            let mut r = json!({"op": "apply", "file": absolute(file)?});
-            set_deadline(&mut r, *deadline);
-            if let Some(w) = watch {
-                r["watch_ms"] = json!(w.as_millis() as u64);
-            }
-            if *accept {
-                r["accept"] = json!(true);
-            }
+            let r = Operation::Apply {
+                file: absolute(file)?,
+                deadline: *deadline,
+                watch: *watch,
+                accept: *accept,
+            };
             // The reply comes after the window.
             let wait = deadline.map(|d| d + watch.unwrap_or_default());
             (
@@ -225,12 +215,16 @@ fn run(cli: &Cli) -> Result<u8, Fail> {
         }
         Command::Accept { patch, target } => (
             target,
-            json!({"op": "accept", "patch": patch_ref(patch)}),
+            Operation::Accept {
+                patch: PatchRef::parse(patch),
+            },
             None,
         ),
         Command::Check { file, target } => (
             target,
-            json!({"op": "check", "file": absolute(file)?}),
+            Operation::Check {
+                file: absolute(file)?,
+            },
             None,
         ),
         Command::Revert {
@@ -238,8 +232,10 @@ fn run(cli: &Cli) -> Result<u8, Fail> {
             deadline,
             target,
         } => {
-            let mut r = json!({"op": "revert", "patch": patch_ref(patch)});
-            set_deadline(&mut r, *deadline);
+            let r = Operation::Revert {
+                patch: PatchRef::parse(patch),
+                deadline: *deadline,
+            };
             (target, r, Some(*deadline))
         }
         Command::Replace {
@@ -248,9 +244,11 @@ fn run(cli: &Cli) -> Result<u8, Fail> {
             deadline,
             target,
         } => {
-            let mut r =
-                json!({"op": "replace", "patch": patch_ref(patch), "file": absolute(file)?});
-            set_deadline(&mut r, *deadline);
+            let r = Operation::Replace {
+                patch: PatchRef::parse(patch),
+                file: absolute(file)?,
+                deadline: *deadline,
+            };
             (target, r, Some(*deadline))
         }
         Command::Events {
@@ -266,7 +264,10 @@ fn run(cli: &Cli) -> Result<u8, Fail> {
             ..
         } => (
             target,
-            json!({"op": "events", "since": since, "limit": limit}),
+            Operation::Events {
+                since: *since,
+                limit: *limit,
+            },
             None,
         ),
     };
@@ -277,38 +278,24 @@ fn run(cli: &Cli) -> Result<u8, Fail> {
         Some(d) => d.unwrap_or(Duration::from_secs(120)) + Duration::from_secs(30),
         None => Duration::from_secs(15),
     };
-    let reply = request(&socket, req, timeout)?;
+    let reply = request(&socket, &req, timeout)?;
     report(cli, &reply)
 }
 
-fn set_deadline(request: &mut Value, deadline: Option<Duration>) {
-    if let Some(d) = deadline {
-        request["deadline_ms"] = json!(d.as_millis() as u64);
-    }
-}
-
 /// The file as the service must see it: absolute (its cwd is not ours).
-fn absolute(file: &Path) -> Result<String, Fail> {
+fn absolute(file: &Path) -> Result<PathBuf, Fail> {
     let path = std::path::absolute(file).map_err(|e| {
         fail(
             code::USAGE,
             format!("cannot make {} absolute: {e}", file.display()),
         )
     })?;
-    path.to_str().map(str::to_owned).ok_or_else(|| {
+    path.to_str().map(PathBuf::from).ok_or_else(|| {
         fail(
             code::USAGE,
             format!("{} is not valid UTF-8", path.display()),
         )
     })
-}
-
-/// `3` and `#3` are ids; anything else is a name.
-fn patch_ref(s: &str) -> Value {
-    match s.strip_prefix('#').unwrap_or(s).parse::<u64>() {
-        Ok(id) => json!(id),
-        Err(_) => json!(s),
-    }
 }
 
 /// `10s`, `500ms`, `2m`, `1.5s`; a bare number is seconds.
@@ -371,9 +358,8 @@ fn scan(dirs: &[PathBuf]) -> (Vec<Found>, Vec<PathBuf>) {
     (found, denied)
 }
 
-/// Connects, sends `request` (with `"v": 1`), reads the one reply line.
-fn request(socket: &Path, mut request: Value, timeout: Duration) -> Result<Value, Fail> {
-    request["v"] = json!(hotpatch::control::PROTOCOL_VERSION);
+/// Connects, sends `request`, reads the one reply line.
+fn request(socket: &Path, request: &Operation, timeout: Duration) -> Result<Value, Fail> {
     let stream = UnixStream::connect(socket).map_err(|e| {
         let code = match e.kind() {
             std::io::ErrorKind::PermissionDenied => code::NOT_PERMITTED,
@@ -387,7 +373,7 @@ fn request(socket: &Path, mut request: Value, timeout: Duration) -> Result<Value
     let io = |e: std::io::Error| fail(code::ERROR, format!("{}: {e}", socket.display()));
     stream.set_read_timeout(Some(timeout)).map_err(io)?;
     stream.set_write_timeout(Some(timeout)).map_err(io)?;
-    let mut line = request.to_string();
+    let mut line = request.to_line();
     line.push('\n');
     // A refused peer is told so and disconnected, maybe before our write.
     let written = (&stream).write_all(line.as_bytes());
@@ -500,7 +486,7 @@ fn resolve(target: &Target, dirs: &[PathBuf]) -> Result<PathBuf, Fail> {
 
 /// The status of `f`, if this user may use it.
 fn probe(f: &Found) -> Option<Value> {
-    let reply = request(&f.socket, json!({"op": "status"}), Duration::from_secs(3)).ok()?;
+    let reply = request(&f.socket, &Operation::Status, Duration::from_secs(3)).ok()?;
     (reply["ok"] == json!(true)).then_some(reply)
 }
 
@@ -535,7 +521,7 @@ fn follow(cli: &Cli, socket: &Path, mut since: u64, limit: u64) -> Result<u8, Fa
     loop {
         let reply = request(
             socket,
-            json!({"op": "events", "since": since, "limit": limit}),
+            &Operation::Events { since, limit },
             Duration::from_secs(15),
         )?;
         if reply["ok"] != json!(true) {
@@ -563,18 +549,7 @@ fn follow(cli: &Cli, socket: &Path, mut since: u64, limit: u64) -> Result<u8, Fa
 
 /// The exit code of an error kind.
 fn code_of(kind: &str) -> u8 {
-    match kind {
-        "already_applied" | "not_applied" | "already_accepted" => code::NOTHING_TO_DO,
-        "rolled_back" | "rollback_failed" => code::ROLLED_BACK,
-        "no_state_dir" | "state" | "cancelled" | "slot_table" => code::ERROR,
-        "timeout" | "busy" => code::TIMED_OUT,
-        "not_permitted" => code::NOT_PERMITTED,
-        "ambiguous_patch" => code::USAGE,
-        "bad_request" | "unsupported_version" | "unknown_op" | "line_too_long" | "overloaded" => {
-            code::ERROR
-        }
-        _ => code::REFUSED,
-    }
+    ErrorKind::from_name(kind).exit_code()
 }
 
 /// Prints a reply; its exit code.
@@ -622,6 +597,7 @@ mod tests {
         for bad in ["", "s", "10parsecs", "-1s", "1e3s"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
+        let patch_ref = |s: &str| PatchRef::parse(s).to_json();
         assert_eq!(patch_ref("3"), json!(3));
         assert_eq!(patch_ref("#3"), json!(3));
         assert_eq!(patch_ref("pricing-fix"), json!("pricing-fix"));

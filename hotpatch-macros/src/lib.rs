@@ -7,7 +7,6 @@
 
 mod patch;
 mod patchable;
-mod shared;
 mod sig;
 
 use proc_macro::TokenStream;
@@ -24,10 +23,4 @@ pub fn patchable(args: TokenStream, input: TokenStream) -> TokenStream {
 #[proc_macro_attribute]
 pub fn patch(args: TokenStream, input: TokenStream) -> TokenStream {
     patch::expand(args.into(), input.into()).into()
-}
-
-/// Shares a service `static` with patches. See `hotpatch::shared`.
-#[proc_macro_attribute]
-pub fn shared(args: TokenStream, input: TokenStream) -> TokenStream {
-    shared::expand(args.into(), input.into()).into()
 }

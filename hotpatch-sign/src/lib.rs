@@ -505,7 +505,7 @@ mod tests {
             secret_key(&keys.secret, None),
             Err(Error::PasswordNeeded)
         ));
-        // (A wrong password is tried by tests/cli.rs: each scrypt run takes
+        // (A wrong password is tried by hotpatch-cli/tests/sign.rs: each scrypt run takes
         // seconds in an unoptimised build.)
         let secret = secret_key(&keys.secret, Some("correct horse")).unwrap();
         let sig = sign(&secret, DATA, "c").unwrap();

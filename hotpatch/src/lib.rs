@@ -193,7 +193,7 @@
 //! - **Statics and thread-locals** named in patch code are the host's own
 //!   instances, of the service and of its dependencies. A private item of
 //!   the service is reachable from patch code only through something
-//!   public; [`#[shared]`](shared) is no longer needed (deprecated).
+//!   public.
 //! - **What a patch can call** is what the service binary contains: a
 //!   dependency function the service never calls is not linked into it,
 //!   and a patch that needs it is refused ([`Error::MissingSymbols`]). A
@@ -328,8 +328,7 @@ mod metrics;
 mod patch;
 mod quiesce;
 mod registry;
-mod request;
-mod shared;
+mod scope;
 mod slot;
 mod sys;
 mod trust;
@@ -348,14 +347,12 @@ pub use loader::{
 };
 pub use patch::{FunctionInfo, Implementation, Patch, PatchId, PatchInfo};
 pub use quiesce::{
-    OfflineGuard, StalledThread, ThreadGuard, TransitionInfo, offline, quiescent, register_thread,
-    while_offline,
+    OfflineGuard, StalledRequest, StalledThread, ThreadGuard, TransitionInfo, offline, quiescent,
+    register_thread, while_offline,
 };
 #[cfg(feature = "tower")]
-pub use request::tower;
-pub use request::{Request, RequestExt, RequestVersion, StalledRequest, inherit, request};
-#[allow(deprecated)]
-pub use shared::Shared;
+pub use scope::tower;
+pub use scope::{Request, RequestExt, RequestVersion, inherit, request};
 pub use slot::SlotTable;
 pub use trust::TrustedKey;
 
@@ -429,32 +426,6 @@ pub use hotpatch_macros::patchable;
 /// # fn main() { assert_eq!(total(&svc::Cart { items: vec![u64::MAX, 1] }), u64::MAX); }
 /// ```
 pub use hotpatch_macros::patch;
-
-/// Deprecated: a service `static` is shared with patches without it.
-///
-/// Before thin patches, a patch linked its own copy of the service crate,
-/// and only a static declared with this attribute was the host's instance
-/// in patch code. A thin patch is bound to the running binary, so every
-/// static of the service is the host's own. The attribute still compiles:
-/// the static's type becomes [`Shared<T>`](Shared), a transparent wrapper
-/// that dereferences to `T`, and the use of the deprecated `Shared` warns
-/// at the static. Declare it as a plain `static` instead.
-///
-/// # Examples
-///
-/// ```
-/// #![allow(deprecated)]
-/// use std::sync::Mutex;
-///
-/// #[hotpatch::shared]
-/// pub static RATES: Mutex<Vec<u64>> = Mutex::new(Vec::new());
-///
-/// # fn main() {
-/// RATES.lock().unwrap().push(5);
-/// assert_eq!(RATES.lock().unwrap().len(), 1);
-/// # }
-/// ```
-pub use hotpatch_macros::shared;
 
 /// Declares the patch crate's manifest: invoke once at the crate root of a
 /// patch crate.

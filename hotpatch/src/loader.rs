@@ -12,6 +12,7 @@ use parking_lot::Mutex;
 
 use crate::abi::{MANIFEST_SYMBOL, Manifest};
 use crate::error::Refusal;
+use crate::quiesce::TransitionReport;
 use crate::registry::REGISTRY;
 use crate::trust::{self, TrustedKey};
 use crate::{Error, Patch, PatchId, elf, host, manifest, metrics, quiesce, sys};
@@ -176,22 +177,28 @@ impl Loader {
 
     /// Reverts the applied patch `id`; see [`revert`](Self::revert).
     pub fn revert_id(&self, id: PatchId) -> Result<(), Error> {
+        self.revert_reported(id).map(|_| ())
+    }
+
+    /// [`revert_id`](Self::revert_id), returning what its transition
+    /// waited for (the control endpoint's events say it).
+    pub(crate) fn revert_reported(&self, id: PatchId) -> Result<Option<TransitionReport>, Error> {
         let started = Instant::now();
         let result = self.revert_switch(id);
         metrics::reverted(result.as_ref().err(), started.elapsed());
         result
     }
 
-    fn revert_switch(&self, id: PatchId) -> Result<(), Error> {
+    fn revert_switch(&self, id: PatchId) -> Result<Option<TransitionReport>, Error> {
         let what = format!("revert {id}");
         let turn = self.take_turn(&what)?;
         let (info, changes) = REGISTRY.lock().revert_changes(id)?;
         failpoint!("revert::apply", &info.file);
         let what = format!("revert {id} ({})", info.name);
-        let turn = self.switch(turn, what, changes)?;
+        let (turn, report) = self.switch(turn, what, changes)?;
         REGISTRY.lock().record_revert(id);
         drop(turn);
-        Ok(())
+        Ok(report)
     }
 
     /// Loads the patch at `path`, checks it against this process, and
@@ -209,7 +216,15 @@ impl Loader {
     /// checks stays mapped (its initialisers ran; see the crate docs), and
     /// is reused if the same bytes are loaded again.
     pub fn load(&self, path: impl AsRef<Path>) -> Result<Patch, Error> {
-        self.apply_counted("apply", path.as_ref(), None)
+        self.load_reported(path.as_ref()).map(|(patch, _)| patch)
+    }
+
+    /// [`load`](Self::load), returning what its transition waited for.
+    pub(crate) fn load_reported(
+        &self,
+        path: &Path,
+    ) -> Result<(Patch, Option<TransitionReport>), Error> {
+        self.apply_counted("apply", path, None)
     }
 
     /// Replaces the applied patch `old` by the patch at `path` (typically a
@@ -232,7 +247,18 @@ impl Loader {
     /// # Ok::<(), hotpatch::Error>(())
     /// ```
     pub fn replace(&self, old: PatchId, path: impl AsRef<Path>) -> Result<Patch, Error> {
-        self.apply_counted("replace", path.as_ref(), Some(old))
+        self.replace_reported(old, path.as_ref())
+            .map(|(patch, _)| patch)
+    }
+
+    /// [`replace`](Self::replace), returning what its transition waited
+    /// for.
+    pub(crate) fn replace_reported(
+        &self,
+        old: PatchId,
+        path: &Path,
+    ) -> Result<(Patch, Option<TransitionReport>), Error> {
+        self.apply_counted("replace", path, Some(old))
     }
 
     fn apply_counted(
@@ -240,7 +266,7 @@ impl Loader {
         op: &'static str,
         path: &Path,
         replacing: Option<PatchId>,
-    ) -> Result<Patch, Error> {
+    ) -> Result<(Patch, Option<TransitionReport>), Error> {
         let started = Instant::now();
         let result = self.apply(path, replacing);
         metrics::loaded(op, result.as_ref().err(), started.elapsed());
@@ -261,12 +287,16 @@ impl Loader {
         turn: quiesce::Turn,
         what: String,
         changes: Vec<quiesce::Change>,
-    ) -> Result<quiesce::Turn, Error> {
+    ) -> Result<(quiesce::Turn, Option<TransitionReport>), Error> {
         quiesce::switch(turn, what.clone(), changes, self.deadline)
             .map_err(|failed| failed.into_error(what, self.deadline))
     }
 
-    fn apply(&self, path: &Path, replacing: Option<PatchId>) -> Result<Patch, Error> {
+    fn apply(
+        &self,
+        path: &Path,
+        replacing: Option<PatchId>,
+    ) -> Result<(Patch, Option<TransitionReport>), Error> {
         let bytes = trust::read(path, &self.policy)?;
         failpoint!("load::read", path);
         // One transition at a time (loads, reverts, replaces, reclaims).
@@ -298,7 +328,7 @@ impl Loader {
             ),
             None => format!("apply {} from {}", checked.name, path.display()),
         };
-        let turn = self.switch(turn, what, changes)?;
+        let (turn, report) = self.switch(turn, what, changes)?;
         let info = {
             let mut registry = REGISTRY.lock();
             if let Some(old) = replacing {
@@ -307,7 +337,7 @@ impl Loader {
             registry.record_apply(plan, &checked, path, library)
         };
         drop(turn);
-        Ok(Patch { info })
+        Ok((Patch { info }, report))
     }
 }
 

@@ -107,7 +107,7 @@ impl Patch {
     /// # Ok::<(), hotpatch::Error>(())
     /// ```
     pub fn panics(&self) -> Option<u64> {
-        crate::registry::REGISTRY.lock().panics(self.info.id)
+        panics_of(self.info.id)
     }
 
     /// Takes the patch out: each function it replaced goes back to what
@@ -160,4 +160,10 @@ pub struct FunctionInfo {
     /// ([`transition`](crate::transition) tells which and who it waits
     /// for).
     pub in_transition: bool,
+}
+
+/// Panics raised by the applied patch `id` so far (see [`Patch::panics`]);
+/// `None` once it is not applied.
+pub(crate) fn panics_of(id: PatchId) -> Option<u64> {
+    crate::registry::REGISTRY.lock().panics(id)
 }

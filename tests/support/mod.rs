@@ -10,7 +10,8 @@
 //! links one's objects from that rlib, stamped with this binary's
 //! build-id, as `cargo hotpatch build` does. A fixture built with other
 //! features ([`patch_with`]) is compiled by a nested `cargo build` into
-//! `target/fixtures` and linked without the tool's check, so that the
+//! `target/fixtures` (`hotpatch_test_support::nested_build`, the one all
+//! harnesses use) and linked without the tool's check, so that the
 //! loader's own refusal can be tested.
 //!
 //! Nothing here depends on the umask, on `TMPDIR` or on where the
@@ -27,12 +28,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
-pub fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+use hotpatch_test_support::make_dir;
+pub use hotpatch_test_support::{nested_build, set_mode, temp_dir};
 
-fn target_dir() -> PathBuf {
-    root().join("target").join("fixtures")
+pub fn root() -> PathBuf {
+    hotpatch_test_support::workspace_root()
 }
 
 /// The thin patch of fixture patch crate `package` (e.g.
@@ -118,71 +118,6 @@ fn build_nested(package: &str, krate: &str, features: &str) -> PathBuf {
         .join(format!("lib{krate}.rlib"));
     assert!(rlib.exists(), "{} not built", rlib.display());
     rlib
-}
-
-/// Builds `packages` (with the cargo arguments `extra`) by one nested
-/// `cargo build` into `target/fixtures`, in this test binary's profile and
-/// without debug info (as hotpatch-cli's tests build theirs, so the two
-/// share artifacts); returns the profile's output directory.
-pub fn nested_build(packages: &[&str], extra: &[&str]) -> PathBuf {
-    let dir = target_dir();
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.current_dir(root())
-        .args(["build", "--quiet", "--target-dir"])
-        .arg(&dir)
-        .args(extra);
-    for p in packages {
-        cmd.args(["-p", p]);
-    }
-    let (profile, env) = if cfg!(debug_assertions) {
-        ("debug", "DEV")
-    } else {
-        cmd.arg("--release");
-        ("release", "RELEASE")
-    };
-    cmd.env(format!("CARGO_PROFILE_{env}_DEBUG"), "0");
-    let status = cmd.status().expect("run cargo");
-    assert!(status.success(), "building {packages:?} failed");
-    dir.join(profile)
-}
-
-/// Sets `path`'s permission bits to `mode`, whatever the umask made them.
-pub fn set_mode(path: &Path, mode: u32) {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .unwrap_or_else(|e| panic!("chmod {mode:o} {}: {e}", path.display()));
-}
-
-/// Creates directory `dir` (and its parents) if needed, with `mode`.
-fn make_dir(dir: &Path, mode: u32) {
-    std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
-    set_mode(dir, mode);
-}
-
-static TEMP_DIR: OnceLock<PathBuf> = OnceLock::new();
-
-/// A directory of this process's own for files the tests make, under
-/// `std::env::temp_dir()` (`TMPDIR`): mode 0755 whatever the umask, and
-/// removed when the process exits.
-pub fn temp_dir() -> PathBuf {
-    TEMP_DIR
-        .get_or_init(|| {
-            let dir = std::env::temp_dir().join(format!("hotpatch-tests-{}", std::process::id()));
-            make_dir(&dir, 0o755);
-            extern "C" fn remove_temp_dir() {
-                if let Some(dir) = TEMP_DIR.get() {
-                    let _ = std::fs::remove_dir_all(dir);
-                }
-            }
-            // SAFETY: `remove_temp_dir` is a plain function that does not
-            // unwind (it ignores the only error it can meet); it runs at
-            // exit, after the tests, when nothing else uses the directory.
-            let registered = unsafe { libc::atexit(remove_temp_dir) };
-            assert_eq!(registered, 0, "atexit");
-            dir
-        })
-        .clone()
 }
 
 /// A copy of `src` named `name` in [`temp_dir`], mode 0644.

@@ -236,4 +236,27 @@ mod tests {
             .collect();
         assert_eq!(counts, vec![100, 900]);
     }
+
+    #[test]
+    fn events_ring_is_bounded_and_ordered() {
+        let ring = crate::control::events::Ring::new();
+        for i in 0..CAPACITY + 10 {
+            ring.push(Event {
+                op: "apply",
+                outcome: "ok".into(),
+                patch: Some((i as u64, "p".into())),
+                file: None,
+                peer: None,
+                duration: None,
+                message: String::new(),
+            });
+        }
+        let (all, last) = ring.since(0, usize::MAX);
+        assert_eq!(all.len(), CAPACITY);
+        assert_eq!(last, (CAPACITY + 10) as u64);
+        assert_eq!(all[0]["seq"], json!(11));
+        let (tail, _) = ring.since(last - 3, 100);
+        let seqs: Vec<_> = tail.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+        assert_eq!(seqs, vec![last - 2, last - 1, last]);
+    }
 }

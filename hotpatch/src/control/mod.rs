@@ -74,7 +74,14 @@
 //! shorter deadline, never a longer one, and cannot change the trust
 //! policy.
 //!
-//! The protocol is documented in [`protocol`].
+//! The protocol is documented in [`protocol`], with the types a client
+//! writes requests and reads error kinds with ([`protocol::Operation`],
+//! [`protocol::ErrorKind`]; the `hotpatch` tool uses them).
+//!
+//! The code, one file per concept: `protocol.rs` (the wire), `server.rs`
+//! (the accept loop and the connections), `endpoint.rs` (what a request
+//! runs on), `ops.rs` (the verbs), `audit.rs` (events and log lines),
+//! `watch.rs` (watch windows), `state.rs` (the state directory).
 //!
 //! # Accepted patches
 //!
@@ -127,18 +134,18 @@
 //! that asked for it goes away (event `watch`, outcome `cancelled`): the
 //! patch stays applied, on trial, not accepted and no longer watched.
 
+mod audit;
+mod endpoint;
 mod events;
 mod ops;
 mod peer;
+pub mod protocol;
 mod server;
 mod state;
 mod watch;
 
 pub use state::{DISABLE_ENV, RECORD_FORMAT};
 pub use watch::{Watch, WatchOutcome, health_check, watch};
-
-#[doc = include_str!("protocol.md")]
-pub mod protocol {}
 
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
@@ -408,7 +415,7 @@ impl ControlBuilder {
             },
         )?;
         let inode = std::fs::symlink_metadata(&path).map(|m| m.ino()).ok();
-        let config = server::Config {
+        let config = endpoint::Config {
             service,
             socket: path.clone(),
             // SAFETY: geteuid has no preconditions and cannot fail.
@@ -423,7 +430,8 @@ impl ControlBuilder {
             max_concurrent_reads: self.max_concurrent_reads,
         };
         let listener = Arc::new(listener);
-        let shared = Arc::new(server::Shared::new(config));
+        let server = Arc::new(server::Server::new(config));
+        let endpoint = &server.endpoint;
         if !stale.is_empty() {
             let message = format!(
                 "removed {} stale socket(s) of processes that are gone from {}: {}",
@@ -432,26 +440,27 @@ impl ControlBuilder {
                 stale.join(", ")
             );
             tracing::info!(target: "hotpatch::control", op = "clean", removed = stale.len(), "{message}");
-            shared
+            endpoint
                 .events
                 .push(events::Event::new("clean", "ok", message));
         }
         // Before the accept thread starts: a client that connects now waits
         // in the backlog until the accepted patches are back.
         if let Some(dir) = self.state_dir {
-            let store = state::Store::open_and_restore(dir, &shared.config.loader, &shared.events)
-                .inspect_err(|_| {
-                    let _ = std::fs::remove_file(&path);
-                })?;
+            let store =
+                state::Store::open_and_restore(dir, &endpoint.config.loader, &endpoint.events)
+                    .inspect_err(|_| {
+                        let _ = std::fs::remove_file(&path);
+                    })?;
             crate::metrics::accepted(store.entries.len());
-            *shared.state.lock() = Some(store);
+            *endpoint.state.lock() = Some(store);
         }
         let thread = {
             let listener = listener.clone();
-            let shared = shared.clone();
+            let server = server.clone();
             std::thread::Builder::new()
                 .name("hotpatch-control".into())
-                .spawn(move || server::accept_loop(&listener, &shared))
+                .spawn(move || server::accept_loop(&listener, &server))
                 .map_err(|source| {
                     let _ = std::fs::remove_file(&path);
                     Error::Io {
@@ -461,12 +470,12 @@ impl ControlBuilder {
                     }
                 })?
         };
-        shared.listening();
+        endpoint.listening();
         Ok(Control {
             path,
             inode,
             listener,
-            shared,
+            server,
             thread: Some(thread),
         })
     }
@@ -480,7 +489,7 @@ pub struct Control {
     path: PathBuf,
     inode: Option<u64>,
     listener: Arc<UnixListener>,
-    shared: Arc<server::Shared>,
+    server: Arc<server::Server>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -515,7 +524,7 @@ impl Drop for Control {
     fn drop(&mut self) {
         // Release: pairs with the Acquire load in `accept_loop`, which runs
         // after `accept` returns.
-        self.shared.stop.store(true, Ordering::Release);
+        self.server.stop.store(true, Ordering::Release);
         // SAFETY: the descriptor is the listener's, open while `self.listener`
         // lives. On Linux, shutdown of a listening socket makes a blocked
         // `accept` return EINVAL.
@@ -523,7 +532,7 @@ impl Drop for Control {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
-        self.shared.close_all();
+        self.server.close_all();
         // Only our own socket: not one a later endpoint bound at this path.
         let ours = std::fs::symlink_metadata(&self.path).map(|m| m.ino()).ok();
         if ours.is_some() && ours == self.inode {

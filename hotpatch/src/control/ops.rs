@@ -1,323 +1,30 @@
-//! The protocol: parsing a request line, running it, writing the reply.
-//! Documented in `protocol.md`.
+//! The verbs: running a parsed request, writing its reply.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use serde::Deserialize;
-use serde::de::IgnoredAny;
 use serde_json::{Map, Value, json};
 
 use super::PROTOCOL_VERSION;
-use super::events::{CAPACITY, Event, peer_json, unix_ms};
+use super::audit::{note, record};
+use super::endpoint::Endpoint;
+use super::events::{Event, peer_json, unix_ms};
 use super::peer::Peer;
-use super::server::Shared;
-use crate::{Error, Implementation, PatchId, PatchInfo, StalledRequest, StalledThread};
+use super::protocol::{
+    ErrorKind, Failure, Operation, PatchRef, failure_of, parse, request_json, thread_json,
+};
+use super::state::StoreError;
+use super::watch::watched;
+use crate::{Error, Implementation, PatchId, PatchInfo};
 
-/// A request, parsed and checked.
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) enum Request {
-    Status,
-    Apply {
-        file: PathBuf,
-        deadline: Option<Duration>,
-        /// A watch window (see `watch`).
-        watch: Option<Duration>,
-        /// Accept it once applied (after its window, if watched).
-        accept: bool,
-    },
-    Accept {
-        patch: PatchRef,
-    },
-    Check {
-        file: PathBuf,
-    },
-    Revert {
-        patch: PatchRef,
-        deadline: Option<Duration>,
-    },
-    Replace {
-        patch: PatchRef,
-        file: PathBuf,
-        deadline: Option<Duration>,
-    },
-    Events {
-        since: u64,
-        limit: usize,
-    },
-}
-
-/// An applied patch, by id or by name.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(untagged)]
-pub(crate) enum PatchRef {
-    Id(u64),
-    Name(String),
-}
-
-/// A failed request: an error kind of the protocol, a message, and fields
-/// particular to the kind.
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) struct Failure {
-    pub kind: &'static str,
-    pub message: String,
-    pub extra: Map<String, Value>,
-}
-
-impl Failure {
-    pub(crate) fn new(kind: &'static str, message: impl Into<String>) -> Self {
-        Failure {
-            kind,
-            message: message.into(),
-            extra: Map::new(),
+impl From<StoreError> for Failure {
+    fn from(e: StoreError) -> Failure {
+        match e {
+            StoreError::Io(message) => Failure::new(ErrorKind::State, message),
+            StoreError::FileChanged(message) => Failure::new(ErrorKind::FileChanged, message),
+            StoreError::Patch(e) => failure_of(&e),
         }
     }
-
-    fn with(mut self, key: &str, value: Value) -> Self {
-        self.extra.insert(key.to_owned(), value);
-        self
-    }
-
-    pub(crate) fn to_line(&self) -> String {
-        let mut error = Map::new();
-        error.insert("kind".into(), self.kind.into());
-        error.insert("message".into(), self.message.clone().into());
-        for (k, v) in &self.extra {
-            error.insert(k.clone(), v.clone());
-        }
-        json!({ "v": PROTOCOL_VERSION, "ok": false, "error": error }).to_string()
-    }
-}
-
-/// The reply line of a failure of kind `kind`.
-pub(crate) fn protocol_failure(kind: &'static str, message: &str) -> String {
-    Failure::new(kind, message).to_line()
-}
-
-fn bad_request(message: impl Into<String>) -> Failure {
-    Failure::new("bad_request", message)
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct StatusReq {
-    #[serde(rename = "v")]
-    _v: IgnoredAny,
-    #[serde(rename = "op")]
-    _op: IgnoredAny,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ApplyReq {
-    #[serde(rename = "v")]
-    _v: IgnoredAny,
-    #[serde(rename = "op")]
-    _op: IgnoredAny,
-    file: String,
-    deadline_ms: Option<u64>,
-    watch_ms: Option<u64>,
-    accept: Option<bool>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AcceptReq {
-    #[serde(rename = "v")]
-    _v: IgnoredAny,
-    #[serde(rename = "op")]
-    _op: IgnoredAny,
-    patch: PatchRef,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CheckReq {
-    #[serde(rename = "v")]
-    _v: IgnoredAny,
-    #[serde(rename = "op")]
-    _op: IgnoredAny,
-    file: String,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RevertReq {
-    #[serde(rename = "v")]
-    _v: IgnoredAny,
-    #[serde(rename = "op")]
-    _op: IgnoredAny,
-    patch: PatchRef,
-    deadline_ms: Option<u64>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ReplaceReq {
-    #[serde(rename = "v")]
-    _v: IgnoredAny,
-    #[serde(rename = "op")]
-    _op: IgnoredAny,
-    patch: PatchRef,
-    file: String,
-    deadline_ms: Option<u64>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct EventsReq {
-    #[serde(rename = "v")]
-    _v: IgnoredAny,
-    #[serde(rename = "op")]
-    _op: IgnoredAny,
-    since: Option<u64>,
-    limit: Option<u64>,
-}
-
-/// The verbs of protocol version 1.
-pub(crate) const OPS: &[&str] = &[
-    "status", "apply", "check", "revert", "replace", "accept", "events",
-];
-
-/// Parses one request line. Never panics: anything that is not a request
-/// of this protocol version is a [`Failure`] saying why.
-pub(crate) fn parse(line: &[u8]) -> Result<Request, Failure> {
-    let value: Value =
-        serde_json::from_slice(line).map_err(|e| bad_request(format!("not JSON: {e}")))?;
-    let Some(obj) = value.as_object() else {
-        return Err(bad_request("a request is a JSON object"));
-    };
-    match obj.get("v") {
-        Some(v) if v.as_u64() == Some(PROTOCOL_VERSION) => {}
-        Some(v) => {
-            return Err(Failure::new(
-                "unsupported_version",
-                format!(
-                    "protocol version {v} is not supported; this service speaks {PROTOCOL_VERSION}"
-                ),
-            )
-            .with("supported", json!([PROTOCOL_VERSION])));
-        }
-        None => return Err(bad_request("missing \"v\" (the protocol version)")),
-    }
-    let op = match obj.get("op") {
-        Some(Value::String(op)) => op.as_str(),
-        Some(_) => return Err(bad_request("\"op\" must be a string")),
-        None => return Err(bad_request("missing \"op\"")),
-    };
-    let fields = |e: serde_json::Error| bad_request(format!("{op}: {e}"));
-    match op {
-        "status" => {
-            StatusReq::deserialize(&value).map_err(fields)?;
-            Ok(Request::Status)
-        }
-        "apply" => {
-            let r = ApplyReq::deserialize(&value).map_err(fields)?;
-            Ok(Request::Apply {
-                file: absolute(op, r.file)?,
-                deadline: r.deadline_ms.map(Duration::from_millis),
-                watch: r.watch_ms.map(Duration::from_millis),
-                accept: r.accept.unwrap_or(false),
-            })
-        }
-        "accept" => {
-            let r = AcceptReq::deserialize(&value).map_err(fields)?;
-            Ok(Request::Accept { patch: r.patch })
-        }
-        "check" => {
-            let r = CheckReq::deserialize(&value).map_err(fields)?;
-            Ok(Request::Check {
-                file: absolute(op, r.file)?,
-            })
-        }
-        "revert" => {
-            let r = RevertReq::deserialize(&value).map_err(fields)?;
-            Ok(Request::Revert {
-                patch: r.patch,
-                deadline: r.deadline_ms.map(Duration::from_millis),
-            })
-        }
-        "replace" => {
-            let r = ReplaceReq::deserialize(&value).map_err(fields)?;
-            Ok(Request::Replace {
-                patch: r.patch,
-                file: absolute(op, r.file)?,
-                deadline: r.deadline_ms.map(Duration::from_millis),
-            })
-        }
-        "events" => {
-            let r = EventsReq::deserialize(&value).map_err(fields)?;
-            Ok(Request::Events {
-                since: r.since.unwrap_or(0),
-                limit: r.limit.map_or(100, |l| l.min(CAPACITY as u64) as usize),
-            })
-        }
-        other => Err(Failure::new(
-            "unknown_op",
-            format!(
-                "unknown op `{other}`; this service knows {}",
-                OPS.join(", ")
-            ),
-        )
-        .with("ops", json!(OPS))),
-    }
-}
-
-/// The service's cwd is not the client's: a relative path would name
-/// another file.
-fn absolute(op: &str, file: String) -> Result<PathBuf, Failure> {
-    let path = PathBuf::from(file);
-    if path.is_absolute() {
-        Ok(path)
-    } else {
-        Err(bad_request(format!(
-            "{op}: \"file\" must be an absolute path, not `{}`",
-            path.display()
-        )))
-    }
-}
-
-/// The protocol's kind for each runtime error.
-pub(crate) fn kind(e: &Error) -> &'static str {
-    e.kind()
-}
-
-pub(crate) fn failure_of(e: &Error) -> Failure {
-    let f = Failure::new(kind(e), e.to_string());
-    match e {
-        Error::AlreadyApplied { name, id, .. } => {
-            f.with("patch", json!({ "id": id.get(), "name": name }))
-        }
-        Error::Timeout {
-            stalled,
-            deadline,
-            requests,
-            ..
-        } => f
-            .with("deadline_ms", json!(deadline.as_millis() as u64))
-            .with("stalled", stalled.iter().map(thread_json).collect())
-            .with("requests", requests.iter().map(request_json).collect()),
-        Error::NotApplied { id } => f.with("patch", json!({ "id": id.get() })),
-        _ => f,
-    }
-}
-
-fn thread_json(t: &StalledThread) -> Value {
-    json!({
-        "id": t.id,
-        "name": t.name,
-        "tid": t.os_tid,
-        "without_safepoint_ms": t.without_safepoint.as_millis() as u64,
-    })
-}
-
-/// In-flight request scopes created at one place (issue 12).
-fn request_json(r: &StalledRequest) -> Value {
-    json!({
-        "location": r.location.to_string(),
-        "count": r.count,
-        "oldest_ms": r.oldest.as_millis() as u64,
-    })
 }
 
 fn implementation_json(i: &Implementation) -> Value {
@@ -329,7 +36,7 @@ fn implementation_json(i: &Implementation) -> Value {
     }
 }
 
-fn patch_json(shared: &Shared, p: &PatchInfo) -> Value {
+fn patch_json(shared: &Endpoint, p: &PatchInfo) -> Value {
     let by = shared.applied_by.lock().get(&p.id.get()).copied();
     json!({
         "id": p.id.get(),
@@ -345,7 +52,7 @@ fn patch_json(shared: &Shared, p: &PatchInfo) -> Value {
 }
 
 /// `accepted` (kept across restarts) or `applied` (on trial).
-fn state_of(shared: &Shared, id: u64) -> &'static str {
+fn state_of(shared: &Endpoint, id: u64) -> &'static str {
     match shared.state.lock().as_ref().and_then(|s| s.of(id)) {
         Some(_) => "accepted",
         None => "applied",
@@ -370,7 +77,12 @@ fn fields(v: Value) -> Map<String, Value> {
 /// Runs one request line from `peer` and returns the reply line.
 /// `gone` tells whether the client has gone away (a watch window ends
 /// when it has).
-pub(crate) fn handle(shared: &Shared, peer: &Peer, line: &[u8], gone: &dyn Fn() -> bool) -> String {
+pub(crate) fn handle(
+    shared: &Endpoint,
+    peer: &Peer,
+    line: &[u8],
+    gone: &dyn Fn() -> bool,
+) -> String {
     match parse(line) {
         Ok(request) => match run(shared, peer, request, gone) {
             Ok(reply) => ok(reply),
@@ -384,7 +96,7 @@ pub(crate) fn handle(shared: &Shared, peer: &Peer, line: &[u8], gone: &dyn Fn() 
 }
 
 /// The client's deadline, bounded by the service's.
-fn deadline(shared: &Shared, asked: Option<Duration>) -> crate::Loader {
+fn deadline(shared: &Endpoint, asked: Option<Duration>) -> crate::Loader {
     let limit = shared.config.loader.deadline_value();
     let d = asked.map_or(limit, |a| a.min(limit));
     shared.config.loader.clone().deadline(d)
@@ -403,13 +115,13 @@ fn resolve(patch: &PatchRef) -> Result<PatchInfo, Failure> {
             match found.len() {
                 1 => Ok(found.remove(0)),
                 0 => Err(Failure::new(
-                    "not_applied",
+                    ErrorKind::NotApplied,
                     format!("no applied patch is named `{name}`"),
                 )),
                 _ => {
                     let ids: Vec<u64> = found.iter().map(|p| p.id.get()).collect();
                     Err(Failure::new(
-                        "ambiguous_patch",
+                        ErrorKind::AmbiguousPatch,
                         format!(
                             "{} applied patches are named `{name}`: give an id",
                             ids.len()
@@ -422,110 +134,20 @@ fn resolve(patch: &PatchRef) -> Result<PatchInfo, Failure> {
     }
 }
 
-/// Records an operation's outcome: a `tracing` event and the ring.
-fn record(
-    shared: &Shared,
-    op: &'static str,
-    peer: &Peer,
-    started: Instant,
-    file: Option<&PathBuf>,
-    outcome: Result<&PatchInfo, &Failure>,
-) {
-    let duration = started.elapsed();
-    let file_text = file.map(|f| f.to_string_lossy().into_owned());
-    // The threads a timed-out transition waited for, by name and tid.
-    let stalled = outcome
-        .err()
-        .and_then(|f| f.extra.get("stalled"))
-        .map(Value::to_string);
-    // The registered threads the transition of this operation (run on this
-    // thread just before) waited for.
-    let waited = outcome
-        .ok()
-        .and_then(|_| crate::quiesce::take_last_waited());
-    let waited_for = waited.as_ref().map(|w| {
-        w.threads
-            .iter()
-            .map(|(name, tid)| format!("'{}' (tid {tid})", name.as_deref().unwrap_or("<unnamed>")))
-            .collect::<Vec<_>>()
-            .join(", ")
-    });
-    let (patch, outcome, mut message) = match outcome {
-        Ok(p) => (
-            Some((p.id.get(), p.name.clone())),
-            "ok".to_owned(),
-            format!("{op} {} {} {}", p.id, p.name, p.version),
-        ),
-        Err(f) => (None, f.kind.to_owned(), f.message.clone()),
-    };
-    if let Some(w) = &waited {
-        message.push_str(&match w.threads.len() {
-            0 if w.registered == 0 => " (no registered thread: swapped at once)".to_owned(),
-            0 => " (every registered thread was already at a safepoint)".to_owned(),
-            n => format!(
-                " (waited {:?} for {n} thread{}: {})",
-                w.took,
-                if n == 1 { "" } else { "s" },
-                waited_for.as_deref().unwrap_or_default()
-            ),
-        });
-    }
-    if outcome == "ok" {
-        tracing::info!(
-            target: "hotpatch::control",
-            op,
-            outcome = %outcome,
-            patch_id = patch.as_ref().map(|p| p.0),
-            patch_name = patch.as_ref().map(|p| p.1.as_str()),
-            file = file_text.as_deref(),
-            duration_us = duration.as_micros() as u64,
-            transition_us = waited.as_ref().map(|w| w.took.as_micros() as u64),
-            waited_for = waited_for.as_deref(),
-            peer_uid = peer.uid,
-            peer_pid = peer.pid,
-            "{message}"
-        );
-    } else {
-        tracing::warn!(
-            target: "hotpatch::control",
-            op,
-            outcome = %outcome,
-            file = file_text.as_deref(),
-            duration_us = duration.as_micros() as u64,
-            peer_uid = peer.uid,
-            peer_pid = peer.pid,
-            stalled_threads = stalled.as_deref(),
-            reason = %message,
-            "control {op} failed"
-        );
-    }
-    shared.events.push(Event {
-        op,
-        outcome,
-        patch,
-        file: file_text,
-        peer: Some(*peer),
-        duration: Some(duration),
-        message,
-    });
-}
-
 fn run(
-    shared: &Shared,
+    shared: &Endpoint,
     peer: &Peer,
-    request: Request,
+    request: Operation,
     gone: &dyn Fn() -> bool,
 ) -> Result<Map<String, Value>, Failure> {
     let started = Instant::now();
-    // What an earlier operation on this thread waited for is not this one's.
-    let _ = crate::quiesce::take_last_waited();
     match request {
-        Request::Status => Ok(status(shared)),
-        Request::Events { since, limit } => {
-            let (events, last) = shared.events.since(since, limit);
+        Operation::Status => Ok(status(shared)),
+        Operation::Events { since, limit } => {
+            let (events, last) = shared.events.since(since, limit as usize);
             Ok(fields(json!({ "events": events, "last_seq": last })))
         }
-        Request::Apply {
+        Operation::Apply {
             file,
             deadline: d,
             watch,
@@ -539,13 +161,14 @@ fn run(
             }
             let loader = deadline(shared, d);
             let result = shared
-                .reading(|| loader.load(&file))
+                .reading(|| loader.load_reported(&file))
                 .map_err(|e| failure_of(&e));
             let info = match result {
-                Ok(patch) => {
+                Ok((patch, report)) => {
                     let info = patch.info().clone();
                     shared.applied_by.lock().insert(info.id.get(), *peer);
-                    record(shared, "apply", peer, started, Some(&file), Ok(&info));
+                    let done = (&info, report.as_ref());
+                    record(shared, "apply", peer, started, Some(&file), Ok(done));
                     info
                 }
                 Err(f) => {
@@ -571,7 +194,7 @@ fn run(
             reply["patch"] = patch_json(shared, &info);
             Ok(fields(reply))
         }
-        Request::Accept { patch } => {
+        Operation::Accept { patch } => {
             let info = resolve(&patch)?;
             let entry = accept_patch(shared, peer, &info)?;
             Ok(fields(json!({
@@ -580,7 +203,7 @@ fn run(
                 "duration_us": started.elapsed().as_micros() as u64,
             })))
         }
-        Request::Check { file } => match shared.reading(|| shared.config.loader.check(&file)) {
+        Operation::Check { file } => match shared.reading(|| shared.config.loader.check(&file)) {
             Ok(report) => {
                 tracing::info!(
                     target: "hotpatch::control",
@@ -622,11 +245,11 @@ fn run(
                 Err(f)
             }
         },
-        Request::Revert { patch, deadline: d } => {
+        Operation::Revert { patch, deadline: d } => {
             let info = resolve(&patch)?;
             revert(shared, peer, started, &info, d)
         }
-        Request::Replace {
+        Operation::Replace {
             patch,
             file,
             deadline: d,
@@ -653,7 +276,7 @@ fn unrecorded(f: Failure, info: &PatchInfo) -> Failure {
 /// slots change; if the revert fails it goes back in the record. Every
 /// failure says what state the process and the record are in.
 fn revert(
-    shared: &Shared,
+    shared: &Endpoint,
     peer: &Peer,
     started: Instant,
     info: &PatchInfo,
@@ -666,7 +289,8 @@ fn revert(
         .as_mut()
         .map(|s| s.take_out(info.id.get()))
         .transpose()
-        .map(Option::flatten);
+        .map(Option::flatten)
+        .map_err(Failure::from);
     let taken = match taken {
         Ok(t) => t,
         Err(f) => {
@@ -675,15 +299,16 @@ fn revert(
             return Err(f);
         }
     };
-    if let Err(e) = deadline(shared, d).revert_id(info.id) {
-        let mut f = failure_of(&e);
+    let report = deadline(shared, d).revert_reported(info.id);
+    if let Err(e) = &report {
+        let mut f = failure_of(e);
         if let Some((pos, entry)) = taken {
             let put = shared.state.lock().as_mut().map(|s| s.put_back(pos, entry));
             if let Some(Err(g)) = put {
                 f.message = format!(
                     "{}; {} {} stays applied but is no longer accepted: the record could not \
                      be restored ({}), so it will not be re-applied at restart",
-                    f.message, info.id, info.name, g.message
+                    f.message, info.id, info.name, g
                 );
             }
         }
@@ -698,7 +323,9 @@ fn revert(
     let event_file = taken
         .as_ref()
         .map_or_else(|| info.file.clone(), |(_, e)| PathBuf::from(&e.source));
-    record(shared, "revert", peer, started, Some(&event_file), Ok(info));
+    let report = report.ok().flatten();
+    let done = (info, report.as_ref());
+    record(shared, "revert", peer, started, Some(&event_file), Ok(done));
     let unaccepted = match taken {
         None => Value::Null,
         Some((_, entry)) => {
@@ -735,7 +362,7 @@ fn revert(
 /// gets `old` back. Every failure says what state the process and the
 /// record are in.
 fn replace(
-    shared: &Shared,
+    shared: &Endpoint,
     peer: &Peer,
     started: Instant,
     old: &PatchInfo,
@@ -751,10 +378,11 @@ fn replace(
             .map(|s| s.stage_replacement(&shared.config.loader, old.id.get(), file))
             .transpose()
             .map(Option::flatten)
+            .map_err(Failure::from)
     });
     let staged = match staged {
         Ok(s) => s,
-        Err(f) if f.kind == "state" => {
+        Err(f) if f.is(ErrorKind::State) => {
             let f = unrecorded(f, old);
             record(shared, "replace", peer, started, Some(file), Err(&f));
             return Err(f);
@@ -768,8 +396,8 @@ fn replace(
         .as_ref()
         .map_or_else(|| file.clone(), |s| s.copy.clone());
     let loader = deadline(shared, d);
-    let new = match shared.reading(|| loader.replace(old.id, &from)) {
-        Ok(new) => new.info().clone(),
+    let (new, report) = match shared.reading(|| loader.replace_reported(old.id, &from)) {
+        Ok((new, report)) => (new.info().clone(), report),
         Err(e) => {
             let mut f = failure_of(&e);
             if let Some(staged) = staged {
@@ -779,7 +407,7 @@ fn replace(
                         "{}; {} {} stays applied, but the record holds the new patch in its \
                          place and could not be restored ({}): at restart the new patch is \
                          applied instead",
-                        f.message, old.id, old.name, g.message
+                        f.message, old.id, old.name, g
                     );
                 }
             }
@@ -794,7 +422,8 @@ fn replace(
         by.remove(&old.id.get());
         by.insert(new.id.get(), *peer);
     }
-    record(shared, "replace", peer, started, Some(file), Ok(&new));
+    let done = (&new, report.as_ref());
+    record(shared, "replace", peer, started, Some(file), Ok(done));
     if let Some(staged) = staged {
         let entry = shared
             .state
@@ -826,60 +455,7 @@ fn replace(
     })))
 }
 
-/// An event of the state directory or a watch window: the ring and a
-/// `tracing` event (info if `outcome` is `ok`, a warning otherwise).
-#[allow(clippy::too_many_arguments)]
-fn note(
-    shared: &Shared,
-    op: &'static str,
-    peer: Option<&Peer>,
-    info: &PatchInfo,
-    file: Option<&std::path::Path>,
-    outcome: &str,
-    duration: Duration,
-    message: String,
-) {
-    let file_text = file.map(|f| f.to_string_lossy().into_owned());
-    if outcome == "ok" {
-        tracing::info!(
-            target: "hotpatch::control",
-            op,
-            outcome,
-            patch_id = info.id.get(),
-            patch_name = %info.name,
-            file = file_text.as_deref(),
-            duration_us = duration.as_micros() as u64,
-            peer_uid = peer.map(|p| p.uid),
-            peer_pid = peer.map(|p| p.pid),
-            "{message}"
-        );
-    } else {
-        tracing::warn!(
-            target: "hotpatch::control",
-            op,
-            outcome,
-            patch_id = info.id.get(),
-            patch_name = %info.name,
-            file = file_text.as_deref(),
-            duration_us = duration.as_micros() as u64,
-            peer_uid = peer.map(|p| p.uid),
-            peer_pid = peer.map(|p| p.pid),
-            reason = %message,
-            "control {op}: {outcome}"
-        );
-    }
-    shared.events.push(Event {
-        op,
-        outcome: outcome.to_owned(),
-        patch: Some((info.id.get(), info.name.clone())),
-        file: file_text,
-        peer: peer.copied(),
-        duration: Some(duration),
-        message,
-    });
-}
-
-fn entry_json(shared: &Shared, id: u64) -> Value {
+fn entry_json(shared: &Endpoint, id: u64) -> Value {
     shared
         .state
         .lock()
@@ -890,9 +466,9 @@ fn entry_json(shared: &Shared, id: u64) -> Value {
         .unwrap_or(Value::Null)
 }
 
-fn no_state_dir(shared: &Shared) -> Failure {
+fn no_state_dir(shared: &Endpoint) -> Failure {
     Failure::new(
-        "no_state_dir",
+        ErrorKind::NoStateDir,
         format!(
             "{} has no state directory (ControlBuilder::state_dir): patches cannot be accepted",
             shared.config.service
@@ -901,7 +477,7 @@ fn no_state_dir(shared: &Shared) -> Failure {
 }
 
 /// Accepts applied patch `info`: stored in the state directory.
-fn accept_patch(shared: &Shared, peer: &Peer, info: &PatchInfo) -> Result<Value, Failure> {
+fn accept_patch(shared: &Endpoint, peer: &Peer, info: &PatchInfo) -> Result<Value, Failure> {
     let started = Instant::now();
     let _serial = shared.state_ops.lock();
     let result = shared.reading(|| {
@@ -909,11 +485,13 @@ fn accept_patch(shared: &Shared, peer: &Peer, info: &PatchInfo) -> Result<Value,
         match state.as_mut() {
             None => Err(no_state_dir(shared)),
             Some(store) if store.of(info.id.get()).is_some() => Err(Failure::new(
-                "already_accepted",
+                ErrorKind::AlreadyAccepted,
                 format!("{} {} is accepted already", info.id, info.name),
             )
             .with("patch", json!({ "id": info.id.get(), "name": info.name }))),
-            Some(store) => store.accept(&shared.config.loader, info),
+            Some(store) => store
+                .accept(&shared.config.loader, info)
+                .map_err(Failure::from),
         }
     });
     match result {
@@ -950,194 +528,7 @@ fn accept_patch(shared: &Shared, peer: &Peer, info: &PatchInfo) -> Result<Value,
     }
 }
 
-/// Patch `old` was rolled back in its watch window (reverted without the
-/// record): if it was accepted meanwhile, the record follows.
-fn unrecord(shared: &Shared, peer: &Peer, old: &PatchInfo) {
-    let started = Instant::now();
-    let _serial = shared.state_ops.lock();
-    let result = shared.state.lock().as_mut().map(|s| s.forget(old.id.get()));
-    match result {
-        None | Some(Ok(None)) => {}
-        Some(Ok(Some(_))) => {
-            let message = format!(
-                "{} {} is no longer accepted (rolled back)",
-                old.id, old.name
-            );
-            note(
-                shared,
-                "unaccept",
-                Some(peer),
-                old,
-                None,
-                "ok",
-                started.elapsed(),
-                message,
-            );
-        }
-        Some(Err(f)) => {
-            let message = format!(
-                "{} {} was rolled back but stays in the record, which could not be written ({}): \
-                 it will be re-applied at restart unless reverted then",
-                old.id, old.name, f.message
-            );
-            note(
-                shared,
-                "unaccept",
-                Some(peer),
-                old,
-                None,
-                f.kind,
-                started.elapsed(),
-                message,
-            );
-        }
-    }
-}
-
-/// Runs the watch window of a patch just applied; its `watch` object, or
-/// the `rolled_back` failure.
-fn watched(
-    shared: &Shared,
-    peer: &Peer,
-    loader: &crate::Loader,
-    info: &PatchInfo,
-    window: Duration,
-    gone: &dyn Fn() -> bool,
-) -> Result<Value, Failure> {
-    let started = Instant::now();
-    let options = super::Watch {
-        window,
-        max_panics: shared.config.max_panics,
-        check_interval: shared.config.check_interval,
-    };
-    tracing::info!(
-        target: "hotpatch::control",
-        op = "watch",
-        patch_id = info.id.get(),
-        patch_name = %info.name,
-        window_ms = window.as_millis() as u64,
-        max_panics = options.max_panics,
-        "watch window opened"
-    );
-    let outcome =
-        super::watch::watch_until(loader, info.id, &options, gone).map_err(|e| failure_of(&e))?;
-    let elapsed = started.elapsed();
-    match outcome {
-        super::WatchOutcome::Cancelled { panics } => {
-            let message = format!(
-                "{} {}: its client went away {} ms into its {} ms watch window ({panics} \
-                 panic(s) by then): it stays applied, on trial and not accepted, and is no \
-                 longer watched",
-                info.id,
-                info.name,
-                elapsed.as_millis(),
-                window.as_millis()
-            );
-            note(
-                shared,
-                "watch",
-                Some(peer),
-                info,
-                Some(&info.file),
-                "cancelled",
-                elapsed,
-                message.clone(),
-            );
-            Err(Failure::new("cancelled", message)
-                .with("patch", json!({ "id": info.id.get(), "name": info.name })))
-        }
-        super::WatchOutcome::Kept {
-            panics,
-            check_rounds,
-        } => {
-            let checks = match check_rounds {
-                0 => "no health check registered".to_owned(),
-                n => format!("{n} round(s) of health checks"),
-            };
-            let message = format!(
-                "{} {} kept after its {} ms window ({panics} panic(s), {checks})",
-                info.id,
-                info.name,
-                window.as_millis()
-            );
-            note(
-                shared,
-                "watch",
-                Some(peer),
-                info,
-                Some(&info.file),
-                "ok",
-                elapsed,
-                message,
-            );
-            Ok(json!({
-                "outcome": "kept",
-                "window_ms": window.as_millis() as u64,
-                "panics": panics,
-                "check_rounds": check_rounds,
-            }))
-        }
-        super::WatchOutcome::Gone => {
-            let message = format!(
-                "{} {} was reverted during its watch window",
-                info.id, info.name
-            );
-            note(
-                shared,
-                "watch",
-                Some(peer),
-                info,
-                Some(&info.file),
-                "not_applied",
-                elapsed,
-                message.clone(),
-            );
-            Err(Failure::new("not_applied", message)
-                .with("patch", json!({ "id": info.id.get(), "name": info.name })))
-        }
-        super::WatchOutcome::RolledBack {
-            reason,
-            panics,
-            check,
-            revert_error,
-        } => {
-            if revert_error.is_none() {
-                shared.applied_by.lock().remove(&info.id.get());
-                unrecord(shared, peer, info);
-            }
-            let message = match &revert_error {
-                None => format!("{} {} rolled back: {reason}", info.id, info.name),
-                Some(e) => format!(
-                    "{} {} should be rolled back ({reason}) but the revert failed: {e}",
-                    info.id, info.name
-                ),
-            };
-            let outcome = if revert_error.is_none() {
-                "rolled_back"
-            } else {
-                "rollback_failed"
-            };
-            note(
-                shared,
-                "rollback",
-                Some(peer),
-                info,
-                Some(&info.file),
-                outcome,
-                elapsed,
-                message.clone(),
-            );
-            Err(Failure::new(outcome, message)
-                .with("patch", json!({ "id": info.id.get(), "name": info.name }))
-                .with("reason", json!(reason))
-                .with("panics", json!(panics))
-                .with("check", json!(check))
-                .with("after_ms", json!(elapsed.as_millis() as u64)))
-        }
-    }
-}
-
-fn status(shared: &Shared) -> Map<String, Value> {
+fn status(shared: &Endpoint) -> Map<String, Value> {
     let applied = crate::applied();
     // Patches reverted from inside the service no longer need a record.
     shared
@@ -1172,287 +563,4 @@ fn status(shared: &Shared) -> Map<String, Value> {
         "refused_connections": shared.events.refused_total(),
         "state": shared.state.lock().as_ref().map(|s| s.to_json()),
     }))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    fn reply_is_well_formed(line: &str) -> Value {
-        let v: Value = serde_json::from_str(line).expect("the reply is JSON");
-        assert_eq!(v["v"], json!(1), "{line}");
-        assert_eq!(v["ok"], json!(false), "{line}");
-        assert!(v["error"]["kind"].is_string(), "{line}");
-        assert!(v["error"]["message"].is_string(), "{line}");
-        assert!(!line.contains('\n'), "one line: {line}");
-        v
-    }
-
-    #[test]
-    fn parses_each_verb() {
-        let p = |s: &str| parse(s.as_bytes());
-        assert_eq!(p(r#"{"v":1,"op":"status"}"#), Ok(Request::Status));
-        assert_eq!(
-            p(r#"{"v":1,"op":"apply","file":"/x/fix.so","deadline_ms":1500}"#),
-            Ok(Request::Apply {
-                file: "/x/fix.so".into(),
-                deadline: Some(Duration::from_millis(1500)),
-                watch: None,
-                accept: false,
-            })
-        );
-        assert_eq!(
-            p(r#"{"v":1,"op":"apply","file":"/x/fix.so","watch_ms":2000,"accept":true}"#),
-            Ok(Request::Apply {
-                file: "/x/fix.so".into(),
-                deadline: None,
-                watch: Some(Duration::from_millis(2000)),
-                accept: true,
-            })
-        );
-        assert_eq!(
-            p(r#"{"v":1,"op":"accept","patch":"fix"}"#),
-            Ok(Request::Accept {
-                patch: PatchRef::Name("fix".into())
-            })
-        );
-        assert_eq!(
-            p(r#"{"v":1,"op":"check","file":"/x/fix.so"}"#),
-            Ok(Request::Check {
-                file: "/x/fix.so".into()
-            })
-        );
-        assert_eq!(
-            p(r#"{"v":1,"op":"revert","patch":3}"#),
-            Ok(Request::Revert {
-                patch: PatchRef::Id(3),
-                deadline: None
-            })
-        );
-        assert_eq!(
-            p(r#"{"v":1,"op":"revert","patch":"fix"}"#),
-            Ok(Request::Revert {
-                patch: PatchRef::Name("fix".into()),
-                deadline: None
-            })
-        );
-        assert_eq!(
-            p(r#"{"v":1,"op":"replace","patch":1,"file":"/y.so"}"#),
-            Ok(Request::Replace {
-                patch: PatchRef::Id(1),
-                file: "/y.so".into(),
-                deadline: None
-            })
-        );
-        assert_eq!(
-            p(r#"{"v":1,"op":"events","since":4}"#),
-            Ok(Request::Events {
-                since: 4,
-                limit: 100
-            })
-        );
-    }
-
-    #[test]
-    fn refuses_what_is_not_a_request() {
-        let kind = |s: &str| parse(s.as_bytes()).unwrap_err().kind;
-        assert_eq!(kind("status"), "bad_request");
-        assert_eq!(kind("[1]"), "bad_request");
-        assert_eq!(kind(r#"{"op":"status"}"#), "bad_request");
-        assert_eq!(kind(r#"{"v":2,"op":"status"}"#), "unsupported_version");
-        assert_eq!(kind(r#"{"v":"1","op":"status"}"#), "unsupported_version");
-        assert_eq!(kind(r#"{"v":1,"op":"explode"}"#), "unknown_op");
-        assert_eq!(kind(r#"{"v":1,"op":7}"#), "bad_request");
-        assert_eq!(kind(r#"{"v":1,"op":"apply"}"#), "bad_request");
-        assert_eq!(kind(r#"{"v":1,"op":"apply","file":7}"#), "bad_request");
-        assert_eq!(
-            kind(r#"{"v":1,"op":"apply","file":"fix.so"}"#),
-            "bad_request"
-        );
-        assert_eq!(
-            kind(r#"{"v":1,"op":"apply","file":"/f.so","deadline_ms":-1}"#),
-            "bad_request"
-        );
-        assert_eq!(kind(r#"{"v":1,"op":"status","force":true}"#), "bad_request");
-        assert_eq!(kind(r#"{"v":1,"op":"revert","patch":[1]}"#), "bad_request");
-        let deep = "[".repeat(10_000);
-        assert_eq!(kind(&deep), "bad_request");
-    }
-
-    /// JSON values, nested, with the protocol's keys and verbs likely.
-    fn json_value() -> impl Strategy<Value = Value> {
-        let key = prop_oneof![
-            Just("v".to_owned()),
-            Just("op".to_owned()),
-            Just("file".to_owned()),
-            Just("patch".to_owned()),
-            Just("deadline_ms".to_owned()),
-            Just("since".to_owned()),
-            Just("limit".to_owned()),
-            Just("watch_ms".to_owned()),
-            Just("accept".to_owned()),
-            "[a-z_]{0,8}",
-        ];
-        let leaf = prop_oneof![
-            Just(Value::Null),
-            any::<bool>().prop_map(Value::from),
-            any::<i64>().prop_map(Value::from),
-            any::<u64>().prop_map(Value::from),
-            any::<f64>().prop_map(Value::from),
-            proptest::sample::select(OPS).prop_map(Value::from),
-            "/?[a-z./]{0,12}".prop_map(Value::from),
-            ".*".prop_map(Value::from),
-        ];
-        leaf.prop_recursive(4, 32, 8, move |inner| {
-            prop_oneof![
-                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::from),
-                prop::collection::btree_map(key.clone(), inner, 0..6)
-                    .prop_map(|m| Value::Object(m.into_iter().collect())),
-            ]
-        })
-    }
-
-    proptest! {
-        #![proptest_config(ProptestConfig::with_cases(2000))]
-
-        #[test]
-        fn arbitrary_bytes_get_a_well_formed_error(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
-            if let Err(f) = parse(&bytes) {
-                reply_is_well_formed(&f.to_line());
-            }
-        }
-
-        #[test]
-        fn arbitrary_json_parses_or_gets_a_well_formed_error(
-            mut value in json_value(),
-            v in prop_oneof![Just(json!(1)), any::<i64>().prop_map(Value::from), Just(Value::Null)],
-            op in prop_oneof![proptest::sample::select(OPS).prop_map(Value::from), any::<u8>().prop_map(Value::from)],
-        ) {
-            if let Value::Object(m) = &mut value {
-                m.insert("v".into(), v);
-                m.insert("op".into(), op);
-            }
-            let line = value.to_string();
-            match parse(line.as_bytes()) {
-                Ok(Request::Apply { file, .. } | Request::Check { file } | Request::Replace { file, .. }) => {
-                    prop_assert!(file.is_absolute());
-                }
-                Ok(Request::Events { limit, .. }) => prop_assert!(limit <= CAPACITY),
-                Ok(_) => {}
-                Err(f) => {
-                    let reply = reply_is_well_formed(&f.to_line());
-                    prop_assert_eq!(reply["error"]["kind"].as_str(), Some(f.kind));
-                }
-            }
-        }
-    }
-
-    /// Requests of each verb with some of its fields (and sometimes one
-    /// more), each of a random type: near misses of valid requests.
-    fn near_request() -> impl Strategy<Value = Value> {
-        let field_value = prop_oneof![
-            any::<u64>().prop_map(Value::from),
-            any::<i64>().prop_map(Value::from),
-            "/[a-z]{1,8}(/[a-z.]{1,8}){0,2}".prop_map(Value::from),
-            "[a-z./]{0,12}".prop_map(Value::from),
-            Just(Value::Null),
-            Just(json!([1])),
-        ];
-        let fields = prop::collection::btree_map(
-            proptest::sample::select(vec![
-                "file",
-                "patch",
-                "deadline_ms",
-                "since",
-                "limit",
-                "watch_ms",
-                "accept",
-                "x",
-            ]),
-            field_value,
-            0..4,
-        );
-        (proptest::sample::select(OPS), fields).prop_map(|(op, fields)| {
-            let mut m: Map<String, Value> =
-                fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
-            m.insert("v".into(), json!(1));
-            m.insert("op".into(), json!(op));
-            Value::Object(m)
-        })
-    }
-
-    proptest! {
-        #![proptest_config(ProptestConfig::with_cases(4000))]
-
-        #[test]
-        fn near_requests_parse_to_valid_requests_or_well_formed_errors(value in near_request()) {
-            let line = value.to_string();
-            match parse(line.as_bytes()) {
-                Ok(Request::Apply { file, .. } | Request::Check { file } | Request::Replace { file, .. }) => {
-                    prop_assert!(file.is_absolute(), "{}", line);
-                    prop_assert_eq!(Some(file.to_str().unwrap()), value["file"].as_str());
-                }
-                Ok(Request::Events { limit, .. }) => prop_assert!(limit <= CAPACITY),
-                Ok(Request::Status) => prop_assert_eq!(value.as_object().unwrap().len(), 2, "{}", line),
-                Ok(Request::Revert { .. } | Request::Accept { .. }) => {}
-                Err(f) => {
-                    let reply = reply_is_well_formed(&f.to_line());
-                    prop_assert_eq!(reply["error"]["kind"].as_str(), Some("bad_request"), "{}", line);
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn every_runtime_error_has_its_own_kind() {
-        let path = PathBuf::from("/f.so");
-        let kinds = [
-            kind(&Error::NotApplied { id: PatchId(1) }),
-            kind(&Error::AlreadyApplied {
-                path: path.clone(),
-                name: "x".into(),
-                id: PatchId(1),
-            }),
-            kind(&Error::Timeout {
-                what: "apply".into(),
-                deadline: Duration::ZERO,
-                stalled: vec![],
-                requests: vec![],
-            }),
-            kind(&Error::Busy {
-                what: "apply".into(),
-                waited: Duration::ZERO,
-            }),
-            kind(&Error::UnknownTarget {
-                path,
-                function: "f".into(),
-            }),
-        ];
-        let distinct: std::collections::HashSet<_> = kinds.iter().collect();
-        assert_eq!(distinct.len(), kinds.len(), "{kinds:?}");
-    }
-
-    #[test]
-    fn events_ring_is_bounded_and_ordered() {
-        let ring = crate::control::events::Ring::new();
-        for i in 0..CAPACITY + 10 {
-            ring.push(Event {
-                op: "apply",
-                outcome: "ok".into(),
-                patch: Some((i as u64, "p".into())),
-                file: None,
-                peer: None,
-                duration: None,
-                message: String::new(),
-            });
-        }
-        let (all, last) = ring.since(0, usize::MAX);
-        assert_eq!(all.len(), CAPACITY);
-        assert_eq!(last, (CAPACITY + 10) as u64);
-        assert_eq!(all[0]["seq"], json!(11));
-        let (tail, _) = ring.since(last - 3, 100);
-        let seqs: Vec<_> = tail.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
-        assert_eq!(seqs, vec![last - 2, last - 1, last]);
-    }
 }

@@ -4,7 +4,6 @@ use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -12,65 +11,27 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 
 use super::MAX_LINE;
-use super::events::{Event, Ring};
-use super::ops::{self, protocol_failure};
+use super::endpoint::{Config, Endpoint};
+use super::ops;
 use super::peer::{self, Peer};
-use crate::Loader;
+use super::protocol::{ErrorKind, protocol_failure};
 
 /// How long a reply may take to be written before the client is dropped.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
-#[derive(Debug)]
-pub(crate) struct Config {
-    pub service: String,
-    pub socket: PathBuf,
-    pub own_uid: u32,
-    pub allow_uids: Vec<u32>,
-    pub allow_gids: Vec<u32>,
-    pub loader: Loader,
-    pub max_connections: usize,
-    pub read_timeout: Duration,
-    pub max_panics: u64,
-    pub check_interval: Duration,
-    pub max_concurrent_reads: usize,
-}
-
-impl Config {
-    fn permits(&self, p: &Peer) -> bool {
-        p.uid == 0
-            || p.uid == self.own_uid
-            || self.allow_uids.contains(&p.uid)
-            || self.allow_gids.contains(&p.gid)
-    }
-}
-
-/// What the accept thread, the connection threads and the handle share.
-pub(crate) struct Shared {
-    pub config: Config,
+/// What the accept thread, the connection threads and the handle share:
+/// the endpoint the requests run on, and the connections.
+pub(crate) struct Server {
+    pub endpoint: Endpoint,
     /// Set when the handle is dropped.
     pub stop: AtomicBool,
     conns: Mutex<Conns>,
-    pub events: Ring,
-    /// Who applied each patch applied through the endpoint, by patch id.
-    pub applied_by: Mutex<HashMap<u64, Peer>>,
-    /// The state directory, if the service configured one.
-    pub state: Mutex<Option<super::state::Store>>,
-    /// Held for the whole of an operation that changes the record
-    /// (accept, a revert or replace of an accepted patch), across its
-    /// transition; `state` itself is only held briefly, so `status`
-    /// answers meanwhile.
-    pub state_ops: Mutex<()>,
-    /// Patch files being read by requests (apply, check, replace), bounded
-    /// by `max_concurrent_reads`: with the loader's size limit, a bound on
-    /// the memory requests can make the service use.
-    reads: Mutex<usize>,
-    reads_done: parking_lot::Condvar,
 }
 
-impl std::fmt::Debug for Shared {
+impl std::fmt::Debug for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shared")
-            .field("config", &self.config)
+        f.debug_struct("Server")
+            .field("endpoint", &self.endpoint)
             .finish_non_exhaustive()
     }
 }
@@ -88,59 +49,13 @@ struct Conn {
     idle_since: Option<Instant>,
 }
 
-impl Shared {
+impl Server {
     pub(crate) fn new(config: Config) -> Self {
-        Shared {
-            config,
+        Server {
+            endpoint: Endpoint::new(config),
             stop: AtomicBool::new(false),
             conns: Mutex::new(Conns::default()),
-            events: Ring::new(),
-            applied_by: Mutex::new(HashMap::new()),
-            state: Mutex::new(None),
-            state_ops: Mutex::new(()),
-            reads: Mutex::new(0),
-            reads_done: parking_lot::Condvar::new(),
         }
-    }
-
-    /// Runs `f` (which reads a patch file) when fewer than
-    /// `max_concurrent_reads` others are: waits for its turn.
-    pub(crate) fn reading<T>(&self, f: impl FnOnce() -> T) -> T {
-        {
-            let mut reads = self.reads.lock();
-            while *reads >= self.config.max_concurrent_reads {
-                self.reads_done.wait(&mut reads);
-            }
-            *reads += 1;
-        }
-        struct Done<'a>(&'a Shared);
-        impl Drop for Done<'_> {
-            fn drop(&mut self) {
-                *self.0.reads.lock() -= 1;
-                self.0.reads_done.notify_one();
-            }
-        }
-        let _done = Done(self);
-        f()
-    }
-
-    pub(crate) fn listening(&self) {
-        let socket = self.config.socket.display().to_string();
-        tracing::info!(
-            target: "hotpatch::control",
-            service = %self.config.service,
-            socket = %socket,
-            "control endpoint listening"
-        );
-        self.events.push(Event {
-            op: "listen",
-            outcome: "ok".into(),
-            patch: None,
-            file: None,
-            peer: None,
-            duration: None,
-            message: format!("listening on {socket}"),
-        });
     }
 
     /// A slot for a new connection: a free one, or the one of the
@@ -150,7 +65,7 @@ impl Shared {
     fn admit(&self, stream: &UnixStream) -> Option<u64> {
         let handle = stream.try_clone().ok()?;
         let mut conns = self.conns.lock();
-        if conns.live.len() >= self.config.max_connections {
+        if conns.live.len() >= self.endpoint.config.max_connections {
             let oldest = conns
                 .live
                 .iter()
@@ -163,9 +78,12 @@ impl Shared {
                 let message = format!(
                     "closed to admit a new connection: all {} connections were in use; \
                      reconnect to send another request",
-                    self.config.max_connections
+                    self.endpoint.config.max_connections
                 );
-                send_now(&evicted.stream, &protocol_failure("overloaded", &message));
+                send_now(
+                    &evicted.stream,
+                    &protocol_failure(ErrorKind::Overloaded, &message),
+                );
                 let _ = evicted.stream.shutdown(Shutdown::Both);
             }
         }
@@ -206,7 +124,7 @@ impl Shared {
 }
 
 /// Serves `listener` until the handle sets `stop`. Blocks in `accept`.
-pub(crate) fn accept_loop(listener: &UnixListener, shared: &Arc<Shared>) {
+pub(crate) fn accept_loop(listener: &UnixListener, shared: &Arc<Server>) {
     loop {
         let accepted = listener.accept();
         // Acquire: pairs with the Release store in `Control::drop`.
@@ -230,7 +148,7 @@ pub(crate) fn accept_loop(listener: &UnixListener, shared: &Arc<Shared>) {
                 continue;
             }
         };
-        if !shared.config.permits(&peer) {
+        if !shared.endpoint.config.permits(&peer) {
             refuse(shared, stream, peer);
             continue;
         }
@@ -302,21 +220,21 @@ fn request_waiting(stream: &UnixStream) -> bool {
     n > 0 && buf[..n as usize].contains(&b'\n')
 }
 
-fn refuse(shared: &Shared, stream: UnixStream, peer: Peer) {
+fn refuse(shared: &Server, stream: UnixStream, peer: Peer) {
     let message = format!(
         "uid {} (gid {}, pid {}) may not use the control endpoint of {} (allowed: uid {}, root{}{})",
         peer.uid,
         peer.gid,
         peer.pid,
-        shared.config.service,
-        shared.config.own_uid,
-        list(" uids ", &shared.config.allow_uids),
-        list(" gids ", &shared.config.allow_gids),
+        shared.endpoint.config.service,
+        shared.endpoint.config.own_uid,
+        list(" uids ", &shared.endpoint.config.allow_uids),
+        list(" gids ", &shared.endpoint.config.allow_gids),
     );
     // One event and one warning per peer per interval, with a count: a
     // flood of refused clients neither fills the log nor pushes the
     // history of operations out of the ring.
-    if let Some(before) = shared.events.refused(peer, || message.clone()) {
+    if let Some(before) = shared.endpoint.events.refused(peer, || message.clone()) {
         tracing::warn!(
             target: "hotpatch::control",
             peer_uid = peer.uid,
@@ -328,7 +246,10 @@ fn refuse(shared: &Shared, stream: UnixStream, peer: Peer) {
             super::events::REFUSAL_INTERVAL.as_secs()
         );
     }
-    send_now(&stream, &protocol_failure("not_permitted", &message));
+    send_now(
+        &stream,
+        &protocol_failure(ErrorKind::NotPermitted, &message),
+    );
 }
 
 fn list(label: &str, ids: &[u32]) -> String {
@@ -339,10 +260,10 @@ fn list(label: &str, ids: &[u32]) -> String {
     format!(",{label}{}", ids.join(", "))
 }
 
-fn overloaded(shared: &Shared, stream: UnixStream, peer: Peer) {
+fn overloaded(shared: &Server, stream: UnixStream, peer: Peer) {
     let message = format!(
         "all {} connections are running or about to run requests; try again",
-        shared.config.max_connections
+        shared.endpoint.config.max_connections
     );
     tracing::warn!(
         target: "hotpatch::control",
@@ -350,36 +271,36 @@ fn overloaded(shared: &Shared, stream: UnixStream, peer: Peer) {
         peer_pid = peer.pid,
         "control connection refused: overloaded"
     );
-    send_now(&stream, &protocol_failure("overloaded", &message));
+    send_now(&stream, &protocol_failure(ErrorKind::Overloaded, &message));
 }
 
 /// Answers the requests of one connection until it closes, times out,
 /// sends an oversized line, or is closed from outside.
-fn serve(shared: &Shared, stream: &UnixStream, peer: Peer, id: u64) {
+fn serve(shared: &Server, stream: &UnixStream, peer: Peer, id: u64) {
     if stream.set_write_timeout(Some(WRITE_TIMEOUT)).is_err() {
         return;
     }
     let mut lines = LineReader::new(MAX_LINE);
     loop {
-        let deadline = Instant::now() + shared.config.read_timeout;
+        let deadline = Instant::now() + shared.endpoint.config.read_timeout;
         let line = match lines.next(stream, deadline) {
             Ok(Some(line)) => line,
             Ok(None) => return,
             Err(ReadError::TooLong) => {
                 let message = format!("a request line is at most {MAX_LINE} bytes");
-                let _ = write_line(stream, &protocol_failure("line_too_long", &message));
+                let _ = write_line(stream, &protocol_failure(ErrorKind::LineTooLong, &message));
                 return;
             }
             Err(ReadError::TimedOut) => {
                 tracing::debug!(target: "hotpatch::control", peer_pid = peer.pid, "control connection timed out");
                 return;
             }
-            Err(ReadError::Io(_)) => return,
+            Err(ReadError::Io) => return,
         };
         if !shared.set_idle(id, false) {
             return;
         }
-        let reply = ops::handle(shared, &peer, &line, &|| peer_gone(stream));
+        let reply = ops::handle(&shared.endpoint, &peer, &line, &|| peer_gone(stream));
         if write_line(stream, &reply).is_err() || !shared.set_idle(id, true) {
             return;
         }
@@ -397,7 +318,8 @@ fn write_line(mut stream: &UnixStream, line: &str) -> io::Result<()> {
 pub(crate) enum ReadError {
     TooLong,
     TimedOut,
-    Io(#[allow(dead_code)] io::Error),
+    /// The connection failed (reset, closed under us): nothing to answer.
+    Io,
 }
 
 /// Reads newline-terminated lines of at most `max` bytes, each within a
@@ -441,7 +363,9 @@ impl LineReader {
             if left.is_zero() {
                 return Err(ReadError::TimedOut);
             }
-            stream.set_read_timeout(Some(left)).map_err(ReadError::Io)?;
+            stream
+                .set_read_timeout(Some(left))
+                .map_err(|_| ReadError::Io)?;
             let mut chunk = [0u8; 8192];
             match stream.read(&mut chunk) {
                 Ok(0) => return Ok(None),
@@ -455,7 +379,7 @@ impl LineReader {
                     return Err(ReadError::TimedOut);
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(ReadError::Io(e)),
+                Err(_) => return Err(ReadError::Io),
             }
         }
     }

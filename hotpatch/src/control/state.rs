@@ -31,7 +31,6 @@ use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
 use super::events::{Event, unix_ms};
-use super::ops::{Failure, failure_of};
 use crate::{Error, Loader, PatchInfo};
 
 /// The record's format version; a record of another is set aside.
@@ -47,7 +46,7 @@ const REJECTED: &str = "rejected";
 
 /// One accepted patch in the record.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub(crate) struct Entry {
+pub(crate) struct AcceptedPatch {
     /// Order of acceptance (unique in a record).
     pub seq: u64,
     pub name: String,
@@ -71,7 +70,7 @@ pub(crate) struct Entry {
 
 /// A record of [`RECORD_FORMAT`]; fields of a later release are kept.
 #[derive(Debug, Deserialize)]
-struct Record {
+struct RecordFile {
     next_seq: u64,
     patches: Vec<Value>,
     #[serde(flatten)]
@@ -96,7 +95,7 @@ pub(crate) struct Rejected {
 #[derive(Debug)]
 pub(crate) struct Staged {
     pos: usize,
-    previous: Entry,
+    previous: AcceptedPatch,
     /// The copy to apply.
     pub copy: PathBuf,
 }
@@ -105,7 +104,7 @@ pub(crate) struct Staged {
 #[derive(Debug)]
 pub(crate) struct Store {
     pub dir: PathBuf,
-    pub entries: Vec<Entry>,
+    pub entries: Vec<AcceptedPatch>,
     next_seq: u64,
     pub rejected: Vec<Rejected>,
     /// The kill switch was set at start-up.
@@ -121,8 +120,25 @@ pub(crate) struct Store {
     blocked: Option<String>,
 }
 
-fn io(what: &str, path: &Path, e: std::io::Error) -> Failure {
-    Failure::new("state", format!("cannot {what} {}: {e}", path.display()))
+/// Why the store could not do what was asked; what changed is said by
+/// the caller (nothing, unless it says otherwise).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum StoreError {
+    /// The state directory could not be read or written, or the record
+    /// must not be (protocol kind `state`).
+    #[error("{0}")]
+    Io(String),
+    /// The patch's file no longer holds the bytes that were applied
+    /// (protocol kind `file_changed`).
+    #[error("{0}")]
+    FileChanged(String),
+    /// The copy to store failed a check of the runtime (its kind).
+    #[error(transparent)]
+    Patch(#[from] Error),
+}
+
+fn io(what: &str, path: &Path, e: std::io::Error) -> StoreError {
+    StoreError::Io(format!("cannot {what} {}: {e}", path.display()))
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
@@ -132,7 +148,7 @@ fn sha256_hex(bytes: &[u8]) -> String {
         .collect()
 }
 
-fn ensure_dir(dir: &Path) -> Result<(), Failure> {
+fn ensure_dir(dir: &Path) -> Result<(), StoreError> {
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -140,14 +156,14 @@ fn ensure_dir(dir: &Path) -> Result<(), Failure> {
         .map_err(|e| io("create the directory", dir, e))
 }
 
-fn sync_dir(dir: &Path) -> Result<(), Failure> {
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| io("sync the directory", dir, e))
 }
 
 /// Writes `bytes` to `path` crash-safely, mode 0600.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Failure> {
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = temp_path(path);
     let written = (|| {
@@ -192,20 +208,20 @@ impl Store {
     }
 
     /// The accepted entry of applied patch `id`.
-    pub(crate) fn of(&self, id: u64) -> Option<&Entry> {
+    pub(crate) fn of(&self, id: u64) -> Option<&AcceptedPatch> {
         self.entries.iter().find(|e| e.applied == Some(id))
     }
 
-    fn save(&self) -> Result<(), Failure> {
+    fn save(&self) -> Result<(), StoreError> {
         if let Some(why) = &self.blocked {
-            return Err(Failure::new("state", why.clone()));
+            return Err(StoreError::Io(why.clone()));
         }
         let mut record = Value::Object(self.record_extra.clone());
         record["format"] = json!(RECORD_FORMAT);
         record["next_seq"] = json!(self.next_seq);
         record["patches"] = json!(self.entries);
         let text = serde_json::to_vec_pretty(&record)
-            .map_err(|e| Failure::new("state", format!("cannot encode the record: {e}")))?;
+            .map_err(|e| StoreError::Io(format!("cannot encode the record: {e}")))?;
         write_atomic(&self.record_path(), &text)?;
         crate::metrics::accepted(self.entries.len());
         Ok(())
@@ -338,7 +354,7 @@ impl Store {
         let mut changed = false;
         let mut entries = Vec::new();
         for value in values {
-            match serde_json::from_value::<Entry>(value.clone()) {
+            match serde_json::from_value::<AcceptedPatch>(value.clone()) {
                 Ok(e) if is_plain_name(&e.file) => entries.push(e),
                 Ok(e) if disabled => entries.push(e),
                 Ok(e) => {
@@ -439,14 +455,13 @@ impl Store {
                     store.entries.push(entry);
                 }
                 Err(e) => {
-                    let f = failure_of(&e);
-                    store.reject(events, f.kind, Some(entry.name), own, f.message);
+                    store.reject(events, e.kind(), Some(entry.name), own, e.to_string());
                     changed = true;
                 }
             }
         }
         let saved = if changed && let Err(f) = store.save() {
-            tracing::warn!(target: "hotpatch::control", op = "restore", reason = %f.message, "cannot rewrite the record");
+            tracing::warn!(target: "hotpatch::control", op = "restore", reason = %f, "cannot rewrite the record");
             false
         } else {
             true
@@ -477,7 +492,7 @@ impl Store {
             Err(e) => ("unreadable_record", format!("cannot read the record: {e}")),
             Ok(bytes) => match serde_json::from_slice::<Value>(&bytes) {
                 Ok(v) => match v.get("format").and_then(Value::as_u64) {
-                    Some(RECORD_FORMAT) => match serde_json::from_value::<Record>(v) {
+                    Some(RECORD_FORMAT) => match serde_json::from_value::<RecordFile>(v) {
                         Ok(r) => {
                             self.next_seq = r.next_seq.max(1);
                             self.record_extra = r.extra;
@@ -599,7 +614,11 @@ impl Store {
     /// Stores applied patch `info` as accepted: copies its file (and
     /// signature), checks that the copy is the applied patch's bytes, and
     /// appends it to the record. Nothing changes on failure.
-    pub(crate) fn accept(&mut self, loader: &Loader, info: &PatchInfo) -> Result<Entry, Failure> {
+    pub(crate) fn accept(
+        &mut self,
+        loader: &Loader,
+        info: &PatchInfo,
+    ) -> Result<AcceptedPatch, StoreError> {
         let seq = self.next_seq;
         let mut entry = self.store_copy(loader, &info.file, Some(info), seq)?;
         entry.applied = Some(info.id.get());
@@ -618,7 +637,10 @@ impl Store {
     /// where it was and its entry, for [`put_back`](Self::put_back) if
     /// the revert fails; `None` if it is not accepted. Nothing changes on
     /// failure.
-    pub(crate) fn take_out(&mut self, id: u64) -> Result<Option<(usize, Entry)>, Failure> {
+    pub(crate) fn take_out(
+        &mut self,
+        id: u64,
+    ) -> Result<Option<(usize, AcceptedPatch)>, StoreError> {
         let Some(pos) = self.entries.iter().position(|e| e.applied == Some(id)) else {
             return Ok(None);
         };
@@ -632,7 +654,7 @@ impl Store {
 
     /// Puts an entry taken out back where it was (its revert failed). On
     /// failure the record stays without it.
-    pub(crate) fn put_back(&mut self, pos: usize, entry: Entry) -> Result<(), Failure> {
+    pub(crate) fn put_back(&mut self, pos: usize, entry: AcceptedPatch) -> Result<(), StoreError> {
         let pos = pos.min(self.entries.len());
         self.entries.insert(pos, entry);
         if let Err(f) = self.save() {
@@ -644,7 +666,7 @@ impl Store {
 
     /// An entry taken out whose patch is reverted: its copy goes (unless
     /// another entry names it).
-    pub(crate) fn discard(&self, entry: &Entry) {
+    pub(crate) fn discard(&self, entry: &AcceptedPatch) {
         self.remove_copy(entry);
     }
 
@@ -659,7 +681,7 @@ impl Store {
         loader: &Loader,
         old: u64,
         file: &Path,
-    ) -> Result<Option<Staged>, Failure> {
+    ) -> Result<Option<Staged>, StoreError> {
         let Some(pos) = self.entries.iter().position(|e| e.applied == Some(old)) else {
             return Ok(None);
         };
@@ -683,7 +705,7 @@ impl Store {
 
     /// The staged replacement is applied as patch `id`: the replaced
     /// patch's copy goes. The new entry.
-    pub(crate) fn replaced(&mut self, staged: Staged, id: u64) -> Entry {
+    pub(crate) fn replaced(&mut self, staged: Staged, id: u64) -> AcceptedPatch {
         self.entries[staged.pos].applied = Some(id);
         self.remove_copy(&staged.previous);
         self.entries[staged.pos].clone()
@@ -692,7 +714,7 @@ impl Store {
     /// The staged replacement could not be applied: the replaced patch's
     /// entry goes back in its place. On failure the record keeps the
     /// staged entry (and so does this process's view of it).
-    pub(crate) fn unstage(&mut self, staged: Staged) -> Result<(), Failure> {
+    pub(crate) fn unstage(&mut self, staged: Staged) -> Result<(), StoreError> {
         let new = std::mem::replace(&mut self.entries[staged.pos], staged.previous);
         if let Err(f) = self.save() {
             self.entries[staged.pos] = new;
@@ -704,7 +726,7 @@ impl Store {
 
     /// Patch `id` was reverted without the record (a watch window's
     /// rollback): drops it from the record.
-    pub(crate) fn forget(&mut self, id: u64) -> Result<Option<Entry>, Failure> {
+    pub(crate) fn forget(&mut self, id: u64) -> Result<Option<AcceptedPatch>, StoreError> {
         let Some((_, entry)) = self.take_out(id)? else {
             return Ok(None);
         };
@@ -714,7 +736,7 @@ impl Store {
 
     /// Removes `entry`'s copy (and signature), unless another entry of the
     /// record names the same file.
-    fn remove_copy(&self, entry: &Entry) {
+    fn remove_copy(&self, entry: &AcceptedPatch) {
         if self.entries.iter().any(|e| e.file == entry.file) {
             return;
         }
@@ -735,7 +757,7 @@ impl Store {
         src: &Path,
         applied: Option<&PatchInfo>,
         seq: u64,
-    ) -> Result<Entry, Failure> {
+    ) -> Result<AcceptedPatch, StoreError> {
         let patches = self.patches();
         ensure_dir(&patches)?;
         let bytes = fs::read(src).map_err(|e| io("read", src, e))?;
@@ -745,7 +767,7 @@ impl Store {
             let _ = fs::remove_file(&tmp);
             let _ = fs::remove_file(&tmp_sig);
         };
-        let write = |to: &Path, bytes: &[u8]| -> Result<(), Failure> {
+        let write = |to: &Path, bytes: &[u8]| -> Result<(), StoreError> {
             let mut f = fs::OpenOptions::new()
                 .write(true)
                 .create(true)
@@ -777,24 +799,20 @@ impl Store {
             (Err(Error::AlreadyApplied { id, .. }), Some(info)) if id == info.id => {
                 Ok((info.name.clone(), info.version.clone()))
             }
-            (Err(Error::AlreadyApplied { id, .. }), Some(info)) => Err(Failure::new(
-                "file_changed",
-                format!(
+            (Err(Error::AlreadyApplied { id, .. }), Some(info)) => {
+                Err(StoreError::FileChanged(format!(
                     "{} now holds {id}, not {}: it changed since it was applied",
                     src.display(),
                     info.id
-                ),
-            )),
-            (Ok(_), Some(info)) => Err(Failure::new(
-                "file_changed",
-                format!(
-                    "{} changed since {} was applied from it; apply it again, then accept",
-                    src.display(),
-                    info.id
-                ),
-            )),
+                )))
+            }
+            (Ok(_), Some(info)) => Err(StoreError::FileChanged(format!(
+                "{} changed since {} was applied from it; apply it again, then accept",
+                src.display(),
+                info.id
+            ))),
             (Ok(report), None) => Ok((report.name, report.version)),
-            (Err(e), _) => Err(failure_of(&e)),
+            (Err(e), _) => Err(StoreError::Patch(e)),
         };
         let (name, version) = match checked {
             Ok(nv) => nv,
@@ -831,7 +849,7 @@ impl Store {
             let _ = fs::remove_file(&path);
             return Err(f);
         }
-        Ok(Entry {
+        Ok(AcceptedPatch {
             seq,
             name,
             version,

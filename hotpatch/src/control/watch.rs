@@ -6,7 +6,14 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-use crate::{Error, Loader, PatchId};
+use serde_json::{Value, json};
+
+use super::audit::note;
+use super::endpoint::Endpoint;
+use super::peer::Peer;
+use super::protocol::{ErrorKind, Failure, failure_of};
+use crate::patch::panics_of;
+use crate::{Error, Loader, PatchId, PatchInfo};
 
 type Check = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
@@ -93,11 +100,6 @@ pub enum WatchOutcome {
         /// Panics out of its functions until then.
         panics: u64,
     },
-}
-
-/// Panics raised by patch `id` so far; `None` once it is not applied.
-fn panics_of(id: PatchId) -> Option<u64> {
-    crate::registry::REGISTRY.lock().panics(id)
 }
 
 /// Runs the registered health checks: how many there are, or the first
@@ -213,5 +215,194 @@ pub(crate) fn watch_until(
             });
         }
         std::thread::sleep(tick.min(end - now));
+    }
+}
+
+// The control endpoint's side: an `apply` with a watch window.
+
+/// Patch `old` was rolled back in its watch window (reverted without the
+/// record): if it was accepted meanwhile, the record follows.
+fn unrecord(shared: &Endpoint, peer: &Peer, old: &PatchInfo) {
+    let started = Instant::now();
+    let _serial = shared.state_ops.lock();
+    let result = shared.state.lock().as_mut().map(|s| s.forget(old.id.get()));
+    match result {
+        None | Some(Ok(None)) => {}
+        Some(Ok(Some(_))) => {
+            let message = format!(
+                "{} {} is no longer accepted (rolled back)",
+                old.id, old.name
+            );
+            note(
+                shared,
+                "unaccept",
+                Some(peer),
+                old,
+                None,
+                "ok",
+                started.elapsed(),
+                message,
+            );
+        }
+        Some(Err(f)) => {
+            let message = format!(
+                "{} {} was rolled back but stays in the record, which could not be written ({}): \
+                 it will be re-applied at restart unless reverted then",
+                old.id, old.name, f
+            );
+            let f = Failure::from(f);
+            note(
+                shared,
+                "unaccept",
+                Some(peer),
+                old,
+                None,
+                f.kind,
+                started.elapsed(),
+                message,
+            );
+        }
+    }
+}
+
+/// Runs the watch window of a patch just applied; its `watch` object, or
+/// the `rolled_back` failure.
+pub(crate) fn watched(
+    shared: &Endpoint,
+    peer: &Peer,
+    loader: &crate::Loader,
+    info: &PatchInfo,
+    window: Duration,
+    gone: &dyn Fn() -> bool,
+) -> Result<Value, Failure> {
+    let started = Instant::now();
+    let options = Watch {
+        window,
+        max_panics: shared.config.max_panics,
+        check_interval: shared.config.check_interval,
+    };
+    tracing::info!(
+        target: "hotpatch::control",
+        op = "watch",
+        patch_id = info.id.get(),
+        patch_name = %info.name,
+        window_ms = window.as_millis() as u64,
+        max_panics = options.max_panics,
+        "watch window opened"
+    );
+    let outcome = watch_until(loader, info.id, &options, gone).map_err(|e| failure_of(&e))?;
+    let elapsed = started.elapsed();
+    match outcome {
+        WatchOutcome::Cancelled { panics } => {
+            let message = format!(
+                "{} {}: its client went away {} ms into its {} ms watch window ({panics} \
+                 panic(s) by then): it stays applied, on trial and not accepted, and is no \
+                 longer watched",
+                info.id,
+                info.name,
+                elapsed.as_millis(),
+                window.as_millis()
+            );
+            note(
+                shared,
+                "watch",
+                Some(peer),
+                info,
+                Some(&info.file),
+                "cancelled",
+                elapsed,
+                message.clone(),
+            );
+            Err(Failure::new(ErrorKind::Cancelled, message)
+                .with("patch", json!({ "id": info.id.get(), "name": info.name })))
+        }
+        WatchOutcome::Kept {
+            panics,
+            check_rounds,
+        } => {
+            let checks = match check_rounds {
+                0 => "no health check registered".to_owned(),
+                n => format!("{n} round(s) of health checks"),
+            };
+            let message = format!(
+                "{} {} kept after its {} ms window ({panics} panic(s), {checks})",
+                info.id,
+                info.name,
+                window.as_millis()
+            );
+            note(
+                shared,
+                "watch",
+                Some(peer),
+                info,
+                Some(&info.file),
+                "ok",
+                elapsed,
+                message,
+            );
+            Ok(json!({
+                "outcome": "kept",
+                "window_ms": window.as_millis() as u64,
+                "panics": panics,
+                "check_rounds": check_rounds,
+            }))
+        }
+        WatchOutcome::Gone => {
+            let message = format!(
+                "{} {} was reverted during its watch window",
+                info.id, info.name
+            );
+            note(
+                shared,
+                "watch",
+                Some(peer),
+                info,
+                Some(&info.file),
+                "not_applied",
+                elapsed,
+                message.clone(),
+            );
+            Err(Failure::new(ErrorKind::NotApplied, message)
+                .with("patch", json!({ "id": info.id.get(), "name": info.name })))
+        }
+        WatchOutcome::RolledBack {
+            reason,
+            panics,
+            check,
+            revert_error,
+        } => {
+            if revert_error.is_none() {
+                shared.applied_by.lock().remove(&info.id.get());
+                unrecord(shared, peer, info);
+            }
+            let message = match &revert_error {
+                None => format!("{} {} rolled back: {reason}", info.id, info.name),
+                Some(e) => format!(
+                    "{} {} should be rolled back ({reason}) but the revert failed: {e}",
+                    info.id, info.name
+                ),
+            };
+            let outcome = if revert_error.is_none() {
+                ErrorKind::RolledBack
+            } else {
+                ErrorKind::RollbackFailed
+            };
+            note(
+                shared,
+                "rollback",
+                Some(peer),
+                info,
+                Some(&info.file),
+                outcome.name(),
+                elapsed,
+                message.clone(),
+            );
+            Err(Failure::new(outcome, message)
+                .with("patch", json!({ "id": info.id.get(), "name": info.name }))
+                .with("reason", json!(reason))
+                .with("panics", json!(panics))
+                .with("check", json!(check))
+                .with("after_ms", json!(elapsed.as_millis() as u64)))
+        }
     }
 }

@@ -32,7 +32,7 @@
 //! `Acquire`, which pairs with that store: having adopted `t`, it sees the
 //! dispatchers installed before `t` was published.
 //!
-//! Adoption is revalidated ([`Record::adopt_latest`]): a thread stores its
+//! Adoption is revalidated ([`ThreadState::adopt_latest`]): a thread stores its
 //! universe, issues a `SeqCst` fence and reads the target again, adopting
 //! until it stays the same; [`Epoch::publish`] issues a `SeqCst` fence
 //! after its store. Without this, a thread that read target `t` at a
@@ -105,26 +105,26 @@ impl Epoch {
 
     /// Starts moving registered threads to `universe`.
     pub fn publish(&self, universe: u64) {
-        // SeqCst: totally ordered with `Record::go_online`'s SeqCst store
+        // SeqCst: totally ordered with `ThreadState::go_online`'s SeqCst store
         // and load (see the module docs).
         self.target.store(universe, Ordering::SeqCst);
         // SeqCst fence before the patcher reads any record: pairs with the
-        // fence in `Record::adopt_latest`.
+        // fence in `ThreadState::adopt_latest`.
         fence(Ordering::SeqCst);
     }
 }
 
 /// The part of a registered thread's state the patcher reads.
 #[derive(Debug)]
-pub struct Record {
+pub struct ThreadState {
     universe: AtomicU64,
     online: AtomicBool,
 }
 
-impl Record {
+impl ThreadState {
     /// A record for a thread that registers now, in universe `universe`.
     pub fn new(universe: u64) -> Self {
-        Record {
+        ThreadState {
             universe: AtomicU64::new(universe),
             online: AtomicBool::new(true),
         }

@@ -53,9 +53,9 @@ pub const SHARDS: usize = 32;
 #[cfg(hotpatch_loom)]
 pub const SHARDS: usize = 2;
 
-/// One in-flight request.
+/// One in-flight request scope.
 #[derive(Clone, Copy, Debug)]
-pub struct Entry {
+pub struct InFlight {
     pub universe: u64,
     pub started: Instant,
     pub location: &'static Location<'static>,
@@ -70,13 +70,13 @@ pub struct Ticket {
 
 #[derive(Debug)]
 struct Slab {
-    entries: Vec<Option<Entry>>,
+    entries: Vec<Option<InFlight>>,
     free: Vec<u32>,
     live: usize,
 }
 
 impl Slab {
-    fn insert(&mut self, entry: Entry) -> u32 {
+    fn insert(&mut self, entry: InFlight) -> u32 {
         self.live += 1;
         match self.free.pop() {
             Some(i) => {
@@ -90,7 +90,7 @@ impl Slab {
         }
     }
 
-    fn live(&self) -> impl Iterator<Item = &Entry> {
+    fn live(&self) -> impl Iterator<Item = &InFlight> {
         self.entries.iter().flatten()
     }
 }
@@ -161,7 +161,7 @@ impl Requests {
         // this entry released the lock after publishing the target read
         // here. The Acquire of `target` pairs with `publish` as for threads.
         let universe = epoch.target();
-        let index = slab.insert(Entry {
+        let index = slab.insert(InFlight {
             universe,
             started,
             location,
@@ -187,7 +187,7 @@ impl Requests {
     ) -> Ticket {
         let shard = shard % SHARDS;
         let started = Instant::now();
-        let index = lock(&self.shards[shard]).insert(Entry {
+        let index = lock(&self.shards[shard]).insert(InFlight {
             universe,
             started,
             location,

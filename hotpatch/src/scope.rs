@@ -1,6 +1,6 @@
 //! Request scopes: a future that runs every patchable call in the version
 //! that was current when it started, across `.await`s and worker threads
-//! (issue 12). The protocol is in `quiesce/requests.rs`; see the crate
+//! (issue 12). The protocol is in `quiesce/in_flight.rs`; see the crate
 //! docs ("Async requests") for what each case gets.
 
 use std::fmt;
@@ -8,9 +8,8 @@ use std::future::Future;
 use std::panic::Location;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
-use crate::quiesce::{self, requests::Ticket};
+use crate::quiesce::{self, in_flight::Ticket};
 
 /// Marks `fut` as one request: every `#[patchable]` call it makes, on any
 /// thread that polls it, runs the version that was current when it was
@@ -295,38 +294,6 @@ impl fmt::Debug for RequestVersion {
         f.debug_struct("RequestVersion")
             .field("location", &format_args!("{}", self.location))
             .finish_non_exhaustive()
-    }
-}
-
-/// In-flight requests a transition waited for, created at one place.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct StalledRequest {
-    /// Where the scope was created ([`request`], [`inherit`], the layer).
-    pub location: &'static Location<'static>,
-    /// How many of them are in flight.
-    pub count: usize,
-    /// How long the oldest of them has been running.
-    pub oldest: Duration,
-}
-
-impl From<quiesce::requests::Waiting> for StalledRequest {
-    fn from(w: quiesce::requests::Waiting) -> Self {
-        StalledRequest {
-            location: w.location,
-            count: w.count,
-            oldest: w.oldest,
-        }
-    }
-}
-
-impl fmt::Display for StalledRequest {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{} request(s) created at {}, the oldest in flight for {:?}",
-            self.count, self.location, self.oldest
-        )
     }
 }
 

@@ -1,0 +1,152 @@
+//! The audit trail: each operation's outcome as a `tracing` event and an
+//! entry of the events ring (`events.rs`).
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::endpoint::Endpoint;
+use super::events::Event;
+use super::peer::Peer;
+use super::protocol::Failure;
+use crate::PatchInfo;
+use crate::quiesce::TransitionReport;
+
+/// Records an operation's outcome: a `tracing` event and the ring.
+pub(crate) fn record(
+    shared: &Endpoint,
+    op: &'static str,
+    peer: &Peer,
+    started: Instant,
+    file: Option<&PathBuf>,
+    outcome: Result<(&PatchInfo, Option<&TransitionReport>), &Failure>,
+) {
+    let duration = started.elapsed();
+    let file_text = file.map(|f| f.to_string_lossy().into_owned());
+    // The threads a timed-out transition waited for, by name and tid.
+    let stalled = outcome
+        .err()
+        .and_then(|f| f.extra.get("stalled"))
+        .map(Value::to_string);
+    // The registered threads the transition of this operation waited for.
+    let waited = outcome.ok().and_then(|(_, report)| report);
+    let waited_for = waited.as_ref().map(|w| {
+        w.threads
+            .iter()
+            .map(|(name, tid)| format!("'{}' (tid {tid})", name.as_deref().unwrap_or("<unnamed>")))
+            .collect::<Vec<_>>()
+            .join(", ")
+    });
+    let (patch, outcome, mut message) = match outcome {
+        Ok((p, _)) => (
+            Some((p.id.get(), p.name.clone())),
+            "ok".to_owned(),
+            format!("{op} {} {} {}", p.id, p.name, p.version),
+        ),
+        Err(f) => (None, f.kind.to_owned(), f.message.clone()),
+    };
+    if let Some(w) = &waited {
+        message.push_str(&match w.threads.len() {
+            0 if w.registered == 0 => " (no registered thread: swapped at once)".to_owned(),
+            0 => " (every registered thread was already at a safepoint)".to_owned(),
+            n => format!(
+                " (waited {:?} for {n} thread{}: {})",
+                w.took,
+                if n == 1 { "" } else { "s" },
+                waited_for.as_deref().unwrap_or_default()
+            ),
+        });
+    }
+    if outcome == "ok" {
+        tracing::info!(
+            target: "hotpatch::control",
+            op,
+            outcome = %outcome,
+            patch_id = patch.as_ref().map(|p| p.0),
+            patch_name = patch.as_ref().map(|p| p.1.as_str()),
+            file = file_text.as_deref(),
+            duration_us = duration.as_micros() as u64,
+            transition_us = waited.as_ref().map(|w| w.took.as_micros() as u64),
+            waited_for = waited_for.as_deref(),
+            peer_uid = peer.uid,
+            peer_pid = peer.pid,
+            "{message}"
+        );
+    } else {
+        tracing::warn!(
+            target: "hotpatch::control",
+            op,
+            outcome = %outcome,
+            file = file_text.as_deref(),
+            duration_us = duration.as_micros() as u64,
+            peer_uid = peer.uid,
+            peer_pid = peer.pid,
+            stalled_threads = stalled.as_deref(),
+            reason = %message,
+            "control {op} failed"
+        );
+    }
+    shared.events.push(Event {
+        op,
+        outcome,
+        patch,
+        file: file_text,
+        peer: Some(*peer),
+        duration: Some(duration),
+        message,
+    });
+}
+
+/// An event of the state directory or a watch window: the ring and a
+/// `tracing` event (info if `outcome` is `ok`, a warning otherwise).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn note(
+    shared: &Endpoint,
+    op: &'static str,
+    peer: Option<&Peer>,
+    info: &PatchInfo,
+    file: Option<&std::path::Path>,
+    outcome: &str,
+    duration: Duration,
+    message: String,
+) {
+    let file_text = file.map(|f| f.to_string_lossy().into_owned());
+    if outcome == "ok" {
+        tracing::info!(
+            target: "hotpatch::control",
+            op,
+            outcome,
+            patch_id = info.id.get(),
+            patch_name = %info.name,
+            file = file_text.as_deref(),
+            duration_us = duration.as_micros() as u64,
+            peer_uid = peer.map(|p| p.uid),
+            peer_pid = peer.map(|p| p.pid),
+            "{message}"
+        );
+    } else {
+        tracing::warn!(
+            target: "hotpatch::control",
+            op,
+            outcome,
+            patch_id = info.id.get(),
+            patch_name = %info.name,
+            file = file_text.as_deref(),
+            duration_us = duration.as_micros() as u64,
+            peer_uid = peer.map(|p| p.uid),
+            peer_pid = peer.map(|p| p.pid),
+            reason = %message,
+            "control {op}: {outcome}"
+        );
+    }
+    shared.events.push(Event {
+        op,
+        outcome: outcome.to_owned(),
+        patch: Some((info.id.get(), info.name.clone())),
+        file: file_text,
+        peer: peer.copied(),
+        duration: Some(duration),
+        message,
+    });
+}
