@@ -7,7 +7,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 use super::describe;
-use super::entries::{EntryInfo, entries};
+use super::entries::{EntryInfo, entries, is_generated};
 use super::objects::{self, Build};
 use crate::error::io;
 use crate::{BuildError, Refusal};
@@ -46,13 +46,20 @@ pub(super) struct Comparison {
 
 /// Compares the base's objects with the head's.
 pub(super) fn compare(b: &Build<'_>, h: &Build<'_>) -> Comparison {
-    let head_entries: HashMap<String, EntryInfo> = entries(h)
-        .into_iter()
-        .map(|e| (e.original.clone(), e))
-        .collect();
     let base_entries: HashMap<String, EntryInfo> = entries(b)
         .into_iter()
         .map(|e| (e.entry.clone(), e))
+        .collect();
+    // The record binds to the host's getter: the base's, when the head
+    // compiled none of its own (nothing in the head's crate calls it).
+    let head_entries: HashMap<String, EntryInfo> = entries(h)
+        .into_iter()
+        .map(|mut e| {
+            if e.getter.is_none() {
+                e.getter = base_entries.get(&e.entry).and_then(|b| b.getter.clone());
+            }
+            (e.original.clone(), e)
+        })
         .collect();
     // A registry entry's function, as the service registers its path.
     let entry_path = |entry: &str| {
@@ -88,6 +95,7 @@ pub(super) fn compare(b: &Build<'_>, h: &Build<'_>) -> Comparison {
             });
         } else if (name.starts_with("_ZN") || name.starts_with("_R"))
             && !objects::is_callsite_static(name)
+            && !is_generated(name)
         {
             refusals.push(Refusal::StaticChanged {
                 path: describe(name),

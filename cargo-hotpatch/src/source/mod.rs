@@ -167,13 +167,7 @@ pub fn build_from_source(
     let (b, h) = (base_rlib.objects()?, head_rlib.objects()?);
     let comparison = compare::compare(&b, &h);
     let mut refusals = comparison.refusals.clone();
-    let plan = classify::classify(
-        &b,
-        &comparison,
-        &head_src,
-        &ws.package_prefix(),
-        &mut refusals,
-    );
+    let plan = classify::classify(&b, &h, &comparison, &head_src, &mut refusals);
     if !refusals.is_empty() {
         crate::refusal::sort_and_dedup(&mut refusals);
         return Err(BuildError::Refused(refusals));
