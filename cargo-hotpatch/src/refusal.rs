@@ -67,6 +67,16 @@ pub enum Refusal {
         /// The file.
         file: String,
     },
+    /// Code compiled into the executable's own crate changed: the
+    /// library's generic or inline code instantiated there.
+    BinaryCrateCode {
+        /// The function, as the user knows it.
+        function: String,
+        /// ` (FILE:LINE)` of the library's source, or empty.
+        at: String,
+        /// The executable.
+        executable: String,
+    },
     /// Code of another package of the workspace changed.
     OtherPackage {
         /// The file.
@@ -253,6 +263,14 @@ impl fmt::Display for Refusal {
             Refusal::BinaryCrate { file } => write!(
                 f,
                 "{file} changed: it is the service's binary crate, whose code a patch does not replace; move the code into the library crate (src/lib.rs), where #[patchable] functions live"
+            ),
+            Refusal::BinaryCrateCode {
+                function,
+                at,
+                executable,
+            } => write!(
+                f,
+                "{function}{at} changed in the code of the executable {executable} itself (its crate compiles its own copy of the library's generic or inline code), which no patch reaches yet: ship the change in a release, or move the work into a non-generic #[patchable] function of the library"
             ),
             Refusal::OtherPackage {
                 file,

@@ -53,6 +53,7 @@ const V1_CALL: &[(&str, &str)] = &[
     ("tripled", "30"),
     ("points", "101"),
     ("fee", "10"),
+    ("applied_twice", "12"),
 ];
 
 /// A case: its branch (a commit on v1 with `edits`), and how the answers
@@ -334,6 +335,13 @@ const CASES: &[Case] = &[
         branch: "case-private-module",
         edits: &[lib("        amount / 100\n", "        amount / 50\n")],
         changes: &[("fee", "20")],
+    },
+    // 32. A generic function of the library that only the binary's crate
+    //     instantiates.
+    Case {
+        branch: "case-generic-in-binary",
+        edits: &[lib("    f(f(x))\n", "    f(f(f(x)))\n")],
+        changes: &[("applied_twice", "13")],
     },
     // 14. Another build of the service: a commit after v1 that changes only
     //     the binary's banner (so its build-id, and none of its library).
@@ -1378,6 +1386,19 @@ fn case_31_a_patchable_function_of_a_private_module_is_replaced() {
     patched(
         "case-private-module",
         &[("replaced", "svc::ledger::fee", "pub(crate) fn fee(")],
+    );
+}
+
+#[test]
+fn case_32_a_change_compiled_only_into_the_binary_crate_is_refused_naming_it() {
+    // The library's objects have no code of `apply_twice`: only the comparison
+    // of the executable's own objects sees the change (it was "no change").
+    refused(
+        "case-generic-in-binary",
+        "svc::apply_twice",
+        "pub fn apply_twice<",
+        &["executable"],
+        &[],
     );
 }
 

@@ -10,6 +10,7 @@ use super::describe;
 use super::entries::{EntryInfo, entries, is_generated};
 use super::objects::{self, Build};
 use crate::error::io;
+use crate::syntax::CrateSource;
 use crate::{BuildError, Refusal};
 
 /// One side's rlib, read: the objects borrow its bytes.
@@ -32,6 +33,69 @@ impl Rlib {
         let members = crate::link::own_objects(&self.path, &self.bytes)?;
         Build::read(&members).map_err(|e| BuildError::Io(format!("{}: {e}", self.path.display())))
     }
+}
+
+/// The objects of the executable's own crate (kept by the wrapper) of
+/// the base and the head compared: a function whose code changed there is
+/// the library's generic or inline code compiled into the executable, which
+/// a patch does not reach. Each is refused, by name and place.
+pub(super) fn binary_crate(
+    base_exe: &Path,
+    head_bins: &[PathBuf],
+    head_src: &CrateSource,
+) -> Result<Vec<Refusal>, BuildError> {
+    let name = base_exe
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let missing = |what: &'static str| {
+        BuildError::Refused(vec![Refusal::Inconsistent {
+            item: name.clone(),
+            what,
+        }])
+    };
+    let head_exe = head_bins
+        .iter()
+        .find(|b| b.file_name() == base_exe.file_name())
+        .ok_or_else(|| missing("the head built no executable of this name"))?;
+    let read = |exe: &Path| -> Result<Vec<(String, Vec<u8>)>, BuildError> {
+        let objects = super::wrapper::bin_objects(exe);
+        if objects.is_empty() {
+            return Err(missing(
+                "the build kept no object of the executable's own crate to compare",
+            ));
+        }
+        objects
+            .iter()
+            .map(|p| {
+                let bytes = std::fs::read(p).map_err(io(p.display()))?;
+                Ok((p.display().to_string(), bytes))
+            })
+            .collect()
+    };
+    let (bo, ho) = (read(base_exe)?, read(head_exe)?);
+    let bm: Vec<(String, &[u8])> = bo.iter().map(|(n, b)| (n.clone(), &b[..])).collect();
+    let hm: Vec<(String, &[u8])> = ho.iter().map(|(n, b)| (n.clone(), &b[..])).collect();
+    let b = Build::read(&bm).map_err(BuildError::Io)?;
+    let h = Build::read(&hm).map_err(BuildError::Io)?;
+    let mut refusals = Vec::new();
+    for (fname, &hu) in h.functions() {
+        if let Some(&bu) = b.by_name.get(fname)
+            && b.is_code(bu)
+            && b.hash(bu) != h.hash(hu)
+        {
+            let at = head_src
+                .locate(&super::demangle(fname))
+                .map(|l| format!(" ({l})"))
+                .unwrap_or_default();
+            refusals.push(Refusal::BinaryCrateCode {
+                function: describe(fname),
+                at,
+                executable: name.clone(),
+            });
+        }
+    }
+    Ok(refusals)
 }
 
 /// What changed between the builds.

@@ -34,7 +34,9 @@
 //!    compared function by function, paired by name without the
 //!    `.llvm.<number>` suffix of codegen units, constants by content
 //!    wherever they are; changed data is refused (`entries` reads the
-//!    `#[patchable]` registry entries).
+//!    `#[patchable]` registry entries). The executable's own objects
+//!    (kept by `wrapper`) are compared too: a change compiled into them
+//!    (the library's generic or inline code) is refused by name.
 //! 9. `classify`: each changed function classified: a `#[patchable]` body
 //!    is replaced; any other function is included if every function of
 //!    the base that references it is replaced or included (or gone from
@@ -173,6 +175,7 @@ pub fn build_from_source(
     let (b, h) = (base_rlib.objects()?, head_rlib.objects()?);
     let comparison = compare::compare(&b, &h);
     let mut refusals = comparison.refusals.clone();
+    refusals.extend(compare::binary_crate(&base_bin, &head.bins, &head_src)?);
     let plan = classify::classify(&b, &h, &comparison, &head_src, &mut refusals);
     if !refusals.is_empty() {
         crate::refusal::sort_and_dedup(&mut refusals);
