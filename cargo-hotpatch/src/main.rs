@@ -64,8 +64,10 @@ struct BuildArgs {
     #[arg(long, value_name = "TEXT", requires = "base")]
     description: Option<String>,
 
-    /// With --base: the service's binary target, if the package has
-    /// several [default: the one named like --binary, or the only one].
+    /// With --base: the deployed executable's bin target, in the service
+    /// package (-p) or another package of the workspace [default: the
+    /// one named like --binary, else the service package's only one,
+    /// else the workspace's only one].
     #[arg(long, value_name = "NAME", requires = "base")]
     bin: Option<String>,
 

@@ -67,6 +67,16 @@ pub enum Refusal {
         /// The file.
         file: String,
     },
+    /// Code compiled into the executable's own crate changed: the
+    /// library's generic or inline code instantiated there.
+    BinaryCrateCode {
+        /// The function, as the user knows it.
+        function: String,
+        /// ` (FILE:LINE)` of the library's source, or empty.
+        at: String,
+        /// The executable.
+        executable: String,
+    },
     /// Code of another package of the workspace changed.
     OtherPackage {
         /// The file.
@@ -87,10 +97,7 @@ pub enum Refusal {
     },
     /// What the source shows a patch cannot carry.
     Source {
-        /// The package's directory (`services/api/`), or empty, before
-        /// the finding's file.
-        prefix: String,
-        /// The finding.
+        /// The finding (its files relative to the workspace root).
         finding: Finding,
     },
 
@@ -204,6 +211,21 @@ pub enum Refusal {
         /// The function's path.
         path: String,
     },
+    /// Neither build compiled the entry getter of a replaced function
+    /// (`__hotpatch_entry_of_*`): a binary built with a hotpatch that
+    /// compiled it only when the function's module was public.
+    EntryGetterNotCompiled {
+        /// The function's path.
+        path: String,
+    },
+    /// What the steps found of an item does not agree (a defect of this
+    /// tool, reported as such rather than a panic).
+    Inconsistent {
+        /// The item's path.
+        item: String,
+        /// What does not agree.
+        what: &'static str,
+    },
     /// The object writer failed.
     WriteObject {
         /// Its message.
@@ -220,7 +242,7 @@ impl fmt::Display for Refusal {
             ),
             Refusal::NoServiceBinary { package } => write!(
                 f,
-                "package {package} has no binary: a patch is bound to the service's executable"
+                "package {package} has no binary, and no package of the workspace has one named as --bin or --binary says: a patch is bound to the service's executable; name the deployed executable with --binary PATH (its file name is its bin target's) or --bin NAME"
             ),
             Refusal::NoPatchLibrary { spec } => write!(
                 f,
@@ -242,6 +264,14 @@ impl fmt::Display for Refusal {
                 f,
                 "{file} changed: it is the service's binary crate, whose code a patch does not replace; move the code into the library crate (src/lib.rs), where #[patchable] functions live"
             ),
+            Refusal::BinaryCrateCode {
+                function,
+                at,
+                executable,
+            } => write!(
+                f,
+                "{function}{at} changed in the code of the executable {executable} itself (its crate compiles its own copy of the library's generic or inline code), which no patch reaches yet: ship the change in a release, or move the work into a non-generic #[patchable] function of the library"
+            ),
             Refusal::OtherPackage {
                 file,
                 package,
@@ -253,7 +283,7 @@ impl fmt::Display for Refusal {
             Refusal::SourceDoesNotParse { side, error } => {
                 write!(f, "the {side}'s source does not parse: {error}")
             }
-            Refusal::Source { prefix, finding } => write!(f, "{prefix}{finding}"),
+            Refusal::Source { finding } => write!(f, "{finding}"),
             Refusal::Stripped { binary } => write!(
                 f,
                 "{} has no symbol table (stripped): a patch made from source reaches the service's private functions and statics by the binary's symbols; build it with `strip = \"debuginfo\"` or `strip = false` (cargo's default for release)",
@@ -346,6 +376,14 @@ impl fmt::Display for Refusal {
             Refusal::NoEntryGetter { getter, path } => write!(
                 f,
                 "the running binary has no entry getter {getter} for {path}"
+            ),
+            Refusal::EntryGetterNotCompiled { path } => write!(
+                f,
+                "{path}: the deployed build has no entry getter (__hotpatch_entry_of_*) to bind its replacement to: the binary was built with a hotpatch that compiles it only for functions of public modules; rebuild and deploy the service with this hotpatch, then patch it"
+            ),
+            Refusal::Inconsistent { item, what } => write!(
+                f,
+                "{item}: {what} (an inconsistency of cargo-hotpatch's own steps: please report it with the service's source)"
             ),
             Refusal::WriteObject { reason } => write!(f, "writing the patch object: {reason}"),
         }

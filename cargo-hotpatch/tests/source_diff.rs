@@ -51,6 +51,9 @@ const V1_CALL: &[(&str, &str)] = &[
     ("bonus", "13"),
     ("doubled", "20"),
     ("tripled", "30"),
+    ("points", "101"),
+    ("fee", "10"),
+    ("applied_twice", "12"),
 ];
 
 /// A case: its branch (a commit on v1 with `edits`), and how the answers
@@ -313,6 +316,32 @@ const CASES: &[Case] = &[
             new: "# It is not intended for manual editing.\n# Reviewed for INC-1234.\n",
         }],
         changes: &[],
+    },
+    // 30. A changed private helper whose base caller (itself private,
+    //     reached from a patchable function) the head removes.
+    Case {
+        branch: "case-removed-caller",
+        edits: &[
+            lib(
+                "    points_via(amount)\n}\n\n#[inline(never)]\nfn points_via(amount: u64) -> u64 {\n    points_rate(amount) + 1\n}\n",
+                "    points_rate(amount) + 1\n}\n",
+            ),
+            lib("    amount / 10\n", "    amount / 5\n"),
+        ],
+        changes: &[("points", "201")],
+    },
+    // 31. A patchable function of a private module.
+    Case {
+        branch: "case-private-module",
+        edits: &[lib("        amount / 100\n", "        amount / 50\n")],
+        changes: &[("fee", "20")],
+    },
+    // 32. A generic function of the library that only the binary's crate
+    //     instantiates.
+    Case {
+        branch: "case-generic-in-binary",
+        edits: &[lib("    f(f(x))\n", "    f(f(f(x)))\n")],
+        changes: &[("applied_twice", "13")],
     },
     // 14. Another build of the service: a commit after v1 that changes only
     //     the binary's banner (so its build-id, and none of its library).
@@ -1334,4 +1363,214 @@ fn case_29_a_function_whose_source_is_the_same_says_why_it_is_replaced() {
             out.stdout
         );
     }
+}
+
+#[test]
+fn case_30_a_changed_helper_whose_base_caller_the_head_removed_is_included() {
+    // `points_rate` changed and `points_via`, its only caller in the base,
+    // is gone from the head: the old `points_via` stays unreachable once
+    // its own caller, the patchable `points`, runs the new code.
+    patched(
+        "case-removed-caller",
+        &[
+            ("replaced", "svc::points", "pub fn points("),
+            ("included", "svc::points_rate", "fn points_rate("),
+        ],
+    );
+}
+
+#[test]
+fn case_31_a_patchable_function_of_a_private_module_is_replaced() {
+    // Nothing in the crate calls its entry getter, which the record binds
+    // to: the macro keeps it compiled.
+    patched(
+        "case-private-module",
+        &[("replaced", "svc::ledger::fee", "pub(crate) fn fee(")],
+    );
+}
+
+#[test]
+fn case_32_a_change_compiled_only_into_the_binary_crate_is_refused_naming_it() {
+    // The library's objects have no code of `apply_twice`: only the comparison
+    // of the executable's own objects sees the change (it was "no change").
+    refused(
+        "case-generic-in-binary",
+        "svc::apply_twice",
+        "pub fn apply_twice<",
+        &["executable"],
+        &[],
+    );
+}
+
+// ---- a workspace of two packages ----
+
+/// `git ARGS` in `dir`, as [`git`] runs it in the fixture repository.
+fn git_in(dir: &std::path::Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_AUTHOR_NAME", "source-diff test")
+        .env("GIT_AUTHOR_EMAIL", "test@example.invalid")
+        .env("GIT_COMMITTER_NAME", "source-diff test")
+        .env("GIT_COMMITTER_EMAIL", "test@example.invalid")
+        .env("GIT_AUTHOR_DATE", "2025-01-01T00:00:00Z")
+        .env("GIT_COMMITTER_DATE", "2025-01-01T00:00:00Z")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "git {args:?}: {out:?}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The fixture's service as many services are laid out: the library in
+/// package `svc` (directory `svc/`, its build script generating code),
+/// the executable in package `host` (directory `host/`, the host setting
+/// in its own build script), with tag `v1` and one branch per edit of
+/// `svc/src/lib.rs`. Returns the repository.
+fn make_workspace_repo(branches: &[(&str, &[Edit])]) -> PathBuf {
+    let repo = harness::scratch().join("workspace-repo");
+    let _ = std::fs::remove_dir_all(&repo);
+    let put = |path: &str, text: &str| {
+        let p = repo.join(path);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, text).unwrap();
+    };
+    let svc_manifest = harness::edited("Cargo.toml", &[]);
+    let (svc_manifest, _) = svc_manifest
+        .split_once("\n# Its own workspace")
+        .expect("the template ends with its own [workspace]");
+    let hotpatch = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../hotpatch"))
+        .canonicalize()
+        .unwrap();
+    put(
+        "Cargo.toml",
+        "[workspace]\nmembers = [\"svc\", \"host\"]\nresolver = \"3\"\n",
+    );
+    put("svc/Cargo.toml", &format!("{svc_manifest}\n"));
+    // The library's build script generates code; the host setting is the
+    // executable's (cargo refuses `rustc-link-arg-bins` without a bin).
+    let build_rs = harness::edited("build.rs", &[]).replace(
+        "    println!(\"cargo::rustc-link-arg-bins=-rdynamic\");\n",
+        "",
+    );
+    put("svc/build.rs", &build_rs);
+    put(
+        "host/Cargo.toml",
+        &format!(
+            "[package]\nname = \"host\"\nversion = \"0.1.0\"\nedition = \"2024\"\npublish = false\n\n\
+             [dependencies]\nsvc = {{ path = \"../svc\" }}\n\
+             hotpatch = {{ path = \"{}\", default-features = false }}\n",
+            hotpatch.display()
+        ),
+    );
+    put(
+        "host/build.rs",
+        "fn main() {\n    println!(\"cargo::rustc-link-arg-bins=-rdynamic\");\n}\n",
+    );
+    put("host/src/main.rs", harness::V1_MAIN);
+    put("svc/src/lib.rs", harness::V1_LIB);
+    put(".gitignore", "/target\n");
+    put(
+        "Cargo.lock",
+        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.lock")).unwrap(),
+    );
+    let meta = harness::cargo()
+        .args(["metadata", "--format-version", "1", "--quiet"])
+        .current_dir(&repo)
+        .output()
+        .unwrap();
+    assert!(meta.status.success(), "cargo metadata: {meta:?}");
+    git_in(&repo, &["init", "--quiet", "-b", "main"]);
+    let commit = |edits: &[Edit], parent: Option<&str>, msg: &str| {
+        put("svc/src/lib.rs", &harness::edited("src/lib.rs", edits));
+        git_in(&repo, &["add", "--all"]);
+        let tree = git_in(&repo, &["write-tree"]);
+        let mut args = vec!["commit-tree", tree.trim(), "-m", msg];
+        if let Some(p) = parent {
+            args.extend(["-p", p]);
+        }
+        git_in(&repo, &args).trim().to_owned()
+    };
+    let v1 = commit(&[], None, "v1");
+    git_in(&repo, &["tag", "v1", &v1]);
+    for (branch, edits) in branches {
+        let c = commit(edits, Some(&v1), branch);
+        git_in(&repo, &["update-ref", &format!("refs/heads/{branch}"), &c]);
+    }
+    git_in(&repo, &["update-ref", "refs/heads/main", &v1]);
+    git_in(&repo, &["checkout", "--quiet", "--force", "main"]);
+    repo
+}
+
+#[test]
+fn workspace_a_library_package_and_an_executable_package_are_patched() {
+    // One case at a time: the builds share the fixture's target directory.
+    let _fx = fixture();
+    let fix = case("case-free-fn");
+    let layout = case("case-struct-field");
+    let repo = make_workspace_repo(&[("fix", fix.edits), ("layout", layout.edits)]);
+    let mut build = harness::cargo();
+    build
+        .args(["build", "--quiet", "-p", "host"])
+        .current_dir(&repo);
+    let out = harness::run(build, "cargo build -p host (v1)");
+    assert!(out.status.success(), "{out:?}");
+    let bin = harness::scratch().join("bin").join("host");
+    std::fs::create_dir_all(bin.parent().unwrap()).unwrap();
+    std::fs::copy(harness::target_dir().join("debug/host"), &bin).unwrap();
+    let manifest = repo.join("Cargo.toml");
+    let run = |head: &str, so: &std::path::Path| {
+        tool(&[
+            "build",
+            "--manifest-path",
+            s(&manifest),
+            "--base",
+            "v1",
+            "--head",
+            head,
+            "-p",
+            "svc",
+            "--binary",
+            s(&bin),
+            "-o",
+            s(so),
+        ])
+    };
+
+    // The fix: built for the host package's executable, and it runs.
+    let so = out_path("workspace-fix");
+    let out = run("fix", &so);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let lib = harness::edited("src/lib.rs", fix.edits);
+    let line = line_of(&lib, "pub fn price(");
+    let listed = listed(&out.stdout);
+    assert!(
+        listed.iter().any(|l| l.kind == "replaced"
+            && l.path == "svc::price"
+            && l.at == format!("svc/src/lib.rs:{line}")),
+        "{}",
+        out.stdout
+    );
+    let mut host = Service::start(&bin, "host v1");
+    apply_and_revert(&mut host, &so, fix.changes);
+
+    // A refusal names the file as the workspace does.
+    let so = out_path("workspace-layout");
+    let out = run("layout", &so);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let line = line_of(
+        &harness::edited("src/lib.rs", layout.edits),
+        "pub struct Cart",
+    );
+    let refusal = out
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("refused: "))
+        .unwrap_or_else(|| panic!("{}", out.stderr));
+    assert!(
+        refusal.starts_with("refused: type svc::Cart (")
+            && refusal.contains(&format!("svc/src/lib.rs:{line})")),
+        "{refusal}"
+    );
 }

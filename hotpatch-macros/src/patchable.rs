@@ -377,6 +377,10 @@ impl Gen<'_> {
         // The runtime makes a slot's page writable only while it stores
         // (`hotpatch/src/window.rs`).
         let section = syn::LitStr::new(&format!(".data.rel.ro.hotpatch_slots.{slot}"), slot.span());
+        let keep_getter = format_ident!(
+            "__HOTPATCH_GETTER_{}",
+            entry.to_string().trim_start_matches("__HOTPATCH_ENTRY_")
+        );
         quote! {
             #(#cfgs)*
             #[doc(hidden)]
@@ -412,6 +416,16 @@ impl Gen<'_> {
             fn #entry_getter() -> &'static ::hotpatch::__private::Entry {
                 &#entry
             }
+
+            // Compiled whatever calls it: a patch's record binds to the
+            // host's getter, and rustc compiles a function nothing in its
+            // crate reaches (the companion constant of a function in a
+            // private module) only when it is used.
+            #(#cfgs)*
+            #[used]
+            #[doc(hidden)]
+            #[allow(non_upper_case_globals)]
+            static #keep_getter: fn() -> &'static ::hotpatch::__private::Entry = #entry_getter;
         }
     }
 }

@@ -27,13 +27,12 @@ pub(super) struct Plan {
 }
 
 /// Classifies the changed functions of `comparison`; `refusals` gets each
-/// changed function that cannot be patched. `prefix` is the package's
-/// directory, for locations.
+/// changed function that cannot be patched.
 pub(super) fn classify(
     b: &Build<'_>,
+    h: &Build<'_>,
     comparison: &Comparison,
     head_src: &CrateSource,
-    prefix: &str,
     refusals: &mut Vec<Refusal>,
 ) -> Plan {
     let Comparison {
@@ -85,6 +84,7 @@ pub(super) fn classify(
     let mut forced: BTreeMap<String, String> = BTreeMap::new();
     let mut blocked: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let mut pulled_by: HashMap<String, String> = HashMap::new();
+    let mut gone: BTreeSet<String> = BTreeSet::new();
     let mut queue: Vec<String> = others.iter().cloned().collect();
     while let Some(name) = queue.pop() {
         if !local_only(&name) {
@@ -108,6 +108,7 @@ pub(super) fn classify(
             if replaced_names.contains(&c)
                 || forced.contains_key(&c)
                 || included.contains(&c)
+                || gone.contains(&c)
                 || is_generated(&c)
             {
                 continue;
@@ -120,7 +121,15 @@ pub(super) fn classify(
                     .or_default()
                     .insert(format!("a function pointer or vtable ({})", describe(&c)));
             } else {
-                included.insert(c.clone());
+                // A caller the head no longer has (removed, or inlined
+                // into its own callers) has no new code to copy: it stays
+                // unreachable as long as its own callers run new code,
+                // which the queue checks like any caller's.
+                if h.by_name.contains_key(&c) {
+                    included.insert(c.clone());
+                } else if !gone.insert(c.clone()) {
+                    continue;
+                }
                 pulled_by.insert(c.clone(), name.clone());
                 queue.push(c);
             }
@@ -157,7 +166,7 @@ pub(super) fn classify(
             }
             let at = head_src
                 .locate(&demangle(name))
-                .map(|l| format!(" ({prefix}{l})"))
+                .map(|l| format!(" ({l})"))
                 .unwrap_or_default();
             refusals.push(Refusal::UnpatchedCallers {
                 function: describe(name),

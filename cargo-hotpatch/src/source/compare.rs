@@ -7,9 +7,10 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 use super::describe;
-use super::entries::{EntryInfo, entries};
+use super::entries::{EntryInfo, entries, is_generated};
 use super::objects::{self, Build};
 use crate::error::io;
+use crate::syntax::CrateSource;
 use crate::{BuildError, Refusal};
 
 /// One side's rlib, read: the objects borrow its bytes.
@@ -34,6 +35,69 @@ impl Rlib {
     }
 }
 
+/// The objects of the executable's own crate (kept by the wrapper) of
+/// the base and the head compared: a function whose code changed there is
+/// the library's generic or inline code compiled into the executable, which
+/// a patch does not reach. Each is refused, by name and place.
+pub(super) fn binary_crate(
+    base_exe: &Path,
+    head_bins: &[PathBuf],
+    head_src: &CrateSource,
+) -> Result<Vec<Refusal>, BuildError> {
+    let name = base_exe
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let missing = |what: &'static str| {
+        BuildError::Refused(vec![Refusal::Inconsistent {
+            item: name.clone(),
+            what,
+        }])
+    };
+    let head_exe = head_bins
+        .iter()
+        .find(|b| b.file_name() == base_exe.file_name())
+        .ok_or_else(|| missing("the head built no executable of this name"))?;
+    let read = |exe: &Path| -> Result<Vec<(String, Vec<u8>)>, BuildError> {
+        let objects = super::wrapper::bin_objects(exe);
+        if objects.is_empty() {
+            return Err(missing(
+                "the build kept no object of the executable's own crate to compare",
+            ));
+        }
+        objects
+            .iter()
+            .map(|p| {
+                let bytes = std::fs::read(p).map_err(io(p.display()))?;
+                Ok((p.display().to_string(), bytes))
+            })
+            .collect()
+    };
+    let (bo, ho) = (read(base_exe)?, read(head_exe)?);
+    let bm: Vec<(String, &[u8])> = bo.iter().map(|(n, b)| (n.clone(), &b[..])).collect();
+    let hm: Vec<(String, &[u8])> = ho.iter().map(|(n, b)| (n.clone(), &b[..])).collect();
+    let b = Build::read(&bm).map_err(BuildError::Io)?;
+    let h = Build::read(&hm).map_err(BuildError::Io)?;
+    let mut refusals = Vec::new();
+    for (fname, &hu) in h.functions() {
+        if let Some(&bu) = b.by_name.get(fname)
+            && b.is_code(bu)
+            && b.hash(bu) != h.hash(hu)
+        {
+            let at = head_src
+                .locate(&super::demangle(fname))
+                .map(|l| format!(" ({l})"))
+                .unwrap_or_default();
+            refusals.push(Refusal::BinaryCrateCode {
+                function: describe(fname),
+                at,
+                executable: name.clone(),
+            });
+        }
+    }
+    Ok(refusals)
+}
+
 /// What changed between the builds.
 pub(super) struct Comparison {
     /// The functions whose code changed (symbol names).
@@ -46,13 +110,20 @@ pub(super) struct Comparison {
 
 /// Compares the base's objects with the head's.
 pub(super) fn compare(b: &Build<'_>, h: &Build<'_>) -> Comparison {
-    let head_entries: HashMap<String, EntryInfo> = entries(h)
-        .into_iter()
-        .map(|e| (e.original.clone(), e))
-        .collect();
     let base_entries: HashMap<String, EntryInfo> = entries(b)
         .into_iter()
         .map(|e| (e.entry.clone(), e))
+        .collect();
+    // The record binds to the host's getter: the base's, when the head
+    // compiled none of its own (nothing in the head's crate calls it).
+    let head_entries: HashMap<String, EntryInfo> = entries(h)
+        .into_iter()
+        .map(|mut e| {
+            if e.getter.is_none() {
+                e.getter = base_entries.get(&e.entry).and_then(|b| b.getter.clone());
+            }
+            (e.original.clone(), e)
+        })
         .collect();
     // A registry entry's function, as the service registers its path.
     let entry_path = |entry: &str| {
@@ -88,6 +159,7 @@ pub(super) fn compare(b: &Build<'_>, h: &Build<'_>) -> Comparison {
             });
         } else if (name.starts_with("_ZN") || name.starts_with("_R"))
             && !objects::is_callsite_static(name)
+            && !is_generated(name)
         {
             refusals.push(Refusal::StaticChanged {
                 path: describe(name),

@@ -118,6 +118,7 @@ pub(super) fn is_generated(name: &str) -> bool {
         "__hotpatch_counted_",
         "__hotpatch_entry_of_",
         "__HOTPATCH_ENTRY_",
+        "__HOTPATCH_GETTER_",
     ]
     .iter()
     .any(|m| name.contains(m))

@@ -89,6 +89,13 @@ fn classify(ws: &Workspace, files: &[String], in_base: &dyn Fn(&str) -> bool) ->
             .filter(|(dir, _)| !dir.as_os_str().is_empty() && p.starts_with(dir))
             .max_by_key(|(dir, _)| dir.components().count());
         match owner {
+            Some((_, pkg))
+                if pkg == &ws.host_package
+                    && pkg != &ws.package
+                    && p.extension().is_some_and(|e| e == "rs") =>
+            {
+                refusals.push(Refusal::BinaryCrate { file });
+            }
             Some((dir, pkg))
                 if pkg != &ws.package
                     && p.extension().is_some_and(|e| e == "rs")
@@ -136,6 +143,7 @@ mod tests {
             package: "svc".into(),
             lib_name: "svc".into(),
             lib_src: PathBuf::from("svc/src/lib.rs"),
+            host_package: "svc".into(),
             bins: vec![("svc".into(), PathBuf::from("svc/src/main.rs"))],
             package_dir: PathBuf::from("svc"),
             members: vec![

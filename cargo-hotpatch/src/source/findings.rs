@@ -16,8 +16,10 @@ pub(super) fn check(
     trees: &Trees,
     notes: &mut Vec<String>,
 ) -> Result<(CrateSource, CrateSource), BuildError> {
+    // Parsed from the workspace root: every location names its file as
+    // the workspace does (`services/api/src/lib.rs`).
     let parse = |root: &Path, side: &'static str| {
-        crate::syntax::parse_crate(&root.join(&ws.package_dir), &root.join(&ws.lib_src))
+        crate::syntax::parse_crate(root, &root.join(&ws.lib_src))
             .map(|c| c.with_crate_name(&ws.lib_name))
             .map_err(|e| {
                 BuildError::Refused(vec![Refusal::SourceDoesNotParse {
@@ -28,16 +30,12 @@ pub(super) fn check(
     };
     let base = parse(&trees.base, "base")?;
     let head = parse(&trees.head, "head")?;
-    let prefix = ws.package_prefix();
     let mut refusals = Vec::new();
     for finding in crate::syntax::compare(&base, &head) {
         if finding.refuses() {
-            refusals.push(Refusal::Source {
-                prefix: prefix.clone(),
-                finding,
-            });
+            refusals.push(Refusal::Source { finding });
         } else {
-            notes.push(format!("{prefix}{finding}"));
+            notes.push(finding.to_string());
         }
     }
     if !refusals.is_empty() {

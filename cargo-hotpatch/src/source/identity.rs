@@ -124,6 +124,7 @@ impl Host {
             }
         }
         let mut address = HashMap::new();
+        let mut stems: HashMap<String, std::collections::BTreeSet<u64>> = HashMap::new();
         let mut tls = HashSet::new();
         let mut any = false;
         for s in file.symbols() {
@@ -136,6 +137,22 @@ impl Host {
                     tls.insert(n.to_owned());
                 }
                 address.entry(n.to_owned()).or_insert(s.address());
+                let stem = super::objects::stem(n);
+                if stem != n {
+                    stems
+                        .entry(stem.to_owned())
+                        .or_default()
+                        .insert(s.address());
+                }
+            }
+        }
+        // A local function another codegen unit called is named with a
+        // `.llvm.<number>` suffix, which the head's build numbers its own
+        // way: the head's code names it by its stem, found here if one
+        // symbol has it.
+        for (stem, at) in stems {
+            if let (1, Some(a)) = (at.len(), at.first()) {
+                address.entry(stem).or_insert(*a);
             }
         }
         if !any {

@@ -3,7 +3,8 @@
 //! pipeline; each step is a file of this module:
 //!
 //! 1. `workspace`: the service package in its workspace (`cargo
-//!    metadata`).
+//!    metadata`), and the package of the deployed executable (`--bin`,
+//!    `--binary`'s file name): the service package or another one.
 //! 2. `git`: the base and head commits and the files that changed between
 //!    them; `identity` reads the deployed binary (`--binary`) before any
 //!    build: an ELF executable with a build-id, a symbol table and
@@ -30,12 +31,17 @@
 //!    and the build-id note aside). Else the patch is refused with both
 //!    build-ids.
 //! 8. `compare`: the objects of the service's library crate (`objects`)
-//!    compared function by function; changed data is refused
-//!    (`entries` reads the `#[patchable]` registry entries).
+//!    compared function by function, paired by name without the
+//!    `.llvm.<number>` suffix of codegen units, constants by content
+//!    wherever they are; changed data is refused (`entries` reads the
+//!    `#[patchable]` registry entries). The executable's own objects
+//!    (kept by `wrapper`) are compared too: a change compiled into them
+//!    (the library's generic or inline code) is refused by name.
 //! 9. `classify`: each changed function classified: a `#[patchable]` body
 //!    is replaced; any other function is included if every function of
-//!    the base that references it is replaced or included, else refused
-//!    with its unpatched callers.
+//!    the base that references it is replaced or included (or gone from
+//!    the head, its own callers checked in turn), else refused with its
+//!    unpatched callers.
 //! 10. `extract`: the changed functions written into one object, with a
 //!     `PatchFn` record per replaced function, references to everything
 //!     else bound to the binary (`riprel` redirects instructions that
@@ -82,7 +88,9 @@ pub struct SourceOptions {
     pub head: Option<String>,
     /// The deployed binary, checked against the rebuilt base.
     pub binary: Option<PathBuf>,
-    /// The binary target of the package, if it has several.
+    /// The deployed executable's bin target, in the service package or
+    /// another package of the workspace; by default the one named like
+    /// `binary`, else the only one.
     pub bin: Option<String>,
     /// Where to write the patch.
     pub output: Option<PathBuf>,
@@ -167,13 +175,8 @@ pub fn build_from_source(
     let (b, h) = (base_rlib.objects()?, head_rlib.objects()?);
     let comparison = compare::compare(&b, &h);
     let mut refusals = comparison.refusals.clone();
-    let plan = classify::classify(
-        &b,
-        &comparison,
-        &head_src,
-        &ws.package_prefix(),
-        &mut refusals,
-    );
+    refusals.extend(compare::binary_crate(&base_bin, &head.bins, &head_src)?);
+    let plan = classify::classify(&b, &h, &comparison, &head_src, &mut refusals);
     if !refusals.is_empty() {
         crate::refusal::sort_and_dedup(&mut refusals);
         return Err(BuildError::Refused(refusals));

@@ -67,6 +67,17 @@ pub(crate) struct Build<'d> {
     hashes: std::cell::RefCell<HashMap<UnitId, u64>>,
 }
 
+/// A symbol's name without the `.llvm.<number>` suffix LLVM adds to a
+/// local symbol that another codegen unit of the crate references: the
+/// number hashes the unit's module, so it changes with any change of a
+/// neighbour (or of the partitioning) while the function stays the same.
+pub(crate) fn stem(name: &str) -> &str {
+    match name.rsplit_once(".llvm.") {
+        Some((stem, n)) if !stem.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => stem,
+        _ => name,
+    }
+}
+
 /// Whether a symbol name names nothing stable between two builds.
 pub(crate) fn is_anonymous(name: &str) -> bool {
     name.is_empty()
@@ -87,6 +98,11 @@ impl<'d> Build<'d> {
         let mut by_name = HashMap::new();
         let mut name_of = HashMap::new();
         let mut tls = HashSet::new();
+        // Every global symbol an object defines, where: another codegen
+        // unit's reference to it (an anonymous constant shared across
+        // units is global and named `anon.<unit>.<n>.llvm.<number>`, a
+        // name no other build shares) is resolved to the unit itself.
+        let mut defined: HashMap<String, (UnitId, u64)> = HashMap::new();
         for (oi, file) in objects.iter().enumerate() {
             // The best name of each section: a global symbol at offset 0
             // first, then a local one.
@@ -101,10 +117,18 @@ impl<'d> Build<'d> {
                 if sym.kind() == SymbolKind::Tls {
                     tls.insert((oi, si));
                 }
+                if sym.is_global()
+                    && let Ok(name) = sym.name()
+                {
+                    defined
+                        .entry(name.to_owned())
+                        .or_insert(((oi, si), sym.address()));
+                }
                 if sym.address() != 0 {
                     continue;
                 }
                 let Ok(name) = sym.name() else { continue };
+                let name = stem(name);
                 if is_anonymous(name) {
                     continue;
                 }
@@ -152,7 +176,7 @@ impl<'d> Build<'d> {
                                     None => return Err("section symbol without section".into()),
                                 }
                             } else if let Some(s) = sym.section_index() {
-                                let name = sym.name().unwrap_or("");
+                                let name = stem(sym.name().unwrap_or(""));
                                 // A defined global another object also
                                 // defines (COMDAT): the first copy.
                                 match build.by_name.get(name) {
@@ -164,10 +188,13 @@ impl<'d> Build<'d> {
                             } else {
                                 // Undefined here, defined by another
                                 // codegen unit of the crate, or external.
-                                let name = sym.name().unwrap_or("");
-                                match build.by_name.get(name) {
-                                    Some(&u) => Target::Unit(u, 0),
-                                    None => Target::External(name.to_owned()),
+                                let full = sym.name().unwrap_or("");
+                                match (build.by_name.get(stem(full)), defined.get(full)) {
+                                    (Some(&u), _) if !is_anonymous(stem(full)) => {
+                                        Target::Unit(u, 0)
+                                    }
+                                    (_, Some(&(u, at))) => Target::Unit(u, at),
+                                    _ => Target::External(full.to_owned()),
                                 }
                             }
                         }
@@ -221,7 +248,7 @@ impl<'d> Build<'d> {
         match t {
             Target::External(name) => {
                 0u8.hash(h);
-                name.hash(h);
+                stem(name).hash(h);
             }
             Target::Unit(u, off) => match self.name_of.get(u) {
                 Some(name) => {
@@ -414,5 +441,155 @@ pub(crate) fn reloc_width(r_type: u32) -> usize {
         elf::R_X86_64_16 | elf::R_X86_64_PC16 => 2,
         elf::R_X86_64_8 | elf::R_X86_64_PC8 => 1,
         _ => 4,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use object::write::{Object as Writer, Relocation, Symbol, SymbolSection};
+    use object::{Architecture, BinaryFormat, Endianness, SymbolFlags, SymbolScope};
+
+    use super::*;
+
+    const F: &str = "_ZN3svc1f17h0123456789abcdefE";
+    const HELPER: &str = "_ZN3svc6helper17h0123456789abcdefE";
+
+    fn symbol(name: &str, kind: SymbolKind, scope: SymbolScope, section: SymbolSection) -> Symbol {
+        Symbol {
+            name: name.as_bytes().to_vec(),
+            value: 0,
+            size: 0,
+            kind,
+            scope,
+            weak: false,
+            section,
+            flags: SymbolFlags::None,
+        }
+    }
+
+    /// Two codegen units as rustc splits a crate: the first's `svc::f`
+    /// loads a constant and calls a helper that the second defines, under
+    /// the names the build gave them (`.llvm.<number>` suffixes).
+    fn units(constant: &str, helper: &str, text: &[u8]) -> [Vec<u8>; 2] {
+        let new = || Writer::new(BinaryFormat::Elf, Architecture::X86_64, Endianness::Little);
+        let mut a = new();
+        let code = a.add_section(
+            Vec::new(),
+            format!(".text.{F}").into_bytes(),
+            SectionKind::Text,
+        );
+        // lea rax, [rip + constant]; call helper; ret
+        a.append_section_data(
+            code,
+            &[0x48, 0x8d, 0x05, 0, 0, 0, 0, 0xe8, 0, 0, 0, 0, 0xc3],
+            16,
+        );
+        a.add_symbol(symbol(
+            F,
+            SymbolKind::Text,
+            SymbolScope::Dynamic,
+            SymbolSection::Section(code),
+        ));
+        for (at, name, r_type) in [
+            (3, constant, elf::R_X86_64_PC32),
+            (8, helper, elf::R_X86_64_PLT32),
+        ] {
+            let s = a.add_symbol(symbol(
+                name,
+                SymbolKind::Unknown,
+                SymbolScope::Dynamic,
+                SymbolSection::Undefined,
+            ));
+            a.add_relocation(
+                code,
+                Relocation {
+                    offset: at,
+                    symbol: s,
+                    addend: -4,
+                    flags: RelocationFlags::Elf { r_type },
+                },
+            )
+            .unwrap();
+        }
+        let mut b = new();
+        let data = b.add_section(
+            Vec::new(),
+            b".rodata..Lanon.1".to_vec(),
+            SectionKind::ReadOnlyData,
+        );
+        b.append_section_data(data, text, 1);
+        b.add_symbol(symbol(
+            constant,
+            SymbolKind::Data,
+            SymbolScope::Linkage,
+            SymbolSection::Section(data),
+        ));
+        let code = b.add_section(
+            Vec::new(),
+            format!(".text.{HELPER}").into_bytes(),
+            SectionKind::Text,
+        );
+        b.append_section_data(code, &[0x31, 0xc0, 0xc3], 16);
+        b.add_symbol(symbol(
+            helper,
+            SymbolKind::Text,
+            SymbolScope::Linkage,
+            SymbolSection::Section(code),
+        ));
+        [a.write().unwrap(), b.write().unwrap()]
+    }
+
+    fn read(objects: &[Vec<u8>; 2]) -> Build<'_> {
+        Build::read(&[
+            ("a.o".into(), &objects[0][..]),
+            ("b.o".into(), &objects[1][..]),
+        ])
+        .unwrap()
+    }
+
+    #[test]
+    fn names_a_neighbouring_unit_gives_are_no_change() {
+        let base = units(
+            "anon.1f2e.3.llvm.111",
+            &format!("{HELPER}.llvm.111"),
+            b"f: overflow",
+        );
+        let head = units(
+            "anon.9a8b.3.llvm.222",
+            &format!("{HELPER}.llvm.222"),
+            b"f: overflow",
+        );
+        let (b, h) = (read(&base), read(&head));
+        assert!(b.by_name.contains_key(HELPER) && h.by_name.contains_key(HELPER));
+        assert_eq!(
+            b.hash(b.by_name[F]),
+            h.hash(h.by_name[F]),
+            "same code, same constant"
+        );
+        assert_eq!(b.hash(b.by_name[HELPER]), h.hash(h.by_name[HELPER]));
+    }
+
+    #[test]
+    fn a_changed_constant_of_a_neighbouring_unit_is_a_change() {
+        let base = units(
+            "anon.1f2e.3.llvm.111",
+            &format!("{HELPER}.llvm.111"),
+            b"f: overflow",
+        );
+        let head = units(
+            "anon.1f2e.3.llvm.111",
+            &format!("{HELPER}.llvm.111"),
+            b"f: too big!",
+        );
+        let (b, h) = (read(&base), read(&head));
+        assert_ne!(b.hash(b.by_name[F]), h.hash(h.by_name[F]));
+    }
+
+    #[test]
+    fn stem_strips_only_a_numbered_llvm_suffix() {
+        assert_eq!(stem("_ZN3svc1fE.llvm.123"), "_ZN3svc1fE");
+        assert_eq!(stem("_ZN3svc1fE"), "_ZN3svc1fE");
+        assert_eq!(stem("a.llvm.x1"), "a.llvm.x1");
+        assert_eq!(stem(".llvm.1"), ".llvm.1");
     }
 }

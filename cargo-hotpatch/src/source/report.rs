@@ -82,8 +82,7 @@ pub(super) fn report(
             extracted.private_refs
         ));
     }
-    let prefix = ws.package_prefix();
-    let locate = |path: &str| head_src.locate(path).map(|l| format!("{prefix}{l}"));
+    let locate = |path: &str| head_src.locate(path).map(|l| l.to_string());
     // Why a function whose source is the same is in the patch.
     let why = |symbol: &str, path: &str| match plan.calls_changed.get(symbol) {
         Some(callee) => Some(format!("calls {}, which changed", describe(callee))),

@@ -76,8 +76,11 @@ fn cargo_build(
     let mut cmd = Command::new(crate::cargo::program());
     cmd.current_dir(dir)
         .args(["build", "--locked", "-p"])
-        .arg(&ws.package)
-        .arg("--target-dir")
+        .arg(&ws.package);
+    if ws.host_package != ws.package {
+        cmd.arg("-p").arg(&ws.host_package);
+    }
+    cmd.arg("--target-dir")
         .arg(target_dir)
         .arg("--manifest-path")
         .arg(dir.join(&ws.package_dir).join("Cargo.toml"));
@@ -88,14 +91,17 @@ fn cargo_build(
     let mut rlib = None;
     let mut bins = Vec::new();
     let mut hotpatch_rlib = None;
+    let of = |pkg: &str, name: &str| {
+        pkg.contains(&format!("#{name}@"))
+            || pkg.contains(&format!("/{name}#"))
+            || pkg.starts_with(&format!("{name} "))
+    };
     for a in &artifacts {
         let pkg = &a.package_id;
-        let is_ours = pkg.contains(&format!("#{}@", ws.package))
-            || pkg.contains(&format!("/{}#", ws.package))
-            || pkg.starts_with(&format!("{} ", ws.package));
+        let is_ours = of(pkg, &ws.package);
         if is_ours && a.is_lib {
             rlib = a.rlib().map(Path::to_owned);
-        } else if is_ours {
+        } else if of(pkg, &ws.host_package) && !a.is_lib {
             bins.extend(a.executable.clone());
         } else if a.target_name == "hotpatch" && a.is_lib {
             hotpatch_rlib = a.rlib().map(Path::to_owned);
@@ -131,11 +137,11 @@ pub(super) fn pick_bin(
     match bins {
         [one] => Ok(one.clone()),
         [] => Err(BuildError::Refused(vec![Refusal::NoServiceBinary {
-            package: ws.package.clone(),
+            package: ws.host_package.clone(),
         }])),
         _ => Err(BuildError::Usage(format!(
             "package {} has several binaries ({}): name the deployed one with --bin",
-            ws.package,
+            ws.host_package,
             bins.iter()
                 .filter_map(|b| b.file_name())
                 .map(|n| n.to_string_lossy().into_owned())

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use super::SourceOptions;
-use crate::metadata::Metadata;
+use crate::metadata::{Metadata, Package};
 use crate::{BuildError, Refusal};
 
 /// The service package and the workspace it is in.
@@ -14,12 +14,65 @@ pub(super) struct Workspace {
     /// The library's crate name and root file (relative to the root).
     pub lib_name: String,
     pub lib_src: PathBuf,
-    /// Each bin target: name and root file.
+    /// The package of the deployed executable: the service package, or
+    /// another package of the workspace (the library in one package, the
+    /// executable in another).
+    pub host_package: String,
+    /// Each bin target of the host package: name and root file.
     pub bins: Vec<(String, PathBuf)>,
     /// The package's directory, relative to the workspace root.
     pub package_dir: PathBuf,
     /// Every workspace package's directory (relative) and name.
     pub members: Vec<(PathBuf, String)>,
+}
+
+/// The package whose executable is deployed, decided before any build:
+/// the one with a bin target named `--bin` (or as `--binary`'s file),
+/// the service package first; else the service package if it has a
+/// binary, else the workspace's only package with one.
+fn host_package<'m>(
+    meta: &'m Metadata,
+    service: &'m Package,
+    opts: &SourceOptions,
+) -> Result<&'m Package, BuildError> {
+    let members: Vec<&Package> = meta
+        .packages
+        .iter()
+        .filter(|p| p.dir().starts_with(&meta.root))
+        .collect();
+    let has_bin = |p: &Package, name: Option<&str>| {
+        p.targets
+            .iter()
+            .any(|t| t.is("bin") && name.is_none_or(|n| t.name == n))
+    };
+    let wanted = opts.bin.clone().or_else(|| {
+        opts.binary
+            .as_ref()
+            .and_then(|b| b.file_name())
+            .map(|n| n.to_string_lossy().into_owned())
+    });
+    if let Some(w) = wanted.as_deref() {
+        if has_bin(service, Some(w)) {
+            return Ok(service);
+        }
+        if let Some(p) = members.iter().find(|p| has_bin(p, Some(w))) {
+            return Ok(p);
+        }
+    }
+    if has_bin(service, None) {
+        return Ok(service);
+    }
+    match members
+        .iter()
+        .filter(|p| has_bin(p, None))
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
+        [one] if wanted.is_none() => Ok(one),
+        _ => Err(BuildError::Refused(vec![Refusal::NoServiceBinary {
+            package: service.name.clone(),
+        }])),
+    }
 }
 
 impl Workspace {
@@ -58,13 +111,15 @@ impl Workspace {
                     package: package.name.clone(),
                 }])
             })?;
-        let bins = package
+        let host = host_package(&meta, package, opts)?;
+        let bins = host
             .targets
             .iter()
             .filter(|t| t.is("bin"))
             .map(|t| (t.name.clone(), meta.relative(&t.src_path)))
             .collect();
         Ok(Workspace {
+            host_package: host.name.clone(),
             package: package.name.clone(),
             lib_name: lib.crate_name(),
             lib_src: meta.relative(&lib.src_path),
@@ -74,16 +129,6 @@ impl Workspace {
             root: meta.root,
             target_dir: meta.target_dir,
         })
-    }
-
-    /// `services/api/` for a package in a subdirectory, else empty: what
-    /// a file of the package is prefixed with in messages.
-    pub fn package_prefix(&self) -> String {
-        if self.package_dir.as_os_str().is_empty() {
-            String::new()
-        } else {
-            format!("{}/", self.package_dir.display())
-        }
     }
 
     /// Whether a demangled path is an item of the service's library.

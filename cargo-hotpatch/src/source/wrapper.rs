@@ -18,6 +18,10 @@ use crate::error::io;
 const REMAP_ENV: &str = "__CARGO_HOTPATCH_REMAP";
 /// The wrapper the user had, which the remapping wrapper runs in turn.
 const INNER_WRAPPER_ENV: &str = "__CARGO_HOTPATCH_INNER_WRAPPER";
+/// Set when the executables' objects are kept (`-C save-temps`): the
+/// library's generic and inline code compiled into the binary crate is
+/// compared from them.
+const KEEP_BIN_OBJECTS_ENV: &str = "__CARGO_HOTPATCH_KEEP_BIN_OBJECTS";
 
 /// Makes `cmd` (a `cargo build` of the checkout `dir` into `target_dir`)
 /// run rustc through this program, remapping `dir` to `remap_to` and
@@ -39,6 +43,7 @@ pub(super) fn wrap(
         cmd.env(INNER_WRAPPER_ENV, inner);
     }
     cmd.env("RUSTC_WRAPPER", me);
+    cmd.env(KEEP_BIN_OBJECTS_ENV, "1");
     let mut remap = OsString::new();
     if let Some(to) = remap_to {
         remap.push(dir);
@@ -57,7 +62,8 @@ pub(super) fn wrap(
 /// of a build: cargo's fingerprints do not see it, so a target directory
 /// built under another scheme (an older cargo-hotpatch) is rebuilt whole.
 /// Changed whenever the wrapper's flags change.
-const WRAPPER_SCHEME: &str = "cargo-hotpatch wrapper 2: source and target directory remapped";
+const WRAPPER_SCHEME: &str =
+    "cargo-hotpatch wrapper 3: source and target directory remapped, executables' objects kept";
 
 /// One target directory serves every checkout of a side (dependencies are
 /// compiled once), but the workspace's own crates have the same names in
@@ -127,7 +133,11 @@ fn run(args: &[OsString]) -> i32 {
             cmd.arg(format!("--remap-path-prefix={from}={to}"));
         }
     }
+    if std::env::var_os(KEEP_BIN_OBJECTS_ENV).is_some() {
+        keep_bin_objects(args, &mut cmd);
+    }
     cmd.env_remove(REMAP_ENV);
+    cmd.env_remove(KEEP_BIN_OBJECTS_ENV);
     // `env!("CARGO_MANIFEST_DIR")` in the service's code puts the
     // checkout's path into the binary: it is the workspace's in the
     // deployed build, so it is here too.
@@ -155,4 +165,78 @@ fn run(args: &[OsString]) -> i32 {
             101
         }
     }
+}
+
+/// For an executable of the workspace (not a build script), keeps its
+/// codegen units' objects beside it (`-C save-temps`, which leaves the
+/// executable's bytes as they are: `--binary` proves it), after removing
+/// those of an earlier build, so that what is there is this build's.
+fn keep_bin_objects(args: &[OsString], cmd: &mut Command) {
+    let value = |flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1))
+            .map(|v| v.to_string_lossy().into_owned())
+    };
+    let is_bin = args
+        .windows(2)
+        .any(|w| w[0] == "--crate-type" && w[1] == "bin");
+    let (Some(name), Some(out_dir)) = (value("--crate-name"), value("--out-dir")) else {
+        return;
+    };
+    if !is_bin || name.starts_with("build_script_") {
+        return;
+    }
+    let extra = args
+        .iter()
+        .find_map(|a| a.to_str()?.strip_prefix("extra-filename="))
+        .unwrap_or("");
+    let stem = format!("{name}{extra}.");
+    if let Ok(entries) = std::fs::read_dir(&out_dir) {
+        for e in entries.flatten() {
+            let file = e.file_name().to_string_lossy().into_owned();
+            if file.starts_with(&stem) && (file.ends_with(".o") || file.ends_with(".bc")) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    cmd.args(["-C", "save-temps"]);
+}
+
+/// The objects of the executable `exe` that a build through the wrapper
+/// kept: `deps/NAME-HASH.*.rcgu.o` beside the `deps/NAME-HASH` that `exe`
+/// was copied or linked from.
+pub(super) fn bin_objects(exe: &Path) -> Vec<PathBuf> {
+    let (Some(dir), Some(name)) = (exe.parent(), exe.file_name()) else {
+        return Vec::new();
+    };
+    let crate_name = name.to_string_lossy().replace('-', "_");
+    let deps = dir.join("deps");
+    let Ok(exe_bytes) = std::fs::read(exe) else {
+        return Vec::new();
+    };
+    let Ok(entries) = std::fs::read_dir(&deps) else {
+        return Vec::new();
+    };
+    let files: Vec<String> = entries
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    // The hashed executable whose bytes are `exe`'s.
+    let Some(hashed) = files.iter().find(|f| {
+        f.strip_prefix(&crate_name)
+            .and_then(|r| r.strip_prefix('-'))
+            .is_some_and(|h| !h.contains('.') && !h.is_empty())
+            && std::fs::read(deps.join(f)).is_ok_and(|b| b == exe_bytes)
+    }) else {
+        return Vec::new();
+    };
+    let prefix = format!("{hashed}.");
+    let mut objects: Vec<PathBuf> = files
+        .iter()
+        .filter(|f| f.starts_with(&prefix) && f.ends_with(".rcgu.o"))
+        .map(|f| deps.join(f))
+        .collect();
+    objects.sort();
+    objects
 }

@@ -743,14 +743,28 @@ fn is_source_panics(name: &str) -> bool {
 pub(super) fn write(head: &Build<'_>, host: &Host, plan: &Plan) -> Result<Extracted, BuildError> {
     let mut roots: HashSet<UnitId> = HashSet::new();
     let mut records = Vec::new();
+    let mut refusals = Vec::new();
     for (name, e) in &plan.replaced {
-        let u = head.by_name[name];
+        let Some(&u) = head.by_name.get(name) else {
+            refusals.push(Refusal::Inconsistent {
+                item: e.path.clone(),
+                what: "replaced, but the head compiled no body of it",
+            });
+            continue;
+        };
         roots.insert(u);
-        let (Some(getter), Some(layouts)) = (&e.getter, e.layouts) else {
-            return Err(BuildError::Io(format!(
-                "the head's registry entry of {} is incomplete",
-                e.path
-            )));
+        let Some(getter) = &e.getter else {
+            refusals.push(Refusal::EntryGetterNotCompiled {
+                path: e.path.clone(),
+            });
+            continue;
+        };
+        let Some(layouts) = e.layouts else {
+            refusals.push(Refusal::Inconsistent {
+                item: e.path.clone(),
+                what: "the head's registry entry has no argument layouts",
+            });
+            continue;
         };
         // The body under the patch's panic counter (the patch's copy of
         // `__hotpatch_counted_*` counts on the patch's own counter).
@@ -770,7 +784,19 @@ pub(super) fn write(head: &Build<'_>, host: &Host, plan: &Plan) -> Result<Extrac
         });
     }
     for name in &plan.included {
-        roots.insert(head.by_name[name]);
+        match head.by_name.get(name) {
+            Some(&u) => {
+                roots.insert(u);
+            }
+            // The classifier includes only what the head compiled.
+            None => refusals.push(Refusal::Inconsistent {
+                item: describe(name),
+                what: "included, but the head compiled no code of it",
+            }),
+        }
+    }
+    if !refusals.is_empty() {
+        return Err(BuildError::Refused(refusals));
     }
     extract(head, host, &roots, &records).map_err(BuildError::Refused)
 }
