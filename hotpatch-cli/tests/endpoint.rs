@@ -1,7 +1,7 @@
 //! The control endpoint under bad input, floods, refused peers, large
 //! files and bursts of connections (issue 20), and what it costs idle.
 //!
-//! Against real service processes started by `common` (one per test).
+//! Against real service processes, started by `common`.
 
 mod common;
 

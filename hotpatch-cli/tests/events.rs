@@ -1,6 +1,6 @@
 //! `hotpatch events --follow`.
 //!
-//! Against real service processes started by `common` (one per test).
+//! Against real service processes, started by `common`.
 
 mod common;
 

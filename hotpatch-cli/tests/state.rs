@@ -2,7 +2,7 @@
 //! aside when broken, refused without one, and operations that cannot be
 //! recorded (issue 20).
 //!
-//! Against real service processes started by `common` (one per test).
+//! Against real service processes, started by `common`.
 
 mod common;
 

@@ -1,7 +1,7 @@
 //! A transition that stalls: reported while it waits, and when it times
 //! out.
 //!
-//! Against real service processes started by `common` (one per test).
+//! Against real service processes, started by `common`.
 
 mod common;
 

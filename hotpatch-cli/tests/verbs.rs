@@ -1,7 +1,7 @@
 //! Every verb of the `hotpatch` tool in text and JSON with its exit code,
 //! wrong arguments and missing processes, and what its messages say.
 //!
-//! Against real service processes started by `common` (one per test).
+//! Against real service processes, started by `common`.
 
 mod common;
 

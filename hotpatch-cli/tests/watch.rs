@@ -1,7 +1,7 @@
 //! Watch windows: rolled back on panics or a failed health check, kept
 //! after the window, cancelled by the client.
 //!
-//! Against real service processes started by `common` (one per test).
+//! Against real service processes, started by `common`.
 
 mod common;
 
