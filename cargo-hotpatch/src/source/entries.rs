@@ -7,7 +7,7 @@ use std::mem::offset_of;
 
 use hotpatch_abi::RawEntry;
 
-use super::objects::{self, Build, Target, UnitId};
+use super::objects::{self, Build, Referent, UnitId};
 
 /// Where the fields read are in an entry (`repr(C)`, the contract's
 /// layout): the path (`&str`), the layouts (`&[TypeLayout]`), the
@@ -50,7 +50,7 @@ pub(super) fn entries(b: &Build<'_>) -> Vec<EntryInfo> {
         let word = |off: usize| u64::from_le_bytes(bytes[off..off + 8].try_into().unwrap());
         let path = match at(ENTRY_PATH_OFFSET) {
             Some(objects::Reloc {
-                target: Target::Unit(t, toff),
+                target: Referent::Unit(t, toff),
                 addend,
                 ..
             }) => {
@@ -65,7 +65,7 @@ pub(super) fn entries(b: &Build<'_>) -> Vec<EntryInfo> {
         };
         let layouts = match at(ENTRY_LAYOUTS_OFFSET) {
             Some(objects::Reloc {
-                target: Target::Unit(t, toff),
+                target: Referent::Unit(t, toff),
                 addend,
                 ..
             }) => Some((*t, (*toff as i64 + addend) as u64)),
@@ -73,14 +73,14 @@ pub(super) fn entries(b: &Build<'_>) -> Vec<EntryInfo> {
         };
         let original = match at(ENTRY_ORIGINAL_OFFSET) {
             Some(objects::Reloc {
-                target: Target::Unit(t, _),
+                target: Referent::Unit(t, _),
                 ..
             }) => b.name_of.get(t).cloned().unwrap_or_default(),
             _ => String::new(),
         };
         let counted = match at(ENTRY_COUNTED_OFFSET) {
             Some(objects::Reloc {
-                target: Target::Unit(t, _),
+                target: Referent::Unit(t, _),
                 ..
             }) => b.name_of.get(t).cloned(),
             _ => None,
@@ -91,7 +91,7 @@ pub(super) fn entries(b: &Build<'_>) -> Vec<EntryInfo> {
             (g.contains("__hotpatch_entry_of_")
                 && b.relocs.get(gu).is_some_and(|rs| {
                     rs.iter()
-                        .any(|r| matches!(r.target, Target::Unit(t, _) if t == u))
+                        .any(|r| matches!(r.target, Referent::Unit(t, _) if t == u))
                 }))
             .then(|| g.clone())
         });

@@ -28,7 +28,7 @@ pub(crate) type UnitId = (usize, SectionIndex);
 
 /// Where a relocation points.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Target {
+pub(crate) enum Referent {
     /// A symbol no object of the crate defines (std, dependencies, libc).
     External(String),
     /// A unit of the crate, and the offset in it.
@@ -41,7 +41,7 @@ pub(crate) struct Reloc {
     pub offset: u64,
     pub r_type: u32,
     pub addend: i64,
-    pub target: Target,
+    pub target: Referent,
 }
 
 /// Whether a static is the per-call-site state of a logging macro
@@ -172,7 +172,7 @@ impl<'d> Build<'d> {
                             let sym = file.symbol_by_index(si).map_err(|e| e.to_string())?;
                             if sym.kind() == SymbolKind::Section {
                                 match sym.section_index() {
-                                    Some(s) => Target::Unit((oi, s), 0),
+                                    Some(s) => Referent::Unit((oi, s), 0),
                                     None => return Err("section symbol without section".into()),
                                 }
                             } else if let Some(s) = sym.section_index() {
@@ -181,9 +181,9 @@ impl<'d> Build<'d> {
                                 // defines (COMDAT): the first copy.
                                 match build.by_name.get(name) {
                                     Some(&u) if sym.address() == 0 && !is_anonymous(name) => {
-                                        Target::Unit(u, 0)
+                                        Referent::Unit(u, 0)
                                     }
-                                    _ => Target::Unit((oi, s), sym.address()),
+                                    _ => Referent::Unit((oi, s), sym.address()),
                                 }
                             } else {
                                 // Undefined here, defined by another
@@ -191,14 +191,14 @@ impl<'d> Build<'d> {
                                 let full = sym.name().unwrap_or("");
                                 match (build.by_name.get(stem(full)), defined.get(full)) {
                                     (Some(&u), _) if !is_anonymous(stem(full)) => {
-                                        Target::Unit(u, 0)
+                                        Referent::Unit(u, 0)
                                     }
-                                    (_, Some(&(u, at))) => Target::Unit(u, at),
-                                    _ => Target::External(full.to_owned()),
+                                    (_, Some(&(u, at))) => Referent::Unit(u, at),
+                                    _ => Referent::External(full.to_owned()),
                                 }
                             }
                         }
-                        RelocationTarget::Section(s) => Target::Unit((oi, s), 0),
+                        RelocationTarget::Section(s) => Referent::Unit((oi, s), 0),
                         _ => return Err("relocation to an absolute address".into()),
                     };
                     list.push(Reloc {
@@ -244,13 +244,13 @@ impl<'d> Build<'d> {
 
     /// A target's stable description: the name and offset if the unit is
     /// named, else its content.
-    fn target_key(&self, t: &Target, h: &mut DefaultHasher, depth: usize) {
+    fn target_key(&self, t: &Referent, h: &mut DefaultHasher, depth: usize) {
         match t {
-            Target::External(name) => {
+            Referent::External(name) => {
                 0u8.hash(h);
                 stem(name).hash(h);
             }
-            Target::Unit(u, off) => match self.name_of.get(u) {
+            Referent::Unit(u, off) => match self.name_of.get(u) {
                 Some(name) => {
                     1u8.hash(h);
                     name.hash(h);
@@ -329,7 +329,7 @@ impl<'d> Build<'d> {
         }
         let bytes = self.bytes(id);
         let len = u64::from_le_bytes(bytes[8..16].try_into().unwrap_or_default()) as usize;
-        let Target::Unit(u, off) = &r.target else {
+        let Referent::Unit(u, off) = &r.target else {
             return false;
         };
         let data = self.bytes(*u);
@@ -342,7 +342,7 @@ impl<'d> Build<'d> {
     /// a section of merged strings (`SHF_MERGE | SHF_STRINGS`), or the
     /// constant, in a section of merged constants of one size.
     fn merged_string(&self, r: &Reloc) -> Option<Vec<u8>> {
-        let Target::Unit(u, off) = &r.target else {
+        let Referent::Unit(u, off) = &r.target else {
             return None;
         };
         let s = self.section(*u);
@@ -395,7 +395,7 @@ impl<'d> Build<'d> {
             let mut seen = HashSet::new();
             let mut stack: Vec<&Reloc> = relocs.iter().collect();
             while let Some(r) = stack.pop() {
-                if let Target::Unit(u, _) = &r.target {
+                if let Referent::Unit(u, _) = &r.target {
                     if let Some(to) = self.name_of.get(u) {
                         if to != &from {
                             out.entry(to.clone()).or_default().insert(from.clone());

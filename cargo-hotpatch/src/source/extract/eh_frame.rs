@@ -10,7 +10,7 @@ use object::{RelocationFlags, SectionFlags, SectionKind, SymbolKind};
 
 use super::{HostRef, Writer};
 use crate::Refusal;
-use crate::source::objects::{Target, UnitId};
+use crate::source::objects::{Referent, UnitId};
 
 impl Writer<'_, '_> {
     /// Copies what a copied function's unwind information uses: the
@@ -28,7 +28,7 @@ impl Writer<'_, '_> {
         let mut targets = self.eh_relocs(oi, at);
         targets.extend(self.eh_relocs(oi, cie_at));
         for (_, target) in targets {
-            if let Target::Unit(t, _) = target {
+            if let Referent::Unit(t, _) = target {
                 let named = self.head.name_of.get(&t);
                 if t == u || named.is_none_or(|n| n.starts_with("DW.ref.")) {
                     self.copy(t);
@@ -69,7 +69,7 @@ impl Writer<'_, '_> {
 
     /// The relocations of the `.eh_frame` record at `at` of object `oi`:
     /// (offset in the record, target).
-    fn eh_relocs(&self, oi: usize, at: usize) -> Vec<(usize, Target)> {
+    fn eh_relocs(&self, oi: usize, at: usize) -> Vec<(usize, Referent)> {
         let file = &self.head.objects[oi];
         let Some(eh) = file.section_by_name(".eh_frame") else {
             return Vec::new();
@@ -87,12 +87,12 @@ impl Writer<'_, '_> {
             let target = match r.target() {
                 RelocationTarget::Symbol(si) => match file.symbol_by_index(si) {
                     Ok(sym) if sym.kind() == SymbolKind::Section => match sym.section_index() {
-                        Some(s) => Target::Unit((oi, s), r.addend() as u64),
+                        Some(s) => Referent::Unit((oi, s), r.addend() as u64),
                         None => continue,
                     },
                     Ok(sym) => match sym.section_index() {
-                        Some(s) => Target::Unit((oi, s), sym.address()),
-                        None => Target::External(sym.name().unwrap_or("").to_owned()),
+                        Some(s) => Referent::Unit((oi, s), sym.address()),
+                        None => Referent::External(sym.name().unwrap_or("").to_owned()),
                     },
                     Err(_) => continue,
                 },
@@ -121,7 +121,7 @@ impl Writer<'_, '_> {
             sh_flags: u64::from(elf::SHF_ALLOC),
         };
         let mut out: Vec<u8> = Vec::new();
-        let mut pending: Vec<(u64, u32, Target, i64)> = Vec::new();
+        let mut pending: Vec<(u64, u32, Referent, i64)> = Vec::new();
         for (oi, mut fdes) in by_object {
             fdes.sort_by_key(|f| f.0);
             let file = &self.head.objects[oi];
@@ -178,8 +178,8 @@ impl Writer<'_, '_> {
             let (sym, addend) = match target {
                 // A section-symbol target carries its offset in the addend
                 // already; a named one is at offset 0 of its unit.
-                Target::Unit(u, _) => (self.unit_symbol(u, 0), addend),
-                Target::External(name) => {
+                Referent::Unit(u, _) => (self.unit_symbol(u, 0), addend),
+                Referent::External(name) => {
                     let h = self.host_ref(&name).unwrap_or(HostRef::Named(name.clone()));
                     match h {
                         HostRef::Named(n) => (self.undefined(&n, false), addend),

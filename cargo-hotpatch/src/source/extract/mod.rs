@@ -46,7 +46,7 @@ use std::mem::{offset_of, size_of};
 
 use hotpatch_abi::RawPatchFn;
 
-use super::objects::{Build, Target, UnitId, is_callsite_static};
+use super::objects::{Build, Referent, UnitId, is_callsite_static};
 use crate::riprel::{self, Access};
 use crate::{BuildError, Refusal};
 
@@ -444,14 +444,14 @@ impl Writer<'_, '_> {
         for r in &relocs {
             // Resolve: copied (local) or the host's.
             let (local, host, tls) = match &r.target {
-                Target::External(name) => {
+                Referent::External(name) => {
                     let tls = self.host.tls.contains(name);
                     let host = self
                         .host_ref(name)
                         .unwrap_or_else(|| HostRef::Named(name.clone()));
                     (None, Some((host, name.clone(), 0u64)), tls)
                 }
-                Target::Unit(t, off) => {
+                Referent::Unit(t, off) => {
                     let tls = self.head.tls.contains(t);
                     match self.head.name_of.get(t).cloned() {
                         None => (Some((*t, *off)), None, tls),
