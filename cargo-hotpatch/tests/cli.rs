@@ -14,10 +14,8 @@ fn tool(args: &[&str]) -> Output {
 }
 
 fn run(mut cmd: Command) -> Output {
-    cmd.current_dir(fixture::root())
-        .env_remove("CARGO_TARGET_DIR")
-        .env_remove("RUSTFLAGS")
-        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+    hotpatch_test_support::isolate(&mut cmd)
+        .current_dir(fixture::root())
         .output()
         .unwrap()
 }

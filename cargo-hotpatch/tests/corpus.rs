@@ -625,8 +625,7 @@ impl Corpus {
             std::fs::create_dir_all(d).unwrap();
         }
         // The control socket's directory: the service's own, 0700.
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&corpus.sock, std::fs::Permissions::from_mode(0o700)).unwrap();
+        hotpatch_test_support::set_mode(&corpus.sock, 0o700);
         corpus
     }
 
@@ -794,10 +793,8 @@ impl Corpus {
 
     /// The `hotpatch` tool of this workspace, built if needed.
     fn hotpatch_cli(&self) -> PathBuf {
-        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        cmd.args(["build", "-q", "-p", "hotpatch-cli", "--message-format=json"])
-            .current_dir(&workspace);
+        let mut cmd = hotpatch_test_support::cargo();
+        cmd.args(["build", "-q", "-p", "hotpatch-cli", "--message-format=json"]);
         let out = run(cmd, "cargo build -p hotpatch-cli");
         assert!(out.status.success(), "building the hotpatch tool failed");
         String::from_utf8_lossy(&out.stdout)
@@ -810,11 +807,8 @@ impl Corpus {
 }
 
 fn cargo() -> Command {
-    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.env_remove("RUSTFLAGS")
-        .env_remove("CARGO_ENCODED_RUSTFLAGS")
-        .env_remove("CARGO_BUILD_TARGET_DIR")
-        .env("CARGO_TARGET_DIR", corpus_root().join("target"));
+    let mut cmd = hotpatch_test_support::outside_cargo();
+    cmd.env("CARGO_TARGET_DIR", corpus_root().join("target"));
     cmd
 }
 

@@ -1,13 +1,16 @@
 //! What the workspace's test harnesses that build fixtures share.
 //!
 //! Several test binaries (the integration tests' `tests/support`, the
-//! `hotpatch` tool's tests) build fixture crates with a nested `cargo
-//! build` and load what they link: each did it its own way. This crate is
-//! the one way: [`nested_build`] builds packages into `target/fixtures`
+//! `hotpatch` tool's tests, `cargo hotpatch`'s) build fixture crates
+//! with a nested `cargo build` and load what they link: each did it its
+//! own way. This crate is the one way: [`nested_build`] builds packages into `target/fixtures`
 //! in the test binary's profile, without debug info (so every harness
 //! that builds the same selection shares its artifacts), and [`set_mode`],
 //! [`make_dir`] and [`temp_dir`] give files and directories the modes the
-//! loader's trust policy accepts whatever the umask.
+//! loader's trust policy accepts whatever the umask. Harnesses that write
+//! a workspace of their own build it with [`outside_cargo`] (or
+//! [`isolate`] any command from the outer build) and write its files with
+//! [`write_if_changed`].
 //!
 //! Test code only: every function panics, saying what failed, rather
 //! than return an error.
@@ -57,9 +60,75 @@ pub fn profile() -> &'static str {
 /// assert!(status.success());
 /// ```
 pub fn cargo() -> Command {
-    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    let mut cmd = cargo_program();
     cmd.current_dir(workspace_root());
     cmd
+}
+
+fn cargo_program() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+/// The cargo that runs these tests (`$CARGO`), or `cargo`, for a
+/// workspace of the test's own making (not this one): [`isolate`]d from
+/// the outer build. Its directory is the caller's to set.
+///
+/// ```no_run
+/// let dir = hotpatch_test_support::temp_dir().join("ws");
+/// let status = hotpatch_test_support::outside_cargo()
+///     .args(["build", "--quiet"])
+///     .current_dir(&dir)
+///     .status()
+///     .unwrap();
+/// # let _ = status;
+/// ```
+pub fn outside_cargo() -> Command {
+    let mut cmd = cargo_program();
+    isolate(&mut cmd);
+    cmd
+}
+
+/// Removes from `cmd`'s environment what the outer `cargo test` set that
+/// a build of another workspace must not inherit: its flags
+/// (`RUSTFLAGS`, `CARGO_ENCODED_RUSTFLAGS`) and its target directory
+/// (`CARGO_TARGET_DIR`, `CARGO_BUILD_TARGET_DIR`). Set either again after
+/// this call to choose one.
+///
+/// ```
+/// let mut cmd = std::process::Command::new("true");
+/// hotpatch_test_support::isolate(&mut cmd);
+/// assert!(cmd.get_envs().any(|(k, v)| k == "RUSTFLAGS" && v.is_none()));
+/// ```
+pub fn isolate(cmd: &mut Command) -> &mut Command {
+    cmd.env_remove("RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env_remove("CARGO_TARGET_DIR")
+        .env_remove("CARGO_BUILD_TARGET_DIR")
+}
+
+/// Writes `text` to `path` (creating its parent directories) unless the
+/// file already holds exactly that: an unchanged file keeps its mtime, so
+/// a cargo build of a fixture written again rebuilds nothing.
+///
+/// # Panics
+///
+/// If a directory cannot be created or the file written.
+///
+/// ```
+/// let path = hotpatch_test_support::temp_dir().join("w/src/lib.rs");
+/// hotpatch_test_support::write_if_changed(&path, "pub fn f() {}\n");
+/// assert_eq!(std::fs::read_to_string(&path).unwrap(), "pub fn f() {}\n");
+/// let mtime = || std::fs::metadata(&path).unwrap().modified().unwrap();
+/// let before = mtime();
+/// hotpatch_test_support::write_if_changed(&path, "pub fn f() {}\n");
+/// assert_eq!(mtime(), before, "an unchanged file is not written again");
+/// ```
+pub fn write_if_changed(path: &Path, text: &str) {
+    let parent = path.parent().expect("a file has a parent directory");
+    std::fs::create_dir_all(parent).unwrap_or_else(|e| panic!("mkdir {}: {e}", parent.display()));
+    if std::fs::read_to_string(path).ok().as_deref() != Some(text) {
+        std::fs::write(path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    }
 }
 
 /// Where [`nested_build`] builds: `target/fixtures`.

@@ -17,6 +17,8 @@ use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
 use std::time::{Duration, Instant};
 
+use hotpatch_test_support::write_if_changed;
+
 /// A run of the tool (or a build) that takes longer has hung.
 pub const BUILD_DEADLINE: Duration = Duration::from_secs(600);
 /// An answer of the service that takes longer will not come.
@@ -120,14 +122,6 @@ pub fn git(args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-fn write(path: &Path, text: &str) {
-    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    // Unchanged files keep their mtime, so cargo rebuilds nothing.
-    if std::fs::read_to_string(path).ok().as_deref() != Some(text) {
-        std::fs::write(path, text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    }
-}
-
 /// The service's Cargo.toml at v1.
 fn v1_manifest() -> String {
     TEMPLATE_CARGO_TOML.replace("@HOTPATCH@", hotpatch_crate().to_str().unwrap())
@@ -136,14 +130,14 @@ fn v1_manifest() -> String {
 /// Writes the working tree of the repository as v1 with `edits` applied.
 pub fn write_tree(edits: &[Edit]) {
     let repo = repo_dir();
-    write(&repo.join("src/lib.rs"), &edited("src/lib.rs", edits));
-    write(&repo.join("src/main.rs"), &edited("src/main.rs", edits));
-    write(&repo.join("Cargo.toml"), &edited("Cargo.toml", edits));
-    write(&repo.join("build.rs"), &edited("build.rs", edits));
+    write_if_changed(&repo.join("src/lib.rs"), &edited("src/lib.rs", edits));
+    write_if_changed(&repo.join("src/main.rs"), &edited("src/main.rs", edits));
+    write_if_changed(&repo.join("Cargo.toml"), &edited("Cargo.toml", edits));
+    write_if_changed(&repo.join("build.rs"), &edited("build.rs", edits));
     // Cargo.lock: v1's as committed (cargo trimmed the workspace's), with
     // the edits; before v1 is made, `make_repo` writes it.
     if let Some(lock) = v1_lock() {
-        write(
+        write_if_changed(
             &repo.join("Cargo.lock"),
             &apply_edits("Cargo.lock", lock, edits),
         );
@@ -168,14 +162,14 @@ pub fn make_repo(branches: &[(&str, &[Edit])]) {
         git(&["checkout", "--quiet", "--force", "--detach"]);
     }
     git(&["clean", "--quiet", "-fdx"]);
-    write(&repo.join("build.rs"), TEMPLATE_BUILD_RS);
-    write(&repo.join(".gitignore"), "/target\n");
+    write_if_changed(&repo.join("build.rs"), TEMPLATE_BUILD_RS);
+    write_if_changed(&repo.join(".gitignore"), "/target\n");
     write_tree(&[]);
     // The lock file: this workspace's versions (all compiled and cached
     // here already), trimmed by cargo to what the service uses.
     let lock =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.lock")).unwrap();
-    write(&repo.join("Cargo.lock"), &lock);
+    write_if_changed(&repo.join("Cargo.lock"), &lock);
     let meta = cargo()
         .args(["metadata", "--format-version", "1", "--quiet"])
         .current_dir(&repo)
@@ -241,7 +235,7 @@ pub fn assert_clean() {
 // ---- cargo and the tool ----
 
 pub fn cargo() -> Command {
-    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    let mut cmd = hotpatch_test_support::outside_cargo();
     env(&mut cmd);
     cmd
 }
@@ -249,10 +243,7 @@ pub fn cargo() -> Command {
 /// The environment of every build: one target directory, none of the
 /// outer build's flags.
 fn env(cmd: &mut Command) {
-    cmd.env("CARGO_TARGET_DIR", target_dir())
-        .env_remove("RUSTFLAGS")
-        .env_remove("CARGO_ENCODED_RUSTFLAGS")
-        .env_remove("CARGO_BUILD_TARGET_DIR");
+    hotpatch_test_support::isolate(cmd).env("CARGO_TARGET_DIR", target_dir());
 }
 
 /// Builds the service as the working tree stands (debug, as deployed in
