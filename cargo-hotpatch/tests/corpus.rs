@@ -274,7 +274,7 @@ fn corpus_diffs_apply() {
 // ---- the whole run ----
 
 #[test]
-#[ignore = "release builds of a real service: minutes per fix; run by hand or by .ci"]
+#[ignore = "release builds of a real service: minutes per fix; run by hand with --ignored (not in .ci/run)"]
 fn corpus_mini_redis() {
     let budget = Duration::from_secs(
         std::env::var("HOTPATCH_CORPUS_BUDGET")
