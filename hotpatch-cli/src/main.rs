@@ -422,6 +422,12 @@ fn resolve(target: &Target, dirs: &[PathBuf]) -> Result<PathBuf, Fail> {
         return Ok(socket.clone());
     }
     let looked = || {
+        if dirs.is_empty() {
+            // socket_dirs() lists only the directories that exist.
+            return "none of /run/hotpatch, $XDG_RUNTIME_DIR/hotpatch, /run/user/*/hotpatch \
+                    exists"
+                .to_owned();
+        }
         dirs.iter()
             .map(|d| d.display().to_string())
             .collect::<Vec<_>>()
