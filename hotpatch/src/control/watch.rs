@@ -292,6 +292,19 @@ pub(crate) fn watched(
     );
     let outcome = watch_until(loader, info.id, &options, gone).map_err(|e| failure_of(&e))?;
     let elapsed = started.elapsed();
+    // The event of this window's end: `op` is "watch" or "rollback".
+    let note_end = |op: &'static str, outcome: &str, message: String| {
+        note(
+            shared,
+            op,
+            Some(peer),
+            info,
+            Some(&info.file),
+            outcome,
+            elapsed,
+            message,
+        );
+    };
     match outcome {
         WatchOutcome::Cancelled { panics } => {
             let message = format!(
@@ -303,16 +316,7 @@ pub(crate) fn watched(
                 elapsed.as_millis(),
                 window.as_millis()
             );
-            note(
-                shared,
-                "watch",
-                Some(peer),
-                info,
-                Some(&info.file),
-                "cancelled",
-                elapsed,
-                message.clone(),
-            );
+            note_end("watch", "cancelled", message.clone());
             Err(Failure::new(ErrorKind::Cancelled, message)
                 .with("patch", json!({ "id": info.id.get(), "name": info.name })))
         }
@@ -330,16 +334,7 @@ pub(crate) fn watched(
                 info.name,
                 window.as_millis()
             );
-            note(
-                shared,
-                "watch",
-                Some(peer),
-                info,
-                Some(&info.file),
-                "ok",
-                elapsed,
-                message,
-            );
+            note_end("watch", "ok", message);
             Ok(json!({
                 "outcome": "kept",
                 "window_ms": window.as_millis() as u64,
@@ -352,16 +347,7 @@ pub(crate) fn watched(
                 "{} {} was reverted during its watch window",
                 info.id, info.name
             );
-            note(
-                shared,
-                "watch",
-                Some(peer),
-                info,
-                Some(&info.file),
-                "not_applied",
-                elapsed,
-                message.clone(),
-            );
+            note_end("watch", "not_applied", message.clone());
             Err(Failure::new(ErrorKind::NotApplied, message)
                 .with("patch", json!({ "id": info.id.get(), "name": info.name })))
         }
@@ -387,16 +373,7 @@ pub(crate) fn watched(
             } else {
                 ErrorKind::RollbackFailed
             };
-            note(
-                shared,
-                "rollback",
-                Some(peer),
-                info,
-                Some(&info.file),
-                outcome.name(),
-                elapsed,
-                message.clone(),
-            );
+            note_end("rollback", outcome.name(), message.clone());
             Err(Failure::new(outcome, message)
                 .with("patch", json!({ "id": info.id.get(), "name": info.name }))
                 .with("reason", json!(reason))
