@@ -266,6 +266,9 @@ fn build_from_source(args: &BuildArgs, base: &str) -> Result<(), BuildError> {
             line.push_str(&format!("  ({why})"));
         }
         println!("{line}");
+        if !item.callers.is_empty() {
+            println!("    called from: {}", item.callers.join(", "));
+        }
     }
     for note in &report.notes {
         println!("note: {note}");

@@ -24,6 +24,12 @@ pub(super) struct Plan {
     /// Each replaced function whose own code did not change, replaced
     /// because it calls a changed one: that one (symbols).
     pub calls_changed: BTreeMap<String, String>,
+    /// For each included function, every function of the base that
+    /// reaches it, and what the patch does with that one: `replaced`,
+    /// `included`, or `gone from the head` (its own callers accounted for
+    /// in turn). No caller is left running the old code: one that cannot
+    /// be patched refuses the change.
+    pub callers: BTreeMap<String, Vec<String>>,
 }
 
 /// Classifies the changed functions of `comparison`; `refusals` gets each
@@ -181,9 +187,37 @@ pub(super) fn classify(
             replaced.push((name.clone(), e.clone()));
         }
     }
+    let replaced_set: HashSet<&String> = replaced.iter().map(|(n, _)| n).collect();
+    let callers = included
+        .iter()
+        .map(|name| {
+            let list = referrers
+                .get(name)
+                .into_iter()
+                .flatten()
+                .filter(|c| !is_generated(c))
+                .map(|c| {
+                    let how = if replaced_set.contains(c) {
+                        "replaced"
+                    } else if included.contains(c) {
+                        "included"
+                    } else if gone.contains(c) {
+                        "gone from the head"
+                    } else {
+                        "unchanged"
+                    };
+                    format!("{} ({how})", describe(c))
+                })
+                .collect::<BTreeSet<String>>()
+                .into_iter()
+                .collect();
+            (name.clone(), list)
+        })
+        .collect();
     Plan {
         replaced,
         included,
         calls_changed: forced,
+        callers,
     }
 }

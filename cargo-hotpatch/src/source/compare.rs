@@ -8,9 +8,11 @@ use std::path::{Path, PathBuf};
 
 use super::describe;
 use super::entries::{EntryInfo, entries, is_generated};
+use super::lines::Lines;
 use super::objects::{self, Build};
 use crate::error::io;
 use crate::syntax::CrateSource;
+use crate::syntax::LineRanges;
 use crate::{BuildError, Refusal};
 
 /// One side's rlib, read: the objects borrow its bytes.
@@ -43,6 +45,9 @@ pub(super) fn binary_crate(
     base_exe: &Path,
     head_bins: &[PathBuf],
     head_src: &CrateSource,
+    ranges: Option<(&LineRanges, &LineRanges)>,
+    root: &Path,
+    noise: &mut BTreeSet<String>,
 ) -> Result<Vec<Refusal>, BuildError> {
     let name = base_exe
         .file_name()
@@ -78,12 +83,22 @@ pub(super) fn binary_crate(
     let hm: Vec<(String, &[u8])> = ho.iter().map(|(n, b)| (n.clone(), &b[..])).collect();
     let b = Build::read(&bm).map_err(BuildError::Io)?;
     let h = Build::read(&hm).map_err(BuildError::Io)?;
+    let (base_lines, head_lines) = (Lines::read(&b, root), Lines::read(&h, root));
+    let site = ChangeSite {
+        ranges,
+        base_lines: &base_lines,
+        head_lines: &head_lines,
+    };
     let mut refusals = Vec::new();
     for (fname, &hu) in h.functions() {
         if let Some(&bu) = b.by_name.get(fname)
             && b.is_code(bu)
             && b.hash(bu) != h.hash(hu)
         {
+            if site.is_noise(&b, &h, fname) {
+                noise.insert(fname.clone());
+                continue;
+            }
             let at = head_src
                 .locate(&super::demangle(fname))
                 .map(|l| format!(" ({l})"))
@@ -98,6 +113,69 @@ pub(super) fn binary_crate(
     Ok(refusals)
 }
 
+/// Where the user's change is, for [`Noise`]: the lines of the
+/// functions whose source differs, per side (`None`: something outside
+/// function bodies changed, and every changed function counts), and each
+/// side's line tables.
+pub(super) struct ChangeSite<'a> {
+    pub ranges: Option<(&'a LineRanges, &'a LineRanges)>,
+    pub base_lines: &'a Lines,
+    pub head_lines: &'a Lines,
+}
+
+impl ChangeSite<'_> {
+    /// Whether the function `name`, whose code differs between `b` and
+    /// `h`, differs only in how it was compiled: no instruction of either
+    /// side's code (inlined code included, every copy of it) comes from a
+    /// line of a function whose source changed (the source outside
+    /// function bodies being the same), and both sides have line tables
+    /// for it. `CARGO_HOTPATCH_EXPLAIN=1` prints the answer for each. Such a
+    /// function does the same thing on both sides: its source, and the
+    /// source of everything inlined into it, is the same; what moved is
+    /// register allocation, block order or an inlining decision made with a
+    /// neighbour (the codegen unit it landed in, ThinLTO's imports).
+    pub fn is_noise(&self, b: &Build<'_>, h: &Build<'_>, name: &str) -> bool {
+        let why = self.why_not_noise(b, h, name);
+        if std::env::var_os("CARGO_HOTPATCH_EXPLAIN").is_some() {
+            eprintln!(
+                "cargo-hotpatch: explain: {}: {}",
+                super::describe(name),
+                why.unwrap_or("compiled differently, same source")
+            );
+        }
+        why.is_none()
+    }
+
+    /// Why the function `name` is a change the user made, if it is.
+    fn why_not_noise(&self, b: &Build<'_>, h: &Build<'_>, name: &str) -> Option<&'static str> {
+        let Some((base_ranges, head_ranges)) = self.ranges else {
+            return Some("something besides function bodies changed");
+        };
+        let (bu, hu) = (b.copies(name), h.copies(name));
+        if bu.is_empty() || hu.is_empty() {
+            return Some("only one side has it");
+        }
+        let described = bu.iter().all(|u| self.base_lines.described.contains(u))
+            && hu.iter().all(|u| self.head_lines.described.contains(u));
+        if !described {
+            return Some("no line table for it");
+        }
+        if bu.iter().any(|u| self.base_lines.touches(*u, base_ranges))
+            || hu.iter().any(|u| self.head_lines.touches(*u, head_ranges))
+        {
+            return Some("its code comes from lines of a changed function");
+        }
+        // What it calls may differ too: a callee inlined on one side and
+        // called on the other, whose standalone copy then exists on one
+        // side only. That is no change of its own: a callee whose source
+        // changed (or is new, or gone) would put its lines in the code
+        // that inlined it, and calls that resolve elsewhere need a change
+        // outside function bodies (a `use`, a signature, an impl), where
+        // nothing counts as noise.
+        None
+    }
+}
+
 /// What changed between the builds.
 pub(super) struct Comparison {
     /// The functions whose code changed (symbol names).
@@ -108,8 +186,15 @@ pub(super) struct Comparison {
     pub refusals: Vec<Refusal>,
 }
 
-/// Compares the base's objects with the head's.
-pub(super) fn compare(b: &Build<'_>, h: &Build<'_>) -> Comparison {
+/// Compares the base's objects with the head's. A function whose code
+/// differs only in how it was compiled ([`ChangeSite::is_noise`]) goes to
+/// `noise`, not `changed`.
+pub(super) fn compare(
+    b: &Build<'_>,
+    h: &Build<'_>,
+    site: &ChangeSite<'_>,
+    noise: &mut BTreeSet<String>,
+) -> Comparison {
     let base_entries: HashMap<String, EntryInfo> = entries(b)
         .into_iter()
         .map(|e| (e.entry.clone(), e))
@@ -138,7 +223,11 @@ pub(super) fn compare(b: &Build<'_>, h: &Build<'_>) -> Comparison {
             && b.is_code(bu)
             && b.hash(bu) != h.hash(hu)
         {
-            changed.insert(name.clone());
+            if site.is_noise(b, h, name) {
+                noise.insert(name.clone());
+            } else {
+                changed.insert(name.clone());
+            }
         }
     }
     let mut refusals = Vec::new();

@@ -64,6 +64,7 @@ mod files;
 mod findings;
 mod git;
 mod identity;
+mod lines;
 mod manifest;
 pub(crate) mod objects;
 mod report;
@@ -173,9 +174,28 @@ pub fn build_from_source(
         compare::Rlib::read(&head.rlib)?,
     );
     let (b, h) = (base_rlib.objects()?, head_rlib.objects()?);
-    let comparison = compare::compare(&b, &h);
+    let ranges = head_src.changed_fn_lines(&base_src);
+    let (base_lines, head_lines) = (
+        lines::Lines::read(&b, &ws.root),
+        lines::Lines::read(&h, &ws.root),
+    );
+    let site = compare::ChangeSite {
+        ranges: ranges.as_ref().map(|(b, h)| (b, h)),
+        base_lines: &base_lines,
+        head_lines: &head_lines,
+    };
+    let mut noise = std::collections::BTreeSet::new();
+    let comparison = compare::compare(&b, &h, &site, &mut noise);
     let mut refusals = comparison.refusals.clone();
-    refusals.extend(compare::binary_crate(&base_bin, &head.bins, &head_src)?);
+    let mut bin_noise = std::collections::BTreeSet::new();
+    refusals.extend(compare::binary_crate(
+        &base_bin,
+        &head.bins,
+        &head_src,
+        site.ranges,
+        &ws.root,
+        &mut bin_noise,
+    )?);
     let plan = classify::classify(&b, &h, &comparison, &head_src, &mut refusals);
     if !refusals.is_empty() {
         crate::refusal::sort_and_dedup(&mut refusals);
@@ -190,7 +210,8 @@ pub fn build_from_source(
         )));
     }
 
-    let mut extracted = extract::write(&h, &host, &plan)?;
+    notes.extend(report::noise_note(&noise, &bin_noise));
+    let mut extracted = extract::write(&h, &host, &plan, &noise)?;
     let label = manifest::label(&ws, opts, &revs, &files, &plan)?;
     let manifest = manifest::compile(&ws, &head, &label)?;
     let out = crate::cargo::output_path(

@@ -237,6 +237,19 @@ impl<'d> Build<'d> {
         s.data().map(<[u8]>::to_vec).unwrap_or_default()
     }
 
+    /// Every unit named `name`: the first, and the copies other codegen
+    /// units have (an inline function's or generic instance's own copy).
+    pub fn copies(&self, name: &str) -> Vec<UnitId> {
+        let mut units: Vec<UnitId> = self
+            .name_of
+            .iter()
+            .filter(|(_, n)| n.as_str() == name)
+            .map(|(u, _)| *u)
+            .collect();
+        units.sort_by_key(|u| (u.0, u.1.0));
+        units
+    }
+
     /// The named units of code.
     pub fn functions(&self) -> impl Iterator<Item = (&String, &UnitId)> {
         self.by_name.iter().filter(|(_, u)| self.is_code(**u))

@@ -24,6 +24,12 @@ pub struct Item {
     /// (`inlined svc::split_words changed`, `calls svc::tax, which
     /// changed`); `None` when its own source changed.
     pub why: Option<String>,
+    /// For an included function: every function of the deployed build
+    /// that calls or names it, and what the patch does with it
+    /// (`svc::a (replaced)`, `svc::b (included)`, `svc::c (gone from the
+    /// head)`). Empty for a replaced function (its slot redirects every
+    /// caller) and for a function the deployed build does not have.
+    pub callers: Vec<String>,
 }
 
 /// What [`build_from_source`](crate::build_from_source) made.
@@ -61,6 +67,32 @@ pub(super) struct Written {
     pub label: Label,
 }
 
+/// The note on the functions whose code differs only in how it was
+/// compiled (`compare::ChangeSite::is_noise`), in the library and in the
+/// executable's own crate; `None` if there are none.
+pub(super) fn noise_note(lib: &BTreeSet<String>, bin: &BTreeSet<String>) -> Option<String> {
+    let all: BTreeSet<String> = lib.iter().chain(bin).map(|n| describe(n)).collect();
+    if all.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "{} function{} compiled to other code although no source line of theirs (inlined code included) changed: how the compiler placed them moved (registers, codegen units, inlining), not what they do; the running binary keeps its own: {}",
+        all.len(),
+        if all.len() == 1 { "" } else { "s" },
+        list(all.into_iter())
+    ))
+}
+
+/// At most eight names, and how many more.
+fn list(names: impl Iterator<Item = String>) -> String {
+    let names: Vec<String> = names.collect();
+    let mut out = names.iter().take(8).cloned().collect::<Vec<_>>().join(", ");
+    if names.len() > 8 {
+        out.push_str(&format!(" and {} more", names.len() - 8));
+    }
+    out
+}
+
 /// The report of the patch `written`, made of `plan`.
 pub(super) fn report(
     ws: &Workspace,
@@ -76,6 +108,13 @@ pub(super) fn report(
         linked,
         label,
     } = written;
+    if !extracted.carried.is_empty() {
+        notes.push(format!(
+            "carried: {} of them, copied for the patch's own code, which was compiled against the new copies: {}",
+            extracted.carried.len(),
+            list(extracted.carried.iter().map(|n| describe(n)))
+        ));
+    }
     if extracted.private_refs > 0 {
         notes.push(format!(
             "{} private functions and statics of the service are reached through cells the loader fills",
@@ -95,6 +134,7 @@ pub(super) fn report(
             path: e.path.clone(),
             location: locate(&e.path),
             why: why(symbol, &e.path),
+            callers: Vec::new(),
         })
         .collect();
     replaced.sort_by(|a, b| a.path.cmp(&b.path));
@@ -120,6 +160,7 @@ pub(super) fn report(
             included.push(Item {
                 location: locate(&demangle(n)),
                 why: head_src.why_changed(base_src, &demangle(n)),
+                callers: plan.callers.get(n).cloned().unwrap_or_default(),
                 path,
             });
         } else {

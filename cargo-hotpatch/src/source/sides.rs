@@ -1,6 +1,16 @@
 //! Step 6: the base and the head built as deployed (the same toolchain,
-//! `Cargo.lock` with `--locked`, profile, features and remapped paths),
-//! each in its own target directory under `target/hotpatch/`.
+//! `Cargo.lock` with `--locked`, profile, features and remapped paths).
+//!
+//! Both sides build in one target directory, `target/hotpatch/build`:
+//! the dependencies are the same crates with the same flags, so they are
+//! compiled once for both (a plain `cargo build` compiles them once too).
+//! The workspace's own crates have the same file names on both sides, so
+//! what the comparison needs of the base (its rlib, its executables and
+//! the objects the wrapper kept) is copied out before the head builds,
+//! into `target/hotpatch/bases/KEY/`. KEY covers everything that decides
+//! those bytes (the base commit, the flags, the toolchain, the lock, the
+//! environment cargo and rustc read): a later run with the same base
+//! reuses them and builds only the head.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -54,12 +64,168 @@ pub(super) fn build_both(
         }
     }
     let hot = ws.target_dir.join("hotpatch");
-    progress(&format!("building the base {} (1 of 2)", revs.base_name));
-    let base = cargo_build(ws, opts, &trees.base, &hot.join("base"), Some(&ws.root))?;
+    forget_old_layout(&hot)?;
+    let build_dir = hot.join("build");
+    let key = base_key(ws, opts, revs, &trees.base);
+    let kept = hot.join("bases").join(&key);
+    let base = match Artifacts::kept(&kept) {
+        Some(base) => {
+            progress(&format!(
+                "the base {} was built before: reusing {}",
+                revs.base_name,
+                kept.display()
+            ));
+            base
+        }
+        None => {
+            progress(&format!("building the base {} (1 of 2)", revs.base_name));
+            let built = cargo_build(ws, opts, &trees.base, &build_dir, Some(&ws.root))?;
+            built.keep(&kept)?
+        }
+    };
     progress(&format!("building the head, {} (2 of 2)", revs.head_name));
     let remap_head = opts.head.is_some().then_some(ws.root.as_path());
-    let head = cargo_build(ws, opts, &trees.head, &hot.join("head"), remap_head)?;
+    let head = cargo_build(ws, opts, &trees.head, &build_dir, remap_head)?;
     Ok((base, head))
+}
+
+/// The name of the file that says a kept base is complete: written last.
+const KEPT_MARKER: &str = "complete";
+
+impl Artifacts {
+    /// A base kept by an earlier run in `dir`, if it is complete.
+    fn kept(dir: &Path) -> Option<Artifacts> {
+        let listing = std::fs::read_to_string(dir.join(KEPT_MARKER)).ok()?;
+        let mut rlib = None;
+        let mut bins = Vec::new();
+        for line in listing.lines() {
+            match line.split_once(' ') {
+                Some(("rlib", f)) => rlib = Some(dir.join(f)),
+                Some(("bin", f)) => bins.push(dir.join("bin").join(f)),
+                _ => return None,
+            }
+        }
+        let rlib = rlib?;
+        (rlib.is_file() && bins.iter().all(|b| b.is_file())).then_some(Artifacts {
+            rlib,
+            bins,
+            hotpatch_rlib: None,
+        })
+    }
+
+    /// Copies what the comparison needs of a base build into `dir` (the
+    /// rlib; each executable with the objects the wrapper kept, in the
+    /// layout `wrapper::bin_objects` reads) and returns it there.
+    fn keep(&self, dir: &Path) -> Result<Artifacts, BuildError> {
+        if dir.exists() {
+            std::fs::remove_dir_all(dir).map_err(io(dir.display()))?;
+        }
+        let deps = dir.join("bin").join("deps");
+        std::fs::create_dir_all(&deps).map_err(io(deps.display()))?;
+        let copy = |from: &Path, to: &Path| -> Result<(), BuildError> {
+            std::fs::copy(from, to).map(drop).map_err(io(format!(
+                "copying {} to {}",
+                from.display(),
+                to.display()
+            )))
+        };
+        let name = |p: &Path| {
+            p.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        };
+        let mut listing = String::new();
+        let rlib = dir.join(name(&self.rlib));
+        copy(&self.rlib, &rlib)?;
+        listing.push_str(&format!("rlib {}\n", name(&self.rlib)));
+        let mut bins = Vec::new();
+        for exe in &self.bins {
+            let to = dir.join("bin").join(name(exe));
+            copy(exe, &to)?;
+            for file in wrapper::bin_files(exe) {
+                copy(&file, &deps.join(name(&file)))?;
+            }
+            listing.push_str(&format!("bin {}\n", name(exe)));
+            bins.push(to);
+        }
+        let marker = dir.join(KEPT_MARKER);
+        std::fs::write(&marker, listing).map_err(io(marker.display()))?;
+        Ok(Artifacts {
+            rlib,
+            bins,
+            hotpatch_rlib: None,
+        })
+    }
+}
+
+/// What decides the bytes of the base's build, hashed: the wrapper's
+/// scheme and this tool's version, the base commit and its checkout, the
+/// packages and flags, the toolchain (`rustc -vV`, run where the base's
+/// `rust-toolchain` file applies), the base's `Cargo.lock` and the
+/// user's cargo configuration, and every variable of the environment
+/// that cargo or rustc reads (`CARGO_*`, `RUST*`).
+fn base_key(ws: &Workspace, opts: &SourceOptions, revs: &Revisions, base: &Path) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    wrapper::WRAPPER_SCHEME.hash(&mut h);
+    env!("CARGO_PKG_VERSION").hash(&mut h);
+    revs.base_commit.hash(&mut h);
+    base.hash(&mut h);
+    ws.root.hash(&mut h);
+    ws.package.hash(&mut h);
+    ws.host_package.hash(&mut h);
+    opts.flags.args().hash(&mut h);
+    let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+    let version = Command::new(rustc)
+        .arg("-vV")
+        .current_dir(base)
+        .output()
+        .map(|o| o.stdout)
+        .unwrap_or_default();
+    version.hash(&mut h);
+    std::fs::read(base.join("Cargo.lock"))
+        .unwrap_or_default()
+        .hash(&mut h);
+    let home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")));
+    if let Some(home) = home {
+        for config in ["config.toml", "config"] {
+            std::fs::read(home.join(config))
+                .unwrap_or_default()
+                .hash(&mut h);
+        }
+    }
+    let mut vars: Vec<(String, String)> = std::env::vars_os()
+        .map(|(k, v)| {
+            (
+                k.to_string_lossy().into_owned(),
+                v.to_string_lossy().into_owned(),
+            )
+        })
+        .filter(|(k, _)| k.starts_with("CARGO") || k.starts_with("RUST"))
+        .collect();
+    vars.sort();
+    vars.hash(&mut h);
+    format!(
+        "{}-{:016x}",
+        &revs.base_commit[..12.min(revs.base_commit.len())],
+        h.finish()
+    )
+}
+
+/// Removes the target directories of the earlier layout (one per side,
+/// `target/hotpatch/base` and `target/hotpatch/head`, each with every
+/// dependency compiled again): only directories this tool made (they
+/// carry the wrapper's marker file).
+fn forget_old_layout(hot: &Path) -> Result<(), BuildError> {
+    for side in ["base", "head"] {
+        let dir = hot.join(side);
+        if dir.join(".cargo-hotpatch-source").is_file() {
+            std::fs::remove_dir_all(&dir).map_err(io(dir.display()))?;
+        }
+    }
+    Ok(())
 }
 
 /// Builds the package in `dir` (the workspace root of that checkout),

@@ -62,8 +62,7 @@ pub(super) fn wrap(
 /// of a build: cargo's fingerprints do not see it, so a target directory
 /// built under another scheme (an older cargo-hotpatch) is rebuilt whole.
 /// Changed whenever the wrapper's flags change.
-const WRAPPER_SCHEME: &str =
-    "cargo-hotpatch wrapper 3: source and target directory remapped, executables' objects kept";
+pub(super) const WRAPPER_SCHEME: &str = "cargo-hotpatch wrapper 4: source and target directory remapped, executables' objects kept, line tables";
 
 /// One target directory serves every checkout of a side (dependencies are
 /// compiled once), but the workspace's own crates have the same names in
@@ -136,6 +135,7 @@ fn run(args: &[OsString]) -> i32 {
     if std::env::var_os(KEEP_BIN_OBJECTS_ENV).is_some() {
         keep_bin_objects(args, &mut cmd);
     }
+    add_line_tables(rest, &mut cmd);
     cmd.env_remove(REMAP_ENV);
     cmd.env_remove(KEEP_BIN_OBJECTS_ENV);
     // `env!("CARGO_MANIFEST_DIR")` in the service's code puts the
@@ -164,6 +164,53 @@ fn run(args: &[OsString]) -> i32 {
             eprintln!("cargo-hotpatch (as rustc wrapper): {e}");
             101
         }
+    }
+}
+
+/// For a library of the workspace (cargo names its root file by a relative
+/// path; dependencies by absolute ones) compiled without debug info, asks
+/// for line tables (`-C debuginfo=line-tables-only`): sections no process
+/// maps, which `lines` reads to tell which source each function's code
+/// came from. The code is the same (`identity` compares the base with the
+/// deployed binary, section by mapped section). A profile with debug info
+/// of its own keeps it.
+fn add_line_tables(args: &[OsString], cmd: &mut Command) {
+    let is_ours = args.iter().any(|a| {
+        let p = Path::new(a);
+        p.extension().is_some_and(|e| e == "rs")
+            && p.is_relative()
+            && !a.to_string_lossy().starts_with('-')
+    });
+    // Libraries only: rustc gives an executable with debug info a
+    // `.debug_gdb_scripts` section the process maps, and a load of it in
+    // `main`, which the deployed build does not have.
+    let types: Vec<String> = args
+        .windows(2)
+        .filter(|w| w[0] == "--crate-type")
+        .map(|w| w[1].to_string_lossy().into_owned())
+        .collect();
+    let library = !types.is_empty() && types.iter().all(|t| t == "lib" || t == "rlib");
+    if !is_ours || !library || !args.iter().any(|a| a == "--crate-name") {
+        return;
+    }
+    let mut has_debuginfo = false;
+    for (i, a) in args.iter().enumerate() {
+        let a = a.to_string_lossy();
+        let value = match a.strip_prefix("-C") {
+            Some("") => args
+                .get(i + 1)
+                .map(|v| v.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            Some(v) => v.to_owned(),
+            None if a == "-g" => "debuginfo=2".to_owned(),
+            None => continue,
+        };
+        if let Some(level) = value.strip_prefix("debuginfo=") {
+            has_debuginfo = !matches!(level, "0" | "none" | "false" | "n" | "no" | "off");
+        }
+    }
+    if !has_debuginfo {
+        cmd.args(["-C", "debuginfo=line-tables-only"]);
     }
 }
 
@@ -207,6 +254,15 @@ fn keep_bin_objects(args: &[OsString], cmd: &mut Command) {
 /// kept: `deps/NAME-HASH.*.rcgu.o` beside the `deps/NAME-HASH` that `exe`
 /// was copied or linked from.
 pub(super) fn bin_objects(exe: &Path) -> Vec<PathBuf> {
+    bin_files(exe)
+        .into_iter()
+        .filter(|f| f.to_string_lossy().ends_with(".rcgu.o"))
+        .collect()
+}
+
+/// The files [`bin_objects`] reads for `exe`: the hashed executable in
+/// `deps/` whose bytes are `exe`'s, then its kept objects.
+pub(super) fn bin_files(exe: &Path) -> Vec<PathBuf> {
     let (Some(dir), Some(name)) = (exe.parent(), exe.file_name()) else {
         return Vec::new();
     };
@@ -238,5 +294,6 @@ pub(super) fn bin_objects(exe: &Path) -> Vec<PathBuf> {
         .map(|f| deps.join(f))
         .collect();
     objects.sort();
+    objects.insert(0, deps.join(hashed));
     objects
 }

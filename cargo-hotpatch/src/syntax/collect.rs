@@ -4,10 +4,12 @@
 use super::normalize::{stream, text};
 use super::{CrateSource, Item, Kind, Layout, Location, Owner, Signature, StaticKind, SyntaxError};
 use proc_macro2::Span;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use syn::parse::{Parse, ParseStream};
+use syn::spanned::Spanned;
 use syn::visit::Visit;
+use syn::visit_mut::VisitMut;
 use syn::{Attribute, Expr, Ident, Meta, Token, Type, Visibility};
 
 /// Parses one crate's library source: `lib_rs` (relative to `crate_dir`
@@ -25,6 +27,7 @@ pub fn parse_crate(crate_dir: &Path, lib_rs: &Path) -> Result<CrateSource, Synta
         crate_dir,
         files: Vec::new(),
         items: Vec::new(),
+        skeletons: BTreeMap::new(),
         stack: Vec::new(),
     };
     let dir = ModDir {
@@ -36,6 +39,7 @@ pub fn parse_crate(crate_dir: &Path, lib_rs: &Path) -> Result<CrateSource, Synta
         crate_name: super::crate_name_of(crate_dir),
         files: c.files,
         items: c.items,
+        skeletons: c.skeletons,
     })
 }
 
@@ -77,6 +81,7 @@ struct Collector<'a> {
     crate_dir: &'a Path,
     files: Vec<PathBuf>,
     items: Vec<Item>,
+    skeletons: BTreeMap<PathBuf, String>,
     /// The files being read, outermost first (circular modules).
     stack: Vec<PathBuf>,
 }
@@ -105,6 +110,7 @@ impl Collector<'_> {
             source,
         })?;
         let file = syn::parse_file(&text).map_err(|e| parse_error(rel, &e))?;
+        self.skeletons.insert(rel.to_path_buf(), skeleton(&file));
         let id = full.canonicalize().unwrap_or(full);
         self.stack.push(id);
         self.files.push(rel.to_path_buf());
@@ -130,6 +136,19 @@ impl Collector<'_> {
     }
 
     fn push(&mut self, ctx: &Ctx<'_>, owner: Option<Owner>, ident: &Ident, kind: Kind) {
+        let line = line_of(ident.span());
+        self.push_spanning(ctx, owner, ident, kind, (line, line));
+    }
+
+    /// Pushes an item that spans `lines` (first and last, inclusive).
+    fn push_spanning(
+        &mut self,
+        ctx: &Ctx<'_>,
+        owner: Option<Owner>,
+        ident: &Ident,
+        kind: Kind,
+        lines: (usize, usize),
+    ) {
         self.items.push(Item {
             scope: ctx.scope.clone(),
             owner,
@@ -139,6 +158,7 @@ impl Collector<'_> {
                 file: ctx.file.to_path_buf(),
                 line: line_of(ident.span()),
             },
+            lines,
         });
     }
 
@@ -153,8 +173,10 @@ impl Collector<'_> {
                     copied: copied_into_users(is_pub(&f.vis), &f.attrs, &f.sig, None),
                     body: text(&f.block),
                     names: names(&f.block),
+                    attrs: attrs_text(&f.attrs),
                 };
-                self.push(ctx, None, &f.sig.ident, kind);
+                let lines = fn_lines(f.span(), &f.block);
+                self.push_spanning(ctx, None, &f.sig.ident, kind, lines);
                 self.body(&f.block, ctx, f.sig.ident.to_string())?;
             }
             syn::Item::Impl(imp) if !is_cfg_test(&imp.attrs) => {
@@ -175,8 +197,10 @@ impl Collector<'_> {
                                 ),
                                 body: text(&m.block),
                                 names: names(&m.block),
+                                attrs: attrs_text(&m.attrs),
                             };
-                            self.push(ctx, Some(owner.clone()), &m.sig.ident, kind);
+                            let lines = fn_lines(m.span(), &m.block);
+                            self.push_spanning(ctx, Some(owner.clone()), &m.sig.ident, kind, lines);
                             self.body(
                                 &m.block,
                                 ctx,
@@ -215,8 +239,10 @@ impl Collector<'_> {
                                 ),
                                 body: text(block),
                                 names: names(block),
+                                attrs: attrs_text(&m.attrs),
                             };
-                            self.push(ctx, Some(owner.clone()), &m.sig.ident, kind);
+                            let lines = fn_lines(m.span(), block);
+                            self.push_spanning(ctx, Some(owner.clone()), &m.sig.ident, kind, lines);
                             self.body(block, ctx, format!("{}::{}", t.ident, m.sig.ident))?;
                         }
                         syn::TraitItem::Const(c) if !is_cfg_test(&c.attrs) => {
@@ -541,6 +567,68 @@ impl Parse for ThreadLocalKeys {
 }
 
 /// `#[cfg(test)]`.
+/// The lines a function spans: from its first attribute or keyword to
+/// its body's closing brace.
+fn fn_lines(item: Span, block: &syn::Block) -> (usize, usize) {
+    let start = item.start().line;
+    let end = block.brace_token.span.close().end().line;
+    (start.min(end), end.max(start))
+}
+
+/// A file's text without its functions (free functions, methods, a
+/// trait's default methods: each is an item of its own, compared by its
+/// signature, attributes and body) and `#[cfg(test)]` items: what the
+/// file declares besides functions. Two revisions of a file with the same
+/// skeleton differ only in functions.
+fn skeleton(file: &syn::File) -> String {
+    struct Empty;
+    impl VisitMut for Empty {
+        fn visit_file_mut(&mut self, f: &mut syn::File) {
+            f.items
+                .retain(|i| !item_is_cfg_test(i) && !matches!(i, syn::Item::Fn(_)));
+            syn::visit_mut::visit_file_mut(self, f);
+        }
+        fn visit_item_mod_mut(&mut self, m: &mut syn::ItemMod) {
+            if let Some((_, items)) = &mut m.content {
+                items.retain(|i| !item_is_cfg_test(i) && !matches!(i, syn::Item::Fn(_)));
+            }
+            syn::visit_mut::visit_item_mod_mut(self, m);
+        }
+        fn visit_item_impl_mut(&mut self, i: &mut syn::ItemImpl) {
+            i.items.retain(|it| !matches!(it, syn::ImplItem::Fn(_)));
+            syn::visit_mut::visit_item_impl_mut(self, i);
+        }
+        fn visit_item_trait_mut(&mut self, t: &mut syn::ItemTrait) {
+            // A method without a default is a declaration: it stays.
+            t.items
+                .retain(|it| !matches!(it, syn::TraitItem::Fn(m) if m.default.is_some()));
+            syn::visit_mut::visit_item_trait_mut(self, t);
+        }
+    }
+    let mut file = file.clone();
+    Empty.visit_file_mut(&mut file);
+    text(&file)
+}
+
+/// A function's attributes as normalized text (doc comments left out).
+fn attrs_text(attrs: &[Attribute]) -> String {
+    attrs.iter().map(text).collect::<Vec<_>>().join(" ")
+}
+
+fn item_is_cfg_test(item: &syn::Item) -> bool {
+    match item {
+        syn::Item::Mod(m) => is_cfg_test(&m.attrs),
+        syn::Item::Fn(f) => is_cfg_test(&f.attrs),
+        syn::Item::Impl(i) => is_cfg_test(&i.attrs),
+        syn::Item::Use(u) => is_cfg_test(&u.attrs),
+        syn::Item::Const(c) => is_cfg_test(&c.attrs),
+        syn::Item::Static(s) => is_cfg_test(&s.attrs),
+        syn::Item::Struct(s) => is_cfg_test(&s.attrs),
+        syn::Item::Enum(e) => is_cfg_test(&e.attrs),
+        _ => false,
+    }
+}
+
 fn is_cfg_test(attrs: &[Attribute]) -> bool {
     attrs.iter().any(|a| match &a.meta {
         Meta::List(l) => l.path.is_ident("cfg") && stream(l.tokens.clone()) == "test",

@@ -72,6 +72,9 @@ pub struct CrateSource {
     files: Vec<PathBuf>,
     /// Every item found, in source order.
     items: Vec<Item>,
+    /// Each file's text outside function bodies (see
+    /// [`CrateSource::changed_fn_lines`]).
+    skeletons: BTreeMap<PathBuf, String>,
 }
 
 /// Where an item is: the file, relative to the crate directory (as
@@ -566,6 +569,9 @@ struct Item {
     name: String,
     kind: Kind,
     loc: Location,
+    /// The lines the item spans (first and last): a function's from its
+    /// first attribute to its closing brace.
+    lines: (usize, usize),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -593,6 +599,8 @@ enum Kind {
         body: String,
         /// Every identifier in the body (what it may call or name).
         names: BTreeSet<String>,
+        /// Its attributes (not doc comments), as normalized token text.
+        attrs: String,
     },
     /// A `macro_rules!` definition.
     Macro {
@@ -792,11 +800,64 @@ impl CrateSource {
         })
     }
 
+    /// Where the source of `self` (the head) differs from `base` when only
+    /// function bodies changed, or functions were added or removed: the
+    /// lines of each function whose body differs (or that only one side
+    /// has), per file, as (base, head) ranges. `None` when anything else
+    /// differs: a file's declarations besides functions (a `use`, a
+    /// `const`, a macro, a type, an impl block's header), a function's
+    /// signature or attributes (its callers' code changes with them), or a
+    /// file added or removed; then no line says where the change is.
+    pub fn changed_fn_lines(&self, base: &CrateSource) -> Option<(LineRanges, LineRanges)> {
+        if self.skeletons != base.skeletons {
+            return None;
+        }
+        let is_fn = |k: &Kind| matches!(k, Kind::Fn { .. });
+        let (b, h) = (index(base, is_fn), index(self, is_fn));
+        let differ = |x: Option<&Vec<&Item>>, y: Option<&Vec<&Item>>| match (x, y) {
+            (Some(x), Some(y)) => {
+                x.len() != y.len() || x.iter().zip(y).any(|(p, q)| !same_source(&p.kind, &q.kind))
+            }
+            _ => true,
+        };
+        let mut ranges = (LineRanges::new(), LineRanges::new());
+        let keys: BTreeSet<&Key> = b.keys().chain(h.keys()).collect();
+        let outline = |i: &&Item| match &i.kind {
+            Kind::Fn { sig, attrs, .. } => Some((sig.clone(), attrs.clone())),
+            _ => None,
+        };
+        for key in keys {
+            let (x, y) = (b.get(key), h.get(key));
+            if let (Some(x), Some(y)) = (x, y) {
+                let xs: Vec<_> = x.iter().map(outline).collect();
+                let ys: Vec<_> = y.iter().map(outline).collect();
+                if xs != ys {
+                    return None;
+                }
+            }
+            if !differ(x, y) {
+                continue;
+            }
+            for (side, items) in [(&mut ranges.0, x), (&mut ranges.1, y)] {
+                for i in items.into_iter().flatten() {
+                    side.entry(i.loc.file.clone())
+                        .or_default()
+                        .push((i.lines.0 as u64, i.lines.1 as u64));
+                }
+            }
+        }
+        Some(ranges)
+    }
+
     fn find_fn(&self, demangled: &str) -> Option<&Item> {
         let query = locate::Query::parse(demangled, &self.crate_name)?;
         locate::find(&self.items, &query)
     }
 }
+
+/// Line ranges (first, last; inclusive) per file, relative to the crate
+/// directory.
+pub type LineRanges = std::collections::HashMap<PathBuf, Vec<(u64, u64)>>;
 
 /// Whether two versions of an item have the same source: a function's
 /// signature and body, a const's type and value, a macro's rules.

@@ -1133,3 +1133,88 @@ fn why_changed_names_what_an_unchanged_function_inlines_or_expands() {
     );
     assert_eq!(why("svc::missing"), None);
 }
+
+/// The lines of the functions whose source differs, per side; `None`
+/// for a change outside function bodies and signatures.
+type Spans = Vec<(u64, u64)>;
+
+fn changed_lines(base: &str, head: &str) -> Option<(Spans, Spans)> {
+    let b = Tree::new(&[("src/lib.rs", base)]).parse();
+    let h = Tree::new(&[("src/lib.rs", head)]).parse();
+    let (mut x, mut y) = h.changed_fn_lines(&b)?;
+    let file = Path::new("src/lib.rs");
+    let take = |m: &mut LineRanges| {
+        let mut v = m.remove(file).unwrap_or_default();
+        assert!(m.is_empty(), "ranges of another file: {m:?}");
+        v.sort();
+        v
+    };
+    Some((take(&mut x), take(&mut y)))
+}
+
+#[test]
+fn changed_fn_lines_are_the_changed_functions_from_attribute_to_closing_brace() {
+    let base = "use std::fmt;\n\
+                \n\
+                pub fn same(x: u64) -> u64 {\n\
+                    x + 1\n\
+                }\n\
+                \n\
+                #[inline]\n\
+                pub fn edited(x: u64) -> u64 {\n\
+                    let y = x * 2;\n\
+                    y\n\
+                }\n\
+                \n\
+                pub struct S;\n\
+                impl S {\n\
+                    pub fn method(&self) -> u64 { 1 }\n\
+                }\n";
+    // A line added above `edited` moves it down one line in the head.
+    let head = base
+        .replace("use std::fmt;\n", "use std::fmt;\n// a comment\n")
+        .replace("x * 2", "x * 3")
+        .replace("{ 1 }", "{ 2 }");
+    let (b, h) = changed_lines(base, &head).expect("only bodies changed");
+    assert_eq!(b, vec![(7, 11), (15, 15)]);
+    assert_eq!(h, vec![(8, 12), (16, 16)]);
+}
+
+#[test]
+fn changed_fn_lines_of_a_comment_only_change_are_none_changed() {
+    let base = "/// Adds one.\npub fn f(x: u64) -> u64 {\n    x + 1\n}\n";
+    let head = "/// Adds one to x.\npub fn f(x: u64) -> u64 {\n    // one\n    x + 1\n}\n";
+    let (b, h) = changed_lines(base, head).expect("nothing outside bodies changed");
+    assert!(b.is_empty() && h.is_empty(), "{b:?} {h:?}");
+}
+
+#[test]
+fn changed_fn_lines_of_an_added_or_removed_function_name_its_side_only() {
+    let base = "pub fn f() -> u64 { 1 }\n";
+    let head = "pub fn f() -> u64 { 1 }\nfn g() -> u64 { 2 }\n";
+    let (b, h) = changed_lines(base, head).expect("only functions");
+    assert!(b.is_empty());
+    assert_eq!(h, vec![(2, 2)]);
+    let (b, h) = changed_lines(head, base).expect("only functions");
+    assert_eq!(b, vec![(2, 2)]);
+    assert!(h.is_empty());
+}
+
+#[test]
+fn a_change_outside_function_bodies_gives_no_changed_fn_lines() {
+    let base = "use std::cmp::max;\nconst LIMIT: u64 = 1;\nmacro_rules! m { () => { 1 } }\n\
+                pub fn f(x: u64) -> u64 { max(x, LIMIT) + m!() }\n";
+    for head in [
+        base.replace("LIMIT: u64 = 1", "LIMIT: u64 = 2"),
+        base.replace("use std::cmp::max", "use std::cmp::min as max"),
+        base.replace("{ 1 } }", "{ 2 } }"),
+        base.replace("pub fn f(x: u64)", "#[inline(never)]\npub fn f(x: u64)"),
+        base.replace("pub fn f(x: u64) -> u64", "pub fn f(x: u32) -> u64"),
+        format!("{base}pub struct New;\n"),
+    ] {
+        assert!(
+            changed_lines(base, &head).is_none(),
+            "a change outside bodies:\n{head}"
+        );
+    }
+}

@@ -25,7 +25,7 @@
 //!   the patch's `SlotRef` table instead, which the loader fills with the
 //!   host's out-of-line wrapper (as `slotrefs.rs` does for patch crates).
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 
 use object::elf;
 use object::read::ObjectSection;
@@ -81,6 +81,11 @@ pub(crate) struct Extracted {
     pub new_functions: Vec<String>,
     /// Host symbols reached through cells (not exported by the binary).
     pub private_refs: usize,
+    /// Functions copied although their code is the host's in all but how
+    /// it was compiled (`compare::ChangeSite::is_noise`): the copied code
+    /// was compiled against the head's copies, whose registers and
+    /// arguments may differ from the host's.
+    pub carried: Vec<String>,
 }
 
 const ANCHOR: &str = hotpatch_abi::HOST_EXPORTS_SYMBOL;
@@ -116,6 +121,12 @@ struct Writer<'a, 'd> {
     /// Per copied text unit: its FDE (object, offset in `.eh_frame`).
     fdes: HashMap<UnitId, (usize, usize)>,
     new_functions: Vec<String>,
+    /// Functions that differ from the host's only in how they were
+    /// compiled: copied when copied code uses them, never bound to the
+    /// host's (an internal function's calling convention is the
+    /// optimiser's to change).
+    noise: &'a BTreeSet<String>,
+    carried: Vec<String>,
     refusals: Vec<Refusal>,
     private_refs: HashSet<(HostRef, i64)>,
 }
@@ -126,11 +137,14 @@ pub(crate) fn extract(
     host: &Host,
     roots: &HashSet<UnitId>,
     records: &[Record],
+    noise: &BTreeSet<String>,
 ) -> Result<Extracted, Vec<Refusal>> {
     let mut w = Writer {
         head,
         host,
         roots,
+        noise,
+        carried: Vec::new(),
         obj: write::Object::new(BinaryFormat::Elf, Architecture::X86_64, Endianness::Little),
         copies: HashMap::new(),
         queue: VecDeque::new(),
@@ -177,6 +191,9 @@ pub(crate) fn extract(
     let private_refs = w.private_refs.len();
     let mut new_functions = w.new_functions.clone();
     new_functions.sort();
+    let mut carried = w.carried.clone();
+    carried.sort();
+    carried.dedup();
     let object = w.obj.write().map_err(|e| {
         vec![Refusal::WriteObject {
             reason: e.to_string(),
@@ -186,6 +203,7 @@ pub(crate) fn extract(
         object,
         new_functions,
         private_refs,
+        carried,
     })
 }
 
@@ -416,7 +434,7 @@ impl Writer<'_, '_> {
 
     /// Whether a named head unit is copied rather than the host's.
     fn copies_named(&self, u: UnitId, name: &str) -> bool {
-        self.roots.contains(&u) || self.host_ref(name).is_none()
+        self.roots.contains(&u) || self.noise.contains(name) || self.host_ref(name).is_none()
     }
 
     /// Writes a copied unit's relocations.
@@ -477,7 +495,11 @@ impl Writer<'_, '_> {
                                     && self.head.is_code(*t)
                                     && !self.copies.contains_key(t)
                                 {
-                                    self.new_functions.push(name.clone());
+                                    if self.noise.contains(&name) {
+                                        self.carried.push(name.clone());
+                                    } else {
+                                        self.new_functions.push(name.clone());
+                                    }
                                 }
                                 (Some((*t, *off)), None, tls)
                             } else {
@@ -740,7 +762,12 @@ fn is_source_panics(name: &str) -> bool {
 
 /// Writes the patch object of `plan`: its replaced functions' counted
 /// bodies with a `PatchFn` record each, and its included functions.
-pub(super) fn write(head: &Build<'_>, host: &Host, plan: &Plan) -> Result<Extracted, BuildError> {
+pub(super) fn write(
+    head: &Build<'_>,
+    host: &Host,
+    plan: &Plan,
+    noise: &BTreeSet<String>,
+) -> Result<Extracted, BuildError> {
     let mut roots: HashSet<UnitId> = HashSet::new();
     let mut records = Vec::new();
     let mut refusals = Vec::new();
@@ -798,5 +825,5 @@ pub(super) fn write(head: &Build<'_>, host: &Host, plan: &Plan) -> Result<Extrac
     if !refusals.is_empty() {
         return Err(BuildError::Refused(refusals));
     }
-    extract(head, host, &roots, &records).map_err(BuildError::Refused)
+    extract(head, host, &roots, &records, noise).map_err(BuildError::Refused)
 }
