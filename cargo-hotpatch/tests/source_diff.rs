@@ -564,7 +564,7 @@ fn apply_and_revert(v1: &mut Service, so: &std::path::Path, changes: &[(&str, &s
 
 /// Case `branch` patched: the tool lists `want`, v1 answers with the
 /// case's changes while the patch is applied.
-fn patched(branch: &str, want: &[Want]) {
+fn patched(branch: &str, want: &[Want]) -> harness::Output {
     let c = case(branch);
     let mut fx = fixture();
     let so = out_path(branch);
@@ -577,6 +577,26 @@ fn patched(branch: &str, want: &[Want]) {
         want,
     );
     apply_and_revert(&mut fx.v1, &so, c.changes);
+    out
+}
+
+/// The callers the tool lists under an included function (`called
+/// from: a (replaced), b (included)`), sorted.
+fn called_from(out: &harness::Output, included: &str) -> Vec<String> {
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    let at = lines
+        .iter()
+        .position(|l| l.starts_with("included") && l.split_whitespace().nth(1) == Some(included))
+        .unwrap_or_else(|| panic!("{included} is not listed as included: {}", out.stdout));
+    let Some(list) = lines
+        .get(at + 1)
+        .and_then(|l| l.trim().strip_prefix("called from: "))
+    else {
+        panic!("no callers listed under {included}: {}", out.stdout);
+    };
+    let mut callers: Vec<String> = list.split(", ").map(str::to_owned).collect();
+    callers.sort();
+    callers
 }
 
 /// `cargo hotpatch build --base v1 --head HEAD -p svc --binary BINARY -o SO`.
@@ -715,7 +735,7 @@ fn case_05_a_changed_helper_with_only_patchable_callers_is_included_and_its_call
     // includes the new `discounted` (`included`) and replaces both callers
     // (`replaced`, although their own source did not change) with copies
     // that call it. Nothing else.
-    patched(
+    let out = patched(
         "case-helper-patchable-callers",
         &[
             ("included", "svc::discounted", "fn discounted("),
@@ -726,6 +746,14 @@ fn case_05_a_changed_helper_with_only_patchable_callers_is_included_and_its_call
                 "fn describe(&self) -> String {",
             ),
         ],
+    );
+    // Every caller in the deployed build, and what the patch does with it.
+    assert_eq!(
+        called_from(&out, "svc::discounted"),
+        [
+            "<svc::Cart as Describe>::describe (replaced)",
+            "svc::Cart::total (replaced)"
+        ]
     );
 }
 
@@ -1370,12 +1398,16 @@ fn case_30_a_changed_helper_whose_base_caller_the_head_removed_is_included() {
     // `points_rate` changed and `points_via`, its only caller in the base,
     // is gone from the head: the old `points_via` stays unreachable once
     // its own caller, the patchable `points`, runs the new code.
-    patched(
+    let out = patched(
         "case-removed-caller",
         &[
             ("replaced", "svc::points", "pub fn points("),
             ("included", "svc::points_rate", "fn points_rate("),
         ],
+    );
+    assert_eq!(
+        called_from(&out, "svc::points_rate"),
+        ["svc::points_via (gone from the head)"]
     );
 }
 

@@ -187,7 +187,10 @@ pub(super) fn classify(
             replaced.push((name.clone(), e.clone()));
         }
     }
-    let replaced_set: HashSet<&String> = replaced.iter().map(|(n, _)| n).collect();
+    // A replaced function by the path its registry entry gives (`<svc::Cart
+    // as Describe>::describe`, which its body's symbol does not spell).
+    let replaced_paths: HashMap<&String, &String> =
+        replaced.iter().map(|(n, e)| (n, &e.path)).collect();
     let callers = included
         .iter()
         .map(|name| {
@@ -197,9 +200,10 @@ pub(super) fn classify(
                 .flatten()
                 .filter(|c| !is_generated(c))
                 .map(|c| {
-                    let how = if replaced_set.contains(c) {
-                        "replaced"
-                    } else if included.contains(c) {
+                    if let Some(path) = replaced_paths.get(c) {
+                        return format!("{path} (replaced)");
+                    }
+                    let how = if included.contains(c) {
                         "included"
                     } else if gone.contains(c) {
                         "gone from the head"
