@@ -40,14 +40,19 @@
 //! revision the running binary was built from, builds it exactly as
 //! deployed (the same toolchain, `Cargo.lock`, profile, features and
 //! paths: the checkout's paths are remapped to the workspace's) and builds
-//! the fix the same way, each in its own target directory under
-//! `target/hotpatch/`. With `--binary` it proves that the deployed binary
-//! is the rebuilt base. A comparison of the two revisions' source refuses,
-//! before any build, what a patch cannot carry (a type's layout, a static,
-//! a patchable signature). The service library's objects are then
-//! compared function by function, and the changed functions written into
-//! a thin patch: each `#[patchable]` one replaced, each other one included
-//! when everything that calls it is replaced or included. The service's
+//! the fix the same way, in one target directory under
+//! `target/hotpatch/` (dependencies compiled once; the base's outputs kept
+//! for the next fix against the same release). With `--binary` it proves
+//! that the deployed binary is the rebuilt base. A comparison of the two
+//! revisions' source refuses, before any build, what a patch cannot carry
+//! (a type's layout, a static, a patchable signature). The service
+//! library's objects are then compared function by function; a function
+//! whose code differs only in how it was compiled (no instruction of it,
+//! inlined code included, comes from a changed function's lines, as the
+//! line tables the libraries are compiled with say) is not a change. The
+//! changed functions are written into a thin patch: each `#[patchable]`
+//! one replaced, each other one included when everything that calls it is
+//! replaced or included. The service's
 //! private functions and statics are reached through cells the dynamic
 //! loader fills (the base binary's symbol table gives their addresses;
 //! instructions that read or write such data in place are redirected

@@ -20,18 +20,24 @@
 //!    refused before any build.
 //! 6. `sides`: the base built as deployed (the same toolchain,
 //!    `Cargo.lock` with `--locked`, profile, features and flags), and the
-//!    head the same way, each in its own target directory. Every build
+//!    head the same way, in one target directory (the base's outputs kept
+//!    for later runs against the same base). Every build
 //!    runs rustc through `wrapper`, which remaps the checkout's paths and
 //!    its target directory's (where `OUT_DIR` is) to the workspace's own
 //!    (`--remap-path-prefix`: cargo puts a workspace wrapper in the
 //!    crates' metadata hash, and so in every symbol name), so the base
-//!    builds bit for bit what the workspace builds, debug info included.
+//!    builds bit for bit what the workspace builds, debug info included;
+//!    the workspace's libraries get line tables (sections no process
+//!    maps).
 //! 7. `identity`: with `--binary`, the deployed binary must be the rebuilt
 //!    base: the same bytes in every section the process maps (debug info
 //!    and the build-id note aside). Else the patch is refused with both
 //!    build-ids.
 //! 8. `compare`: the objects of the service's library crate (`objects`)
-//!    compared function by function, paired by name without the
+//!    compared function by function (a function whose code differs
+//!    without an instruction from a changed function's lines, by the line
+//!    tables `lines` reads, is noise: not a change), paired by name
+//!    without the
 //!    `.llvm.<number>` suffix of codegen units, constants by content
 //!    wherever they are; changed data is refused (`entries` reads the
 //!    `#[patchable]` registry entries). The executable's own objects

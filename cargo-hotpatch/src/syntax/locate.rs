@@ -20,6 +20,11 @@ struct Form {
     ty: Option<String>,
     /// The trait of a trait method (its bare name), from `<T as Trait>`.
     trait_: Option<String>,
+    /// The trait's generic arguments as the symbol gives them
+    /// ([`generic_args`]: `From<&str>` -> `<&str>`), when it has some:
+    /// `impl From<String>` and `impl From<&str>` of one type are told
+    /// apart by them.
+    trait_args: Option<String>,
 }
 
 /// One name the function may have in the source.
@@ -67,12 +72,14 @@ impl Query {
                 scope: path.clone(),
                 ty: None,
                 trait_: None,
+                trait_args: None,
             }];
             if let Some((ty, scope)) = path.split_last() {
                 forms.push(Form {
                     scope: scope.to_vec(),
                     ty: Some(ty.clone()),
                     trait_: None,
+                    trait_args: None,
                 });
             }
             forms
@@ -125,6 +132,9 @@ fn qualified_form(qualified: &str, crate_name: &str) -> Option<Form> {
     let trait_segs: Vec<String> = trait_part
         .map(|t| split_top(t, "::").iter().map(|s| bare(s)).collect())
         .unwrap_or_default();
+    let trait_args = trait_part
+        .and_then(|t| split_top(t, "::").last().cloned())
+        .and_then(|last| generic_args(&last));
     let ours = |segs: &[String]| segs.len() > 1 && segs[0] == crate_name;
     let scope = if ours(&self_segs) {
         self_segs[1..self_segs.len() - 1].to_vec()
@@ -137,7 +147,38 @@ fn qualified_form(qualified: &str, crate_name: &str) -> Option<Form> {
         scope,
         ty: self_segs.last().cloned(),
         trait_: trait_segs.last().cloned(),
+        trait_args,
     })
+}
+
+/// The generic arguments of a path segment, comparable between a symbol
+/// and the source: whitespace and every path before a name left out
+/// (`From<alloc::string::String>` and `From<String>` both give
+/// `<String>`). `None` without arguments.
+fn generic_args(segment: &str) -> Option<String> {
+    let start = segment.find('<')?;
+    let compact: String = segment[start..]
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .collect();
+    let mut out = String::new();
+    let mut word = String::new();
+    let mut chars = compact.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c.is_alphanumeric() || c == '_' {
+            word.push(c);
+        } else if c == ':' && chars.peek() == Some(&':') {
+            // `a::b::C`: only `C` stays.
+            chars.next();
+            word.clear();
+        } else {
+            out.push_str(&word);
+            word.clear();
+            out.push(c);
+        }
+    }
+    out.push_str(&word);
+    Some(out)
 }
 
 /// `Cart` for `Cart<u32>`, `svc` for `svc[1a2b3c]` (v0 disambiguator).
@@ -208,7 +249,12 @@ fn fit(item: &Item, form: &Form, name: &Name) -> Option<Fit> {
                 trait_: imp_trait,
                 ..
             }),
-        ) if self_ident == ty && imp_trait.as_ref().map(|t| &t.1) == trait_ => {
+        ) if self_ident == ty
+            && imp_trait.as_ref().map(|t| &t.1) == trait_
+            && form.trait_args.as_ref().is_none_or(|args| {
+                imp_trait.as_ref().and_then(|t| generic_args(&t.0)).as_ref() == Some(args)
+            }) =>
+        {
             Some(if same_scope { Fit::Exact } else { Fit::Type })
         }
         // Legacy `svc::Describe::describe`: a trait's default method.
@@ -221,8 +267,8 @@ fn fit(item: &Item, form: &Form, name: &Name) -> Option<Fit> {
 }
 
 /// The best match: exact first, then by `Type::name`, then a trait's
-/// default method, then by name alone; each level past the first only
-/// if it names one item.
+/// default method, then by name alone; a level that names more than one
+/// item answers nothing.
 pub(super) fn find<'a>(items: &'a [Item], q: &Query) -> Option<&'a Item> {
     let fns = || items.iter().filter(|i| matches!(i.kind, Kind::Fn { .. }));
     for level in [Fit::Exact, Fit::Type, Fit::TraitDefault] {
@@ -233,12 +279,14 @@ pub(super) fn find<'a>(items: &'a [Item], q: &Query) -> Option<&'a Item> {
                     .any(|f| q.names.iter().any(|n| fit(i, f, n) == Some(level)))
             })
             .collect();
-        if level == Fit::Exact {
-            if let Some(first) = found.first() {
-                return Some(first);
-            }
-        } else if let Some(one) = unique(&found) {
+        if let Some(one) = unique(&found) {
             return Some(one);
+        }
+        if !found.is_empty() {
+            // Two functions the symbol cannot tell apart (the same trait
+            // with arguments the symbol does not spell): no answer rather
+            // than a wrong one.
+            return None;
         }
     }
     // By name alone.

@@ -1218,3 +1218,26 @@ fn a_change_outside_function_bodies_gives_no_changed_fn_lines() {
         );
     }
 }
+
+#[test]
+fn locate_tells_impls_of_one_trait_with_other_arguments_apart() {
+    let src = "pub enum E { A(String) }\n\
+               impl From<String> for E {\n\
+                   fn from(s: String) -> E { E::A(s) }\n\
+               }\n\
+               #[hotpatch::patchable]\n\
+               impl From<&str> for E {\n\
+                   fn from(s: &str) -> E { s.to_string().into() }\n\
+               }\n";
+    let c = Tree::new(&[("src/lib.rs", src)]).parse();
+    let line = |p: &str| c.locate(p).map(|l| l.line);
+    assert_eq!(line("<svc::E as core::convert::From<&str>>::from"), Some(7));
+    assert_eq!(line("<svc::E as From<&str>>::from"), Some(7));
+    assert_eq!(
+        line("<svc::E as core::convert::From<alloc::string::String>>::from"),
+        Some(3)
+    );
+    // Without arguments the two are one name: no location rather than a
+    // wrong one.
+    assert_eq!(line("<svc::E as core::convert::From>::from"), None);
+}
