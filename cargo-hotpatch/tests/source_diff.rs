@@ -1606,3 +1606,71 @@ fn workspace_a_library_package_and_an_executable_package_are_patched() {
         "{refusal}"
     );
 }
+
+#[test]
+fn the_base_is_built_once_and_one_run_at_a_time_builds() {
+    let fx = fixture();
+    let so = out_path("kept-base");
+    let first = build_patch("case-free-fn", s(&fx.v1_bin), &so);
+    assert_eq!(first.status.code(), Some(0), "{first:?}");
+    // The same base again: its outputs were kept, only the head builds.
+    let again = build_patch("case-free-fn", s(&fx.v1_bin), &so);
+    assert_eq!(again.status.code(), Some(0), "{again:?}");
+    assert!(
+        again.stderr.contains("was built before: reusing")
+            && !again.stderr.contains("building the base"),
+        "the second run builds the base again: {}",
+        again.stderr
+    );
+
+    // Another run holds the target directory: this one waits, says so,
+    // and builds once it is free.
+    use std::io::BufRead;
+    use std::os::fd::AsRawFd;
+    let lock_path = harness::target_dir().join("hotpatch/.lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .unwrap();
+    // SAFETY: flock on a descriptor this test owns.
+    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+    let mut cmd = harness::tool_command(&[
+        "build",
+        "--base",
+        "v1",
+        "--head",
+        "case-free-fn",
+        "-p",
+        "svc",
+        "--binary",
+        s(&fx.v1_bin),
+        "-o",
+        s(&so),
+    ]);
+    cmd.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send(line);
+        }
+    });
+    let mut said = Vec::new();
+    let waiting = loop {
+        match rx.recv_timeout(harness::BUILD_DEADLINE) {
+            Ok(line) if line.contains("waiting for another cargo hotpatch build") => break true,
+            Ok(line) => said.push(line),
+            Err(_) => break false,
+        }
+    };
+    drop(lock);
+    let status = child.wait().unwrap();
+    let _ = reader.join();
+    assert!(waiting, "the run did not wait for the lock: {said:?}");
+    assert!(status.success(), "after the lock was released: {status:?}");
+}

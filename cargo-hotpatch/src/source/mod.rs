@@ -171,7 +171,8 @@ pub fn build_from_source(
     let (files, mut notes) = files::check(&ws, &revs)?;
     let trees = checkout::check_out(&ws, &revs, progress, &mut notes)?;
     let (base_src, head_src) = findings::check(&ws, &trees, &mut notes)?;
-    let (base, head) = sides::build_both(&ws, opts, &revs, &trees, progress, &mut notes)?;
+    // Held until the patch is linked: the head's rlib is read to the end.
+    let (base, head, _lock) = sides::build_both(&ws, opts, &revs, &trees, progress, &mut notes)?;
     let base_bin = sides::pick_bin(&ws, opts, &base.bins)?;
     let (host, host_path) = identity::bind(&base_bin, deployed, &revs)?;
 

@@ -32,8 +32,50 @@ pub(super) struct Artifacts {
     pub hotpatch_rlib: Option<PathBuf>,
 }
 
-/// Builds the base, then the head. `notes` gets a line per side built
-/// with the workspace's `Cargo.lock`.
+/// The tool's hold on `target/hotpatch/`: one run at a time builds there
+/// and reads what it built (another run would build its own head over
+/// this one's, or forget its fingerprints). Released when dropped.
+pub(super) struct BuildLock {
+    _file: std::fs::File,
+}
+
+impl BuildLock {
+    /// Waits for the lock of `hot` (saying so through `progress` when
+    /// another run holds it).
+    fn take(hot: &Path, progress: &mut dyn FnMut(&str)) -> Result<BuildLock, BuildError> {
+        use std::os::fd::AsRawFd;
+        std::fs::create_dir_all(hot).map_err(io(hot.display()))?;
+        let path = hot.join(".lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io(path.display()))?;
+        // SAFETY: `flock` on a descriptor this function owns; no memory
+        // is passed.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            progress(&format!(
+                "waiting for another cargo hotpatch build to finish with {}",
+                hot.display()
+            ));
+            // SAFETY: as above; blocks until the other run's descriptor
+            // is closed.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+                return Err(BuildError::Io(format!(
+                    "{}: cannot lock: {}",
+                    path.display(),
+                    std::io::Error::last_os_error()
+                )));
+            }
+        }
+        Ok(BuildLock { _file: file })
+    }
+}
+
+/// Builds the base, then the head, under the target directory's lock,
+/// which the caller holds until it has read what was built. `notes` gets
+/// a line per side built with the workspace's `Cargo.lock`.
 pub(super) fn build_both(
     ws: &Workspace,
     opts: &SourceOptions,
@@ -41,7 +83,7 @@ pub(super) fn build_both(
     trees: &Trees,
     progress: &mut dyn FnMut(&str),
     notes: &mut Vec<String>,
-) -> Result<(Artifacts, Artifacts), BuildError> {
+) -> Result<(Artifacts, Artifacts, BuildLock), BuildError> {
     // A revision without a committed Cargo.lock builds with the
     // workspace's (the deployed build's lock is checked by --binary).
     // Decided by the commit, not the checkout, which keeps the copy of an
@@ -64,6 +106,7 @@ pub(super) fn build_both(
         }
     }
     let hot = ws.target_dir.join("hotpatch");
+    let lock = BuildLock::take(&hot, progress)?;
     forget_old_layout(&hot)?;
     let build_dir = hot.join("build");
     let key = base_key(ws, opts, revs, &trees.base);
@@ -86,7 +129,7 @@ pub(super) fn build_both(
     progress(&format!("building the head, {} (2 of 2)", revs.head_name));
     let remap_head = opts.head.is_some().then_some(ws.root.as_path());
     let head = cargo_build(ws, opts, &trees.head, &build_dir, remap_head)?;
-    Ok((base, head))
+    Ok((base, head, lock))
 }
 
 /// The name of the file that says a kept base is complete: written last.

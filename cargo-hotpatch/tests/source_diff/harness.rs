@@ -332,13 +332,21 @@ fn indent(s: &str) -> String {
     s.lines().map(|l| format!("    {l}\n")).collect()
 }
 
-/// `cargo hotpatch ARGS` in the fixture repository.
-pub fn tool(args: &[&str]) -> Output {
+/// `cargo hotpatch ARGS` in the fixture repository, not started.
+pub fn tool_command(args: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_cargo-hotpatch"));
     // As cargo runs a subcommand: argv[1] is "hotpatch".
     cmd.arg("hotpatch").args(args).current_dir(repo_dir());
     env(&mut cmd);
-    run(cmd, &format!("cargo hotpatch {}", args.join(" ")))
+    cmd
+}
+
+/// `cargo hotpatch ARGS` in the fixture repository.
+pub fn tool(args: &[&str]) -> Output {
+    run(
+        tool_command(args),
+        &format!("cargo hotpatch {}", args.join(" ")),
+    )
 }
 
 /// A `replaced` or `included` line of the tool's stdout.
