@@ -54,6 +54,7 @@ const V1_CALL: &[(&str, &str)] = &[
     ("points", "101"),
     ("fee", "10"),
     ("applied_twice", "12"),
+    ("greeting", "hello from v1"),
 ];
 
 /// A case: its branch (a commit on v1 with `edits`), and how the answers
@@ -342,6 +343,17 @@ const CASES: &[Case] = &[
         branch: "case-generic-in-binary",
         edits: &[lib("    f(f(x))\n", "    f(f(f(x)))\n")],
         changes: &[("applied_twice", "13")],
+    },
+    // 33. Only a file the library compiles in (`include_str!`) changed:
+    //     no Rust source did, yet the running code's data does.
+    Case {
+        branch: "case-included-file",
+        edits: &[Edit {
+            file: "src/greeting.txt",
+            old: "hello from v1",
+            new: "hello from the fix",
+        }],
+        changes: &[("greeting", "hello from the fix")],
     },
     // 14. Another build of the service: a commit after v1 that changes only
     //     the binary's banner (so its build-id, and none of its library).
@@ -1502,6 +1514,7 @@ fn make_workspace_repo(branches: &[(&str, &[Edit])]) -> PathBuf {
     );
     put("host/src/main.rs", harness::V1_MAIN);
     put("svc/src/lib.rs", harness::V1_LIB);
+    put("svc/src/greeting.txt", harness::V1_GREETING);
     put(".gitignore", "/target\n");
     put(
         "Cargo.lock",
@@ -1673,4 +1686,20 @@ fn the_base_is_built_once_and_one_run_at_a_time_builds() {
     let _ = reader.join();
     assert!(waiting, "the run did not wait for the lock: {said:?}");
     assert!(status.success(), "after the lock was released: {status:?}");
+}
+
+#[test]
+fn case_33_a_changed_file_the_library_includes_is_a_change() {
+    // Not a "no change": the compiled code decides, and the string the
+    // patchable `greeting` returns is the file's.
+    let out = patched(
+        "case-included-file",
+        &[("replaced", "svc::greeting", "pub fn greeting(")],
+    );
+    assert!(
+        out.stdout
+            .contains("src/greeting.txt changed: not Rust source, but the library may include it"),
+        "{}",
+        out.stdout
+    );
 }

@@ -1,6 +1,7 @@
 //! Step 3: the changed files, classified before any build: what makes
-//! the running build (refused), the library's code, and the rest
-//! (ignored, with a note).
+//! the running build (refused), the library's code (its `.rs` files, and
+//! any file that is not Rust source, which `include_str!` may compile in),
+//! and the rest (Rust files of no running code: ignored, with a note).
 
 use std::path::Path;
 
@@ -49,6 +50,7 @@ fn classify(ws: &Workspace, files: &[String], in_base: &dyn Fn(&str) -> bool) ->
     let mut refusals = Vec::new();
     let mut notes = Vec::new();
     let mut ignored: Vec<&str> = Vec::new();
+    let mut compiled_in: Vec<&str> = Vec::new();
     let mut code = false;
     let lib_dir = ws.lib_src.parent().map(Path::to_owned).unwrap_or_default();
     for f in files {
@@ -107,8 +109,21 @@ fn classify(ws: &Workspace, files: &[String], in_base: &dyn Fn(&str) -> bool) ->
                     service: ws.package.clone(),
                 });
             }
-            _ => ignored.push(f.as_str()),
+            _ if p.extension().is_some_and(|e| e == "rs") => ignored.push(f.as_str()),
+            // Not Rust source, but the library may compile it in
+            // (`include_str!`, `include_bytes!`): the compiled code
+            // decides, never the file's name.
+            _ => {
+                code = true;
+                compiled_in.push(f.as_str());
+            }
         }
+    }
+    if !compiled_in.is_empty() {
+        notes.push(format!(
+            "{} changed: not Rust source, but the library may include it (include_str!, include_bytes!): the compiled code decides",
+            compiled_in.join(", ")
+        ));
     }
     match ignored.as_slice() {
         [] => {}
@@ -160,6 +175,7 @@ mod tests {
             "svc/src/bin/tool.rs",
             "util/src/lib.rs",
             "svc/src/pricing.rs",
+            "svc/tests/api.rs",
             "README.md",
         ]
         .map(String::from)
@@ -197,8 +213,14 @@ mod tests {
         );
         assert_eq!(
             c.notes,
-            ["README.md changed (not code of the running binary: ignored)"]
+            [
+                "README.md changed: not Rust source, but the library may include it (include_str!, include_bytes!): the compiled code decides",
+                "svc/tests/api.rs changed (not code of the running binary: ignored)"
+            ]
         );
+        // A file the library may include is code until the build says not.
+        let c = classify(&ws, &[file("svc/src/page.html")], &|_| true);
+        assert!(c.code && c.refusals.is_empty());
         // A lock file the base did not commit is the workspace's: no rule.
         let c = classify(&ws, &[file("Cargo.lock")], &|_| false);
         assert!(c.refusals.is_empty() && c.notes.is_empty() && !c.code);

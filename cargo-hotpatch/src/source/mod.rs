@@ -78,7 +78,7 @@ mod sides;
 mod workspace;
 pub(crate) mod wrapper;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::BuildError;
 
@@ -181,7 +181,14 @@ pub fn build_from_source(
         compare::Rlib::read(&head.rlib)?,
     );
     let (b, h) = (base_rlib.objects()?, head_rlib.objects()?);
-    let ranges = head_src.changed_fn_lines(&base_src);
+    // Lines say where a change is only when every changed file is a
+    // source file of the library (a file `include_str!` compiles in, or a
+    // module under `#[cfg(test)]`, says nothing by its lines).
+    let ranges = files
+        .iter()
+        .all(|f| base_src.reads(Path::new(f)) || head_src.reads(Path::new(f)))
+        .then(|| head_src.changed_fn_lines(&base_src))
+        .flatten();
     let (base_lines, head_lines) = (
         lines::Lines::read(&b, &ws.root),
         lines::Lines::read(&h, &ws.root),

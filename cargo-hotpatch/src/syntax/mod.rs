@@ -66,9 +66,7 @@ pub struct CrateSource {
     /// `_`), else the crate directory's name. See
     /// [`CrateSource::with_crate_name`].
     crate_name: String,
-    /// The files read, relative to the crate directory, root first (what
-    /// the tests check a parse reached).
-    #[cfg_attr(not(test), allow(dead_code))]
+    /// The files read, relative to the crate directory, root first.
     files: Vec<PathBuf>,
     /// Every item found, in source order.
     items: Vec<Item>,
@@ -700,6 +698,12 @@ impl CrateSource {
     #[cfg(test)]
     pub fn files(&self) -> &[PathBuf] {
         &self.files
+    }
+
+    /// Whether `file` (relative to the crate directory) is one of the
+    /// source files the crate's modules were read from.
+    pub fn reads(&self, file: &Path) -> bool {
+        self.files.iter().any(|f| f == file)
     }
 
     /// Where a function is defined, given a path as demangled from a

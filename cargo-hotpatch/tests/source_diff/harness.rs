@@ -28,6 +28,8 @@ const TEMPLATE_CARGO_TOML: &str = include_str!("../fixtures/source-svc/Cargo.tom
 const TEMPLATE_BUILD_RS: &str = include_str!("../fixtures/source-svc/build.rs");
 pub const V1_LIB: &str = include_str!("../fixtures/source-svc/src/lib.rs");
 pub const V1_MAIN: &str = include_str!("../fixtures/source-svc/src/main.rs");
+/// A file the library compiles in (`include_str!`): not Rust source.
+pub const V1_GREETING: &str = include_str!("../fixtures/source-svc/src/greeting.txt");
 
 /// One textual edit of a file of the fixture: `old`, which occurs exactly
 /// once, becomes `new`.
@@ -44,6 +46,7 @@ pub fn edited(file: &str, edits: &[Edit]) -> String {
     let text = match file {
         "src/lib.rs" => V1_LIB.to_owned(),
         "src/main.rs" => V1_MAIN.to_owned(),
+        "src/greeting.txt" => V1_GREETING.to_owned(),
         "Cargo.toml" => v1_manifest(),
         "build.rs" => TEMPLATE_BUILD_RS.to_owned(),
         _ => panic!("no fixture file {file}"),
@@ -132,6 +135,10 @@ pub fn write_tree(edits: &[Edit]) {
     let repo = repo_dir();
     write_if_changed(&repo.join("src/lib.rs"), &edited("src/lib.rs", edits));
     write_if_changed(&repo.join("src/main.rs"), &edited("src/main.rs", edits));
+    write_if_changed(
+        &repo.join("src/greeting.txt"),
+        &edited("src/greeting.txt", edits),
+    );
     write_if_changed(&repo.join("Cargo.toml"), &edited("Cargo.toml", edits));
     write_if_changed(&repo.join("build.rs"), &edited("build.rs", edits));
     // Cargo.lock: v1's as committed (cargo trimmed the workspace's), with
