@@ -325,6 +325,7 @@ mod image;
 mod loader;
 mod manifest;
 mod metrics;
+mod near;
 mod patch;
 mod quiesce;
 mod registry;
@@ -345,7 +346,8 @@ pub use error::Error;
 pub use loader::{
     CheckReport, DEFAULT_DEADLINE, DEFAULT_MAX_FILE_SIZE, Loader, Reclaimed, WouldReplace, load,
 };
-pub use patch::{FunctionInfo, Implementation, Patch, PatchId, PatchInfo};
+pub use near::NearRefusal;
+pub use patch::{FunctionInfo, Implementation, Patch, PatchId, PatchInfo, Placement};
 pub use quiesce::{
     OfflineGuard, StalledRequest, StalledThread, ThreadGuard, TransitionInfo, offline, quiescent,
     register_thread, while_offline,
