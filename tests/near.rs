@@ -74,7 +74,7 @@ fn a_patch_is_mapped_within_2_gib_of_the_executable() {
     let _serial = support::serial();
     let so = support::copy_to_temp(&support::patch("fixture-patch-basic"), "near-basic.so");
     let patch = hotpatch::load(&so).unwrap();
-    let hotpatch::Placement::Near { address } = *patch.placement() else {
+    let hotpatch::Placement::Near { address, size } = *patch.placement() else {
         panic!("not placed near: {}", patch.placement());
     };
     let text = executable_text();
@@ -89,7 +89,10 @@ fn a_patch_is_mapped_within_2_gib_of_the_executable() {
             text.0,
             text.1
         );
-        assert!(range.0 >= address, "the placement's address is its start");
+        assert!(
+            range.0 >= address && range.1 <= address + size,
+            "the placement's range holds its code"
+        );
     }
     // It runs, from there.
     assert_eq!(svc::answer(), 2);
@@ -181,5 +184,30 @@ fn near_placement_can_be_turned_off() {
         }
     );
     assert_eq!(svc::add(1, 2), 2003);
+    patch.revert().unwrap();
+}
+
+/// A patch with thread-locals of its own (`PT_TLS`): only the dynamic
+/// loader allocates and binds those, so the near loader refuses it, by
+/// reason, and the patch is opened by `dlopen` and works. (The library is
+/// never reclaimed: tests/reclaim.rs.)
+#[test]
+fn a_patch_with_thread_locals_is_opened_by_dlopen_and_says_why() {
+    let _serial = support::serial();
+    let so = support::patch("fixture-patch-tls");
+    let patch = hotpatch::load(&so).unwrap();
+    match patch.placement() {
+        hotpatch::Placement::Dlopen {
+            reason: hotpatch::NearRefusal::ThreadLocals { what },
+        } => assert!(what.contains("PT_TLS"), "{what}"),
+        other => panic!("expected the thread-local refusal, got {other:?}"),
+    }
+    assert!(
+        patch.placement().to_string().contains("thread-locals"),
+        "{}",
+        patch.placement()
+    );
+    let first = svc::touch_tls();
+    assert_eq!(svc::touch_tls(), first + 1, "its thread-local works");
     patch.revert().unwrap();
 }

@@ -101,10 +101,10 @@ pub enum Error {
         stderr: String,
     },
 
-    /// The host binary exports no Rust symbol to the dynamic loader, so
-    /// nothing of a thin patch can bind to it.
+    /// The host binary has no Rust symbol a thin patch could bind to:
+    /// none exported to the dynamic loader and no symbol table (stripped).
     #[error(
-        "{}: exports no Rust symbols: the service binary was linked without `-rdynamic`; add `println!(\"cargo::rustc-link-arg-bins=-rdynamic\");` to the service's build.rs and rebuild it",
+        "{}: has no Rust symbols for a patch to bind to: the service binary was stripped and not linked with `-rdynamic`; keep its symbol table (remove `strip` from the profile, or `-s` from the link) or add `println!(\"cargo::rustc-link-arg-bins=-rdynamic\");` to the service's build.rs, and rebuild it",
         host.display()
     )]
     HostNotExported {

@@ -156,6 +156,7 @@ fn status(r: &Value) -> String {
                     s(&p["name"]),
                     s(&p["version"]),
                     s(&p["state"]),
+                    placement(&p["placement"]),
                     p["applied_at_ms"].as_u64().map_or("-".into(), utc),
                     peer(&p["applied_by"]),
                     s(&p["description"]),
@@ -169,6 +170,7 @@ fn status(r: &Value) -> String {
                 "NAME",
                 "VERSION",
                 "STATE",
+                "CODE",
                 "APPLIED (UTC)",
                 "BY",
                 "DESCRIPTION",
@@ -421,5 +423,18 @@ mod tests {
         assert_eq!(super::utc(0), "1970-01-01 00:00:00");
         assert_eq!(super::utc(951_782_400_000), "2000-02-29 00:00:00");
         assert_eq!(super::utc(1_767_225_599_000), "2025-12-31 23:59:59");
+    }
+}
+
+/// Where a patch's code is (the status reply's `placement`): `near`, or
+/// `dlopen (why not near)`; `-` from a service that does not say.
+fn placement(p: &Value) -> String {
+    match p["kind"].as_str() {
+        Some("near") => "near".to_owned(),
+        Some(kind) => match p["reason"].as_str() {
+            Some(reason) => format!("{kind} ({reason})"),
+            None => kind.to_owned(),
+        },
+        None => "-".to_owned(),
     }
 }

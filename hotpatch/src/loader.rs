@@ -482,8 +482,30 @@ fn open(
                 .map_or(std::ptr::null(), |m| m as *const Manifest);
             let placement = Placement::Near {
                 address: image.address(),
+                size: image.size(),
             };
             (Handle::Near(image), manifest, placement)
+        }
+        Err(reason) if !host::exports_symbols() => {
+            // Only the near loader can bind to a binary that exports
+            // nothing (it reads the binary's symbol table).
+            if copy.unlink_after_open {
+                let _ = fs::remove_file(&copy.path);
+            }
+            if let NearRefusal::Missing { symbols } = reason {
+                return Err(Error::MissingSymbols {
+                    path: path.to_owned(),
+                    symbols,
+                });
+            }
+            return Err(Error::NotLoadable {
+                path: path.to_owned(),
+                reason: format!(
+                    "this binary does not export its symbols (it was linked without -rdynamic), \
+                     so only hotpatch's own loader can bind the patch to it, and it could not \
+                     place it near the executable: {reason}"
+                ),
+            });
         }
         Err(reason) => {
             let (library, manifest) = dlopen(&copy, path, bytes)?;
@@ -560,7 +582,9 @@ fn dlopen(
 
 /// The checks of a thin patch against this binary, on the file's bytes,
 /// before the dynamic loader sees them (see `host.rs`): the build it was
-/// made for, the host setting, no allocator of its own. That every symbol
+/// made for, symbols to bind to (exported with `-rdynamic`, or the
+/// binary's own symbol table, which the near loader reads), no allocator
+/// of its own. That every symbol
 /// it needs is here is the dynamic loader's own binding (`RTLD_NOW`, before
 /// any of the library's code runs): a second pass over the symbols here
 /// would double the cost of binding a large patch; if one is missing,
@@ -585,7 +609,7 @@ fn bound_to_this_binary(path: &Path, bytes: &[u8]) -> Result<bool, Error> {
             host: host::hex(ours),
         });
     }
-    if !host::exports_symbols() {
+    if !host::exports_symbols() && !near::symtab::serves() {
         return Err(Error::HostNotExported { path });
     }
     if needs.allocator {

@@ -75,8 +75,8 @@ pub enum NearRefusal {
     },
     /// Symbols that nothing in this process defines (the dynamic loader
     /// names them when it refuses the patch).
-    #[error("{count} undefined symbols not found in this process (first: {first})")]
-    Missing { count: usize, first: String },
+    #[error("{} undefined symbols not found in this process (first: {})", symbols.len(), symbols.first().map_or("", String::as_str))]
+    Missing { symbols: Vec<String> },
     /// The file is not what `cargo hotpatch build` links: the reason.
     #[error("{0}")]
     Unsupported(String),
@@ -417,37 +417,39 @@ fn reloc_name(r_type: u32) -> &'static str {
     }
 }
 
-/// Resolves each undefined symbol of `plan` in this process: the
-/// executable's own symbol table first where it serves ([`symtab`]), then
-/// the global scope (`dlsym(RTLD_DEFAULT)`: the executable's exported
-/// symbols and its shared libraries). A weak symbol found nowhere is 0.
+/// Resolves each undefined symbol of `plan` in this process: in the
+/// global scope first (`dlsym(RTLD_DEFAULT)`: the executable's exported
+/// symbols and its shared libraries, as the dynamic loader would), then,
+/// for what is not there, in the executable's own symbol table
+/// ([`symtab`]), which reaches a binary linked without `-rdynamic`. A weak
+/// symbol found nowhere is 0.
 fn resolve(plan: &Plan) -> Result<Vec<u64>, NearRefusal> {
-    let table = symtab::get();
-    let mut missing = Vec::new();
-    let values = plan
-        .symbols
-        .iter()
-        .map(|s| match s {
-            SymbolRef::Null | SymbolRef::Defined(_) => 0,
-            SymbolRef::Undefined { name, weak } => {
-                let found = table
-                    .and_then(|t| t.lookup(name))
-                    .or_else(|| lookup_global(name));
-                match found {
-                    Some(v) => v,
-                    None if *weak => 0,
-                    None => {
-                        missing.push(name.clone());
-                        0
-                    }
-                }
+    let mut values = vec![0u64; plan.symbols.len()];
+    let mut rest: Vec<(usize, &str, bool)> = Vec::new();
+    for (i, s) in plan.symbols.iter().enumerate() {
+        if let SymbolRef::Undefined { name, weak } = s {
+            match lookup_global(name) {
+                Some(v) => values[i] = v,
+                None => rest.push((i, name, *weak)),
             }
-        })
-        .collect();
-    if let Some(first) = missing.first() {
+        }
+    }
+    if rest.is_empty() {
+        return Ok(values);
+    }
+    let names: Vec<&str> = rest.iter().map(|r| r.1).collect();
+    let table = symtab::resolve(&names).unwrap_or_default();
+    let mut missing = Vec::new();
+    for (i, name, weak) in rest {
+        match table.get(name) {
+            Some(&v) => values[i] = v,
+            None if weak => {}
+            None => missing.push(name),
+        }
+    }
+    if !missing.is_empty() {
         return Err(NearRefusal::Missing {
-            count: missing.len(),
-            first: crate::host::demangle(first),
+            symbols: missing.iter().map(|n| crate::host::demangle(n)).collect(),
         });
     }
     Ok(values)
@@ -927,6 +929,11 @@ impl NearImage {
         self.base
     }
 
+    /// The length of its mapping.
+    pub(crate) fn size(&self) -> u64 {
+        self.span
+    }
+
     /// Runs its finalisers, deregisters its unwind tables and unmaps it.
     ///
     /// # Safety
@@ -985,70 +992,103 @@ fn perf_map(plan: &Plan, base: u64) {
 
 pub(crate) mod symtab {
     //! The executable's own symbol table (`.symtab`), read from
-    //! `/proc/self/exe` once and used only if its build-id is the running
+    //! `/proc/self/exe` and used only if its build-id is the running
     //! binary's: what lets a patch bind to a service built without
-    //! `-rdynamic`, private functions and statics included.
+    //! `-rdynamic`, its private functions and statics included (as Dioxus
+    //! subsecond binds to the base binary's symbols). Read per load, for
+    //! the names the patch needs only: nothing is kept in memory.
 
     use std::collections::HashMap;
+    use std::ffi::c_void;
+    use std::os::fd::AsRawFd;
     use std::sync::OnceLock;
 
     use object::{Object, ObjectSymbol};
 
-    /// Defined symbols by name, relative to the executable's load bias;
-    /// names defined twice at different addresses are left out.
-    #[derive(Debug)]
-    pub(crate) struct Symtab {
-        bias: u64,
-        symbols: HashMap<Vec<u8>, Option<u64>>,
-    }
-
-    impl Symtab {
-        pub(crate) fn lookup(&self, name: &str) -> Option<u64> {
-            let v = (*self.symbols.get(name.as_bytes())?)?;
-            Some(self.bias.wrapping_add(v))
-        }
-    }
-
-    /// The running executable's symbol table, if it has one and it is
-    /// this build's.
-    pub(crate) fn get() -> Option<&'static Symtab> {
-        static TABLE: OnceLock<Option<Symtab>> = OnceLock::new();
-        TABLE.get_or_init(read).as_ref()
-    }
-
-    fn read() -> Option<Symtab> {
-        let bytes = std::fs::read("/proc/self/exe").ok()?;
-        let file = object::File::parse(&*bytes).ok()?;
-        let id = file.build_id().ok()??;
-        if Some(id) != crate::host::build_id() {
+    /// The addresses in this process of those of `names` that the
+    /// executable's symbol table defines once (a name defined twice at
+    /// different addresses, as two private statics of one name can be, is
+    /// left out). `None` if the executable has no symbol table, or the
+    /// file at `/proc/self/exe` is not the running build.
+    pub(crate) fn resolve(names: &[&str]) -> Option<HashMap<String, u64>> {
+        let bias = load_bias()?;
+        let file = std::fs::File::open("/proc/self/exe").ok()?;
+        let len = usize::try_from(file.metadata().ok()?.len()).ok()?;
+        if len == 0 {
             return None;
         }
-        let bias = load_bias()?;
-        let mut symbols: HashMap<Vec<u8>, Option<u64>> = HashMap::new();
+        // SAFETY: a private read-only mapping of the executable, unmapped
+        // below; an executable being run cannot be written (ETXTBSY).
+        let map = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if map == libc::MAP_FAILED {
+            return None;
+        }
+        // SAFETY: `len` readable bytes, mapped above.
+        let bytes = unsafe { std::slice::from_raw_parts(map.cast::<u8>(), len) };
+        let found = lookup(bytes, bias, names);
+        // SAFETY: the mapping made above, no longer borrowed.
+        unsafe { libc::munmap(map, len) };
+        found
+    }
+
+    fn lookup(bytes: &[u8], bias: u64, names: &[&str]) -> Option<HashMap<String, u64>> {
+        let file = object::File::parse(bytes).ok()?;
+        if file.build_id().ok()?? != crate::host::build_id()? {
+            return None;
+        }
+        let wanted: std::collections::HashSet<&[u8]> = names.iter().map(|n| n.as_bytes()).collect();
+        let mut found: HashMap<String, Option<u64>> = HashMap::new();
         for s in file.symbols() {
             if s.is_undefined() || s.address() == 0 {
                 continue;
             }
             if !matches!(
                 s.kind(),
-                object::SymbolKind::Text | object::SymbolKind::Data
+                object::SymbolKind::Text | object::SymbolKind::Data | object::SymbolKind::Unknown
             ) {
                 continue;
             }
             let Ok(name) = s.name_bytes() else { continue };
-            if name.is_empty() {
+            if !wanted.contains(name) {
                 continue;
             }
-            symbols
-                .entry(name.to_vec())
+            let at = bias.wrapping_add(s.address());
+            found
+                .entry(String::from_utf8_lossy(name).into_owned())
                 .and_modify(|v| {
-                    if *v != Some(s.address()) {
+                    if *v != Some(at) {
                         *v = None;
                     }
                 })
-                .or_insert(Some(s.address()));
+                .or_insert(Some(at));
         }
-        (!symbols.is_empty()).then_some(Symtab { bias, symbols })
+        Some(
+            found
+                .into_iter()
+                .filter_map(|(k, v)| Some((k, v?)))
+                .collect(),
+        )
+    }
+
+    /// The executable's symbol table is there, is this build's, and puts
+    /// the runtime's marker where it is: patches can bind to it without
+    /// `-rdynamic`. Checked once.
+    pub(crate) fn serves() -> bool {
+        static SERVES: OnceLock<bool> = OnceLock::new();
+        *SERVES.get_or_init(|| {
+            let marker = "hotpatch_host_exports_v1";
+            let ours = (&raw const crate::host::hotpatch_host_exports_v1) as u64;
+            resolve(&[marker]).and_then(|m| m.get(marker).copied()) == Some(ours)
+        })
     }
 
     /// The executable's load bias (`dlpi_addr` of the main program).
@@ -1056,7 +1096,7 @@ pub(crate) mod symtab {
         unsafe extern "C" fn visit(
             info: *mut libc::dl_phdr_info,
             _size: usize,
-            data: *mut libc::c_void,
+            data: *mut c_void,
         ) -> libc::c_int {
             // SAFETY: as in `executable_text`.
             let (out, info) = unsafe { (&mut *data.cast::<Option<u64>>(), &*info) };

@@ -67,7 +67,9 @@ pub struct PatchInfo {
 /// ```no_run
 /// let patch = hotpatch::load("fix.so")?;
 /// match patch.placement() {
-///     hotpatch::Placement::Near { address } => println!("code at {address:#x}"),
+///     hotpatch::Placement::Near { address, size } => {
+///         println!("mapped at {address:#x}, {size} bytes")
+///     }
 ///     hotpatch::Placement::Dlopen { reason } => println!("opened by dlopen: {reason}"),
 ///     _ => {}
 /// }
@@ -76,9 +78,9 @@ pub struct PatchInfo {
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Placement {
-    /// Mapped by hotpatch within ±2 GiB of the executable's code, starting
-    /// at `address`.
-    Near { address: u64 },
+    /// Mapped by hotpatch within ±2 GiB of the executable's code: its
+    /// segments lie in `[address, address + size)`.
+    Near { address: u64, size: u64 },
     /// Opened by the dynamic loader; `reason` says why not near.
     Dlopen { reason: crate::NearRefusal },
 }

@@ -56,7 +56,9 @@ fn patch_json(shared: &Endpoint, p: &PatchInfo) -> Value {
 /// `{"kind": "dlopen", "reason": ...}`.
 fn placement_json(p: &crate::Placement) -> Value {
     match p {
-        crate::Placement::Near { address } => json!({ "kind": "near", "address": address }),
+        crate::Placement::Near { address, size } => {
+            json!({ "kind": "near", "address": address, "size": size })
+        }
         crate::Placement::Dlopen { reason } => {
             json!({ "kind": "dlopen", "reason": reason.to_string() })
         }
