@@ -416,16 +416,6 @@ fn functions(v: &Value) -> String {
     arr(v).iter().map(s).collect::<Vec<_>>().join(", ")
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn utc_dates() {
-        assert_eq!(super::utc(0), "1970-01-01 00:00:00");
-        assert_eq!(super::utc(951_782_400_000), "2000-02-29 00:00:00");
-        assert_eq!(super::utc(1_767_225_599_000), "2025-12-31 23:59:59");
-    }
-}
-
 /// Where a patch's code is (the status reply's `placement`): `near`, or
 /// `dlopen (why not near)`; `-` from a service that does not say.
 fn placement(p: &Value) -> String {
@@ -436,5 +426,15 @@ fn placement(p: &Value) -> String {
             None => kind.to_owned(),
         },
         None => "-".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn utc_dates() {
+        assert_eq!(super::utc(0), "1970-01-01 00:00:00");
+        assert_eq!(super::utc(951_782_400_000), "2000-02-29 00:00:00");
+        assert_eq!(super::utc(1_767_225_599_000), "2025-12-31 23:59:59");
     }
 }

@@ -341,14 +341,13 @@ fn plan(bytes: &[u8]) -> Result<Plan, NearRefusal> {
             if sym.st_type() == elf::STT_FUNC
                 && sym.st_shndx(endian) != elf::SHN_UNDEF
                 && sym.st_size(endian) > 0
+                && let Ok(name) = sym.name(endian, symtab.strings())
             {
-                if let Ok(name) = sym.name(endian, symtab.strings()) {
-                    plan.functions.push((
-                        sym.st_value(endian),
-                        sym.st_size(endian),
-                        crate::host::demangle(&String::from_utf8_lossy(name)),
-                    ));
-                }
+                plan.functions.push((
+                    sym.st_value(endian),
+                    sym.st_size(endian),
+                    crate::host::demangle(&String::from_utf8_lossy(name)),
+                ));
             }
         }
     }
@@ -539,7 +538,7 @@ fn candidates(text: (u64, u64), size: u64, maps: &[(u64, u64)], page: u64) -> Ve
         }
         prev_end = prev_end.max(e);
     }
-    gaps.push((prev_end, u64::MAX & !(page - 1)));
+    gaps.push((prev_end, !(page - 1)));
     for (gs, ge) in gaps {
         let gs = gs.saturating_add(page).max(lo);
         let ge = ge.saturating_sub(page).min(hi);
