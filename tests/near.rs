@@ -73,7 +73,7 @@ fn within_reach(code: (u64, u64), text: (u64, u64)) -> bool {
 fn a_patch_is_mapped_within_2_gib_of_the_executable() {
     let _serial = support::serial();
     let so = support::copy_to_temp(&support::patch("fixture-patch-basic"), "near-basic.so");
-    let patch = hotpatch::load(&so).unwrap();
+    let patch = hotpatch::Loader::new().perf_map(true).load(&so).unwrap();
     let hotpatch::Placement::Near { address, size } = *patch.placement() else {
         panic!("not placed near: {}", patch.placement());
     };
@@ -102,6 +102,26 @@ fn a_patch_is_mapped_within_2_gib_of_the_executable() {
     };
     assert_eq!(cart.total(), 1005);
     assert!(patch.placement().to_string().contains("near"));
+    // `perf` can name its code: the perf map (asked for) lists its entry
+    // shim, inside the placement's range.
+    let map_path = format!("/tmp/perf-{}.map", std::process::id());
+    let map = std::fs::read_to_string(&map_path).expect("the perf map");
+    let _ = std::fs::remove_file(&map_path);
+    let entry = map
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.splitn(3, ' ');
+            let start = u64::from_str_radix(f.next()?, 16).ok()?;
+            let len = u64::from_str_radix(f.next()?, 16).ok()?;
+            Some((start, len, f.next()?.to_owned()))
+        })
+        .find(|(start, _, name)| {
+            name.ends_with("__hotpatch_entry_answer") && (address..address + size).contains(start)
+        });
+    assert!(
+        entry.is_some(),
+        "no perf map line for the patch's entry:\n{map}"
+    );
     patch.revert().unwrap();
     assert_eq!(svc::answer(), 1);
 }

@@ -33,7 +33,15 @@ use crate::{Error, Patch, PatchId, Placement, elf, host, manifest, metrics, quie
 pub struct Loader {
     deadline: Duration,
     policy: trust::Policy,
-    near: bool,
+    near: Near,
+}
+
+/// The near loader's options (see [`Loader::near`] and
+/// [`Loader::perf_map`]).
+#[derive(Clone, Copy, Debug)]
+struct Near {
+    on: bool,
+    perf_map: bool,
 }
 
 impl Default for Loader {
@@ -41,7 +49,10 @@ impl Default for Loader {
         Loader {
             deadline: DEFAULT_DEADLINE,
             policy: trust::Policy::default(),
-            near: true,
+            near: Near {
+                on: true,
+                perf_map: std::env::var_os("HOTPATCH_PERF_MAP").is_some_and(|v| v == "1"),
+            },
         }
     }
 }
@@ -190,7 +201,25 @@ impl Loader {
     /// # Ok::<(), hotpatch::Error>(())
     /// ```
     pub fn near(mut self, near: bool) -> Self {
-        self.near = near;
+        self.near.on = near;
+        self
+    }
+
+    /// Whether a patch mapped near the executable has its functions
+    /// appended to `/tmp/perf-<pid>.map`, the file `perf` reads to name
+    /// code it finds no object file for (default: only if the environment
+    /// variable `HOTPATCH_PERF_MAP` is `1`). The file is opened without
+    /// following a symbolic link and written only if it is this user's
+    /// regular file; it stays after the process exits, as `perf` expects.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// let patch = hotpatch::Loader::new().perf_map(true).load("fix.so")?;
+    /// # Ok::<(), hotpatch::Error>(())
+    /// ```
+    pub fn perf_map(mut self, write: bool) -> Self {
+        self.near.perf_map = write;
         self
     }
 
@@ -415,7 +444,7 @@ fn open_checked(
     _turn: &quiesce::Turn,
     path: &Path,
     bytes: &[u8],
-    near: bool,
+    near: Near,
 ) -> Result<(u64, manifest::Checked), Error> {
     let (library, m) = open(libraries, path, bytes, near)?;
     if m.is_null() {
@@ -438,7 +467,7 @@ fn open(
     libraries: &mut Vec<Loaded>,
     path: &Path,
     bytes: &[u8],
-    near: bool,
+    near: Near,
 ) -> Result<(u64, *const Manifest), Error> {
     let digest = digest(bytes);
     for l in libraries.iter() {
@@ -467,11 +496,11 @@ fn open(
         source,
     })?;
     failpoint!("load::dlopen", path);
-    let placed = if near {
+    let placed = if near.on {
         // SAFETY: mapping the patch runs its initialisers. The patch is
         // code the operator chose to load (see the crate docs, "Safety
         // model"); `copy` is the sealed private copy of exactly `bytes`.
-        unsafe { near::open(&copy.file, bytes) }
+        unsafe { near::open(&copy.file, bytes, near.perf_map) }
     } else {
         Err(NearRefusal::Off)
     };

@@ -28,8 +28,8 @@
 //!    panic in patch code unwinds through it into the host's
 //!    `catch_unwind`;
 //! 7. run its initialisers (`DT_INIT`, `DT_INIT_ARRAY`);
-//! 8. write its functions to `/tmp/perf-<pid>.map`, so `perf` can name
-//!    patch code.
+//! 8. if asked ([`Loader::perf_map`](crate::Loader::perf_map)), write its
+//!    functions to `/tmp/perf-<pid>.map`, so `perf` can name patch code.
 //!
 //! Anything else (thread-locals, another relocation type, text
 //! relocations, a missing symbol, no free range near the executable) is
@@ -614,7 +614,11 @@ pub(crate) struct NearImage {
 /// chose to load (see the crate docs, "Safety model"), and `copy` must
 /// hold exactly `bytes` and not change (a sealed memfd, or a private
 /// file nobody else can write).
-pub(crate) unsafe fn open(copy: &File, bytes: &[u8]) -> Result<NearImage, NearRefusal> {
+pub(crate) unsafe fn open(
+    copy: &File,
+    bytes: &[u8],
+    perf_map: bool,
+) -> Result<NearImage, NearRefusal> {
     let plan = plan(bytes)?;
     let values = resolve(&plan)?;
     let base = reserve(plan.span)?;
@@ -672,7 +676,9 @@ pub(crate) unsafe fn open(copy: &File, bytes: &[u8]) -> Result<NearImage, NearRe
     // SAFETY: the caller's contract: the operator chose to run this code.
     // Everything it binds to is bound; its unwind tables are registered.
     unsafe { run_initialisers(&plan, base) };
-    perf_map(&plan, base);
+    if perf_map {
+        write_perf_map(&plan, base);
+    }
     Ok(NearImage {
         base,
         span: plan.span,
@@ -959,7 +965,7 @@ impl NearImage {
 /// `perf` reads for code it finds no file for: `START SIZE name`, hex), so
 /// profiles name patch code. Best effort: a file that is not this user's
 /// regular file is left alone, and a failure is logged, not an error.
-fn perf_map(plan: &Plan, base: u64) {
+fn write_perf_map(plan: &Plan, base: u64) {
     use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     if plan.functions.is_empty() {
         return;
