@@ -332,6 +332,47 @@ fn group(c: &mut Criterion, threads: usize) {
     patch.revert().expect("revert bench-patch");
 }
 
+/// What a user compares (issue 22): the same function, original then
+/// patched, in one process, against an `AtomicPtr` call written in the
+/// calling crate to the original function. In the order a user has them:
+/// `atomic_ptr_calling_crate` and `original` (`bench_svc::patched`
+/// unpatched), then `patched` (the patch mapped near the executable, as
+/// `load` does), then `patched_dlopen` (the same patch opened by the
+/// dynamic loader, far from the executable, as before near placement),
+/// then `original_again` (reverted). Run pinned to one core:
+/// `taskset -c 1 cargo bench --bench call -- patched_vs_original`.
+fn patched_vs_original(c: &mut Criterion) {
+    let fx = fixtures();
+    let so = support::patch(&fx.dir, "bench-patch");
+    write_fn_ptrs();
+    let mut group = c.benchmark_group("patched_vs_original");
+    let g = &mut group;
+    let (f, l) = (case_atomic_ptr_calling_crate, loop_atomic_ptr_calling_crate);
+    named(g, 1, "atomic_ptr_calling_crate", f, l);
+    named(g, 1, "original", case_patched, loop_patched);
+
+    let near = hotpatch::load(&so).expect("load bench-patch");
+    assert!(near.placement().is_near(), "{}", near.placement());
+    named(g, 1, "patched", case_patched, loop_patched);
+    near.revert().expect("revert");
+    // SAFETY: this process's only thread that calls patchable functions is
+    // this one, and nothing keeps a pointer into the patch.
+    unsafe { hotpatch::Loader::new().reclaim() }.expect("reclaim the near copy");
+
+    let far = hotpatch::Loader::new()
+        .near(false)
+        .load(&so)
+        .expect("load bench-patch with dlopen");
+    assert!(!far.placement().is_near());
+    named(g, 1, "patched_dlopen", case_patched, loop_patched);
+    far.revert().expect("revert");
+    named(g, 1, "original_again", case_patched, loop_patched);
+    group.finish();
+    // The other groups load the patch again: near, not this library.
+    // SAFETY: as above.
+    unsafe { hotpatch::Loader::new().reclaim() }.expect("reclaim the dlopen copy");
+}
+
 fn one_thread(c: &mut Criterion) {
     group(c, 1);
 }
@@ -345,6 +386,6 @@ criterion_group! {
     config = Criterion::default()
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(5));
-    targets = one_thread, two_threads
+    targets = patched_vs_original, one_thread, two_threads
 }
 criterion_main!(benches);

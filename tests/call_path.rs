@@ -358,7 +358,8 @@ struct Range {
 }
 
 /// The writable pages, now, of the executable and of every other object
-/// not from the system's library directories (the loaded patches): the
+/// not from the system's library directories (the loaded patches, those
+/// the runtime mapped near the executable included): the
 /// writable PT_LOAD segments (data, bss, the GOT's unprotected part)
 /// intersected with the mappings that are writable now.
 fn object_ranges() -> Vec<Range> {
@@ -402,6 +403,14 @@ fn object_ranges() -> Vec<Range> {
     // SAFETY: `each` matches the callback's contract; `segments` outlives
     // the call.
     unsafe { libc::dl_iterate_phdr(Some(each), (&raw mut segments).cast()) };
+    // Patches the runtime mapped itself, near the executable: the dynamic
+    // loader does not list them.
+    for p in hotpatch::applied() {
+        if let hotpatch::Placement::Near { address, size } = p.placement {
+            let start = address as usize;
+            segments.push((start, start + size as usize, format!("patch {}", p.name)));
+        }
+    }
     let page = page_size();
     let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
     let mut out = Vec::new();

@@ -8,10 +8,10 @@
 //! The hook reports the panics on stderr, so this file's output shows
 //! some panic messages that are expected.
 //!
-//! Not checked here: the manifest's panic counter (what `control::watch`
-//! reads). `watch` observes over a time window, and this suite does not
-//! time things; the counter is not reachable otherwise without the
-//! runtime's internals.
+//! The manifest's panic counter (what `control::watch` reads) is checked
+//! through `Patch::panics()`: it counts exactly the calls that ended in a
+//! panic, and the entry shim that counts them asks nothing of std on a call
+//! that returns (issue 22).
 
 mod support;
 
@@ -263,5 +263,82 @@ fn a_panic_in_an_extern_c_replacement_aborts() {
     assert!(
         stderr.contains("panic in a function that cannot unwind"),
         "{stderr}"
+    );
+}
+
+/// `Patch::panics()` counts the calls of the patch's replacements that
+/// ended in a panic, and only those: not the calls that returned, not a
+/// call made from a destructor while another panic unwinds (and returns),
+/// not a host panic that patch code caught.
+#[test]
+fn the_panic_counter_counts_exactly_the_calls_that_panicked() {
+    let _serial = support::serial();
+    let so = support::patch(PANICS);
+    let patch = hotpatch::load(&so).unwrap();
+    // The counter is the library's: a load of the same bytes reuses it.
+    let base = patch.panics().expect("applied");
+    let count = || patch.panics().expect("applied") - base;
+    for i in 0..5 {
+        assert_eq!(svc::checked_div(10, 5), 3);
+        assert!(catch_unwind(|| svc::checked_div(i, 0)).is_err());
+    }
+    assert_eq!(count(), 5, "five panicked, five returned");
+
+    /// Calls the patched function while the thread unwinds a panic.
+    struct CallsOnDrop;
+    impl Drop for CallsOnDrop {
+        fn drop(&mut self) {
+            assert!(std::thread::panicking());
+            assert_eq!(svc::checked_div(9, 3), 4);
+        }
+    }
+    let unwound = catch_unwind(|| {
+        let _guard = CallsOnDrop;
+        panic!("a host panic, not the patch's");
+    });
+    assert!(unwound.is_err());
+    assert_eq!(
+        count(),
+        5,
+        "a call that returned during another panic's unwinding is not a panic of the patch"
+    );
+    assert_eq!(svc::describe(0), "caught &str: host panic");
+    assert_eq!(count(), 5, "a panic caught inside patch code");
+    assert!(catch_unwind(|| svc::relay(0)).is_err());
+    assert_eq!(count(), 6, "a host panic that left patch code");
+    patch.revert().unwrap();
+}
+
+/// The entry shims of a patch do not ask std whether the thread is
+/// panicking (issue 22): until then each one read std's panic count before
+/// and after the call, on every call. A panic is counted on the unwind
+/// path only, so the patch binds to no panic-count function of the host.
+#[test]
+fn entry_shims_do_not_read_the_panic_count() {
+    use object::{Object, ObjectSymbol};
+    let so = support::patch("fixture-patch-basic");
+    let bytes = std::fs::read(&so).unwrap();
+    let file = object::File::parse(&*bytes).unwrap();
+    let asks: Vec<String> = file
+        .dynamic_symbols()
+        .filter(|s| s.is_undefined())
+        .filter_map(|s| s.name().ok())
+        // Mangled (legacy or v0): `std::thread::panicking` and
+        // `std::panicking::panic_count::*` keep these identifiers.
+        .filter(|n| n.contains("panic_count") || n.contains("6thread9panicking"))
+        .map(str::to_owned)
+        .collect();
+    assert!(
+        asks.is_empty(),
+        "the patch's entry shims read the panic count: {asks:?}"
+    );
+    // The shims are there and bound to something: the test reads the
+    // right file.
+    assert!(
+        file.symbols()
+            .filter_map(|s| s.name().ok())
+            .any(|n| n.contains("__hotpatch_entry_answer")),
+        "no entry shim in {}",
+        so.display()
     );
 }

@@ -8,7 +8,8 @@
 //! the service exports), and each patch crate's rlib is linked against
 //! the service binary it is for. `thin-svc-other` is the same service
 //! with another build constant (another build-id, the same library
-//! symbols); `thin-svc-plain` is the service without `-rdynamic`;
+//! symbols); `thin-svc-plain` is the service without `-rdynamic` (bound
+//! through its symbol table; stripped, refused);
 //! `thin-svc-norelro` the service linked without RELRO.
 
 mod support;
@@ -26,16 +27,33 @@ const GUARD: Duration = Duration::from_secs(60);
 const FIX_A: &str = "thin-fix-a";
 const FIX_PANIC: &str = "thin-fix-panic";
 const FIX_MISSING: &str = "thin-fix-missing";
+const FIX_PLAIN: &str = "thin-fix-plain";
 
 /// The nested build's output directory (`target/fixtures/<profile>`),
 /// built once per test process.
 fn built() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| support::nested_build(&["thin-svc", FIX_A, FIX_PANIC, FIX_MISSING], &[]))
+    DIR.get_or_init(|| {
+        support::nested_build(&["thin-svc", FIX_A, FIX_PANIC, FIX_MISSING, FIX_PLAIN], &[])
+    })
 }
 
 fn binary(name: &str) -> PathBuf {
     built().join(name)
+}
+
+/// The service without `-rdynamic` and the patch for it, built with
+/// `--release` by a nested cargo (once per test process): a debug build
+/// shares generic instantiations across crates, so a patch crate names
+/// upstream copies (linkme's `static_slice` calls a
+/// `core::fmt::Arguments::new` of `core`) that only a binary exporting its
+/// symbols keeps; an optimised build instantiates them in the patch.
+fn built_release() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let debug = support::nested_build(&["thin-svc", FIX_PLAIN], &["--release"]);
+        debug.parent().unwrap().join("release")
+    })
 }
 
 fn rlib(package: &str) -> PathBuf {
@@ -93,7 +111,12 @@ struct Service {
 
 impl Service {
     fn start(name: &str) -> Service {
-        let mut child = Command::new(binary(name))
+        Service::start_at(&binary(name))
+    }
+
+    fn start_at(path: &Path) -> Service {
+        let name = path.display();
+        let mut child = Command::new(path)
             .args(["--tag", &tag()])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -258,29 +281,110 @@ fn a_patch_for_another_build_is_refused_with_both_build_ids() {
     assert_eq!(svc.ask("call audit"), "ok 42 events=[]");
 }
 
+/// A service linked without `-rdynamic` (issue 22): the tool binds the
+/// patch to the binary's own symbol table, and the runtime's loader
+/// resolves it from the same table (read from `/proc/self/exe`, matched
+/// by build-id), private statics included: the patch loads and writes
+/// the host's private counter, which the host's own code then reads.
+///
+/// The limit: without `-rdynamic` the linker keeps only the code the
+/// service itself uses, so a patch that calls a function the service
+/// never calls is refused by the tool, naming it: `thin-fix-a` spawns a
+/// `tokio::time::sleep`, which the service does not; and in this debug
+/// build even `thin-fix-panic`'s `format!` needs an instantiation of
+/// `core::fmt::Arguments::new` that only the exporting build keeps (so
+/// this test uses a release build, see `built_release`).
 #[test]
-fn a_service_without_the_host_setting_refuses_with_host_not_exported() {
-    let setting = "cargo::rustc-link-arg-bins=-rdynamic";
+fn a_service_without_rdynamic_binds_patches_through_its_symbol_table() {
+    let exports = |name: &str| {
+        let data = std::fs::read(binary(name)).unwrap();
+        let file = object::File::parse(&*data).unwrap();
+        use object::{Object, ObjectSymbol};
+        file.dynamic_symbols()
+            .filter(|s| !s.is_undefined())
+            .filter_map(|s| s.name().ok())
+            .filter(|n| n.starts_with("_ZN") || n.starts_with("_R"))
+            .count()
+    };
+    assert_eq!(exports("thin-svc-plain"), 0, "no -rdynamic: no Rust export");
+    assert!(exports("thin-svc") > 0);
+    let host = built_release().join("thin-svc-plain");
+    let fix = out("thin-fix-plain-for-release-plain.so");
+    cargo_hotpatch::link(&built_release().join("libthin_fix_plain.rlib"), &host, &fix)
+        .unwrap_or_else(|e| panic!("linking thin-fix-plain against the release service: {e}"));
+    support::set_mode(&fix, 0o644);
+    let mut svc = Service::start_at(&host);
+    assert_eq!(svc.ask("build"), "ok plain");
+    assert_eq!(svc.ask("call risky"), "ok returned 7 hook=[]");
+    assert_eq!(svc.load(&fix), "ok loaded thin-fix-plain");
+    assert_eq!(svc.ask("call risky"), "ok returned 1007 hook=[]");
+    assert_eq!(svc.ask("call risky"), "ok returned 2007 hook=[]");
+    let tag = tag();
+    assert_eq!(
+        svc.ask("call state"),
+        format!("ok patch[original 7] host[counter 2->2 visits 5 tag {tag}]"),
+        "the host's own code reads the counter the patch wrote"
+    );
+    assert_eq!(svc.ask("applied"), "ok thin-fix-plain");
+
     let so = out("thin-fix-a-for-plain-refused.so");
     match cargo_hotpatch::link(&rlib(FIX_A), &binary("thin-svc-plain"), &so) {
+        Err(e @ cargo_hotpatch::Error::MissingSymbols { .. }) => assert!(
+            e.to_string().contains("tokio::time::sleep::sleep"),
+            "the tool names what the service lacks: {e}"
+        ),
+        other => panic!("the tool must refuse with MissingSymbols: {other:?}"),
+    }
+}
+
+/// The same service stripped (no symbol table) and without `-rdynamic`:
+/// nothing to bind to; the tool and the runtime refuse, each saying what
+/// to do.
+#[test]
+fn a_stripped_service_without_rdynamic_refuses_with_host_not_exported() {
+    let stripped = out("thin-svc-stripped");
+    let status = Command::new("strip")
+        .arg("-o")
+        .arg(&stripped)
+        .arg(binary("thin-svc-plain"))
+        .status()
+        .expect("run strip");
+    assert!(status.success());
+    let so = out("thin-fix-a-for-stripped-refused.so");
+    match cargo_hotpatch::link(&rlib(FIX_A), &stripped, &so) {
         Err(e @ cargo_hotpatch::Error::HostNotExported { .. }) => {
+            let text = e.to_string();
             assert!(
-                e.to_string().contains(setting),
-                "the tool names the setting: {e}"
+                text.contains("symbol table") && text.contains("-rdynamic"),
+                "the tool says what to do: {text}"
             )
         }
         other => panic!("the tool must refuse with HostNotExported: {other:?}"),
     }
-    let unchecked = linked_unchecked(FIX_A, "thin-svc-plain");
-    let mut svc = Service::start("thin-svc-plain");
-    assert_eq!(svc.ask("build"), "ok plain");
-    let answer = svc.load(&unchecked);
+    let unchecked = out("thin-fix-a-for-stripped-unchecked.so");
+    cargo_hotpatch::link_unchecked(&rlib(FIX_A), &stripped, &unchecked).unwrap();
+    support::set_mode(&unchecked, 0o644);
+    let mut child = Command::new(&stripped)
+        .args(["--tag", &tag()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start the stripped service");
+    let mut stdin = child.stdin.take().unwrap();
+    writeln!(stdin, "build\nload {}\napplied", unchecked.display()).unwrap();
+    drop(stdin);
+    let output = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    let answers: Vec<&str> = text.lines().collect();
+    assert_eq!(answers.first(), Some(&"ok plain"), "{text}");
+    let answer = answers.get(1).copied().unwrap_or_default();
     assert!(
-        answer.starts_with("err HostNotExported") && answer.contains(setting),
-        "the loader names the setting: {answer}"
+        answer.starts_with("err HostNotExported")
+            && answer.contains("symbol table")
+            && answer.contains("-rdynamic"),
+        "the loader says what to do: {answer}"
     );
-    assert_eq!(svc.ask("applied"), "ok none");
-    assert_eq!(svc.ask("call audit"), "ok 42 events=[]");
+    assert_eq!(answers.get(2), Some(&"ok none"));
 }
 
 /// A service linked without RELRO (`-z norelro`) keeps its slot table

@@ -18,7 +18,8 @@ pub(crate) struct Binding {
 
 /// Checks that the patch at `patch` binds to `host_binary`: every
 /// undefined, non-weak dynamic symbol of the patch is exported by the
-/// host's `.dynsym`, or is a C symbol of a system library that this
+/// host's `.dynsym` or defined once in its symbol table (`.symtab`, which
+/// the runtime reads where the binary exports nothing), or is a C symbol of a system library that this
 /// process finds with `dlsym(RTLD_DEFAULT, ..)` (`memcpy`,
 /// `__tls_get_addr`, `_Unwind_Resume`, ...). A Rust symbol (legacy `_ZN`
 /// or v0 `_R` mangling) counts only if the host exports it: the patch
@@ -27,8 +28,9 @@ pub(crate) struct Binding {
 /// # Errors
 ///
 /// [`Error::Io`] or [`Error::Malformed`] if either file cannot be read as
-/// ELF; [`Error::HostNotExported`] if the host exports no Rust symbol at
-/// all (it was linked without `-rdynamic`); [`Error::MissingSymbols`]
+/// ELF; [`Error::HostNotExported`] if the host has no Rust symbol at all,
+/// exported or in its symbol table (linked without `-rdynamic` and
+/// stripped); [`Error::MissingSymbols`]
 /// with every symbol that is found nowhere, demangled.
 ///
 /// # Examples
@@ -53,7 +55,10 @@ pub(crate) fn check(
     host_path: &Path,
     host: &object::File<'_>,
 ) -> Result<Binding, Error> {
-    let exported = elf::exported(host);
+    // Exported (`-rdynamic`), or in the binary's own symbol table, which
+    // the runtime's loader reads when the binary exports nothing.
+    let mut exported = elf::exported(host);
+    exported.extend(elf::symbol_table(host));
     if !exported.iter().any(|s| is_rust(s)) {
         return Err(Error::HostNotExported {
             host: host_path.to_owned(),

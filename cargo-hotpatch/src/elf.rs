@@ -107,6 +107,35 @@ pub(crate) fn exported(file: &object::File<'_>) -> Vec<String> {
         .collect()
 }
 
+/// The names the static symbol table (`.symtab`) of `file` defines at one
+/// address (a name defined twice at different addresses, as two private
+/// statics of one name can be, binds to neither): what the runtime binds
+/// a patch to in a binary linked without `-rdynamic`. Empty for a
+/// stripped binary.
+pub(crate) fn symbol_table(file: &object::File<'_>) -> Vec<String> {
+    let mut at: std::collections::HashMap<&str, Option<u64>> = std::collections::HashMap::new();
+    for s in file.symbols() {
+        if s.is_undefined() || s.address() == 0 {
+            continue;
+        }
+        let Ok(name) = s.name() else { continue };
+        if name.is_empty() {
+            continue;
+        }
+        at.entry(name)
+            .and_modify(|a| {
+                if *a != Some(s.address()) {
+                    *a = None;
+                }
+            })
+            .or_insert(Some(s.address()));
+    }
+    at.into_iter()
+        .filter(|(_, a)| a.is_some())
+        .map(|(n, _)| n.to_owned())
+        .collect()
+}
+
 /// The names of the undefined, non-weak dynamic symbols of `file`.
 pub(crate) fn imported(file: &object::File<'_>) -> Vec<String> {
     file.dynamic_symbols()

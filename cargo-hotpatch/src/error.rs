@@ -101,10 +101,10 @@ pub enum Error {
         stderr: String,
     },
 
-    /// The host binary exports no Rust symbol to the dynamic loader, so
-    /// nothing of a thin patch can bind to it.
+    /// The host binary has no Rust symbol a thin patch could bind to:
+    /// none exported to the dynamic loader and no symbol table (stripped).
     #[error(
-        "{}: exports no Rust symbols: the service binary was linked without `-rdynamic`; add `println!(\"cargo::rustc-link-arg-bins=-rdynamic\");` to the service's build.rs and rebuild it",
+        "{}: has no Rust symbols for a patch to bind to: the service binary was stripped and not linked with `-rdynamic`; keep its symbol table (remove `strip` from the profile, or `-s` from the link) or add `println!(\"cargo::rustc-link-arg-bins=-rdynamic\");` to the service's build.rs, and rebuild it",
         host.display()
     )]
     HostNotExported {
@@ -115,7 +115,7 @@ pub enum Error {
     /// Undefined symbols of the patch that neither the host binary nor
     /// the system libraries define.
     #[error(
-        "{}: {} symbol(s) the patch needs are not exported by {}: {}; either the service never uses them, so its linker dropped them (call them from the service, or mark the function you patch so it is kept), or the patch was compiled with other features or another profile than the service (build the patch in the same package selection and profile the service was built with)",
+        "{}: {} symbol(s) the patch needs are neither exported by {} nor in its symbol table: {}; either the service never uses them, so its linker dropped them (call them from the service, mark the function you patch so it is kept, or link the service with `-rdynamic`, which keeps every public function), or the patch was compiled with other features or another profile than the service (build the patch in the same package selection and profile the service was built with)",
         patch.display(), symbols.len(), host.display(), MissingList(symbols)
     )]
     MissingSymbols {

@@ -3,11 +3,12 @@
 //!
 //! A thin patch is a shared object holding only the patch crate's own
 //! compiled code. Every other symbol it uses (std, `hotpatch`, the
-//! service's library, its dependencies) stays undefined, and the dynamic
-//! loader binds it to the running service binary, so the patch runs in
-//! the service's world: one std, one allocator, the service's statics.
-//! For that the service binary must export its symbols: its build.rs
-//! says
+//! service's library, its dependencies) stays undefined, and the runtime
+//! binds it to the running service binary, so the patch runs in the
+//! service's world: one std, one allocator, the service's statics. For
+//! that the service binary exports its symbols (the setting below), or
+//! at least keeps its symbol table (not stripped), in which case a patch
+//! can call only what the service itself uses. Its build.rs says
 //!
 //! ```text
 //! println!("cargo::rustc-link-arg-bins=-rdynamic");

@@ -48,8 +48,9 @@ pub struct LinkReport {
 /// go in, with a small object holding the `.hotpatch.host` section
 /// (`b"HPHOST01"`, the length of the host's build-id as a little-endian
 /// `u32`, the build-id). Every other symbol (std, hotpatch, the service,
-/// its dependencies) stays undefined for the dynamic loader to bind to
-/// the running service, which must be linked with `-rdynamic`. Only
+/// its dependencies) stays undefined for the runtime to bind to the
+/// running service: to what it exports (linked with `-rdynamic`) or to
+/// its symbol table (`.symtab`, kept unless the binary is stripped). Only
 /// `hotpatch_manifest_v1` is exported. The linker is `cc`.
 ///
 /// The result is then checked with [`check_against`](crate::check_against).

@@ -84,7 +84,8 @@ struct BuildArgs {
     #[arg(long)]
     workspace: bool,
 
-    /// The service binary the patch is for (linked with `-rdynamic`).
+    /// The service binary the patch is for (linked with `-rdynamic`, or
+    /// not stripped).
     /// With --base it is optional: the deployed binary, which must be what
     /// the base revision builds; the patch is bound to it [default: the
     /// rebuilt base's binary].

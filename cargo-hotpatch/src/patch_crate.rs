@@ -17,7 +17,8 @@ pub struct CrateOptions {
     pub packages: Vec<String>,
     /// Build the whole workspace with the patch (`--workspace`).
     pub workspace: bool,
-    /// The service binary the patch is for (linked with `-rdynamic`).
+    /// The service binary the patch is for (linked with `-rdynamic`, or
+    /// not stripped).
     pub binary: Option<PathBuf>,
     /// The profile and features the service was built with.
     pub flags: CargoFlags,

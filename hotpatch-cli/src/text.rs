@@ -156,6 +156,7 @@ fn status(r: &Value) -> String {
                     s(&p["name"]),
                     s(&p["version"]),
                     s(&p["state"]),
+                    placement(&p["placement"]),
                     p["applied_at_ms"].as_u64().map_or("-".into(), utc),
                     peer(&p["applied_by"]),
                     s(&p["description"]),
@@ -169,6 +170,7 @@ fn status(r: &Value) -> String {
                 "NAME",
                 "VERSION",
                 "STATE",
+                "CODE",
                 "APPLIED (UTC)",
                 "BY",
                 "DESCRIPTION",
@@ -412,6 +414,19 @@ fn state(st: &Value) -> String {
 
 fn functions(v: &Value) -> String {
     arr(v).iter().map(s).collect::<Vec<_>>().join(", ")
+}
+
+/// Where a patch's code is (the status reply's `placement`): `near`, or
+/// `dlopen (why not near)`; `-` from a service that does not say.
+fn placement(p: &Value) -> String {
+    match p["kind"].as_str() {
+        Some("near") => "near".to_owned(),
+        Some(kind) => match p["reason"].as_str() {
+            Some(reason) => format!("{kind} ({reason})"),
+            None => kind.to_owned(),
+        },
+        None => "-".to_owned(),
+    }
 }
 
 #[cfg(test)]

@@ -132,6 +132,14 @@ fn every_verb_in_text_and_json_with_its_exit_code() {
     assert_eq!(p["applied_by"], json!({"uid": 0, "gid": 0, "pid": applier}));
     let at = p["applied_at_ms"].as_u64().unwrap();
     assert!((t0..=t1).contains(&at), "{t0} <= {at} <= {t1}");
+    // Where its code is (issue 22): near the service's, and the apply
+    // event says so.
+    assert_eq!(p["placement"]["kind"], json!("near"), "{p}");
+    assert!(p["placement"]["size"].as_u64().unwrap() > 0, "{p}");
+    assert!(
+        logged.contains("near the executable's code"),
+        "the apply event says where the code is: {logged}"
+    );
     assert_eq!(
         implementation_of(&s, "svc::answer"),
         json!({"kind": "patch", "id": 1, "name": BASIC})
@@ -140,6 +148,7 @@ fn every_verb_in_text_and_json_with_its_exit_code() {
     assert!(
         text.lines().any(|l| l.starts_with("1 ")
             && l.contains("applied")
+            && l.contains(" near ")
             && l.contains(&format!("uid 0 pid {applier}"))),
         "{text}"
     );

@@ -82,7 +82,7 @@ pub fn expand(args: TokenStream, input: TokenStream) -> TokenStream {
     let body = quote! {
         let __hotpatch_count = ::hotpatch::__private::PanicCount::new(&#tables::PANICS);
         let __hotpatch_value = #call;
-        ::core::mem::drop(__hotpatch_count);
+        __hotpatch_count.returned();
         __hotpatch_value
     };
     // The companion fixes the target's signature first, so a mismatch

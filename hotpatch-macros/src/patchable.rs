@@ -264,7 +264,7 @@ impl Gen<'_> {
                 let __hotpatch_count =
                     ::hotpatch::__private::PanicCount::new(&::hotpatch::__private::SOURCE_PANICS);
                 let __hotpatch_value = #call;
-                ::core::mem::drop(__hotpatch_count);
+                __hotpatch_count.returned();
                 __hotpatch_value
             }
         };

@@ -209,12 +209,13 @@ pub enum Error {
     )]
     HostUnidentified { path: PathBuf },
 
-    /// This binary does not export its symbols to the dynamic loader, so
-    /// a thin patch has nothing to bind to.
+    /// This binary neither exports its symbols to the dynamic loader nor
+    /// keeps its symbol table (`.symtab`, which the runtime reads from
+    /// `/proc/self/exe`), so a thin patch has nothing to bind to.
     #[error(
-        "{path}: this process's binary does not export its symbols to patches: build the service \
-         with the hotpatch host setting, `println!(\"cargo::rustc-link-arg-bins=-rdynamic\");` in \
-         its build.rs"
+        "{path}: this process's binary has no symbols for patches to bind to: it was stripped \
+         (keep its symbol table: no `strip` in the profile, no `-s`), or link it with \
+         `println!(\"cargo::rustc-link-arg-bins=-rdynamic\");` in its build.rs"
     )]
     HostNotExported { path: PathBuf },
 

@@ -2,20 +2,21 @@
 //!
 //! A thin patch (`cargo hotpatch build`) holds only the patch crate's own
 //! code: every other symbol it uses (std, hotpatch, the service crate and
-//! its dependencies) is undefined in the file and bound by the dynamic
-//! loader to this binary, which exports its symbols (the host setting:
-//! linked with `-rdynamic`). Before the library is opened, the loader
-//! reads the file ([`needs`]) and refuses it unless:
+//! its dependencies) is undefined in the file and bound to this binary:
+//! to the symbols it exports (the host setting: linked with `-rdynamic`),
+//! or to its own symbol table (`near.rs`). Before the library is mapped,
+//! the loader reads the file ([`needs`]) and refuses it unless:
 //!
 //! - it carries the identity of the build it was made against (the
 //!   `.hotpatch.host` section `cargo hotpatch build` writes: the GNU
 //!   build-id of the service binary) and that is this binary's
 //!   ([`build_id`]);
-//! - this binary exports its symbols at all ([`exports_symbols`]);
-//! - every symbol it needs is there: the dynamic loader binds them all
-//!   (`RTLD_NOW`) before any of the library's code runs, and if one is
-//!   missing (a dependency function the service never called is not in the
-//!   binary: the linker dropped it), [`missing`] names every one;
+//! - this binary exports its symbols ([`exports_symbols`]) or keeps its
+//!   symbol table (`near::symtab::serves`);
+//! - every symbol it needs is there: the loader binds them all before any
+//!   of the patch's code runs, and if one is missing (a dependency
+//!   function the service never called is not in the binary: the linker
+//!   dropped it), [`missing`] names every one;
 //! - it does not bring an allocator of its own (one process, one
 //!   allocator).
 

@@ -21,8 +21,37 @@ pub(crate) struct Image {
 }
 
 impl Image {
-    /// The object whose segments contain `addr`, if any.
+    /// An object mapped by the runtime itself (`near.rs`): its segments
+    /// `(start, end, p_flags)` and its read-only-after-relocation ranges.
+    pub(crate) fn of_segments(segments: Vec<(u64, u64, u32)>, relro: Vec<(u64, u64)>) -> Image {
+        Image {
+            segments: segments
+                .into_iter()
+                .map(|(s, e, f)| (s as usize, e as usize, f))
+                .collect(),
+            relro: relro
+                .into_iter()
+                .map(|(s, e)| (s as usize, e as usize))
+                .collect(),
+        }
+    }
+
+    /// The object whose segments contain `addr`, if any: a patch the
+    /// runtime mapped near the executable, or an object the dynamic loader
+    /// knows.
     pub(crate) fn containing(addr: *const ()) -> Option<Image> {
+        if let Some(image) = crate::near::images()
+            .lock()
+            .iter()
+            .map(|(_, image)| image)
+            .find(|image| image.contains(addr as usize))
+        {
+            return Some(image.clone());
+        }
+        Self::containing_dl(addr)
+    }
+
+    fn containing_dl(addr: *const ()) -> Option<Image> {
         struct Search {
             addr: usize,
             found: Option<Image>,

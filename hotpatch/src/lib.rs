@@ -52,18 +52,23 @@
 //! A patch is *thin*: a shared object holding only the patch crate's own
 //! code, with a manifest (`hotpatch::manifest!()`) listing its
 //! replacements. Everything else it names (std, hotpatch, the service
-//! crate, every dependency) is left undefined in the file and bound by the
-//! dynamic loader to the running service binary, which exports its symbols
-//! (the host setting: `println!("cargo::rustc-link-arg-bins=-rdynamic");`
-//! in the service's `build.rs`). So patch code runs in the service's world:
-//! one std, one allocator, one panic machinery, and the host's own statics,
+//! crate, every dependency) is left undefined in the file and bound to
+//! the running service binary: to the symbols it exports (the host
+//! setting: `println!("cargo::rustc-link-arg-bins=-rdynamic");` in the
+//! service's `build.rs`), or, for a binary linked without it, to its own
+//! symbol table (`.symtab`, read from `/proc/self/exe` and matched by
+//! build-id). So patch code runs in the service's world: one std, one
+//! allocator, one panic machinery, and the host's own statics,
 //! thread-locals, `OnceLock`s, `tracing` dispatcher and tokio runtime.
 //! `cargo hotpatch build` (the `cargo-hotpatch` crate) makes such a file
 //! and stamps it with the GNU build-id of the service binary it was made
 //! for. [`load`] reads the file once, checks it against this binary before
-//! opening it (its build-id, the host setting, every symbol it needs, no
-//! allocator of its own), opens a private copy of those bytes, checks the
-//! manifest, and then stores every replacement in its slot.
+//! mapping it (its build-id, symbols to bind to, no allocator of its own),
+//! maps a private copy of those bytes within ±2 GiB of the executable's
+//! code and relocates it itself (so a patched call costs what the original
+//! does; where it cannot, it opens the copy with `dlopen`, and
+//! [`Patch::placement`] says why), checks the manifest, and then stores
+//! every replacement in its slot.
 //!
 //! # Guarantees
 //!
@@ -325,6 +330,7 @@ mod image;
 mod loader;
 mod manifest;
 mod metrics;
+mod near;
 mod patch;
 mod quiesce;
 mod registry;
@@ -345,7 +351,8 @@ pub use error::Error;
 pub use loader::{
     CheckReport, DEFAULT_DEADLINE, DEFAULT_MAX_FILE_SIZE, Loader, Reclaimed, WouldReplace, load,
 };
-pub use patch::{FunctionInfo, Implementation, Patch, PatchId, PatchInfo};
+pub use near::NearRefusal;
+pub use patch::{FunctionInfo, Implementation, Patch, PatchId, PatchInfo, Placement};
 pub use quiesce::{
     OfflineGuard, StalledRequest, StalledThread, ThreadGuard, TransitionInfo, offline, quiescent,
     register_thread, while_offline,

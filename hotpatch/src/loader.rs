@@ -12,10 +12,11 @@ use parking_lot::Mutex;
 
 use crate::abi::{MANIFEST_SYMBOL, Manifest};
 use crate::error::Refusal;
+use crate::near::{self, NearImage, NearRefusal};
 use crate::quiesce::TransitionReport;
 use crate::registry::REGISTRY;
 use crate::trust::{self, TrustedKey};
-use crate::{Error, Patch, PatchId, elf, host, manifest, metrics, quiesce, sys};
+use crate::{Error, Patch, PatchId, Placement, elf, host, manifest, metrics, quiesce, sys};
 
 /// Options for loading patches.
 ///
@@ -32,6 +33,15 @@ use crate::{Error, Patch, PatchId, elf, host, manifest, metrics, quiesce, sys};
 pub struct Loader {
     deadline: Duration,
     policy: trust::Policy,
+    near: Near,
+}
+
+/// The near loader's options (see [`Loader::near`] and
+/// [`Loader::perf_map`]).
+#[derive(Clone, Copy, Debug)]
+struct Near {
+    on: bool,
+    perf_map: bool,
 }
 
 impl Default for Loader {
@@ -39,6 +49,10 @@ impl Default for Loader {
         Loader {
             deadline: DEFAULT_DEADLINE,
             policy: trust::Policy::default(),
+            near: Near {
+                on: true,
+                perf_map: std::env::var_os("HOTPATCH_PERF_MAP").is_some_and(|v| v == "1"),
+            },
         }
     }
 }
@@ -63,8 +77,10 @@ struct Loaded {
     /// The private copy, kept open: its bytes identify the library, and
     /// while it is open its `/proc/self/fd` path is not reused.
     copy: fs::File,
-    library: Library,
+    handle: Handle,
     manifest: *const Manifest,
+    /// Where its code is, and why there.
+    placement: Placement,
     /// What it was opened as (`/proc/self/fd/N`).
     path: std::path::PathBuf,
     /// Its code registers thread-local destructors: never closed (see
@@ -78,6 +94,13 @@ struct Loaded {
 /// that a later copy cannot get the same `/proc/self/fd` path, which
 /// `dlopen` would answer with the old, still-mapped library.
 static ZOMBIES: Mutex<Vec<(fs::File, std::path::PathBuf)>> = Mutex::new(Vec::new());
+
+/// How a library was opened: mapped near the executable by `near.rs`, or
+/// by the dynamic loader.
+enum Handle {
+    Near(NearImage),
+    Dlopen(Library),
+}
 
 static NEXT_LIBRARY: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
@@ -161,6 +184,42 @@ impl Loader {
     /// ```
     pub fn trusted_key(mut self, key: TrustedKey) -> Self {
         self.policy.keys.push(key);
+        self
+    }
+
+    /// Whether patches are mapped near the executable's code (default:
+    /// yes). With `false`, every patch is opened by the dynamic loader
+    /// (`dlopen`), wherever it maps it, as before near placement
+    /// (issue 22); [`Patch::placement`](crate::Patch::placement) says
+    /// which it was.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// let patch = hotpatch::Loader::new().near(false).load("fix.so")?;
+    /// assert!(!patch.placement().is_near());
+    /// # Ok::<(), hotpatch::Error>(())
+    /// ```
+    pub fn near(mut self, near: bool) -> Self {
+        self.near.on = near;
+        self
+    }
+
+    /// Whether a patch mapped near the executable has its functions
+    /// appended to `/tmp/perf-<pid>.map`, the file `perf` reads to name
+    /// code it finds no object file for (default: only if the environment
+    /// variable `HOTPATCH_PERF_MAP` is `1`). The file is opened without
+    /// following a symbolic link and written only if it is this user's
+    /// regular file; it stays after the process exits, as `perf` expects.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// let patch = hotpatch::Loader::new().perf_map(true).load("fix.so")?;
+    /// # Ok::<(), hotpatch::Error>(())
+    /// ```
+    pub fn perf_map(mut self, write: bool) -> Self {
+        self.near.perf_map = write;
         self
     }
 
@@ -306,7 +365,14 @@ impl Loader {
             REGISTRY.lock().info(id)?;
         }
         let mut libraries = LIBRARIES.lock();
-        let (library, checked) = open_checked(&mut libraries, &turn, path, &bytes)?;
+        let (library, checked) = open_checked(&mut libraries, &turn, path, &bytes, self.near)?;
+        let placement = libraries
+            .iter()
+            .find(|l| l.id == library)
+            .map(|l| l.placement.clone())
+            .unwrap_or(Placement::Dlopen {
+                reason: NearRefusal::Off,
+            });
         let (plan, changes, old) = {
             let registry = REGISTRY.lock();
             let old = replacing.map(|id| registry.info(id)).transpose()?;
@@ -334,7 +400,7 @@ impl Loader {
             if let Some(old) = replacing {
                 registry.record_revert(old);
             }
-            registry.record_apply(plan, &checked, path, library)
+            registry.record_apply(plan, &checked, path, library, placement)
         };
         drop(turn);
         Ok((Patch { info }, report))
@@ -378,8 +444,9 @@ fn open_checked(
     _turn: &quiesce::Turn,
     path: &Path,
     bytes: &[u8],
+    near: Near,
 ) -> Result<(u64, manifest::Checked), Error> {
-    let (library, m) = open(libraries, path, bytes)?;
+    let (library, m) = open(libraries, path, bytes, near)?;
     if m.is_null() {
         return Err(Error::NoManifest {
             path: path.to_owned(),
@@ -394,11 +461,13 @@ fn open_checked(
 }
 
 /// The id and manifest of the library holding exactly `bytes`, opening it
-/// if no library does yet.
+/// if no library does yet: mapped near the executable if `near` and the
+/// patch allows it (`near.rs`), else by the dynamic loader.
 fn open(
     libraries: &mut Vec<Loaded>,
     path: &Path,
     bytes: &[u8],
+    near: Near,
 ) -> Result<(u64, *const Manifest), Error> {
     let digest = digest(bytes);
     for l in libraries.iter() {
@@ -427,14 +496,89 @@ fn open(
         source,
     })?;
     failpoint!("load::dlopen", path);
+    let placed = if near.on {
+        // SAFETY: mapping the patch runs its initialisers. The patch is
+        // code the operator chose to load (see the crate docs, "Safety
+        // model"); `copy` is the sealed private copy of exactly `bytes`.
+        unsafe { near::open(&copy.file, bytes, near.perf_map) }
+    } else {
+        Err(NearRefusal::Off)
+    };
+    let (handle, manifest, placement) = match placed {
+        Ok(image) => {
+            let manifest = image
+                .manifest
+                .map_or(std::ptr::null(), |m| m as *const Manifest);
+            let placement = Placement::Near {
+                address: image.address(),
+                size: image.size(),
+            };
+            (Handle::Near(image), manifest, placement)
+        }
+        Err(reason) if !host::exports_symbols() => {
+            // Only the near loader can bind to a binary that exports
+            // nothing (it reads the binary's symbol table).
+            if copy.unlink_after_open {
+                let _ = fs::remove_file(&copy.path);
+            }
+            if let NearRefusal::Missing { symbols } = reason {
+                return Err(Error::MissingSymbols {
+                    path: path.to_owned(),
+                    symbols,
+                });
+            }
+            return Err(Error::NotLoadable {
+                path: path.to_owned(),
+                reason: format!(
+                    "this binary does not export its symbols (it was linked without -rdynamic), \
+                     so only hotpatch's own loader can bind the patch to it, and it could not \
+                     place it near the executable: {reason}"
+                ),
+            });
+        }
+        Err(reason) => {
+            let (library, manifest) = dlopen(&copy, path, bytes)?;
+            (
+                Handle::Dlopen(library),
+                manifest,
+                Placement::Dlopen { reason },
+            )
+        }
+    };
+    if copy.unlink_after_open {
+        let _ = fs::remove_file(&copy.path);
+    }
+    // Relaxed: only uniqueness matters.
+    let id = NEXT_LIBRARY.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    libraries.push(Loaded {
+        id,
+        digest,
+        copy: copy.file,
+        handle,
+        manifest,
+        placement,
+        path: copy.path,
+        keep,
+    });
+    Ok((id, manifest))
+}
+
+/// Opens the private copy with the dynamic loader (where the patch could
+/// not be placed near the executable); returns the library and its
+/// manifest symbol's address (null if it has none).
+fn dlopen(
+    copy: &sys::PrivateCopy,
+    path: &Path,
+    bytes: &[u8],
+) -> Result<(Library, *const Manifest), Error> {
     // SAFETY: opening a library runs its initialisers. The patch is code
     // the operator chose to load (see the crate docs, "Safety model");
     // RTLD_LOCAL keeps its symbols from interposing on later loads.
     let opened = unsafe { Library::open(Some(&copy.path), RTLD_NOW | RTLD_LOCAL) };
-    if copy.unlink_after_open {
-        let _ = fs::remove_file(&copy.path);
-    }
     let library = opened.map_err(|e| {
+        if copy.unlink_after_open {
+            let _ = fs::remove_file(&copy.path);
+        }
         // A symbol this binary lacks: RTLD_NOW binds every symbol before
         // any of the library's code runs, so the dynamic loader refused it
         // before its initialisers; name every missing one (the loader's
@@ -462,23 +606,14 @@ fn open(
     let manifest = unsafe { library.get::<*const Manifest>(symbol.as_bytes()) }
         .map(|s| *s)
         .unwrap_or(std::ptr::null());
-    // Relaxed: only uniqueness matters.
-    let id = NEXT_LIBRARY.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    libraries.push(Loaded {
-        id,
-        digest,
-        copy: copy.file,
-        library,
-        manifest,
-        path: copy.path,
-        keep,
-    });
-    Ok((id, manifest))
+    Ok((library, manifest))
 }
 
 /// The checks of a thin patch against this binary, on the file's bytes,
 /// before the dynamic loader sees them (see `host.rs`): the build it was
-/// made for, the host setting, no allocator of its own. That every symbol
+/// made for, symbols to bind to (exported with `-rdynamic`, or the
+/// binary's own symbol table, which the near loader reads), no allocator
+/// of its own. That every symbol
 /// it needs is here is the dynamic loader's own binding (`RTLD_NOW`, before
 /// any of the library's code runs): a second pass over the symbols here
 /// would double the cost of binding a large patch; if one is missing,
@@ -503,7 +638,7 @@ fn bound_to_this_binary(path: &Path, bytes: &[u8]) -> Result<bool, Error> {
             host: host::hex(ours),
         });
     }
-    if !host::exports_symbols() {
+    if !host::exports_symbols() && !near::symtab::serves() {
         return Err(Error::HostNotExported { path });
     }
     if needs.allocator {
@@ -638,14 +773,25 @@ impl Loader {
         };
         let mut zombies = ZOMBIES.lock();
         for l in unused {
-            drop(l.library);
             done.closed += 1;
-            // SAFETY: RTLD_NOLOAD only looks the name up; if it is still
-            // loaded we get (and at once drop) one more reference.
-            let still = unsafe { Library::open(Some(&l.path), RTLD_NOW | RTLD_NOLOAD) };
-            if still.is_ok() {
-                done.deferred += 1;
-                zombies.push((l.copy, l.path));
+            match l.handle {
+                Handle::Near(image) => {
+                    // SAFETY: the caller's contract (no code or data of an
+                    // unused library is used any more), and the grace
+                    // period above: no registered thread is inside it.
+                    unsafe { image.close() };
+                }
+                Handle::Dlopen(library) => {
+                    drop(library);
+                    // SAFETY: RTLD_NOLOAD only looks the name up; if it is
+                    // still loaded we get (and at once drop) one more
+                    // reference.
+                    let still = unsafe { Library::open(Some(&l.path), RTLD_NOW | RTLD_NOLOAD) };
+                    if still.is_ok() {
+                        done.deferred += 1;
+                        zombies.push((l.copy, l.path));
+                    }
+                }
             }
         }
         // Zombies whose destructors have run since can go.
@@ -733,7 +879,7 @@ impl Loader {
         // `reclaim` unmaps, and it needs the turn), as in `apply`.
         let turn = self.take_turn(&format!("check {}", path.display()))?;
         let mut libraries = LIBRARIES.lock();
-        let (library, checked) = open_checked(&mut libraries, &turn, path, &bytes)?;
+        let (library, checked) = open_checked(&mut libraries, &turn, path, &bytes, self.near)?;
         let registry = REGISTRY.lock();
         let plan = registry.plan(library, &checked).map_err(|r| r.at(path))?;
         let now = registry.functions(&[]);

@@ -47,6 +47,58 @@ pub struct PatchInfo {
     pub functions: Vec<String>,
     /// When it was applied (the end of its transition).
     pub applied_at: std::time::SystemTime,
+    /// Where its code was mapped: near the executable's code, or by the
+    /// dynamic loader, and why.
+    pub placement: Placement,
+}
+
+/// Where a patch's code was mapped (issue 22).
+///
+/// A patched call costs what the original call costs only if the patch's
+/// code is near the executable's: hotpatch maps a thin patch itself,
+/// within ±2 GiB of the executable's code, and applies its relocations.
+/// Where it cannot (no free range there, or the patch needs what only the
+/// dynamic loader provides, such as thread-locals), the patch is opened
+/// by `dlopen` as before, wherever the dynamic loader maps it, and works
+/// the same, a little slower per call.
+///
+/// # Examples
+///
+/// ```no_run
+/// let patch = hotpatch::load("fix.so")?;
+/// match patch.placement() {
+///     hotpatch::Placement::Near { address, size } => {
+///         println!("mapped at {address:#x}, {size} bytes")
+///     }
+///     hotpatch::Placement::Dlopen { reason } => println!("opened by dlopen: {reason}"),
+///     _ => {}
+/// }
+/// # Ok::<(), hotpatch::Error>(())
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Placement {
+    /// Mapped by hotpatch within ±2 GiB of the executable's code: its
+    /// segments lie in `[address, address + size)`.
+    Near { address: u64, size: u64 },
+    /// Opened by the dynamic loader; `reason` says why not near.
+    Dlopen { reason: crate::NearRefusal },
+}
+
+impl Placement {
+    /// The patch's code is within ±2 GiB of the executable's.
+    pub fn is_near(&self) -> bool {
+        matches!(self, Placement::Near { .. })
+    }
+}
+
+impl std::fmt::Display for Placement {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Placement::Near { .. } => f.write_str("near the executable's code"),
+            Placement::Dlopen { reason } => write!(f, "opened by dlopen, not near: {reason}"),
+        }
+    }
 }
 
 /// A handle to an applied patch, returned by [`load`](crate::load).
@@ -88,6 +140,10 @@ impl Patch {
     /// Paths of the functions it replaces.
     pub fn functions(&self) -> &[String] {
         &self.info.functions
+    }
+    /// Where its code was mapped (see [`Placement`]).
+    pub fn placement(&self) -> &Placement {
+        &self.info.placement
     }
     /// Everything above, as a value.
     pub fn info(&self) -> &PatchInfo {

@@ -114,32 +114,39 @@ pub unsafe fn slot_refs_raw(table: &'static [SlotRef], len: *mut usize) -> *cons
 /// copy count on its own manifest's counter instead.
 pub static SOURCE_PANICS: AtomicU64 = AtomicU64::new(0);
 
-/// Held by a `#[patch]` entry shim around the replacement: counts the
-/// calls that end in a panic, in the patch's counter.
+/// Held by a `#[patch]` entry shim (and a `counted` body) around the
+/// replacement: counts the calls that end in a panic, in the patch's
+/// counter, at no cost to a call that returns.
+///
+/// The shim `mem::forget`s the guard once the replacement returns, so its
+/// `Drop` runs only on the unwind path, inside the landing pad: the normal
+/// path has no load, store or branch for it (the counter's address is a
+/// link-time constant that the compiler sinks into the landing pad). A
+/// call made from a destructor while another panic unwinds and returning
+/// normally is not counted either: the guard is forgotten.
 pub struct PanicCount {
     counter: &'static AtomicU64,
-    /// Already unwinding when the call started (a call from a destructor
-    /// during a panic): not this call's panic.
-    was: bool,
 }
 
 impl PanicCount {
     #[inline(always)]
     pub fn new(counter: &'static AtomicU64) -> Self {
-        PanicCount {
-            counter,
-            was: std::thread::panicking(),
-        }
+        PanicCount { counter }
+    }
+
+    /// The call returned: nothing to count.
+    #[inline(always)]
+    pub fn returned(self) {
+        let _ = std::mem::ManuallyDrop::new(self);
     }
 }
 
 impl Drop for PanicCount {
+    /// Runs only while the replacement's panic unwinds through the shim.
     #[inline(always)]
     fn drop(&mut self) {
-        if !self.was && std::thread::panicking() {
-            // Relaxed: a statistic, read by `watch` after the fact.
-            self.counter.fetch_add(1, Ordering::Relaxed);
-        }
+        // Relaxed: a statistic, read by `watch` after the fact.
+        self.counter.fetch_add(1, Ordering::Relaxed);
     }
 }
 

@@ -254,6 +254,7 @@ impl Registry {
         m: &Checked,
         file: &Path,
         library: u64,
+        placement: crate::Placement,
     ) -> Arc<PatchInfo> {
         let id = PatchId(self.next_id);
         self.next_id += 1;
@@ -265,6 +266,7 @@ impl Registry {
             file: file.to_owned(),
             functions: plan.functions,
             applied_at: std::time::SystemTime::now(),
+            placement,
         });
         let mut targets = Vec::with_capacity(plan.replace.len());
         for (idx, implementation) in plan.replace {

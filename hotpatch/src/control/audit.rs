@@ -39,6 +39,11 @@ pub(crate) fn record(
             .join(", ")
     });
     let (patch, outcome, mut message) = match outcome {
+        Ok((p, _)) if matches!(op, "apply" | "replace") => (
+            Some((p.id.get(), p.name.clone())),
+            "ok".to_owned(),
+            format!("{op} {} {} {}, {}", p.id, p.name, p.version, p.placement),
+        ),
         Ok((p, _)) => (
             Some((p.id.get(), p.name.clone())),
             "ok".to_owned(),

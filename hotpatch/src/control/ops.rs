@@ -48,7 +48,23 @@ fn patch_json(shared: &Endpoint, p: &PatchInfo) -> Value {
         "applied_at_ms": unix_ms(p.applied_at),
         "applied_by": by.as_ref().map(peer_json),
         "functions": p.functions,
+        "placement": placement_json(&p.placement),
     })
+}
+
+/// Where the patch's code is: `{"kind": "near", "address": ...}` or
+/// `{"kind": "dlopen", "reason": ...}`.
+fn placement_json(p: &crate::Placement) -> Value {
+    match p {
+        crate::Placement::Near { address, size } => {
+            json!({ "kind": "near", "address": address, "size": size })
+        }
+        crate::Placement::Dlopen { reason } => {
+            json!({ "kind": "dlopen", "reason": reason.to_string() })
+        }
+        #[allow(unreachable_patterns)]
+        other => json!({ "kind": "other", "reason": other.to_string() }),
+    }
 }
 
 /// `accepted` (kept across restarts) or `applied` (on trial).
