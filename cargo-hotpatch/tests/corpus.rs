@@ -40,7 +40,8 @@
 //! (a false "no change", a patch that changes nothing, a tool error, a
 //! patch for a change that needs none, a client error under load) fails
 //! the run; the table is written to
-//! `$CARGO_TARGET_TMPDIR/corpus/NAME/run/report.md` and printed.
+//! `$CARGO_TARGET_TMPDIR/corpus/NAME/run/report.md` and printed, and the
+//! tool's whole output for each fix to `run/out/FIX.log`.
 //!
 //! - `corpus_diffs_apply` (always runs, seconds once the crates are in
 //!   cargo's cache): every service's marking and fixes apply to the pinned
@@ -364,6 +365,13 @@ fn run_fix(corpus: &Corpus, hotpatch: &Path, server: &mut Server, v1: &Path, fix
     let stdout = String::from_utf8_lossy(&built.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&built.stderr).into_owned();
     let code = built.status.code();
+    // The tool's whole answer (the log keeps the last lines only): every
+    // refusal's reasons, verbatim.
+    std::fs::write(
+        corpus.dir.join("out").join(format!("{}.log", fix.name)),
+        format!("exit {code:?}\n--- stdout\n{stdout}--- stderr\n{stderr}"),
+    )
+    .unwrap();
     // The `refused:` lines up to their first `:` after the item (the
     // item and what happened to it), else the last lines.
     let reasons = |text: &str| -> String {
