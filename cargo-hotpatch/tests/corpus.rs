@@ -1,61 +1,112 @@
-//! The corpus: `cargo hotpatch build --base` on a real tokio network
-//! service written by others, with realistic fixes, applied under a
-//! client's load and observed from outside (issue 23).
+//! The corpus: `cargo hotpatch build --base` on real services written by
+//! others, with realistic fixes, applied under a client's load and
+//! observed from outside (issue 23).
 //!
-//! The service is mini-redis 0.4.1, downloaded from crates.io at test time
-//! (through cargo, into `$CARGO_TARGET_TMPDIR/corpus/`): this repository
-//! holds only what is ours, as diffs in `tests/corpus/mini-redis/`: the
-//! marking (`mark.diff`: every function `#[patchable]` accepts marked, the
-//! host setting in `build.rs`, the control endpoint in the server's
-//! `main`), a `Cargo.lock` (the published one pins tokio 1.8 and tracing
-//! 0.1.26, older than hotpatch needs), and one diff per fix (`fixes/`):
-//! parsing, limits, state, error replies, async handlers, an error type,
-//! fixes from the project's own history after 0.4.1 (the upstream commit
-//! in the name) re-applied on 0.4.1, a comment-only change and a change of
-//! the binary crate.
+//! Each service is a published crate downloaded from crates.io at test
+//! time (through cargo, into `$CARGO_TARGET_TMPDIR/corpus/NAME/`): this
+//! repository holds only what is ours, as diffs in `tests/corpus/NAME/`:
+//! the marking (`mark.diff`: every function `#[patchable]` accepts marked,
+//! the host setting in `build.rs`, the control endpoint in the server's
+//! `main`), a `Cargo.lock` (the published one completed with hotpatch's
+//! dependencies, or replaced where it pins versions older than hotpatch
+//! needs), and one diff per fix (`fixes/`). The service's description
+//! (`tests/corpus/NAME/service.rs`, a [`Service`]) says how to start the
+//! server, how its load client talks, and each fix's probe:
+//!
+//! - `mini-redis` 0.4.1, a tokio server speaking the Redis protocol;
+//! - `dufs` 0.46.0, an HTTP file server on hyper, published as a binary
+//!   only: the marking gives it a library crate (`src/lib.rs` declares the
+//!   modules, `main.rs` uses them), as the README tells users to, and
+//!   removes its own release profile (fat LTO, one codegen unit,
+//!   `panic = "abort"`, `strip = "symbols"`) for the default one.
+//!
+//! Fixes cover parsing, paths, headers, limits, state, error replies,
+//! async handlers, generic helpers and error types; fixes from each
+//! project's own history after the pinned version (the upstream commit or
+//! pull request in the name) re-applied on it; a comment-only change; and
+//! changes the tool must refuse.
 //!
 //! The harness makes a git repository of the source, commits it, applies
 //! the marking and tags `v1`, builds it with `cargo build --release` (the
 //! default release profile: 16 codegen units, no LTO) and runs the
 //! server. For each fix it commits a branch on v1, runs `cargo hotpatch
-//! build --base v1 --head BRANCH -p mini-redis --release --binary <the
-//! running server>`, and when a patch is built applies it with the
-//! `hotpatch` tool while a client keeps sending SET/GET on its own
-//! connection, probes the server over the Redis protocol (or reads its
-//! log), reverts, and probes again. Each fix gets one outcome: built and
-//! effective, built and not effective, refused (with the tool's reasons),
-//! no change, tool error. A wrong answer (a false "no change", a patch
-//! that changes nothing, a tool error, a patch for a change that needs
-//! none) fails the run; the table is written to
-//! `$CARGO_TARGET_TMPDIR/corpus/mini-redis/run/report.md` and printed.
+//! build --base v1 --head BRANCH -p NAME --release --binary <the running
+//! server>`, and when a patch is built applies it with the `hotpatch`
+//! tool while a load client keeps sending requests on its own connection
+//! (counted, every reply checked), probes the server from outside on a
+//! fresh connection (or reads its log), reverts, and probes again. Each
+//! fix gets one outcome: built and effective, built and not effective,
+//! refused (with the tool's reasons), no change, tool error. A wrong answer
+//! (a false "no change", a patch that changes nothing, a tool error, a
+//! patch for a change that needs none, a client error under load) fails
+//! the run; the table is written to
+//! `$CARGO_TARGET_TMPDIR/corpus/NAME/run/report.md` and printed, and the
+//! tool's whole output for each fix to `run/out/FIX.log`.
 //!
-//! - `corpus_diffs_apply` (always runs, seconds once the crate is in
-//!   cargo's cache): the marking and every fix apply to the pinned source.
-//! - `corpus_mini_redis` (ignored: release builds, about 2 to 5 minutes per
-//!   fix on two cores, 10 for the first): the whole run.
-//!   `HOTPATCH_CORPUS_BUDGET=SECS` (default 3600) stops starting fixes
-//!   once spent (they are listed as not run); `HOTPATCH_CORPUS_ONLY=a,b`
-//!   runs only the fixes whose names contain one of the words.
-//!   `cargo test -p cargo-hotpatch --test corpus -- --ignored --nocapture`
+//! - `corpus_diffs_apply` (always runs, seconds once the crates are in
+//!   cargo's cache): every service's marking and fixes apply to the pinned
+//!   source.
+//! - `corpus_mini_redis`, `corpus_dufs` (ignored: release builds, minutes
+//!   per fix on two cores, more for the first): the whole run of one
+//!   service; the test's name selects the service, and the runs never
+//!   overlap. `HOTPATCH_CORPUS_BUDGET=SECS` (default 3600) stops starting
+//!   fixes once spent (they are listed as not run);
+//!   `HOTPATCH_CORPUS_ONLY=a,b` runs only the fixes whose names contain
+//!   one of the words; `HOTPATCH_CORPUS_CGU1=1` builds with
+//!   `codegen-units = 1` (a diagnostic).
+//!   `cargo test -p cargo-hotpatch --test corpus corpus_dufs -- --ignored --nocapture`
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-const CRATE: &str = "mini-redis";
-const VERSION: &str = "0.4.1";
-const MARK: &str = include_str!("corpus/mini-redis/mark.diff");
-const LOCK: &str = include_str!("corpus/mini-redis/Cargo.lock");
+#[path = "corpus/dufs/service.rs"]
+mod dufs;
+#[path = "corpus/mini-redis/service.rs"]
+mod mini_redis;
+
+/// Every service of the corpus.
+const SERVICES: &[&Service] = &[&mini_redis::SERVICE, &dufs::SERVICE];
 
 /// How long the server may take to say nothing more: a probe whose
 /// answer is "no reply" waits this long for one.
 const QUIET: Duration = Duration::from_secs(2);
 /// A tool run or build that takes longer has hung.
 const BUILD_DEADLINE: Duration = Duration::from_secs(1500);
+
+/// A real service of the corpus: where it comes from, what is ours, how
+/// it runs and how it is driven.
+struct Service {
+    /// Its crate on crates.io, its package, and its scratch directory.
+    name: &'static str,
+    /// The pinned version.
+    version: &'static str,
+    /// The server executable (a bin target of the package).
+    bin: &'static str,
+    /// The marking, as a diff on the published source. `@HOTPATCH@` stands
+    /// for this workspace's `hotpatch` directory.
+    mark: &'static str,
+    /// The `Cargo.lock` v1 builds with.
+    lock: &'static str,
+    /// The fixes, in the order they run.
+    fixes: &'static [Fix],
+    /// The server's arguments: the port to listen on, and a directory of
+    /// its own (`prepare` filled it).
+    args: fn(u16, &Path) -> Vec<String>,
+    /// Fills the server's directory before it starts.
+    prepare: fn(&Path),
+    /// One round of the load client on its connection (the round's number
+    /// given); false when a reply was not the expected one.
+    load: fn(&mut Conn, u64) -> bool,
+    /// The bytes a probe's request stands for.
+    request_bytes: fn(&str) -> Vec<u8>,
+    /// Environment variables the server must not inherit.
+    env_remove: &'static [&'static str],
+}
 
 /// What the server does with a probe.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,11 +115,17 @@ enum Reply {
     Bytes(&'static str),
     /// Replies bytes starting with these.
     Starts(&'static str),
+    /// Replies bytes containing these.
+    Contains(&'static str),
+    /// Replies, and the reply does not contain these bytes.
+    Lacks(&'static str),
+    /// Every one of these.
+    All(&'static [Reply]),
     /// Closes the connection without a reply.
     Closed,
     /// Keeps the connection open and says nothing (waits for more).
     Silent,
-    /// Writes this to its log (tracing's output on stderr).
+    /// Writes this to its log (its output on stdout and stderr).
     Logs(&'static str),
 }
 
@@ -100,17 +157,27 @@ struct Fix {
     probe: Option<Probe>,
 }
 
+/// `fix!("SERVICE", "NAME", "what", Expect::..., probe)`: the diff is
+/// `tests/corpus/SERVICE/fixes/NAME.diff`.
 macro_rules! fix {
-    ($name:literal, $what:literal, $expect:expr, $probe:expr) => {
+    ($service:literal, $name:literal, $what:literal, $expect:expr, $probe:expr) => {
         Fix {
             name: $name,
-            diff: include_str!(concat!("corpus/mini-redis/fixes/", $name, ".diff")),
+            diff: include_str!(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/corpus/",
+                $service,
+                "/fixes/",
+                $name,
+                ".diff"
+            )),
             what: $what,
             expect: $expect,
             probe: $probe,
         }
     };
 }
+use fix;
 
 const fn probe(request: &'static str, old: Reply, new: Reply) -> Option<Probe> {
     Some(Probe { request, old, new })
@@ -118,157 +185,19 @@ const fn probe(request: &'static str, old: Reply, new: Reply) -> Option<Probe> {
 
 use Reply::*;
 
-/// The fixes, in the order they run.
-const FIXES: &[Fix] = &[
-    fix!(
-        "upstream-8ca8bbe-publish-name",
-        "error reply: PUBLISH in subscribe mode is named 'publish' (Command::get_name)",
-        Expect::Effective,
-        probe(
-            "*2\r\n$9\r\nsubscribe\r\n$2\r\nch\r\n*3\r\n$7\r\npublish\r\n$2\r\nch\r\n$1\r\nm\r\n",
-            Bytes("*3\r\n$9\r\nsubscribe\r\n$2\r\nch\r\n:1\r\n-ERR unknown command 'pub'\r\n"),
-            Bytes("*3\r\n$9\r\nsubscribe\r\n$2\r\nch\r\n:1\r\n-ERR unknown command 'publish'\r\n"),
-        )
-    ),
-    fix!(
-        "comment-only",
-        "a doc comment of Frame::check",
-        Expect::NoChange,
-        None
-    ),
-    fix!(
-        "parse-integer-argument",
-        "parsing: an integer frame is a string argument (Parse::next_string)",
-        Expect::Effective,
-        probe("*2\r\n$3\r\nGET\r\n:5\r\n", Closed, Bytes("$-1\r\n"))
-    ),
-    fix!(
-        "limit-unknown-command-name",
-        "limits: an unknown command's name is echoed up to 16 bytes (Unknown::new, generic)",
-        Expect::Effective,
-        probe(
-            "*1\r\n$24\r\nabcdefghijklmnopqrstuvwx\r\n",
-            Bytes("-ERR unknown command 'abcdefghijklmnopqrstuvwx'\r\n"),
-            Bytes("-ERR unknown command 'abcdefghijklmnop'\r\n"),
-        )
-    ),
-    fix!(
-        "async-error-reply-unknown",
-        "error reply, async handler: Redis's text for an unknown command (Unknown::apply)",
-        Expect::Effective,
-        probe(
-            "*1\r\n$3\r\nfoo\r\n",
-            Bytes("-ERR unknown command 'foo'\r\n"),
-            Bytes("-ERR unknown command 'foo', with args beginning with: \r\n"),
-        )
-    ),
-    fix!(
-        "async-handler-reply-parse-error",
-        "async handler: a command that does not parse gets an error reply, the connection stays (Handler::run)",
-        Expect::Effective,
-        probe(
-            "*1\r\n:5\r\n",
-            Closed,
-            Starts("-ERR protocol error; expected simple frame or bulk frame"),
-        )
-    ),
-    fix!(
-        "upstream-3d93b42-null-bulk",
-        "parsing: a null bulk string must be $-1 (Frame::check)",
-        Expect::Effective,
-        probe("*1\r\n$-\r\n", Silent, Closed)
-    ),
-    fix!(
-        "limit-array-length",
-        "limits: arrays of more than 1024 frames are refused (Frame::check)",
-        Expect::Effective,
-        probe("*5000\r\n", Silent, Closed)
-    ),
-    fix!(
-        "limit-bulk-length",
-        "limits: bulk strings over 512 MiB are refused (Frame::check)",
-        Expect::Effective,
-        probe("*1\r\n$999999999999\r\n", Silent, Closed)
-    ),
-    fix!(
-        "limit-read-buffer",
-        "limits: an incomplete frame may not grow the read buffer past 64 KiB (Connection::parse_frame)",
-        Expect::Effective,
-        Some(Probe {
-            request: LARGE_INCOMPLETE,
-            old: Silent,
-            new: Closed,
-        })
-    ),
-    fix!(
-        "limit-set-zero-expiry",
-        "state: SET with PX 0 is an error, not a key that expires at once (Set::parse_frames)",
-        Expect::Effective,
-        probe(
-            "*5\r\n$3\r\nSET\r\n$1\r\nz\r\n$1\r\nv\r\n$2\r\nPX\r\n$1\r\n0\r\n",
-            Bytes("+OK\r\n"),
-            Closed,
-        )
-    ),
-    fix!(
-        "parse-integer-value",
-        "parsing: an integer frame is a value (Parse::next_bytes)",
-        Expect::Effective,
-        probe(
-            "*3\r\n$3\r\nSET\r\n$1\r\nn\r\n:7\r\n",
-            Closed,
-            Bytes("+OK\r\n")
-        )
-    ),
-    fix!(
-        "error-type-parse-error",
-        "error type: ParseError from a message says where it came from (From<&str> for ParseError)",
-        Expect::Effective,
-        probe(
-            "*5\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\n$2\r\nEX\r\n$3\r\nabc\r\n",
-            Logs("Other(\"protocol error; invalid number\")"),
-            Logs("Other(\"parse: protocol error; invalid number\")"),
-        )
-    ),
-    fix!(
-        "upstream-ebe4e1f-shutdown-race",
-        "state: the purge task stops when the listener's guard drops (new type, Listener's fields change)",
-        Expect::Refused,
-        None
-    ),
-    fix!(
-        "binary-crate-log",
-        "a log line in src/bin/server.rs (the binary crate)",
-        Expect::Refused,
-        None
-    ),
-];
-
-/// Stands for `*1\r\n$100000\r\n` and 70,000 of its bytes: more than
-/// 64 KiB buffered while the frame is still incomplete.
-const LARGE_INCOMPLETE: &str = "@LARGE_INCOMPLETE@";
-
-fn request_bytes(request: &str) -> Vec<u8> {
-    if request == LARGE_INCOMPLETE {
-        let mut r = b"*1\r\n$100000\r\n".to_vec();
-        r.resize(r.len() + 70_000, b'x');
-        r
-    } else {
-        request.as_bytes().to_vec()
-    }
-}
-
 // ---- the short form ----
 
 #[test]
 fn corpus_diffs_apply() {
-    let corpus = Corpus::new("check");
-    corpus.make_repo(false);
-    for fix in FIXES {
+    for service in SERVICES {
+        let corpus = Corpus::new(service, "check");
+        corpus.make_repo(false);
+        for fix in service.fixes {
+            corpus.git(&["checkout", "--quiet", "--force", "v1"]);
+            corpus.apply(fix.diff, "--check", fix.name);
+        }
         corpus.git(&["checkout", "--quiet", "--force", "v1"]);
-        corpus.apply(fix.diff, "--check", fix.name);
     }
-    corpus.git(&["checkout", "--quiet", "--force", "v1"]);
 }
 
 // ---- the whole run ----
@@ -276,6 +205,21 @@ fn corpus_diffs_apply() {
 #[test]
 #[ignore = "release builds of a real service: minutes per fix; run by hand with --ignored (not in .ci/run)"]
 fn corpus_mini_redis() {
+    run_service(&mini_redis::SERVICE);
+}
+
+#[test]
+#[ignore = "release builds of a real service: minutes per fix; run by hand with --ignored (not in .ci/run)"]
+fn corpus_dufs() {
+    run_service(&dufs::SERVICE);
+}
+
+/// Held by a whole run: two at once would share two cores and the
+/// builds' deadline.
+static ONE_RUN: Mutex<()> = Mutex::new(());
+
+fn run_service(service: &'static Service) {
+    let _one = ONE_RUN.lock().unwrap_or_else(|e| e.into_inner());
     let budget = Duration::from_secs(
         std::env::var("HOTPATCH_CORPUS_BUDGET")
             .ok()
@@ -290,7 +234,7 @@ fn corpus_mini_redis() {
     // release profile (not what users deploy: a diagnostic of what the
     // default profile's refusals hide).
     let cgu1 = std::env::var_os("HOTPATCH_CORPUS_CGU1").is_some_and(|v| v == "1");
-    let corpus = Corpus::new(if cgu1 { "run-cgu1" } else { "run" });
+    let corpus = Corpus::new(service, if cgu1 { "run-cgu1" } else { "run" });
     corpus.make_repo(true);
     if cgu1 {
         let manifest = corpus.repo.join("Cargo.toml");
@@ -311,7 +255,7 @@ fn corpus_mini_redis() {
     let mut server = Server::start(&corpus, &v1);
 
     let mut rows = Vec::new();
-    for fix in FIXES {
+    for fix in service.fixes {
         if !only.is_empty() && !only.iter().any(|w| fix.name.contains(w.as_str())) {
             continue;
         }
@@ -323,7 +267,7 @@ fn corpus_mini_redis() {
         println!("{}", row.line());
         rows.push(row);
     }
-    let report = report(&rows, v1_build, cgu1);
+    let report = report(service, &rows, v1_build, cgu1);
     std::fs::write(corpus.dir.join("report.md"), &report).unwrap();
     println!("\n{report}");
     let wrong: Vec<&Row> = rows.iter().filter(|r| r.wrong).collect();
@@ -371,16 +315,18 @@ impl Row {
     }
 }
 
-fn report(rows: &[Row], v1_build: Duration, cgu1: bool) -> String {
+fn report(service: &Service, rows: &[Row], v1_build: Duration, cgu1: bool) -> String {
     let effective = rows
         .iter()
         .filter(|r| r.outcome.starts_with("applied, effective"))
         .count();
     let wrong = rows.iter().filter(|r| r.wrong).count();
     let mut s = format!(
-        "mini-redis {VERSION}, {} release profile: {effective} of {} fixes built, applied \
+        "{} {}, {} release profile: {effective} of {} fixes built, applied \
          and effective; {wrong} wrong answer(s). v1's `cargo build --release` (this run's \
          target directory): {:.0} s.\n\n| fix | what | a right answer | outcome | cargo hotpatch build |\n| --- | --- | --- | --- | --- |\n",
+        service.name,
+        service.version,
         if cgu1 {
             "`codegen-units = 1`"
         } else {
@@ -408,7 +354,7 @@ fn run_fix(corpus: &Corpus, hotpatch: &Path, server: &mut Server, v1: &Path, fix
         "--head",
         &branch,
         "-p",
-        CRATE,
+        corpus.service.name,
         "--release",
         "--binary",
         v1.to_str().unwrap(),
@@ -419,6 +365,13 @@ fn run_fix(corpus: &Corpus, hotpatch: &Path, server: &mut Server, v1: &Path, fix
     let stdout = String::from_utf8_lossy(&built.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&built.stderr).into_owned();
     let code = built.status.code();
+    // The tool's whole answer (the log keeps the last lines only): every
+    // refusal's reasons, verbatim.
+    std::fs::write(
+        corpus.dir.join("out").join(format!("{}.log", fix.name)),
+        format!("exit {code:?}\n--- stdout\n{stdout}--- stderr\n{stderr}"),
+    )
+    .unwrap();
     // The `refused:` lines up to their first `:` after the item (the
     // item and what happened to it), else the last lines.
     let reasons = |text: &str| -> String {
@@ -508,7 +461,7 @@ fn run_fix(corpus: &Corpus, hotpatch: &Path, server: &mut Server, v1: &Path, fix
             true,
         );
     }
-    let load = Load::start(server.port);
+    let load = Load::start(server);
     let applied = hotpatch_cli(
         hotpatch,
         &corpus.sock,
@@ -574,6 +527,9 @@ impl Reply {
         match (self, seen) {
             (Bytes(b), Seen::Reply(r, _)) => r == b,
             (Starts(b), Seen::Reply(r, _)) => r.starts_with(b),
+            (Contains(b), Seen::Reply(r, _)) => r.contains(b),
+            (Lacks(b), Seen::Reply(r, _)) => !r.contains(b),
+            (All(all), seen) => all.iter().all(|r| r.matches(seen)),
             (Closed, Seen::Closed(r, _)) => r.is_empty(),
             (Silent, Seen::Silent(r, _)) => r.is_empty(),
             (Logs(l), Seen::Reply(_, log) | Seen::Closed(_, log) | Seen::Silent(_, log)) => {
@@ -595,30 +551,32 @@ enum Seen {
 
 // ---- the scratch directory, the repository, the builds ----
 
-/// `$CARGO_TARGET_TMPDIR/corpus/mini-redis`.
-fn corpus_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join("corpus")
-        .join(CRATE)
-}
-
 struct Corpus {
-    /// `corpus_root()/run` or `/check`.
+    service: &'static Service,
+    /// `$CARGO_TARGET_TMPDIR/corpus/NAME/run` or `/check`.
     dir: PathBuf,
     repo: PathBuf,
     target: PathBuf,
     sock: PathBuf,
+    /// The server's own directory (what a file server serves).
+    data: PathBuf,
 }
 
 impl Corpus {
     /// `run` for the whole run, `check` for the short form (each its
     /// own repository; one target directory).
-    fn new(sub: &str) -> Corpus {
-        let dir = corpus_root().join(sub);
+    fn new(service: &'static Service, sub: &str) -> Corpus {
+        let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join("corpus")
+            .join(service.name);
+        let dir = root.join(sub);
         let corpus = Corpus {
+            service,
             repo: dir.join("repo"),
-            target: corpus_root().join("target"),
+            // One target directory per service, for both repositories.
+            target: root.join("target"),
             sock: dir.join("sock"),
+            data: dir.join("data"),
             dir,
         };
         for d in [&corpus.dir, &corpus.sock, &corpus.dir.join("out")] {
@@ -629,34 +587,53 @@ impl Corpus {
         corpus
     }
 
-    /// The published source, unpacked by cargo: its directory in cargo's
-    /// registry cache.
+    /// The published source: downloaded by cargo (a `cargo metadata` of a
+    /// package depending on it; a crate with no library is downloaded too,
+    /// though not listed) and unpacked from cargo's registry cache into
+    /// `source/`.
     fn source(&self) -> PathBuf {
+        let (name, version) = (self.service.name, self.service.version);
         let fetch = self.dir.join("fetch");
         std::fs::create_dir_all(fetch.join("src")).unwrap();
         std::fs::write(
             fetch.join("Cargo.toml"),
             format!(
                 "[package]\nname = \"corpus-fetch\"\nversion = \"0.0.0\"\nedition = \"2021\"\n\
-                 publish = false\n\n[dependencies]\n{CRATE} = \"={VERSION}\"\n\n[workspace]\n"
+                 publish = false\n\n[dependencies]\n{name} = \"={version}\"\n\n[workspace]\n"
             ),
         )
         .unwrap();
         std::fs::write(fetch.join("src/lib.rs"), "").unwrap();
-        let mut cmd = cargo();
+        let mut cmd = self.cargo();
         cmd.args(["metadata", "--format-version", "1"])
-            .current_dir(&fetch);
-        let out = run(cmd, &format!("cargo metadata ({CRATE} {VERSION})"));
+            .current_dir(&fetch)
+            .stdout(Stdio::null());
+        let out = run(cmd, &format!("cargo metadata ({name} {version})"));
         assert!(out.status.success(), "cargo metadata failed");
-        let meta: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        let manifest = meta["packages"]
-            .as_array()
+        let cargo_home = std::env::var_os("CARGO_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")))
+            .expect("CARGO_HOME or HOME");
+        let file = format!("{name}-{version}.crate");
+        let packed = std::fs::read_dir(cargo_home.join("registry/cache"))
             .unwrap()
-            .iter()
-            .find(|p| p["name"] == CRATE && p["version"] == VERSION)
-            .and_then(|p| p["manifest_path"].as_str())
-            .unwrap_or_else(|| panic!("{CRATE} {VERSION} not in cargo metadata"));
-        PathBuf::from(manifest).parent().unwrap().to_owned()
+            .map(|e| e.unwrap().path().join(&file))
+            .find(|p| p.is_file())
+            .unwrap_or_else(|| panic!("{file} not in cargo's registry cache"));
+        let unpacked = self.dir.join("source");
+        if unpacked.exists() {
+            std::fs::remove_dir_all(&unpacked).unwrap();
+        }
+        std::fs::create_dir_all(&unpacked).unwrap();
+        let status = Command::new("tar")
+            .arg("-xzf")
+            .arg(&packed)
+            .arg("-C")
+            .arg(&unpacked)
+            .status()
+            .unwrap();
+        assert!(status.success(), "tar -xzf {}", packed.display());
+        unpacked.join(format!("{name}-{version}"))
     }
 
     /// `repo/`: the published source committed as `upstream`, then the
@@ -674,7 +651,7 @@ impl Corpus {
         }
         self.git(&["init", "--quiet", "-b", "main"]);
         self.commit("upstream");
-        self.apply(MARK, "", "mark.diff");
+        self.apply(self.service.mark, "", "mark.diff");
         let manifest = self.repo.join("Cargo.toml");
         let text = std::fs::read_to_string(&manifest).unwrap();
         let hotpatch = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -686,9 +663,9 @@ impl Corpus {
             text.replace("@HOTPATCH@", hotpatch.to_str().unwrap()),
         )
         .unwrap();
-        std::fs::write(self.repo.join("Cargo.lock"), LOCK).unwrap();
+        std::fs::write(self.repo.join("Cargo.lock"), self.service.lock).unwrap();
         if lock {
-            let mut cmd = cargo();
+            let mut cmd = self.cargo();
             cmd.args(["metadata", "--format-version", "1"])
                 .current_dir(&self.repo)
                 .stdout(Stdio::null());
@@ -720,7 +697,9 @@ impl Corpus {
         let out = child.wait_with_output().unwrap();
         assert!(
             out.status.success(),
-            "{what} does not apply to {CRATE} {VERSION}:\n{}",
+            "{what} does not apply to {} {}:\n{}",
+            self.service.name,
+            self.service.version,
             String::from_utf8_lossy(&out.stderr)
         );
     }
@@ -765,7 +744,7 @@ impl Corpus {
 
     /// v1 in release, as deployed: its server binary copied to `bin/`.
     fn build_v1(&self) -> PathBuf {
-        let mut cmd = cargo();
+        let mut cmd = self.cargo();
         cmd.args(["build", "--release", "--locked"])
             .current_dir(&self.repo);
         let out = run(cmd, "cargo build --release (v1)");
@@ -776,9 +755,16 @@ impl Corpus {
         );
         let bin = self.dir.join("bin");
         std::fs::create_dir_all(&bin).unwrap();
-        let to = bin.join("mini-redis-server");
-        std::fs::copy(self.target.join("release/mini-redis-server"), &to).unwrap();
+        let to = bin.join(self.service.bin);
+        std::fs::copy(self.target.join("release").join(self.service.bin), &to).unwrap();
         to
+    }
+
+    /// cargo for the service's workspace, in its target directory.
+    fn cargo(&self) -> Command {
+        let mut cmd = hotpatch_test_support::outside_cargo();
+        cmd.env("CARGO_TARGET_DIR", &self.target);
+        cmd
     }
 
     /// `cargo hotpatch ARGS` in the repository.
@@ -804,12 +790,6 @@ impl Corpus {
             .find(|p| p.file_name().is_some_and(|n| n == "hotpatch"))
             .expect("the hotpatch executable")
     }
-}
-
-fn cargo() -> Command {
-    let mut cmd = hotpatch_test_support::outside_cargo();
-    cmd.env("CARGO_TARGET_DIR", corpus_root().join("target"));
-    cmd
 }
 
 fn copy_tree(from: &Path, to: &Path) {
@@ -890,6 +870,7 @@ fn tail(bytes: &[u8]) -> String {
 // ---- the running server and its clients ----
 
 struct Server {
+    service: &'static Service,
     child: Child,
     port: u16,
     log: PathBuf,
@@ -903,19 +884,31 @@ impl Server {
         };
         let log = corpus.dir.join("server.log");
         let log_file = std::fs::File::create(&log).unwrap();
-        let child = Command::new(bin)
-            .args(["--port", &port.to_string()])
-            .env("HOTPATCH_SOCKET_DIR", &corpus.sock)
-            // tracing-subscriber 0.2 panics parsing any RUST_LOG with today's regex;
-            // its default (errors) is what the probes read.
-            .env_remove("RUST_LOG")
+        let service = corpus.service;
+        if corpus.data.exists() {
+            std::fs::remove_dir_all(&corpus.data).unwrap();
+        }
+        std::fs::create_dir_all(&corpus.data).unwrap();
+        (service.prepare)(&corpus.data);
+        let mut cmd = Command::new(bin);
+        cmd.args((service.args)(port, &corpus.data))
+            .env("HOTPATCH_SOCKET_DIR", &corpus.sock);
+        for var in service.env_remove {
+            cmd.env_remove(var);
+        }
+        let child = cmd
             .stdin(Stdio::null())
-            // tracing's fmt subscriber writes to stdout.
+            // Both outputs are the log the probes read.
             .stdout(log_file.try_clone().unwrap())
             .stderr(log_file)
             .spawn()
             .unwrap();
-        let server = Server { child, port, log };
+        let server = Server {
+            service,
+            child,
+            port,
+            log,
+        };
         let t = Instant::now();
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(
@@ -941,7 +934,7 @@ impl Server {
         let log_from = self.log_len();
         let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
         s.set_read_timeout(Some(QUIET)).unwrap();
-        s.write_all(&request_bytes(request)).unwrap();
+        s.write_all(&(self.service.request_bytes)(request)).unwrap();
         let mut reply = Vec::new();
         let mut buf = [0u8; 4096];
         let closed = loop {
@@ -985,8 +978,9 @@ impl Drop for Server {
     }
 }
 
-/// A client on its own connection sending SET then GET of its own key in
-/// a loop, checking every reply, until stopped.
+/// A client on its own connection running the service's load rounds in
+/// a loop, every reply checked, until stopped; after a wrong reply it
+/// counts an error and connects again.
 struct Load {
     stop: Arc<AtomicBool>,
     requests: Arc<AtomicU64>,
@@ -995,29 +989,29 @@ struct Load {
 }
 
 impl Load {
-    fn start(port: u16) -> Load {
+    fn start(server: &Server) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let requests = Arc::new(AtomicU64::new(0));
         let errors = Arc::new(AtomicU64::new(0));
+        let (port, round) = (server.port, server.service.load);
         let thread = {
             let (stop, requests, errors) = (stop.clone(), requests.clone(), errors.clone());
             std::thread::spawn(move || {
-                let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-                s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                let Ok(mut conn) = Conn::connect(port) else {
+                    // Relaxed: counters read after the thread is joined.
+                    errors.fetch_add(1, Ordering::Relaxed);
+                    return;
+                };
                 let mut i = 0u64;
                 // Relaxed: a stop flag; nothing else is published with it.
                 while !stop.load(Ordering::Relaxed) {
-                    let v = i.to_string();
-                    let set = format!("*3\r\n$3\r\nSET\r\n$4\r\nload\r\n${}\r\n{v}\r\n", v.len());
-                    let get = "*2\r\n$3\r\nGET\r\n$4\r\nload\r\n";
-                    let ok = exchange(&mut s, &set, "+OK\r\n")
-                        && exchange(&mut s, get, &format!("${}\r\n{v}\r\n", v.len()));
+                    let ok = round(&mut conn, i);
                     // Relaxed: counters read after the thread is joined.
-                    requests.fetch_add(2, Ordering::Relaxed);
+                    requests.fetch_add(conn.take_sent(), Ordering::Relaxed);
                     if !ok {
                         errors.fetch_add(1, Ordering::Relaxed);
-                        match TcpStream::connect(("127.0.0.1", port)) {
-                            Ok(n) => s = n,
+                        match Conn::connect(port) {
+                            Ok(n) => conn = n,
                             Err(_) => return,
                         }
                     }
@@ -1045,11 +1039,66 @@ impl Load {
     }
 }
 
-/// Sends `request`, reads exactly `expected.len()` bytes, compares.
-fn exchange(s: &mut TcpStream, request: &str, expected: &str) -> bool {
-    if s.write_all(request.as_bytes()).is_err() {
-        return false;
+/// The load client's connection: buffered reads, and a count of the
+/// requests sent.
+struct Conn {
+    reader: BufReader<TcpStream>,
+    sent: u64,
+}
+
+impl Conn {
+    fn connect(port: u16) -> std::io::Result<Conn> {
+        let s = TcpStream::connect(("127.0.0.1", port))?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        Ok(Conn {
+            reader: BufReader::new(s),
+            sent: 0,
+        })
     }
-    let mut got = vec![0u8; expected.len()];
-    s.read_exact(&mut got).is_ok() && got == expected.as_bytes()
+
+    /// Sends one request.
+    fn send(&mut self, request: &[u8]) -> bool {
+        self.sent += 1;
+        self.reader.get_mut().write_all(request).is_ok()
+    }
+
+    /// The requests sent since the last call.
+    fn take_sent(&mut self) -> u64 {
+        std::mem::take(&mut self.sent)
+    }
+
+    /// Sends `request`, reads exactly `expected.len()` bytes, compares.
+    fn exchange(&mut self, request: &str, expected: &str) -> bool {
+        if !self.send(request.as_bytes()) {
+            return false;
+        }
+        let mut got = vec![0u8; expected.len()];
+        self.reader.read_exact(&mut got).is_ok() && got == expected.as_bytes()
+    }
+
+    /// Reads one HTTP/1.1 response with a `content-length`: its status
+    /// code and body.
+    fn http_response(&mut self) -> Option<(u16, Vec<u8>)> {
+        let mut status_line = String::new();
+        self.reader.read_line(&mut status_line).ok()?;
+        let status = status_line.split(' ').nth(1)?.parse().ok()?;
+        let mut length = None;
+        loop {
+            let mut line = String::new();
+            if self.reader.read_line(&mut line).ok()? == 0 {
+                return None;
+            }
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            let (name, value) = line.split_once(':')?;
+            if name.eq_ignore_ascii_case("content-length") {
+                length = Some(value.trim().parse::<usize>().ok()?);
+            }
+        }
+        let mut body = vec![0; length?];
+        self.reader.read_exact(&mut body).ok()?;
+        Some((status, body))
+    }
 }
