@@ -53,8 +53,26 @@ pub enum CargoError {
 /// [`CargoError::Io`] if cargo cannot be run or prints no JSON;
 /// [`CargoError::Failed`] if it fails.
 pub fn metadata(manifest_path: Option<&Path>) -> Result<serde_json::Value, CargoError> {
+    metadata_with(manifest_path, &["--no-deps"])
+}
+
+/// `cargo metadata` with every package of the resolved graph, as the
+/// lock file has it (`--frozen`: nothing is written or downloaded; it
+/// fails instead).
+///
+/// # Errors
+///
+/// As [`metadata`].
+pub fn metadata_resolved(manifest_path: Option<&Path>) -> Result<serde_json::Value, CargoError> {
+    metadata_with(manifest_path, &["--frozen"])
+}
+
+fn metadata_with(
+    manifest_path: Option<&Path>,
+    more: &[&str],
+) -> Result<serde_json::Value, CargoError> {
     let mut cmd = Command::new(program());
-    cmd.args(["metadata", "--format-version", "1", "--no-deps"]);
+    cmd.args(["metadata", "--format-version", "1"]).args(more);
     if let Some(path) = manifest_path {
         cmd.arg("--manifest-path").arg(path);
     }

@@ -1635,6 +1635,23 @@ fn the_base_is_built_once_and_one_run_at_a_time_builds() {
         "the second run builds the base again: {}",
         again.stderr
     );
+    // A path dependency outside the workspace (the hotpatch crate) is
+    // touched: what the base was built with is no longer known to be what
+    // the base builds now, so it is built again (the deployed binary, built
+    // from the same bytes, still matches it).
+    let runtime = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../hotpatch/src/lib.rs");
+    std::fs::File::options()
+        .write(true)
+        .open(&runtime)
+        .and_then(|f| f.set_modified(std::time::SystemTime::now()))
+        .unwrap_or_else(|e| panic!("{}: {e}", runtime.display()));
+    let touched = build_patch("case-free-fn", s(&fx.v1_bin), &so);
+    assert_eq!(touched.status.code(), Some(0), "{touched:?}");
+    assert!(
+        touched.stderr.contains("building the base"),
+        "a kept base is reused after a path dependency changed: {}",
+        touched.stderr
+    );
 
     // Another run holds the target directory: this one waits, says so,
     // and builds once it is free.

@@ -165,6 +165,7 @@ mod tests {
                 (PathBuf::from("svc"), "svc".into()),
                 (PathBuf::from("util"), "util".into()),
             ],
+            outside: Some(Vec::new()),
         };
         let files: Vec<String> = [
             "svc/Cargo.toml",

@@ -204,9 +204,10 @@ impl Artifacts {
 /// What decides the bytes of the base's build, hashed: the wrapper's
 /// scheme and this tool's version, the base commit and its checkout, the
 /// packages and flags, the toolchain (`rustc -vV`, run where the base's
-/// `rust-toolchain` file applies), the base's `Cargo.lock` and the
-/// user's cargo configuration, and every variable of the environment
-/// that cargo or rustc reads (`CARGO_*`, `RUST*`).
+/// `rust-toolchain` file applies), the base's `Cargo.lock`, the files of
+/// path dependencies outside the workspace (names, sizes, times), the
+/// user's cargo configuration, and every variable of the environment that
+/// cargo or rustc reads (`CARGO_*`, `RUST*`).
 fn base_key(ws: &Workspace, opts: &SourceOptions, revs: &Revisions, base: &Path) -> String {
     use std::hash::{Hash, Hasher};
     let mut h = std::hash::DefaultHasher::new();
@@ -232,6 +233,21 @@ fn base_key(ws: &Workspace, opts: &SourceOptions, revs: &Revisions, base: &Path)
     let home = std::env::var_os("CARGO_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")));
+    // Path dependencies outside the workspace: every file's name, size and
+    // modification time (their content is no commit's).
+    match &ws.outside {
+        Some(dirs) => {
+            for dir in dirs {
+                dir.hash(&mut h);
+                let mut files = Vec::new();
+                list_files(dir, &mut files);
+                files.sort();
+                files.hash(&mut h);
+            }
+        }
+        // Unknown: a key no later run has (the base is built each time).
+        None => std::time::SystemTime::now().hash(&mut h),
+    }
     if let Some(home) = home {
         for config in ["config.toml", "config"] {
             std::fs::read(home.join(config))
@@ -246,7 +262,9 @@ fn base_key(ws: &Workspace, opts: &SourceOptions, revs: &Revisions, base: &Path)
                 v.to_string_lossy().into_owned(),
             )
         })
-        .filter(|(k, _)| k.starts_with("CARGO") || k.starts_with("RUST"))
+        .filter(|(k, _)| {
+            (k.starts_with("CARGO") || k.starts_with("RUST")) && !k.starts_with("CARGO_HOTPATCH_")
+        })
         .collect();
     vars.sort();
     vars.hash(&mut h);
@@ -255,6 +273,31 @@ fn base_key(ws: &Workspace, opts: &SourceOptions, revs: &Revisions, base: &Path)
         &revs.base_commit[..12.min(revs.base_commit.len())],
         h.finish()
     )
+}
+
+/// Every file under `dir` (not `target/` or `.git/`) with its size and
+/// modification time, into `out`.
+fn list_files(dir: &Path, out: &mut Vec<(PathBuf, u64, i128)>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        let Ok(meta) = e.metadata() else { continue };
+        if meta.is_dir() {
+            let name = e.file_name();
+            if name != "target" && name != ".git" {
+                list_files(&path, out);
+            }
+        } else {
+            let mtime = meta
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_nanos() as i128);
+            out.push((path, meta.len(), mtime));
+        }
+    }
 }
 
 /// Removes the target directories of the earlier layout (one per side,

@@ -24,6 +24,12 @@ pub(super) struct Workspace {
     pub package_dir: PathBuf,
     /// Every workspace package's directory (relative) and name.
     pub members: Vec<(PathBuf, String)>,
+    /// The directories of path dependencies outside the workspace
+    /// (`path = "../hp/hotpatch"`): what they hold at build time is no
+    /// revision's, so a kept base build is valid only while they are as
+    /// they were (`sides::base_key`). `None` when the resolved graph could
+    /// not be read without writing or downloading: no kept base is reused.
+    pub outside: Option<Vec<PathBuf>>,
 }
 
 /// The package whose executable is deployed, decided before any build:
@@ -88,6 +94,22 @@ impl Workspace {
                 Some((rel, p.name.clone()))
             })
             .collect();
+        // `cargo metadata --no-deps` lists the workspace's own packages
+        // only: the path dependencies come from the resolved graph.
+        let outside = crate::cargo::metadata_resolved(opts.manifest_path.as_deref())
+            .ok()
+            .and_then(|json| {
+                let packages = json["packages"].as_array()?;
+                Some(
+                    packages
+                        .iter()
+                        .filter(|p| p["id"].as_str().is_some_and(|id| id.starts_with("path+")))
+                        .filter_map(|p| Path::new(p["manifest_path"].as_str()?).parent())
+                        .filter(|dir| !dir.starts_with(&meta.root))
+                        .map(Path::to_owned)
+                        .collect(),
+                )
+            });
         let package = match &opts.package {
             Some(spec) => meta.package(spec)?,
             None if meta.packages.len() == 1 => &meta.packages[0],
@@ -126,6 +148,7 @@ impl Workspace {
             bins,
             package_dir,
             members,
+            outside,
             root: meta.root,
             target_dir: meta.target_dir,
         })
