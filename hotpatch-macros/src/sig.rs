@@ -265,6 +265,27 @@ impl VisitMut for EraseLifetimes {
     }
 }
 
+/// The names of the lifetimes a type mentions.
+#[derive(Default)]
+struct Used(Vec<String>);
+
+impl<'ast> syn::visit::Visit<'ast> for Used {
+    fn visit_lifetime(&mut self, l: &'ast Lifetime) {
+        self.0.push(l.ident.to_string());
+    }
+}
+
+/// Replaces the given lifetimes with `'static`.
+struct ToStatic<'a>(&'a [Lifetime]);
+
+impl VisitMut for ToStatic<'_> {
+    fn visit_lifetime_mut(&mut self, l: &mut Lifetime) {
+        if self.0.iter().any(|u| u.ident == l.ident) {
+            *l = Lifetime::new("'static", l.span());
+        }
+    }
+}
+
 /// Names the elided lifetimes of an output type: `&T` and `'_`.
 struct NameElided<'a>(&'a Lifetime);
 
@@ -384,6 +405,26 @@ pub fn fn_ptr_type(sig: &Signature) -> Type {
             }
         };
         NameElided(&named).visit_type_mut(&mut output);
+    }
+    // A lifetime parameter that no parameter type names (`fn
+    // variants<'a>() -> &'a [Self]`, as clap's `ValueEnum` has) is not
+    // constrained by the inputs: a `for<'a> fn() -> &'a T` is refused
+    // (E0581). The function is then generic over it only in name: the
+    // pointer type is the one for `'static`, which the function item
+    // coerces to and which the caller's `'a` accepts.
+    let mut used = Used::default();
+    for p in &params {
+        used.visit_type(p);
+    }
+    let unconstrained: Vec<Lifetime> = lifetimes
+        .iter()
+        .filter(|l| !used.0.contains(&l.ident.to_string()))
+        .cloned()
+        .collect();
+    if !unconstrained.is_empty() {
+        let mut to_static = ToStatic(&unconstrained);
+        to_static.visit_type_mut(&mut output);
+        lifetimes.retain(|l| !unconstrained.contains(l));
     }
     let unsafety = &sig.unsafety;
     let abi = &sig.abi;

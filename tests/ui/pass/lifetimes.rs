@@ -81,6 +81,35 @@ impl View<'static> {
     }
 }
 
+// A lifetime that only the output names (clap's `ValueEnum::value_variants`
+// has one): not constrained by the inputs.
+pub trait Variants: Sized + 'static {
+    fn variants<'a>() -> &'a [Self];
+}
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+pub enum Mode {
+    Fast,
+    Safe,
+}
+
+#[hotpatch::patchable]
+impl Variants for Mode {
+    fn variants<'a>() -> &'a [Self] {
+        &[Mode::Fast, Mode::Safe]
+    }
+}
+
+#[hotpatch::patchable]
+pub fn greeting<'a>() -> &'a str {
+    "hello"
+}
+
+#[hotpatch::patchable]
+pub fn tagged<'a, 'b>(s: &'a str) -> (&'a str, &'b str) {
+    (s, "tag")
+}
+
 fn main() {
     assert_eq!(first_word("hello world"), "hello");
     assert_eq!(first_word_anon("hello world"), "hello");
@@ -107,4 +136,7 @@ fn main() {
         d.named(&tmp)
     };
     assert_eq!(held, "one two!");
+    assert_eq!(Mode::variants(), &[Mode::Fast, Mode::Safe]);
+    assert_eq!(greeting(), "hello");
+    assert_eq!(tagged("x"), ("x", "tag"));
 }
