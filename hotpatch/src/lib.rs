@@ -320,6 +320,8 @@ mod abi;
 pub mod control;
 mod elf;
 mod error;
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+pub mod hook;
 mod host;
 mod image;
 mod loader;

@@ -1,0 +1,762 @@
+//! Entry redirection ("hooking"): any function of the executable, marked
+//! `#[patchable]` or not, routed through a slot.
+//!
+//! A function that was not marked in advance has no slot on its call
+//! path. [`install`] gives it one: its first instructions (at least five
+//! bytes, whole instructions) are replaced by a `jmp rel32` to a *stub*,
+//! `jmp *slot(%rip)`, through a runtime-owned [`Slot`](crate::__private::Slot).
+//! The slot first points at the *trampoline*: the replaced instructions,
+//! re-encoded at their new address (a `rip`-relative operand gets a new
+//! displacement), then a jump back to the rest of the function. So right
+//! after `install` every call runs the original code; [`Hook::redirect`]
+//! points the slot at a replacement, and [`Hook::original`] keeps the
+//! original callable. After the one-time entry write every change is a
+//! store into the slot, like a `#[patchable]` function's. [`Hook::unhook`]
+//! writes the original bytes back.
+//!
+//! ```
+//! use std::hint::black_box;
+//!
+//! #[inline(never)]
+//! fn price(qty: u64) -> u64 {
+//!     qty ^ 0xff // the bug
+//! }
+//! fn fixed(qty: u64) -> u64 {
+//!     qty ^ 0x0f
+//! }
+//!
+//! # fn main() -> Result<(), hotpatch::Error> {
+//! # if !cfg!(all(target_arch = "x86_64", target_os = "linux")) { return Ok(()) }
+//! let price_fn: fn(u64) -> u64 = black_box(price);
+//! let hook = hotpatch::hook::install(&hotpatch::hook::Target::of(price as *const ())?)?;
+//! assert_eq!(price_fn(2), 0xfd, "installed: the original still runs");
+//! // SAFETY: `fixed` has exactly `price`'s signature and ABI.
+//! unsafe { hook.redirect(fixed as *const ())? };
+//! assert_eq!(price_fn(2), 0x0d);
+//! hook.unhook()?;
+//! assert_eq!(price_fn(2), 0xfd);
+//! # Ok(()) }
+//! ```
+//!
+//! # Which functions
+//!
+//! Decided from the function's machine code (the executable's `.symtab`
+//! gives its address and length; [`Target::check`] says it without
+//! changing anything). Refused, with [`Refusal::Ineligible`] naming the
+//! instruction: a function shorter than five bytes; a call, branch,
+//! return, interrupt or system call among the replaced instructions; any
+//! branch of the function into the replaced bytes other than their first
+//! byte (a loop whose head is at `f + 2`); bytes that do not decode. Not
+//! visible in the code, and so not checked: an indirect jump through a
+//! table into the replaced bytes (compilers place switch targets after
+//! the entry) and a branch from *another* function into them; the
+//! stop-the-world below still refuses to write while a thread is there.
+//!
+//! # The write, and what it needs from the system
+//!
+//! The entry bytes are written while every other thread of the process is
+//! stopped *outside* them (`stop.rs` has the protocol):
+//!
+//! 1. each thread (`/proc/self/task`) gets a dedicated real-time signal
+//!    ([`signal`], `SIGRTMAX-2`) with `tgkill`; its handler, with every
+//!    other signal blocked, records the interrupted instruction pointer
+//!    and parks on a futex;
+//! 2. if a thread is inside `[f + 1, f + len)` the threads are released
+//!    and the stop is tried again after [`Options::retry`], until
+//!    [`Options::deadline`] (then [`Refusal::ThreadInside`], naming it);
+//! 3. the bytes are written, the threads released; each executes `cpuid`
+//!    (serialising, Intel SDM vol. 3, 8.1.3) before it resumes.
+//!
+//! During the write every other thread is in the handler, parked, at an
+//! instruction pointer outside the bytes (or was created by no one: every
+//! thread that could create one is parked, and the thread count is checked
+//! after the stop). Threads resume at the instruction they were
+//! interrupted at: before `f` or at it, they run the jump; past the bytes,
+//! the untouched rest. No return address points into the bytes, because
+//! no call is among them.
+//!
+//! The code is written through `/proc/self/mem` first, which leaves every
+//! mapping's protection alone (it works under memory-deny-write-execute);
+//! where that is refused, by making the page read-write-execute with
+//! `mprotect` for the write and restoring it. Both are probed before the
+//! stop by writing back the bytes already there. Where neither works
+//! (`PR_SET_MDWE` or systemd's `MemoryDenyWriteExecute=` *and* a sandbox
+//! or `proc_mem.force_override=never` denying `/proc/self/mem`), install
+//! is refused with [`Refusal::WriteDenied`], which names the setting, and
+//! nothing has changed. A stop that does not complete by the deadline
+//! is refused naming the threads that did not stop, by tid and name, and
+//! whether each blocks the stop signal ([`Refusal::NotStopped`]). Stubs,
+//! trampolines and slots live in memory mapped within +-2 GiB of the
+//! function, code read-execute and slots read-only between operations;
+//! nothing is left writable.
+//!
+//! # Limits
+//!
+//! - x86-64 Linux only.
+//! - A thread that another signal's handler interrupted while it was
+//!   inside the replaced bytes has its position in that handler's signal
+//!   frame, where the stop does not look: if the handler returns into
+//!   rewritten bytes, the thread crashes. Not handled.
+//! - Each stop interrupts every thread: a system call the kernel does not
+//!   restart after a handler (`epoll_wait`, `poll`, `nanosleep`, ...)
+//!   returns `EINTR`, as with a profiler's signal.
+//! - The signal `SIGRTMAX-2` must be free: if the program installed its
+//!   own handler there, hooking is refused ([`Refusal::Signal`]).
+//! - A function inlined into its callers has no entry to redirect: hook
+//!   the callers.
+//! - Per-thread transitions ([`crate::quiescent`]) need a dispatcher
+//!   with the function's signature; [`Hook::slot`] is a [`Slot`](crate::__private::Slot)
+//!   so the transition machinery can drive it, but `install` itself
+//!   switches every thread at once (each call old or new, never torn).
+
+mod decode;
+mod near;
+mod stop;
+mod symbols;
+mod write;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+pub use decode::Ineligible;
+pub use stop::ThreadName;
+pub use write::{WriteDenied, WritePath};
+
+use crate::Error;
+use crate::slot::{FnAddr, Slot};
+use near::Chunk;
+
+/// Where a trampoline starts in a chunk (the stub is at 0).
+const TRAMPOLINE: usize = 16;
+
+/// Why a hook could not be installed or removed. Whatever it says, the
+/// function's code and its slot are as they were.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Refusal {
+    /// No function of this name or at this address in the executable's
+    /// symbol table.
+    NotFound {
+        /// What was looked for and where.
+        detail: String,
+    },
+    /// Several functions have this name: name the symbol instead.
+    Ambiguous {
+        /// Their symbols.
+        symbols: Vec<String>,
+    },
+    /// The function's code does not allow redirecting its entry.
+    Ineligible(Ineligible),
+    /// No memory could be mapped within +-2 GiB of the function, or a
+    /// trampoline instruction cannot be encoded there.
+    NoNearMemory {
+        /// What failed.
+        detail: String,
+    },
+    /// Threads that did not stop by the deadline (`true`: it blocks the
+    /// stop signal now).
+    NotStopped(Vec<(ThreadName, bool)>),
+    /// A thread was inside the bytes to be written at every try until the
+    /// deadline.
+    ThreadInside {
+        /// The thread.
+        thread: ThreadName,
+        /// Its instruction pointer's offset from the function's start.
+        offset: usize,
+    },
+    /// This process may not write code.
+    WriteDenied(WriteDenied),
+    /// The write itself failed under the stop (the probe had succeeded).
+    WriteFailed {
+        /// The error.
+        detail: String,
+    },
+    /// The entry bytes are not those recorded when the function was first
+    /// hooked (something else rewrote them).
+    EntryChanged {
+        /// Recorded.
+        expected: Vec<u8>,
+        /// Found.
+        found: Vec<u8>,
+    },
+    /// The function is hooked already.
+    AlreadyHooked,
+    /// The hook was removed already.
+    NotHooked,
+    /// The stop signal cannot be used.
+    Signal(String),
+    /// Listing or signalling the threads failed, or there were too many.
+    Threads(String),
+    /// Storing into the hook's slot failed (its page could not be made
+    /// writable).
+    Slot(String),
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Refusal::NotFound { detail } => write!(f, "not found: {detail}"),
+            Refusal::Ambiguous { symbols } => {
+                write!(
+                    f,
+                    "{} functions have this name: {}",
+                    symbols.len(),
+                    symbols.join(", ")
+                )
+            }
+            Refusal::Ineligible(why) => write!(f, "{why}"),
+            Refusal::NoNearMemory { detail } => write!(f, "{detail}"),
+            Refusal::NotStopped(threads) => {
+                write!(f, "threads did not stop before the deadline:")?;
+                for (t, blocks) in threads {
+                    write!(f, " {t}")?;
+                    if *blocks {
+                        write!(f, " (blocks signal {}, SIGRTMAX-2)", signal())?;
+                    }
+                }
+                Ok(())
+            }
+            Refusal::ThreadInside { thread, offset } => write!(
+                f,
+                "{thread} was executing the bytes to be replaced (at +{offset:#x}) at every try \
+                 until the deadline"
+            ),
+            Refusal::WriteDenied(d) => write!(f, "{d}"),
+            Refusal::WriteFailed { detail } => write!(f, "writing the entry failed: {detail}"),
+            Refusal::EntryChanged { expected, found } => write!(
+                f,
+                "its entry bytes changed since it was first hooked (expected {expected:02x?}, \
+                 found {found:02x?})"
+            ),
+            Refusal::AlreadyHooked => write!(f, "it is hooked already"),
+            Refusal::NotHooked => write!(f, "it is not hooked"),
+            Refusal::Signal(s) => write!(f, "{s}"),
+            Refusal::Threads(s) => write!(f, "{s}"),
+            Refusal::Slot(s) => write!(f, "cannot store into its slot: {s}"),
+        }
+    }
+}
+
+fn refused(op: &'static str, function: &str, reason: Refusal) -> Error {
+    Error::Hook {
+        op,
+        function: function.to_owned(),
+        reason,
+    }
+}
+
+/// A function of this executable: its name, address and length.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    name: String,
+    addr: usize,
+    len: usize,
+}
+
+impl Target {
+    /// The function at `function` (its first byte), from the executable's
+    /// symbol table.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Hook`] with [`Refusal::NotFound`]: no function starts
+    /// there, or the executable has no symbol table.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// #[inline(never)]
+    /// fn answer() -> u32 { std::hint::black_box(42) }
+    /// # fn main() {
+    /// # if !cfg!(all(target_arch = "x86_64", target_os = "linux")) { return }
+    /// let target = hotpatch::hook::Target::of(answer as *const ()).unwrap();
+    /// assert!(target.name().ends_with("answer"));
+    /// # }
+    /// ```
+    pub fn of(function: *const ()) -> Result<Target, Error> {
+        let addr = function as usize;
+        let name = format!("{function:p}");
+        let f = symbols::containing(addr)
+            .map_err(|detail| refused("hook", &name, Refusal::NotFound { detail }))?
+            .filter(|f| f.addr == addr)
+            .ok_or_else(|| {
+                refused(
+                    "hook",
+                    &name,
+                    Refusal::NotFound {
+                        detail: "no function of the executable's symbol table starts there".into(),
+                    },
+                )
+            })?;
+        Ok(Target {
+            name: symbols::name_of(f),
+            addr: f.addr,
+            len: f.len,
+        })
+    }
+
+    /// The function named `path` in the executable's symbol table: its
+    /// symbol, or its demangled path without the hash
+    /// (`my_service::db::Db::get`).
+    ///
+    /// # Errors
+    ///
+    /// [`Refusal::NotFound`], or [`Refusal::Ambiguous`] when several
+    /// functions have that path (generic instantiations: name the symbol).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # if cfg!(all(target_arch = "x86_64", target_os = "linux")) {
+    /// let e = hotpatch::hook::Target::named("no::such::function").unwrap_err();
+    /// assert!(e.to_string().contains("not found"), "{e}");
+    /// # }
+    /// ```
+    pub fn named(path: &str) -> Result<Target, Error> {
+        let found = symbols::named(path)
+            .map_err(|detail| refused("hook", path, Refusal::NotFound { detail }))?;
+        match found.as_slice() {
+            [f] => Ok(Target {
+                name: symbols::name_of(f),
+                addr: f.addr,
+                len: f.len,
+            }),
+            [] => Err(refused(
+                "hook",
+                path,
+                Refusal::NotFound {
+                    detail: "no function of that name in the executable's symbol table".into(),
+                },
+            )),
+            many => Err(refused(
+                "hook",
+                path,
+                Refusal::Ambiguous {
+                    symbols: many.iter().map(|f| f.symbol.clone()).collect(),
+                },
+            )),
+        }
+    }
+
+    /// A function given by hand.
+    ///
+    /// # Safety
+    ///
+    /// `[addr, addr + len)` must be exactly one function's machine code,
+    /// mapped and executable for the life of the process.
+    pub unsafe fn from_raw_parts(name: impl Into<String>, addr: *const (), len: usize) -> Target {
+        Target {
+            name: name.into(),
+            addr: addr as usize,
+            len,
+        }
+    }
+
+    /// Its name (demangled, without the hash).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its address.
+    pub fn addr(&self) -> *const () {
+        self.addr as *const ()
+    }
+
+    /// Its length in bytes.
+    #[allow(clippy::len_without_is_empty)]
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    fn code(&self) -> &'static [u8] {
+        // SAFETY: a Target is a function's code, mapped for the life of the
+        // process (`of`/`named` read it from the executable's symbol table;
+        // `from_raw_parts` is the caller's promise).
+        unsafe { std::slice::from_raw_parts(self.addr as *const u8, self.len) }
+    }
+
+    /// Whether its entry can be redirected, from its code (nothing
+    /// changes): the number of bytes the jump would replace.
+    ///
+    /// # Errors
+    ///
+    /// [`Refusal::Ineligible`], naming the instruction.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// #[inline(never)]
+    /// fn sum(n: u64) -> u64 { (0..std::hint::black_box(n)).map(|i| i * i).sum() }
+    /// # fn main() {
+    /// # if !cfg!(all(target_arch = "x86_64", target_os = "linux")) { return }
+    /// match hotpatch::hook::Target::of(sum as *const ()).unwrap().check() {
+    ///     Ok(bytes) => assert!(bytes >= 5),
+    ///     Err(e) => println!("{e}"),
+    /// }
+    /// # }
+    /// ```
+    pub fn check(&self) -> Result<usize, Error> {
+        decode::entry(self.code(), self.addr as u64)
+            .map(|e| e.len)
+            .map_err(|why| refused("hook", &self.name, Refusal::Ineligible(why)))
+    }
+}
+
+/// What one entry write took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Report {
+    /// Stop-the-world rounds (more than one when a thread was inside the
+    /// bytes, or threads were created during the stop).
+    pub rounds: u32,
+    /// Threads stopped in the last round.
+    pub threads: usize,
+    /// How long they were stopped in the last round: from the first signal
+    /// to the release.
+    pub pause: Duration,
+    /// How the bytes were written.
+    pub write_path: WritePath,
+}
+
+/// How [`install`] and [`Hook::unhook`] stop the threads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Options {
+    /// Give up (nothing changed) after this long. Default 1 s.
+    pub deadline: Duration,
+    /// Wait this long before another try when a thread is inside the
+    /// bytes. Default 1 ms.
+    pub retry: Duration,
+    /// Only this way of writing code (default: `/proc/self/mem`, else
+    /// `mprotect`).
+    pub write_path: Option<WritePath>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            deadline: Duration::from_secs(1),
+            retry: Duration::from_millis(1),
+            write_path: None,
+        }
+    }
+}
+
+impl Options {
+    /// Sets the deadline.
+    pub fn deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = deadline;
+        self
+    }
+
+    /// Sets the pause between tries.
+    pub fn retry(mut self, retry: Duration) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// Allows only `path` for writing code.
+    pub fn write_path(mut self, path: WritePath) -> Self {
+        self.write_path = Some(path);
+        self
+    }
+}
+
+/// Per hooked function, for the life of the process: its chunk (reused if
+/// it is hooked again) and its original entry bytes.
+struct State {
+    chunk: Chunk,
+    original: Vec<u8>,
+    installed: bool,
+}
+
+static HOOKS: Mutex<Option<HashMap<usize, State>>> = Mutex::new(None);
+
+fn slot_at(chunk: &Chunk) -> &'static Slot {
+    // SAFETY: the chunk's slot was initialised (`init_slot`) before any
+    // State holding it was stored, and its memory is never unmapped.
+    unsafe { &*(chunk.slot as *const Slot) }
+}
+
+fn store_slot(chunk: &Chunk, to: usize) -> Result<(), String> {
+    let window = crate::slot::write_window_pages([(chunk.slot, size_of::<Slot>())])
+        .map_err(|e| e.to_string())?;
+    slot_at(chunk).set(FnAddr::new(to as *const ()));
+    drop(window);
+    Ok(())
+}
+
+fn init_slot(chunk: &Chunk, to: usize) -> Result<(), String> {
+    let window = crate::slot::write_window_pages([(chunk.slot, size_of::<Slot>())])
+        .map_err(|e| e.to_string())?;
+    // SAFETY: the slot's memory is ours, aligned (chunks are 128 bytes
+    // apart on a page boundary), writable while the window is open, and no
+    // one reads it yet.
+    unsafe { std::ptr::write(chunk.slot as *mut Slot, Slot::new(to as *const ())) };
+    drop(window);
+    Ok(())
+}
+
+/// Maps a chunk near `target` and writes its stub and trampoline.
+fn new_chunk(
+    target: &Target,
+    entry: &decode::Entry,
+    force: Option<WritePath>,
+) -> Result<Chunk, Refusal> {
+    let chunk = near::chunk_near(target.addr).ok_or_else(|| Refusal::NoNearMemory {
+        detail: format!(
+            "no memory could be mapped within 2 GiB of {:#x} for the trampoline",
+            target.addr
+        ),
+    })?;
+    let tramp_at = chunk.code + TRAMPOLINE;
+    let trampoline = entry
+        .trampoline(tramp_at as u64, (target.addr + entry.len) as u64)
+        .map_err(|detail| Refusal::NoNearMemory { detail })?;
+    let stub = decode::jmp_indirect(chunk.code as u64, chunk.slot as u64)
+        .map_err(|detail| Refusal::NoNearMemory { detail })?;
+    let mut code = vec![0xcc; near::CHUNK];
+    code[..stub.len()].copy_from_slice(&stub);
+    code[TRAMPOLINE..TRAMPOLINE + trampoline.len()].copy_from_slice(&trampoline);
+    // No thread runs this chunk until the entry jump, written later under
+    // the stop, leads to it; the stop's release serialises every thread.
+    let (writer, pages) =
+        write::CodeWriter::probe(chunk.code, near::CHUNK, force).map_err(Refusal::WriteDenied)?;
+    writer
+        .write(chunk.code, &code, &pages)
+        .map_err(|e| Refusal::WriteFailed {
+            detail: e.to_string(),
+        })?;
+    init_slot(&chunk, tramp_at).map_err(Refusal::Slot)?;
+    Ok(chunk)
+}
+
+/// Redirects `target`'s entry to a slot that first points at its
+/// original code (so calls behave as before), under a stop-the-world with
+/// the default [`Options`].
+///
+/// # Errors
+///
+/// [`Error::Hook`] with the [`Refusal`]; the function is unchanged.
+///
+/// # Examples
+///
+/// See the [module documentation](self).
+pub fn install(target: &Target) -> Result<Hook, Error> {
+    install_with(target, &Options::default())
+}
+
+/// [`install`] with `options`.
+///
+/// # Errors
+///
+/// As [`install`].
+pub fn install_with(target: &Target, options: &Options) -> Result<Hook, Error> {
+    let fail = |reason| refused("hook", &target.name, reason);
+    let mut hooks = HOOKS.lock().unwrap_or_else(PoisonError::into_inner);
+    let hooks = hooks.get_or_insert_with(HashMap::new);
+    if hooks.get(&target.addr).is_some_and(|s| s.installed) {
+        return Err(fail(Refusal::AlreadyHooked));
+    }
+    let entry = decode::entry(target.code(), target.addr as u64)
+        .map_err(|why| fail(Refusal::Ineligible(why)))?;
+    let chunk = match hooks.get(&target.addr) {
+        Some(state) if state.installed => return Err(fail(Refusal::AlreadyHooked)),
+        Some(state) => {
+            if state.original != entry.bytes {
+                return Err(fail(Refusal::EntryChanged {
+                    expected: state.original.clone(),
+                    found: entry.bytes.clone(),
+                }));
+            }
+            // Calls through a stub left from before run the original until
+            // the entry is written again.
+            store_slot(&state.chunk, state.chunk.code + TRAMPOLINE)
+                .map_err(|e| fail(Refusal::Slot(e)))?;
+            state.chunk
+        }
+        None => {
+            let chunk = new_chunk(target, &entry, options.write_path).map_err(fail)?;
+            hooks.insert(
+                target.addr,
+                State {
+                    chunk,
+                    original: entry.bytes.clone(),
+                    installed: false,
+                },
+            );
+            chunk
+        }
+    };
+    let jump = decode::jmp_rel32(target.addr as u64, chunk.code as u64)
+        .map_err(|detail| fail(Refusal::NoNearMemory { detail }))?;
+    let report = write_entry(
+        target,
+        entry.len,
+        &jump,
+        &entry.bytes[..jump.len()],
+        options,
+    )
+    .map_err(fail)?;
+    hooks
+        .get_mut(&target.addr)
+        .expect("inserted above")
+        .installed = true;
+    Ok(Hook {
+        target: target.clone(),
+        chunk,
+        report,
+        options: options.clone(),
+    })
+}
+
+/// Writes `bytes` at the target's entry under a stop that refuses while a
+/// thread is in `(f, f + busy)`. `original` is what is there now.
+fn write_entry(
+    target: &Target,
+    busy: usize,
+    bytes: &[u8],
+    original: &[u8],
+    options: &Options,
+) -> Result<Report, Refusal> {
+    let f = target.addr;
+    let (writer, pages) = write::CodeWriter::probe(f, bytes.len(), options.write_path)
+        .map_err(Refusal::WriteDenied)?;
+    let check = |ips: &[usize]| match ips.iter().position(|&ip| ip > f && ip < f + busy) {
+        Some(i) => Err((i, ips[i])),
+        None => Ok(()),
+    };
+    let write = || match writer.write(f, bytes, &pages) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            // Put back what was there if the write got half-way.
+            let _ = writer.write(f, original, &pages);
+            Err(e)
+        }
+    };
+    let stats = stop::stop_the_world(options.deadline, options.retry, check, write).map_err(
+        |e| match e {
+            stop::StopError::NotStopped(t) => Refusal::NotStopped(t),
+            stop::StopError::Busy(thread, ip) => Refusal::ThreadInside {
+                thread,
+                offset: ip.wrapping_sub(f),
+            },
+            stop::StopError::TooManyThreads(n) => Refusal::Threads(format!(
+                "{n} threads: a stop holds at most {}",
+                stop::MAX_THREADS
+            )),
+            stop::StopError::Signal(s) => Refusal::Signal(s),
+            stop::StopError::Io(s) => Refusal::Threads(s),
+            stop::StopError::Write(detail) => Refusal::WriteFailed { detail },
+        },
+    )?;
+    Ok(Report {
+        rounds: stats.rounds,
+        threads: stats.threads,
+        pause: stats.pause,
+        write_path: writer.path(),
+    })
+}
+
+/// A redirected function entry.
+///
+/// Dropping the handle leaves the redirection in place.
+#[derive(Debug)]
+pub struct Hook {
+    target: Target,
+    chunk: Chunk,
+    report: Report,
+    options: Options,
+}
+
+impl Hook {
+    /// The function.
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
+    /// The slot every call of the function jumps through.
+    pub fn slot(&self) -> &'static Slot {
+        slot_at(&self.chunk)
+    }
+
+    /// The original code, callable: the trampoline (the replaced
+    /// instructions, then a jump back into the function).
+    pub fn original(&self) -> *const () {
+        (self.chunk.code + TRAMPOLINE) as *const ()
+    }
+
+    /// How the entry write went.
+    pub fn report(&self) -> Report {
+        self.report
+    }
+
+    /// Points every call of the function at `to` (one store into the slot).
+    ///
+    /// # Safety
+    ///
+    /// `to` must be a function with exactly the target's signature and
+    /// ABI, valid for as long as it may be called.
+    ///
+    /// # Errors
+    ///
+    /// [`Refusal::Slot`] if the slot's page cannot be made writable; the
+    /// slot is unchanged.
+    pub unsafe fn redirect(&self, to: *const ()) -> Result<(), Error> {
+        store_slot(&self.chunk, to as usize)
+            .map_err(|e| refused("redirect", &self.target.name, Refusal::Slot(e)))
+    }
+
+    /// Points the slot back at the original code.
+    ///
+    /// # Errors
+    ///
+    /// As [`redirect`](Self::redirect).
+    pub fn restore(&self) -> Result<(), Error> {
+        // SAFETY: the trampoline is the original function.
+        unsafe { self.redirect(self.original()) }
+    }
+
+    /// Writes the original entry bytes back, under the same stop-the-world
+    /// as [`install`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Hook`] with the [`Refusal`]; the hook is still installed.
+    pub fn unhook(&self) -> Result<Report, Error> {
+        let fail = |reason| refused("unhook", &self.target.name, reason);
+        let mut hooks = HOOKS.lock().unwrap_or_else(PoisonError::into_inner);
+        let state = hooks
+            .as_mut()
+            .and_then(|h| h.get_mut(&self.target.addr))
+            .filter(|s| s.installed)
+            .ok_or_else(|| fail(Refusal::NotHooked))?;
+        let jump = decode::jmp_rel32(self.target.addr as u64, self.chunk.code as u64)
+            .map_err(|detail| fail(Refusal::NoNearMemory { detail }))?;
+        let original = state.original[..jump.len()].to_vec();
+        let report =
+            write_entry(&self.target, jump.len(), &original, &jump, &self.options).map_err(fail)?;
+        state.installed = false;
+        Ok(report)
+    }
+}
+
+/// The signal that stops threads for a code write (`SIGRTMAX-2`). A
+/// thread that blocks it cannot be hooked around.
+pub fn signal() -> i32 {
+    stop::signal()
+}
+
+/// Stop-the-world rounds run by this process so far, retries included.
+pub fn stop_rounds() -> u64 {
+    // Relaxed: a counter.
+    stop::ROUNDS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// The memory mapped for stubs, trampolines and slots, as `(start, end)`
+/// ranges: read-execute or read-only between operations.
+pub fn mapped() -> Vec<(usize, usize)> {
+    near::arenas()
+}

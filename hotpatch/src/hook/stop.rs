@@ -1,0 +1,520 @@
+//! The stop-the-world under which entry bytes are written.
+//!
+//! # Protocol
+//!
+//! One stop at a time (`STOP`, a mutex). A *round*:
+//!
+//! 1. List the threads of the process (`/proc/self/task`), all but the
+//!    calling one. (A thread may block every signal for a moment, as
+//!    `pthread_create` does around `clone`: it is signalled anyway, and
+//!    named at the deadline, with whether its `SigBlk` in
+//!    `/proc/self/task/T/status` includes the stop signal then.)
+//! 2. Write each tid into a record of the static table `RECORDS`, set
+//!    `COUNT`, then publish the round number in `ROUND` (SeqCst).
+//! 3. `tgkill` each thread with the stop signal. Its handler (all other
+//!    signals blocked while it runs, so no other handler runs on a stopped
+//!    thread) finds its record by tid, stores the interrupted instruction
+//!    pointer (from the `ucontext`), marks the record arrived for this
+//!    round (Release) and parks on the futex `RELEASED` until it holds this
+//!    round.
+//! 4. The caller waits until every record arrived (a thread that exited
+//!    meanwhile, `tgkill` says `ESRCH`, counts as stopped), or the deadline.
+//!    Then it lists `/proc/self/task` again: a thread that did not exist in
+//!    step 1 (created by a thread before it stopped) means the round is
+//!    released and run again.
+//! 5. With every other thread parked in the handler, `check` sees their
+//!    instruction pointers; if it refuses (a thread inside the bytes to be
+//!    written), the round is released and run again after a pause, until
+//!    the deadline. Otherwise `write` runs.
+//! 6. Release: store the round into `RELEASED` (Release) and wake every
+//!    waiter. Each handler executes `cpuid`, a serialising instruction
+//!    (Intel SDM vol. 3, 8.1.3, cross-modifying code), before it returns to
+//!    the code it interrupted. The caller waits until no handler is inside
+//!    (`INSIDE`, counted before a handler reads `ROUND`) before another
+//!    round rewrites the records.
+//!
+//! So while `write` runs, every other thread of the process is either
+//! parked in the handler with its instruction pointer checked, or was
+//! created after step 4's listing by no one (every thread that could
+//! create one is parked), or has exited. A stopped thread resumes at its
+//! recorded instruction pointer, which `check` accepted, and executes
+//! `cpuid` first.
+//!
+//! A stop signal queued for a thread that did not take it in time (it was
+//! slow to be scheduled) may arrive in a later round or after it: the
+//! handler then joins the round in progress (its record is that round's),
+//! or returns at once when none is (`ROUND` is 0) or its record already
+//! arrived.
+//!
+//! # Limits
+//!
+//! - A thread interrupted by *another* signal's handler while it was inside
+//!   the bytes has its position in that handler's signal frame, not in its
+//!   instruction pointer: the check sees the handler's address and accepts
+//!   it. If that handler then returns into bytes that were rewritten, the
+//!   thread executes the middle of the jump. The window is a handler that
+//!   runs while the stop signal is not blocked by it; it is not handled.
+//! - Every thread takes the stop signal: a system call that the kernel does
+//!   not restart after a handler (`epoll_wait`, `poll`, `select`,
+//!   `nanosleep`, `sigtimedwait`, ...) returns `EINTR` in threads that were
+//!   in one, as with any signal (a profiler's `SIGPROF`).
+//! - At most `MAX_THREADS` threads.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::mem::MaybeUninit;
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
+
+/// Threads a stop can hold (the static record table).
+pub(crate) const MAX_THREADS: usize = 4096;
+
+/// One thread's record for a round.
+struct Record {
+    tid: AtomicI32,
+    ip: AtomicUsize,
+    /// The round this thread arrived in (0: not yet).
+    arrived: AtomicU64,
+}
+
+#[allow(clippy::declare_interior_mutable_const)]
+const EMPTY: Record = Record {
+    tid: AtomicI32::new(0),
+    ip: AtomicUsize::new(0),
+    arrived: AtomicU64::new(0),
+};
+
+static RECORDS: [Record; MAX_THREADS] = [EMPTY; MAX_THREADS];
+/// Records valid in the current round.
+static COUNT: AtomicUsize = AtomicUsize::new(0);
+/// The round in progress, 0 when none.
+static ROUND: AtomicU64 = AtomicU64::new(0);
+/// The low 32 bits of the last released round (a futex word).
+static RELEASED: AtomicU32 = AtomicU32::new(0);
+/// Handlers between their first and last instruction that may read the
+/// records.
+static INSIDE: AtomicUsize = AtomicUsize::new(0);
+/// Rounds run so far (`hook::stop_rounds`).
+pub(crate) static ROUNDS: AtomicU64 = AtomicU64::new(0);
+
+/// One stop at a time.
+static STOP: Mutex<()> = Mutex::new(());
+
+/// A thread, for messages: tid and name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ThreadName {
+    /// The thread's id (`gettid`).
+    pub tid: i32,
+    /// Its name (`/proc/self/task/TID/comm`), empty if unknown.
+    pub name: String,
+}
+
+impl std::fmt::Display for ThreadName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "thread {} ({:?})", self.tid, self.name)
+    }
+}
+
+fn thread_name(tid: i32) -> ThreadName {
+    let name = fs::read_to_string(format!("/proc/self/task/{tid}/comm"))
+        .map(|s| s.trim_end().to_owned())
+        .unwrap_or_default();
+    ThreadName { tid, name }
+}
+
+/// Why a stop did not happen.
+#[derive(Debug)]
+pub(crate) enum StopError {
+    /// Did not take the signal by the deadline; `blocks` if its `SigBlk`
+    /// includes it now.
+    NotStopped(Vec<(ThreadName, bool)>),
+    /// `check` refused until the deadline (the last refusal).
+    Busy(ThreadName, usize),
+    /// More threads than the record table holds.
+    TooManyThreads(usize),
+    /// Installing the handler failed, or the signal has another handler.
+    Signal(String),
+    /// Listing or signalling threads failed.
+    Io(String),
+    /// `write` failed (everything was released).
+    Write(String),
+}
+
+/// What one successful stop took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StopStats {
+    /// Rounds run (1 unless a thread was inside the bytes or a thread was
+    /// created meanwhile).
+    pub rounds: u32,
+    /// Threads stopped in the last round.
+    pub threads: usize,
+    /// From the first signal of the last round to the release.
+    pub pause: Duration,
+}
+
+/// The stop signal: the third-highest real-time signal, installed once.
+pub(crate) fn signal() -> libc::c_int {
+    libc::SIGRTMAX() - 2
+}
+
+fn gettid() -> i32 {
+    // SAFETY: gettid has no preconditions and cannot fail.
+    unsafe { libc::syscall(libc::SYS_gettid) as i32 }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn serialise() {
+    // Leaf 0 exists on every x86-64 CPU; the result is not needed.
+    let _ = std::arch::x86_64::__cpuid(0);
+}
+
+extern "C" fn handler(_sig: libc::c_int, _info: *mut libc::siginfo_t, context: *mut libc::c_void) {
+    // SAFETY: errno is thread-local; reading and restoring it is what a
+    // handler that makes system calls must do.
+    let errno = unsafe { *libc::__errno_location() };
+    // SeqCst: before the load of ROUND, so the caller, which stores ROUND = 0
+    // and then waits for INSIDE == 0 (SeqCst), either sees this handler or
+    // this handler sees ROUND = 0 or a later round whose records are written.
+    INSIDE.fetch_add(1, Ordering::SeqCst);
+    // SeqCst: pairs with the SeqCst store that publishes the round after its
+    // records.
+    let round = ROUND.load(Ordering::SeqCst);
+    if round != 0 {
+        let tid = gettid();
+        // Acquire: pairs with the Release store of COUNT after the records.
+        let count = COUNT.load(Ordering::Acquire).min(MAX_THREADS);
+        if let Some(record) = RECORDS[..count]
+            .iter()
+            // Relaxed: written before ROUND was published (SeqCst above).
+            .find(|r| r.tid.load(Ordering::Relaxed) == tid)
+            // Relaxed: only this thread writes its arrival.
+            .filter(|r| r.arrived.load(Ordering::Relaxed) != round)
+        {
+            // SAFETY: the kernel passes a `ucontext_t` as the third argument
+            // of an SA_SIGINFO handler.
+            let ip = unsafe {
+                (*context.cast::<libc::ucontext_t>()).uc_mcontext.gregs[libc::REG_RIP as usize]
+            } as usize;
+            // Relaxed: published by the Release store of `arrived`.
+            record.ip.store(ip, Ordering::Relaxed);
+            // Release: the caller's Acquire load of `arrived` sees `ip`.
+            record.arrived.store(round, Ordering::Release);
+            loop {
+                // Acquire: pairs with the Release store in `release`: the
+                // code written before it is what this thread runs next.
+                let released = RELEASED.load(Ordering::Acquire);
+                if released == round as u32 {
+                    break;
+                }
+                // SAFETY: a futex wait on a valid, aligned u32 that lives
+                // forever; it returns at once if the value changed.
+                unsafe {
+                    libc::syscall(
+                        libc::SYS_futex,
+                        RELEASED.as_ptr(),
+                        libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+                        released,
+                        std::ptr::null::<libc::timespec>(),
+                    )
+                };
+            }
+            serialise();
+        }
+    }
+    // Release: the caller's wait for INSIDE == 0 sees this handler done with
+    // the records.
+    INSIDE.fetch_sub(1, Ordering::Release);
+    // SAFETY: as above.
+    unsafe { *libc::__errno_location() = errno };
+}
+
+/// Installs the handler once. Refuses if the signal already has a handler
+/// that is not ours.
+fn install_handler() -> Result<(), StopError> {
+    static INSTALLED: OnceLock<Result<(), String>> = OnceLock::new();
+    INSTALLED
+        .get_or_init(|| {
+            let sig = signal();
+            let mut old = MaybeUninit::<libc::sigaction>::zeroed();
+            // SAFETY: querying the current action into valid memory.
+            if unsafe { libc::sigaction(sig, std::ptr::null(), old.as_mut_ptr()) } != 0 {
+                return Err(format!(
+                    "sigaction({sig}): {}",
+                    std::io::Error::last_os_error()
+                ));
+            }
+            // SAFETY: initialised by the successful call above.
+            let old = unsafe { old.assume_init() };
+            if old.sa_sigaction != libc::SIG_DFL {
+                return Err(format!(
+                    "signal {sig} (SIGRTMAX-2), which hotpatch stops threads with, already has a \
+                     handler in this process"
+                ));
+            }
+            // SAFETY: a zeroed sigaction is a valid starting point.
+            let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
+            action.sa_sigaction = handler as *const () as usize;
+            action.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART | libc::SA_ONSTACK;
+            // SAFETY: filling the mask of the action we own: every signal is
+            // blocked while the handler runs, so no other handler runs on a
+            // stopped thread.
+            unsafe { libc::sigfillset(&mut action.sa_mask) };
+            // SAFETY: a valid action whose handler is async-signal-safe
+            // (atomics, gettid, futex, cpuid).
+            if unsafe { libc::sigaction(sig, &action, std::ptr::null_mut()) } != 0 {
+                return Err(format!(
+                    "sigaction({sig}): {}",
+                    std::io::Error::last_os_error()
+                ));
+            }
+            Ok(())
+        })
+        .clone()
+        .map_err(StopError::Signal)
+}
+
+fn threads(own: i32) -> Result<BTreeSet<i32>, StopError> {
+    let dir = fs::read_dir("/proc/self/task")
+        .map_err(|e| StopError::Io(format!("cannot list /proc/self/task: {e}")))?;
+    Ok(dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|&t| t != own)
+        .collect())
+}
+
+/// Whether `tid`'s blocked-signal mask includes the stop signal.
+fn blocks_signal(tid: i32) -> bool {
+    let Ok(status) = fs::read_to_string(format!("/proc/self/task/{tid}/status")) else {
+        return false;
+    };
+    let bit = (signal() - 1) as u32;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigBlk:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .is_some_and(|mask| mask >> bit & 1 == 1)
+}
+
+/// Whether `tid` is gone (exited) or a zombie.
+fn gone(tid: i32) -> bool {
+    // SAFETY: signal 0 only checks that the thread exists.
+    let r = unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, 0) };
+    if r != 0 {
+        return std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+    }
+    fs::read_to_string(format!("/proc/self/task/{tid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with(['Z', 'X']))
+        })
+        .unwrap_or(true)
+}
+
+/// Ends the round in progress: every parked handler returns (after
+/// `cpuid`); waits until none is inside.
+fn release(round: u64) {
+    // SeqCst: no handler joins this round after this point (it reads 0).
+    ROUND.store(0, Ordering::SeqCst);
+    // Release: pairs with the handlers' Acquire load: they see the code
+    // written before.
+    RELEASED.store(round as u32, Ordering::Release);
+    // SAFETY: a futex wake on a valid u32 that lives forever.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            RELEASED.as_ptr(),
+            libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
+            i32::MAX,
+        )
+    };
+    // SeqCst: after the store of ROUND = 0 (see the handler).
+    while INSIDE.load(Ordering::SeqCst) != 0 {
+        std::thread::yield_now();
+    }
+}
+
+/// Releases the round when dropped, on every path (panics included).
+struct Round(u64);
+
+impl Drop for Round {
+    fn drop(&mut self) {
+        release(self.0);
+    }
+}
+
+/// The number of threads of this process (`/proc/self/stat`, field 20),
+/// read without allocating (other threads may be stopped holding the
+/// allocator's lock).
+fn thread_count() -> Option<usize> {
+    use std::io::Read;
+    let mut buf = [0u8; 1024];
+    // A short path: std converts it on the stack, no allocation.
+    let mut file = fs::File::open("/proc/self/stat").ok()?;
+    let mut len = 0;
+    while len < buf.len() {
+        match file.read(&mut buf[len..]) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(_) => return None,
+        }
+    }
+    let text = std::str::from_utf8(&buf[..len]).ok()?;
+    // Fields after the command name (which may hold spaces): state is
+    // field 3, num_threads field 20.
+    let (_, rest) = text.rsplit_once(')')?;
+    rest.split_ascii_whitespace().nth(17)?.parse().ok()
+}
+
+/// Stops every other thread, calls `check` with their instruction pointers
+/// (it returns the offending thread's index and an address, or `Ok`), and
+/// runs `write` while they are stopped. Retries until `deadline`.
+///
+/// Between the stop and the release nothing here allocates or takes a
+/// lock that a stopped thread may hold: `check` and `write` must not
+/// either (no allocation, no `println!`, no `tracing`).
+pub(crate) fn stop_the_world<C, W>(
+    deadline: Duration,
+    retry: Duration,
+    mut check: C,
+    write: W,
+) -> Result<StopStats, StopError>
+where
+    C: FnMut(&[usize]) -> Result<(), (usize, usize)>,
+    W: FnOnce() -> std::io::Result<()>,
+{
+    let _one = STOP.lock().unwrap_or_else(PoisonError::into_inner);
+    install_handler()?;
+    let start = Instant::now();
+    let own = gettid();
+    // SAFETY: getpid has no preconditions.
+    let pid = unsafe { libc::getpid() };
+    let sig = signal();
+    let mut rounds = 0u32;
+    let mut write = Some(write);
+    loop {
+        let listed = threads(own)?;
+        if listed.len() > MAX_THREADS {
+            return Err(StopError::TooManyThreads(listed.len()));
+        }
+        let tids: Vec<i32> = listed.iter().copied().collect();
+        // Allocated before the stop: nothing is allocated during it.
+        let mut stopped = vec![false; tids.len()];
+        let mut ips: Vec<usize> = Vec::with_capacity(tids.len());
+        for (record, &tid) in RECORDS.iter().zip(&tids) {
+            // Relaxed: published by the SeqCst store of ROUND below.
+            record.tid.store(tid, Ordering::Relaxed);
+            record.ip.store(0, Ordering::Relaxed);
+            record.arrived.store(0, Ordering::Relaxed);
+        }
+        // Release: a handler that loads COUNT (Acquire) sees the records.
+        COUNT.store(tids.len(), Ordering::Release);
+        // Relaxed: a counter for reports.
+        let round = ROUNDS.fetch_add(1, Ordering::Relaxed) + 1;
+        rounds += 1;
+        let paused = Instant::now();
+        // SeqCst: after the records; pairs with the handlers' SeqCst load.
+        ROUND.store(round, Ordering::SeqCst);
+        let guard = Round(round);
+        let mut failed = None;
+        for (i, &tid) in tids.iter().enumerate() {
+            // SAFETY: tgkill with a valid signal to a thread of this process.
+            if unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, sig) } != 0 {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() == Some(libc::ESRCH) {
+                    stopped[i] = true; // exited
+                } else {
+                    failed = Some((tid, e));
+                    break;
+                }
+            }
+        }
+        if let Some((tid, e)) = failed {
+            drop(guard);
+            return Err(StopError::Io(format!("tgkill({tid}): {e}")));
+        }
+        let mut spins = 0u32;
+        let mut timed_out = false;
+        loop {
+            let mut all = true;
+            for (i, record) in RECORDS[..tids.len()].iter().enumerate() {
+                // Acquire: pairs with the handler's Release: its `ip` is visible.
+                if !stopped[i] && record.arrived.load(Ordering::Acquire) == round {
+                    stopped[i] = true;
+                }
+                all &= stopped[i];
+            }
+            if all {
+                break;
+            }
+            spins += 1;
+            if spins.is_multiple_of(64) {
+                for (i, &tid) in tids.iter().enumerate() {
+                    if !stopped[i] && gone(tid) {
+                        stopped[i] = true;
+                    }
+                }
+            }
+            if start.elapsed() > deadline {
+                timed_out = true;
+                break;
+            }
+            std::thread::yield_now();
+        }
+        if timed_out {
+            drop(guard);
+            let late: Vec<(ThreadName, bool)> = tids
+                .iter()
+                .zip(&stopped)
+                .filter(|&(&t, &s)| !s && !gone(t))
+                .map(|(&t, _)| (thread_name(t), blocks_signal(t)))
+                .collect();
+            return Err(StopError::NotStopped(late));
+        }
+        // Every listed thread that still exists is parked: any other is one
+        // created since the listing. Count them (this thread included).
+        let parked = RECORDS[..tids.len()]
+            .iter()
+            // Relaxed: after the Acquire loads above.
+            .filter(|r| r.arrived.load(Ordering::Relaxed) == round)
+            .count();
+        if thread_count() != Some(parked + 1) {
+            drop(guard);
+            if start.elapsed() > deadline {
+                return Err(StopError::Io(
+                    "threads kept being created or exiting during the stop".into(),
+                ));
+            }
+            continue;
+        }
+        // Relaxed: after the Acquire load of `arrived`; an exited thread
+        // reads 0, which no check refuses.
+        ips.extend(
+            RECORDS[..tids.len()]
+                .iter()
+                .map(|r| r.ip.load(Ordering::Relaxed)),
+        );
+        match check(&ips) {
+            Ok(()) => {
+                let result = (write.take().expect("written once"))();
+                serialise();
+                let pause = paused.elapsed();
+                drop(guard);
+                result.map_err(|e| StopError::Write(e.to_string()))?;
+                return Ok(StopStats {
+                    rounds,
+                    threads: tids.len(),
+                    pause,
+                });
+            }
+            Err((i, ip)) => {
+                drop(guard);
+                if start.elapsed() + retry > deadline {
+                    return Err(StopError::Busy(thread_name(tids[i]), ip));
+                }
+                std::thread::sleep(retry);
+            }
+        }
+    }
+}
