@@ -470,6 +470,10 @@ struct State {
     chunk: Chunk,
     original: Vec<u8>,
     installed: bool,
+    /// Counts installs: a [`Hook`] acts only on the install it was
+    /// returned by (a stale handle cannot store into the slot of a later
+    /// install, or remove it).
+    generation: u64,
 }
 
 static HOOKS: Mutex<Option<HashMap<usize, State>>> = Mutex::new(None);
@@ -585,6 +589,7 @@ pub fn install_with(target: &Target, options: &Options) -> Result<Hook, Error> {
                     chunk,
                     original: entry.bytes.clone(),
                     installed: false,
+                    generation: 0,
                 },
             );
             chunk
@@ -600,15 +605,15 @@ pub fn install_with(target: &Target, options: &Options) -> Result<Hook, Error> {
         options,
     )
     .map_err(fail)?;
-    hooks
-        .get_mut(&target.addr)
-        .expect("inserted above")
-        .installed = true;
+    let state = hooks.get_mut(&target.addr).expect("inserted above");
+    state.installed = true;
+    state.generation += 1;
     Ok(Hook {
         target: target.clone(),
         chunk,
         report,
         options: options.clone(),
+        generation: state.generation,
     })
 }
 
@@ -669,9 +674,25 @@ pub struct Hook {
     chunk: Chunk,
     report: Report,
     options: Options,
+    generation: u64,
 }
 
 impl Hook {
+    /// Runs `f` on this hook's state if this install is still in place.
+    fn with_state<T>(
+        &self,
+        op: &'static str,
+        f: impl FnOnce(&mut State) -> Result<T, Refusal>,
+    ) -> Result<T, Error> {
+        let mut hooks = HOOKS.lock().unwrap_or_else(PoisonError::into_inner);
+        let state = hooks
+            .as_mut()
+            .and_then(|h| h.get_mut(&self.target.addr))
+            .filter(|s| s.installed && s.generation == self.generation)
+            .ok_or_else(|| refused(op, &self.target.name, Refusal::NotHooked))?;
+        f(state).map_err(|reason| refused(op, &self.target.name, reason))
+    }
+
     /// The function.
     pub fn target(&self) -> &Target {
         &self.target
@@ -702,11 +723,13 @@ impl Hook {
     ///
     /// # Errors
     ///
-    /// [`Refusal::Slot`] if the slot's page cannot be made writable; the
-    /// slot is unchanged.
+    /// [`Refusal::Slot`] if the slot's page cannot be made writable,
+    /// [`Refusal::NotHooked`] if this install was removed; the slot is
+    /// unchanged.
     pub unsafe fn redirect(&self, to: *const ()) -> Result<(), Error> {
-        store_slot(&self.chunk, to as usize)
-            .map_err(|e| refused("redirect", &self.target.name, Refusal::Slot(e)))
+        self.with_state("redirect", |state| {
+            store_slot(&state.chunk, to as usize).map_err(Refusal::Slot)
+        })
     }
 
     /// Points the slot back at the original code.
@@ -726,20 +749,14 @@ impl Hook {
     ///
     /// [`Error::Hook`] with the [`Refusal`]; the hook is still installed.
     pub fn unhook(&self) -> Result<Report, Error> {
-        let fail = |reason| refused("unhook", &self.target.name, reason);
-        let mut hooks = HOOKS.lock().unwrap_or_else(PoisonError::into_inner);
-        let state = hooks
-            .as_mut()
-            .and_then(|h| h.get_mut(&self.target.addr))
-            .filter(|s| s.installed)
-            .ok_or_else(|| fail(Refusal::NotHooked))?;
-        let jump = decode::jmp_rel32(self.target.addr as u64, self.chunk.code as u64)
-            .map_err(|detail| fail(Refusal::NoNearMemory { detail }))?;
-        let original = state.original[..jump.len()].to_vec();
-        let report =
-            write_entry(&self.target, jump.len(), &original, &jump, &self.options).map_err(fail)?;
-        state.installed = false;
-        Ok(report)
+        self.with_state("unhook", |state| {
+            let jump = decode::jmp_rel32(self.target.addr as u64, self.chunk.code as u64)
+                .map_err(|detail| Refusal::NoNearMemory { detail })?;
+            let original = state.original[..jump.len()].to_vec();
+            let report = write_entry(&self.target, jump.len(), &original, &jump, &self.options)?;
+            state.installed = false;
+            Ok(report)
+        })
     }
 }
 

@@ -95,6 +95,9 @@ static RELEASED: AtomicU32 = AtomicU32::new(0);
 /// Handlers between their first and last instruction that may read the
 /// records.
 static INSIDE: AtomicUsize = AtomicUsize::new(0);
+/// Arrivals so far (a futex word the caller sleeps on while it waits:
+/// a spinning caller would take the CPU the threads need to arrive).
+static ARRIVALS: AtomicU32 = AtomicU32::new(0);
 /// Rounds run so far (`hook::stop_rounds`).
 pub(crate) static ROUNDS: AtomicU64 = AtomicU64::new(0);
 
@@ -200,6 +203,17 @@ extern "C" fn handler(_sig: libc::c_int, _info: *mut libc::siginfo_t, context: *
             record.ip.store(ip, Ordering::Relaxed);
             // Release: the caller's Acquire load of `arrived` sees `ip`.
             record.arrived.store(round, Ordering::Release);
+            // Release: with the store above, for the caller's futex wait.
+            ARRIVALS.fetch_add(1, Ordering::Release);
+            // SAFETY: a futex wake on a valid u32 that lives forever.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_futex,
+                    ARRIVALS.as_ptr(),
+                    libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
+                    1,
+                )
+            };
             loop {
                 // Acquire: pairs with the Release store in `release`: the
                 // code written before it is what this thread runs next.
@@ -437,6 +451,9 @@ where
         let mut spins = 0u32;
         let mut timed_out = false;
         loop {
+            // Acquire: read before the records, so an arrival after this
+            // load changes the word and the wait below returns at once.
+            let seen = ARRIVALS.load(Ordering::Acquire);
             let mut all = true;
             for (i, record) in RECORDS[..tids.len()].iter().enumerate() {
                 // Acquire: pairs with the handler's Release: its `ip` is visible.
@@ -449,7 +466,7 @@ where
                 break;
             }
             spins += 1;
-            if spins.is_multiple_of(64) {
+            if spins.is_multiple_of(16) {
                 for (i, &tid) in tids.iter().enumerate() {
                     if !stopped[i] && gone(tid) {
                         stopped[i] = true;
@@ -460,7 +477,21 @@ where
                 timed_out = true;
                 break;
             }
-            std::thread::yield_now();
+            let tick = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 1_000_000,
+            };
+            // SAFETY: a futex wait on a valid u32 that lives forever, with a
+            // timeout (the deadline and exited threads are checked above).
+            unsafe {
+                libc::syscall(
+                    libc::SYS_futex,
+                    ARRIVALS.as_ptr(),
+                    libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+                    seen,
+                    &tick,
+                )
+            };
         }
         if timed_out {
             drop(guard);
