@@ -400,7 +400,11 @@ fn stress(cycles: usize) {
     let options = Options::default().deadline(Duration::from_secs(30));
     start.wait();
     for _ in 0..cycles {
+        let t0 = std::time::Instant::now();
         let ha = hook::install_with(&ta, &options).unwrap();
+        if std::env::var_os("HOOK_TIMING").is_some() {
+            eprintln!("install {:?} report {:?}", t0.elapsed(), ha.report());
+        }
         let hb = hook::install_with(&tb, &options).unwrap();
         // SAFETY: the same signatures.
         unsafe {
@@ -428,7 +432,7 @@ fn stress(cycles: usize) {
 
 #[test]
 fn stress_hook_cycles_under_calls() {
-    stress(20);
+    stress(50);
 }
 
 #[test]

@@ -29,9 +29,7 @@
 //! 6. Release: store the round into `RELEASED` (Release) and wake every
 //!    waiter. Each handler executes `cpuid`, a serialising instruction
 //!    (Intel SDM vol. 3, 8.1.3, cross-modifying code), before it returns to
-//!    the code it interrupted. The caller waits until no handler is inside
-//!    (`INSIDE`, counted before a handler reads `ROUND`) before another
-//!    round rewrites the records.
+//!    the code it interrupted. The caller does not wait for them to leave.
 //!
 //! So while `write` runs, every other thread of the process is either
 //! parked in the handler with its instruction pointer checked, or was
@@ -44,7 +42,13 @@
 //! slow to be scheduled) may arrive in a later round or after it: the
 //! handler then joins the round in progress (its record is that round's),
 //! or returns at once when none is (`ROUND` is 0) or its record already
-//! arrived.
+//! arrived. A handler that read a round number just before that round was
+//! released may meet the next round's records: it finds only its own
+//! thread's record, marks it arrived with the *old* number, which the next
+//! round does not count (the thread's own signal for the next round then
+//! records it again, in program order after), and returns at once, since
+//! released rounds only grow. So a new round need not wait for the
+//! handlers of the last one to leave.
 //!
 //! # Limits
 //!
@@ -92,9 +96,6 @@ static COUNT: AtomicUsize = AtomicUsize::new(0);
 static ROUND: AtomicU64 = AtomicU64::new(0);
 /// The low 32 bits of the last released round (a futex word).
 static RELEASED: AtomicU32 = AtomicU32::new(0);
-/// Handlers between their first and last instruction that may read the
-/// records.
-static INSIDE: AtomicUsize = AtomicUsize::new(0);
 /// Arrivals so far (a futex word the caller sleeps on while it waits:
 /// a spinning caller would take the CPU the threads need to arrive).
 static ARRIVALS: AtomicU32 = AtomicU32::new(0);
@@ -176,10 +177,6 @@ extern "C" fn handler(_sig: libc::c_int, _info: *mut libc::siginfo_t, context: *
     // SAFETY: errno is thread-local; reading and restoring it is what a
     // handler that makes system calls must do.
     let errno = unsafe { *libc::__errno_location() };
-    // SeqCst: before the load of ROUND, so the caller, which stores ROUND = 0
-    // and then waits for INSIDE == 0 (SeqCst), either sees this handler or
-    // this handler sees ROUND = 0 or a later round whose records are written.
-    INSIDE.fetch_add(1, Ordering::SeqCst);
     // SeqCst: pairs with the SeqCst store that publishes the round after its
     // records.
     let round = ROUND.load(Ordering::SeqCst);
@@ -218,7 +215,8 @@ extern "C" fn handler(_sig: libc::c_int, _info: *mut libc::siginfo_t, context: *
                 // Acquire: pairs with the Release store in `release`: the
                 // code written before it is what this thread runs next.
                 let released = RELEASED.load(Ordering::Acquire);
-                if released == round as u32 {
+                // Released rounds only grow: this round or a later one.
+                if released.wrapping_sub(round as u32) as i32 >= 0 {
                     break;
                 }
                 // SAFETY: a futex wait on a valid, aligned u32 that lives
@@ -236,9 +234,6 @@ extern "C" fn handler(_sig: libc::c_int, _info: *mut libc::siginfo_t, context: *
             serialise();
         }
     }
-    // Release: the caller's wait for INSIDE == 0 sees this handler done with
-    // the records.
-    INSIDE.fetch_sub(1, Ordering::Release);
     // SAFETY: as above.
     unsafe { *libc::__errno_location() = errno };
 }
@@ -327,7 +322,7 @@ fn gone(tid: i32) -> bool {
 }
 
 /// Ends the round in progress: every parked handler returns (after
-/// `cpuid`); waits until none is inside.
+/// `cpuid`).
 fn release(round: u64) {
     // SeqCst: no handler joins this round after this point (it reads 0).
     ROUND.store(0, Ordering::SeqCst);
@@ -343,10 +338,6 @@ fn release(round: u64) {
             i32::MAX,
         )
     };
-    // SeqCst: after the store of ROUND = 0 (see the handler).
-    while INSIDE.load(Ordering::SeqCst) != 0 {
-        std::thread::yield_now();
-    }
 }
 
 /// Releases the round when dropped, on every path (panics included).
