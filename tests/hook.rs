@@ -400,11 +400,7 @@ fn stress(cycles: usize) {
     let options = Options::default().deadline(Duration::from_secs(30));
     start.wait();
     for _ in 0..cycles {
-        let t0 = std::time::Instant::now();
         let ha = hook::install_with(&ta, &options).unwrap();
-        if std::env::var_os("HOOK_TIMING").is_some() {
-            eprintln!("install {:?} report {:?}", t0.elapsed(), ha.report());
-        }
         let hb = hook::install_with(&tb, &options).unwrap();
         // SAFETY: the same signatures.
         unsafe {

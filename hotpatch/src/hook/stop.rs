@@ -398,6 +398,8 @@ where
     let sig = signal();
     let mut rounds = 0u32;
     let mut write = Some(write);
+    // The thread the last round found inside the bytes, and where.
+    let mut busy: Option<(i32, usize)> = None;
     loop {
         let listed = threads(own)?;
         if listed.len() > MAX_THREADS {
@@ -486,6 +488,19 @@ where
         }
         if timed_out {
             drop(guard);
+            let late: Vec<i32> = tids
+                .iter()
+                .zip(&stopped)
+                .filter(|&(&t, &s)| !s && !gone(t))
+                .map(|(&t, _)| t)
+                .collect();
+            // The thread that was inside the bytes, released by the last
+            // round and not yet back in this one: it is still the reason.
+            if let Some((tid, ip)) = busy
+                && late == [tid]
+            {
+                return Err(StopError::Busy(thread_name(tid), ip));
+            }
             let late: Vec<(ThreadName, bool)> = tids
                 .iter()
                 .zip(&stopped)
@@ -532,6 +547,7 @@ where
             }
             Err((i, ip)) => {
                 drop(guard);
+                busy = Some((tids[i], ip));
                 if start.elapsed() + retry > deadline {
                     return Err(StopError::Busy(thread_name(tids[i]), ip));
                 }
