@@ -228,12 +228,17 @@ pub(crate) fn jmp_rel32(from: u64, to: u64) -> Result<[u8; JMP_LEN], String> {
     Ok([0xe9, r[0], r[1], r[2], r[3]])
 }
 
-/// `jmp qword ptr [rip + disp32]` at `from`, through the pointer at `cell`.
-pub(crate) fn jmp_indirect(from: u64, cell: u64) -> Result<[u8; 6], String> {
-    let rel = (cell as i64).wrapping_sub(from as i64 + 6);
-    let rel = i32::try_from(rel).map_err(|_| format!("{cell:#x} is out of reach of {from:#x}"))?;
-    let r = rel.to_le_bytes();
-    Ok([0xff, 0x25, r[0], r[1], r[2], r[3]])
+/// Bytes of a hook's stub.
+pub(crate) const STUB_LEN: usize = 13;
+
+/// A hook's stub: `movabs r11, slot; jmp qword ptr [r11]`. `r11` carries
+/// no argument and is not preserved across calls (System V), so it is free
+/// at a function's entry; the hook dispatcher reads the slot from it.
+pub(crate) fn stub(slot: u64) -> [u8; STUB_LEN] {
+    let s = slot.to_le_bytes();
+    [
+        0x49, 0xbb, s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], 0x41, 0xff, 0x23,
+    ]
 }
 
 #[cfg(test)]
@@ -384,9 +389,5 @@ mod tests {
             [0xe9, 0xfb, 0xff, 0xff, 0xff]
         );
         assert!(jmp_rel32(0, 1 << 33).is_err());
-        assert_eq!(
-            jmp_indirect(0x1000, 0x2000).unwrap(),
-            [0xff, 0x25, 0xfa, 0x0f, 0, 0]
-        );
     }
 }

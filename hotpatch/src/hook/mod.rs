@@ -4,7 +4,8 @@
 //! A function that was not marked in advance has no slot on its call
 //! path. [`install`] gives it one: its first instructions (at least five
 //! bytes, whole instructions) are replaced by a `jmp rel32` to a *stub*,
-//! `jmp *slot(%rip)`, through a runtime-owned [`Slot`](crate::__private::Slot).
+//! `movabs $slot, %r11; jmp *(%r11)`, through a runtime-owned
+//! [`Slot`].
 //! The slot first points at the *trampoline*: the replaced instructions,
 //! re-encoded at their new address (a `rip`-relative operand gets a new
 //! displacement), then a jump back to the rest of the function. So right
@@ -104,10 +105,13 @@
 //!   own handler there, hooking is refused ([`Refusal::Signal`]).
 //! - A function inlined into its callers has no entry to redirect: hook
 //!   the callers.
-//! - Per-thread transitions ([`crate::quiescent`]) need a dispatcher
-//!   with the function's signature; [`Hook::slot`] is a [`Slot`](crate::__private::Slot)
-//!   so the transition machinery can drive it, but `install` itself
-//!   switches every thread at once (each call old or new, never torn).
+//! - Per-thread transitions ([`crate::quiescent`], request scopes): a
+//!   hook's slot is a [`Slot`] and the runtime has
+//!   one dispatcher for every hook (it saves the argument registers, asks
+//!   the slot which implementation the calling thread runs, and jumps
+//!   there), but the loader's transitions do not drive hooks yet:
+//!   [`Hook::redirect`] switches every thread at once (each call old or
+//!   new, never torn).
 
 mod decode;
 mod near;
@@ -130,6 +134,79 @@ use near::Chunk;
 
 /// Where a trampoline starts in a chunk (the stub is at 0).
 const TRAMPOLINE: usize = 16;
+
+// The dispatcher of every hook during a per-thread transition: entered
+// from a stub with `r11` = the hook's slot, it saves every register that
+// may carry an argument (rdi, rsi, rdx, rcx, r8, r9, rax for a variadic
+// call's count, r10 for a static chain, xmm0-7), asks the slot which
+// implementation this thread runs (`Slot::choose`: old or new by its
+// universe or its request's), restores them and jumps there, so the
+// implementation sees the call exactly as the stub received it (the
+// stack pointer, the return address and any stack arguments unchanged).
+// One dispatcher for every signature: it never reads the arguments.
+std::arch::global_asm!(
+    ".pushsection .text.__hotpatch_hook_dispatch,\"ax\",@progbits",
+    ".p2align 4",
+    // Global (another codegen unit names it), hidden (not exported).
+    ".globl __hotpatch_hook_dispatch",
+    ".hidden __hotpatch_hook_dispatch",
+    ".type __hotpatch_hook_dispatch,@function",
+    "__hotpatch_hook_dispatch:",
+    // At entry rsp = 8 (mod 16); after rbp and 8 registers, 0; after 128, 0.
+    "    push rbp",
+    "    mov rbp, rsp",
+    "    push rdi",
+    "    push rsi",
+    "    push rdx",
+    "    push rcx",
+    "    push r8",
+    "    push r9",
+    "    push rax",
+    "    push r10",
+    "    sub rsp, 128",
+    "    movdqu [rsp], xmm0",
+    "    movdqu [rsp + 16], xmm1",
+    "    movdqu [rsp + 32], xmm2",
+    "    movdqu [rsp + 48], xmm3",
+    "    movdqu [rsp + 64], xmm4",
+    "    movdqu [rsp + 80], xmm5",
+    "    movdqu [rsp + 96], xmm6",
+    "    movdqu [rsp + 112], xmm7",
+    "    mov rdi, r11",
+    "    call {choose}",
+    "    mov r11, rax",
+    "    movdqu xmm0, [rsp]",
+    "    movdqu xmm1, [rsp + 16]",
+    "    movdqu xmm2, [rsp + 32]",
+    "    movdqu xmm3, [rsp + 48]",
+    "    movdqu xmm4, [rsp + 64]",
+    "    movdqu xmm5, [rsp + 80]",
+    "    movdqu xmm6, [rsp + 96]",
+    "    movdqu xmm7, [rsp + 112]",
+    "    add rsp, 128",
+    "    pop r10",
+    "    pop rax",
+    "    pop r9",
+    "    pop r8",
+    "    pop rcx",
+    "    pop rdx",
+    "    pop rsi",
+    "    pop rdi",
+    "    pop rbp",
+    "    jmp r11",
+    ".size __hotpatch_hook_dispatch, . - __hotpatch_hook_dispatch",
+    ".popsection",
+    choose = sym choose,
+);
+
+unsafe extern "C" {
+    fn __hotpatch_hook_dispatch();
+}
+
+/// What the dispatcher asks: the implementation the calling thread runs.
+extern "C" fn choose(slot: &Slot) -> *const () {
+    slot.choose()
+}
 
 /// Why a hook could not be installed or removed. Whatever it says, the
 /// function's code and its slot are as they were.
@@ -519,8 +596,7 @@ fn new_chunk(
     let trampoline = entry
         .trampoline(tramp_at as u64, (target.addr + entry.len) as u64)
         .map_err(|detail| Refusal::NoNearMemory { detail })?;
-    let stub = decode::jmp_indirect(chunk.code as u64, chunk.slot as u64)
-        .map_err(|detail| Refusal::NoNearMemory { detail })?;
+    let stub = decode::stub(chunk.slot as u64);
     let mut code = vec![0xcc; near::CHUNK];
     code[..stub.len()].copy_from_slice(&stub);
     code[TRAMPOLINE..TRAMPOLINE + trampoline.len()].copy_from_slice(&trampoline);
@@ -732,6 +808,32 @@ impl Hook {
         })
     }
 
+    /// Starts a per-thread transition of this function: calls go through
+    /// the hook dispatcher, which runs `choice.new` for threads (and
+    /// request scopes) in `choice.universe` and unregistered threads, and
+    /// `choice.old` for the others; [`redirect`](Self::redirect) ends it.
+    /// What `Slot::begin_transition` does for a `#[patchable]` function,
+    /// with one dispatcher for every signature.
+    ///
+    /// # Safety
+    ///
+    /// As [`redirect`](Self::redirect), for both implementations; only
+    /// under the transition turn.
+    #[allow(dead_code)] // the registry's transitions do not drive hooks yet
+    pub(crate) unsafe fn begin_transition(
+        &self,
+        choice: crate::quiesce::protocol::Choice<FnAddr>,
+    ) -> Result<(), Error> {
+        self.with_state("redirect", |state| {
+            let window = crate::slot::write_window_pages([(state.chunk.slot, size_of::<Slot>())])
+                .map_err(|e| Refusal::Slot(e.to_string()))?;
+            slot_at(&state.chunk)
+                .begin_transition(choice, FnAddr::new(__hotpatch_hook_dispatch as *const ()));
+            drop(window);
+            Ok(())
+        })
+    }
+
     /// Points the slot back at the original code.
     ///
     /// # Errors
@@ -776,4 +878,58 @@ pub fn stop_rounds() -> u64 {
 /// ranges: read-execute or read-only between operations.
 pub fn mapped() -> Vec<(usize, usize)> {
     near::arenas()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::hint::black_box;
+
+    use super::*;
+    use crate::quiesce::protocol::Choice;
+
+    #[inline(never)]
+    fn routed(x: u64, y: f64) -> u64 {
+        x ^ (y as u64)
+    }
+
+    fn routed_new(x: u64, y: f64) -> u64 {
+        x.wrapping_add(y as u64)
+    }
+
+    /// A per-thread transition of a hook: a registered thread outside the
+    /// choice's universe runs the old code, an unregistered thread the
+    /// new, both through the one dispatcher (integer and float arguments
+    /// arrive intact); ending it is a slot store.
+    #[test]
+    fn a_transition_routes_each_thread_through_the_dispatcher() {
+        let f: fn(u64, f64) -> u64 = black_box(routed);
+        let hook = install(&Target::of(routed as *const ()).unwrap()).unwrap();
+        let choice = Choice {
+            // No thread is in this universe (and it is not UNREGISTERED).
+            universe: u64::MAX - 1,
+            old: FnAddr::new(hook.original()),
+            new: FnAddr::new(routed_new as *const ()),
+        };
+        // SAFETY: both have `routed`'s signature; this test is the only
+        // writer of the hook's slot.
+        unsafe { hook.begin_transition(choice) }.unwrap();
+        let registered = std::thread::spawn(move || {
+            let _guard = crate::register_thread();
+            f(6, 3.0)
+        });
+        let unregistered = std::thread::spawn(move || f(6, 3.0));
+        assert_eq!(
+            registered.join().unwrap(),
+            6 ^ 3,
+            "old, through the dispatcher"
+        );
+        assert_eq!(
+            unregistered.join().unwrap(),
+            6 + 3,
+            "new, through the dispatcher"
+        );
+        hook.restore().unwrap();
+        assert_eq!(f(6, 3.0), 6 ^ 3);
+        hook.unhook().unwrap();
+    }
 }
