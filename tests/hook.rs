@@ -106,6 +106,27 @@ fn a_rust_function_is_hooked_redirected_and_unhooked() {
 }
 
 #[test]
+fn a_function_whose_entry_is_not_the_expected_one_is_refused() {
+    let _one = serial();
+    let target = Target::of(price as *const ()).unwrap();
+    let before = code(&target);
+    let entry = target.entry().unwrap();
+    assert_eq!(entry[..], before[..entry.len()]);
+    let mut other = entry.clone();
+    other[0] ^= 0xff;
+    let options = Options::default().expect_entry(&other);
+    match reason(hook::install_with(&target, &options).unwrap_err()) {
+        Refusal::EntryChanged { expected, found } => {
+            assert_eq!((expected, found), (other, entry.clone()))
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(code(&target), before);
+    let hook = hook::install_with(&target, &Options::default().expect_entry(&entry)).unwrap();
+    hook.unhook().unwrap();
+}
+
+#[test]
 fn a_function_is_found_by_its_path() {
     let _one = serial();
     let by_path = Target::named("hook::price").unwrap();

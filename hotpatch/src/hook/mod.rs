@@ -250,8 +250,9 @@ pub enum Refusal {
         /// The error.
         detail: String,
     },
-    /// The entry bytes are not those recorded when the function was first
-    /// hooked (something else rewrote them).
+    /// The entry bytes are not those expected ([`Options::expect_entry`]),
+    /// or not those recorded when the function was first hooked
+    /// (something else rewrote them).
     EntryChanged {
         /// Recorded.
         expected: Vec<u8>,
@@ -304,8 +305,8 @@ impl fmt::Display for Refusal {
             Refusal::WriteFailed { detail } => write!(f, "writing the entry failed: {detail}"),
             Refusal::EntryChanged { expected, found } => write!(
                 f,
-                "its entry bytes changed since it was first hooked (expected {expected:02x?}, \
-                 found {found:02x?})"
+                "its entry bytes are not the expected ones (expected {expected:02x?}, found \
+                 {found:02x?}): this is not the code the hook was made for"
             ),
             Refusal::AlreadyHooked => write!(f, "it is hooked already"),
             Refusal::NotHooked => write!(f, "it is not hooked"),
@@ -454,6 +455,17 @@ impl Target {
         unsafe { std::slice::from_raw_parts(self.addr as *const u8, self.len) }
     }
 
+    /// The bytes the jump would replace, for [`Options::expect_entry`].
+    ///
+    /// # Errors
+    ///
+    /// As [`check`](Self::check).
+    pub fn entry(&self) -> Result<Vec<u8>, Error> {
+        decode::entry(self.code(), self.addr as u64)
+            .map(|e| e.bytes)
+            .map_err(|why| refused("hook", &self.name, Refusal::Ineligible(why)))
+    }
+
     /// Whether its entry can be redirected, from its code (nothing
     /// changes): the number of bytes the jump would replace.
     ///
@@ -509,6 +521,10 @@ pub struct Options {
     /// Only this way of writing code (default: `/proc/self/mem`, else
     /// `mprotect`).
     pub write_path: Option<WritePath>,
+    /// The entry bytes the caller expects (what a patch recorded from the
+    /// binary it was built for, [`Target::entry`]): other bytes are refused
+    /// with [`Refusal::EntryChanged`].
+    pub expect_entry: Option<Vec<u8>>,
 }
 
 impl Default for Options {
@@ -517,6 +533,7 @@ impl Default for Options {
             deadline: Duration::from_secs(1),
             retry: Duration::from_millis(1),
             write_path: None,
+            expect_entry: None,
         }
     }
 }
@@ -537,6 +554,12 @@ impl Options {
     /// Allows only `path` for writing code.
     pub fn write_path(mut self, path: WritePath) -> Self {
         self.write_path = Some(path);
+        self
+    }
+
+    /// Refuses a function whose entry is not `bytes`.
+    pub fn expect_entry(mut self, bytes: &[u8]) -> Self {
+        self.expect_entry = Some(bytes.to_vec());
         self
     }
 }
@@ -642,6 +665,14 @@ pub fn install_with(target: &Target, options: &Options) -> Result<Hook, Error> {
     }
     let entry = decode::entry(target.code(), target.addr as u64)
         .map_err(|why| fail(Refusal::Ineligible(why)))?;
+    if let Some(expected) = &options.expect_entry
+        && *expected != entry.bytes
+    {
+        return Err(fail(Refusal::EntryChanged {
+            expected: expected.clone(),
+            found: entry.bytes.clone(),
+        }));
+    }
     let chunk = match hooks.get(&target.addr) {
         Some(state) if state.installed => return Err(fail(Refusal::AlreadyHooked)),
         Some(state) => {
