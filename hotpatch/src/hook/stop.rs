@@ -96,8 +96,10 @@ static COUNT: AtomicUsize = AtomicUsize::new(0);
 static ROUND: AtomicU64 = AtomicU64::new(0);
 /// The low 32 bits of the last released round (a futex word).
 static RELEASED: AtomicU32 = AtomicU32::new(0);
-/// Arrivals so far (a futex word the caller sleeps on while it waits:
-/// a spinning caller would take the CPU the threads need to arrive).
+/// Arrivals in the current round (a futex word the caller sleeps on
+/// while it waits: a spinning caller would take the CPU the threads need
+/// to arrive). Only a hint for waking the caller: what counts is each
+/// record's `arrived`.
 static ARRIVALS: AtomicU32 = AtomicU32::new(0);
 /// Rounds run so far (`hook::stop_rounds`).
 pub(crate) static ROUNDS: AtomicU64 = AtomicU64::new(0);
@@ -201,16 +203,20 @@ extern "C" fn handler(_sig: libc::c_int, _info: *mut libc::siginfo_t, context: *
             // Release: the caller's Acquire load of `arrived` sees `ip`.
             record.arrived.store(round, Ordering::Release);
             // Release: with the store above, for the caller's futex wait.
-            ARRIVALS.fetch_add(1, Ordering::Release);
-            // SAFETY: a futex wake on a valid u32 that lives forever.
-            unsafe {
-                libc::syscall(
-                    libc::SYS_futex,
-                    ARRIVALS.as_ptr(),
-                    libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
-                    1,
-                )
-            };
+            let arrivals = ARRIVALS.fetch_add(1, Ordering::Release) as usize + 1;
+            // The last thread to arrive wakes the caller (a thread that
+            // exited never arrives: the caller's wait has a 1 ms tick).
+            if arrivals >= count {
+                // SAFETY: a futex wake on a valid u32 that lives forever.
+                unsafe {
+                    libc::syscall(
+                        libc::SYS_futex,
+                        ARRIVALS.as_ptr(),
+                        libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
+                        1,
+                    )
+                };
+            }
             loop {
                 // Acquire: pairs with the Release store in `release`: the
                 // code written before it is what this thread runs next.
@@ -415,6 +421,8 @@ where
             record.ip.store(0, Ordering::Relaxed);
             record.arrived.store(0, Ordering::Relaxed);
         }
+        // Relaxed: a wake-up hint, published with the records.
+        ARRIVALS.store(0, Ordering::Relaxed);
         // Release: a handler that loads COUNT (Acquire) sees the records.
         COUNT.store(tids.len(), Ordering::Release);
         // Relaxed: a counter for reports.
