@@ -656,6 +656,33 @@ pub fn install(target: &Target) -> Result<Hook, Error> {
 /// # Errors
 ///
 /// As [`install`].
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use hotpatch::hook::{self, Options, Refusal, Target};
+///
+/// #[inline(never)]
+/// fn tax(cents: u64) -> u64 { cents ^ 0x20 }
+/// # fn main() -> Result<(), hotpatch::Error> {
+/// # if !cfg!(all(target_arch = "x86_64", target_os = "linux")) { return Ok(()) }
+/// let target = Target::of(tax as *const ())?;
+/// let options = Options::default()
+///     .deadline(Duration::from_millis(200)) // give up sooner than 1 s
+///     .expect_entry(&target.entry()?); // what a patch would have recorded
+/// match hook::install_with(&target, &options) {
+///     Ok(hook) => {
+///         println!("stopped {} threads for {:?}", hook.report().threads, hook.report().pause);
+///         hook.unhook()?;
+///     }
+///     Err(hotpatch::Error::Hook { reason: Refusal::NotStopped(threads), .. }) => {
+///         eprintln!("these threads did not stop: {threads:?}")
+///     }
+///     Err(e) => return Err(e),
+/// }
+/// # Ok(()) }
+/// ```
 pub fn install_with(target: &Target, options: &Options) -> Result<Hook, Error> {
     let fail = |reason| refused("hook", &target.name, reason);
     let mut hooks = HOOKS.lock().unwrap_or_else(PoisonError::into_inner);
@@ -893,8 +920,24 @@ impl Hook {
     }
 }
 
-/// The signal that stops threads for a code write (`SIGRTMAX-2`). A
-/// thread that blocks it cannot be hooked around.
+/// The signal that stops threads for a code write (`SIGRTMAX-2`). While
+/// a thread blocks it, no hook can be installed or removed.
+///
+/// # Examples
+///
+/// ```
+/// # if cfg!(all(target_arch = "x86_64", target_os = "linux")) {
+/// // A thread that blocks every signal but must not hold up hooking.
+/// // SAFETY: a zeroed sigset_t is a valid value to fill.
+/// let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+/// // SAFETY: building and installing this thread's own signal mask.
+/// unsafe {
+///     libc::sigfillset(&mut set);
+///     libc::sigdelset(&mut set, hotpatch::hook::signal());
+///     libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+/// }
+/// # }
+/// ```
 pub fn signal() -> i32 {
     stop::signal()
 }
@@ -907,6 +950,16 @@ pub fn stop_rounds() -> u64 {
 
 /// The memory mapped for stubs, trampolines and slots, as `(start, end)`
 /// ranges: read-execute or read-only between operations.
+///
+/// # Examples
+///
+/// ```
+/// # if cfg!(all(target_arch = "x86_64", target_os = "linux")) {
+/// for (start, end) in hotpatch::hook::mapped() {
+///     println!("{start:#x}-{end:#x}");
+/// }
+/// # }
+/// ```
 pub fn mapped() -> Vec<(usize, usize)> {
     near::arenas()
 }

@@ -50,6 +50,10 @@
 //! released rounds only grow. So a new round need not wait for the
 //! handlers of the last one to leave.
 //!
+//! The atomics are `std`'s, not the `loom` shim's: the other party of this
+//! protocol is a signal handler on a stopped thread, which loom cannot
+//! model. `tests/hook.rs` runs it on real threads instead.
+//!
 //! # Limits
 //!
 //! - A thread interrupted by *another* signal's handler while it was inside
