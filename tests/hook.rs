@@ -11,7 +11,7 @@ use std::sync::{Arc, Barrier, Mutex, MutexGuard};
 use std::thread;
 use std::time::Duration;
 
-use hotpatch::hook::{self, Options, Refusal, Target, WritePath};
+use hotpatch::hook::{self, Options, Reason, Target, WritePath};
 
 /// Hook tests stop every thread of this test binary: one at a time, so a
 /// thread one test parks on purpose does not refuse another test's stop.
@@ -20,7 +20,7 @@ fn serial() -> MutexGuard<'static, ()> {
     ONE.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn reason(e: hotpatch::Error) -> Refusal {
+fn reason(e: hotpatch::Error) -> Reason {
     match e {
         hotpatch::Error::Hook { reason, .. } => reason,
         other => panic!("not a hook refusal: {other}"),
@@ -80,11 +80,11 @@ fn a_rust_function_is_hooked_redirected_and_unhooked() {
     let original: fn(u64) -> u64 = unsafe { std::mem::transmute(hook.original()) };
     assert_eq!(original(2), 0xfd, "the original stays callable");
     let e = hook::install(&target).unwrap_err();
-    assert_eq!(reason(e), Refusal::AlreadyHooked);
+    assert_eq!(reason(e), Reason::AlreadyHooked);
     hook.unhook().unwrap();
     assert_eq!(code(&target), before, "the original bytes are back");
     assert_eq!(f(2), 0xfd);
-    assert_eq!(reason(hook.unhook().unwrap_err()), Refusal::NotHooked);
+    assert_eq!(reason(hook.unhook().unwrap_err()), Reason::NotHooked);
     // Hooked again: the same chunk, the slot back at the original.
     let again = hook::install(&target).unwrap();
     assert_eq!(again.original(), hook.original());
@@ -93,8 +93,8 @@ fn a_rust_function_is_hooked_redirected_and_unhooked() {
     // second install.
     // SAFETY: the same signature (and refused anyway).
     let stale = unsafe { hook.redirect(price_fixed as *const ()) }.unwrap_err();
-    assert_eq!(reason(stale), Refusal::NotHooked);
-    assert_eq!(reason(hook.unhook().unwrap_err()), Refusal::NotHooked);
+    assert_eq!(reason(stale), Reason::NotHooked);
+    assert_eq!(reason(hook.unhook().unwrap_err()), Reason::NotHooked);
     assert_eq!(f(2), 0xfd);
     again.unhook().unwrap();
     let mut ranges = hook::mapped();
@@ -116,7 +116,7 @@ fn a_function_whose_entry_is_not_the_expected_one_is_refused() {
     other[0] ^= 0xff;
     let options = Options::default().expect_entry(&other);
     match reason(hook::install_with(&target, &options).unwrap_err()) {
-        Refusal::EntryChanged { expected, found } => {
+        Reason::EntryChanged { expected, found } => {
             assert_eq!((expected, found), (other, entry.clone()))
         }
         other => panic!("{other:?}"),
@@ -133,7 +133,7 @@ fn a_function_is_found_by_its_path() {
     assert_eq!(by_path, Target::of(price as *const ()).unwrap());
     assert!(matches!(
         reason(Target::named("hook::no_such_function").unwrap_err()),
-        Refusal::NotFound { .. }
+        Reason::NotFound { .. }
     ));
 }
 
@@ -163,7 +163,7 @@ fn a_loop_head_inside_the_entry_is_refused() {
     let target = Target::of(hook_loop_at_entry as *const ()).unwrap();
     let before = code(&target);
     match reason(hook::install(&target).unwrap_err()) {
-        Refusal::Ineligible(hook::Ineligible::BranchIntoEntry { target: 2, .. }) => {}
+        Reason::Ineligible(hook::Ineligible::BranchIntoEntry { target: 2, .. }) => {}
         other => panic!("{other:?}"),
     }
     let e = target.check().unwrap_err().to_string();
@@ -288,10 +288,11 @@ fn a_thread_inside_the_entry_makes_the_write_wait_then_refuse_or_retry() {
     );
 
     eprintln!("DEBUG page {:p} f {:p}", page.page, target.addr());
-    // Refused at the deadline, naming the thread; nothing changed.
-    let short = Options::default().deadline(Duration::from_millis(200));
+    // Refused at the deadline, naming the thread; nothing changed. (Each
+    // round it is inside; a round cut short by the deadline still names it.)
+    let short = Options::default().deadline(Duration::from_secs(1));
     match reason(hook::install_with(&target, &short).unwrap_err()) {
-        Refusal::ThreadInside { thread, offset } => {
+        Reason::ThreadInside { thread, offset } => {
             assert_eq!(offset, 1);
             assert_eq!(thread.name, "parked-at-f+1");
         }
@@ -352,7 +353,7 @@ fn a_thread_that_blocks_the_stop_signal_is_named() {
     let e = hook::install_with(&target, &options).unwrap_err();
     let text = e.to_string();
     match reason(e) {
-        Refusal::NotStopped(late) => {
+        Reason::NotStopped(late) => {
             assert_eq!(late.len(), 1, "{late:?}");
             assert_eq!(late[0].0.name, "blocks-stop");
             assert!(late[0].1, "said to block the signal");
@@ -541,7 +542,7 @@ fn child_hooks(expect: Result<WritePath, &str>) {
         }
         (Err(e), Err(setting)) => {
             let text = e.to_string();
-            assert!(matches!(reason(e), Refusal::WriteDenied(_)), "{text}");
+            assert!(matches!(reason(e), Reason::WriteDenied(_)), "{text}");
             assert!(
                 text.contains(setting) && text.contains("nothing changed"),
                 "{text}"

@@ -250,7 +250,7 @@ pub enum Error {
         /// The function.
         function: String,
         /// Why.
-        reason: crate::hook::Refusal,
+        reason: crate::hook::Reason,
     },
 
     #[error("{id} is not applied")]

@@ -43,7 +43,7 @@
 //!
 //! Decided from the function's machine code (the executable's `.symtab`
 //! gives its address and length; [`Target::check`] says it without
-//! changing anything). Refused, with [`Refusal::Ineligible`] naming the
+//! changing anything). Refused, with [`Reason::Ineligible`] naming the
 //! instruction: a function shorter than five bytes; a call, branch,
 //! return, interrupt or system call among the replaced instructions; any
 //! branch of the function into the replaced bytes other than their first
@@ -64,7 +64,7 @@
 //!    and parks on a futex;
 //! 2. if a thread is inside `[f + 1, f + len)` the threads are released
 //!    and the stop is tried again after [`Options::retry`], until
-//!    [`Options::deadline`] (then [`Refusal::ThreadInside`], naming it);
+//!    [`Options::deadline`] (then [`Reason::ThreadInside`], naming it);
 //! 3. the bytes are written, the threads released; each executes `cpuid`
 //!    (serialising, Intel SDM vol. 3, 8.1.3) before it resumes.
 //!
@@ -83,10 +83,10 @@
 //! stop by writing back the bytes already there. Where neither works
 //! (`PR_SET_MDWE` or systemd's `MemoryDenyWriteExecute=` *and* a sandbox
 //! or `proc_mem.force_override=never` denying `/proc/self/mem`), install
-//! is refused with [`Refusal::WriteDenied`], which names the setting, and
+//! is refused with [`Reason::WriteDenied`], which names the setting, and
 //! nothing has changed. A stop that does not complete by the deadline
 //! is refused naming the threads that did not stop, by tid and name, and
-//! whether each blocks the stop signal ([`Refusal::NotStopped`]). Stubs,
+//! whether each blocks the stop signal ([`Reason::NotStopped`]). Stubs,
 //! trampolines and slots live in memory mapped within +-2 GiB of the
 //! function, code read-execute and slots read-only between operations;
 //! nothing is left writable.
@@ -102,7 +102,7 @@
 //!   restart after a handler (`epoll_wait`, `poll`, `nanosleep`, ...)
 //!   returns `EINTR`, as with a profiler's signal.
 //! - The signal `SIGRTMAX-2` must be free: if the program installed its
-//!   own handler there, hooking is refused ([`Refusal::Signal`]).
+//!   own handler there, hooking is refused ([`Reason::Signal`]).
 //! - A function inlined into its callers has no entry to redirect: hook
 //!   the callers.
 //! - Per-thread transitions ([`crate::quiescent`], request scopes): a
@@ -212,7 +212,7 @@ extern "C" fn choose(slot: &Slot) -> *const () {
 /// function's code and its slot are as they were.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
-pub enum Refusal {
+pub enum Reason {
     /// No function of this name or at this address in the executable's
     /// symbol table.
     NotFound {
@@ -272,11 +272,11 @@ pub enum Refusal {
     Slot(String),
 }
 
-impl fmt::Display for Refusal {
+impl fmt::Display for Reason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Refusal::NotFound { detail } => write!(f, "not found: {detail}"),
-            Refusal::Ambiguous { symbols } => {
+            Reason::NotFound { detail } => write!(f, "not found: {detail}"),
+            Reason::Ambiguous { symbols } => {
                 write!(
                     f,
                     "{} functions have this name: {}",
@@ -284,9 +284,9 @@ impl fmt::Display for Refusal {
                     symbols.join(", ")
                 )
             }
-            Refusal::Ineligible(why) => write!(f, "{why}"),
-            Refusal::NoNearMemory { detail } => write!(f, "{detail}"),
-            Refusal::NotStopped(threads) => {
+            Reason::Ineligible(why) => write!(f, "{why}"),
+            Reason::NoNearMemory { detail } => write!(f, "{detail}"),
+            Reason::NotStopped(threads) => {
                 write!(f, "threads did not stop before the deadline:")?;
                 for (t, blocks) in threads {
                     write!(f, " {t}")?;
@@ -296,28 +296,28 @@ impl fmt::Display for Refusal {
                 }
                 Ok(())
             }
-            Refusal::ThreadInside { thread, offset } => write!(
+            Reason::ThreadInside { thread, offset } => write!(
                 f,
                 "{thread} was executing the bytes to be replaced (at +{offset:#x}) at every try \
                  until the deadline"
             ),
-            Refusal::WriteDenied(d) => write!(f, "{d}"),
-            Refusal::WriteFailed { detail } => write!(f, "writing the entry failed: {detail}"),
-            Refusal::EntryChanged { expected, found } => write!(
+            Reason::WriteDenied(d) => write!(f, "{d}"),
+            Reason::WriteFailed { detail } => write!(f, "writing the entry failed: {detail}"),
+            Reason::EntryChanged { expected, found } => write!(
                 f,
                 "its entry bytes are not the expected ones (expected {expected:02x?}, found \
                  {found:02x?}): this is not the code the hook was made for"
             ),
-            Refusal::AlreadyHooked => write!(f, "it is hooked already"),
-            Refusal::NotHooked => write!(f, "it is not hooked"),
-            Refusal::Signal(s) => write!(f, "{s}"),
-            Refusal::Threads(s) => write!(f, "{s}"),
-            Refusal::Slot(s) => write!(f, "cannot store into its slot: {s}"),
+            Reason::AlreadyHooked => write!(f, "it is hooked already"),
+            Reason::NotHooked => write!(f, "it is not hooked"),
+            Reason::Signal(s) => write!(f, "{s}"),
+            Reason::Threads(s) => write!(f, "{s}"),
+            Reason::Slot(s) => write!(f, "cannot store into its slot: {s}"),
         }
     }
 }
 
-fn refused(op: &'static str, function: &str, reason: Refusal) -> Error {
+fn refused(op: &'static str, function: &str, reason: Reason) -> Error {
     Error::Hook {
         op,
         function: function.to_owned(),
@@ -339,7 +339,7 @@ impl Target {
     ///
     /// # Errors
     ///
-    /// [`Error::Hook`] with [`Refusal::NotFound`]: no function starts
+    /// [`Error::Hook`] with [`Reason::NotFound`]: no function starts
     /// there, or the executable has no symbol table.
     ///
     /// # Examples
@@ -357,13 +357,13 @@ impl Target {
         let addr = function as usize;
         let name = format!("{function:p}");
         let f = symbols::containing(addr)
-            .map_err(|detail| refused("hook", &name, Refusal::NotFound { detail }))?
+            .map_err(|detail| refused("hook", &name, Reason::NotFound { detail }))?
             .filter(|f| f.addr == addr)
             .ok_or_else(|| {
                 refused(
                     "hook",
                     &name,
-                    Refusal::NotFound {
+                    Reason::NotFound {
                         detail: "no function of the executable's symbol table starts there".into(),
                     },
                 )
@@ -381,7 +381,7 @@ impl Target {
     ///
     /// # Errors
     ///
-    /// [`Refusal::NotFound`], or [`Refusal::Ambiguous`] when several
+    /// [`Reason::NotFound`], or [`Reason::Ambiguous`] when several
     /// functions have that path (generic instantiations: name the symbol).
     ///
     /// # Examples
@@ -394,7 +394,7 @@ impl Target {
     /// ```
     pub fn named(path: &str) -> Result<Target, Error> {
         let found = symbols::named(path)
-            .map_err(|detail| refused("hook", path, Refusal::NotFound { detail }))?;
+            .map_err(|detail| refused("hook", path, Reason::NotFound { detail }))?;
         match found.as_slice() {
             [f] => Ok(Target {
                 name: symbols::name_of(f),
@@ -404,14 +404,14 @@ impl Target {
             [] => Err(refused(
                 "hook",
                 path,
-                Refusal::NotFound {
+                Reason::NotFound {
                     detail: "no function of that name in the executable's symbol table".into(),
                 },
             )),
             many => Err(refused(
                 "hook",
                 path,
-                Refusal::Ambiguous {
+                Reason::Ambiguous {
                     symbols: many.iter().map(|f| f.symbol.clone()).collect(),
                 },
             )),
@@ -463,7 +463,7 @@ impl Target {
     pub fn entry(&self) -> Result<Vec<u8>, Error> {
         decode::entry(self.code(), self.addr as u64)
             .map(|e| e.bytes)
-            .map_err(|why| refused("hook", &self.name, Refusal::Ineligible(why)))
+            .map_err(|why| refused("hook", &self.name, Reason::Ineligible(why)))
     }
 
     /// Whether its entry can be redirected, from its code (nothing
@@ -471,7 +471,7 @@ impl Target {
     ///
     /// # Errors
     ///
-    /// [`Refusal::Ineligible`], naming the instruction.
+    /// [`Reason::Ineligible`], naming the instruction.
     ///
     /// # Examples
     ///
@@ -489,7 +489,7 @@ impl Target {
     pub fn check(&self) -> Result<usize, Error> {
         decode::entry(self.code(), self.addr as u64)
             .map(|e| e.len)
-            .map_err(|why| refused("hook", &self.name, Refusal::Ineligible(why)))
+            .map_err(|why| refused("hook", &self.name, Reason::Ineligible(why)))
     }
 }
 
@@ -523,7 +523,7 @@ pub struct Options {
     pub write_path: Option<WritePath>,
     /// The entry bytes the caller expects (what a patch recorded from the
     /// binary it was built for, [`Target::entry`]): other bytes are refused
-    /// with [`Refusal::EntryChanged`].
+    /// with [`Reason::EntryChanged`].
     pub expect_entry: Option<Vec<u8>>,
 }
 
@@ -608,8 +608,8 @@ fn new_chunk(
     target: &Target,
     entry: &decode::Entry,
     force: Option<WritePath>,
-) -> Result<Chunk, Refusal> {
-    let chunk = near::chunk_near(target.addr).ok_or_else(|| Refusal::NoNearMemory {
+) -> Result<Chunk, Reason> {
+    let chunk = near::chunk_near(target.addr).ok_or_else(|| Reason::NoNearMemory {
         detail: format!(
             "no memory could be mapped within 2 GiB of {:#x} for the trampoline",
             target.addr
@@ -618,7 +618,7 @@ fn new_chunk(
     let tramp_at = chunk.code + TRAMPOLINE;
     let trampoline = entry
         .trampoline(tramp_at as u64, (target.addr + entry.len) as u64)
-        .map_err(|detail| Refusal::NoNearMemory { detail })?;
+        .map_err(|detail| Reason::NoNearMemory { detail })?;
     let stub = decode::stub(chunk.slot as u64);
     let mut code = vec![0xcc; near::CHUNK];
     code[..stub.len()].copy_from_slice(&stub);
@@ -626,13 +626,13 @@ fn new_chunk(
     // No thread runs this chunk until the entry jump, written later under
     // the stop, leads to it; the stop's release serialises every thread.
     let (writer, pages) =
-        write::CodeWriter::probe(chunk.code, near::CHUNK, force).map_err(Refusal::WriteDenied)?;
+        write::CodeWriter::probe(chunk.code, near::CHUNK, force).map_err(Reason::WriteDenied)?;
     writer
         .write(chunk.code, &code, &pages)
-        .map_err(|e| Refusal::WriteFailed {
+        .map_err(|e| Reason::WriteFailed {
             detail: e.to_string(),
         })?;
-    init_slot(&chunk, tramp_at).map_err(Refusal::Slot)?;
+    init_slot(&chunk, tramp_at).map_err(Reason::Slot)?;
     Ok(chunk)
 }
 
@@ -642,7 +642,7 @@ fn new_chunk(
 ///
 /// # Errors
 ///
-/// [`Error::Hook`] with the [`Refusal`]; the function is unchanged.
+/// [`Error::Hook`] with the [`Reason`]; the function is unchanged.
 ///
 /// # Examples
 ///
@@ -661,7 +661,7 @@ pub fn install(target: &Target) -> Result<Hook, Error> {
 ///
 /// ```
 /// use std::time::Duration;
-/// use hotpatch::hook::{self, Options, Refusal, Target};
+/// use hotpatch::hook::{self, Options, Reason, Target};
 ///
 /// #[inline(never)]
 /// fn tax(cents: u64) -> u64 { cents ^ 0x20 }
@@ -676,7 +676,7 @@ pub fn install(target: &Target) -> Result<Hook, Error> {
 ///         println!("stopped {} threads for {:?}", hook.report().threads, hook.report().pause);
 ///         hook.unhook()?;
 ///     }
-///     Err(hotpatch::Error::Hook { reason: Refusal::NotStopped(threads), .. }) => {
+///     Err(hotpatch::Error::Hook { reason: Reason::NotStopped(threads), .. }) => {
 ///         eprintln!("these threads did not stop: {threads:?}")
 ///     }
 ///     Err(e) => return Err(e),
@@ -688,23 +688,23 @@ pub fn install_with(target: &Target, options: &Options) -> Result<Hook, Error> {
     let mut hooks = HOOKS.lock().unwrap_or_else(PoisonError::into_inner);
     let hooks = hooks.get_or_insert_with(HashMap::new);
     if hooks.get(&target.addr).is_some_and(|s| s.installed) {
-        return Err(fail(Refusal::AlreadyHooked));
+        return Err(fail(Reason::AlreadyHooked));
     }
     let entry = decode::entry(target.code(), target.addr as u64)
-        .map_err(|why| fail(Refusal::Ineligible(why)))?;
+        .map_err(|why| fail(Reason::Ineligible(why)))?;
     if let Some(expected) = &options.expect_entry
         && *expected != entry.bytes
     {
-        return Err(fail(Refusal::EntryChanged {
+        return Err(fail(Reason::EntryChanged {
             expected: expected.clone(),
             found: entry.bytes.clone(),
         }));
     }
     let chunk = match hooks.get(&target.addr) {
-        Some(state) if state.installed => return Err(fail(Refusal::AlreadyHooked)),
+        Some(state) if state.installed => return Err(fail(Reason::AlreadyHooked)),
         Some(state) => {
             if state.original != entry.bytes {
-                return Err(fail(Refusal::EntryChanged {
+                return Err(fail(Reason::EntryChanged {
                     expected: state.original.clone(),
                     found: entry.bytes.clone(),
                 }));
@@ -712,7 +712,7 @@ pub fn install_with(target: &Target, options: &Options) -> Result<Hook, Error> {
             // Calls through a stub left from before run the original until
             // the entry is written again.
             store_slot(&state.chunk, state.chunk.code + TRAMPOLINE)
-                .map_err(|e| fail(Refusal::Slot(e)))?;
+                .map_err(|e| fail(Reason::Slot(e)))?;
             state.chunk
         }
         None => {
@@ -730,7 +730,7 @@ pub fn install_with(target: &Target, options: &Options) -> Result<Hook, Error> {
         }
     };
     let jump = decode::jmp_rel32(target.addr as u64, chunk.code as u64)
-        .map_err(|detail| fail(Refusal::NoNearMemory { detail }))?;
+        .map_err(|detail| fail(Reason::NoNearMemory { detail }))?;
     let report = write_entry(
         target,
         entry.len,
@@ -759,10 +759,10 @@ fn write_entry(
     bytes: &[u8],
     original: &[u8],
     options: &Options,
-) -> Result<Report, Refusal> {
+) -> Result<Report, Reason> {
     let f = target.addr;
     let (writer, pages) = write::CodeWriter::probe(f, bytes.len(), options.write_path)
-        .map_err(Refusal::WriteDenied)?;
+        .map_err(Reason::WriteDenied)?;
     let check = |ips: &[usize]| match ips.iter().position(|&ip| ip > f && ip < f + busy) {
         Some(i) => Err((i, ips[i])),
         None => Ok(()),
@@ -777,18 +777,18 @@ fn write_entry(
     };
     let stats = stop::stop_the_world(options.deadline, options.retry, check, write).map_err(
         |e| match e {
-            stop::StopError::NotStopped(t) => Refusal::NotStopped(t),
-            stop::StopError::Busy(thread, ip) => Refusal::ThreadInside {
+            stop::StopError::NotStopped(t) => Reason::NotStopped(t),
+            stop::StopError::Busy(thread, ip) => Reason::ThreadInside {
                 thread,
                 offset: ip.wrapping_sub(f),
             },
-            stop::StopError::TooManyThreads(n) => Refusal::Threads(format!(
+            stop::StopError::TooManyThreads(n) => Reason::Threads(format!(
                 "{n} threads: a stop holds at most {}",
                 stop::MAX_THREADS
             )),
-            stop::StopError::Signal(s) => Refusal::Signal(s),
-            stop::StopError::Io(s) => Refusal::Threads(s),
-            stop::StopError::Write(detail) => Refusal::WriteFailed { detail },
+            stop::StopError::Signal(s) => Reason::Signal(s),
+            stop::StopError::Io(s) => Reason::Threads(s),
+            stop::StopError::Write(detail) => Reason::WriteFailed { detail },
         },
     )?;
     Ok(Report {
@@ -816,14 +816,14 @@ impl Hook {
     fn with_state<T>(
         &self,
         op: &'static str,
-        f: impl FnOnce(&mut State) -> Result<T, Refusal>,
+        f: impl FnOnce(&mut State) -> Result<T, Reason>,
     ) -> Result<T, Error> {
         let mut hooks = HOOKS.lock().unwrap_or_else(PoisonError::into_inner);
         let state = hooks
             .as_mut()
             .and_then(|h| h.get_mut(&self.target.addr))
             .filter(|s| s.installed && s.generation == self.generation)
-            .ok_or_else(|| refused(op, &self.target.name, Refusal::NotHooked))?;
+            .ok_or_else(|| refused(op, &self.target.name, Reason::NotHooked))?;
         f(state).map_err(|reason| refused(op, &self.target.name, reason))
     }
 
@@ -857,12 +857,12 @@ impl Hook {
     ///
     /// # Errors
     ///
-    /// [`Refusal::Slot`] if the slot's page cannot be made writable,
-    /// [`Refusal::NotHooked`] if this install was removed; the slot is
+    /// [`Reason::Slot`] if the slot's page cannot be made writable,
+    /// [`Reason::NotHooked`] if this install was removed; the slot is
     /// unchanged.
     pub unsafe fn redirect(&self, to: *const ()) -> Result<(), Error> {
         self.with_state("redirect", |state| {
-            store_slot(&state.chunk, to as usize).map_err(Refusal::Slot)
+            store_slot(&state.chunk, to as usize).map_err(Reason::Slot)
         })
     }
 
@@ -884,7 +884,7 @@ impl Hook {
     ) -> Result<(), Error> {
         self.with_state("redirect", |state| {
             let window = crate::slot::write_window_pages([(state.chunk.slot, size_of::<Slot>())])
-                .map_err(|e| Refusal::Slot(e.to_string()))?;
+                .map_err(|e| Reason::Slot(e.to_string()))?;
             slot_at(&state.chunk)
                 .begin_transition(choice, FnAddr::new(__hotpatch_hook_dispatch as *const ()));
             drop(window);
@@ -907,11 +907,11 @@ impl Hook {
     ///
     /// # Errors
     ///
-    /// [`Error::Hook`] with the [`Refusal`]; the hook is still installed.
+    /// [`Error::Hook`] with the [`Reason`]; the hook is still installed.
     pub fn unhook(&self) -> Result<Report, Error> {
         self.with_state("unhook", |state| {
             let jump = decode::jmp_rel32(self.target.addr as u64, self.chunk.code as u64)
-                .map_err(|detail| Refusal::NoNearMemory { detail })?;
+                .map_err(|detail| Reason::NoNearMemory { detail })?;
             let original = state.original[..jump.len()].to_vec();
             let report = write_entry(&self.target, jump.len(), &original, &jump, &self.options)?;
             state.installed = false;

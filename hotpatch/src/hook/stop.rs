@@ -500,17 +500,11 @@ where
         }
         if timed_out {
             drop(guard);
-            let late: Vec<i32> = tids
-                .iter()
-                .zip(&stopped)
-                .filter(|&(&t, &s)| !s && !gone(t))
-                .map(|(&t, _)| t)
-                .collect();
-            // The thread that was inside the bytes, released by the last
-            // round and not yet back in this one: it is still the reason.
-            if let Some((tid, ip)) = busy
-                && late == [tid]
-            {
+            // Every round that completed found a thread inside the bytes:
+            // that, not this round's stragglers, kept the write from
+            // happening (on a loaded machine a released thread may not
+            // be scheduled again before the deadline).
+            if let Some((tid, ip)) = busy {
                 return Err(StopError::Busy(thread_name(tid), ip));
             }
             let late: Vec<(ThreadName, bool)> = tids
