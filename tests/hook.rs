@@ -327,6 +327,96 @@ fn a_thread_inside_the_entry_makes_the_write_wait_then_refuse_or_retry() {
     assert_eq!(code(&target), before);
 }
 
+static IN_HANDLER: AtomicBool = AtomicBool::new(false);
+static LEAVE_HANDLER: AtomicBool = AtomicBool::new(false);
+
+/// A `SIGUSR2` handler that stays until told to leave.
+extern "C" fn lingering_handler(_: libc::c_int) {
+    // Relaxed: flags polled by the test and by this handler.
+    IN_HANDLER.store(true, Ordering::Relaxed);
+    // Relaxed: as above.
+    while !LEAVE_HANDLER.load(Ordering::Relaxed) {
+        let pause = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 1_000_000,
+        };
+        // SAFETY: nanosleep is async-signal-safe.
+        unsafe { libc::nanosleep(&pause, std::ptr::null_mut()) };
+    }
+}
+
+#[test]
+fn a_thread_inside_the_entry_under_another_signal_handler_is_seen() {
+    let _one = serial();
+    let Some(page) = MissingPage::new().map(Arc::new) else {
+        println!("skipped: userfaultfd is unavailable here (needed to park a thread at f+1)");
+        return;
+    };
+    let target = Target::of(hook_parked_target as *const ()).unwrap();
+    let before = code(&target);
+    // SAFETY: installing a handler for SIGUSR2, which nothing else in this
+    // test binary uses; an empty mask (the default: its own signal blocked).
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = lingering_handler as *const () as usize;
+        action.sa_flags = libc::SA_RESTART;
+        assert_eq!(
+            libc::sigaction(libc::SIGUSR2, &action, std::ptr::null_mut()),
+            0
+        );
+    }
+    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+    let parked = {
+        let page = Arc::clone(&page);
+        thread::Builder::new()
+            .name("handler-at-f+1".into())
+            .spawn(move || {
+                // SAFETY: gettid has no preconditions.
+                tid_tx.send(unsafe { libc::gettid() }).unwrap();
+                // SAFETY: reads one byte of a mapped page.
+                unsafe { hook_parked_target(page.page) }
+            })
+            .unwrap()
+    };
+    let tid = tid_rx.recv().unwrap();
+    let mut msg = [0u64; 4];
+    // SAFETY: reading the fault's message into memory we own.
+    let n = unsafe { libc::read(page.uffd, msg.as_mut_ptr().cast(), 32) };
+    assert_eq!(n, 32, "{}", std::io::Error::last_os_error());
+    assert_eq!(
+        msg[2] & !0xfff,
+        page.page as u64,
+        "the thread is in the load at f+1"
+    );
+    // Interrupt the load: the handler runs with f+1 in its signal frame.
+    // SAFETY: a signal to a thread of this process, which has a handler.
+    let sent = unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, libc::SIGUSR2) };
+    assert_eq!(sent, 0);
+    // Relaxed: a flag.
+    while !IN_HANDLER.load(Ordering::Relaxed) {
+        thread::sleep(Duration::from_millis(1));
+    }
+
+    let options = Options::default().deadline(Duration::from_secs(1));
+    match reason(hook::install_with(&target, &options).unwrap_err()) {
+        Reason::ThreadInside { thread, offset } => {
+            assert_eq!(offset, 1, "the position saved by the other handler");
+            assert_eq!(thread.name, "handler-at-f+1");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(code(&target), before);
+
+    page.release();
+    // Relaxed: a flag.
+    LEAVE_HANDLER.store(true, Ordering::Relaxed);
+    assert_eq!(
+        parked.join().unwrap(),
+        0,
+        "the thread resumed the original load"
+    );
+}
+
 #[test]
 fn a_thread_that_blocks_the_stop_signal_is_named() {
     let _one = serial();

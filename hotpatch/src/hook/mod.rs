@@ -96,8 +96,13 @@
 //! - x86-64 Linux only.
 //! - A thread that another signal's handler interrupted while it was
 //!   inside the replaced bytes has its position in that handler's signal
-//!   frame, where the stop does not look: if the handler returns into
-//!   rewritten bytes, the thread crashes. Not handled.
+//!   frame: the stop finds such frames on the thread's stack when the
+//!   interrupted context had signals blocked, and then waits as for a
+//!   thread inside the bytes. Not found: a handler installed with
+//!   `SA_NODEFER` and an empty mask (nothing blocked while it runs), a
+//!   handler with a restorer other than the C library's, a frame more
+//!   than 256 KiB up the stack. Such a thread would resume in the middle
+//!   of the jump.
 //! - Each stop interrupts every thread: a system call the kernel does not
 //!   restart after a handler (`epoll_wait`, `poll`, `nanosleep`, ...)
 //!   returns `EINTR`, as with a profiler's signal.
@@ -763,8 +768,9 @@ fn write_entry(
     let f = target.addr;
     let (writer, pages) = write::CodeWriter::probe(f, bytes.len(), options.write_path)
         .map_err(Reason::WriteDenied)?;
-    let check = |ips: &[usize]| match ips.iter().position(|&ip| ip > f && ip < f + busy) {
-        Some(i) => Err((i, ips[i])),
+    let check = |ips: &[(usize, usize)]| match ips.iter().find(|&&(_, ip)| ip > f && ip < f + busy)
+    {
+        Some(&found) => Err(found),
         None => Ok(()),
     };
     let write = || match writer.write(f, bytes, &pages) {

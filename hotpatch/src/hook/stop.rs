@@ -58,10 +58,15 @@
 //!
 //! - A thread interrupted by *another* signal's handler while it was inside
 //!   the bytes has its position in that handler's signal frame, not in its
-//!   instruction pointer: the check sees the handler's address and accepts
-//!   it. If that handler then returns into bytes that were rewritten, the
-//!   thread executes the middle of the jump. The window is a handler that
-//!   runs while the stop signal is not blocked by it; it is not handled.
+//!   instruction pointer. When the interrupted context had any signal
+//!   blocked (a handler runs with at least its own signal blocked, unless
+//!   `SA_NODEFER`), the handler records its stack pointer too, and the
+//!   caller searches the 256 KiB above it for signal frames (the C
+//!   library's `sa_restorer` followed by a `ucontext_t`) and checks each
+//!   saved instruction pointer as well. Not seen: a handler installed with
+//!   `SA_NODEFER` and an empty mask by a thread with no signal blocked, a
+//!   handler with its own restorer (not the C library's), and a frame
+//!   more than 256 KiB above.
 //! - Every thread takes the stop signal: a system call that the kernel does
 //!   not restart after a handler (`epoll_wait`, `poll`, `select`,
 //!   `nanosleep`, `sigtimedwait`, ...) returns `EINTR` in threads that were
@@ -82,6 +87,9 @@ pub(crate) const MAX_THREADS: usize = 4096;
 struct Record {
     tid: AtomicI32,
     ip: AtomicUsize,
+    /// The interrupted stack pointer, when the interrupted context had
+    /// signals blocked (it may be inside another signal's handler), else 0.
+    sp: AtomicUsize,
     /// The round this thread arrived in (0: not yet).
     arrived: AtomicU64,
 }
@@ -90,6 +98,7 @@ struct Record {
 const EMPTY: Record = Record {
     tid: AtomicI32::new(0),
     ip: AtomicUsize::new(0),
+    sp: AtomicUsize::new(0),
     arrived: AtomicU64::new(0),
 };
 
@@ -110,6 +119,11 @@ pub(crate) static ROUNDS: AtomicU64 = AtomicU64::new(0);
 
 /// One stop at a time.
 static STOP: Mutex<()> = Mutex::new(());
+
+/// The signal return trampoline the C library gives every handler
+/// (`sa_restorer`, glibc's `__restore_rt`): the return address of a
+/// handler's frame, just below the context it interrupted.
+static RESTORER: AtomicUsize = AtomicUsize::new(0);
 
 /// A thread, for messages: tid and name.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -199,11 +213,24 @@ extern "C" fn handler(_sig: libc::c_int, _info: *mut libc::siginfo_t, context: *
         {
             // SAFETY: the kernel passes a `ucontext_t` as the third argument
             // of an SA_SIGINFO handler.
-            let ip = unsafe {
-                (*context.cast::<libc::ucontext_t>()).uc_mcontext.gregs[libc::REG_RIP as usize]
-            } as usize;
+            let context = unsafe { &*context.cast::<libc::ucontext_t>() };
+            let ip = context.uc_mcontext.gregs[libc::REG_RIP as usize] as usize;
+            // The kernel's signal mask is the first 64 bits of the set.
+            // SAFETY: a sigset_t is at least 8 bytes of plain data.
+            let mask = unsafe {
+                std::ptr::from_ref(&context.uc_sigmask)
+                    .cast::<u64>()
+                    .read_unaligned()
+            };
+            let sp = if mask != 0 {
+                context.uc_mcontext.gregs[libc::REG_RSP as usize] as usize
+            } else {
+                0
+            };
             // Relaxed: published by the Release store of `arrived`.
             record.ip.store(ip, Ordering::Relaxed);
+            // Relaxed: as above.
+            record.sp.store(sp, Ordering::Relaxed);
             // Release: the caller's Acquire load of `arrived` sees `ip`.
             record.arrived.store(round, Ordering::Release);
             // Release: with the store above, for the caller's futex wait.
@@ -287,6 +314,18 @@ fn install_handler() -> Result<(), StopError> {
                     std::io::Error::last_os_error()
                 ));
             }
+            let mut ours = MaybeUninit::<libc::sigaction>::zeroed();
+            // SAFETY: querying the action just installed into valid memory.
+            if unsafe { libc::sigaction(sig, std::ptr::null(), ours.as_mut_ptr()) } == 0 {
+                // SAFETY: initialised by the successful call.
+                let ours = unsafe { ours.assume_init() };
+                // Relaxed: read by stopping threads after STOP, which the
+                // installing thread held.
+                RESTORER.store(
+                    ours.sa_restorer.map_or(0, |f| f as usize),
+                    Ordering::Relaxed,
+                );
+            }
             Ok(())
         })
         .clone()
@@ -359,6 +398,57 @@ impl Drop for Round {
     }
 }
 
+/// Reads `buf.len()` bytes at `addr` of this process, or fewer where the
+/// memory ends: `process_vm_readv` fails instead of faulting on unmapped
+/// memory. No allocation.
+fn read_own(addr: usize, buf: &mut [u8]) -> usize {
+    let local = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let remote = libc::iovec {
+        iov_base: addr as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    // SAFETY: reads into `buf`, which we own; the kernel checks the source.
+    let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
+    usize::try_from(n).unwrap_or(0)
+}
+
+/// How far above a stopped thread's stack pointer the frames of signal
+/// handlers it is running are looked for.
+const SCAN: usize = 256 * 1024;
+
+/// The instruction pointers saved in the frames of signal handlers that a
+/// stopped thread is running (it was interrupted while inside one): each
+/// frame is the C library's return trampoline (`restorer`) followed by the
+/// `ucontext_t` it returns to. Searched upward from `sp`, at most
+/// [`SCAN`] bytes, and `out` gets each saved `rip`. A word that only looks
+/// like a frame gives an address that can only make the check refuse, never
+/// accept. No allocation (it runs while threads are stopped).
+fn saved_ips(sp: usize, restorer: usize, mut out: impl FnMut(usize)) {
+    const RIP: usize = std::mem::offset_of!(libc::ucontext_t, uc_mcontext)
+        + libc::REG_RIP as usize * size_of::<libc::greg_t>();
+    let mut buf = [0u8; 4096];
+    let mut at = sp & !7;
+    let end = sp.saturating_add(SCAN);
+    while at < end {
+        let n = read_own(at, &mut buf) & !7;
+        if n == 0 {
+            return;
+        }
+        for (i, word) in buf[..n].chunks_exact(8).enumerate() {
+            if usize::from_ne_bytes(word.try_into().expect("8 bytes")) == restorer {
+                let mut rip = [0u8; 8];
+                if read_own(at + i * 8 + 8 + RIP, &mut rip) == 8 {
+                    out(usize::from_ne_bytes(rip));
+                }
+            }
+        }
+        at += n;
+    }
+}
+
 /// The number of threads of this process (`/proc/self/stat`, field 20),
 /// read without allocating (other threads may be stopped holding the
 /// allocator's lock).
@@ -396,7 +486,7 @@ pub(crate) fn stop_the_world<C, W>(
     write: W,
 ) -> Result<StopStats, StopError>
 where
-    C: FnMut(&[usize]) -> Result<(), (usize, usize)>,
+    C: FnMut(&[(usize, usize)]) -> Result<(), (usize, usize)>,
     W: FnOnce() -> std::io::Result<()>,
 {
     let _one = STOP.lock().unwrap_or_else(PoisonError::into_inner);
@@ -418,11 +508,14 @@ where
         let tids: Vec<i32> = listed.iter().copied().collect();
         // Allocated before the stop: nothing is allocated during it.
         let mut stopped = vec![false; tids.len()];
-        let mut ips: Vec<usize> = Vec::with_capacity(tids.len());
+        // (thread index, instruction pointer): each thread's own, and those
+        // saved by signal handlers it was running (a few per thread).
+        let mut ips: Vec<(usize, usize)> = Vec::with_capacity(tids.len() * 4);
         for (record, &tid) in RECORDS.iter().zip(&tids) {
             // Relaxed: published by the SeqCst store of ROUND below.
             record.tid.store(tid, Ordering::Relaxed);
             record.ip.store(0, Ordering::Relaxed);
+            record.sp.store(0, Ordering::Relaxed);
             record.arrived.store(0, Ordering::Relaxed);
         }
         // Relaxed: a wake-up hint, published with the records.
@@ -531,13 +624,22 @@ where
             }
             continue;
         }
-        // Relaxed: after the Acquire load of `arrived`; an exited thread
-        // reads 0, which no check refuses.
-        ips.extend(
-            RECORDS[..tids.len()]
-                .iter()
-                .map(|r| r.ip.load(Ordering::Relaxed)),
-        );
+        // Relaxed: stored when the handler was installed, under STOP.
+        let restorer = RESTORER.load(Ordering::Relaxed);
+        for (i, r) in RECORDS[..tids.len()].iter().enumerate() {
+            // Relaxed: after the Acquire load of `arrived`; an exited thread
+            // reads 0, which no check refuses.
+            ips.push((i, r.ip.load(Ordering::Relaxed)));
+            // Relaxed: as above.
+            let sp = r.sp.load(Ordering::Relaxed);
+            if sp != 0 && restorer != 0 {
+                saved_ips(sp, restorer, |ip| {
+                    if ips.len() < ips.capacity() {
+                        ips.push((i, ip));
+                    }
+                });
+            }
+        }
         match check(&ips) {
             Ok(()) => {
                 let result = (write.take().expect("written once"))();
