@@ -101,8 +101,9 @@
 //!   thread inside the bytes. Not found: a handler installed with
 //!   `SA_NODEFER` and an empty mask (nothing blocked while it runs), a
 //!   handler with a restorer other than the C library's, a frame more
-//!   than 256 KiB up the stack. Such a thread would resume in the middle
-//!   of the jump.
+//!   than 256 KiB up the stack, and any frame where `process_vm_readv` is
+//!   forbidden (some container seccomp profiles). Such a thread would
+//!   resume in the middle of the jump.
 //! - Each stop interrupts every thread: a system call the kernel does not
 //!   restart after a handler (`epoll_wait`, `poll`, `nanosleep`, ...)
 //!   returns `EINTR`, as with a profiler's signal.

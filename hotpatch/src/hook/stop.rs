@@ -65,8 +65,10 @@
 //!   library's `sa_restorer` followed by a `ucontext_t`) and checks each
 //!   saved instruction pointer as well. Not seen: a handler installed with
 //!   `SA_NODEFER` and an empty mask by a thread with no signal blocked, a
-//!   handler with its own restorer (not the C library's), and a frame
-//!   more than 256 KiB above.
+//!   handler with its own restorer (not the C library's), a frame more
+//!   than 256 KiB above, and any frame where `process_vm_readv` is
+//!   forbidden (some container seccomp profiles deny it without
+//!   `CAP_SYS_PTRACE`).
 //! - Every thread takes the stop signal: a system call that the kernel does
 //!   not restart after a handler (`epoll_wait`, `poll`, `select`,
 //!   `nanosleep`, `sigtimedwait`, ...) returns `EINTR` in threads that were
