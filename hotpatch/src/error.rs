@@ -241,6 +241,19 @@ pub enum Error {
     Injected { point: &'static str, path: PathBuf },
 
     /// No applied patch has this id (already reverted).
+    /// A function's entry could not be redirected, or its redirection
+    /// removed ([`crate::hook`]); its code and slot are as they were.
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    #[error("cannot {op} `{function}`, nothing changed: {reason}")]
+    Hook {
+        /// `hook`, `unhook` or `redirect`.
+        op: &'static str,
+        /// The function.
+        function: String,
+        /// Why.
+        reason: crate::hook::Reason,
+    },
+
     #[error("{id} is not applied")]
     NotApplied { id: PatchId },
 }
@@ -290,6 +303,8 @@ impl Error {
             #[cfg(feature = "failpoints")]
             Error::Injected { .. } => "injected",
             Error::NotApplied { .. } => "not_applied",
+            #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+            Error::Hook { .. } => "hook",
         }
     }
 

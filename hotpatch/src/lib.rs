@@ -175,6 +175,27 @@
 //! unscoped one, and the call path is unchanged. See
 //! `examples/tokio-service` and `hotpatch::internals`.
 //!
+//! # Any function: entry redirection
+//!
+//! [`hook`] (x86-64 Linux) redirects a function that was *not* marked
+//! `#[patchable]`: private helpers, the binary crate's functions, generic
+//! instantiations, an async state machine's poll function. Its first
+//! instructions (at least five bytes) are replaced once by a jump to a
+//! stub that jumps through a runtime-owned slot; the slot first points at
+//! a trampoline that runs the original code, and every later change is a
+//! store into the slot. Whether a function's entry can be replaced is
+//! decided from its machine code (no call or branch among the replaced
+//! instructions, no branch of the function into them). The bytes are
+//! written while every other thread of the process is stopped by a
+//! signal outside them (a thread inside them makes the write wait, then
+//! refuse at the deadline, naming it), through `/proc/self/mem` (which
+//! changes no mapping's protection), or with `mprotect` where that is
+//! refused; a process where neither is allowed (memory-deny-write-execute
+//! and no `/proc/self/mem`) refuses with the setting's name, nothing
+//! changed. The module documentation lists what it needs from the system
+//! and its limits. `cargo hotpatch build` does not emit hooks yet: today a
+//! patch still replaces `#[patchable]` functions only.
+//!
 //! # Limits
 //!
 //! - **Generics**: generic functions and methods of generic impls cannot
@@ -247,6 +268,13 @@
 //!   every pointer lies inside the library, the same compiler, target,
 //!   panic strategy and hotpatch ABI, and for each function its path,
 //!   signature fingerprint and argument layouts.
+//! - **Code writes** ([`hook`] only; loading a patch writes no code):
+//!   the runtime writes a function's first bytes through
+//!   `/proc/self/mem`, or makes its page read-write-execute for the
+//!   microseconds of the write and restores it; stubs and trampolines are
+//!   mapped read-execute, their slots read-only between operations. The
+//!   write happens only while every other thread is stopped outside the
+//!   bytes; see [`hook`] for the protocol and what it cannot see.
 //! - **Not defended against**: a trusted patch that is malicious or wrong
 //!   in ways the checks cannot see (a replacement with the right signature
 //!   and the wrong logic, an initialiser with side effects), a service
@@ -325,6 +353,8 @@ mod abi;
 pub mod control;
 mod elf;
 mod error;
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+pub mod hook;
 mod host;
 mod image;
 mod loader;

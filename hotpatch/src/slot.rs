@@ -305,6 +305,15 @@ pub(crate) fn write_window<'a>(
     )
 }
 
+/// Opens a write window on `[addr, addr + len)` ranges outside the slot
+/// table: the pages of hook slots (`hook/near.rs`), read-only between
+/// operations like the table, and counted with it.
+pub(crate) fn write_window_pages(
+    ranges: impl IntoIterator<Item = (usize, usize)>,
+) -> io::Result<Window<'static, Mprotect>> {
+    WINDOWS.open(ranges)
+}
+
 /// How the slot table of this process is protected between operations
 /// (see [`slot_table`](crate::slot_table)).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

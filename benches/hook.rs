@@ -1,0 +1,153 @@
+//! Entry redirection (`hotpatch::hook`, issue 18): what the stop-the-world
+//! pause costs, and what a call through a hooked entry costs.
+//!
+//! Groups, each with its baseline:
+//! - `hook_pause/{idle,busy}/{2,16,64}`: one install of a hook on
+//!   `bench_svc::direct` (then an unhook, not timed), with N other
+//!   threads idle (blocked in a channel receive) or busy (calling in a
+//!   loop). Timed: the report's `pause`, from the first signal of the last
+//!   round to the release, i.e. how long the other threads were stopped.
+//!   Outside criterion, 101 installs per case give the median and the
+//!   maximum (stderr).
+//! - `hook_call`: a loop of calls of `bench_svc::direct` through a
+//!   function pointer: `original` (baseline), `hooked_trampoline` (the
+//!   entry jump, the stub, the trampoline, the jump back),
+//!   `hooked_redirected` (the entry jump and the stub to another function
+//!   with the same body), and `patchable_patched`, `bench_svc::patched`
+//!   with `bench-patch` (the same body) applied.
+//!
+//! Run: `cargo bench --bench hook`.
+
+mod support;
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use hotpatch::hook::{self, Options, Target};
+
+fn target() -> Target {
+    Target::of(bench_svc::direct as *const ()).expect("bench_svc::direct in the symbol table")
+}
+
+/// N threads, idle or busy, until dropped.
+struct Load {
+    stop: Arc<AtomicBool>,
+    threads: Vec<thread::JoinHandle<()>>,
+    senders: Vec<std::sync::mpsc::Sender<()>>,
+}
+
+impl Load {
+    fn new(n: usize, busy: bool) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        let mut senders = Vec::new();
+        for _ in 0..n {
+            let stop = stop.clone();
+            let (tx, rx) = std::sync::mpsc::channel::<()>();
+            senders.push(tx);
+            threads.push(thread::spawn(move || {
+                if busy {
+                    let f: fn(u64) -> u64 = black_box(bench_svc::direct);
+                    let mut x = 0u64;
+                    // Relaxed: a stop flag.
+                    while !stop.load(Ordering::Relaxed) {
+                        x = black_box(f(x));
+                    }
+                } else {
+                    let _ = rx.recv();
+                }
+            }));
+        }
+        Load {
+            stop,
+            threads,
+            senders,
+        }
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        // Relaxed: a stop flag.
+        self.stop.store(true, Ordering::Relaxed);
+        self.senders.clear();
+        for t in self.threads.drain(..) {
+            t.join().unwrap();
+        }
+    }
+}
+
+fn one_pause(t: &Target, options: &Options) -> Duration {
+    let h = hook::install_with(t, options).expect("install");
+    let pause = h.report().pause;
+    h.unhook().expect("unhook");
+    pause
+}
+
+fn hook_pause(c: &mut Criterion) {
+    let t = target();
+    let options = Options::default().deadline(Duration::from_secs(10));
+    let mut g = c.benchmark_group("hook_pause");
+    g.sample_size(20);
+    g.warm_up_time(Duration::from_millis(500));
+    g.measurement_time(Duration::from_secs(3));
+    for busy in [false, true] {
+        for n in [2usize, 16, 64] {
+            let kind = if busy { "busy" } else { "idle" };
+            let _load = Load::new(n, busy);
+            thread::sleep(Duration::from_millis(50));
+            let mut pauses: Vec<Duration> = (0..101).map(|_| one_pause(&t, &options)).collect();
+            pauses.sort();
+            eprintln!(
+                "hook_pause/{kind}/{n}: median {:?}, max {:?} (101 installs)",
+                pauses[50], pauses[100]
+            );
+            g.bench_function(format!("{kind}/{n}"), |b| {
+                b.iter_custom(|iters| (0..iters).map(|_| one_pause(&t, &options)).sum())
+            });
+        }
+    }
+    g.finish();
+}
+
+#[inline(never)]
+fn replacement(x: u64) -> u64 {
+    bench_svc::body(x)
+}
+
+#[inline(never)]
+fn calls(f: fn(u64) -> u64, iters: u64) -> Duration {
+    let start = Instant::now();
+    for i in 0..iters {
+        black_box(f(black_box(i)));
+    }
+    start.elapsed()
+}
+
+fn hook_call(c: &mut Criterion) {
+    let dir = std::env::temp_dir().join(format!("hotpatch-bench-hook-{}", std::process::id()));
+    let patch = hotpatch::load(support::patch(&dir, "bench-patch")).expect("load bench-patch");
+    let _ = std::fs::remove_dir_all(&dir);
+    let direct: fn(u64) -> u64 = black_box(bench_svc::direct);
+    let patched: fn(u64) -> u64 = black_box(bench_svc::patched);
+    let mut g = c.benchmark_group("hook_call");
+    g.bench_function("original", |b| b.iter_custom(|n| calls(direct, n)));
+    g.bench_function("patchable_patched", |b| {
+        b.iter_custom(|n| calls(patched, n))
+    });
+    let h = hook::install(&target()).expect("install");
+    g.bench_function("hooked_trampoline", |b| b.iter_custom(|n| calls(direct, n)));
+    // SAFETY: the same signature.
+    unsafe { h.redirect(replacement as *const ()) }.expect("redirect");
+    g.bench_function("hooked_redirected", |b| b.iter_custom(|n| calls(direct, n)));
+    h.unhook().expect("unhook");
+    g.finish();
+    patch.revert().expect("revert");
+}
+
+criterion_group!(benches, hook_pause, hook_call);
+criterion_main!(benches);

@@ -1,0 +1,1026 @@
+//! Entry redirection ("hooking"): any function of the executable, marked
+//! `#[patchable]` or not, routed through a slot.
+//!
+//! A function that was not marked in advance has no slot on its call
+//! path. [`install`] gives it one: its first instructions (at least five
+//! bytes, whole instructions) are replaced by a `jmp rel32` to a *stub*,
+//! `movabs $slot, %r11; jmp *(%r11)`, through a runtime-owned
+//! [`Slot`].
+//! The slot first points at the *trampoline*: the replaced instructions,
+//! re-encoded at their new address (a `rip`-relative operand gets a new
+//! displacement), then a jump back to the rest of the function. So right
+//! after `install` every call runs the original code; [`Hook::redirect`]
+//! points the slot at a replacement, and [`Hook::original`] keeps the
+//! original callable. After the one-time entry write every change is a
+//! store into the slot, like a `#[patchable]` function's. [`Hook::unhook`]
+//! writes the original bytes back.
+//!
+//! ```
+//! use std::hint::black_box;
+//!
+//! #[inline(never)]
+//! fn price(qty: u64) -> u64 {
+//!     qty ^ 0xff // the bug
+//! }
+//! fn fixed(qty: u64) -> u64 {
+//!     qty ^ 0x0f
+//! }
+//!
+//! # fn main() -> Result<(), hotpatch::Error> {
+//! # if !cfg!(all(target_arch = "x86_64", target_os = "linux")) { return Ok(()) }
+//! let price_fn: fn(u64) -> u64 = black_box(price);
+//! let hook = hotpatch::hook::install(&hotpatch::hook::Target::of(price as *const ())?)?;
+//! assert_eq!(price_fn(2), 0xfd, "installed: the original still runs");
+//! // SAFETY: `fixed` has exactly `price`'s signature and ABI.
+//! unsafe { hook.redirect(fixed as *const ())? };
+//! assert_eq!(price_fn(2), 0x0d);
+//! hook.unhook()?;
+//! assert_eq!(price_fn(2), 0xfd);
+//! # Ok(()) }
+//! ```
+//!
+//! # Which functions
+//!
+//! Decided from the function's machine code (the executable's `.symtab`
+//! gives its address and length; [`Target::check`] says it without
+//! changing anything). Refused, with [`Reason::Ineligible`] naming the
+//! instruction: a function shorter than five bytes; a call, branch,
+//! return, interrupt or system call among the replaced instructions; any
+//! branch of the function into the replaced bytes other than their first
+//! byte (a loop whose head is at `f + 2`); bytes that do not decode. Not
+//! visible in the code, and so not checked: an indirect jump through a
+//! table into the replaced bytes (compilers place switch targets after
+//! the entry) and a branch from *another* function into them; the
+//! stop-the-world below still refuses to write while a thread is there.
+//!
+//! # The write, and what it needs from the system
+//!
+//! The entry bytes are written while every other thread of the process is
+//! stopped *outside* them (`stop.rs` has the protocol):
+//!
+//! 1. each thread (`/proc/self/task`) gets a dedicated real-time signal
+//!    ([`signal`], `SIGRTMAX-2`) with `tgkill`; its handler, with every
+//!    other signal blocked, records the interrupted instruction pointer
+//!    and parks on a futex;
+//! 2. if a thread is inside `[f + 1, f + len)` the threads are released
+//!    and the stop is tried again after [`Options::retry`], until
+//!    [`Options::deadline`] (then [`Reason::ThreadInside`], naming it);
+//! 3. the bytes are written, the threads released; each executes `cpuid`
+//!    (serialising, Intel SDM vol. 3, 8.1.3) before it resumes.
+//!
+//! During the write every other thread is in the handler, parked, at an
+//! instruction pointer outside the bytes (or was created by no one: every
+//! thread that could create one is parked, and the thread count is checked
+//! after the stop). Threads resume at the instruction they were
+//! interrupted at: before `f` or at it, they run the jump; past the bytes,
+//! the untouched rest. No return address points into the bytes, because
+//! no call is among them.
+//!
+//! The code is written through `/proc/self/mem` first, which leaves every
+//! mapping's protection alone (it works under memory-deny-write-execute);
+//! where that is refused, by making the page read-write-execute with
+//! `mprotect` for the write and restoring it. Both are probed before the
+//! stop by writing back the bytes already there. Where neither works
+//! (`PR_SET_MDWE` or systemd's `MemoryDenyWriteExecute=` *and* a sandbox
+//! or `proc_mem.force_override=never` denying `/proc/self/mem`), install
+//! is refused with [`Reason::WriteDenied`], which names the setting, and
+//! nothing has changed. A stop that does not complete by the deadline
+//! is refused naming the threads that did not stop, by tid and name, and
+//! whether each blocks the stop signal ([`Reason::NotStopped`]). Stubs,
+//! trampolines and slots live in memory mapped within +-2 GiB of the
+//! function, code read-execute and slots read-only between operations;
+//! nothing is left writable.
+//!
+//! # Limits
+//!
+//! - x86-64 Linux only.
+//! - A thread that another signal's handler interrupted while it was
+//!   inside the replaced bytes has its position in that handler's signal
+//!   frame: the stop finds such frames on the thread's stack when the
+//!   interrupted context had signals blocked, and then waits as for a
+//!   thread inside the bytes. Not found: a handler installed with
+//!   `SA_NODEFER` and an empty mask (nothing blocked while it runs), a
+//!   handler with a restorer other than the C library's, a frame more
+//!   than 256 KiB up the stack, and any frame where `process_vm_readv` is
+//!   forbidden (some container seccomp profiles). Such a thread would
+//!   resume in the middle of the jump.
+//! - Each stop interrupts every thread: a system call the kernel does not
+//!   restart after a handler (`epoll_wait`, `poll`, `nanosleep`, ...)
+//!   returns `EINTR`, as with a profiler's signal.
+//! - The signal `SIGRTMAX-2` must be free: if the program installed its
+//!   own handler there, hooking is refused ([`Reason::Signal`]).
+//! - A function inlined into its callers has no entry to redirect: hook
+//!   the callers.
+//! - Per-thread transitions ([`crate::quiescent`], request scopes): a
+//!   hook's slot is a [`Slot`] and the runtime has
+//!   one dispatcher for every hook (it saves the argument registers, asks
+//!   the slot which implementation the calling thread runs, and jumps
+//!   there), but the loader's transitions do not drive hooks yet:
+//!   [`Hook::redirect`] switches every thread at once (each call old or
+//!   new, never torn).
+
+mod decode;
+mod near;
+mod stop;
+mod symbols;
+mod write;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+pub use decode::Ineligible;
+pub use stop::ThreadName;
+pub use write::{WriteDenied, WritePath};
+
+use crate::Error;
+use crate::slot::{FnAddr, Slot};
+use near::Chunk;
+
+/// Where a trampoline starts in a chunk (the stub is at 0).
+const TRAMPOLINE: usize = 16;
+
+// The dispatcher of every hook during a per-thread transition: entered
+// from a stub with `r11` = the hook's slot, it saves every register that
+// may carry an argument (rdi, rsi, rdx, rcx, r8, r9, rax for a variadic
+// call's count, r10 for a static chain, xmm0-7), asks the slot which
+// implementation this thread runs (`Slot::choose`: old or new by its
+// universe or its request's), restores them and jumps there, so the
+// implementation sees the call exactly as the stub received it (the
+// stack pointer, the return address and any stack arguments unchanged).
+// One dispatcher for every signature: it never reads the arguments.
+std::arch::global_asm!(
+    ".pushsection .text.__hotpatch_hook_dispatch,\"ax\",@progbits",
+    ".p2align 4",
+    // Global (another codegen unit names it), hidden (not exported).
+    ".globl __hotpatch_hook_dispatch",
+    ".hidden __hotpatch_hook_dispatch",
+    ".type __hotpatch_hook_dispatch,@function",
+    "__hotpatch_hook_dispatch:",
+    // At entry rsp = 8 (mod 16); after rbp and 8 registers, 0; after 128, 0.
+    "    push rbp",
+    "    mov rbp, rsp",
+    "    push rdi",
+    "    push rsi",
+    "    push rdx",
+    "    push rcx",
+    "    push r8",
+    "    push r9",
+    "    push rax",
+    "    push r10",
+    "    sub rsp, 128",
+    "    movdqu [rsp], xmm0",
+    "    movdqu [rsp + 16], xmm1",
+    "    movdqu [rsp + 32], xmm2",
+    "    movdqu [rsp + 48], xmm3",
+    "    movdqu [rsp + 64], xmm4",
+    "    movdqu [rsp + 80], xmm5",
+    "    movdqu [rsp + 96], xmm6",
+    "    movdqu [rsp + 112], xmm7",
+    "    mov rdi, r11",
+    "    call {choose}",
+    "    mov r11, rax",
+    "    movdqu xmm0, [rsp]",
+    "    movdqu xmm1, [rsp + 16]",
+    "    movdqu xmm2, [rsp + 32]",
+    "    movdqu xmm3, [rsp + 48]",
+    "    movdqu xmm4, [rsp + 64]",
+    "    movdqu xmm5, [rsp + 80]",
+    "    movdqu xmm6, [rsp + 96]",
+    "    movdqu xmm7, [rsp + 112]",
+    "    add rsp, 128",
+    "    pop r10",
+    "    pop rax",
+    "    pop r9",
+    "    pop r8",
+    "    pop rcx",
+    "    pop rdx",
+    "    pop rsi",
+    "    pop rdi",
+    "    pop rbp",
+    "    jmp r11",
+    ".size __hotpatch_hook_dispatch, . - __hotpatch_hook_dispatch",
+    ".popsection",
+    choose = sym choose,
+);
+
+unsafe extern "C" {
+    fn __hotpatch_hook_dispatch();
+}
+
+/// What the dispatcher asks: the implementation the calling thread runs.
+extern "C" fn choose(slot: &Slot) -> *const () {
+    slot.choose()
+}
+
+/// Why a hook could not be installed or removed. Whatever it says, the
+/// function's code and its slot are as they were.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Reason {
+    /// No function of this name or at this address in the executable's
+    /// symbol table.
+    NotFound {
+        /// What was looked for and where.
+        detail: String,
+    },
+    /// Several functions have this name: name the symbol instead.
+    Ambiguous {
+        /// Their symbols.
+        symbols: Vec<String>,
+    },
+    /// The function's code does not allow redirecting its entry.
+    Ineligible(Ineligible),
+    /// No memory could be mapped within +-2 GiB of the function, or a
+    /// trampoline instruction cannot be encoded there.
+    NoNearMemory {
+        /// What failed.
+        detail: String,
+    },
+    /// Threads that did not stop by the deadline (`true`: it blocks the
+    /// stop signal now).
+    NotStopped(Vec<(ThreadName, bool)>),
+    /// A thread was inside the bytes to be written at every try until the
+    /// deadline.
+    ThreadInside {
+        /// The thread.
+        thread: ThreadName,
+        /// Its instruction pointer's offset from the function's start.
+        offset: usize,
+    },
+    /// This process may not write code.
+    WriteDenied(WriteDenied),
+    /// The write itself failed under the stop (the probe had succeeded).
+    WriteFailed {
+        /// The error.
+        detail: String,
+    },
+    /// The entry bytes are not those expected ([`Options::expect_entry`]),
+    /// or not those recorded when the function was first hooked
+    /// (something else rewrote them).
+    EntryChanged {
+        /// Recorded.
+        expected: Vec<u8>,
+        /// Found.
+        found: Vec<u8>,
+    },
+    /// The function is hooked already.
+    AlreadyHooked,
+    /// The hook was removed already.
+    NotHooked,
+    /// The stop signal cannot be used.
+    Signal(String),
+    /// Listing or signalling the threads failed, or there were too many.
+    Threads(String),
+    /// Storing into the hook's slot failed (its page could not be made
+    /// writable).
+    Slot(String),
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Reason::NotFound { detail } => write!(f, "not found: {detail}"),
+            Reason::Ambiguous { symbols } => {
+                write!(
+                    f,
+                    "{} functions have this name: {}",
+                    symbols.len(),
+                    symbols.join(", ")
+                )
+            }
+            Reason::Ineligible(why) => write!(f, "{why}"),
+            Reason::NoNearMemory { detail } => write!(f, "{detail}"),
+            Reason::NotStopped(threads) => {
+                write!(f, "threads did not stop before the deadline:")?;
+                for (t, blocks) in threads {
+                    write!(f, " {t}")?;
+                    if *blocks {
+                        write!(f, " (blocks signal {}, SIGRTMAX-2)", signal())?;
+                    }
+                }
+                Ok(())
+            }
+            Reason::ThreadInside { thread, offset } => write!(
+                f,
+                "{thread} was executing the bytes to be replaced (at +{offset:#x}) at every try \
+                 until the deadline"
+            ),
+            Reason::WriteDenied(d) => write!(f, "{d}"),
+            Reason::WriteFailed { detail } => write!(f, "writing the entry failed: {detail}"),
+            Reason::EntryChanged { expected, found } => write!(
+                f,
+                "its entry bytes are not the expected ones (expected {expected:02x?}, found \
+                 {found:02x?}): this is not the code the hook was made for"
+            ),
+            Reason::AlreadyHooked => write!(f, "it is hooked already"),
+            Reason::NotHooked => write!(f, "it is not hooked"),
+            Reason::Signal(s) => write!(f, "{s}"),
+            Reason::Threads(s) => write!(f, "{s}"),
+            Reason::Slot(s) => write!(f, "cannot store into its slot: {s}"),
+        }
+    }
+}
+
+fn refused(op: &'static str, function: &str, reason: Reason) -> Error {
+    Error::Hook {
+        op,
+        function: function.to_owned(),
+        reason,
+    }
+}
+
+/// A function of this executable: its name, address and length.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    name: String,
+    addr: usize,
+    len: usize,
+}
+
+impl Target {
+    /// The function at `function` (its first byte), from the executable's
+    /// symbol table.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Hook`] with [`Reason::NotFound`]: no function starts
+    /// there, or the executable has no symbol table.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// #[inline(never)]
+    /// fn answer() -> u32 { std::hint::black_box(42) }
+    /// # fn main() {
+    /// # if !cfg!(all(target_arch = "x86_64", target_os = "linux")) { return }
+    /// let target = hotpatch::hook::Target::of(answer as *const ()).unwrap();
+    /// assert!(target.name().ends_with("answer"));
+    /// # }
+    /// ```
+    pub fn of(function: *const ()) -> Result<Target, Error> {
+        let addr = function as usize;
+        let name = format!("{function:p}");
+        let f = symbols::containing(addr)
+            .map_err(|detail| refused("hook", &name, Reason::NotFound { detail }))?
+            .filter(|f| f.addr == addr)
+            .ok_or_else(|| {
+                refused(
+                    "hook",
+                    &name,
+                    Reason::NotFound {
+                        detail: "no function of the executable's symbol table starts there".into(),
+                    },
+                )
+            })?;
+        Ok(Target {
+            name: symbols::name_of(f),
+            addr: f.addr,
+            len: f.len,
+        })
+    }
+
+    /// The function named `path` in the executable's symbol table: its
+    /// symbol, or its demangled path without the hash
+    /// (`my_service::db::Db::get`).
+    ///
+    /// # Errors
+    ///
+    /// [`Reason::NotFound`], or [`Reason::Ambiguous`] when several
+    /// functions have that path (generic instantiations: name the symbol).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # if cfg!(all(target_arch = "x86_64", target_os = "linux")) {
+    /// let e = hotpatch::hook::Target::named("no::such::function").unwrap_err();
+    /// assert!(e.to_string().contains("not found"), "{e}");
+    /// # }
+    /// ```
+    pub fn named(path: &str) -> Result<Target, Error> {
+        let found = symbols::named(path)
+            .map_err(|detail| refused("hook", path, Reason::NotFound { detail }))?;
+        match found.as_slice() {
+            [f] => Ok(Target {
+                name: symbols::name_of(f),
+                addr: f.addr,
+                len: f.len,
+            }),
+            [] => Err(refused(
+                "hook",
+                path,
+                Reason::NotFound {
+                    detail: "no function of that name in the executable's symbol table".into(),
+                },
+            )),
+            many => Err(refused(
+                "hook",
+                path,
+                Reason::Ambiguous {
+                    symbols: many.iter().map(|f| f.symbol.clone()).collect(),
+                },
+            )),
+        }
+    }
+
+    /// A function given by hand.
+    ///
+    /// # Safety
+    ///
+    /// `[addr, addr + len)` must be exactly one function's machine code,
+    /// mapped and executable for the life of the process.
+    pub unsafe fn from_raw_parts(name: impl Into<String>, addr: *const (), len: usize) -> Target {
+        Target {
+            name: name.into(),
+            addr: addr as usize,
+            len,
+        }
+    }
+
+    /// Its name (demangled, without the hash).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its address.
+    pub fn addr(&self) -> *const () {
+        self.addr as *const ()
+    }
+
+    /// Its length in bytes.
+    #[allow(clippy::len_without_is_empty)]
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    fn code(&self) -> &'static [u8] {
+        // SAFETY: a Target is a function's code, mapped for the life of the
+        // process (`of`/`named` read it from the executable's symbol table;
+        // `from_raw_parts` is the caller's promise).
+        unsafe { std::slice::from_raw_parts(self.addr as *const u8, self.len) }
+    }
+
+    /// The bytes the jump would replace, for [`Options::expect_entry`].
+    ///
+    /// # Errors
+    ///
+    /// As [`check`](Self::check).
+    pub fn entry(&self) -> Result<Vec<u8>, Error> {
+        decode::entry(self.code(), self.addr as u64)
+            .map(|e| e.bytes)
+            .map_err(|why| refused("hook", &self.name, Reason::Ineligible(why)))
+    }
+
+    /// Whether its entry can be redirected, from its code (nothing
+    /// changes): the number of bytes the jump would replace.
+    ///
+    /// # Errors
+    ///
+    /// [`Reason::Ineligible`], naming the instruction.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// #[inline(never)]
+    /// fn sum(n: u64) -> u64 { (0..std::hint::black_box(n)).map(|i| i * i).sum() }
+    /// # fn main() {
+    /// # if !cfg!(all(target_arch = "x86_64", target_os = "linux")) { return }
+    /// match hotpatch::hook::Target::of(sum as *const ()).unwrap().check() {
+    ///     Ok(bytes) => assert!(bytes >= 5),
+    ///     Err(e) => println!("{e}"),
+    /// }
+    /// # }
+    /// ```
+    pub fn check(&self) -> Result<usize, Error> {
+        decode::entry(self.code(), self.addr as u64)
+            .map(|e| e.len)
+            .map_err(|why| refused("hook", &self.name, Reason::Ineligible(why)))
+    }
+}
+
+/// What one entry write took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Report {
+    /// Stop-the-world rounds (more than one when a thread was inside the
+    /// bytes, or threads were created during the stop).
+    pub rounds: u32,
+    /// Threads stopped in the last round.
+    pub threads: usize,
+    /// How long they were stopped in the last round: from the first signal
+    /// to the release.
+    pub pause: Duration,
+    /// How the bytes were written.
+    pub write_path: WritePath,
+}
+
+/// How [`install`] and [`Hook::unhook`] stop the threads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Options {
+    /// Give up (nothing changed) after this long. Default 1 s.
+    pub deadline: Duration,
+    /// Wait this long before another try when a thread is inside the
+    /// bytes. Default 1 ms.
+    pub retry: Duration,
+    /// Only this way of writing code (default: `/proc/self/mem`, else
+    /// `mprotect`).
+    pub write_path: Option<WritePath>,
+    /// The entry bytes the caller expects (what a patch recorded from the
+    /// binary it was built for, [`Target::entry`]): other bytes are refused
+    /// with [`Reason::EntryChanged`].
+    pub expect_entry: Option<Vec<u8>>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            deadline: Duration::from_secs(1),
+            retry: Duration::from_millis(1),
+            write_path: None,
+            expect_entry: None,
+        }
+    }
+}
+
+impl Options {
+    /// Sets the deadline.
+    pub fn deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = deadline;
+        self
+    }
+
+    /// Sets the pause between tries.
+    pub fn retry(mut self, retry: Duration) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// Allows only `path` for writing code.
+    pub fn write_path(mut self, path: WritePath) -> Self {
+        self.write_path = Some(path);
+        self
+    }
+
+    /// Refuses a function whose entry is not `bytes`.
+    pub fn expect_entry(mut self, bytes: &[u8]) -> Self {
+        self.expect_entry = Some(bytes.to_vec());
+        self
+    }
+}
+
+/// Per hooked function, for the life of the process: its chunk (reused if
+/// it is hooked again) and its original entry bytes.
+struct State {
+    chunk: Chunk,
+    original: Vec<u8>,
+    installed: bool,
+    /// Counts installs: a [`Hook`] acts only on the install it was
+    /// returned by (a stale handle cannot store into the slot of a later
+    /// install, or remove it).
+    generation: u64,
+}
+
+static HOOKS: Mutex<Option<HashMap<usize, State>>> = Mutex::new(None);
+
+fn slot_at(chunk: &Chunk) -> &'static Slot {
+    // SAFETY: the chunk's slot was initialised (`init_slot`) before any
+    // State holding it was stored, and its memory is never unmapped.
+    unsafe { &*(chunk.slot as *const Slot) }
+}
+
+fn store_slot(chunk: &Chunk, to: usize) -> Result<(), String> {
+    let window = crate::slot::write_window_pages([(chunk.slot, size_of::<Slot>())])
+        .map_err(|e| e.to_string())?;
+    slot_at(chunk).set(FnAddr::new(to as *const ()));
+    drop(window);
+    Ok(())
+}
+
+fn init_slot(chunk: &Chunk, to: usize) -> Result<(), String> {
+    let window = crate::slot::write_window_pages([(chunk.slot, size_of::<Slot>())])
+        .map_err(|e| e.to_string())?;
+    // SAFETY: the slot's memory is ours, aligned (chunks are 128 bytes
+    // apart on a page boundary), writable while the window is open, and no
+    // one reads it yet.
+    unsafe { std::ptr::write(chunk.slot as *mut Slot, Slot::new(to as *const ())) };
+    drop(window);
+    Ok(())
+}
+
+/// Maps a chunk near `target` and writes its stub and trampoline.
+fn new_chunk(
+    target: &Target,
+    entry: &decode::Entry,
+    force: Option<WritePath>,
+) -> Result<Chunk, Reason> {
+    let chunk = near::chunk_near(target.addr).ok_or_else(|| Reason::NoNearMemory {
+        detail: format!(
+            "no memory could be mapped within 2 GiB of {:#x} for the trampoline",
+            target.addr
+        ),
+    })?;
+    let tramp_at = chunk.code + TRAMPOLINE;
+    let trampoline = entry
+        .trampoline(tramp_at as u64, (target.addr + entry.len) as u64)
+        .map_err(|detail| Reason::NoNearMemory { detail })?;
+    let stub = decode::stub(chunk.slot as u64);
+    let mut code = vec![0xcc; near::CHUNK];
+    code[..stub.len()].copy_from_slice(&stub);
+    code[TRAMPOLINE..TRAMPOLINE + trampoline.len()].copy_from_slice(&trampoline);
+    // No thread runs this chunk until the entry jump, written later under
+    // the stop, leads to it; the stop's release serialises every thread.
+    let (writer, pages) =
+        write::CodeWriter::probe(chunk.code, near::CHUNK, force).map_err(Reason::WriteDenied)?;
+    writer
+        .write(chunk.code, &code, &pages)
+        .map_err(|e| Reason::WriteFailed {
+            detail: e.to_string(),
+        })?;
+    init_slot(&chunk, tramp_at).map_err(Reason::Slot)?;
+    Ok(chunk)
+}
+
+/// Redirects `target`'s entry to a slot that first points at its
+/// original code (so calls behave as before), under a stop-the-world with
+/// the default [`Options`].
+///
+/// # Errors
+///
+/// [`Error::Hook`] with the [`Reason`]; the function is unchanged.
+///
+/// # Examples
+///
+/// See the [module documentation](self).
+pub fn install(target: &Target) -> Result<Hook, Error> {
+    install_with(target, &Options::default())
+}
+
+/// [`install`] with `options`.
+///
+/// # Errors
+///
+/// As [`install`].
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use hotpatch::hook::{self, Options, Reason, Target};
+///
+/// #[inline(never)]
+/// fn tax(cents: u64) -> u64 { cents ^ 0x20 }
+/// # fn main() -> Result<(), hotpatch::Error> {
+/// # if !cfg!(all(target_arch = "x86_64", target_os = "linux")) { return Ok(()) }
+/// let target = Target::of(tax as *const ())?;
+/// let options = Options::default()
+///     .deadline(Duration::from_millis(200)) // give up sooner than 1 s
+///     .expect_entry(&target.entry()?); // what a patch would have recorded
+/// match hook::install_with(&target, &options) {
+///     Ok(hook) => {
+///         println!("stopped {} threads for {:?}", hook.report().threads, hook.report().pause);
+///         hook.unhook()?;
+///     }
+///     Err(hotpatch::Error::Hook { reason: Reason::NotStopped(threads), .. }) => {
+///         eprintln!("these threads did not stop: {threads:?}")
+///     }
+///     Err(e) => return Err(e),
+/// }
+/// # Ok(()) }
+/// ```
+pub fn install_with(target: &Target, options: &Options) -> Result<Hook, Error> {
+    let fail = |reason| refused("hook", &target.name, reason);
+    let mut hooks = HOOKS.lock().unwrap_or_else(PoisonError::into_inner);
+    let hooks = hooks.get_or_insert_with(HashMap::new);
+    if hooks.get(&target.addr).is_some_and(|s| s.installed) {
+        return Err(fail(Reason::AlreadyHooked));
+    }
+    let entry = decode::entry(target.code(), target.addr as u64)
+        .map_err(|why| fail(Reason::Ineligible(why)))?;
+    if let Some(expected) = &options.expect_entry
+        && *expected != entry.bytes
+    {
+        return Err(fail(Reason::EntryChanged {
+            expected: expected.clone(),
+            found: entry.bytes.clone(),
+        }));
+    }
+    let chunk = match hooks.get(&target.addr) {
+        Some(state) if state.installed => return Err(fail(Reason::AlreadyHooked)),
+        Some(state) => {
+            if state.original != entry.bytes {
+                return Err(fail(Reason::EntryChanged {
+                    expected: state.original.clone(),
+                    found: entry.bytes.clone(),
+                }));
+            }
+            // Calls through a stub left from before run the original until
+            // the entry is written again.
+            store_slot(&state.chunk, state.chunk.code + TRAMPOLINE)
+                .map_err(|e| fail(Reason::Slot(e)))?;
+            state.chunk
+        }
+        None => {
+            let chunk = new_chunk(target, &entry, options.write_path).map_err(fail)?;
+            hooks.insert(
+                target.addr,
+                State {
+                    chunk,
+                    original: entry.bytes.clone(),
+                    installed: false,
+                    generation: 0,
+                },
+            );
+            chunk
+        }
+    };
+    let jump = decode::jmp_rel32(target.addr as u64, chunk.code as u64)
+        .map_err(|detail| fail(Reason::NoNearMemory { detail }))?;
+    let report = write_entry(
+        target,
+        entry.len,
+        &jump,
+        &entry.bytes[..jump.len()],
+        options,
+    )
+    .map_err(fail)?;
+    let state = hooks.get_mut(&target.addr).expect("inserted above");
+    state.installed = true;
+    state.generation += 1;
+    Ok(Hook {
+        target: target.clone(),
+        chunk,
+        report,
+        options: options.clone(),
+        generation: state.generation,
+    })
+}
+
+/// Writes `bytes` at the target's entry under a stop that refuses while a
+/// thread is in `(f, f + busy)`. `original` is what is there now.
+fn write_entry(
+    target: &Target,
+    busy: usize,
+    bytes: &[u8],
+    original: &[u8],
+    options: &Options,
+) -> Result<Report, Reason> {
+    let f = target.addr;
+    let (writer, pages) = write::CodeWriter::probe(f, bytes.len(), options.write_path)
+        .map_err(Reason::WriteDenied)?;
+    let check = |ips: &[(usize, usize)]| match ips.iter().find(|&&(_, ip)| ip > f && ip < f + busy)
+    {
+        Some(&found) => Err(found),
+        None => Ok(()),
+    };
+    let write = || match writer.write(f, bytes, &pages) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            // Put back what was there if the write got half-way.
+            let _ = writer.write(f, original, &pages);
+            Err(e)
+        }
+    };
+    let stats = stop::stop_the_world(options.deadline, options.retry, check, write).map_err(
+        |e| match e {
+            stop::StopError::NotStopped(t) => Reason::NotStopped(t),
+            stop::StopError::Busy(thread, ip) => Reason::ThreadInside {
+                thread,
+                offset: ip.wrapping_sub(f),
+            },
+            stop::StopError::TooManyThreads(n) => Reason::Threads(format!(
+                "{n} threads: a stop holds at most {}",
+                stop::MAX_THREADS
+            )),
+            stop::StopError::Signal(s) => Reason::Signal(s),
+            stop::StopError::Io(s) => Reason::Threads(s),
+            stop::StopError::Write(detail) => Reason::WriteFailed { detail },
+        },
+    )?;
+    Ok(Report {
+        rounds: stats.rounds,
+        threads: stats.threads,
+        pause: stats.pause,
+        write_path: writer.path(),
+    })
+}
+
+/// A redirected function entry.
+///
+/// Dropping the handle leaves the redirection in place.
+#[derive(Debug)]
+pub struct Hook {
+    target: Target,
+    chunk: Chunk,
+    report: Report,
+    options: Options,
+    generation: u64,
+}
+
+impl Hook {
+    /// Runs `f` on this hook's state if this install is still in place.
+    fn with_state<T>(
+        &self,
+        op: &'static str,
+        f: impl FnOnce(&mut State) -> Result<T, Reason>,
+    ) -> Result<T, Error> {
+        let mut hooks = HOOKS.lock().unwrap_or_else(PoisonError::into_inner);
+        let state = hooks
+            .as_mut()
+            .and_then(|h| h.get_mut(&self.target.addr))
+            .filter(|s| s.installed && s.generation == self.generation)
+            .ok_or_else(|| refused(op, &self.target.name, Reason::NotHooked))?;
+        f(state).map_err(|reason| refused(op, &self.target.name, reason))
+    }
+
+    /// The function.
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
+    /// The slot every call of the function jumps through.
+    pub fn slot(&self) -> &'static Slot {
+        slot_at(&self.chunk)
+    }
+
+    /// The original code, callable: the trampoline (the replaced
+    /// instructions, then a jump back into the function).
+    pub fn original(&self) -> *const () {
+        (self.chunk.code + TRAMPOLINE) as *const ()
+    }
+
+    /// How the entry write went.
+    pub fn report(&self) -> Report {
+        self.report
+    }
+
+    /// Points every call of the function at `to` (one store into the slot).
+    ///
+    /// # Safety
+    ///
+    /// `to` must be a function with exactly the target's signature and
+    /// ABI, valid for as long as it may be called.
+    ///
+    /// # Errors
+    ///
+    /// [`Reason::Slot`] if the slot's page cannot be made writable,
+    /// [`Reason::NotHooked`] if this install was removed; the slot is
+    /// unchanged.
+    pub unsafe fn redirect(&self, to: *const ()) -> Result<(), Error> {
+        self.with_state("redirect", |state| {
+            store_slot(&state.chunk, to as usize).map_err(Reason::Slot)
+        })
+    }
+
+    /// Starts a per-thread transition of this function: calls go through
+    /// the hook dispatcher, which runs `choice.new` for threads (and
+    /// request scopes) in `choice.universe` and unregistered threads, and
+    /// `choice.old` for the others; [`redirect`](Self::redirect) ends it.
+    /// What `Slot::begin_transition` does for a `#[patchable]` function,
+    /// with one dispatcher for every signature.
+    ///
+    /// # Safety
+    ///
+    /// As [`redirect`](Self::redirect), for both implementations; only
+    /// under the transition turn.
+    #[allow(dead_code)] // the registry's transitions do not drive hooks yet
+    pub(crate) unsafe fn begin_transition(
+        &self,
+        choice: crate::quiesce::protocol::Choice<FnAddr>,
+    ) -> Result<(), Error> {
+        self.with_state("redirect", |state| {
+            let window = crate::slot::write_window_pages([(state.chunk.slot, size_of::<Slot>())])
+                .map_err(|e| Reason::Slot(e.to_string()))?;
+            slot_at(&state.chunk)
+                .begin_transition(choice, FnAddr::new(__hotpatch_hook_dispatch as *const ()));
+            drop(window);
+            Ok(())
+        })
+    }
+
+    /// Points the slot back at the original code.
+    ///
+    /// # Errors
+    ///
+    /// As [`redirect`](Self::redirect).
+    pub fn restore(&self) -> Result<(), Error> {
+        // SAFETY: the trampoline is the original function.
+        unsafe { self.redirect(self.original()) }
+    }
+
+    /// Writes the original entry bytes back, under the same stop-the-world
+    /// as [`install`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Hook`] with the [`Reason`]; the hook is still installed.
+    pub fn unhook(&self) -> Result<Report, Error> {
+        self.with_state("unhook", |state| {
+            let jump = decode::jmp_rel32(self.target.addr as u64, self.chunk.code as u64)
+                .map_err(|detail| Reason::NoNearMemory { detail })?;
+            let original = state.original[..jump.len()].to_vec();
+            let report = write_entry(&self.target, jump.len(), &original, &jump, &self.options)?;
+            state.installed = false;
+            Ok(report)
+        })
+    }
+}
+
+/// The signal that stops threads for a code write (`SIGRTMAX-2`). While
+/// a thread blocks it, no hook can be installed or removed.
+///
+/// # Examples
+///
+/// ```
+/// # if cfg!(all(target_arch = "x86_64", target_os = "linux")) {
+/// // A thread that blocks every signal but must not hold up hooking.
+/// // SAFETY: a zeroed sigset_t is a valid value to fill.
+/// let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+/// // SAFETY: building and installing this thread's own signal mask.
+/// unsafe {
+///     libc::sigfillset(&mut set);
+///     libc::sigdelset(&mut set, hotpatch::hook::signal());
+///     libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+/// }
+/// # }
+/// ```
+pub fn signal() -> i32 {
+    stop::signal()
+}
+
+/// Stop-the-world rounds run by this process so far, retries included.
+pub fn stop_rounds() -> u64 {
+    // Relaxed: a counter.
+    stop::ROUNDS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// The memory mapped for stubs, trampolines and slots, as `(start, end)`
+/// ranges: read-execute or read-only between operations.
+///
+/// # Examples
+///
+/// ```
+/// # if cfg!(all(target_arch = "x86_64", target_os = "linux")) {
+/// for (start, end) in hotpatch::hook::mapped() {
+///     println!("{start:#x}-{end:#x}");
+/// }
+/// # }
+/// ```
+pub fn mapped() -> Vec<(usize, usize)> {
+    near::arenas()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::hint::black_box;
+
+    use super::*;
+    use crate::quiesce::protocol::Choice;
+
+    #[inline(never)]
+    fn routed(x: u64, y: f64) -> u64 {
+        x ^ (y as u64)
+    }
+
+    fn routed_new(x: u64, y: f64) -> u64 {
+        x.wrapping_add(y as u64)
+    }
+
+    /// A per-thread transition of a hook: a registered thread outside the
+    /// choice's universe runs the old code, an unregistered thread the
+    /// new, both through the one dispatcher (integer and float arguments
+    /// arrive intact); ending it is a slot store.
+    #[test]
+    fn a_transition_routes_each_thread_through_the_dispatcher() {
+        let f: fn(u64, f64) -> u64 = black_box(routed);
+        let hook = install(&Target::of(routed as *const ()).unwrap()).unwrap();
+        let choice = Choice {
+            // No thread is in this universe (and it is not UNREGISTERED).
+            universe: u64::MAX - 1,
+            old: FnAddr::new(hook.original()),
+            new: FnAddr::new(routed_new as *const ()),
+        };
+        // SAFETY: both have `routed`'s signature; this test is the only
+        // writer of the hook's slot.
+        unsafe { hook.begin_transition(choice) }.unwrap();
+        let registered = std::thread::spawn(move || {
+            let _guard = crate::register_thread();
+            f(6, 3.0)
+        });
+        let unregistered = std::thread::spawn(move || f(6, 3.0));
+        assert_eq!(
+            registered.join().unwrap(),
+            6 ^ 3,
+            "old, through the dispatcher"
+        );
+        assert_eq!(
+            unregistered.join().unwrap(),
+            6 + 3,
+            "new, through the dispatcher"
+        );
+        hook.restore().unwrap();
+        assert_eq!(f(6, 3.0), 6 ^ 3);
+        hook.unhook().unwrap();
+    }
+}

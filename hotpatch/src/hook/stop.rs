@@ -1,0 +1,668 @@
+//! The stop-the-world under which entry bytes are written.
+//!
+//! # Protocol
+//!
+//! One stop at a time (`STOP`, a mutex). A *round*:
+//!
+//! 1. List the threads of the process (`/proc/self/task`), all but the
+//!    calling one. (A thread may block every signal for a moment, as
+//!    `pthread_create` does around `clone`: it is signalled anyway, and
+//!    named at the deadline, with whether its `SigBlk` in
+//!    `/proc/self/task/T/status` includes the stop signal then.)
+//! 2. Write each tid into a record of the static table `RECORDS`, set
+//!    `COUNT`, then publish the round number in `ROUND` (SeqCst).
+//! 3. `tgkill` each thread with the stop signal. Its handler (all other
+//!    signals blocked while it runs, so no other handler runs on a stopped
+//!    thread) finds its record by tid, stores the interrupted instruction
+//!    pointer (from the `ucontext`), marks the record arrived for this
+//!    round (Release) and parks on the futex `RELEASED` until it holds this
+//!    round.
+//! 4. The caller waits until every record arrived (a thread that exited
+//!    meanwhile, `tgkill` says `ESRCH`, counts as stopped), or the deadline.
+//!    Then it lists `/proc/self/task` again: a thread that did not exist in
+//!    step 1 (created by a thread before it stopped) means the round is
+//!    released and run again.
+//! 5. With every other thread parked in the handler, `check` sees their
+//!    instruction pointers; if it refuses (a thread inside the bytes to be
+//!    written), the round is released and run again after a pause, until
+//!    the deadline. Otherwise `write` runs.
+//! 6. Release: store the round into `RELEASED` (Release) and wake every
+//!    waiter. Each handler executes `cpuid`, a serialising instruction
+//!    (Intel SDM vol. 3, 8.1.3, cross-modifying code), before it returns to
+//!    the code it interrupted. The caller does not wait for them to leave.
+//!
+//! So while `write` runs, every other thread of the process is either
+//! parked in the handler with its instruction pointer checked, or was
+//! created after step 4's listing by no one (every thread that could
+//! create one is parked), or has exited. A stopped thread resumes at its
+//! recorded instruction pointer, which `check` accepted, and executes
+//! `cpuid` first.
+//!
+//! A stop signal queued for a thread that did not take it in time (it was
+//! slow to be scheduled) may arrive in a later round or after it: the
+//! handler then joins the round in progress (its record is that round's),
+//! or returns at once when none is (`ROUND` is 0) or its record already
+//! arrived. A handler that read a round number just before that round was
+//! released may meet the next round's records: it finds only its own
+//! thread's record, marks it arrived with the *old* number, which the next
+//! round does not count (the thread's own signal for the next round then
+//! records it again, in program order after), and returns at once, since
+//! released rounds only grow. So a new round need not wait for the
+//! handlers of the last one to leave.
+//!
+//! The atomics are `std`'s, not the `loom` shim's: the other party of this
+//! protocol is a signal handler on a stopped thread, which loom cannot
+//! model. `tests/hook.rs` runs it on real threads instead.
+//!
+//! # Limits
+//!
+//! - A thread interrupted by *another* signal's handler while it was inside
+//!   the bytes has its position in that handler's signal frame, not in its
+//!   instruction pointer. When the interrupted context had any signal
+//!   blocked (a handler runs with at least its own signal blocked, unless
+//!   `SA_NODEFER`), the handler records its stack pointer too, and the
+//!   caller searches the 256 KiB above it for signal frames (the C
+//!   library's `sa_restorer` followed by a `ucontext_t`) and checks each
+//!   saved instruction pointer as well. Not seen: a handler installed with
+//!   `SA_NODEFER` and an empty mask by a thread with no signal blocked, a
+//!   handler with its own restorer (not the C library's), a frame more
+//!   than 256 KiB above, and any frame where `process_vm_readv` is
+//!   forbidden (some container seccomp profiles deny it without
+//!   `CAP_SYS_PTRACE`).
+//! - Every thread takes the stop signal: a system call that the kernel does
+//!   not restart after a handler (`epoll_wait`, `poll`, `select`,
+//!   `nanosleep`, `sigtimedwait`, ...) returns `EINTR` in threads that were
+//!   in one, as with any signal (a profiler's `SIGPROF`).
+//! - At most `MAX_THREADS` threads.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::mem::MaybeUninit;
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
+
+/// Threads a stop can hold (the static record table).
+pub(crate) const MAX_THREADS: usize = 4096;
+
+/// One thread's record for a round.
+struct Record {
+    tid: AtomicI32,
+    ip: AtomicUsize,
+    /// The interrupted stack pointer, when the interrupted context had
+    /// signals blocked (it may be inside another signal's handler), else 0.
+    sp: AtomicUsize,
+    /// The round this thread arrived in (0: not yet).
+    arrived: AtomicU64,
+}
+
+#[allow(clippy::declare_interior_mutable_const)]
+const EMPTY: Record = Record {
+    tid: AtomicI32::new(0),
+    ip: AtomicUsize::new(0),
+    sp: AtomicUsize::new(0),
+    arrived: AtomicU64::new(0),
+};
+
+static RECORDS: [Record; MAX_THREADS] = [EMPTY; MAX_THREADS];
+/// Records valid in the current round.
+static COUNT: AtomicUsize = AtomicUsize::new(0);
+/// The round in progress, 0 when none.
+static ROUND: AtomicU64 = AtomicU64::new(0);
+/// The low 32 bits of the last released round (a futex word).
+static RELEASED: AtomicU32 = AtomicU32::new(0);
+/// Arrivals in the current round (a futex word the caller sleeps on
+/// while it waits: a spinning caller would take the CPU the threads need
+/// to arrive). Only a hint for waking the caller: what counts is each
+/// record's `arrived`.
+static ARRIVALS: AtomicU32 = AtomicU32::new(0);
+/// Rounds run so far (`hook::stop_rounds`).
+pub(crate) static ROUNDS: AtomicU64 = AtomicU64::new(0);
+
+/// One stop at a time.
+static STOP: Mutex<()> = Mutex::new(());
+
+/// The signal return trampoline the C library gives every handler
+/// (`sa_restorer`, glibc's `__restore_rt`): the return address of a
+/// handler's frame, just below the context it interrupted.
+static RESTORER: AtomicUsize = AtomicUsize::new(0);
+
+/// A thread, for messages: tid and name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ThreadName {
+    /// The thread's id (`gettid`).
+    pub tid: i32,
+    /// Its name (`/proc/self/task/TID/comm`), empty if unknown.
+    pub name: String,
+}
+
+impl std::fmt::Display for ThreadName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "thread {} ({:?})", self.tid, self.name)
+    }
+}
+
+fn thread_name(tid: i32) -> ThreadName {
+    let name = fs::read_to_string(format!("/proc/self/task/{tid}/comm"))
+        .map(|s| s.trim_end().to_owned())
+        .unwrap_or_default();
+    ThreadName { tid, name }
+}
+
+/// Why a stop did not happen.
+#[derive(Debug)]
+pub(crate) enum StopError {
+    /// Did not take the signal by the deadline; `blocks` if its `SigBlk`
+    /// includes it now.
+    NotStopped(Vec<(ThreadName, bool)>),
+    /// `check` refused until the deadline (the last refusal).
+    Busy(ThreadName, usize),
+    /// More threads than the record table holds.
+    TooManyThreads(usize),
+    /// Installing the handler failed, or the signal has another handler.
+    Signal(String),
+    /// Listing or signalling threads failed.
+    Io(String),
+    /// `write` failed (everything was released).
+    Write(String),
+}
+
+/// What one successful stop took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StopStats {
+    /// Rounds run (1 unless a thread was inside the bytes or a thread was
+    /// created meanwhile).
+    pub rounds: u32,
+    /// Threads stopped in the last round.
+    pub threads: usize,
+    /// From the first signal of the last round to the release.
+    pub pause: Duration,
+}
+
+/// The stop signal: the third-highest real-time signal, installed once.
+pub(crate) fn signal() -> libc::c_int {
+    libc::SIGRTMAX() - 2
+}
+
+fn gettid() -> i32 {
+    // SAFETY: gettid has no preconditions and cannot fail.
+    unsafe { libc::syscall(libc::SYS_gettid) as i32 }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn serialise() {
+    // Leaf 0 exists on every x86-64 CPU; the result is not needed.
+    let _ = std::arch::x86_64::__cpuid(0);
+}
+
+extern "C" fn handler(_sig: libc::c_int, _info: *mut libc::siginfo_t, context: *mut libc::c_void) {
+    // SAFETY: errno is thread-local; reading and restoring it is what a
+    // handler that makes system calls must do.
+    let errno = unsafe { *libc::__errno_location() };
+    // SeqCst: pairs with the SeqCst store that publishes the round after its
+    // records.
+    let round = ROUND.load(Ordering::SeqCst);
+    if round != 0 {
+        let tid = gettid();
+        // Acquire: pairs with the Release store of COUNT after the records.
+        let count = COUNT.load(Ordering::Acquire).min(MAX_THREADS);
+        if let Some(record) = RECORDS[..count]
+            .iter()
+            // Relaxed: written before ROUND was published (SeqCst above).
+            .find(|r| r.tid.load(Ordering::Relaxed) == tid)
+            // Relaxed: only this thread writes its arrival.
+            .filter(|r| r.arrived.load(Ordering::Relaxed) != round)
+        {
+            // SAFETY: the kernel passes a `ucontext_t` as the third argument
+            // of an SA_SIGINFO handler.
+            let context = unsafe { &*context.cast::<libc::ucontext_t>() };
+            let ip = context.uc_mcontext.gregs[libc::REG_RIP as usize] as usize;
+            // The kernel's signal mask is the first 64 bits of the set.
+            // SAFETY: a sigset_t is at least 8 bytes of plain data.
+            let mask = unsafe {
+                std::ptr::from_ref(&context.uc_sigmask)
+                    .cast::<u64>()
+                    .read_unaligned()
+            };
+            let sp = if mask != 0 {
+                context.uc_mcontext.gregs[libc::REG_RSP as usize] as usize
+            } else {
+                0
+            };
+            // Relaxed: published by the Release store of `arrived`.
+            record.ip.store(ip, Ordering::Relaxed);
+            // Relaxed: as above.
+            record.sp.store(sp, Ordering::Relaxed);
+            // Release: the caller's Acquire load of `arrived` sees `ip`.
+            record.arrived.store(round, Ordering::Release);
+            // Release: with the store above, for the caller's futex wait.
+            let arrivals = ARRIVALS.fetch_add(1, Ordering::Release) as usize + 1;
+            // The last thread to arrive wakes the caller (a thread that
+            // exited never arrives: the caller's wait has a 1 ms tick).
+            if arrivals >= count {
+                // SAFETY: a futex wake on a valid u32 that lives forever.
+                unsafe {
+                    libc::syscall(
+                        libc::SYS_futex,
+                        ARRIVALS.as_ptr(),
+                        libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
+                        1,
+                    )
+                };
+            }
+            loop {
+                // Acquire: pairs with the Release store in `release`: the
+                // code written before it is what this thread runs next.
+                let released = RELEASED.load(Ordering::Acquire);
+                // Released rounds only grow: this round or a later one.
+                if released.wrapping_sub(round as u32) as i32 >= 0 {
+                    break;
+                }
+                // SAFETY: a futex wait on a valid, aligned u32 that lives
+                // forever; it returns at once if the value changed.
+                unsafe {
+                    libc::syscall(
+                        libc::SYS_futex,
+                        RELEASED.as_ptr(),
+                        libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+                        released,
+                        std::ptr::null::<libc::timespec>(),
+                    )
+                };
+            }
+            serialise();
+        }
+    }
+    // SAFETY: as above.
+    unsafe { *libc::__errno_location() = errno };
+}
+
+/// Installs the handler once. Refuses if the signal already has a handler
+/// that is not ours.
+fn install_handler() -> Result<(), StopError> {
+    static INSTALLED: OnceLock<Result<(), String>> = OnceLock::new();
+    INSTALLED
+        .get_or_init(|| {
+            let sig = signal();
+            let mut old = MaybeUninit::<libc::sigaction>::zeroed();
+            // SAFETY: querying the current action into valid memory.
+            if unsafe { libc::sigaction(sig, std::ptr::null(), old.as_mut_ptr()) } != 0 {
+                return Err(format!(
+                    "sigaction({sig}): {}",
+                    std::io::Error::last_os_error()
+                ));
+            }
+            // SAFETY: initialised by the successful call above.
+            let old = unsafe { old.assume_init() };
+            if old.sa_sigaction != libc::SIG_DFL {
+                return Err(format!(
+                    "signal {sig} (SIGRTMAX-2), which hotpatch stops threads with, already has a \
+                     handler in this process"
+                ));
+            }
+            // SAFETY: a zeroed sigaction is a valid starting point.
+            let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
+            action.sa_sigaction = handler as *const () as usize;
+            action.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART | libc::SA_ONSTACK;
+            // SAFETY: filling the mask of the action we own: every signal is
+            // blocked while the handler runs, so no other handler runs on a
+            // stopped thread.
+            unsafe { libc::sigfillset(&mut action.sa_mask) };
+            // SAFETY: a valid action whose handler is async-signal-safe
+            // (atomics, gettid, futex, cpuid).
+            if unsafe { libc::sigaction(sig, &action, std::ptr::null_mut()) } != 0 {
+                return Err(format!(
+                    "sigaction({sig}): {}",
+                    std::io::Error::last_os_error()
+                ));
+            }
+            let mut ours = MaybeUninit::<libc::sigaction>::zeroed();
+            // SAFETY: querying the action just installed into valid memory.
+            if unsafe { libc::sigaction(sig, std::ptr::null(), ours.as_mut_ptr()) } == 0 {
+                // SAFETY: initialised by the successful call.
+                let ours = unsafe { ours.assume_init() };
+                // Relaxed: read by stopping threads after STOP, which the
+                // installing thread held.
+                RESTORER.store(
+                    ours.sa_restorer.map_or(0, |f| f as usize),
+                    Ordering::Relaxed,
+                );
+            }
+            Ok(())
+        })
+        .clone()
+        .map_err(StopError::Signal)
+}
+
+fn threads(own: i32) -> Result<BTreeSet<i32>, StopError> {
+    let dir = fs::read_dir("/proc/self/task")
+        .map_err(|e| StopError::Io(format!("cannot list /proc/self/task: {e}")))?;
+    Ok(dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|&t| t != own)
+        .collect())
+}
+
+/// Whether `tid`'s blocked-signal mask includes the stop signal.
+fn blocks_signal(tid: i32) -> bool {
+    let Ok(status) = fs::read_to_string(format!("/proc/self/task/{tid}/status")) else {
+        return false;
+    };
+    let bit = (signal() - 1) as u32;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigBlk:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .is_some_and(|mask| mask >> bit & 1 == 1)
+}
+
+/// Whether `tid` is gone (exited) or a zombie.
+fn gone(tid: i32) -> bool {
+    // SAFETY: signal 0 only checks that the thread exists.
+    let r = unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, 0) };
+    if r != 0 {
+        return std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+    }
+    fs::read_to_string(format!("/proc/self/task/{tid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with(['Z', 'X']))
+        })
+        .unwrap_or(true)
+}
+
+/// Ends the round in progress: every parked handler returns (after
+/// `cpuid`).
+fn release(round: u64) {
+    // SeqCst: no handler joins this round after this point (it reads 0).
+    ROUND.store(0, Ordering::SeqCst);
+    // Release: pairs with the handlers' Acquire load: they see the code
+    // written before.
+    RELEASED.store(round as u32, Ordering::Release);
+    // SAFETY: a futex wake on a valid u32 that lives forever.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            RELEASED.as_ptr(),
+            libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
+            i32::MAX,
+        )
+    };
+}
+
+/// Releases the round when dropped, on every path (panics included).
+struct Round(u64);
+
+impl Drop for Round {
+    fn drop(&mut self) {
+        release(self.0);
+    }
+}
+
+/// Reads `buf.len()` bytes at `addr` of this process, or fewer where the
+/// memory ends: `process_vm_readv` fails instead of faulting on unmapped
+/// memory. No allocation.
+fn read_own(addr: usize, buf: &mut [u8]) -> usize {
+    let local = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let remote = libc::iovec {
+        iov_base: addr as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    // SAFETY: reads into `buf`, which we own; the kernel checks the source.
+    let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
+    usize::try_from(n).unwrap_or(0)
+}
+
+/// How far above a stopped thread's stack pointer the frames of signal
+/// handlers it is running are looked for.
+const SCAN: usize = 256 * 1024;
+
+/// The instruction pointers saved in the frames of signal handlers that a
+/// stopped thread is running (it was interrupted while inside one): each
+/// frame is the C library's return trampoline (`restorer`) followed by the
+/// `ucontext_t` it returns to. Searched upward from `sp`, at most
+/// [`SCAN`] bytes, and `out` gets each saved `rip`. A word that only looks
+/// like a frame gives an address that can only make the check refuse, never
+/// accept. No allocation (it runs while threads are stopped).
+fn saved_ips(sp: usize, restorer: usize, mut out: impl FnMut(usize)) {
+    const RIP: usize = std::mem::offset_of!(libc::ucontext_t, uc_mcontext)
+        + libc::REG_RIP as usize * size_of::<libc::greg_t>();
+    let mut buf = [0u8; 4096];
+    let mut at = sp & !7;
+    let end = sp.saturating_add(SCAN);
+    while at < end {
+        let n = read_own(at, &mut buf) & !7;
+        if n == 0 {
+            return;
+        }
+        for (i, word) in buf[..n].chunks_exact(8).enumerate() {
+            if usize::from_ne_bytes(word.try_into().expect("8 bytes")) == restorer {
+                let mut rip = [0u8; 8];
+                if read_own(at + i * 8 + 8 + RIP, &mut rip) == 8 {
+                    out(usize::from_ne_bytes(rip));
+                }
+            }
+        }
+        at += n;
+    }
+}
+
+/// The number of threads of this process (`/proc/self/stat`, field 20),
+/// read without allocating (other threads may be stopped holding the
+/// allocator's lock).
+fn thread_count() -> Option<usize> {
+    use std::io::Read;
+    let mut buf = [0u8; 1024];
+    // A short path: std converts it on the stack, no allocation.
+    let mut file = fs::File::open("/proc/self/stat").ok()?;
+    let mut len = 0;
+    while len < buf.len() {
+        match file.read(&mut buf[len..]) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(_) => return None,
+        }
+    }
+    let text = std::str::from_utf8(&buf[..len]).ok()?;
+    // Fields after the command name (which may hold spaces): state is
+    // field 3, num_threads field 20.
+    let (_, rest) = text.rsplit_once(')')?;
+    rest.split_ascii_whitespace().nth(17)?.parse().ok()
+}
+
+/// Stops every other thread, calls `check` with their instruction pointers
+/// (it returns the offending thread's index and an address, or `Ok`), and
+/// runs `write` while they are stopped. Retries until `deadline`.
+///
+/// Between the stop and the release nothing here allocates or takes a
+/// lock that a stopped thread may hold: `check` and `write` must not
+/// either (no allocation, no `println!`, no `tracing`).
+pub(crate) fn stop_the_world<C, W>(
+    deadline: Duration,
+    retry: Duration,
+    mut check: C,
+    write: W,
+) -> Result<StopStats, StopError>
+where
+    C: FnMut(&[(usize, usize)]) -> Result<(), (usize, usize)>,
+    W: FnOnce() -> std::io::Result<()>,
+{
+    let _one = STOP.lock().unwrap_or_else(PoisonError::into_inner);
+    install_handler()?;
+    let start = Instant::now();
+    let own = gettid();
+    // SAFETY: getpid has no preconditions.
+    let pid = unsafe { libc::getpid() };
+    let sig = signal();
+    let mut rounds = 0u32;
+    let mut write = Some(write);
+    // The thread the last round found inside the bytes, and where.
+    let mut busy: Option<(i32, usize)> = None;
+    loop {
+        let listed = threads(own)?;
+        if listed.len() > MAX_THREADS {
+            return Err(StopError::TooManyThreads(listed.len()));
+        }
+        let tids: Vec<i32> = listed.iter().copied().collect();
+        // Allocated before the stop: nothing is allocated during it.
+        let mut stopped = vec![false; tids.len()];
+        // (thread index, instruction pointer): each thread's own, and those
+        // saved by signal handlers it was running (a few per thread).
+        let mut ips: Vec<(usize, usize)> = Vec::with_capacity(tids.len() * 4);
+        for (record, &tid) in RECORDS.iter().zip(&tids) {
+            // Relaxed: published by the SeqCst store of ROUND below.
+            record.tid.store(tid, Ordering::Relaxed);
+            record.ip.store(0, Ordering::Relaxed);
+            record.sp.store(0, Ordering::Relaxed);
+            record.arrived.store(0, Ordering::Relaxed);
+        }
+        // Relaxed: a wake-up hint, published with the records.
+        ARRIVALS.store(0, Ordering::Relaxed);
+        // Release: a handler that loads COUNT (Acquire) sees the records.
+        COUNT.store(tids.len(), Ordering::Release);
+        // Relaxed: a counter for reports.
+        let round = ROUNDS.fetch_add(1, Ordering::Relaxed) + 1;
+        rounds += 1;
+        let paused = Instant::now();
+        // SeqCst: after the records; pairs with the handlers' SeqCst load.
+        ROUND.store(round, Ordering::SeqCst);
+        let guard = Round(round);
+        let mut failed = None;
+        for (i, &tid) in tids.iter().enumerate() {
+            // SAFETY: tgkill with a valid signal to a thread of this process.
+            if unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, sig) } != 0 {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() == Some(libc::ESRCH) {
+                    stopped[i] = true; // exited
+                } else {
+                    failed = Some((tid, e));
+                    break;
+                }
+            }
+        }
+        if let Some((tid, e)) = failed {
+            drop(guard);
+            return Err(StopError::Io(format!("tgkill({tid}): {e}")));
+        }
+        let mut spins = 0u32;
+        let mut timed_out = false;
+        loop {
+            // Acquire: read before the records, so an arrival after this
+            // load changes the word and the wait below returns at once.
+            let seen = ARRIVALS.load(Ordering::Acquire);
+            let mut all = true;
+            for (i, record) in RECORDS[..tids.len()].iter().enumerate() {
+                // Acquire: pairs with the handler's Release: its `ip` is visible.
+                if !stopped[i] && record.arrived.load(Ordering::Acquire) == round {
+                    stopped[i] = true;
+                }
+                all &= stopped[i];
+            }
+            if all {
+                break;
+            }
+            spins += 1;
+            if spins.is_multiple_of(16) {
+                for (i, &tid) in tids.iter().enumerate() {
+                    if !stopped[i] && gone(tid) {
+                        stopped[i] = true;
+                    }
+                }
+            }
+            if start.elapsed() > deadline {
+                timed_out = true;
+                break;
+            }
+            let tick = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 1_000_000,
+            };
+            // SAFETY: a futex wait on a valid u32 that lives forever, with a
+            // timeout (the deadline and exited threads are checked above).
+            unsafe {
+                libc::syscall(
+                    libc::SYS_futex,
+                    ARRIVALS.as_ptr(),
+                    libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+                    seen,
+                    &tick,
+                )
+            };
+        }
+        if timed_out {
+            drop(guard);
+            // Every round that completed found a thread inside the bytes:
+            // that, not this round's stragglers, kept the write from
+            // happening (on a loaded machine a released thread may not
+            // be scheduled again before the deadline).
+            if let Some((tid, ip)) = busy {
+                return Err(StopError::Busy(thread_name(tid), ip));
+            }
+            let late: Vec<(ThreadName, bool)> = tids
+                .iter()
+                .zip(&stopped)
+                .filter(|&(&t, &s)| !s && !gone(t))
+                .map(|(&t, _)| (thread_name(t), blocks_signal(t)))
+                .collect();
+            return Err(StopError::NotStopped(late));
+        }
+        // Every listed thread that still exists is parked: any other is one
+        // created since the listing. Count them (this thread included).
+        let parked = RECORDS[..tids.len()]
+            .iter()
+            // Relaxed: after the Acquire loads above.
+            .filter(|r| r.arrived.load(Ordering::Relaxed) == round)
+            .count();
+        if thread_count() != Some(parked + 1) {
+            drop(guard);
+            if start.elapsed() > deadline {
+                return Err(StopError::Io(
+                    "threads kept being created or exiting during the stop".into(),
+                ));
+            }
+            continue;
+        }
+        // Relaxed: stored when the handler was installed, under STOP.
+        let restorer = RESTORER.load(Ordering::Relaxed);
+        for (i, r) in RECORDS[..tids.len()].iter().enumerate() {
+            // Relaxed: after the Acquire load of `arrived`; an exited thread
+            // reads 0, which no check refuses.
+            ips.push((i, r.ip.load(Ordering::Relaxed)));
+            // Relaxed: as above.
+            let sp = r.sp.load(Ordering::Relaxed);
+            if sp != 0 && restorer != 0 {
+                saved_ips(sp, restorer, |ip| {
+                    if ips.len() < ips.capacity() {
+                        ips.push((i, ip));
+                    }
+                });
+            }
+        }
+        match check(&ips) {
+            Ok(()) => {
+                let result = (write.take().expect("written once"))();
+                serialise();
+                let pause = paused.elapsed();
+                drop(guard);
+                result.map_err(|e| StopError::Write(e.to_string()))?;
+                return Ok(StopStats {
+                    rounds,
+                    threads: tids.len(),
+                    pause,
+                });
+            }
+            Err((i, ip)) => {
+                drop(guard);
+                busy = Some((tids[i], ip));
+                if start.elapsed() + retry > deadline {
+                    return Err(StopError::Busy(thread_name(tids[i]), ip));
+                }
+                std::thread::sleep(retry);
+            }
+        }
+    }
+}
