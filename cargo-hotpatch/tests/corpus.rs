@@ -203,13 +203,13 @@ fn corpus_diffs_apply() {
 // ---- the whole run ----
 
 #[test]
-#[ignore = "release builds of a real service: minutes per fix; run by hand with --ignored (not in .ci/run)"]
+#[ignore = "release builds of a real service: minutes per fix; .ci/corpus runs four fixes, the whole run is by hand with --ignored"]
 fn corpus_mini_redis() {
     run_service(&mini_redis::SERVICE);
 }
 
 #[test]
-#[ignore = "release builds of a real service: minutes per fix; run by hand with --ignored (not in .ci/run)"]
+#[ignore = "release builds of a real service: minutes per fix; .ci/corpus runs four fixes, the whole run is by hand with --ignored"]
 fn corpus_dufs() {
     run_service(&dufs::SERVICE);
 }
