@@ -623,7 +623,14 @@ fn build_patch_with(
     so: &std::path::Path,
     more: &[&str],
 ) -> harness::Output {
-    let mut args = vec![
+    let mut args = build_args(head, binary, so);
+    args.extend_from_slice(more);
+    tool(&args)
+}
+
+/// The arguments of [`build_patch`].
+fn build_args<'a>(head: &'a str, binary: &'a str, so: &'a std::path::Path) -> Vec<&'a str> {
+    vec![
         "build",
         "--base",
         "v1",
@@ -635,9 +642,7 @@ fn build_patch_with(
         binary,
         "-o",
         s(so),
-    ];
-    args.extend_from_slice(more);
-    tool(&args)
+    ]
 }
 
 /// Does `text` name `src/lib.rs:LINE` (not a longer number)?
@@ -1666,19 +1671,7 @@ fn the_base_is_built_once_and_one_run_at_a_time_builds() {
         .unwrap();
     // SAFETY: flock on a descriptor this test owns.
     assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
-    let mut cmd = harness::tool_command(&[
-        "build",
-        "--base",
-        "v1",
-        "--head",
-        "case-free-fn",
-        "-p",
-        "svc",
-        "--binary",
-        s(&fx.v1_bin),
-        "-o",
-        s(&so),
-    ]);
+    let mut cmd = harness::tool_command(&build_args("case-free-fn", s(&fx.v1_bin), &so));
     cmd.stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped());
     let mut child = cmd.spawn().unwrap();
