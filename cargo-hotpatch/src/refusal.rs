@@ -77,6 +77,17 @@ pub enum Refusal {
         /// The executable.
         executable: String,
     },
+    /// Code compiled into another library package of the workspace changed
+    /// (one between the service library and the executable): the service's
+    /// generic or inline code instantiated there.
+    OtherLibraryCode {
+        /// The function, as the user knows it.
+        function: String,
+        /// ` (FILE:LINE)` of the library's source, or empty.
+        at: String,
+        /// The package whose library compiled it.
+        package: String,
+    },
     /// Code of another package of the workspace changed.
     OtherPackage {
         /// The file.
@@ -271,6 +282,14 @@ impl fmt::Display for Refusal {
             } => write!(
                 f,
                 "{function}{at} changed in the code of the executable {executable} itself (its crate compiles its own copy of the library's generic or inline code), which no patch reaches yet: ship the change in a release, or move the work into a non-generic #[patchable] function of the library"
+            ),
+            Refusal::OtherLibraryCode {
+                function,
+                at,
+                package,
+            } => write!(
+                f,
+                "{function}{at} changed in the code of package {package}'s library (it compiles its own copy of the service's generic or inline code), which no patch reaches yet: ship the change in a release, or move the work into a non-generic #[patchable] function of the service"
             ),
             Refusal::OtherPackage {
                 file,

@@ -1494,7 +1494,18 @@ fn make_workspace_repo(branches: &[(&str, &[Edit])]) -> PathBuf {
         .unwrap();
     put(
         "Cargo.toml",
-        "[workspace]\nmembers = [\"svc\", \"host\"]\nresolver = \"3\"\n",
+        "[workspace]\nmembers = [\"svc\", \"util\", \"host\"]\nresolver = \"3\"\n",
+    );
+    // A library between the service and the executable, which compiles
+    // its own copy of the service's generic `apply_twice`.
+    put(
+        "util/Cargo.toml",
+        "[package]\nname = \"util\"\nversion = \"0.1.0\"\nedition = \"2024\"\npublish = false\n\n\
+         [dependencies]\nsvc = { path = \"../svc\" }\n",
+    );
+    put(
+        "util/src/lib.rs",
+        "pub fn twice_plus_two(x: u64) -> u64 {\n    svc::apply_twice(|v| v + 2, x)\n}\n",
     );
     put("svc/Cargo.toml", &format!("{svc_manifest}\n"));
     // The library's build script generates code; the host setting is the
@@ -1508,7 +1519,7 @@ fn make_workspace_repo(branches: &[(&str, &[Edit])]) -> PathBuf {
         "host/Cargo.toml",
         &format!(
             "[package]\nname = \"host\"\nversion = \"0.1.0\"\nedition = \"2024\"\npublish = false\n\n\
-             [dependencies]\nsvc = {{ path = \"../svc\" }}\n\
+             [dependencies]\nsvc = {{ path = \"../svc\" }}\nutil = {{ path = \"../util\" }}\n\
              hotpatch = {{ path = \"{}\", default-features = false }}\n",
             hotpatch.display()
         ),
@@ -1559,7 +1570,12 @@ fn workspace_a_library_package_and_an_executable_package_are_patched() {
     let _fx = fixture();
     let fix = case("case-free-fn");
     let layout = case("case-struct-field");
-    let repo = make_workspace_repo(&[("fix", fix.edits), ("layout", layout.edits)]);
+    let generic = case("case-generic-in-binary");
+    let repo = make_workspace_repo(&[
+        ("fix", fix.edits),
+        ("layout", layout.edits),
+        ("generic", generic.edits),
+    ]);
     let mut build = harness::cargo();
     build
         .args(["build", "--quiet", "-p", "host"])
@@ -1622,6 +1638,20 @@ fn workspace_a_library_package_and_an_executable_package_are_patched() {
         refusal.starts_with("refused: type svc::Cart (")
             && refusal.contains(&format!("svc/src/lib.rs:{line})")),
         "{refusal}"
+    );
+
+    // The service's generic, changed: `util`'s library compiled its own
+    // copy, which no patch reaches; refused, naming the package (the
+    // executable's own copy too).
+    let so = out_path("workspace-generic");
+    let out = run("generic", &so);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(
+        out.stderr.lines().any(|l| l.starts_with("refused: ")
+            && l.contains("svc::apply_twice")
+            && l.contains("in the code of package util's library")),
+        "{}",
+        out.stderr
     );
 }
 

@@ -113,6 +113,59 @@ pub(super) fn binary_crate(
     Ok(refusals)
 }
 
+/// The libraries of the workspace's other packages, base and head (`(package,
+/// rlib)` each), compared: a function whose code changed there (not only
+/// how it was compiled) is the service's generic or inline code compiled
+/// into that package, which a patch does not reach. Each is refused, by
+/// name, place and package.
+pub(super) fn other_libraries(
+    base: &[(String, PathBuf)],
+    head: &[(String, PathBuf)],
+    head_src: &CrateSource,
+    ranges: Option<(&LineRanges, &LineRanges)>,
+    root: &Path,
+    noise: &mut BTreeSet<String>,
+) -> Result<Vec<Refusal>, BuildError> {
+    let mut refusals = Vec::new();
+    for (package, base_rlib) in base {
+        let Some((_, head_rlib)) = head.iter().find(|(p, _)| p == package) else {
+            return Err(BuildError::Refused(vec![Refusal::Inconsistent {
+                item: package.clone(),
+                what: "the head built no library of this package",
+            }]));
+        };
+        let (br, hr) = (Rlib::read(base_rlib)?, Rlib::read(head_rlib)?);
+        let (b, h) = (br.objects()?, hr.objects()?);
+        let (base_lines, head_lines) = (Lines::read(&b, root), Lines::read(&h, root));
+        let site = ChangeSite {
+            ranges,
+            base_lines: &base_lines,
+            head_lines: &head_lines,
+        };
+        for (fname, &hu) in h.functions() {
+            if let Some(&bu) = b.by_name.get(fname)
+                && b.is_code(bu)
+                && b.hash(bu) != h.hash(hu)
+            {
+                if site.is_noise(&b, &h, fname) {
+                    noise.insert(fname.clone());
+                    continue;
+                }
+                let at = head_src
+                    .locate(&super::demangle(fname))
+                    .map(|l| format!(" ({l})"))
+                    .unwrap_or_default();
+                refusals.push(Refusal::OtherLibraryCode {
+                    function: describe(fname),
+                    at,
+                    package: package.clone(),
+                });
+            }
+        }
+    }
+    Ok(refusals)
+}
+
 /// Where the user's change is, for [`Noise`]: the lines of the
 /// functions whose source differs, per side (`None`: something outside
 /// function bodies changed, and every changed function counts), and each

@@ -41,8 +41,9 @@
 //!    `.llvm.<number>` suffix of codegen units, constants by content
 //!    wherever they are; changed data is refused (`entries` reads the
 //!    `#[patchable]` registry entries). The executable's own objects
-//!    (kept by `wrapper`) are compared too: a change compiled into them
-//!    (the library's generic or inline code) is refused by name.
+//!    (kept by `wrapper`) are compared too, and the libraries of the
+//!    workspace's other packages: a change compiled into them (the
+//!    library's generic or inline code) is refused by name.
 //! 9. `classify`: each changed function classified: a `#[patchable]` body
 //!    is replaced; any other function is included if every function of
 //!    the base that references it is replaced or included (or gone from
@@ -205,6 +206,14 @@ pub fn build_from_source(
     refusals.extend(compare::binary_crate(
         &base_bin,
         &head.bins,
+        &head_src,
+        site.ranges,
+        &ws.root,
+        &mut bin_noise,
+    )?);
+    refusals.extend(compare::other_libraries(
+        &base.others,
+        &head.others,
         &head_src,
         site.ranges,
         &ws.root,

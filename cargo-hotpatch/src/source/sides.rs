@@ -28,6 +28,10 @@ use crate::{BuildError, Refusal};
 pub(super) struct Artifacts {
     pub rlib: PathBuf,
     pub bins: Vec<PathBuf>,
+    /// The libraries of the workspace's other packages that the build
+    /// made (package name, rlib): a package between the service library and
+    /// the executable compiles its own copies of the service's generics.
+    pub others: Vec<(String, PathBuf)>,
     /// The rlib of the `hotpatch` crate (for the manifest).
     pub hotpatch_rlib: Option<PathBuf>,
 }
@@ -141,17 +145,26 @@ impl Artifacts {
         let listing = std::fs::read_to_string(dir.join(KEPT_MARKER)).ok()?;
         let mut rlib = None;
         let mut bins = Vec::new();
+        let mut others = Vec::new();
         for line in listing.lines() {
             match line.split_once(' ') {
                 Some(("rlib", f)) => rlib = Some(dir.join(f)),
                 Some(("bin", f)) => bins.push(dir.join("bin").join(f)),
+                Some(("other", rest)) => {
+                    let (name, f) = rest.split_once(' ')?;
+                    others.push((name.to_owned(), dir.join("others").join(f)));
+                }
                 _ => return None,
             }
         }
         let rlib = rlib?;
-        (rlib.is_file() && bins.iter().all(|b| b.is_file())).then_some(Artifacts {
+        let complete = rlib.is_file()
+            && bins.iter().all(|b| b.is_file())
+            && others.iter().all(|(_, r)| r.is_file());
+        complete.then_some(Artifacts {
             rlib,
             bins,
+            others,
             hotpatch_rlib: None,
         })
     }
@@ -191,11 +204,23 @@ impl Artifacts {
             listing.push_str(&format!("bin {}\n", name(exe)));
             bins.push(to);
         }
+        let mut others = Vec::new();
+        if !self.others.is_empty() {
+            let dest = dir.join("others");
+            std::fs::create_dir_all(&dest).map_err(io(dest.display()))?;
+            for (package, r) in &self.others {
+                let to = dest.join(name(r));
+                copy(r, &to)?;
+                listing.push_str(&format!("other {package} {}\n", name(r)));
+                others.push((package.clone(), to));
+            }
+        }
         let marker = dir.join(KEPT_MARKER);
         std::fs::write(&marker, listing).map_err(io(marker.display()))?;
         Ok(Artifacts {
             rlib,
             bins,
+            others,
             hotpatch_rlib: None,
         })
     }
@@ -212,6 +237,7 @@ fn base_key(ws: &Workspace, opts: &SourceOptions, revs: &Revisions, base: &Path)
     use std::hash::{Hash, Hasher};
     let mut h = std::hash::DefaultHasher::new();
     wrapper::WRAPPER_SCHEME.hash(&mut h);
+    "kept base 2: rlib, executables with their objects, the other libraries".hash(&mut h);
     env!("CARGO_PKG_VERSION").hash(&mut h);
     revs.base_commit.hash(&mut h);
     base.hash(&mut h);
@@ -342,6 +368,7 @@ fn cargo_build(
         .map_err(cargo_failed(format!("`cargo build` of {}", dir.display())))?;
     let mut rlib = None;
     let mut bins = Vec::new();
+    let mut others = Vec::new();
     let mut hotpatch_rlib = None;
     let of = |pkg: &str, name: &str| {
         pkg.contains(&format!("#{name}@"))
@@ -357,6 +384,11 @@ fn cargo_build(
             bins.extend(a.executable.clone());
         } else if a.target_name == "hotpatch" && a.is_lib {
             hotpatch_rlib = a.rlib().map(Path::to_owned);
+        } else if a.is_lib
+            && let Some((_, name)) = ws.members.iter().find(|(_, name)| of(pkg, name))
+            && let Some(r) = a.rlib()
+        {
+            others.push((name.clone(), r.to_owned()));
         }
     }
     let rlib =
@@ -364,6 +396,7 @@ fn cargo_build(
     Ok(Artifacts {
         rlib,
         bins,
+        others,
         hotpatch_rlib,
     })
 }
