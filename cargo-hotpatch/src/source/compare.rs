@@ -46,6 +46,7 @@ pub(super) fn binary_crate(
     head_bins: &[PathBuf],
     head_src: &CrateSource,
     ranges: Option<(&LineRanges, &LineRanges)>,
+    added_or_removed: &dyn Fn(&str) -> bool,
     root: &Path,
     noise: &mut BTreeSet<String>,
 ) -> Result<Vec<Refusal>, BuildError> {
@@ -88,6 +89,7 @@ pub(super) fn binary_crate(
         ranges,
         base_lines: &base_lines,
         head_lines: &head_lines,
+        added_or_removed,
     };
     let mut refusals = Vec::new();
     for (fname, &hu) in h.functions() {
@@ -123,6 +125,7 @@ pub(super) fn other_libraries(
     head: &[(String, PathBuf)],
     head_src: &CrateSource,
     ranges: Option<(&LineRanges, &LineRanges)>,
+    added_or_removed: &dyn Fn(&str) -> bool,
     root: &Path,
     noise: &mut BTreeSet<String>,
 ) -> Result<Vec<Refusal>, BuildError> {
@@ -141,6 +144,7 @@ pub(super) fn other_libraries(
             ranges,
             base_lines: &base_lines,
             head_lines: &head_lines,
+            added_or_removed,
         };
         for (fname, &hu) in h.functions() {
             if let Some(&bu) = b.by_name.get(fname)
@@ -174,6 +178,9 @@ pub(super) struct ChangeSite<'a> {
     pub ranges: Option<(&'a LineRanges, &'a LineRanges)>,
     pub base_lines: &'a Lines,
     pub head_lines: &'a Lines,
+    /// Whether a symbol is a function of the service that this change
+    /// added or removed (its source is on one side only).
+    pub added_or_removed: &'a dyn Fn(&str) -> bool,
 }
 
 impl ChangeSite<'_> {
@@ -220,11 +227,20 @@ impl ChangeSite<'_> {
         }
         // What it calls may differ too: a callee inlined on one side and
         // called on the other, whose standalone copy then exists on one
-        // side only. That is no change of its own: a callee whose source
-        // changed (or is new, or gone) would put its lines in the code
-        // that inlined it, and calls that resolve elsewhere need a change
-        // outside function bodies (a `use`, a signature, an impl), where
-        // nothing counts as noise.
+        // side only. That is no change of its own when the callee's source
+        // is on both sides (a callee whose source changed puts its lines in
+        // the code that inlines it). A call to a function the change added
+        // or removed is: its source did not change, but what its call
+        // resolves to did (an inherent method added beside a trait's).
+        let (bt, ht) = (b.named_targets(&bu), h.named_targets(&hu));
+        let only_head = ht.iter().filter(|n| !b.by_name.contains_key(*n));
+        let only_base = bt.iter().filter(|n| !h.by_name.contains_key(*n));
+        if only_head
+            .chain(only_base)
+            .any(|n| (self.added_or_removed)(n))
+        {
+            return Some("it calls a function this change added or removed");
+        }
         None
     }
 }

@@ -347,6 +347,7 @@ pub fn other(x: u64) -> u64 {
                 ranges: Some((&ranges.0, &ranges.1)),
                 base_lines: &bl,
                 head_lines: &hl,
+                added_or_removed: &|_| false,
             };
             assert_eq!(
                 !site.is_noise(&b, &h, "total"),
@@ -366,8 +367,76 @@ pub fn other(x: u64) -> u64 {
                 ranges: None,
                 base_lines: &bl,
                 head_lines: &hl,
+                added_or_removed: &|_| false,
             };
             assert!(!strict.is_noise(&b, &h, "total"));
         }
+    }
+
+    /// An inherent method added beside a trait's: `measure`'s source is the
+    /// same, but its call now resolves to the new method. Its code has no
+    /// line of a changed function (the new method is not inlined), yet it
+    /// changed: it calls a function the change added.
+    #[test]
+    fn a_call_that_resolves_to_an_added_function_is_a_change() {
+        let base_source = "\
+pub trait Size {
+    fn size(&self) -> u64;
+}
+
+pub struct W(pub u64);
+
+impl Size for W {
+    fn size(&self) -> u64 {
+        self.0 + 1
+    }
+}
+
+impl W {}
+
+#[no_mangle]
+pub fn measure(w: &W) -> u64 {
+    w.size()
+}
+";
+        let head_source = base_source.replace(
+            "impl W {}",
+            "impl W {\n    #[inline(never)]\n    pub fn size(&self) -> u64 {\n        self.0 + 2\n    }\n}",
+        );
+        let base = Lib::compile("resolve-base", base_source, &[]);
+        let head = Lib::compile("resolve-head", &head_source, &[]);
+        let (b, h) = (base.build(), head.build());
+        assert_ne!(b.hash(b.by_name["measure"]), h.hash(h.by_name["measure"]));
+        let src = |lib: &Lib| {
+            parse_crate(&lib.dir, Path::new("src/lib.rs"))
+                .unwrap()
+                .with_crate_name("svc")
+        };
+        let (base_src, head_src) = (src(&base), src(&head));
+        let ranges = head_src
+            .changed_fn_lines(&base_src)
+            .expect("functions only");
+        let (bl, hl) = (Lines::read(&b, &base.dir), Lines::read(&h, &head.dir));
+        let added_or_removed = |symbol: &str| {
+            let d = format!("{:#}", rustc_demangle::demangle(symbol));
+            base_src.defines(&d) != head_src.defines(&d)
+        };
+        let site = ChangeSite {
+            ranges: Some((&ranges.0, &ranges.1)),
+            base_lines: &bl,
+            head_lines: &hl,
+            added_or_removed: &added_or_removed,
+        };
+        assert!(
+            !site.is_noise(&b, &h, "measure"),
+            "measure calls the new W::size"
+        );
+        // Without knowing what was added, the lines alone would call it
+        // noise: the case this rule is for.
+        let blind = ChangeSite {
+            added_or_removed: &|_| false,
+            ..site
+        };
+        assert!(blind.is_noise(&b, &h, "measure"));
     }
 }

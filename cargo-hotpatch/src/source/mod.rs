@@ -194,10 +194,15 @@ pub fn build_from_source(
         lines::Lines::read(&b, &ws.root),
         lines::Lines::read(&h, &ws.root),
     );
+    let added_or_removed = |symbol: &str| {
+        let d = demangle(symbol);
+        base_src.defines(&d) != head_src.defines(&d)
+    };
     let site = compare::ChangeSite {
         ranges: ranges.as_ref().map(|(b, h)| (b, h)),
         base_lines: &base_lines,
         head_lines: &head_lines,
+        added_or_removed: &added_or_removed,
     };
     let mut noise = std::collections::BTreeSet::new();
     let comparison = compare::compare(&b, &h, &site, &mut noise);
@@ -208,6 +213,7 @@ pub fn build_from_source(
         &head.bins,
         &head_src,
         site.ranges,
+        &added_or_removed,
         &ws.root,
         &mut bin_noise,
     )?);
@@ -216,6 +222,7 @@ pub fn build_from_source(
         &head.others,
         &head_src,
         site.ranges,
+        &added_or_removed,
         &ws.root,
         &mut bin_noise,
     )?);

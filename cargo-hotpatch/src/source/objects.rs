@@ -250,6 +250,38 @@ impl<'d> Build<'d> {
         units
     }
 
+    /// The names of what the units reference (functions, statics, external
+    /// symbols; anonymous data by what it references in turn).
+    pub fn named_targets(&self, units: &[UnitId]) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        let mut seen: HashSet<UnitId> = units.iter().copied().collect();
+        let mut stack: Vec<&Reloc> = units
+            .iter()
+            .filter_map(|u| self.relocs.get(u))
+            .flatten()
+            .collect();
+        while let Some(r) = stack.pop() {
+            match &r.target {
+                Referent::External(name) => {
+                    out.insert(stem(name).to_owned());
+                }
+                Referent::Unit(u, _) => match self.name_of.get(u) {
+                    Some(name) => {
+                        out.insert(name.clone());
+                    }
+                    None => {
+                        if seen.insert(*u)
+                            && let Some(more) = self.relocs.get(u)
+                        {
+                            stack.extend(more.iter());
+                        }
+                    }
+                },
+            }
+        }
+        out
+    }
+
     /// The named units of code.
     pub fn functions(&self) -> impl Iterator<Item = (&String, &UnitId)> {
         self.by_name.iter().filter(|(_, u)| self.is_code(**u))

@@ -270,6 +270,16 @@ fn fit(item: &Item, form: &Form, name: &Name) -> Option<Fit> {
 /// default method, then by name alone; a level that names more than one
 /// item answers nothing.
 pub(super) fn find<'a>(items: &'a [Item], q: &Query) -> Option<&'a Item> {
+    find_at(items, q, true)
+}
+
+/// [`find`] without its last resort (a function found by its name alone):
+/// what the path itself says.
+pub(super) fn find_by_path<'a>(items: &'a [Item], q: &Query) -> Option<&'a Item> {
+    find_at(items, q, false)
+}
+
+fn find_at<'a>(items: &'a [Item], q: &Query, by_name: bool) -> Option<&'a Item> {
     let fns = || items.iter().filter(|i| matches!(i.kind, Kind::Fn { .. }));
     for level in [Fit::Exact, Fit::Type, Fit::TraitDefault] {
         let found: Vec<&Item> = fns()
@@ -288,6 +298,9 @@ pub(super) fn find<'a>(items: &'a [Item], q: &Query) -> Option<&'a Item> {
             // than a wrong one.
             return None;
         }
+    }
+    if !by_name {
+        return None;
     }
     // By name alone.
     let found: Vec<&Item> = fns()

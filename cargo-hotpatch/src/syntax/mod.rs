@@ -700,6 +700,15 @@ impl CrateSource {
         &self.files
     }
 
+    /// Whether the crate defines a function at exactly that demangled path
+    /// (its module, type and trait as the path gives them; never by its
+    /// name alone, as [`CrateSource::locate`] may).
+    pub fn defines(&self, demangled: &str) -> bool {
+        locate::Query::parse(demangled, &self.crate_name)
+            .and_then(|q| locate::find_by_path(&self.items, &q))
+            .is_some()
+    }
+
     /// Whether `file` (relative to the crate directory) is one of the
     /// source files the crate's modules were read from.
     pub fn reads(&self, file: &Path) -> bool {
