@@ -287,7 +287,6 @@ fn a_thread_inside_the_entry_makes_the_write_wait_then_refuse_or_retry() {
         "the fault is at the page"
     );
 
-    eprintln!("DEBUG page {:p} f {:p}", page.page, target.addr());
     // Refused at the deadline, naming the thread; nothing changed. (Each
     // round it is inside; a round cut short by the deadline still names it.)
     let short = Options::default().deadline(Duration::from_secs(1));
