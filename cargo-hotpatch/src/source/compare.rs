@@ -170,7 +170,7 @@ pub(super) fn other_libraries(
     Ok(refusals)
 }
 
-/// Where the user's change is, for [`Noise`]: the lines of the
+/// Where the user's change is, for [`ChangeSite::is_noise`]: the lines of the
 /// functions whose source differs, per side (`None`: something outside
 /// function bodies changed, and every changed function counts), and each
 /// side's line tables.
