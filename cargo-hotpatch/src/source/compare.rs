@@ -37,6 +37,60 @@ impl Rlib {
     }
 }
 
+/// What the comparisons of code compiled outside the service library
+/// (the executable's own crate, the workspace's other libraries) need: the
+/// head's source (to place a function), where the change is, and the
+/// workspace root the line tables name files from.
+pub(super) struct Outside<'a> {
+    pub head_src: &'a CrateSource,
+    pub ranges: Option<(&'a LineRanges, &'a LineRanges)>,
+    pub added_or_removed: &'a dyn Fn(&str) -> bool,
+    pub root: &'a Path,
+}
+
+impl Outside<'_> {
+    /// Each function whose code changed between `b` and `h` (not only how
+    /// it was compiled: that goes to `noise`), refused by `refusal` (given
+    /// the function as the user knows it and ` (FILE:LINE)` or nothing).
+    fn refuse_changed(
+        &self,
+        b: &Build<'_>,
+        h: &Build<'_>,
+        noise: &mut BTreeSet<String>,
+        refusal: impl Fn(String, String) -> Refusal,
+    ) -> Vec<Refusal> {
+        let (base_lines, head_lines) = (Lines::read(b, self.root), Lines::read(h, self.root));
+        let site = ChangeSite {
+            ranges: self.ranges,
+            base_lines: &base_lines,
+            head_lines: &head_lines,
+            added_or_removed: self.added_or_removed,
+        };
+        let mut refusals = Vec::new();
+        for fname in changed_functions(b, h) {
+            if site.is_noise(b, h, fname) {
+                noise.insert(fname.clone());
+                continue;
+            }
+            let at = self
+                .head_src
+                .locate(&super::demangle(fname))
+                .map(|l| format!(" ({l})"))
+                .unwrap_or_default();
+            refusals.push(refusal(describe(fname), at));
+        }
+        refusals
+    }
+}
+
+/// The named functions whose normalised code differs between `b` and `h`.
+fn changed_functions<'h>(b: &Build<'_>, h: &'h Build<'_>) -> impl Iterator<Item = &'h String> {
+    h.functions().filter_map(move |(name, &hu)| {
+        let &bu = b.by_name.get(name)?;
+        (b.is_code(bu) && b.hash(bu) != h.hash(hu)).then_some(name)
+    })
+}
+
 /// The objects of the executable's own crate (kept by the wrapper) of
 /// the base and the head compared: a function whose code changed there is
 /// the library's generic or inline code compiled into the executable, which
@@ -44,10 +98,7 @@ impl Rlib {
 pub(super) fn binary_crate(
     base_exe: &Path,
     head_bins: &[PathBuf],
-    head_src: &CrateSource,
-    ranges: Option<(&LineRanges, &LineRanges)>,
-    added_or_removed: &dyn Fn(&str) -> bool,
-    root: &Path,
+    outside: &Outside<'_>,
     noise: &mut BTreeSet<String>,
 ) -> Result<Vec<Refusal>, BuildError> {
     let name = base_exe
@@ -84,35 +135,13 @@ pub(super) fn binary_crate(
     let hm: Vec<(String, &[u8])> = ho.iter().map(|(n, b)| (n.clone(), &b[..])).collect();
     let b = Build::read(&bm).map_err(BuildError::Io)?;
     let h = Build::read(&hm).map_err(BuildError::Io)?;
-    let (base_lines, head_lines) = (Lines::read(&b, root), Lines::read(&h, root));
-    let site = ChangeSite {
-        ranges,
-        base_lines: &base_lines,
-        head_lines: &head_lines,
-        added_or_removed,
-    };
-    let mut refusals = Vec::new();
-    for (fname, &hu) in h.functions() {
-        if let Some(&bu) = b.by_name.get(fname)
-            && b.is_code(bu)
-            && b.hash(bu) != h.hash(hu)
-        {
-            if site.is_noise(&b, &h, fname) {
-                noise.insert(fname.clone());
-                continue;
-            }
-            let at = head_src
-                .locate(&super::demangle(fname))
-                .map(|l| format!(" ({l})"))
-                .unwrap_or_default();
-            refusals.push(Refusal::BinaryCrateCode {
-                function: describe(fname),
-                at,
-                executable: name.clone(),
-            });
-        }
-    }
-    Ok(refusals)
+    Ok(
+        outside.refuse_changed(&b, &h, noise, |function, at| Refusal::BinaryCrateCode {
+            function,
+            at,
+            executable: name.clone(),
+        }),
+    )
 }
 
 /// The libraries of the workspace's other packages, base and head (`(package,
@@ -123,10 +152,7 @@ pub(super) fn binary_crate(
 pub(super) fn other_libraries(
     base: &[(String, PathBuf)],
     head: &[(String, PathBuf)],
-    head_src: &CrateSource,
-    ranges: Option<(&LineRanges, &LineRanges)>,
-    added_or_removed: &dyn Fn(&str) -> bool,
-    root: &Path,
+    outside: &Outside<'_>,
     noise: &mut BTreeSet<String>,
 ) -> Result<Vec<Refusal>, BuildError> {
     let mut refusals = Vec::new();
@@ -139,33 +165,13 @@ pub(super) fn other_libraries(
         };
         let (br, hr) = (Rlib::read(base_rlib)?, Rlib::read(head_rlib)?);
         let (b, h) = (br.objects()?, hr.objects()?);
-        let (base_lines, head_lines) = (Lines::read(&b, root), Lines::read(&h, root));
-        let site = ChangeSite {
-            ranges,
-            base_lines: &base_lines,
-            head_lines: &head_lines,
-            added_or_removed,
-        };
-        for (fname, &hu) in h.functions() {
-            if let Some(&bu) = b.by_name.get(fname)
-                && b.is_code(bu)
-                && b.hash(bu) != h.hash(hu)
-            {
-                if site.is_noise(&b, &h, fname) {
-                    noise.insert(fname.clone());
-                    continue;
-                }
-                let at = head_src
-                    .locate(&super::demangle(fname))
-                    .map(|l| format!(" ({l})"))
-                    .unwrap_or_default();
-                refusals.push(Refusal::OtherLibraryCode {
-                    function: describe(fname),
-                    at,
-                    package: package.clone(),
-                });
+        refusals.extend(outside.refuse_changed(&b, &h, noise, |function, at| {
+            Refusal::OtherLibraryCode {
+                function,
+                at,
+                package: package.clone(),
             }
-        }
+        }));
     }
     Ok(refusals)
 }
@@ -287,16 +293,11 @@ pub(super) fn compare(
             .unwrap_or_else(|| describe(entry))
     };
     let mut changed: BTreeSet<String> = BTreeSet::new();
-    for (name, &hu) in h.functions() {
-        if let Some(&bu) = b.by_name.get(name)
-            && b.is_code(bu)
-            && b.hash(bu) != h.hash(hu)
-        {
-            if site.is_noise(b, h, name) {
-                noise.insert(name.clone());
-            } else {
-                changed.insert(name.clone());
-            }
+    for name in changed_functions(b, h) {
+        if site.is_noise(b, h, name) {
+            noise.insert(name.clone());
+        } else {
+            changed.insert(name.clone());
         }
     }
     let mut refusals = Vec::new();

@@ -208,22 +208,22 @@ pub fn build_from_source(
     let comparison = compare::compare(&b, &h, &site, &mut noise);
     let mut refusals = comparison.refusals.clone();
     let mut bin_noise = std::collections::BTreeSet::new();
+    let outside = compare::Outside {
+        head_src: &head_src,
+        ranges: site.ranges,
+        added_or_removed: &added_or_removed,
+        root: &ws.root,
+    };
     refusals.extend(compare::binary_crate(
         &base_bin,
         &head.bins,
-        &head_src,
-        site.ranges,
-        &added_or_removed,
-        &ws.root,
+        &outside,
         &mut bin_noise,
     )?);
     refusals.extend(compare::other_libraries(
         &base.others,
         &head.others,
-        &head_src,
-        site.ranges,
-        &added_or_removed,
-        &ws.root,
+        &outside,
         &mut bin_noise,
     )?);
     let plan = classify::classify(&b, &h, &comparison, &head_src, &mut refusals);
