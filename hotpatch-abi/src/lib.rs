@@ -37,10 +37,11 @@
 use std::fmt;
 use std::sync::atomic::{AtomicPtr, AtomicU64};
 
-/// Version of the layout of [`Manifest`], [`PatchFn`] and [`Entry`] (3:
-/// thin patches, bound to the host's symbols: no private copies of slots
-/// or shared statics, no allocator or panic bridge).
-pub const ABI_VERSION: u32 = 3;
+/// Version of the layout of [`Manifest`], [`PatchFn`], [`HookFn`] and
+/// [`Entry`] (4: a patch may redirect the entry of functions that are not
+/// `#[patchable]`, [`HookFn`]; 3: thin patches, bound to the host's
+/// symbols).
+pub const ABI_VERSION: u32 = 4;
 
 /// `rustc -vV` of the compiler that built this build (the runtime's and a
 /// patch's must be equal).
@@ -79,6 +80,10 @@ pub const HOST_EXPORTS_SYMBOL: &str = "hotpatch_host_exports_v1";
 /// The linker section of a patch crate's [`PatchFn`] table (linkme's
 /// name for the `__HOTPATCH_PATCH_FNS` slice `manifest!()` declares).
 pub const PATCH_FNS_SECTION: &str = "linkme___HOTPATCH_PATCH_FNS";
+
+/// The linker section of a patch's [`HookFn`] records (linkme's name for
+/// the `__HOTPATCH_HOOK_FNS` slice `manifest!()` declares).
+pub const HOOK_FNS_SECTION: &str = "linkme___HOTPATCH_HOOK_FNS";
 
 /// The linker section of a patch's [`SlotRef`] cells (linkme's name for
 /// the `__HOTPATCH_REFS` slice `manifest!()` declares).
@@ -198,6 +203,48 @@ impl<E, A> fmt::Debug for PatchFn<E, A> {
     }
 }
 
+/// One hooked function in a patch: a function of the host that is not
+/// `#[patchable]` (or is, but is reached another way), whose entry the
+/// loader redirects to the replacement (`hotpatch::hook`: the first
+/// instructions become a jump to a stub that jumps through a runtime
+/// slot). Written by `cargo hotpatch build --base` for a changed function
+/// that unpatched code calls, and by `#[patch(path, hook)]`.
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub struct HookFn {
+    /// The host function's first instruction: a reference to the host's
+    /// own symbol (bound to the binary the patch was made for), checked at
+    /// load to be a function of the executable's symbol table that starts
+    /// there.
+    pub target: *const (),
+    /// The replacement, of the target's exact signature and ABI, in the
+    /// patch's code.
+    pub replacement: *const (),
+    /// The bytes the builder read at the target's entry in the deployed
+    /// build: the whole instructions the hook replaces. The loader refuses
+    /// the patch if the running code differs. Empty: no expectation (a
+    /// hand-written patch; the loader still decodes the entry).
+    pub entry: &'static [u8],
+    /// The target's path as its author knows it
+    /// (`my_service::db::Db::get`), for messages and listings.
+    pub path: &'static str,
+    /// The replacement's own name in the patch, for messages.
+    pub name: &'static str,
+}
+
+// SAFETY: the record is immutable data (two code addresses and three
+// borrowed strings); sharing it shares no mutable state.
+unsafe impl Sync for HookFn {}
+
+impl fmt::Debug for HookFn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HookFn")
+            .field("path", &self.path)
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
 /// [`Entry`] as the tool reads it from a build's data: the runtime's
 /// layout, with raw pointers for the slot and the addresses.
 pub type RawEntry = Entry<(), *const ()>;
@@ -278,10 +325,16 @@ pub struct Manifest<P: 'static> {
     /// host's out-of-line wrapper of that function before any patch code
     /// runs (see [`SlotRef`]).
     pub slot_refs: Option<unsafe extern "C" fn(*mut usize) -> *const SlotRef>,
+    /// The patch's hooked functions ([`HookFn`]): writes the count,
+    /// returns the first. A patch replaces at least one function, through
+    /// `functions` or here.
+    pub hooks: Option<unsafe extern "C" fn(*mut usize) -> *const HookFn>,
     /// `size_of` of the patch's [`Entry`].
     pub entry_size: u32,
     /// `size_of` of the patch's [`PatchFn`].
     pub patch_fn_size: u32,
+    /// `size_of` of the patch's [`HookFn`].
+    pub hook_fn_size: u32,
     /// How many calls into this patch's replacements ended in a panic
     /// (the entry shims of `#[patch]` count them): what `watch` reads.
     pub panics: Option<&'static AtomicU64>,
@@ -327,8 +380,10 @@ impl<P> Manifest<P> {
             description: RawStr::new(description),
             functions: Some(functions),
             slot_refs: None,
+            hooks: None,
             entry_size: std::mem::size_of::<RawEntry>() as u32,
             patch_fn_size: std::mem::size_of::<P>() as u32,
+            hook_fn_size: std::mem::size_of::<HookFn>() as u32,
             panics: Some(panics),
             init: None,
         }
@@ -340,6 +395,15 @@ impl<P> Manifest<P> {
         refs: unsafe extern "C" fn(*mut usize) -> *const SlotRef,
     ) -> Self {
         self.slot_refs = Some(refs);
+        self
+    }
+
+    /// The patch crate's hook table (`manifest!()`).
+    pub const fn with_hooks(
+        mut self,
+        hooks: unsafe extern "C" fn(*mut usize) -> *const HookFn,
+    ) -> Self {
+        self.hooks = Some(hooks);
         self
     }
 
@@ -389,6 +453,17 @@ mod tests {
                 offset_of!(RawPatchFn, layouts),
             ],
             [0, 8, 16, 32]
+        );
+        assert_eq!(size_of::<HookFn>(), 64);
+        assert_eq!(
+            [
+                offset_of!(HookFn, target),
+                offset_of!(HookFn, replacement),
+                offset_of!(HookFn, entry),
+                offset_of!(HookFn, path),
+                offset_of!(HookFn, name),
+            ],
+            [0, 8, 16, 32, 48]
         );
     }
 }

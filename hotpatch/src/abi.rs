@@ -5,8 +5,8 @@
 use std::mem::{align_of, offset_of, size_of};
 
 pub use hotpatch_abi::{
-    ABI_VERSION, HOTPATCH_VERSION, MAGIC, MANIFEST_SYMBOL, PANIC_STRATEGY, RUSTC_VERSION, RawStr,
-    SlotRef, TARGET, TypeLayout,
+    ABI_VERSION, HOTPATCH_VERSION, HookFn, MAGIC, MANIFEST_SYMBOL, PANIC_STRATEGY, RUSTC_VERSION,
+    RawStr, SlotRef, TARGET, TypeLayout,
 };
 
 use crate::slot::{FnAddr, Slot};

@@ -537,7 +537,8 @@ macro_rules! __manifest {
                 __hotpatch_functions,
                 &__HOTPATCH_PANICS,
             )
-            .with_slot_refs(__hotpatch_slot_refs);
+            .with_slot_refs(__hotpatch_slot_refs)
+            .with_hooks(__hotpatch_hooks);
             $(
                 fn __hotpatch_init() -> ::core::result::Result<(), ::std::string::String> {
                     $crate::__private::run_init($init)
@@ -564,6 +565,14 @@ macro_rules! __manifest_tables {
         #[linkme(crate = $crate::__private::linkme)]
         pub static __HOTPATCH_PATCH_FNS: [$crate::__private::PatchFn];
 
+        /// The hooked functions of this crate (`#[patch(path, hook)]`, or
+        /// written by `cargo hotpatch build --base`), in its own linker
+        /// section.
+        #[doc(hidden)]
+        #[$crate::__private::linkme::distributed_slice]
+        #[linkme(crate = $crate::__private::linkme)]
+        pub static __HOTPATCH_HOOK_FNS: [$crate::__private::HookFn];
+
         /// The cells through which this patch's code reaches the host's
         /// slots (filled in by `cargo hotpatch build`; see `SlotRef`).
         #[doc(hidden)]
@@ -586,6 +595,12 @@ macro_rules! __manifest_tables {
         }
         /// # Safety
         /// `len` must be valid for a write.
+        unsafe extern "C" fn __hotpatch_hooks(len: *mut usize) -> *const $crate::__private::HookFn {
+            // SAFETY: the caller's guarantee.
+            unsafe { $crate::__private::hook_fns_raw(&__HOTPATCH_HOOK_FNS, len) }
+        }
+        /// # Safety
+        /// `len` must be valid for a write.
         unsafe extern "C" fn __hotpatch_slot_refs(
             len: *mut usize,
         ) -> *const $crate::__private::SlotRef {
@@ -596,7 +611,10 @@ macro_rules! __manifest_tables {
         // error a patch crate without `hotpatch::manifest!()` gets.
         #[doc(hidden)]
         pub mod __hotpatch_manifest_missing__call_hotpatch_manifest_at_the_crate_root {
-            pub use super::{__HOTPATCH_PANICS as PANICS, __HOTPATCH_PATCH_FNS as FNS};
+            pub use super::{
+                __HOTPATCH_HOOK_FNS as HOOKS, __HOTPATCH_PANICS as PANICS,
+                __HOTPATCH_PATCH_FNS as FNS,
+            };
         }
     };
 }

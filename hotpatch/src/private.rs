@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 pub use crate::__hotpatch_slot_current as slot_current;
 pub use crate::abi::{
-    ABI_VERSION, Entry, HOTPATCH_VERSION, MAGIC, MANIFEST_SYMBOL, Manifest, PANIC_STRATEGY,
+    ABI_VERSION, Entry, HOTPATCH_VERSION, HookFn, MAGIC, MANIFEST_SYMBOL, Manifest, PANIC_STRATEGY,
     PatchFn, RUSTC_VERSION, RawStr, SLOTS, SlotRef, TARGET, TypeLayout,
 };
 pub use crate::slot::{FnAddr, Slot};
@@ -95,6 +95,15 @@ pub fn run_init<E: fmt::Display>(init: fn() -> Result<(), E>) -> Result<(), Stri
 /// `len` must be valid for a write; `table` is the patch crate's slice.
 #[inline(always)]
 pub unsafe fn patch_fns_raw(table: &'static [PatchFn], len: *mut usize) -> *const PatchFn {
+    // SAFETY: guaranteed by the caller.
+    unsafe { len.write(table.len()) };
+    table.as_ptr()
+}
+
+/// # Safety
+/// `len` must be valid for a write; `table` is the patch crate's slice.
+#[inline(always)]
+pub unsafe fn hook_fns_raw(table: &'static [HookFn], len: *mut usize) -> *const HookFn {
     // SAFETY: guaranteed by the caller.
     unsafe { len.write(table.len()) };
     table.as_ptr()

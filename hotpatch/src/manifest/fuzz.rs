@@ -725,8 +725,10 @@ impl ManifestInput {
             description: self.description.place("a fuzzed manifest"),
             functions: table(&self.functions, &FUNCTIONS, fuzz_functions as _),
             slot_refs: table(&self.slot_refs, &SLOT_REFS, fuzz_slot_refs as _),
+            hooks: None,
             entry_size: self.sizes[0].unwrap_or(std::mem::size_of::<Entry>() as u32),
             patch_fn_size: self.sizes[1].unwrap_or(std::mem::size_of::<PatchFn>() as u32),
+            hook_fn_size: std::mem::size_of::<crate::abi::HookFn>() as u32,
             panics: None,
             init: match &self.init {
                 InitField::None => None,
