@@ -257,7 +257,8 @@ fn build_from_source(args: &BuildArgs, base: &str) -> Result<(), BuildError> {
         .replaced
         .iter()
         .map(|i| ("replaced", i))
-        .chain(report.included.iter().map(|i| ("included", i)));
+        .chain(report.included.iter().map(|i| ("included", i)))
+        .chain(report.hooked.iter().map(|i| ("hooked", i)));
     for (kind, item) in listed {
         let mut line = format!("{kind}  {}", item.path);
         if let Some(l) = &item.location {
@@ -267,7 +268,12 @@ fn build_from_source(args: &BuildArgs, base: &str) -> Result<(), BuildError> {
             line.push_str(&format!("  ({why})"));
         }
         println!("{line}");
-        if !item.callers.is_empty() {
+        if kind == "hooked" {
+            // Why its entry is redirected rather than its callers replaced.
+            for because in &item.callers {
+                println!("    hooked because {because}");
+            }
+        } else if !item.callers.is_empty() {
             println!("    called from: {}", item.callers.join(", "));
         }
     }

@@ -144,7 +144,7 @@ const CASES: &[Case] = &[
         ],
     },
     // 6. A fix in a non-patchable helper with an unpatched caller: the tax
-    //    rate in `tax`, which `receipt` calls.
+    //    rate in `tax`, which `receipt` calls (hooked).
     Case {
         branch: "case-helper-unpatched-caller",
         edits: &[lib("amount * 20 / 100", "amount * 21 / 100")],
@@ -775,13 +775,26 @@ fn case_05_a_changed_helper_with_only_patchable_callers_is_included_and_its_call
 }
 
 #[test]
-fn case_06_a_changed_helper_with_an_unpatched_caller_is_refused_naming_the_caller() {
-    refused(
+fn case_06_a_changed_helper_with_an_unpatched_caller_is_hooked() {
+    // `receipt` (public, called by the binary) cannot be replaced, so
+    // `tax`'s entry is redirected; every caller of `tax` in v1 compiled
+    // to the same code in the head (none inlined it), so they call the
+    // new body as it expects. `gross` is replaced (it calls a changed
+    // function) and `receipt` included (its caller chain was followed
+    // before the hook was chosen): both run the patch's own `tax`.
+    let out = patched(
         "case-helper-unpatched-caller",
-        "svc::tax",
-        "fn tax(",
-        &["caller"],
-        &["svc::receipt"],
+        &[
+            ("hooked", "svc::tax", "fn tax("),
+            ("included", "svc::receipt", "pub fn receipt("),
+            ("replaced", "svc::gross", "pub fn gross("),
+        ],
+    );
+    assert!(
+        out.stdout
+            .contains("    hooked because svc::receipt is public"),
+        "{}",
+        out.stdout
     );
 }
 

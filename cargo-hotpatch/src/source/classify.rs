@@ -2,7 +2,9 @@
 //! replaced; any other function is included if every function of the
 //! base that references it is replaced or included (a `#[patchable]`
 //! caller is then replaced even if its own code did not change), else
-//! refused with what blocks it.
+//! hooked (its entry redirected at load: `hotpatch::hook`) when its entry
+//! can be and its calling convention is fixed, else refused with what
+//! blocks it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
@@ -10,6 +12,7 @@ use object::{Object, ObjectSymbol};
 
 use super::compare::Comparison;
 use super::entries::{EntryInfo, is_generated};
+use super::identity::Host;
 use super::objects::Build;
 use super::{demangle, describe};
 use crate::Refusal;
@@ -30,6 +33,92 @@ pub(super) struct Plan {
     /// in turn). No caller is left running the old code: one that cannot
     /// be patched refuses the change.
     pub callers: BTreeMap<String, Vec<String>>,
+    /// Changed functions whose callers cannot all be patched, redirected
+    /// at their entry instead (each is also in `included`: its new body).
+    pub hooked: Vec<Hooked>,
+}
+
+/// Each symbol's referrers (`Build::referrers`).
+type Referrers = HashMap<String, BTreeSet<String>>;
+
+/// A function the patch redirects at its entry.
+#[derive(Debug, Clone)]
+pub(super) struct Hooked {
+    /// Its symbol in the base (and head) build.
+    pub symbol: String,
+    /// The address of its entry in the deployed binary.
+    pub address: u64,
+    /// The bytes the hook replaces there, as the deployed build has them.
+    pub entry: Vec<u8>,
+    /// Why its callers could not all be replaced or included instead.
+    pub because: Vec<String>,
+}
+
+/// Whether `symbol`'s entry can be redirected to the head's body: the
+/// head compiled one, every caller the deployed build has calls it as the
+/// new body expects ([`callers_agree`]), and the deployed binary's code
+/// at its entry is eligible. `Err` says why not.
+pub(super) fn hookable(
+    (b, b_refs): (&Build<'_>, &Referrers),
+    h: &Build<'_>,
+    host: &Host,
+    symbol: &str,
+    in_patch: &dyn Fn(&str) -> bool,
+) -> Result<(u64, Vec<u8>), String> {
+    if demangle(symbol).contains("{{closure}}") {
+        return Err("it is a closure's or an async fn's body: a hook would need its state machine proved unchanged".into());
+    }
+    if !h.by_name.contains_key(symbol) {
+        return Err("the head compiled no body of it".into());
+    }
+    callers_agree((b, b_refs), h, symbol, in_patch)?;
+    host.hook_entry(symbol)
+}
+
+/// Whether every caller of `symbol` that the deployed build keeps calls
+/// it as the new body expects: each caller in `b` is in the patch
+/// (`in_patch`: replaced, included or hooked, so it runs new code that
+/// calls the new body), holds its address as data (a vtable or function
+/// pointer: the standard convention), or compiled to the same code in the
+/// head, where it calls the new body. The last is what makes a hook of an
+/// internal function sound: the optimiser may change how such a function
+/// is called (drop an argument, pass one by value, use a constant instead
+/// of its result) and what its callers assume of it (that it does not
+/// unwind, or write memory); a caller compiled to the same code against
+/// the new body makes the same call with the same assumptions.
+fn callers_agree(
+    (b, b_refs): (&Build<'_>, &Referrers),
+    h: &Build<'_>,
+    symbol: &str,
+    in_patch: &dyn Fn(&str) -> bool,
+) -> Result<(), String> {
+    for caller in b_refs.get(symbol).into_iter().flatten() {
+        if caller == symbol || in_patch(caller) {
+            continue;
+        }
+        let Some(&bu) = b.by_name.get(caller) else {
+            continue;
+        };
+        if !b.is_code(bu) {
+            continue;
+        }
+        match h.by_name.get(caller) {
+            Some(&hu) if b.hash(bu) == h.hash(hu) => {}
+            Some(_) => {
+                return Err(format!(
+                    "its caller {} compiled to other code in the new build, so the two may call it differently",
+                    describe(caller)
+                ));
+            }
+            None => {
+                return Err(format!(
+                    "its caller {} is not in the new build, so how the new build calls it cannot be compared",
+                    describe(caller)
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Classifies the changed functions of `comparison`; `refusals` gets each
@@ -37,6 +126,7 @@ pub(super) struct Plan {
 pub(super) fn classify(
     b: &Build<'_>,
     h: &Build<'_>,
+    host: &Host,
     comparison: &Comparison,
     head_src: &CrateSource,
     refusals: &mut Vec<Refusal>,
@@ -141,9 +231,25 @@ pub(super) fn classify(
             }
         }
     }
+    let mut hooked = Vec::new();
     if !blocked.is_empty() {
+        // The counted bodies of the replaced functions are what the patch
+        // installs for them (`extract::write`); other generated code is
+        // the host's.
+        let counted: HashSet<&String> = replaced_names
+            .iter()
+            .chain(forced.keys())
+            .filter_map(|n| head_entries.get(n)?.counted.as_ref())
+            .collect();
+        let in_patch = |n: &str| {
+            replaced_names.contains(n)
+                || forced.contains_key(n)
+                || included.contains(n)
+                || gone.contains(n)
+                || counted.contains(&n.to_owned())
+        };
         // Each changed function whose callers, transitively, cannot all be
-        // patched, with what blocks it.
+        // patched, with what blocks it: hooked if it can be, else refused.
         for name in &others {
             let mut reasons: BTreeSet<String> = BTreeSet::new();
             let mut callers: BTreeSet<String> = BTreeSet::new();
@@ -169,6 +275,23 @@ pub(super) fn classify(
             }
             if reasons.is_empty() {
                 continue;
+            }
+            match hookable((b, &referrers), h, host, name, &in_patch) {
+                Ok((address, entry)) => {
+                    hooked.push(Hooked {
+                        symbol: name.clone(),
+                        address,
+                        entry,
+                        because: reasons.into_iter().collect(),
+                    });
+                    continue;
+                }
+                Err(why) => {
+                    reasons.insert(format!(
+                        "{} cannot be redirected at its entry either: {why}",
+                        describe(name)
+                    ));
+                }
             }
             let at = head_src
                 .locate(&demangle(name))
@@ -223,5 +346,6 @@ pub(super) fn classify(
         included,
         calls_changed: forced,
         callers,
+        hooked,
     }
 }

@@ -22,6 +22,11 @@ pub(super) struct Host {
     pub tls: HashSet<String>,
     /// The address of [`hotpatch_abi::HOST_EXPORTS_SYMBOL`].
     pub anchor: u64,
+    /// Each function symbol's address and size (`.symtab`), by name and,
+    /// for a `.llvm.<number>` name, by its stem if one symbol has it.
+    pub functions: HashMap<String, (u64, u64)>,
+    /// The executable sections as mapped: address and bytes.
+    pub text: Vec<(u64, Vec<u8>)>,
 }
 
 /// The deployed binary (`--binary`), read once: its bytes, build-id and
@@ -127,12 +132,26 @@ impl Host {
         let mut stems: HashMap<String, std::collections::BTreeSet<u64>> = HashMap::new();
         let mut tls = HashSet::new();
         let mut any = false;
+        let mut functions = HashMap::new();
+        let mut fn_stems: HashMap<String, Vec<(u64, u64)>> = HashMap::new();
         for s in file.symbols() {
             any = true;
             if s.is_undefined() || s.kind() == object::SymbolKind::Section {
                 continue;
             }
             if let Ok(n) = s.name() {
+                if s.kind() == object::SymbolKind::Text && s.size() > 0 {
+                    functions
+                        .entry(n.to_owned())
+                        .or_insert((s.address(), s.size()));
+                    let stem = super::objects::stem(n);
+                    if stem != n {
+                        fn_stems
+                            .entry(stem.to_owned())
+                            .or_default()
+                            .push((s.address(), s.size()));
+                    }
+                }
                 if s.kind() == object::SymbolKind::Tls {
                     tls.insert(n.to_owned());
                 }
@@ -155,6 +174,20 @@ impl Host {
                 address.entry(stem).or_insert(*a);
             }
         }
+        for (stem, mut at) in fn_stems {
+            at.dedup();
+            if let [one] = at[..] {
+                functions.entry(stem).or_insert(one);
+            }
+        }
+        let text = file
+            .sections()
+            .filter(|s| {
+                matches!(s.flags(), object::SectionFlags::Elf { sh_flags }
+                    if sh_flags & u64::from(object::elf::SHF_EXECINSTR) != 0)
+            })
+            .filter_map(|s| Some((s.address(), s.data().ok()?.to_vec())))
+            .collect();
         if !any {
             return Err(BuildError::Refused(vec![Refusal::Stripped {
                 binary: path.to_owned(),
@@ -172,6 +205,28 @@ impl Host {
             address,
             tls,
             anchor,
+            functions,
+            text,
         })
+    }
+
+    /// The function `symbol` of the binary (its address), and the bytes a
+    /// hook replaces at its entry, by the rules the loader applies
+    /// (`hotpatch-entry`); `Err` says why its entry cannot be redirected.
+    pub fn hook_entry(&self, symbol: &str) -> Result<(u64, Vec<u8>), String> {
+        let &(addr, size) = self
+            .functions
+            .get(symbol)
+            .ok_or("the deployed binary's symbol table has no function of this name")?;
+        let code = self
+            .text
+            .iter()
+            .find_map(|(start, bytes)| {
+                let off = addr.checked_sub(*start)? as usize;
+                bytes.get(off..off.checked_add(size as usize)?)
+            })
+            .ok_or("its code is not in an executable section of the deployed binary")?;
+        let entry = hotpatch_entry::entry(code, addr).map_err(|e| e.to_string())?;
+        Ok((addr, entry.bytes))
     }
 }

@@ -50,7 +50,17 @@ pub(super) fn label(
             )
         }
     };
-    let names: Vec<&str> = plan.replaced.iter().map(|(_, e)| e.path.as_str()).collect();
+    let hooked: Vec<String> = plan
+        .hooked
+        .iter()
+        .map(|h| super::describe(&h.symbol))
+        .collect();
+    let names: Vec<&str> = plan
+        .replaced
+        .iter()
+        .map(|(_, e)| e.path.as_str())
+        .chain(hooked.iter().map(String::as_str))
+        .collect();
     Ok(Label {
         name: opts
             .name

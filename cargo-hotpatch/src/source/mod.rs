@@ -226,7 +226,7 @@ pub fn build_from_source(
         &outside,
         &mut bin_noise,
     )?);
-    let plan = classify::classify(&b, &h, &comparison, &head_src, &mut refusals);
+    let plan = classify::classify(&b, &h, &host, &comparison, &head_src, &mut refusals);
     if !refusals.is_empty() {
         crate::refusal::sort_and_dedup(&mut refusals);
         return Err(BuildError::Refused(refusals));

@@ -40,6 +40,10 @@ pub struct SourceReport {
     /// Other functions in the patch: changed ones whose callers are all
     /// replaced, and new ones.
     pub included: Vec<Item>,
+    /// Changed functions that are not `#[patchable]` and whose callers
+    /// cannot all be patched: the loader redirects their entry to the new
+    /// body (`hotpatch::hook`). `callers` says why a hook was needed.
+    pub hooked: Vec<Item>,
     /// Informational lines.
     pub notes: Vec<String>,
     /// The base: revision as given, commit, build-id.
@@ -142,6 +146,21 @@ pub(super) fn report(
     let mut included: Vec<Item> = Vec::new();
     // A closure goes with the function it is written in, when that one is
     // in the patch too (a `tracing` event's closure, an iterator's).
+    let hooked_symbols: HashSet<&String> = plan.hooked.iter().map(|h| &h.symbol).collect();
+    let mut hooked: Vec<Item> = plan
+        .hooked
+        .iter()
+        .map(|h| {
+            let d = demangle(&h.symbol);
+            Item {
+                path: describe(&h.symbol),
+                location: locate(&d),
+                why: head_src.why_changed(base_src, &d),
+                callers: h.because.clone(),
+            }
+        })
+        .collect();
+    hooked.sort_by(|a, b| a.path.cmp(&b.path));
     let listed: HashSet<String> = replaced
         .iter()
         .map(|i| i.path.clone())
@@ -152,6 +171,9 @@ pub(super) fn report(
             .is_some_and(|(parent, _)| listed.contains(parent))
     };
     for n in plan.included.iter().chain(extracted.new_functions.iter()) {
+        if hooked_symbols.contains(n) {
+            continue;
+        }
         let path = describe(n);
         if part_of_listed(&path) {
             continue;
@@ -180,6 +202,7 @@ pub(super) fn report(
     SourceReport {
         replaced,
         included,
+        hooked,
         notes,
         base: revs.base_name.clone(),
         head: revs.head_name.clone(),

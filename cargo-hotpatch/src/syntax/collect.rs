@@ -642,7 +642,8 @@ fn is_pub(vis: &syn::Visibility) -> bool {
 }
 
 /// Whether a function's code is copied into the crates that use it: it is
-/// public, and `#[inline]` (any form) or generic over types or consts (its
+/// public, and `#[inline]` or `#[inline(always)]` (not `#[inline(never)]`)
+/// or generic over types or consts (its
 /// own parameters, `impl Trait` arguments, or its impl's or trait's).
 /// Those copies are compiled in the binary crate and other crates, where a
 /// patch of this crate's code does not reach.
@@ -661,7 +662,10 @@ fn copied_into_users(
         syn::FnArg::Typed(p) => text(&p.ty).contains("impl "),
         syn::FnArg::Receiver(_) => false,
     });
-    let inline = attrs.iter().any(|a| a.path().is_ident("inline"));
+    let inline = attrs.iter().any(|a| {
+        a.path().is_ident("inline")
+            && !matches!(&a.meta, Meta::List(l) if stream(l.tokens.clone()) == "never")
+    });
     public && (inline || typed(&sig.generics) || outer.is_some_and(typed) || impl_trait_arg)
 }
 

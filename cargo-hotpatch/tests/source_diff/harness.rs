@@ -401,7 +401,7 @@ pub fn listed(stdout: &str) -> Vec<Listed> {
     let mut all = Vec::new();
     for line in stdout.lines() {
         let line = line.trim();
-        let Some(kind) = ["replaced", "included"]
+        let Some(kind) = ["replaced", "included", "hooked"]
             .into_iter()
             .find(|k| line.strip_prefix(k).is_some_and(|r| r.starts_with(' ')))
         else {

@@ -44,7 +44,7 @@ use super::describe;
 use super::identity::Host;
 use std::mem::{offset_of, size_of};
 
-use hotpatch_abi::RawPatchFn;
+use hotpatch_abi::{HookFn, RawPatchFn};
 
 use super::objects::{Build, Referent, UnitId, is_callsite_static};
 use crate::riprel::{self, Access};
@@ -58,6 +58,13 @@ const PATCH_FN_TARGET: u64 = offset_of!(RawPatchFn, target) as u64;
 const PATCH_FN_REPLACEMENT: u64 = offset_of!(RawPatchFn, replacement) as u64;
 const PATCH_FN_NAME: u64 = offset_of!(RawPatchFn, name) as u64;
 const PATCH_FN_LAYOUTS: u64 = offset_of!(RawPatchFn, layouts) as u64;
+/// A `HookFn` record as written: its size and the offsets of its fields.
+const HOOK_FN_SIZE: usize = size_of::<HookFn>();
+const HOOK_FN_TARGET: u64 = offset_of!(HookFn, target) as u64;
+const HOOK_FN_REPLACEMENT: u64 = offset_of!(HookFn, replacement) as u64;
+const HOOK_FN_ENTRY: u64 = offset_of!(HookFn, entry) as u64;
+const HOOK_FN_PATH: u64 = offset_of!(HookFn, path) as u64;
+const HOOK_FN_NAME: u64 = offset_of!(HookFn, name) as u64;
 /// A `&str` or slice: its pointer, then its length.
 const LEN_AT: u64 = hotpatch_abi::LEN_OFFSET as u64;
 
@@ -72,6 +79,18 @@ pub(crate) struct Record {
     /// The head entry's layouts: the anonymous data and the offset in it.
     pub layouts: (UnitId, u64),
     pub layouts_len: u64,
+}
+
+/// A hook record to write.
+pub(crate) struct HookRecord {
+    /// The head's new body.
+    pub replacement: UnitId,
+    /// The host function's address (`.symtab` of the deployed build).
+    pub address: u64,
+    /// The bytes expected at its entry.
+    pub entry: Vec<u8>,
+    /// The function's path, for messages.
+    pub path: String,
 }
 
 /// The object, and the functions it copied beyond the roots.
@@ -95,6 +114,7 @@ const ANCHOR: &str = hotpatch_abi::HOST_EXPORTS_SYMBOL;
 pub(crate) const PANICS_CELL: &str = hotpatch_abi::SOURCE_PANICS_CELL;
 const REFS_SECTION: &str = hotpatch_abi::SLOT_REFS_SECTION;
 const FNS_SECTION: &str = hotpatch_abi::PATCH_FNS_SECTION;
+const HOOKS_SECTION: &str = hotpatch_abi::HOOK_FNS_SECTION;
 
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 enum HostRef {
@@ -137,6 +157,7 @@ pub(crate) fn extract(
     host: &Host,
     roots: &HashSet<UnitId>,
     records: &[Record],
+    hooks: &[HookRecord],
     noise: &BTreeSet<String>,
 ) -> Result<Extracted, Vec<Refusal>> {
     let mut w = Writer {
@@ -179,6 +200,7 @@ pub(crate) fn extract(
         w.relocate(u);
     }
     w.write_records(records);
+    w.write_hook_records(hooks);
     w.write_eh_frame();
     // What the unwind information reaches (the personality's cell).
     while let Some(u) = w.queue.pop_front() {
@@ -749,6 +771,49 @@ impl Writer<'_, '_> {
     }
 }
 
+impl Writer<'_, '_> {
+    /// The `HookFn` records: each target bound to the host's function by
+    /// its address in the deployed build (the anchor and a delta, as any
+    /// private host symbol), the replacement to the copied body.
+    fn write_hook_records(&mut self, hooks: &[HookRecord]) {
+        if hooks.is_empty() {
+            return;
+        }
+        let table = self.obj.add_section(
+            Vec::new(),
+            HOOKS_SECTION.as_bytes().to_vec(),
+            SectionKind::Data,
+        );
+        let strings = self.obj.section_id(StandardSection::ReadOnlyData);
+        let strings_sym = self.obj.section_symbol(strings);
+        let anchor = self.undefined(ANCHOR, false);
+        for hook in hooks {
+            let at = self.obj.append_section_data(table, &[0; HOOK_FN_SIZE], 8);
+            let delta = hook.address as i64 - self.host.anchor as i64;
+            self.add_reloc(table, at + HOOK_FN_TARGET, elf::R_X86_64_64, anchor, delta);
+            let repl = self.unit_symbol(hook.replacement, 0);
+            self.add_reloc(table, at + HOOK_FN_REPLACEMENT, elf::R_X86_64_64, repl, 0);
+            let name = format!("{} (new body)", hook.path);
+            for (field, bytes) in [
+                (HOOK_FN_ENTRY, &hook.entry[..]),
+                (HOOK_FN_PATH, hook.path.as_bytes()),
+                (HOOK_FN_NAME, name.as_bytes()),
+            ] {
+                let data_at = self.obj.append_section_data(strings, bytes, 1);
+                self.add_reloc(
+                    table,
+                    at + field,
+                    elf::R_X86_64_64,
+                    strings_sym,
+                    data_at as i64,
+                );
+                let len = (bytes.len() as u64).to_le_bytes();
+                set(&mut self.obj, table, at + field + LEN_AT, &len);
+            }
+        }
+    }
+}
+
 /// Writes bytes into a section's data at `at`.
 fn set(obj: &mut write::Object<'static>, section: SectionId, at: u64, bytes: &[u8]) {
     let data = obj.section_mut(section).data_mut();
@@ -822,8 +887,26 @@ pub(super) fn write(
             }),
         }
     }
+    let mut hooks = Vec::new();
+    for hook in &plan.hooked {
+        match head.by_name.get(&hook.symbol) {
+            Some(&u) => {
+                roots.insert(u);
+                hooks.push(HookRecord {
+                    replacement: u,
+                    address: hook.address,
+                    entry: hook.entry.clone(),
+                    path: describe(&hook.symbol),
+                });
+            }
+            None => refusals.push(Refusal::Inconsistent {
+                item: describe(&hook.symbol),
+                what: "hooked, but the head compiled no code of it",
+            }),
+        }
+    }
     if !refusals.is_empty() {
         return Err(BuildError::Refused(refusals));
     }
-    extract(head, host, &roots, &records, noise).map_err(BuildError::Refused)
+    extract(head, host, &roots, &records, &hooks, noise).map_err(BuildError::Refused)
 }
