@@ -76,6 +76,8 @@ pub enum Refusal {
         at: String,
         /// The executable.
         executable: String,
+        /// Why its entry cannot be redirected instead (empty: not tried).
+        why: String,
     },
     /// Code compiled into another library package of the workspace changed
     /// (one between the service library and the executable): the service's
@@ -87,6 +89,8 @@ pub enum Refusal {
         at: String,
         /// The package whose library compiled it.
         package: String,
+        /// Why its entry cannot be redirected instead (empty: not tried).
+        why: String,
     },
     /// Code of another package of the workspace changed.
     OtherPackage {
@@ -244,6 +248,19 @@ pub enum Refusal {
     },
 }
 
+impl Refusal {
+    /// This refusal of code compiled outside the library, saying why its
+    /// entry cannot be redirected instead.
+    pub(crate) fn because(mut self, reason: String) -> Refusal {
+        if let Refusal::BinaryCrateCode { why, .. } | Refusal::OtherLibraryCode { why, .. } =
+            &mut self
+        {
+            *why = reason;
+        }
+        self
+    }
+}
+
 impl fmt::Display for Refusal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -279,17 +296,19 @@ impl fmt::Display for Refusal {
                 function,
                 at,
                 executable,
+                why,
             } => write!(
                 f,
-                "{function}{at} changed in the code of the executable {executable} itself (its crate compiles its own copy of the library's generic or inline code), which no patch reaches yet: ship the change in a release, or move the work into a non-generic #[patchable] function of the library"
+                "{function}{at} changed in the code of the executable {executable} itself (its crate compiles its own copy of the library's generic or inline code), and its entry cannot be redirected: {why}; ship the change in a release, or move the work into a non-generic #[patchable] function of the library"
             ),
             Refusal::OtherLibraryCode {
                 function,
                 at,
                 package,
+                why,
             } => write!(
                 f,
-                "{function}{at} changed in the code of package {package}'s library (it compiles its own copy of the service's generic or inline code), which no patch reaches yet: ship the change in a release, or move the work into a non-generic #[patchable] function of the service"
+                "{function}{at} changed in the code of package {package}'s library (it compiles its own copy of the service's generic or inline code), and its entry cannot be redirected: {why}; ship the change in a release, or move the work into a non-generic #[patchable] function of the service"
             ),
             Refusal::OtherPackage {
                 file,

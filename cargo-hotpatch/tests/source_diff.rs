@@ -1452,15 +1452,20 @@ fn case_31_a_patchable_function_of_a_private_module_is_replaced() {
 }
 
 #[test]
-fn case_32_a_change_compiled_only_into_the_binary_crate_is_refused_naming_it() {
-    // The library's objects have no code of `apply_twice`: only the comparison
-    // of the executable's own objects sees the change (it was "no change").
-    refused(
+fn case_32_a_change_compiled_only_into_the_binary_crate_is_hooked() {
+    // The library's objects have no code of `apply_twice`: only the
+    // comparison of the executable's own objects sees the change (it was
+    // "no change" before that comparison). Its instance there is hooked,
+    // its new body copied from the head executable's own objects.
+    let out = patched(
         "case-generic-in-binary",
-        "svc::apply_twice",
-        "pub fn apply_twice<",
-        &["executable"],
-        &[],
+        &[("hooked", "svc::apply_twice", "pub fn apply_twice<")],
+    );
+    assert!(
+        out.stdout
+            .contains("hooked because it is compiled into the executable svc's own crate"),
+        "{}",
+        out.stdout
     );
 }
 

@@ -32,8 +32,13 @@ impl Rlib {
 
     /// The library's own objects, borrowed from the rlib's bytes.
     pub fn objects(&self) -> Result<Build<'_>, BuildError> {
-        let members = crate::link::own_objects(&self.path, &self.bytes)?;
+        let members = self.members()?;
         Build::read(&members).map_err(|e| BuildError::Io(format!("{}: {e}", self.path.display())))
+    }
+
+    /// The library's own objects, `(name, bytes)`.
+    pub fn members(&self) -> Result<Vec<(String, &[u8])>, BuildError> {
+        Ok(crate::link::own_objects(&self.path, &self.bytes)?)
     }
 }
 
@@ -50,15 +55,16 @@ pub(super) struct Outside<'a> {
 
 impl Outside<'_> {
     /// Each function whose code changed between `b` and `h` (not only how
-    /// it was compiled: that goes to `noise`), refused by `refusal` (given
-    /// the function as the user knows it and ` (FILE:LINE)` or nothing).
-    fn refuse_changed(
+    /// it was compiled: that goes to `noise`), with the refusal `refusal`
+    /// makes of it (given the function as the user knows it and `
+    /// (FILE:LINE)` or nothing) if it cannot be hooked.
+    fn changes(
         &self,
         b: &Build<'_>,
         h: &Build<'_>,
         noise: &mut BTreeSet<String>,
         refusal: impl Fn(String, String) -> Refusal,
-    ) -> Vec<Refusal> {
+    ) -> Vec<OutsideChange> {
         let (base_lines, head_lines) = (Lines::read(b, self.root), Lines::read(h, self.root));
         let site = ChangeSite {
             ranges: self.ranges,
@@ -66,7 +72,7 @@ impl Outside<'_> {
             head_lines: &head_lines,
             added_or_removed: self.added_or_removed,
         };
-        let mut refusals = Vec::new();
+        let mut changes = Vec::new();
         for fname in changed_functions(b, h) {
             if site.is_noise(b, h, fname) {
                 noise.insert(fname.clone());
@@ -77,9 +83,40 @@ impl Outside<'_> {
                 .locate(&super::demangle(fname))
                 .map(|l| format!(" ({l})"))
                 .unwrap_or_default();
-            refusals.push(refusal(describe(fname), at));
+            changes.push(OutsideChange {
+                symbol: fname.clone(),
+                refusal: refusal(describe(fname), at),
+            });
         }
-        refusals
+        changes
+    }
+}
+
+/// A function compiled outside the service library whose code changed:
+/// hooked if it can be, else refused with `refusal`.
+pub(super) struct OutsideChange {
+    /// Its symbol.
+    pub symbol: String,
+    /// What refuses it if it cannot be hooked.
+    pub refusal: Refusal,
+}
+
+/// The objects of code compiled outside the service library (the
+/// executable's own crate, or another package's library), base and head:
+/// where a hooked function's new body is copied from.
+pub(super) struct OutsideObjects {
+    /// What they are, for messages (`the executable svc`, `package util`).
+    pub what: String,
+    /// `(name, bytes)` of each object, base.
+    pub base: Vec<(String, Vec<u8>)>,
+    /// The same, head.
+    pub head: Vec<(String, Vec<u8>)>,
+}
+
+impl OutsideObjects {
+    /// Borrowed as `Build::read` takes them.
+    pub fn members(side: &[(String, Vec<u8>)]) -> Vec<(String, &[u8])> {
+        side.iter().map(|(n, b)| (n.clone(), &b[..])).collect()
     }
 }
 
@@ -100,7 +137,7 @@ pub(super) fn binary_crate(
     head_bins: &[PathBuf],
     outside: &Outside<'_>,
     noise: &mut BTreeSet<String>,
-) -> Result<Vec<Refusal>, BuildError> {
+) -> Result<(Vec<OutsideChange>, OutsideObjects), BuildError> {
     let name = base_exe
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -131,17 +168,24 @@ pub(super) fn binary_crate(
             .collect()
     };
     let (bo, ho) = (read(base_exe)?, read(head_exe)?);
-    let bm: Vec<(String, &[u8])> = bo.iter().map(|(n, b)| (n.clone(), &b[..])).collect();
-    let hm: Vec<(String, &[u8])> = ho.iter().map(|(n, b)| (n.clone(), &b[..])).collect();
+    let (bm, hm) = (OutsideObjects::members(&bo), OutsideObjects::members(&ho));
     let b = Build::read(&bm).map_err(BuildError::Io)?;
     let h = Build::read(&hm).map_err(BuildError::Io)?;
-    Ok(
-        outside.refuse_changed(&b, &h, noise, |function, at| Refusal::BinaryCrateCode {
-            function,
-            at,
-            executable: name.clone(),
-        }),
-    )
+    let changes = outside.changes(&b, &h, noise, |function, at| Refusal::BinaryCrateCode {
+        function,
+        at,
+        executable: name.clone(),
+        why: String::new(),
+    });
+    drop((b, h));
+    Ok((
+        changes,
+        OutsideObjects {
+            what: format!("the executable {name}'s own crate"),
+            base: bo,
+            head: ho,
+        },
+    ))
 }
 
 /// The libraries of the workspace's other packages, base and head (`(package,
@@ -154,8 +198,8 @@ pub(super) fn other_libraries(
     head: &[(String, PathBuf)],
     outside: &Outside<'_>,
     noise: &mut BTreeSet<String>,
-) -> Result<Vec<Refusal>, BuildError> {
-    let mut refusals = Vec::new();
+) -> Result<Vec<(Vec<OutsideChange>, OutsideObjects)>, BuildError> {
+    let mut out = Vec::new();
     for (package, base_rlib) in base {
         let Some((_, head_rlib)) = head.iter().find(|(p, _)| p == package) else {
             return Err(BuildError::Refused(vec![Refusal::Inconsistent {
@@ -165,15 +209,30 @@ pub(super) fn other_libraries(
         };
         let (br, hr) = (Rlib::read(base_rlib)?, Rlib::read(head_rlib)?);
         let (b, h) = (br.objects()?, hr.objects()?);
-        refusals.extend(outside.refuse_changed(&b, &h, noise, |function, at| {
-            Refusal::OtherLibraryCode {
-                function,
-                at,
-                package: package.clone(),
-            }
-        }));
+        let changes = outside.changes(&b, &h, noise, |function, at| Refusal::OtherLibraryCode {
+            function,
+            at,
+            package: package.clone(),
+            why: String::new(),
+        });
+        if changes.is_empty() {
+            continue;
+        }
+        let own = |r: &Rlib| -> Result<Vec<(String, Vec<u8>)>, BuildError> {
+            Ok(crate::link::own_objects(&r.path, &r.bytes)?
+                .into_iter()
+                .map(|(n, b)| (n, b.to_vec()))
+                .collect())
+        };
+        let objects = OutsideObjects {
+            what: format!("package {package}'s library"),
+            base: own(&br)?,
+            head: own(&hr)?,
+        };
+        drop((b, h));
+        out.push((changes, objects));
     }
-    Ok(refusals)
+    Ok(out)
 }
 
 /// Where the user's change is, for [`ChangeSite::is_noise`]: the lines of the

@@ -214,24 +214,69 @@ pub fn build_from_source(
         added_or_removed: &added_or_removed,
         root: &ws.root,
     };
-    refusals.extend(compare::binary_crate(
+    let mut outsides = vec![compare::binary_crate(
         &base_bin,
         &head.bins,
         &outside,
         &mut bin_noise,
-    )?);
-    refusals.extend(compare::other_libraries(
+    )?];
+    outsides.extend(compare::other_libraries(
         &base.others,
         &head.others,
         &outside,
         &mut bin_noise,
     )?);
-    let plan = classify::classify(&b, &h, &host, &comparison, &head_src, &mut refusals);
+    let mut plan = classify::classify(&b, &h, &host, &comparison, &head_src, &mut refusals);
+    // Code of the service compiled outside its library (its generic or
+    // inline code instantiated in the executable's crate or another
+    // package): each changed function there is hooked, or refused.
+    let mut hook_sources = Vec::new();
+    for (changes, objects) in outsides {
+        if changes.is_empty() {
+            continue;
+        }
+        let (bm, hm) = (
+            compare::OutsideObjects::members(&objects.base),
+            compare::OutsideObjects::members(&objects.head),
+        );
+        let ob = objects::Build::read(&bm).map_err(BuildError::Io)?;
+        let oh = objects::Build::read(&hm).map_err(BuildError::Io)?;
+        let referrers = ob.referrers();
+        // Every changed function there is hooked or the patch refused: a
+        // caller among them runs new code.
+        let changed: std::collections::HashSet<&str> =
+            changes.iter().map(|c| c.symbol.as_str()).collect();
+        let in_patch = |n: &str| changed.contains(n);
+        let mut hooked_here = false;
+        for c in &changes {
+            let hook = if h.by_name.contains_key(&c.symbol) {
+                Err("the library defines a function of the same name".to_owned())
+            } else {
+                classify::hookable((&ob, &referrers), &oh, &host, &c.symbol, &in_patch)
+            };
+            match hook {
+                Ok((address, entry)) => {
+                    hooked_here = true;
+                    plan.hooked.push(classify::Hooked {
+                        symbol: c.symbol.clone(),
+                        address,
+                        entry,
+                        because: vec![format!("it is compiled into {}", objects.what)],
+                    });
+                }
+                Err(why) => refusals.push(c.refusal.clone().because(why)),
+            }
+        }
+        drop((ob, oh));
+        if hooked_here {
+            hook_sources.push(objects);
+        }
+    }
     if !refusals.is_empty() {
         crate::refusal::sort_and_dedup(&mut refusals);
         return Err(BuildError::Refused(refusals));
     }
-    if plan.replaced.is_empty() && plan.included.is_empty() {
+    if plan.replaced.is_empty() && plan.included.is_empty() && plan.hooked.is_empty() {
         return Err(BuildError::NoChange(format!(
             "{} and {} compile to the same code ({} changed, but not what the binary runs)",
             revs.base_name,
@@ -241,7 +286,20 @@ pub fn build_from_source(
     }
 
     notes.extend(report::noise_note(&noise, &bin_noise));
-    let mut extracted = extract::write(&h, &host, &plan, &noise)?;
+    // The new bodies of hooked functions compiled outside the library are
+    // copied from those objects: one build of all of them.
+    let mut members = head_rlib.members()?;
+    for o in &hook_sources {
+        members.extend(compare::OutsideObjects::members(&o.head));
+    }
+    let all;
+    let code = if hook_sources.is_empty() {
+        &h
+    } else {
+        all = objects::Build::read(&members).map_err(BuildError::Io)?;
+        &all
+    };
+    let mut extracted = extract::write(code, &host, &plan, &noise)?;
     let label = manifest::label(&ws, opts, &revs, &files, &plan)?;
     let manifest = manifest::compile(&ws, &head, &label)?;
     let out = crate::cargo::output_path(
