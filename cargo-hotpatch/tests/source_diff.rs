@@ -55,6 +55,7 @@ const V1_CALL: &[(&str, &str)] = &[
     ("fee", "10"),
     ("applied_twice", "12"),
     ("greeting", "hello from v1"),
+    ("by_rate", "20"),
 ];
 
 /// A case: its branch (a commit on v1 with `edits`), and how the answers
@@ -343,6 +344,34 @@ const CASES: &[Case] = &[
         branch: "case-generic-in-binary",
         edits: &[lib("    f(f(x))\n", "    f(f(f(x)))\n")],
         changes: &[("applied_twice", "13")],
+    },
+    // 34. A method called only through a trait object (the vtable is
+    //     the binary's): hooked.
+    Case {
+        branch: "case-trait-object",
+        edits: &[lib("        amount / 50\n", "        amount / 40\n")],
+        changes: &[("by_rate", "25")],
+    },
+    // 35. An async fn's second step: the state machine is the same
+    //     (hooked; an order suspended at the gate finishes in the new
+    //     code). `call` does not run it: the order commands do.
+    Case {
+        branch: "case-async-same",
+        edits: &[lib("    subtotal + 7\n", "    subtotal + 9\n")],
+        changes: &[],
+    },
+    // 36. An async fn that keeps a new value across its wait: a different
+    //     state machine (refused).
+    Case {
+        branch: "case-async-state",
+        edits: &[
+            lib(
+                "    let subtotal = items * 100;\n",
+                "    let subtotal = items * 100; let fee = items * 3;\n",
+            ),
+            lib("    subtotal + 7\n", "    subtotal + fee\n"),
+        ],
+        changes: &[],
     },
     // 33. Only a file the library compiles in (`include_str!`) changed:
     //     no Rust source did, yet the running code's data does.
@@ -1767,5 +1796,62 @@ fn case_33_a_changed_file_the_library_includes_is_a_change() {
             .contains("src/greeting.txt changed: not Rust source, but the library may include it"),
         "{}",
         out.stdout
+    );
+}
+
+#[test]
+fn case_34_a_method_called_through_a_trait_object_is_hooked() {
+    // `<Flat as Rate>::rate` is public: the binary's vtable holds it, so
+    // no caller can be replaced instead.
+    patched(
+        "case-trait-object",
+        &[(
+            "hooked",
+            "<svc::Flat as svc::Rate>::rate",
+            "fn rate(&self, amount: u64)",
+        )],
+    );
+}
+
+#[test]
+fn case_35_an_async_fn_with_the_same_state_machine_is_hooked_and_a_suspended_order_finishes_in_it()
+{
+    let c = case("case-async-same");
+    let mut fx = fixture();
+    let so = out_path(c.branch);
+    let out = build_patch(c.branch, s(&fx.v1_bin), &so);
+    assert_eq!(out.status.code(), Some(0), "exit code: {out:?}");
+    assert!(
+        listed(&out.stdout)
+            .iter()
+            .any(|l| l.kind == "hooked" && l.path.starts_with("svc::checkout")),
+        "{}",
+        out.stdout
+    );
+    // 3 items: 300, then + 7 (v1) or + 9 (the fix) after the gate.
+    assert_eq!(fx.v1.ask("order"), "pending");
+    assert_eq!(fx.v1.ask("finish"), "307", "v1 before the patch");
+    // An order suspended at the gate while the patch is applied resumes
+    // in the new poll function, reading the state the old one saved.
+    assert_eq!(fx.v1.ask("order"), "pending");
+    let applied = Applied::load(&mut fx.v1, &so);
+    assert_eq!(applied.v1.ask("finish"), "309", "the suspended order");
+    assert_eq!(applied.v1.ask("order"), "pending");
+    assert_eq!(applied.v1.ask("finish"), "309", "a new order");
+    // Suspended while patched, finished after the revert: the old code.
+    assert_eq!(applied.v1.ask("order"), "pending");
+    applied.revert();
+    assert_eq!(fx.v1.ask("finish"), "307", "reverted");
+    assert_eq!(but_calls(fx.v1.call()), but_calls(expected(&[])));
+}
+
+#[test]
+fn case_36_an_async_fn_whose_state_machine_changed_is_refused() {
+    refused(
+        "case-async-state",
+        "svc::checkout",
+        "pub async fn checkout(",
+        &["state machine"],
+        &[],
     );
 }
