@@ -271,7 +271,7 @@ fn build_from_source(args: &BuildArgs, base: &str) -> Result<(), BuildError> {
         if kind == "hooked" {
             // Why its entry is redirected rather than its callers replaced.
             for because in &item.callers {
-                println!("    hooked because {because}");
+                println!("    because {because}");
             }
         } else if !item.callers.is_empty() {
             println!("    called from: {}", item.callers.join(", "));

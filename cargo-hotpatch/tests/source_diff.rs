@@ -821,7 +821,7 @@ fn case_06_a_changed_helper_with_an_unpatched_caller_is_hooked() {
     );
     assert!(
         out.stdout
-            .contains("    hooked because svc::receipt is public"),
+            .contains("    because svc::receipt is public"),
         "{}",
         out.stdout
     );
@@ -1492,7 +1492,7 @@ fn case_32_a_change_compiled_only_into_the_binary_crate_is_hooked() {
     );
     assert!(
         out.stdout
-            .contains("hooked because it is compiled into the executable svc's own crate"),
+            .contains("    because it is compiled into the executable svc's own crate"),
         "{}",
         out.stdout
     );
@@ -1703,7 +1703,7 @@ fn workspace_a_library_package_and_an_executable_package_are_patched() {
     );
     assert!(
         out.stdout
-            .contains("hooked because it is compiled into package util's library"),
+            .contains("    because it is compiled into package util's library"),
         "{}",
         out.stdout
     );

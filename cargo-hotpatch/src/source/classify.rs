@@ -166,10 +166,10 @@ pub(super) fn classify(
     // own code did not change: the head's calls the new helper), any other
     // caller is included in turn, up to patchable functions. What cannot be
     // (a public function, a function pointer or vtable) refuses the change.
-    let local_only = |name: &str| {
-        let d = demangle(name);
-        d.contains("{{closure}}") || d.contains("__hotpatch_original_")
-    };
+    // A `#[patchable]` body is reached through its slot. A closure is
+    // not exempt: an async fn's body is one, and the crate that polls the
+    // future (the binary's) calls it by its global symbol.
+    let local_only = |name: &str| demangle(name).contains("__hotpatch_original_");
     // A `pub` function that is generic or `#[inline]` has copies in the
     // crates that use it (the binary's among them), which a release build
     // compiles without an exported symbol to see: the source says so.
