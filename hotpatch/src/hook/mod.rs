@@ -209,6 +209,29 @@ unsafe extern "C" {
     fn __hotpatch_hook_dispatch();
 }
 
+/// The dispatcher of every hook, for a registry entry of a hooked
+/// function (`Entry::dispatcher`): `Slot::begin_transition` points a hook's
+/// slot at it.
+pub(crate) fn dispatcher() -> FnAddr {
+    FnAddr::new(__hotpatch_hook_dispatch as *const ())
+}
+
+/// What this process recorded of the function at `addr` if it was ever
+/// hooked: its original entry bytes, and whether it is hooked now.
+pub(crate) fn recorded(addr: usize) -> Option<(Vec<u8>, bool)> {
+    let hooks = HOOKS.lock().unwrap_or_else(PoisonError::into_inner);
+    hooks
+        .as_ref()?
+        .get(&addr)
+        .map(|s| (s.original.clone(), s.installed))
+}
+
+/// Whether `addr` is a hook slot (in an arena's slot pages), which only a
+/// write window opens.
+pub(crate) fn owns_slot(addr: usize) -> bool {
+    near::owns_slot(addr)
+}
+
 /// What the dispatcher asks: the implementation the calling thread runs.
 extern "C" fn choose(slot: &Slot) -> *const () {
     slot.choose()
@@ -454,7 +477,7 @@ impl Target {
         self.len
     }
 
-    fn code(&self) -> &'static [u8] {
+    pub(crate) fn code(&self) -> &'static [u8] {
         // SAFETY: a Target is a function's code, mapped for the life of the
         // process (`of`/`named` read it from the executable's symbol table;
         // `from_raw_parts` is the caller's promise).
