@@ -8,7 +8,8 @@
 
 mod support;
 
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Barrier, mpsc};
 use std::time::Duration;
 
 use fail::FailGuard;
@@ -326,4 +327,87 @@ fn a_registered_thread_switches_at_its_safepoint() {
     worker.join().unwrap();
     a.revert().unwrap();
     assert_eq!(observed(), ORIGINAL);
+}
+
+/// 4 threads call the hooked functions through unmarked code, half of
+/// them registered and passing safepoints, while `cycles` times A and B
+/// are loaded (entry writes), stacked and reverted in both orders (entry
+/// write-backs): every answer is one that some stack of the patches gives
+/// (each call old or new, never torn), the process survives, and the
+/// entry bytes end as they began.
+fn stress(cycles: usize) {
+    let _serial = support::serial();
+    let (a_so, b_so) = (support::patch(A), support::patch(B));
+    let before = entries();
+    let stop = Arc::new(AtomicBool::new(false));
+    let calls = Arc::new(AtomicU64::new(0));
+    let start = Arc::new(Barrier::new(5));
+    let workers: Vec<_> = (0..4u64)
+        .map(|w| {
+            let (stop, calls, start) = (stop.clone(), calls.clone(), start.clone());
+            std::thread::spawn(move || {
+                let _registered = (w % 2 == 0).then(hotpatch::register_thread);
+                start.wait();
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let qty = n % 1000 + w;
+                    let price = svc::hooked::quote(qty);
+                    assert!(
+                        [0, 100, 200].iter().any(|d| price == qty * 3 + d),
+                        "quote({qty}) = {price}"
+                    );
+                    let tax = svc::hooked::quote_tax(qty);
+                    let seen = (price.wrapping_sub(qty * 3), tax.wrapping_sub(qty / 10));
+                    // Registered: both from one state of the stack (none,
+                    // A, A and B, B) between two safepoints.
+                    let states: &[(u64, u64)] = if w % 2 == 0 {
+                        &[(0, 0), (100, 0), (200, 1000)]
+                    } else {
+                        &[
+                            (0, 0),
+                            (100, 0),
+                            (200, 1000),
+                            (100, 1000),
+                            (200, 0),
+                            (0, 1000),
+                        ]
+                    };
+                    assert!(states.contains(&seen), "worker {w}: {seen:?}");
+                    n += 1;
+                    hotpatch::quiescent();
+                }
+                calls.fetch_add(n, Ordering::Relaxed);
+            })
+        })
+        .collect();
+    start.wait();
+    for i in 0..cycles {
+        let a = hotpatch::load(&a_so).unwrap();
+        let b = hotpatch::load(&b_so).unwrap();
+        if i % 2 == 0 {
+            a.revert().unwrap();
+            b.revert().unwrap();
+        } else {
+            b.revert().unwrap();
+            a.revert().unwrap();
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.join().unwrap();
+    }
+    assert!(calls.load(Ordering::Relaxed) > 0);
+    assert_eq!(entries(), before);
+    assert_eq!(observed(), ORIGINAL);
+}
+
+#[test]
+fn stress_hooking_patches_under_calls() {
+    stress(20);
+}
+
+#[test]
+#[ignore = "long form: 2,000 cycles (minutes on 2 cores)"]
+fn stress_hooking_patches_under_calls_long() {
+    stress(2_000);
 }

@@ -112,12 +112,12 @@
 //! - A function inlined into its callers has no entry to redirect: hook
 //!   the callers.
 //! - Per-thread transitions ([`crate::quiescent`], request scopes): a
-//!   hook's slot is a [`Slot`] and the runtime has
-//!   one dispatcher for every hook (it saves the argument registers, asks
-//!   the slot which implementation the calling thread runs, and jumps
-//!   there), but the loader's transitions do not drive hooks yet:
-//!   [`Hook::redirect`] switches every thread at once (each call old or
-//!   new, never torn).
+//!   hook's slot is a [`Slot`] and the runtime has one dispatcher for
+//!   every hook (it saves the argument registers, asks the slot which
+//!   implementation the calling thread runs, and jumps there). A patch's
+//!   hooks ([`crate::load`]) switch with the patch's transition like any
+//!   function; [`Hook::redirect`], used directly, switches every thread at
+//!   once (each call old or new, never torn).
 
 mod decode;
 mod near;
