@@ -184,6 +184,9 @@ fn status(r: &Value) -> String {
         .iter()
         .map(|f| {
             let mut i = implementation(&f["implementation"]);
+            if f["hooked"] == Value::Bool(true) {
+                i.push_str(" (hooked)");
+            }
             if f["in_transition"] == Value::Bool(true) {
                 i.push_str(" (switching)");
             }

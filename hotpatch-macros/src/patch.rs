@@ -9,11 +9,25 @@
 //! `Target::<Sig>::entry_fn`, where `Sig` is written from the replacement's
 //! signature: `Target` is invariant in `Sig`, so the two signatures must be
 //! the same type, not merely coercible.
+//!
+//! `#[patch(path::to::f, hook)]` replaces a function that is not
+//! `#[patchable]` by redirecting its entry: the same shim, and a `HookFn`
+//! record in `crate::__HOTPATCH_HOOK_FNS` whose target is `f`'s address
+//! (in a thin patch, bound to the host's symbol), with no expected entry
+//! bytes. The signature check is the coercion of `f` to the fn-pointer
+//! type written from the replacement's signature (one-way: a replacement
+//! taking `&'static str` is accepted for a target taking `&str`).
 
 use crate::sig;
 use proc_macro2::TokenStream;
 use quote::{format_ident, quote, quote_spanned};
 use syn::{ExprPath, ItemFn, Type};
+
+/// The attribute's arguments: the target, and whether it is hooked.
+struct Args {
+    target: ExprPath,
+    hook: bool,
+}
 
 pub fn expand(args: TokenStream, input: TokenStream) -> TokenStream {
     let f = match syn::parse2::<ItemFn>(input.clone()) {
@@ -27,7 +41,7 @@ pub fn expand(args: TokenStream, input: TokenStream) -> TokenStream {
             return quote!(#e #input);
         }
     };
-    let target = match parse_target(args) {
+    let Args { target, hook } = match parse_target(args) {
         Ok(t) => t,
         Err(e) => {
             let e = e.to_compile_error();
@@ -45,6 +59,21 @@ pub fn expand(args: TokenStream, input: TokenStream) -> TokenStream {
     }
     sig::check_supported(&f.sig, what, &mut errors);
     sig::check_attrs(&f.attrs, what, &mut errors);
+    if hook {
+        if let Some(args) = target.path.segments.iter().find(|s| !s.arguments.is_none()) {
+            errors.push(syn::Error::new_spanned(
+                &args.arguments,
+                "a generic function's instantiation is compiled into the patch itself, so its \
+                 address is not the running service's: hook it from a source build \
+                 (`cargo hotpatch build --base`)",
+            ));
+        }
+        if !errors.is_empty() {
+            let errors: TokenStream = errors.into_iter().map(|e| e.to_compile_error()).collect();
+            return quote!(#errors #f);
+        }
+        return expand_hook(&f, &target);
+    }
     let companion = match companion_path(&target) {
         Ok(c) => Some(c),
         Err(e) => {
@@ -59,32 +88,11 @@ pub fn expand(args: TokenStream, input: TokenStream) -> TokenStream {
     let companion = companion.expect("no errors");
 
     let ident = &f.sig.ident;
-    let shim = format_ident!("__hotpatch_entry_{}", ident);
     let record = format_ident!("__HOTPATCH_PATCH_{}", ident);
     let sig_ty: Type = sig::fn_ptr_type(&f.sig);
     let layouts = sig::layout_types(&f.sig, &sig::Context::free());
-    let mut shim_sig = sig::forwarding_signature(&f.sig);
-    shim_sig.ident = shim.clone();
-    let args = sig::forward_names(&f.sig);
-    let call = if f.sig.unsafety.is_some() {
-        // SAFETY (generated): the shim is an `unsafe fn` with the
-        // replacement's contract; its caller upholds it.
-        quote!(unsafe { #ident(#(#args),*) })
-    } else {
-        quote!(#ident(#(#args),*))
-    };
-    // The crate's tables, through the module `manifest!()` declares: a
-    // crate without it gets one error, whose name says what to do.
+    let (shim, shim_item, tables) = shim(&f);
     let sig_span = f.sig.ident.span();
-    let tables = quote_spanned! {sig_span=>
-        crate::__hotpatch_manifest_missing__call_hotpatch_manifest_at_the_crate_root
-    };
-    let body = quote! {
-        let __hotpatch_count = ::hotpatch::__private::PanicCount::new(&#tables::PANICS);
-        let __hotpatch_value = #call;
-        __hotpatch_count.returned();
-        __hotpatch_value
-    };
     // The companion fixes the target's signature first, so a mismatch
     // reads "expected <target's signature>, found <this one's>", and points
     // at this function's name.
@@ -97,11 +105,7 @@ pub fn expand(args: TokenStream, input: TokenStream) -> TokenStream {
     quote! {
         #f
 
-        #[doc(hidden)]
-        #[allow(non_snake_case, improper_ctypes_definitions, unreachable_code, clippy::all)]
-        #shim_sig {
-            #body
-        }
+        #shim_item
 
         #[::hotpatch::__private::linkme::distributed_slice(#tables::FNS)]
         #[linkme(crate = ::hotpatch::__private::linkme)]
@@ -116,7 +120,90 @@ pub fn expand(args: TokenStream, input: TokenStream) -> TokenStream {
     }
 }
 
-fn parse_target(args: TokenStream) -> syn::Result<ExprPath> {
+/// The shim (the replacement's signature, counting panics) both forms
+/// emit, and the tokens that name the crate's tables.
+fn shim(f: &ItemFn) -> (syn::Ident, TokenStream, TokenStream) {
+    let ident = &f.sig.ident;
+    let shim = format_ident!("__hotpatch_entry_{}", ident);
+    let mut shim_sig = sig::forwarding_signature(&f.sig);
+    shim_sig.ident = shim.clone();
+    let args = sig::forward_names(&f.sig);
+    let call = if f.sig.unsafety.is_some() {
+        // SAFETY (generated): the shim is an `unsafe fn` with the
+        // replacement's contract; its caller upholds it.
+        quote!(unsafe { #ident(#(#args),*) })
+    } else {
+        quote!(#ident(#(#args),*))
+    };
+    let sig_span = f.sig.ident.span();
+    let tables = quote_spanned! {sig_span=>
+        crate::__hotpatch_manifest_missing__call_hotpatch_manifest_at_the_crate_root
+    };
+    let item = quote! {
+        #[doc(hidden)]
+        #[allow(non_snake_case, improper_ctypes_definitions, unreachable_code, clippy::all)]
+        #shim_sig {
+            let __hotpatch_count = ::hotpatch::__private::PanicCount::new(&#tables::PANICS);
+            let __hotpatch_value = #call;
+            __hotpatch_count.returned();
+            __hotpatch_value
+        }
+    };
+    (shim, item, tables)
+}
+
+/// `#[patch(path, hook)]`: the shim and a `HookFn` record.
+fn expand_hook(f: &ItemFn, target: &ExprPath) -> TokenStream {
+    let ident = &f.sig.ident;
+    let record = format_ident!("__HOTPATCH_HOOK_{}", ident);
+    let sig_ty: Type = sig::fn_ptr_type(&f.sig);
+    let (shim, shim_item, tables) = shim(f);
+    // The coercion of the target to the replacement's fn-pointer type is
+    // the signature check: a mismatch points at the target's path.
+    let target_span = syn::spanned::Spanned::span(target);
+    let typed_target = quote_spanned! {target_span=>
+        {
+            let __hotpatch_target: #sig_ty = #target;
+            __hotpatch_target as *const ()
+        }
+    };
+    let path = path_text(target);
+    quote! {
+        #f
+
+        #shim_item
+
+        #[::hotpatch::__private::linkme::distributed_slice(#tables::HOOKS)]
+        #[linkme(crate = ::hotpatch::__private::linkme)]
+        #[doc(hidden)]
+        #[allow(non_upper_case_globals)]
+        static #record: ::hotpatch::__private::HookFn = ::hotpatch::__private::HookFn {
+            target: #typed_target,
+            replacement: #shim as #sig_ty as *const (),
+            entry: &[],
+            path: #path,
+            name: ::core::concat!(::core::module_path!(), "::", ::core::stringify!(#ident)),
+        };
+    }
+}
+
+/// The target's path as its author wrote it, without the token spacing.
+fn path_text(target: &ExprPath) -> String {
+    let text = quote!(#target).to_string();
+    let mut out = String::with_capacity(text.len());
+    let mut words = text.split(' ').peekable();
+    while let Some(w) = words.next() {
+        out.push_str(w);
+        let next = words.peek().copied().unwrap_or("");
+        let glue = matches!(w, "::" | "<" | "&") || matches!(next, "::" | ">" | "," | "<");
+        if !glue && !next.is_empty() {
+            out.push(' ');
+        }
+    }
+    out
+}
+
+fn parse_target(args: TokenStream) -> syn::Result<Args> {
     if args.is_empty() {
         return Err(syn::Error::new(
             proc_macro2::Span::call_site(),
@@ -124,13 +211,43 @@ fn parse_target(args: TokenStream) -> syn::Result<ExprPath> {
              #[hotpatch::patch(my_service::pricing::price)]",
         ));
     }
-    syn::parse2::<ExprPath>(args.clone()).map_err(|_| {
+    // `path` or `path, hook`: split at the first top-level comma.
+    let mut path = TokenStream::new();
+    let mut rest: Option<TokenStream> = None;
+    for tt in args {
+        match &mut rest {
+            Some(r) => r.extend([tt]),
+            None if matches!(&tt, proc_macro2::TokenTree::Punct(p) if p.as_char() == ',') => {
+                rest = Some(TokenStream::new());
+            }
+            None => path.extend([tt]),
+        }
+    }
+    let target = syn::parse2::<ExprPath>(path.clone()).map_err(|_| {
         syn::Error::new_spanned(
-            &args,
+            &path,
             "expected the path of a #[patchable] function, e.g. `my_service::pricing::price`, \
              `my_service::Cart::total` or `<my_service::Cart as my_service::Priced>::total`",
         )
-    })
+    })?;
+    let Some(rest) = rest else {
+        return Ok(Args {
+            target,
+            hook: false,
+        });
+    };
+    let parser = syn::punctuated::Punctuated::<syn::Ident, syn::Token![,]>::parse_terminated;
+    let options = syn::parse::Parser::parse2(parser, rest.clone()).ok();
+    let hook = options.is_some_and(|o| o.len() == 1 && o[0] == "hook");
+    if !hook {
+        return Err(syn::Error::new_spanned(
+            &rest,
+            "the only option of #[hotpatch::patch] is `hook`: \
+             #[hotpatch::patch(path::to::function, hook)] replaces a function that is not \
+             #[patchable] by redirecting its entry",
+        ));
+    }
+    Ok(Args { target, hook: true })
 }
 
 /// Where the target's companion constant is: `a::b::f` -> `a::b::__hotpatch_f`,

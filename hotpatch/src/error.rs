@@ -254,6 +254,50 @@ pub enum Error {
         reason: crate::hook::Reason,
     },
 
+    /// A function the patch hooks (redirects at its entry, [`crate::hook`])
+    /// cannot be hooked in this process: no function of the executable
+    /// starts at its target, its entry cannot be redirected, its entry
+    /// bytes are not those the patch was made for, or the entry write
+    /// failed. Every function's code, slot and record are as they were.
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    #[error("{path}: cannot hook `{function}`, nothing changed: {reason}")]
+    HookRefused {
+        path: PathBuf,
+        function: String,
+        reason: crate::hook::Reason,
+    },
+
+    /// The patch hooks a function that is `#[patchable]` (its wrapper or
+    /// its original body): a patch replaces it through its slot.
+    #[error(
+        "{path}: `{function}` is the patchable function `{patchable}`: replace it through its \
+         slot (`#[hotpatch::patch({patchable})]`), not by hooking its entry"
+    )]
+    HookOfPatchable {
+        path: PathBuf,
+        function: String,
+        patchable: String,
+    },
+
+    /// A load or replace failed after it had redirected function entries
+    /// (`cause`), and writing the original bytes back failed for
+    /// `functions` (a thread blocks the stop signal, for example): those
+    /// entries stay redirected, their slots at the original code (the
+    /// trampoline), so their calls run the original code; slots and
+    /// records are otherwise as they were, and a later patch of them
+    /// reuses the redirection.
+    #[error(
+        "{cause}; the entry of {} stays redirected to the original code, which its calls run \
+         (writing the original bytes back failed: {})",
+        .functions.join(", "),
+        .reasons.join("; ")
+    )]
+    HooksLeftInstalled {
+        cause: Box<Error>,
+        functions: Vec<String>,
+        reasons: Vec<String>,
+    },
+
     #[error("{id} is not applied")]
     NotApplied { id: PatchId },
 }
@@ -305,6 +349,10 @@ impl Error {
             Error::NotApplied { .. } => "not_applied",
             #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
             Error::Hook { .. } => "hook",
+            #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+            Error::HookRefused { .. } => "hook_refused",
+            Error::HookOfPatchable { .. } => "hook_of_patchable",
+            Error::HooksLeftInstalled { cause, .. } => cause.kind(),
         }
     }
 
@@ -314,6 +362,9 @@ impl Error {
     /// not applied.
     #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
     pub(crate) fn is_refusal(&self) -> bool {
+        if let Error::HooksLeftInstalled { cause, .. } = self {
+            return cause.is_refusal();
+        }
         !matches!(
             self,
             Error::Timeout { .. }
@@ -369,6 +420,15 @@ pub(crate) enum Refusal {
     InitFailed {
         reason: String,
     },
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    Hook {
+        function: String,
+        reason: crate::hook::Reason,
+    },
+    HookOfPatchable {
+        function: String,
+        patchable: String,
+    },
     #[cfg(feature = "failpoints")]
     Injected {
         point: &'static str,
@@ -397,6 +457,20 @@ impl Refusal {
             },
             Refusal::AlreadyApplied { name, id } => Error::AlreadyApplied { path, name, id },
             Refusal::InitFailed { reason } => Error::InitFailed { path, reason },
+            #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+            Refusal::Hook { function, reason } => Error::HookRefused {
+                path,
+                function,
+                reason,
+            },
+            Refusal::HookOfPatchable {
+                function,
+                patchable,
+            } => Error::HookOfPatchable {
+                path,
+                function,
+                patchable,
+            },
             #[cfg(feature = "failpoints")]
             Refusal::Injected { point } => Error::Injected { point, path },
         }

@@ -193,8 +193,24 @@
 //! refused; a process where neither is allowed (memory-deny-write-execute
 //! and no `/proc/self/mem`) refuses with the setting's name, nothing
 //! changed. The module documentation lists what it needs from the system
-//! and its limits. `cargo hotpatch build` does not emit hooks yet: today a
-//! patch still replaces `#[patchable]` functions only.
+//! and its limits.
+//!
+//! A patch hooks a function with a hook record: `#[patch(path, hook)]` in
+//! a hand-written patch crate (`cargo hotpatch build --base` does not
+//! write them yet). The loader checks each record before anything changes
+//! (a function of the executable starts at the target, it is not a
+//! `#[patchable]` function, its entry is eligible and its bytes are those
+//! the patch expects), writes the entry jumps the patch needs (calls still
+//! run the original code), then switches as for any patch: from there a
+//! hooked function is a function of the registry, with stacking, revert in
+//! any order, per-thread transitions and request scopes, watch windows,
+//! accept and restore, and [`functions`] lists it with
+//! [`FunctionInfo::hooked`]. A failed load writes back the entries it
+//! wrote ([`Error::HooksLeftInstalled`] names any it could not). Reverting
+//! the last patch of a hooked function writes its original bytes back,
+//! under another stop; if that stop fails (a thread blocks the signal),
+//! the revert still holds, calls run the original code through the
+//! trampoline, and the event says so.
 //!
 //! # Limits
 //!
@@ -445,6 +461,30 @@ pub use hotpatch_macros::patchable;
 ///
 /// Compile errors: a target that does not exist or is not `#[patchable]`,
 /// or a signature that is not exactly the target's.
+///
+/// `#[patch(path, hook)]` replaces a function that is *not* `#[patchable]`
+/// by redirecting its entry ([`hook`], x86-64 Linux): `path` names the
+/// function itself (it must be nameable from the patch crate), and its
+/// signature is checked by coercing it to the replacement's fn-pointer
+/// type (a mismatch is a compile error at the path; the check is one-way,
+/// so a replacement taking `&'static str` is accepted for a target taking
+/// `&str`). The function must be compiled into the service's executable,
+/// not into the patch: a generic function is refused at compile time, and
+/// an `#[inline]` one (whose address a patch crate takes from its own
+/// copy) is refused at load as not in the host's code; hook those from a
+/// source build instead. The loader decodes the function's entry and
+/// refuses what cannot be redirected.
+///
+/// ```
+/// # mod svc { #[inline(never)] pub fn helper(x: u64) -> u64 { x * 2 } }
+/// hotpatch::manifest!();
+///
+/// #[hotpatch::patch(svc::helper, hook)]
+/// fn helper(x: u64) -> u64 {
+///     x.saturating_mul(2)
+/// }
+/// # fn main() { assert_eq!(helper(u64::MAX), u64::MAX); }
+/// ```
 ///
 /// # Examples
 ///

@@ -255,9 +255,15 @@ impl Loader {
         failpoint!("revert::apply", &info.file);
         let what = format!("revert {id} ({})", info.name);
         let (turn, report) = self.switch(turn, what, changes)?;
-        REGISTRY.lock().record_revert(id);
+        let released = {
+            let mut registry = REGISTRY.lock();
+            let targets = registry.record_revert(id);
+            // Hooked functions no patch replaces any more: their entry
+            // written back (a stop-the-world), still under the turn.
+            registry.release_hooks(&targets, &info.file)
+        };
         drop(turn);
-        Ok(report)
+        Ok(with_hooks(report, released))
     }
 
     /// Loads the patch at `path`, checks it against this process, and
@@ -373,17 +379,24 @@ impl Loader {
             .unwrap_or(Placement::Dlopen {
                 reason: NearRefusal::Off,
             });
-        let (plan, changes, old) = {
+        let (mut plan, old) = {
             let registry = REGISTRY.lock();
             let old = replacing.map(|id| registry.info(id)).transpose()?;
             let plan = registry.plan(library, &checked).map_err(|r| r.at(path))?;
-            let changes = registry.changes(replacing, plan.replacements());
             registry.prepare(&plan);
-            (plan, changes, old)
+            (plan, old)
         };
         drop(libraries);
         run_init(&checked).map_err(|r| r.at(path))?;
         failpoint!("load::apply", path);
+        // The entry jumps of hooked functions not redirected yet (their
+        // slots at the original code), then the changes, hooks included.
+        let (installed, changes) = {
+            let mut registry = REGISTRY.lock();
+            let installed = registry.install_hooks(&mut plan, path, self.hook_deadline())?;
+            let changes = registry.changes(replacing, plan.replacements());
+            (installed, changes)
+        };
         let what = match &old {
             Some(old) => format!(
                 "replace {} ({}) by {} from {}",
@@ -394,17 +407,68 @@ impl Loader {
             ),
             None => format!("apply {} from {}", checked.name, path.display()),
         };
-        let (turn, report) = self.switch(turn, what, changes)?;
-        let info = {
-            let mut registry = REGISTRY.lock();
-            if let Some(old) = replacing {
-                registry.record_revert(old);
+        let (turn, report) = match quiesce::switch(turn, what.clone(), changes, self.deadline) {
+            Ok(done) => done,
+            Err(mut failed) => {
+                let turn = failed.take_turn();
+                let error = failed.into_error(what, self.deadline);
+                let ours: Vec<usize> = installed.iter().map(|(idx, _)| *idx).collect();
+                return Err(match turn {
+                    // Every slot is back: write the entries back too.
+                    Some(turn) => {
+                        let error = REGISTRY.lock().undo_hooks(&ours, path, error);
+                        drop(turn);
+                        error
+                    }
+                    // A background thread finishes the reversal: the
+                    // slots end at the original code, the entries stay
+                    // redirected (a later apply reuses them).
+                    None if !installed.is_empty() => Error::HooksLeftInstalled {
+                        cause: Box::new(error),
+                        functions: installed.iter().map(|(_, w)| w.function.clone()).collect(),
+                        reasons: vec![
+                            "the transition is still being reversed in the background".into(),
+                        ],
+                    },
+                    None => error,
+                });
             }
-            registry.record_apply(plan, &checked, path, library, placement)
+        };
+        let (info, released) = {
+            let mut registry = REGISTRY.lock();
+            let replaced = match replacing {
+                Some(old) => registry.record_revert(old),
+                None => Vec::new(),
+            };
+            let info = registry.record_apply(plan, &checked, path, library, placement);
+            // Functions the replaced patch hooked and the new one does not.
+            let released = registry.release_hooks(&replaced, path);
+            (info, released)
         };
         drop(turn);
-        Ok((Patch { info }, report))
+        let writes = installed.into_iter().map(|(_, w)| w).chain(released);
+        Ok((Patch { info }, with_hooks(report, writes.collect())))
     }
+
+    /// How long the stop-the-world of a hook's entry write may take: the
+    /// hook's default (1 s), or less if this loader's deadline is shorter.
+    fn hook_deadline(&self) -> Duration {
+        self.deadline.min(Duration::from_secs(1))
+    }
+}
+
+/// `report` with the entry writes of hooked functions made around its
+/// transition (a report of its own if the switch changed nothing).
+fn with_hooks(
+    report: Option<TransitionReport>,
+    writes: Vec<quiesce::HookWrite>,
+) -> Option<TransitionReport> {
+    if writes.is_empty() {
+        return report;
+    }
+    let mut report = report.unwrap_or_default();
+    report.hooks.extend(writes);
+    Some(report)
 }
 
 /// Loads and applies the patch at `path` with default options.

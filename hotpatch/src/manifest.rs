@@ -10,18 +10,19 @@
 //! 3. [`whole`]: `manifest_size` equal to this runtime's, and the whole
 //!    struct inside the library's readable memory;
 //! 4. [`code_fields`]: the function fields (`functions`, `slot_refs`,
-//!    `init`): each absent or inside the library's executable segments,
+//!    `hooks`, `init`): each absent or inside the library's executable segments,
 //!    before any is called; the `panics` counter in the library's
 //!    writable, non-RELRO memory;
 //! 5. [`strings`]: the strings, each non-null, at most [`MAX_STR`] bytes,
 //!    inside the library's readable memory and UTF-8: `rustc`, `target`
-//!    and `panic_strategy` must equal the host's; `entry_size` and
-//!    `patch_fn_size` this runtime's; then `hotpatch_version`, `name`,
+//!    and `panic_strategy` must equal the host's; `entry_size`,
+//!    `patch_fn_size` and `hook_fn_size` this runtime's; then `hotpatch_version`, `name`,
 //!    `version`, `description` (read for reports only: `abi_version`
 //!    decides compatibility; each may be empty);
 //! 6. [`getters`]: only then, with the same compiler established, the
 //!    getters are called (patch code): `functions` (required; its table
-//!    non-null, aligned, bounded, inside the library, not empty) and
+//!    non-null, aligned, bounded, inside the library), `hooks` (optional;
+//!    the same), at least one record in the two together, and
 //!    `slot_refs` (optional; each cell aligned in the library's writable,
 //!    non-RELRO memory); `init` (optional) is only recorded here and
 //!    called by the loader after the plan;
@@ -30,7 +31,13 @@
 //!    readable memory, and the target's entry getter in the *host's*
 //!    code (a thin patch binds it to the service's own), which is then
 //!    called; the registry takes the entry it returns only if it is one
-//!    of this process's own (`registry.rs`: `plan`).
+//!    of this process's own (`registry.rs`: `plan`). Then the records
+//!    behind the hook table ([`hook_fn`]): the replacement in the
+//!    library's code, the expected entry bytes (at most [`MAX_ENTRY`])
+//!    and the path and name (UTF-8, at most [`MAX_STR`]) in its readable
+//!    memory, and the target *not* in the library but inside the
+//!    executable's code; the registry then finds the function that
+//!    starts there and decides whether its entry can be redirected.
 //!
 //! Every pointer is checked to lie inside the library that exported the
 //! manifest before anything reads through it: strings and tables in its
@@ -52,8 +59,8 @@
 use std::sync::atomic::AtomicU64;
 
 use crate::abi::{
-    ABI_VERSION, Entry, MAGIC, Manifest, PANIC_STRATEGY, PatchFn, RUSTC_VERSION, RawStr, SlotRef,
-    TARGET, TypeLayout,
+    ABI_VERSION, Entry, HookFn, MAGIC, Manifest, PANIC_STRATEGY, PatchFn, RUSTC_VERSION, RawStr,
+    SlotRef, TARGET, TypeLayout,
 };
 use crate::error::Refusal;
 use crate::image::Image;
@@ -63,6 +70,9 @@ use crate::slot::FnAddr;
 pub(crate) const MAX_STR: usize = 64 * 1024;
 /// Most functions one patch may replace, and most slots its copy may hold.
 pub(crate) const MAX_FUNCTIONS: usize = 1 << 20;
+/// Most entry bytes a hook record may expect (the replaced instructions
+/// cover 5 bytes; the longest x86-64 instruction is 15).
+pub(crate) const MAX_ENTRY: usize = 32;
 
 /// A manifest whose every field, and every record behind its tables, was
 /// checked.
@@ -70,8 +80,11 @@ pub(crate) struct Checked {
     pub name: String,
     pub version: String,
     pub description: String,
-    /// What the patch replaces, in its table's order (at least one).
+    /// What the patch replaces through slots, in its table's order.
     pub functions: Vec<Replacement>,
+    /// What the patch replaces by redirecting entries, in its table's
+    /// order (with `functions`, at least one function in all).
+    pub hooks: Vec<HookRecord>,
     /// The patch's cells for the host slots its code reads.
     pub slot_refs: &'static [SlotRef],
     /// Calls of its replacements that ended in a panic.
@@ -93,6 +106,21 @@ pub(crate) struct Replacement {
     pub code: FnAddr,
 }
 
+/// One checked hook record: what the registry resolves against the
+/// executable (`registry.rs`: `plan`).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct HookRecord {
+    /// The address the patch names: inside the executable's code, not in
+    /// the library.
+    pub target: usize,
+    /// The replacement, in the library's code.
+    pub code: FnAddr,
+    /// The entry bytes the builder read (empty: no expectation).
+    pub entry: &'static [u8],
+    /// The target's path, for messages and listings.
+    pub path: &'static str,
+}
+
 /// Checks the manifest at `m` and every record behind it (the seven steps
 /// of the module docs) and returns its contents.
 ///
@@ -103,11 +131,13 @@ pub(crate) unsafe fn check(m: *const Manifest) -> Result<Checked, Refusal> {
     // SAFETY: the caller's guarantee.
     let fields = unsafe { fields(m) }?;
     let functions = records(&fields.image, &fields.tables)?;
+    let hooks = hook_records(&fields.image, &fields.tables)?;
     Ok(Checked {
         name: fields.about.name,
         version: fields.about.version,
         description: fields.about.description,
         functions,
+        hooks,
         slot_refs: fields.tables.slot_refs,
         panics: fields.panics,
         init: fields.init,
@@ -218,6 +248,7 @@ fn code_fields(image: &Image, m: &Manifest) -> Result<&'static AtomicU64, Refusa
     let fields = [
         ("functions", m.functions.map(|f| f as *const ())),
         ("slot_refs", m.slot_refs.map(|f| f as *const ())),
+        ("hooks", m.hooks.map(|f| f as *const ())),
         ("init", m.init.map(|f| f as *const ())),
     ];
     for (name, f) in fields {
@@ -277,6 +308,7 @@ fn strings(image: &Image, m: &Manifest) -> Result<About, Refusal> {
     }
     if m.entry_size as usize != std::mem::size_of::<Entry>()
         || m.patch_fn_size as usize != std::mem::size_of::<PatchFn>()
+        || m.hook_fn_size as usize != std::mem::size_of::<HookFn>()
     {
         return Err(invalid("table entry sizes differ from this runtime's"));
     }
@@ -292,6 +324,7 @@ fn strings(image: &Image, m: &Manifest) -> Result<About, Refusal> {
 /// What the getters returned, checked.
 struct Tables {
     functions: &'static [PatchFn],
+    hooks: &'static [HookFn],
     slot_refs: &'static [SlotRef],
 }
 
@@ -313,7 +346,17 @@ unsafe fn getters(image: &Image, m: &Manifest) -> Result<Tables, Refusal> {
     // SAFETY: the getter returned `first`/`n` for a table in the library,
     // which stays mapped (caller's guarantee).
     let functions = unsafe { table(image, "function", first, n) }?;
-    if functions.is_empty() {
+    let hooks: &'static [HookFn] = match m.hooks {
+        Some(hooks_fn) => {
+            let mut n = 0usize;
+            // SAFETY: as for the function table (`__hotpatch_hooks`).
+            let first = unsafe { hooks_fn(&mut n) };
+            // SAFETY: as for the function table.
+            unsafe { table(image, "hook", first, n) }?
+        }
+        None => &[],
+    };
+    if functions.is_empty() && hooks.is_empty() {
         return Err(invalid("the patch replaces no function"));
     }
     let slot_refs: &'static [SlotRef] = match m.slot_refs {
@@ -340,6 +383,7 @@ unsafe fn getters(image: &Image, m: &Manifest) -> Result<Tables, Refusal> {
     }
     Ok(Tables {
         functions,
+        hooks,
         slot_refs,
     })
 }
@@ -403,6 +447,94 @@ pub(crate) fn patch_fn(image: &Image, host: &Image, f: &PatchFn) -> Result<Repla
         // (checked above), which stays mapped.
         layouts: unsafe { &*layouts },
         code: f.replacement,
+    })
+}
+
+/// Step 7, the hook table: each record checked ([`hook_fn`]) against the
+/// executable's code, where its target must be.
+fn hook_records(image: &Image, tables: &Tables) -> Result<Vec<HookRecord>, Refusal> {
+    if tables.hooks.is_empty() {
+        return Ok(Vec::new());
+    }
+    let text = crate::near::executable_text()
+        .ok_or_else(|| invalid("the executable's code could not be found"))?;
+    let text = (text.0 as usize, text.1 as usize);
+    tables
+        .hooks
+        .iter()
+        .map(|f| hook_fn(image, text, f))
+        .collect()
+}
+
+/// Checks a hook record: its replacement in the library's code, its
+/// strings and expected entry bytes in its readable memory, and its
+/// target outside the library, inside `text` (`[start, end)` of the
+/// executable's code). Reads nothing at the target: the registry
+/// decodes the function there.
+pub(crate) fn hook_fn(
+    image: &Image,
+    text: (usize, usize),
+    f: &HookFn,
+) -> Result<HookRecord, Refusal> {
+    // SAFETY: `f` is in a table found readable and aligned; the fields
+    // are plain words.
+    let (entry, path, name) = unsafe {
+        (
+            raw(&raw const f.entry),
+            raw(&raw const f.path),
+            raw(&raw const f.name),
+        )
+    };
+    let (path_len, name_len) = ((path as *const [u8]).len(), (name as *const [u8]).len());
+    if path_len > MAX_STR || name_len > MAX_STR {
+        return Err(invalid(format!(
+            "a hook record's path or name is longer than {MAX_STR} bytes"
+        )));
+    }
+    let (Some(path), Some(name)) = (str_bytes(image, path), str_bytes(image, name)) else {
+        return Err(invalid(
+            "a hook record's path or name points outside the library's memory",
+        ));
+    };
+    // The name is checked as any string a patch hands over, and not kept:
+    // messages name the target.
+    let (Ok(path), Ok(_)) = (std::str::from_utf8(path), std::str::from_utf8(name)) else {
+        return Err(invalid("a hook record's path or name is not UTF-8"));
+    };
+    if entry.len() > MAX_ENTRY {
+        return Err(invalid(format!(
+            "the hook of `{path}` expects {} entry bytes (at most {MAX_ENTRY})",
+            entry.len()
+        )));
+    }
+    let Some(entry) = bytes(image, entry.cast(), entry.len()) else {
+        return Err(invalid(format!(
+            "the expected entry bytes of the hook of `{path}` are outside the library's memory"
+        )));
+    };
+    if !image.executable(f.replacement) {
+        return Err(invalid(format!(
+            "the replacement of the hooked `{path}` points outside the library's code"
+        )));
+    }
+    let target = f.target as usize;
+    if image.contains(target) {
+        return Err(invalid(format!(
+            "the hook target of `{path}` is inside the patch, not this process's function (a \
+             generic or `#[inline]` function names the patch's own copy: hook it from a source \
+             build, `cargo hotpatch build --base`)"
+        )));
+    }
+    if target < text.0 || target >= text.1 {
+        return Err(invalid(format!(
+            "the hook target of `{path}` ({target:#x}) is not in the executable's code"
+        )));
+    }
+    Ok(HookRecord {
+        target,
+        code: FnAddr::new(f.replacement),
+        entry,
+        path,
     })
 }
 

@@ -45,6 +45,9 @@ pub struct PatchInfo {
     pub file: PathBuf,
     /// Paths of the functions it replaces, in the patch's order.
     pub functions: Vec<String>,
+    /// Of `functions`, those it replaces by redirecting their entry
+    /// (functions that are not `#[patchable]`, see [`crate::hook`]).
+    pub hooked: Vec<String>,
     /// When it was applied (the end of its transition).
     pub applied_at: std::time::SystemTime,
     /// Where its code was mapped: near the executable's code, or by the
@@ -141,6 +144,11 @@ impl Patch {
     pub fn functions(&self) -> &[String] {
         &self.info.functions
     }
+    /// Of [`functions`](Self::functions), those it replaces by
+    /// redirecting their entry ([`crate::hook`]).
+    pub fn hooked(&self) -> &[String] {
+        &self.info.hooked
+    }
     /// Where its code was mapped (see [`Placement`]).
     pub fn placement(&self) -> &Placement {
         &self.info.placement
@@ -216,6 +224,10 @@ pub struct FunctionInfo {
     /// ([`transition`](crate::transition) tells which and who it waits
     /// for).
     pub in_transition: bool,
+    /// Not `#[patchable]`: a function whose entry a patch redirected
+    /// ([`crate::hook`]), listed while the redirection is in place (with
+    /// an empty `signature`: the patch's builder checked it from source).
+    pub hooked: bool,
 }
 
 /// Panics raised by the applied patch `id` so far (see [`Patch::panics`]);

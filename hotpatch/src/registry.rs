@@ -10,17 +10,31 @@
 //! implementation, or the original when the stack is empty. Reverting a
 //! patch removes its layers wherever they are, so patches need not be
 //! reverted in order.
+//!
+//! A *hooked* function (a patch's `HookFn`: a function of the executable
+//! that has no slot of its own) is a function of the registry like a
+//! `#[patchable]` one, with an entry the runtime makes when it first
+//! redirects the function's entry ([`crate::hook`]): its slot is the
+//! hook's, its original the trampoline (the original code), its wrapper
+//! the function's address, its dispatcher the one every hook shares. Its
+//! layers, transitions and listing are those of any function. The entry
+//! jump is written when a patch first needs it (before the switch, the
+//! slot at the trampoline, so calls still run the original) and removed
+//! when no applied patch uses it any more (after the switch back). One
+//! entry per distinct address, made once (`by_hook`): a function hooked
+//! again reuses it, its slot and its trampoline.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, LazyLock};
+use std::time::Duration;
 
 use parking_lot::Mutex;
 
 use crate::abi::{Entry, SLOTS};
 use crate::error::Refusal;
-use crate::manifest::Checked;
-use crate::quiesce::Change;
+use crate::manifest::{Checked, HookRecord};
+use crate::quiesce::{Change, HookWrite};
 use crate::slot::FnAddr;
 use crate::{Error, FunctionInfo, Implementation, PatchId, PatchInfo};
 
@@ -34,6 +48,8 @@ pub(crate) struct Registry {
     by_entry: HashMap<usize, usize>,
     /// Index of each entry by its slot's address.
     by_slot: HashMap<usize, usize>,
+    /// Index of each hooked function by its address.
+    by_hook: HashMap<usize, usize>,
     applied: Vec<Applied>,
     next_id: u64,
 }
@@ -41,7 +57,25 @@ pub(crate) struct Registry {
 struct FnState {
     entry: &'static Entry,
     layers: Vec<Layer>,
+    /// A hooked function: its entry was made by the runtime.
+    hooked: bool,
+    /// A hooked function's redirection, while its entry jump is written.
+    hook: Option<Installed>,
 }
+
+impl FnState {
+    /// Listed by `functions()`: every `#[patchable]` function; a hooked
+    /// one while its entry is redirected.
+    fn listed(&self) -> bool {
+        !self.hooked || self.hook.is_some() || !self.layers.is_empty()
+    }
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+type Installed = crate::hook::Hook;
+/// No hooks on other platforms (`plan` refuses them).
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+enum Installed {}
 
 impl FnState {
     /// What the slot holds outside transitions.
@@ -67,13 +101,28 @@ struct Applied {
     targets: Vec<usize>,
 }
 
-/// A checked patch, ready to commit: nothing can fail after this.
+/// A checked patch, ready to commit: nothing can fail after this but the
+/// entry writes of its hooks ([`Registry::install_hooks`]) and the switch.
 pub(crate) struct Plan {
-    /// (host function index, replacement)
+    /// (host function index, replacement); the hooks' once installed.
     replace: Vec<(usize, FnAddr)>,
+    /// The functions it hooks, resolved.
+    hooks: Vec<PlannedHook>,
     /// (a slot reference cell of the patch, the host wrapper it must hold)
     slot_refs: Vec<(&'static crate::abi::SlotRef, FnAddr)>,
     functions: Vec<String>,
+    /// Of those, the hooked ones.
+    hooked: Vec<String>,
+}
+
+/// A hook record resolved against this process.
+struct PlannedHook {
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    target: crate::hook::Target,
+    record: HookRecord,
+    /// Its function in the registry, if it was hooked before (always,
+    /// once installed).
+    idx: Option<usize>,
 }
 
 impl Plan {
@@ -108,10 +157,13 @@ impl Registry {
                 .map(|entry| FnState {
                     entry,
                     layers: Vec::new(),
+                    hooked: false,
+                    hook: None,
                 })
                 .collect(),
             by_entry,
             by_slot,
+            by_hook: HashMap::new(),
             applied: Vec::new(),
             next_id: 1,
         }
@@ -152,6 +204,15 @@ impl Registry {
             replace.push((idx, f.code));
             functions.push(ours.path.to_owned());
         }
+        let mut hooks = Vec::with_capacity(m.hooks.len());
+        let mut hooked = Vec::with_capacity(m.hooks.len());
+        let mut seen_hooks = HashSet::with_capacity(m.hooks.len());
+        for h in &m.hooks {
+            failpoint!("load::resolve");
+            hooks.push(self.plan_hook(h, &mut seen_hooks)?);
+            functions.push(h.path.to_owned());
+            hooked.push(h.path.to_owned());
+        }
         let mut slot_refs = Vec::with_capacity(m.slot_refs.len());
         for cell in m.slot_refs {
             // Relaxed: written by the dynamic loader's relocation, before
@@ -179,9 +240,251 @@ impl Registry {
         }
         Ok(Plan {
             replace,
+            hooks,
             slot_refs,
             functions,
+            hooked,
         })
+    }
+
+    /// Resolves a hook record: a function of the executable starts at its
+    /// target, it is not a `#[patchable]` function's (those are replaced
+    /// through their slot), not hooked twice by the patch, and its code is
+    /// what the patch expects: the running bytes, or under a redirection
+    /// of ours the original bytes recorded when it was written; a function
+    /// not redirected yet must allow it ([`crate::hook::Target::check`]).
+    /// Changes nothing.
+    fn plan_hook(&self, h: &HookRecord, seen: &mut HashSet<usize>) -> Result<PlannedHook, Refusal> {
+        if let Some(f) = self.fns.iter().find(|f| {
+            !f.hooked
+                && [f.entry.original, f.entry.wrapper, f.entry.counted]
+                    .iter()
+                    .any(|a| a.as_ptr() as usize == h.target)
+        }) {
+            return Err(Refusal::HookOfPatchable {
+                function: h.path.to_owned(),
+                patchable: f.entry.path.to_owned(),
+            });
+        }
+        if !seen.insert(h.target) {
+            return Err(Refusal::DuplicateTarget {
+                function: h.path.to_owned(),
+            });
+        }
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        {
+            use crate::hook::{Reason, Target};
+            let refuse = |reason| Refusal::Hook {
+                function: h.path.to_owned(),
+                reason,
+            };
+            let target = Target::of(h.target as *const ()).map_err(|e| match e {
+                Error::Hook { reason, .. } => refuse(reason),
+                other => refuse(Reason::NotFound {
+                    detail: other.to_string(),
+                }),
+            })?;
+            let idx = self.by_hook.get(&h.target).copied();
+            let ours = idx.is_some_and(|i| self.fns[i].hook.is_some());
+            let recorded = crate::hook::recorded(h.target);
+            let code = target.code();
+            let mut original = code[..code.len().min(crate::manifest::MAX_ENTRY)].to_vec();
+            match &recorded {
+                Some((saved, true)) if ours => {
+                    let n = saved.len().min(original.len());
+                    original[..n].copy_from_slice(&saved[..n]);
+                }
+                // Redirected through `hotpatch::hook` by the program itself.
+                Some((_, true)) => return Err(refuse(Reason::AlreadyHooked)),
+                _ => {
+                    target.check().map_err(|e| match e {
+                        Error::Hook { reason, .. } => refuse(reason),
+                        other => refuse(Reason::NotFound {
+                            detail: other.to_string(),
+                        }),
+                    })?;
+                }
+            }
+            if !h.entry.is_empty() && original.get(..h.entry.len()) != Some(h.entry) {
+                return Err(refuse(Reason::EntryChanged {
+                    expected: h.entry.to_vec(),
+                    found: original[..h.entry.len().min(original.len())].to_vec(),
+                }));
+            }
+            Ok(PlannedHook {
+                target,
+                record: *h,
+                idx,
+            })
+        }
+        #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+        Err(Refusal::InvalidManifest(format!(
+            "`{}` is hooked: redirecting a function's entry needs x86-64 Linux",
+            h.path
+        )))
+    }
+
+    /// Writes the entry jump of each planned hook whose function is not
+    /// redirected yet (its slot at the trampoline: calls still run the
+    /// original code) and makes it a function of the registry; adds every
+    /// hook's replacement to the plan. Returns what it wrote, by function.
+    ///
+    /// On error, the entries this call wrote are written back (the
+    /// registry's records as they were) and the error says so, or names
+    /// those it could not write back ([`Error::HooksLeftInstalled`]).
+    pub(crate) fn install_hooks(
+        &mut self,
+        plan: &mut Plan,
+        file: &Path,
+        deadline: Duration,
+    ) -> Result<Vec<(usize, HookWrite)>, Error> {
+        let mut written: Vec<(usize, HookWrite)> = Vec::new();
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        for i in 0..plan.hooks.len() {
+            let p = &plan.hooks[i];
+            let idx = match p.idx {
+                Some(idx) if self.fns[idx].hook.is_some() => idx,
+                _ => {
+                    let options = crate::hook::Options::default().deadline(deadline);
+                    match install(&p.target, &options, file, p.record.path) {
+                        Ok(hook) => {
+                            let report = hook.report();
+                            let idx = self.attach(p, hook);
+                            written.push((
+                                idx,
+                                HookWrite {
+                                    op: "hook",
+                                    function: self.fns[idx].entry.path.to_owned(),
+                                    threads: report.threads,
+                                    pause: report.pause,
+                                    failed: None,
+                                },
+                            ));
+                            idx
+                        }
+                        Err(e) => {
+                            let installed: Vec<usize> = written.iter().map(|w| w.0).collect();
+                            return Err(self.undo_hooks(&installed, file, e));
+                        }
+                    }
+                }
+            };
+            plan.hooks[i].idx = Some(idx);
+            let code = plan.hooks[i].record.code;
+            plan.replace.push((idx, code));
+        }
+        #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+        let _ = (plan, file, deadline);
+        Ok(written)
+    }
+
+    /// Makes `hook` the redirection of `p`'s function, adding the function
+    /// to the registry the first time. Its slot and trampoline are the
+    /// same at every install (the hook's memory is never reused for
+    /// another function), so the entry made the first time stays right.
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    fn attach(&mut self, p: &PlannedHook, hook: Installed) -> usize {
+        if let Some(idx) = p.idx {
+            debug_assert!(std::ptr::eq(self.fns[idx].entry.slot, hook.slot()));
+            self.fns[idx].hook = Some(hook);
+            return idx;
+        }
+        let original = FnAddr::new(hook.original());
+        // Leaked once per distinct function address (`by_hook`): bounded
+        // by the functions of the executable. The path is copied: the
+        // patch's library may be reclaimed.
+        let entry: &'static Entry = Box::leak(Box::new(Entry {
+            path: Box::leak(p.record.path.to_owned().into_boxed_str()),
+            signature: "",
+            fingerprint: 0,
+            layouts: &[],
+            slot: hook.slot(),
+            original,
+            wrapper: FnAddr::new(p.record.target as *const ()),
+            dispatcher: crate::hook::dispatcher(),
+            counted: original,
+        }));
+        self.fns.push(FnState {
+            entry,
+            layers: Vec::new(),
+            hooked: true,
+            hook: Some(hook),
+        });
+        let idx = self.fns.len() - 1;
+        self.by_hook.insert(p.record.target, idx);
+        idx
+    }
+
+    /// Removes the redirections of `installed` (what a failed apply wrote)
+    /// and returns `cause`, or [`Error::HooksLeftInstalled`] naming those
+    /// that could not be removed (they stay, their slots at the original
+    /// code, and a later apply reuses them).
+    pub(crate) fn undo_hooks(&mut self, installed: &[usize], file: &Path, cause: Error) -> Error {
+        let mut functions = Vec::new();
+        let mut reasons = Vec::new();
+        for &idx in installed.iter().rev() {
+            let f = &mut self.fns[idx];
+            let Some(hook) = f.hook.take() else { continue };
+            if let Err(e) = unhook(&hook, file) {
+                functions.push(f.entry.path.to_owned());
+                reasons.push(e.to_string());
+                f.hook = Some(hook);
+            }
+        }
+        if functions.is_empty() {
+            cause
+        } else {
+            Error::HooksLeftInstalled {
+                cause: Box::new(cause),
+                functions,
+                reasons,
+            }
+        }
+    }
+
+    /// Removes the redirection of each hooked function of `candidates`
+    /// that no applied patch replaces any more (after the switch that took
+    /// the last layer out: its slot is at the trampoline). A removal that
+    /// fails leaves the redirection in place and in the registry (calls
+    /// run the original code through it; a later apply reuses it) and is
+    /// reported, not an error: what the revert promised holds.
+    pub(crate) fn release_hooks(&mut self, candidates: &[usize], file: &Path) -> Vec<HookWrite> {
+        let mut writes = Vec::new();
+        for &idx in candidates {
+            let f = &mut self.fns[idx];
+            if !f.hooked || !f.layers.is_empty() {
+                continue;
+            }
+            let Some(hook) = f.hook.take() else { continue };
+            let function = f.entry.path.to_owned();
+            match unhook(&hook, file) {
+                Ok((threads, pause)) => writes.push(HookWrite {
+                    op: "unhook",
+                    function,
+                    threads,
+                    pause,
+                    failed: None,
+                }),
+                Err(e) => {
+                    #[cfg(feature = "control")]
+                    tracing::warn!(
+                        target: "hotpatch::control",
+                        function = function.as_str(),
+                        "hotpatch: the entry of `{function}` stays redirected to its original code \
+                         (calls run the original): {e}"
+                    );
+                    writes.push(HookWrite {
+                        op: "unhook",
+                        function,
+                        threads: 0,
+                        pause: Duration::ZERO,
+                        failed: Some(e.to_string()),
+                    });
+                    f.hook = Some(hook);
+                }
+            }
+        }
+        writes
     }
 
     /// Prepares the patch's image so that it may run: each of its slot
@@ -265,6 +568,7 @@ impl Registry {
             description: m.description.clone(),
             file: file.to_owned(),
             functions: plan.functions,
+            hooked: plan.hooked,
             applied_at: std::time::SystemTime::now(),
             placement,
         });
@@ -294,14 +598,17 @@ impl Registry {
         Ok((info, self.changes(Some(id), &[])))
     }
 
-    /// Records that patch `id` was reverted (its slots already switched).
-    pub(crate) fn record_revert(&mut self, id: PatchId) {
-        if let Some(pos) = self.applied.iter().position(|a| a.info.id == id) {
-            let applied = self.applied.remove(pos);
-            for idx in applied.targets {
-                self.fns[idx].layers.retain(|l| l.patch != id);
-            }
+    /// Records that patch `id` was reverted (its slots already switched);
+    /// returns the functions it replaced.
+    pub(crate) fn record_revert(&mut self, id: PatchId) -> Vec<usize> {
+        let Some(pos) = self.applied.iter().position(|a| a.info.id == id) else {
+            return Vec::new();
+        };
+        let applied = self.applied.remove(pos);
+        for &idx in &applied.targets {
+            self.fns[idx].layers.retain(|l| l.patch != id);
         }
+        applied.targets
     }
 
     /// How many calls of the applied patch `id`'s replacements ended in a
@@ -328,8 +635,10 @@ impl Registry {
         let mut out: Vec<FunctionInfo> = self
             .fns
             .iter()
+            .filter(|f| f.listed())
             .map(|f| FunctionInfo {
                 in_transition: switching.contains(&f.entry.path),
+                hooked: f.hooked,
                 path: f.entry.path,
                 signature: f.entry.signature,
                 implementation: match f.layers.last() {
@@ -349,6 +658,39 @@ impl Registry {
         out.sort_by(|a, b| a.path.cmp(b.path));
         out
     }
+}
+
+/// Redirects `target`'s entry for a patch loaded from `file`.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn install(
+    target: &crate::hook::Target,
+    options: &crate::hook::Options,
+    file: &Path,
+    path: &str,
+) -> Result<Installed, Error> {
+    failpoint!("load::hook", file);
+    crate::hook::install_with(target, options).map_err(|e| match e {
+        Error::Hook { reason, .. } => Error::HookRefused {
+            path: file.to_owned(),
+            function: path.to_owned(),
+            reason,
+        },
+        other => other,
+    })
+}
+
+/// Writes a hooked function's entry back; returns the threads stopped and
+/// the pause.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn unhook(hook: &Installed, file: &Path) -> Result<(usize, Duration), Error> {
+    failpoint!("hook::unhook", file);
+    let _ = file;
+    hook.unhook().map(|r| (r.threads, r.pause))
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+fn unhook(hook: &Installed, _file: &Path) -> Result<(usize, Duration), Error> {
+    match *hook {}
 }
 
 /// Whether the patch's view of a function's argument and return types

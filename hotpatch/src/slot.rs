@@ -290,7 +290,8 @@ fn warn_writable(table: &Table) {
 }
 
 /// Opens a write window on the pages of `slots` that are read-only (the
-/// others are writable anyway): stores into them are allowed until it
+/// slot table's in RELRO and hooked functions' slots; the others are
+/// writable anyway): stores into them are allowed until it
 /// drops. See `window.rs` for what happens when two windows overlap.
 pub(crate) fn write_window<'a>(
     slots: impl IntoIterator<Item = &'a Slot>,
@@ -300,9 +301,21 @@ pub(crate) fn write_window<'a>(
         slots
             .into_iter()
             .map(|s| std::ptr::from_ref(s) as usize)
-            .filter(|a| table.read_only.contains(a))
+            .filter(|a| table.read_only.contains(a) || hook_slot(*a))
             .map(|a| (a, size_of::<Slot>())),
     )
+}
+
+/// A hooked function's slot (`hook/near.rs`): read-only between
+/// operations like the table's protected slots.
+fn hook_slot(addr: usize) -> bool {
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    return crate::hook::owns_slot(addr);
+    #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+    {
+        let _ = addr;
+        false
+    }
 }
 
 /// Opens a write window on `[addr, addr + len)` ranges outside the slot

@@ -62,6 +62,7 @@ pub(crate) fn record(
                 waited_for.as_deref().unwrap_or_default()
             ),
         });
+        message.push_str(&hook_writes(&w.hooks));
     }
     if outcome == "ok" {
         tracing::info!(
@@ -101,6 +102,30 @@ pub(crate) fn record(
         duration: Some(duration),
         message,
     });
+}
+
+/// What the entry writes of hooked functions did, for a message: each
+/// pause (the stop-the-world), and each entry left redirected.
+pub(crate) fn hook_writes(writes: &[crate::quiesce::HookWrite]) -> String {
+    let mut out = String::new();
+    for w in writes {
+        out.push_str(&match &w.failed {
+            None => format!(
+                " ({} `{}`: {} thread{} stopped for {:?})",
+                if w.op == "hook" { "hooked" } else { "unhooked" },
+                w.function,
+                w.threads,
+                if w.threads == 1 { "" } else { "s" },
+                w.pause
+            ),
+            Some(reason) => format!(
+                " (the entry of `{}` stays redirected to its original code, which its calls run: \
+                 {reason})",
+                w.function
+            ),
+        });
+    }
+    out
 }
 
 /// An event of the state directory or a watch window: the ring and a

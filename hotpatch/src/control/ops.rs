@@ -48,6 +48,7 @@ fn patch_json(shared: &Endpoint, p: &PatchInfo) -> Value {
         "applied_at_ms": unix_ms(p.applied_at),
         "applied_by": by.as_ref().map(peer_json),
         "functions": p.functions,
+        "hooked": p.hooked,
         "placement": placement_json(&p.placement),
     })
 }
@@ -574,6 +575,7 @@ fn status(shared: &Endpoint) -> Map<String, Value> {
             "signature": f.signature,
             "implementation": implementation_json(&f.implementation),
             "in_transition": f.in_transition,
+            "hooked": f.hooked,
         })).collect::<Vec<_>>(),
         "transition": transition,
         "refused_connections": shared.events.refused_total(),

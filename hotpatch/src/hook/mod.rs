@@ -112,12 +112,12 @@
 //! - A function inlined into its callers has no entry to redirect: hook
 //!   the callers.
 //! - Per-thread transitions ([`crate::quiescent`], request scopes): a
-//!   hook's slot is a [`Slot`] and the runtime has
-//!   one dispatcher for every hook (it saves the argument registers, asks
-//!   the slot which implementation the calling thread runs, and jumps
-//!   there), but the loader's transitions do not drive hooks yet:
-//!   [`Hook::redirect`] switches every thread at once (each call old or
-//!   new, never torn).
+//!   hook's slot is a [`Slot`] and the runtime has one dispatcher for
+//!   every hook (it saves the argument registers, asks the slot which
+//!   implementation the calling thread runs, and jumps there). A patch's
+//!   hooks ([`crate::load`]) switch with the patch's transition like any
+//!   function; [`Hook::redirect`], used directly, switches every thread at
+//!   once (each call old or new, never torn).
 
 mod decode;
 mod near;
@@ -207,6 +207,29 @@ std::arch::global_asm!(
 
 unsafe extern "C" {
     fn __hotpatch_hook_dispatch();
+}
+
+/// The dispatcher of every hook, for a registry entry of a hooked
+/// function (`Entry::dispatcher`): `Slot::begin_transition` points a hook's
+/// slot at it.
+pub(crate) fn dispatcher() -> FnAddr {
+    FnAddr::new(__hotpatch_hook_dispatch as *const ())
+}
+
+/// What this process recorded of the function at `addr` if it was ever
+/// hooked: its original entry bytes, and whether it is hooked now.
+pub(crate) fn recorded(addr: usize) -> Option<(Vec<u8>, bool)> {
+    let hooks = HOOKS.lock().unwrap_or_else(PoisonError::into_inner);
+    hooks
+        .as_ref()?
+        .get(&addr)
+        .map(|s| (s.original.clone(), s.installed))
+}
+
+/// Whether `addr` is a hook slot (in an arena's slot pages), which only a
+/// write window opens.
+pub(crate) fn owns_slot(addr: usize) -> bool {
+    near::owns_slot(addr)
 }
 
 /// What the dispatcher asks: the implementation the calling thread runs.
@@ -454,7 +477,7 @@ impl Target {
         self.len
     }
 
-    fn code(&self) -> &'static [u8] {
+    pub(crate) fn code(&self) -> &'static [u8] {
         // SAFETY: a Target is a function's code, mapped for the life of the
         // process (`of`/`named` read it from the executable's symbol table;
         // `from_raw_parts` is the caller's promise).

@@ -121,6 +121,16 @@ pub(crate) fn chunk_near(target: usize) -> Option<Chunk> {
     Some(chunk)
 }
 
+/// Whether `addr` lies in the slot memory of an arena.
+pub(crate) fn owns_slot(addr: usize) -> bool {
+    let arenas = ARENAS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    arenas
+        .iter()
+        .any(|a| (a.data..a.data + DATA).contains(&addr))
+}
+
 /// The arenas mapped so far, `(start, end)` of code and of data (tests
 /// check that none is writable between operations).
 pub(crate) fn arenas() -> Vec<(usize, usize)> {

@@ -1,6 +1,6 @@
 //! Fuzzing the manifest checks with proptest: manifests and replacement
 //! records with arbitrary raw field values, checked by [`fields`] (steps
-//! 1 to 6 of [`check`]) and by step 7's [`patch_fn`].
+//! 1 to 6 of [`check`]) and by step 7's [`patch_fn`] and [`hook_fn`].
 //!
 //! The checks only accept a manifest inside a loaded object, so the inputs
 //! are written into [`ARENA`], writable memory of this test binary. Their
@@ -50,11 +50,11 @@ use std::time::Instant;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestRunner};
 
-use super::{Fields, MAX_FUNCTIONS, MAX_STR, fields, patch_fn};
+use super::{Fields, MAX_ENTRY, MAX_FUNCTIONS, MAX_STR, fields, hook_fn, patch_fn};
 use crate::Error;
 use crate::abi::{
-    ABI_VERSION, Entry, MAGIC, Manifest, PANIC_STRATEGY, PatchFn, RUSTC_VERSION, RawStr, SlotRef,
-    TARGET, TypeLayout,
+    ABI_VERSION, Entry, HookFn, MAGIC, Manifest, PANIC_STRATEGY, PatchFn, RUSTC_VERSION, RawStr,
+    SlotRef, TARGET, TypeLayout,
 };
 use crate::image::Image;
 use crate::slot::FnAddr;
@@ -365,6 +365,7 @@ impl Ret {
 // Relaxed throughout: set and read on the test's thread.
 static FUNCTIONS: Ret = Ret::new();
 static SLOT_REFS: Ret = Ret::new();
+static HOOKS: Ret = Ret::new();
 /// What [`fuzz_target`] returns.
 static TARGET_ENTRY: AtomicPtr<Entry> = AtomicPtr::new(std::ptr::null_mut());
 
@@ -376,6 +377,11 @@ unsafe extern "C" fn fuzz_functions(n: *mut usize) -> *const PatchFn {
 unsafe extern "C" fn fuzz_slot_refs(n: *mut usize) -> *const SlotRef {
     // SAFETY: as above.
     unsafe { SLOT_REFS.get(n) }
+}
+
+unsafe extern "C" fn fuzz_hooks(n: *mut usize) -> *const HookFn {
+    // SAFETY: as above.
+    unsafe { HOOKS.get(n) }
 }
 
 /// Never called by the checks (the loader calls `init`, after the plan).
@@ -443,8 +449,8 @@ struct ManifestInput {
     magic: Option<[u8; 8]>,
     abi: Option<u32>,
     size: Option<u32>,
-    /// `entry_size`, `patch_fn_size`.
-    sizes: [Option<u32>; 2],
+    /// `entry_size`, `patch_fn_size`, `hook_fn_size`.
+    sizes: [Option<u32>; 3],
     rustc: Str,
     target: Str,
     panic_strategy: Str,
@@ -454,6 +460,7 @@ struct ManifestInput {
     description: Str,
     functions: TableGetter,
     slot_refs: TableGetter,
+    hooks: TableGetter,
     /// Where the panic counter is (null is `None`).
     panics: Addr,
     init: InitField,
@@ -494,7 +501,11 @@ fn manifest_input() -> impl Strategy<Value = ManifestInput> {
         mostly_right(any::<[u8; 8]>()),
         mostly_right(any::<u32>()),
         mostly_right(any::<u32>()),
-        [mostly_right(any::<u32>()), mostly_right(any::<u32>())],
+        [
+            mostly_right(any::<u32>()),
+            mostly_right(any::<u32>()),
+            mostly_right(any::<u32>()),
+        ],
     );
     let strings = (
         string(),
@@ -507,6 +518,7 @@ fn manifest_input() -> impl Strategy<Value = ManifestInput> {
     );
     let getters = (
         table_getter(1),
+        table_getter(0),
         table_getter(0),
         counter(),
         prop_oneof![
@@ -532,8 +544,9 @@ fn manifest_input() -> impl Strategy<Value = ManifestInput> {
             description: s.6,
             functions: g.0,
             slot_refs: g.1,
-            panics: g.2,
-            init: g.3,
+            hooks: g.2,
+            panics: g.3,
+            init: g.4,
             seed,
         },
     )
@@ -544,47 +557,57 @@ fn good_manifest() -> impl Strategy<Value = ManifestInput> {
     let size = std::mem::size_of::<Manifest>();
     (
         (0..(RECORDS - size) / 8).prop_map(|i| i * 8),
-        (data_slot(TABLE), 1..5usize),
+        (data_slot(TABLE), 0..5usize),
         prop::option::of((data_slot(TABLE), 0..5usize)),
-        data_slot(8),
+        (
+            prop::option::of((data_slot(TABLE), 0..5usize)),
+            data_slot(8),
+        ),
         any::<bool>(),
         any::<u64>(),
     )
-        .prop_map(|(offset, functions, slot_refs, panics, init, seed)| {
-            let real = |(at, n)| TableGetter::Real {
-                at,
-                n,
-                writes: true,
-            };
-            ManifestInput {
-                elsewhere: None,
-                offset,
-                magic: None,
-                abi: None,
-                size: None,
-                sizes: [None; 2],
-                rustc: Str::Good,
-                target: Str::Good,
-                panic_strategy: Str::Good,
-                hotpatch_version: Str::Good,
-                name: Str::Good,
-                version: Str::Good,
-                description: Str::Good,
-                functions: real(functions),
-                slot_refs: slot_refs.map_or(TableGetter::None, real),
-                panics,
-                init: if init {
-                    InitField::Real
-                } else {
-                    InitField::None
-                },
-                seed,
-            }
-        })
+        .prop_map(
+            |(offset, mut functions, slot_refs, (hooks, panics), init, seed)| {
+                // A patch replaces at least one function, through either table.
+                if hooks.is_none_or(|(_, n)| n == 0) {
+                    functions.1 = functions.1.max(1);
+                }
+                let real = |(at, n)| TableGetter::Real {
+                    at,
+                    n,
+                    writes: true,
+                };
+                ManifestInput {
+                    elsewhere: None,
+                    offset,
+                    magic: None,
+                    abi: None,
+                    size: None,
+                    sizes: [None; 3],
+                    rustc: Str::Good,
+                    target: Str::Good,
+                    panic_strategy: Str::Good,
+                    hotpatch_version: Str::Good,
+                    name: Str::Good,
+                    version: Str::Good,
+                    description: Str::Good,
+                    functions: real(functions),
+                    slot_refs: slot_refs.map_or(TableGetter::None, real),
+                    hooks: hooks.map_or(TableGetter::None, real),
+                    panics,
+                    init: if init {
+                        InitField::Real
+                    } else {
+                        InitField::None
+                    },
+                    seed,
+                }
+            },
+        )
 }
 
 /// How many fields [`ManifestInput::take`] knows.
-const MANIFEST_FIELDS: usize = 18;
+const MANIFEST_FIELDS: usize = 20;
 
 /// Mostly a good manifest with up to three fields taken from a random
 /// one (so that each check is reached with the fields before it right),
@@ -651,6 +674,8 @@ impl ManifestInput {
             15 => self.slot_refs = other.slot_refs.clone(),
             16 => self.panics = other.panics,
             17 => self.init = other.init.clone(),
+            18 => self.hooks = other.hooks.clone(),
+            19 => self.sizes[2] = other.sizes[2],
             _ => unreachable!("{MANIFEST_FIELDS} fields"),
         }
     }
@@ -666,6 +691,12 @@ impl ManifestInput {
                 (n == 0 && min == 0) || (in_data(*at, TABLE) && (min.max(1)..5).contains(&n))
             }
             _ => false,
+        };
+        let count = |t: &TableGetter| match t {
+            TableGetter::Real {
+                n, writes: true, ..
+            } => *n,
+            _ => 0,
         };
         self.elsewhere.is_none()
             && self.offset.is_multiple_of(8)
@@ -684,8 +715,10 @@ impl ManifestInput {
             ]
             .iter()
             .all(|s| s.right_or_empty())
-            && table_ok(&self.functions, 1)
+            && table_ok(&self.functions, 0)
             && (matches!(self.slot_refs, TableGetter::None) || table_ok(&self.slot_refs, 0))
+            && (matches!(self.hooks, TableGetter::None) || table_ok(&self.hooks, 0))
+            && count(&self.functions) + count(&self.hooks) > 0
             && in_data(self.panics, 8)
             && !matches!(self.init, InitField::NotCode(_))
     }
@@ -693,7 +726,7 @@ impl ManifestInput {
     /// Whether a getter field holds something that is no code of this
     /// binary.
     fn has_foreign_getter(&self) -> bool {
-        [&self.functions, &self.slot_refs]
+        [&self.functions, &self.slot_refs, &self.hooks]
             .iter()
             .any(|t| matches!(t, TableGetter::NotCode(_)))
             || matches!(self.init, InitField::NotCode(_))
@@ -725,10 +758,10 @@ impl ManifestInput {
             description: self.description.place("a fuzzed manifest"),
             functions: table(&self.functions, &FUNCTIONS, fuzz_functions as _),
             slot_refs: table(&self.slot_refs, &SLOT_REFS, fuzz_slot_refs as _),
-            hooks: None,
+            hooks: table(&self.hooks, &HOOKS, fuzz_hooks as _),
             entry_size: self.sizes[0].unwrap_or(std::mem::size_of::<Entry>() as u32),
             patch_fn_size: self.sizes[1].unwrap_or(std::mem::size_of::<PatchFn>() as u32),
-            hook_fn_size: std::mem::size_of::<crate::abi::HookFn>() as u32,
+            hook_fn_size: self.sizes[2].unwrap_or(std::mem::size_of::<HookFn>() as u32),
             panics: None,
             init: match &self.init {
                 InitField::None => None,
@@ -787,13 +820,17 @@ fn check_manifest(input: &ManifestInput) -> Result<(), TestCaseError> {
             );
             let own = |p: usize, len: usize, perms: &str| MAPS.own(p, len, perms);
             prop_assert!(own(m as usize, std::mem::size_of::<Manifest>(), "r"));
-            prop_assert!(!c.functions.is_empty());
-            prop_assert!(own(
-                c.functions.as_ptr() as usize,
-                size_of_val(c.functions),
-                "r"
-            ));
-            prop_assert!(c.functions.as_ptr().is_aligned());
+            prop_assert!(
+                !c.functions.is_empty() || !c.hooks.is_empty(),
+                "a patch that replaces nothing accepted"
+            );
+            for (first, size) in [
+                (c.functions.as_ptr() as usize, size_of_val(c.functions)),
+                (c.hooks.as_ptr() as usize, size_of_val(c.hooks)),
+            ] {
+                prop_assert!(size == 0 || own(first, size, "r"));
+                prop_assert!(first.is_multiple_of(8), "a misaligned table accepted");
+            }
             // The loader writes the slot references: writable, so not
             // RELRO (read-only once relocated, as the kernel maps it).
             prop_assert!(c.slot_refs.as_ptr().is_aligned());
@@ -1074,6 +1111,188 @@ fn check_records(input: &RecordInput) -> Result<(), TestCaseError> {
     Ok(())
 }
 
+// ---- Hook records
+
+#[derive(Clone, Debug)]
+struct HookInput {
+    /// `None`: the host's function ([`fuzz_target`], carved out of the
+    /// library's image as the executable's code).
+    target: Option<Addr>,
+    replacement: Addr,
+    /// The expected entry bytes: where, how many.
+    entry: (Addr, usize),
+    path: Str,
+    name: Str,
+    seed: u64,
+}
+
+fn entry_bytes() -> impl Strategy<Value = (Addr, usize)> {
+    prop_oneof![
+        3 => (data_slot(64), 0..=MAX_ENTRY),
+        1 => (data_slot(64), MAX_ENTRY + 1..64),
+        1 => (addr(), prop_oneof![Just(usize::MAX), Just(isize::MAX as usize), 0..64usize]),
+        // No expectation: `&[]`, whose pointer dangles.
+        1 => dangling().prop_map(|a| (a, 0)),
+    ]
+}
+
+fn hook_input() -> impl Strategy<Value = HookInput> {
+    (
+        prop_oneof![2 => Just(None), 2 => addr().prop_map(Some)],
+        prop_oneof![3 => (0..64usize).prop_map(Addr::Text), 1 => addr()],
+        entry_bytes(),
+        string(),
+        string(),
+        any::<u64>(),
+    )
+        .prop_map(|(target, replacement, entry, path, name, seed)| HookInput {
+            target,
+            replacement,
+            entry,
+            path,
+            name,
+            seed,
+        })
+}
+
+/// A hook record as a good patch has it.
+fn good_hook() -> impl Strategy<Value = HookInput> {
+    (
+        (0..64usize).prop_map(Addr::Text),
+        prop_oneof![
+            3 => (data_slot(64), 0..=MAX_ENTRY),
+            1 => dangling().prop_map(|a| (a, 0)),
+        ],
+        any::<u64>(),
+    )
+        .prop_map(|(replacement, entry, seed)| HookInput {
+            target: None,
+            replacement,
+            entry,
+            path: Str::Good,
+            name: Str::Good,
+            seed,
+        })
+}
+
+/// How many fields [`HookInput::take`] knows.
+const HOOK_FIELDS: usize = 5;
+
+fn hook_case() -> impl Strategy<Value = HookInput> {
+    prop_oneof![
+        1 => hook_input(),
+        4 => (
+            good_hook(),
+            hook_input(),
+            proptest::collection::vec(0..HOOK_FIELDS, 0..=2),
+        )
+            .prop_map(|(mut good, random, fields)| {
+                for field in fields {
+                    good.take(&random, field);
+                }
+                good
+            }),
+    ]
+}
+
+impl HookInput {
+    fn take(&mut self, other: &HookInput, field: usize) {
+        match field {
+            0 => self.target = other.target,
+            1 => self.replacement = other.replacement,
+            2 => self.entry = other.entry,
+            3 => self.path = other.path.clone(),
+            4 => self.name = other.name.clone(),
+            _ => unreachable!("{HOOK_FIELDS} fields"),
+        }
+    }
+
+    fn target_addr(&self) -> usize {
+        self.target.map_or(target_addr(), Addr::get)
+    }
+
+    fn right(&self) -> bool {
+        self.target_addr() == target_addr()
+            && matches!(self.replacement, Addr::Text(_))
+            && self.replacement.get() != target_addr()
+            && self.path.right_or_empty()
+            && self.name.right_or_empty()
+            && ((in_data(self.entry.0, 64) && self.entry.1 <= MAX_ENTRY)
+                || (self.entry.1 == 0 && self.entry.0.get() != 0))
+    }
+
+    /// Writes the record; returns it.
+    fn place(&self) -> *const HookFn {
+        fill(self.seed);
+        let record = (arena() + RECORDS) as *mut HookFn;
+        if let (Addr::Arena(_), n) = self.entry {
+            write_data(self.entry.0, &vec![0x90; n.min(64)]);
+        }
+        // SAFETY: in the records part of the arena, aligned; each field
+        // gets any bits, written as raw words.
+        unsafe {
+            record.write(HookFn {
+                target: self.target_addr() as *const (),
+                replacement: self.replacement.get() as *const (),
+                entry: &[],
+                path: "",
+                name: "",
+            });
+            (&raw mut (*record).entry)
+                .cast::<*const [u8]>()
+                .write(slice_from_raw_parts(
+                    self.entry.0.get() as *const u8,
+                    self.entry.1,
+                ));
+            (&raw mut (*record).path)
+                .cast::<*const str>()
+                .write(self.path.place_str("svc::helper"));
+            (&raw mut (*record).name)
+                .cast::<*const str>()
+                .write(self.name.place_str("fix::helper"));
+        }
+        record
+    }
+}
+
+/// The executable's code as [`hook_fn`] sees it here: [`fuzz_target`]'s
+/// first byte (carved out of the library's image by [`images`]).
+fn host_text() -> (usize, usize) {
+    (target_addr(), target_addr() + 1)
+}
+
+fn check_hooks(input: &HookInput) -> Result<(), TestCaseError> {
+    let record = input.place();
+    let (image, _) = images();
+    // SAFETY: the record was just written; its fields are the input.
+    let result =
+        hook_fn(&image, host_text(), unsafe { &*record }).map_err(|r| r.at(Path::new(PATH)));
+    match &result {
+        Err(e) => {
+            prop_assert!(
+                matches!(e, Error::InvalidManifest { path, .. } if path == Path::new(PATH)),
+                "{e:?}"
+            );
+            prop_assert!(!input.right(), "a right hook record refused: {e}");
+        }
+        Ok(r) => {
+            prop_assert_eq!(r.target, target_addr(), "a target outside the host's code");
+            prop_assert!(MAPS.own(r.code.as_ptr() as usize, 1, "x"));
+            prop_assert!(r.code.as_ptr() as usize != target_addr());
+            prop_assert!(r.entry.len() <= MAX_ENTRY);
+            for s in [r.entry, r.path.as_bytes()] {
+                // An empty slice is not read: its pointer may dangle.
+                prop_assert!(
+                    s.is_empty() || MAPS.own(s.as_ptr() as usize, s.len(), "r"),
+                    "bytes outside the library accepted"
+                );
+            }
+            prop_assert!(r.path.len() <= MAX_STR);
+        }
+    }
+    Ok(())
+}
+
 // ---- The oracle: the kernel's view of this process's memory
 
 struct Maps {
@@ -1210,6 +1429,81 @@ fn records() {
     run("records", record_case(), check_records);
 }
 
+#[test]
+fn hook_records() {
+    run("hook records", hook_case(), check_hooks);
+}
+
+/// The hook record harness reaches acceptance, and each target is told
+/// apart: the executable's code accepted, the library's own code (a copy
+/// of a generic or inline function) and anything else refused.
+#[test]
+fn the_hook_harness_reaches_acceptance() {
+    let _lock = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    LazyLock::force(&MAPS);
+    let right = HookInput {
+        target: None,
+        replacement: Addr::Text(0),
+        entry: (Addr::Arena(DATA), 5),
+        path: Str::Good,
+        name: Str::Good,
+        seed: 1,
+    };
+    assert!(right.right());
+    check_hooks(&right).unwrap();
+    let check = |input: &HookInput| {
+        let record = input.place();
+        let (image, _) = images();
+        // SAFETY: just written.
+        hook_fn(&image, host_text(), unsafe { &*record })
+            .map(|r| (r.target, r.entry.len(), r.path))
+            .map_err(|r| r.at(Path::new(PATH)).to_string())
+    };
+    assert_eq!(check(&right), Ok((target_addr(), 5, "svc::helper")));
+    let mut none = right.clone();
+    none.entry = (Addr::Wild(1), 0);
+    assert_eq!(check(&none), Ok((target_addr(), 0, "svc::helper")));
+    for (field, bad, why) in [
+        ("target", Addr::Text(8), "inside the patch"),
+        ("target", Addr::OtherObject, "not in the executable's code"),
+        ("target", Addr::Null, "not in the executable's code"),
+        (
+            "replacement",
+            Addr::OtherObject,
+            "outside the library's code",
+        ),
+        (
+            "replacement",
+            Addr::Arena(DATA),
+            "outside the library's code",
+        ),
+        ("entry", Addr::Heap(0), "outside the library's memory"),
+    ] {
+        let mut input = right.clone();
+        match field {
+            "target" => input.target = Some(bad),
+            "replacement" => input.replacement = bad,
+            _ => input.entry = (bad, 5),
+        }
+        let err = check(&input).unwrap_err();
+        assert!(err.contains(why), "{field} {bad:?}: {err}");
+    }
+    let mut long = right.clone();
+    long.entry = (Addr::Arena(DATA), MAX_ENTRY + 1);
+    assert!(
+        check(&long)
+            .unwrap_err()
+            .contains("entry bytes (at most 32)")
+    );
+    let mut path = right;
+    path.path = Str::Raw {
+        at: Addr::Arena(DATA + 64),
+        len: 4,
+        bytes: vec![b's', 0xff, 0xfe, b'x'],
+    };
+    assert!(check(&path).unwrap_err().contains("not UTF-8"));
+}
+
 /// The fuzz inputs' ranges reach what they are meant to: a right manifest
 /// is accepted, and a foreign getter refused without a call.
 #[test]
@@ -1231,7 +1525,7 @@ fn the_harness_reaches_acceptance() {
         magic: None,
         abi: None,
         size: None,
-        sizes: [None; 2],
+        sizes: [None; 3],
         rustc: Str::Good,
         target: Str::Good,
         panic_strategy: Str::Good,
@@ -1249,6 +1543,7 @@ fn the_harness_reaches_acceptance() {
             n: 3,
             writes: true,
         },
+        hooks: TableGetter::None,
         panics: Addr::Arena(DATA + 1024),
         init: InitField::Real,
         seed: 1,
@@ -1361,6 +1656,46 @@ fn the_harness_reaches_acceptance() {
         assert!(err.contains(&format!("`{field}` points outside")), "{err}");
         assert_eq!(calls, 0);
     }
+    // Hooks: a patch that only hooks is accepted; one that replaces
+    // nothing through either table is refused; the hook getter is checked
+    // as the others are; the record size must be this runtime's.
+    let mut hooks_only = input.clone();
+    hooks_only.functions = TableGetter::Real {
+        at: Addr::Wild(8),
+        n: 0,
+        writes: true,
+    };
+    hooks_only.hooks = TableGetter::Real {
+        at: Addr::Arena(DATA + 2048),
+        n: 2,
+        writes: true,
+    };
+    assert!(hooks_only.all_right());
+    let m = hooks_only.place();
+    // SAFETY: as above.
+    let checked = unsafe { fields(m) }
+        .map_err(|r| r.at(Path::new(PATH)))
+        .unwrap();
+    assert_eq!(
+        (checked.tables.functions.len(), checked.tables.hooks.len()),
+        (0, 2)
+    );
+    let mut nothing = hooks_only.clone();
+    nothing.hooks = TableGetter::None;
+    assert!(!nothing.all_right());
+    let (err, _) = refusal(&nothing);
+    assert!(err.contains("replaces no function"), "{err}");
+    let mut foreign = hooks_only.clone();
+    foreign.hooks = TableGetter::NotCode(Addr::Arena(DATA));
+    let (err, calls) = refusal(&foreign);
+    assert!(err.contains("`hooks` points outside"), "{err}");
+    assert_eq!(calls, 0);
+    let mut size = hooks_only;
+    size.sizes[2] = Some(56);
+    let (err, calls) = refusal(&size);
+    assert!(err.contains("table entry sizes"), "{err}");
+    assert_eq!(calls, 0);
+
     assert!(!MAPS.own(null::<u8>() as usize, 1, "r"));
     assert!(MAPS.image_end >= arena() + ARENA_LEN);
     assert!(

@@ -21,7 +21,9 @@ use parking_lot::Mutex;
 use in_flight::Requests;
 use protocol::{Epoch, ThreadState};
 
-pub(crate) use patcher::{Change, TransitionReport, Turn, grace, switch, take_turn, transition};
+pub(crate) use patcher::{
+    Change, HookWrite, TransitionReport, Turn, grace, switch, take_turn, transition,
+};
 pub use patcher::{StalledRequest, StalledThread, TransitionInfo};
 pub use thread::{OfflineGuard, ThreadGuard, offline, quiescent, register_thread, while_offline};
 pub(crate) use thread::{

@@ -29,6 +29,26 @@ pub(crate) struct TransitionReport {
     pub requests: usize,
     /// From the start of the transition until every thread had switched.
     pub took: Duration,
+    /// The entry writes of hooked functions around this transition (the
+    /// loader adds them): installs before an apply, removals after a
+    /// revert.
+    pub hooks: Vec<HookWrite>,
+}
+
+/// One entry write of a hooked function (`hook`) or its removal
+/// (`unhook`), for reports: how long the process was stopped, or why the
+/// write could not be made.
+#[derive(Clone, Debug)]
+#[cfg_attr(not(feature = "control"), allow(dead_code))]
+pub(crate) struct HookWrite {
+    pub op: &'static str,
+    pub function: String,
+    /// Threads stopped and for how long (the last round).
+    pub threads: usize,
+    pub pause: Duration,
+    /// The removal failed: the entry stays redirected to the original
+    /// code (what calls run).
+    pub failed: Option<String>,
 }
 
 impl TransitionReport {
@@ -299,6 +319,7 @@ fn publish_and_wait(
             threads: waiting,
             requests: requests_waited,
             took: started.elapsed(),
+            hooks: Vec::new(),
         }
         .recorded())
     } else {
@@ -373,19 +394,28 @@ fn reopen(changes: &[Change]) -> crate::window::Window<'static, slot::Mprotect> 
     }
 }
 
-/// Why a switch failed.
+/// Why a switch failed, and the turn back if every slot is as it was
+/// (`None`: a background thread finishes the reversal, holding the turn).
 pub(crate) enum Failed {
     /// The deadline passed: reversed (see [`switch`]).
-    Stalled(Stalled),
+    Stalled(Stalled, Option<Turn>),
     /// The slot table could not be made writable: nothing changed.
-    SlotTable(std::io::Error),
+    SlotTable(std::io::Error, Option<Turn>),
 }
 
 impl Failed {
+    /// The turn, if the slots are as they were and the caller holds it
+    /// again (to undo what it did before the switch).
+    pub(crate) fn take_turn(&mut self) -> Option<Turn> {
+        match self {
+            Failed::Stalled(_, turn) | Failed::SlotTable(_, turn) => turn.take(),
+        }
+    }
+
     pub(crate) fn into_error(self, what: String, deadline: Duration) -> crate::Error {
         match self {
-            Failed::Stalled(s) => s.into_error(what, deadline),
-            Failed::SlotTable(source) => crate::Error::SlotTable { what, source },
+            Failed::Stalled(s, _) => s.into_error(what, deadline),
+            Failed::SlotTable(source, _) => crate::Error::SlotTable { what, source },
         }
     }
 }
@@ -413,10 +443,16 @@ pub(crate) fn switch(
     // step (the direct swap, or installing the dispatchers), and again
     // for each later step: never while waiting for threads.
     #[cfg(feature = "failpoints")]
-    fail::fail_point!("switch::slot_table", |_| Err(Failed::SlotTable(
-        std::io::Error::from_raw_os_error(libc::ENOMEM)
-    )));
-    let window = window(&changes).map_err(Failed::SlotTable)?;
+    if fail::eval("switch::slot_table", |_| ()).is_some() {
+        return Err(Failed::SlotTable(
+            std::io::Error::from_raw_os_error(libc::ENOMEM),
+            Some(turn),
+        ));
+    }
+    let window = match window(&changes) {
+        Ok(w) => w,
+        Err(e) => return Err(Failed::SlotTable(e, Some(turn))),
+    };
     {
         // With no registered thread and no request scope in flight, swap
         // directly: each call is still old or new. Holding the list's lock
@@ -483,8 +519,7 @@ pub(crate) fn switch(
     let left = move || all_left(t) && REQUESTS.none_in(t);
     if poll_until(Instant::now() + deadline, left) {
         restore(&changes);
-        drop(turn);
-        return Err(Failed::Stalled(stalled));
+        return Err(Failed::Stalled(stalled, Some(turn)));
     }
     // A thread that switched has stopped reaching safepoints too. The
     // dispatchers stay correct meanwhile; finish in the background.
@@ -510,5 +545,5 @@ pub(crate) fn switch(
         // No thread to spare: finish here rather than leave it undone.
         Err(_) => finish(),
     }
-    Err(Failed::Stalled(stalled))
+    Err(Failed::Stalled(stalled, None))
 }

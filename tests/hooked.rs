@@ -1,0 +1,413 @@
+//! Patches of functions that are not `#[patchable]`: a hand-written patch
+//! crate hooks an unmarked `#[inline(never)]` function of the service
+//! (`svc::hooked`), called from unmarked code. Loading writes the entry
+//! jump, reverting writes the original bytes back (read here), and in
+//! between the function is a function of the registry like any other:
+//! stacking, revert in any order, per-thread transitions, faults at each
+//! new step.
+
+mod support;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Barrier, mpsc};
+use std::time::Duration;
+
+use fail::FailGuard;
+use hotpatch::{Error, Implementation};
+
+const A: &str = "fixture-patch-hook-a";
+const B: &str = "fixture-patch-hook-b";
+const BAD_ENTRY: &str = "fixture-patch-hook-bad-entry";
+const MIXED: &str = "fixture-patch-hook-mixed";
+
+const PRICE: &str = "svc::hooked::price";
+const TAX: &str = "svc::hooked::tax";
+
+/// The first bytes of the code of `price` and `tax`, as they are now.
+fn entries() -> [Vec<u8>; 2] {
+    let read = |f: *const ()| {
+        // SAFETY: both functions are at least 16 bytes of mapped code
+        // (`Target::of` below finds them in the symbol table); code is
+        // readable.
+        unsafe { std::slice::from_raw_parts(f as *const u8, 16) }.to_vec()
+    };
+    [
+        read(svc::hooked::price as *const ()),
+        read(svc::hooked::tax as *const ()),
+    ]
+}
+
+/// What unmarked callers observe: `(quote(2), quote_tax(50))`.
+fn observed() -> (u64, u64) {
+    (svc::hooked::quote(2), svc::hooked::quote_tax(50))
+}
+
+const ORIGINAL: (u64, u64) = (6, 5);
+
+/// The registry's view of a hooked function, if it lists it.
+fn listed(path: &str) -> Option<hotpatch::FunctionInfo> {
+    hotpatch::functions().into_iter().find(|f| f.path == path)
+}
+
+fn by(patch: &hotpatch::Patch) -> Implementation {
+    Implementation::Patch {
+        id: patch.id(),
+        name: patch.name().to_owned(),
+    }
+}
+
+#[test]
+fn load_revert_load_again_stack_and_revert_out_of_order() {
+    let _serial = support::serial();
+    let (a_so, b_so) = (support::patch(A), support::patch(B));
+    let before = entries();
+    let functions = hotpatch::functions();
+    assert_eq!(observed(), ORIGINAL);
+    assert!(
+        listed(PRICE).is_none(),
+        "not a function of the registry yet"
+    );
+
+    let a = hotpatch::load(&a_so).unwrap();
+    assert_eq!(observed(), (106, 5), "the unmarked caller runs the fix");
+    assert_eq!(a.functions(), [PRICE]);
+    assert_eq!(a.hooked(), [PRICE]);
+    let price = listed(PRICE).expect("listed while hooked");
+    assert!(price.hooked);
+    assert_eq!(price.implementation, by(&a));
+    let hooked = entries();
+    assert_ne!(hooked[0], before[0], "the entry jump is written");
+    assert_eq!(hooked[1], before[1], "tax is not hooked by A");
+
+    a.revert().unwrap();
+    assert_eq!(observed(), ORIGINAL);
+    assert_eq!(entries(), before, "the original entry bytes are back");
+    assert_eq!(hotpatch::functions(), functions, "the registry as before");
+
+    // Again, then B over A (B also hooks tax), reverted bottom first.
+    let a = hotpatch::load(&a_so).unwrap();
+    assert_eq!(entries()[0], hooked[0], "the same jump to the same stub");
+    assert_eq!(observed(), (106, 5));
+    let b = hotpatch::load(&b_so).unwrap();
+    assert_eq!(observed(), (206, 1005));
+    assert_eq!(listed(PRICE).unwrap().implementation, by(&b));
+    assert_eq!(listed(TAX).unwrap().implementation, by(&b));
+    a.revert().unwrap();
+    assert_eq!(observed(), (206, 1005), "B stays on top");
+    assert_ne!(entries()[0], before[0], "B still needs price hooked");
+    b.revert().unwrap();
+    assert_eq!(observed(), ORIGINAL);
+    assert_eq!(entries(), before);
+    assert_eq!(hotpatch::functions(), functions);
+
+    // B over A, reverted top first.
+    let a = hotpatch::load(&a_so).unwrap();
+    let b = hotpatch::load(&b_so).unwrap();
+    b.revert().unwrap();
+    assert_eq!(observed(), (106, 5), "A is back on top; tax unhooked");
+    assert_eq!(entries()[1], before[1]);
+    assert_eq!(listed(PRICE).unwrap().implementation, by(&a));
+    assert!(listed(TAX).is_none());
+    a.revert().unwrap();
+    assert_eq!(entries(), before);
+    assert_eq!(observed(), ORIGINAL);
+}
+
+/// A patch that replaces a `#[patchable]` function and hooks another
+/// applies both (until ABI 4 was read, only the first), and reverts both.
+#[test]
+fn a_patch_with_slots_and_hooks_applies_both() {
+    let _serial = support::serial();
+    let before = entries();
+    let mixed = hotpatch::load(support::patch(MIXED)).unwrap();
+    assert_eq!(
+        (svc::answer(), svc::hooked::quote(2)),
+        (42, 406),
+        "both the slot and the hook"
+    );
+    assert_eq!(mixed.hooked(), [PRICE]);
+    assert_eq!(mixed.functions().len(), 2);
+    mixed.revert().unwrap();
+    assert_eq!((svc::answer(), svc::hooked::quote(2)), (1, 6));
+    assert_eq!(entries(), before);
+}
+
+/// A patch expecting other entry bytes than the running code's is
+/// refused, naming the function; nothing changes.
+#[test]
+fn other_entry_bytes_are_refused_naming_the_function() {
+    let _serial = support::serial();
+    let so = support::patch(BAD_ENTRY);
+    let before = (entries(), support::snapshot());
+    let err = hotpatch::load(&so).unwrap_err();
+    match &err {
+        Error::HookRefused {
+            function,
+            reason: hotpatch::hook::Reason::EntryChanged { expected, found },
+            ..
+        } => {
+            assert_eq!(function, PRICE);
+            assert_eq!(expected, &[0xcc; 5]);
+            assert_eq!(found[..], before.0[0][..5]);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(err.to_string().contains(PRICE), "{err}");
+    assert_eq!((entries(), support::snapshot()), before);
+    assert_eq!(observed(), ORIGINAL);
+}
+
+/// Everything that can be compared after a failed operation.
+#[derive(Debug, PartialEq)]
+struct State {
+    entries: [Vec<u8>; 2],
+    snapshot: support::Snapshot,
+    observed: (u64, u64),
+    in_transition: bool,
+}
+
+fn state() -> State {
+    State {
+        entries: entries(),
+        snapshot: support::snapshot(),
+        observed: observed(),
+        in_transition: hotpatch::transition().is_some(),
+    }
+}
+
+/// A fault at the entry write, at the second one (after the first was
+/// written), and at the switch after both: the load fails, and the code,
+/// the slots and the records are as they were (the entries written are
+/// written back). The same load then succeeds.
+#[test]
+fn faults_at_each_step_of_a_hooking_load_change_nothing() {
+    let _serial = support::serial();
+    let b_so = support::patch(B);
+    let before = state();
+    for (point, action) in [
+        ("load::hook", "return"),
+        ("load::hook", "1*off->return"),
+        ("switch::slot_table", "return"),
+    ] {
+        let guard = FailGuard::new(point, action).unwrap();
+        let err = hotpatch::load(&b_so).expect_err(point);
+        drop(guard);
+        assert!(
+            matches!(err, Error::Injected { .. } | Error::SlotTable { .. }),
+            "{point} {action}: {err:?}"
+        );
+        assert_eq!(state(), before, "{point} {action}: nothing changed");
+    }
+    let b = hotpatch::load(&b_so).unwrap();
+    assert_eq!(observed(), (206, 1005));
+    b.revert().unwrap();
+    assert_eq!(state(), before);
+}
+
+/// A revert whose entry write-back fails still holds: calls run the
+/// original code through the redirection, which stays in the registry,
+/// listed as hooked and original; the next load reuses it (no stop), and
+/// its revert writes the bytes back.
+#[test]
+fn a_failed_unhook_keeps_the_revert_and_the_redirection() {
+    let _serial = support::serial();
+    let a_so = support::patch(A);
+    let before = entries();
+    let a = hotpatch::load(&a_so).unwrap();
+    let hooked = entries();
+    {
+        let _fault = FailGuard::new("hook::unhook", "return").unwrap();
+        a.revert().unwrap();
+    }
+    assert_eq!(observed(), ORIGINAL, "the revert holds");
+    assert_eq!(entries(), hooked, "the entry stays redirected");
+    let price = listed(PRICE).expect("listed while redirected");
+    assert!(price.hooked);
+    assert_eq!(price.implementation, Implementation::Original);
+
+    let stops = hotpatch::hook::stop_rounds();
+    let a = hotpatch::load(&a_so).unwrap();
+    assert_eq!(
+        hotpatch::hook::stop_rounds(),
+        stops,
+        "reused: no entry write"
+    );
+    assert_eq!(observed(), (106, 5));
+    a.revert().unwrap();
+    assert_eq!(entries(), before);
+    assert!(listed(PRICE).is_none());
+}
+
+/// A failed load whose write-back fails too says so, and leaves the
+/// registry consistent: the redirection stays, at the original code, and
+/// a later load and revert reuse and remove it.
+#[test]
+fn a_failed_load_that_cannot_unhook_says_so() {
+    let _serial = support::serial();
+    let b_so = support::patch(B);
+    let before = entries();
+    let err = {
+        let _second = FailGuard::new("load::hook", "1*off->return").unwrap();
+        let _unhook = FailGuard::new("hook::unhook", "return").unwrap();
+        hotpatch::load(&b_so).unwrap_err()
+    };
+    // The first of B's hooks (in its table's order) was written, the
+    // second refused, and the first could not be written back.
+    let left = match &err {
+        Error::HooksLeftInstalled {
+            cause, functions, ..
+        } => {
+            assert!(matches!(**cause, Error::Injected { .. }), "{cause:?}");
+            assert!(
+                functions == &[PRICE] || functions == &[TAX],
+                "{functions:?}"
+            );
+            usize::from(functions[0] == TAX)
+        }
+        other => panic!("{other:?}"),
+    };
+    assert!(err.to_string().contains("stays redirected"), "{err}");
+    assert_eq!(hotpatch::applied(), vec![]);
+    assert_eq!(observed(), ORIGINAL, "calls run the original code");
+    assert_ne!(entries()[left], before[left]);
+    assert_eq!(entries()[1 - left], before[1 - left]);
+    let b = hotpatch::load(&b_so).unwrap();
+    assert_eq!(observed(), (206, 1005));
+    b.revert().unwrap();
+    assert_eq!(entries(), before);
+}
+
+/// A registered thread keeps the old code of a hooked function until its
+/// next safepoint, while unregistered threads run the new code: the hook's
+/// slot goes through the one dispatcher of every hook during the
+/// transition.
+#[test]
+fn a_registered_thread_switches_at_its_safepoint() {
+    let _serial = support::serial();
+    let a_so = support::patch(A);
+    enum Ask {
+        Call,
+        Safepoint,
+        Exit,
+    }
+    let (ask, asked) = mpsc::channel::<Ask>();
+    let (tell, told) = mpsc::channel::<u64>();
+    let worker = std::thread::spawn(move || {
+        let _registered = hotpatch::register_thread();
+        // Online, not at a safepoint, while it waits: a transition waits
+        // for it.
+        while let Ok(a) = asked.recv() {
+            match a {
+                Ask::Call => tell.send(svc::hooked::quote(2)).unwrap(),
+                Ask::Safepoint => hotpatch::quiescent(),
+                Ask::Exit => break,
+            }
+        }
+    });
+    ask.send(Ask::Call).unwrap();
+    assert_eq!(told.recv().unwrap(), 6);
+    let loading = std::thread::spawn(move || {
+        hotpatch::Loader::new()
+            .deadline(Duration::from_secs(60))
+            .load(a_so)
+    });
+    while hotpatch::transition().is_none() {
+        assert!(!loading.is_finished(), "the load must wait for the worker");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(listed(PRICE).unwrap().in_transition);
+    assert_eq!(svc::hooked::quote(2), 106, "an unregistered thread: new");
+    ask.send(Ask::Call).unwrap();
+    assert_eq!(told.recv().unwrap(), 6, "the registered thread: old");
+    ask.send(Ask::Safepoint).unwrap();
+    let a = loading.join().unwrap().unwrap();
+    ask.send(Ask::Call).unwrap();
+    assert_eq!(told.recv().unwrap(), 106, "after its safepoint: new");
+    ask.send(Ask::Exit).unwrap();
+    worker.join().unwrap();
+    a.revert().unwrap();
+    assert_eq!(observed(), ORIGINAL);
+}
+
+/// 4 threads call the hooked functions through unmarked code, half of
+/// them registered and passing safepoints, while `cycles` times A and B
+/// are loaded (entry writes), stacked and reverted in both orders (entry
+/// write-backs): every answer is one that some stack of the patches gives
+/// (each call old or new, never torn), the process survives, and the
+/// entry bytes end as they began.
+fn stress(cycles: usize) {
+    let _serial = support::serial();
+    let (a_so, b_so) = (support::patch(A), support::patch(B));
+    let before = entries();
+    let stop = Arc::new(AtomicBool::new(false));
+    let calls = Arc::new(AtomicU64::new(0));
+    let start = Arc::new(Barrier::new(5));
+    let workers: Vec<_> = (0..4u64)
+        .map(|w| {
+            let (stop, calls, start) = (stop.clone(), calls.clone(), start.clone());
+            std::thread::spawn(move || {
+                let _registered = (w % 2 == 0).then(hotpatch::register_thread);
+                start.wait();
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let qty = n % 1000 + w;
+                    let price = svc::hooked::quote(qty);
+                    assert!(
+                        [0, 100, 200].iter().any(|d| price == qty * 3 + d),
+                        "quote({qty}) = {price}"
+                    );
+                    let tax = svc::hooked::quote_tax(qty);
+                    let seen = (price.wrapping_sub(qty * 3), tax.wrapping_sub(qty / 10));
+                    // Registered: both from one state of the stack (none,
+                    // A, A and B, B) between two safepoints.
+                    let states: &[(u64, u64)] = if w % 2 == 0 {
+                        &[(0, 0), (100, 0), (200, 1000)]
+                    } else {
+                        &[
+                            (0, 0),
+                            (100, 0),
+                            (200, 1000),
+                            (100, 1000),
+                            (200, 0),
+                            (0, 1000),
+                        ]
+                    };
+                    assert!(states.contains(&seen), "worker {w}: {seen:?}");
+                    n += 1;
+                    hotpatch::quiescent();
+                }
+                calls.fetch_add(n, Ordering::Relaxed);
+            })
+        })
+        .collect();
+    start.wait();
+    for i in 0..cycles {
+        let a = hotpatch::load(&a_so).unwrap();
+        let b = hotpatch::load(&b_so).unwrap();
+        if i % 2 == 0 {
+            a.revert().unwrap();
+            b.revert().unwrap();
+        } else {
+            b.revert().unwrap();
+            a.revert().unwrap();
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.join().unwrap();
+    }
+    assert!(calls.load(Ordering::Relaxed) > 0);
+    assert_eq!(entries(), before);
+    assert_eq!(observed(), ORIGINAL);
+}
+
+#[test]
+fn stress_hooking_patches_under_calls() {
+    stress(20);
+}
+
+#[test]
+#[ignore = "long form: 2,000 cycles (minutes on 2 cores)"]
+fn stress_hooking_patches_under_calls_long() {
+    stress(2_000);
+}
