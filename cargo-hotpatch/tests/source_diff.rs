@@ -1808,7 +1808,7 @@ fn case_34_a_method_called_through_a_trait_object_is_hooked() {
         &[(
             "hooked",
             "<svc::Flat as svc::Rate>::rate",
-            "fn rate(&self, amount: u64)",
+            "fn rate(&self, amount: u64) -> u64 {",
         )],
     );
 }
