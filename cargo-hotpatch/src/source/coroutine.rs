@@ -361,8 +361,9 @@ struct Dies {
 }
 
 /// How deep [`Dies::collect`] follows pointers and fields from a
-/// parameter to find the coroutine it reaches.
-const DEPTH: usize = 8;
+/// parameter to find the coroutine it reaches (and how deep a type's
+/// name or size is followed).
+const DEPTH: usize = 16;
 
 impl Dies {
     fn read(file: &object::File<'_>) -> Result<Dies, String> {
@@ -519,7 +520,7 @@ impl Dies {
             }
         }
         let mut found: BTreeMap<String, Ref> = BTreeMap::new();
-        let mut visited = BTreeSet::new();
+        let mut visited = HashMap::new();
         for f in functions {
             // Its name (a generic instance's names its arguments).
             let name = self.inherited(f, |d| d.name.clone())?.unwrap_or_default();
@@ -582,12 +583,14 @@ impl Dies {
         &self,
         ty: Ref,
         depth: usize,
-        visited: &mut BTreeSet<Ref>,
+        visited: &mut HashMap<Ref, usize>,
         found: &mut BTreeMap<String, Ref>,
     ) -> Result<(), String> {
-        if depth == 0 || !visited.insert(ty) {
+        // A type seen with as much depth left or more was followed as far.
+        if depth == 0 || visited.get(&ty).is_some_and(|d| *d >= depth) {
             return Ok(());
         }
+        visited.insert(ty, depth);
         let die = self.get(ty)?;
         if die.tag == constants::DW_TAG_structure_type
             && die.name.as_deref().is_some_and(is_coroutine_name)
@@ -984,6 +987,14 @@ pub fn run<T>(mut f: Pin<Box<dyn Future<Output = T>>>) -> Poll<T> {
     f.as_mut().poll(&mut cx)
 }
 
+/// `work`'s poll function inlined into a plain function.
+#[inline(never)]
+pub fn poll_once(n: u32) -> bool {
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut f = core::pin::pin!(work(n));
+    f.as_mut().poll(&mut cx).is_ready()
+}
+
 pub fn drive(n: u32) -> u32 {
     let _ = run(Box::pin(work(n)));
     let _ = run(Box::pin(block(n)));
@@ -1146,6 +1157,19 @@ pub fn drive(n: u32) -> u32 {
             "opt-level=3",
         );
         differs(&answer, &["svc::work::{async_fn_env#0}"]);
+    }
+
+    /// A function with a resume function inlined into it runs that state
+    /// machine's code: it is checked as the resume function is.
+    #[test]
+    fn a_function_with_a_poll_function_inlined_into_it_is_checked() {
+        let answer = compare(
+            "svc::poll_once",
+            "    tick().await;\n    y + x as u64",
+            "    let z: u64 = y.rotate_left(3);\n    tick().await;\n    y + z + x as u64",
+            "opt-level=3",
+        );
+        differs(&answer, &["Suspend1 saves `z: u64`"]);
     }
 
     /// Line tables only (the wrapper's setting before type information):
