@@ -28,7 +28,10 @@
 //!    crates' metadata hash, and so in every symbol name), so the base
 //!    builds bit for bit what the workspace builds, debug info included;
 //!    the workspace's libraries get line tables (sections no process
-//!    maps).
+//!    maps), and are compiled a second time with full debug information
+//!    into `deps/hotpatch-types/` (`Artifacts::types_rlib`): the layouts
+//!    of async state machines that `coroutine` compares (full debug
+//!    information changes the code: it is not the deployed build).
 //! 7. `identity`: with `--binary`, the deployed binary must be the rebuilt
 //!    base: the same bytes in every section the process maps (debug info
 //!    and the build-id note aside). Else the patch is refused with both
@@ -65,6 +68,9 @@
 mod checkout;
 mod classify;
 mod compare;
+// Called from classification (issue 18: hooking a changed `async fn`).
+#[cfg_attr(not(test), allow(dead_code))]
+mod coroutine;
 mod entries;
 mod extract;
 mod files;

@@ -5,8 +5,9 @@
 //! the dependencies are the same crates with the same flags, so they are
 //! compiled once for both (a plain `cargo build` compiles them once too).
 //! The workspace's own crates have the same file names on both sides, so
-//! what the comparison needs of the base (its rlib, its executables and
-//! the objects the wrapper kept) is copied out before the head builds,
+//! what the comparison needs of the base (its rlib and the rlib's type
+//! information build, its executables and the objects the wrapper kept)
+//! is copied out before the head builds,
 //! into `target/hotpatch/bases/KEY/`. KEY covers everything that decides
 //! those bytes (the base commit, the flags, the toolchain, the lock, the
 //! environment cargo and rustc read): a later run with the same base
@@ -34,6 +35,11 @@ pub(super) struct Artifacts {
     pub others: Vec<(String, PathBuf)>,
     /// The rlib of the `hotpatch` crate (for the manifest).
     pub hotpatch_rlib: Option<PathBuf>,
+    /// The service library compiled again with full debug information
+    /// (`wrapper::types_rlib`): the async state machines' layouts that
+    /// `coroutine` compares; `None` if that compile failed.
+    #[cfg_attr(not(test), allow(dead_code))] // read by classification (issue 18)
+    pub types_rlib: Option<PathBuf>,
 }
 
 /// The tool's hold on `target/hotpatch/`: one run at a time builds there
@@ -146,9 +152,11 @@ impl Artifacts {
         let mut rlib = None;
         let mut bins = Vec::new();
         let mut others = Vec::new();
+        let mut types_rlib = None;
         for line in listing.lines() {
             match line.split_once(' ') {
                 Some(("rlib", f)) => rlib = Some(dir.join(f)),
+                Some(("types", f)) => types_rlib = Some(dir.join("types").join(f)),
                 Some(("bin", f)) => bins.push(dir.join("bin").join(f)),
                 Some(("other", rest)) => {
                     let (name, f) = rest.split_once(' ')?;
@@ -160,12 +168,14 @@ impl Artifacts {
         let rlib = rlib?;
         let complete = rlib.is_file()
             && bins.iter().all(|b| b.is_file())
-            && others.iter().all(|(_, r)| r.is_file());
+            && others.iter().all(|(_, r)| r.is_file())
+            && types_rlib.as_ref().is_none_or(|t| t.is_file());
         complete.then_some(Artifacts {
             rlib,
             bins,
             others,
             hotpatch_rlib: None,
+            types_rlib,
         })
     }
 
@@ -194,6 +204,15 @@ impl Artifacts {
         let rlib = dir.join(name(&self.rlib));
         copy(&self.rlib, &rlib)?;
         listing.push_str(&format!("rlib {}\n", name(&self.rlib)));
+        let mut types_rlib = None;
+        if let Some(t) = &self.types_rlib {
+            let types = dir.join("types");
+            std::fs::create_dir_all(&types).map_err(io(types.display()))?;
+            let to = types.join(name(t));
+            copy(t, &to)?;
+            listing.push_str(&format!("types {}\n", name(t)));
+            types_rlib = Some(to);
+        }
         let mut bins = Vec::new();
         for exe in &self.bins {
             let to = dir.join("bin").join(name(exe));
@@ -222,6 +241,7 @@ impl Artifacts {
             bins,
             others,
             hotpatch_rlib: None,
+            types_rlib,
         })
     }
 }
@@ -237,7 +257,7 @@ fn base_key(ws: &Workspace, opts: &SourceOptions, revs: &Revisions, base: &Path)
     use std::hash::{Hash, Hasher};
     let mut h = std::hash::DefaultHasher::new();
     wrapper::WRAPPER_SCHEME.hash(&mut h);
-    "kept base 2: rlib, executables with their objects, the other libraries".hash(&mut h);
+    "kept base 3: rlib, executables with their objects, the other libraries, the rlib's type information build".hash(&mut h);
     env!("CARGO_PKG_VERSION").hash(&mut h);
     revs.base_commit.hash(&mut h);
     base.hash(&mut h);
@@ -394,6 +414,7 @@ fn cargo_build(
     let rlib =
         rlib.ok_or_else(|| BuildError::Tool(format!("cargo built no rlib for {}", ws.package)))?;
     Ok(Artifacts {
+        types_rlib: wrapper::types_rlib(&rlib),
         rlib,
         bins,
         others,

@@ -22,6 +22,13 @@ const INNER_WRAPPER_ENV: &str = "__CARGO_HOTPATCH_INNER_WRAPPER";
 /// library's generic and inline code compiled into the binary crate is
 /// compared from them.
 const KEEP_BIN_OBJECTS_ENV: &str = "__CARGO_HOTPATCH_KEEP_BIN_OBJECTS";
+/// Set when each library of the workspace is compiled a second time with
+/// full debug information, into [`TYPES_DIR`] beside its rlib: the type
+/// information `coroutine` reads (the deployed build's code would not be
+/// the same with it).
+const TYPES_BUILD_ENV: &str = "__CARGO_HOTPATCH_TYPES_BUILD";
+/// The directory, beside a library's rlib, of its type information build.
+pub(super) const TYPES_DIR: &str = "hotpatch-types";
 
 /// Makes `cmd` (a `cargo build` of the checkout `dir` into `target_dir`)
 /// run rustc through this program, remapping `dir` to `remap_to` and
@@ -44,6 +51,7 @@ pub(super) fn wrap(
     }
     cmd.env("RUSTC_WRAPPER", me);
     cmd.env(KEEP_BIN_OBJECTS_ENV, "1");
+    cmd.env(TYPES_BUILD_ENV, "1");
     let mut remap = OsString::new();
     if let Some(to) = remap_to {
         remap.push(dir);
@@ -62,7 +70,7 @@ pub(super) fn wrap(
 /// of a build: cargo's fingerprints do not see it, so a target directory
 /// built under another scheme (an older cargo-hotpatch) is rebuilt whole.
 /// Changed whenever the wrapper's flags change.
-pub(super) const WRAPPER_SCHEME: &str = "cargo-hotpatch wrapper 4: source and target directory remapped, executables' objects kept, line tables";
+pub(super) const WRAPPER_SCHEME: &str = "cargo-hotpatch wrapper 5: source and target directory remapped, executables' objects kept, line tables, libraries' type information builds";
 
 /// One target directory serves every checkout of a side (dependencies are
 /// compiled once), but the workspace's own crates have the same names in
@@ -122,59 +130,157 @@ fn run(args: &[OsString]) -> i32 {
         Some(inner) if !inner.is_empty() => (inner, &args[1..]),
         _ => (args[1].clone(), &args[2..]),
     };
-    let mut cmd = Command::new(program);
-    cmd.args(rest);
     let remap = remap.to_string_lossy().into_owned();
     // rustc splits FROM=TO at the last `=`.
     let pairs: Vec<(&str, &str)> = remap.lines().filter_map(|l| l.rsplit_once('=')).collect();
-    if args.iter().any(|a| a == "--crate-name") {
-        for (from, to) in &pairs {
-            cmd.arg(format!("--remap-path-prefix={from}={to}"));
+    let command = |rest: &[OsString]| {
+        let mut cmd = Command::new(&program);
+        cmd.args(rest);
+        if args.iter().any(|a| a == "--crate-name") {
+            for (from, to) in &pairs {
+                cmd.arg(format!("--remap-path-prefix={from}={to}"));
+            }
         }
-    }
+        cmd.env_remove(REMAP_ENV);
+        cmd.env_remove(KEEP_BIN_OBJECTS_ENV);
+        cmd.env_remove(TYPES_BUILD_ENV);
+        // `env!("CARGO_MANIFEST_DIR")` in the service's code puts the
+        // checkout's path into the binary: it is the workspace's in the
+        // deployed build, so it is here too.
+        for var in ["CARGO_MANIFEST_DIR", "CARGO_MANIFEST_PATH"] {
+            let Some(v) = std::env::var_os(var) else {
+                continue;
+            };
+            let v = PathBuf::from(v);
+            let mapped = pairs.iter().find_map(|(from, to)| {
+                let rest = v.strip_prefix(from).ok()?;
+                // `join("")` would add a `/` the deployed value does not have.
+                Some(match rest.as_os_str().is_empty() {
+                    true => PathBuf::from(to),
+                    false => Path::new(to).join(rest),
+                })
+            });
+            if let Some(to) = mapped {
+                cmd.env(var, to);
+            }
+        }
+        cmd
+    };
+    let mut cmd = command(rest);
     if std::env::var_os(KEEP_BIN_OBJECTS_ENV).is_some() {
         keep_bin_objects(args, &mut cmd);
     }
-    add_line_tables(rest, &mut cmd);
-    cmd.env_remove(REMAP_ENV);
-    cmd.env_remove(KEEP_BIN_OBJECTS_ENV);
-    // `env!("CARGO_MANIFEST_DIR")` in the service's code puts the
-    // checkout's path into the binary: it is the workspace's in the
-    // deployed build, so it is here too.
-    for var in ["CARGO_MANIFEST_DIR", "CARGO_MANIFEST_PATH"] {
-        let Some(v) = std::env::var_os(var) else {
-            continue;
-        };
-        let v = PathBuf::from(v);
-        let mapped = pairs.iter().find_map(|(from, to)| {
-            let rest = v.strip_prefix(from).ok()?;
-            // `join("")` would add a `/` the deployed value does not have.
-            Some(match rest.as_os_str().is_empty() {
-                true => PathBuf::from(to),
-                false => Path::new(to).join(rest),
-            })
-        });
-        if let Some(to) = mapped {
-            cmd.env(var, to);
-        }
+    let library = is_workspace_library(rest);
+    if library {
+        add_line_tables(rest, &mut cmd);
     }
-    match cmd.status() {
+    let code = match cmd.status() {
         Ok(s) => s.code().unwrap_or(101),
         Err(e) => {
             eprintln!("cargo-hotpatch (as rustc wrapper): {e}");
             101
         }
+    };
+    if code == 0
+        && library
+        && std::env::var_os(TYPES_BUILD_ENV).is_some()
+        && let Some(types) = types_args(rest)
+    {
+        // Its messages and artifact notices are the first compile's
+        // again: cargo reads only those. A failure leaves no rlib there,
+        // which `coroutine` reports as no type information.
+        let mut cmd = command(&types);
+        cmd.stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        if let Some(dir) = value_of(&types, "--out-dir") {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let _ = cmd.status();
     }
+    code
 }
 
-/// For a library of the workspace (cargo names its root file by a relative
-/// path; dependencies by absolute ones) compiled without debug info, asks
-/// for line tables (`-C debuginfo=line-tables-only`): sections no process
-/// maps, which `lines` reads to tell which source each function's code
-/// came from. The code is the same (`identity` compares the base with the
-/// deployed binary, section by mapped section). A profile with debug info
-/// of its own keeps it.
-fn add_line_tables(args: &[OsString], cmd: &mut Command) {
+/// The value of `flag` in rustc's arguments (`--flag VALUE` or
+/// `--flag=VALUE`).
+fn value_of(args: &[OsString], flag: &str) -> Option<String> {
+    let eq = format!("{flag}=");
+    args.iter().enumerate().find_map(|(i, a)| {
+        let a = a.to_string_lossy();
+        if a == flag {
+            args.get(i + 1).map(|v| v.to_string_lossy().into_owned())
+        } else {
+            a.strip_prefix(&eq).map(str::to_owned)
+        }
+    })
+}
+
+/// The arguments of a library's type information build: the same compile
+/// with full debug information (`-C debuginfo=2`, last, so it wins), its
+/// outputs in [`TYPES_DIR`] under the first's `--out-dir`, and without
+/// incremental compilation (the first's cache is the first's). `None`
+/// without an `--out-dir` (not a compile cargo asked for).
+fn types_args(args: &[OsString]) -> Option<Vec<OsString>> {
+    let out_dir = value_of(args, "--out-dir")?;
+    let types = Path::new(&out_dir).join(TYPES_DIR);
+    let mut out: Vec<OsString> = Vec::with_capacity(args.len() + 2);
+    let mut skip = false;
+    for (i, a) in args.iter().enumerate() {
+        if std::mem::take(&mut skip) {
+            continue;
+        }
+        let text = a.to_string_lossy();
+        if text == "--out-dir" {
+            out.push(a.clone());
+            out.push(types.clone().into_os_string());
+            skip = true;
+        } else if text.starts_with("--out-dir=") {
+            out.push(format!("--out-dir={}", types.display()).into());
+        } else if text.starts_with("-Cincremental=") {
+        } else if text == "-C"
+            && args
+                .get(i + 1)
+                .is_some_and(|v| v.to_string_lossy().starts_with("incremental="))
+        {
+            skip = true;
+        } else {
+            out.push(a.clone());
+        }
+    }
+    out.extend(["-C".into(), "debuginfo=2".into()]);
+    Some(out)
+}
+
+/// The type information build of the library whose rlib is `rlib`, if
+/// the wrapper made one (see [`TYPES_DIR`]). `rlib` is where cargo put
+/// it: in `deps/` (`libNAME-HASH.rlib`), or the copy cargo makes of a
+/// workspace member's in the profile's directory (`libNAME.rlib`), whose
+/// bytes are those of one `deps/libNAME-HASH.rlib`.
+pub(super) fn types_rlib(rlib: &Path) -> Option<PathBuf> {
+    let (dir, file) = (rlib.parent()?, rlib.file_name()?);
+    let beside = dir.join(TYPES_DIR).join(file);
+    if beside.is_file() {
+        return Some(beside);
+    }
+    let stem = file.to_str()?.strip_suffix(".rlib")?;
+    let deps = dir.join("deps");
+    let bytes = std::fs::read(rlib).ok()?;
+    std::fs::read_dir(&deps).ok()?.flatten().find_map(|e| {
+        let name = e.file_name().to_str()?.to_owned();
+        let hash = name
+            .strip_prefix(stem)?
+            .strip_prefix('-')?
+            .strip_suffix(".rlib")?;
+        let types = deps.join(TYPES_DIR).join(&name);
+        (!hash.contains('-')
+            && types.is_file()
+            && std::fs::read(e.path()).is_ok_and(|b| b == bytes))
+        .then_some(types)
+    })
+}
+
+/// Whether rustc compiles a library of the workspace: cargo names its
+/// root file by a relative path (dependencies' by absolute ones).
+fn is_workspace_library(args: &[OsString]) -> bool {
     let is_ours = args.iter().any(|a| {
         let p = Path::new(a);
         p.extension().is_some_and(|e| e == "rs")
@@ -190,9 +296,19 @@ fn add_line_tables(args: &[OsString], cmd: &mut Command) {
         .map(|w| w[1].to_string_lossy().into_owned())
         .collect();
     let library = !types.is_empty() && types.iter().all(|t| t == "lib" || t == "rlib");
-    if !is_ours || !library || !args.iter().any(|a| a == "--crate-name") {
-        return;
-    }
+    is_ours && library && args.iter().any(|a| a == "--crate-name")
+}
+
+/// For a library of the workspace compiled without debug info, asks
+/// for line tables (`-C debuginfo=line-tables-only`): sections no process
+/// maps, which `lines` reads to tell which source each function's code
+/// came from. The code is the same (`identity` compares the base with the
+/// deployed binary, section by mapped section). Full debug information
+/// would not leave it the same (rustc optimises differently with it: the
+/// executable of mini-redis 0.4.1 differs in `.text` when its library has
+/// `-C debuginfo=2`), so the types `coroutine` reads come from a second
+/// compile ([`types_args`]). A profile with debug info of its own keeps it.
+fn add_line_tables(args: &[OsString], cmd: &mut Command) {
     let mut has_debuginfo = false;
     for (i, a) in args.iter().enumerate() {
         let a = a.to_string_lossy();
@@ -296,4 +412,116 @@ pub(super) fn bin_files(exe: &Path) -> Vec<PathBuf> {
     objects.sort();
     objects.insert(0, deps.join(hashed));
     objects
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::OsString;
+
+    use super::{TYPES_DIR, is_workspace_library, types_args, types_rlib};
+
+    fn args(list: &[&str]) -> Vec<OsString> {
+        list.iter().map(OsString::from).collect()
+    }
+
+    /// The type information build of a library is the same compile, with
+    /// full debug information, outputs of its own and no incremental cache:
+    /// cargo's files (the rlib `sides` reads, the cache) stay the first
+    /// compile's.
+    #[test]
+    fn a_library_s_types_build_writes_elsewhere_with_full_debug_info() {
+        let lib = args(&[
+            "--crate-name",
+            "svc",
+            "--edition=2021",
+            "src/lib.rs",
+            "--crate-type",
+            "lib",
+            "--emit=dep-info,metadata,link",
+            "-C",
+            "opt-level=3",
+            "-C",
+            "incremental=/t/release/incremental",
+            "-Cincremental=/t/other",
+            "-C",
+            "debuginfo=line-tables-only",
+            "--out-dir",
+            "/t/release/deps",
+            "-C",
+            "extra-filename=-abc",
+        ]);
+        assert!(is_workspace_library(&lib));
+        let types = types_args(&lib).unwrap();
+        let text: Vec<String> = types
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let dir = format!("/t/release/deps/{TYPES_DIR}");
+        assert_eq!(
+            text,
+            [
+                "--crate-name",
+                "svc",
+                "--edition=2021",
+                "src/lib.rs",
+                "--crate-type",
+                "lib",
+                "--emit=dep-info,metadata,link",
+                "-C",
+                "opt-level=3",
+                "-C",
+                "debuginfo=line-tables-only",
+                "--out-dir",
+                dir.as_str(),
+                "-C",
+                "extra-filename=-abc",
+                "-C",
+                "debuginfo=2",
+            ]
+        );
+        let eq = args(&["--crate-name", "svc", "--out-dir=/t/deps", "src/lib.rs"]);
+        let types = types_args(&eq).unwrap();
+        assert!(types.contains(&OsString::from(format!("--out-dir=/t/deps/{TYPES_DIR}"))));
+        // Not a compile cargo asked for: no output directory, no build.
+        assert!(types_args(&args(&["--crate-name", "svc", "src/lib.rs"])).is_none());
+        // A dependency (absolute root file) and an executable get none.
+        let dep = args(&[
+            "--crate-name",
+            "dep",
+            "/reg/dep/src/lib.rs",
+            "--crate-type",
+            "lib",
+        ]);
+        assert!(!is_workspace_library(&dep));
+        let bin = args(&["--crate-name", "svc", "src/main.rs", "--crate-type", "bin"]);
+        assert!(!is_workspace_library(&bin));
+    }
+
+    /// cargo names a workspace member's rlib by its copy in the profile's
+    /// directory: its types build is the one of the `deps/` rlib with the
+    /// same bytes, not of another build's.
+    #[test]
+    fn the_types_build_of_a_copied_rlib_is_its_deps_original_s() {
+        let dir = std::env::temp_dir().join(format!("cargo-hotpatch-types-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let types = dir.join("deps").join(TYPES_DIR);
+        std::fs::create_dir_all(&types).unwrap();
+        let write = |p: std::path::PathBuf, b: &[u8]| std::fs::write(p, b).unwrap();
+        write(dir.join("libsvc.rlib"), b"this build");
+        write(dir.join("deps/libsvc-aaa.rlib"), b"another build");
+        write(dir.join("deps/libsvc-bbb.rlib"), b"this build");
+        write(types.join("libsvc-aaa.rlib"), b"types a");
+        write(types.join("libsvc-bbb.rlib"), b"types b");
+        assert_eq!(
+            types_rlib(&dir.join("libsvc.rlib")),
+            Some(types.join("libsvc-bbb.rlib"))
+        );
+        assert_eq!(
+            types_rlib(&dir.join("deps/libsvc-aaa.rlib")),
+            Some(types.join("libsvc-aaa.rlib"))
+        );
+        std::fs::remove_file(types.join("libsvc-bbb.rlib")).unwrap();
+        assert_eq!(types_rlib(&dir.join("libsvc.rlib")), None);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
