@@ -12,6 +12,7 @@ use object::{Object, ObjectSymbol};
 
 use super::compare::Comparison;
 use super::entries::{EntryInfo, is_generated};
+use super::coroutine::{StateMachine, state_machine};
 use super::identity::Host;
 use super::objects::Build;
 use super::{demangle, describe};
@@ -61,18 +62,51 @@ pub(super) struct Hooked {
 pub(super) fn hookable(
     (b, b_refs): (&Build<'_>, &Referrers),
     h: &Build<'_>,
+    types: Option<(&Build<'_>, &Build<'_>)>,
     host: &Host,
     symbol: &str,
     in_patch: &dyn Fn(&str) -> bool,
 ) -> Result<(u64, Vec<u8>), String> {
-    if demangle(symbol).contains("{{closure}}") {
-        return Err("it is a closure's or an async fn's body: a hook would need its state machine proved unchanged".into());
+    // A future suspended at an `.await` resumes in the new code: it must
+    // read the state the old code saved (`coroutine`).
+    let machine = match types {
+        Some((tb, th)) => state_machine(tb, th, symbol),
+        None => StateMachine::Unknown(
+            "this code has no build with type information to compare its async state machines".into(),
+        ),
+    };
+    match machine {
+        StateMachine::NotACoroutine | StateMachine::Same => {}
+        StateMachine::Differs(what) => {
+            return Err(format!(
+                "it runs an async state machine that differs in the new build ({what}): requests suspended at an .await would resume in a different state machine"
+            ));
+        }
+        StateMachine::Unknown(why) if types.is_some() || may_run_a_coroutine(symbol) => {
+            return Err(format!(
+                "it may run an async state machine, and whether the new build's is the same cannot be told: {why}"
+            ));
+        }
+        // No type information at all (the executable's crate has no
+        // types build) and no coroutine in its name: a plain function.
+        StateMachine::Unknown(_) => {}
     }
     if !h.by_name.contains_key(symbol) {
         return Err("the head compiled no body of it".into());
     }
     callers_agree((b, b_refs), h, symbol, in_patch)?;
     host.hook_entry(symbol)
+}
+
+/// Whether a function's name says it may run an async state machine when
+/// no type information can tell: a closure's or async block's body (an
+/// `async fn`'s is one), its drop glue, or code generic over one. A
+/// legacy-mangled name does not spell a generic instance's arguments: an
+/// executor's poll function instantiated with a future of the service,
+/// with that future's poll inlined into it, is not seen here.
+fn may_run_a_coroutine(symbol: &str) -> bool {
+    let d = demangle(symbol);
+    d.contains("{{closure}}") || d.contains("async_fn_env") || d.contains("async_block_env")
 }
 
 /// Whether every caller of `symbol` that the deployed build keeps calls
@@ -129,6 +163,7 @@ pub(super) fn classify(
     host: &Host,
     comparison: &Comparison,
     head_src: &CrateSource,
+    types: Option<(&Build<'_>, &Build<'_>)>,
     refusals: &mut Vec<Refusal>,
 ) -> Plan {
     let Comparison {
@@ -276,7 +311,7 @@ pub(super) fn classify(
             if reasons.is_empty() {
                 continue;
             }
-            match hookable((b, &referrers), h, host, name, &in_patch) {
+            match hookable((b, &referrers), h, types, host, name, &in_patch) {
                 Ok((address, entry)) => {
                     hooked.push(Hooked {
                         symbol: name.clone(),

@@ -232,7 +232,26 @@ pub fn build_from_source(
         &outside,
         &mut bin_noise,
     )?);
-    let mut plan = classify::classify(&b, &h, &host, &comparison, &head_src, &mut refusals);
+    // The libraries' builds with type information (`coroutine`), if the
+    // wrapper made them.
+    let types_rlibs = match (&base.types_rlib, &head.types_rlib) {
+        (Some(b), Some(h)) => Some((compare::Rlib::read(b)?, compare::Rlib::read(h)?)),
+        _ => None,
+    };
+    let types_builds = match &types_rlibs {
+        Some((b, h)) => Some((b.objects()?, h.objects()?)),
+        None => None,
+    };
+    let types = types_builds.as_ref().map(|(b, h)| (b, h));
+    let mut plan = classify::classify(
+        &b,
+        &h,
+        &host,
+        &comparison,
+        &head_src,
+        types,
+        &mut refusals,
+    );
     // Code of the service compiled outside its library (its generic or
     // inline code instantiated in the executable's crate or another
     // package): each changed function there is hooked, or refused.
@@ -258,7 +277,7 @@ pub fn build_from_source(
             let hook = if h.by_name.contains_key(&c.symbol) {
                 Err("the library defines a function of the same name".to_owned())
             } else {
-                classify::hookable((&ob, &referrers), &oh, &host, &c.symbol, &in_patch)
+                classify::hookable((&ob, &referrers), &oh, None, &host, &c.symbol, &in_patch)
             };
             match hook {
                 Ok((address, entry)) => {
