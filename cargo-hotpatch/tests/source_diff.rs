@@ -820,8 +820,7 @@ fn case_06_a_changed_helper_with_an_unpatched_caller_is_hooked() {
         ],
     );
     assert!(
-        out.stdout
-            .contains("    because svc::receipt is public"),
+        out.stdout.contains("    because svc::receipt is public"),
         "{}",
         out.stdout
     );

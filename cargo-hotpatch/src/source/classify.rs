@@ -11,8 +11,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use object::{Object, ObjectSymbol};
 
 use super::compare::Comparison;
-use super::entries::{EntryInfo, is_generated};
 use super::coroutine::{StateMachine, state_machine};
+use super::entries::{EntryInfo, is_generated};
 use super::identity::Host;
 use super::objects::Build;
 use super::{demangle, describe};
@@ -72,7 +72,8 @@ pub(super) fn hookable(
     let machine = match types {
         Some((tb, th)) => state_machine(tb, th, symbol),
         None => StateMachine::Unknown(
-            "this code has no build with type information to compare its async state machines".into(),
+            "this code has no build with type information to compare its async state machines"
+                .into(),
         ),
     };
     match machine {

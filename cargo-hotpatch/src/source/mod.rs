@@ -243,15 +243,7 @@ pub fn build_from_source(
         None => None,
     };
     let types = types_builds.as_ref().map(|(b, h)| (b, h));
-    let mut plan = classify::classify(
-        &b,
-        &h,
-        &host,
-        &comparison,
-        &head_src,
-        types,
-        &mut refusals,
-    );
+    let mut plan = classify::classify(&b, &h, &host, &comparison, &head_src, types, &mut refusals);
     // Code of the service compiled outside its library (its generic or
     // inline code instantiated in the executable's crate or another
     // package): each changed function there is hooked, or refused.
@@ -266,6 +258,20 @@ pub fn build_from_source(
         );
         let ob = objects::Build::read(&bm).map_err(BuildError::Io)?;
         let oh = objects::Build::read(&hm).map_err(BuildError::Io)?;
+        let type_members = objects.types.as_ref().map(|(b, h)| {
+            (
+                compare::OutsideObjects::members(b),
+                compare::OutsideObjects::members(h),
+            )
+        });
+        let type_builds = match &type_members {
+            Some((b, h)) => Some((
+                objects::Build::read(b).map_err(BuildError::Io)?,
+                objects::Build::read(h).map_err(BuildError::Io)?,
+            )),
+            None => None,
+        };
+        let types = type_builds.as_ref().map(|(b, h)| (b, h));
         let referrers = ob.referrers();
         // Every changed function there is hooked or the patch refused: a
         // caller among them runs new code.
@@ -277,7 +283,7 @@ pub fn build_from_source(
             let hook = if h.by_name.contains_key(&c.symbol) {
                 Err("the library defines a function of the same name".to_owned())
             } else {
-                classify::hookable((&ob, &referrers), &oh, None, &host, &c.symbol, &in_patch)
+                classify::hookable((&ob, &referrers), &oh, types, &host, &c.symbol, &in_patch)
             };
             match hook {
                 Ok((address, entry)) => {
@@ -292,7 +298,7 @@ pub fn build_from_source(
                 Err(why) => refusals.push(c.refusal.clone().because(why)),
             }
         }
-        drop((ob, oh));
+        drop((ob, oh, type_builds));
         if hooked_here {
             hook_sources.push(objects);
         }

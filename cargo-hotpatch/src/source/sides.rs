@@ -220,6 +220,14 @@ impl Artifacts {
             for file in wrapper::bin_files(exe) {
                 copy(&file, &deps.join(name(&file)))?;
             }
+            let types = wrapper::bin_types_objects(exe);
+            if !types.is_empty() {
+                let to = deps.join(wrapper::TYPES_DIR);
+                std::fs::create_dir_all(&to).map_err(io(to.display()))?;
+                for file in types {
+                    copy(&file, &to.join(name(&file)))?;
+                }
+            }
             listing.push_str(&format!("bin {}\n", name(exe)));
             bins.push(to);
         }

@@ -70,7 +70,7 @@ pub(super) fn wrap(
 /// of a build: cargo's fingerprints do not see it, so a target directory
 /// built under another scheme (an older cargo-hotpatch) is rebuilt whole.
 /// Changed whenever the wrapper's flags change.
-pub(super) const WRAPPER_SCHEME: &str = "cargo-hotpatch wrapper 5: source and target directory remapped, executables' objects kept, line tables, libraries' type information builds";
+pub(super) const WRAPPER_SCHEME: &str = "cargo-hotpatch wrapper 6: source and target directory remapped, executables' objects kept, line tables, libraries' and executables' type information builds";
 
 /// One target directory serves every checkout of a side (dependencies are
 /// compiled once), but the workspace's own crates have the same names in
@@ -167,9 +167,8 @@ fn run(args: &[OsString]) -> i32 {
         cmd
     };
     let mut cmd = command(rest);
-    if std::env::var_os(KEEP_BIN_OBJECTS_ENV).is_some() {
-        keep_bin_objects(args, &mut cmd);
-    }
+    let kept_bin =
+        std::env::var_os(KEEP_BIN_OBJECTS_ENV).is_some() && keep_bin_objects(args, &mut cmd);
     let library = is_workspace_library(rest);
     if library {
         add_line_tables(rest, &mut cmd);
@@ -182,13 +181,24 @@ fn run(args: &[OsString]) -> i32 {
         }
     };
     if code == 0
-        && library
+        && (library || kept_bin)
         && std::env::var_os(TYPES_BUILD_ENV).is_some()
-        && let Some(types) = types_args(rest)
+        && let Some(mut types) = types_args(rest)
     {
         // Its messages and artifact notices are the first compile's
         // again: cargo reads only those. A failure leaves no rlib there,
-        // which `coroutine` reports as no type information.
+        // which `coroutine` reports as no type information. An
+        // executable's is linked there too, its objects kept, as the
+        // first's ([`bin_types_objects`]).
+        if kept_bin {
+            if let (Some(name), Some(dir)) = (
+                value_of(rest, "--crate-name"),
+                value_of(&types, "--out-dir"),
+            ) {
+                remove_kept_objects(rest, &name, Path::new(&dir));
+            }
+            types.extend(["-C".into(), "save-temps".into()]);
+        }
         let mut cmd = command(&types);
         cmd.stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null());
@@ -334,7 +344,7 @@ fn add_line_tables(args: &[OsString], cmd: &mut Command) {
 /// codegen units' objects beside it (`-C save-temps`, which leaves the
 /// executable's bytes as they are: `--binary` proves it), after removing
 /// those of an earlier build, so that what is there is this build's.
-fn keep_bin_objects(args: &[OsString], cmd: &mut Command) {
+fn keep_bin_objects(args: &[OsString], cmd: &mut Command) -> bool {
     let value = |flag: &str| {
         args.iter()
             .position(|a| a == flag)
@@ -345,17 +355,26 @@ fn keep_bin_objects(args: &[OsString], cmd: &mut Command) {
         .windows(2)
         .any(|w| w[0] == "--crate-type" && w[1] == "bin");
     let (Some(name), Some(out_dir)) = (value("--crate-name"), value("--out-dir")) else {
-        return;
+        return false;
     };
     if !is_bin || name.starts_with("build_script_") {
-        return;
+        return false;
     }
+    remove_kept_objects(args, &name, Path::new(&out_dir));
+    cmd.args(["-C", "save-temps"]);
+    true
+}
+
+/// Removes the objects an earlier compile of crate `name` (with these
+/// `args`) kept in `dir`: a compile with fewer codegen units would leave
+/// some behind.
+fn remove_kept_objects(args: &[OsString], name: &str, dir: &Path) {
     let extra = args
         .iter()
         .find_map(|a| a.to_str()?.strip_prefix("extra-filename="))
         .unwrap_or("");
     let stem = format!("{name}{extra}.");
-    if let Ok(entries) = std::fs::read_dir(&out_dir) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
         for e in entries.flatten() {
             let file = e.file_name().to_string_lossy().into_owned();
             if file.starts_with(&stem) && (file.ends_with(".o") || file.ends_with(".bc")) {
@@ -363,7 +382,33 @@ fn keep_bin_objects(args: &[OsString], cmd: &mut Command) {
             }
         }
     }
-    cmd.args(["-C", "save-temps"]);
+}
+
+/// The objects of the type information build of the executable `exe`
+/// (see [`TYPES_DIR`]): `deps/hotpatch-types/NAME-HASH.*.rcgu.o` for the
+/// `deps/NAME-HASH` that `exe` was copied or linked from. Empty if the
+/// wrapper made none.
+pub(super) fn bin_types_objects(exe: &Path) -> Vec<PathBuf> {
+    let files = bin_files(exe);
+    let Some(hashed) = files.first() else {
+        return Vec::new();
+    };
+    let (Some(deps), Some(name)) = (hashed.parent(), hashed.file_name()) else {
+        return Vec::new();
+    };
+    let types = deps.join(TYPES_DIR);
+    let prefix = format!("{}.", name.to_string_lossy());
+    let Ok(entries) = std::fs::read_dir(&types) else {
+        return Vec::new();
+    };
+    let mut objects: Vec<PathBuf> = entries
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|f| f.starts_with(&prefix) && f.ends_with(".rcgu.o"))
+        .map(|f| types.join(f))
+        .collect();
+    objects.sort();
+    objects
 }
 
 /// The objects of the executable `exe` that a build through the wrapper
