@@ -249,7 +249,7 @@ const CASES: &[Case] = &[
         changes: &[],
     },
     // 18. A public #[inline] helper: the binary's own `call` has a copy of
-    //     it that no patch replaces.
+    //     it: both copies are hooked.
     Case {
         branch: "case-inline",
         edits: &[lib("    x / 2\n", "    x.div_ceil(2)\n")],
@@ -1113,13 +1113,18 @@ fn case_17_a_deployed_binary_the_base_does_not_rebuild_is_refused_with_both_buil
 }
 
 #[test]
-fn case_18_a_changed_public_inline_function_is_refused() {
-    refused(
+fn case_18_a_changed_public_inline_function_is_hooked_in_each_crate_s_copy() {
+    // `half` is public and `#[inline]`: the library has its own copy and
+    // the binary's `call` compiles another. Both are hooked (each new body
+    // from its own crate's objects); `halved` calls the changed copy and
+    // is replaced.
+    patched(
         "case-inline",
-        "svc::half",
-        "pub fn half(",
-        &["#[inline]"],
-        &[],
+        &[
+            ("hooked", "svc::half", "pub fn half("),
+            ("hooked", "svc::half", "pub fn half("),
+            ("replaced", "svc::halved", "pub fn halved("),
+        ],
     );
 }
 
@@ -1687,8 +1692,9 @@ fn workspace_a_library_package_and_an_executable_package_are_patched() {
     );
 
     // The service's generic, changed: `util`'s library compiled its own
-    // copy (and the executable maybe another): each is hooked, its new
-    // body copied from that package's objects, and the host answers with
+    // copy, which the linker dropped (nothing in the host calls it: a
+    // note says so), and the executable its own, which is hooked, its new
+    // body copied from the executable's objects; the host answers with
     // the fix.
     let so = out_path("workspace-generic");
     let out = run("generic", &so);
@@ -1702,7 +1708,13 @@ fn workspace_a_library_package_and_an_executable_package_are_patched() {
     );
     assert!(
         out.stdout
-            .contains("    because it is compiled into package util's library"),
+            .contains("    because it is compiled into the executable host's own crate"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout
+            .contains("svc::apply_twice (in package util's library)"),
         "{}",
         out.stdout
     );

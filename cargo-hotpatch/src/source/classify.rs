@@ -37,6 +37,10 @@ pub(super) struct Plan {
     /// Changed functions whose callers cannot all be patched, redirected
     /// at their entry instead (each is also in `included`: its new body).
     pub hooked: Vec<Hooked>,
+    /// Changed functions the deployed binary has no code of (symbol, and
+    /// the crate that compiled them if not the library): nothing it runs
+    /// needs them; copied only if patch code calls them.
+    pub absent: Vec<(String, Option<String>)>,
 }
 
 /// Each symbol's referrers (`Build::referrers`).
@@ -268,6 +272,7 @@ pub(super) fn classify(
         }
     }
     let mut hooked = Vec::new();
+    let mut absent = Vec::new();
     if !blocked.is_empty() {
         // The counted bodies of the replaced functions are what the patch
         // installs for them (`extract::write`); other generated code is
@@ -312,6 +317,10 @@ pub(super) fn classify(
             if reasons.is_empty() {
                 continue;
             }
+            if host.lacks_function(name) {
+                absent.push((name.clone(), None));
+                continue;
+            }
             match hookable((b, &referrers), h, types, host, name, &in_patch) {
                 Ok((address, entry)) => {
                     hooked.push(Hooked {
@@ -340,6 +349,11 @@ pub(super) fn classify(
                 reasons: reasons.into_iter().collect(),
             });
         }
+    }
+    // Code the binary does not have is copied only where patch code calls
+    // it (extract copies what the host lacks).
+    for (name, _) in &absent {
+        included.remove(name);
     }
     for name in forced.keys() {
         if let Some(e) = head_entries.get(name) {
@@ -383,5 +397,6 @@ pub(super) fn classify(
         calls_changed: forced,
         callers,
         hooked,
+        absent,
     }
 }

@@ -27,6 +27,8 @@ pub(super) struct Host {
     pub functions: HashMap<String, (u64, u64)>,
     /// The executable sections as mapped: address and bytes.
     pub text: Vec<(u64, Vec<u8>)>,
+    /// Stems of `.llvm.<number>` names several function symbols share.
+    pub ambiguous: HashSet<String>,
 }
 
 /// The deployed binary (`--binary`), read once: its bytes, build-id and
@@ -174,10 +176,14 @@ impl Host {
                 address.entry(stem).or_insert(*a);
             }
         }
+        let mut ambiguous = HashSet::new();
         for (stem, mut at) in fn_stems {
+            at.sort_unstable();
             at.dedup();
             if let [one] = at[..] {
                 functions.entry(stem).or_insert(one);
+            } else if !functions.contains_key(&stem) {
+                ambiguous.insert(stem);
             }
         }
         let text = file
@@ -207,13 +213,26 @@ impl Host {
             anchor,
             functions,
             text,
+            ambiguous,
         })
+    }
+
+    /// Whether the binary has no function of this name at all: nothing it
+    /// runs is a copy of it (the linker dropped it, or every copy was
+    /// inlined, into callers that are compared on their own).
+    pub fn lacks_function(&self, symbol: &str) -> bool {
+        !self.functions.contains_key(symbol)
+            && !self.ambiguous.contains(symbol)
+            && !self.address.contains_key(symbol)
     }
 
     /// The function `symbol` of the binary (its address), and the bytes a
     /// hook replaces at its entry, by the rules the loader applies
     /// (`hotpatch-entry`); `Err` says why its entry cannot be redirected.
     pub fn hook_entry(&self, symbol: &str) -> Result<(u64, Vec<u8>), String> {
+        if self.ambiguous.contains(symbol) {
+            return Err("several functions of the deployed binary have this name".into());
+        }
         let &(addr, size) = self
             .functions
             .get(symbol)

@@ -50,11 +50,14 @@ pub(super) fn label(
             )
         }
     };
-    let hooked: Vec<String> = plan
+    let mut hooked: Vec<String> = plan
         .hooked
         .iter()
         .map(|h| super::describe(&h.symbol))
         .collect();
+    // A function hooked in several crates' copies is named once.
+    hooked.sort();
+    hooked.dedup();
     let names: Vec<&str> = plan
         .replaced
         .iter()

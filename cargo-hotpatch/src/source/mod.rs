@@ -69,7 +69,6 @@ mod checkout;
 mod classify;
 mod compare;
 // Called from classification (issue 18: hooking a changed `async fn`).
-#[cfg_attr(not(test), allow(dead_code))]
 mod coroutine;
 mod entries;
 mod extract;
@@ -280,6 +279,11 @@ pub fn build_from_source(
         let in_patch = |n: &str| changed.contains(n);
         let mut hooked_here = false;
         for c in &changes {
+            if host.lacks_function(&c.symbol) {
+                plan.absent
+                    .push((c.symbol.clone(), Some(objects.what.clone())));
+                continue;
+            }
             let hook = if h.by_name.contains_key(&c.symbol) {
                 Err("the library defines a function of the same name".to_owned())
             } else {
@@ -307,16 +311,32 @@ pub fn build_from_source(
         crate::refusal::sort_and_dedup(&mut refusals);
         return Err(BuildError::Refused(refusals));
     }
+    // A change only in code the deployed binary does not have changes
+    // nothing it runs.
     if plan.replaced.is_empty() && plan.included.is_empty() && plan.hooked.is_empty() {
-        return Err(BuildError::NoChange(format!(
-            "{} and {} compile to the same code ({} changed, but not what the binary runs)",
-            revs.base_name,
-            revs.head_name,
-            files.join(", ")
-        )));
+        return Err(BuildError::NoChange(match plan.absent.is_empty() {
+            true => format!(
+                "{} and {} compile to the same code ({} changed, but not what the binary runs)",
+                revs.base_name,
+                revs.head_name,
+                files.join(", ")
+            ),
+            false => format!(
+                "{} changed only code the deployed binary does not have (the linker dropped it, or inlined every copy into callers that compiled the same): {}",
+                revs.head_name,
+                plan.absent
+                    .iter()
+                    .map(|(n, _)| describe(n))
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .into_iter()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }));
     }
 
     notes.extend(report::noise_note(&noise, &bin_noise));
+    notes.extend(report::absent_note(&plan.absent));
     // The new bodies of hooked functions compiled outside the library are
     // copied from those objects: one build of all of them.
     let mut members = head_rlib.members()?;

@@ -87,6 +87,30 @@ pub(super) fn noise_note(lib: &BTreeSet<String>, bin: &BTreeSet<String>) -> Opti
     ))
 }
 
+/// The note on changed functions the deployed binary has no code of;
+/// `None` if there are none.
+pub(super) fn absent_note(absent: &[(String, Option<String>)]) -> Option<String> {
+    let all: BTreeSet<String> = absent
+        .iter()
+        .map(|(n, at)| match at {
+            Some(at) => format!("{} (in {at})", describe(n)),
+            None => describe(n),
+        })
+        .collect();
+    if all.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "{} changed function{} not in the deployed binary (the linker dropped {}, or every copy was inlined into callers compared on their own): no hook; the patch copies {} only where its own code calls {}: {}",
+        all.len(),
+        if all.len() == 1 { " is" } else { "s are" },
+        if all.len() == 1 { "it" } else { "them" },
+        if all.len() == 1 { "it" } else { "them" },
+        if all.len() == 1 { "it" } else { "them" },
+        list(all.into_iter())
+    ))
+}
+
 /// At most eight names, and how many more.
 fn list(names: impl Iterator<Item = String>) -> String {
     let names: Vec<String> = names.collect();

@@ -38,7 +38,6 @@ pub(super) struct Artifacts {
     /// The service library compiled again with full debug information
     /// (`wrapper::types_rlib`): the async state machines' layouts that
     /// `coroutine` compares; `None` if that compile failed.
-    #[cfg_attr(not(test), allow(dead_code))] // read by classification (issue 18)
     pub types_rlib: Option<PathBuf>,
 }
 
