@@ -19,6 +19,7 @@ const A: &str = "fixture-patch-hook-a";
 const B: &str = "fixture-patch-hook-b";
 const BAD_ENTRY: &str = "fixture-patch-hook-bad-entry";
 const MIXED: &str = "fixture-patch-hook-mixed";
+const INLINE: &str = "fixture-patch-hook-inline";
 
 const PRICE: &str = "svc::hooked::price";
 const TAX: &str = "svc::hooked::tax";
@@ -155,6 +156,22 @@ fn other_entry_bytes_are_refused_naming_the_function() {
     assert!(err.to_string().contains(PRICE), "{err}");
     assert_eq!((entries(), support::snapshot()), before);
     assert_eq!(observed(), ORIGINAL);
+}
+
+/// A hand-written patch that hooks an `#[inline]` function names its own
+/// copy of it: refused at load as not the service's code, nothing changed.
+#[test]
+fn an_inline_function_named_by_a_patch_is_its_own_copy_and_refused() {
+    let _serial = support::serial();
+    let so = support::patch(INLINE);
+    let before = (entries(), support::snapshot());
+    let err = hotpatch::load(&so).unwrap_err();
+    assert!(
+        matches!(&err, Error::InvalidManifest { reason, .. }
+            if reason.contains("svc::hooked::inline_price") && reason.contains("inside the patch")),
+        "{err:?}"
+    );
+    assert_eq!((entries(), support::snapshot()), before);
 }
 
 /// Everything that can be compared after a failed operation.
