@@ -133,6 +133,31 @@ fn a_patch_with_slots_and_hooks_applies_both() {
     assert_eq!(entries(), before);
 }
 
+/// A replace of a hooking patch by another in one transition: a function
+/// both hook keeps its redirection (no entry write), one only the new
+/// patch hooks is redirected first, one only the old hooked is written
+/// back after.
+#[test]
+fn replace_keeps_shared_hooks_and_releases_the_others() {
+    let _serial = support::serial();
+    let (a_so, b_so) = (support::patch(A), support::patch(B));
+    let before = entries();
+    let a = hotpatch::load(&a_so).unwrap();
+    let price_hooked = entries()[0].clone();
+    let loader = hotpatch::Loader::new();
+    let b = loader.replace(a.id(), &b_so).unwrap();
+    assert_eq!(observed(), (206, 1005));
+    assert_eq!(entries()[0], price_hooked, "price: the same redirection");
+    assert_ne!(entries()[1], before[1], "tax: redirected");
+    assert_eq!(hotpatch::applied().len(), 1);
+    let a = loader.replace(b.id(), &a_so).unwrap();
+    assert_eq!(observed(), (106, 5));
+    assert_eq!(entries()[1], before[1], "tax: written back");
+    assert!(listed(TAX).is_none());
+    a.revert().unwrap();
+    assert_eq!(entries(), before);
+}
+
 /// A patch expecting other entry bytes than the running code's is
 /// refused, naming the function; nothing changes.
 #[test]
