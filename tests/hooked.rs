@@ -199,6 +199,56 @@ fn an_inline_function_named_by_a_patch_is_its_own_copy_and_refused() {
     assert_eq!((entries(), support::snapshot()), before);
 }
 
+/// A thread that blocks the stop signal: the load fails within its
+/// deadline, naming the thread, and nothing changed.
+#[test]
+fn a_thread_blocking_the_stop_signal_fails_the_load_naming_it() {
+    let _serial = support::serial();
+    let a_so = support::patch(A);
+    let before = state();
+    let (release, released) = mpsc::channel::<()>();
+    let (ready, is_ready) = mpsc::channel::<()>();
+    let blocker = std::thread::Builder::new()
+        .name("blocks-stop".into())
+        .spawn(move || {
+            // SAFETY: a zeroed sigset_t is a valid value to fill; this
+            // thread changes only its own signal mask.
+            unsafe {
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut set);
+                libc::sigaddset(&mut set, hotpatch::hook::signal());
+                libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            }
+            ready.send(()).unwrap();
+            let _ = released.recv();
+        })
+        .unwrap();
+    is_ready.recv().unwrap();
+    let err = hotpatch::Loader::new()
+        .deadline(Duration::from_millis(300))
+        .load(&a_so)
+        .unwrap_err();
+    release.send(()).unwrap();
+    blocker.join().unwrap();
+    match &err {
+        Error::HookRefused {
+            function,
+            reason: hotpatch::hook::Reason::NotStopped(threads),
+            ..
+        } => {
+            assert_eq!(function, PRICE);
+            assert!(
+                threads
+                    .iter()
+                    .any(|(t, blocks)| *blocks && t.to_string().contains("blocks-stop")),
+                "{err}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(state(), before, "nothing changed");
+}
+
 /// Everything that can be compared after a failed operation.
 #[derive(Debug, PartialEq)]
 struct State {
