@@ -19,6 +19,7 @@ const A: &str = "fixture-patch-hook-a";
 const B: &str = "fixture-patch-hook-b";
 const BAD_ENTRY: &str = "fixture-patch-hook-bad-entry";
 const MIXED: &str = "fixture-patch-hook-mixed";
+const INLINE: &str = "fixture-patch-hook-inline";
 
 const PRICE: &str = "svc::hooked::price";
 const TAX: &str = "svc::hooked::tax";
@@ -132,6 +133,31 @@ fn a_patch_with_slots_and_hooks_applies_both() {
     assert_eq!(entries(), before);
 }
 
+/// A replace of a hooking patch by another in one transition: a function
+/// both hook keeps its redirection (no entry write), one only the new
+/// patch hooks is redirected first, one only the old hooked is written
+/// back after.
+#[test]
+fn replace_keeps_shared_hooks_and_releases_the_others() {
+    let _serial = support::serial();
+    let (a_so, b_so) = (support::patch(A), support::patch(B));
+    let before = entries();
+    let a = hotpatch::load(&a_so).unwrap();
+    let price_hooked = entries()[0].clone();
+    let loader = hotpatch::Loader::new();
+    let b = loader.replace(a.id(), &b_so).unwrap();
+    assert_eq!(observed(), (206, 1005));
+    assert_eq!(entries()[0], price_hooked, "price: the same redirection");
+    assert_ne!(entries()[1], before[1], "tax: redirected");
+    assert_eq!(hotpatch::applied().len(), 1);
+    let a = loader.replace(b.id(), &a_so).unwrap();
+    assert_eq!(observed(), (106, 5));
+    assert_eq!(entries()[1], before[1], "tax: written back");
+    assert!(listed(TAX).is_none());
+    a.revert().unwrap();
+    assert_eq!(entries(), before);
+}
+
 /// A patch expecting other entry bytes than the running code's is
 /// refused, naming the function; nothing changes.
 #[test]
@@ -155,6 +181,72 @@ fn other_entry_bytes_are_refused_naming_the_function() {
     assert!(err.to_string().contains(PRICE), "{err}");
     assert_eq!((entries(), support::snapshot()), before);
     assert_eq!(observed(), ORIGINAL);
+}
+
+/// A hand-written patch that hooks an `#[inline]` function names its own
+/// copy of it: refused at load as not the service's code, nothing changed.
+#[test]
+fn an_inline_function_named_by_a_patch_is_its_own_copy_and_refused() {
+    let _serial = support::serial();
+    let so = support::patch(INLINE);
+    let before = (entries(), support::snapshot());
+    let err = hotpatch::load(&so).unwrap_err();
+    assert!(
+        matches!(&err, Error::InvalidManifest { reason, .. }
+            if reason.contains("svc::hooked::inline_price") && reason.contains("inside the patch")),
+        "{err:?}"
+    );
+    assert_eq!((entries(), support::snapshot()), before);
+}
+
+/// A thread that blocks the stop signal: the load fails within its
+/// deadline, naming the thread, and nothing changed.
+#[test]
+fn a_thread_blocking_the_stop_signal_fails_the_load_naming_it() {
+    let _serial = support::serial();
+    let a_so = support::patch(A);
+    let before = state();
+    let (release, released) = mpsc::channel::<()>();
+    let (ready, is_ready) = mpsc::channel::<()>();
+    let blocker = std::thread::Builder::new()
+        .name("blocks-stop".into())
+        .spawn(move || {
+            // SAFETY: a zeroed sigset_t is a valid value to fill; this
+            // thread changes only its own signal mask.
+            unsafe {
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut set);
+                libc::sigaddset(&mut set, hotpatch::hook::signal());
+                libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            }
+            ready.send(()).unwrap();
+            let _ = released.recv();
+        })
+        .unwrap();
+    is_ready.recv().unwrap();
+    let err = hotpatch::Loader::new()
+        .deadline(Duration::from_millis(300))
+        .load(&a_so)
+        .unwrap_err();
+    release.send(()).unwrap();
+    blocker.join().unwrap();
+    match &err {
+        Error::HookRefused {
+            function,
+            reason: hotpatch::hook::Reason::NotStopped(threads),
+            ..
+        } => {
+            assert_eq!(function, PRICE);
+            assert!(
+                threads
+                    .iter()
+                    .any(|(t, blocks)| *blocks && t.to_string().contains("blocks-stop")),
+                "{err}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(state(), before, "nothing changed");
 }
 
 /// Everything that can be compared after a failed operation.

@@ -724,3 +724,125 @@ fn compatible(ours: &Entry, theirs: &[crate::abi::TypeLayout]) -> Result<(), Ref
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU64;
+
+    use super::*;
+    use crate::manifest::HookRecord;
+    use crate::slot::Slot;
+
+    #[inline(never)]
+    fn marked(x: u64) -> u64 {
+        std::hint::black_box(x) ^ 0x55
+    }
+
+    #[inline(never)]
+    fn unmarked(x: u64) -> u64 {
+        std::hint::black_box(x).wrapping_mul(7)
+    }
+
+    fn replacement(x: u64) -> u64 {
+        x
+    }
+
+    static SLOT: Slot = Slot::new(marked as *const ());
+    static PANICS: AtomicU64 = AtomicU64::new(0);
+
+    /// A registry whose one patchable function is `marked` (its original).
+    fn registry() -> Registry {
+        let entry = Entry {
+            path: "t::marked",
+            signature: "fn marked(x: u64) -> u64",
+            fingerprint: 1,
+            layouts: &[],
+            slot: &SLOT,
+            original: FnAddr::new(marked as *const ()),
+            wrapper: FnAddr::new(marked as *const ()),
+            dispatcher: FnAddr::new(marked as *const ()),
+            counted: FnAddr::new(marked as *const ()),
+        };
+        Registry::new(Box::leak(Box::new([entry])))
+    }
+
+    fn hooking(targets: &[(usize, &'static str)]) -> Checked {
+        Checked {
+            name: "t".into(),
+            version: "1".into(),
+            description: String::new(),
+            functions: Vec::new(),
+            hooks: targets
+                .iter()
+                .map(|&(target, path)| HookRecord {
+                    target,
+                    code: FnAddr::new(replacement as *const ()),
+                    entry: &[],
+                    path,
+                })
+                .collect(),
+            slot_refs: &[],
+            panics: &PANICS,
+            init: None,
+        }
+    }
+
+    /// A patch may not hook a `#[patchable]` function: it is replaced
+    /// through its slot, and the refusal names it.
+    #[test]
+    fn hooking_a_patchable_function_is_refused_naming_it() {
+        let plan = registry().plan(1, &hooking(&[(marked as *const () as usize, "t::alias")]));
+        match plan {
+            Err(Refusal::HookOfPatchable {
+                function,
+                patchable,
+            }) => assert_eq!(
+                (function.as_str(), patchable.as_str()),
+                ("t::alias", "t::marked")
+            ),
+            Err(other) => panic!("{other:?}"),
+            Ok(_) => panic!("planned"),
+        }
+    }
+
+    /// One function hooked twice by one patch is refused.
+    #[test]
+    fn a_function_hooked_twice_is_refused() {
+        let f = unmarked as *const () as usize;
+        let plan = registry().plan(1, &hooking(&[(f, "t::unmarked"), (f, "t::unmarked")]));
+        assert!(
+            matches!(&plan, Err(Refusal::DuplicateTarget { function }) if function == "t::unmarked"),
+            "{:?}",
+            plan.err()
+        );
+    }
+
+    /// A target that is not the start of a function of the executable is
+    /// refused, naming the function; an unmarked function's start plans
+    /// (nothing written: not listed).
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    #[test]
+    fn a_target_must_start_a_function() {
+        let registry = registry();
+        let plan = registry.plan(
+            1,
+            &hooking(&[(unmarked as *const () as usize + 1, "t::unmarked")]),
+        );
+        assert!(
+            matches!(&plan, Err(Refusal::Hook { function, reason: crate::hook::Reason::NotFound { .. } })
+                if function == "t::unmarked"),
+            "{:?}",
+            plan.err()
+        );
+        let plan = registry
+            .plan(
+                1,
+                &hooking(&[(unmarked as *const () as usize, "t::unmarked")]),
+            )
+            .map_err(|e| format!("{e:?}"))
+            .unwrap();
+        assert_eq!(plan.functions(), ["t::unmarked"]);
+        assert!(plan.replacements().is_empty(), "nothing installed yet");
+        assert!(registry.functions(&[]).iter().all(|f| !f.hooked));
+    }
+}

@@ -28,6 +28,7 @@ pub const V1: &str = "fixture-patch-replace-v1";
 pub const V2: &str = "fixture-patch-replace-v2";
 pub const BAD_RUSTC: &str = "fixture-patch-bad-rustc";
 pub const WATCH_PANIC: &str = "fixture-patch-watch-panic";
+pub const HOOK: &str = "fixture-patch-hook-a";
 
 /// A guard against hangs only: nothing here asserts on time.
 pub const GUARD: Duration = Duration::from_secs(30);
@@ -45,7 +46,10 @@ pub fn profile() -> &'static str {
 pub fn built() -> &'static PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        hotpatch_test_support::nested_build(&[SERVICE, BASIC, V1, V2, BAD_RUSTC, WATCH_PANIC], &[])
+        hotpatch_test_support::nested_build(
+            &[SERVICE, BASIC, V1, V2, BAD_RUSTC, WATCH_PANIC, HOOK],
+            &[],
+        )
     })
 }
 
