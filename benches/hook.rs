@@ -149,5 +149,64 @@ fn hook_call(c: &mut Criterion) {
     patch.revert().expect("revert");
 }
 
-criterion_group!(benches, hook_pause, hook_call);
+/// Apply and revert of a one-function hooked patch (`bench-hook-patch`:
+/// `bench_svc::direct`, not patchable, hooked with the same body) through
+/// the loader: the apply checks the record, writes the entry jump under a
+/// stop of every thread and switches the slot; the revert switches back
+/// and writes the original bytes back under another stop. The same bytes
+/// each time (the library is reused after the first load), one thread
+/// calling `direct` in a loop meanwhile. Each sample's median is what
+/// criterion reports; the pauses are in the events (not timed here).
+fn hook_apply(c: &mut Criterion) {
+    let dir =
+        std::env::temp_dir().join(format!("hotpatch-bench-hook-apply-{}", std::process::id()));
+    let so = support::patch(&dir, "bench-hook-patch");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let caller = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let direct: fn(u64) -> u64 = black_box(bench_svc::direct);
+            let mut i = 0u64;
+            // Relaxed: a stop flag; nothing is published through it.
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                black_box(direct(black_box(i)));
+                i += 1;
+            }
+        })
+    };
+    let loader = hotpatch::Loader::new().allow_insecure_permissions();
+    let mut g = c.benchmark_group("hook_apply");
+    g.sample_size(20);
+    g.bench_function("apply", |b| {
+        b.iter_custom(|n| {
+            let mut total = Duration::ZERO;
+            for _ in 0..n {
+                let start = Instant::now();
+                let p = loader.load(&so).expect("load bench-hook-patch");
+                total += start.elapsed();
+                loader.revert(p).expect("revert");
+            }
+            total
+        })
+    });
+    g.bench_function("revert", |b| {
+        b.iter_custom(|n| {
+            let mut total = Duration::ZERO;
+            for _ in 0..n {
+                let p = loader.load(&so).expect("load bench-hook-patch");
+                let start = Instant::now();
+                loader.revert(p).expect("revert");
+                total += start.elapsed();
+            }
+            total
+        })
+    });
+    g.finish();
+    // Relaxed: see the loop.
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    caller.join().expect("caller");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+criterion_group!(benches, hook_pause, hook_call, hook_apply);
 criterion_main!(benches);
