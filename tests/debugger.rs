@@ -1,0 +1,180 @@
+//! A debugger sees patch code mapped by hotpatch's own loader (issue 22):
+//! the loader registers each near-mapped patch through the GDB JIT
+//! interface, so gdb attached to a patched process names the patch's
+//! functions and unwinds through their frames into the host's.
+//!
+//! The process is a child run of this test binary: it loads a real thin
+//! patch near its executable and calls a replacement that parks in patch
+//! code (`tests/fixtures/patch-debugger`); gdb (the Debian package `gdb`,
+//! which `.ci/run` installs) attaches to it. Without gdb the test fails.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::channel;
+use std::time::{Duration, Instant};
+
+use object::{Object, ObjectSymbol};
+
+const PATCH: &str = "fixture-patch-debugger";
+const CHILD: &str = "HOTPATCH_DEBUGGER_TEST_CHILD";
+/// A guard against hangs only: nothing here asserts on time.
+const GUARD: Duration = Duration::from_secs(120);
+
+/// Kills the child when the test ends, however it ends.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The address of the patch's function `park` relative to its load bias,
+/// from the patch file's own symbol table.
+fn park_offset(so: &std::path::Path) -> u64 {
+    let bytes = std::fs::read(so).unwrap();
+    let file = object::File::parse(&*bytes).unwrap();
+    let park: Vec<u64> = file
+        .symbols()
+        .filter(|s| {
+            s.name()
+                .is_ok_and(|n| n.contains("22fixture_patch_debugger4park"))
+        })
+        .map(|s| s.address())
+        .collect();
+    assert_eq!(park.len(), 1, "one `park` in the patch's symbol table");
+    park[0]
+}
+
+/// Runs `gdb -batch` attached to `pid` with `commands`; returns what it
+/// printed (stdout and stderr).
+fn gdb(pid: u32, commands: &[String]) -> String {
+    let mut cmd = Command::new("gdb");
+    cmd.args(["-batch", "-nx", "-iex", "set debuginfod enabled off", "-p"])
+        .arg(pid.to_string());
+    for c in commands {
+        cmd.arg("-ex").arg(c);
+    }
+    let mut gdb = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("cannot run gdb ({e}): this test needs the Debian package `gdb`")
+        });
+    let start = Instant::now();
+    while gdb.try_wait().unwrap().is_none() {
+        if start.elapsed() > GUARD {
+            let _ = gdb.kill();
+            panic!("gdb did not finish");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = gdb.wait_with_output().unwrap();
+    format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// gdb attached to a process stopped in near-mapped patch code names the
+/// patch function at its address (`info symbol`) and in the backtrace,
+/// and unwinds through the patch's frames to the host's caller.
+#[test]
+fn gdb_names_patch_code_and_unwinds_through_it() {
+    const NAME: &str = "gdb_names_patch_code_and_unwinds_through_it";
+    if std::env::var_os(CHILD).is_some() {
+        let _serial = support::serial();
+        let patch = hotpatch::load(support::patch(PATCH)).unwrap();
+        let hotpatch::Placement::Near { address, .. } = *patch.placement() else {
+            panic!("not placed near: {}", patch.placement());
+        };
+        println!("placed at {address:#x}");
+        // Never returns: the parent kills this process.
+        let sum = svc::add(1, 2);
+        println!("NOT PARKED: {sum}");
+        patch.revert().unwrap();
+        return;
+    }
+    match Command::new("gdb").arg("--version").output() {
+        Ok(out) if out.status.success() => {}
+        other => panic!(
+            "gdb does not run ({other:?}): this test needs the Debian package `gdb` \
+             (`apt-get install gdb`; .ci/run installs it)"
+        ),
+    }
+    let so = support::patch(PATCH);
+    let offset = park_offset(&so);
+    let mut child = Killed(
+        Command::new(std::env::current_exe().unwrap())
+            .args([NAME, "--exact", "--nocapture", "--test-threads=1"])
+            .env(CHILD, "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("run the test binary"),
+    );
+    let (tx, rx) = channel();
+    let stdout = child.0.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut base = None;
+    loop {
+        let line = rx
+            .recv_timeout(GUARD)
+            .expect("the child parks in patch code");
+        // libtest's own "test NAME ... " may start the line.
+        if let Some((_, at)) = line.split_once("placed at 0x") {
+            base = Some(u64::from_str_radix(at.trim(), 16).unwrap());
+        }
+        if line == "parked in patch code" {
+            break;
+        }
+        assert!(!line.starts_with("NOT PARKED"), "{line}");
+    }
+    let park = base.expect("the child said where the patch is") + offset;
+    let out = gdb(
+        child.0.id(),
+        &[
+            format!("info symbol {park:#x}"),
+            "thread apply all bt".into(),
+        ],
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("fixture_patch_debugger::park in section")),
+        "`info symbol` names the patch function at {park:#x}:\n{out}"
+    );
+    // The parked thread's backtrace: the patch's frame, then frames of
+    // the host down to the test function that called `svc::add`.
+    let thread = out
+        .split("\nThread ")
+        .find(|t| t.contains("fixture_patch_debugger::park"))
+        .unwrap_or_else(|| panic!("no backtrace shows the patch function:\n{out}"));
+    let frames: Vec<&str> = thread.lines().filter(|l| l.starts_with('#')).collect();
+    let at = frames
+        .iter()
+        .position(|f| f.contains("fixture_patch_debugger::park"))
+        .unwrap();
+    let caller = frames
+        .iter()
+        .position(|f| f.contains(&format!("debugger::{NAME}")))
+        .unwrap_or_else(|| panic!("the backtrace does not reach the host's caller:\n{thread}"));
+    assert!(at < caller, "{thread}");
+    assert!(
+        frames[at..=caller].iter().all(|f| !f.contains("?? ()")),
+        "every frame from the patch to the caller is named:\n{thread}"
+    );
+}
