@@ -15,7 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::channel;
 use std::time::{Duration, Instant};
 
-use object::{Object, ObjectSymbol};
+use object::{Object, ObjectSection, ObjectSymbol};
 
 const PATCH: &str = "fixture-patch-debugger";
 const CHILD: &str = "HOTPATCH_DEBUGGER_TEST_CHILD";
@@ -154,14 +154,18 @@ fn gdb_names_patch_code_and_unwinds_through_it() {
     );
     assert!(
         out.lines()
-            .any(|l| l.starts_with("fixture_patch_debugger::park in section")),
+            .any(|l| l.starts_with("fixture_patch_debugger::park")
+                && l.contains(" in section .text of <in-memory@")),
         "`info symbol` names the patch function at {park:#x}:\n{out}"
     );
     // The parked thread's backtrace: the patch's frame, then frames of
     // the host down to the test function that called `svc::add`.
     let thread = out
         .split("\nThread ")
-        .find(|t| t.contains("fixture_patch_debugger::park"))
+        .find(|t| {
+            t.lines()
+                .any(|l| l.starts_with('#') && l.contains("fixture_patch_debugger::park"))
+        })
         .unwrap_or_else(|| panic!("no backtrace shows the patch function:\n{out}"));
     let frames: Vec<&str> = thread.lines().filter(|l| l.starts_with('#')).collect();
     let at = frames
@@ -177,4 +181,117 @@ fn gdb_names_patch_code_and_unwinds_through_it() {
         frames[at..=caller].iter().all(|f| !f.contains("?? ()")),
         "every frame from the patch to the caller is named:\n{thread}"
     );
+}
+
+/// `struct jit_code_entry` and `struct jit_descriptor` of the GDB manual.
+#[repr(C)]
+struct CodeEntry {
+    next_entry: *const CodeEntry,
+    prev_entry: *const CodeEntry,
+    symfile_addr: *const u8,
+    symfile_size: u64,
+}
+
+#[repr(C)]
+struct Descriptor {
+    version: u32,
+    action_flag: u32,
+    relevant_entry: *const CodeEntry,
+    first_entry: *const CodeEntry,
+}
+
+unsafe extern "C" {
+    /// The runtime's descriptor, which this binary exports.
+    static __jit_debug_descriptor: Descriptor;
+}
+
+/// The in-memory files of the debugger's list, walked from
+/// `first_entry` as a debugger does.
+fn listed() -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    // SAFETY: read while no load or reclaim runs (the test holds the
+    // serial lock and runs none meanwhile): every linked entry and its
+    // file are live.
+    unsafe {
+        let d = &raw const __jit_debug_descriptor;
+        assert_eq!((*d).version, 1);
+        let mut e = (*d).first_entry;
+        while !e.is_null() {
+            out.push(
+                std::slice::from_raw_parts((*e).symfile_addr, (*e).symfile_size as usize).to_vec(),
+            );
+            e = (*e).next_entry;
+        }
+    }
+    out
+}
+
+/// A near-mapped patch is in the debugger's list while it is mapped: an
+/// ELF file whose functions are at the addresses the patch runs at (its
+/// load bias plus each symbol's value in the patch file), with its
+/// `.eh_frame` as mapped; `reclaim` takes it out. `Loader::debugger(false)`
+/// registers nothing.
+#[test]
+fn a_near_patch_is_listed_for_debuggers_until_reclaimed() {
+    let _serial = support::serial();
+    let so = support::copy_to_temp(&support::patch("fixture-patch-basic"), "listed-basic.so");
+    let before = listed().len();
+    let patch = hotpatch::load(&so).unwrap();
+    let hotpatch::Placement::Near { address, size } = *patch.placement() else {
+        panic!("not placed near: {}", patch.placement());
+    };
+    let files = listed();
+    assert_eq!(files.len(), before + 1, "one file more");
+    let file = object::File::parse(&*files[0]).expect("an ELF file, newest first");
+
+    // Every function of the patch file, at its runtime address and size.
+    let bytes = std::fs::read(&so).unwrap();
+    let patch_file = object::File::parse(&*bytes).unwrap();
+    let expected: std::collections::BTreeSet<(String, u64, u64)> = patch_file
+        .symbols()
+        .filter(|s| s.kind() == object::SymbolKind::Text && s.size() > 0 && !s.is_undefined())
+        .map(|s| {
+            (
+                s.name().unwrap().to_owned(),
+                address + s.address(),
+                s.size(),
+            )
+        })
+        .collect();
+    let described: std::collections::BTreeSet<(String, u64, u64)> = file
+        .symbols()
+        .map(|s| (s.name().unwrap().to_owned(), s.address(), s.size()))
+        .collect();
+    assert!(
+        expected
+            .iter()
+            .any(|(n, ..)| n.contains("__hotpatch_entry_answer")),
+        "{expected:?}"
+    );
+    assert_eq!(described, expected);
+    for (name, at, len) in &described {
+        assert!(
+            *at >= address && at + len <= address + size,
+            "{name} at {at:#x} is in the patch's mapping"
+        );
+    }
+    let eh_frame = file.section_by_name(".eh_frame").expect("its unwind table");
+    let mapped = patch_file.section_by_name(".eh_frame").unwrap();
+    assert_eq!(eh_frame.address(), address + mapped.address());
+    assert_eq!(eh_frame.data().unwrap(), mapped.data().unwrap());
+
+    patch.revert().unwrap();
+    assert_eq!(listed().len(), before + 1, "reverted, still mapped: listed");
+    // SAFETY: no thread of this test binary keeps anything from the patch.
+    let done = unsafe { hotpatch::Loader::new().reclaim() }.unwrap();
+    assert!(done.closed >= 1, "{done:?}");
+    assert_eq!(listed().len(), before, "unmapped: out of the list");
+
+    let off = support::copy_to_temp(&support::patch("fixture-patch-stack-a"), "unlisted-a.so");
+    let patch = hotpatch::Loader::new().debugger(false).load(&off).unwrap();
+    assert!(patch.placement().is_near(), "{}", patch.placement());
+    assert_eq!(listed().len(), before, "not registered when turned off");
+    patch.revert().unwrap();
+    // SAFETY: as above.
+    unsafe { hotpatch::Loader::new().reclaim() }.unwrap();
 }
