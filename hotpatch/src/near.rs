@@ -27,15 +27,29 @@
 //! 6. register its `.eh_frame` with the unwinder (`__register_frame`), so a
 //!    panic in patch code unwinds through it into the host's
 //!    `catch_unwind`;
-//! 7. run its initialisers (`DT_INIT`, `DT_INIT_ARRAY`);
-//! 8. if asked ([`Loader::perf_map`](crate::Loader::perf_map)), write its
+//! 7. unless turned off ([`Loader::debugger`](crate::Loader::debugger)),
+//!    register it with debuggers through the GDB JIT interface ([`jit`]):
+//!    a small in-memory ELF file of its functions at their runtime
+//!    addresses and its `.eh_frame`, so gdb names patch frames and
+//!    unwinds through them (taken out of the list by [`NearImage::close`]
+//!    before the unmap); a file that cannot be built is logged, and the
+//!    load goes on;
+//! 8. run its initialisers (`DT_INIT`, `DT_INIT_ARRAY`);
+//! 9. if asked ([`Loader::perf_map`](crate::Loader::perf_map)), write its
 //!    functions to `/tmp/perf-<pid>.map`, so `perf` can name patch code.
+//!
+//! std's backtraces (`std::backtrace`, the panic hook's) still cannot name
+//! patch frames: std reads symbols from the files `dl_iterate_phdr`
+//! lists, and this mapping is not one, so they show `<unknown>` (the
+//! unwinder walks through them to the host's frames). gdb and the perf
+//! map name them.
 //!
 //! Anything else (thread-locals, another relocation type, text
 //! relocations, a missing symbol, no free range near the executable) is
 //! a [`NearRefusal`], and the loader falls back to `dlopen`, saying why
-//! ([`Placement::Dlopen`](crate::Placement)). Everything up to step 7 can
-//! fail and be undone (unmapped) without any code of the patch having run.
+//! ([`Placement::Dlopen`](crate::Placement)). Everything up to step 6 can
+//! fail and be undone (unmapped) without any code of the patch having run;
+//! step 7 never fails the load.
 
 use std::ffi::{CString, c_void};
 use std::fs::File;

@@ -45,8 +45,8 @@
 //! - a shared library (`libLLVM.so`): if the executable exports its
 //!   symbols (`-rdynamic`), the dynamic loader binds the library's uses of
 //!   the names to the executable's definitions, so again one list;
-//!   otherwise each object has its own pair, and gdb, which looks for the
-//!   pair in every object file, reads both lists.
+//!   otherwise each object has its own pair: gdb (10 and later) reads the
+//!   pair of every object file, lldb only the first pair it finds.
 //!
 //! One list written by two runtimes is guarded by two locks: a load of a
 //! patch at the same time as the other JIT registers code could lose one
