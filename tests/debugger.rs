@@ -158,8 +158,10 @@ fn gdb_names_patch_code_and_unwinds_through_it() {
                 && l.contains(" in section .text of <in-memory@")),
         "`info symbol` names the patch function at {park:#x}:\n{out}"
     );
-    // The parked thread's backtrace: the patch's frame, then frames of
-    // the host down to the test function that called `svc::add`.
+    // The parked thread's backtrace: the patch's frames, then the host's
+    // down to libtest's frame that called the test function (the test
+    // function and `svc::add` itself are inlined into it in a release
+    // build), then to the thread's start.
     let thread = out
         .split("\nThread ")
         .find(|t| {
@@ -168,18 +170,18 @@ fn gdb_names_patch_code_and_unwinds_through_it() {
         })
         .unwrap_or_else(|| panic!("no backtrace shows the patch function:\n{out}"));
     let frames: Vec<&str> = thread.lines().filter(|l| l.starts_with('#')).collect();
-    let at = frames
-        .iter()
-        .position(|f| f.contains("fixture_patch_debugger::park"))
-        .unwrap();
-    let caller = frames
-        .iter()
-        .position(|f| f.contains(&format!("debugger::{NAME}")))
+    let position = |what: &str| frames.iter().position(|f| f.contains(what));
+    let at = position("fixture_patch_debugger::park").unwrap();
+    let entry = position("fixture_patch_debugger::__hotpatch_entry_add")
+        .unwrap_or_else(|| panic!("the patch's entry is named:\n{thread}"));
+    let caller = position("__rust_begin_short_backtrace")
         .unwrap_or_else(|| panic!("the backtrace does not reach the host's caller:\n{thread}"));
-    assert!(at < caller, "{thread}");
+    let start = position("start_thread")
+        .unwrap_or_else(|| panic!("the backtrace does not reach the thread's start:\n{thread}"));
+    assert!(at < entry && entry < caller && caller < start, "{thread}");
     assert!(
-        frames[at..=caller].iter().all(|f| !f.contains("?? ()")),
-        "every frame from the patch to the caller is named:\n{thread}"
+        frames[at..=start].iter().all(|f| !f.contains("?? ()")),
+        "every frame from the patch to the thread's start is named:\n{thread}"
     );
 }
 
@@ -294,4 +296,61 @@ fn a_near_patch_is_listed_for_debuggers_until_reclaimed() {
     patch.revert().unwrap();
     // SAFETY: as above.
     unsafe { hotpatch::Loader::new().reclaim() }.unwrap();
+}
+
+/// What registering with debuggers adds to a load and to a reclaim: fresh
+/// copies of a patch (one byte appended, so each is a new library, mapped
+/// and registered anew), loaded with registration on and off in turn, each
+/// reverted and reclaimed. Prints the medians; asserts nothing about time.
+/// `cargo test --release --test debugger -- --ignored --nocapture load_cost`
+#[test]
+#[ignore]
+fn load_cost_of_the_debugger_registration() {
+    let _serial = support::serial();
+    // Keeps fixture-many's functions (fixture-patch-many's targets) in
+    // this binary.
+    std::hint::black_box(many::ALL);
+    const ROUNDS: usize = 200;
+    for package in ["fixture-patch-basic", "fixture-patch-many"] {
+        let bytes = std::fs::read(support::patch(package)).unwrap();
+        let mut times = [(Vec::new(), Vec::new()), (Vec::new(), Vec::new())];
+        let before = listed().len();
+        for i in 0..ROUNDS * 2 {
+            let on = i % 2 == 0;
+            let mut copy = bytes.clone();
+            copy.extend_from_slice(&(i as u64).to_le_bytes());
+            let so = support::write_temp("cost.so", &copy);
+            let start = Instant::now();
+            let patch = hotpatch::Loader::new().debugger(on).load(&so).unwrap();
+            let load = start.elapsed();
+            assert!(patch.placement().is_near(), "{}", patch.placement());
+            assert_eq!(listed().len(), before + usize::from(on));
+            patch.revert().unwrap();
+            let start = Instant::now();
+            // SAFETY: no thread of this test binary keeps anything from
+            // the patch.
+            let done = unsafe { hotpatch::Loader::new().reclaim() }.unwrap();
+            let reclaim = start.elapsed();
+            assert_eq!(done.closed, 1);
+            assert_eq!(listed().len(), before);
+            times[usize::from(on)].0.push(load);
+            times[usize::from(on)].1.push(reclaim);
+        }
+        let median = |v: &mut Vec<Duration>| {
+            v.sort();
+            v[v.len() / 2]
+        };
+        let [
+            (mut load_off, mut reclaim_off),
+            (mut load_on, mut reclaim_on),
+        ] = times;
+        println!(
+            "{package}: load median {:?} registered, {:?} not; reclaim median {:?} registered, \
+             {:?} not ({ROUNDS} each, interleaved)",
+            median(&mut load_on),
+            median(&mut load_off),
+            median(&mut reclaim_on),
+            median(&mut reclaim_off),
+        );
+    }
 }

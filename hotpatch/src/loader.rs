@@ -230,10 +230,11 @@ impl Loader {
     /// gdb (or lldb) attached to the service names its functions and
     /// unwinds through their frames; it is taken out of the list when
     /// [`reclaim`](Self::reclaim) unmaps it. It costs one small in-memory
-    /// ELF file per load (the patch's function names and unwind table). A
-    /// patch opened by `dlopen` is seen by debuggers anyway. If it cannot
-    /// be registered, the load goes on and a `tracing` warning says
-    /// debuggers will not see it.
+    /// ELF file per load (the patch's function names and unwind table).
+    /// If it cannot be registered, the load goes on and a `tracing`
+    /// warning says debuggers will not see it. A patch opened by `dlopen`
+    /// (see [`near`](Self::near)) is not registered here (the dynamic
+    /// loader lists it).
     ///
     /// Turn it off in a process where another JIT (LLVM's, wasmtime's)
     /// registers code in the same list: each runtime guards the list with
