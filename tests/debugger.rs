@@ -354,3 +354,23 @@ fn load_cost_of_the_debugger_registration() {
         );
     }
 }
+
+/// A file that cannot be built for the debugger (simulated with the
+/// `load::debugger` failpoint) does not fail the load: the patch is placed
+/// near, applied and works, and only the debugger's list lacks it.
+#[test]
+fn a_failed_registration_does_not_fail_the_load() {
+    let _serial = support::serial();
+    let so = support::copy_to_temp(&support::patch("fixture-patch-stack-b"), "unbuilt-b.so");
+    let before = listed().len();
+    let patch = {
+        let _fail = fail::FailGuard::new("load::debugger", "return").unwrap();
+        hotpatch::load(&so).unwrap()
+    };
+    assert!(patch.placement().is_near(), "{}", patch.placement());
+    assert_eq!(svc::add(1, 2), 2003, "applied");
+    assert_eq!(listed().len(), before, "not in the debugger's list");
+    patch.revert().unwrap();
+    // SAFETY: no thread of this test binary keeps anything from the patch.
+    unsafe { hotpatch::Loader::new().reclaim() }.unwrap();
+}

@@ -745,7 +745,14 @@ fn register_with_debugger(
             .map(|(vaddr, size, name)| (base + vaddr, *size, name.as_bytes()))
             .collect(),
     };
-    match jit::symfile(&described) {
+    let built = || -> Result<Vec<u8>, String> {
+        #[cfg(feature = "failpoints")]
+        fail::fail_point!("load::debugger", |_| Err(
+            "injected by the load::debugger failpoint".into()
+        ));
+        jit::symfile(&described).map_err(|e| e.to_string())
+    };
+    match built() {
         Ok(file) => Some(jit::Registration::new(file)),
         Err(_e) => {
             #[cfg(feature = "control")]
