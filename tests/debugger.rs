@@ -90,6 +90,10 @@ fn gdb_names_patch_code_and_unwinds_through_it() {
     const NAME: &str = "gdb_names_patch_code_and_unwinds_through_it";
     if std::env::var_os(CHILD).is_some() {
         let _serial = support::serial();
+        // Under Yama's ptrace_scope 1 only an ancestor may attach, and gdb
+        // is this process's sibling: allow any (EINVAL without Yama).
+        // SAFETY: prctl with these arguments only changes that setting.
+        unsafe { libc::prctl(libc::PR_SET_PTRACER, libc::PR_SET_PTRACER_ANY, 0, 0, 0) };
         let patch = hotpatch::load(support::patch(PATCH)).unwrap();
         let hotpatch::Placement::Near { address, .. } = *patch.placement() else {
             panic!("not placed near: {}", patch.placement());
