@@ -238,8 +238,8 @@ impl Loader {
     ///
     /// Turn it off in a process where another JIT (LLVM's, wasmtime's)
     /// registers code in the same list: each runtime guards the list with
-    /// its own lock (see [`internals`](crate::internals), "Near
-    /// placement"). std's own backtraces cannot name patch frames either
+    /// its own lock, so two changes at the same instant can corrupt it
+    /// (see [`internals`](crate::internals), "Near placement"). std's own backtraces cannot name patch frames either
     /// way (std reads symbols from the files the dynamic loader lists);
     /// gdb and the perf map ([`perf_map`](Self::perf_map)) can.
     ///

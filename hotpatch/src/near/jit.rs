@@ -48,11 +48,12 @@
 //!   otherwise each object has its own pair: gdb (10 and later) reads the
 //!   pair of every object file, lldb only the first pair it finds.
 //!
-//! One list written by two runtimes is guarded by two locks: a load of a
-//! patch at the same time as the other JIT registers code could lose one
-//! of the two entries from the list (the debugger then misses that code;
-//! nothing else reads the list). A service that JITs code this way can
-//! turn registration off ([`Loader::debugger`](crate::Loader::debugger)).
+//! One list written by two runtimes is guarded by two locks: a load or
+//! reclaim of a patch at the same instant as the other JIT changes the
+//! list can corrupt it (an entry lost, and a later removal then writing
+//! through a pointer to an entry the other runtime has freed). A service
+//! that JITs code this way turns registration off
+//! ([`Loader::debugger`](crate::Loader::debugger)).
 
 use std::cell::UnsafeCell;
 use std::ptr;
