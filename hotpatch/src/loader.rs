@@ -36,12 +36,13 @@ pub struct Loader {
     near: Near,
 }
 
-/// The near loader's options (see [`Loader::near`] and
-/// [`Loader::perf_map`]).
+/// The near loader's options (see [`Loader::near`],
+/// [`Loader::perf_map`] and [`Loader::debugger`]).
 #[derive(Clone, Copy, Debug)]
 struct Near {
     on: bool,
     perf_map: bool,
+    debugger: bool,
 }
 
 impl Default for Loader {
@@ -52,6 +53,7 @@ impl Default for Loader {
             near: Near {
                 on: true,
                 perf_map: std::env::var_os("HOTPATCH_PERF_MAP").is_some_and(|v| v == "1"),
+                debugger: true,
             },
         }
     }
@@ -220,6 +222,36 @@ impl Loader {
     /// ```
     pub fn perf_map(mut self, write: bool) -> Self {
         self.near.perf_map = write;
+        self
+    }
+
+    /// Whether a patch mapped near the executable is registered with
+    /// debuggers through the GDB JIT interface (default: yes), so that
+    /// gdb (or lldb) attached to the service names its functions and
+    /// unwinds through their frames; it is taken out of the list when
+    /// [`reclaim`](Self::reclaim) unmaps it. It costs one small in-memory
+    /// ELF file per load (the patch's function names and unwind table).
+    /// If it cannot be registered, the load goes on and a `tracing`
+    /// warning says debuggers will not see it. A patch opened by `dlopen`
+    /// (see [`near`](Self::near)) is not registered here (the dynamic
+    /// loader lists it).
+    ///
+    /// Turn it off in a process where another JIT (LLVM's, wasmtime's)
+    /// registers code in the same list: each runtime guards the list with
+    /// its own lock, so two changes at the same instant can corrupt it
+    /// (see [`internals`](crate::internals), "Near placement"). std's own backtraces cannot name patch frames either
+    /// way (std reads symbols from the files the dynamic loader lists);
+    /// gdb and the perf map ([`perf_map`](Self::perf_map)) can.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// // This service also runs an LLVM JIT registered with gdb.
+    /// let patch = hotpatch::Loader::new().debugger(false).load("fix.so")?;
+    /// # Ok::<(), hotpatch::Error>(())
+    /// ```
+    pub fn debugger(mut self, register: bool) -> Self {
+        self.near.debugger = register;
         self
     }
 
@@ -564,7 +596,7 @@ fn open(
         // SAFETY: mapping the patch runs its initialisers. The patch is
         // code the operator chose to load (see the crate docs, "Safety
         // model"); `copy` is the sealed private copy of exactly `bytes`.
-        unsafe { near::open(&copy.file, bytes, near.perf_map) }
+        unsafe { near::open(&copy.file, bytes, near.perf_map, near.debugger) }
     } else {
         Err(NearRefusal::Off)
     };

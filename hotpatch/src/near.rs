@@ -27,15 +27,29 @@
 //! 6. register its `.eh_frame` with the unwinder (`__register_frame`), so a
 //!    panic in patch code unwinds through it into the host's
 //!    `catch_unwind`;
-//! 7. run its initialisers (`DT_INIT`, `DT_INIT_ARRAY`);
-//! 8. if asked ([`Loader::perf_map`](crate::Loader::perf_map)), write its
+//! 7. unless turned off ([`Loader::debugger`](crate::Loader::debugger)),
+//!    register it with debuggers through the GDB JIT interface ([`jit`]):
+//!    a small in-memory ELF file of its functions at their runtime
+//!    addresses and its `.eh_frame`, so gdb names patch frames and
+//!    unwinds through them (taken out of the list by [`NearImage::close`]
+//!    before the unmap); a file that cannot be built is logged, and the
+//!    load goes on;
+//! 8. run its initialisers (`DT_INIT`, `DT_INIT_ARRAY`);
+//! 9. if asked ([`Loader::perf_map`](crate::Loader::perf_map)), write its
 //!    functions to `/tmp/perf-<pid>.map`, so `perf` can name patch code.
+//!
+//! std's backtraces (`std::backtrace`, the panic hook's) still cannot name
+//! patch frames: std reads symbols from the files `dl_iterate_phdr`
+//! lists, and this mapping is not one, so they show `<unknown>` (the
+//! unwinder walks through them to the host's frames). gdb and the perf
+//! map name them.
 //!
 //! Anything else (thread-locals, another relocation type, text
 //! relocations, a missing symbol, no free range near the executable) is
 //! a [`NearRefusal`], and the loader falls back to `dlopen`, saying why
-//! ([`Placement::Dlopen`](crate::Placement)). Everything up to step 7 can
-//! fail and be undone (unmapped) without any code of the patch having run.
+//! ([`Placement::Dlopen`](crate::Placement)). Everything up to step 6 can
+//! fail and be undone (unmapped) without any code of the patch having run;
+//! step 7 never fails the load.
 
 use std::ffi::{CString, c_void};
 use std::fs::File;
@@ -49,6 +63,8 @@ use object::read::elf::{Dyn, ElfFile64, FileHeader, ProgramHeader, Rela, Section
 use parking_lot::Mutex;
 
 use crate::image::Image;
+
+mod jit;
 
 /// Two GiB: the reach of a `rel32` call or `rip`-relative operand.
 pub(crate) const REACH: u64 = 1 << 31;
@@ -140,7 +156,8 @@ struct Plan {
     eh_frame: Option<(u64, u64)>,
     /// The manifest symbol's vaddr.
     manifest: Option<u64>,
-    /// Functions of the patch for the perf map: `(vaddr, size, name)`.
+    /// Functions of the patch, for the perf map and the debugger:
+    /// `(vaddr, size, mangled name)`.
     functions: Vec<(u64, u64, String)>,
 }
 
@@ -334,8 +351,8 @@ fn plan(bytes: &[u8]) -> Result<Plan, NearRefusal> {
     for r in &plan.relocs {
         check_reloc(&plan, r)?;
     }
-    // Named functions for the perf map (the static symbol table, which a
-    // thin patch keeps; none if it was stripped).
+    // Named functions for the perf map and the debugger (the static
+    // symbol table, which a thin patch keeps; none if it was stripped).
     if let Ok(symtab) = sections.symbols(endian, bytes, elf::SHT_SYMTAB) {
         for sym in symtab.symbols() {
             if sym.st_type() == elf::STT_FUNC
@@ -346,7 +363,7 @@ fn plan(bytes: &[u8]) -> Result<Plan, NearRefusal> {
                 plan.functions.push((
                     sym.st_value(endian),
                     sym.st_size(endian),
-                    crate::host::demangle(&String::from_utf8_lossy(name)),
+                    String::from_utf8_lossy(name).into_owned(),
                 ));
             }
         }
@@ -602,10 +619,13 @@ pub(crate) struct NearImage {
     fini: Vec<u64>,
     /// The manifest's address, if the patch exports one.
     pub manifest: Option<u64>,
+    /// Its entry in the debugger's list ([`jit`]), if registered.
+    debugger: Option<jit::Registration>,
 }
 
 /// Maps the patch `bytes` (held by the sealed private copy `copy`) near
-/// the executable, relocates it, registers its unwind tables and runs its
+/// the executable, relocates it, registers its unwind tables (and, if
+/// `debugger`, the patch itself with a debugger: [`jit`]) and runs its
 /// initialisers.
 ///
 /// # Safety
@@ -618,6 +638,7 @@ pub(crate) unsafe fn open(
     copy: &File,
     bytes: &[u8],
     perf_map: bool,
+    debugger: bool,
 ) -> Result<NearImage, NearRefusal> {
     let plan = plan(bytes)?;
     let values = resolve(&plan)?;
@@ -671,6 +692,9 @@ pub(crate) unsafe fn open(
     }
     let fini = fini_functions(&plan, base);
     let manifest = plan.manifest.map(|m| base + m);
+    let debugger = debugger
+        .then(|| register_with_debugger(&plan, base, eh_frame))
+        .flatten();
     images().lock().push((base, image));
     std::mem::forget(mapped);
     // SAFETY: the caller's contract: the operator chose to run this code.
@@ -685,7 +709,61 @@ pub(crate) unsafe fn open(
         eh_frame,
         fini,
         manifest,
+        debugger,
     })
+}
+
+/// Tells a debugger about the patch mapped at `base` ([`jit`]): its
+/// executable segments, its functions and its `.eh_frame` (at `eh_frame`,
+/// registered with the unwinder, so whole and terminated). Never fails a
+/// load: a file that cannot be built is logged, and the patch loads
+/// without it.
+fn register_with_debugger(
+    plan: &Plan,
+    base: u64,
+    eh_frame: Option<u64>,
+) -> Option<jit::Registration> {
+    let eh_frame = eh_frame.zip(plan.eh_frame).map(|(at, (_, size))| {
+        // SAFETY: the patch's `.eh_frame`, `size` bytes in a readable
+        // mapped segment (checked by `open`), mapped until `close`, which
+        // drops the registration first; read-only, so unchanged.
+        (at, unsafe {
+            std::slice::from_raw_parts(at as *const u8, size as usize)
+        })
+    });
+    let described = jit::Described {
+        code: plan
+            .segments
+            .iter()
+            .filter(|s| s.flags & elf::PF_X != 0)
+            .map(|s| (base + s.vaddr, s.memsz))
+            .collect(),
+        eh_frame,
+        functions: plan
+            .functions
+            .iter()
+            .map(|(vaddr, size, name)| (base + vaddr, *size, name.as_bytes()))
+            .collect(),
+    };
+    let built = || -> Result<Vec<u8>, String> {
+        #[cfg(feature = "failpoints")]
+        fail::fail_point!("load::debugger", |_| Err(
+            "injected by the load::debugger failpoint".into()
+        ));
+        jit::symfile(&described).map_err(|e| e.to_string())
+    };
+    match built() {
+        Ok(file) => Some(jit::Registration::new(file)),
+        Err(_e) => {
+            #[cfg(feature = "control")]
+            tracing::warn!(
+                address = base,
+                error = %_e,
+                "hotpatch: debuggers will not see this patch's functions"
+            );
+            None
+        }
+    }
 }
 
 /// Unmaps the reservation unless forgotten (on every error path of `open`).
@@ -956,6 +1034,8 @@ impl NearImage {
             unsafe { deregister(at as *const c_void) };
         }
         images().lock().retain(|(b, _)| *b != self.base);
+        // Out of the debugger's list before the code goes.
+        drop(self.debugger);
         // SAFETY: the caller's contract: nothing uses the mapping any more.
         unsafe { libc::munmap(self.base as *mut c_void, self.span as usize) };
     }
@@ -985,7 +1065,12 @@ fn write_perf_map(plan: &Plan, base: u64) {
         }
         let mut text = String::new();
         for (vaddr, size, name) in &plan.functions {
-            text.push_str(&format!("{:x} {:x} {}\n", base + vaddr, size, name));
+            text.push_str(&format!(
+                "{:x} {:x} {}\n",
+                base + vaddr,
+                size,
+                crate::host::demangle(name)
+            ));
         }
         file.write_all(text.as_bytes())
     };
