@@ -37,6 +37,9 @@ pub(super) struct Plan {
     /// Changed functions whose callers cannot all be patched, redirected
     /// at their entry instead (each is also in `included`: its new body).
     pub hooked: Vec<Hooked>,
+    /// Whether a changed function's callers could not all be patched, so
+    /// a hook was (or would be, with type information) considered.
+    pub considered_hooks: bool,
     /// Changed functions the deployed binary has no code of (symbol, and
     /// the crate that compiled them if not the library): nothing it runs
     /// needs them; copied only if patch code calls them.
@@ -398,5 +401,6 @@ pub(super) fn classify(
         callers,
         hooked,
         absent,
+        considered_hooks: !blocked.is_empty(),
     }
 }

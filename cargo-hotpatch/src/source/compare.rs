@@ -111,8 +111,8 @@ pub(super) struct OutsideObjects {
     pub base: Vec<(String, Vec<u8>)>,
     /// The same, head.
     pub head: Vec<(String, Vec<u8>)>,
-    /// The objects of their type information builds, base and head
-    /// (`coroutine`), if the wrapper made them.
+    /// The objects of their type-information builds, base and head
+    /// (`coroutine`), once made (`sides::type_builds`).
     pub types: Option<(Vec<(String, Vec<u8>)>, Vec<(String, Vec<u8>)>)>,
 }
 
@@ -171,17 +171,7 @@ pub(super) fn binary_crate(
             .collect()
     };
     let (bo, ho) = (read(base_exe)?, read(head_exe)?);
-    let read_types = |exe: &Path| -> Result<Vec<(String, Vec<u8>)>, BuildError> {
-        super::wrapper::bin_types_objects(exe)
-            .iter()
-            .map(|p| {
-                let bytes = std::fs::read(p).map_err(io(p.display()))?;
-                Ok((p.display().to_string(), bytes))
-            })
-            .collect()
-    };
-    let (bt, ht) = (read_types(base_exe)?, read_types(head_exe)?);
-    let types = (!bt.is_empty() && !ht.is_empty()).then_some((bt, ht));
+
     let (bm, hm) = (OutsideObjects::members(&bo), OutsideObjects::members(&ho));
     let b = Build::read(&bm).map_err(BuildError::Io)?;
     let h = Build::read(&hm).map_err(BuildError::Io)?;
@@ -198,7 +188,7 @@ pub(super) fn binary_crate(
             what: format!("the executable {name}'s own crate"),
             base: bo,
             head: ho,
-            types,
+            types: None,
         },
     ))
 }

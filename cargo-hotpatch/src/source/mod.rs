@@ -231,11 +231,30 @@ pub fn build_from_source(
         &outside,
         &mut bin_noise,
     )?);
-    // The libraries' builds with type information (`coroutine`), if the
-    // wrapper made them.
-    let types_rlibs = match (&base.types_rlib, &head.types_rlib) {
-        (Some(b), Some(h)) => Some((compare::Rlib::read(b)?, compare::Rlib::read(h)?)),
-        _ => None,
+    // Whether any changed function may be hooked: then the type
+    // information of both sides is built (`sides::type_builds`), for the
+    // async state machines a hook must keep; else no build pays for it.
+    let wants_hooks =
+        classify::classify(&b, &h, &host, &comparison, &head_src, None, &mut Vec::new())
+            .considered_hooks
+            || outsides.iter().any(|(changes, _)| !changes.is_empty());
+    let type_builds = match wants_hooks {
+        true => Some(sides::type_builds(
+            &ws,
+            opts,
+            &revs,
+            &trees,
+            base_bin.file_name().unwrap_or_default(),
+            progress,
+        )?),
+        false => None,
+    };
+    let types_rlibs = match &type_builds {
+        Some(t) => Some((
+            compare::Rlib::read(&t.lib.0)?,
+            compare::Rlib::read(&t.lib.1)?,
+        )),
+        None => None,
     };
     let types_builds = match &types_rlibs {
         Some((b, h)) => Some((b.objects()?, h.objects()?)),
@@ -243,6 +262,22 @@ pub fn build_from_source(
     };
     let types = types_builds.as_ref().map(|(b, h)| (b, h));
     let mut plan = classify::classify(&b, &h, &host, &comparison, &head_src, types, &mut refusals);
+    // The executable's own crate's type information, for its hooks.
+    if let (Some(t), Some((_, exe))) = (&type_builds, outsides.first_mut())
+        && !t.bin.0.is_empty()
+        && !t.bin.1.is_empty()
+    {
+        let read = |files: &[PathBuf]| -> Result<Vec<(String, Vec<u8>)>, BuildError> {
+            files
+                .iter()
+                .map(|p| {
+                    let bytes = std::fs::read(p).map_err(crate::error::io(p.display()))?;
+                    Ok((p.display().to_string(), bytes))
+                })
+                .collect()
+        };
+        exe.types = Some((read(&t.bin.0)?, read(&t.bin.1)?));
+    }
     // Code of the service compiled outside its library (its generic or
     // inline code instantiated in the executable's crate or another
     // package): each changed function there is hooked, or refused.

@@ -131,13 +131,13 @@ pub(super) fn build_both(
         }
         None => {
             progress(&format!("building the base {} (1 of 2)", revs.base_name));
-            let built = cargo_build(ws, opts, &trees.base, &build_dir, Some(&ws.root))?;
+            let built = cargo_build(ws, opts, &trees.base, &build_dir, Some(&ws.root), false)?;
             built.keep(&kept)?
         }
     };
     progress(&format!("building the head, {} (2 of 2)", revs.head_name));
     let remap_head = opts.head.is_some().then_some(ws.root.as_path());
-    let head = cargo_build(ws, opts, &trees.head, &build_dir, remap_head)?;
+    let head = cargo_build(ws, opts, &trees.head, &build_dir, remap_head, false)?;
     Ok((base, head, lock))
 }
 
@@ -376,6 +376,7 @@ fn cargo_build(
     dir: &Path,
     target_dir: &Path,
     remap_to: Option<&Path>,
+    types: bool,
 ) -> Result<Artifacts, BuildError> {
     wrapper::forget_other_checkout(ws, dir, target_dir)?;
     let mut cmd = Command::new(crate::cargo::program());
@@ -390,7 +391,7 @@ fn cargo_build(
         .arg("--manifest-path")
         .arg(dir.join(&ws.package_dir).join("Cargo.toml"));
     cmd.args(opts.flags.args());
-    wrapper::wrap(&mut cmd, ws, dir, target_dir, remap_to)?;
+    wrapper::wrap(&mut cmd, ws, dir, target_dir, remap_to, types)?;
     let artifacts = crate::cargo::build(cmd)
         .map_err(cargo_failed(format!("`cargo build` of {}", dir.display())))?;
     let mut rlib = None;
@@ -426,6 +427,124 @@ fn cargo_build(
         bins,
         others,
         hotpatch_rlib,
+    })
+}
+
+/// The type-information builds (`coroutine`) of the base and the head:
+/// each library of the workspace and the executable's own crate compiled
+/// again with full debug information (`wrapper`'s types build), in a
+/// target directory of their own (`target/hotpatch/types`), made only
+/// when a hook needs them: the base's kept with the kept base.
+pub(super) struct TypeBuilds {
+    /// The service library's, base and head.
+    pub lib: (PathBuf, PathBuf),
+    /// The objects of the executable's own crate, base and head (empty if
+    /// none were made).
+    pub bin: (Vec<PathBuf>, Vec<PathBuf>),
+}
+
+/// Builds (or finds kept) the type-information builds of both sides, for
+/// the executable named `exe_name`. Run under the build lock.
+pub(super) fn type_builds(
+    ws: &Workspace,
+    opts: &SourceOptions,
+    revs: &Revisions,
+    trees: &Trees,
+    exe_name: &std::ffi::OsStr,
+    progress: &mut dyn FnMut(&str),
+) -> Result<TypeBuilds, BuildError> {
+    let hot = ws.target_dir.join("hotpatch");
+    let types_dir = hot.join("types");
+    let kept = hot
+        .join("bases")
+        .join(base_key(ws, opts, revs, &trees.base))
+        .join("type-information");
+    let marker = kept.join(KEPT_MARKER);
+    let exe_of = |a: &Artifacts| {
+        a.bins
+            .iter()
+            .find(|b| b.file_name() == Some(exe_name))
+            .cloned()
+    };
+    let listing = std::fs::read_to_string(&marker).ok();
+    let (base_lib, base_bin) = match listing {
+        Some(listing) => {
+            let mut lib = None;
+            let mut bin = Vec::new();
+            for line in listing.lines() {
+                match line.split_once(' ') {
+                    Some(("lib", f)) => lib = Some(kept.join(f)),
+                    Some(("bin", f)) => bin.push(kept.join(f)),
+                    _ => {}
+                }
+            }
+            let lib = lib.ok_or_else(|| {
+                BuildError::Tool(format!("{}: no library listed", marker.display()))
+            })?;
+            progress(&format!(
+                "the base {}'s type information was built before: reusing {}",
+                revs.base_name,
+                kept.display()
+            ));
+            (lib, bin)
+        }
+        None => {
+            progress(&format!(
+                "building the base {} with type information, for the async state machines a hook must keep",
+                revs.base_name
+            ));
+            let built = cargo_build(ws, opts, &trees.base, &types_dir, Some(&ws.root), true)?;
+            let lib = built.types_rlib.clone().ok_or_else(|| {
+                BuildError::Tool(format!(
+                    "the type-information build of {} made no library",
+                    revs.base_name
+                ))
+            })?;
+            let objects = exe_of(&built)
+                .map(|e| wrapper::bin_types_objects(&e))
+                .unwrap_or_default();
+            if kept.exists() {
+                std::fs::remove_dir_all(&kept).map_err(io(kept.display()))?;
+            }
+            std::fs::create_dir_all(&kept).map_err(io(kept.display()))?;
+            let name = |p: &Path| {
+                p.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            };
+            let mut listing = String::new();
+            let to = kept.join(name(&lib));
+            std::fs::copy(&lib, &to).map_err(io(to.display()))?;
+            listing.push_str(&format!("lib {}\n", name(&lib)));
+            let mut bin = Vec::new();
+            for o in objects {
+                let to = kept.join(name(&o));
+                std::fs::copy(&o, &to).map_err(io(to.display()))?;
+                listing.push_str(&format!("bin {}\n", name(&o)));
+                bin.push(to);
+            }
+            std::fs::write(&marker, listing).map_err(io(marker.display()))?;
+            (kept.join(name(&lib)), bin)
+        }
+    };
+    progress(&format!(
+        "building the head, {}, with type information",
+        revs.head_name
+    ));
+    let remap_head = opts.head.is_some().then_some(ws.root.as_path());
+    let built = cargo_build(ws, opts, &trees.head, &types_dir, remap_head, true)?;
+    let head_lib = built.types_rlib.clone().ok_or_else(|| {
+        BuildError::Tool(format!(
+            "the type-information build of {} made no library",
+            revs.head_name
+        ))
+    })?;
+    let head_bin = exe_of(&built)
+        .map(|e| wrapper::bin_types_objects(&e))
+        .unwrap_or_default();
+    Ok(TypeBuilds {
+        lib: (base_lib, head_lib),
+        bin: (base_bin, head_bin),
     })
 }
 

@@ -39,6 +39,7 @@ pub(super) fn wrap(
     dir: &Path,
     target_dir: &Path,
     remap_to: Option<&Path>,
+    types: bool,
 ) -> Result<(), BuildError> {
     // The checkout's paths become the workspace's; and this build's
     // target directory becomes the workspace's, so code a build script
@@ -51,7 +52,9 @@ pub(super) fn wrap(
     }
     cmd.env("RUSTC_WRAPPER", me);
     cmd.env(KEEP_BIN_OBJECTS_ENV, "1");
-    cmd.env(TYPES_BUILD_ENV, "1");
+    if types {
+        cmd.env(TYPES_BUILD_ENV, "1");
+    }
     let mut remap = OsString::new();
     if let Some(to) = remap_to {
         remap.push(dir);
