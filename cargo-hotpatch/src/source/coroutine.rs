@@ -9,8 +9,9 @@
 //! head's objects, finds the function's subprogram by its linkage name,
 //! collects every coroutine type it handles, and compares each between
 //! the builds. The objects are those of the *types build*
-//! (`Artifacts::types_rlib`): the wrapper compiles each library of the
-//! workspace a second time with `-C debuginfo=2`, because full debug
+//! (`sides::type_builds`, made when a change may need a hook): the
+//! wrapper compiles each library of the workspace and the executable's
+//! own crate a second time with `-C debuginfo=2`, because full debug
 //! information changes the code rustc emits (mini-redis 0.4.1's
 //! executable differs in `.text` when its library has it), so the deployed
 //! build has line tables only.
@@ -56,8 +57,7 @@
 //! A function this reader cannot tell about (no types build, no type
 //! information, line tables only, a function absent from the types
 //! build's code, a reference form it does not follow) is
-//! [`StateMachine::Unknown`], never the same; so is every function of an
-//! executable's own crate, which has no types build.
+//! [`StateMachine::Unknown`], never the same.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -86,7 +86,7 @@ pub(crate) enum StateMachine {
 /// Compares the state machines `symbol` (a mangled name defined in both
 /// builds, with or without its `.llvm.<number>` suffix) handles in the
 /// base and in the head. `base` and `head` are the *types builds'*
-/// objects (`Artifacts::types_rlib`), not the deployed build's: symbol
+/// objects (`sides::type_builds`), not the deployed build's: symbol
 /// names are the same in both compiles of a crate. Each call reads the
 /// DWARF of the objects that define `symbol` (about 20 ms a call for
 /// mini-redis, release build of this tool).
@@ -94,8 +94,8 @@ pub(crate) enum StateMachine {
 /// # Examples
 ///
 /// ```ignore
-/// let (b, h) = (base.types_rlib.as_deref(), head.types_rlib.as_deref());
-/// let (b, h) = (compare::Rlib::read(b?)?, compare::Rlib::read(h?)?);
+/// let t = sides::type_builds(&ws, opts, &revs, &trees, exe_name, progress)?;
+/// let (b, h) = (compare::Rlib::read(&t.lib.0)?, compare::Rlib::read(&t.lib.1)?);
 /// let (b, h) = (b.objects()?, h.objects()?);
 /// match coroutine::state_machine(&b, &h, name) {
 ///     StateMachine::NotACoroutine | StateMachine::Same => { /* may be hooked */ }

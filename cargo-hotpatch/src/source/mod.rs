@@ -28,10 +28,12 @@
 //!    crates' metadata hash, and so in every symbol name), so the base
 //!    builds bit for bit what the workspace builds, debug info included;
 //!    the workspace's libraries get line tables (sections no process
-//!    maps), and are compiled a second time with full debug information
-//!    into `deps/hotpatch-types/` (`Artifacts::types_rlib`): the layouts
-//!    of async state machines that `coroutine` compares (full debug
-//!    information changes the code: it is not the deployed build).
+//!    maps). When a change may need a hook, both sides are built once
+//!    more in `target/hotpatch/types` (`sides::type_builds`), the
+//!    workspace's crates compiled a second time with full debug
+//!    information into `deps/hotpatch-types/`: the layouts of async state
+//!    machines that `coroutine` compares (full debug information changes
+//!    the code: it is not the deployed build).
 //! 7. `identity`: with `--binary`, the deployed binary must be the rebuilt
 //!    base: the same bytes in every section the process maps (debug info
 //!    and the build-id note aside). Else the patch is refused with both
