@@ -88,13 +88,15 @@ fn gdb(pid: u32, commands: &[String]) -> String {
 #[test]
 fn gdb_names_patch_code_and_unwinds_through_it() {
     const NAME: &str = "gdb_names_patch_code_and_unwinds_through_it";
-    if std::env::var_os(CHILD).is_some() {
+    if let Some(so) = std::env::var_os(CHILD) {
         let _serial = support::serial();
         // Under Yama's ptrace_scope 1 only an ancestor may attach, and gdb
         // is this process's sibling: allow any (EINVAL without Yama).
         // SAFETY: prctl with these arguments only changes that setting.
         unsafe { libc::prctl(libc::PR_SET_PTRACER, libc::PR_SET_PTRACER_ANY, 0, 0, 0) };
-        let patch = hotpatch::load(support::patch(PATCH)).unwrap();
+        // The parent's copy: this process is killed, so it makes no
+        // temporary directory of its own, which nothing would remove.
+        let patch = hotpatch::load(so).unwrap();
         let hotpatch::Placement::Near { address, .. } = *patch.placement() else {
             panic!("not placed near: {}", patch.placement());
         };
@@ -117,7 +119,7 @@ fn gdb_names_patch_code_and_unwinds_through_it() {
     let mut child = Killed(
         Command::new(std::env::current_exe().unwrap())
             .args([NAME, "--exact", "--nocapture", "--test-threads=1"])
-            .env(CHILD, "1")
+            .env(CHILD, &so)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
