@@ -74,6 +74,59 @@ fn a_patch_that_panics_under_traffic_is_rolled_back_within_its_window() {
 }
 
 #[test]
+fn a_hooking_patch_that_panics_is_rolled_back_and_its_entry_written_back() {
+    // `svc::hooked::price` is not #[patchable]: the patch hooks it, and
+    // its shim counts the panics a watch window reads, as a slot's does.
+    let svc = Service::start("watch-hook-panic", &[]);
+    let d = svc.dir.clone();
+    let r = run_in(
+        &d,
+        &[
+            "apply",
+            &relative(&patch(HOOK_PANIC)),
+            "--watch",
+            "20s",
+            "--json",
+        ],
+    );
+    assert_eq!(r.code, 8, "rolled back: {} {}", r.stdout, r.stderr);
+    let reply = r.json();
+    assert_eq!(reply["error"]["kind"], json!("rolled_back"), "{reply}");
+    assert!(reply["error"]["panics"].as_u64().unwrap() >= 1, "{reply}");
+    let start = Instant::now();
+    while svc.seen.lock().unwrap().panicked < 1 {
+        assert!(
+            start.elapsed() < GUARD,
+            "the patch did not panic under traffic"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let st = status_of(&d);
+    assert_eq!(st["patches"], json!([]), "{st}");
+    // Unhooked: no longer listed (a hooked function is listed while a
+    // patch hooks it).
+    assert!(
+        !st["functions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["path"] == json!("svc::hooked::price")),
+        "{st}"
+    );
+    // Traffic flows again, right, and no panic follows.
+    let now = svc.serves_beyond(svc.served());
+    let now = svc.serves_beyond(now);
+    let panicked = svc.seen.lock().unwrap().panicked;
+    svc.serves_beyond(now + 100);
+    assert_eq!(
+        svc.seen.lock().unwrap().panicked,
+        panicked,
+        "no panic after the rollback"
+    );
+    svc.quit();
+}
+
+#[test]
 fn a_failing_health_check_rolls_back() {
     let svc = Service::start("watch-health", &["--unhealthy-if-answer", "2"]);
     let d = svc.dir.clone();

@@ -29,6 +29,7 @@ pub const V2: &str = "fixture-patch-replace-v2";
 pub const BAD_RUSTC: &str = "fixture-patch-bad-rustc";
 pub const WATCH_PANIC: &str = "fixture-patch-watch-panic";
 pub const HOOK: &str = "fixture-patch-hook-a";
+pub const HOOK_PANIC: &str = "fixture-patch-hook-panic";
 
 /// A guard against hangs only: nothing here asserts on time.
 pub const GUARD: Duration = Duration::from_secs(30);
@@ -47,7 +48,16 @@ pub fn built() -> &'static PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         hotpatch_test_support::nested_build(
-            &[SERVICE, BASIC, V1, V2, BAD_RUSTC, WATCH_PANIC, HOOK],
+            &[
+                SERVICE,
+                BASIC,
+                V1,
+                V2,
+                BAD_RUSTC,
+                WATCH_PANIC,
+                HOOK,
+                HOOK_PANIC,
+            ],
             &[],
         )
     })
