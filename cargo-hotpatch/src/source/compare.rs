@@ -108,13 +108,16 @@ pub(super) struct OutsideObjects {
     /// What they are, for messages (`the executable svc`, `package util`).
     pub what: String,
     /// `(name, bytes)` of each object, base.
-    pub base: Vec<(String, Vec<u8>)>,
+    pub base: Objects,
     /// The same, head.
-    pub head: Vec<(String, Vec<u8>)>,
+    pub head: Objects,
     /// The objects of their type-information builds, base and head
     /// (`coroutine`), once made (`sides::type_builds`).
-    pub types: Option<(Vec<(String, Vec<u8>)>, Vec<(String, Vec<u8>)>)>,
+    pub types: Option<(Objects, Objects)>,
 }
+
+/// Objects read into memory: `(name, bytes)` each.
+pub(super) type Objects = Vec<(String, Vec<u8>)>;
 
 impl OutsideObjects {
     /// Borrowed as `Build::read` takes them.
