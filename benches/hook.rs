@@ -150,12 +150,12 @@ fn hook_call(c: &mut Criterion) {
 }
 
 /// Apply and revert of a one-function hooked patch (`bench-hook-patch`:
-/// `bench_svc::direct`, not patchable, hooked with the same body) through
+/// `bench_svc::unmarked`, not patchable, hooked with the same body) through
 /// the loader: the apply checks the record, writes the entry jump under a
 /// stop of every thread and switches the slot; the revert switches back
 /// and writes the original bytes back under another stop. The same bytes
 /// each time (the library is reused after the first load), one thread
-/// calling `direct` in a loop meanwhile. Each sample's median is what
+/// calling `unmarked` in a loop meanwhile. Each sample's median is what
 /// criterion reports; the pauses are in the events (not timed here).
 fn hook_apply(c: &mut Criterion) {
     let dir =
@@ -165,11 +165,11 @@ fn hook_apply(c: &mut Criterion) {
     let caller = {
         let stop = stop.clone();
         std::thread::spawn(move || {
-            let direct: fn(u64) -> u64 = black_box(bench_svc::direct);
+            let unmarked: fn(u64) -> u64 = black_box(bench_svc::unmarked);
             let mut i = 0u64;
             // Relaxed: a stop flag; nothing is published through it.
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                black_box(direct(black_box(i)));
+                black_box(unmarked(black_box(i)));
                 i += 1;
             }
         })
