@@ -29,6 +29,9 @@ pub(super) struct Host {
     pub text: Vec<(u64, Vec<u8>)>,
     /// Stems of `.llvm.<number>` names several function symbols share.
     pub ambiguous: HashSet<String>,
+    /// The function symbols at each address: more than one where the
+    /// compiler merged identical functions (one body, several names).
+    pub names_at: HashMap<u64, Vec<String>>,
 }
 
 /// The deployed binary (`--binary`), read once: its bytes, build-id and
@@ -136,6 +139,7 @@ impl Host {
         let mut any = false;
         let mut functions = HashMap::new();
         let mut fn_stems: HashMap<String, Vec<(u64, u64)>> = HashMap::new();
+        let mut names_at: HashMap<u64, Vec<String>> = HashMap::new();
         for s in file.symbols() {
             any = true;
             if s.is_undefined() || s.kind() == object::SymbolKind::Section {
@@ -143,6 +147,11 @@ impl Host {
             }
             if let Ok(n) = s.name() {
                 if s.kind() == object::SymbolKind::Text && s.size() > 0 {
+                    let stem = super::objects::stem(n).to_owned();
+                    let names = names_at.entry(s.address()).or_default();
+                    if !names.contains(&stem) {
+                        names.push(stem);
+                    }
                     functions
                         .entry(n.to_owned())
                         .or_insert((s.address(), s.size()));
@@ -214,6 +223,7 @@ impl Host {
             functions,
             text,
             ambiguous,
+            names_at,
         })
     }
 
@@ -245,7 +255,117 @@ impl Host {
                 bytes.get(off..off.checked_add(size as usize)?)
             })
             .ok_or("its code is not in an executable section of the deployed binary")?;
+        // One body under several names (the compiler merged identical
+        // functions): a hook would redirect the others too.
+        if let Some(others) = self.names_at.get(&addr)
+            && let Some(other) = others
+                .iter()
+                .find(|n| n.as_str() != super::objects::stem(symbol))
+        {
+            return Err(format!(
+                "the deployed binary's code at its address is also {} (the compiler merged identical functions): a hook would change that function too",
+                super::describe(other)
+            ));
+        }
         let entry = hotpatch_entry::entry(code, addr).map_err(|e| e.to_string())?;
         Ok((addr, entry.bytes))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::process::Command;
+
+    use super::Host;
+
+    /// An executable built by rustc at `-O` from `source`, read as a host.
+    fn host(tag: &str, source: &str) -> Host {
+        let dir = std::env::temp_dir().join(format!(
+            "cargo-hotpatch-identity-{}-{tag}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("main.rs"), source).unwrap();
+        let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+        let out = Command::new(rustc)
+            .current_dir(&dir)
+            .args([
+                "--edition=2021",
+                "--crate-name=svc",
+                "-C",
+                "opt-level=3",
+                "-o",
+                "svc",
+                "main.rs",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "rustc: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let bin = dir.join("svc");
+        let data = std::fs::read(&bin).unwrap();
+        let host = Host::read(&bin, &data).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        host
+    }
+
+    /// Two exported functions with the same body are one body under two
+    /// names after the compiler merges them: a hook of one would redirect
+    /// the other's callers too, so it is refused, naming the other. (An
+    /// internal function merged away leaves no name; its callers then
+    /// name the other function, and `classify::callers_agree` sees them
+    /// compile differently once the bodies differ.) A function of its own
+    /// is eligible.
+    #[test]
+    fn a_body_the_compiler_merged_with_another_function_is_not_hooked() {
+        let h = host(
+            "merged",
+            r#"
+#[no_mangle]
+#[used]
+static hotpatch_host_exports_v1: u8 = 0;
+
+#[no_mangle]
+#[inline(never)]
+pub extern "C" fn twin_a(x: u64) -> u64 { x.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(29) ^ x }
+#[no_mangle]
+#[inline(never)]
+pub extern "C" fn twin_b(x: u64) -> u64 { x.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(29) ^ x }
+#[inline(never)]
+pub fn alone(x: u64) -> u64 { x.wrapping_mul(0x1234_5678_9abc_def1).rotate_left(7) ^ (x >> 3) }
+
+fn main() {
+    let n = std::env::args().count() as u64;
+    let f: [extern "C" fn(u64) -> u64; 2] = [twin_a, twin_b];
+    for g in f { println!("{}", std::hint::black_box(g)(n)); }
+    println!("{}", std::hint::black_box(alone as fn(u64) -> u64)(n));
+}
+"#,
+        );
+        let symbol = |part: &str| {
+            h.functions
+                .keys()
+                .find(|n| n.contains(part))
+                .unwrap_or_else(|| panic!("no symbol with {part}"))
+                .clone()
+        };
+        let (a, b) = (symbol("twin_a"), symbol("twin_b"));
+        assert_eq!(
+            h.functions[&a].0, h.functions[&b].0,
+            "the premise: rustc -O merges the two bodies"
+        );
+        let why = h.hook_entry(&a).expect_err("refused");
+        assert!(
+            why.contains("merged identical functions") && why.contains("twin_b"),
+            "{why}"
+        );
+        let (_, entry) = h
+            .hook_entry(&symbol("alone"))
+            .expect("a function of its own");
+        assert!(entry.len() >= 5);
     }
 }
