@@ -284,6 +284,12 @@ impl Registry {
                     detail: other.to_string(),
                 }),
             })?;
+            // One body under several names: the hook would redirect the
+            // callers of every one of them.
+            let others = crate::hook::merged_with(h.target);
+            if !others.is_empty() {
+                return Err(refuse(Reason::Merged { others }));
+            }
             let idx = self.by_hook.get(&h.target).copied();
             let ours = idx.is_some_and(|i| self.fns[i].hook.is_some());
             let recorded = crate::hook::recorded(h.target);
@@ -800,6 +806,56 @@ mod tests {
                 (function.as_str(), patchable.as_str()),
                 ("t::alias", "t::marked")
             ),
+            Err(other) => panic!("{other:?}"),
+            Ok(_) => panic!("planned"),
+        }
+    }
+
+    // One body under two names, as the compiler leaves identical functions
+    // it merged (at -O; this test builds unoptimised, so the merge is
+    // written out).
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    std::arch::global_asm!(
+        ".pushsection .text.__hotpatch_test_merged,\"ax\",@progbits",
+        ".p2align 4",
+        ".globl __hotpatch_test_merged_a",
+        ".type __hotpatch_test_merged_a,@function",
+        ".globl __hotpatch_test_merged_b",
+        ".type __hotpatch_test_merged_b,@function",
+        "__hotpatch_test_merged_a:",
+        "__hotpatch_test_merged_b:",
+        "    push rbp",
+        "    mov rbp, rsp",
+        "    lea rax, [rdi + 1]",
+        "    pop rbp",
+        "    ret",
+        ".size __hotpatch_test_merged_a, . - __hotpatch_test_merged_a",
+        ".size __hotpatch_test_merged_b, . - __hotpatch_test_merged_b",
+        ".popsection",
+    );
+
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    unsafe extern "C" {
+        fn __hotpatch_test_merged_a(x: u64) -> u64;
+    }
+
+    /// A function whose body is another's too (one address, two names in
+    /// the symbol table) is not hooked: the hook would redirect the other
+    /// function's callers as well. The refusal names the other.
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    #[test]
+    fn a_body_merged_with_another_function_is_refused_naming_it() {
+        let f = __hotpatch_test_merged_a as *const () as usize;
+        let plan = registry().plan(1, &hooking(&[(f, "t::merged_a")]));
+        match plan {
+            Err(Refusal::Hook {
+                function,
+                reason: crate::hook::Reason::Merged { others },
+            }) => {
+                assert_eq!(function, "t::merged_a");
+                assert_eq!(others.len(), 1, "{others:?}");
+                assert!(others[0].contains("__hotpatch_test_merged_"), "{others:?}");
+            }
             Err(other) => panic!("{other:?}"),
             Ok(_) => panic!("planned"),
         }

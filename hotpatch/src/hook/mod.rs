@@ -299,6 +299,12 @@ pub enum Reason {
     /// Storing into the hook's slot failed (its page could not be made
     /// writable).
     Slot(String),
+    /// Other functions start at the same address: the compiler merged
+    /// identical bodies, and redirecting one would redirect them too.
+    Merged {
+        /// The other functions, as their symbols name them.
+        others: Vec<String>,
+    },
 }
 
 impl fmt::Display for Reason {
@@ -342,6 +348,12 @@ impl fmt::Display for Reason {
             Reason::Signal(s) => write!(f, "{s}"),
             Reason::Threads(s) => write!(f, "{s}"),
             Reason::Slot(s) => write!(f, "cannot store into its slot: {s}"),
+            Reason::Merged { others } => write!(
+                f,
+                "its code is also {} (the compiler merged identical functions): redirecting it \
+                 would change them too",
+                others.join(", ")
+            ),
         }
     }
 }
@@ -951,6 +963,30 @@ impl Hook {
             Ok(report)
         })
     }
+}
+
+/// The other functions of the executable's symbol table that start at
+/// `addr` under another name (bodies the compiler merged), readable.
+pub(crate) fn merged_with(addr: usize) -> Vec<String> {
+    let Ok(all) = symbols::functions() else {
+        return Vec::new();
+    };
+    let at: Vec<&symbols::Function> = all.iter().filter(|f| f.addr == addr).collect();
+    let Some(first) = at.first() else {
+        return Vec::new();
+    };
+    // By symbol (two instances of one generic demangle alike), without
+    // the `.llvm.<number>` suffix a codegen unit may add.
+    let stem = |f: &symbols::Function| f.symbol.split(".llvm.").next().unwrap_or("").to_owned();
+    let first = stem(first);
+    let mut others: Vec<String> = at
+        .iter()
+        .filter(|f| stem(f) != first)
+        .map(|f| symbols::name_of(f))
+        .collect();
+    others.sort();
+    others.dedup();
+    others
 }
 
 /// The signal that stops threads for a code write (`SIGRTMAX-2`). While
