@@ -90,31 +90,21 @@ pub(super) fn hookable(
                 "it runs an async state machine that differs in the new build ({what}): requests suspended at an .await would resume in a different state machine"
             ));
         }
-        StateMachine::Unknown(why) if types.is_some() || may_run_a_coroutine(symbol) => {
+        // No answer (no type information for this crate, or the function
+        // not in it): a function that runs a state machine cannot be told
+        // from one that does not by its name alone (an executor's poll
+        // function with a future's poll inlined into it), so no hook.
+        StateMachine::Unknown(why) => {
             return Err(format!(
-                "it may run an async state machine, and whether the new build's is the same cannot be told: {why}"
+                "whether it runs an async state machine that changed cannot be told: {why}"
             ));
         }
-        // No type information at all (the executable's crate has no
-        // types build) and no coroutine in its name: a plain function.
-        StateMachine::Unknown(_) => {}
     }
     if !h.by_name.contains_key(symbol) {
         return Err("the head compiled no body of it".into());
     }
     callers_agree((b, b_refs), h, symbol, in_patch)?;
     host.hook_entry(symbol)
-}
-
-/// Whether a function's name says it may run an async state machine when
-/// no type information can tell: a closure's or async block's body (an
-/// `async fn`'s is one), its drop glue, or code generic over one. A
-/// legacy-mangled name does not spell a generic instance's arguments: an
-/// executor's poll function instantiated with a future of the service,
-/// with that future's poll inlined into it, is not seen here.
-fn may_run_a_coroutine(symbol: &str) -> bool {
-    let d = demangle(symbol);
-    d.contains("{{closure}}") || d.contains("async_fn_env") || d.contains("async_block_env")
 }
 
 /// Whether every caller of `symbol` that the deployed build keeps calls
