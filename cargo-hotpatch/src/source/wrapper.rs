@@ -348,16 +348,11 @@ fn add_line_tables(args: &[OsString], cmd: &mut Command) {
 /// executable's bytes as they are: `--binary` proves it), after removing
 /// those of an earlier build, so that what is there is this build's.
 fn keep_bin_objects(args: &[OsString], cmd: &mut Command) -> bool {
-    let value = |flag: &str| {
-        args.iter()
-            .position(|a| a == flag)
-            .and_then(|i| args.get(i + 1))
-            .map(|v| v.to_string_lossy().into_owned())
-    };
     let is_bin = args
         .windows(2)
         .any(|w| w[0] == "--crate-type" && w[1] == "bin");
-    let (Some(name), Some(out_dir)) = (value("--crate-name"), value("--out-dir")) else {
+    let (Some(name), Some(out_dir)) = (value_of(args, "--crate-name"), value_of(args, "--out-dir"))
+    else {
         return false;
     };
     if !is_bin || name.starts_with("build_script_") {
