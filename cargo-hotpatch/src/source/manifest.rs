@@ -165,6 +165,12 @@ fn manifest_object(
             "--emit=obj",
             "-C",
             "codegen-units=1",
+            // Optimised, so the generic code it instantiates (linkme's
+            // checks format their panics) is its own copy: unoptimised,
+            // rustc would name an upstream crate's shared instance, which
+            // a release build of the service does not have.
+            "-C",
+            "opt-level=3",
             "-C",
             "metadata=hotpatch-source-manifest",
         ])
