@@ -62,13 +62,20 @@ pub enum Refusal {
         /// The file.
         file: String,
     },
-    /// The service's binary crate (`src/main.rs`, `src/bin/`) changed.
-    BinaryCrate {
-        /// The file.
-        file: String,
+    /// The executable's `main`, or start-up code it ran (`std::rt::lang_start`
+    /// and what it inlines), changed: the running process has run it and
+    /// does not run it again.
+    StartupCode {
+        /// The function, as the user knows it.
+        function: String,
+        /// ` (FILE:LINE)`, or empty.
+        at: String,
+        /// The executable.
+        executable: String,
     },
-    /// Code compiled into the executable's own crate changed: the
-    /// library's generic or inline code instantiated there.
+    /// Code of the executable's own crate changed (its own functions, or
+    /// the library's generic or inline code instantiated there), and its
+    /// entry cannot be redirected.
     BinaryCrateCode {
         /// The function, as the user knows it.
         function: String,
@@ -79,9 +86,9 @@ pub enum Refusal {
         /// Why its entry cannot be redirected instead (empty: not tried).
         why: String,
     },
-    /// Code compiled into another library package of the workspace changed
-    /// (one between the service library and the executable): the service's
-    /// generic or inline code instantiated there.
+    /// Code of another library package of the workspace changed (its own
+    /// functions, or the service's generic or inline code instantiated
+    /// there), and its entry cannot be redirected.
     OtherLibraryCode {
         /// The function, as the user knows it.
         function: String,
@@ -91,15 +98,6 @@ pub enum Refusal {
         package: String,
         /// Why its entry cannot be redirected instead (empty: not tried).
         why: String,
-    },
-    /// Code of another package of the workspace changed.
-    OtherPackage {
-        /// The file.
-        file: String,
-        /// The package it belongs to.
-        package: String,
-        /// The service package.
-        service: String,
     },
 
     // --- The source.
@@ -288,9 +286,13 @@ impl fmt::Display for Refusal {
                 f,
                 "{file} changed: the build script, toolchain and cargo configuration make the running build; a patch cannot change them, so revert {file} for the patch"
             ),
-            Refusal::BinaryCrate { file } => write!(
+            Refusal::StartupCode {
+                function,
+                at,
+                executable,
+            } => write!(
                 f,
-                "{file} changed: it is the service's binary crate, whose code a patch does not replace; move the code into the library crate (src/lib.rs), where #[patchable] functions live"
+                "{function}{at} changed: it is the executable {executable}'s main or start-up code, which the running process has already run and does not run again (its new code would run only at a start, which runs the deployed build); ship the change in a release, or move the code into a function that runs for each request"
             ),
             Refusal::BinaryCrateCode {
                 function,
@@ -299,7 +301,7 @@ impl fmt::Display for Refusal {
                 why,
             } => write!(
                 f,
-                "{function}{at} changed in the code of the executable {executable} itself (its crate compiles its own copy of the library's generic or inline code), and its entry cannot be redirected: {why}; ship the change in a release, or move the work into a non-generic #[patchable] function of the library"
+                "{function}{at} changed in the code of the executable {executable}'s own crate, and its entry cannot be redirected: {why}; ship the change in a release, or move the work into a non-generic #[patchable] function of the library"
             ),
             Refusal::OtherLibraryCode {
                 function,
@@ -308,15 +310,7 @@ impl fmt::Display for Refusal {
                 why,
             } => write!(
                 f,
-                "{function}{at} changed in the code of package {package}'s library (it compiles its own copy of the service's generic or inline code), and its entry cannot be redirected: {why}; ship the change in a release, or move the work into a non-generic #[patchable] function of the service"
-            ),
-            Refusal::OtherPackage {
-                file,
-                package,
-                service,
-            } => write!(
-                f,
-                "{file} changed: it is in package {package}, and a patch made from source replaces code of {service}'s library only; keep the fix in {service} or ship it in a release"
+                "{function}{at} changed in the code of package {package}'s library, and its entry cannot be redirected: {why}; ship the change in a release, or move the work into a non-generic #[patchable] function of the service"
             ),
             Refusal::SourceDoesNotParse { side, error } => {
                 write!(f, "the {side}'s source does not parse: {error}")

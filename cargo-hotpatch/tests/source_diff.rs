@@ -75,6 +75,14 @@ const fn lib(old: &'static str, new: &'static str) -> Edit {
     }
 }
 
+const fn main_rs(old: &'static str, new: &'static str) -> Edit {
+    Edit {
+        file: "src/main.rs",
+        old,
+        new,
+    }
+}
+
 /// The end of the file (the last lines of `describe`): cases that add
 /// code or comments add them after it, so that no line moves.
 const END: &str = "            self.discount_pct\n        )\n    }\n}\n";
@@ -383,6 +391,27 @@ const CASES: &[Case] = &[
             new: "hello from the fix",
         }],
         changes: &[("greeting", "hello from the fix")],
+    },
+    // 37. A function of the binary crate's own source (`call` in
+    //     src/main.rs, which main's loop calls for each `call` command):
+    //     hooked.
+    Case {
+        branch: "case-bin-fn",
+        edits: &[main_rs(
+            "svc::rated_by(&svc::Flat, 1000)",
+            "svc::rated_by(&svc::Flat, 2000)",
+        )],
+        changes: &[("by_rate", "40")],
+    },
+    // 38. A static added to the binary crate's source: refused by the
+    //     source check, naming src/main.rs, before any build.
+    Case {
+        branch: "case-bin-static",
+        edits: &[main_rs(
+            "const BANNER: &str = \"svc v1\";\n",
+            "const BANNER: &str = \"svc v1\";\n\n/// Commands read.\npub static READ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);\n",
+        )],
+        changes: &[],
     },
     // 14. Another build of the service: a commit after v1 that changes only
     //     the binary's banner (so its build-id, and none of its library).
@@ -1865,4 +1894,103 @@ fn case_36_an_async_fn_whose_state_machine_changed_is_refused() {
         &["state machine"],
         &[],
     );
+}
+
+// ---- the binary crate's own source (issue 18) ----
+
+#[test]
+fn case_37_a_function_of_the_binary_crate_is_hooked() {
+    // `call` is the binary crate's own function: its new body is copied
+    // from the head executable's objects and its entry redirected; `main`
+    // (its only caller, unchanged) calls it again for each `call`.
+    let c = case("case-bin-fn");
+    let mut fx = fixture();
+    let so = out_path(c.branch);
+    let out = build_patch(c.branch, s(&fx.v1_bin), &so);
+    assert_eq!(out.status.code(), Some(0), "exit code: {out:?}");
+    let line = line_of(
+        &harness::edited("src/main.rs", c.edits),
+        "fn call() -> String {",
+    );
+    assert_eq!(
+        listed(&out.stdout),
+        [harness::Listed {
+            kind: "hooked".into(),
+            path: "svc::call".into(),
+            at: format!("src/main.rs:{line}"),
+        }],
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout
+            .contains("    because it is a function of the executable svc's own crate"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout
+            .contains("only svc::main calls it: its new code runs at the next call main makes"),
+        "{}",
+        out.stdout
+    );
+    apply_and_revert(&mut fx.v1, &so, c.changes);
+}
+
+#[test]
+fn case_38_a_static_added_to_the_binary_crate_is_refused_naming_its_file() {
+    let c = case("case-bin-static");
+    let fx = fixture();
+    let so = out_path(c.branch);
+    let out = build_patch(c.branch, s(&fx.v1_bin), &so);
+    assert_eq!(out.status.code(), Some(3), "exit code: {out:?}");
+    assert!(!so.exists(), "no patch file is written");
+    let line = line_of(&harness::edited("src/main.rs", c.edits), "pub static READ");
+    let refusals: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("refused: "))
+        .collect();
+    assert_eq!(refusals.len(), 1, "one clear reason: {}", out.stderr);
+    assert!(
+        refusals[0].contains("added static svc::READ")
+            && refusals[0].contains(&format!("(src/main.rs:{line})")),
+        "{}",
+        refusals[0]
+    );
+    assert!(
+        !out.stderr.contains("building the base"),
+        "refused before building: {}",
+        out.stderr
+    );
+}
+
+#[test]
+fn case_39_a_change_of_main_is_refused_it_has_run() {
+    // The other revision changes only the banner `main` prints when it
+    // starts: the running v1 printed it already and never runs that code
+    // again, so no patch can carry it: refused, naming `main`, never a
+    // hook that changes nothing.
+    let fx = fixture();
+    let so = out_path("case-39");
+    let out = build_patch("other", s(&fx.v1_bin), &so);
+    assert_eq!(out.status.code(), Some(3), "exit code: {out:?}");
+    assert!(!so.exists(), "no patch file is written");
+    let line = line_of(
+        &harness::edited("src/main.rs", case("other").edits),
+        "fn main() {",
+    );
+    let refusals: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("refused: "))
+        .collect();
+    assert_eq!(refusals.len(), 1, "one clear reason: {}", out.stderr);
+    assert!(
+        refusals[0].starts_with(&format!("refused: svc::main (src/main.rs:{line}) changed"))
+            && refusals[0].contains("already run"),
+        "{}",
+        refusals[0]
+    );
+    assert!(!out.stdout.contains("hooked"), "{}", out.stdout);
 }

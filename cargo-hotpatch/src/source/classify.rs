@@ -60,6 +60,9 @@ pub(super) struct Hooked {
     pub entry: Vec<u8>,
     /// Why its callers could not all be replaced or included instead.
     pub because: Vec<String>,
+    /// `FILE:LINE` of a function outside the library's source (the
+    /// executable's crate, another package), where that source says.
+    pub location: Option<String>,
 }
 
 /// Whether `symbol`'s entry can be redirected to the head's body: the
@@ -321,6 +324,7 @@ pub(super) fn classify(
                         address,
                         entry,
                         because: reasons.into_iter().collect(),
+                        location: None,
                     });
                     continue;
                 }

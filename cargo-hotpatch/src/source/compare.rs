@@ -11,7 +11,6 @@ use super::entries::{EntryInfo, entries, is_generated};
 use super::lines::Lines;
 use super::objects::{self, Build};
 use crate::error::io;
-use crate::syntax::CrateSource;
 use crate::syntax::LineRanges;
 use crate::{BuildError, Refusal};
 
@@ -43,11 +42,11 @@ impl Rlib {
 }
 
 /// What the comparisons of code compiled outside the service library
-/// (the executable's own crate, the workspace's other libraries) need: the
-/// head's source (to place a function), where the change is, and the
-/// workspace root the line tables name files from.
+/// (the executable's own crate, the workspace's other libraries) need:
+/// where a function is in the head's sources (`FILE:LINE`), where the
+/// change is, and the workspace root the line tables name files from.
 pub(super) struct Outside<'a> {
-    pub head_src: &'a CrateSource,
+    pub locate: &'a dyn Fn(&str) -> Option<String>,
     pub ranges: Option<(&'a LineRanges, &'a LineRanges)>,
     pub added_or_removed: &'a dyn Fn(&str) -> bool,
     pub root: &'a Path,
@@ -78,9 +77,7 @@ impl Outside<'_> {
                 noise.insert(fname.clone());
                 continue;
             }
-            let at = self
-                .head_src
-                .locate(&super::demangle(fname))
+            let at = (self.locate)(&super::demangle(fname))
                 .map(|l| format!(" ({l})"))
                 .unwrap_or_default();
             changes.push(OutsideChange {
@@ -107,6 +104,14 @@ pub(super) struct OutsideChange {
 pub(super) struct OutsideObjects {
     /// What they are, for messages (`the executable svc`, `package util`).
     pub what: String,
+    /// The executable's or the package's name.
+    pub name: String,
+    /// The package, for another package's library; `None` for the
+    /// executable's crate.
+    pub package: Option<String>,
+    /// The executable's crate name, as symbols spell it (`None` for a
+    /// library).
+    pub crate_name: Option<String>,
     /// `(name, bytes)` of each object, base.
     pub base: Objects,
     /// The same, head.
@@ -135,9 +140,10 @@ fn changed_functions<'h>(b: &Build<'_>, h: &'h Build<'_>) -> impl Iterator<Item 
 }
 
 /// The objects of the executable's own crate (kept by the wrapper) of
-/// the base and the head compared: a function whose code changed there is
-/// the library's generic or inline code compiled into the executable, which
-/// a patch does not reach. Each is refused, by name and place.
+/// the base and the head compared: a function whose code changed there
+/// (the executable's own code, or the library's generic or inline code
+/// compiled into it) is hooked if it can be, else refused by name and
+/// place.
 pub(super) fn binary_crate(
     base_exe: &Path,
     head_bins: &[PathBuf],
@@ -189,6 +195,9 @@ pub(super) fn binary_crate(
         changes,
         OutsideObjects {
             what: format!("the executable {name}'s own crate"),
+            crate_name: Some(name.replace('-', "_")),
+            package: None,
+            name,
             base: bo,
             head: ho,
             types: None,
@@ -198,9 +207,9 @@ pub(super) fn binary_crate(
 
 /// The libraries of the workspace's other packages, base and head (`(package,
 /// rlib)` each), compared: a function whose code changed there (not only
-/// how it was compiled) is the service's generic or inline code compiled
-/// into that package, which a patch does not reach. Each is refused, by
-/// name, place and package.
+/// how it was compiled: the package's own code, or the service's generic
+/// or inline code compiled into it) is hooked if it can be, else refused
+/// by name, place and package.
 pub(super) fn other_libraries(
     base: &[(String, PathBuf)],
     head: &[(String, PathBuf)],
@@ -234,6 +243,9 @@ pub(super) fn other_libraries(
         };
         let objects = OutsideObjects {
             what: format!("package {package}'s library"),
+            name: package.clone(),
+            package: Some(package.clone()),
+            crate_name: None,
             base: own(&br)?,
             head: own(&hr)?,
             types: None,

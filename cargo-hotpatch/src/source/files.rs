@@ -1,7 +1,9 @@
 //! Step 3: the changed files, classified before any build: what makes
-//! the running build (refused), the library's code (its `.rs` files, and
-//! any file that is not Rust source, which `include_str!` may compile in),
-//! and the rest (Rust files of no running code: ignored, with a note).
+//! the running build (refused), code (the `.rs` files of the library, of
+//! the executable's package and of the workspace's other packages, whose
+//! compiled objects then decide, and any file that is not Rust source,
+//! which `include_str!` may compile in), and the rest (Rust files of no
+//! running code: ignored, with a note).
 
 use std::path::Path;
 
@@ -9,13 +11,20 @@ use super::git::Revisions;
 use super::workspace::Workspace;
 use crate::{BuildError, Refusal};
 
+/// What changed, by file.
+pub(super) struct Changed {
+    /// Every changed file (for messages).
+    pub files: Vec<String>,
+    /// The notes.
+    pub notes: Vec<String>,
+    /// The other packages of the workspace whose source changed (their
+    /// source is checked as the library's is: `findings`).
+    pub other_packages: Vec<String>,
+}
+
 /// Checks the files that changed between the revisions: a change a patch
-/// cannot carry is refused, no change of the library's code is no change.
-/// Returns the files (for messages) and the notes.
-pub(super) fn check(
-    ws: &Workspace,
-    revs: &Revisions,
-) -> Result<(Vec<String>, Vec<String>), BuildError> {
+/// cannot carry is refused, no change of code is no change.
+pub(super) fn check(ws: &Workspace, revs: &Revisions) -> Result<Changed, BuildError> {
     let files = revs.changed_files(ws)?;
     let in_base = |f: &str| revs.in_commit(&revs.base_commit, f);
     let classified = classify(ws, &files, &in_base);
@@ -27,7 +36,7 @@ pub(super) fn check(
     }
     if !classified.code && classified.refusals.is_empty() {
         return Err(BuildError::NoChange(format!(
-            "no code of {}'s library changed between {base_name} and {head_name} ({})",
+            "no code of {} or of its workspace changed between {base_name} and {head_name} ({})",
             ws.package,
             files.join(", ")
         )));
@@ -35,15 +44,22 @@ pub(super) fn check(
     if !classified.refusals.is_empty() {
         return Err(BuildError::Refused(classified.refusals));
     }
-    Ok((files, classified.notes))
+    Ok(Changed {
+        files,
+        notes: classified.notes,
+        other_packages: classified.other_packages,
+    })
 }
 
 /// The changed files, classified.
 struct Classified {
     refusals: Vec<Refusal>,
     notes: Vec<String>,
-    /// Whether code of the service's library changed.
+    /// Whether code changed: the library's, the executable's or another
+    /// package's (the compiled objects decide what runs differently).
     code: bool,
+    /// The other packages whose source changed.
+    other_packages: Vec<String>,
 }
 
 fn classify(ws: &Workspace, files: &[String], in_base: &dyn Fn(&str) -> bool) -> Classified {
@@ -52,6 +68,7 @@ fn classify(ws: &Workspace, files: &[String], in_base: &dyn Fn(&str) -> bool) ->
     let mut ignored: Vec<&str> = Vec::new();
     let mut compiled_in: Vec<&str> = Vec::new();
     let mut code = false;
+    let mut other_packages: Vec<String> = Vec::new();
     let lib_dir = ws.lib_src.parent().map(Path::to_owned).unwrap_or_default();
     for f in files {
         let p = Path::new(f);
@@ -75,12 +92,17 @@ fn classify(ws: &Workspace, files: &[String], in_base: &dyn Fn(&str) -> bool) ->
             refusals.push(Refusal::BuildConfiguration { file });
             continue;
         }
-        if ws.bins.iter().any(|(_, src)| src == p) || p.starts_with(ws.package_dir.join("src/bin"))
+        let rust = p.extension().is_some_and(|e| e == "rs");
+        // The executable's own crate: its objects are compared, its source
+        // checked (`findings`).
+        if rust
+            && (ws.bins.iter().any(|(_, src)| src == p)
+                || p.starts_with(ws.package_dir.join("src/bin")))
         {
-            refusals.push(Refusal::BinaryCrate { file });
+            code = true;
             continue;
         }
-        if p.starts_with(&lib_dir) && p.extension().is_some_and(|e| e == "rs") {
+        if p.starts_with(&lib_dir) && rust {
             code = true;
             continue;
         }
@@ -91,25 +113,15 @@ fn classify(ws: &Workspace, files: &[String], in_base: &dyn Fn(&str) -> bool) ->
             .filter(|(dir, _)| !dir.as_os_str().is_empty() && p.starts_with(dir))
             .max_by_key(|(dir, _)| dir.components().count());
         match owner {
-            Some((_, pkg))
-                if pkg == &ws.host_package
-                    && pkg != &ws.package
-                    && p.extension().is_some_and(|e| e == "rs") =>
-            {
-                refusals.push(Refusal::BinaryCrate { file });
+            // The executable's package, or another package's library:
+            // their objects are compared (`compare`).
+            Some((dir, pkg)) if pkg != &ws.package && rust && p.starts_with(dir.join("src")) => {
+                code = true;
+                if pkg != &ws.host_package && !other_packages.contains(pkg) {
+                    other_packages.push(pkg.clone());
+                }
             }
-            Some((dir, pkg))
-                if pkg != &ws.package
-                    && p.extension().is_some_and(|e| e == "rs")
-                    && p.starts_with(dir.join("src")) =>
-            {
-                refusals.push(Refusal::OtherPackage {
-                    file,
-                    package: pkg.clone(),
-                    service: ws.package.clone(),
-                });
-            }
-            _ if p.extension().is_some_and(|e| e == "rs") => ignored.push(f.as_str()),
+            _ if rust => ignored.push(f.as_str()),
             // Not Rust source, but the library may compile it in
             // (`include_str!`, `include_bytes!`): the compiled code
             // decides, never the file's name.
@@ -141,6 +153,7 @@ fn classify(ws: &Workspace, files: &[String], in_base: &dyn Fn(&str) -> bool) ->
         refusals,
         notes,
         code,
+        other_packages,
     }
 }
 
@@ -165,6 +178,7 @@ mod tests {
                 (PathBuf::from("svc"), "svc".into()),
                 (PathBuf::from("util"), "util".into()),
             ],
+            other_libs: Vec::new(),
             outside: Some(Vec::new()),
         };
         let files: Vec<String> = [
@@ -199,19 +213,15 @@ mod tests {
                 Refusal::BuildConfiguration {
                     file: file(".cargo/config.toml")
                 },
-                Refusal::BinaryCrate {
-                    file: file("svc/src/main.rs")
-                },
-                Refusal::BinaryCrate {
-                    file: file("svc/src/bin/tool.rs")
-                },
-                Refusal::OtherPackage {
-                    file: file("util/src/lib.rs"),
-                    package: "util".into(),
-                    service: "svc".into(),
-                },
             ]
         );
+        // The executable's crate and another package's library are code:
+        // their compiled objects decide.
+        assert_eq!(c.other_packages, ["util"]);
+        for f in ["svc/src/main.rs", "svc/src/bin/tool.rs", "util/src/lib.rs"] {
+            let one = classify(&ws, &[file(f)], &|_| true);
+            assert!(one.code && one.refusals.is_empty(), "{f}");
+        }
         assert_eq!(
             c.notes,
             [

@@ -9,15 +9,17 @@
 //!    them; `identity` reads the deployed binary (`--binary`) before any
 //!    build: an ELF executable with a build-id, a symbol table and
 //!    hotpatch linked in.
-//! 3. `files`: the changed files classified: `Cargo.toml`, a build script,
-//!    the binary crate or another package are refused; no change of the
-//!    library's code is no change.
+//! 3. `files`: the changed files classified: `Cargo.toml`, a build script
+//!    or the toolchain are refused; the source of the library, of the
+//!    executable's crate and of the workspace's other packages is code,
+//!    which the compiled objects judge; no change of code is no change.
 //! 4. `checkout`: the base revision checked out (`git archive`, into the
 //!    target directory: the user's tree and `.git` are untouched), and the
 //!    head if it is a revision (else it is the working tree).
-//! 5. `findings`: the library's source of both sides compared (module
-//!    `syntax`): a type's layout, a static or a patchable signature is
-//!    refused before any build.
+//! 5. `findings`: the source of both sides compared (module `syntax`):
+//!    the library's, the deployed executable's crate's and each changed
+//!    other package's library's. A type's layout, a static or a patchable
+//!    signature is refused before any build, naming the file.
 //! 6. `sides`: the base built as deployed (the same toolchain,
 //!    `Cargo.lock` with `--locked`, profile, features and flags), and the
 //!    head the same way, in one target directory (the base's outputs kept
@@ -47,8 +49,12 @@
 //!    wherever they are; changed data is refused (`entries` reads the
 //!    `#[patchable]` registry entries). The executable's own objects
 //!    (kept by `wrapper`) are compared too, and the libraries of the
-//!    workspace's other packages: a change compiled into them (the
-//!    library's generic or inline code) is refused by name.
+//!    workspace's other packages: a function that changed there (their
+//!    own code, or the library's generic or inline code compiled into
+//!    them) is hooked as below, its async state machines compared with
+//!    that crate's type information build, or refused by name. The
+//!    executable's `main` and the start-up code that calls it
+//!    (`startup`) are refused: the process has run them.
 //! 9. `classify`: each changed function classified: a `#[patchable]` body
 //!    is replaced; any other function is included if every function of
 //!    the base that references it is replaced or included (or gone from
@@ -83,6 +89,7 @@ mod manifest;
 pub(crate) mod objects;
 mod report;
 mod sides;
+mod startup;
 mod workspace;
 pub(crate) mod wrapper;
 
@@ -176,9 +183,19 @@ pub fn build_from_source(
     let ws = workspace::Workspace::read(opts)?;
     let revs = git::Revisions::resolve(&ws, opts)?;
     let deployed = identity::Deployed::read(opts.binary.as_deref())?;
-    let (files, mut notes) = files::check(&ws, &revs)?;
+    let files::Changed {
+        files,
+        mut notes,
+        other_packages,
+    } = files::check(&ws, &revs)?;
     let trees = checkout::check_out(&ws, &revs, progress, &mut notes)?;
-    let (base_src, head_src) = findings::check(&ws, &trees, &mut notes)?;
+    let (base_src, head_src, outside_src) = findings::check(
+        &ws,
+        &trees,
+        ws.deployed_bin(opts),
+        &other_packages,
+        &mut notes,
+    )?;
     // Held until the patch is linked: the head's rlib is read to the end.
     let (base, head, _lock) = sides::build_both(&ws, opts, &revs, &trees, progress, &mut notes)?;
     let base_bin = sides::pick_bin(&ws, opts, &base.bins)?;
@@ -190,20 +207,25 @@ pub fn build_from_source(
     );
     let (b, h) = (base_rlib.objects()?, head_rlib.objects()?);
     // Lines say where a change is only when every changed file is a
-    // source file of the library (a file `include_str!` compiles in, or a
-    // module under `#[cfg(test)]`, says nothing by its lines).
+    // source file of the library or of a crate whose source was read
+    // beside it (a file `include_str!` compiles in, or a module under
+    // `#[cfg(test)]`, says nothing by its lines).
     let ranges = files
         .iter()
-        .all(|f| base_src.reads(Path::new(f)) || head_src.reads(Path::new(f)))
+        .all(|f| {
+            let f = Path::new(f);
+            base_src.reads(f) || head_src.reads(f) || outside_src.reads(f)
+        })
         .then(|| head_src.changed_fn_lines(&base_src))
-        .flatten();
+        .flatten()
+        .and_then(|r| outside_src.add_changed_fn_lines(r));
     let (base_lines, head_lines) = (
         lines::Lines::read(&b, &ws.root),
         lines::Lines::read(&h, &ws.root),
     );
     let added_or_removed = |symbol: &str| {
         let d = demangle(symbol);
-        base_src.defines(&d) != head_src.defines(&d)
+        base_src.defines(&d) != head_src.defines(&d) || outside_src.added_or_removed(&d)
     };
     let site = compare::ChangeSite {
         ranges: ranges.as_ref().map(|(b, h)| (b, h)),
@@ -215,8 +237,16 @@ pub fn build_from_source(
     let comparison = compare::compare(&b, &h, &site, &mut noise);
     let mut refusals = comparison.refusals.clone();
     let mut bin_noise = std::collections::BTreeSet::new();
+    // A function outside the library: where the executable's crate or
+    // another package defines exactly that path, else the library's
+    // generic or inline code.
+    let locate_outside = |d: &str| {
+        outside_src
+            .locate(d)
+            .or_else(|| head_src.locate(d).map(|l| l.to_string()))
+    };
     let outside = compare::Outside {
-        head_src: &head_src,
+        locate: &locate_outside,
         ranges: site.ranges,
         added_or_removed: &added_or_removed,
         root: &ws.root,
@@ -264,11 +294,9 @@ pub fn build_from_source(
     };
     let types = types_builds.as_ref().map(|(b, h)| (b, h));
     let mut plan = classify::classify(&b, &h, &host, &comparison, &head_src, types, &mut refusals);
-    // The executable's own crate's type information, for its hooks.
-    if let (Some(t), Some((_, exe))) = (&type_builds, outsides.first_mut())
-        && !t.bin.0.is_empty()
-        && !t.bin.1.is_empty()
-    {
+    // The executable's own crate's type information, and each other
+    // library's, for their hooks.
+    if let Some(t) = &type_builds {
         let read = |files: &[PathBuf]| -> Result<Vec<(String, Vec<u8>)>, BuildError> {
             files
                 .iter()
@@ -278,7 +306,26 @@ pub fn build_from_source(
                 })
                 .collect()
         };
-        exe.types = Some((read(&t.bin.0)?, read(&t.bin.1)?));
+        let own = |rlib: &Path| -> Result<compare::Objects, BuildError> {
+            let r = compare::Rlib::read(rlib)?;
+            Ok(r.members()?
+                .into_iter()
+                .map(|(n, b)| (n, b.to_vec()))
+                .collect())
+        };
+        for (i, (_, objects)) in outsides.iter_mut().enumerate() {
+            match &objects.package {
+                None if i == 0 && !t.bin.0.is_empty() && !t.bin.1.is_empty() => {
+                    objects.types = Some((read(&t.bin.0)?, read(&t.bin.1)?));
+                }
+                Some(package) => {
+                    if let Some((b, h)) = t.other(package) {
+                        objects.types = Some((own(b)?, own(h)?));
+                    }
+                }
+                None => {}
+            }
+        }
     }
     // Code of the service compiled outside its library (its generic or
     // inline code instantiated in the executable's crate or another
@@ -321,6 +368,19 @@ pub fn build_from_source(
                     .push((c.symbol.clone(), Some(objects.what.clone())));
                 continue;
             }
+            let d = demangle(&c.symbol);
+            // `main`, and the start-up code that calls it, have run: a
+            // hook there changes nothing the process runs again.
+            if objects.package.is_none() && startup::is_startup(&d, objects.crate_name.as_deref()) {
+                refusals.push(crate::Refusal::StartupCode {
+                    function: describe(&c.symbol),
+                    at: locate_outside(&d)
+                        .map(|l| format!(" ({l})"))
+                        .unwrap_or_default(),
+                    executable: objects.name.clone(),
+                });
+                continue;
+            }
             let hook = if h.by_name.contains_key(&c.symbol) {
                 Err("the library defines a function of the same name".to_owned())
             } else {
@@ -329,11 +389,29 @@ pub fn build_from_source(
             match hook {
                 Ok((address, entry)) => {
                     hooked_here = true;
+                    let own = outside_src.locate(&d);
+                    let mut because = vec![match &own {
+                        Some(_) => format!("it is a function of {}", objects.what),
+                        None => format!("it is compiled into {}", objects.what),
+                    }];
+                    if objects.package.is_none()
+                        && let Some(callers) = referrers.get(&c.symbol)
+                        && !callers.is_empty()
+                        && callers.iter().all(|n| {
+                            startup::is_startup(&demangle(n), objects.crate_name.as_deref())
+                        })
+                    {
+                        because.push(format!(
+                            "only {} calls it: its new code runs at the next call main makes (main itself has run, and is not redirected)",
+                            callers.iter().map(|n| describe(n)).collect::<Vec<_>>().join(", ")
+                        ));
+                    }
                     plan.hooked.push(classify::Hooked {
                         symbol: c.symbol.clone(),
                         address,
                         entry,
-                        because: vec![format!("it is compiled into {}", objects.what)],
+                        because,
+                        location: own,
                     });
                 }
                 Err(why) => refusals.push(c.refusal.clone().because(why)),

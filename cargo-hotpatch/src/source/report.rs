@@ -178,7 +178,7 @@ pub(super) fn report(
             let d = demangle(&h.symbol);
             Item {
                 path: describe(&h.symbol),
-                location: locate(&d),
+                location: h.location.clone().or_else(|| locate(&d)),
                 why: head_src.why_changed(base_src, &d),
                 callers: h.because.clone(),
             }

@@ -264,7 +264,7 @@ fn base_key(ws: &Workspace, opts: &SourceOptions, revs: &Revisions, base: &Path)
     use std::hash::{Hash, Hasher};
     let mut h = std::hash::DefaultHasher::new();
     wrapper::WRAPPER_SCHEME.hash(&mut h);
-    "kept base 3: rlib, executables with their objects, the other libraries, the rlib's type information build".hash(&mut h);
+    "kept base 4: rlib, executables with their objects, the other libraries, the type information builds of the rlib, the executable and the other libraries".hash(&mut h);
     env!("CARGO_PKG_VERSION").hash(&mut h);
     revs.base_commit.hash(&mut h);
     base.hash(&mut h);
@@ -441,6 +441,35 @@ pub(super) struct TypeBuilds {
     /// The objects of the executable's own crate, base and head (empty if
     /// none were made).
     pub bin: (Vec<PathBuf>, Vec<PathBuf>),
+    /// The libraries of the workspace's other packages, base and head
+    /// (package, rlib): those whose types build was made.
+    pub others: (Vec<(String, PathBuf)>, Vec<(String, PathBuf)>),
+}
+
+impl TypeBuilds {
+    /// The type information build of package `package`'s library, base
+    /// and head, if both were made.
+    pub fn other(&self, package: &str) -> Option<(&Path, &Path)> {
+        fn find<'a>(side: &'a [(String, PathBuf)], package: &str) -> Option<&'a Path> {
+            side.iter()
+                .find(|(p, _)| p == package)
+                .map(|(_, r)| r.as_path())
+        }
+        Some((
+            find(&self.others.0, package)?,
+            find(&self.others.1, package)?,
+        ))
+    }
+}
+
+/// The type information builds of the other libraries a build made
+/// (`wrapper::types_rlib`), by package.
+fn other_types(built: &Artifacts) -> Vec<(String, PathBuf)> {
+    built
+        .others
+        .iter()
+        .filter_map(|(p, r)| Some((p.clone(), wrapper::types_rlib(r)?)))
+        .collect()
 }
 
 /// Builds (or finds kept) the type-information builds of both sides, for
@@ -467,14 +496,20 @@ pub(super) fn type_builds(
             .cloned()
     };
     let listing = std::fs::read_to_string(&marker).ok();
-    let (base_lib, base_bin) = match listing {
+    let (base_lib, base_bin, base_others) = match listing {
         Some(listing) => {
             let mut lib = None;
             let mut bin = Vec::new();
+            let mut others = Vec::new();
             for line in listing.lines() {
                 match line.split_once(' ') {
                     Some(("lib", f)) => lib = Some(kept.join(f)),
                     Some(("bin", f)) => bin.push(kept.join(f)),
+                    Some(("other", rest)) => {
+                        if let Some((package, f)) = rest.split_once(' ') {
+                            others.push((package.to_owned(), kept.join("others").join(f)));
+                        }
+                    }
                     _ => {}
                 }
             }
@@ -486,7 +521,7 @@ pub(super) fn type_builds(
                 revs.base_name,
                 kept.display()
             ));
-            (lib, bin)
+            (lib, bin, others)
         }
         None => {
             progress(&format!(
@@ -523,8 +558,17 @@ pub(super) fn type_builds(
                 listing.push_str(&format!("bin {}\n", name(&o)));
                 bin.push(to);
             }
+            let mut others = Vec::new();
+            for (package, r) in other_types(&built) {
+                let dir = kept.join("others");
+                std::fs::create_dir_all(&dir).map_err(io(dir.display()))?;
+                let to = dir.join(name(&r));
+                std::fs::copy(&r, &to).map_err(io(to.display()))?;
+                listing.push_str(&format!("other {package} {}\n", name(&r)));
+                others.push((package, to));
+            }
             std::fs::write(&marker, listing).map_err(io(marker.display()))?;
-            (kept.join(name(&lib)), bin)
+            (kept.join(name(&lib)), bin, others)
         }
     };
     progress(&format!(
@@ -545,6 +589,7 @@ pub(super) fn type_builds(
     Ok(TypeBuilds {
         lib: (base_lib, head_lib),
         bin: (base_bin, head_bin),
+        others: (base_others, other_types(&built)),
     })
 }
 

@@ -24,6 +24,10 @@ pub(super) struct Workspace {
     pub package_dir: PathBuf,
     /// Every workspace package's directory (relative) and name.
     pub members: Vec<(PathBuf, String)>,
+    /// The library of every other package of the workspace: its package,
+    /// crate name and root file (relative to the root). Its code is
+    /// compared where the executable links it (`compare::other_libraries`).
+    pub other_libs: Vec<OtherLib>,
     /// The directories of path dependencies outside the workspace
     /// (`path = "../hp/hotpatch"`): what they hold at build time is no
     /// revision's, so a kept base build is valid only while they are as
@@ -81,7 +85,38 @@ fn host_package<'m>(
     }
 }
 
+/// The library of another package of the workspace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct OtherLib {
+    /// The package.
+    pub package: String,
+    /// The library's crate name, as symbols spell it.
+    pub crate_name: String,
+    /// Its root file, relative to the workspace root.
+    pub src: PathBuf,
+}
+
 impl Workspace {
+    /// The deployed executable's bin target (name and root file), as
+    /// `--bin` or `--binary`'s file name say, else the host package's only
+    /// one; `None` when that cannot be told before the build (which then
+    /// asks for `--bin`).
+    pub fn deployed_bin(&self, opts: &SourceOptions) -> Option<&(String, PathBuf)> {
+        let wanted = opts.bin.clone().or_else(|| {
+            opts.binary
+                .as_ref()
+                .and_then(|b| b.file_name())
+                .map(|n| n.to_string_lossy().into_owned())
+        });
+        match (wanted, self.bins.as_slice()) {
+            (Some(w), bins) if bins.iter().any(|(n, _)| *n == w) => {
+                bins.iter().find(|(n, _)| *n == w)
+            }
+            (_, [one]) => Some(one),
+            _ => None,
+        }
+    }
+
     /// The workspace of `--manifest-path` (or the current directory) and
     /// its package `-p` names (or its only package).
     pub fn read(opts: &SourceOptions) -> Result<Workspace, BuildError> {
@@ -134,6 +169,19 @@ impl Workspace {
                 }])
             })?;
         let host = host_package(&meta, package, opts)?;
+        let other_libs = meta
+            .packages
+            .iter()
+            .filter(|p| p.name != package.name && p.dir().starts_with(&meta.root))
+            .filter_map(|p| {
+                let lib = p.targets.iter().find(|t| t.is("lib") || t.is("rlib"))?;
+                Some(OtherLib {
+                    package: p.name.clone(),
+                    crate_name: lib.crate_name(),
+                    src: meta.relative(&lib.src_path),
+                })
+            })
+            .collect();
         let bins = host
             .targets
             .iter()
@@ -148,6 +196,7 @@ impl Workspace {
             bins,
             package_dir,
             members,
+            other_libs,
             outside,
             root: meta.root,
             target_dir: meta.target_dir,
