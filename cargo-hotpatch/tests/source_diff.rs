@@ -1552,6 +1552,22 @@ fn git_in(dir: &std::path::Path, args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// The workspace's `util/src/lib.rs` with the `edits` of that file.
+fn util_lib(edits: &[Edit]) -> String {
+    let mut text = concat!(
+        "pub fn twice_plus_two(x: u64) -> u64 {\n    svc::apply_twice(|v| v + 2, x)\n}\n",
+        "\n/// The flat rate of `amount` (the executable's `by_rate` answer).\n",
+        "#[inline(never)]\n",
+        "pub fn by_rate(amount: u64) -> u64 {\n    svc::rated_by(&svc::Flat, amount)\n}\n",
+    )
+    .to_owned();
+    for e in edits.iter().filter(|e| e.file == "util/src/lib.rs") {
+        assert_eq!(text.matches(e.old).count(), 1, "{:?}", e.old);
+        text = text.replacen(e.old, e.new, 1);
+    }
+    text
+}
+
 /// The fixture's service as many services are laid out: the library in
 /// package `svc` (directory `svc/`, its build script generating code),
 /// the executable in package `host` (directory `host/`, the host setting
@@ -1583,10 +1599,7 @@ fn make_workspace_repo(branches: &[(&str, &[Edit])]) -> PathBuf {
         "[package]\nname = \"util\"\nversion = \"0.1.0\"\nedition = \"2024\"\npublish = false\n\n\
          [dependencies]\nsvc = { path = \"../svc\" }\n",
     );
-    put(
-        "util/src/lib.rs",
-        "pub fn twice_plus_two(x: u64) -> u64 {\n    svc::apply_twice(|v| v + 2, x)\n}\n",
-    );
+    put("util/src/lib.rs", &util_lib(&[]));
     put("svc/Cargo.toml", &format!("{svc_manifest}\n"));
     // The library's build script generates code; the host setting is the
     // executable's (cargo refuses `rustc-link-arg-bins` without a bin).
@@ -1608,7 +1621,11 @@ fn make_workspace_repo(branches: &[(&str, &[Edit])]) -> PathBuf {
         "host/build.rs",
         "fn main() {\n    println!(\"cargo::rustc-link-arg-bins=-rdynamic\");\n}\n",
     );
-    put("host/src/main.rs", harness::V1_MAIN);
+    // The executable reaches one answer through `util`'s own code.
+    put(
+        "host/src/main.rs",
+        &harness::V1_MAIN.replace("svc::rated_by(&svc::Flat, 1000)", "util::by_rate(1000)"),
+    );
     put("svc/src/lib.rs", harness::V1_LIB);
     put("svc/src/greeting.txt", harness::V1_GREETING);
     put(".gitignore", "/target\n");
@@ -1625,6 +1642,7 @@ fn make_workspace_repo(branches: &[(&str, &[Edit])]) -> PathBuf {
     git_in(&repo, &["init", "--quiet", "-b", "main"]);
     let commit = |edits: &[Edit], parent: Option<&str>, msg: &str| {
         put("svc/src/lib.rs", &harness::edited("src/lib.rs", edits));
+        put("util/src/lib.rs", &util_lib(edits));
         git_in(&repo, &["add", "--all"]);
         let tree = git_in(&repo, &["write-tree"]);
         let mut args = vec!["commit-tree", tree.trim(), "-m", msg];
@@ -1993,4 +2011,107 @@ fn case_39_a_change_of_main_is_refused_it_has_run() {
         refusals[0]
     );
     assert!(!out.stdout.contains("hooked"), "{}", out.stdout);
+}
+
+// ---- other packages of the workspace (issue 18) ----
+
+/// The workspace repository's v1 built (`cargo build -p host`), its
+/// executable copied to `bin/NAME/host` (named as its bin target).
+fn build_workspace_host(repo: &std::path::Path, name: &str) -> PathBuf {
+    let mut build = harness::cargo();
+    build
+        .args(["build", "--quiet", "-p", "host"])
+        .current_dir(repo);
+    let out = harness::run(build, "cargo build -p host (v1)");
+    assert!(out.status.success(), "{out:?}");
+    let bin = harness::scratch().join("bin").join(name).join("host");
+    std::fs::create_dir_all(bin.parent().unwrap()).unwrap();
+    std::fs::copy(harness::target_dir().join("debug/host"), &bin).unwrap();
+    bin
+}
+
+#[test]
+fn workspace_a_changed_function_of_another_package_is_hooked() {
+    // `util::by_rate`, a function of package `util` that the executable
+    // calls: its source is checked, its library's objects compared, its
+    // type information read (no async state machine), and its entry
+    // redirected; the running host answers with the fix, then without.
+    let _fx = fixture();
+    let util_fix: &[Edit] = &[Edit {
+        file: "util/src/lib.rs",
+        old: "svc::rated_by(&svc::Flat, amount)",
+        new: "svc::rated_by(&svc::Flat, amount * 2)",
+    }];
+    let util_static: &[Edit] = &[Edit {
+        file: "util/src/lib.rs",
+        old: "pub fn twice_plus_two",
+        new: "pub static SEEN: u64 = 0;\n\npub fn twice_plus_two",
+    }];
+    let repo = make_workspace_repo(&[("util-fix", util_fix), ("util-static", util_static)]);
+    let bin = build_workspace_host(&repo, "workspace-util");
+    let manifest = repo.join("Cargo.toml");
+    let run = |head: &str, so: &std::path::Path| {
+        tool(&[
+            "build",
+            "--manifest-path",
+            s(&manifest),
+            "--base",
+            "v1",
+            "--head",
+            head,
+            "-p",
+            "svc",
+            "--binary",
+            s(&bin),
+            "-o",
+            s(so),
+        ])
+    };
+    let so = out_path("workspace-util-fix");
+    let out = run("util-fix", &so);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let line = line_of(&util_lib(util_fix), "pub fn by_rate(");
+    assert_eq!(
+        listed(&out.stdout),
+        [harness::Listed {
+            kind: "hooked".into(),
+            path: "util::by_rate".into(),
+            at: format!("util/src/lib.rs:{line}"),
+        }],
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout
+            .contains("    because it is a function of package util's library"),
+        "{}",
+        out.stdout
+    );
+    let mut host = Service::start(&bin, "host v1 (util)");
+    apply_and_revert(&mut host, &so, &[("by_rate", "40")]);
+
+    // Its source is checked as the library's is: a static added there is
+    // refused before any build, naming the file.
+    let so = out_path("workspace-util-static");
+    let out = run("util-static", &so);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(!so.exists());
+    let line = line_of(&util_lib(util_static), "pub static SEEN");
+    let refusals: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("refused: "))
+        .collect();
+    assert_eq!(refusals.len(), 1, "one clear reason: {}", out.stderr);
+    assert!(
+        refusals[0].contains("added static util::SEEN")
+            && refusals[0].contains(&format!("(util/src/lib.rs:{line})")),
+        "{}",
+        refusals[0]
+    );
+    assert!(
+        !out.stderr.contains("building the base"),
+        "refused before building: {}",
+        out.stderr
+    );
 }
