@@ -1552,16 +1552,16 @@ fn git_in(dir: &std::path::Path, args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-/// The workspace's `util/src/lib.rs` with the `edits` of that file.
-fn util_lib(edits: &[Edit]) -> String {
+/// The workspace's `rates/src/lib.rs` with the `edits` of that file.
+fn rates_lib(edits: &[Edit]) -> String {
     let mut text = concat!(
-        "pub fn twice_plus_two(x: u64) -> u64 {\n    svc::apply_twice(|v| v + 2, x)\n}\n",
+        "//! The rates the executable answers with.\n",
         "\n/// The flat rate of `amount` (the executable's `by_rate` answer).\n",
         "#[inline(never)]\n",
         "pub fn by_rate(amount: u64) -> u64 {\n    svc::rated_by(&svc::Flat, amount)\n}\n",
     )
     .to_owned();
-    for e in edits.iter().filter(|e| e.file == "util/src/lib.rs") {
+    for e in edits.iter().filter(|e| e.file == "rates/src/lib.rs") {
         assert_eq!(text.matches(e.old).count(), 1, "{:?}", e.old);
         text = text.replacen(e.old, e.new, 1);
     }
@@ -1590,7 +1590,7 @@ fn make_workspace_repo(branches: &[(&str, &[Edit])]) -> PathBuf {
         .unwrap();
     put(
         "Cargo.toml",
-        "[workspace]\nmembers = [\"svc\", \"util\", \"host\"]\nresolver = \"3\"\n",
+        "[workspace]\nmembers = [\"svc\", \"util\", \"rates\", \"host\"]\nresolver = \"3\"\n",
     );
     // A library between the service and the executable, which compiles
     // its own copy of the service's generic `apply_twice`.
@@ -1599,7 +1599,17 @@ fn make_workspace_repo(branches: &[(&str, &[Edit])]) -> PathBuf {
         "[package]\nname = \"util\"\nversion = \"0.1.0\"\nedition = \"2024\"\npublish = false\n\n\
          [dependencies]\nsvc = { path = \"../svc\" }\n",
     );
-    put("util/src/lib.rs", &util_lib(&[]));
+    put(
+        "util/src/lib.rs",
+        "pub fn twice_plus_two(x: u64) -> u64 {\n    svc::apply_twice(|v| v + 2, x)\n}\n",
+    );
+    // A library the executable calls (`util` it does not).
+    put(
+        "rates/Cargo.toml",
+        "[package]\nname = \"rates\"\nversion = \"0.1.0\"\nedition = \"2024\"\npublish = false\n\n\
+         [dependencies]\nsvc = { path = \"../svc\" }\n",
+    );
+    put("rates/src/lib.rs", &rates_lib(&[]));
     put("svc/Cargo.toml", &format!("{svc_manifest}\n"));
     // The library's build script generates code; the host setting is the
     // executable's (cargo refuses `rustc-link-arg-bins` without a bin).
@@ -1613,6 +1623,7 @@ fn make_workspace_repo(branches: &[(&str, &[Edit])]) -> PathBuf {
         &format!(
             "[package]\nname = \"host\"\nversion = \"0.1.0\"\nedition = \"2024\"\npublish = false\n\n\
              [dependencies]\nsvc = {{ path = \"../svc\" }}\nutil = {{ path = \"../util\" }}\n\
+             rates = {{ path = \"../rates\" }}\n\
              hotpatch = {{ path = \"{}\", default-features = false }}\n",
             hotpatch.display()
         ),
@@ -1621,10 +1632,10 @@ fn make_workspace_repo(branches: &[(&str, &[Edit])]) -> PathBuf {
         "host/build.rs",
         "fn main() {\n    println!(\"cargo::rustc-link-arg-bins=-rdynamic\");\n}\n",
     );
-    // The executable reaches one answer through `util`'s own code.
+    // The executable reaches one answer through `rates`'s own code.
     put(
         "host/src/main.rs",
-        &harness::V1_MAIN.replace("svc::rated_by(&svc::Flat, 1000)", "util::by_rate(1000)"),
+        &harness::V1_MAIN.replace("svc::rated_by(&svc::Flat, 1000)", "rates::by_rate(1000)"),
     );
     put("svc/src/lib.rs", harness::V1_LIB);
     put("svc/src/greeting.txt", harness::V1_GREETING);
@@ -1642,7 +1653,7 @@ fn make_workspace_repo(branches: &[(&str, &[Edit])]) -> PathBuf {
     git_in(&repo, &["init", "--quiet", "-b", "main"]);
     let commit = |edits: &[Edit], parent: Option<&str>, msg: &str| {
         put("svc/src/lib.rs", &harness::edited("src/lib.rs", edits));
-        put("util/src/lib.rs", &util_lib(edits));
+        put("rates/src/lib.rs", &rates_lib(edits));
         git_in(&repo, &["add", "--all"]);
         let tree = git_in(&repo, &["write-tree"]);
         let mut args = vec!["commit-tree", tree.trim(), "-m", msg];
@@ -2032,23 +2043,23 @@ fn build_workspace_host(repo: &std::path::Path, name: &str) -> PathBuf {
 
 #[test]
 fn workspace_a_changed_function_of_another_package_is_hooked() {
-    // `util::by_rate`, a function of package `util` that the executable
+    // `rates::by_rate`, a function of package `rates` that the executable
     // calls: its source is checked, its library's objects compared, its
     // type information read (no async state machine), and its entry
     // redirected; the running host answers with the fix, then without.
     let _fx = fixture();
-    let util_fix: &[Edit] = &[Edit {
-        file: "util/src/lib.rs",
+    let rates_fix: &[Edit] = &[Edit {
+        file: "rates/src/lib.rs",
         old: "svc::rated_by(&svc::Flat, amount)",
         new: "svc::rated_by(&svc::Flat, amount * 2)",
     }];
-    let util_static: &[Edit] = &[Edit {
-        file: "util/src/lib.rs",
-        old: "pub fn twice_plus_two",
-        new: "pub static SEEN: u64 = 0;\n\npub fn twice_plus_two",
+    let rates_static: &[Edit] = &[Edit {
+        file: "rates/src/lib.rs",
+        old: "//! The rates the executable answers with.\n",
+        new: "//! The rates the executable answers with.\n\npub static SEEN: u64 = 0;\n",
     }];
-    let repo = make_workspace_repo(&[("util-fix", util_fix), ("util-static", util_static)]);
-    let bin = build_workspace_host(&repo, "workspace-util");
+    let repo = make_workspace_repo(&[("rates-fix", rates_fix), ("rates-static", rates_static)]);
+    let bin = build_workspace_host(&repo, "workspace-rates");
     let manifest = repo.join("Cargo.toml");
     let run = |head: &str, so: &std::path::Path| {
         tool(&[
@@ -2067,36 +2078,36 @@ fn workspace_a_changed_function_of_another_package_is_hooked() {
             s(so),
         ])
     };
-    let so = out_path("workspace-util-fix");
-    let out = run("util-fix", &so);
+    let so = out_path("workspace-rates-fix");
+    let out = run("rates-fix", &so);
     assert_eq!(out.status.code(), Some(0), "{out:?}");
-    let line = line_of(&util_lib(util_fix), "pub fn by_rate(");
+    let line = line_of(&rates_lib(rates_fix), "pub fn by_rate(");
     assert_eq!(
         listed(&out.stdout),
         [harness::Listed {
             kind: "hooked".into(),
-            path: "util::by_rate".into(),
-            at: format!("util/src/lib.rs:{line}"),
+            path: "rates::by_rate".into(),
+            at: format!("rates/src/lib.rs:{line}"),
         }],
         "{}",
         out.stdout
     );
     assert!(
         out.stdout
-            .contains("    because it is a function of package util's library"),
+            .contains("    because it is a function of package rates's library"),
         "{}",
         out.stdout
     );
-    let mut host = Service::start(&bin, "host v1 (util)");
+    let mut host = Service::start(&bin, "host v1 (rates)");
     apply_and_revert(&mut host, &so, &[("by_rate", "40")]);
 
     // Its source is checked as the library's is: a static added there is
     // refused before any build, naming the file.
-    let so = out_path("workspace-util-static");
-    let out = run("util-static", &so);
+    let so = out_path("workspace-rates-static");
+    let out = run("rates-static", &so);
     assert_eq!(out.status.code(), Some(3), "{out:?}");
     assert!(!so.exists());
-    let line = line_of(&util_lib(util_static), "pub static SEEN");
+    let line = line_of(&rates_lib(rates_static), "pub static SEEN");
     let refusals: Vec<&str> = out
         .stderr
         .lines()
@@ -2104,8 +2115,8 @@ fn workspace_a_changed_function_of_another_package_is_hooked() {
         .collect();
     assert_eq!(refusals.len(), 1, "one clear reason: {}", out.stderr);
     assert!(
-        refusals[0].contains("added static util::SEEN")
-            && refusals[0].contains(&format!("(util/src/lib.rs:{line})")),
+        refusals[0].contains("added static rates::SEEN")
+            && refusals[0].contains(&format!("(rates/src/lib.rs:{line})")),
         "{}",
         refusals[0]
     );
