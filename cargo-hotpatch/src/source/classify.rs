@@ -63,12 +63,63 @@ pub(super) struct Hooked {
     /// `FILE:LINE` of a function outside the library's source (the
     /// executable's crate, another package), where that source says.
     pub location: Option<String>,
+    /// For one of several local copies: the head's body for it (object
+    /// member and section); `None`: the head's body of the name.
+    pub body: Option<(String, object::SectionIndex)>,
+}
+
+impl Hooked {
+    /// One hook per entry of `at` (a function, or each of its copies),
+    /// with `because` and, for copies, which copy each is.
+    pub fn each(
+        symbol: &str,
+        at: Vec<HookAt>,
+        because: Vec<String>,
+        location: Option<String>,
+    ) -> Vec<Hooked> {
+        let n = at.len();
+        at.into_iter()
+            .map(|a| {
+                let mut because = because.clone();
+                let body = a.copy.map(|(body, unit)| {
+                    because.push(format!(
+                        "the deployed binary has {n} local copies of it: this one, at {:#x}, from codegen unit {unit}, gets that unit's new body; every copy is hooked",
+                        a.address
+                    ));
+                    body
+                });
+                Hooked {
+                    symbol: symbol.to_owned(),
+                    address: a.address,
+                    entry: a.entry,
+                    because,
+                    location: location.clone(),
+                    body,
+                }
+            })
+            .collect()
+    }
+}
+
+/// One entry a hook redirects: the function's, or one of its copies'.
+#[derive(Debug, Clone)]
+pub(super) struct HookAt {
+    /// The address of the entry in the deployed binary.
+    pub address: u64,
+    /// The bytes the hook replaces there.
+    pub entry: Vec<u8>,
+    /// For one of several copies: the head's body for it (object member
+    /// and section) and its codegen unit; `None`: the head's only body
+    /// of the name.
+    pub copy: Option<((String, object::SectionIndex), String)>,
 }
 
 /// Whether `symbol`'s entry can be redirected to the head's body: the
 /// head compiled one, every caller the deployed build has calls it as the
 /// new body expects ([`callers_agree`]), and the deployed binary's code
-/// at its entry is eligible. `Err` says why not.
+/// at its entry is eligible. Where the binary has several local copies of
+/// it, every copy, each paired with its own base and head copies
+/// (`copies`). `Err` says why not.
 pub(super) fn hookable(
     (b, b_refs): (&Build<'_>, &Referrers),
     h: &Build<'_>,
@@ -76,7 +127,7 @@ pub(super) fn hookable(
     host: &Host,
     symbol: &str,
     in_patch: &dyn Fn(&str) -> bool,
-) -> Result<(u64, Vec<u8>), String> {
+) -> Result<Vec<HookAt>, String> {
     // A future suspended at an `.await` resumes in the new code: it must
     // read the state the old code saved (`coroutine`).
     let machine = match types {
@@ -106,8 +157,24 @@ pub(super) fn hookable(
     if !h.by_name.contains_key(symbol) {
         return Err("the head compiled no body of it".into());
     }
+    if host.copies_of(symbol).len() > 1 {
+        let copies = super::copies::hook_copies(b, h, host, symbol, in_patch)?;
+        return Ok(copies
+            .into_iter()
+            .map(|c| HookAt {
+                address: c.address,
+                entry: c.entry,
+                copy: Some((c.body, c.unit)),
+            })
+            .collect());
+    }
     callers_agree((b, b_refs), h, symbol, in_patch)?;
-    host.hook_entry(symbol)
+    let (address, entry) = host.hook_entry(symbol)?;
+    Ok(vec![HookAt {
+        address,
+        entry,
+        copy: None,
+    }])
 }
 
 /// Whether every caller of `symbol` that the deployed build keeps calls
@@ -318,14 +385,8 @@ pub(super) fn classify(
                 continue;
             }
             match hookable((b, &referrers), h, types, host, name, &in_patch) {
-                Ok((address, entry)) => {
-                    hooked.push(Hooked {
-                        symbol: name.clone(),
-                        address,
-                        entry,
-                        because: reasons.into_iter().collect(),
-                        location: None,
-                    });
+                Ok(at) => {
+                    hooked.extend(Hooked::each(name, at, reasons.into_iter().collect(), None));
                     continue;
                 }
                 Err(why) => {

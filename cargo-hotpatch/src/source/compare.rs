@@ -131,11 +131,14 @@ impl OutsideObjects {
     }
 }
 
-/// The named functions whose normalised code differs between `b` and `h`.
+/// The named functions whose normalised code differs between `b` and `h`
+/// in any of their copies (a copy one codegen unit compiled differently,
+/// with a changed callee inlined into it, runs other code too).
 fn changed_functions<'h>(b: &Build<'_>, h: &'h Build<'_>) -> impl Iterator<Item = &'h String> {
     h.functions().filter_map(move |(name, &hu)| {
         let &bu = b.by_name.get(name)?;
-        (b.is_code(bu) && b.hash(bu) != h.hash(hu)).then_some(name)
+        (b.is_code(bu) && (b.hash(bu) != h.hash(hu) || b.copy_hashes(name) != h.copy_hashes(name)))
+            .then_some(name)
     })
 }
 

@@ -95,18 +95,20 @@ pub(super) fn check(
     let parse = |root: &Path, src: &Path, name: &str, side: &'static str| {
         crate::syntax::parse_crate(root, &root.join(src))
             .map(|c| c.with_crate_name(name))
-            .map_err(|e| Refusal::SourceDoesNotParse {
-                side,
-                error: e.to_string(),
+            .map_err(|e| {
+                BuildError::Refused(vec![Refusal::SourceDoesNotParse {
+                    side,
+                    error: e.to_string(),
+                }])
             })
     };
-    let both = |src: &Path, name: &str| -> Result<Sides, Refusal> {
+    let both = |src: &Path, name: &str| -> Result<Sides, BuildError> {
         Ok(Sides {
             base: parse(&trees.base, src, name, "base")?,
             head: parse(&trees.head, src, name, "head")?,
         })
     };
-    let lib = both(&ws.lib_src, &ws.lib_name).map_err(|r| BuildError::Refused(vec![r]))?;
+    let lib = both(&ws.lib_src, &ws.lib_name)?;
     let mut refusals = Vec::new();
     let mut compare = |sides: &Sides| {
         for finding in crate::syntax::compare(&sides.base, &sides.head) {
@@ -120,7 +122,7 @@ pub(super) fn check(
     compare(&lib);
     let bin = match bin {
         Some((name, src)) => {
-            let sides = both(src, name).map_err(|r| BuildError::Refused(vec![r]))?;
+            let sides = both(src, name)?;
             compare(&sides);
             Some(sides)
         }
@@ -133,7 +135,7 @@ pub(super) fn check(
         let Some(lib) = ws.other_libs.iter().find(|l| &l.package == package) else {
             continue;
         };
-        let sides = both(&lib.src, &lib.crate_name).map_err(|r| BuildError::Refused(vec![r]))?;
+        let sides = both(&lib.src, &lib.crate_name)?;
         compare(&sides);
         others.push((package.clone(), sides));
     }

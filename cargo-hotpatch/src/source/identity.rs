@@ -32,6 +32,24 @@ pub(super) struct Host {
     /// The function symbols at each address: more than one where the
     /// compiler merged identical functions (one body, several names).
     pub names_at: HashMap<u64, Vec<String>>,
+    /// Every function symbol by its stem (the name without a
+    /// `.llvm.<number>` suffix), one entry per address: several where
+    /// codegen units compiled local copies of one function (an
+    /// `#[inline]` function, drop glue), each under the same name or the
+    /// stem with its own suffix.
+    pub copies: HashMap<String, Vec<HostCopy>>,
+}
+
+/// One local copy of a function in the deployed binary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct HostCopy {
+    /// Its full symbol name.
+    pub name: String,
+    pub address: u64,
+    pub size: u64,
+    /// The codegen unit it came from (the `STT_FILE` symbol the linker
+    /// writes before each object's local symbols), for a local symbol.
+    pub unit: Option<String>,
 }
 
 /// The deployed binary (`--binary`), read once: its bytes, build-id and
@@ -122,7 +140,7 @@ fn code_identity(data: &[u8]) -> Result<u64, String> {
 
 impl Host {
     /// Reads a binary's symbols.
-    fn read(path: &Path, data: &[u8]) -> Result<Host, BuildError> {
+    pub(super) fn read(path: &Path, data: &[u8]) -> Result<Host, BuildError> {
         let file = object::File::parse(data)
             .map_err(|e| BuildError::Io(format!("{}: not an ELF binary: {e}", path.display())))?;
         let mut exported = HashSet::new();
@@ -140,13 +158,36 @@ impl Host {
         let mut functions = HashMap::new();
         let mut fn_stems: HashMap<String, Vec<(u64, u64)>> = HashMap::new();
         let mut names_at: HashMap<u64, Vec<String>> = HashMap::new();
+        let mut copies: HashMap<String, Vec<HostCopy>> = HashMap::new();
+        let mut full_names: HashMap<String, std::collections::BTreeSet<u64>> = HashMap::new();
+        // The object the local symbols that follow come from.
+        let mut unit: Option<String> = None;
         for s in file.symbols() {
             any = true;
+            if s.kind() == object::SymbolKind::File {
+                unit = s.name().ok().map(str::to_owned);
+                continue;
+            }
             if s.is_undefined() || s.kind() == object::SymbolKind::Section {
                 continue;
             }
             if let Ok(n) = s.name() {
                 if s.kind() == object::SymbolKind::Text && s.size() > 0 {
+                    full_names
+                        .entry(n.to_owned())
+                        .or_default()
+                        .insert(s.address());
+                    let list = copies
+                        .entry(super::objects::stem(n).to_owned())
+                        .or_default();
+                    if !list.iter().any(|c| c.address == s.address()) {
+                        list.push(HostCopy {
+                            name: n.to_owned(),
+                            address: s.address(),
+                            size: s.size(),
+                            unit: (!s.is_global()).then(|| unit.clone()).flatten(),
+                        });
+                    }
                     let stem = super::objects::stem(n).to_owned();
                     let names = names_at.entry(s.address()).or_default();
                     if !names.contains(&stem) {
@@ -186,6 +227,14 @@ impl Host {
             }
         }
         let mut ambiguous = HashSet::new();
+        // A name several local functions have (each codegen unit's own
+        // copy): no one address is the function's.
+        for (name, at) in full_names {
+            if at.len() > 1 {
+                functions.remove(&name);
+                ambiguous.insert(name);
+            }
+        }
         for (stem, mut at) in fn_stems {
             at.sort_unstable();
             at.dedup();
@@ -224,7 +273,16 @@ impl Host {
             text,
             ambiguous,
             names_at,
+            copies,
         })
+    }
+
+    /// The copies of the function `symbol` (by its stem) in the deployed
+    /// binary: more than one where codegen units compiled their own.
+    pub fn copies_of(&self, symbol: &str) -> &[HostCopy] {
+        self.copies
+            .get(super::objects::stem(symbol))
+            .map_or(&[], Vec::as_slice)
     }
 
     /// Whether the binary has no function of this name at all: nothing it
@@ -247,6 +305,17 @@ impl Host {
             .functions
             .get(symbol)
             .ok_or("the deployed binary's symbol table has no function of this name")?;
+        self.hook_entry_at(symbol, addr, size)
+    }
+
+    /// [`Host::hook_entry`] of the function `symbol` at `addr` (`size`
+    /// bytes): one copy of several.
+    pub fn hook_entry_at(
+        &self,
+        symbol: &str,
+        addr: u64,
+        size: u64,
+    ) -> Result<(u64, Vec<u8>), String> {
         let code = self
             .text
             .iter()

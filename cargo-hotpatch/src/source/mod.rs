@@ -76,6 +76,7 @@
 mod checkout;
 mod classify;
 mod compare;
+mod copies;
 // Called from classification (issue 18: hooking a changed `async fn`).
 mod coroutine;
 mod entries;
@@ -387,7 +388,7 @@ pub fn build_from_source(
                 classify::hookable((&ob, &referrers), &oh, types, &host, &c.symbol, &in_patch)
             };
             match hook {
-                Ok((address, entry)) => {
+                Ok(at) => {
                     hooked_here = true;
                     let own = outside_src.locate(&d);
                     let mut because = vec![match &own {
@@ -406,13 +407,8 @@ pub fn build_from_source(
                             callers.iter().map(|n| describe(n)).collect::<Vec<_>>().join(", ")
                         ));
                     }
-                    plan.hooked.push(classify::Hooked {
-                        symbol: c.symbol.clone(),
-                        address,
-                        entry,
-                        because,
-                        location: own,
-                    });
+                    plan.hooked
+                        .extend(classify::Hooked::each(&c.symbol, at, because, own));
                 }
                 Err(why) => refusals.push(c.refusal.clone().because(why)),
             }

@@ -56,6 +56,18 @@ pub(crate) fn is_callsite_static(name: &str) -> bool {
 /// One build's units.
 pub(crate) struct Build<'d> {
     pub objects: Vec<object::File<'d>>,
+    /// Each object's member name (as given to [`Build::read`]).
+    pub members: Vec<String>,
+    /// Each object's first `STT_FILE` symbol: its codegen unit's name
+    /// (`svc.1ef777fbbc7e6318-cgu.3`), which the linker keeps in the
+    /// executable's symbol table before that unit's local symbols.
+    pub unit_names: Vec<Option<String>>,
+    /// The full name (`.llvm.<number>` suffix included) of the symbol
+    /// that names each named unit.
+    pub full_name_of: HashMap<UnitId, String>,
+    /// Every named unit of each name: the copies several codegen units
+    /// have (see [`Build::copies`]).
+    copies_of: HashMap<String, Vec<UnitId>>,
     /// Unit named by each symbol defined at a unit's start.
     pub by_name: HashMap<String, UnitId>,
     /// The name of each named unit.
@@ -91,12 +103,20 @@ impl<'d> Build<'d> {
     /// Reads the objects (`(member name, bytes)` of the crate's rlib).
     pub fn read(members: &[(String, &'d [u8])]) -> Result<Build<'d>, String> {
         let mut objects = Vec::new();
+        let mut unit_names = Vec::new();
         for (name, data) in members {
             let file = object::File::parse(*data).map_err(|e| format!("{name}: {e}"))?;
+            unit_names.push(
+                file.symbols()
+                    .find(|s| s.kind() == SymbolKind::File)
+                    .and_then(|s| s.name().ok().map(str::to_owned)),
+            );
             objects.push(file);
         }
         let mut by_name = HashMap::new();
         let mut name_of = HashMap::new();
+        let mut full_name_of = HashMap::new();
+        let mut copies_of: HashMap<String, Vec<UnitId>> = HashMap::new();
         let mut tls = HashSet::new();
         // Every global symbol an object defines, where: another codegen
         // unit's reference to it (an anonymous constant shared across
@@ -106,7 +126,7 @@ impl<'d> Build<'d> {
         for (oi, file) in objects.iter().enumerate() {
             // The best name of each section: a global symbol at offset 0
             // first, then a local one.
-            let mut best: HashMap<SectionIndex, (bool, String)> = HashMap::new();
+            let mut best: HashMap<SectionIndex, (bool, String, String)> = HashMap::new();
             for sym in file.symbols() {
                 let Some(si) = sym.section_index() else {
                     continue;
@@ -127,29 +147,37 @@ impl<'d> Build<'d> {
                 if sym.address() != 0 {
                     continue;
                 }
-                let Ok(name) = sym.name() else { continue };
-                let name = stem(name);
+                let Ok(full) = sym.name() else { continue };
+                let name = stem(full);
                 if is_anonymous(name) {
                     continue;
                 }
                 let global = sym.is_global();
                 match best.get(&si) {
-                    Some((true, _)) => {}
-                    Some((false, _)) if !global => {}
+                    Some((true, _, _)) => {}
+                    Some((false, _, _)) if !global => {}
                     _ => {
-                        best.insert(si, (global, name.to_owned()));
+                        best.insert(si, (global, name.to_owned(), full.to_owned()));
                     }
                 }
             }
-            for (si, (_, name)) in best {
+            let mut named: Vec<_> = best.into_iter().collect();
+            named.sort_by_key(|(si, _)| si.0);
+            for (si, (_, name, full)) in named {
                 // A name defined in two objects (a COMDAT copy: generic
                 // instances, inline functions) names the first.
                 by_name.entry(name.clone()).or_insert((oi, si));
+                copies_of.entry(name.clone()).or_default().push((oi, si));
+                full_name_of.insert((oi, si), full);
                 name_of.insert((oi, si), name);
             }
         }
         let mut build = Build {
             objects,
+            members: members.iter().map(|(n, _)| n.clone()).collect(),
+            unit_names,
+            full_name_of,
+            copies_of,
             by_name,
             name_of,
             relocs: HashMap::new(),
@@ -240,14 +268,32 @@ impl<'d> Build<'d> {
     /// Every unit named `name`: the first, and the copies other codegen
     /// units have (an inline function's or generic instance's own copy).
     pub fn copies(&self, name: &str) -> Vec<UnitId> {
-        let mut units: Vec<UnitId> = self
-            .name_of
-            .iter()
-            .filter(|(_, n)| n.as_str() == name)
-            .map(|(u, _)| *u)
+        self.copies_of.get(name).cloned().unwrap_or_default()
+    }
+
+    /// The normalised content of every copy of `name` (see
+    /// [`Build::copies`]), sorted: two builds whose lists differ compiled
+    /// the function to other code in at least one codegen unit.
+    pub fn copy_hashes(&self, name: &str) -> Vec<u64> {
+        let mut hashes: Vec<u64> = self
+            .copies_of
+            .get(name)
+            .into_iter()
+            .flatten()
+            .map(|u| self.hash(*u))
             .collect();
-        units.sort_by_key(|u| (u.0, u.1.0));
-        units
+        hashes.sort_unstable();
+        hashes
+    }
+
+    /// The codegen unit of object `oi`, for pairing it with the same unit
+    /// of another build of the crate: its `STT_FILE` symbol, else its
+    /// member's file name.
+    pub fn unit_name(&self, oi: usize) -> &str {
+        self.unit_names[oi].as_deref().unwrap_or_else(|| {
+            let m = &self.members[oi];
+            m.rsplit('/').next().unwrap_or(m)
+        })
     }
 
     /// The names of what the units reference (functions, statics, external

@@ -443,8 +443,11 @@ pub(super) struct TypeBuilds {
     pub bin: (Vec<PathBuf>, Vec<PathBuf>),
     /// The libraries of the workspace's other packages, base and head
     /// (package, rlib): those whose types build was made.
-    pub others: (Vec<(String, PathBuf)>, Vec<(String, PathBuf)>),
+    pub others: (PackageRlibs, PackageRlibs),
 }
+
+/// Libraries by package: `(package, rlib)` each.
+pub(super) type PackageRlibs = Vec<(String, PathBuf)>;
 
 impl TypeBuilds {
     /// The type information build of package `package`'s library, base

@@ -889,8 +889,17 @@ pub(super) fn write(
     }
     let mut hooks = Vec::new();
     for hook in &plan.hooked {
-        match head.by_name.get(&hook.symbol) {
-            Some(&u) => {
+        // One of several copies: the body of its own codegen unit.
+        let body = match &hook.body {
+            Some((member, section)) => head
+                .members
+                .iter()
+                .position(|m| m == member)
+                .map(|oi| (oi, *section)),
+            None => head.by_name.get(&hook.symbol).copied(),
+        };
+        match body {
+            Some(u) => {
                 roots.insert(u);
                 hooks.push(HookRecord {
                     replacement: u,
