@@ -2126,3 +2126,207 @@ fn workspace_a_changed_function_of_another_package_is_hooked() {
         out.stderr
     );
 }
+
+// ---- several local copies of one function (issue 18) ----
+
+/// A small release service whose executable has two local copies of one
+/// library function: `fib` is `#[inline]` (each codegen unit that calls it
+/// compiles its own copy) and recursive (no caller inlines it whole), and
+/// the executable calls it from two modules, which the release profile's
+/// 16 codegen units compile apart.
+const COPIES_LIB: &str = "//! The service of the several-copies case.
+
+/// Fibonacci, wrapping.
+#[inline]
+pub fn fib(n: u64) -> u64 {
+    if n < 2 { n } else { fib(n - 1).wrapping_add(fib(n - 2)) }
+}
+";
+
+const COPIES_MAIN: &str = r#"//! `call` answers `a=.. b=..`; `load PATH`, `revert`.
+
+use std::io::{BufRead, Write};
+
+mod a {
+    #[inline(never)]
+    pub fn rate(n: u64) -> u64 {
+        cpy::fib(n) + 7
+    }
+}
+
+mod b {
+    #[inline(never)]
+    pub fn zero(n: u64) -> u64 {
+        cpy::fib(n).wrapping_sub(1)
+    }
+}
+
+fn call() -> String {
+    let h = std::hint::black_box;
+    format!("a={} b={}", a::rate(h(7)), b::zero(h(3)))
+}
+
+fn main() {
+    let loader = hotpatch::Loader::new().allow_insecure_permissions();
+    let mut loaded: Vec<hotpatch::Patch> = Vec::new();
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "ready cpy v1").unwrap();
+    out.flush().unwrap();
+    for line in std::io::stdin().lock().lines() {
+        let line = line.unwrap();
+        let reply = match line.trim().split_once(' ') {
+            None if line.trim() == "call" => call(),
+            None if line.trim() == "quit" => break,
+            None if line.trim() == "revert" => match loaded.pop() {
+                None => "error: no patch to revert".to_owned(),
+                Some(patch) => match loader.revert(patch) {
+                    Ok(()) => "ok".to_owned(),
+                    Err(e) => format!("error: {e}"),
+                },
+            },
+            Some(("load", path)) => match loader.load(path) {
+                Ok(patch) => {
+                    loaded.push(patch);
+                    "ok".to_owned()
+                }
+                Err(e) => format!("error: {e}"),
+            },
+            _ => format!("error: unknown command {line:?}"),
+        };
+        writeln!(out, "{}", reply.replace('\n', " ")).unwrap();
+        out.flush().unwrap();
+    }
+}
+"#;
+
+/// The several-copies service's repository (`cpy`, tag `v1`, branch
+/// `fix`: `fib`'s first values are one more), written under the scratch
+/// directory. Returns it.
+fn make_copies_repo() -> PathBuf {
+    let repo = harness::scratch().join("copies-repo");
+    let _ = std::fs::remove_dir_all(&repo);
+    let put = |path: &str, text: &str| {
+        let p = repo.join(path);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, text).unwrap();
+    };
+    let hotpatch = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../hotpatch"))
+        .canonicalize()
+        .unwrap();
+    put(
+        "Cargo.toml",
+        &format!(
+            "[package]\nname = \"cpy\"\nversion = \"0.1.0\"\nedition = \"2024\"\npublish = false\n\n\
+             [dependencies]\nhotpatch = {{ path = \"{}\", default-features = false }}\n\n\
+             # rustc merges codegen units it finds small unless their number is given:\n\
+             # a service's modules are big enough to stay apart, this one's are not.\n\
+             [profile.release]\ncodegen-units = 16\n\n[workspace]\n",
+            hotpatch.display()
+        ),
+    );
+    put(
+        "build.rs",
+        "fn main() {\n    println!(\"cargo::rustc-link-arg-bins=-rdynamic\");\n}\n",
+    );
+    put("src/main.rs", COPIES_MAIN);
+    put("src/lib.rs", COPIES_LIB);
+    put(".gitignore", "/target\n");
+    put(
+        "Cargo.lock",
+        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.lock")).unwrap(),
+    );
+    let meta = harness::cargo()
+        .args(["metadata", "--format-version", "1", "--quiet"])
+        .current_dir(&repo)
+        .output()
+        .unwrap();
+    assert!(meta.status.success(), "cargo metadata: {meta:?}");
+    git_in(&repo, &["init", "--quiet", "-b", "main"]);
+    git_in(&repo, &["add", "--all"]);
+    let tree = git_in(&repo, &["write-tree"]);
+    let v1 = git_in(&repo, &["commit-tree", tree.trim(), "-m", "v1"]);
+    let v1 = v1.trim();
+    git_in(&repo, &["tag", "v1", v1]);
+    put(
+        "src/lib.rs",
+        &COPIES_LIB.replace("if n < 2 { n } else", "if n < 2 { n + 1 } else"),
+    );
+    git_in(&repo, &["add", "--all"]);
+    let tree = git_in(&repo, &["write-tree"]);
+    let fix = git_in(&repo, &["commit-tree", tree.trim(), "-p", v1, "-m", "fix"]);
+    git_in(&repo, &["update-ref", "refs/heads/fix", fix.trim()]);
+    git_in(&repo, &["update-ref", "refs/heads/main", v1]);
+    git_in(&repo, &["checkout", "--quiet", "--force", "main"]);
+    repo
+}
+
+#[test]
+fn case_40_a_function_with_several_local_copies_is_hooked_in_every_copy() {
+    // Release, as deployed: the executable has two local copies of
+    // `cpy::fib` under one name, one per codegen unit that calls it. Each
+    // is hooked with its own unit's new body (a hook of one would leave
+    // the other answering the old way); `a::rate` and `b::zero`, which
+    // inlined a level of it, changed too and are hooked themselves.
+    let _fx = fixture();
+    let repo = make_copies_repo();
+    let mut build = harness::cargo();
+    build
+        .args(["build", "--quiet", "--release"])
+        .current_dir(&repo);
+    let out = harness::run(build, "cargo build --release (cpy v1)");
+    assert!(out.status.success(), "{out:?}");
+    let bin = harness::scratch().join("bin").join("copies").join("cpy");
+    std::fs::create_dir_all(bin.parent().unwrap()).unwrap();
+    std::fs::copy(harness::target_dir().join("release/cpy"), &bin).unwrap();
+    let mut v1 = Service::start(&bin, "cpy v1");
+    let before = v1.call();
+    assert_eq!(before["a"], "20");
+    assert_eq!(before["b"], "1");
+
+    let so = out_path("case-40");
+    let manifest = repo.join("Cargo.toml");
+    let out = tool(&[
+        "build",
+        "--manifest-path",
+        s(&manifest),
+        "--base",
+        "v1",
+        "--head",
+        "fix",
+        "-p",
+        "cpy",
+        "--release",
+        "--binary",
+        s(&bin),
+        "-o",
+        s(&so),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let fib: Vec<harness::Listed> = listed(&out.stdout)
+        .into_iter()
+        .filter(|l| l.path == "cpy::fib")
+        .collect();
+    assert_eq!(fib.len(), 2, "every copy is hooked: {}", out.stdout);
+    assert!(
+        fib.iter()
+            .all(|l| l.kind == "hooked" && l.at == "src/lib.rs:5"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(
+        out.stdout
+            .matches("the deployed binary has 2 local copies of it: this one, at 0x")
+            .count(),
+        2,
+        "{}",
+        out.stdout
+    );
+    let applied = Applied::load(&mut v1, &so);
+    let patched = applied.v1.call();
+    // fib(7) is 34 with the fix (13 before), fib(3) is 5 (2 before): each
+    // through the copy of its own module's codegen unit, below the level
+    // its caller inlined.
+    assert_eq!((patched["a"].as_str(), patched["b"].as_str()), ("41", "4"));
+    applied.revert();
+    assert_eq!(v1.call(), before, "reverted");
+}

@@ -204,11 +204,22 @@ impl<'d> Build<'d> {
                                     None => return Err("section symbol without section".into()),
                                 }
                             } else if let Some(s) = sym.section_index() {
-                                let name = stem(sym.name().unwrap_or(""));
+                                let full = sym.name().unwrap_or("");
+                                let name = stem(full);
                                 // A defined global another object also
-                                // defines (COMDAT): the first copy.
+                                // defines under the same full name
+                                // (COMDAT): the first copy. A copy of
+                                // its own (a local function, or one
+                                // promoted with its own `.llvm.<number>`)
+                                // is this object's: the code that calls
+                                // it was compiled against it.
                                 match build.by_name.get(name) {
-                                    Some(&u) if sym.address() == 0 && !is_anonymous(name) => {
+                                    Some(&u)
+                                        if sym.address() == 0
+                                            && !is_anonymous(name)
+                                            && build.full_name_of.get(&u).map(String::as_str)
+                                                == Some(full) =>
+                                    {
                                         Referent::Unit(u, 0)
                                     }
                                     _ => Referent::Unit((oi, s), sym.address()),
@@ -217,11 +228,20 @@ impl<'d> Build<'d> {
                                 // Undefined here, defined by another
                                 // codegen unit of the crate, or external.
                                 let full = sym.name().unwrap_or("");
-                                match (build.by_name.get(stem(full)), defined.get(full)) {
+                                let first = build.by_name.get(stem(full));
+                                let exact = |u: &UnitId| {
+                                    build.full_name_of.get(u).map(String::as_str) == Some(full)
+                                };
+                                match (first, defined.get(full)) {
+                                    (Some(&u), _) if !is_anonymous(stem(full)) && exact(&u) => {
+                                        Referent::Unit(u, 0)
+                                    }
+                                    // The copy of that full name (one
+                                    // promoted with its own number).
+                                    (_, Some(&(u, at))) => Referent::Unit(u, at),
                                     (Some(&u), _) if !is_anonymous(stem(full)) => {
                                         Referent::Unit(u, 0)
                                     }
-                                    (_, Some(&(u, at))) => Referent::Unit(u, at),
                                     _ => Referent::External(full.to_owned()),
                                 }
                             }
