@@ -53,7 +53,11 @@
 //! line tables the libraries are compiled with say) is not a change. The
 //! changed functions are written into a thin patch: each `#[patchable]`
 //! one replaced, each other one included when everything that calls it is
-//! replaced or included. The service's
+//! replaced or included, else hooked (its entry redirected, every local
+//! copy of it) when that is sound. The executable's own crate and the
+//! workspace's other libraries are checked and compared the same way
+//! (their changed functions hooked; a change of `main`, which has run, is
+//! refused). The service's
 //! private functions and statics are reached through cells the dynamic
 //! loader fills (the base binary's symbol table gives their addresses;
 //! instructions that read or write such data in place are redirected

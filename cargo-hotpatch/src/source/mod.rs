@@ -58,8 +58,10 @@
 //! 9. `classify`: each changed function classified: a `#[patchable]` body
 //!    is replaced; any other function is included if every function of
 //!    the base that references it is replaced or included (or gone from
-//!    the head, its own callers checked in turn), else refused with its
-//!    unpatched callers.
+//!    the head, its own callers checked in turn), else hooked (its entry
+//!    redirected: `classify::hookable`, which `coroutine` and, for a
+//!    function the binary has several local copies of, `copies` decide),
+//!    else refused with its unpatched callers and why no hook.
 //! 10. `extract`: the changed functions written into one object, with a
 //!     `PatchFn` record per replaced function, references to everything
 //!     else bound to the binary (`riprel` redirects instructions that
