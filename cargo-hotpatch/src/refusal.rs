@@ -292,7 +292,7 @@ impl fmt::Display for Refusal {
                 executable,
             } => write!(
                 f,
-                "{function}{at} changed: it is the executable {executable}'s main or start-up code, which the running process has already run and does not run again (its new code would run only at a start, which runs the deployed build); ship the change in a release, or move the code into a function that runs for each request"
+                "{function}{at} changed: it is the executable {executable}'s main or the start-up code that calls it, which the running process has already entered and never calls again, so no hook reaches it (its new code, and code inlined into it, would run only at a start, which runs the deployed build); ship the change in a release, or move the code into a function that main calls for each request"
             ),
             Refusal::BinaryCrateCode {
                 function,

@@ -1959,7 +1959,7 @@ fn case_37_a_function_of_the_binary_crate_is_hooked() {
     );
     assert!(
         out.stdout
-            .contains("only svc::main calls it: its new code runs at the next call main makes"),
+            .contains("only svc::main calls it: its new code runs when main calls it again"),
         "{}",
         out.stdout
     );
@@ -2017,7 +2017,7 @@ fn case_39_a_change_of_main_is_refused_it_has_run() {
     assert_eq!(refusals.len(), 1, "one clear reason: {}", out.stderr);
     assert!(
         refusals[0].starts_with(&format!("refused: svc::main (src/main.rs:{line}) changed"))
-            && refusals[0].contains("already run"),
+            && refusals[0].contains("already entered and never calls again"),
         "{}",
         refusals[0]
     );

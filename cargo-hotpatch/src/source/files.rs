@@ -117,7 +117,7 @@ fn classify(ws: &Workspace, files: &[String], in_base: &dyn Fn(&str) -> bool) ->
             // their objects are compared (`compare`).
             Some((dir, pkg)) if pkg != &ws.package && rust && p.starts_with(dir.join("src")) => {
                 code = true;
-                if pkg != &ws.host_package && !other_packages.contains(pkg) {
+                if !other_packages.contains(pkg) {
                     other_packages.push(pkg.clone());
                 }
             }

@@ -405,7 +405,7 @@ pub fn build_from_source(
                         })
                     {
                         because.push(format!(
-                            "only {} calls it: its new code runs at the next call main makes (main itself has run, and is not redirected)",
+                            "only {} calls it: its new code runs when main calls it again (main itself was entered before the patch, and is not redirected)",
                             callers.iter().map(|n| describe(n)).collect::<Vec<_>>().join(", ")
                         ));
                     }
