@@ -372,9 +372,15 @@ pub fn build_from_source(
                 continue;
             }
             let d = demangle(&c.symbol);
-            // `main`, and the start-up code that calls it, have run: a
-            // hook there changes nothing the process runs again.
-            if objects.package.is_none() && startup::is_startup(&d, objects.crate_name.as_deref()) {
+            // `main`, and the start-up code that calls it (or a function
+            // only that code calls), have run: a hook there changes
+            // nothing the process runs again.
+            let runs_once = referrers.get(&c.symbol).is_some_and(|callers| {
+                !callers.is_empty() && callers.iter().all(|n| startup::runs_main(&demangle(n)))
+            });
+            if objects.package.is_none()
+                && (runs_once || startup::is_startup(&d, objects.crate_name.as_deref()))
+            {
                 refusals.push(crate::Refusal::StartupCode {
                     function: describe(&c.symbol),
                     at: locate_outside(&d)

@@ -1,16 +1,15 @@
 //! The executable's start-up code: its `main` and what runs it. The
-//! running process has run it (and is still inside `main`, or inside its
-//! `async` body polled by `main`'s runtime): a hook there would redirect
-//! calls that never come again, and a change there takes effect only at a
-//! start, which runs the deployed build. So a change there is refused
-//! (`Refusal::StartupCode`), never reported as hooked.
+//! running process has entered it once and never calls it again (it is
+//! still inside `main`, or inside the `async` body that `main`'s runtime
+//! polls): a hook there would redirect calls that never come, and a
+//! change there would take effect only at a start, which runs the
+//! deployed build. So a change there is refused (`Refusal::StartupCode`),
+//! never reported as hooked.
 
 /// Whether the function `demangled` (without its hash) is start-up code
 /// of the executable whose crate is `crate_name`: its `main` and every
 /// closure or `async` body written in it (`#[tokio::main]` puts the body
-/// in one), the C `main` rustc generates, and std's `lang_start` and
-/// `__rust_begin_short_backtrace`, into which the optimiser may inline
-/// `main`.
+/// in one), and what runs `main` once ([`runs_main`]).
 ///
 /// # Examples
 ///
@@ -20,25 +19,27 @@
 /// assert!(!is_startup("svc::call", Some("svc")));
 /// ```
 pub(super) fn is_startup(demangled: &str, crate_name: Option<&str>) -> bool {
-    let path = demangled;
-    if path == "main" {
+    if runs_main(demangled) {
         return true;
     }
-    if let Some(krate) = crate_name {
+    crate_name.is_some_and(|krate| {
         let main = format!("{krate}::main");
-        if path == main || path.starts_with(&format!("{main}::")) {
-            return true;
-        }
-    }
-    path.starts_with("std::rt::lang_start")
-        || path.contains("::__rust_begin_short_backtrace")
-        || path.starts_with("core::ops::function::FnOnce::call_once{{vtable.shim}}")
-            && path.contains("lang_start")
+        demangled == main || demangled.starts_with(&format!("{main}::"))
+    })
+}
+
+/// Whether `demangled` is the code that runs `main`, once per process:
+/// the C `main` rustc generates and std's `lang_start` (a function only
+/// they call, such as std's `__rust_begin_short_backtrace` instance for
+/// `main`, with `main` inlined into it, runs once too: the caller checks
+/// that).
+pub(super) fn runs_main(demangled: &str) -> bool {
+    demangled == "main" || demangled.starts_with("std::rt::lang_start")
 }
 
 #[cfg(test)]
 mod tests {
-    use super::is_startup;
+    use super::{is_startup, runs_main};
 
     #[test]
     fn main_its_bodies_and_what_runs_it_are_start_up_code() {
@@ -49,7 +50,6 @@ mod tests {
             "main",
             "std::rt::lang_start",
             "std::rt::lang_start::{{closure}}",
-            "std::sys::backtrace::__rust_begin_short_backtrace",
         ] {
             assert!(is_startup(path, Some("svc")), "{path}");
         }
@@ -59,11 +59,14 @@ mod tests {
             "svc::main_loop",
             "other::main",
             "svc::Server::main",
+            // A thread's body runs through it too: not main's alone.
+            "std::sys::backtrace::__rust_begin_short_backtrace",
             "core::ops::function::FnOnce::call_once",
         ] {
             assert!(!is_startup(path, Some("svc")), "{path}");
         }
         // A library's code has no `main` of its own.
         assert!(!is_startup("util::main", None));
+        assert!(runs_main("std::rt::lang_start::{{closure}}") && !runs_main("svc::main"));
     }
 }
