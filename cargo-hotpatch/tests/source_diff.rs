@@ -1559,6 +1559,22 @@ fn rates_lib(edits: &[Edit]) -> String {
         "\n/// The flat rate of `amount` (the executable's `by_rate` answer).\n",
         "#[inline(never)]\n",
         "pub fn by_rate(amount: u64) -> u64 {\n    svc::rated_by(&svc::Flat, amount)\n}\n",
+        "\n/// The rate of `amount`, after a step that waits.\n",
+        "pub async fn rated_later(amount: u64) -> u64 {\n",
+        "    let rate = svc::rated_by(&svc::Flat, amount);\n",
+        "    std::future::ready(()).await;\n",
+        "    rate\n",
+        "}\n",
+        "\n/// `rated_later` polled to its end (it never waits).\n",
+        "#[inline(never)]\n",
+        "pub fn by_rate_async(amount: u64) -> u64 {\n",
+        "    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());\n",
+        "    let mut f = std::pin::pin!(rated_later(amount));\n",
+        "    match f.as_mut().poll(&mut cx) {\n",
+        "        std::task::Poll::Ready(v) => v,\n",
+        "        std::task::Poll::Pending => 0,\n",
+        "    }\n",
+        "}\n",
     )
     .to_owned();
     for e in edits.iter().filter(|e| e.file == "rates/src/lib.rs") {
@@ -1635,7 +1651,10 @@ fn make_workspace_repo(branches: &[(&str, &[Edit])]) -> PathBuf {
     // The executable reaches one answer through `rates`'s own code.
     put(
         "host/src/main.rs",
-        &harness::V1_MAIN.replace("svc::rated_by(&svc::Flat, 1000)", "rates::by_rate(1000)"),
+        &harness::V1_MAIN.replace(
+            "svc::rated_by(&svc::Flat, 1000)",
+            "rates::by_rate(1000) + rates::by_rate_async(0)",
+        ),
     );
     put("svc/src/lib.rs", harness::V1_LIB);
     put("svc/src/greeting.txt", harness::V1_GREETING);
@@ -2050,15 +2069,26 @@ fn workspace_a_changed_function_of_another_package_is_hooked() {
     let _fx = fixture();
     let rates_fix: &[Edit] = &[Edit {
         file: "rates/src/lib.rs",
-        old: "svc::rated_by(&svc::Flat, amount)",
-        new: "svc::rated_by(&svc::Flat, amount * 2)",
+        old: "-> u64 {\n    svc::rated_by(&svc::Flat, amount)\n",
+        new: "-> u64 {\n    svc::rated_by(&svc::Flat, amount * 2)\n",
     }];
     let rates_static: &[Edit] = &[Edit {
         file: "rates/src/lib.rs",
         old: "//! The rates the executable answers with.\n",
         new: "//! The rates the executable answers with.\n\npub static SEEN: u64 = 0;\n",
     }];
-    let repo = make_workspace_repo(&[("rates-fix", rates_fix), ("rates-static", rates_static)]);
+    // A value kept across the `.await` of an `async fn` of `rates`: its
+    // state machine differs, which its library's type information shows.
+    let rates_async: &[Edit] = &[Edit {
+        file: "rates/src/lib.rs",
+        old: "    std::future::ready(()).await;\n    rate\n",
+        new: "    let twice = rate * 2;\n    std::future::ready(()).await;\n    twice - rate\n",
+    }];
+    let repo = make_workspace_repo(&[
+        ("rates-fix", rates_fix),
+        ("rates-static", rates_static),
+        ("rates-async", rates_async),
+    ]);
     let bin = build_workspace_host(&repo, "workspace-rates");
     let manifest = repo.join("Cargo.toml");
     let run = |head: &str, so: &std::path::Path| {
@@ -2123,6 +2153,22 @@ fn workspace_a_changed_function_of_another_package_is_hooked() {
     assert!(
         !out.stderr.contains("building the base"),
         "refused before building: {}",
+        out.stderr
+    );
+
+    // Its async state machines are compared with its own type
+    // information: a value kept across an `.await` refuses the hook.
+    let so = out_path("workspace-rates-async");
+    let out = run("rates-async", &so);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(!so.exists());
+    let line = line_of(&rates_lib(rates_async), "pub async fn rated_later(");
+    assert!(
+        out.stderr.lines().any(|l| l.starts_with(&format!(
+            "refused: rates::rated_later::{{{{closure}}}} (rates/src/lib.rs:{line}) changed in the code of package rates's library"
+        )) && l.contains("state machine that differs")
+            && l.contains("twice")),
+        "{}",
         out.stderr
     );
 }
