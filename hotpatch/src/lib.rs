@@ -196,8 +196,9 @@
 //! and its limits.
 //!
 //! A patch hooks a function with a hook record: `#[patch(path, hook)]` in
-//! a hand-written patch crate (`cargo hotpatch build --base` does not
-//! write them yet). The loader checks each record before anything changes
+//! a hand-written patch crate, or one `cargo hotpatch build --base` writes
+//! for a changed function it cannot replace through a slot (with the
+//! replacement's expected entry bytes, read from the deployed binary). The loader checks each record before anything changes
 //! (a function of the executable starts at the target, it is not a
 //! `#[patchable]` function, its entry is eligible and its bytes are those
 //! the patch expects), writes the entry jumps the patch needs (calls still
