@@ -11,12 +11,18 @@
 //!    `/proc/self/task/T/status` includes the stop signal then.)
 //! 2. Write each tid into a record of the static table `RECORDS`, set
 //!    `COUNT`, then publish the round number in `ROUND` (SeqCst).
-//! 3. `tgkill` each thread with the stop signal. Its handler (all other
-//!    signals blocked while it runs, so no other handler runs on a stopped
-//!    thread) finds its record by tid, stores the interrupted instruction
-//!    pointer (from the `ucontext`), marks the record arrived for this
-//!    round (Release) and parks on the futex `RELEASED` until it holds this
-//!    round.
+//! 3. `tgkill` each thread with the stop signal. The caller and every
+//!    thread that arrived share the sending: each claims the next record
+//!    from `NEXT` (the round's tag and an index, one compare-and-swap) and
+//!    signals its thread, so the signals go out from every core and do not
+//!    wait for the caller when the threads it wakes take its core. (A
+//!    record is claimed once; a signal sent after its round ended is a
+//!    stale one, below.) The handler (all other signals blocked while it
+//!    runs, so no other handler runs on a stopped thread) finds its record
+//!    by tid, stores the interrupted instruction pointer (from the
+//!    `ucontext`), marks the record arrived for this round (Release),
+//!    signals unclaimed records, and parks on the futex `RELEASED` until it
+//!    holds this round.
 //! 4. The caller sleeps on the futex `ARRIVALS` (the last thread to
 //!    arrive wakes it) until every record arrived (a thread that exited
 //!    meanwhile, `tgkill` says `ESRCH`, counts as stopped), or the deadline.
@@ -60,7 +66,14 @@
 //! round does not count (the thread's own signal for the next round then
 //! records it again, in program order after), and returns at once, since
 //! released rounds only grow. So a new round need not wait for the
-//! handlers of the last one to leave.
+//! handlers of the last one to leave. A handler claims records to signal
+//! only while `NEXT` carries its own round's tag: once the caller resets
+//! `NEXT` for a new round, a claim for an old one fails its
+//! compare-and-swap, and a claim made just before that sends one more
+//! stale signal to a thread of this process. Every record of a round is
+//! claimed by a thread that loaded that round (so sees its records) and
+//! signals it before it parks; a `tgkill` error other than `ESRCH`
+//! (counted as exited) is stored in `FAILED` and ends the stop with it.
 //!
 //! The atomics are `std`'s, not the `loom` shim's: the other party of this
 //! protocol is a signal handler on a stopped thread, which loom cannot
@@ -106,6 +119,8 @@ struct Record {
     sp: AtomicUsize,
     /// The round this thread arrived in (0: not yet).
     arrived: AtomicU64,
+    /// The round in which `tgkill` found this thread gone (`ESRCH`).
+    gone: AtomicU64,
 }
 
 #[allow(clippy::declare_interior_mutable_const)]
@@ -114,6 +129,7 @@ const EMPTY: Record = Record {
     ip: AtomicUsize::new(0),
     sp: AtomicUsize::new(0),
     arrived: AtomicU64::new(0),
+    gone: AtomicU64::new(0),
 };
 
 static RECORDS: [Record; MAX_THREADS] = [EMPTY; MAX_THREADS];
@@ -128,6 +144,18 @@ static RELEASED: AtomicU32 = AtomicU32::new(0);
 /// to arrive). Only a hint for waking the caller: what counts is each
 /// record's `arrived`.
 static ARRIVALS: AtomicU32 = AtomicU32::new(0);
+/// The next record to signal: the round's low 32 bits, then the index.
+/// The caller and every thread that arrived claim records from it (one
+/// compare-and-swap each) and signal them, so the signals are sent from
+/// every core, not one by one from the caller.
+static NEXT: AtomicU64 = AtomicU64::new(0);
+/// A `tgkill` that failed other than with `ESRCH`: the round's low 32
+/// bits, then the error; `FAILED_TID` the thread.
+static FAILED: AtomicU64 = AtomicU64::new(0);
+static FAILED_TID: AtomicI32 = AtomicI32::new(0);
+/// This process and the stop signal, for the handlers that signal others.
+static PID: AtomicI32 = AtomicI32::new(0);
+static SIG: AtomicI32 = AtomicI32::new(0);
 /// Rounds run so far (`hook::stop_rounds`).
 pub(crate) static ROUNDS: AtomicU64 = AtomicU64::new(0);
 /// Stops run so far (`hook::stops`).
@@ -264,6 +292,7 @@ extern "C" fn handler(_sig: libc::c_int, _info: *mut libc::siginfo_t, context: *
                     )
                 };
             }
+            signal_records(round, count);
             loop {
                 // Acquire: pairs with the Release store in `release`: the
                 // code written before it is what this thread runs next.
@@ -289,6 +318,49 @@ extern "C" fn handler(_sig: libc::c_int, _info: *mut libc::siginfo_t, context: *
     }
     // SAFETY: as above.
     unsafe { *libc::__errno_location() = errno };
+}
+
+/// Claims records of `round` from `NEXT` and sends each its stop signal,
+/// until every one of the `count` records was claimed (or the round is
+/// over). Async-signal-safe: atomics and `tgkill`. A record is claimed
+/// once; a signal sent late (its round already over) is one more stale
+/// signal, which the handler ignores.
+fn signal_records(round: u64, count: usize) {
+    let tag = round & 0xffff_ffff;
+    // Relaxed: stored before the first round, under STOP.
+    let (pid, sig) = (PID.load(Ordering::Relaxed), SIG.load(Ordering::Relaxed));
+    loop {
+        // Acquire: pairs with the caller's Release store that resets it.
+        let next = NEXT.load(Ordering::Acquire);
+        let i = (next & 0xffff_ffff) as usize;
+        if next >> 32 != tag || i >= count {
+            return;
+        }
+        if NEXT
+            // AcqRel: one claimer per record; Relaxed on failure (retried).
+            .compare_exchange_weak(next, next + 1, Ordering::AcqRel, Ordering::Relaxed)
+            .is_err()
+        {
+            continue;
+        }
+        // Relaxed: written before ROUND was published (SeqCst), which
+        // every claimer of this round loaded.
+        let tid = RECORDS[i].tid.load(Ordering::Relaxed);
+        // SAFETY: tgkill with a valid signal to a thread of this process.
+        if unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, sig) } != 0 {
+            // SAFETY: errno is thread-local.
+            let e = unsafe { *libc::__errno_location() };
+            if e == libc::ESRCH {
+                // Release: the caller's Acquire load counts it as stopped.
+                RECORDS[i].gone.store(round, Ordering::Release);
+            } else {
+                // Relaxed: published by the Release store of FAILED.
+                FAILED_TID.store(tid, Ordering::Relaxed);
+                // Release: pairs with the caller's Acquire load.
+                FAILED.store(tag << 32 | e as u64, Ordering::Release);
+            }
+        }
+    }
 }
 
 /// Installs the handler once. Refuses if the signal already has a handler
@@ -526,7 +598,10 @@ where
     let own = gettid();
     // SAFETY: getpid has no preconditions.
     let pid = unsafe { libc::getpid() };
-    let sig = signal();
+    // Relaxed: read by the handlers of rounds published later (SeqCst).
+    PID.store(pid, Ordering::Relaxed);
+    // Relaxed: as above.
+    SIG.store(signal(), Ordering::Relaxed);
     let mut rounds = 0u32;
     let mut write = Some(write);
     // The thread the last round found inside the bytes, and where.
@@ -542,51 +617,52 @@ where
         // (thread index, instruction pointer): each thread's own, and those
         // saved by signal handlers it was running (a few per thread).
         let mut ips: Vec<(usize, usize)> = Vec::with_capacity(tids.len() * 4);
+        // Relaxed: a counter for reports.
+        let round = ROUNDS.fetch_add(1, Ordering::Relaxed) + 1;
+        // Release: a claimer of the last round fails its compare-and-swap
+        // from now on; one of this round (after ROUND below) sees index 0.
+        NEXT.store((round & 0xffff_ffff) << 32, Ordering::Release);
         for (record, &tid) in RECORDS.iter().zip(&tids) {
             // Relaxed: published by the SeqCst store of ROUND below.
             record.tid.store(tid, Ordering::Relaxed);
             record.ip.store(0, Ordering::Relaxed);
             record.sp.store(0, Ordering::Relaxed);
             record.arrived.store(0, Ordering::Relaxed);
+            record.gone.store(0, Ordering::Relaxed);
         }
         // Relaxed: a wake-up hint, published with the records.
         ARRIVALS.store(0, Ordering::Relaxed);
         // Release: a handler that loads COUNT (Acquire) sees the records.
         COUNT.store(tids.len(), Ordering::Release);
-        // Relaxed: a counter for reports.
-        let round = ROUNDS.fetch_add(1, Ordering::Relaxed) + 1;
         rounds += 1;
         let paused = Instant::now();
         // SeqCst: after the records; pairs with the handlers' SeqCst load.
         ROUND.store(round, Ordering::SeqCst);
         let guard = Round(round);
-        let mut failed = None;
-        for (i, &tid) in tids.iter().enumerate() {
-            // SAFETY: tgkill with a valid signal to a thread of this process.
-            if unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, sig) } != 0 {
-                let e = std::io::Error::last_os_error();
-                if e.raw_os_error() == Some(libc::ESRCH) {
-                    stopped[i] = true; // exited
-                } else {
-                    failed = Some((tid, e));
-                    break;
-                }
-            }
-        }
-        if let Some((tid, e)) = failed {
-            drop(guard);
-            return Err(StopError::Io(format!("tgkill({tid}): {e}")));
-        }
+        signal_records(round, tids.len());
         let mut spins = 0u32;
         let mut timed_out = false;
         loop {
             // Acquire: read before the records, so an arrival after this
             // load changes the word and the wait below returns at once.
             let seen = ARRIVALS.load(Ordering::Acquire);
+            // Acquire: pairs with the Release store in `signal_records`.
+            let failed = FAILED.load(Ordering::Acquire);
+            if failed >> 32 == round & 0xffff_ffff {
+                drop(guard);
+                // Relaxed: published by the Release store of FAILED.
+                let tid = FAILED_TID.load(Ordering::Relaxed);
+                let e = std::io::Error::from_raw_os_error(failed as u32 as i32);
+                return Err(StopError::Io(format!("tgkill({tid}): {e}")));
+            }
             let mut all = true;
             for (i, record) in RECORDS[..tids.len()].iter().enumerate() {
-                // Acquire: pairs with the handler's Release: its `ip` is visible.
-                if !stopped[i] && record.arrived.load(Ordering::Acquire) == round {
+                // Acquire: pairs with the handler's Release: its `ip` is
+                // visible; or with the Release store of `gone` (exited).
+                if !stopped[i]
+                    && (record.arrived.load(Ordering::Acquire) == round
+                        || record.gone.load(Ordering::Acquire) == round)
+                {
                     stopped[i] = true;
                 }
                 all &= stopped[i];
