@@ -964,9 +964,14 @@ pub(crate) fn unhook_all(hooks: &[&Hook]) -> Result<Report, Error> {
             .map_err(fail)?,
         );
     }
-    // One stop for all: the first hook's options (one patch's hooks share
-    // them).
-    let options = hooks.first().map(|h| h.options.clone()).unwrap_or_default();
+    // One stop for all (hooks of several patches may be released at
+    // once): the shortest deadline and pause between tries any of them
+    // was given. Each entry's write path is its own (probed above).
+    let mut options = hooks.first().map(|h| h.options.clone()).unwrap_or_default();
+    for h in hooks {
+        options.deadline = options.deadline.min(h.options.deadline);
+        options.retry = options.retry.min(h.options.retry);
+    }
     let report = write_entries(&writes, &options)
         .map_err(|(i, reason)| refused("unhook", &hooks[i].target.name, reason))?;
     let states = states.as_mut().expect("checked above");
