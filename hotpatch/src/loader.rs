@@ -422,8 +422,9 @@ impl Loader {
         run_init(&checked).map_err(|r| r.at(path))?;
         failpoint!("load::apply", path);
         // The entry jumps of hooked functions not redirected yet (their
-        // slots at the original code), then the changes, hooks included.
-        let (installed, changes) = {
+        // slots at the original code), all under one stop, then the
+        // changes, hooks included.
+        let ((installed, hooked), changes) = {
             let mut registry = REGISTRY.lock();
             let installed = registry.install_hooks(&mut plan, path, self.hook_deadline())?;
             let changes = registry.changes(replacing, plan.replacements());
@@ -444,11 +445,10 @@ impl Loader {
             Err(mut failed) => {
                 let turn = failed.take_turn();
                 let error = failed.into_error(what, self.deadline);
-                let ours: Vec<usize> = installed.iter().map(|(idx, _)| *idx).collect();
                 return Err(match turn {
                     // Every slot is back: write the entries back too.
                     Some(turn) => {
-                        let error = REGISTRY.lock().undo_hooks(&ours, path, error);
+                        let error = REGISTRY.lock().undo_hooks(&installed, path, error);
                         drop(turn);
                         error
                     }
@@ -457,7 +457,7 @@ impl Loader {
                     // redirected (a later apply reuses them).
                     None if !installed.is_empty() => Error::HooksLeftInstalled {
                         cause: Box::new(error),
-                        functions: installed.iter().map(|(_, w)| w.function.clone()).collect(),
+                        functions: hooked.map(|w| w.functions).unwrap_or_default(),
                         reasons: vec![
                             "the transition is still being reversed in the background".into(),
                         ],
@@ -478,7 +478,7 @@ impl Loader {
             (info, released)
         };
         drop(turn);
-        let writes = installed.into_iter().map(|(_, w)| w).chain(released);
+        let writes = hooked.into_iter().chain(released);
         Ok((Patch { info }, with_hooks(report, writes.collect())))
     }
 

@@ -332,56 +332,54 @@ impl Registry {
 
     /// Writes the entry jump of each planned hook whose function is not
     /// redirected yet (its slot at the trampoline: calls still run the
-    /// original code) and makes it a function of the registry; adds every
-    /// hook's replacement to the plan. Returns what it wrote, by function.
+    /// original code), all under one stop of the process, and makes each a
+    /// function of the registry; adds every hook's replacement to the
+    /// plan. Returns the functions it hooked (by index) and what the
+    /// write did.
     ///
-    /// On error, the entries this call wrote are written back (the
-    /// registry's records as they were) and the error says so, or names
-    /// those it could not write back ([`Error::HooksLeftInstalled`]).
+    /// On error nothing was written: every entry is as it was.
     pub(crate) fn install_hooks(
         &mut self,
         plan: &mut Plan,
         file: &Path,
         deadline: Duration,
-    ) -> Result<Vec<(usize, HookWrite)>, Error> {
-        let mut written: Vec<(usize, HookWrite)> = Vec::new();
+    ) -> Result<(Vec<usize>, Option<HookWrite>), Error> {
+        let mut installed = Vec::new();
+        let mut write = None;
         #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-        for i in 0..plan.hooks.len() {
-            let p = &plan.hooks[i];
-            let idx = match p.idx {
-                Some(idx) if self.fns[idx].hook.is_some() => idx,
-                _ => {
-                    let options = crate::hook::Options::default().deadline(deadline);
-                    match install(&p.target, &options, file, p.record.path) {
-                        Ok(hook) => {
-                            let report = hook.report();
-                            let idx = self.attach(p, hook);
-                            written.push((
-                                idx,
-                                HookWrite {
-                                    op: "hook",
-                                    function: self.fns[idx].entry.path.to_owned(),
-                                    threads: report.threads,
-                                    pause: report.pause,
-                                    failed: None,
-                                },
-                            ));
-                            idx
-                        }
-                        Err(e) => {
-                            let installed: Vec<usize> = written.iter().map(|w| w.0).collect();
-                            return Err(self.undo_hooks(&installed, file, e));
-                        }
-                    }
+        {
+            let new: Vec<usize> = (0..plan.hooks.len())
+                .filter(
+                    |&i| !matches!(plan.hooks[i].idx, Some(idx) if self.fns[idx].hook.is_some()),
+                )
+                .collect();
+            if !new.is_empty() {
+                let options = crate::hook::Options::default().deadline(deadline);
+                let hooks = install(&plan.hooks, &new, &options, file)?;
+                let report = hooks[0].report();
+                let mut functions = Vec::new();
+                for (&i, hook) in new.iter().zip(hooks) {
+                    let idx = self.attach(&plan.hooks[i], hook);
+                    plan.hooks[i].idx = Some(idx);
+                    functions.push(self.fns[idx].entry.path.to_owned());
+                    installed.push(idx);
                 }
-            };
-            plan.hooks[i].idx = Some(idx);
-            let code = plan.hooks[i].record.code;
-            plan.replace.push((idx, code));
+                write = Some(HookWrite {
+                    op: "hook",
+                    functions,
+                    threads: report.threads,
+                    pause: report.pause,
+                    failed: None,
+                });
+            }
+            for p in &plan.hooks {
+                let idx = p.idx.expect("hooked above or before");
+                plan.replace.push((idx, p.record.code));
+            }
         }
         #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
         let _ = (plan, file, deadline);
-        Ok(written)
+        Ok((installed, write))
     }
 
     /// Makes `hook` the redirection of `p`'s function, adding the function
@@ -421,76 +419,100 @@ impl Registry {
         idx
     }
 
-    /// Removes the redirections of `installed` (what a failed apply wrote)
-    /// and returns `cause`, or [`Error::HooksLeftInstalled`] naming those
-    /// that could not be removed (they stay, their slots at the original
-    /// code, and a later apply reuses them).
+    /// Removes the redirections of `installed` (what a failed apply wrote,
+    /// under one stop) and returns `cause`, or [`Error::HooksLeftInstalled`]
+    /// naming them if they could not be removed (they stay, their slots at
+    /// the original code, and a later apply reuses them).
     pub(crate) fn undo_hooks(&mut self, installed: &[usize], file: &Path, cause: Error) -> Error {
-        let mut functions = Vec::new();
-        let mut reasons = Vec::new();
-        for &idx in installed.iter().rev() {
-            let f = &mut self.fns[idx];
-            let Some(hook) = f.hook.take() else { continue };
-            if let Err(e) = unhook(&hook, file) {
-                functions.push(f.entry.path.to_owned());
-                reasons.push(e.to_string());
-                f.hook = Some(hook);
-            }
-        }
-        if functions.is_empty() {
-            cause
-        } else {
-            Error::HooksLeftInstalled {
+        let (functions, result) = self.remove_hooks(installed, file);
+        match result {
+            Err(e) if !functions.is_empty() => Error::HooksLeftInstalled {
                 cause: Box::new(cause),
+                reasons: vec![e.to_string()],
                 functions,
-                reasons,
-            }
+            },
+            _ => cause,
         }
     }
 
     /// Removes the redirection of each hooked function of `candidates`
     /// that no applied patch replaces any more (after the switch that took
-    /// the last layer out: its slot is at the trampoline). A removal that
-    /// fails leaves the redirection in place and in the registry (calls
-    /// run the original code through it; a later apply reuses it) and is
-    /// reported, not an error: what the revert promised holds.
+    /// the last layer out: its slot is at the trampoline), all under one
+    /// stop. A removal that fails leaves the redirections in place and in
+    /// the registry (calls run the original code through them; a later
+    /// apply reuses them) and is reported, not an error: what the revert
+    /// promised holds.
     pub(crate) fn release_hooks(&mut self, candidates: &[usize], file: &Path) -> Vec<HookWrite> {
-        let mut writes = Vec::new();
-        for &idx in candidates {
-            let f = &mut self.fns[idx];
-            if !f.hooked || !f.layers.is_empty() {
-                continue;
-            }
-            let Some(hook) = f.hook.take() else { continue };
-            let function = f.entry.path.to_owned();
-            match unhook(&hook, file) {
-                Ok((threads, pause)) => writes.push(HookWrite {
-                    op: "unhook",
-                    function,
-                    threads,
-                    pause,
-                    failed: None,
-                }),
-                Err(e) => {
-                    #[cfg(feature = "control")]
+        let unused: Vec<usize> = candidates
+            .iter()
+            .copied()
+            .filter(|&idx| {
+                let f = &self.fns[idx];
+                f.hooked && f.layers.is_empty() && f.hook.is_some()
+            })
+            .collect();
+        let (functions, result) = self.remove_hooks(&unused, file);
+        if functions.is_empty() {
+            return Vec::new();
+        }
+        vec![match result {
+            Ok((threads, pause)) => HookWrite {
+                op: "unhook",
+                functions,
+                threads,
+                pause,
+                failed: None,
+            },
+            Err(e) => {
+                #[cfg(feature = "control")]
+                for function in &functions {
                     tracing::warn!(
                         target: "hotpatch::control",
                         function = function.as_str(),
                         "hotpatch: the entry of `{function}` stays redirected to its original code \
                          (calls run the original): {e}"
                     );
-                    writes.push(HookWrite {
-                        op: "unhook",
-                        function,
-                        threads: 0,
-                        pause: Duration::ZERO,
-                        failed: Some(e.to_string()),
-                    });
-                    f.hook = Some(hook);
+                }
+                HookWrite {
+                    op: "unhook",
+                    functions,
+                    threads: 0,
+                    pause: Duration::ZERO,
+                    failed: Some(e.to_string()),
                 }
             }
+        }]
+    }
+
+    /// Writes the original entries of the hooked functions `indexes` back
+    /// under one stop. Returns their paths and what the stop did; on
+    /// error every one keeps its redirection.
+    fn remove_hooks(
+        &mut self,
+        indexes: &[usize],
+        file: &Path,
+    ) -> (Vec<String>, Result<(usize, Duration), Error>) {
+        let mut taken = Vec::new();
+        for &idx in indexes {
+            if let Some(hook) = self.fns[idx].hook.take() {
+                taken.push((idx, hook));
+            }
         }
-        writes
+        let functions = taken
+            .iter()
+            .map(|(idx, _)| self.fns[*idx].entry.path.to_owned())
+            .collect();
+        if taken.is_empty() {
+            return (functions, Ok((0, Duration::ZERO)));
+        }
+        let hooks: Vec<&Installed> = taken.iter().map(|(_, h)| h).collect();
+        let result = unhook(&hooks, file);
+        if result.is_err() {
+            for (idx, hook) in taken {
+                self.fns[idx].hook = Some(hook);
+            }
+        }
+        (functions, result)
     }
 
     /// Prepares the patch's image so that it may run: each of its slot
@@ -666,37 +688,49 @@ impl Registry {
     }
 }
 
-/// Redirects `target`'s entry for a patch loaded from `file`.
+/// Redirects the entries of `planned[i]` for each `i` of `which`, for a
+/// patch loaded from `file`, under one stop.
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 fn install(
-    target: &crate::hook::Target,
+    planned: &[PlannedHook],
+    which: &[usize],
     options: &crate::hook::Options,
     file: &Path,
-    path: &str,
-) -> Result<Installed, Error> {
-    failpoint!("load::hook", file);
-    crate::hook::install_with(target, options).map_err(|e| match e {
-        Error::Hook { reason, .. } => Error::HookRefused {
+) -> Result<Vec<Installed>, Error> {
+    // Once per function, before anything is written.
+    for _ in which {
+        failpoint!("load::hook", file);
+    }
+    let targets: Vec<crate::hook::Target> =
+        which.iter().map(|&i| planned[i].target.clone()).collect();
+    crate::hook::install_all(&targets, options).map_err(|e| match e {
+        Error::Hook {
+            reason, function, ..
+        } => Error::HookRefused {
             path: file.to_owned(),
-            function: path.to_owned(),
+            function: which
+                .iter()
+                .map(|&i| &planned[i])
+                .find(|p| p.target.name() == function)
+                .map_or(function, |p| p.record.path.to_owned()),
             reason,
         },
         other => other,
     })
 }
 
-/// Writes a hooked function's entry back; returns the threads stopped and
-/// the pause.
+/// Writes the entries of `hooks` back under one stop; returns the threads
+/// stopped and the pause.
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-fn unhook(hook: &Installed, file: &Path) -> Result<(usize, Duration), Error> {
+fn unhook(hooks: &[&Installed], file: &Path) -> Result<(usize, Duration), Error> {
     failpoint!("hook::unhook", file);
     let _ = file;
-    hook.unhook().map(|r| (r.threads, r.pause))
+    crate::hook::unhook_all(hooks).map(|r| (r.threads, r.pause))
 }
 
 #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
-fn unhook(hook: &Installed, _file: &Path) -> Result<(usize, Duration), Error> {
-    match *hook {}
+fn unhook(hooks: &[&Installed], _file: &Path) -> Result<(usize, Duration), Error> {
+    match *hooks[0] {}
 }
 
 /// Whether the patch's view of a function's argument and return types

@@ -105,23 +105,34 @@ pub(crate) fn record(
 }
 
 /// What the entry writes of hooked functions did, for a message: each
-/// pause (the stop-the-world), and each entry left redirected.
+/// stop-the-world (the functions it wrote, its pause), and the entries
+/// left redirected.
 pub(crate) fn hook_writes(writes: &[crate::quiesce::HookWrite]) -> String {
     let mut out = String::new();
     for w in writes {
+        let functions = w
+            .functions
+            .iter()
+            .map(|f| format!("`{f}`"))
+            .collect::<Vec<_>>()
+            .join(", ");
         out.push_str(&match &w.failed {
             None => format!(
-                " ({} `{}`: {} thread{} stopped for {:?})",
+                " ({} {functions}: {} thread{} stopped once for {:?})",
                 if w.op == "hook" { "hooked" } else { "unhooked" },
-                w.function,
                 w.threads,
                 if w.threads == 1 { "" } else { "s" },
                 w.pause
             ),
             Some(reason) => format!(
-                " (the entry of `{}` stays redirected to its original code, which its calls run: \
-                 {reason})",
-                w.function
+                " (the {} of {functions} stay{} redirected to the original code, which calls \
+                 run: {reason})",
+                if w.functions.len() == 1 {
+                    "entry"
+                } else {
+                    "entries"
+                },
+                if w.functions.len() == 1 { "s" } else { "" },
             ),
         });
     }

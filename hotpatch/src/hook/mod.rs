@@ -68,6 +68,11 @@
 //! 3. the bytes are written, the threads released; each executes `cpuid`
 //!    (serialising, Intel SDM vol. 3, 8.1.3) before it resumes.
 //!
+//! Everything else is done before the first signal (the decode, the
+//! trampoline, the jump, probing the write path), and a patch that hooks
+//! several functions writes all their entries under one stop, as its
+//! revert writes them all back under one.
+//!
 //! During the write every other thread is in the handler, parked, at an
 //! instruction pointer outside the bytes (or was created by no one: every
 //! thread that could create one is parked, and the thread count is checked
@@ -548,6 +553,9 @@ pub struct Report {
     pub pause: Duration,
     /// How the bytes were written.
     pub write_path: WritePath,
+    /// Entries written under this one stop (several when one patch hooks
+    /// several functions).
+    pub entries: usize,
 }
 
 /// How [`install`] and [`Hook::unhook`] stop the threads.
@@ -725,39 +733,93 @@ pub fn install(target: &Target) -> Result<Hook, Error> {
 /// # Ok(()) }
 /// ```
 pub fn install_with(target: &Target, options: &Options) -> Result<Hook, Error> {
-    let fail = |reason| refused("hook", &target.name, reason);
+    let mut hooks = install_all(std::slice::from_ref(target), options)?;
+    Ok(hooks.pop().expect("one hook per target"))
+}
+
+/// [`install_with`] for several functions at once: every entry is written
+/// under ONE stop of the process (a patch that hooks N functions stops
+/// the threads once, not N times), or none is. `options.expect_entry`, if
+/// set, is checked against each target.
+///
+/// # Errors
+///
+/// [`Error::Hook`] naming the first function refused, with the
+/// [`Reason`]; no entry has changed.
+pub(crate) fn install_all(targets: &[Target], options: &Options) -> Result<Vec<Hook>, Error> {
     let mut hooks = HOOKS.lock().unwrap_or_else(PoisonError::into_inner);
     let hooks = hooks.get_or_insert_with(HashMap::new);
-    if hooks.get(&target.addr).is_some_and(|s| s.installed) {
-        return Err(fail(Reason::AlreadyHooked));
+    // Everything that does not need the threads held, before the stop:
+    // the decode, the chunk (mapped and written), the jump, the write
+    // path (probed by writing back the bytes there now).
+    let mut writes = Vec::with_capacity(targets.len());
+    for (i, target) in targets.iter().enumerate() {
+        let fail = |reason| refused("hook", &target.name, reason);
+        if targets[..i].iter().any(|t| t.addr == target.addr) {
+            return Err(fail(Reason::AlreadyHooked));
+        }
+        let (chunk, entry) = prepare(hooks, target, options).map_err(fail)?;
+        let jump = decode::jmp_rel32(target.addr as u64, chunk.code as u64)
+            .map_err(|detail| fail(Reason::NoNearMemory { detail }))?;
+        let original = entry.bytes[..jump.len()].to_vec();
+        writes.push(
+            EntryWrite::probe(target, entry.len, jump.to_vec(), original, options).map_err(fail)?,
+        );
     }
-    let entry = decode::entry(target.code(), target.addr as u64)
-        .map_err(|why| fail(Reason::Ineligible(why)))?;
+    let report = write_entries(&writes, options)
+        .map_err(|(i, reason)| refused("hook", &targets[i].name, reason))?;
+    Ok(targets
+        .iter()
+        .map(|target| {
+            let state = hooks.get_mut(&target.addr).expect("recorded by prepare");
+            state.installed = true;
+            state.generation += 1;
+            Hook {
+                target: target.clone(),
+                chunk: state.chunk,
+                report,
+                options: options.clone(),
+                generation: state.generation,
+            }
+        })
+        .collect())
+}
+
+/// Checks `target` and gives it a chunk whose slot points at the original
+/// code (a new one, recorded as not installed, or the one from an earlier
+/// install). Nothing is written at the entry.
+fn prepare(
+    hooks: &mut HashMap<usize, State>,
+    target: &Target,
+    options: &Options,
+) -> Result<(Chunk, decode::Entry), Reason> {
+    if hooks.get(&target.addr).is_some_and(|s| s.installed) {
+        return Err(Reason::AlreadyHooked);
+    }
+    let entry = decode::entry(target.code(), target.addr as u64).map_err(Reason::Ineligible)?;
     if let Some(expected) = &options.expect_entry
         && *expected != entry.bytes
     {
-        return Err(fail(Reason::EntryChanged {
+        return Err(Reason::EntryChanged {
             expected: expected.clone(),
             found: entry.bytes.clone(),
-        }));
+        });
     }
     let chunk = match hooks.get(&target.addr) {
-        Some(state) if state.installed => return Err(fail(Reason::AlreadyHooked)),
         Some(state) => {
             if state.original != entry.bytes {
-                return Err(fail(Reason::EntryChanged {
+                return Err(Reason::EntryChanged {
                     expected: state.original.clone(),
                     found: entry.bytes.clone(),
-                }));
+                });
             }
             // Calls through a stub left from before run the original until
             // the entry is written again.
-            store_slot(&state.chunk, state.chunk.code + TRAMPOLINE)
-                .map_err(|e| fail(Reason::Slot(e)))?;
+            store_slot(&state.chunk, state.chunk.code + TRAMPOLINE).map_err(Reason::Slot)?;
             state.chunk
         }
         None => {
-            let chunk = new_chunk(target, &entry, options.write_path).map_err(fail)?;
+            let chunk = new_chunk(target, &entry, options.write_path)?;
             hooks.insert(
                 target.addr,
                 State {
@@ -770,75 +832,156 @@ pub fn install_with(target: &Target, options: &Options) -> Result<Hook, Error> {
             chunk
         }
     };
-    let jump = decode::jmp_rel32(target.addr as u64, chunk.code as u64)
-        .map_err(|detail| fail(Reason::NoNearMemory { detail }))?;
-    let report = write_entry(
-        target,
-        entry.len,
-        &jump,
-        &entry.bytes[..jump.len()],
-        options,
-    )
-    .map_err(fail)?;
-    let state = hooks.get_mut(&target.addr).expect("inserted above");
-    state.installed = true;
-    state.generation += 1;
-    Ok(Hook {
-        target: target.clone(),
-        chunk,
-        report,
-        options: options.clone(),
-        generation: state.generation,
-    })
+    Ok((chunk, entry))
 }
 
-/// Writes `bytes` at the target's entry under a stop that refuses while a
-/// thread is in `(f, f + busy)`. `original` is what is there now.
-fn write_entry(
-    target: &Target,
+/// One entry to write under a stop: `bytes` at `addr` where `original` is
+/// now, refused while a thread is in `(addr, addr + busy)`; its way of
+/// writing probed.
+struct EntryWrite {
+    addr: usize,
     busy: usize,
-    bytes: &[u8],
-    original: &[u8],
-    options: &Options,
-) -> Result<Report, Reason> {
-    let f = target.addr;
-    let (writer, pages) = write::CodeWriter::probe(f, bytes.len(), options.write_path)
-        .map_err(Reason::WriteDenied)?;
-    let check = |ips: &[(usize, usize)]| match ips.iter().find(|&&(_, ip)| ip > f && ip < f + busy)
-    {
+    bytes: Vec<u8>,
+    original: Vec<u8>,
+    writer: write::CodeWriter,
+    pages: write::Pages,
+}
+
+impl EntryWrite {
+    fn probe(
+        target: &Target,
+        busy: usize,
+        bytes: Vec<u8>,
+        original: Vec<u8>,
+        options: &Options,
+    ) -> Result<EntryWrite, Reason> {
+        let (writer, pages) =
+            write::CodeWriter::probe(target.addr, bytes.len(), options.write_path)
+                .map_err(Reason::WriteDenied)?;
+        Ok(EntryWrite {
+            addr: target.addr,
+            busy,
+            bytes,
+            original,
+            writer,
+            pages,
+        })
+    }
+}
+
+/// Writes every entry of `writes` under one stop that refuses while a
+/// thread is inside any of them. On error, the index of the entry the
+/// reason is about; every entry is as it was.
+fn write_entries(writes: &[EntryWrite], options: &Options) -> Result<Report, (usize, Reason)> {
+    let within = |ip: usize| {
+        writes
+            .iter()
+            .position(|w| ip > w.addr && ip < w.addr + w.busy)
+    };
+    let check = |ips: &[(usize, usize)]| match ips.iter().find(|&&(_, ip)| within(ip).is_some()) {
         Some(&found) => Err(found),
         None => Ok(()),
     };
-    let write = || match writer.write(f, bytes, &pages) {
-        Ok(()) => Ok(()),
-        Err(e) => {
-            // Put back what was there if the write got half-way.
-            let _ = writer.write(f, original, &pages);
-            Err(e)
+    // Allocates nothing: it runs while the other threads are stopped.
+    let write = || {
+        for (i, w) in writes.iter().enumerate() {
+            if let Err(e) = w.writer.write(w.addr, &w.bytes, &w.pages) {
+                // Put back what was there: the entries written before, and
+                // this one if the write got half-way.
+                for w in &writes[..=i] {
+                    let _ = w.writer.write(w.addr, &w.original, &w.pages);
+                }
+                return Err(e);
+            }
         }
+        Ok(())
     };
     let stats = stop::stop_the_world(options.deadline, options.retry, check, write).map_err(
         |e| match e {
-            stop::StopError::NotStopped(t) => Reason::NotStopped(t),
-            stop::StopError::Busy(thread, ip) => Reason::ThreadInside {
-                thread,
-                offset: ip.wrapping_sub(f),
-            },
-            stop::StopError::TooManyThreads(n) => Reason::Threads(format!(
-                "{n} threads: a stop holds at most {}",
-                stop::MAX_THREADS
-            )),
-            stop::StopError::Signal(s) => Reason::Signal(s),
-            stop::StopError::Io(s) => Reason::Threads(s),
-            stop::StopError::Write(detail) => Reason::WriteFailed { detail },
+            stop::StopError::NotStopped(t) => (0, Reason::NotStopped(t)),
+            stop::StopError::Busy(thread, ip) => {
+                let i = within(ip).unwrap_or(0);
+                (
+                    i,
+                    Reason::ThreadInside {
+                        thread,
+                        offset: ip.wrapping_sub(writes[i].addr),
+                    },
+                )
+            }
+            stop::StopError::TooManyThreads(n) => (
+                0,
+                Reason::Threads(format!(
+                    "{n} threads: a stop holds at most {}",
+                    stop::MAX_THREADS
+                )),
+            ),
+            stop::StopError::Signal(s) => (0, Reason::Signal(s)),
+            stop::StopError::Io(s) => (0, Reason::Threads(s)),
+            stop::StopError::Write(detail) => (0, Reason::WriteFailed { detail }),
         },
     )?;
     Ok(Report {
         rounds: stats.rounds,
         threads: stats.threads,
         pause: stats.pause,
-        write_path: writer.path(),
+        write_path: writes
+            .first()
+            .map_or(WritePath::ProcMem, |w| w.writer.path()),
+        entries: writes.len(),
     })
+}
+
+/// Writes the original entries of `hooks` back under one stop (the
+/// writes of one revert); see [`Hook::unhook`].
+///
+/// # Errors
+///
+/// [`Error::Hook`] naming the first function refused; every hook is still
+/// installed.
+pub(crate) fn unhook_all(hooks: &[&Hook]) -> Result<Report, Error> {
+    let mut states = HOOKS.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut writes = Vec::with_capacity(hooks.len());
+    for (i, hook) in hooks.iter().enumerate() {
+        let fail = |reason| refused("unhook", &hook.target.name, reason);
+        let state = states
+            .as_ref()
+            .and_then(|h| h.get(&hook.target.addr))
+            .filter(|s| s.installed && s.generation == hook.generation)
+            .filter(|_| !hooks[..i].iter().any(|h| h.target.addr == hook.target.addr))
+            .ok_or_else(|| fail(Reason::NotHooked))?;
+        let jump = decode::jmp_rel32(hook.target.addr as u64, hook.chunk.code as u64)
+            .map_err(|detail| fail(Reason::NoNearMemory { detail }))?;
+        let original = state.original[..jump.len()].to_vec();
+        writes.push(
+            EntryWrite::probe(
+                &hook.target,
+                jump.len(),
+                original,
+                jump.to_vec(),
+                &hook.options,
+            )
+            .map_err(fail)?,
+        );
+    }
+    // One stop for all (hooks of several patches may be released at
+    // once): the shortest deadline and pause between tries any of them
+    // was given. Each entry's write path is its own (probed above).
+    let mut options = hooks.first().map(|h| h.options.clone()).unwrap_or_default();
+    for h in hooks {
+        options.deadline = options.deadline.min(h.options.deadline);
+        options.retry = options.retry.min(h.options.retry);
+    }
+    let report = write_entries(&writes, &options)
+        .map_err(|(i, reason)| refused("unhook", &hooks[i].target.name, reason))?;
+    let states = states.as_mut().expect("checked above");
+    for hook in hooks {
+        states
+            .get_mut(&hook.target.addr)
+            .expect("checked above")
+            .installed = false;
+    }
+    Ok(report)
 }
 
 /// A redirected function entry.
@@ -954,14 +1097,7 @@ impl Hook {
     ///
     /// [`Error::Hook`] with the [`Reason`]; the hook is still installed.
     pub fn unhook(&self) -> Result<Report, Error> {
-        self.with_state("unhook", |state| {
-            let jump = decode::jmp_rel32(self.target.addr as u64, self.chunk.code as u64)
-                .map_err(|detail| Reason::NoNearMemory { detail })?;
-            let original = state.original[..jump.len()].to_vec();
-            let report = write_entry(&self.target, jump.len(), &original, &jump, &self.options)?;
-            state.installed = false;
-            Ok(report)
-        })
+        unhook_all(&[self])
     }
 }
 
@@ -1015,6 +1151,25 @@ pub fn signal() -> i32 {
 pub fn stop_rounds() -> u64 {
     // Relaxed: a counter.
     stop::ROUNDS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Stops of every thread run by this process so far (each of one or more
+/// [rounds](stop_rounds)): one per [`install`], [`Hook::unhook`], and per
+/// load or revert of a patch that writes hooked entries, however many
+/// functions it hooks.
+///
+/// # Examples
+///
+/// ```
+/// # if cfg!(all(target_arch = "x86_64", target_os = "linux")) {
+/// let before = hotpatch::hook::stops();
+/// // ... apply a patch that hooks three functions ...
+/// assert!(hotpatch::hook::stops() >= before);
+/// # }
+/// ```
+pub fn stops() -> u64 {
+    // Relaxed: a counter.
+    stop::STOPS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// The memory mapped for stubs, trampolines and slots, as `(start, end)`

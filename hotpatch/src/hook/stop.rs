@@ -11,16 +11,25 @@
 //!    `/proc/self/task/T/status` includes the stop signal then.)
 //! 2. Write each tid into a record of the static table `RECORDS`, set
 //!    `COUNT`, then publish the round number in `ROUND` (SeqCst).
-//! 3. `tgkill` each thread with the stop signal. Its handler (all other
-//!    signals blocked while it runs, so no other handler runs on a stopped
-//!    thread) finds its record by tid, stores the interrupted instruction
-//!    pointer (from the `ucontext`), marks the record arrived for this
-//!    round (Release) and parks on the futex `RELEASED` until it holds this
-//!    round.
-//! 4. The caller waits until every record arrived (a thread that exited
+//! 3. `tgkill` each thread with the stop signal. The caller and every
+//!    thread that arrived share the sending: each claims the next record
+//!    from `NEXT` (the round's tag and an index, one compare-and-swap) and
+//!    signals its thread, so the signals go out from every core and do not
+//!    wait for the caller when the threads it wakes take its core. (A
+//!    record is claimed once; a signal sent after its round ended is a
+//!    stale one, below.) The handler (all other signals blocked while it
+//!    runs, so no other handler runs on a stopped thread) finds its record
+//!    by tid, stores the interrupted instruction pointer (from the
+//!    `ucontext`), marks the record arrived for this round (Release),
+//!    signals unclaimed records, and parks on the futex `RELEASED` until it
+//!    holds this round.
+//! 4. The caller sleeps on the futex `ARRIVALS` (the last thread to
+//!    arrive wakes it) until every record arrived (a thread that exited
 //!    meanwhile, `tgkill` says `ESRCH`, counts as stopped), or the deadline.
-//!    Then it lists `/proc/self/task` again: a thread that did not exist in
-//!    step 1 (created by a thread before it stopped) means the round is
+//!    Then it reads the number of threads of the process (`/proc/self/stat`,
+//!    through a descriptor opened before the stop: `pread`, no path
+//!    lookup, no allocation): more than the parked ones and itself (a
+//!    thread created by a thread before it stopped) means the round is
 //!    released and run again.
 //! 5. With every other thread parked in the handler, `check` sees their
 //!    instruction pointers; if it refuses (a thread inside the bytes to be
@@ -29,7 +38,16 @@
 //! 6. Release: store the round into `RELEASED` (Release) and wake every
 //!    waiter. Each handler executes `cpuid`, a serialising instruction
 //!    (Intel SDM vol. 3, 8.1.3, cross-modifying code), before it returns to
-//!    the code it interrupted. The caller does not wait for them to leave.
+//!    the code it interrupted; the caller executes it after the release
+//!    (it runs no written code before). The caller does not wait for them
+//!    to leave.
+//!
+//! Everything that does not need the threads held is done before the
+//! first signal: the listing, the buffers, the descriptor of step 4, and
+//! (by the callers, `hook/mod.rs`) the decode, the trampolines and the
+//! write path, probed. The held window has the signals, the wait, the
+//! relisting, the check and the writes: one stop for every entry a patch
+//! writes.
 //!
 //! So while `write` runs, every other thread of the process is either
 //! parked in the handler with its instruction pointer checked, or was
@@ -48,7 +66,14 @@
 //! round does not count (the thread's own signal for the next round then
 //! records it again, in program order after), and returns at once, since
 //! released rounds only grow. So a new round need not wait for the
-//! handlers of the last one to leave.
+//! handlers of the last one to leave. A handler claims records to signal
+//! only while `NEXT` carries its own round's tag: once the caller resets
+//! `NEXT` for a new round, a claim for an old one fails its
+//! compare-and-swap, and a claim made just before that sends one more
+//! stale signal to a thread of this process. Every record of a round is
+//! claimed by a thread that loaded that round (so sees its records) and
+//! signals it before it parks; a `tgkill` error other than `ESRCH`
+//! (counted as exited) is stored in `FAILED` and ends the stop with it.
 //!
 //! The atomics are `std`'s, not the `loom` shim's: the other party of this
 //! protocol is a signal handler on a stopped thread, which loom cannot
@@ -94,6 +119,8 @@ struct Record {
     sp: AtomicUsize,
     /// The round this thread arrived in (0: not yet).
     arrived: AtomicU64,
+    /// The round in which `tgkill` found this thread gone (`ESRCH`).
+    gone: AtomicU64,
 }
 
 #[allow(clippy::declare_interior_mutable_const)]
@@ -102,6 +129,7 @@ const EMPTY: Record = Record {
     ip: AtomicUsize::new(0),
     sp: AtomicUsize::new(0),
     arrived: AtomicU64::new(0),
+    gone: AtomicU64::new(0),
 };
 
 static RECORDS: [Record; MAX_THREADS] = [EMPTY; MAX_THREADS];
@@ -116,8 +144,22 @@ static RELEASED: AtomicU32 = AtomicU32::new(0);
 /// to arrive). Only a hint for waking the caller: what counts is each
 /// record's `arrived`.
 static ARRIVALS: AtomicU32 = AtomicU32::new(0);
+/// The next record to signal: the round's low 32 bits, then the index.
+/// The caller and every thread that arrived claim records from it (one
+/// compare-and-swap each) and signal them, so the signals are sent from
+/// every core, not one by one from the caller.
+static NEXT: AtomicU64 = AtomicU64::new(0);
+/// A `tgkill` that failed other than with `ESRCH`: the round's low 32
+/// bits, then the error; `FAILED_TID` the thread.
+static FAILED: AtomicU64 = AtomicU64::new(0);
+static FAILED_TID: AtomicI32 = AtomicI32::new(0);
+/// This process and the stop signal, for the handlers that signal others.
+static PID: AtomicI32 = AtomicI32::new(0);
+static SIG: AtomicI32 = AtomicI32::new(0);
 /// Rounds run so far (`hook::stop_rounds`).
 pub(crate) static ROUNDS: AtomicU64 = AtomicU64::new(0);
+/// Stops run so far (`hook::stops`).
+pub(crate) static STOPS: AtomicU64 = AtomicU64::new(0);
 
 /// One stop at a time.
 static STOP: Mutex<()> = Mutex::new(());
@@ -250,6 +292,7 @@ extern "C" fn handler(_sig: libc::c_int, _info: *mut libc::siginfo_t, context: *
                     )
                 };
             }
+            signal_records(round, count);
             loop {
                 // Acquire: pairs with the Release store in `release`: the
                 // code written before it is what this thread runs next.
@@ -275,6 +318,49 @@ extern "C" fn handler(_sig: libc::c_int, _info: *mut libc::siginfo_t, context: *
     }
     // SAFETY: as above.
     unsafe { *libc::__errno_location() = errno };
+}
+
+/// Claims records of `round` from `NEXT` and sends each its stop signal,
+/// until every one of the `count` records was claimed (or the round is
+/// over). Async-signal-safe: atomics and `tgkill`. A record is claimed
+/// once; a signal sent late (its round already over) is one more stale
+/// signal, which the handler ignores.
+fn signal_records(round: u64, count: usize) {
+    let tag = round & 0xffff_ffff;
+    // Relaxed: stored before the first round, under STOP.
+    let (pid, sig) = (PID.load(Ordering::Relaxed), SIG.load(Ordering::Relaxed));
+    loop {
+        // Acquire: pairs with the caller's Release store that resets it.
+        let next = NEXT.load(Ordering::Acquire);
+        let i = (next & 0xffff_ffff) as usize;
+        if next >> 32 != tag || i >= count {
+            return;
+        }
+        if NEXT
+            // AcqRel: one claimer per record; Relaxed on failure (retried).
+            .compare_exchange_weak(next, next + 1, Ordering::AcqRel, Ordering::Relaxed)
+            .is_err()
+        {
+            continue;
+        }
+        // Relaxed: written before ROUND was published (SeqCst), which
+        // every claimer of this round loaded.
+        let tid = RECORDS[i].tid.load(Ordering::Relaxed);
+        // SAFETY: tgkill with a valid signal to a thread of this process.
+        if unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, sig) } != 0 {
+            // SAFETY: errno is thread-local.
+            let e = unsafe { *libc::__errno_location() };
+            if e == libc::ESRCH {
+                // Release: the caller's Acquire load counts it as stopped.
+                RECORDS[i].gone.store(round, Ordering::Release);
+            } else {
+                // Relaxed: published by the Release store of FAILED.
+                FAILED_TID.store(tid, Ordering::Relaxed);
+                // Release: pairs with the caller's Acquire load.
+                FAILED.store(tag << 32 | e as u64, Ordering::Release);
+            }
+        }
+    }
 }
 
 /// Installs the handler once. Refuses if the signal already has a handler
@@ -451,27 +537,39 @@ fn saved_ips(sp: usize, restorer: usize, mut out: impl FnMut(usize)) {
     }
 }
 
-/// The number of threads of this process (`/proc/self/stat`, field 20),
-/// read without allocating (other threads may be stopped holding the
-/// allocator's lock).
-fn thread_count() -> Option<usize> {
-    use std::io::Read;
-    let mut buf = [0u8; 1024];
-    // A short path: std converts it on the stack, no allocation.
-    let mut file = fs::File::open("/proc/self/stat").ok()?;
-    let mut len = 0;
-    while len < buf.len() {
-        match file.read(&mut buf[len..]) {
-            Ok(0) => break,
-            Ok(n) => len += n,
-            Err(_) => return None,
-        }
+/// The number of threads of this process (`/proc/self/stat`, field 20,
+/// `num_threads`), read through a descriptor opened before the stop:
+/// `pread` at offset 0 generates the file again, with no path lookup and
+/// no allocation in this process (other threads may be stopped holding
+/// the allocator's lock). Measured here, about half the cost of opening
+/// the file each time, and less than listing `/proc/self/task` again
+/// from 16 threads up.
+struct ThreadCount(fs::File);
+
+impl ThreadCount {
+    fn open() -> Result<ThreadCount, StopError> {
+        fs::File::open("/proc/self/stat")
+            .map(ThreadCount)
+            .map_err(|e| StopError::Io(format!("cannot open /proc/self/stat: {e}")))
     }
-    let text = std::str::from_utf8(&buf[..len]).ok()?;
-    // Fields after the command name (which may hold spaces): state is
-    // field 3, num_threads field 20.
-    let (_, rest) = text.rsplit_once(')')?;
-    rest.split_ascii_whitespace().nth(17)?.parse().ok()
+
+    fn now(&self) -> Option<usize> {
+        use std::os::unix::fs::FileExt;
+        let mut buf = [0u8; 1024];
+        let mut len = 0;
+        while len < buf.len() {
+            match self.0.read_at(&mut buf[len..], len as u64) {
+                Ok(0) => break,
+                Ok(n) => len += n,
+                Err(_) => return None,
+            }
+        }
+        let text = std::str::from_utf8(&buf[..len]).ok()?;
+        // Fields after the command name (which may hold spaces): state is
+        // field 3, num_threads field 20.
+        let (_, rest) = text.rsplit_once(')')?;
+        rest.split_ascii_whitespace().nth(17)?.parse().ok()
+    }
 }
 
 /// Stops every other thread, calls `check` with their instruction pointers
@@ -493,11 +591,17 @@ where
 {
     let _one = STOP.lock().unwrap_or_else(PoisonError::into_inner);
     install_handler()?;
+    let count = ThreadCount::open()?;
+    // Relaxed: a counter for reports.
+    STOPS.fetch_add(1, Ordering::Relaxed);
     let start = Instant::now();
     let own = gettid();
     // SAFETY: getpid has no preconditions.
     let pid = unsafe { libc::getpid() };
-    let sig = signal();
+    // Relaxed: read by the handlers of rounds published later (SeqCst).
+    PID.store(pid, Ordering::Relaxed);
+    // Relaxed: as above.
+    SIG.store(signal(), Ordering::Relaxed);
     let mut rounds = 0u32;
     let mut write = Some(write);
     // The thread the last round found inside the bytes, and where.
@@ -513,51 +617,52 @@ where
         // (thread index, instruction pointer): each thread's own, and those
         // saved by signal handlers it was running (a few per thread).
         let mut ips: Vec<(usize, usize)> = Vec::with_capacity(tids.len() * 4);
+        // Relaxed: a counter for reports.
+        let round = ROUNDS.fetch_add(1, Ordering::Relaxed) + 1;
+        // Release: a claimer of the last round fails its compare-and-swap
+        // from now on; one of this round (after ROUND below) sees index 0.
+        NEXT.store((round & 0xffff_ffff) << 32, Ordering::Release);
         for (record, &tid) in RECORDS.iter().zip(&tids) {
             // Relaxed: published by the SeqCst store of ROUND below.
             record.tid.store(tid, Ordering::Relaxed);
             record.ip.store(0, Ordering::Relaxed);
             record.sp.store(0, Ordering::Relaxed);
             record.arrived.store(0, Ordering::Relaxed);
+            record.gone.store(0, Ordering::Relaxed);
         }
         // Relaxed: a wake-up hint, published with the records.
         ARRIVALS.store(0, Ordering::Relaxed);
         // Release: a handler that loads COUNT (Acquire) sees the records.
         COUNT.store(tids.len(), Ordering::Release);
-        // Relaxed: a counter for reports.
-        let round = ROUNDS.fetch_add(1, Ordering::Relaxed) + 1;
         rounds += 1;
         let paused = Instant::now();
         // SeqCst: after the records; pairs with the handlers' SeqCst load.
         ROUND.store(round, Ordering::SeqCst);
         let guard = Round(round);
-        let mut failed = None;
-        for (i, &tid) in tids.iter().enumerate() {
-            // SAFETY: tgkill with a valid signal to a thread of this process.
-            if unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, sig) } != 0 {
-                let e = std::io::Error::last_os_error();
-                if e.raw_os_error() == Some(libc::ESRCH) {
-                    stopped[i] = true; // exited
-                } else {
-                    failed = Some((tid, e));
-                    break;
-                }
-            }
-        }
-        if let Some((tid, e)) = failed {
-            drop(guard);
-            return Err(StopError::Io(format!("tgkill({tid}): {e}")));
-        }
+        signal_records(round, tids.len());
         let mut spins = 0u32;
         let mut timed_out = false;
         loop {
             // Acquire: read before the records, so an arrival after this
             // load changes the word and the wait below returns at once.
             let seen = ARRIVALS.load(Ordering::Acquire);
+            // Acquire: pairs with the Release store in `signal_records`.
+            let failed = FAILED.load(Ordering::Acquire);
+            if failed >> 32 == round & 0xffff_ffff {
+                drop(guard);
+                // Relaxed: published by the Release store of FAILED.
+                let tid = FAILED_TID.load(Ordering::Relaxed);
+                let e = std::io::Error::from_raw_os_error(failed as u32 as i32);
+                return Err(StopError::Io(format!("tgkill({tid}): {e}")));
+            }
             let mut all = true;
             for (i, record) in RECORDS[..tids.len()].iter().enumerate() {
-                // Acquire: pairs with the handler's Release: its `ip` is visible.
-                if !stopped[i] && record.arrived.load(Ordering::Acquire) == round {
+                // Acquire: pairs with the handler's Release: its `ip` is
+                // visible; or with the Release store of `gone` (exited).
+                if !stopped[i]
+                    && (record.arrived.load(Ordering::Acquire) == round
+                        || record.gone.load(Ordering::Acquire) == round)
+                {
                     stopped[i] = true;
                 }
                 all &= stopped[i];
@@ -617,7 +722,7 @@ where
             // Relaxed: after the Acquire loads above.
             .filter(|r| r.arrived.load(Ordering::Relaxed) == round)
             .count();
-        if thread_count() != Some(parked + 1) {
+        if count.now() != Some(parked + 1) {
             drop(guard);
             if start.elapsed() > deadline {
                 return Err(StopError::Io(
@@ -645,9 +750,11 @@ where
         match check(&ips) {
             Ok(()) => {
                 let result = (write.take().expect("written once"))();
-                serialise();
                 let pause = paused.elapsed();
                 drop(guard);
+                // This thread runs the written code only after it returns:
+                // it serialises after the release, not while others wait.
+                serialise();
                 result.map_err(|e| StopError::Write(e.to_string()))?;
                 return Ok(StopStats {
                     rounds,

@@ -42,7 +42,8 @@ pub(crate) struct TransitionReport {
 #[cfg_attr(not(feature = "control"), allow(dead_code))]
 pub(crate) struct HookWrite {
     pub op: &'static str,
-    pub function: String,
+    /// The functions whose entries this one stop wrote.
+    pub functions: Vec<String>,
     /// Threads stopped and for how long (the last round).
     pub threads: usize,
     pub pause: Duration,
