@@ -56,6 +56,8 @@ const V1_CALL: &[(&str, &str)] = &[
     ("applied_twice", "12"),
     ("greeting", "hello from v1"),
     ("by_rate", "20"),
+    ("boxes", "1"),
+    ("tally", "30"),
 ];
 
 /// A case: its branch (a commit on v1 with `edits`), and how the answers
@@ -383,6 +385,24 @@ const CASES: &[Case] = &[
             new: "hello from the fix",
         }],
         changes: &[("greeting", "hello from the fix")],
+    },
+    // 37. A hooked function's fix that panics (on 0): the patch counts
+    //     the panic, as it counts a replaced function's.
+    Case {
+        branch: "case-hook-panics",
+        edits: &[lib(
+            "pub fn boxes_for(n: u64) -> u64 {\n    n / 4 + 1\n",
+            "pub fn boxes_for(n: u64) -> u64 {\n    assert!(n != 0, \"boxes_for: no items\");\n    n / 4 + 1\n",
+        )],
+        changes: &[("boxes", "panicked")],
+    },
+    // 38. A fix of a function whose entry is a loop's head (3 bytes in):
+    //     refused (each iteration would jump into the middle of the hook's
+    //     jump).
+    Case {
+        branch: "case-loop-entry",
+        edits: &[lib("\"cmp rax, 30\"", "\"cmp rax, 40\"")],
+        changes: &[("tally", "42")],
     },
     // 14. Another build of the service: a commit after v1 that changes only
     //     the binary's banner (so its build-id, and none of its library).
@@ -1864,5 +1884,53 @@ fn case_36_an_async_fn_whose_state_machine_changed_is_refused() {
         "pub async fn checkout(",
         &["state machine"],
         &[],
+    );
+}
+
+#[test]
+fn case_37_a_panic_in_a_hooked_function_s_new_body_is_counted() {
+    // `boxes_for` is public and the binary calls it: hooked. Its new body
+    // is the head's code as compiled, with no counted form; its unwind
+    // information names the patch's counting personality instead.
+    let c = case("case-hook-panics");
+    let mut fx = fixture();
+    let so = out_path(c.branch);
+    let out = build_patch(c.branch, s(&fx.v1_bin), &so);
+    check_built(
+        &fx.v1_id,
+        &out,
+        &so,
+        &harness::edited("src/lib.rs", c.edits),
+        &[("hooked", "svc::boxes_for", "pub fn boxes_for(")],
+    );
+    let applied = Applied::load(&mut fx.v1, &so);
+    assert_eq!(applied.v1.ask("panics"), "Some(0)", "none before a call");
+    for n in 1..=3 {
+        let call = applied.v1.call();
+        assert_eq!(
+            but_calls(call),
+            but_calls(expected(c.changes)),
+            "only the hooked function panics"
+        );
+        assert_eq!(
+            applied.v1.ask("panics"),
+            format!("Some({n})"),
+            "each call of the hooked boxes_for(0) panicked once, out of its new body"
+        );
+    }
+    applied.revert();
+    assert_eq!(fx.v1.call()["boxes"], "1", "reverted");
+}
+
+#[test]
+fn case_38_a_function_whose_entry_is_a_loop_head_is_refused() {
+    // `tally`'s `jb` goes back to +0x3, inside the 7 bytes a hook's jump
+    // would replace: the reason is hotpatch-entry's, from v1's code.
+    refused(
+        "case-loop-entry",
+        "svc::tally",
+        "pub fn tally(",
+        &["inside the entry bytes"],
+        &["branches to +0x3", "a loop whose head is at the entry"],
     );
 }

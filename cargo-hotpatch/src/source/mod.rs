@@ -389,7 +389,7 @@ pub fn build_from_source(
     };
     let mut extracted = extract::write(code, &host, &plan, &noise)?;
     let label = manifest::label(&ws, opts, &revs, &files, &plan)?;
-    let manifest = manifest::compile(&ws, &head, &label)?;
+    let manifest = manifest::compile(&ws, &head, &label, &plan)?;
     let out = crate::cargo::output_path(
         opts.output.as_deref(),
         &ws.target_dir,
