@@ -527,6 +527,9 @@ fn in_denying_child(name: &str, mode: &str) -> String {
         out.status.success() && text.contains("1 passed"),
         "child {mode}: {text}"
     );
+    for line in text.lines().filter(|l| l.contains("CHILD-OK")) {
+        println!("{line}");
+    }
     text
 }
 
