@@ -57,6 +57,7 @@ const V1_CALL: &[(&str, &str)] = &[
     ("greeting", "hello from v1"),
     ("by_rate", "20"),
     ("boxes", "1"),
+    ("crates", "1"),
     ("tally", "30"),
 ];
 
@@ -386,15 +387,22 @@ const CASES: &[Case] = &[
         }],
         changes: &[("greeting", "hello from the fix")],
     },
-    // 37. A hooked function's fix that panics (on 0): the patch counts
-    //     the panic, as it counts a replaced function's.
+    // 37. Two hooked functions' fixes that panic (on 0), one with a
+    //     value to drop on the way out: the patch counts each panic
+    //     once, as it counts a replaced function's.
     Case {
         branch: "case-hook-panics",
-        edits: &[lib(
-            "pub fn boxes_for(n: u64) -> u64 {\n    n / 4 + 1\n",
-            "pub fn boxes_for(n: u64) -> u64 {\n    assert!(n != 0, \"boxes_for: no items\");\n    n / 4 + 1\n",
-        )],
-        changes: &[("boxes", "panicked")],
+        edits: &[
+            lib(
+                "pub fn boxes_for(n: u64) -> u64 {\n    n / 4 + 1\n",
+                "pub fn boxes_for(n: u64) -> u64 {\n    assert!(n != 0, \"boxes_for: no items\");\n    n / 4 + 1\n",
+            ),
+            lib(
+                "pub fn crates_for(n: u64) -> u64 {\n    n / 10 + 1\n",
+                "pub fn crates_for(n: u64) -> u64 {\n    let why = format!(\"crates_for: {n} items\");\n    assert!(n != 0, \"{why}\");\n    n / 10 + 1\n",
+            ),
+        ],
+        changes: &[("boxes", "panicked"), ("crates", "panicked")],
     },
     // 38. A fix of a function whose entry is a loop's head (3 bytes in):
     //     refused (each iteration would jump into the middle of the hook's
@@ -1889,9 +1897,11 @@ fn case_36_an_async_fn_whose_state_machine_changed_is_refused() {
 
 #[test]
 fn case_37_a_panic_in_a_hooked_function_s_new_body_is_counted() {
-    // `boxes_for` is public and the binary calls it: hooked. Its new body
-    // is the head's code as compiled, with no counted form; its unwind
-    // information names the patch's counting personality instead.
+    // `boxes_for` and `crates_for` are public and the binary calls them:
+    // hooked. Their new bodies are the head's code as compiled, with no
+    // counted form; their unwind information names the patch's counting
+    // personality instead (one without a personality of its own, one
+    // with rustc's and a landing pad that drops a `String`).
     let c = case("case-hook-panics");
     let mut fx = fixture();
     let so = out_path(c.branch);
@@ -1901,7 +1911,10 @@ fn case_37_a_panic_in_a_hooked_function_s_new_body_is_counted() {
         &out,
         &so,
         &harness::edited("src/lib.rs", c.edits),
-        &[("hooked", "svc::boxes_for", "pub fn boxes_for(")],
+        &[
+            ("hooked", "svc::boxes_for", "pub fn boxes_for("),
+            ("hooked", "svc::crates_for", "pub fn crates_for("),
+        ],
     );
     let applied = Applied::load(&mut fx.v1, &so);
     assert_eq!(applied.v1.ask("panics"), "Some(0)", "none before a call");
@@ -1914,12 +1927,18 @@ fn case_37_a_panic_in_a_hooked_function_s_new_body_is_counted() {
         );
         assert_eq!(
             applied.v1.ask("panics"),
-            format!("Some({n})"),
-            "each call of the hooked boxes_for(0) panicked once, out of its new body"
+            format!("Some({})", 2 * n),
+            "each call of the hooked boxes_for(0) and crates_for(0) panicked once, out of \
+             its new body (crates_for's through its landing pad)"
         );
     }
     applied.revert();
-    assert_eq!(fx.v1.call()["boxes"], "1", "reverted");
+    let after = fx.v1.call();
+    assert_eq!(
+        (&*after["boxes"], &*after["crates"]),
+        ("1", "1"),
+        "reverted"
+    );
 }
 
 #[test]
@@ -2015,6 +2034,8 @@ fn watch_a_hooked_function_made_from_source_that_panics_is_rolled_back() {
     let mut answers = std::collections::BTreeSet::new();
     while !apply.is_finished() {
         answers.insert(svc.call()["boxes"].clone());
+        // Paced: each answer is printed (kept by the harness).
+        std::thread::sleep(std::time::Duration::from_millis(10));
     }
     let reply = apply.join().unwrap();
     assert_eq!(reply["ok"], false, "{reply}");

@@ -349,3 +349,59 @@ fn record_len(data: &[u8], at: usize) -> Option<usize> {
     }
     Some(len)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A CIE as LLVM writes it for x86-64: `augmentation`, its data, and
+    /// the initial instructions `def_cfa rsp+8; offset rip at cfa-8`.
+    fn cie(augmentation: &str, data: &[u8]) -> Vec<u8> {
+        let mut body = vec![0, 0, 0, 0, 1];
+        body.extend_from_slice(augmentation.as_bytes());
+        body.extend_from_slice(&[0, 1, 0x78, 0x10, data.len() as u8]);
+        body.extend_from_slice(data);
+        body.extend_from_slice(&[0x0c, 0x07, 0x08, 0x90, 0x01]);
+        while (body.len() + 4) % 4 != 0 {
+            body.push(0);
+        }
+        let mut out = (body.len() as u32).to_le_bytes().to_vec();
+        out.extend(body);
+        out
+    }
+
+    #[test]
+    fn a_cie_without_personality_gains_the_counting_one() {
+        let (out, at) = counting_cie(&cie("zR", &[0x1b])).unwrap();
+        // "zPR": the pointer (to be relocated) first, then R's encoding;
+        // the same instructions, then padding (DW_CFA_nop) to whole
+        // 4-byte words, the length field saying so.
+        let want = cie("zPR", &[0x9b, 0, 0, 0, 0, 0x1b]);
+        let unpadded = 4 + 4 + 1 + 4 + 3 + 1 + 6 + 5;
+        assert_eq!(out[4..unpadded], want[4..unpadded]);
+        assert!(out[unpadded..].iter().all(|b| *b == 0));
+        assert_eq!(out.len() % 4, 0);
+        assert_eq!(out[at - 1], 0x9b);
+        assert_eq!(&out[at..at + 4], &[0, 0, 0, 0]);
+        assert_eq!(record_len(&out, 0), Some(out.len() - 4));
+    }
+
+    #[test]
+    fn a_cie_with_a_personality_keeps_its_form_and_names_the_field() {
+        let original = cie("zPLR", &[0x9b, 0xaa, 0xbb, 0xcc, 0xdd, 0x1b, 0x1b]);
+        let (out, at) = counting_cie(&original).unwrap();
+        assert_eq!(out, original);
+        assert_eq!(&out[at..at + 4], &[0xaa, 0xbb, 0xcc, 0xdd]);
+    }
+
+    #[test]
+    fn other_forms_are_refused_with_what_was_found() {
+        let direct = cie("zPLR", &[0x1b, 0, 0, 0, 0, 0x1b, 0x1b]);
+        assert!(counting_cie(&direct).unwrap_err().contains("0x1b"));
+        let unknown = cie("zRX", &[0x1b]);
+        assert!(counting_cie(&unknown).unwrap_err().contains("'X'"));
+        let no_z = cie("eh", &[]);
+        assert!(counting_cie(&no_z).is_err());
+        assert!(counting_cie(&cie("zR", &[0x1b])[..9]).is_err());
+    }
+}
