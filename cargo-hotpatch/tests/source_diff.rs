@@ -11,6 +11,12 @@
 //! not see each other's patches. Refused cases check the exit code, the
 //! `refused:` line and that no file was written.
 //!
+//! Two tests run a second v1, built with the fixture's `control` feature
+//! (the control endpoint, and a state directory of accepted patches), and
+//! patch it from source the same way (`--features control`): a hooked
+//! function watched and rolled back on its panics, and one accepted,
+//! killed, restored at restart and reverted.
+//!
 //! Each case prints what it ran and what it saw. Every build has a
 //! deadline ([`harness::BUILD_DEADLINE`]), every answer of the service
 //! one too, so a hang fails.

@@ -1,6 +1,8 @@
 //! Step 11: the patch's manifest (`hotpatch::manifest!()`), compiled
 //! against the head's own hotpatch crate: the name, version and
-//! description the runtime lists, and the patch's panic counter.
+//! description the runtime lists, the patch's panic counter, and, when
+//! the patch hooks, the personality routine that counts the panics of
+//! the hooked functions' new bodies on it.
 
 use std::ffi::OsString;
 use std::path::Path;
