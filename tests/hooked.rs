@@ -8,6 +8,7 @@
 
 mod support;
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier, mpsc};
 use std::time::Duration;
@@ -533,4 +534,184 @@ fn stress_hooking_patches_under_calls() {
 #[ignore = "long form: 2,000 cycles (minutes on 2 cores)"]
 fn stress_hooking_patches_under_calls_long() {
     stress(2_000);
+}
+
+// ---- the loader where code may not be written ----
+
+/// Set in the child process a write-path test runs in: which settings it
+/// makes (`PR_SET_MDWE` cannot be undone, and Landlock only narrows).
+const DENY: &str = "HOTPATCH_HOOKED_TEST_DENY";
+
+/// Runs the test `name` again in a child with `DENY=mode`; its output.
+fn in_denying_child(name: &str, mode: &str) -> String {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", name, "--nocapture", "--test-threads=1"])
+        .env(DENY, mode)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && text.contains("1 passed"),
+        "child {mode}: {text}"
+    );
+    for line in text.lines().filter(|l| l.contains("CHILD-OK")) {
+        println!("{line}");
+    }
+    text
+}
+
+/// `PR_SET_MDWE` with `PR_MDWE_REFUSE_EXEC_GAIN`, for this whole process.
+fn deny_write_execute() -> bool {
+    // SAFETY: a process-wide flag, set in a child process only.
+    unsafe { libc::prctl(libc::PR_SET_MDWE, libc::PR_MDWE_REFUSE_EXEC_GAIN, 0, 0, 0) == 0 }
+}
+
+/// Whether the kernel has `PR_SET_MDWE` (Linux >= 6.3): `PR_GET_MDWE`
+/// answers.
+fn deny_write_execute_supported() -> bool {
+    // SAFETY: reads a flag.
+    unsafe { libc::prctl(libc::PR_GET_MDWE, 0, 0, 0, 0) >= 0 }
+}
+
+/// Landlock: no file may be opened for writing, `/proc/self/mem`
+/// included, by this thread and the threads it creates from now on.
+fn deny_proc_mem() -> bool {
+    const LANDLOCK_ACCESS_FS_WRITE_FILE: u64 = 1 << 1;
+    let attr = [LANDLOCK_ACCESS_FS_WRITE_FILE];
+    // SAFETY: landlock system calls on memory we own.
+    unsafe {
+        let fd = libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            attr.as_ptr(),
+            8usize,
+            0u32,
+        );
+        if fd < 0 || libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+            return false;
+        }
+        libc::syscall(libc::SYS_landlock_restrict_self, fd as libc::c_int, 0u32) == 0
+    }
+}
+
+/// Whether the kernel has Landlock (its ABI version is positive).
+fn deny_proc_mem_supported() -> bool {
+    // SAFETY: a query with no attributes (LANDLOCK_CREATE_RULESET_VERSION).
+    unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            std::ptr::null::<u8>(),
+            0usize,
+            1u32,
+        ) > 0
+    }
+}
+
+/// The patches the write-path tests load, linked before the child denies
+/// anything (linking writes files).
+fn write_path_patches() -> (PathBuf, PathBuf) {
+    (support::patch(A), support::patch(support::UNDERNEATH))
+}
+
+/// The child's part of the write-path tests: loads the hooking patch `A`
+/// through a `Loader` and checks the outcome `hooks` expects (`Ok`: hooked,
+/// live, reverted; `Err(setting)`: refused naming it, nothing changed),
+/// then loads a patch with no hook, which must load either way.
+fn child_loads((a_so, plain_so): (PathBuf, PathBuf), hooks: Result<(), &str>) {
+    let loader = hotpatch::Loader::new();
+    let before = state();
+    match (loader.load(&a_so), hooks) {
+        (Ok(a), Ok(())) => {
+            assert_eq!(observed(), (106, 5), "the fix runs");
+            assert_eq!(a.hooked(), [PRICE]);
+            println!("CHILD-OK hooked, placement {:?}", a.placement());
+            loader.revert(a).unwrap();
+            assert_eq!(state(), before, "reverted");
+        }
+        (Err(err), Err(setting)) => {
+            let text = err.to_string();
+            assert!(
+                matches!(
+                    &err,
+                    Error::HookRefused {
+                        reason: hotpatch::hook::Reason::WriteDenied(_),
+                        ..
+                    }
+                ),
+                "{err:?}"
+            );
+            assert!(
+                text.contains(PRICE) && text.contains(setting),
+                "names the function and the setting: {text}"
+            );
+            assert_eq!(state(), before, "nothing changed");
+            assert!(hotpatch::applied().is_empty());
+            println!("CHILD-OK refused: {text}");
+        }
+        (Ok(a), Err(_)) => panic!("loaded, expected a refusal: {:?}", a.placement()),
+        (Err(e), Ok(())) => panic!("refused: {e}"),
+    }
+    // A patch with no hook writes no code: it loads all the same.
+    let plain = loader.load(&plain_so).expect("a patch with no hook");
+    assert_eq!(support::calls().answer, 10, "the slot patch runs");
+    println!("CHILD-OK plain patch, placement {:?}", plain.placement());
+    loader.revert(plain).unwrap();
+    assert_eq!(state(), before);
+}
+
+/// Under `PR_SET_MDWE` alone the entry is written through
+/// `/proc/self/mem` (which leaves the mapping's protection alone), so a
+/// hooking patch loads through the loader, and reverts.
+#[test]
+fn under_memory_deny_write_execute_the_loader_hooks_through_proc_mem() {
+    if std::env::var(DENY).as_deref() == Ok("mdwe") {
+        let patches = write_path_patches();
+        assert!(deny_write_execute());
+        child_loads(patches, Ok(()));
+        return;
+    }
+    let _serial = support::serial();
+    if !deny_write_execute_supported() {
+        support::skip(
+            "under_memory_deny_write_execute_the_loader_hooks_through_proc_mem",
+            "this kernel has no PR_SET_MDWE (Linux >= 6.3)",
+        );
+        return;
+    }
+    let out = in_denying_child(
+        "under_memory_deny_write_execute_the_loader_hooks_through_proc_mem",
+        "mdwe",
+    );
+    assert!(out.contains("CHILD-OK hooked"), "{out}");
+    assert!(out.contains("CHILD-OK plain patch"), "{out}");
+}
+
+/// Under `PR_SET_MDWE` with `/proc/self/mem` denied (Landlock) neither
+/// write path is left: the hooking patch is refused naming the setting,
+/// nothing changed; a patch with no hook still loads.
+#[test]
+fn with_neither_write_path_the_loader_refuses_a_hooking_patch_and_changes_nothing() {
+    if std::env::var(DENY).as_deref() == Ok("both") {
+        let patches = write_path_patches();
+        assert!(deny_write_execute() && deny_proc_mem());
+        child_loads(patches, Err("PR_SET_MDWE"));
+        return;
+    }
+    let _serial = support::serial();
+    if !deny_write_execute_supported() || !deny_proc_mem_supported() {
+        support::skip(
+            "with_neither_write_path_the_loader_refuses_a_hooking_patch_and_changes_nothing",
+            "this kernel lacks PR_SET_MDWE or Landlock",
+        );
+        return;
+    }
+    let out = in_denying_child(
+        "with_neither_write_path_the_loader_refuses_a_hooking_patch_and_changes_nothing",
+        "both",
+    );
+    assert!(out.contains("CHILD-OK refused"), "{out}");
+    assert!(out.contains("CHILD-OK plain patch"), "{out}");
 }

@@ -217,6 +217,15 @@ pub enum Refusal {
         /// The symbol.
         symbol: String,
     },
+    /// A hooked function's unwind information has a form the patch
+    /// cannot give its panic counter (its new body would panic
+    /// uncounted: a watch window would not see it).
+    UncountedUnwind {
+        /// The hooked function.
+        owner: String,
+        /// What the tool found.
+        reason: String,
+    },
     /// The binary has no entry getter for a replaced function.
     NoEntryGetter {
         /// The getter's symbol.
@@ -404,6 +413,10 @@ impl fmt::Display for Refusal {
             Refusal::UnwindTarget { symbol } => write!(
                 f,
                 "unwind information refers to {symbol}, which the binary does not export"
+            ),
+            Refusal::UncountedUnwind { owner, reason } => write!(
+                f,
+                "the unwind information of {owner}'s new body cannot be made to count its panics ({reason}): a watch window would not see them"
             ),
             Refusal::NoEntryGetter { getter, path } => write!(
                 f,

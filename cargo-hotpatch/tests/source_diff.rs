@@ -11,6 +11,12 @@
 //! not see each other's patches. Refused cases check the exit code, the
 //! `refused:` line and that no file was written.
 //!
+//! Two tests run a second v1, built with the fixture's `control` feature
+//! (the control endpoint, and a state directory of accepted patches), and
+//! patch it from source the same way (`--features control`): a hooked
+//! function watched and rolled back on its panics, and one accepted,
+//! killed, restored at restart and reverted.
+//!
 //! Each case prints what it ran and what it saw. Every build has a
 //! deadline ([`harness::BUILD_DEADLINE`]), every answer of the service
 //! one too, so a hang fails.
@@ -56,6 +62,9 @@ const V1_CALL: &[(&str, &str)] = &[
     ("applied_twice", "12"),
     ("greeting", "hello from v1"),
     ("by_rate", "20"),
+    ("boxes", "1"),
+    ("crates", "1"),
+    ("tally", "30"),
 ];
 
 /// A case: its branch (a commit on v1 with `edits`), and how the answers
@@ -251,8 +260,8 @@ const CASES: &[Case] = &[
         branch: "case-manifest",
         edits: &[Edit {
             file: "Cargo.toml",
-            old: "# Its own workspace",
-            new: "[features]\nfaster = []\n\n# Its own workspace",
+            old: "control = [\"hotpatch/control\"]\n",
+            new: "control = [\"hotpatch/control\"]\nfaster = []\n",
         }],
         changes: &[],
     },
@@ -412,6 +421,31 @@ const CASES: &[Case] = &[
             "const BANNER: &str = \"svc v1\";\n\n/// Commands read.\npub static READ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);\n",
         )],
         changes: &[],
+    },
+    // 41. Two hooked functions' fixes that panic (on 0), one with a
+    //     value to drop on the way out: the patch counts each panic
+    //     once, as it counts a replaced function's.
+    Case {
+        branch: "case-hook-panics",
+        edits: &[
+            lib(
+                "pub fn boxes_for(n: u64) -> u64 {\n    n / 4 + 1\n",
+                "pub fn boxes_for(n: u64) -> u64 {\n    assert!(n != 0, \"boxes_for: no items\");\n    n / 4 + 1\n",
+            ),
+            lib(
+                "pub fn crates_for(n: u64) -> u64 {\n    n / 10 + 1\n",
+                "pub fn crates_for(n: u64) -> u64 {\n    let why = format!(\"crates_for: {n} items\");\n    assert!(n != 0, \"{why}\");\n    n / 10 + 1\n",
+            ),
+        ],
+        changes: &[("boxes", "panicked"), ("crates", "panicked")],
+    },
+    // 42. A fix of a function whose entry is a loop's head (3 bytes in):
+    //     refused (each iteration would jump into the middle of the hook's
+    //     jump).
+    Case {
+        branch: "case-loop-entry",
+        edits: &[lib("\"cmp rax, 30\"", "\"cmp rax, 40\"")],
+        changes: &[("tally", "42")],
     },
     // 14. Another build of the service: a commit after v1 that changes only
     //     the binary's banner (so its build-id, and none of its library).
@@ -2375,4 +2409,210 @@ fn case_40_a_function_with_several_local_copies_is_hooked_in_every_copy() {
     assert_eq!((patched["a"].as_str(), patched["b"].as_str()), ("41", "4"));
     applied.revert();
     assert_eq!(v1.call(), before, "reverted");
+}
+
+#[test]
+fn case_41_a_panic_in_a_hooked_function_s_new_body_is_counted() {
+    // `boxes_for` and `crates_for` are public and the binary calls them:
+    // hooked. Their new bodies are the head's code as compiled, with no
+    // counted form; their unwind information names the patch's counting
+    // personality instead (one without a personality of its own, one
+    // with rustc's and a landing pad that drops a `String`).
+    let c = case("case-hook-panics");
+    let mut fx = fixture();
+    let so = out_path(c.branch);
+    let out = build_patch(c.branch, s(&fx.v1_bin), &so);
+    check_built(
+        &fx.v1_id,
+        &out,
+        &so,
+        &harness::edited("src/lib.rs", c.edits),
+        &[
+            ("hooked", "svc::boxes_for", "pub fn boxes_for("),
+            ("hooked", "svc::crates_for", "pub fn crates_for("),
+        ],
+    );
+    let applied = Applied::load(&mut fx.v1, &so);
+    assert_eq!(applied.v1.ask("panics"), "Some(0)", "none before a call");
+    for n in 1..=3 {
+        let call = applied.v1.call();
+        assert_eq!(
+            but_calls(call),
+            but_calls(expected(c.changes)),
+            "only the hooked function panics"
+        );
+        assert_eq!(
+            applied.v1.ask("panics"),
+            format!("Some({})", 2 * n),
+            "each call of the hooked boxes_for(0) and crates_for(0) panicked once, out of \
+             its new body (crates_for's through its landing pad)"
+        );
+    }
+    applied.revert();
+    let after = fx.v1.call();
+    assert_eq!(
+        (&*after["boxes"], &*after["crates"]),
+        ("1", "1"),
+        "reverted"
+    );
+}
+
+#[test]
+fn case_42_a_function_whose_entry_is_a_loop_head_is_refused() {
+    // `tally`'s `jb` goes back to +0x3, inside the 7 bytes a hook's jump
+    // would replace: the reason is hotpatch-entry's, from v1's code.
+    refused(
+        "case-loop-entry",
+        "svc::tally",
+        "pub fn tally(",
+        &["inside the entry bytes"],
+        &["branches to +0x3", "a loop whose head is at the entry"],
+    );
+}
+
+// ---- a v1 with the control endpoint: watch windows and restarts ----
+
+/// v1 built with the control endpoint (`--features control`), once per
+/// process: its binary. Called with the fixture held (the build uses the
+/// repository's working tree).
+fn control_v1(_fx: &Fixture) -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| harness::build_service_features("svc-v1-control", false, &["control"]))
+        .clone()
+}
+
+/// A fresh state directory (also the socket's directory) named `name`.
+fn state_dir(name: &str) -> PathBuf {
+    let dir = harness::scratch().join("state").join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// `control_v1` started with the control endpoint on `state`; the
+/// service and its socket.
+fn start_control_v1(bin: &std::path::Path, state: &std::path::Path) -> (Service, PathBuf) {
+    let svc = Service::start_args(bin, "v1-control", &["--state-dir", s(state)]);
+    let socket = svc
+        .banner
+        .split_once(" socket=")
+        .map(|(_, p)| PathBuf::from(p))
+        .unwrap_or_else(|| panic!("no socket in {:?}", svc.banner));
+    (svc, socket)
+}
+
+/// One request to the control endpoint at `socket`; its reply.
+fn control(socket: &std::path::Path, request: serde_json::Value) -> serde_json::Value {
+    use std::io::{BufRead, BufReader, Write};
+    let mut stream = std::os::unix::net::UnixStream::connect(socket)
+        .unwrap_or_else(|e| panic!("{}: {e}", socket.display()));
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(120)))
+        .unwrap();
+    writeln!(stream, "{request}").unwrap();
+    let mut line = String::new();
+    BufReader::new(&stream).read_line(&mut line).unwrap();
+    println!("  [control] {request} -> {}", line.trim_end());
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line:?}: {e}"))
+}
+
+/// Case `branch` built for [`control_v1`] (`--features control`).
+fn control_patch(branch: &str, bin: &std::path::Path) -> PathBuf {
+    let so = out_path(&format!("{branch}-control"));
+    let out = build_patch_with(branch, s(bin), &so, &["--features", "control"]);
+    assert_eq!(out.status.code(), Some(0), "exit code: {out:?}");
+    assert!(
+        listed(&out.stdout).iter().any(|l| l.kind == "hooked"),
+        "{}",
+        out.stdout
+    );
+    so
+}
+
+#[test]
+fn watch_a_hooked_function_made_from_source_that_panics_is_rolled_back() {
+    // Case 41's patch, applied under a watch window while `call` runs
+    // (each call panics in the hooked `boxes_for`): the window sees the
+    // panics on the patch's counter and rolls the patch back.
+    let fx = fixture();
+    let bin = control_v1(&fx);
+    let so = control_patch("case-hook-panics", &bin);
+    let state = state_dir("watch");
+    let (mut svc, socket) = start_control_v1(&bin, &state);
+    assert_eq!(svc.call()["boxes"], "1");
+    let request = serde_json::json!({"v": 1, "op": "apply", "file": s(&so), "watch_ms": 60_000});
+    let apply = {
+        let socket = socket.clone();
+        std::thread::spawn(move || control(&socket, request))
+    };
+    // Traffic until the window's reply: a rollback comes at its first
+    // check after a panic; a window that saw none would last 60 s.
+    let mut answers = std::collections::BTreeSet::new();
+    while !apply.is_finished() {
+        answers.insert(svc.call()["boxes"].clone());
+        // Paced: each answer is printed (kept by the harness).
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let reply = apply.join().unwrap();
+    assert_eq!(reply["ok"], false, "{reply}");
+    assert_eq!(reply["error"]["kind"], "rolled_back", "{reply}");
+    assert!(reply["error"]["panics"].as_u64().unwrap() >= 1, "{reply}");
+    assert!(answers.contains("panicked"), "the fix ran: {answers:?}");
+    // The old code serves again, and the process lists no patch.
+    let after = svc.call();
+    assert_eq!(after["boxes"], "1", "rolled back");
+    let status = control(&socket, serde_json::json!({"v": 1, "op": "status"}));
+    assert_eq!(status["patches"], serde_json::json!([]), "{status}");
+    drop(fx);
+}
+
+#[test]
+fn restart_a_hooked_function_made_from_source_is_restored_from_the_state_directory() {
+    // Case 34's patch hooks `<Flat as Rate>::rate` (20 -> 25): applied
+    // and accepted, the process killed (SIGKILL) and started again on the
+    // same state directory: hooked again before it serves; then reverted.
+    let fx = fixture();
+    let bin = control_v1(&fx);
+    let so = control_patch("case-trait-object", &bin);
+    let state = state_dir("restart");
+    let (mut svc, socket) = start_control_v1(&bin, &state);
+    assert_eq!(svc.call()["by_rate"], "20");
+    let reply = control(
+        &socket,
+        serde_json::json!({"v": 1, "op": "apply", "file": s(&so), "accept": true}),
+    );
+    assert_eq!(reply["ok"], true, "{reply}");
+    let name = reply["patch"]["name"].as_str().unwrap().to_owned();
+    assert_eq!(
+        reply["patch"]["hooked"],
+        serde_json::json!(["<svc::Flat as svc::Rate>::rate"]),
+        "{reply}"
+    );
+    assert_eq!(svc.call()["by_rate"], "25", "the fix runs");
+    drop(svc); // SIGKILL
+
+    let (mut svc, socket) = start_control_v1(&bin, &state);
+    assert_eq!(svc.call()["by_rate"], "25", "restored before serving");
+    let status = control(&socket, serde_json::json!({"v": 1, "op": "status"}));
+    let patches = status["patches"].as_array().unwrap();
+    assert_eq!(patches.len(), 1, "{status}");
+    assert_eq!(patches[0]["name"], name.as_str(), "{status}");
+    assert_eq!(patches[0]["state"], "accepted", "{status}");
+    assert_eq!(
+        patches[0]["hooked"],
+        serde_json::json!(["<svc::Flat as svc::Rate>::rate"])
+    );
+    let reply = control(
+        &socket,
+        serde_json::json!({"v": 1, "op": "revert", "patch": name}),
+    );
+    assert_eq!(reply["ok"], true, "{reply}");
+    assert_eq!(svc.call()["by_rate"], "20", "reverted");
+    drop(svc);
+
+    // Reverted, it left the record: the next start runs v1's code.
+    let (mut svc, _) = start_control_v1(&bin, &state);
+    assert_eq!(svc.call()["by_rate"], "20", "not restored once reverted");
+    drop(svc);
+    drop(fx);
 }

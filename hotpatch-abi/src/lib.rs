@@ -94,6 +94,13 @@ pub const SLOT_REFS_SECTION: &str = "linkme___HOTPATCH_REFS";
 /// counted bodies' references to the service's counter become.
 pub const SOURCE_PANICS_CELL: &str = "hotpatch_source_panics_v1";
 
+/// The cell of a patch made from source that holds the address of its
+/// counting personality routine (the manifest object defines both): the
+/// unwind information of each hooked function's new body names it, so a
+/// panic that leaves the new body counts on the patch's own counter, as
+/// a counted body's does.
+pub const HOOK_PERSONALITY_CELL: &str = "hotpatch_hook_personality_v1";
+
 /// rustc's allocator entry points (demangled) and the host's exports a
 /// thin patch's allocations jump to instead: a host with its own
 /// `#[global_allocator]` defines the entry points hidden.

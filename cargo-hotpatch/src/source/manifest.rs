@@ -1,6 +1,8 @@
 //! Step 11: the patch's manifest (`hotpatch::manifest!()`), compiled
 //! against the head's own hotpatch crate: the name, version and
-//! description the runtime lists, and the patch's panic counter.
+//! description the runtime lists, the patch's panic counter, and, when
+//! the patch hooks, the personality routine that counts the panics of
+//! the hooked functions' new bodies on it.
 
 use std::ffi::OsString;
 use std::path::Path;
@@ -113,6 +115,7 @@ pub(super) fn compile(
     ws: &Workspace,
     head: &Artifacts,
     label: &Label,
+    plan: &Plan,
 ) -> Result<Vec<u8>, BuildError> {
     let hotpatch_rlib = head.hotpatch_rlib.as_deref().ok_or_else(|| {
         BuildError::Tool(format!(
@@ -120,8 +123,61 @@ pub(super) fn compile(
             ws.package
         ))
     })?;
-    manifest_object(&ws.target_dir.join("hotpatch"), hotpatch_rlib, ws, label)
+    let hooks = !plan.hooked.is_empty();
+    manifest_object(
+        &ws.target_dir.join("hotpatch"),
+        hotpatch_rlib,
+        ws,
+        label,
+        hooks,
+    )
 }
+
+/// The counting personality of hooked functions' new bodies (their
+/// unwind information names it through `HOOK_PERSONALITY_CELL`): the
+/// service's own `rust_eh_personality` decides, and a panic that leaves
+/// the body (the cleanup phase goes on to its caller) counts once on the
+/// patch's counter, as the drop guard of a counted body counts it. A
+/// panic the body catches itself, and a forced unwind (`pthread_exit`),
+/// are not counted. `{}` stands for the cell's name.
+const HOOK_PERSONALITY: &str = r#"
+/// The personality of the hooked functions' new bodies: counts a panic
+/// that leaves one.
+unsafe extern "C" fn __hotpatch_hook_personality(
+    version: i32,
+    actions: i32,
+    class: u64,
+    exception: *mut u8,
+    context: *mut u8,
+) -> i32 {
+    unsafe extern "C" {
+        fn rust_eh_personality(
+            version: i32,
+            actions: i32,
+            class: u64,
+            exception: *mut u8,
+            context: *mut u8,
+        ) -> i32;
+    }
+    // _UA_CLEANUP_PHASE, _UA_FORCE_UNWIND, _URC_CONTINUE_UNWIND.
+    const CLEANUP: i32 = 2;
+    const FORCE: i32 = 8;
+    const CONTINUE: i32 = 8;
+    // SAFETY: the unwinder's own arguments, passed on unchanged to the
+    // personality the body was compiled for.
+    let reason = unsafe { rust_eh_personality(version, actions, class, exception, context) };
+    if actions & CLEANUP != 0 && actions & FORCE == 0 && reason == CONTINUE {
+        // Relaxed: a statistic, read by `watch` after the fact.
+        __HOTPATCH_PANICS.fetch_add(1, ::core::sync::atomic::Ordering::Relaxed);
+    }
+    reason
+}
+
+/// The cell the new bodies' unwind information reads the personality from.
+#[unsafe(no_mangle)]
+pub static {}: unsafe extern "C" fn(i32, i32, u64, *mut u8, *mut u8) -> i32 =
+    __hotpatch_hook_personality;
+"#;
 
 /// Compiles the patch's manifest (`hotpatch::manifest!()`) against the
 /// head's own hotpatch crate, and returns its object.
@@ -130,10 +186,11 @@ fn manifest_object(
     hotpatch_rlib: &Path,
     ws: &Workspace,
     label: &Label,
+    hooks: bool,
 ) -> Result<Vec<u8>, BuildError> {
     let dir = hot.join("manifest");
     std::fs::create_dir_all(&dir).map_err(io(dir.display()))?;
-    let src = format!(
+    let mut src = format!(
         "hotpatch::manifest!(name = {:?}, version = {:?}, description = {:?});\n\
          /// What the copied `__hotpatch_counted_*` bodies count on (their\n\
          /// references to `hotpatch::__private::SOURCE_PANICS` read it).\n\
@@ -144,6 +201,9 @@ fn manifest_object(
         label.description,
         super::extract::PANICS_CELL
     );
+    if hooks {
+        src.push_str(&HOOK_PERSONALITY.replace("{}", super::extract::HOOK_PERSONALITY_CELL));
+    }
     let src_path = dir.join("manifest.rs");
     std::fs::write(&src_path, src).map_err(io(src_path.display()))?;
     let obj = dir.join("manifest.o");

@@ -66,9 +66,11 @@
 //!     `PatchFn` record per replaced function, references to everything
 //!     else bound to the binary (`riprel` redirects instructions that
 //!     reach its private data), and their unwind information
-//!     (`extract/eh_frame.rs`).
-//! 11. `manifest`: the patch's manifest, compiled against the head's own
-//!     hotpatch crate; linked with the object into a thin patch bound to
+//!     (`extract/eh_frame.rs`; a hooked function's new body, which no
+//!     macro wrapped in a counter, unwinds under the patch's counting
+//!     personality, so its panics count as a counted body's do).
+//! 11. `manifest`: the patch's manifest (and the counting personality,
+//!     when it hooks), compiled against the head's own hotpatch crate; linked with the object into a thin patch bound to
 //!     the binary (`link.rs`).
 //! 12. `report`: what the patch replaces and includes, and where.
 //!
@@ -471,7 +473,7 @@ pub fn build_from_source(
     };
     let mut extracted = extract::write(code, &host, &plan, &noise)?;
     let label = manifest::label(&ws, opts, &revs, &files, &plan)?;
-    let manifest = manifest::compile(&ws, &head, &label)?;
+    let manifest = manifest::compile(&ws, &head, &label, &plan)?;
     let out = crate::cargo::output_path(
         opts.output.as_deref(),
         &ws.target_dir,

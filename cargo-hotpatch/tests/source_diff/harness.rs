@@ -262,11 +262,19 @@ pub fn build_service(name: &str) -> PathBuf {
 
 /// [`build_service`], in the release profile when `release`.
 pub fn build_service_with(name: &str, release: bool) -> PathBuf {
+    build_service_features(name, release, &[])
+}
+
+/// [`build_service_with`], with the service's cargo `features`.
+pub fn build_service_features(name: &str, release: bool, features: &[&str]) -> PathBuf {
     let mut cmd = cargo();
     cmd.args(["build", "--quiet", "-p", "svc"])
         .current_dir(repo_dir());
     if release {
         cmd.arg("--release");
+    }
+    if !features.is_empty() {
+        cmd.args(["--features", &features.join(",")]);
     }
     let out = run(cmd, &format!("cargo build -p svc ({name})"));
     assert!(
@@ -446,7 +454,13 @@ pub struct Service {
 
 impl Service {
     pub fn start(bin: &Path, name: &str) -> Service {
+        Service::start_args(bin, name, &[])
+    }
+
+    /// [`Service::start`] with command-line arguments.
+    pub fn start_args(bin: &Path, name: &str, args: &[&str]) -> Service {
         let mut child = Command::new(bin)
+            .args(args)
             // Case 20's patch panics on purpose: its message is enough in
             // the test's output.
             .env("RUST_BACKTRACE", "0")

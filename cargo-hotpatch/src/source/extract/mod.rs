@@ -112,6 +112,11 @@ const ANCHOR: &str = hotpatch_abi::HOST_EXPORTS_SYMBOL;
 /// by the manifest object): what the copied counted bodies' references to
 /// the service's `SOURCE_PANICS` become.
 pub(crate) const PANICS_CELL: &str = hotpatch_abi::SOURCE_PANICS_CELL;
+/// The patch's cell holding the address of its counting personality
+/// routine (defined by the manifest object): the personality of each
+/// hooked function's new body, which counts a panic that leaves it on the
+/// patch's counter (`eh_frame.rs`).
+pub(crate) const HOOK_PERSONALITY_CELL: &str = hotpatch_abi::HOOK_PERSONALITY_CELL;
 const REFS_SECTION: &str = hotpatch_abi::SLOT_REFS_SECTION;
 const FNS_SECTION: &str = hotpatch_abi::PATCH_FNS_SECTION;
 const HOOKS_SECTION: &str = hotpatch_abi::HOOK_FNS_SECTION;
@@ -126,6 +131,8 @@ struct Writer<'a, 'd> {
     head: &'a Build<'d>,
     host: &'a Host,
     roots: &'a HashSet<UnitId>,
+    /// The hooked functions' new bodies: their panics are counted.
+    hook_bodies: HashSet<UnitId>,
     obj: write::Object<'static>,
     copies: HashMap<UnitId, SectionId>,
     queue: VecDeque<UnitId>,
@@ -164,6 +171,7 @@ pub(crate) fn extract(
         head,
         host,
         roots,
+        hook_bodies: hooks.iter().map(|h| h.replacement).collect(),
         noise,
         carried: Vec::new(),
         obj: write::Object::new(BinaryFormat::Elf, Architecture::X86_64, Endianness::Little),
