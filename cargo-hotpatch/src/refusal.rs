@@ -301,7 +301,7 @@ impl fmt::Display for Refusal {
                 executable,
             } => write!(
                 f,
-                "{function}{at} changed: it is the executable {executable}'s main or the start-up code that calls it, which the running process has already entered and never calls again, so no hook reaches it (its new code, and code inlined into it, would run only at a start, which runs the deployed build); ship the change in a release, or move the code into a function that main calls for each request"
+                "{function}{at} changed: it is the executable {executable}'s main or the start-up code that calls it, which the running process has already entered and never calls again, so no hook reaches it (its new code, and code inlined into it, would run only at a start, which runs the deployed build); ship the change in a release; if the change is in a function main calls for each request, the compiler inlined it into main: mark that function #[inline(never)] in the next release, and a patch can hook it"
             ),
             Refusal::BinaryCrateCode {
                 function,
