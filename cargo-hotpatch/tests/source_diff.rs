@@ -2616,3 +2616,100 @@ fn restart_a_hooked_function_made_from_source_is_restored_from_the_state_directo
     drop(svc);
     drop(fx);
 }
+
+#[test]
+fn restart_every_kind_of_source_built_hook_is_restored_together() {
+    // A hooked private helper with an unpatched caller (case 6), a
+    // generic function instantiated only in the executable's crate (case
+    // 32) and a function of the binary crate's own source (case 37),
+    // each its own patch from source, applied and accepted on one
+    // process: after a SIGKILL, the restart re-applies all three before
+    // it serves (each hooked again, in the order they were accepted);
+    // reverted one by one, each fix leaves and the next start runs v1.
+    let fx = fixture();
+    let bin = control_v1(&fx);
+    let cases = [
+        "case-helper-unpatched-caller",
+        "case-generic-in-binary",
+        "case-bin-fn",
+    ];
+    let patches: Vec<PathBuf> = cases.iter().map(|b| control_patch(b, &bin)).collect();
+    let all: Vec<(&str, &str)> = cases
+        .iter()
+        .flat_map(|b| case(b).changes.iter().copied())
+        .collect();
+    let state = state_dir("restart-kinds");
+    let (mut svc, socket) = start_control_v1(&bin, &state);
+    assert_eq!(answers(svc.call()), answers(expected(&[])), "v1");
+    let mut names = Vec::new();
+    for so in &patches {
+        let reply = control(
+            &socket,
+            serde_json::json!({"v": 1, "op": "apply", "file": s(so), "accept": true}),
+        );
+        assert_eq!(reply["ok"], true, "{reply}");
+        assert!(
+            !reply["patch"]["hooked"].as_array().unwrap().is_empty(),
+            "{reply}"
+        );
+        names.push(reply["patch"]["name"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(
+        answers(svc.call()),
+        answers(expected(&all)),
+        "the three fixes run"
+    );
+    drop(svc); // SIGKILL
+
+    let (mut svc, socket) = start_control_v1(&bin, &state);
+    assert_eq!(
+        answers(svc.call()),
+        answers(expected(&all)),
+        "restored before serving"
+    );
+    let status = control(&socket, serde_json::json!({"v": 1, "op": "status"}));
+    let listed: Vec<&str> = status["patches"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .inspect(|p| {
+            assert_eq!(p["state"], "accepted", "{status}");
+            assert!(!p["hooked"].as_array().unwrap().is_empty(), "{status}");
+        })
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, names, "{status}");
+    for (i, name) in names.iter().enumerate().rev() {
+        let reply = control(
+            &socket,
+            serde_json::json!({"v": 1, "op": "revert", "patch": name}),
+        );
+        assert_eq!(reply["ok"], true, "{reply}");
+        let left: Vec<(&str, &str)> = cases[..i]
+            .iter()
+            .flat_map(|b| case(b).changes.iter().copied())
+            .collect();
+        assert_eq!(
+            answers(svc.call()),
+            answers(expected(&left)),
+            "{name} reverted"
+        );
+    }
+    drop(svc);
+    let (mut svc, _) = start_control_v1(&bin, &state);
+    assert_eq!(
+        answers(svc.call()),
+        answers(expected(&[])),
+        "nothing restored once reverted"
+    );
+    drop(svc);
+    drop(fx);
+}
+
+/// `call`'s answers but the call count and the last event (the control
+/// endpoint's own events land there).
+fn answers(call: Call) -> Call {
+    let mut call = but_calls(call);
+    call.remove("event");
+    call
+}
