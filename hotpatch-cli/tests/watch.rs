@@ -215,7 +215,10 @@ fn a_watch_cancelled_by_its_client_leaves_the_patch_on_trial_and_not_accepted() 
             "apply",
             &relative(&patch(BASIC)),
             "--watch",
-            "5s",
+            // Long enough that the window is still open when the signal
+            // comes, however slow a loaded machine is to show the log
+            // line (5 s was not always: the window closed first).
+            "10m",
             "--accept",
         ],
     );
