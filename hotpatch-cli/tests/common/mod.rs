@@ -340,8 +340,22 @@ pub fn finish(child: Child) -> Run {
 }
 
 pub fn spawn_in(dir: &Path, args: &[&str]) -> Child {
-    Command::new(hotpatch_bin())
-        .current_dir(scratch_base())
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(hotpatch_bin());
+    // The CLI runs as from a terminal: SIGINT and SIGQUIT at their default
+    // action. A test run started in the background by a shell without job
+    // control inherits them ignored, and a test's Ctrl-C (SIGINT) would
+    // then do nothing.
+    // SAFETY: between fork and exec the closure only calls `signal`, which
+    // is async-signal-safe, and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGINT, libc::SIG_DFL);
+            libc::signal(libc::SIGQUIT, libc::SIG_DFL);
+            Ok(())
+        });
+    }
+    cmd.current_dir(scratch_base())
         .arg("--socket-dir")
         .arg(dir)
         .args(args)
