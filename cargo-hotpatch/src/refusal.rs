@@ -73,6 +73,20 @@ pub enum Refusal {
         /// The executable.
         executable: String,
     },
+    /// Code of the executable's `main` that is `main`'s own changed (its
+    /// body, not a closure, `async` block or item written in it; an
+    /// `async fn main`'s body too): it runs in the one call of `main` the
+    /// process made, wherever the compiler put it (inlined into the
+    /// runtime's `block_on`), so no patch reaches it. Found in the source,
+    /// before any build.
+    MainChanged {
+        /// `main`'s path (`svc::main`).
+        function: String,
+        /// Where `main` is in the head.
+        at: Location,
+        /// The executable.
+        executable: String,
+    },
     /// Code of the executable's own crate changed (its own functions, or
     /// the library's generic or inline code instantiated there), and its
     /// entry cannot be redirected.
@@ -302,6 +316,14 @@ impl fmt::Display for Refusal {
             } => write!(
                 f,
                 "{function}{at} changed: it is the executable {executable}'s main or the start-up code that calls it, which the running process has already entered and never calls again, so no hook reaches it (its new code, and code inlined into it, would run only at a start, which runs the deployed build); ship the change in a release; if the change is in a function main calls for each request, the compiler inlined it into main: mark that function #[inline(never)] in the next release, and a patch can hook it"
+            ),
+            Refusal::MainChanged {
+                function,
+                at,
+                executable,
+            } => write!(
+                f,
+                "{function} ({at}) changed: its own lines (not a closure or async block it spawns) run in the one call of main the executable {executable} made at start, which the running process has already entered and never calls again (an async fn main's body is polled inside the runtime's block_on, entered once from main), so no patch can make them run; ship the change in a release, or leave main out of this fix; code main should run again belongs in a function it calls, which a patch can hook"
             ),
             Refusal::BinaryCrateCode {
                 function,

@@ -120,10 +120,20 @@ pub(super) fn check(
         }
     };
     compare(&lib);
+    let mut main_changed = None;
     let bin = match bin {
         Some((name, src)) => {
             let sides = both(src, name)?;
             compare(&sides);
+            main_changed =
+                sides
+                    .head
+                    .main_own_changed(&sides.base)
+                    .map(|at| Refusal::MainChanged {
+                        function: format!("{}::main", sides.head.crate_name()),
+                        at: at.clone(),
+                        executable: name.clone(),
+                    });
             Some(sides)
         }
         None => None,
@@ -139,6 +149,7 @@ pub(super) fn check(
         compare(&sides);
         others.push((package.clone(), sides));
     }
+    refusals.extend(main_changed);
     if !refusals.is_empty() {
         return Err(BuildError::Refused(refusals));
     }

@@ -5,10 +5,18 @@
 //! start, which runs the deployed build. So a change there is refused
 //! (`Refusal::StartupCode`), never reported as hooked.
 //!
+//! A change of `main`'s own lines is refused before this, from the
+//! source (`Refusal::MainChanged`, `CrateSource::main_own_changed`):
+//! its body without the closures, `async` blocks and items written in
+//! it, an `async fn main`'s body included, wherever the compiler put that
+//! code. What is compared here is compiled code.
+//!
 //! A closure or `async` block written in `main` is not start-up code: it
-//! may be a thread's body, a task spawned per connection, or the body of
-//! an `async fn main` (`#[tokio::main]`) that the runtime polls again at
-//! each wake-up. It is hooked or refused like any other function (its
+//! may be a thread's body or a task spawned per connection. Nor is the
+//! state machine of an `async fn main`'s body (`#[tokio::main]`), which
+//! the runtime polls again at each wake-up: when its code changed because
+//! code inlined into it did, the next poll runs the new code from its
+//! saved state. Each is hooked or refused like any other function (its
 //! callers, its entry, its state machine).
 
 /// Whether the function `demangled` (without its hash) is start-up code

@@ -29,6 +29,7 @@ pub fn parse_crate(crate_dir: &Path, lib_rs: &Path) -> Result<CrateSource, Synta
         items: Vec::new(),
         skeletons: BTreeMap::new(),
         stack: Vec::new(),
+        main_own: None,
     };
     let dir = ModDir {
         dir: root.parent().map(Path::to_path_buf).unwrap_or_default(),
@@ -40,7 +41,39 @@ pub fn parse_crate(crate_dir: &Path, lib_rs: &Path) -> Result<CrateSource, Synta
         files: c.files,
         items: c.items,
         skeletons: c.skeletons,
+        main_own: c.main_own,
     })
+}
+
+/// The code of `main`'s body that is `main`'s own: the body with every
+/// closure, `async` block and item written in it left out (each stands
+/// as `_`), as normalized token text. `main` runs once per process, and
+/// what it runs itself (an `async fn main`'s body included: the runtime's
+/// `block_on`, entered once from `main`, polls it) runs in that one call;
+/// a closure or `async` block it hands to a thread or a task, or a
+/// function it defines, is code of its own that may be called again.
+/// Macro arguments are opaque tokens, and count as `main`'s own.
+fn main_own(block: &syn::Block) -> String {
+    struct Own;
+    impl VisitMut for Own {
+        fn visit_expr_mut(&mut self, e: &mut Expr) {
+            if matches!(e, Expr::Closure(_) | Expr::Async(_)) {
+                *e = syn::parse_quote!(_);
+            } else {
+                syn::visit_mut::visit_expr_mut(self, e);
+            }
+        }
+        fn visit_stmt_mut(&mut self, s: &mut syn::Stmt) {
+            if let syn::Stmt::Item(_) = s {
+                *s = syn::parse_quote!(_;);
+            } else {
+                syn::visit_mut::visit_stmt_mut(self, s);
+            }
+        }
+    }
+    let mut block = block.clone();
+    Own.visit_block_mut(&mut block);
+    text(&block)
 }
 
 /// `path` relative to `dir` when it is inside it, else as given.
@@ -84,6 +117,9 @@ struct Collector<'a> {
     skeletons: BTreeMap<PathBuf, String>,
     /// The files being read, outermost first (circular modules).
     stack: Vec<PathBuf>,
+    /// The crate root's `fn main`: its own code (see [`main_own`]) and
+    /// where it is.
+    main_own: Option<(String, Location)>,
 }
 
 /// What one list of items is read in.
@@ -176,6 +212,15 @@ impl Collector<'_> {
                     attrs: attrs_text(&f.attrs),
                 };
                 let lines = fn_lines(f.span(), &f.block);
+                if ctx.scope.is_empty() && f.sig.ident == "main" {
+                    self.main_own = Some((
+                        main_own(&f.block),
+                        Location {
+                            file: ctx.file.to_path_buf(),
+                            line: line_of(f.sig.ident.span()),
+                        },
+                    ));
+                }
                 self.push_spanning(ctx, None, &f.sig.ident, kind, lines);
                 self.body(&f.block, ctx, f.sig.ident.to_string())?;
             }

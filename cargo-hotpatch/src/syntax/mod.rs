@@ -73,6 +73,10 @@ pub struct CrateSource {
     /// Each file's text outside function bodies (see
     /// [`CrateSource::changed_fn_lines`]).
     skeletons: BTreeMap<PathBuf, String>,
+    /// The crate root's `fn main`, if any: its own code (its body
+    /// without the closures, `async` blocks and items written in it) and
+    /// where it is.
+    main_own: Option<(String, Location)>,
 }
 
 /// Where an item is: the file, relative to the crate directory (as
@@ -680,7 +684,6 @@ impl Item {
 
 impl CrateSource {
     /// The crate name that symbols start with.
-    #[cfg(test)]
     pub fn crate_name(&self) -> &str {
         &self.crate_name
     }
@@ -860,6 +863,28 @@ impl CrateSource {
             }
         }
         Some(ranges)
+    }
+
+    /// Where `main` is in `self` (the head), if the code of an
+    /// executable's `main` that is its own differs from `base`'s: its
+    /// body, leaving out the closures, `async` blocks and items written in
+    /// it, which are code of their own (a thread's body, a task spawned
+    /// per connection). That code runs in the one call of `main` the
+    /// process makes (an `async fn main`'s too: the runtime's `block_on`,
+    /// entered once from `main`, polls it), so a change there reaches no
+    /// running process, wherever the compiler put the code.
+    ///
+    /// # Examples
+    ///
+    /// ```ignore
+    /// // `println!("v1")` -> `println!("v2")` in `main`: Some(src/main.rs:3)
+    /// // a change inside `thread::spawn(move || ...)` in `main`: None
+    /// ```
+    pub fn main_own_changed(&self, base: &CrateSource) -> Option<&Location> {
+        match (&base.main_own, &self.main_own) {
+            (Some((b, _)), Some((h, at))) if b != h => Some(at),
+            _ => None,
+        }
     }
 
     fn find_fn(&self, demangled: &str) -> Option<&Item> {

@@ -1244,3 +1244,68 @@ fn locate_tells_impls_of_one_trait_with_other_arguments_apart() {
     // wrong one.
     assert_eq!(line("<svc::E as core::convert::From>::from"), None);
 }
+
+/// Whether `main`'s own code differs between two one-file crates, and
+/// the line `main_own_changed` names.
+fn main_own(base: &str, head: &str) -> Option<usize> {
+    let b = Tree::new(&[("src/lib.rs", base)]);
+    let h = Tree::new(&[("src/lib.rs", head)]);
+    let (b, h) = (b.parse(), h.parse());
+    h.main_own_changed(&b).map(|at| at.line)
+}
+
+#[test]
+fn main_own_code_is_its_body_without_the_closures_async_blocks_and_items_in_it() {
+    let sync_main = |banner: &str, per_conn: &str, helper: &str| {
+        format!(
+            "fn handle(n: u64) -> u64 {{ n + 1 }}\n\
+             fn main() {{\n\
+                 println!(\"{banner}\");\n\
+                 let t = std::thread::spawn(move || {{ println!(\"{per_conn}\"); handle(1) }});\n\
+                 fn helper() -> u64 {{ {helper} }}\n\
+                 let _ = t.join();\n\
+                 helper();\n\
+             }}\n"
+        )
+    };
+    let base = sync_main("v1", "conn", "1");
+    // The banner is main's own: it ran at start and never runs again.
+    assert_eq!(main_own(&base, &sync_main("v2", "conn", "1")), Some(2));
+    // A thread's body or a function defined in main is code of its own.
+    assert_eq!(main_own(&base, &sync_main("v1", "conn 2", "1")), None);
+    assert_eq!(main_own(&base, &sync_main("v1", "conn", "2")), None);
+    // A comment or a layout change of main is no change of its code.
+    let spaced = base.replace("let _ = t.join();", "// joined\n    let _   =   t.join();");
+    assert_eq!(main_own(&base, &spaced), None);
+    // A change outside main says nothing of main.
+    assert_eq!(main_own(&base, &base.replace("n + 1", "n + 2")), None);
+
+    // `#[tokio::main] async fn main`: its body is polled inside the
+    // runtime's block_on, which main entered once; a task it spawns is
+    // code of its own.
+    let async_main = |log: &str, task: &str| {
+        format!(
+            "#[tokio::main]\n\
+             async fn main() {{\n\
+                 tracing::info!(\"{log}\");\n\
+                 let listener = bind().await;\n\
+                 loop {{\n\
+                     let s = listener.accept().await;\n\
+                     tokio::spawn(async move {{ serve(s, \"{task}\").await }});\n\
+                 }}\n\
+             }}\n"
+        )
+    };
+    let base = async_main("starting", "t");
+    assert_eq!(main_own(&base, &async_main("starting up", "t")), Some(2));
+    assert_eq!(main_own(&base, &async_main("starting", "u")), None);
+    // A loop in main's own body keeps running the old code: main's own.
+    let looped = base.replace(
+        "let s = listener.accept().await;",
+        "let s = listener.accept().await?;",
+    );
+    assert_eq!(main_own(&base, &looped), Some(2));
+    // A `main` in a module is no executable's main.
+    let nested = |v: &str| format!("mod m {{ fn main() {{ println!(\"{v}\"); }} }}\n");
+    assert_eq!(main_own(&nested("a"), &nested("b")), None);
+}
