@@ -408,4 +408,30 @@ fn main() {
             "{why}"
         );
     }
+
+    #[test]
+    fn a_new_copy_of_the_same_code_in_another_unit_is_no_change() {
+        // The head adds a module that calls `fib`: its unit compiles one
+        // more copy of `fib`, the same code as the others. No copy's code
+        // is new, so `fib` did not change (it was taken for changed when
+        // the copies were compared as a list, counts included: the corpus
+        // saw drop glue of unchanged types refused that way).
+        let base = Exe::build("more-copies-base", LIB, MAIN);
+        let main = MAIN.replace(
+            "fn main() {",
+            "mod c {\n    #[inline(never)]\n    pub fn twice(n: u64) -> u64 { lib::fib(n) * 2 }\n}\nfn main() {\n    println!(\"{}\", c::twice(std::hint::black_box(3)));",
+        );
+        let head = Exe::build("more-copies-head", LIB, &main);
+        let (bo, ho) = (base.objects(), head.objects());
+        let (bm, hm) = (members(&bo), members(&ho));
+        let (b, h) = (Build::read(&bm).unwrap(), Build::read(&hm).unwrap());
+        let fib = fib_symbol(&b);
+        let (bc, hc) = (b.copies(&fib).len(), h.copies(&fib).len());
+        assert!(hc > bc, "the head has more copies of fib: {bc} -> {hc}");
+        let changed: Vec<String> = crate::source::compare::changed_functions(&b, &h)
+            .map(|n| path(n))
+            .collect();
+        assert!(!changed.contains(&"lib::fib".to_owned()), "{changed:?}");
+        assert!(changed.contains(&"svc::main".to_owned()), "{changed:?}");
+    }
 }

@@ -291,9 +291,10 @@ impl<'d> Build<'d> {
         self.copies_of.get(name).cloned().unwrap_or_default()
     }
 
-    /// The normalised content of every copy of `name` (see
-    /// [`Build::copies`]), sorted: two builds whose lists differ compiled
-    /// the function to other code in at least one codegen unit.
+    /// The distinct normalised contents of the copies of `name` (see
+    /// [`Build::copies`]), sorted, without repeats: two builds whose sets
+    /// differ compiled the function to code the other does not have in
+    /// at least one codegen unit.
     pub fn copy_hashes(&self, name: &str) -> Vec<u64> {
         let mut hashes: Vec<u64> = self
             .copies_of
@@ -303,6 +304,7 @@ impl<'d> Build<'d> {
             .map(|u| self.hash(*u))
             .collect();
         hashes.sort_unstable();
+        hashes.dedup();
         hashes
     }
 
