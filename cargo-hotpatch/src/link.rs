@@ -259,6 +259,12 @@ pub(crate) fn own_objects<'d>(
     };
     let archive = ArchiveFile::parse(data).map_err(malformed)?;
     let mut objects = Vec::new();
+    // An archive with no member at all is no rlib rustc wrote (each has
+    // its metadata member): it stands for the library of a package that
+    // has only an executable (`source::sides`), which has no code.
+    if archive.members().next().is_none() {
+        return Ok(objects);
+    }
     for member in archive.members() {
         let member = member.map_err(malformed)?;
         let name = String::from_utf8_lossy(member.name()).into_owned();

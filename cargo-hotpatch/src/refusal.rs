@@ -28,11 +28,6 @@ pub use crate::syntax::{
 #[non_exhaustive]
 pub enum Refusal {
     // --- The packages.
-    /// The service package has no library target (`--base`).
-    NoServiceLibrary {
-        /// The package.
-        package: String,
-    },
     /// The service package has no binary target (`--base`).
     NoServiceBinary {
         /// The package.
@@ -285,10 +280,6 @@ impl Refusal {
 impl fmt::Display for Refusal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Refusal::NoServiceLibrary { package } => write!(
-                f,
-                "package {package} has no library target: a patch is made from the service's library crate (its #[patchable] code), so move that code into src/lib.rs and let main.rs call it"
-            ),
             Refusal::NoServiceBinary { package } => write!(
                 f,
                 "package {package} has no binary, and no package of the workspace has one named as --bin or --binary says: a patch is bound to the service's executable; name the deployed executable with --binary PATH (its file name is its bin target's) or --bin NAME"

@@ -2713,3 +2713,206 @@ fn answers(call: Call) -> Call {
     call.remove("event");
     call
 }
+
+// ---- a package with only an executable (issue 18) ----
+
+/// The executable of the one-package, no-library service: commands on
+/// stdin (`call`, `load PATH`, `revert`), as the fixture's.
+const ONLY_BIN_MAIN: &str = r#"use std::io::{BufRead, Write};
+
+#[inline(never)]
+fn handle(n: u64) -> u64 {
+    n * 2 + 1
+}
+
+#[hotpatch::patchable]
+fn label(n: u64) -> String {
+    format!("n{n}")
+}
+
+fn main() {
+    let loader = hotpatch::Loader::new().allow_insecure_permissions();
+    let mut loaded = Vec::new();
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "ready only-bin v1").unwrap();
+    out.flush().unwrap();
+    for line in std::io::stdin().lock().lines() {
+        let line = line.unwrap();
+        let reply = match line.trim().split_once(' ') {
+            None if line.trim() == "call" => format!(
+                "handle={} label={:?}",
+                handle(std::hint::black_box(20)),
+                label(std::hint::black_box(3))
+            ),
+            None if line.trim() == "revert" => match loaded.pop() {
+                None => "error: no patch to revert".to_owned(),
+                Some(p) => match loader.revert(p) {
+                    Ok(()) => "ok".to_owned(),
+                    Err(e) => format!("error: {e}"),
+                },
+            },
+            Some(("load", path)) => match loader.load(path) {
+                Ok(p) => {
+                    loaded.push(p);
+                    "ok".to_owned()
+                }
+                Err(e) => format!("error: {e}"),
+            },
+            _ => format!("error: unknown command {line:?}"),
+        };
+        writeln!(out, "{}", reply.replace('\n', " ")).unwrap();
+        out.flush().unwrap();
+    }
+}
+"#;
+
+#[test]
+fn a_package_with_only_an_executable_is_patched() {
+    // `cargo new`'s layout: `src/main.rs` and no `src/lib.rs`. Its
+    // functions are the executable's crate's: a changed one is hooked
+    // and the running v1 answers with it; a `#[patchable]` one there is
+    // refused with its reason, never built into a patch the loader
+    // refuses; a change of main's own lines is refused before any build.
+    let _fx = fixture();
+    let repo = harness::scratch().join("only-bin-repo");
+    let _ = std::fs::remove_dir_all(&repo);
+    let put = |path: &str, text: &str| {
+        let p = repo.join(path);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, text).unwrap();
+    };
+    let hotpatch = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../hotpatch"))
+        .canonicalize()
+        .unwrap();
+    put(
+        "Cargo.toml",
+        &format!(
+            "[package]\nname = \"only-bin\"\nversion = \"0.1.0\"\nedition = \"2024\"\npublish = false\n\n\
+             [dependencies]\nhotpatch = {{ path = \"{}\", default-features = false }}\n\n[workspace]\n",
+            hotpatch.display()
+        ),
+    );
+    put(
+        "build.rs",
+        "fn main() {\n    println!(\"cargo::rustc-link-arg-bins=-rdynamic\");\n}\n",
+    );
+    put(".gitignore", "/target\n");
+    put(
+        "Cargo.lock",
+        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.lock")).unwrap(),
+    );
+    put("src/main.rs", ONLY_BIN_MAIN);
+    // The lock file of the package as it is (`cargo metadata` writes it
+    // from the workspace's, offline): v1 is built `--locked` by the tool.
+    let meta = harness::cargo()
+        .args(["metadata", "--format-version", "1", "--quiet"])
+        .current_dir(&repo)
+        .output()
+        .unwrap();
+    assert!(meta.status.success(), "cargo metadata: {meta:?}");
+    git_in(&repo, &["init", "--quiet", "-b", "main"]);
+    let commit = |main: &str, parent: Option<&str>, msg: &str| {
+        put("src/main.rs", main);
+        git_in(&repo, &["add", "--all"]);
+        let tree = git_in(&repo, &["write-tree"]);
+        let mut args = vec!["commit-tree", tree.trim(), "-m", msg];
+        if let Some(p) = parent {
+            args.extend(["-p", p]);
+        }
+        git_in(&repo, &args).trim().to_owned()
+    };
+    let v1 = commit(ONLY_BIN_MAIN, None, "v1");
+    git_in(&repo, &["tag", "v1", &v1]);
+    let branches = [
+        ("fix", ONLY_BIN_MAIN.replace("n * 2 + 1", "n * 3 + 1")),
+        ("label", ONLY_BIN_MAIN.replace("\"n{n}\"", "\"#{n}\"")),
+        (
+            "banner",
+            ONLY_BIN_MAIN.replace("ready only-bin v1", "ready only-bin v2"),
+        ),
+    ];
+    for (branch, main) in &branches {
+        let c = commit(main, Some(&v1), branch);
+        git_in(&repo, &["update-ref", &format!("refs/heads/{branch}"), &c]);
+    }
+    git_in(&repo, &["update-ref", "refs/heads/main", &v1]);
+    git_in(&repo, &["checkout", "--quiet", "--force", "main"]);
+
+    let mut build = harness::cargo();
+    build.args(["build", "--quiet"]).current_dir(&repo);
+    let out = harness::run(build, "cargo build (only-bin v1)");
+    assert!(out.status.success(), "{out:?}");
+    let bin = harness::scratch()
+        .join("bin")
+        .join("only-bin-v1")
+        .join("only-bin");
+    std::fs::create_dir_all(bin.parent().unwrap()).unwrap();
+    std::fs::copy(harness::target_dir().join("debug/only-bin"), &bin).unwrap();
+    let manifest = repo.join("Cargo.toml");
+    let run = |head: &str, so: &std::path::Path| {
+        tool(&[
+            "build",
+            "--manifest-path",
+            s(&manifest),
+            "--base",
+            "v1",
+            "--head",
+            head,
+            "--binary",
+            s(&bin),
+            "-o",
+            s(so),
+        ])
+    };
+
+    let so = out_path("only-bin-fix");
+    let out = run("fix", &so);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let line = line_of(&branches[0].1, "fn handle(");
+    assert_eq!(
+        listed(&out.stdout),
+        [harness::Listed {
+            kind: "hooked".into(),
+            path: "only_bin::handle".into(),
+            at: format!("src/main.rs:{line}"),
+        }],
+        "{}",
+        out.stdout
+    );
+    let mut v1 = Service::start(&bin, "only-bin v1");
+    assert_eq!(v1.ask("call"), "handle=41 label=\"n3\"");
+    let applied = Applied::load(&mut v1, &so);
+    assert_eq!(applied.v1.ask("call"), "handle=61 label=\"n3\"");
+    applied.revert();
+    assert_eq!(v1.ask("call"), "handle=41 label=\"n3\"");
+
+    let so = out_path("only-bin-label");
+    let out = run("label", &so);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(!so.exists(), "no patch file is written");
+    let refusals: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("refused: "))
+        .collect();
+    assert!(!refusals.is_empty(), "{}", out.stderr);
+    assert!(
+        refusals.iter().all(|r| r.contains("label")
+            && r.contains("it is #[patchable] code outside the service's library")),
+        "{refusals:#?}"
+    );
+
+    let so = out_path("only-bin-banner");
+    let out = run("banner", &so);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(!so.exists(), "no patch file is written");
+    let line = line_of(&branches[2].1, "fn main()");
+    assert!(
+        out.stderr.contains(&format!(
+            "refused: only_bin::main (src/main.rs:{line}) changed: its own lines"
+        )),
+        "{}",
+        out.stderr
+    );
+    assert!(!out.stderr.contains("building the base"), "{}", out.stderr);
+}

@@ -69,7 +69,10 @@ fn classify(ws: &Workspace, files: &[String], in_base: &dyn Fn(&str) -> bool) ->
     let mut compiled_in: Vec<&str> = Vec::new();
     let mut code = false;
     let mut other_packages: Vec<String> = Vec::new();
-    let lib_dir = ws.lib_src.parent().map(Path::to_owned).unwrap_or_default();
+    let lib_dir = match &ws.lib_src {
+        Some(src) => src.parent().map(Path::to_owned).unwrap_or_default(),
+        None => ws.package_dir.join("src"),
+    };
     for f in files {
         let p = Path::new(f);
         let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
@@ -170,7 +173,7 @@ mod tests {
             target_dir: PathBuf::from("/ws/target"),
             package: "svc".into(),
             lib_name: "svc".into(),
-            lib_src: PathBuf::from("svc/src/lib.rs"),
+            lib_src: Some(PathBuf::from("svc/src/lib.rs")),
             host_package: "svc".into(),
             bins: vec![("svc".into(), PathBuf::from("svc/src/main.rs"))],
             package_dir: PathBuf::from("svc"),

@@ -61,6 +61,21 @@ impl Outside {
         Some(ranges)
     }
 
+    /// Whether the function `demangled` is `#[patchable]` in the head of
+    /// one of these crates, or is code the attribute made (its counted or
+    /// original body, `__hotpatch_*`).
+    pub fn is_patchable(&self, demangled: &str) -> bool {
+        let made = demangled
+            .rsplit("::")
+            .next()
+            .is_some_and(|last| last.starts_with("__hotpatch_"));
+        made || self
+            .bin
+            .iter()
+            .chain(self.others.iter().map(|(_, s)| s))
+            .any(|s| s.head.is_patchable(demangled))
+    }
+
     /// Whether one of these crates defines exactly the function
     /// `demangled` in one side's source and not in the other's.
     pub fn added_or_removed(&self, demangled: &str) -> bool {
@@ -108,7 +123,15 @@ pub(super) fn check(
             head: parse(&trees.head, src, name, "head")?,
         })
     };
-    let lib = both(&ws.lib_src, &ws.lib_name)?;
+    // A package without a library: its code is all the executable's
+    // crate's, read below; the library's sources are empty.
+    let lib = match &ws.lib_src {
+        Some(src) => both(src, &ws.lib_name)?,
+        None => Sides {
+            base: CrateSource::empty(&ws.lib_name),
+            head: CrateSource::empty(&ws.lib_name),
+        },
+    };
     let mut refusals = Vec::new();
     let mut compare = |sides: &Sides| {
         for finding in crate::syntax::compare(&sides.base, &sides.head) {

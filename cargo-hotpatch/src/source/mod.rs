@@ -394,6 +394,11 @@ pub fn build_from_source(
             }
             let hook = if h.by_name.contains_key(&c.symbol) {
                 Err("the library defines a function of the same name".to_owned())
+            } else if outside_src.is_patchable(&d) {
+                // The loader refuses to hook a patchable function's code:
+                // its slot is how it is replaced, and only the library's
+                // patchable functions are replaced from source.
+                Err("it is #[patchable] code outside the service's library: a patch built from source replaces only the library's patchable functions through their slots, and the loader does not hook one; unmarked, a function here is hooked".to_owned())
             } else {
                 classify::hookable((&ob, &referrers), &oh, types, &host, &c.symbol, &in_patch)
             };

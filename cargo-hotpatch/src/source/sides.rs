@@ -419,15 +419,43 @@ fn cargo_build(
             others.push((name.clone(), r.to_owned()));
         }
     }
-    let rlib =
-        rlib.ok_or_else(|| BuildError::Tool(format!("cargo built no rlib for {}", ws.package)))?;
+    let (rlib, types_rlib) = match rlib {
+        Some(rlib) => {
+            let types = wrapper::types_rlib(&rlib);
+            (rlib, types)
+        }
+        None if ws.lib_src.is_none() => {
+            let empty = no_library(target_dir)?;
+            (empty.clone(), Some(empty))
+        }
+        None => {
+            return Err(BuildError::Tool(format!(
+                "cargo built no rlib for {}",
+                ws.package
+            )));
+        }
+    };
     Ok(Artifacts {
-        types_rlib: wrapper::types_rlib(&rlib),
+        types_rlib,
         rlib,
         bins,
         others,
         hotpatch_rlib,
     })
+}
+
+/// The library of a package that has none (only an executable): an empty
+/// archive, written once in `target_dir`, so that the library's side of
+/// the comparison has no objects and every function is the executable's
+/// crate's.
+fn no_library(target_dir: &Path) -> Result<PathBuf, BuildError> {
+    let path = target_dir.join("no-library.rlib");
+    if !path.is_file() {
+        std::fs::create_dir_all(target_dir).map_err(io(target_dir.display()))?;
+        // The archive magic and no member: an archive with nothing in it.
+        std::fs::write(&path, b"!<arch>\n").map_err(io(path.display()))?;
+    }
+    Ok(path)
 }
 
 /// The type-information builds (`coroutine`) of the base and the head:

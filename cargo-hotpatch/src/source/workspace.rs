@@ -11,9 +11,12 @@ pub(super) struct Workspace {
     pub root: PathBuf,
     pub target_dir: PathBuf,
     pub package: String,
-    /// The library's crate name and root file (relative to the root).
+    /// The library's crate name (the package's name as a crate name
+    /// when it has no library) and root file (relative to the root;
+    /// `None`: the package has only executables, whose crate holds all
+    /// its code).
     pub lib_name: String,
-    pub lib_src: PathBuf,
+    pub lib_src: Option<PathBuf>,
     /// The package of the deployed executable: the service package, or
     /// another package of the workspace (the library in one package, the
     /// executable in another).
@@ -159,15 +162,10 @@ impl Workspace {
             .strip_prefix(&meta.root)
             .map(Path::to_owned)
             .unwrap_or_default();
-        let lib = package
-            .targets
-            .iter()
-            .find(|t| t.is("lib") || t.is("rlib"))
-            .ok_or_else(|| {
-                BuildError::Refused(vec![Refusal::NoServiceLibrary {
-                    package: package.name.clone(),
-                }])
-            })?;
+        // A package with only an executable (`cargo new`'s layout) has
+        // no library: every function of it is the executable's crate's,
+        // compared and hooked there; its name is the crate's.
+        let lib = package.targets.iter().find(|t| t.is("lib") || t.is("rlib"));
         let host = host_package(&meta, package, opts)?;
         let other_libs = meta
             .packages
@@ -191,8 +189,8 @@ impl Workspace {
         Ok(Workspace {
             host_package: host.name.clone(),
             package: package.name.clone(),
-            lib_name: lib.crate_name(),
-            lib_src: meta.relative(&lib.src_path),
+            lib_name: lib.map_or_else(|| package.name.replace('-', "_"), |l| l.crate_name()),
+            lib_src: lib.map(|l| meta.relative(&l.src_path)),
             bins,
             package_dir,
             members,

@@ -688,6 +688,18 @@ impl CrateSource {
         &self.crate_name
     }
 
+    /// A crate with no source: the library of a package that has only an
+    /// executable.
+    pub fn empty(crate_name: &str) -> Self {
+        CrateSource {
+            crate_name: crate_name.replace('-', "_"),
+            files: Vec::new(),
+            items: Vec::new(),
+            skeletons: BTreeMap::new(),
+            main_own: None,
+        }
+    }
+
     /// Sets the crate name symbols start with (what `cargo metadata`
     /// calls the library target's name, `-` as `_`), when the one read
     /// from `Cargo.toml` is not right.
@@ -740,7 +752,6 @@ impl CrateSource {
     /// Whether the function at that path is `#[patchable]` (the attribute
     /// `patchable` / `hotpatch::patchable` on the fn, or on its impl block
     /// and not `#[patchable(skip)]` on the method). `false` if not found.
-    #[cfg(test)]
     pub fn is_patchable(&self, demangled: &str) -> bool {
         self.find_fn(demangled).is_some_and(|i| {
             matches!(
