@@ -715,3 +715,24 @@ fn with_neither_write_path_the_loader_refuses_a_hooking_patch_and_changes_nothin
     assert!(out.contains("CHILD-OK refused"), "{out}");
     assert!(out.contains("CHILD-OK plain patch"), "{out}");
 }
+
+#[test]
+fn the_tool_lists_a_patch_crate_s_hooked_function_with_what_it_replaces() {
+    // `cargo hotpatch build -p CRATE` prints `replaces:` from the link
+    // report: a `#[patch(path, hook)]` target is there too, marked, not
+    // left out (a patch that changes more than its summary says).
+    let exe = std::env::current_exe().unwrap();
+    let so = hotpatch_test_support::temp_dir().join("hook-a-listed.so");
+    let rlibs = cargo_hotpatch::dev_dependency_rlibs("fixture_patch_hook_a").unwrap();
+    let reports: Vec<_> = rlibs
+        .iter()
+        .filter_map(|r| cargo_hotpatch::link(r, &exe, &so).ok())
+        .collect();
+    assert!(
+        !reports.is_empty(),
+        "no build of the fixture links: {rlibs:?}"
+    );
+    for report in reports {
+        assert_eq!(report.functions, [format!("{PRICE} (hooked)")]);
+    }
+}

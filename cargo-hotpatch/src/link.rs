@@ -37,7 +37,9 @@ pub struct LinkReport {
     /// of the service), each through a cell the loader fills in.
     pub slot_refs: usize,
     /// The functions the patch replaces (from its `#[patch]` records:
-    /// `module::f`, or `module::Type_method` for a method), sorted.
+    /// `module::f`, or `module::Type_method` for a method; a function
+    /// whose entry it redirects, `#[patch(path, hook)]`, as its path
+    /// followed by ` (hooked)`), sorted.
     pub functions: Vec<String>,
 }
 
@@ -334,6 +336,29 @@ fn inspect(
             }
         }
         for section in file.sections() {
+            // A `#[patch(path, hook)]` record's target is the service's
+            // function itself: the one symbol of the record this object
+            // does not define (the shim and the strings are its own).
+            if section.name() == Ok(hotpatch_abi::HOOK_FNS_SECTION) {
+                for (_, reloc) in section.relocations() {
+                    let object::RelocationTarget::Symbol(index) = reloc.target() else {
+                        continue;
+                    };
+                    let Ok(symbol) = file.symbol_by_index(index) else {
+                        continue;
+                    };
+                    if !symbol.is_undefined() {
+                        continue;
+                    }
+                    let Ok(sym) = symbol.name() else { continue };
+                    let d = match rustc_demangle::try_demangle(sym) {
+                        Ok(d) => format!("{d:#}"),
+                        Err(_) => sym.to_owned(),
+                    };
+                    functions.push(format!("{d} (hooked)"));
+                }
+                continue;
+            }
             if section.name() != Ok(PATCH_FNS_SECTION) {
                 continue;
             }
