@@ -70,7 +70,11 @@ mod dufs;
 mod mini_redis;
 
 /// Every service of the corpus.
-const SERVICES: &[&Service] = &[&mini_redis::SERVICE, &dufs::SERVICE];
+const SERVICES: &[&Service] = &[
+    &mini_redis::SERVICE,
+    &dufs::SERVICE,
+    &dufs::SERVICE_BIN_ONLY,
+];
 
 /// How long the server may take to say nothing more: a probe whose
 /// answer is "no reply" waits this long for one.
@@ -81,8 +85,11 @@ const BUILD_DEADLINE: Duration = Duration::from_secs(1500);
 /// A real service of the corpus: where it comes from, what is ours, how
 /// it runs and how it is driven.
 struct Service {
-    /// Its crate on crates.io, its package, and its scratch directory.
+    /// Its crate on crates.io, and its package.
     name: &'static str,
+    /// Its scratch directory, and its name in the report (one crate may
+    /// be marked in two ways).
+    scratch: &'static str,
     /// The pinned version.
     version: &'static str,
     /// The server executable (a bin target of the package).
@@ -149,6 +156,7 @@ enum Expect {
     NoChange,
 }
 
+#[derive(Clone, Copy)]
 struct Fix {
     name: &'static str,
     diff: &'static str,
@@ -200,6 +208,23 @@ fn corpus_diffs_apply() {
     }
 }
 
+#[test]
+fn corpus_dufs_bin_only_runs_the_marked_run_s_fixes() {
+    // The same fixes in the same order, each with its probe and expected
+    // answer; only #753's diff is its own (made on the unmarked source).
+    let (marked, bare) = (dufs::SERVICE.fixes, dufs::SERVICE_BIN_ONLY.fixes);
+    assert_eq!(marked.len(), bare.len());
+    for (m, b) in marked.iter().zip(bare) {
+        assert_eq!((m.name, m.what, m.expect), (b.name, b.what, b.expect));
+        assert_eq!(
+            m.diff == b.diff,
+            m.name != "upstream-753-range-count",
+            "{}",
+            m.name
+        );
+    }
+}
+
 // ---- the whole run ----
 
 #[test]
@@ -212,6 +237,12 @@ fn corpus_mini_redis() {
 #[ignore = "release builds of a real service: minutes per fix; .ci/corpus runs four fixes, the whole run is by hand with --ignored"]
 fn corpus_dufs() {
     run_service(&dufs::SERVICE);
+}
+
+#[test]
+#[ignore = "release builds of a real service: minutes per fix; the whole run is by hand with --ignored"]
+fn corpus_dufs_bin_only() {
+    run_service(&dufs::SERVICE_BIN_ONLY);
 }
 
 /// Held by a whole run: two at once would share two cores and the
@@ -325,7 +356,7 @@ fn report(service: &Service, rows: &[Row], v1_build: Duration, cgu1: bool) -> St
         "{} {}, {} release profile: {effective} of {} fixes built, applied \
          and effective; {wrong} wrong answer(s). v1's `cargo build --release` (this run's \
          target directory): {:.0} s.\n\n| fix | what | a right answer | outcome | cargo hotpatch build |\n| --- | --- | --- | --- | --- |\n",
-        service.name,
+        service.scratch,
         service.version,
         if cgu1 {
             "`codegen-units = 1`"
@@ -568,7 +599,7 @@ impl Corpus {
     fn new(service: &'static Service, sub: &str) -> Corpus {
         let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
             .join("corpus")
-            .join(service.name);
+            .join(service.scratch);
         let dir = root.join(sub);
         let corpus = Corpus {
             service,

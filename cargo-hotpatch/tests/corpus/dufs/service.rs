@@ -23,6 +23,7 @@ use super::*;
 
 pub const SERVICE: Service = Service {
     name: "dufs",
+    scratch: "dufs",
     version: "0.46.0",
     bin: "dufs",
     mark: include_str!("mark.diff"),
@@ -34,6 +35,42 @@ pub const SERVICE: Service = Service {
     request_bytes,
     env_remove: &[],
 };
+
+/// dufs 0.46.0 as published, a binary only, with nothing marked: what a
+/// user of a binary-only service adds is the dependency, the host setting
+/// (`build.rs`), the control endpoint in `main` and the default release
+/// profile (`../dufs-bin-only/mark.diff`). Every function is the
+/// executable's crate's, so a fix there is hooked or refused. The same
+/// fixes and probes as [`SERVICE`]; #753's diff is made on this source
+/// (the marked one has `#[hotpatch::patchable]` in its context).
+pub const SERVICE_BIN_ONLY: Service = Service {
+    scratch: "dufs-bin-only",
+    mark: include_str!("../dufs-bin-only/mark.diff"),
+    fixes: FIXES_BIN_ONLY,
+    ..SERVICE
+};
+
+/// [`FIXES`], #753's diff made on the unmarked source.
+const FIXES_BIN_ONLY: &[Fix] = &[
+    FIXES[0],
+    FIXES[1],
+    FIXES[2],
+    Fix {
+        diff: include_str!("../dufs-bin-only/fixes/upstream-753-range-count.diff"),
+        ..FIXES[3]
+    },
+    FIXES[4],
+    FIXES[5],
+    FIXES[6],
+    FIXES[7],
+    FIXES[8],
+    FIXES[9],
+    FIXES[10],
+    FIXES[11],
+    FIXES[12],
+    FIXES[13],
+    FIXES[14],
+];
 
 /// What the load client reads, again and again.
 const LOAD_BODY: &str = "the load client's file\n";

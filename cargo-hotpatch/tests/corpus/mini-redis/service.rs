@@ -12,6 +12,7 @@ use super::*;
 
 pub const SERVICE: Service = Service {
     name: "mini-redis",
+    scratch: "mini-redis",
     version: "0.4.1",
     bin: "mini-redis-server",
     mark: include_str!("mark.diff"),
