@@ -54,17 +54,18 @@ pub(super) struct Outside<'a> {
 
 impl Outside<'_> {
     /// Each function whose code changed between `b` and `h` (not only how
-    /// it was compiled: that goes to `noise`), with the refusal `refusal`
-    /// makes of it (given the function as the user knows it and `
-    /// (FILE:LINE)` or nothing) if it cannot be hooked.
+    /// it was compiled, by `lines`, the line tables of `b` and `h`: that
+    /// goes to `noise`), with the refusal `refusal` makes of it (given the
+    /// function as the user knows it and ` (FILE:LINE)` or nothing) if it
+    /// cannot be hooked.
     fn changes(
         &self,
         b: &Build<'_>,
         h: &Build<'_>,
+        (base_lines, head_lines): (Lines, Lines),
         noise: &mut BTreeSet<String>,
         refusal: impl Fn(String, String) -> Refusal,
     ) -> Vec<OutsideChange> {
-        let (base_lines, head_lines) = (Lines::read(b, self.root), Lines::read(h, self.root));
         let site = ChangeSite {
             ranges: self.ranges,
             base_lines: &base_lines,
@@ -187,11 +188,17 @@ pub(super) fn binary_crate(
     let (bm, hm) = (OutsideObjects::members(&bo), OutsideObjects::members(&ho));
     let b = Build::read(&bm).map_err(BuildError::Io)?;
     let h = Build::read(&hm).map_err(BuildError::Io)?;
-    let changes = outside.changes(&b, &h, noise, |function, at| Refusal::BinaryCrateCode {
-        function,
-        at,
-        executable: name.clone(),
-        why: String::new(),
+    let lines = (
+        binary_lines(&b, base_exe, outside.root)?,
+        binary_lines(&h, head_exe, outside.root)?,
+    );
+    let changes = outside.changes(&b, &h, lines, noise, |function, at| {
+        Refusal::BinaryCrateCode {
+            function,
+            at,
+            executable: name.clone(),
+            why: String::new(),
+        }
     });
     drop((b, h));
     Ok((
@@ -206,6 +213,30 @@ pub(super) fn binary_crate(
             types: None,
         },
     ))
+}
+
+/// The line tables of the executable `exe`'s own crate, whose kept
+/// objects are `kept`: their own, if the profile compiles them with debug
+/// info; else those of the wrapper's line tables build
+/// (`wrapper::bin_lines_objects`), for each unit whose code is the same
+/// there ([`Lines::mapped`]). Without either, no unit is described (every
+/// function whose code differs counts as changed).
+fn binary_lines(kept: &Build<'_>, exe: &Path, root: &Path) -> Result<Lines, BuildError> {
+    let files = super::wrapper::bin_lines_objects(exe);
+    if files.is_empty() {
+        return Ok(Lines::read(kept, root));
+    }
+    let objects = files
+        .iter()
+        .map(|p| {
+            let bytes = std::fs::read(p).map_err(io(p.display()))?;
+            Ok((p.display().to_string(), bytes))
+        })
+        .collect::<Result<Vec<_>, BuildError>>()?;
+    let members = OutsideObjects::members(&objects);
+    let compiled = Build::read(&members).map_err(BuildError::Io)?;
+    let lines = Lines::read(&compiled, root);
+    Ok(Lines::mapped(kept, &compiled, &lines))
 }
 
 /// The libraries of the workspace's other packages, base and head (`(package,
@@ -229,11 +260,14 @@ pub(super) fn other_libraries(
         };
         let (br, hr) = (Rlib::read(base_rlib)?, Rlib::read(head_rlib)?);
         let (b, h) = (br.objects()?, hr.objects()?);
-        let changes = outside.changes(&b, &h, noise, |function, at| Refusal::OtherLibraryCode {
-            function,
-            at,
-            package: package.clone(),
-            why: String::new(),
+        let lines = (Lines::read(&b, outside.root), Lines::read(&h, outside.root));
+        let changes = outside.changes(&b, &h, lines, noise, |function, at| {
+            Refusal::OtherLibraryCode {
+                function,
+                at,
+                package: package.clone(),
+                why: String::new(),
+            }
         });
         if changes.is_empty() {
             continue;

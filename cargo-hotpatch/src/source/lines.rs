@@ -49,6 +49,47 @@ impl Lines {
         lines
     }
 
+    /// The lines of `kept`'s units, which have none of their own (the
+    /// executable's own crate, compiled as deployed: without debug info),
+    /// from `lines`, the line tables of `compiled`: the same crate
+    /// compiled a second time with line tables (`wrapper::LINES_DIR`). A
+    /// unit of `kept` gets the rows of the unit of the same name in the
+    /// codegen unit of the same name, and is described, only when the two
+    /// units' normalised code is the same ([`Build::hash`]: the bytes with
+    /// relocated fields aside, and every relocation): then the rows
+    /// describe its very instructions. Any other unit (a name found twice,
+    /// code compiled otherwise, as `main`'s, which loads the section rustc
+    /// adds to an executable with debug info) is not described, which
+    /// keeps it strict.
+    pub fn mapped(kept: &Build<'_>, compiled: &Build<'_>, lines: &Lines) -> Lines {
+        // Each unit of `compiled` by its codegen unit's and its own name;
+        // `None` where a pair of names is not one unit.
+        let mut by_names: HashMap<(&str, &str), Option<UnitId>> = HashMap::new();
+        for (&unit, name) in &compiled.name_of {
+            by_names
+                .entry((compiled.unit_name(unit.0), name.as_str()))
+                .and_modify(|u| *u = None)
+                .or_insert(Some(unit));
+        }
+        let mut out = Lines::default();
+        for (&unit, name) in &kept.name_of {
+            if !kept.is_code(unit) {
+                continue;
+            }
+            let Some(&Some(twin)) = by_names.get(&(kept.unit_name(unit.0), name.as_str())) else {
+                continue;
+            };
+            if !lines.described.contains(&twin) || kept.hash(unit) != compiled.hash(twin) {
+                continue;
+            }
+            out.described.insert(unit);
+            if let Some(rows) = lines.by_unit.get(&twin) {
+                out.by_unit.insert(unit, rows.clone());
+            }
+        }
+        out
+    }
+
     /// Whether the unit's rows name any line of `ranges` (per file,
     /// inclusive line ranges).
     pub fn touches(&self, unit: UnitId, ranges: &HashMap<PathBuf, Vec<(u64, u64)>>) -> bool {
@@ -303,6 +344,55 @@ pub fn other(x: u64) -> u64 {
         let ranges = HashMap::from([(PathBuf::from("src/lib.rs"), vec![(2, 4)])]);
         assert!(lines.touches(build.by_name["total"], &ranges));
         assert!(!lines.touches(build.by_name["other"], &ranges));
+    }
+
+    /// The executable's own crate is compiled as deployed, without line
+    /// tables, and a second time with them: a unit gets the second
+    /// compile's lines only where its code is the same there. A unit
+    /// whose code differs between the two compiles is not described.
+    #[test]
+    fn a_unit_gets_the_lines_of_its_twin_only_when_their_code_is_the_same() {
+        let kept = Lib::compile("kept", SOURCE, &["-C", "debuginfo=0"]);
+        let (k, kept_lines) = (kept.build(), Lines::read(&kept.build(), &kept.dir));
+        assert!(
+            kept_lines.described.is_empty(),
+            "the deployed compile has no line tables of its own"
+        );
+        let same = Lib::compile("twin", SOURCE, &[]);
+        let s = same.build();
+        let lines = Lines::read(&s, &same.dir);
+        let mapped = Lines::mapped(&k, &s, &lines);
+        for name in ["total", "other"] {
+            let (ku, su) = (k.by_name[name], s.by_name[name]);
+            assert_eq!(k.hash(ku), s.hash(su), "{name}: line tables change no code");
+            assert!(mapped.described.contains(&ku), "{name} is described");
+            assert_eq!(mapped.by_unit[&ku], lines.by_unit[&su], "{name}'s rows");
+        }
+        let total = lines_of(&mapped, &k, "total");
+        assert!(total.contains(&3) && total.contains(&9), "{total:?}");
+
+        // The twin compiled for another CPU: `total`'s code differs there,
+        // so its rows describe other instructions: not described (strict).
+        let other_cpu = Lib::compile("twin-v3", SOURCE, &["-C", "target-cpu=x86-64-v3"]);
+        let o = other_cpu.build();
+        let lines = Lines::read(&o, &other_cpu.dir);
+        let mapped = Lines::mapped(&k, &o, &lines);
+        let total = k.by_name["total"];
+        assert_ne!(k.hash(total), o.hash(o.by_name["total"]));
+        assert!(!mapped.described.contains(&total));
+        assert!(!mapped.by_unit.contains_key(&total));
+        for (&unit, name) in &k.name_of {
+            if let Some(&twin) = o.by_name.get(name) {
+                assert_eq!(
+                    mapped.described.contains(&unit),
+                    k.is_code(unit) && k.hash(unit) == o.hash(twin),
+                    "{name}: described exactly when its code is its twin's"
+                );
+            }
+        }
+        // Noise is then never found in it: without lines it is a change.
+        let ranges = HashMap::from([(PathBuf::from("src/lib.rs"), vec![(13, 15)])]);
+        assert!(!mapped.touches(total, &ranges));
     }
 
     /// Base and head compiled for different CPUs: every function's code
