@@ -1,10 +1,15 @@
 //! The source lines each function's code came from, read from the DWARF
 //! line tables of one build's objects.
 //!
-//! The wrapper compiles the workspace's own crates with line tables
+//! The wrapper compiles the workspace's libraries with line tables
 //! (`-C debuginfo=line-tables-only`, when the profile has no debug info of
 //! its own): it adds sections no process maps, and leaves the code as it
-//! is (`identity` proves it against the deployed binary). A line table
+//! is (`identity` proves it against the deployed binary). An executable's
+//! own crate cannot have them in the deployed build (rustc adds a mapped
+//! `.debug_gdb_scripts` section and a load of it in `main`): the wrapper
+//! compiles it a second time with them, and [`Lines::mapped`] gives each
+//! of its units the lines of that compile's unit whose code is its own. A
+//! line table
 //! maps each instruction to the file and line it was compiled from,
 //! inlined code included: the instructions of a callee inlined into a
 //! function carry the callee's lines. So the lines of a function's code say

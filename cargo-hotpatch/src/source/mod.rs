@@ -30,8 +30,9 @@
 //!    crates' metadata hash, and so in every symbol name), so the base
 //!    builds bit for bit what the workspace builds, debug info included;
 //!    the workspace's libraries get line tables (sections no process
-//!    maps). When a change may need a hook, both sides are built once
-//!    more in `target/hotpatch/types` (`sides::type_builds`), the
+//!    maps), and an executable a second compile with them (`lines`).
+//!    When a change may need a hook, both sides are built once more in
+//!    `target/hotpatch/types` (`sides::type_builds`), the
 //!    workspace's crates compiled a second time with full debug
 //!    information into `deps/hotpatch-types/`: the layouts of async state
 //!    machines that `coroutine` compares (full debug information changes
