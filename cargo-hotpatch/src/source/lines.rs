@@ -108,19 +108,13 @@ impl Lines {
     }
 }
 
-fn read_object(
-    oi: usize,
-    file: &object::File<'_>,
-    root: &Path,
-    lines: &mut Lines,
-) -> Result<(), gimli::Error> {
-    let Some(section) = file.section_by_name(".debug_line") else {
-        return Ok(());
-    };
-    let Ok(raw) = section.data() else {
-        return Ok(());
-    };
-    let mut data = raw.to_vec();
+/// The bytes of section `name` of `file` with its relocations applied; an
+/// address in a code section carries that section's index (plus one) in
+/// its bits from [`SECTION_SHIFT`] up, so that it names its unit. `None`
+/// if there is no such section.
+fn relocated(file: &object::File<'_>, name: &str) -> Option<Vec<u8>> {
+    let section = file.section_by_name(name)?;
+    let mut data = section.data().ok()?.to_vec();
     for (offset, r) in section.relocations() {
         let RelocationFlags::Elf { r_type } = r.flags() else {
             continue;
@@ -149,6 +143,18 @@ fn read_object(
             _ => {}
         }
     }
+    Some(data)
+}
+
+fn read_object(
+    oi: usize,
+    file: &object::File<'_>,
+    root: &Path,
+    lines: &mut Lines,
+) -> Result<(), gimli::Error> {
+    let Some(data) = relocated(file, ".debug_line") else {
+        return Ok(());
+    };
     let strings = |name: &str| {
         file.section_by_name(name)
             .and_then(|s| s.data().ok())
@@ -213,6 +219,105 @@ fn read_object(
             break;
         }
         offset = next;
+    }
+    read_call_sites(oi, file, root, lines)
+}
+
+/// Adds to each unit the places its inlined code was called from
+/// (`DW_AT_call_file` and `DW_AT_call_line` of every
+/// `DW_TAG_inlined_subroutine` under the unit's `DW_TAG_subprogram`, which
+/// line tables only keep too). A row names the innermost source of an
+/// instruction only: a changed function inlined into a caller whose every
+/// instruction comes from a callee of its own (`key.to_string()`, then
+/// `String::truncate`, both std's) leaves no row at its own lines, but
+/// the calls it makes are call sites at them.
+fn read_call_sites(
+    oi: usize,
+    file: &object::File<'_>,
+    root: &Path,
+    lines: &mut Lines,
+) -> Result<(), gimli::Error> {
+    if file.section_by_name(".debug_info").is_none() {
+        return Ok(());
+    }
+    let load = |id: gimli::SectionId| -> Result<Vec<u8>, gimli::Error> {
+        Ok(relocated(file, id.name()).unwrap_or_default())
+    };
+    let sections = gimli::DwarfSections::load(load)?;
+    let dwarf = sections.borrow(|s| gimli::EndianSlice::new(s, gimli::LittleEndian));
+    let mut units = dwarf.units();
+    while let Some(header) = units.next()? {
+        let unit = dwarf.unit(header)?;
+        let Some(program) = &unit.line_program else {
+            continue;
+        };
+        let header = program.header();
+        let text = |v| {
+            dwarf
+                .attr_string(&unit, v)
+                .ok()
+                .map(|s| String::from_utf8_lossy(s.slice()).into_owned())
+        };
+        let mut names: HashMap<u64, Option<PathBuf>> = HashMap::new();
+        // The unit of the subprogram each open DIE is in, by depth.
+        let mut open: Vec<(isize, UnitId)> = Vec::new();
+        let mut depth: isize = 0;
+        let mut cursor = unit.entries();
+        while let Some((delta, entry)) = cursor.next_dfs()? {
+            depth += delta;
+            while open.last().is_some_and(|(d, _)| *d >= depth) {
+                open.pop();
+            }
+            match entry.tag() {
+                gimli::DW_TAG_subprogram => {
+                    if let Some(gimli::AttributeValue::Addr(a)) =
+                        entry.attr_value(gimli::DW_AT_low_pc)?
+                    {
+                        let section = a >> SECTION_SHIFT;
+                        if section != 0 {
+                            open.push((depth, (oi, SectionIndex((section - 1) as usize))));
+                        }
+                    }
+                }
+                gimli::DW_TAG_inlined_subroutine => {
+                    let Some(&(_, at)) = open.last() else {
+                        continue;
+                    };
+                    let index = match entry.attr_value(gimli::DW_AT_call_file)? {
+                        Some(gimli::AttributeValue::FileIndex(i)) => i,
+                        Some(v) => match v.udata_value() {
+                            Some(i) => i,
+                            None => continue,
+                        },
+                        None => continue,
+                    };
+                    let Some(line) = entry
+                        .attr_value(gimli::DW_AT_call_line)?
+                        .and_then(|v| v.udata_value())
+                    else {
+                        continue;
+                    };
+                    let name = names.entry(index).or_insert_with(|| {
+                        let entry = header.file(index)?;
+                        let name = text(entry.path_name())?;
+                        let dir = entry.directory(header).and_then(text);
+                        let path = match dir {
+                            Some(d) if !Path::new(&name).is_absolute() => Path::new(&d).join(&name),
+                            _ => PathBuf::from(&name),
+                        };
+                        ours(&path, root)
+                    });
+                    if let Some(name) = name {
+                        lines
+                            .by_unit
+                            .entry(at)
+                            .or_default()
+                            .insert((name.clone(), line));
+                    }
+                }
+                _ => {}
+            }
+        }
     }
     Ok(())
 }
@@ -349,6 +454,32 @@ pub fn other(x: u64) -> u64 {
         let ranges = HashMap::from([(PathBuf::from("src/lib.rs"), vec![(2, 4)])]);
         assert!(lines.touches(build.by_name["total"], &ranges));
         assert!(!lines.touches(build.by_name["other"], &ranges));
+    }
+
+    /// A function whose inlined code is all its callees' (`to_string`,
+    /// std's, inlined in turn) leaves no row at its own lines: the places
+    /// it calls them from are its caller's lines all the same.
+    #[test]
+    fn a_function_s_lines_include_where_its_inlined_code_calls_from() {
+        let source = "\
+#[inline(always)]
+fn named(key: &str) -> String {
+    key.to_string()
+}
+
+#[no_mangle]
+pub fn make(k: &str) -> String {
+    named(k)
+}
+";
+        let lib = Lib::compile("call-sites", source, &[]);
+        let build = lib.build();
+        let lines = Lines::read(&build, &lib.dir);
+        let make = lines_of(&lines, &build, "make");
+        assert!(make.contains(&3), "named's call of to_string: {make:?}");
+        assert!(make.contains(&8), "make's call of named: {make:?}");
+        let ranges = HashMap::from([(PathBuf::from("src/lib.rs"), vec![(1, 4)])]);
+        assert!(lines.touches(build.by_name["make"], &ranges));
     }
 
     /// The executable's own crate is compiled as deployed, without line
