@@ -500,3 +500,55 @@ pub(super) fn compare(
         refusals,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+
+    use super::Outside;
+    use crate::syntax::LineRanges;
+
+    /// `main` is the only changed function when the change's ranges are
+    /// one per side, in its file, the head's holding its place: then its
+    /// code inlined elsewhere is `main`'s (refused as `main`). Any other
+    /// change, or none known, is not.
+    #[test]
+    fn main_is_the_only_changed_function_only_when_its_range_is_the_only_one() {
+        let ranges = |list: &[(&str, u64, u64)]| -> LineRanges {
+            let mut r = LineRanges::new();
+            for (file, a, b) in list {
+                r.entry(PathBuf::from(file)).or_default().push((*a, *b));
+            }
+            r
+        };
+        let locate = |d: &str| (d == "svc::main").then(|| "src/main.rs:21".to_owned());
+        let check = |base: &LineRanges, head: &LineRanges| {
+            let outside = Outside {
+                locate: &locate,
+                ranges: Some((base, head)),
+                added_or_removed: &|_| false,
+                root: Path::new("/ws"),
+            };
+            outside.only_changed_function("svc::main")
+        };
+        let main_b = ranges(&[("src/main.rs", 20, 40)]);
+        let main_h = ranges(&[("src/main.rs", 20, 41)]);
+        assert!(check(&main_b, &main_h));
+        // Another function's range beside main's, on either side.
+        let two = ranges(&[("src/main.rs", 20, 41), ("src/main.rs", 50, 60)]);
+        assert!(!check(&main_b, &two));
+        let lib = ranges(&[("src/main.rs", 20, 40), ("src/lib.rs", 3, 9)]);
+        assert!(!check(&lib, &main_h));
+        // The one range is another function's.
+        let other = ranges(&[("src/main.rs", 50, 60)]);
+        assert!(!check(&other, &other));
+        // No ranges known (a change outside function bodies): not main's.
+        let outside = Outside {
+            locate: &locate,
+            ranges: None,
+            added_or_removed: &|_| false,
+            root: Path::new("/ws"),
+        };
+        assert!(!outside.only_changed_function("svc::main"));
+    }
+}
