@@ -50,7 +50,9 @@
 //! library's objects are then compared function by function; a function
 //! whose code differs only in how it was compiled (no instruction of it,
 //! inlined code included, comes from a changed function's lines, as the
-//! line tables the libraries are compiled with say) is not a change. The
+//! line tables the libraries are compiled with say, and for the
+//! executable's own crate a second compile of it with line tables, where
+//! its code is the deployed compile's) is not a change. The
 //! changed functions are written into a thin patch: each `#[patchable]`
 //! one replaced, each other one included when everything that calls it is
 //! replaced or included, else hooked (its entry redirected, every local

@@ -2283,7 +2283,35 @@ fn main() {
 /// `fix`: `fib`'s first values are one more), written under the scratch
 /// directory. Returns it.
 fn make_copies_repo() -> PathBuf {
-    let repo = harness::scratch().join("copies-repo");
+    make_small_repo(
+        "copies-repo",
+        "cpy",
+        COPIES_LIB,
+        COPIES_MAIN,
+        &[(
+            "fix",
+            &[Edit {
+                file: "src/lib.rs",
+                old: "if n < 2 { n } else",
+                new: "if n < 2 { n + 1 } else",
+            }],
+        )],
+    )
+}
+
+/// A small release service's repository, written under the scratch
+/// directory as `dir`: package `package` (built with 16 codegen units),
+/// `lib` and `main` its sources at tag `v1`, and a branch on v1 for each of
+/// `branches`, its edits of `src/lib.rs` and `src/main.rs` applied. Returns
+/// it, `main` checked out.
+fn make_small_repo(
+    dir: &str,
+    package: &str,
+    lib: &str,
+    main: &str,
+    branches: &[(&str, &[Edit])],
+) -> PathBuf {
+    let repo = harness::scratch().join(dir);
     let _ = std::fs::remove_dir_all(&repo);
     let put = |path: &str, text: &str| {
         let p = repo.join(path);
@@ -2296,7 +2324,7 @@ fn make_copies_repo() -> PathBuf {
     put(
         "Cargo.toml",
         &format!(
-            "[package]\nname = \"cpy\"\nversion = \"0.1.0\"\nedition = \"2024\"\npublish = false\n\n\
+            "[package]\nname = \"{package}\"\nversion = \"0.1.0\"\nedition = \"2024\"\npublish = false\n\n\
              [dependencies]\nhotpatch = {{ path = \"{}\", default-features = false }}\n\n\
              # rustc merges codegen units it finds small unless their number is given:\n\
              # a service's modules are big enough to stay apart, this one's are not.\n\
@@ -2308,8 +2336,8 @@ fn make_copies_repo() -> PathBuf {
         "build.rs",
         "fn main() {\n    println!(\"cargo::rustc-link-arg-bins=-rdynamic\");\n}\n",
     );
-    put("src/main.rs", COPIES_MAIN);
-    put("src/lib.rs", COPIES_LIB);
+    put("src/main.rs", main);
+    put("src/lib.rs", lib);
     put(".gitignore", "/target\n");
     put(
         "Cargo.lock",
@@ -2327,14 +2355,23 @@ fn make_copies_repo() -> PathBuf {
     let v1 = git_in(&repo, &["commit-tree", tree.trim(), "-m", "v1"]);
     let v1 = v1.trim();
     git_in(&repo, &["tag", "v1", v1]);
-    put(
-        "src/lib.rs",
-        &COPIES_LIB.replace("if n < 2 { n } else", "if n < 2 { n + 1 } else"),
-    );
-    git_in(&repo, &["add", "--all"]);
-    let tree = git_in(&repo, &["write-tree"]);
-    let fix = git_in(&repo, &["commit-tree", tree.trim(), "-p", v1, "-m", "fix"]);
-    git_in(&repo, &["update-ref", "refs/heads/fix", fix.trim()]);
+    for (branch, edits) in branches {
+        for (file, text) in [("src/lib.rs", lib), ("src/main.rs", main)] {
+            let mut text = text.to_owned();
+            for e in edits.iter().filter(|e| e.file == file) {
+                assert_eq!(text.matches(e.old).count(), 1, "{branch}: {:?}", e.old);
+                text = text.replacen(e.old, e.new, 1);
+            }
+            put(file, &text);
+        }
+        git_in(&repo, &["add", "--all"]);
+        let tree = git_in(&repo, &["write-tree"]);
+        let fix = git_in(&repo, &["commit-tree", tree.trim(), "-p", v1, "-m", branch]);
+        git_in(
+            &repo,
+            &["update-ref", &format!("refs/heads/{branch}"), fix.trim()],
+        );
+    }
     git_in(&repo, &["update-ref", "refs/heads/main", v1]);
     git_in(&repo, &["checkout", "--quiet", "--force", "main"]);
     repo
@@ -2468,6 +2505,269 @@ fn case_42_a_function_whose_entry_is_a_loop_head_is_refused() {
         &["inside the entry bytes"],
         &["branches to +0x3", "a loop whose head is at the entry"],
     );
+}
+
+// ---- the executable's own crate compiled differently (issue 18) ----
+
+/// The library of the compiled-differently service: the executable is
+/// what the cases change.
+const NOISE_LIB: &str = "//! The service of the compiled-differently cases.
+
+/// The service's version.
+pub fn version() -> u64 {
+    1
+}
+";
+
+/// The executable of the compiled-differently service. `mix` is private
+/// and big; `hashed` is its only caller, and inlines it. A fix that calls
+/// `mix` from `scaled` too gives it two callers: then neither inlines it,
+/// and `hashed`'s code is other code (a call) from the same source.
+const NOISE_MAIN: &str = r#"//! `call` answers `hashed=.. scaled=..`; `load PATH`, `revert`.
+
+use std::hint::black_box;
+use std::io::{BufRead, Write};
+
+/// Mixes a value (big enough that with two callers neither inlines it).
+fn mix(mut x: u64) -> u64 {
+    for i in 0..black_box(3) {
+        x = x.rotate_left(7) ^ 0x9e37_79b9_7f4a_7c15u64.wrapping_mul(i + 1);
+        x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9) ^ (x >> 31);
+        x = x.wrapping_add(black_box(0x94d0_49bb_1331_11eb));
+        if x % 7 == 3 { x = x.wrapping_sub(black_box(11)); }
+        if x % 5 == 1 { x ^= black_box(x >> 3); }
+        x = x.rotate_left(8) ^ 0x9e37_79b9_7f4a_7c15u64.wrapping_mul(i + 2);
+        x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9) ^ (x >> 29);
+        x = x.wrapping_add(black_box(0x94d0_49bb_1331_11eb));
+        if x % 9 == 3 { x = x.wrapping_sub(black_box(13)); }
+        if x % 5 == 2 { x ^= black_box(x >> 5); }
+        x = x.rotate_left(9) ^ 0x9e37_79b9_7f4a_7c15u64.wrapping_mul(i + 3);
+        x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9) ^ (x >> 27);
+        x = x.wrapping_add(black_box(0x94d0_49bb_1331_11eb));
+        if x % 11 == 3 { x = x.wrapping_sub(black_box(17)); }
+        if x % 5 == 3 { x ^= black_box(x >> 7); }
+        x = x.rotate_left(10) ^ 0x9e37_79b9_7f4a_7c15u64.wrapping_mul(i + 4);
+        x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9) ^ (x >> 25);
+        x = x.wrapping_add(black_box(0x94d0_49bb_1331_11eb));
+        if x % 13 == 3 { x = x.wrapping_sub(black_box(19)); }
+        if x % 5 == 4 { x ^= black_box(x >> 9); }
+    }
+    x
+}
+
+#[inline(never)]
+fn hashed(x: u64) -> u64 {
+    mix(x) % 1000
+}
+
+#[inline(never)]
+fn scaled(x: u64) -> u64 {
+    black_box(x) * 3
+}
+
+fn call() -> String {
+    let h = black_box;
+    format!("hashed={} scaled={} version={}", hashed(h(5)), scaled(h(7)), nz::version())
+}
+
+fn main() {
+    let loader = hotpatch::Loader::new().allow_insecure_permissions();
+    let mut loaded: Vec<hotpatch::Patch> = Vec::new();
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "ready nz v1").unwrap();
+    out.flush().unwrap();
+    for line in std::io::stdin().lock().lines() {
+        let line = line.unwrap();
+        let reply = match line.trim().split_once(' ') {
+            None if line.trim() == "call" => call(),
+            None if line.trim() == "quit" => break,
+            None if line.trim() == "revert" => match loaded.pop() {
+                None => "error: no patch to revert".to_owned(),
+                Some(patch) => match loader.revert(patch) {
+                    Ok(()) => "ok".to_owned(),
+                    Err(e) => format!("error: {e}"),
+                },
+            },
+            Some(("load", path)) => match loader.load(path) {
+                Ok(patch) => {
+                    loaded.push(patch);
+                    "ok".to_owned()
+                }
+                Err(e) => format!("error: {e}"),
+            },
+            _ => format!("error: unknown command {line:?}"),
+        };
+        writeln!(out, "{}", reply.replace('\n', " ")).unwrap();
+        out.flush().unwrap();
+    }
+}
+"#;
+
+/// `scaled` calls `mix` too (a real change of `scaled`; `hashed`, whose
+/// source is the same, is compiled to a call of `mix`).
+const NOISE_SCALED: Edit = Edit {
+    file: "src/main.rs",
+    old: "    black_box(x) * 3\n",
+    new: "    mix(x) % 10 + black_box(x) * 3\n",
+};
+
+/// `mix`'s first round rotates by 6: `hashed`, which inlines it, runs
+/// other code from a changed line.
+const NOISE_MIX: Edit = Edit {
+    file: "src/main.rs",
+    old: "x.rotate_left(7)",
+    new: "x.rotate_left(6)",
+};
+
+/// `mix` as the service has it, rotating by `first` in its first round
+/// (`black_box` is the identity): what the patched service must answer.
+fn mix_model(mut x: u64, first: u32) -> u64 {
+    for i in 0..3u64 {
+        let rounds: [(u32, u64, u32, u64, u64, u64, u32); 4] = [
+            (first, 1, 31, 7, 11, 1, 3),
+            (8, 2, 29, 9, 13, 2, 5),
+            (9, 3, 27, 11, 17, 3, 7),
+            (10, 4, 25, 13, 19, 4, 9),
+        ];
+        for (rot, k, shr, m, sub, r, shr2) in rounds {
+            x = x.rotate_left(rot) ^ 0x9e37_79b9_7f4a_7c15u64.wrapping_mul(i + k);
+            x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9) ^ (x >> shr);
+            x = x.wrapping_add(0x94d0_49bb_1331_11eb);
+            if x % m == 3 {
+                x = x.wrapping_sub(sub);
+            }
+            if x % 5 == r {
+                x ^= x >> shr2;
+            }
+        }
+    }
+    x
+}
+
+/// The compiled-differently service built for release as deployed
+/// (tag v1), running; and its repository.
+fn noise_v1() -> (Service, PathBuf, PathBuf) {
+    let repo = make_small_repo(
+        "noise-repo",
+        "nz",
+        NOISE_LIB,
+        NOISE_MAIN,
+        &[("fix-scaled", &[NOISE_SCALED]), ("fix-mix", &[NOISE_MIX])],
+    );
+    let mut build = harness::cargo();
+    build
+        .args(["build", "--quiet", "--release"])
+        .current_dir(&repo);
+    let out = harness::run(build, "cargo build --release (nz v1)");
+    assert!(out.status.success(), "{out:?}");
+    let bin = harness::scratch().join("bin").join("noise").join("nz");
+    std::fs::create_dir_all(bin.parent().unwrap()).unwrap();
+    std::fs::copy(harness::target_dir().join("release/nz"), &bin).unwrap();
+    let mut v1 = Service::start(&bin, "nz v1");
+    let call = v1.call();
+    assert_eq!(call["hashed"], (mix_model(5, 7) % 1000).to_string());
+    assert_eq!(call["scaled"], "21");
+    (v1, repo, bin)
+}
+
+/// `cargo hotpatch build --base v1 --head BRANCH --release` of the
+/// compiled-differently service, for its v1 binary.
+fn noise_patch(
+    repo: &std::path::Path,
+    bin: &std::path::Path,
+    branch: &str,
+) -> (harness::Output, PathBuf) {
+    let so = out_path(&format!("noise-{branch}"));
+    let manifest = repo.join("Cargo.toml");
+    let out = tool(&[
+        "build",
+        "--manifest-path",
+        s(&manifest),
+        "--base",
+        "v1",
+        "--head",
+        branch,
+        "-p",
+        "nz",
+        "--release",
+        "--binary",
+        s(bin),
+        "-o",
+        s(&so),
+    ]);
+    (out, so)
+}
+
+/// The functions a patch hooks, as the tool lists them (`PATH (FILE:LINE)`).
+/// (Not [`listed`]: a function of the executable's crate that a fix adds,
+/// as `mix` standalone, is listed as included without a place.)
+fn hooked(stdout: &str) -> Vec<String> {
+    stdout
+        .lines()
+        .filter_map(|l| l.trim_start().strip_prefix("hooked "))
+        .map(|rest| rest.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect()
+}
+
+#[test]
+fn case_43_a_function_of_the_binary_crate_that_only_compiled_differently_is_noise() {
+    // Release, as deployed (no debug info): the executable's crate gets its
+    // line tables from a second compile. The fix changes `scaled` (hooked);
+    // `hashed`'s code changed too, from the same source (`mix` is no
+    // longer inlined into it): set aside as noise, not hooked. Then a fix
+    // of `mix` itself, inlined into `hashed`: `hashed` really changed.
+    let _fx = fixture();
+    let (mut v1, repo, bin) = noise_v1();
+    let before = v1.call();
+
+    let (out, so) = noise_patch(&repo, &bin, "fix-scaled");
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let main_rs = NOISE_MAIN.replacen(NOISE_SCALED.old, NOISE_SCALED.new, 1);
+    let line = line_of(&main_rs, "fn scaled(");
+    assert_eq!(
+        hooked(&out.stdout),
+        [format!("nz::scaled (src/main.rs:{line})")],
+        "only the changed function is hooked: {}",
+        out.stdout
+    );
+    assert!(
+        out.stdout
+            .lines()
+            .any(|l| l.contains("note: 1 function compiled to other code")
+                && l.ends_with(": nz::hashed")),
+        "hashed only compiled differently: {}",
+        out.stdout
+    );
+    let applied = Applied::load(&mut v1, &so);
+    let patched = applied.v1.call();
+    assert_eq!(
+        patched["scaled"],
+        (mix_model(7, 7) % 10 + 21).to_string(),
+        "the fix runs"
+    );
+    assert_eq!(patched["hashed"], before["hashed"], "hashed is as it was");
+    applied.revert();
+    assert_eq!(v1.call(), before, "reverted");
+
+    // `mix`'s own line changed, and `hashed` inlines it: a change of
+    // `hashed`, found by its lines, hooked.
+    let (out, so) = noise_patch(&repo, &bin, "fix-mix");
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let main_rs = NOISE_MAIN.replacen(NOISE_MIX.old, NOISE_MIX.new, 1);
+    let line = line_of(&main_rs, "fn hashed(");
+    assert_eq!(
+        hooked(&out.stdout),
+        [format!("nz::hashed (src/main.rs:{line})")],
+        "hashed changed: {}",
+        out.stdout
+    );
+    let applied = Applied::load(&mut v1, &so);
+    let patched = applied.v1.call();
+    assert_ne!(mix_model(5, 6) % 1000, mix_model(5, 7) % 1000);
+    assert_eq!(patched["hashed"], (mix_model(5, 6) % 1000).to_string());
+    assert_eq!(patched["scaled"], before["scaled"]);
+    applied.revert();
+    assert_eq!(v1.call(), before, "reverted");
 }
 
 // ---- a v1 with the control endpoint: watch windows and restarts ----

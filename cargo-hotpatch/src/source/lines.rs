@@ -1,10 +1,15 @@
 //! The source lines each function's code came from, read from the DWARF
 //! line tables of one build's objects.
 //!
-//! The wrapper compiles the workspace's own crates with line tables
+//! The wrapper compiles the workspace's libraries with line tables
 //! (`-C debuginfo=line-tables-only`, when the profile has no debug info of
 //! its own): it adds sections no process maps, and leaves the code as it
-//! is (`identity` proves it against the deployed binary). A line table
+//! is (`identity` proves it against the deployed binary). An executable's
+//! own crate cannot have them in the deployed build (rustc adds a mapped
+//! `.debug_gdb_scripts` section and a load of it in `main`): the wrapper
+//! compiles it a second time with them, and [`Lines::mapped`] gives each
+//! of its units the lines of that compile's unit whose code is its own. A
+//! line table
 //! maps each instruction to the file and line it was compiled from,
 //! inlined code included: the instructions of a callee inlined into a
 //! function carry the callee's lines. So the lines of a function's code say
@@ -49,6 +54,47 @@ impl Lines {
         lines
     }
 
+    /// The lines of `kept`'s units, which have none of their own (the
+    /// executable's own crate, compiled as deployed: without debug info),
+    /// from `lines`, the line tables of `compiled`: the same crate
+    /// compiled a second time with line tables (`wrapper::LINES_DIR`). A
+    /// unit of `kept` gets the rows of the unit of the same name in the
+    /// codegen unit of the same name, and is described, only when the two
+    /// units' normalised code is the same ([`Build::hash`]: the bytes with
+    /// relocated fields aside, and every relocation): then the rows
+    /// describe its very instructions. Any other unit (a name found twice,
+    /// code compiled otherwise, as `main`'s, which loads the section rustc
+    /// adds to an executable with debug info) is not described, which
+    /// keeps it strict.
+    pub fn mapped(kept: &Build<'_>, compiled: &Build<'_>, lines: &Lines) -> Lines {
+        // Each unit of `compiled` by its codegen unit's and its own name;
+        // `None` where a pair of names is not one unit.
+        let mut by_names: HashMap<(&str, &str), Option<UnitId>> = HashMap::new();
+        for (&unit, name) in &compiled.name_of {
+            by_names
+                .entry((compiled.unit_name(unit.0), name.as_str()))
+                .and_modify(|u| *u = None)
+                .or_insert(Some(unit));
+        }
+        let mut out = Lines::default();
+        for (&unit, name) in &kept.name_of {
+            if !kept.is_code(unit) {
+                continue;
+            }
+            let Some(&Some(twin)) = by_names.get(&(kept.unit_name(unit.0), name.as_str())) else {
+                continue;
+            };
+            if !lines.described.contains(&twin) || kept.hash(unit) != compiled.hash(twin) {
+                continue;
+            }
+            out.described.insert(unit);
+            if let Some(rows) = lines.by_unit.get(&twin) {
+                out.by_unit.insert(unit, rows.clone());
+            }
+        }
+        out
+    }
+
     /// Whether the unit's rows name any line of `ranges` (per file,
     /// inclusive line ranges).
     pub fn touches(&self, unit: UnitId, ranges: &HashMap<PathBuf, Vec<(u64, u64)>>) -> bool {
@@ -62,19 +108,13 @@ impl Lines {
     }
 }
 
-fn read_object(
-    oi: usize,
-    file: &object::File<'_>,
-    root: &Path,
-    lines: &mut Lines,
-) -> Result<(), gimli::Error> {
-    let Some(section) = file.section_by_name(".debug_line") else {
-        return Ok(());
-    };
-    let Ok(raw) = section.data() else {
-        return Ok(());
-    };
-    let mut data = raw.to_vec();
+/// The bytes of section `name` of `file` with its relocations applied; an
+/// address in a code section carries that section's index (plus one) in
+/// its bits from [`SECTION_SHIFT`] up, so that it names its unit. `None`
+/// if there is no such section.
+fn relocated(file: &object::File<'_>, name: &str) -> Option<Vec<u8>> {
+    let section = file.section_by_name(name)?;
+    let mut data = section.data().ok()?.to_vec();
     for (offset, r) in section.relocations() {
         let RelocationFlags::Elf { r_type } = r.flags() else {
             continue;
@@ -103,6 +143,18 @@ fn read_object(
             _ => {}
         }
     }
+    Some(data)
+}
+
+fn read_object(
+    oi: usize,
+    file: &object::File<'_>,
+    root: &Path,
+    lines: &mut Lines,
+) -> Result<(), gimli::Error> {
+    let Some(data) = relocated(file, ".debug_line") else {
+        return Ok(());
+    };
     let strings = |name: &str| {
         file.section_by_name(name)
             .and_then(|s| s.data().ok())
@@ -167,6 +219,105 @@ fn read_object(
             break;
         }
         offset = next;
+    }
+    read_call_sites(oi, file, root, lines)
+}
+
+/// Adds to each unit the places its inlined code was called from
+/// (`DW_AT_call_file` and `DW_AT_call_line` of every
+/// `DW_TAG_inlined_subroutine` under the unit's `DW_TAG_subprogram`, which
+/// line tables only keep too). A row names the innermost source of an
+/// instruction only: a changed function inlined into a caller whose every
+/// instruction comes from a callee of its own (`key.to_string()`, then
+/// `String::truncate`, both std's) leaves no row at its own lines, but
+/// the calls it makes are call sites at them.
+fn read_call_sites(
+    oi: usize,
+    file: &object::File<'_>,
+    root: &Path,
+    lines: &mut Lines,
+) -> Result<(), gimli::Error> {
+    if file.section_by_name(".debug_info").is_none() {
+        return Ok(());
+    }
+    let load = |id: gimli::SectionId| -> Result<Vec<u8>, gimli::Error> {
+        Ok(relocated(file, id.name()).unwrap_or_default())
+    };
+    let sections = gimli::DwarfSections::load(load)?;
+    let dwarf = sections.borrow(|s| gimli::EndianSlice::new(s, gimli::LittleEndian));
+    let mut units = dwarf.units();
+    while let Some(header) = units.next()? {
+        let unit = dwarf.unit(header)?;
+        let Some(program) = &unit.line_program else {
+            continue;
+        };
+        let header = program.header();
+        let text = |v| {
+            dwarf
+                .attr_string(&unit, v)
+                .ok()
+                .map(|s| String::from_utf8_lossy(s.slice()).into_owned())
+        };
+        let mut names: HashMap<u64, Option<PathBuf>> = HashMap::new();
+        // The unit of the subprogram each open DIE is in, by depth.
+        let mut open: Vec<(isize, UnitId)> = Vec::new();
+        let mut depth: isize = 0;
+        let mut cursor = unit.entries();
+        while let Some((delta, entry)) = cursor.next_dfs()? {
+            depth += delta;
+            while open.last().is_some_and(|(d, _)| *d >= depth) {
+                open.pop();
+            }
+            match entry.tag() {
+                gimli::DW_TAG_subprogram => {
+                    if let Some(gimli::AttributeValue::Addr(a)) =
+                        entry.attr_value(gimli::DW_AT_low_pc)?
+                    {
+                        let section = a >> SECTION_SHIFT;
+                        if section != 0 {
+                            open.push((depth, (oi, SectionIndex((section - 1) as usize))));
+                        }
+                    }
+                }
+                gimli::DW_TAG_inlined_subroutine => {
+                    let Some(&(_, at)) = open.last() else {
+                        continue;
+                    };
+                    let index = match entry.attr_value(gimli::DW_AT_call_file)? {
+                        Some(gimli::AttributeValue::FileIndex(i)) => i,
+                        Some(v) => match v.udata_value() {
+                            Some(i) => i,
+                            None => continue,
+                        },
+                        None => continue,
+                    };
+                    let Some(line) = entry
+                        .attr_value(gimli::DW_AT_call_line)?
+                        .and_then(|v| v.udata_value())
+                    else {
+                        continue;
+                    };
+                    let name = names.entry(index).or_insert_with(|| {
+                        let entry = header.file(index)?;
+                        let name = text(entry.path_name())?;
+                        let dir = entry.directory(header).and_then(text);
+                        let path = match dir {
+                            Some(d) if !Path::new(&name).is_absolute() => Path::new(&d).join(&name),
+                            _ => PathBuf::from(&name),
+                        };
+                        ours(&path, root)
+                    });
+                    if let Some(name) = name {
+                        lines
+                            .by_unit
+                            .entry(at)
+                            .or_default()
+                            .insert((name.clone(), line));
+                    }
+                }
+                _ => {}
+            }
+        }
     }
     Ok(())
 }
@@ -303,6 +454,81 @@ pub fn other(x: u64) -> u64 {
         let ranges = HashMap::from([(PathBuf::from("src/lib.rs"), vec![(2, 4)])]);
         assert!(lines.touches(build.by_name["total"], &ranges));
         assert!(!lines.touches(build.by_name["other"], &ranges));
+    }
+
+    /// A function whose inlined code is all its callees' (`to_string`,
+    /// std's, inlined in turn) leaves no row at its own lines: the places
+    /// it calls them from are its caller's lines all the same.
+    #[test]
+    fn a_function_s_lines_include_where_its_inlined_code_calls_from() {
+        let source = "\
+#[inline(always)]
+fn named(key: &str) -> String {
+    key.to_string()
+}
+
+#[no_mangle]
+pub fn make(k: &str) -> String {
+    named(k)
+}
+";
+        let lib = Lib::compile("call-sites", source, &[]);
+        let build = lib.build();
+        let lines = Lines::read(&build, &lib.dir);
+        let make = lines_of(&lines, &build, "make");
+        assert!(make.contains(&3), "named's call of to_string: {make:?}");
+        assert!(make.contains(&8), "make's call of named: {make:?}");
+        let ranges = HashMap::from([(PathBuf::from("src/lib.rs"), vec![(1, 4)])]);
+        assert!(lines.touches(build.by_name["make"], &ranges));
+    }
+
+    /// The executable's own crate is compiled as deployed, without line
+    /// tables, and a second time with them: a unit gets the second
+    /// compile's lines only where its code is the same there. A unit
+    /// whose code differs between the two compiles is not described.
+    #[test]
+    fn a_unit_gets_the_lines_of_its_twin_only_when_their_code_is_the_same() {
+        let kept = Lib::compile("kept", SOURCE, &["-C", "debuginfo=0"]);
+        let (k, kept_lines) = (kept.build(), Lines::read(&kept.build(), &kept.dir));
+        assert!(
+            kept_lines.described.is_empty(),
+            "the deployed compile has no line tables of its own"
+        );
+        let same = Lib::compile("twin", SOURCE, &[]);
+        let s = same.build();
+        let lines = Lines::read(&s, &same.dir);
+        let mapped = Lines::mapped(&k, &s, &lines);
+        for name in ["total", "other"] {
+            let (ku, su) = (k.by_name[name], s.by_name[name]);
+            assert_eq!(k.hash(ku), s.hash(su), "{name}: line tables change no code");
+            assert!(mapped.described.contains(&ku), "{name} is described");
+            assert_eq!(mapped.by_unit[&ku], lines.by_unit[&su], "{name}'s rows");
+        }
+        let total = lines_of(&mapped, &k, "total");
+        assert!(total.contains(&3) && total.contains(&9), "{total:?}");
+
+        // The twin compiled for another CPU: `total`'s code differs there,
+        // so its rows describe other instructions: not described (strict).
+        let other_cpu = Lib::compile("twin-v3", SOURCE, &["-C", "target-cpu=x86-64-v3"]);
+        let o = other_cpu.build();
+        let lines = Lines::read(&o, &other_cpu.dir);
+        let mapped = Lines::mapped(&k, &o, &lines);
+        let total = k.by_name["total"];
+        assert_ne!(k.hash(total), o.hash(o.by_name["total"]));
+        assert!(!mapped.described.contains(&total));
+        assert!(!mapped.by_unit.contains_key(&total));
+        for (&unit, name) in &k.name_of {
+            if let Some(&twin) = o.by_name.get(name) {
+                assert_eq!(
+                    mapped.described.contains(&unit),
+                    k.is_code(unit) && k.hash(unit) == o.hash(twin),
+                    "{name}: described exactly when its code is its twin's"
+                );
+            }
+        }
+        // Noise is then never found in it: without lines it is a change.
+        let ranges = HashMap::from([(PathBuf::from("src/lib.rs"), vec![(13, 15)])]);
+        assert!(!mapped.touches(total, &ranges));
     }
 
     /// Base and head compiled for different CPUs: every function's code

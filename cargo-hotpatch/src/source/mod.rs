@@ -30,8 +30,9 @@
 //!    crates' metadata hash, and so in every symbol name), so the base
 //!    builds bit for bit what the workspace builds, debug info included;
 //!    the workspace's libraries get line tables (sections no process
-//!    maps). When a change may need a hook, both sides are built once
-//!    more in `target/hotpatch/types` (`sides::type_builds`), the
+//!    maps), and an executable a second compile with them (`lines`).
+//!    When a change may need a hook, both sides are built once more in
+//!    `target/hotpatch/types` (`sides::type_builds`), the
 //!    workspace's crates compiled a second time with full debug
 //!    information into `deps/hotpatch-types/`: the layouts of async state
 //!    machines that `coroutine` compares (full debug information changes
@@ -388,6 +389,22 @@ pub fn build_from_source(
                     at: locate_outside(&d)
                         .map(|l| format!(" ({l})"))
                         .unwrap_or_default(),
+                    executable: objects.name.clone(),
+                });
+                continue;
+            }
+            // Only `main`'s source changed, and this is its code (inlined
+            // into the start-up code that runs it): refused as `main`.
+            if objects.package.is_none()
+                && c.main_only
+                && let Some(krate) = &objects.crate_name
+            {
+                let main = format!("{krate}::main");
+                refusals.push(crate::Refusal::StartupCode {
+                    at: locate_outside(&main)
+                        .map(|l| format!(" ({l})"))
+                        .unwrap_or_default(),
+                    function: main,
                     executable: objects.name.clone(),
                 });
                 continue;

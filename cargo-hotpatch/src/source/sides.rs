@@ -179,8 +179,9 @@ impl Artifacts {
     }
 
     /// Copies what the comparison needs of a base build into `dir` (the
-    /// rlib; each executable with the objects the wrapper kept, in the
-    /// layout `wrapper::bin_objects` reads) and returns it there.
+    /// rlib; each executable with the objects the wrapper kept, and those
+    /// of its line tables build, in the layout `wrapper::bin_objects` and
+    /// `wrapper::bin_lines_objects` read) and returns it there.
     fn keep(&self, dir: &Path) -> Result<Artifacts, BuildError> {
         if dir.exists() {
             std::fs::remove_dir_all(dir).map_err(io(dir.display()))?;
@@ -219,11 +220,16 @@ impl Artifacts {
             for file in wrapper::bin_files(exe) {
                 copy(&file, &deps.join(name(&file)))?;
             }
-            let types = wrapper::bin_types_objects(exe);
-            if !types.is_empty() {
-                let to = deps.join(wrapper::TYPES_DIR);
+            for (dir, objects) in [
+                (wrapper::TYPES_DIR, wrapper::bin_types_objects(exe)),
+                (wrapper::LINES_DIR, wrapper::bin_lines_objects(exe)),
+            ] {
+                if objects.is_empty() {
+                    continue;
+                }
+                let to = deps.join(dir);
                 std::fs::create_dir_all(&to).map_err(io(to.display()))?;
-                for file in types {
+                for file in objects {
                     copy(&file, &to.join(name(&file)))?;
                 }
             }
@@ -264,7 +270,7 @@ fn base_key(ws: &Workspace, opts: &SourceOptions, revs: &Revisions, base: &Path)
     use std::hash::{Hash, Hasher};
     let mut h = std::hash::DefaultHasher::new();
     wrapper::WRAPPER_SCHEME.hash(&mut h);
-    "kept base 4: rlib, executables with their objects, the other libraries, the type information builds of the rlib, the executable and the other libraries".hash(&mut h);
+    "kept base 5: rlib, executables with their objects and their line tables builds' objects, the other libraries, the type information builds of the rlib, the executable and the other libraries".hash(&mut h);
     env!("CARGO_PKG_VERSION").hash(&mut h);
     revs.base_commit.hash(&mut h);
     base.hash(&mut h);

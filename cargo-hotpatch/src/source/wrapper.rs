@@ -29,6 +29,14 @@ const KEEP_BIN_OBJECTS_ENV: &str = "__CARGO_HOTPATCH_KEEP_BIN_OBJECTS";
 const TYPES_BUILD_ENV: &str = "__CARGO_HOTPATCH_TYPES_BUILD";
 /// The directory, beside a library's rlib, of its type information build.
 pub(super) const TYPES_DIR: &str = "hotpatch-types";
+/// The directory, beside an executable compiled without debug info, of
+/// its line tables build: the executable's own crate compiled a second
+/// time with `-C debuginfo=line-tables-only`, its objects kept
+/// ([`bin_lines_objects`]). The deployed build cannot have line tables
+/// there: rustc would add a mapped `.debug_gdb_scripts` section, and a
+/// load of it in `main`. `compare::binary_crate` takes a unit's lines from
+/// it only where its code is the kept objects' own.
+pub(super) const LINES_DIR: &str = "hotpatch-lines";
 
 /// Makes `cmd` (a `cargo build` of the checkout `dir` into `target_dir`)
 /// run rustc through this program, remapping `dir` to `remap_to` and
@@ -73,7 +81,7 @@ pub(super) fn wrap(
 /// of a build: cargo's fingerprints do not see it, so a target directory
 /// built under another scheme (an older cargo-hotpatch) is rebuilt whole.
 /// Changed whenever the wrapper's flags change.
-pub(super) const WRAPPER_SCHEME: &str = "cargo-hotpatch wrapper 6: source and target directory remapped, executables' objects kept, line tables, libraries' and executables' type information builds";
+pub(super) const WRAPPER_SCHEME: &str = "cargo-hotpatch wrapper 7: source and target directory remapped, executables' objects kept, line tables, executables' line tables builds, libraries' and executables' type information builds";
 
 /// One target directory serves every checkout of a side (dependencies are
 /// compiled once), but the workspace's own crates have the same names in
@@ -183,9 +191,39 @@ fn run(args: &[OsString]) -> i32 {
             101
         }
     };
+    let types_build = std::env::var_os(TYPES_BUILD_ENV).is_some();
+    if kept_bin && !types_build {
+        // An earlier compile's line tables build is not this one's: gone
+        // before this one is made (or not made).
+        if let (Some(name), Some(dir)) =
+            (value_of(rest, "--crate-name"), value_of(rest, "--out-dir"))
+        {
+            remove_kept_objects(rest, &name, &Path::new(&dir).join(LINES_DIR));
+        }
+        if code == 0
+            && !has_debuginfo(rest)
+            && let Some(lines) = side_args(
+                rest,
+                LINES_DIR,
+                &["-C", "debuginfo=line-tables-only", "-C", "save-temps"],
+            )
+        {
+            // As the type information build: its messages and artifact
+            // notices are the first compile's again, which cargo alone
+            // reads. A failure leaves no objects there, and the
+            // executable's crate is then not described (strict).
+            let mut cmd = command(&lines);
+            cmd.stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null());
+            if let Some(dir) = value_of(&lines, "--out-dir") {
+                let _ = std::fs::create_dir_all(dir);
+            }
+            let _ = cmd.status();
+        }
+    }
     if code == 0
         && (library || kept_bin)
-        && std::env::var_os(TYPES_BUILD_ENV).is_some()
+        && types_build
         && let Some(mut types) = types_args(rest)
     {
         // Its messages and artifact notices are the first compile's
@@ -233,9 +271,16 @@ fn value_of(args: &[OsString], flag: &str) -> Option<String> {
 /// incremental compilation (the first's cache is the first's). `None`
 /// without an `--out-dir` (not a compile cargo asked for).
 fn types_args(args: &[OsString]) -> Option<Vec<OsString>> {
+    side_args(args, TYPES_DIR, &["-C", "debuginfo=2"])
+}
+
+/// The arguments of a second compile of the same crate: its outputs in
+/// `dir` under the first's `--out-dir`, without incremental compilation,
+/// and `extra` last (so that it wins). `None` without an `--out-dir`.
+fn side_args(args: &[OsString], dir: &str, extra: &[&str]) -> Option<Vec<OsString>> {
     let out_dir = value_of(args, "--out-dir")?;
-    let types = Path::new(&out_dir).join(TYPES_DIR);
-    let mut out: Vec<OsString> = Vec::with_capacity(args.len() + 2);
+    let types = Path::new(&out_dir).join(dir);
+    let mut out: Vec<OsString> = Vec::with_capacity(args.len() + extra.len());
     let mut skip = false;
     for (i, a) in args.iter().enumerate() {
         if std::mem::take(&mut skip) {
@@ -259,7 +304,7 @@ fn types_args(args: &[OsString]) -> Option<Vec<OsString>> {
             out.push(a.clone());
         }
     }
-    out.extend(["-C".into(), "debuginfo=2".into()]);
+    out.extend(extra.iter().map(OsString::from));
     Some(out)
 }
 
@@ -322,6 +367,14 @@ fn is_workspace_library(args: &[OsString]) -> bool {
 /// `-C debuginfo=2`), so the types `coroutine` reads come from a second
 /// compile ([`types_args`]). A profile with debug info of its own keeps it.
 fn add_line_tables(args: &[OsString], cmd: &mut Command) {
+    if !has_debuginfo(args) {
+        cmd.args(["-C", "debuginfo=line-tables-only"]);
+    }
+}
+
+/// Whether rustc's arguments ask for debug info (line tables at least):
+/// the last `-C debuginfo=` or `-g` decides.
+fn has_debuginfo(args: &[OsString]) -> bool {
     let mut has_debuginfo = false;
     for (i, a) in args.iter().enumerate() {
         let a = a.to_string_lossy();
@@ -338,9 +391,7 @@ fn add_line_tables(args: &[OsString], cmd: &mut Command) {
             has_debuginfo = !matches!(level, "0" | "none" | "false" | "n" | "no" | "off");
         }
     }
-    if !has_debuginfo {
-        cmd.args(["-C", "debuginfo=line-tables-only"]);
-    }
+    has_debuginfo
 }
 
 /// For an executable of the workspace (not a build script), keeps its
@@ -387,6 +438,21 @@ fn remove_kept_objects(args: &[OsString], name: &str, dir: &Path) {
 /// `deps/NAME-HASH` that `exe` was copied or linked from. Empty if the
 /// wrapper made none.
 pub(super) fn bin_types_objects(exe: &Path) -> Vec<PathBuf> {
+    side_objects(exe, TYPES_DIR)
+}
+
+/// The objects of the line tables build of the executable `exe` (see
+/// [`LINES_DIR`]): `deps/hotpatch-lines/NAME-HASH.*.rcgu.o` for the
+/// `deps/NAME-HASH` that `exe` was copied or linked from. Empty if the
+/// wrapper made none (the profile has debug info of its own, or that
+/// compile failed).
+pub(super) fn bin_lines_objects(exe: &Path) -> Vec<PathBuf> {
+    side_objects(exe, LINES_DIR)
+}
+
+/// The objects of a second compile of the executable `exe`'s crate,
+/// kept in `deps/DIR/`.
+fn side_objects(exe: &Path, dir: &str) -> Vec<PathBuf> {
     let files = bin_files(exe);
     let Some(hashed) = files.first() else {
         return Vec::new();
@@ -394,7 +460,7 @@ pub(super) fn bin_types_objects(exe: &Path) -> Vec<PathBuf> {
     let (Some(deps), Some(name)) = (hashed.parent(), hashed.file_name()) else {
         return Vec::new();
     };
-    let types = deps.join(TYPES_DIR);
+    let types = deps.join(dir);
     let prefix = format!("{}.", name.to_string_lossy());
     let Ok(entries) = std::fs::read_dir(&types) else {
         return Vec::new();
@@ -461,7 +527,10 @@ pub(super) fn bin_files(exe: &Path) -> Vec<PathBuf> {
 mod tests {
     use std::ffi::OsString;
 
-    use super::{TYPES_DIR, is_workspace_library, types_args, types_rlib};
+    use super::{
+        LINES_DIR, TYPES_DIR, has_debuginfo, is_workspace_library, side_args, types_args,
+        types_rlib,
+    };
 
     fn args(list: &[&str]) -> Vec<OsString> {
         list.iter().map(OsString::from).collect()
@@ -538,6 +607,67 @@ mod tests {
         assert!(!is_workspace_library(&dep));
         let bin = args(&["--crate-name", "svc", "src/main.rs", "--crate-type", "bin"]);
         assert!(!is_workspace_library(&bin));
+    }
+
+    /// The line tables build of an executable is the same compile with
+    /// line tables, its objects kept, outputs of its own and no
+    /// incremental cache; a profile with debug info of its own needs none.
+    #[test]
+    fn an_executable_s_lines_build_writes_elsewhere_with_line_tables() {
+        let bin = args(&[
+            "--crate-name",
+            "svc",
+            "src/main.rs",
+            "--crate-type",
+            "bin",
+            "-C",
+            "opt-level=3",
+            "-C",
+            "incremental=/t/release/incremental",
+            "--out-dir",
+            "/t/release/deps",
+        ]);
+        assert!(!has_debuginfo(&bin));
+        let lines = side_args(
+            &bin,
+            LINES_DIR,
+            &["-C", "debuginfo=line-tables-only", "-C", "save-temps"],
+        )
+        .unwrap();
+        let text: Vec<String> = lines
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let dir = format!("/t/release/deps/{LINES_DIR}");
+        assert_eq!(
+            text,
+            [
+                "--crate-name",
+                "svc",
+                "src/main.rs",
+                "--crate-type",
+                "bin",
+                "-C",
+                "opt-level=3",
+                "--out-dir",
+                dir.as_str(),
+                "-C",
+                "debuginfo=line-tables-only",
+                "-C",
+                "save-temps",
+            ]
+        );
+        for (flags, has) in [
+            (&["-C", "debuginfo=2"][..], true),
+            (&["-Cdebuginfo=line-tables-only"][..], true),
+            (&["-g"][..], true),
+            (&["-C", "debuginfo=2", "-C", "debuginfo=0"][..], false),
+            (&["-C", "strip=debuginfo"][..], false),
+        ] {
+            let mut with = bin.clone();
+            with.extend(args(flags));
+            assert_eq!(has_debuginfo(&with), has, "{flags:?}");
+        }
     }
 
     /// cargo names a workspace member's rlib by its copy in the profile's
