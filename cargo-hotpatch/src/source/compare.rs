@@ -58,17 +58,11 @@ impl Outside<'_> {
     /// goes to `noise`), with the refusal `refusal` makes of it (given the
     /// function as the user knows it and ` (FILE:LINE)` or nothing) if it
     /// cannot be hooked.
-    ///
-    /// `main`, the executable's `main` as demangled (`svc::main`), for the
-    /// executable's own crate: when it is the only function whose source
-    /// changed, a function whose code comes from its lines is `main`'s
-    /// code ([`OutsideChange::main_only`]).
     fn changes(
         &self,
         b: &Build<'_>,
         h: &Build<'_>,
         (base_lines, head_lines): (Lines, Lines),
-        main: Option<&str>,
         noise: &mut BTreeSet<String>,
         refusal: impl Fn(String, String) -> Refusal,
     ) -> Vec<OutsideChange> {
@@ -78,7 +72,6 @@ impl Outside<'_> {
             head_lines: &head_lines,
             added_or_removed: self.added_or_removed,
         };
-        let only_main = main.is_some_and(|m| self.only_changed_function(m));
         let mut changes = Vec::new();
         for fname in changed_functions(b, h) {
             if site.is_noise(b, h, fname) {
@@ -91,36 +84,9 @@ impl Outside<'_> {
             changes.push(OutsideChange {
                 symbol: fname.clone(),
                 refusal: refusal(describe(fname), at),
-                main_only: only_main && site.why_not_noise(b, h, fname) == Some(FROM_CHANGED_LINES),
             });
         }
         changes
-    }
-
-    /// Whether the function at the demangled path `function` is the only
-    /// one whose source changed: the change's line ranges are one range
-    /// per side, in its file, the head's holding its place.
-    fn only_changed_function(&self, function: &str) -> bool {
-        let Some((base, head)) = self.ranges else {
-            return false;
-        };
-        let Some(at) = (self.locate)(function) else {
-            return false;
-        };
-        let Some((file, line)) = at.rsplit_once(':') else {
-            return false;
-        };
-        let (file, Ok(line)) = (Path::new(file), line.parse::<u64>()) else {
-            return false;
-        };
-        let one = |r: &LineRanges| match (r.len(), r.get(file).map(Vec::as_slice)) {
-            (1, Some([range])) => Some(*range),
-            _ => None,
-        };
-        matches!(
-            (one(base), one(head)),
-            (Some(_), Some((first, last))) if first <= line && line <= last
-        )
     }
 }
 
@@ -131,12 +97,6 @@ pub(super) struct OutsideChange {
     pub symbol: String,
     /// What refuses it if it cannot be hooked.
     pub refusal: Refusal,
-    /// Whether the executable's `main` is the only function whose source
-    /// changed and this function's code differs for its lines: `main`'s
-    /// body inlined into the start-up code that runs it (an `async fn
-    /// main`'s into tokio's `block_on`), which the process has entered and
-    /// never enters again: a hook would change nothing it runs.
-    pub main_only: bool,
 }
 
 /// The objects of code compiled outside the service library (the
@@ -237,8 +197,7 @@ pub(super) fn binary_crate(
         binary_lines(&b, base_exe, outside.root)?,
         binary_lines(&h, head_exe, outside.root)?,
     );
-    let main = format!("{}::main", name.replace('-', "_"));
-    let changes = outside.changes(&b, &h, lines, Some(&main), noise, |function, at| {
+    let changes = outside.changes(&b, &h, lines, noise, |function, at| {
         Refusal::BinaryCrateCode {
             function,
             at,
@@ -307,7 +266,7 @@ pub(super) fn other_libraries(
         let (br, hr) = (Rlib::read(base_rlib)?, Rlib::read(head_rlib)?);
         let (b, h) = (br.objects()?, hr.objects()?);
         let lines = (Lines::read(&b, outside.root), Lines::read(&h, outside.root));
-        let changes = outside.changes(&b, &h, lines, None, noise, |function, at| {
+        let changes = outside.changes(&b, &h, lines, noise, |function, at| {
             Refusal::OtherLibraryCode {
                 function,
                 at,
@@ -338,10 +297,6 @@ pub(super) fn other_libraries(
     }
     Ok(out)
 }
-
-/// [`ChangeSite::why_not_noise`]'s answer for a function whose code comes
-/// from lines of a changed function.
-const FROM_CHANGED_LINES: &str = "its code comes from lines of a changed function";
 
 /// Where the user's change is, for [`ChangeSite::is_noise`]: the lines of the
 /// functions whose source differs, per side (`None`: something outside
@@ -380,7 +335,7 @@ impl ChangeSite<'_> {
     }
 
     /// Why the function `name` is a change the user made, if it is.
-    pub fn why_not_noise(&self, b: &Build<'_>, h: &Build<'_>, name: &str) -> Option<&'static str> {
+    fn why_not_noise(&self, b: &Build<'_>, h: &Build<'_>, name: &str) -> Option<&'static str> {
         let Some((base_ranges, head_ranges)) = self.ranges else {
             return Some("something besides function bodies changed");
         };
@@ -396,7 +351,7 @@ impl ChangeSite<'_> {
         if bu.iter().any(|u| self.base_lines.touches(*u, base_ranges))
             || hu.iter().any(|u| self.head_lines.touches(*u, head_ranges))
         {
-            return Some(FROM_CHANGED_LINES);
+            return Some("its code comes from lines of a changed function");
         }
         // What it calls may differ too: a callee inlined on one side and
         // called on the other, whose standalone copy then exists on one
@@ -503,57 +458,5 @@ pub(super) fn compare(
         changed,
         head_entries,
         refusals,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::path::{Path, PathBuf};
-
-    use super::Outside;
-    use crate::syntax::LineRanges;
-
-    /// `main` is the only changed function when the change's ranges are
-    /// one per side, in its file, the head's holding its place: then its
-    /// code inlined elsewhere is `main`'s (refused as `main`). Any other
-    /// change, or none known, is not.
-    #[test]
-    fn main_is_the_only_changed_function_only_when_its_range_is_the_only_one() {
-        let ranges = |list: &[(&str, u64, u64)]| -> LineRanges {
-            let mut r = LineRanges::new();
-            for (file, a, b) in list {
-                r.entry(PathBuf::from(file)).or_default().push((*a, *b));
-            }
-            r
-        };
-        let locate = |d: &str| (d == "svc::main").then(|| "src/main.rs:21".to_owned());
-        let check = |base: &LineRanges, head: &LineRanges| {
-            let outside = Outside {
-                locate: &locate,
-                ranges: Some((base, head)),
-                added_or_removed: &|_| false,
-                root: Path::new("/ws"),
-            };
-            outside.only_changed_function("svc::main")
-        };
-        let main_b = ranges(&[("src/main.rs", 20, 40)]);
-        let main_h = ranges(&[("src/main.rs", 20, 41)]);
-        assert!(check(&main_b, &main_h));
-        // Another function's range beside main's, on either side.
-        let two = ranges(&[("src/main.rs", 20, 41), ("src/main.rs", 50, 60)]);
-        assert!(!check(&main_b, &two));
-        let lib = ranges(&[("src/main.rs", 20, 40), ("src/lib.rs", 3, 9)]);
-        assert!(!check(&lib, &main_h));
-        // The one range is another function's.
-        let other = ranges(&[("src/main.rs", 50, 60)]);
-        assert!(!check(&other, &other));
-        // No ranges known (a change outside function bodies): not main's.
-        let outside = Outside {
-            locate: &locate,
-            ranges: None,
-            added_or_removed: &|_| false,
-            root: Path::new("/ws"),
-        };
-        assert!(!outside.only_changed_function("svc::main"));
     }
 }

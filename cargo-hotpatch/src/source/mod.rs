@@ -393,22 +393,6 @@ pub fn build_from_source(
                 });
                 continue;
             }
-            // Only `main`'s source changed, and this is its code (inlined
-            // into the start-up code that runs it): refused as `main`.
-            if objects.package.is_none()
-                && c.main_only
-                && let Some(krate) = &objects.crate_name
-            {
-                let main = format!("{krate}::main");
-                refusals.push(crate::Refusal::StartupCode {
-                    at: locate_outside(&main)
-                        .map(|l| format!(" ({l})"))
-                        .unwrap_or_default(),
-                    function: main,
-                    executable: objects.name.clone(),
-                });
-                continue;
-            }
             let hook = if h.by_name.contains_key(&c.symbol) {
                 Err("the library defines a function of the same name".to_owned())
             } else if outside_src.is_patchable(&d) {
