@@ -128,6 +128,7 @@ mod decode;
 mod near;
 mod stop;
 mod symbols;
+mod trap;
 mod write;
 
 use std::collections::HashMap;
@@ -137,6 +138,7 @@ use std::time::Duration;
 
 pub use decode::Ineligible;
 pub use stop::ThreadName;
+pub use trap::Fallback;
 pub use write::{WriteDenied, WritePath};
 
 use crate::Error;
@@ -539,26 +541,75 @@ impl Target {
     }
 }
 
+/// How the entry bytes were written (module docs, "The write").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Protocol {
+    /// An `int3` at each entry first: no thread was held; each was
+    /// interrupted once (install) or not at all (unhook).
+    Breakpoint,
+    /// Every other thread held in a signal handler during the write,
+    /// because the breakpoint protocol could not run (why).
+    StopTheWorld(Fallback),
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Protocol::Breakpoint => write!(f, "breakpoint"),
+            Protocol::StopTheWorld(why) => write!(f, "stop-the-world ({why})"),
+        }
+    }
+}
+
 /// What one entry write took.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Report {
-    /// Stop-the-world rounds (more than one when a thread was inside the
-    /// bytes, or threads were created during the stop).
+    /// Which protocol wrote the bytes, and why not the breakpoint one
+    /// when it did not.
+    pub protocol: Protocol,
+    /// Rounds of signals: stop rounds (stop-the-world: more than one when
+    /// a thread was inside the bytes, or threads were created during the
+    /// stop), or sampling rounds (breakpoint: more than one when a thread
+    /// was inside the bytes; 0 for an unhook, which samples nothing).
     pub rounds: u32,
-    /// Threads stopped in the last round.
+    /// Threads stopped in the last round (stop-the-world), or sampled in
+    /// the first (breakpoint).
     pub threads: usize,
-    /// How long they were stopped in the last round: from the first signal
-    /// to the release.
+    /// The longest any thread was kept from running its own code.
+    /// Stop-the-world: the last round, from its first signal to the
+    /// release (every thread is held until the last one arrives).
+    /// Breakpoint: the longest any thread ran the sampling handler, over
+    /// every round (measured inside the handler: the kernel's delivery and
+    /// return, about a microsecond each, are not counted); zero for an
+    /// unhook.
     pub pause: Duration,
+    /// Breakpoint: from the first `int3` written to the last byte written
+    /// and seen by every core; a call of the function during it takes the
+    /// trap (the `SIGTRAP` handler sends it to the stub). Zero for the
+    /// stop-the-world.
+    pub window: Duration,
     /// How the bytes were written.
     pub write_path: WritePath,
-    /// Entries written under this one stop (several when one patch hooks
-    /// several functions).
+    /// Entries written by this one operation (several when one patch
+    /// hooks several functions).
     pub entries: usize,
 }
 
-/// How [`install`] and [`Hook::unhook`] stop the threads.
+/// The environment variable that makes the stop-the-world the default
+/// protocol of the process ([`Options::stop_the_world`]): set to
+/// `stop-the-world`; any other value, or none, leaves the breakpoint
+/// protocol first.
+pub const PROTOCOL_ENV: &str = "HOTPATCH_HOOK_PROTOCOL";
+
+fn stop_the_world_by_default() -> bool {
+    static FORCED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FORCED.get_or_init(|| std::env::var_os(PROTOCOL_ENV).is_some_and(|v| v == "stop-the-world"))
+}
+
+/// How [`install`] and [`Hook::unhook`] write the entry and wait for the
+/// threads.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Options {
@@ -574,6 +625,11 @@ pub struct Options {
     /// binary it was built for, [`Target::entry`]): other bytes are refused
     /// with [`Reason::EntryChanged`].
     pub expect_entry: Option<Vec<u8>>,
+    /// Use the stop-the-world even where the breakpoint protocol can run
+    /// (module docs, "The write"). Default false, or true when the
+    /// environment variable [`PROTOCOL_ENV`] says `stop-the-world` (read
+    /// once per process).
+    pub stop_the_world: bool,
 }
 
 impl Default for Options {
@@ -583,6 +639,7 @@ impl Default for Options {
             retry: Duration::from_millis(1),
             write_path: None,
             expect_entry: None,
+            stop_the_world: stop_the_world_by_default(),
         }
     }
 }
@@ -609,6 +666,29 @@ impl Options {
     /// Refuses a function whose entry is not `bytes`.
     pub fn expect_entry(mut self, bytes: &[u8]) -> Self {
         self.expect_entry = Some(bytes.to_vec());
+        self
+    }
+
+    /// Uses the stop-the-world (`true`) even where the breakpoint protocol
+    /// can run, or not (`false`).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use hotpatch::hook::{Fallback, Options, Protocol};
+    ///
+    /// #[inline(never)]
+    /// fn fee(cents: u64) -> u64 { cents ^ 0x40 }
+    /// # fn main() -> Result<(), hotpatch::Error> {
+    /// # if !cfg!(all(target_arch = "x86_64", target_os = "linux")) { return Ok(()) }
+    /// let target = hotpatch::hook::Target::of(fee as *const ())?;
+    /// let hook = hotpatch::hook::install_with(&target, &Options::default().stop_the_world(true))?;
+    /// assert_eq!(hook.report().protocol, Protocol::StopTheWorld(Fallback::Forced));
+    /// hook.unhook()?;
+    /// # Ok(()) }
+    /// ```
+    pub fn stop_the_world(mut self, on: bool) -> Self {
+        self.stop_the_world = on;
         self
     }
 }
@@ -763,10 +843,11 @@ pub(crate) fn install_all(targets: &[Target], options: &Options) -> Result<Vec<H
             .map_err(|detail| fail(Reason::NoNearMemory { detail }))?;
         let original = entry.bytes[..jump.len()].to_vec();
         writes.push(
-            EntryWrite::probe(target, entry.len, jump.to_vec(), original, options).map_err(fail)?,
+            EntryWrite::probe(target, &chunk, entry.len, jump.to_vec(), original, options)
+                .map_err(fail)?,
         );
     }
-    let report = write_entries(&writes, options)
+    let report = write_entries(&writes, options, true)
         .map_err(|(i, reason)| refused("hook", &targets[i].name, reason))?;
     Ok(targets
         .iter()
@@ -835,12 +916,14 @@ fn prepare(
     Ok((chunk, entry))
 }
 
-/// One entry to write under a stop: `bytes` at `addr` where `original` is
-/// now, refused while a thread is in `(addr, addr + busy)`; its way of
-/// writing probed.
+/// One entry to write: `bytes` at `addr` where `original` is now,
+/// refused while a thread is in `(addr, addr + busy)`; its way of writing
+/// probed; `stub` where a trap at `addr` is sent (the breakpoint
+/// protocol).
 struct EntryWrite {
     addr: usize,
     busy: usize,
+    stub: usize,
     bytes: Vec<u8>,
     original: Vec<u8>,
     writer: write::CodeWriter,
@@ -850,6 +933,7 @@ struct EntryWrite {
 impl EntryWrite {
     fn probe(
         target: &Target,
+        chunk: &Chunk,
         busy: usize,
         bytes: Vec<u8>,
         original: Vec<u8>,
@@ -861,6 +945,7 @@ impl EntryWrite {
         Ok(EntryWrite {
             addr: target.addr,
             busy,
+            stub: chunk.code,
             bytes,
             original,
             writer,
@@ -869,10 +954,213 @@ impl EntryWrite {
     }
 }
 
+/// The byte that makes a thread entering a function trap (`int3`).
+const INT3: [u8; 1] = [0xcc];
+
+/// Writes every entry of `writes` (the bytes there now are `original`, the
+/// new ones `bytes`) with one protocol: the breakpoint one where this
+/// process allows it, else the stop-the-world. `install`: the bytes there
+/// now are instructions a thread may be inside (the breakpoint protocol
+/// samples the threads); false when they are a jump (`Hook::unhook`). On
+/// error, the index of the entry the reason is about; every entry is as it
+/// was.
+fn write_entries(
+    writes: &[EntryWrite],
+    options: &Options,
+    install: bool,
+) -> Result<Report, (usize, Reason)> {
+    // Relaxed: a counter.
+    stop::STOPS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    match breakpoint_available(writes, options) {
+        Ok(()) => write_with_breakpoints(writes, options, install),
+        Err(fallback) => stop_and_write(writes, options, fallback),
+    }
+}
+
+/// Whether the breakpoint protocol can write `writes` now; if so, every
+/// entry is in the trap table (a trap there goes to its stub).
+fn breakpoint_available(writes: &[EntryWrite], options: &Options) -> Result<(), Fallback> {
+    if options.stop_the_world {
+        return Err(Fallback::Forced);
+    }
+    trap::available()?;
+    if writes.len() > stop::MAX_RANGES || !trap::room_for(writes.iter().map(|w| w.addr)) {
+        return Err(Fallback::TooManyEntries);
+    }
+    for w in writes {
+        // Checked above: there is room.
+        let added = trap::add(w.addr, w.stub);
+        debug_assert!(added);
+    }
+    Ok(())
+}
+
+/// The three writes of the breakpoint protocol, in order: the `int3` at
+/// `f`, the new bytes after it, the new first byte. `(address, bytes)` of
+/// step `step` for `w`, and of its undoing (what was there before it).
+fn step_bytes(w: &EntryWrite, step: usize) -> ((usize, &[u8]), (usize, &[u8])) {
+    match step {
+        0 => ((w.addr, &INT3), (w.addr, &w.original[..1])),
+        1 => ((w.addr + 1, &w.bytes[1..]), (w.addr + 1, &w.original[1..])),
+        _ => ((w.addr, &w.bytes[..1]), (w.addr, &INT3)),
+    }
+}
+
+/// The fault injection points of the three steps (tests/hook.rs).
+#[cfg(feature = "failpoints")]
+const STEP_NAMES: [&str; 3] = [
+    "hook::write::int3",
+    "hook::write::rest",
+    "hook::write::first",
+];
+
+fn injected(step: usize) -> std::io::Result<()> {
+    #[cfg(feature = "failpoints")]
+    fail::fail_point!(STEP_NAMES[step], |_| Err(std::io::Error::other(format!(
+        "injected at {}",
+        STEP_NAMES[step]
+    ))));
+    let _ = step;
+    Ok(())
+}
+
+/// Runs step `step` for every entry, then makes every core see it. On a
+/// failed write of entry `i`, the step is undone for entries `..=i` (a
+/// write may have got half-way) and the cores synchronised: the entries
+/// are as before the step. Returns the entry and the error, with any
+/// failure to undo.
+fn run_step(writes: &[EntryWrite], step: usize) -> Result<(), (usize, String)> {
+    for (i, w) in writes.iter().enumerate() {
+        let ((at, bytes), _) = step_bytes(w, step);
+        if let Err(e) = injected(step).and_then(|()| w.writer.write(at, bytes, &w.pages)) {
+            let mut detail = e.to_string();
+            detail.push_str(&undo_step(&writes[..=i], step));
+            return Err((i, detail));
+        }
+    }
+    trap::sync_cores().map_err(|e| {
+        let mut detail = format!("membarrier: {e}");
+        detail.push_str(&undo_step(writes, step));
+        (0, detail)
+    })
+}
+
+/// Writes back, for every entry, what was there before step `step`, then
+/// synchronises the cores; "" if it went well, else what failed (for the
+/// error's message).
+fn undo_step(writes: &[EntryWrite], step: usize) -> String {
+    let mut failed = String::new();
+    for w in writes {
+        let (_, (at, bytes)) = step_bytes(w, step);
+        if let Err(e) = w.writer.write(at, bytes, &w.pages) {
+            failed.push_str(&format!("; putting back {at:#x} failed too: {e}"));
+        }
+    }
+    if let Err(e) = trap::sync_cores() {
+        failed.push_str(&format!("; membarrier after putting back failed: {e}"));
+    }
+    failed
+}
+
+/// The breakpoint protocol (module docs, "The write"): `int3` at every
+/// entry; then, for an install, every thread sampled until none is inside
+/// the bytes; the rest of the new bytes; the new first byte. No thread is
+/// held. On error every entry is written back as it was.
+fn write_with_breakpoints(
+    writes: &[EntryWrite],
+    options: &Options,
+    install: bool,
+) -> Result<Report, (usize, Reason)> {
+    let start = std::time::Instant::now();
+    let failed = |(i, detail)| (i, Reason::WriteFailed { detail });
+    run_step(writes, 0).map_err(failed)?;
+    let sampled = if install {
+        let ranges: Vec<(usize, usize)> = writes
+            .iter()
+            .map(|w| (w.addr + 1, w.addr + w.busy))
+            .collect();
+        match stop::sample_threads(&ranges, options.deadline, options.retry, start) {
+            Ok(stats) => stats,
+            Err(e) => {
+                // Every thread outside stays outside: the int3 can go.
+                let undone = undo_step(writes, 0);
+                let (i, mut reason) = stop_error(writes, e);
+                if !undone.is_empty() {
+                    reason = Reason::WriteFailed {
+                        detail: format!("{reason}{undone}"),
+                    };
+                }
+                return Err((i, reason));
+            }
+        }
+    } else {
+        stop::SampleStats {
+            rounds: 0,
+            threads: 0,
+            held: Duration::ZERO,
+        }
+    };
+    for step in 1..3 {
+        if let Err((i, mut detail)) = run_step(writes, step) {
+            for before in (0..step).rev() {
+                detail.push_str(&undo_step(writes, before));
+            }
+            return Err(failed((i, detail)));
+        }
+    }
+    Ok(Report {
+        protocol: Protocol::Breakpoint,
+        rounds: sampled.rounds,
+        threads: sampled.threads,
+        pause: sampled.held,
+        window: start.elapsed(),
+        write_path: writes
+            .first()
+            .map_or(WritePath::ProcMem, |w| w.writer.path()),
+        entries: writes.len(),
+    })
+}
+
+/// The reason for a stop or a sampling that did not happen, and the index
+/// of the entry it is about.
+fn stop_error(writes: &[EntryWrite], e: stop::StopError) -> (usize, Reason) {
+    let within = |ip: usize| {
+        writes
+            .iter()
+            .position(|w| ip > w.addr && ip < w.addr + w.busy)
+    };
+    match e {
+        stop::StopError::NotStopped(t) => (0, Reason::NotStopped(t)),
+        stop::StopError::Busy(thread, ip) => {
+            let i = within(ip).unwrap_or(0);
+            (
+                i,
+                Reason::ThreadInside {
+                    thread,
+                    offset: ip.wrapping_sub(writes[i].addr),
+                },
+            )
+        }
+        stop::StopError::TooManyThreads(n) => (
+            0,
+            Reason::Threads(format!(
+                "{n} threads: a stop holds at most {}",
+                stop::MAX_THREADS
+            )),
+        ),
+        stop::StopError::Signal(s) => (0, Reason::Signal(s)),
+        stop::StopError::Io(s) => (0, Reason::Threads(s)),
+        stop::StopError::Write(detail) => (0, Reason::WriteFailed { detail }),
+    }
+}
+
 /// Writes every entry of `writes` under one stop that refuses while a
-/// thread is inside any of them. On error, the index of the entry the
-/// reason is about; every entry is as it was.
-fn write_entries(writes: &[EntryWrite], options: &Options) -> Result<Report, (usize, Reason)> {
+/// thread is inside any of them (the stop-the-world protocol, `stop.rs`).
+fn stop_and_write(
+    writes: &[EntryWrite],
+    options: &Options,
+    fallback: Fallback,
+) -> Result<Report, (usize, Reason)> {
     let within = |ip: usize| {
         writes
             .iter()
@@ -896,35 +1184,14 @@ fn write_entries(writes: &[EntryWrite], options: &Options) -> Result<Report, (us
         }
         Ok(())
     };
-    let stats = stop::stop_the_world(options.deadline, options.retry, check, write).map_err(
-        |e| match e {
-            stop::StopError::NotStopped(t) => (0, Reason::NotStopped(t)),
-            stop::StopError::Busy(thread, ip) => {
-                let i = within(ip).unwrap_or(0);
-                (
-                    i,
-                    Reason::ThreadInside {
-                        thread,
-                        offset: ip.wrapping_sub(writes[i].addr),
-                    },
-                )
-            }
-            stop::StopError::TooManyThreads(n) => (
-                0,
-                Reason::Threads(format!(
-                    "{n} threads: a stop holds at most {}",
-                    stop::MAX_THREADS
-                )),
-            ),
-            stop::StopError::Signal(s) => (0, Reason::Signal(s)),
-            stop::StopError::Io(s) => (0, Reason::Threads(s)),
-            stop::StopError::Write(detail) => (0, Reason::WriteFailed { detail }),
-        },
-    )?;
+    let stats = stop::stop_the_world(options.deadline, options.retry, check, write)
+        .map_err(|e| stop_error(writes, e))?;
     Ok(Report {
+        protocol: Protocol::StopTheWorld(fallback),
         rounds: stats.rounds,
         threads: stats.threads,
         pause: stats.pause,
+        window: Duration::ZERO,
         write_path: writes
             .first()
             .map_or(WritePath::ProcMem, |w| w.writer.path()),
@@ -956,6 +1223,7 @@ pub(crate) fn unhook_all(hooks: &[&Hook]) -> Result<Report, Error> {
         writes.push(
             EntryWrite::probe(
                 &hook.target,
+                &hook.chunk,
                 jump.len(),
                 original,
                 jump.to_vec(),
@@ -971,8 +1239,9 @@ pub(crate) fn unhook_all(hooks: &[&Hook]) -> Result<Report, Error> {
     for h in hooks {
         options.deadline = options.deadline.min(h.options.deadline);
         options.retry = options.retry.min(h.options.retry);
+        options.stop_the_world |= h.options.stop_the_world;
     }
-    let report = write_entries(&writes, &options)
+    let report = write_entries(&writes, &options, false)
         .map_err(|(i, reason)| refused("unhook", &hooks[i].target.name, reason))?;
     let states = states.as_mut().expect("checked above");
     for hook in hooks {
