@@ -327,6 +327,56 @@ fn faults_at_each_step_of_a_hooking_load_change_nothing() {
     assert_eq!(state(), before);
 }
 
+/// A load whose entry write fails at any step of the breakpoint protocol
+/// (fault injection, at the first entry or at the second, the first
+/// written) changes nothing: every byte written is put back. A revert
+/// whose write-back fails there still holds, the redirections stay (as
+/// below), and the next load and revert reuse and remove them.
+#[test]
+fn a_failed_entry_write_at_any_step_changes_nothing() {
+    let _serial = support::serial();
+    if std::env::var_os(hotpatch::hook::PROTOCOL_ENV).is_some_and(|v| v == "stop-the-world") {
+        println!("not applicable: this run forces the stop-the-world, which has no steps");
+        return;
+    }
+    let b_so = support::patch(B);
+    let before = state();
+    for point in [
+        "hook::write::int3",
+        "hook::write::rest",
+        "hook::write::first",
+    ] {
+        for action in ["return", "1*off->return"] {
+            let guard = FailGuard::new(point, action).unwrap();
+            let err = hotpatch::load(&b_so).expect_err(point);
+            drop(guard);
+            assert!(
+                matches!(
+                    &err,
+                    Error::HookRefused {
+                        reason: hotpatch::hook::Reason::WriteFailed { detail },
+                        ..
+                    } if detail.contains(point)
+                ),
+                "{point} {action}: {err:?}"
+            );
+            assert_eq!(state(), before, "{point} {action}: nothing changed");
+        }
+        let b = hotpatch::load(&b_so).unwrap();
+        let hooked = entries();
+        {
+            let _fault = FailGuard::new(point, "1*off->return").unwrap();
+            b.revert().unwrap();
+        }
+        assert_eq!(observed(), ORIGINAL, "{point}: the revert holds");
+        assert_eq!(entries(), hooked, "{point}: the entries stay redirected");
+        let b = hotpatch::load(&b_so).unwrap();
+        assert_eq!(observed(), (206, 1005));
+        b.revert().unwrap();
+        assert_eq!(state(), before, "{point}");
+    }
+}
+
 /// A revert whose entry write-back fails still holds: calls run the
 /// original code through the redirection, which stays in the registry,
 /// listed as hooked and original; the next load reuses it (no stop), and

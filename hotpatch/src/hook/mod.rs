@@ -995,10 +995,13 @@ fn breakpoint_available(writes: &[EntryWrite], options: &Options) -> Result<(), 
     Ok(())
 }
 
+/// Bytes and where they go.
+type At<'a> = (usize, &'a [u8]);
+
 /// The three writes of the breakpoint protocol, in order: the `int3` at
 /// `f`, the new bytes after it, the new first byte. `(address, bytes)` of
 /// step `step` for `w`, and of its undoing (what was there before it).
-fn step_bytes(w: &EntryWrite, step: usize) -> ((usize, &[u8]), (usize, &[u8])) {
+fn step_bytes(w: &EntryWrite, step: usize) -> (At<'_>, At<'_>) {
     match step {
         0 => ((w.addr, &INT3), (w.addr, &w.original[..1])),
         1 => ((w.addr + 1, &w.bytes[1..]), (w.addr + 1, &w.original[1..])),
@@ -1416,16 +1419,19 @@ pub fn signal() -> i32 {
     stop::signal()
 }
 
-/// Stop-the-world rounds run by this process so far, retries included.
+/// Rounds of the stop signal sent by this process so far, retries
+/// included: stop-the-world rounds, and the breakpoint protocol's
+/// sampling rounds.
 pub fn stop_rounds() -> u64 {
     // Relaxed: a counter.
     stop::ROUNDS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
-/// Stops of every thread run by this process so far (each of one or more
-/// [rounds](stop_rounds)): one per [`install`], [`Hook::unhook`], and per
-/// load or revert of a patch that writes hooked entries, however many
-/// functions it hooks.
+/// Entry writes run by this process so far, with either protocol (each
+/// of zero or more [rounds](stop_rounds)): one per [`install`],
+/// [`Hook::unhook`], and per load or revert of a patch that writes hooked
+/// entries, however many functions it hooks (all its entries are written
+/// by one operation: one stop, or one breakpoint sequence).
 ///
 /// # Examples
 ///
@@ -1439,6 +1445,22 @@ pub fn stop_rounds() -> u64 {
 pub fn stops() -> u64 {
     // Relaxed: a counter.
     stop::STOPS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Calls of hooked functions that took the breakpoint so far: made
+/// while an entry was being written by the breakpoint protocol, they
+/// executed its `int3` and the `SIGTRAP` handler sent them to the stub.
+///
+/// # Examples
+///
+/// ```
+/// # if cfg!(all(target_arch = "x86_64", target_os = "linux")) {
+/// println!("{} calls took the breakpoint", hotpatch::hook::traps());
+/// # }
+/// ```
+pub fn traps() -> u64 {
+    // Relaxed: a counter.
+    trap::TRAPPED.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// The memory mapped for stubs, trampolines and slots, as `(start, end)`

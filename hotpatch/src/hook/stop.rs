@@ -1077,3 +1077,40 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    static DISTANCE: AtomicUsize = AtomicUsize::new(0);
+
+    extern "C" fn measure(_: libc::c_int, info: *mut libc::siginfo_t, context: *mut libc::c_void) {
+        // Relaxed: read by the same thread after the signal.
+        DISTANCE.store(
+            (info as usize).wrapping_sub(context as usize),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// The kernel places a handler's `siginfo` `SIGINFO - 8` bytes after
+    /// its `ucontext` (both in the frame, after the return address word),
+    /// which the frame search reads in other threads' frames.
+    #[test]
+    fn siginfo_follows_the_ucontext() {
+        let sig = libc::SIGRTMIN() + 3;
+        // SAFETY: a handler for a signal nothing else in this test binary
+        // uses, then that signal sent to this thread.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = measure as *const () as usize;
+            action.sa_flags = libc::SA_SIGINFO;
+            assert_eq!(libc::sigaction(sig, &action, std::ptr::null_mut()), 0);
+            assert_eq!(
+                libc::syscall(libc::SYS_tgkill, libc::getpid(), gettid(), sig),
+                0
+            );
+        }
+        // Relaxed: stored by this thread's handler.
+        assert_eq!(DISTANCE.load(Ordering::Relaxed), SIGINFO - 8);
+    }
+}

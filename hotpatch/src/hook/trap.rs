@@ -34,7 +34,7 @@
 
 use std::mem::MaybeUninit;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, AtomicUsize, Ordering};
 
 /// Functions the trap table holds; more hooked functions than this and
 /// the next operations use the stop-the-world.
@@ -63,6 +63,9 @@ static COUNT: AtomicUsize = AtomicUsize::new(0);
 
 /// The action `SIGTRAP` had before ours: its handler (or `SIG_DFL`,
 /// `SIG_IGN`) and flags.
+/// Calls sent to a stub by the handler (`hook::traps`).
+pub(crate) static TRAPPED: AtomicU64 = AtomicU64::new(0);
+
 static PREVIOUS: AtomicUsize = AtomicUsize::new(libc::SIG_DFL);
 static PREVIOUS_FLAGS: AtomicI32 = AtomicI32::new(0);
 
@@ -129,6 +132,8 @@ extern "C" fn on_trap(sig: libc::c_int, info: *mut libc::siginfo_t, context: *mu
         // function's entry, as if the jump had run; the stub goes where the
         // slot says (r11, which the stub overwrites, is no argument).
         context_ref.uc_mcontext.gregs[libc::REG_RIP as usize] = stub as libc::greg_t;
+        // Relaxed: a counter.
+        TRAPPED.fetch_add(1, Ordering::Relaxed);
         return;
     }
     chain(sig, info, context, code);
