@@ -50,58 +50,122 @@
 //! byte (a loop whose head is at `f + 2`); bytes that do not decode. Not
 //! visible in the code, and so not checked: an indirect jump through a
 //! table into the replaced bytes (compilers place switch targets after
-//! the entry) and a branch from *another* function into them; the
-//! stop-the-world below still refuses to write while a thread is there.
+//! the entry) and a branch from *another* function into them; the write
+//! below still refuses while a thread is seen there.
 //!
 //! # The write, and what it needs from the system
 //!
-//! The entry bytes are written while every other thread of the process is
-//! stopped *outside* them (`stop.rs` has the protocol):
+//! The entry `f` has `len >= 5` bytes of whole instructions `O`; the jump
+//! `J` (`jmp rel32` to the stub) replaces its first five. Everything that
+//! does not touch the entry is done first: the decode, the stub and the
+//! trampoline (written and seen by no thread yet), the jump, the write
+//! path probed by writing back the bytes already there. Then, by default,
+//! the *breakpoint protocol* (the order Linux's `text_poke_bp` uses for
+//! the kernel's own code), for every entry of the operation at once:
 //!
-//! 1. each thread (`/proc/self/task`) gets a dedicated real-time signal
-//!    ([`signal`], `SIGRTMAX-2`) with `tgkill`; its handler, with every
-//!    other signal blocked, records the interrupted instruction pointer
-//!    and parks on a futex;
+//! 1. `0xCC` (`int3`) is written at every `f`, then
+//!    `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE)`: every
+//!    thread of the process executes a serialising instruction before it
+//!    runs user code again, as the Intel SDM (vol. 3, 8.1.3,
+//!    cross-modifying code) requires of a processor executing code another
+//!    one modified. From then on a thread that enters `f` executes the
+//!    `int3`: the kernel raises `SIGTRAP`, and hotpatch's handler moves the
+//!    thread to the hook's stub, which jumps through the slot (at the
+//!    trampoline until a redirect: the original code), as the jump will.
+//! 2. Install only: every thread (`/proc/self/task`, listed *after* step
+//!    1) is *sampled*: the stop signal ([`signal`], `SIGRTMAX-2`), whose
+//!    handler records where the thread was interrupted, looks in the
+//!    signal frames on its own stack (below) for a position saved by
+//!    another handler, and returns at once. A thread found in
+//!    `[f + 1, f + len)` is sampled again after [`Options::retry`], until
+//!    none is or [`Options::deadline`]: then `O[0]` is written back at
+//!    every `f` (membarrier), and the install refused with
+//!    [`Reason::ThreadInside`] or [`Reason::NotStopped`], naming the
+//!    thread, as before: nothing changed.
+//! 3. `J[1..5)` at `f + 1`, membarrier.
+//! 4. `J[0]` (`0xE9`) at `f`, membarrier. No thread was held: each was
+//!    interrupted once, for its handler's run ([`Report::pause`]).
+//!
+//! Where the threads can be, and why it is safe. In step 1 a thread
+//! fetching `f` executes either the original first instruction (the byte
+//! is not written yet, or its core has not serialised) or the `int3`; no
+//! other byte changed. After step 1 no thread can *enter*
+//! `[f + 1, f + len)`: a call or a jump to `f` meets the `int3`; no branch
+//! of the function targets those bytes (checked from the code, "Which
+//! functions"), and no return address points into them (no call is among
+//! them). A thread that was inside them before step 1 is still there or
+//! has left, never to come back: step 2 waits until every thread listed
+//! was seen outside once (a thread created later starts at `clone`'s
+//! return, outside). So while step 3 writes the bytes after `f`, no thread
+//! executes them, and every thread reaching `f` takes the `int3`, a single
+//! byte that no step changes. Step 4 changes one byte, which a processor
+//! fetches atomically: the `int3` (and the trap) or the complete jump
+//! (written and serialised in step 3). A thread whose `SIGTRAP` handler
+//! runs late (it trapped, was preempted, and the entry was written since)
+//! is sent to the stub all the same: the table from entry to stub keeps
+//! every function ever hooked for the life of the process (stubs are
+//! never unmapped), and the stub goes where the slot says *now*.
+//!
+//! [`Hook::unhook`] writes `0xCC` at `f`, `O[1..5)` after it, `O[0]`,
+//! each followed by a membarrier, and samples no thread: while the jump is
+//! there no thread can be in `[f + 1, f + 5)` (a thread executing the jump
+//! goes straight to the stub, and nothing else can reach those bytes, by
+//! the same argument), so after the `int3` none can be there either. A
+//! write that fails at any step is undone, steps in reverse order, each
+//! with its membarrier: every entry is as it was (a write-back that fails
+//! too is named in the error).
+//!
+//! The breakpoint protocol needs `membarrier` with
+//! `MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE` (Linux 4.16;
+//! registered once per process), and `SIGTRAP`: hotpatch installs its
+//! handler at the first write (`SA_SIGINFO | SA_ONSTACK`) and passes any
+//! trap that is not at a hooked entry on to the action it replaced (the
+//! previous handler; under `SIG_DFL` the process ends by the signal, with
+//! a core dump, as it would have). Where membarrier is refused (`ENOSYS`,
+//! `EINVAL`, `EPERM` from a seccomp profile), where a debugger traces the
+//! process (`TracerPid` in `/proc/self/status`: it would take the `int3`
+//! as its own stop), where the program installed its own `SIGTRAP`
+//! handler after hotpatch's, or when asked ([`Options::stop_the_world`],
+//! or [`PROTOCOL_ENV`] set to `stop-the-world` for the whole process),
+//! the *stop-the-world* runs instead, and [`Report::protocol`] says so
+//! and why ([`Fallback`]):
+//!
+//! 1. each thread gets the stop signal; its handler, with every other
+//!    signal blocked, records the interrupted instruction pointer and
+//!    parks on a futex until every thread arrived;
 //! 2. if a thread is inside `[f + 1, f + len)` the threads are released
 //!    and the stop is tried again after [`Options::retry`], until
 //!    [`Options::deadline`] (then [`Reason::ThreadInside`], naming it);
 //! 3. the bytes are written, the threads released; each executes `cpuid`
-//!    (serialising, Intel SDM vol. 3, 8.1.3) before it resumes.
-//!
-//! Everything else is done before the first signal (the decode, the
-//! trampoline, the jump, probing the write path), and a patch that hooks
-//! several functions writes all their entries under one stop, as its
-//! revert writes them all back under one.
-//!
-//! During the write every other thread is in the handler, parked, at an
-//! instruction pointer outside the bytes (or was created by no one: every
-//! thread that could create one is parked, and the thread count is checked
-//! after the stop). Threads resume at the instruction they were
-//! interrupted at: before `f` or at it, they run the jump; past the bytes,
-//! the untouched rest. No return address points into the bytes, because
-//! no call is among them.
+//!    (serialising) before it resumes. Every thread was held from its
+//!    arrival until the last one arrived and the write was done
+//!    ([`Report::pause`]).
 //!
 //! The code is written through `/proc/self/mem` first, which leaves every
 //! mapping's protection alone (it works under memory-deny-write-execute);
 //! where that is refused, by making the page read-write-execute with
-//! `mprotect` for the write and restoring it. Both are probed before the
-//! stop by writing back the bytes already there. Where neither works
+//! `mprotect` for the write and restoring it. Both work while other
+//! threads execute the same page: the first write gives the process its
+//! own copy of the page (copy-on-write) with the same bytes, the page
+//! stays executable throughout, and the protocols above decide which
+//! bytes a thread may execute while they change. Where neither works
 //! (`PR_SET_MDWE` or systemd's `MemoryDenyWriteExecute=` *and* a sandbox
 //! or `proc_mem.force_override=never` denying `/proc/self/mem`), install
 //! is refused with [`Reason::WriteDenied`], which names the setting, and
-//! nothing has changed. A stop that does not complete by the deadline
-//! is refused naming the threads that did not stop, by tid and name, and
-//! whether each blocks the stop signal ([`Reason::NotStopped`]). Stubs,
-//! trampolines and slots live in memory mapped within +-2 GiB of the
-//! function, code read-execute and slots read-only between operations;
-//! nothing is left writable.
+//! nothing has changed. Threads that do not take the stop signal by the
+//! deadline (sampled or stopped) are named, by tid and name, with whether
+//! each blocks the signal ([`Reason::NotStopped`]). Stubs, trampolines
+//! and slots live in memory mapped within +-2 GiB of the function, code
+//! read-execute and slots read-only between operations; nothing is left
+//! writable.
 //!
 //! # Limits
 //!
 //! - x86-64 Linux only.
 //! - A thread that another signal's handler interrupted while it was
 //!   inside the replaced bytes has its position in that handler's signal
-//!   frame: the stop finds such frames on the thread's stack when the
+//!   frame: the sampling handler (the stopping thread, under the
+//!   stop-the-world) finds such frames on the thread's stack when the
 //!   interrupted context had signals blocked, and then waits as for a
 //!   thread inside the bytes. Not found: a handler installed with
 //!   `SA_NODEFER` and an empty mask (nothing blocked while it runs), a
@@ -109,9 +173,24 @@
 //!   than 256 KiB up the stack, and any frame where `process_vm_readv` is
 //!   forbidden (some container seccomp profiles). Such a thread would
 //!   resume in the middle of the jump.
-//! - Each stop interrupts every thread: a system call the kernel does not
-//!   restart after a handler (`epoll_wait`, `poll`, `nanosleep`, ...)
-//!   returns `EINTR`, as with a profiler's signal.
+//! - Each install interrupts every thread once (an unhook, under the
+//!   breakpoint protocol, none): a system call the kernel does not restart
+//!   after a handler (`epoll_wait`, `poll`, `nanosleep`, ...) returns
+//!   `EINTR`, as with a profiler's signal. A call of the function during
+//!   the breakpoint window ([`Report::window`]) takes the trap: a signal's
+//!   delivery and return, microseconds instead of nanoseconds.
+//! - A debugger attached to the process (`ptrace`) sees an `int3` of the
+//!   breakpoint protocol as a `SIGTRAP` stop of the thread that hit it.
+//!   Writes made while a tracer is attached use the stop-the-world; a
+//!   debugger that attaches during a breakpoint window (microseconds to
+//!   milliseconds) must pass the `SIGTRAP` on to the process (gdb:
+//!   `handle SIGTRAP pass`, or `signal SIGTRAP` at that stop), or the
+//!   thread resumes after the `int3`, in the middle of the entry.
+//! - The program may install its own `SIGTRAP` handler before hotpatch's
+//!   first write (it is chained), not after (the stop-the-world then
+//!   runs, [`Fallback::TrapHandler`]); hotpatch's handler does not
+//!   reproduce the previous action's mask or flags other than
+//!   `SA_SIGINFO`.
 //! - The signal `SIGRTMAX-2` must be free: if the program installed its
 //!   own handler there, hooking is refused ([`Reason::Signal`]).
 //! - A function inlined into its callers has no entry to redirect: hook
@@ -281,7 +360,8 @@ pub enum Reason {
     },
     /// This process may not write code.
     WriteDenied(WriteDenied),
-    /// The write itself failed under the stop (the probe had succeeded).
+    /// The write itself failed (the probe had succeeded); what was
+    /// written is put back (a write-back that failed too is named here).
     WriteFailed {
         /// The error.
         detail: String,
@@ -752,8 +832,11 @@ fn new_chunk(
     let mut code = vec![0xcc; near::CHUNK];
     code[..stub.len()].copy_from_slice(&stub);
     code[TRAMPOLINE..TRAMPOLINE + trampoline.len()].copy_from_slice(&trampoline);
-    // No thread runs this chunk until the entry jump, written later under
-    // the stop, leads to it; the stop's release serialises every thread.
+    // No thread runs this chunk until the entry leads to it: the jump,
+    // written later and followed by a core serialisation of every thread
+    // (a membarrier, or the stop's release), or the breakpoint protocol's
+    // int3, whose trap enters the SIGTRAP handler through the kernel's
+    // exception return (IRET, serialising) before the stub runs.
     let (writer, pages) =
         write::CodeWriter::probe(chunk.code, near::CHUNK, force).map_err(Reason::WriteDenied)?;
     writer
@@ -766,8 +849,9 @@ fn new_chunk(
 }
 
 /// Redirects `target`'s entry to a slot that first points at its
-/// original code (so calls behave as before), under a stop-the-world with
-/// the default [`Options`].
+/// original code (so calls behave as before), with the default
+/// [`Options`] (the breakpoint protocol where the process allows it, else
+/// the stop-the-world: module docs, "The write").
 ///
 /// # Errors
 ///
@@ -802,7 +886,8 @@ pub fn install(target: &Target) -> Result<Hook, Error> {
 ///     .expect_entry(&target.entry()?); // what a patch would have recorded
 /// match hook::install_with(&target, &options) {
 ///     Ok(hook) => {
-///         println!("stopped {} threads for {:?}", hook.report().threads, hook.report().pause);
+///         let r = hook.report();
+///         println!("{}: {} threads, none kept more than {:?}", r.protocol, r.threads, r.pause);
 ///         hook.unhook()?;
 ///     }
 ///     Err(hotpatch::Error::Hook { reason: Reason::NotStopped(threads), .. }) => {
@@ -818,8 +903,9 @@ pub fn install_with(target: &Target, options: &Options) -> Result<Hook, Error> {
 }
 
 /// [`install_with`] for several functions at once: every entry is written
-/// under ONE stop of the process (a patch that hooks N functions stops
-/// the threads once, not N times), or none is. `options.expect_entry`, if
+/// by ONE operation (one sampling of the threads, or one stop: a patch
+/// that hooks N functions interrupts each thread once, not N times), or
+/// none is. `options.expect_entry`, if
 /// set, is checked against each target.
 ///
 /// # Errors
@@ -829,7 +915,7 @@ pub fn install_with(target: &Target, options: &Options) -> Result<Hook, Error> {
 pub(crate) fn install_all(targets: &[Target], options: &Options) -> Result<Vec<Hook>, Error> {
     let mut hooks = HOOKS.lock().unwrap_or_else(PoisonError::into_inner);
     let hooks = hooks.get_or_insert_with(HashMap::new);
-    // Everything that does not need the threads held, before the stop:
+    // Everything that does not touch the entry, before it is written:
     // the decode, the chunk (mapped and written), the jump, the write
     // path (probed by writing back the bytes there now).
     let mut writes = Vec::with_capacity(targets.len());
@@ -1362,8 +1448,9 @@ impl Hook {
         unsafe { self.redirect(self.original()) }
     }
 
-    /// Writes the original entry bytes back, under the same stop-the-world
-    /// as [`install`].
+    /// Writes the original entry bytes back, with the protocol
+    /// [`install`] would use (the breakpoint one samples no thread for
+    /// this: module docs, "The write").
     ///
     /// # Errors
     ///
@@ -1397,8 +1484,10 @@ pub(crate) fn merged_with(addr: usize) -> Vec<String> {
     others
 }
 
-/// The signal that stops threads for a code write (`SIGRTMAX-2`). While
-/// a thread blocks it, no hook can be installed or removed.
+/// The signal that samples (breakpoint protocol) or stops
+/// (stop-the-world) threads for a code write (`SIGRTMAX-2`). While a
+/// thread blocks it, no hook can be installed (nor removed, under the
+/// stop-the-world).
 ///
 /// # Examples
 ///

@@ -1,8 +1,36 @@
-//! The stop-the-world under which entry bytes are written.
+//! Rounds of the stop signal: the breakpoint protocol's *sampling*
+//! (`sample_threads`), and the *stop-the-world* under which entry bytes
+//! are written when the breakpoint protocol cannot run
+//! (`stop_the_world`). `hook/mod.rs` ("The write") says when each runs and
+//! why the writes are safe.
 //!
-//! # Protocol
+//! # Sampling
 //!
-//! One stop at a time (`STOP`, a mutex). A *round*:
+//! Used after an `int3` was written at each entry and every core
+//! serialised: a thread outside the bytes being rewritten can no longer
+//! enter them, so each thread need only be *seen* outside once, and no
+//! thread is held. A round publishes the ranges `[f + 1, f + len)`
+//! (`RANGES`, then `RANGE_COUNT` with Release) and records as below, and
+//! `ROUND` with the bit `SAMPLE` set. The handler finds its record,
+//! stores the interrupted instruction pointer and whether it, or a `rip`
+//! saved in a signal frame on the thread's own stack (searched as below,
+//! by the handler itself: once it returns, the thread's stack changes),
+//! lies in a range, and how long it ran; marks the record arrived
+//! (Release), wakes the caller if it is the last, and returns. It parks
+//! nowhere and signals no other thread (the caller sends every signal, so
+//! that each handler is as short as it can be). A frame of a `SIGTRAP`
+//! raised by the `int3` at a hooked entry is not counted: that handler
+//! sends the thread to the stub, not back to `f + 1` (and the `SIGTRAP`
+//! handler blocks the stop signal, so such a frame is only seen when that
+//! mask was changed). The caller waits for every record as below; a
+//! thread found inside is sampled again (alone, with the others found
+//! inside) after a pause, until the deadline. Threads created after the
+//! listing start at `clone`'s return, outside every range, so no thread
+//! count is checked.
+//!
+//! # Stop-the-world
+//!
+//! One stop or sampling at a time (`STOP`, a mutex). A *round*:
 //!
 //! 1. List the threads of the process (`/proc/self/task`), all but the
 //!    calling one. (A thread may block every signal for a moment, as
@@ -85,16 +113,20 @@
 //!   the bytes has its position in that handler's signal frame, not in its
 //!   instruction pointer. When the interrupted context had any signal
 //!   blocked (a handler runs with at least its own signal blocked, unless
-//!   `SA_NODEFER`), the handler records its stack pointer too, and the
-//!   caller searches the 256 KiB above it for signal frames (the C
-//!   library's `sa_restorer` followed by a `ucontext_t`) and checks each
-//!   saved instruction pointer as well. Not seen: a handler installed with
+//!   `SA_NODEFER`), the 256 KiB above its stack pointer are searched for
+//!   signal frames (the C library's `sa_restorer` followed by a
+//!   `ucontext_t`), and each saved instruction pointer is checked as well:
+//!   by the stopping thread under the stop-the-world (the stopped thread's
+//!   stack does not change), by the sampled thread's own handler when
+//!   sampling (reading 512 bytes at a time: the handler runs on the small
+//!   signal stack). Not seen: a handler installed with
 //!   `SA_NODEFER` and an empty mask by a thread with no signal blocked, a
 //!   handler with its own restorer (not the C library's), a frame more
 //!   than 256 KiB above, and any frame where `process_vm_readv` is
 //!   forbidden (some container seccomp profiles deny it without
 //!   `CAP_SYS_PTRACE`).
-//! - Every thread takes the stop signal: a system call that the kernel does
+//! - Every thread takes the stop signal (at each install; at each unhook
+//!   too under the stop-the-world): a system call that the kernel does
 //!   not restart after a handler (`epoll_wait`, `poll`, `select`,
 //!   `nanosleep`, `sigtimedwait`, ...) returns `EINTR` in threads that were
 //!   in one, as with any signal (a profiler's `SIGPROF`).
