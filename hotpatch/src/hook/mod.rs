@@ -72,8 +72,9 @@
 //!    `int3`: the kernel raises `SIGTRAP`, and hotpatch's handler moves the
 //!    thread to the hook's stub, which jumps through the slot (at the
 //!    trampoline until a redirect: the original code), as the jump will.
-//! 2. Install only: every thread (`/proc/self/task`, listed *after* step
-//!    1) is *sampled*: the stop signal ([`signal`], `SIGRTMAX-2`), whose
+//! 2. Install only: every thread, listed from `/proc/self/task` *after*
+//!    the membarrier, is *sampled*: the stop signal ([`signal`],
+//!    `SIGRTMAX-2`), whose
 //!    handler records where the thread was interrupted, looks in the
 //!    signal frames on its own stack (below) for a position saved by
 //!    another handler, and returns at once. A thread found in
