@@ -345,6 +345,92 @@ fn a_thread_inside_the_entry_makes_the_write_wait_then_refuse_or_retry() {
     assert_eq!(code(&target), before);
 }
 
+// `push rbp`, k-1 `nop`s, `mov al, [rdi]` at f+k, `movzx eax, al; pop
+// rbp; ret`: a thread parked in the load is at the instruction starting
+// at f+k, for k = 1..=4, each inside the bytes the jump replaces.
+macro_rules! parked_at {
+    ($($name:literal: $nops:literal),*) => {
+        std::arch::global_asm!(
+            $(
+                concat!(".pushsection .text.", $name, ",\"ax\",@progbits"),
+                concat!(".globl ", $name),
+                concat!(".type ", $name, ",@function"),
+                concat!($name, ":"),
+                "    push rbp",
+                concat!("    .fill ", $nops, ", 1, 0x90"),
+                "    mov al, byte ptr [rdi]",
+                "    movzx eax, al",
+                "    pop rbp",
+                "    ret",
+                concat!(".size ", $name, ", . - ", $name),
+                ".popsection",
+            )*
+        );
+    };
+}
+parked_at!("hook_parked_at_1": 0, "hook_parked_at_2": 1, "hook_parked_at_3": 2, "hook_parked_at_4": 3);
+
+unsafe extern "C" {
+    fn hook_parked_at_1(byte: *const u8) -> u32;
+    fn hook_parked_at_2(byte: *const u8) -> u32;
+    fn hook_parked_at_3(byte: *const u8) -> u32;
+    fn hook_parked_at_4(byte: *const u8) -> u32;
+}
+
+/// A thread at each instruction of the replaced bytes (parked in a load
+/// at f+1, f+2, f+3, f+4): the write waits for it and refuses at its
+/// deadline, naming it and the offset, nothing changed; the thread then
+/// finishes normally, and the write succeeds once it has left.
+#[test]
+fn a_thread_at_each_instruction_of_the_entry_is_waited_for() {
+    let _one = serial();
+    type Parked = unsafe extern "C" fn(*const u8) -> u32;
+    let functions: [(usize, Parked); 4] = [
+        (1, hook_parked_at_1),
+        (2, hook_parked_at_2),
+        (3, hook_parked_at_3),
+        (4, hook_parked_at_4),
+    ];
+    for (k, f) in functions {
+        let Some(page) = MissingPage::new().map(Arc::new) else {
+            println!("skipped: userfaultfd is unavailable here (needed to park a thread)");
+            return;
+        };
+        let target = Target::of(f as *const ()).unwrap();
+        assert!(target.check().unwrap() > k, "f+{k} is inside the entry");
+        let before = code(&target);
+        let parked = {
+            let page = Arc::clone(&page);
+            thread::Builder::new()
+                .name(format!("parked-at-f+{k}"))
+                // SAFETY: reads one byte of a mapped page.
+                .spawn(move || unsafe { f(page.page) })
+                .unwrap()
+        };
+        let mut msg = [0u64; 4];
+        // SAFETY: reading the fault's message into memory we own.
+        let n = unsafe { libc::read(page.uffd, msg.as_mut_ptr().cast(), 32) };
+        assert_eq!(n, 32, "{}", std::io::Error::last_os_error());
+        let options = Options::default().deadline(Duration::from_millis(300));
+        match reason(hook::install_with(&target, &options).unwrap_err()) {
+            Reason::ThreadInside { thread, offset } => {
+                assert_eq!(offset, k);
+                assert_eq!(thread.name, format!("parked-at-f+{k}"));
+            }
+            other => panic!("f+{k}: {other:?}"),
+        }
+        assert_eq!(code(&target), before, "f+{k}: nothing changed");
+        page.release();
+        assert_eq!(parked.join().unwrap(), 0, "f+{k}: finished normally");
+        let hook = hook::install_with(&target, &options).unwrap();
+        let byte = 0x5a_u8;
+        // SAFETY: through the hook, the original code: reads one byte.
+        assert_eq!(unsafe { f(&byte) }, 0x5a);
+        hook.unhook().unwrap();
+        assert_eq!(code(&target), before);
+    }
+}
+
 static IN_HANDLER: AtomicBool = AtomicBool::new(false);
 static LEAVE_HANDLER: AtomicBool = AtomicBool::new(false);
 

@@ -348,8 +348,8 @@ pub enum Reason {
         /// What failed.
         detail: String,
     },
-    /// Threads that did not stop by the deadline (`true`: it blocks the
-    /// stop signal now).
+    /// Threads that did not take the stop signal by the deadline (to be
+    /// sampled or stopped; `true`: it blocks the signal now).
     NotStopped(Vec<(ThreadName, bool)>),
     /// A thread was inside the bytes to be written at every try until the
     /// deadline.
@@ -410,7 +410,10 @@ impl fmt::Display for Reason {
             Reason::Ineligible(why) => write!(f, "{why}"),
             Reason::NoNearMemory { detail } => write!(f, "{detail}"),
             Reason::NotStopped(threads) => {
-                write!(f, "threads did not stop before the deadline:")?;
+                write!(
+                    f,
+                    "threads did not take the stop signal before the deadline:"
+                )?;
                 for (t, blocks) in threads {
                     write!(f, " {t}")?;
                     if *blocks {
@@ -892,7 +895,7 @@ pub fn install(target: &Target) -> Result<Hook, Error> {
 ///         hook.unhook()?;
 ///     }
 ///     Err(hotpatch::Error::Hook { reason: Reason::NotStopped(threads), .. }) => {
-///         eprintln!("these threads did not stop: {threads:?}")
+///         eprintln!("these threads did not take the stop signal: {threads:?}")
 ///     }
 ///     Err(e) => return Err(e),
 /// }
