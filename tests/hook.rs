@@ -647,6 +647,13 @@ fn stress_hook_cycles_under_calls() {
     stress(50, Options::default());
 }
 
+/// The `mprotect` write path while the other threads run the same page
+/// (it stays executable throughout; nothing is left writable).
+#[test]
+fn stress_hook_cycles_under_calls_mprotect() {
+    stress(50, Options::default().write_path(WritePath::Mprotect));
+}
+
 #[test]
 fn stress_hook_cycles_under_calls_stop_the_world() {
     stress(50, Options::default().stop_the_world(true));
@@ -1173,6 +1180,54 @@ fn child_traps() {
     assert_eq!(f(1), 1 ^ 0x33, "the hook still works after a foreign trap");
     hook.unhook().unwrap();
     println!("CHILD-RESUMED");
+}
+
+/// Under a debugger (gdb, which takes every `SIGTRAP` as its own stop)
+/// the breakpoint protocol does not run: the write falls back to the
+/// stop-the-world and the report says why.
+#[test]
+fn a_traced_process_writes_with_the_stop_the_world() {
+    if std::env::var(CHILD).as_deref() == Ok("traced") {
+        let target = Target::of(guarded as *const ()).unwrap();
+        let hook = hook::install_with(&target, &Options::default().stop_the_world(false)).unwrap();
+        match hook.report().protocol {
+            Protocol::StopTheWorld(Fallback::Traced(pid)) => assert!(pid > 0),
+            other => panic!("{other:?}"),
+        }
+        hook.unhook().unwrap();
+        println!("CHILD-OK {}", hook.report().protocol);
+        return;
+    }
+    let _one = serial();
+    let out = std::process::Command::new("gdb")
+        .args([
+            "-nx",
+            "-batch",
+            "-ex",
+            "handle all nostop noprint pass",
+            "-ex",
+            "run",
+        ])
+        .arg("--args")
+        .arg(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "a_traced_process_writes_with_the_stop_the_world",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD, "traced")
+        .output();
+    let out = match out {
+        Ok(out) => out,
+        Err(e) => panic!("gdb (the Debian package, which .ci/run installs): {e}"),
+    };
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("CHILD-OK stop-the-world"), "{text}");
 }
 
 /// Runs the test `name` in a child with `CHILD=mode`; returns its output
