@@ -586,6 +586,31 @@ fn stress_hooking_patches_under_calls_long() {
     stress(2_000);
 }
 
+/// The same stress with every entry written under the stop-the-world:
+/// this test binary again, in a child process whose loader defaults to it
+/// (`HOTPATCH_HOOK_PROTOCOL`, read once per process). The run above uses
+/// the breakpoint protocol unless the whole run forces the other.
+#[test]
+fn stress_hooking_patches_under_calls_stop_the_world() {
+    let _serial = support::serial();
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "stress_hooking_patches_under_calls",
+            "--test-threads=1",
+        ])
+        .env(hotpatch::hook::PROTOCOL_ENV, "stop-the-world")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("1 passed"), "{text}");
+}
+
 // ---- the loader where code may not be written ----
 
 /// Set in the child process a write-path test runs in: which settings it

@@ -187,6 +187,10 @@
 //!   milliseconds) must pass the `SIGTRAP` on to the process (gdb:
 //!   `handle SIGTRAP pass`, or `signal SIGTRAP` at that stop), or the
 //!   thread resumes after the `int3`, in the middle of the entry.
+//! - A process forked during a breakpoint window keeps the `int3` at the
+//!   entry in the child (no write completes there): the child's calls of
+//!   the function take the trap, to the slot's target at the fork, for
+//!   the child's life.
 //! - The program may install its own `SIGTRAP` handler before hotpatch's
 //!   first write (it is chained), not after (the stop-the-world then
 //!   runs, [`Fallback::TrapHandler`]); hotpatch's handler does not
