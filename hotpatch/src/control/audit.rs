@@ -200,3 +200,45 @@ pub(crate) fn note(
         message,
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::hook_writes;
+    use crate::quiesce::HookWrite;
+
+    fn write(op: &'static str, threads: usize, window: Option<Duration>) -> HookWrite {
+        HookWrite {
+            op,
+            functions: vec!["svc::price".into()],
+            threads,
+            pause: Duration::from_micros(2),
+            window,
+            failed: None,
+        }
+    }
+
+    /// The event says threads were stopped only when they were.
+    #[test]
+    fn each_protocol_is_described_as_it_ran() {
+        let stopped = hook_writes(&[write("hook", 3, None)]);
+        assert!(
+            stopped.contains("3 threads stopped once for 2µs"),
+            "{stopped}"
+        );
+        let sampled = hook_writes(&[write("hook", 3, Some(Duration::from_micros(90)))]);
+        assert!(
+            sampled.contains("3 threads sampled, none held")
+                && sampled.contains("at most 2µs")
+                && sampled.contains("breakpoint for 90µs")
+                && !sampled.contains("stopped"),
+            "{sampled}"
+        );
+        let unhooked = hook_writes(&[write("unhook", 0, Some(Duration::from_micros(9)))]);
+        assert!(
+            unhooked.contains("unhooked `svc::price`: no thread interrupted"),
+            "{unhooked}"
+        );
+    }
+}
