@@ -1,20 +1,32 @@
-//! Entry redirection (`hotpatch::hook`, issue 18): what the stop-the-world
-//! pause costs, and what a call through a hooked entry costs.
+//! Entry redirection (`hotpatch::hook`, issue 18): what writing a hooked
+//! entry costs the other threads, with both protocols, and what a call
+//! through a hooked entry costs.
 //!
 //! Groups, each with its baseline:
-//! - `hook_pause/{idle,busy}/{2,16,64}`: one install of a hook on
-//!   `bench_svc::direct` (then an unhook, not timed), with N other
-//!   threads idle (blocked in a channel receive) or busy (calling in a
-//!   loop). Timed: the report's `pause`, from the first signal of the last
-//!   round to the release, i.e. how long the other threads were stopped.
-//!   Outside criterion, 101 installs per case give the median and the
-//!   maximum (stderr).
+//! - `hook_pause/{breakpoint,stop}/{idle,busy}/{2,16,64}`: one install of
+//!   a hook on `bench_svc::direct` (then an unhook, not timed), with N
+//!   other threads idle (blocked in a channel receive) or busy (calling it
+//!   in a loop), by the breakpoint protocol (the default) or the
+//!   stop-the-world (forced). Timed: the report's `pause`, the longest
+//!   any thread was kept from its own code: the longest run of the
+//!   sampling handler (breakpoint), or from the first signal of the last
+//!   round to the release (stop-the-world: every thread is held until the
+//!   last arrives). Outside criterion, 101 installs per case give the
+//!   median and the maximum of the pause and of the breakpoint window
+//!   (the first `int3` to the last byte; calls take the trap meanwhile)
+//!   (stderr).
+//! - `hook_trap`: the CPU time of one call of `bench_svc::direct` on a
+//!   thread that calls it in a loop, `plain` (baseline) and `trapped` (its
+//!   entry held at the `int3`: each call takes the `SIGTRAP` to the stub
+//!   and the trampoline). The thread's own CPU time (`CLOCK_THREAD_CPUTIME_ID`,
+//!   user and system), divided by the calls.
 //! - `hook_call`: a loop of calls of `bench_svc::direct` through a
 //!   function pointer: `original` (baseline), `hooked_trampoline` (the
 //!   entry jump, the stub, the trampoline, the jump back),
 //!   `hooked_redirected` (the entry jump and the stub to another function
 //!   with the same body), and `patchable_patched`, `bench_svc::patched`
 //!   with `bench-patch` (the same body) applied.
+//! - `hook_apply`: apply and revert of a one-function hooked patch.
 //!
 //! Run: `cargo bench --bench hook`.
 
@@ -81,36 +93,126 @@ impl Drop for Load {
     }
 }
 
-fn one_pause(t: &Target, options: &Options) -> Duration {
+fn one_install(t: &Target, options: &Options) -> hook::Report {
     let h = hook::install_with(t, options).expect("install");
-    let pause = h.report().pause;
+    let report = h.report();
     h.unhook().expect("unhook");
-    pause
+    report
+}
+
+fn median_max(mut v: Vec<Duration>) -> (Duration, Duration) {
+    v.sort();
+    (v[v.len() / 2], v[v.len() - 1])
 }
 
 fn hook_pause(c: &mut Criterion) {
     let t = target();
-    let options = Options::default().deadline(Duration::from_secs(10));
     let mut g = c.benchmark_group("hook_pause");
     g.sample_size(20);
     g.warm_up_time(Duration::from_millis(500));
     g.measurement_time(Duration::from_secs(3));
-    for busy in [false, true] {
-        for n in [2usize, 16, 64] {
-            let kind = if busy { "busy" } else { "idle" };
-            let _load = Load::new(n, busy);
-            thread::sleep(Duration::from_millis(50));
-            let mut pauses: Vec<Duration> = (0..101).map(|_| one_pause(&t, &options)).collect();
-            pauses.sort();
-            eprintln!(
-                "hook_pause/{kind}/{n}: median {:?}, max {:?} (101 installs)",
-                pauses[50], pauses[100]
-            );
-            g.bench_function(format!("{kind}/{n}"), |b| {
-                b.iter_custom(|iters| (0..iters).map(|_| one_pause(&t, &options)).sum())
-            });
+    for (protocol, stop_the_world) in [("breakpoint", false), ("stop", true)] {
+        let options = Options::default()
+            .deadline(Duration::from_secs(10))
+            .stop_the_world(stop_the_world);
+        for busy in [false, true] {
+            for n in [2usize, 16, 64] {
+                let kind = if busy { "busy" } else { "idle" };
+                let _load = Load::new(n, busy);
+                thread::sleep(Duration::from_millis(50));
+                let reports: Vec<hook::Report> =
+                    (0..101).map(|_| one_install(&t, &options)).collect();
+                let (pause, pause_max) = median_max(reports.iter().map(|r| r.pause).collect());
+                let (window, window_max) = median_max(reports.iter().map(|r| r.window).collect());
+                let rounds = reports.iter().map(|r| r.rounds).max().unwrap_or(0);
+                eprintln!(
+                    "hook_pause/{protocol}/{kind}/{n}: pause median {pause:?}, max {pause_max:?}; \
+                     window median {window:?}, max {window_max:?}; most rounds {rounds}; {} \
+                     (101 installs)",
+                    reports[0].protocol
+                );
+                g.bench_function(format!("{protocol}/{kind}/{n}"), |b| {
+                    b.iter_custom(|iters| (0..iters).map(|_| one_install(&t, &options).pause).sum())
+                });
+            }
         }
     }
+    g.finish();
+}
+
+/// This thread's CPU time (user and system).
+fn thread_cpu() -> Duration {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: writes into `t`, which we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
+    Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
+}
+
+#[inline(never)]
+fn cpu_of_calls(f: fn(u64) -> u64, iters: u64) -> Duration {
+    let start = thread_cpu();
+    for i in 0..iters {
+        black_box(f(black_box(i)));
+    }
+    thread_cpu() - start
+}
+
+/// `iters` calls of `bench_svc::direct` while its entry is held at the
+/// `int3`: an install waits for a thread that blocks the stop signal
+/// (the bytes after the `int3` are not written until it is sampled), the
+/// calls run, then the thread takes the signal and the install finishes
+/// (and is undone).
+fn trapped_calls(t: &Target, iters: u64) -> Duration {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let blocker = thread::spawn(move || {
+        // SAFETY: this thread's own signal mask.
+        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        unsafe {
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, hook::signal());
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        }
+        ready_tx.send(()).unwrap();
+        go_rx.recv().unwrap();
+        // SAFETY: as above; the pending sample is taken now.
+        unsafe { libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut()) };
+    });
+    ready_rx.recv().unwrap();
+    let installer = {
+        let t = t.clone();
+        thread::spawn(move || {
+            let options = Options::default()
+                .deadline(Duration::from_secs(60))
+                .stop_the_world(false);
+            let h = hook::install_with(&t, &options).expect("install");
+            h.unhook().expect("unhook");
+        })
+    };
+    let entry = t.addr().cast::<u8>();
+    // SAFETY: reads the first byte of the function's code (mapped).
+    while unsafe { std::ptr::read_volatile(entry) } != 0xcc {
+        thread::yield_now();
+    }
+    let direct: fn(u64) -> u64 = black_box(bench_svc::direct);
+    let cpu = cpu_of_calls(direct, iters);
+    go_tx.send(()).unwrap();
+    blocker.join().unwrap();
+    installer.join().unwrap();
+    cpu
+}
+
+fn hook_trap(c: &mut Criterion) {
+    let t = target();
+    let direct: fn(u64) -> u64 = black_box(bench_svc::direct);
+    let mut g = c.benchmark_group("hook_trap");
+    g.sample_size(20);
+    g.bench_function("plain", |b| b.iter_custom(|n| cpu_of_calls(direct, n)));
+    g.bench_function("trapped", |b| b.iter_custom(|n| trapped_calls(&t, n)));
     g.finish();
 }
 
@@ -208,5 +310,5 @@ fn hook_apply(c: &mut Criterion) {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-criterion_group!(benches, hook_pause, hook_call, hook_apply);
+criterion_group!(benches, hook_pause, hook_trap, hook_call, hook_apply);
 criterion_main!(benches);

@@ -11,13 +11,25 @@ use std::sync::{Arc, Barrier, Mutex, MutexGuard};
 use std::thread;
 use std::time::Duration;
 
-use hotpatch::hook::{self, Options, Reason, Target, WritePath};
+use fail::FailGuard;
+use hotpatch::hook::{self, Fallback, Options, Protocol, Reason, Target, WritePath};
 
 /// Hook tests stop every thread of this test binary: one at a time, so a
 /// thread one test parks on purpose does not refuse another test's stop.
 fn serial() -> MutexGuard<'static, ()> {
     static ONE: Mutex<()> = Mutex::new(());
     ONE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The protocol a default install runs here: the breakpoint one, unless
+/// the run forces the stop-the-world (`HOTPATCH_HOOK_PROTOCOL`, which
+/// runs every test of this file on the old protocol).
+fn expected_protocol() -> Protocol {
+    if std::env::var_os(hook::PROTOCOL_ENV).is_some_and(|v| v == "stop-the-world") {
+        Protocol::StopTheWorld(Fallback::Forced)
+    } else {
+        Protocol::Breakpoint
+    }
 }
 
 fn reason(e: hotpatch::Error) -> Reason {
@@ -72,6 +84,13 @@ fn a_rust_function_is_hooked_redirected_and_unhooked() {
     let hook = hook::install(&target).unwrap();
     assert_ne!(code(&target), before, "the entry is a jump now");
     assert_eq!(code(&target)[0], 0xe9);
+    let report = hook.report();
+    assert_eq!(report.protocol, expected_protocol(), "{report:?}");
+    assert_eq!(
+        report.window.is_zero(),
+        report.protocol != Protocol::Breakpoint,
+        "a window only for the breakpoint protocol: {report:?}"
+    );
     assert_eq!(f(2), 0xfd, "installed: the trampoline runs the original");
     // SAFETY: the same signature.
     unsafe { hook.redirect(price_fixed as *const ()) }.unwrap();
@@ -326,6 +345,92 @@ fn a_thread_inside_the_entry_makes_the_write_wait_then_refuse_or_retry() {
     assert_eq!(code(&target), before);
 }
 
+// `push rbp`, k-1 `nop`s, `mov al, [rdi]` at f+k, `movzx eax, al; pop
+// rbp; ret`: a thread parked in the load is at the instruction starting
+// at f+k, for k = 1..=4, each inside the bytes the jump replaces.
+macro_rules! parked_at {
+    ($($name:literal: $nops:literal),*) => {
+        std::arch::global_asm!(
+            $(
+                concat!(".pushsection .text.", $name, ",\"ax\",@progbits"),
+                concat!(".globl ", $name),
+                concat!(".type ", $name, ",@function"),
+                concat!($name, ":"),
+                "    push rbp",
+                concat!("    .fill ", $nops, ", 1, 0x90"),
+                "    mov al, byte ptr [rdi]",
+                "    movzx eax, al",
+                "    pop rbp",
+                "    ret",
+                concat!(".size ", $name, ", . - ", $name),
+                ".popsection",
+            )*
+        );
+    };
+}
+parked_at!("hook_parked_at_1": 0, "hook_parked_at_2": 1, "hook_parked_at_3": 2, "hook_parked_at_4": 3);
+
+unsafe extern "C" {
+    fn hook_parked_at_1(byte: *const u8) -> u32;
+    fn hook_parked_at_2(byte: *const u8) -> u32;
+    fn hook_parked_at_3(byte: *const u8) -> u32;
+    fn hook_parked_at_4(byte: *const u8) -> u32;
+}
+
+/// A thread at each instruction of the replaced bytes (parked in a load
+/// at f+1, f+2, f+3, f+4): the write waits for it and refuses at its
+/// deadline, naming it and the offset, nothing changed; the thread then
+/// finishes normally, and the write succeeds once it has left.
+#[test]
+fn a_thread_at_each_instruction_of_the_entry_is_waited_for() {
+    let _one = serial();
+    type Parked = unsafe extern "C" fn(*const u8) -> u32;
+    let functions: [(usize, Parked); 4] = [
+        (1, hook_parked_at_1),
+        (2, hook_parked_at_2),
+        (3, hook_parked_at_3),
+        (4, hook_parked_at_4),
+    ];
+    for (k, f) in functions {
+        let Some(page) = MissingPage::new().map(Arc::new) else {
+            println!("skipped: userfaultfd is unavailable here (needed to park a thread)");
+            return;
+        };
+        let target = Target::of(f as *const ()).unwrap();
+        assert!(target.check().unwrap() > k, "f+{k} is inside the entry");
+        let before = code(&target);
+        let parked = {
+            let page = Arc::clone(&page);
+            thread::Builder::new()
+                .name(format!("parked-at-f+{k}"))
+                // SAFETY: reads one byte of a mapped page.
+                .spawn(move || unsafe { f(page.page) })
+                .unwrap()
+        };
+        let mut msg = [0u64; 4];
+        // SAFETY: reading the fault's message into memory we own.
+        let n = unsafe { libc::read(page.uffd, msg.as_mut_ptr().cast(), 32) };
+        assert_eq!(n, 32, "{}", std::io::Error::last_os_error());
+        let options = Options::default().deadline(Duration::from_millis(300));
+        match reason(hook::install_with(&target, &options).unwrap_err()) {
+            Reason::ThreadInside { thread, offset } => {
+                assert_eq!(offset, k);
+                assert_eq!(thread.name, format!("parked-at-f+{k}"));
+            }
+            other => panic!("f+{k}: {other:?}"),
+        }
+        assert_eq!(code(&target), before, "f+{k}: nothing changed");
+        page.release();
+        assert_eq!(parked.join().unwrap(), 0, "f+{k}: finished normally");
+        let hook = hook::install_with(&target, &options).unwrap();
+        let byte = 0x5a_u8;
+        // SAFETY: through the hook, the original code: reads one byte.
+        assert_eq!(unsafe { f(&byte) }, 0x5a);
+        hook.unhook().unwrap();
+        assert_eq!(code(&target), before);
+    }
+}
+
 static IN_HANDLER: AtomicBool = AtomicBool::new(false);
 static LEAVE_HANDLER: AtomicBool = AtomicBool::new(false);
 
@@ -474,10 +579,10 @@ fn stress_b_new(x: u64) -> u64 {
 }
 
 /// 8 threads call two hooked functions through function pointers while
-/// `cycles` times both are hooked, redirected, pointed back and unhooked.
-/// Every answer is the old or the new one; no signal kills the process;
-/// nothing is left writable.
-fn stress(cycles: usize) {
+/// `cycles` times both are hooked, redirected, pointed back and unhooked
+/// (with `options`' protocol). Every answer is the old or the new one; no
+/// signal kills the process; nothing is left writable.
+fn stress(cycles: usize, options: Options) {
     let _one = serial();
     let stop = Arc::new(AtomicBool::new(false));
     let calls = Arc::new(AtomicU64::new(0));
@@ -508,7 +613,7 @@ fn stress(cycles: usize) {
     let ta = Target::of(stress_a as *const ()).unwrap();
     let tb = Target::of(stress_b as *const ()).unwrap();
     let (before_a, before_b) = (code(&ta), code(&tb));
-    let options = Options::default().deadline(Duration::from_secs(30));
+    let options = options.deadline(Duration::from_secs(30));
     start.wait();
     for _ in 0..cycles {
         let ha = hook::install_with(&ta, &options).unwrap();
@@ -539,13 +644,319 @@ fn stress(cycles: usize) {
 
 #[test]
 fn stress_hook_cycles_under_calls() {
-    stress(50);
+    stress(50, Options::default());
+}
+
+/// The `mprotect` write path while the other threads run the same page
+/// (it stays executable throughout; nothing is left writable).
+#[test]
+fn stress_hook_cycles_under_calls_mprotect() {
+    stress(50, Options::default().write_path(WritePath::Mprotect));
+}
+
+#[test]
+fn stress_hook_cycles_under_calls_stop_the_world() {
+    stress(50, Options::default().stop_the_world(true));
 }
 
 #[test]
 #[ignore = "long form: 10,000 cycles (minutes on 2 cores)"]
 fn stress_hook_cycles_under_calls_long() {
-    stress(10_000);
+    stress(10_000, Options::default());
+}
+
+#[test]
+#[ignore = "long form: 10,000 cycles (minutes on 2 cores)"]
+fn stress_hook_cycles_under_calls_stop_the_world_long() {
+    stress(10_000, Options::default().stop_the_world(true));
+}
+
+#[inline(never)]
+fn trapped(x: u64) -> u64 {
+    x.rotate_left(7) ^ 0x3c3c
+}
+fn trapped_new(x: u64) -> u64 {
+    x.rotate_left(7) ^ 0x4242
+}
+
+/// Calls that meet the `int3` of an entry being written take the
+/// breakpoint to the stub: 6 threads call `trapped` in a loop (through a
+/// function pointer, so every call enters its entry) while `cycles` times
+/// it is hooked, redirected and unhooked with the breakpoint protocol.
+/// Every answer is the original's or the replacement's; no thread dies of
+/// a SIGTRAP, SIGSEGV or SIGILL; the bytes are the original ones at the
+/// end. Returns the calls that took the breakpoint.
+fn trap_window(cycles: usize) -> u64 {
+    let _one = serial();
+    let stop = Arc::new(AtomicBool::new(false));
+    let calls = Arc::new(AtomicU64::new(0));
+    let start = Arc::new(Barrier::new(7));
+    let workers: Vec<_> = (0..6)
+        .map(|w| {
+            let (stop, calls, start) = (stop.clone(), calls.clone(), start.clone());
+            thread::Builder::new()
+                .name(format!("trap-caller-{w}"))
+                .spawn(move || {
+                    let f: fn(u64) -> u64 = black_box(trapped);
+                    start.wait();
+                    let mut x = w as u64;
+                    let mut n = 0u64;
+                    // Relaxed: a stop flag.
+                    while !stop.load(Ordering::Relaxed) {
+                        let r = f(x);
+                        let (old, new) = (x.rotate_left(7) ^ 0x3c3c, x.rotate_left(7) ^ 0x4242);
+                        assert!(r == old || r == new, "trapped({x}) = {r}");
+                        x = x.wrapping_add(1);
+                        n += 1;
+                    }
+                    // Relaxed: read after the join.
+                    calls.fetch_add(n, Ordering::Relaxed);
+                })
+                .unwrap()
+        })
+        .collect();
+    let target = Target::of(trapped as *const ()).unwrap();
+    let before = code(&target);
+    let traps = hook::traps();
+    let options = Options::default()
+        .deadline(Duration::from_secs(30))
+        .stop_the_world(false);
+    start.wait();
+    for _ in 0..cycles {
+        let h = hook::install_with(&target, &options).unwrap();
+        assert_eq!(h.report().protocol, Protocol::Breakpoint);
+        // SAFETY: the same signature.
+        unsafe { h.redirect(trapped_new as *const ()) }.unwrap();
+        let r = h.unhook().unwrap();
+        assert_eq!(r.protocol, Protocol::Breakpoint);
+        assert_eq!(r.rounds, 0, "an unhook samples no thread");
+    }
+    // Relaxed: a stop flag.
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.join().unwrap();
+    }
+    // Relaxed: after the joins.
+    assert!(calls.load(Ordering::Relaxed) > 0);
+    assert_eq!(code(&target), before);
+    hook::traps() - traps
+}
+
+#[test]
+fn calls_during_the_write_take_the_breakpoint_to_the_stub() {
+    let trapped = trap_window(50);
+    println!("{trapped} calls took the breakpoint");
+}
+
+#[test]
+#[ignore = "long form: 10,000 cycles (a minute or more on 2 cores)"]
+fn calls_during_the_write_take_the_breakpoint_to_the_stub_long() {
+    let trapped = trap_window(10_000);
+    println!("{trapped} calls took the breakpoint");
+    assert!(trapped > 0, "no call met an int3 in 10,000 cycles");
+}
+
+#[inline(never)]
+fn busy_target(x: u64) -> u64 {
+    x ^ 0x99
+}
+
+/// The state of thread `tid` (`R` running, `S` sleeping, ...).
+fn thread_state(tid: i32) -> char {
+    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap();
+    let (_, rest) = stat.rsplit_once(')').unwrap();
+    rest.trim_start().chars().next().unwrap()
+}
+
+/// The breakpoint protocol holds no thread while it waits: a thread that
+/// blocks the stop signal keeps the sampling waiting until the deadline,
+/// and meanwhile a thread calling the target in a loop keeps running
+/// (its calls go on; it is never seen asleep, which a thread parked in
+/// the stop-the-world's handler is). Run with `stop_the_world`, it is
+/// parked until the deadline: the test fails there, as it did before the
+/// breakpoint protocol.
+fn no_thread_is_held(options: Options) -> Result<(), String> {
+    let _one = serial();
+    let target = Target::of(busy_target as *const ()).unwrap();
+    let before = code(&target);
+    let stop = Arc::new(AtomicBool::new(false));
+    let calls = Arc::new(AtomicU64::new(0));
+    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+    let caller = {
+        let (stop, calls) = (stop.clone(), calls.clone());
+        thread::Builder::new()
+            .name("busy-caller".into())
+            .spawn(move || {
+                // SAFETY: gettid has no preconditions.
+                tid_tx.send(unsafe { libc::gettid() }).unwrap();
+                let f: fn(u64) -> u64 = black_box(busy_target);
+                let mut x = 0u64;
+                // Relaxed: a stop flag.
+                while !stop.load(Ordering::Relaxed) {
+                    x = f(x).wrapping_add(1);
+                    // Relaxed: a counter read by the observer.
+                    calls.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+            .unwrap()
+    };
+    let caller_tid = tid_rx.recv().unwrap();
+    let done = Arc::new(AtomicBool::new(false));
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    // The observer blocks the stop signal (so the write waits for it until
+    // the deadline, and it is never stopped itself), sees its own signal
+    // pending (the write's signals are out), then watches the caller until
+    // the write gives up.
+    let observer = {
+        let (calls, done) = (calls.clone(), done.clone());
+        thread::Builder::new()
+            .name("blocks-watches".into())
+            .spawn(move || {
+                // SAFETY: this thread's own signal mask.
+                unsafe {
+                    let mut set: libc::sigset_t = std::mem::zeroed();
+                    libc::sigemptyset(&mut set);
+                    libc::sigaddset(&mut set, hook::signal());
+                    libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+                }
+                ready_tx.send(()).unwrap();
+                let pending = || {
+                    // SAFETY: a zeroed sigset_t filled by sigpending.
+                    unsafe {
+                        let mut set: libc::sigset_t = std::mem::zeroed();
+                        libc::sigpending(&mut set);
+                        libc::sigismember(&set, hook::signal()) == 1
+                    }
+                };
+                // Relaxed: a flag.
+                while !pending() && !done.load(Ordering::Relaxed) {
+                    thread::yield_now();
+                }
+                // Relaxed: a counter.
+                let first = calls.load(Ordering::Relaxed);
+                let mut asleep = 0u32;
+                let mut looks = 0u32;
+                // Relaxed: set by the test once the write returned.
+                while !done.load(Ordering::Relaxed) {
+                    looks += 1;
+                    if thread_state(caller_tid) == 'S' {
+                        asleep += 1;
+                    }
+                    thread::sleep(Duration::from_millis(1));
+                }
+                // Relaxed: the caller still runs; any value since is fine.
+                let progress = calls.load(Ordering::Relaxed) - first;
+                // Take the pending signal: nothing is waiting for it now.
+                // SAFETY: unblocking this thread's own mask.
+                unsafe {
+                    let mut set: libc::sigset_t = std::mem::zeroed();
+                    libc::sigemptyset(&mut set);
+                    libc::sigaddset(&mut set, hook::signal());
+                    libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+                }
+                (progress, asleep, looks)
+            })
+            .unwrap()
+    };
+    ready_rx.recv().unwrap();
+    let e = hook::install_with(&target, &options.deadline(Duration::from_millis(300))).unwrap_err();
+    // Relaxed: a flag.
+    done.store(true, Ordering::Relaxed);
+    let (progress, asleep, looks) = observer.join().unwrap();
+    // Relaxed: a stop flag.
+    stop.store(true, Ordering::Relaxed);
+    caller.join().unwrap();
+    match reason(e) {
+        Reason::NotStopped(late) => {
+            assert!(
+                late.iter()
+                    .any(|(t, blocks)| *blocks && t.name == "blocks-watches"),
+                "{late:?}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(code(&target), before, "nothing changed");
+    if asleep > 0 || progress == 0 {
+        return Err(format!(
+            "the caller was held: seen asleep {asleep} times in {looks} looks, {progress} calls              while the write waited"
+        ));
+    }
+    Ok(())
+}
+
+#[test]
+fn the_breakpoint_protocol_holds_no_thread_while_it_waits() {
+    no_thread_is_held(Options::default().stop_the_world(false)).unwrap();
+}
+
+#[test]
+fn the_stop_the_world_holds_every_thread_while_it_waits() {
+    let held = no_thread_is_held(Options::default().stop_the_world(true)).unwrap_err();
+    println!("{held}");
+    assert!(held.contains("held"), "{held}");
+}
+
+#[inline(never)]
+fn faulted(x: u64) -> u64 {
+    x ^ 0x5151
+}
+fn faulted_new(x: u64) -> u64 {
+    x ^ 0x1515
+}
+
+/// A write that fails at any step of the breakpoint protocol (fault
+/// injection) puts back the bytes that were there: an install leaves the
+/// original code, an unhook leaves the hook; both then succeed.
+#[test]
+fn a_failed_write_at_any_step_puts_back_what_was_there() {
+    let _one = serial();
+    let f: fn(u64) -> u64 = black_box(faulted);
+    let target = Target::of(faulted as *const ()).unwrap();
+    let before = code(&target);
+    let options = Options::default().stop_the_world(false);
+    for point in [
+        "hook::write::int3",
+        "hook::write::rest",
+        "hook::write::first",
+    ] {
+        {
+            let _fault = FailGuard::new(point, "return").unwrap();
+            let e = hook::install_with(&target, &options).unwrap_err();
+            let text = e.to_string();
+            match reason(e) {
+                Reason::WriteFailed { detail } => {
+                    assert!(detail.contains(point), "{detail}");
+                    assert!(!detail.contains("failed too"), "{detail}");
+                }
+                other => panic!("{point}: {other:?}"),
+            }
+            assert!(text.contains("nothing changed"), "{text}");
+        }
+        assert_eq!(
+            code(&target),
+            before,
+            "{point}: install: the original bytes"
+        );
+        assert_eq!(f(1), 1 ^ 0x5151);
+
+        let h = hook::install_with(&target, &options).unwrap();
+        // SAFETY: the same signature.
+        unsafe { h.redirect(faulted_new as *const ()) }.unwrap();
+        let hooked = code(&target);
+        {
+            let _fault = FailGuard::new(point, "return").unwrap();
+            match reason(h.unhook().unwrap_err()) {
+                Reason::WriteFailed { detail } => assert!(detail.contains(point), "{detail}"),
+                other => panic!("{point}: {other:?}"),
+            }
+        }
+        assert_eq!(code(&target), hooked, "{point}: unhook: still hooked");
+        assert_eq!(f(1), 1 ^ 0x1515, "{point}: the redirection holds");
+        h.unhook().unwrap();
+        assert_eq!(code(&target), before);
+        assert_eq!(f(1), 1 ^ 0x5151);
+    }
 }
 
 // ---- Where code may not be written (child processes) ----
@@ -730,5 +1141,161 @@ fn deny_proc_mem_supported() -> bool {
             0usize,
             1u32,
         ) > 0
+    }
+}
+
+// ---- SIGTRAP that is not ours (child processes) ----
+
+static FOREIGN_TRAPS: AtomicU64 = AtomicU64::new(0);
+
+extern "C" fn foreign_trap(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid siginfo to an SA_SIGINFO handler.
+    let code = unsafe { (*info).si_code };
+    assert_eq!(code, 0x80, "SI_KERNEL: an int3");
+    // Relaxed: a counter read by the same thread after the trap.
+    FOREIGN_TRAPS.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Hooks and unhooks `guarded` with the breakpoint protocol (so hotpatch's
+/// SIGTRAP handler is installed), then executes an `int3` of its own.
+fn child_traps() {
+    // No core file when the trap ends this child.
+    let none = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: a limit of this child process.
+    unsafe { libc::setrlimit(libc::RLIMIT_CORE, &none) };
+    let f: fn(u64) -> u64 = black_box(guarded);
+    let target = Target::of(guarded as *const ()).unwrap();
+    let hook = hook::install_with(&target, &Options::default().stop_the_world(false)).unwrap();
+    assert_eq!(hook.report().protocol, Protocol::Breakpoint);
+    // SAFETY: the same signature.
+    unsafe { hook.redirect(guarded_new as *const ()) }.unwrap();
+    assert_eq!(f(1), 1 ^ 0x33);
+    println!("CHILD-TRAP");
+    // SAFETY: a breakpoint instruction; the test installed (or not) what
+    // takes it.
+    unsafe { std::arch::asm!("int3") };
+    assert_eq!(f(1), 1 ^ 0x33, "the hook still works after a foreign trap");
+    hook.unhook().unwrap();
+    println!("CHILD-RESUMED");
+}
+
+/// Under a debugger (gdb, which takes every `SIGTRAP` as its own stop)
+/// the breakpoint protocol does not run: the write falls back to the
+/// stop-the-world and the report says why.
+#[test]
+fn a_traced_process_writes_with_the_stop_the_world() {
+    if std::env::var(CHILD).as_deref() == Ok("traced") {
+        let target = Target::of(guarded as *const ()).unwrap();
+        let hook = hook::install_with(&target, &Options::default().stop_the_world(false)).unwrap();
+        match hook.report().protocol {
+            Protocol::StopTheWorld(Fallback::Traced(pid)) => assert!(pid > 0),
+            other => panic!("{other:?}"),
+        }
+        hook.unhook().unwrap();
+        println!("CHILD-OK {}", hook.report().protocol);
+        return;
+    }
+    let _one = serial();
+    let out = std::process::Command::new("gdb")
+        .args([
+            "-nx",
+            "-batch",
+            "-ex",
+            "handle all nostop noprint pass",
+            "-ex",
+            "run",
+        ])
+        .arg("--args")
+        .arg(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "a_traced_process_writes_with_the_stop_the_world",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD, "traced")
+        .output();
+    let out = match out {
+        Ok(out) => out,
+        Err(e) => panic!("gdb (the Debian package, which .ci/run installs): {e}"),
+    };
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("CHILD-OK stop-the-world"), "{text}");
+}
+
+/// Runs the test `name` in a child with `CHILD=mode`; returns its output
+/// and the signal that ended it, if one did.
+fn in_child_status(name: &str, mode: &str) -> (String, Option<i32>) {
+    use std::os::unix::process::ExitStatusExt;
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", name, "--nocapture", "--test-threads=1"])
+        .env(CHILD, mode)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (text, out.status.signal())
+}
+
+/// A SIGTRAP that is not a hook's (an `int3` of the program) reaches the
+/// handler the program installed before hotpatch's, which returns, and the
+/// program goes on; with no handler of its own (the default action) the
+/// process dies of the SIGTRAP as it would have without hotpatch, and so
+/// when SIGTRAP was ignored (the kernel does not let a trap be ignored).
+#[test]
+fn a_foreign_int3_goes_where_it_went_before() {
+    match std::env::var(CHILD).as_deref() {
+        Ok("trap-handler") => {
+            // SAFETY: installing a handler for SIGTRAP in this child process,
+            // before hotpatch installs its own.
+            unsafe {
+                let mut action: libc::sigaction = std::mem::zeroed();
+                action.sa_sigaction = foreign_trap as *const () as usize;
+                action.sa_flags = libc::SA_SIGINFO;
+                assert_eq!(
+                    libc::sigaction(libc::SIGTRAP, &action, std::ptr::null_mut()),
+                    0
+                );
+            }
+            child_traps();
+            // Relaxed: incremented by this thread's handler.
+            assert_eq!(FOREIGN_TRAPS.load(Ordering::Relaxed), 1);
+            println!("CHILD-OK");
+        }
+        Ok("trap-default") => child_traps(),
+        Ok("trap-ignored") => {
+            // SAFETY: ignoring SIGTRAP in this child process.
+            unsafe { libc::signal(libc::SIGTRAP, libc::SIG_IGN) };
+            // A SIGTRAP sent by a process stays ignored.
+            // SAFETY: a signal to this process.
+            assert_eq!(unsafe { libc::kill(libc::getpid(), libc::SIGTRAP) }, 0);
+            child_traps();
+        }
+        _ => {
+            let _one = serial();
+            let name = "a_foreign_int3_goes_where_it_went_before";
+            let (out, signal) = in_child_status(name, "trap-handler");
+            assert_eq!(signal, None, "{out}");
+            assert!(
+                out.contains("CHILD-RESUMED") && out.contains("CHILD-OK"),
+                "{out}"
+            );
+            for mode in ["trap-default", "trap-ignored"] {
+                let (out, signal) = in_child_status(name, mode);
+                assert_eq!(signal, Some(libc::SIGTRAP), "{mode}: {out}");
+                assert!(out.contains("CHILD-TRAP"), "{mode}: {out}");
+                assert!(!out.contains("CHILD-RESUMED"), "{mode}: {out}");
+            }
+        }
     }
 }

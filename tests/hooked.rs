@@ -327,6 +327,56 @@ fn faults_at_each_step_of_a_hooking_load_change_nothing() {
     assert_eq!(state(), before);
 }
 
+/// A load whose entry write fails at any step of the breakpoint protocol
+/// (fault injection, at the first entry or at the second, the first
+/// written) changes nothing: every byte written is put back. A revert
+/// whose write-back fails there still holds, the redirections stay (as
+/// below), and the next load and revert reuse and remove them.
+#[test]
+fn a_failed_entry_write_at_any_step_changes_nothing() {
+    let _serial = support::serial();
+    if std::env::var_os(hotpatch::hook::PROTOCOL_ENV).is_some_and(|v| v == "stop-the-world") {
+        println!("not applicable: this run forces the stop-the-world, which has no steps");
+        return;
+    }
+    let b_so = support::patch(B);
+    let before = state();
+    for point in [
+        "hook::write::int3",
+        "hook::write::rest",
+        "hook::write::first",
+    ] {
+        for action in ["return", "1*off->return"] {
+            let guard = FailGuard::new(point, action).unwrap();
+            let err = hotpatch::load(&b_so).expect_err(point);
+            drop(guard);
+            assert!(
+                matches!(
+                    &err,
+                    Error::HookRefused {
+                        reason: hotpatch::hook::Reason::WriteFailed { detail },
+                        ..
+                    } if detail.contains(point)
+                ),
+                "{point} {action}: {err:?}"
+            );
+            assert_eq!(state(), before, "{point} {action}: nothing changed");
+        }
+        let b = hotpatch::load(&b_so).unwrap();
+        let hooked = entries();
+        {
+            let _fault = FailGuard::new(point, "1*off->return").unwrap();
+            b.revert().unwrap();
+        }
+        assert_eq!(observed(), ORIGINAL, "{point}: the revert holds");
+        assert_eq!(entries(), hooked, "{point}: the entries stay redirected");
+        let b = hotpatch::load(&b_so).unwrap();
+        assert_eq!(observed(), (206, 1005));
+        b.revert().unwrap();
+        assert_eq!(state(), before, "{point}");
+    }
+}
+
 /// A revert whose entry write-back fails still holds: calls run the
 /// original code through the redirection, which stays in the registry,
 /// listed as hooked and original; the next load reuses it (no stop), and
@@ -534,6 +584,31 @@ fn stress_hooking_patches_under_calls() {
 #[ignore = "long form: 2,000 cycles (minutes on 2 cores)"]
 fn stress_hooking_patches_under_calls_long() {
     stress(2_000);
+}
+
+/// The same stress with every entry written under the stop-the-world:
+/// this test binary again, in a child process whose loader defaults to it
+/// (`HOTPATCH_HOOK_PROTOCOL`, read once per process). The run above uses
+/// the breakpoint protocol unless the whole run forces the other.
+#[test]
+fn stress_hooking_patches_under_calls_stop_the_world() {
+    let _serial = support::serial();
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "stress_hooking_patches_under_calls",
+            "--test-threads=1",
+        ])
+        .env(hotpatch::hook::PROTOCOL_ENV, "stop-the-world")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("1 passed"), "{text}");
 }
 
 // ---- the loader where code may not be written ----

@@ -35,7 +35,7 @@
 //!
 //! Not seen from the code: an indirect branch through a jump table into
 //! the replaced bytes (compilers put switch targets after the entry), and
-//! branches from *other* functions into them. The stop-the-world also
+//! branches from *other* functions into them. The entry write also
 //! checks that no thread is inside the bytes when they are written.
 
 use std::fmt;

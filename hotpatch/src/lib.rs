@@ -186,9 +186,12 @@
 //! store into the slot. Whether a function's entry can be replaced is
 //! decided from its machine code (no call or branch among the replaced
 //! instructions, no branch of the function into them). The bytes are
-//! written while every other thread of the process is stopped by a
-//! signal outside them (a thread inside them makes the write wait, then
-//! refuse at the deadline, naming it), through `/proc/self/mem` (which
+//! written with an `int3` at the entry first (a call meanwhile takes the
+//! trap to the new entry), once every other thread of the process was
+//! seen outside them by a signal that samples it and returns (a thread
+//! inside them makes the write wait, then refuse at the deadline, naming
+//! it); where that cannot run, every thread is stopped by the signal for
+//! the write. They are written through `/proc/self/mem` (which
 //! changes no mapping's protection), or with `mprotect` where that is
 //! refused; a process where neither is allowed (memory-deny-write-execute
 //! and no `/proc/self/mem`) refuses with the setting's name, nothing
@@ -290,8 +293,10 @@
 //!   `/proc/self/mem`, or makes its page read-write-execute for the
 //!   microseconds of the write and restores it; stubs and trampolines are
 //!   mapped read-execute, their slots read-only between operations. The
-//!   write happens only while every other thread is stopped outside the
-//!   bytes; see [`hook`] for the protocol and what it cannot see.
+//!   bytes after the entry's first are written only once every other
+//!   thread was seen outside them, behind an `int3` (or while every
+//!   thread is stopped outside them); see [`hook`] for the protocol and
+//!   what it cannot see.
 //! - **Not defended against**: a trusted patch that is malicious or wrong
 //!   in ways the checks cannot see (a replacement with the right signature
 //!   and the wrong logic, an initialiser with side effects), a service

@@ -291,7 +291,7 @@ impl Loader {
             let mut registry = REGISTRY.lock();
             let targets = registry.record_revert(id);
             // Hooked functions no patch replaces any more: their entry
-            // written back (a stop-the-world), still under the turn.
+            // written back, still under the turn.
             registry.release_hooks(&targets, &info.file)
         };
         drop(turn);
@@ -482,7 +482,7 @@ impl Loader {
         Ok((Patch { info }, with_hooks(report, writes.collect())))
     }
 
-    /// How long the stop-the-world of a hook's entry write may take: the
+    /// How long a hook's entry write may wait for the threads: the
     /// hook's default (1 s), or less if this loader's deadline is shorter.
     fn hook_deadline(&self) -> Duration {
         self.deadline.min(Duration::from_secs(1))

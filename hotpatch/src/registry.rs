@@ -369,6 +369,7 @@ impl Registry {
                     functions,
                     threads: report.threads,
                     pause: report.pause,
+                    window: window_of(&report),
                     failed: None,
                 });
             }
@@ -456,11 +457,12 @@ impl Registry {
             return Vec::new();
         }
         vec![match result {
-            Ok((threads, pause)) => HookWrite {
+            Ok((threads, pause, window)) => HookWrite {
                 op: "unhook",
                 functions,
                 threads,
                 pause,
+                window,
                 failed: None,
             },
             Err(e) => {
@@ -478,6 +480,7 @@ impl Registry {
                     functions,
                     threads: 0,
                     pause: Duration::ZERO,
+                    window: None,
                     failed: Some(e.to_string()),
                 }
             }
@@ -491,7 +494,7 @@ impl Registry {
         &mut self,
         indexes: &[usize],
         file: &Path,
-    ) -> (Vec<String>, Result<(usize, Duration), Error>) {
+    ) -> (Vec<String>, Result<Unhooked, Error>) {
         let mut taken = Vec::new();
         for &idx in indexes {
             if let Some(hook) = self.fns[idx].hook.take() {
@@ -503,7 +506,7 @@ impl Registry {
             .map(|(idx, _)| self.fns[*idx].entry.path.to_owned())
             .collect();
         if taken.is_empty() {
-            return (functions, Ok((0, Duration::ZERO)));
+            return (functions, Ok((0, Duration::ZERO, None)));
         }
         let hooks: Vec<&Installed> = taken.iter().map(|(_, h)| h).collect();
         let result = unhook(&hooks, file);
@@ -719,17 +722,30 @@ fn install(
     })
 }
 
-/// Writes the entries of `hooks` back under one stop; returns the threads
-/// stopped and the pause.
+/// What an entry write-back did: threads interrupted, the longest any was
+/// kept from running, the breakpoint window (`HookWrite`).
+type Unhooked = (usize, Duration, Option<Duration>);
+
+/// The breakpoint protocol's window, `None` under the stop-the-world.
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-fn unhook(hooks: &[&Installed], file: &Path) -> Result<(usize, Duration), Error> {
+fn window_of(report: &crate::hook::Report) -> Option<Duration> {
+    match report.protocol {
+        crate::hook::Protocol::Breakpoint => Some(report.window),
+        _ => None,
+    }
+}
+
+/// Writes the entries of `hooks` back in one operation; returns what it
+/// did to the threads.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn unhook(hooks: &[&Installed], file: &Path) -> Result<Unhooked, Error> {
     failpoint!("hook::unhook", file);
     let _ = file;
-    crate::hook::unhook_all(hooks).map(|r| (r.threads, r.pause))
+    crate::hook::unhook_all(hooks).map(|r| (r.threads, r.pause, window_of(&r)))
 }
 
 #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
-fn unhook(hooks: &[&Installed], _file: &Path) -> Result<(usize, Duration), Error> {
+fn unhook(hooks: &[&Installed], _file: &Path) -> Result<Unhooked, Error> {
     match *hooks[0] {}
 }
 

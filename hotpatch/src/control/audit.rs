@@ -105,8 +105,9 @@ pub(crate) fn record(
 }
 
 /// What the entry writes of hooked functions did, for a message: each
-/// stop-the-world (the functions it wrote, its pause), and the entries
-/// left redirected.
+/// write (the functions, how long threads were kept from running, and
+/// for the breakpoint protocol how long calls took the trap), and the
+/// entries left redirected.
 pub(crate) fn hook_writes(writes: &[crate::quiesce::HookWrite]) -> String {
     let mut out = String::new();
     for w in writes {
@@ -116,15 +117,23 @@ pub(crate) fn hook_writes(writes: &[crate::quiesce::HookWrite]) -> String {
             .map(|f| format!("`{f}`"))
             .collect::<Vec<_>>()
             .join(", ");
-        out.push_str(&match &w.failed {
-            None => format!(
-                " ({} {functions}: {} thread{} stopped once for {:?})",
-                if w.op == "hook" { "hooked" } else { "unhooked" },
-                w.threads,
-                if w.threads == 1 { "" } else { "s" },
-                w.pause
+        let done = if w.op == "hook" { "hooked" } else { "unhooked" };
+        let s = if w.threads == 1 { "" } else { "s" };
+        out.push_str(&match (&w.failed, w.window) {
+            (None, None) => format!(
+                " ({done} {functions}: {} thread{s} stopped once for {:?})",
+                w.threads, w.pause
             ),
-            Some(reason) => format!(
+            (None, Some(window)) if w.threads == 0 => format!(
+                " ({done} {functions}: no thread interrupted; calls took the breakpoint for \
+                 {window:?})"
+            ),
+            (None, Some(window)) => format!(
+                " ({done} {functions}: {} thread{s} sampled, none held, each interrupted for \
+                 at most {:?}; calls took the breakpoint for {window:?})",
+                w.threads, w.pause
+            ),
+            (Some(reason), _) => format!(
                 " (the {} of {functions} stay{} redirected to the original code, which calls \
                  run: {reason})",
                 if w.functions.len() == 1 {
@@ -190,4 +199,46 @@ pub(crate) fn note(
         duration: Some(duration),
         message,
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::hook_writes;
+    use crate::quiesce::HookWrite;
+
+    fn write(op: &'static str, threads: usize, window: Option<Duration>) -> HookWrite {
+        HookWrite {
+            op,
+            functions: vec!["svc::price".into()],
+            threads,
+            pause: Duration::from_micros(2),
+            window,
+            failed: None,
+        }
+    }
+
+    /// The event says threads were stopped only when they were.
+    #[test]
+    fn each_protocol_is_described_as_it_ran() {
+        let stopped = hook_writes(&[write("hook", 3, None)]);
+        assert!(
+            stopped.contains("3 threads stopped once for 2µs"),
+            "{stopped}"
+        );
+        let sampled = hook_writes(&[write("hook", 3, Some(Duration::from_micros(90)))]);
+        assert!(
+            sampled.contains("3 threads sampled, none held")
+                && sampled.contains("at most 2µs")
+                && sampled.contains("breakpoint for 90µs")
+                && !sampled.contains("stopped"),
+            "{sampled}"
+        );
+        let unhooked = hook_writes(&[write("unhook", 0, Some(Duration::from_micros(9)))]);
+        assert!(
+            unhooked.contains("unhooked `svc::price`: no thread interrupted"),
+            "{unhooked}"
+        );
+    }
 }

@@ -50,58 +50,123 @@
 //! byte (a loop whose head is at `f + 2`); bytes that do not decode. Not
 //! visible in the code, and so not checked: an indirect jump through a
 //! table into the replaced bytes (compilers place switch targets after
-//! the entry) and a branch from *another* function into them; the
-//! stop-the-world below still refuses to write while a thread is there.
+//! the entry) and a branch from *another* function into them; the write
+//! below still refuses while a thread is seen there.
 //!
 //! # The write, and what it needs from the system
 //!
-//! The entry bytes are written while every other thread of the process is
-//! stopped *outside* them (`stop.rs` has the protocol):
+//! The entry `f` has `len >= 5` bytes of whole instructions `O`; the jump
+//! `J` (`jmp rel32` to the stub) replaces its first five. Everything that
+//! does not touch the entry is done first: the decode, the stub and the
+//! trampoline (written and seen by no thread yet), the jump, the write
+//! path probed by writing back the bytes already there. Then, by default,
+//! the *breakpoint protocol* (the order Linux's `text_poke_bp` uses for
+//! the kernel's own code), for every entry of the operation at once:
 //!
-//! 1. each thread (`/proc/self/task`) gets a dedicated real-time signal
-//!    ([`signal`], `SIGRTMAX-2`) with `tgkill`; its handler, with every
-//!    other signal blocked, records the interrupted instruction pointer
-//!    and parks on a futex;
+//! 1. `0xCC` (`int3`) is written at every `f`, then
+//!    `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE)`: every
+//!    thread of the process executes a serialising instruction before it
+//!    runs user code again, as the Intel SDM (vol. 3, 8.1.3,
+//!    cross-modifying code) requires of a processor executing code another
+//!    one modified. From then on a thread that enters `f` executes the
+//!    `int3`: the kernel raises `SIGTRAP`, and hotpatch's handler moves the
+//!    thread to the hook's stub, which jumps through the slot (at the
+//!    trampoline until a redirect: the original code), as the jump will.
+//! 2. Install only: every thread, listed from `/proc/self/task` *after*
+//!    the membarrier, is *sampled*: the stop signal ([`signal`],
+//!    `SIGRTMAX-2`), whose
+//!    handler records where the thread was interrupted, looks in the
+//!    signal frames on its own stack (below) for a position saved by
+//!    another handler, and returns at once. A thread found in
+//!    `[f + 1, f + len)` is sampled again after [`Options::retry`], until
+//!    none is or [`Options::deadline`]: then `O[0]` is written back at
+//!    every `f` (membarrier), and the install refused with
+//!    [`Reason::ThreadInside`] or [`Reason::NotStopped`], naming the
+//!    thread, as before: nothing changed.
+//! 3. `J[1..5)` at `f + 1`, membarrier.
+//! 4. `J[0]` (`0xE9`) at `f`, membarrier. No thread was held: each was
+//!    interrupted once, for its handler's run ([`Report::pause`]).
+//!
+//! Where the threads can be, and why it is safe. In step 1 a thread
+//! fetching `f` executes either the original first instruction (the byte
+//! is not written yet, or its core has not serialised) or the `int3`; no
+//! other byte changed. After step 1 no thread can *enter*
+//! `[f + 1, f + len)`: a call or a jump to `f` meets the `int3`; no branch
+//! of the function targets those bytes (checked from the code, "Which
+//! functions"), and no return address points into them (no call is among
+//! them). A thread that was inside them before step 1 is still there or
+//! has left, never to come back: step 2 waits until every thread listed
+//! was seen outside once (a thread created later starts at `clone`'s
+//! return, outside). So while step 3 writes the bytes after `f`, no thread
+//! executes them, and every thread reaching `f` takes the `int3`, a single
+//! byte that no step changes. Step 4 changes one byte, which a processor
+//! fetches atomically: the `int3` (and the trap) or the complete jump
+//! (written and serialised in step 3). A thread whose `SIGTRAP` handler
+//! runs late (it trapped, was preempted, and the entry was written since)
+//! is sent to the stub all the same: the table from entry to stub keeps
+//! every function ever hooked for the life of the process (stubs are
+//! never unmapped), and the stub goes where the slot says *now*.
+//!
+//! [`Hook::unhook`] writes `0xCC` at `f`, `O[1..5)` after it, `O[0]`,
+//! each followed by a membarrier, and samples no thread: while the jump is
+//! there no thread can be in `[f + 1, f + 5)` (a thread executing the jump
+//! goes straight to the stub, and nothing else can reach those bytes, by
+//! the same argument), so after the `int3` none can be there either. A
+//! write that fails at any step is undone, steps in reverse order, each
+//! with its membarrier: every entry is as it was (a write-back that fails
+//! too is named in the error).
+//!
+//! The breakpoint protocol needs `membarrier` with
+//! `MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE` (Linux 4.16;
+//! registered once per process), and `SIGTRAP`: hotpatch installs its
+//! handler at the first write (`SA_SIGINFO | SA_ONSTACK`) and passes any
+//! trap that is not at a hooked entry on to the action it replaced (the
+//! previous handler; under `SIG_DFL` the process ends by the signal, with
+//! a core dump, as it would have). Where membarrier is refused (`ENOSYS`,
+//! `EINVAL`, `EPERM` from a seccomp profile), where a debugger traces the
+//! process (`TracerPid` in `/proc/self/status`: it would take the `int3`
+//! as its own stop), where the program installed its own `SIGTRAP`
+//! handler after hotpatch's, or when asked ([`Options::stop_the_world`],
+//! or [`PROTOCOL_ENV`] set to `stop-the-world` for the whole process),
+//! the *stop-the-world* runs instead, and [`Report::protocol`] says so
+//! and why ([`Fallback`]):
+//!
+//! 1. each thread gets the stop signal; its handler, with every other
+//!    signal blocked, records the interrupted instruction pointer and
+//!    parks on a futex until every thread arrived;
 //! 2. if a thread is inside `[f + 1, f + len)` the threads are released
 //!    and the stop is tried again after [`Options::retry`], until
 //!    [`Options::deadline`] (then [`Reason::ThreadInside`], naming it);
 //! 3. the bytes are written, the threads released; each executes `cpuid`
-//!    (serialising, Intel SDM vol. 3, 8.1.3) before it resumes.
-//!
-//! Everything else is done before the first signal (the decode, the
-//! trampoline, the jump, probing the write path), and a patch that hooks
-//! several functions writes all their entries under one stop, as its
-//! revert writes them all back under one.
-//!
-//! During the write every other thread is in the handler, parked, at an
-//! instruction pointer outside the bytes (or was created by no one: every
-//! thread that could create one is parked, and the thread count is checked
-//! after the stop). Threads resume at the instruction they were
-//! interrupted at: before `f` or at it, they run the jump; past the bytes,
-//! the untouched rest. No return address points into the bytes, because
-//! no call is among them.
+//!    (serialising) before it resumes. Every thread was held from its
+//!    arrival until the last one arrived and the write was done
+//!    ([`Report::pause`]).
 //!
 //! The code is written through `/proc/self/mem` first, which leaves every
 //! mapping's protection alone (it works under memory-deny-write-execute);
 //! where that is refused, by making the page read-write-execute with
-//! `mprotect` for the write and restoring it. Both are probed before the
-//! stop by writing back the bytes already there. Where neither works
+//! `mprotect` for the write and restoring it. Both work while other
+//! threads execute the same page: the first write gives the process its
+//! own copy of the page (copy-on-write) with the same bytes, the page
+//! stays executable throughout, and the protocols above decide which
+//! bytes a thread may execute while they change. Where neither works
 //! (`PR_SET_MDWE` or systemd's `MemoryDenyWriteExecute=` *and* a sandbox
 //! or `proc_mem.force_override=never` denying `/proc/self/mem`), install
 //! is refused with [`Reason::WriteDenied`], which names the setting, and
-//! nothing has changed. A stop that does not complete by the deadline
-//! is refused naming the threads that did not stop, by tid and name, and
-//! whether each blocks the stop signal ([`Reason::NotStopped`]). Stubs,
-//! trampolines and slots live in memory mapped within +-2 GiB of the
-//! function, code read-execute and slots read-only between operations;
-//! nothing is left writable.
+//! nothing has changed. Threads that do not take the stop signal by the
+//! deadline (sampled or stopped) are named, by tid and name, with whether
+//! each blocks the signal ([`Reason::NotStopped`]). Stubs, trampolines
+//! and slots live in memory mapped within +-2 GiB of the function, code
+//! read-execute and slots read-only between operations; nothing is left
+//! writable.
 //!
 //! # Limits
 //!
 //! - x86-64 Linux only.
 //! - A thread that another signal's handler interrupted while it was
 //!   inside the replaced bytes has its position in that handler's signal
-//!   frame: the stop finds such frames on the thread's stack when the
+//!   frame: the sampling handler (the stopping thread, under the
+//!   stop-the-world) finds such frames on the thread's stack when the
 //!   interrupted context had signals blocked, and then waits as for a
 //!   thread inside the bytes. Not found: a handler installed with
 //!   `SA_NODEFER` and an empty mask (nothing blocked while it runs), a
@@ -109,9 +174,28 @@
 //!   than 256 KiB up the stack, and any frame where `process_vm_readv` is
 //!   forbidden (some container seccomp profiles). Such a thread would
 //!   resume in the middle of the jump.
-//! - Each stop interrupts every thread: a system call the kernel does not
-//!   restart after a handler (`epoll_wait`, `poll`, `nanosleep`, ...)
-//!   returns `EINTR`, as with a profiler's signal.
+//! - Each install interrupts every thread once (an unhook, under the
+//!   breakpoint protocol, none): a system call the kernel does not restart
+//!   after a handler (`epoll_wait`, `poll`, `nanosleep`, ...) returns
+//!   `EINTR`, as with a profiler's signal. A call of the function during
+//!   the breakpoint window ([`Report::window`]) takes the trap: a signal's
+//!   delivery and return, microseconds instead of nanoseconds.
+//! - A debugger attached to the process (`ptrace`) sees an `int3` of the
+//!   breakpoint protocol as a `SIGTRAP` stop of the thread that hit it.
+//!   Writes made while a tracer is attached use the stop-the-world; a
+//!   debugger that attaches during a breakpoint window (microseconds to
+//!   milliseconds) must pass the `SIGTRAP` on to the process (gdb:
+//!   `handle SIGTRAP pass`, or `signal SIGTRAP` at that stop), or the
+//!   thread resumes after the `int3`, in the middle of the entry.
+//! - A process forked during a breakpoint window keeps the `int3` at the
+//!   entry in the child (no write completes there): the child's calls of
+//!   the function take the trap, to the slot's target at the fork, for
+//!   the child's life.
+//! - The program may install its own `SIGTRAP` handler before hotpatch's
+//!   first write (it is chained), not after (the stop-the-world then
+//!   runs, [`Fallback::TrapHandler`]); hotpatch's handler does not
+//!   reproduce the previous action's mask or flags other than
+//!   `SA_SIGINFO`.
 //! - The signal `SIGRTMAX-2` must be free: if the program installed its
 //!   own handler there, hooking is refused ([`Reason::Signal`]).
 //! - A function inlined into its callers has no entry to redirect: hook
@@ -128,6 +212,7 @@ mod decode;
 mod near;
 mod stop;
 mod symbols;
+mod trap;
 mod write;
 
 use std::collections::HashMap;
@@ -137,6 +222,7 @@ use std::time::Duration;
 
 pub use decode::Ineligible;
 pub use stop::ThreadName;
+pub use trap::Fallback;
 pub use write::{WriteDenied, WritePath};
 
 use crate::Error;
@@ -266,8 +352,8 @@ pub enum Reason {
         /// What failed.
         detail: String,
     },
-    /// Threads that did not stop by the deadline (`true`: it blocks the
-    /// stop signal now).
+    /// Threads that did not take the stop signal by the deadline (to be
+    /// sampled or stopped; `true`: it blocks the signal now).
     NotStopped(Vec<(ThreadName, bool)>),
     /// A thread was inside the bytes to be written at every try until the
     /// deadline.
@@ -279,7 +365,8 @@ pub enum Reason {
     },
     /// This process may not write code.
     WriteDenied(WriteDenied),
-    /// The write itself failed under the stop (the probe had succeeded).
+    /// The write itself failed (the probe had succeeded); what was
+    /// written is put back (a write-back that failed too is named here).
     WriteFailed {
         /// The error.
         detail: String,
@@ -327,7 +414,10 @@ impl fmt::Display for Reason {
             Reason::Ineligible(why) => write!(f, "{why}"),
             Reason::NoNearMemory { detail } => write!(f, "{detail}"),
             Reason::NotStopped(threads) => {
-                write!(f, "threads did not stop before the deadline:")?;
+                write!(
+                    f,
+                    "threads did not take the stop signal before the deadline:"
+                )?;
                 for (t, blocks) in threads {
                     write!(f, " {t}")?;
                     if *blocks {
@@ -539,26 +629,75 @@ impl Target {
     }
 }
 
+/// How the entry bytes were written (module docs, "The write").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Protocol {
+    /// An `int3` at each entry first: no thread was held; each was
+    /// interrupted once (install) or not at all (unhook).
+    Breakpoint,
+    /// Every other thread held in a signal handler during the write,
+    /// because the breakpoint protocol could not run (why).
+    StopTheWorld(Fallback),
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Protocol::Breakpoint => write!(f, "breakpoint"),
+            Protocol::StopTheWorld(why) => write!(f, "stop-the-world ({why})"),
+        }
+    }
+}
+
 /// What one entry write took.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Report {
-    /// Stop-the-world rounds (more than one when a thread was inside the
-    /// bytes, or threads were created during the stop).
+    /// Which protocol wrote the bytes, and why not the breakpoint one
+    /// when it did not.
+    pub protocol: Protocol,
+    /// Rounds of signals: stop rounds (stop-the-world: more than one when
+    /// a thread was inside the bytes, or threads were created during the
+    /// stop), or sampling rounds (breakpoint: more than one when a thread
+    /// was inside the bytes; 0 for an unhook, which samples nothing).
     pub rounds: u32,
-    /// Threads stopped in the last round.
+    /// Threads stopped in the last round (stop-the-world), or sampled in
+    /// the first (breakpoint).
     pub threads: usize,
-    /// How long they were stopped in the last round: from the first signal
-    /// to the release.
+    /// The longest any thread was kept from running its own code.
+    /// Stop-the-world: the last round, from its first signal to the
+    /// release (every thread is held until the last one arrives).
+    /// Breakpoint: the longest any thread ran the sampling handler, over
+    /// every round (measured inside the handler: the kernel's delivery and
+    /// return, about a microsecond each, are not counted); zero for an
+    /// unhook.
     pub pause: Duration,
+    /// Breakpoint: from the first `int3` written to the last byte written
+    /// and seen by every core; a call of the function during it takes the
+    /// trap (the `SIGTRAP` handler sends it to the stub). Zero for the
+    /// stop-the-world.
+    pub window: Duration,
     /// How the bytes were written.
     pub write_path: WritePath,
-    /// Entries written under this one stop (several when one patch hooks
-    /// several functions).
+    /// Entries written by this one operation (several when one patch
+    /// hooks several functions).
     pub entries: usize,
 }
 
-/// How [`install`] and [`Hook::unhook`] stop the threads.
+/// The environment variable that makes the stop-the-world the default
+/// protocol of the process ([`Options::stop_the_world`]): set to
+/// `stop-the-world`; any other value, or none, leaves the breakpoint
+/// protocol first.
+pub const PROTOCOL_ENV: &str = "HOTPATCH_HOOK_PROTOCOL";
+
+fn stop_the_world_by_default() -> bool {
+    static FORCED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FORCED.get_or_init(|| std::env::var_os(PROTOCOL_ENV).is_some_and(|v| v == "stop-the-world"))
+}
+
+/// How [`install`] and [`Hook::unhook`] write the entry and wait for the
+/// threads.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Options {
@@ -574,6 +713,11 @@ pub struct Options {
     /// binary it was built for, [`Target::entry`]): other bytes are refused
     /// with [`Reason::EntryChanged`].
     pub expect_entry: Option<Vec<u8>>,
+    /// Use the stop-the-world even where the breakpoint protocol can run
+    /// (module docs, "The write"). Default false, or true when the
+    /// environment variable [`PROTOCOL_ENV`] says `stop-the-world` (read
+    /// once per process).
+    pub stop_the_world: bool,
 }
 
 impl Default for Options {
@@ -583,6 +727,7 @@ impl Default for Options {
             retry: Duration::from_millis(1),
             write_path: None,
             expect_entry: None,
+            stop_the_world: stop_the_world_by_default(),
         }
     }
 }
@@ -609,6 +754,29 @@ impl Options {
     /// Refuses a function whose entry is not `bytes`.
     pub fn expect_entry(mut self, bytes: &[u8]) -> Self {
         self.expect_entry = Some(bytes.to_vec());
+        self
+    }
+
+    /// Uses the stop-the-world (`true`) even where the breakpoint protocol
+    /// can run, or not (`false`).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use hotpatch::hook::{Fallback, Options, Protocol};
+    ///
+    /// #[inline(never)]
+    /// fn fee(cents: u64) -> u64 { cents ^ 0x40 }
+    /// # fn main() -> Result<(), hotpatch::Error> {
+    /// # if !cfg!(all(target_arch = "x86_64", target_os = "linux")) { return Ok(()) }
+    /// let target = hotpatch::hook::Target::of(fee as *const ())?;
+    /// let hook = hotpatch::hook::install_with(&target, &Options::default().stop_the_world(true))?;
+    /// assert_eq!(hook.report().protocol, Protocol::StopTheWorld(Fallback::Forced));
+    /// hook.unhook()?;
+    /// # Ok(()) }
+    /// ```
+    pub fn stop_the_world(mut self, on: bool) -> Self {
+        self.stop_the_world = on;
         self
     }
 }
@@ -672,8 +840,11 @@ fn new_chunk(
     let mut code = vec![0xcc; near::CHUNK];
     code[..stub.len()].copy_from_slice(&stub);
     code[TRAMPOLINE..TRAMPOLINE + trampoline.len()].copy_from_slice(&trampoline);
-    // No thread runs this chunk until the entry jump, written later under
-    // the stop, leads to it; the stop's release serialises every thread.
+    // No thread runs this chunk until the entry leads to it: the jump,
+    // written later and followed by a core serialisation of every thread
+    // (a membarrier, or the stop's release), or the breakpoint protocol's
+    // int3, whose trap enters the SIGTRAP handler through the kernel's
+    // exception return (IRET, serialising) before the stub runs.
     let (writer, pages) =
         write::CodeWriter::probe(chunk.code, near::CHUNK, force).map_err(Reason::WriteDenied)?;
     writer
@@ -686,8 +857,9 @@ fn new_chunk(
 }
 
 /// Redirects `target`'s entry to a slot that first points at its
-/// original code (so calls behave as before), under a stop-the-world with
-/// the default [`Options`].
+/// original code (so calls behave as before), with the default
+/// [`Options`] (the breakpoint protocol where the process allows it, else
+/// the stop-the-world: module docs, "The write").
 ///
 /// # Errors
 ///
@@ -722,11 +894,12 @@ pub fn install(target: &Target) -> Result<Hook, Error> {
 ///     .expect_entry(&target.entry()?); // what a patch would have recorded
 /// match hook::install_with(&target, &options) {
 ///     Ok(hook) => {
-///         println!("stopped {} threads for {:?}", hook.report().threads, hook.report().pause);
+///         let r = hook.report();
+///         println!("{}: {} threads, none kept more than {:?}", r.protocol, r.threads, r.pause);
 ///         hook.unhook()?;
 ///     }
 ///     Err(hotpatch::Error::Hook { reason: Reason::NotStopped(threads), .. }) => {
-///         eprintln!("these threads did not stop: {threads:?}")
+///         eprintln!("these threads did not take the stop signal: {threads:?}")
 ///     }
 ///     Err(e) => return Err(e),
 /// }
@@ -738,8 +911,9 @@ pub fn install_with(target: &Target, options: &Options) -> Result<Hook, Error> {
 }
 
 /// [`install_with`] for several functions at once: every entry is written
-/// under ONE stop of the process (a patch that hooks N functions stops
-/// the threads once, not N times), or none is. `options.expect_entry`, if
+/// by ONE operation (one sampling of the threads, or one stop: a patch
+/// that hooks N functions interrupts each thread once, not N times), or
+/// none is. `options.expect_entry`, if
 /// set, is checked against each target.
 ///
 /// # Errors
@@ -749,7 +923,7 @@ pub fn install_with(target: &Target, options: &Options) -> Result<Hook, Error> {
 pub(crate) fn install_all(targets: &[Target], options: &Options) -> Result<Vec<Hook>, Error> {
     let mut hooks = HOOKS.lock().unwrap_or_else(PoisonError::into_inner);
     let hooks = hooks.get_or_insert_with(HashMap::new);
-    // Everything that does not need the threads held, before the stop:
+    // Everything that does not touch the entry, before it is written:
     // the decode, the chunk (mapped and written), the jump, the write
     // path (probed by writing back the bytes there now).
     let mut writes = Vec::with_capacity(targets.len());
@@ -763,10 +937,11 @@ pub(crate) fn install_all(targets: &[Target], options: &Options) -> Result<Vec<H
             .map_err(|detail| fail(Reason::NoNearMemory { detail }))?;
         let original = entry.bytes[..jump.len()].to_vec();
         writes.push(
-            EntryWrite::probe(target, entry.len, jump.to_vec(), original, options).map_err(fail)?,
+            EntryWrite::probe(target, &chunk, entry.len, jump.to_vec(), original, options)
+                .map_err(fail)?,
         );
     }
-    let report = write_entries(&writes, options)
+    let report = write_entries(&writes, options, true)
         .map_err(|(i, reason)| refused("hook", &targets[i].name, reason))?;
     Ok(targets
         .iter()
@@ -835,12 +1010,14 @@ fn prepare(
     Ok((chunk, entry))
 }
 
-/// One entry to write under a stop: `bytes` at `addr` where `original` is
-/// now, refused while a thread is in `(addr, addr + busy)`; its way of
-/// writing probed.
+/// One entry to write: `bytes` at `addr` where `original` is now,
+/// refused while a thread is in `(addr, addr + busy)`; its way of writing
+/// probed; `stub` where a trap at `addr` is sent (the breakpoint
+/// protocol).
 struct EntryWrite {
     addr: usize,
     busy: usize,
+    stub: usize,
     bytes: Vec<u8>,
     original: Vec<u8>,
     writer: write::CodeWriter,
@@ -850,6 +1027,7 @@ struct EntryWrite {
 impl EntryWrite {
     fn probe(
         target: &Target,
+        chunk: &Chunk,
         busy: usize,
         bytes: Vec<u8>,
         original: Vec<u8>,
@@ -861,6 +1039,7 @@ impl EntryWrite {
         Ok(EntryWrite {
             addr: target.addr,
             busy,
+            stub: chunk.code,
             bytes,
             original,
             writer,
@@ -869,10 +1048,216 @@ impl EntryWrite {
     }
 }
 
+/// The byte that makes a thread entering a function trap (`int3`).
+const INT3: [u8; 1] = [0xcc];
+
+/// Writes every entry of `writes` (the bytes there now are `original`, the
+/// new ones `bytes`) with one protocol: the breakpoint one where this
+/// process allows it, else the stop-the-world. `install`: the bytes there
+/// now are instructions a thread may be inside (the breakpoint protocol
+/// samples the threads); false when they are a jump (`Hook::unhook`). On
+/// error, the index of the entry the reason is about; every entry is as it
+/// was.
+fn write_entries(
+    writes: &[EntryWrite],
+    options: &Options,
+    install: bool,
+) -> Result<Report, (usize, Reason)> {
+    // Relaxed: a counter.
+    stop::STOPS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    match breakpoint_available(writes, options) {
+        Ok(()) => write_with_breakpoints(writes, options, install),
+        Err(fallback) => stop_and_write(writes, options, fallback),
+    }
+}
+
+/// Whether the breakpoint protocol can write `writes` now; if so, every
+/// entry is in the trap table (a trap there goes to its stub).
+fn breakpoint_available(writes: &[EntryWrite], options: &Options) -> Result<(), Fallback> {
+    if options.stop_the_world {
+        return Err(Fallback::Forced);
+    }
+    trap::available()?;
+    if writes.len() > stop::MAX_RANGES || !trap::room_for(writes.iter().map(|w| w.addr)) {
+        return Err(Fallback::TooManyEntries);
+    }
+    for w in writes {
+        // Checked above: there is room.
+        let added = trap::add(w.addr, w.stub);
+        debug_assert!(added);
+    }
+    Ok(())
+}
+
+/// Bytes and where they go.
+type At<'a> = (usize, &'a [u8]);
+
+/// The three writes of the breakpoint protocol, in order: the `int3` at
+/// `f`, the new bytes after it, the new first byte. `(address, bytes)` of
+/// step `step` for `w`, and of its undoing (what was there before it).
+fn step_bytes(w: &EntryWrite, step: usize) -> (At<'_>, At<'_>) {
+    match step {
+        0 => ((w.addr, &INT3), (w.addr, &w.original[..1])),
+        1 => ((w.addr + 1, &w.bytes[1..]), (w.addr + 1, &w.original[1..])),
+        _ => ((w.addr, &w.bytes[..1]), (w.addr, &INT3)),
+    }
+}
+
+/// The fault injection points of the three steps (tests/hook.rs).
+#[cfg(feature = "failpoints")]
+const STEP_NAMES: [&str; 3] = [
+    "hook::write::int3",
+    "hook::write::rest",
+    "hook::write::first",
+];
+
+fn injected(step: usize) -> std::io::Result<()> {
+    #[cfg(feature = "failpoints")]
+    fail::fail_point!(STEP_NAMES[step], |_| Err(std::io::Error::other(format!(
+        "injected at {}",
+        STEP_NAMES[step]
+    ))));
+    let _ = step;
+    Ok(())
+}
+
+/// Runs step `step` for every entry, then makes every core see it. On a
+/// failed write of entry `i`, the step is undone for entries `..=i` (a
+/// write may have got half-way) and the cores synchronised: the entries
+/// are as before the step. Returns the entry and the error, with any
+/// failure to undo.
+fn run_step(writes: &[EntryWrite], step: usize) -> Result<(), (usize, String)> {
+    for (i, w) in writes.iter().enumerate() {
+        let ((at, bytes), _) = step_bytes(w, step);
+        if let Err(e) = injected(step).and_then(|()| w.writer.write(at, bytes, &w.pages)) {
+            let mut detail = e.to_string();
+            detail.push_str(&undo_step(&writes[..=i], step));
+            return Err((i, detail));
+        }
+    }
+    trap::sync_cores().map_err(|e| {
+        let mut detail = format!("membarrier: {e}");
+        detail.push_str(&undo_step(writes, step));
+        (0, detail)
+    })
+}
+
+/// Writes back, for every entry, what was there before step `step`, then
+/// synchronises the cores; "" if it went well, else what failed (for the
+/// error's message).
+fn undo_step(writes: &[EntryWrite], step: usize) -> String {
+    let mut failed = String::new();
+    for w in writes {
+        let (_, (at, bytes)) = step_bytes(w, step);
+        if let Err(e) = w.writer.write(at, bytes, &w.pages) {
+            failed.push_str(&format!("; putting back {at:#x} failed too: {e}"));
+        }
+    }
+    if let Err(e) = trap::sync_cores() {
+        failed.push_str(&format!("; membarrier after putting back failed: {e}"));
+    }
+    failed
+}
+
+/// The breakpoint protocol (module docs, "The write"): `int3` at every
+/// entry; then, for an install, every thread sampled until none is inside
+/// the bytes; the rest of the new bytes; the new first byte. No thread is
+/// held. On error every entry is written back as it was.
+fn write_with_breakpoints(
+    writes: &[EntryWrite],
+    options: &Options,
+    install: bool,
+) -> Result<Report, (usize, Reason)> {
+    let start = std::time::Instant::now();
+    let failed = |(i, detail)| (i, Reason::WriteFailed { detail });
+    run_step(writes, 0).map_err(failed)?;
+    let sampled = if install {
+        let ranges: Vec<(usize, usize)> = writes
+            .iter()
+            .map(|w| (w.addr + 1, w.addr + w.busy))
+            .collect();
+        match stop::sample_threads(&ranges, options.deadline, options.retry, start) {
+            Ok(stats) => stats,
+            Err(e) => {
+                // Every thread outside stays outside: the int3 can go.
+                let undone = undo_step(writes, 0);
+                let (i, mut reason) = stop_error(writes, e);
+                if !undone.is_empty() {
+                    reason = Reason::WriteFailed {
+                        detail: format!("{reason}{undone}"),
+                    };
+                }
+                return Err((i, reason));
+            }
+        }
+    } else {
+        stop::SampleStats {
+            rounds: 0,
+            threads: 0,
+            held: Duration::ZERO,
+        }
+    };
+    for step in 1..3 {
+        if let Err((i, mut detail)) = run_step(writes, step) {
+            for before in (0..step).rev() {
+                detail.push_str(&undo_step(writes, before));
+            }
+            return Err(failed((i, detail)));
+        }
+    }
+    Ok(Report {
+        protocol: Protocol::Breakpoint,
+        rounds: sampled.rounds,
+        threads: sampled.threads,
+        pause: sampled.held,
+        window: start.elapsed(),
+        write_path: writes
+            .first()
+            .map_or(WritePath::ProcMem, |w| w.writer.path()),
+        entries: writes.len(),
+    })
+}
+
+/// The reason for a stop or a sampling that did not happen, and the index
+/// of the entry it is about.
+fn stop_error(writes: &[EntryWrite], e: stop::StopError) -> (usize, Reason) {
+    let within = |ip: usize| {
+        writes
+            .iter()
+            .position(|w| ip > w.addr && ip < w.addr + w.busy)
+    };
+    match e {
+        stop::StopError::NotStopped(t) => (0, Reason::NotStopped(t)),
+        stop::StopError::Busy(thread, ip) => {
+            let i = within(ip).unwrap_or(0);
+            (
+                i,
+                Reason::ThreadInside {
+                    thread,
+                    offset: ip.wrapping_sub(writes[i].addr),
+                },
+            )
+        }
+        stop::StopError::TooManyThreads(n) => (
+            0,
+            Reason::Threads(format!(
+                "{n} threads: a stop holds at most {}",
+                stop::MAX_THREADS
+            )),
+        ),
+        stop::StopError::Signal(s) => (0, Reason::Signal(s)),
+        stop::StopError::Io(s) => (0, Reason::Threads(s)),
+        stop::StopError::Write(detail) => (0, Reason::WriteFailed { detail }),
+    }
+}
+
 /// Writes every entry of `writes` under one stop that refuses while a
-/// thread is inside any of them. On error, the index of the entry the
-/// reason is about; every entry is as it was.
-fn write_entries(writes: &[EntryWrite], options: &Options) -> Result<Report, (usize, Reason)> {
+/// thread is inside any of them (the stop-the-world protocol, `stop.rs`).
+fn stop_and_write(
+    writes: &[EntryWrite],
+    options: &Options,
+    fallback: Fallback,
+) -> Result<Report, (usize, Reason)> {
     let within = |ip: usize| {
         writes
             .iter()
@@ -896,35 +1281,14 @@ fn write_entries(writes: &[EntryWrite], options: &Options) -> Result<Report, (us
         }
         Ok(())
     };
-    let stats = stop::stop_the_world(options.deadline, options.retry, check, write).map_err(
-        |e| match e {
-            stop::StopError::NotStopped(t) => (0, Reason::NotStopped(t)),
-            stop::StopError::Busy(thread, ip) => {
-                let i = within(ip).unwrap_or(0);
-                (
-                    i,
-                    Reason::ThreadInside {
-                        thread,
-                        offset: ip.wrapping_sub(writes[i].addr),
-                    },
-                )
-            }
-            stop::StopError::TooManyThreads(n) => (
-                0,
-                Reason::Threads(format!(
-                    "{n} threads: a stop holds at most {}",
-                    stop::MAX_THREADS
-                )),
-            ),
-            stop::StopError::Signal(s) => (0, Reason::Signal(s)),
-            stop::StopError::Io(s) => (0, Reason::Threads(s)),
-            stop::StopError::Write(detail) => (0, Reason::WriteFailed { detail }),
-        },
-    )?;
+    let stats = stop::stop_the_world(options.deadline, options.retry, check, write)
+        .map_err(|e| stop_error(writes, e))?;
     Ok(Report {
+        protocol: Protocol::StopTheWorld(fallback),
         rounds: stats.rounds,
         threads: stats.threads,
         pause: stats.pause,
+        window: Duration::ZERO,
         write_path: writes
             .first()
             .map_or(WritePath::ProcMem, |w| w.writer.path()),
@@ -956,6 +1320,7 @@ pub(crate) fn unhook_all(hooks: &[&Hook]) -> Result<Report, Error> {
         writes.push(
             EntryWrite::probe(
                 &hook.target,
+                &hook.chunk,
                 jump.len(),
                 original,
                 jump.to_vec(),
@@ -971,8 +1336,9 @@ pub(crate) fn unhook_all(hooks: &[&Hook]) -> Result<Report, Error> {
     for h in hooks {
         options.deadline = options.deadline.min(h.options.deadline);
         options.retry = options.retry.min(h.options.retry);
+        options.stop_the_world |= h.options.stop_the_world;
     }
-    let report = write_entries(&writes, &options)
+    let report = write_entries(&writes, &options, false)
         .map_err(|(i, reason)| refused("unhook", &hooks[i].target.name, reason))?;
     let states = states.as_mut().expect("checked above");
     for hook in hooks {
@@ -1090,8 +1456,9 @@ impl Hook {
         unsafe { self.redirect(self.original()) }
     }
 
-    /// Writes the original entry bytes back, under the same stop-the-world
-    /// as [`install`].
+    /// Writes the original entry bytes back, with the protocol
+    /// [`install`] would use (the breakpoint one samples no thread for
+    /// this: module docs, "The write").
     ///
     /// # Errors
     ///
@@ -1125,8 +1492,10 @@ pub(crate) fn merged_with(addr: usize) -> Vec<String> {
     others
 }
 
-/// The signal that stops threads for a code write (`SIGRTMAX-2`). While
-/// a thread blocks it, no hook can be installed or removed.
+/// The signal that samples (breakpoint protocol) or stops
+/// (stop-the-world) threads for a code write (`SIGRTMAX-2`). While a
+/// thread blocks it, no hook can be installed (nor removed, under the
+/// stop-the-world).
 ///
 /// # Examples
 ///
@@ -1147,16 +1516,19 @@ pub fn signal() -> i32 {
     stop::signal()
 }
 
-/// Stop-the-world rounds run by this process so far, retries included.
+/// Rounds of the stop signal sent by this process so far, retries
+/// included: stop-the-world rounds, and the breakpoint protocol's
+/// sampling rounds.
 pub fn stop_rounds() -> u64 {
     // Relaxed: a counter.
     stop::ROUNDS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
-/// Stops of every thread run by this process so far (each of one or more
-/// [rounds](stop_rounds)): one per [`install`], [`Hook::unhook`], and per
-/// load or revert of a patch that writes hooked entries, however many
-/// functions it hooks.
+/// Entry writes run by this process so far, with either protocol (each
+/// of zero or more [rounds](stop_rounds)): one per [`install`],
+/// [`Hook::unhook`], and per load or revert of a patch that writes hooked
+/// entries, however many functions it hooks (all its entries are written
+/// by one operation: one stop, or one breakpoint sequence).
 ///
 /// # Examples
 ///
@@ -1170,6 +1542,22 @@ pub fn stop_rounds() -> u64 {
 pub fn stops() -> u64 {
     // Relaxed: a counter.
     stop::STOPS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Calls of hooked functions that took the breakpoint so far: made
+/// while an entry was being written by the breakpoint protocol, they
+/// executed its `int3` and the `SIGTRAP` handler sent them to the stub.
+///
+/// # Examples
+///
+/// ```
+/// # if cfg!(all(target_arch = "x86_64", target_os = "linux")) {
+/// println!("{} calls took the breakpoint", hotpatch::hook::traps());
+/// # }
+/// ```
+pub fn traps() -> u64 {
+    // Relaxed: a counter.
+    trap::TRAPPED.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// The memory mapped for stubs, trampolines and slots, as `(start, end)`

@@ -1,8 +1,36 @@
-//! The stop-the-world under which entry bytes are written.
+//! Rounds of the stop signal: the breakpoint protocol's *sampling*
+//! (`sample_threads`), and the *stop-the-world* under which entry bytes
+//! are written when the breakpoint protocol cannot run
+//! (`stop_the_world`). `hook/mod.rs` ("The write") says when each runs and
+//! why the writes are safe.
 //!
-//! # Protocol
+//! # Sampling
 //!
-//! One stop at a time (`STOP`, a mutex). A *round*:
+//! Used after an `int3` was written at each entry and every core
+//! serialised: a thread outside the bytes being rewritten can no longer
+//! enter them, so each thread need only be *seen* outside once, and no
+//! thread is held. A round publishes the ranges `[f + 1, f + len)`
+//! (`RANGES`, then `RANGE_COUNT` with Release) and records as below, and
+//! `ROUND` with the bit `SAMPLE` set. The handler finds its record,
+//! stores the interrupted instruction pointer and whether it, or a `rip`
+//! saved in a signal frame on the thread's own stack (searched as below,
+//! by the handler itself: once it returns, the thread's stack changes),
+//! lies in a range, and how long it ran; marks the record arrived
+//! (Release), wakes the caller if it is the last, and returns. It parks
+//! nowhere and signals no other thread (the caller sends every signal, so
+//! that each handler is as short as it can be). A frame of a `SIGTRAP`
+//! raised by the `int3` at a hooked entry is not counted: that handler
+//! sends the thread to the stub, not back to `f + 1` (and the `SIGTRAP`
+//! handler blocks the stop signal, so such a frame is only seen when that
+//! mask was changed). The caller waits for every record as below; a
+//! thread found inside is sampled again (alone, with the others found
+//! inside) after a pause, until the deadline. Threads created after the
+//! listing start at `clone`'s return, outside every range, so no thread
+//! count is checked.
+//!
+//! # Stop-the-world
+//!
+//! One stop or sampling at a time (`STOP`, a mutex). A *round*:
 //!
 //! 1. List the threads of the process (`/proc/self/task`), all but the
 //!    calling one. (A thread may block every signal for a moment, as
@@ -85,16 +113,20 @@
 //!   the bytes has its position in that handler's signal frame, not in its
 //!   instruction pointer. When the interrupted context had any signal
 //!   blocked (a handler runs with at least its own signal blocked, unless
-//!   `SA_NODEFER`), the handler records its stack pointer too, and the
-//!   caller searches the 256 KiB above it for signal frames (the C
-//!   library's `sa_restorer` followed by a `ucontext_t`) and checks each
-//!   saved instruction pointer as well. Not seen: a handler installed with
+//!   `SA_NODEFER`), the 256 KiB above its stack pointer are searched for
+//!   signal frames (the C library's `sa_restorer` followed by a
+//!   `ucontext_t`), and each saved instruction pointer is checked as well:
+//!   by the stopping thread under the stop-the-world (the stopped thread's
+//!   stack does not change), by the sampled thread's own handler when
+//!   sampling (reading 512 bytes at a time: the handler runs on the small
+//!   signal stack). Not seen: a handler installed with
 //!   `SA_NODEFER` and an empty mask by a thread with no signal blocked, a
 //!   handler with its own restorer (not the C library's), a frame more
 //!   than 256 KiB above, and any frame where `process_vm_readv` is
 //!   forbidden (some container seccomp profiles deny it without
 //!   `CAP_SYS_PTRACE`).
-//! - Every thread takes the stop signal: a system call that the kernel does
+//! - Every thread takes the stop signal (at each install; at each unhook
+//!   too under the stop-the-world): a system call that the kernel does
 //!   not restart after a handler (`epoll_wait`, `poll`, `select`,
 //!   `nanosleep`, `sigtimedwait`, ...) returns `EINTR` in threads that were
 //!   in one, as with any signal (a profiler's `SIGPROF`).
@@ -121,6 +153,11 @@ struct Record {
     arrived: AtomicU64,
     /// The round in which `tgkill` found this thread gone (`ESRCH`).
     gone: AtomicU64,
+    /// Sampling: the first position the handler found inside a published
+    /// range (its own, or one saved in a signal frame), else 0.
+    inside: AtomicUsize,
+    /// Sampling: nanoseconds the handler ran before it marked the record.
+    held: AtomicU64,
 }
 
 #[allow(clippy::declare_interior_mutable_const)]
@@ -130,13 +167,38 @@ const EMPTY: Record = Record {
     sp: AtomicUsize::new(0),
     arrived: AtomicU64::new(0),
     gone: AtomicU64::new(0),
+    inside: AtomicUsize::new(0),
+    held: AtomicU64::new(0),
 };
 
 static RECORDS: [Record; MAX_THREADS] = [EMPTY; MAX_THREADS];
 /// Records valid in the current round.
 static COUNT: AtomicUsize = AtomicUsize::new(0);
-/// The round in progress, 0 when none.
+/// The round in progress, 0 when none; with [`SAMPLE`] set when it is a
+/// sampling round (the handler records and returns, it does not park).
 static ROUND: AtomicU64 = AtomicU64::new(0);
+/// The bit of `ROUND` that makes a round a sampling one (round numbers
+/// never reach it).
+const SAMPLE: u64 = 1 << 63;
+
+/// Ranges `[start, end)` a sampling round looks for threads in: the
+/// bytes being rewritten (`f + 1` to `f + len` of each entry).
+pub(crate) const MAX_RANGES: usize = 1024;
+
+struct Range {
+    start: AtomicUsize,
+    end: AtomicUsize,
+}
+
+#[allow(clippy::declare_interior_mutable_const)]
+const NO_RANGE: Range = Range {
+    start: AtomicUsize::new(0),
+    end: AtomicUsize::new(0),
+};
+
+static RANGES: [Range; MAX_RANGES] = [NO_RANGE; MAX_RANGES];
+/// Ranges valid in the current sampling round.
+static RANGE_COUNT: AtomicUsize = AtomicUsize::new(0);
 /// The low 32 bits of the last released round (a futex word).
 static RELEASED: AtomicU32 = AtomicU32::new(0);
 /// Arrivals in the current round (a futex word the caller sleeps on
@@ -156,9 +218,10 @@ static FAILED_TID: AtomicI32 = AtomicI32::new(0);
 /// This process and the stop signal, for the handlers that signal others.
 static PID: AtomicI32 = AtomicI32::new(0);
 static SIG: AtomicI32 = AtomicI32::new(0);
-/// Rounds run so far (`hook::stop_rounds`).
+/// Rounds run so far, stops and samplings (`hook::stop_rounds`).
 pub(crate) static ROUNDS: AtomicU64 = AtomicU64::new(0);
-/// Stops run so far (`hook::stops`).
+/// Entry writes run so far, either protocol (`hook::stops`; counted by
+/// `hook/mod.rs`).
 pub(crate) static STOPS: AtomicU64 = AtomicU64::new(0);
 
 /// One stop at a time.
@@ -243,8 +306,11 @@ extern "C" fn handler(_sig: libc::c_int, _info: *mut libc::siginfo_t, context: *
     let errno = unsafe { *libc::__errno_location() };
     // SeqCst: pairs with the SeqCst store that publishes the round after its
     // records.
-    let round = ROUND.load(Ordering::SeqCst);
-    if round != 0 {
+    let word = ROUND.load(Ordering::SeqCst);
+    let round = word & !SAMPLE;
+    if round != 0 && word & SAMPLE != 0 {
+        sample(round, context);
+    } else if round != 0 {
         let tid = gettid();
         // Acquire: pairs with the Release store of COUNT after the records.
         let count = COUNT.load(Ordering::Acquire).min(MAX_THREADS);
@@ -258,19 +324,7 @@ extern "C" fn handler(_sig: libc::c_int, _info: *mut libc::siginfo_t, context: *
             // SAFETY: the kernel passes a `ucontext_t` as the third argument
             // of an SA_SIGINFO handler.
             let context = unsafe { &*context.cast::<libc::ucontext_t>() };
-            let ip = context.uc_mcontext.gregs[libc::REG_RIP as usize] as usize;
-            // The kernel's signal mask is the first 64 bits of the set.
-            // SAFETY: a sigset_t is at least 8 bytes of plain data.
-            let mask = unsafe {
-                std::ptr::from_ref(&context.uc_sigmask)
-                    .cast::<u64>()
-                    .read_unaligned()
-            };
-            let sp = if mask != 0 {
-                context.uc_mcontext.gregs[libc::REG_RSP as usize] as usize
-            } else {
-                0
-            };
+            let (ip, sp) = interrupted(context);
             // Relaxed: published by the Release store of `arrived`.
             record.ip.store(ip, Ordering::Relaxed);
             // Relaxed: as above.
@@ -318,6 +372,115 @@ extern "C" fn handler(_sig: libc::c_int, _info: *mut libc::siginfo_t, context: *
     }
     // SAFETY: as above.
     unsafe { *libc::__errno_location() = errno };
+}
+
+/// The sampling handler's part: finds this thread's record of `round`,
+/// stores where the thread was interrupted and whether it, or a signal
+/// frame on its stack, is inside a published range, marks the record
+/// arrived and returns at once. Async-signal-safe: atomics,
+/// `clock_gettime`, `process_vm_readv`, `futex`; no allocation (its
+/// buffers are on the signal stack, small).
+fn sample(round: u64, context: *mut libc::c_void) {
+    let started = now_ns();
+    let tid = gettid();
+    // Acquire: pairs with the Release store of COUNT after the records.
+    let count = COUNT.load(Ordering::Acquire).min(MAX_THREADS);
+    let Some(record) = RECORDS[..count]
+        .iter()
+        // Relaxed: written before ROUND was published (SeqCst in the caller).
+        .find(|r| r.tid.load(Ordering::Relaxed) == tid)
+        // Relaxed: only this thread writes its arrival.
+        .filter(|r| r.arrived.load(Ordering::Relaxed) != round)
+    else {
+        return;
+    };
+    // SAFETY: the kernel passes a `ucontext_t` as the third argument of an
+    // SA_SIGINFO handler.
+    let context = unsafe { &*context.cast::<libc::ucontext_t>() };
+    let (ip, sp) = interrupted(context);
+    let mut inside = if in_ranges(ip) { ip } else { 0 };
+    // Relaxed: stored when the handler was installed, before any round.
+    let restorer = RESTORER.load(Ordering::Relaxed);
+    if inside == 0 && sp != 0 && restorer != 0 {
+        let mut buf = [0u8; 512];
+        saved_frames(sp, restorer, &mut buf, |rip, signo, code| {
+            // A trap at a hooked entry whose SIGTRAP handler has not run
+            // yet: that handler sends the thread to the stub, never to
+            // `rip` (`f + 1`).
+            if in_ranges(rip) && !super::trap::is_redirected(signo, code, rip) {
+                inside = rip;
+                return false;
+            }
+            true
+        });
+    }
+    // Relaxed: published by the Release store of `arrived`.
+    record.ip.store(ip, Ordering::Relaxed);
+    // Relaxed: as above.
+    record.inside.store(inside, Ordering::Relaxed);
+    // Relaxed: as above.
+    record
+        .held
+        .store(now_ns().saturating_sub(started), Ordering::Relaxed);
+    // Release: the caller's Acquire load of `arrived` sees the stores above.
+    record.arrived.store(round, Ordering::Release);
+    // Release: with the store above, for the caller's futex wait.
+    let arrivals = ARRIVALS.fetch_add(1, Ordering::Release) as usize + 1;
+    if arrivals >= count {
+        // SAFETY: a futex wake on a valid u32 that lives forever.
+        unsafe {
+            libc::syscall(
+                libc::SYS_futex,
+                ARRIVALS.as_ptr(),
+                libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
+                1,
+            )
+        };
+    }
+}
+
+/// The monotonic clock in nanoseconds (`clock_gettime` is
+/// async-signal-safe).
+fn now_ns() -> u64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: writes into `t`, which we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
+    (t.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(t.tv_nsec as u64)
+}
+
+/// The interrupted instruction pointer, and the stack pointer when the
+/// interrupted context had any signal blocked (it may be running another
+/// signal's handler, whose frame is on its stack), else 0.
+fn interrupted(context: &libc::ucontext_t) -> (usize, usize) {
+    let ip = context.uc_mcontext.gregs[libc::REG_RIP as usize] as usize;
+    // The kernel's signal mask is the first 64 bits of the set.
+    // SAFETY: a sigset_t is at least 8 bytes of plain data.
+    let mask = unsafe {
+        std::ptr::from_ref(&context.uc_sigmask)
+            .cast::<u64>()
+            .read_unaligned()
+    };
+    let sp = if mask != 0 {
+        context.uc_mcontext.gregs[libc::REG_RSP as usize] as usize
+    } else {
+        0
+    };
+    (ip, sp)
+}
+
+/// Whether `ip` lies in a range published for the sampling round.
+fn in_ranges(ip: usize) -> bool {
+    // Acquire: pairs with the Release store of RANGE_COUNT after the ranges.
+    let n = RANGE_COUNT.load(Ordering::Acquire).min(MAX_RANGES);
+    RANGES[..n].iter().any(|r| {
+        // Relaxed: written before RANGE_COUNT was published.
+        ip >= r.start.load(Ordering::Relaxed) && ip < r.end.load(Ordering::Relaxed)
+    })
 }
 
 /// Claims records of `round` from `NEXT` and sends each its stop signal,
@@ -507,30 +670,58 @@ fn read_own(addr: usize, buf: &mut [u8]) -> usize {
 /// handlers it is running are looked for.
 const SCAN: usize = 256 * 1024;
 
-/// The instruction pointers saved in the frames of signal handlers that a
-/// stopped thread is running (it was interrupted while inside one): each
-/// frame is the C library's return trampoline (`restorer`) followed by the
-/// `ucontext_t` it returns to. Searched upward from `sp`, at most
-/// [`SCAN`] bytes, and `out` gets each saved `rip`. A word that only looks
-/// like a frame gives an address that can only make the check refuse, never
-/// accept. No allocation (it runs while threads are stopped).
-fn saved_ips(sp: usize, restorer: usize, mut out: impl FnMut(usize)) {
+/// Where the `siginfo` of a signal frame lies from its return address
+/// word: the kernel's x86-64 `struct rt_sigframe` is that word, then its
+/// `struct ucontext` (flags 8, link 8, stack 24, `sigcontext` 256, mask 8:
+/// 304 bytes), then the `siginfo` (`tests::siginfo_follows_the_ucontext`
+/// checks it against a real frame).
+const SIGINFO: usize = 8 + 304;
+
+/// The frames of signal handlers that a thread is running (it was
+/// interrupted while inside one): each frame is the C library's return
+/// trampoline (`restorer`) followed by the `ucontext_t` it returns to and
+/// the `siginfo`. Searched upward from `sp`, at most [`SCAN`] bytes, read
+/// `buf.len()` bytes at a time; `out` gets each saved `rip` with the
+/// frame's signal number and `si_code`, and stops the search by returning
+/// false. A word that only looks like a frame gives an address that can
+/// only make the check refuse, never accept. No allocation (it runs while
+/// threads are stopped, or in a signal handler).
+fn saved_frames(
+    sp: usize,
+    restorer: usize,
+    buf: &mut [u8],
+    mut out: impl FnMut(usize, i32, i32) -> bool,
+) {
     const RIP: usize = std::mem::offset_of!(libc::ucontext_t, uc_mcontext)
         + libc::REG_RIP as usize * size_of::<libc::greg_t>();
-    let mut buf = [0u8; 4096];
     let mut at = sp & !7;
     let end = sp.saturating_add(SCAN);
     while at < end {
-        let n = read_own(at, &mut buf) & !7;
+        let n = read_own(at, buf) & !7;
         if n == 0 {
             return;
         }
-        for (i, word) in buf[..n].chunks_exact(8).enumerate() {
-            if usize::from_ne_bytes(word.try_into().expect("8 bytes")) == restorer {
-                let mut rip = [0u8; 8];
-                if read_own(at + i * 8 + 8 + RIP, &mut rip) == 8 {
-                    out(usize::from_ne_bytes(rip));
-                }
+        for i in 0..n / 8 {
+            let word = usize::from_ne_bytes(buf[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+            if word != restorer {
+                continue;
+            }
+            let frame = at + i * 8;
+            let mut rip = [0u8; 8];
+            if read_own(frame + 8 + RIP, &mut rip) != 8 {
+                continue;
+            }
+            let mut info = [0u8; 12];
+            let (signo, code) = if read_own(frame + SIGINFO, &mut info) == 12 {
+                (
+                    i32::from_ne_bytes(info[0..4].try_into().expect("4 bytes")),
+                    i32::from_ne_bytes(info[8..12].try_into().expect("4 bytes")),
+                )
+            } else {
+                (0, 0)
+            };
+            if !out(usize::from_ne_bytes(rip), signo, code) {
+                return;
             }
         }
         at += n;
@@ -572,6 +763,223 @@ impl ThreadCount {
     }
 }
 
+/// Waits until every record of `round` (one per `tids`) arrived or its
+/// thread is gone, marking each in `stopped`: true when all did, false at
+/// the deadline. The caller sleeps on the futex `ARRIVALS` (the last
+/// thread to arrive wakes it; a 1 ms tick for threads that exit).
+fn wait_round(
+    round: u64,
+    tids: &[i32],
+    stopped: &mut [bool],
+    start: Instant,
+    deadline: Duration,
+) -> Result<bool, StopError> {
+    let mut spins = 0u32;
+    loop {
+        // Acquire: read before the records, so an arrival after this
+        // load changes the word and the wait below returns at once.
+        let seen = ARRIVALS.load(Ordering::Acquire);
+        // Acquire: pairs with the Release store in `signal_records`.
+        let failed = FAILED.load(Ordering::Acquire);
+        if failed >> 32 == round & 0xffff_ffff {
+            // Relaxed: published by the Release store of FAILED.
+            let tid = FAILED_TID.load(Ordering::Relaxed);
+            let e = std::io::Error::from_raw_os_error(failed as u32 as i32);
+            return Err(StopError::Io(format!("tgkill({tid}): {e}")));
+        }
+        let mut all = true;
+        for (i, record) in RECORDS[..tids.len()].iter().enumerate() {
+            // Acquire: pairs with the handler's Release: its `ip` is
+            // visible; or with the Release store of `gone` (exited).
+            if !stopped[i]
+                && (record.arrived.load(Ordering::Acquire) == round
+                    || record.gone.load(Ordering::Acquire) == round)
+            {
+                stopped[i] = true;
+            }
+            all &= stopped[i];
+        }
+        if all {
+            return Ok(true);
+        }
+        spins += 1;
+        if spins.is_multiple_of(16) {
+            for (i, &tid) in tids.iter().enumerate() {
+                if !stopped[i] && gone(tid) {
+                    stopped[i] = true;
+                }
+            }
+        }
+        if start.elapsed() > deadline {
+            return Ok(false);
+        }
+        let tick = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 1_000_000,
+        };
+        // SAFETY: a futex wait on a valid u32 that lives forever, with a
+        // timeout (the deadline and exited threads are checked above).
+        unsafe {
+            libc::syscall(
+                libc::SYS_futex,
+                ARRIVALS.as_ptr(),
+                libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+                seen,
+                &tick,
+            )
+        };
+    }
+}
+
+/// Publishes a round of `tids` (records reset, `COUNT`, `NEXT`) and
+/// returns its number; the caller then stores it into `ROUND`.
+fn new_round(tids: &[i32]) -> u64 {
+    // Relaxed: a counter for reports.
+    let round = ROUNDS.fetch_add(1, Ordering::Relaxed) + 1;
+    // Release: a claimer of the last round fails its compare-and-swap
+    // from now on; one of this round (after ROUND) sees index 0.
+    NEXT.store((round & 0xffff_ffff) << 32, Ordering::Release);
+    for (record, &tid) in RECORDS.iter().zip(tids) {
+        // Relaxed: published by the SeqCst store of ROUND.
+        record.tid.store(tid, Ordering::Relaxed);
+        record.ip.store(0, Ordering::Relaxed);
+        record.sp.store(0, Ordering::Relaxed);
+        record.arrived.store(0, Ordering::Relaxed);
+        record.gone.store(0, Ordering::Relaxed);
+        record.inside.store(0, Ordering::Relaxed);
+        record.held.store(0, Ordering::Relaxed);
+    }
+    // Relaxed: a wake-up hint, published with the records.
+    ARRIVALS.store(0, Ordering::Relaxed);
+    // Release: a handler that loads COUNT (Acquire) sees the records.
+    COUNT.store(tids.len(), Ordering::Release);
+    round
+}
+
+/// The signal's process and number, for the threads that send it.
+fn prepare_signalling() {
+    // SAFETY: getpid has no preconditions.
+    let pid = unsafe { libc::getpid() };
+    // Relaxed: read by the handlers of rounds published later (SeqCst).
+    PID.store(pid, Ordering::Relaxed);
+    // Relaxed: as above.
+    SIG.store(signal(), Ordering::Relaxed);
+}
+
+/// What a sampling took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SampleStats {
+    /// Sampling rounds (1 unless a thread was inside a range).
+    pub rounds: u32,
+    /// Threads sampled in the first round.
+    pub threads: usize,
+    /// The longest any handler ran, over every round.
+    pub held: Duration,
+}
+
+/// Samples every other thread's position (listed now) with the stop
+/// signal, whose handler records it and returns at once: no thread is
+/// held. A thread found inside one of `ranges` (its own position or one
+/// saved in a signal frame on its stack) is sampled again after `retry`,
+/// until none is, or `deadline` from `start`.
+///
+/// The caller guarantees that a thread outside every range cannot enter
+/// one after it was sampled (an `int3` at each range's start guards it),
+/// so a thread seen outside once need not be seen again, and a thread
+/// created after the listing starts outside.
+pub(crate) fn sample_threads(
+    ranges: &[(usize, usize)],
+    deadline: Duration,
+    retry: Duration,
+    start: Instant,
+) -> Result<SampleStats, StopError> {
+    let _one = STOP.lock().unwrap_or_else(PoisonError::into_inner);
+    install_handler()?;
+    if ranges.len() > MAX_RANGES {
+        return Err(StopError::Io(format!(
+            "{} entries: a sampling checks at most {MAX_RANGES}",
+            ranges.len()
+        )));
+    }
+    for (slot, &(s, e)) in RANGES.iter().zip(ranges) {
+        // Relaxed: published by the Release store of RANGE_COUNT below.
+        slot.start.store(s, Ordering::Relaxed);
+        // Relaxed: as above.
+        slot.end.store(e, Ordering::Relaxed);
+    }
+    // Release: a handler that loads it (Acquire) sees the ranges.
+    RANGE_COUNT.store(ranges.len(), Ordering::Release);
+    prepare_signalling();
+    let mut tids: Vec<i32> = threads(gettid())?.into_iter().collect();
+    let mut stats = SampleStats {
+        rounds: 0,
+        threads: tids.len(),
+        held: Duration::ZERO,
+    };
+    // The threads the last round found inside, and where (every thread
+    // of the rounds after the first).
+    let mut was_inside: Vec<(i32, usize)> = Vec::new();
+    loop {
+        if tids.len() > MAX_THREADS {
+            return Err(StopError::TooManyThreads(tids.len()));
+        }
+        let mut stopped = vec![false; tids.len()];
+        let round = new_round(&tids);
+        stats.rounds += 1;
+        // SeqCst: after the records and ranges; pairs with the handlers'
+        // SeqCst load.
+        ROUND.store(round | SAMPLE, Ordering::SeqCst);
+        let guard = Round(round);
+        signal_records(round, tids.len());
+        let all = wait_round(round, &tids, &mut stopped, start, deadline);
+        drop(guard);
+        let all = all?;
+        let mut inside = Vec::new();
+        for (record, &tid) in RECORDS[..tids.len()].iter().zip(&tids) {
+            // Acquire: pairs with the handler's Release store of `arrived`.
+            if record.arrived.load(Ordering::Acquire) != round {
+                continue;
+            }
+            // Relaxed: after the Acquire load above.
+            let held = Duration::from_nanos(record.held.load(Ordering::Relaxed));
+            stats.held = stats.held.max(held);
+            // Relaxed: as above.
+            let at = record.inside.load(Ordering::Relaxed);
+            if at != 0 {
+                inside.push((tid, at));
+            }
+        }
+        if !all {
+            // A thread found inside (before, and not seen since; or now)
+            // kept the write from happening, not this round's stragglers.
+            let unseen = tids
+                .iter()
+                .zip(&stopped)
+                .filter(|&(_, &s)| !s)
+                .find_map(|(t, _)| was_inside.iter().find(|(w, _)| w == t));
+            if let Some(&(tid, ip)) = unseen.or(inside.first()) {
+                return Err(StopError::Busy(thread_name(tid), ip));
+            }
+            let late: Vec<(ThreadName, bool)> = tids
+                .iter()
+                .zip(&stopped)
+                .filter(|&(&t, &s)| !s && !gone(t))
+                .map(|(&t, _)| (thread_name(t), blocks_signal(t)))
+                .collect();
+            return Err(StopError::NotStopped(late));
+        }
+        let Some(&(tid, ip)) = inside.first() else {
+            return Ok(stats);
+        };
+        if start.elapsed() + retry > deadline {
+            return Err(StopError::Busy(thread_name(tid), ip));
+        }
+        std::thread::sleep(retry);
+        tids = inside.iter().map(|&(t, _)| t).collect();
+        was_inside = inside;
+    }
+}
+
 /// Stops every other thread, calls `check` with their instruction pointers
 /// (it returns the offending thread's index and an address, or `Ok`), and
 /// runs `write` while they are stopped. Retries until `deadline`.
@@ -592,16 +1000,9 @@ where
     let _one = STOP.lock().unwrap_or_else(PoisonError::into_inner);
     install_handler()?;
     let count = ThreadCount::open()?;
-    // Relaxed: a counter for reports.
-    STOPS.fetch_add(1, Ordering::Relaxed);
     let start = Instant::now();
     let own = gettid();
-    // SAFETY: getpid has no preconditions.
-    let pid = unsafe { libc::getpid() };
-    // Relaxed: read by the handlers of rounds published later (SeqCst).
-    PID.store(pid, Ordering::Relaxed);
-    // Relaxed: as above.
-    SIG.store(signal(), Ordering::Relaxed);
+    prepare_signalling();
     let mut rounds = 0u32;
     let mut write = Some(write);
     // The thread the last round found inside the bytes, and where.
@@ -617,87 +1018,20 @@ where
         // (thread index, instruction pointer): each thread's own, and those
         // saved by signal handlers it was running (a few per thread).
         let mut ips: Vec<(usize, usize)> = Vec::with_capacity(tids.len() * 4);
-        // Relaxed: a counter for reports.
-        let round = ROUNDS.fetch_add(1, Ordering::Relaxed) + 1;
-        // Release: a claimer of the last round fails its compare-and-swap
-        // from now on; one of this round (after ROUND below) sees index 0.
-        NEXT.store((round & 0xffff_ffff) << 32, Ordering::Release);
-        for (record, &tid) in RECORDS.iter().zip(&tids) {
-            // Relaxed: published by the SeqCst store of ROUND below.
-            record.tid.store(tid, Ordering::Relaxed);
-            record.ip.store(0, Ordering::Relaxed);
-            record.sp.store(0, Ordering::Relaxed);
-            record.arrived.store(0, Ordering::Relaxed);
-            record.gone.store(0, Ordering::Relaxed);
-        }
-        // Relaxed: a wake-up hint, published with the records.
-        ARRIVALS.store(0, Ordering::Relaxed);
-        // Release: a handler that loads COUNT (Acquire) sees the records.
-        COUNT.store(tids.len(), Ordering::Release);
+        let round = new_round(&tids);
         rounds += 1;
         let paused = Instant::now();
         // SeqCst: after the records; pairs with the handlers' SeqCst load.
         ROUND.store(round, Ordering::SeqCst);
         let guard = Round(round);
         signal_records(round, tids.len());
-        let mut spins = 0u32;
-        let mut timed_out = false;
-        loop {
-            // Acquire: read before the records, so an arrival after this
-            // load changes the word and the wait below returns at once.
-            let seen = ARRIVALS.load(Ordering::Acquire);
-            // Acquire: pairs with the Release store in `signal_records`.
-            let failed = FAILED.load(Ordering::Acquire);
-            if failed >> 32 == round & 0xffff_ffff {
+        let timed_out = match wait_round(round, &tids, &mut stopped, start, deadline) {
+            Ok(all) => !all,
+            Err(e) => {
                 drop(guard);
-                // Relaxed: published by the Release store of FAILED.
-                let tid = FAILED_TID.load(Ordering::Relaxed);
-                let e = std::io::Error::from_raw_os_error(failed as u32 as i32);
-                return Err(StopError::Io(format!("tgkill({tid}): {e}")));
+                return Err(e);
             }
-            let mut all = true;
-            for (i, record) in RECORDS[..tids.len()].iter().enumerate() {
-                // Acquire: pairs with the handler's Release: its `ip` is
-                // visible; or with the Release store of `gone` (exited).
-                if !stopped[i]
-                    && (record.arrived.load(Ordering::Acquire) == round
-                        || record.gone.load(Ordering::Acquire) == round)
-                {
-                    stopped[i] = true;
-                }
-                all &= stopped[i];
-            }
-            if all {
-                break;
-            }
-            spins += 1;
-            if spins.is_multiple_of(16) {
-                for (i, &tid) in tids.iter().enumerate() {
-                    if !stopped[i] && gone(tid) {
-                        stopped[i] = true;
-                    }
-                }
-            }
-            if start.elapsed() > deadline {
-                timed_out = true;
-                break;
-            }
-            let tick = libc::timespec {
-                tv_sec: 0,
-                tv_nsec: 1_000_000,
-            };
-            // SAFETY: a futex wait on a valid u32 that lives forever, with a
-            // timeout (the deadline and exited threads are checked above).
-            unsafe {
-                libc::syscall(
-                    libc::SYS_futex,
-                    ARRIVALS.as_ptr(),
-                    libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
-                    seen,
-                    &tick,
-                )
-            };
-        }
+        };
         if timed_out {
             drop(guard);
             // Every round that completed found a thread inside the bytes:
@@ -733,6 +1067,7 @@ where
         }
         // Relaxed: stored when the handler was installed, under STOP.
         let restorer = RESTORER.load(Ordering::Relaxed);
+        let mut buf = [0u8; 4096];
         for (i, r) in RECORDS[..tids.len()].iter().enumerate() {
             // Relaxed: after the Acquire load of `arrived`; an exited thread
             // reads 0, which no check refuses.
@@ -740,10 +1075,11 @@ where
             // Relaxed: as above.
             let sp = r.sp.load(Ordering::Relaxed);
             if sp != 0 && restorer != 0 {
-                saved_ips(sp, restorer, |ip| {
+                saved_frames(sp, restorer, &mut buf, |ip, _, _| {
                     if ips.len() < ips.capacity() {
                         ips.push((i, ip));
                     }
+                    true
                 });
             }
         }
@@ -771,5 +1107,42 @@ where
                 std::thread::sleep(retry);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    static DISTANCE: AtomicUsize = AtomicUsize::new(0);
+
+    extern "C" fn measure(_: libc::c_int, info: *mut libc::siginfo_t, context: *mut libc::c_void) {
+        // Relaxed: read by the same thread after the signal.
+        DISTANCE.store(
+            (info as usize).wrapping_sub(context as usize),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// The kernel places a handler's `siginfo` `SIGINFO - 8` bytes after
+    /// its `ucontext` (both in the frame, after the return address word),
+    /// which the frame search reads in other threads' frames.
+    #[test]
+    fn siginfo_follows_the_ucontext() {
+        let sig = libc::SIGRTMIN() + 3;
+        // SAFETY: a handler for a signal nothing else in this test binary
+        // uses, then that signal sent to this thread.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = measure as *const () as usize;
+            action.sa_flags = libc::SA_SIGINFO;
+            assert_eq!(libc::sigaction(sig, &action, std::ptr::null_mut()), 0);
+            assert_eq!(
+                libc::syscall(libc::SYS_tgkill, libc::getpid(), gettid(), sig),
+                0
+            );
+        }
+        // Relaxed: stored by this thread's handler.
+        assert_eq!(DISTANCE.load(Ordering::Relaxed), SIGINFO - 8);
     }
 }

@@ -2,10 +2,17 @@
 //! every mapping's protection alone (the kernel writes through its own
 //! mapping of the page, as a debugger's breakpoint does), else by making
 //! the pages read-write-execute with `mprotect` for the write and
-//! restoring their protection. Which one works is probed before the stop
-//! (by writing the bytes already there), so the write under the stop does
-//! not allocate, and a process where neither works is refused with
-//! nothing changed.
+//! restoring their protection. Which one works is probed before the
+//! entry write (by writing the bytes already there), so the write under a
+//! stop does not allocate, and a process where neither works is refused
+//! with nothing changed.
+//!
+//! Both are safe while other threads execute the same page: the first
+//! write makes the process's own copy of the page (it is a private
+//! mapping of the executable: copy-on-write) with the same bytes, and
+//! the `mprotect` path adds write permission to read and execute, never
+//! removes execute. Which bytes a thread may execute while they change is
+//! the protocols' business (`hook/mod.rs`, "The write").
 
 use std::fs::File;
 use std::io;
@@ -196,13 +203,15 @@ impl CodeWriter {
     }
 
     /// Writes `bytes` at `addr` (in `pages` for the `mprotect` path).
-    /// Allocates nothing: it runs while other threads are stopped.
+    /// Allocates nothing: it may run while other threads are stopped.
     pub fn write(&self, addr: usize, bytes: &[u8], pages: &Pages) -> io::Result<()> {
         match (&self.path, &self.mem) {
             (WritePath::ProcMem, Some(mem)) => mem.write_all_at(bytes, addr as u64),
             _ => self.with_writable(pages, || {
                 // SAFETY: the pages are writable for the duration; the
-                // caller guarantees no thread executes these bytes now.
+                // caller guarantees that no thread executes these bytes
+                // now, or that a thread fetches either the old or the new
+                // byte of a one-byte write (the breakpoint protocol).
                 unsafe {
                     std::ptr::copy_nonoverlapping(bytes.as_ptr(), addr as *mut u8, bytes.len())
                 };

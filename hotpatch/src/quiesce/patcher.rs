@@ -36,17 +36,21 @@ pub(crate) struct TransitionReport {
 }
 
 /// One entry write of a hooked function (`hook`) or its removal
-/// (`unhook`), for reports: how long the process was stopped, or why the
-/// write could not be made.
+/// (`unhook`), for reports: how long threads were kept from running, or
+/// why the write could not be made.
 #[derive(Clone, Debug)]
 #[cfg_attr(not(feature = "control"), allow(dead_code))]
 pub(crate) struct HookWrite {
     pub op: &'static str,
     /// The functions whose entries this one stop wrote.
     pub functions: Vec<String>,
-    /// Threads stopped and for how long (the last round).
+    /// Threads stopped (the last round) or sampled, and the longest any
+    /// was kept from running (`hook::Report::pause`).
     pub threads: usize,
     pub pause: Duration,
+    /// The breakpoint protocol's window (calls took the trap meanwhile;
+    /// no thread was held); `None` for the stop-the-world.
+    pub window: Option<Duration>,
     /// The removal failed: the entry stays redirected to the original
     /// code (what calls run).
     pub failed: Option<String>,
