@@ -959,6 +959,34 @@ fn a_failed_write_at_any_step_puts_back_what_was_there() {
     }
 }
 
+#[test]
+fn a_write_back_that_fails_too_is_not_called_nothing_changed() {
+    // The write fails at its second step and putting back what was there
+    // fails too (injected after the bytes went back, so the process stays
+    // sound): the error must not say "nothing changed".
+    let _serial = serial();
+    let f: fn(u64) -> u64 = std::hint::black_box(faulted);
+    let target = Target::of(faulted as *const ()).unwrap();
+    let before = code(&target);
+    let options = Options::default().stop_the_world(false);
+    {
+        let _fault = FailGuard::new("hook::write::rest", "return").unwrap();
+        let _undo = FailGuard::new("hook::write::undo", "return").unwrap();
+        let e = hook::install_with(&target, &options).unwrap_err();
+        let text = e.to_string();
+        assert!(!text.contains("nothing changed"), "{text}");
+        assert!(text.contains("NEITHER VERSION"), "{text}");
+        match reason(e) {
+            Reason::NotRestored { detail } => {
+                assert!(detail.contains("hook::write::undo"), "{detail}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(code(&target), before);
+    assert_eq!(f(1), 1 ^ 0x5151);
+}
+
 // ---- Where code may not be written (child processes) ----
 
 const CHILD: &str = "HOTPATCH_HOOK_TEST_CHILD";

@@ -242,9 +242,11 @@ pub enum Error {
 
     /// No applied patch has this id (already reverted).
     /// A function's entry could not be redirected, or its redirection
-    /// removed ([`crate::hook`]); its code and slot are as they were.
+    /// removed ([`crate::hook`]); its code and slot are as they were,
+    /// unless the reason is [`crate::hook::Reason::NotRestored`] (the
+    /// message says which).
     #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-    #[error("cannot {op} `{function}`, nothing changed: {reason}")]
+    #[error("cannot {op} `{function}`, {}: {reason}", reason.outcome())]
     Hook {
         /// `hook`, `unhook` or `redirect`.
         op: &'static str,
@@ -258,9 +260,11 @@ pub enum Error {
     /// cannot be hooked in this process: no function of the executable
     /// starts at its target, its entry cannot be redirected, its entry
     /// bytes are not those the patch was made for, or the entry write
-    /// failed. Every function's code, slot and record are as they were.
+    /// failed. Every function's code, slot and record are as they were,
+    /// unless the reason is [`crate::hook::Reason::NotRestored`] (the
+    /// message says which).
     #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-    #[error("{path}: cannot hook `{function}`, nothing changed: {reason}")]
+    #[error("{path}: cannot hook `{function}`, {}: {reason}", reason.outcome())]
     HookRefused {
         path: PathBuf,
         function: String,

@@ -366,9 +366,16 @@ pub enum Reason {
     /// This process may not write code.
     WriteDenied(WriteDenied),
     /// The write itself failed (the probe had succeeded); what was
-    /// written is put back (a write-back that failed too is named here).
+    /// written is put back.
     WriteFailed {
         /// The error.
+        detail: String,
+    },
+    /// The write failed, and so did putting back what was there: an
+    /// entry may hold bytes of neither version (the only reason after
+    /// which something changed; see [`Reason::changed_nothing`]).
+    NotRestored {
+        /// The errors, the write's first.
         detail: String,
     },
     /// The entry bytes are not those expected ([`Options::expect_entry`]),
@@ -397,6 +404,31 @@ pub enum Reason {
         /// The other functions, as their symbols name them.
         others: Vec<String>,
     },
+}
+
+impl Reason {
+    /// Whether the operation refused for this reason left every entry,
+    /// slot and record as it was: always, except [`Reason::NotRestored`].
+    ///
+    /// ```
+    /// use hotpatch::hook::Reason;
+    ///
+    /// assert!(Reason::NotHooked.changed_nothing());
+    /// ```
+    pub fn changed_nothing(&self) -> bool {
+        !matches!(self, Reason::NotRestored { .. })
+    }
+
+    /// How an error states the outcome: `nothing changed`, or what may
+    /// have.
+    pub(crate) fn outcome(&self) -> &'static str {
+        match self.changed_nothing() {
+            true => "nothing changed",
+            false => {
+                "AND ITS ENTRY MAY HOLD BYTES OF NEITHER VERSION (do not call it; restart the process)"
+            }
+        }
+    }
 }
 
 impl fmt::Display for Reason {
@@ -433,6 +465,10 @@ impl fmt::Display for Reason {
             ),
             Reason::WriteDenied(d) => write!(f, "{d}"),
             Reason::WriteFailed { detail } => write!(f, "writing the entry failed: {detail}"),
+            Reason::NotRestored { detail } => write!(
+                f,
+                "writing the entry failed, and putting back what was there failed too: {detail}"
+            ),
             Reason::EntryChanged { expected, found } => write!(
                 f,
                 "its entry bytes are not the expected ones (expected {expected:02x?}, found \
@@ -1121,6 +1157,14 @@ fn injected(step: usize) -> std::io::Result<()> {
     Ok(())
 }
 
+fn injected_undo() -> std::io::Result<()> {
+    #[cfg(feature = "failpoints")]
+    fail::fail_point!("hook::write::undo", |_| Err(std::io::Error::other(
+        "injected at hook::write::undo"
+    )));
+    Ok(())
+}
+
 /// Runs step `step` for every entry, then makes every core see it. On a
 /// failed write of entry `i`, the step is undone for entries `..=i` (a
 /// write may have got half-way) and the cores synchronised: the entries
@@ -1149,7 +1193,13 @@ fn undo_step(writes: &[EntryWrite], step: usize) -> String {
     let mut failed = String::new();
     for w in writes {
         let (_, (at, bytes)) = step_bytes(w, step);
-        if let Err(e) = w.writer.write(at, bytes, &w.pages) {
+        // The fault point fails a write-back that has been done: the
+        // bytes are back, the error is what the test checks.
+        if let Err(e) = w
+            .writer
+            .write(at, bytes, &w.pages)
+            .and_then(|()| injected_undo())
+        {
             failed.push_str(&format!("; putting back {at:#x} failed too: {e}"));
         }
     }
@@ -1183,7 +1233,7 @@ fn write_with_breakpoints(
                 let undone = undo_step(writes, 0);
                 let (i, mut reason) = stop_error(writes, e);
                 if !undone.is_empty() {
-                    reason = Reason::WriteFailed {
+                    reason = Reason::NotRestored {
                         detail: format!("{reason}{undone}"),
                     };
                 }
@@ -1199,10 +1249,16 @@ fn write_with_breakpoints(
     };
     for step in 1..3 {
         if let Err((i, mut detail)) = run_step(writes, step) {
+            let mut restored = true;
             for before in (0..step).rev() {
-                detail.push_str(&undo_step(writes, before));
+                let undone = undo_step(writes, before);
+                restored &= undone.is_empty();
+                detail.push_str(&undone);
             }
-            return Err(failed((i, detail)));
+            return Err(match restored {
+                true => failed((i, detail)),
+                false => (i, Reason::NotRestored { detail }),
+            });
         }
     }
     Ok(Report {
@@ -1267,22 +1323,38 @@ fn stop_and_write(
         Some(&found) => Err(found),
         None => Ok(()),
     };
-    // Allocates nothing: it runs while the other threads are stopped.
+    // Whether putting back what was there failed (a flag, not a message:
+    // the write runs while the other threads are stopped, and allocates
+    // nothing).
+    let unrestored = std::cell::Cell::new(None);
     let write = || {
         for (i, w) in writes.iter().enumerate() {
             if let Err(e) = w.writer.write(w.addr, &w.bytes, &w.pages) {
                 // Put back what was there: the entries written before, and
                 // this one if the write got half-way.
                 for w in &writes[..=i] {
-                    let _ = w.writer.write(w.addr, &w.original, &w.pages);
+                    if w.writer.write(w.addr, &w.original, &w.pages).is_err() {
+                        unrestored.set(Some(w.addr));
+                    }
                 }
                 return Err(e);
             }
         }
         Ok(())
     };
-    let stats = stop::stop_the_world(options.deadline, options.retry, check, write)
-        .map_err(|e| stop_error(writes, e))?;
+    let stats =
+        stop::stop_the_world(options.deadline, options.retry, check, write).map_err(|e| {
+            let (i, reason) = stop_error(writes, e);
+            match (unrestored.get(), reason) {
+                (Some(at), Reason::WriteFailed { detail }) => (
+                    i,
+                    Reason::NotRestored {
+                        detail: format!("{detail}; putting back {at:#x} failed too"),
+                    },
+                ),
+                (_, reason) => (i, reason),
+            }
+        })?;
     Ok(Report {
         protocol: Protocol::StopTheWorld(fallback),
         rounds: stats.rounds,
