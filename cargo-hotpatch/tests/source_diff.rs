@@ -2286,7 +2286,7 @@ fn make_copies_repo() -> PathBuf {
     make_small_repo(
         "copies-repo",
         "cpy",
-        COPIES_LIB,
+        Some(COPIES_LIB),
         COPIES_MAIN,
         &[(
             "fix",
@@ -2307,7 +2307,7 @@ fn make_copies_repo() -> PathBuf {
 fn make_small_repo(
     dir: &str,
     package: &str,
-    lib: &str,
+    lib: Option<&str>,
     main: &str,
     branches: &[(&str, &[Edit])],
 ) -> PathBuf {
@@ -2337,7 +2337,9 @@ fn make_small_repo(
         "fn main() {\n    println!(\"cargo::rustc-link-arg-bins=-rdynamic\");\n}\n",
     );
     put("src/main.rs", main);
-    put("src/lib.rs", lib);
+    if let Some(lib) = lib {
+        put("src/lib.rs", lib);
+    }
     put(".gitignore", "/target\n");
     put(
         "Cargo.lock",
@@ -2356,7 +2358,8 @@ fn make_small_repo(
     let v1 = v1.trim();
     git_in(&repo, &["tag", "v1", v1]);
     for (branch, edits) in branches {
-        for (file, text) in [("src/lib.rs", lib), ("src/main.rs", main)] {
+        let files = lib.map(|l| ("src/lib.rs", l)).into_iter();
+        for (file, text) in files.chain([("src/main.rs", main)]) {
             let mut text = text.to_owned();
             for e in edits.iter().filter(|e| e.file == file) {
                 assert_eq!(text.matches(e.old).count(), 1, "{branch}: {:?}", e.old);
@@ -2650,7 +2653,7 @@ fn noise_v1() -> (Service, PathBuf, PathBuf) {
     let repo = make_small_repo(
         "noise-repo",
         "nz",
-        NOISE_LIB,
+        Some(NOISE_LIB),
         NOISE_MAIN,
         &[("fix-scaled", &[NOISE_SCALED]), ("fix-mix", &[NOISE_MIX])],
     );
@@ -3074,69 +3077,23 @@ fn a_package_with_only_an_executable_is_patched() {
     // refused with its reason, never built into a patch the loader
     // refuses; a change of main's own lines is refused before any build.
     let _fx = fixture();
-    let repo = harness::scratch().join("only-bin-repo");
-    let _ = std::fs::remove_dir_all(&repo);
-    let put = |path: &str, text: &str| {
-        let p = repo.join(path);
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        std::fs::write(&p, text).unwrap();
+    let edit = |old, new| Edit {
+        file: "src/main.rs",
+        old,
+        new,
     };
-    let hotpatch = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../hotpatch"))
-        .canonicalize()
-        .unwrap();
-    put(
-        "Cargo.toml",
-        &format!(
-            "[package]\nname = \"only-bin\"\nversion = \"0.1.0\"\nedition = \"2024\"\npublish = false\n\n\
-             [dependencies]\nhotpatch = {{ path = \"{}\", default-features = false }}\n\n[workspace]\n",
-            hotpatch.display()
-        ),
+    let fix = [edit("n * 2 + 1", "n * 3 + 1")];
+    let label = [edit("\"n{n}\"", "\"#{n}\"")];
+    let banner = [edit("ready only-bin v1", "ready only-bin v2")];
+    let repo = make_small_repo(
+        "only-bin-repo",
+        "only-bin",
+        None,
+        ONLY_BIN_MAIN,
+        &[("fix", &fix), ("label", &label), ("banner", &banner)],
     );
-    put(
-        "build.rs",
-        "fn main() {\n    println!(\"cargo::rustc-link-arg-bins=-rdynamic\");\n}\n",
-    );
-    put(".gitignore", "/target\n");
-    put(
-        "Cargo.lock",
-        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.lock")).unwrap(),
-    );
-    put("src/main.rs", ONLY_BIN_MAIN);
-    // The lock file of the package as it is (`cargo metadata` writes it
-    // from the workspace's, offline): v1 is built `--locked` by the tool.
-    let meta = harness::cargo()
-        .args(["metadata", "--format-version", "1", "--quiet"])
-        .current_dir(&repo)
-        .output()
-        .unwrap();
-    assert!(meta.status.success(), "cargo metadata: {meta:?}");
-    git_in(&repo, &["init", "--quiet", "-b", "main"]);
-    let commit = |main: &str, parent: Option<&str>, msg: &str| {
-        put("src/main.rs", main);
-        git_in(&repo, &["add", "--all"]);
-        let tree = git_in(&repo, &["write-tree"]);
-        let mut args = vec!["commit-tree", tree.trim(), "-m", msg];
-        if let Some(p) = parent {
-            args.extend(["-p", p]);
-        }
-        git_in(&repo, &args).trim().to_owned()
-    };
-    let v1 = commit(ONLY_BIN_MAIN, None, "v1");
-    git_in(&repo, &["tag", "v1", &v1]);
-    let branches = [
-        ("fix", ONLY_BIN_MAIN.replace("n * 2 + 1", "n * 3 + 1")),
-        ("label", ONLY_BIN_MAIN.replace("\"n{n}\"", "\"#{n}\"")),
-        (
-            "banner",
-            ONLY_BIN_MAIN.replace("ready only-bin v1", "ready only-bin v2"),
-        ),
-    ];
-    for (branch, main) in &branches {
-        let c = commit(main, Some(&v1), branch);
-        git_in(&repo, &["update-ref", &format!("refs/heads/{branch}"), &c]);
-    }
-    git_in(&repo, &["update-ref", "refs/heads/main", &v1]);
-    git_in(&repo, &["checkout", "--quiet", "--force", "main"]);
+    let text = |edits: &[Edit]| ONLY_BIN_MAIN.replacen(edits[0].old, edits[0].new, 1);
+    let branches = [text(&fix), text(&label), text(&banner)];
 
     let mut build = harness::cargo();
     build.args(["build", "--quiet"]).current_dir(&repo);
@@ -3168,7 +3125,7 @@ fn a_package_with_only_an_executable_is_patched() {
     let so = out_path("only-bin-fix");
     let out = run("fix", &so);
     assert_eq!(out.status.code(), Some(0), "{out:?}");
-    let line = line_of(&branches[0].1, "fn handle(");
+    let line = line_of(&branches[0], "fn handle(");
     assert_eq!(
         listed(&out.stdout),
         [harness::Listed {
@@ -3206,7 +3163,7 @@ fn a_package_with_only_an_executable_is_patched() {
     let out = run("banner", &so);
     assert_eq!(out.status.code(), Some(3), "{out:?}");
     assert!(!so.exists(), "no patch file is written");
-    let line = line_of(&branches[2].1, "fn main()");
+    let line = line_of(&branches[2], "fn main()");
     assert!(
         out.stderr.contains(&format!(
             "refused: only_bin::main (src/main.rs:{line}) changed: its own lines"
